@@ -158,3 +158,20 @@ def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, h
         det["box"] = [round(x1 * sx, 1), round(y1 * sy, 1), round(x2 * sx, 1), round(y2 * sy, 1)]
         if "landmarks" in det:
             det["landmarks"] = [[round(x * sx, 1), round(y * sy, 1)] for x, y in det["landmarks"]]
+
+
+def is_stale(frame: Frame, max_age_ms: int) -> bool:
+    """Live mode: a frame older than `max_age_ms` (by capture time) is dropped, not processed."""
+    return max_age_ms > 0 and now_ms() - frame.ts_ms > max_age_ms
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """Frames of one pipeline, for one model call."""
+
+    pipeline: str
+    model: str
+    output: str  # the pipeline's output stream template
+    max_age_ms: int
+    frames: list[Frame]
+    prompt_text: str = ""

@@ -1,0 +1,165 @@
+"""The `sightstream` command. Heavy modules are imported inside each command, so --help is fast."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from sightstream import __version__
+from sightstream.errors import ConfigError, SightstreamError
+
+
+def _settings(args: argparse.Namespace):
+    from sightstream.config import load_settings
+
+    return load_settings(getattr(args, "config", None))
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    return args.redis_url or _settings(args).redis_url
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sightstream import log
+    from sightstream.service import serve
+
+    settings = _settings(args)
+    log.configure(settings.log_level, settings.log_format)
+    return asyncio.run(serve(settings))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sightstream import log
+    from sightstream.demo import run_demo
+
+    settings = _settings(args)
+    log.configure("warning", settings.log_format)  # the demo's own lines are the output
+    return asyncio.run(run_demo(settings, seconds=args.seconds, say=lambda s: print(s, flush=True)))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from sightstream.publish import publish
+
+    sent = publish(
+        _redis_url(args), args.source, args.stream, fps=args.fps, loop=args.loop,
+        maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
+        progress=not args.quiet,
+    )
+    print(f"published {sent} frames to {args.stream}", file=sys.stderr)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from sightstream.tail import tail
+
+    tail(_redis_url(args), args.key, start=args.start, count=args.count, timeout_s=args.timeout,
+         as_json=args.json, emit=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sightstream.models.catalogue import Catalogue
+
+    entries = [e.describe() for e in Catalogue(_settings(args).models)]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'MODEL':<24} {'TASK':<8} {'BACKEND':<13} {'OFFLINE':<8} DESCRIPTION")
+    for e in entries:
+        print(f"{e['model']:<24} {e['task']:<8} {e['backend']:<13} "
+              f"{'yes' if e['available'] else 'no':<8} {e['description']}")
+        if e["licence"]:
+            print(f"{'':<24} licence: {e['licence']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.harness import main as bench_main
+
+    return bench_main(args)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="sightstream",
+        description="Run vision models on live video over Redis Streams.",
+    )
+    top.add_argument("--version", action="version", version=f"sightstream {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE",
+                       help="TOML settings (default: /etc/sightstream/sightstream.toml if present)")
+
+    p = sub.add_parser("run", help="run the daemon for the configured pipelines")
+    config(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="everything on this machine: Redis, daemon, a sample video, results")
+    config(p)
+    p.add_argument("--seconds", type=float, default=6.0, help="length of the sample video")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("publish", help="publish frames of a video, URL or folder of images")
+    config(p)
+    p.add_argument("source", metavar="VIDEO|DIR|URL")
+    p.add_argument("--stream", required=True, metavar="KEY", help="e.g. frames:{cam1}")
+    p.add_argument("--fps", type=float, default=None,
+                   help="at most F frames/s, paced in real time; 0: as fast as possible "
+                        "(default: the video's own rate; a folder: as fast as possible)")
+    p.add_argument("--loop", action="store_true", help="start over at the end, until interrupted")
+    p.add_argument("--maxlen", type=int, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames; 0: no limit")
+    p.add_argument("--redis-url", help="default: the configured redis_url")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("tail", help="print results (or dead-letters) as they arrive")
+    config(p)
+    p.add_argument("key", metavar="KEY", help="a result stream, or a glob such as 'results:people:*'")
+    p.add_argument("--from", dest="start", default="$",
+                   help="entry ID to start after; 0: from the beginning (default: new entries)")
+    p.add_argument("--count", type=int, default=0, help="exit after N entries")
+    p.add_argument("--timeout", type=float, default=0, help="exit after S seconds with no entry")
+    p.add_argument("--json", action="store_true", help="one JSON object per entry")
+    p.add_argument("--redis-url", help="default: the configured redis_url")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("models", help="list the model catalogue")
+    config(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmark the daemon against raw and naive baselines")
+    config(p)
+    p.add_argument("--frames", type=int, default=300, help="frames to publish")
+    p.add_argument("--size", default="1280x720", help="frame size, WxH")
+    p.add_argument("--model", default=None, help="family/variant (default: the default model)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-draft", action="store_true", help="skip the scaled-JPEG-decoding comparison")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=cmd_bench)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"sightstream: {e}", file=sys.stderr)
+        return 2
+    except SightstreamError as e:
+        print(f"sightstream: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"sightstream: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:  # e.g. Redis refused the connection in publish/tail
+        print(f"sightstream: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""The aiohttp control plane: thin handlers over the objects the pipeline uses."""

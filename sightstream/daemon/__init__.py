@@ -1,0 +1,1 @@
+"""Assembling the stages into a running daemon: lifecycle, signals, embedded Redis."""

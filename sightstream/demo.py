@@ -1,0 +1,138 @@
+"""`sightstream demo`: everything on this machine, no set-up.
+
+It uses the configured Redis if one answers, else starts an embedded one; runs the daemon with
+the default model; makes a short sample video; publishes it as a camera would (real time);
+prints each result as it arrives and a summary; then stops everything it started. Its keys
+(`frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes a
+user's streams on a shared Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import redis
+
+from sightstream import keys
+from sightstream.config import PipelineSettings, Settings
+from sightstream.daemon.embedded_redis import EmbeddedRedis, free_port
+from sightstream.publish import make_sample_video, publish
+from sightstream.redis_conn import reachable
+from sightstream.service import serve
+from sightstream.tail import summarize, tail
+
+DEMO_STREAM = "frames:{sightstream-demo}"
+DEMO_PIPELINE = "demo"
+
+
+async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str], None] = print) -> int:
+    embedded = None
+    if await reachable(settings.redis_url):
+        say(f"Redis: using {settings.redis_url}")
+    else:
+        embedded = EmbeddedRedis().start()
+        say(f"Redis: nothing answers at {settings.redis_url}; started an embedded redis-server "
+            f"on port {embedded.port}")
+    url = embedded.url if embedded else settings.redis_url
+    pipeline = PipelineSettings(name=DEMO_PIPELINE, input=[DEMO_STREAM], model=settings.pipelines[0].model
+                                if settings.pipelines else PipelineSettings().model)
+    results_key = keys.result_stream(pipeline.output, pipeline.name, DEMO_STREAM)
+    deadletter_key = keys.deadletter_stream(pipeline.name, DEMO_STREAM)
+    port = settings.control.port if _port_free(settings.control.host, settings.control.port) else free_port()
+    settings = settings.model_copy(update={
+        "redis_url": url, "pipelines": [pipeline],
+        "control": settings.control.model_copy(update={"port": port}),
+    })
+    sync = redis.Redis.from_url(url)
+    sync.delete(DEMO_STREAM, results_key, deadletter_key)  # the demo's own keys: start clean
+
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(settings, stop))
+    try:
+        with tempfile.TemporaryDirectory(prefix="sightstream-demo-") as tmp:
+            say(f"Model: {pipeline.model} (the built-in default)")
+            video = await asyncio.to_thread(make_sample_video, Path(tmp) / "sample.mp4", seconds)
+            say(f"Video: made {video.name}, {seconds:.0f} s of 1280x720 at 10 fps")
+            await _wait_ready(settings.control.host, port, server)
+            say(f"Daemon: up; control plane on http://{settings.control.host}:{port} "
+                f"(try /health and /metrics)")
+            say(f"Publishing to {DEMO_STREAM}; results in {results_key}:\n")
+            rows: list[dict] = []
+            tailer = asyncio.create_task(asyncio.to_thread(
+                tail, url, results_key, start="0", timeout_s=20, as_json=True,
+                count=int(seconds * 10), emit=lambda line: _show(line, rows, say),
+            ))
+            started = time.monotonic()
+            sent = await asyncio.to_thread(publish, url, str(video), DEMO_STREAM, progress=False)
+            await tailer
+            elapsed = time.monotonic() - started
+        dead = sync.xlen(deadletter_key)
+        _summary(sent, rows, dead, elapsed, say)
+        return 0 if rows and len(rows) + dead == sent else 1
+    finally:
+        stop.set()
+        await server
+        sync.delete(DEMO_STREAM, results_key, deadletter_key)
+        sync.close()
+        if embedded:
+            embedded.close()
+        say("Stopped the daemon" + (" and the embedded Redis." if embedded else "."))
+
+
+def _show(line: str, rows: list[dict], say: Callable[[str], None]) -> None:
+    entry = json.loads(line)
+    rows.append(entry)
+    meta = json.loads(entry.get("meta", "{}"))
+    say(f"  frame {meta.get('index', '?'):>3}  {summarize(entry)}")
+
+
+def _summary(sent: int, rows: list[dict], dead: int, elapsed: float, say: Callable[[str], None]) -> None:
+    latencies = sorted(int(r["latency_ms"]) for r in rows)
+    labels: Counter[str] = Counter()
+    for r in rows:
+        labels.update(d["label"] for d in json.loads(r["result"]).get("detections", []))
+    say("")
+    say(f"Summary: {sent} frames published, {len(rows)} results, {dead} dead-lettered, "
+        f"{len(rows) / elapsed:.1f} results/s over {elapsed:.1f} s")
+    if latencies:
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        say(f"Latency (capture to result): p50 {statistics.median(latencies):.0f} ms, p99 {p99} ms")
+    found = ", ".join(f"{n} x {label}" for label, n in labels.most_common()) or "nothing"
+    with_any = sum(1 for r in rows if json.loads(r["result"]).get("detections"))
+    say(f"Detected: {found} (in {with_any} of {len(rows)} frames)")
+
+
+async def _wait_ready(host: str, port: int, server: asyncio.Task, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if server.done():
+                server.result()  # raises what stopped it
+                raise RuntimeError("the daemon stopped during start-up")
+            try:
+                async with http.get(f"http://{host}:{port}/health/ready") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError("the daemon did not become ready within a minute")
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,135 @@
+"""`sightstream publish`: a producer. Frames of a video file, a URL PyAV can open, or a folder
+of images are XADDed as JPEG `image` fields with a `ts` (capture ms, wall clock at publication,
+as a live camera would) and a `meta` naming the frame's origin.
+
+It runs as its own process, so it is plain synchronous code with a synchronous Redis client.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import redis
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def video_frames(source: str, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
+    """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
+    import av
+
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        next_t = 0.0
+        for frame in container.decode(stream):
+            t = float(frame.time or 0.0)
+            if fps and t + 1e-6 < next_t:
+                continue
+            next_t = t + 1 / fps if fps else t
+            yield frame.to_ndarray(format="rgb24"), t
+
+
+def video_rate(source: str) -> float:
+    import av
+
+    with av.open(source) as container:
+        rate = container.streams.video[0].average_rate
+        return float(rate) if rate else 25.0
+
+
+def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, str]]:
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            with Image.open(path) as im:
+                yield np.asarray(im.convert("RGB")), path.name
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def publish(
+    redis_url: str,
+    source: str,
+    stream: str,
+    *,
+    fps: float | None = None,
+    loop: bool = False,
+    maxlen: int = 0,
+    quality: int = 90,
+    max_frames: int = 0,
+    progress: bool = True,
+) -> int:
+    """Publish frames; returns how many. `fps`: None = the video's own rate (a folder: as fast
+    as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time."""
+    client = redis.Redis.from_url(redis_url)
+    folder = Path(source)
+    is_folder = folder.is_dir()
+    if not is_folder and "://" not in source and not folder.is_file():
+        raise FileNotFoundError(f"{source}: no such video file or folder")
+    rate = fps if fps is not None else (0.0 if is_folder else video_rate(source))
+    sent = 0
+    bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}", disable=not progress)
+    started = time.monotonic()
+    try:
+        while True:
+            frames = (
+                ((rgb, {"file": name}) for rgb, name in folder_frames(folder))
+                if is_folder
+                else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None))
+            )
+            for rgb, origin in frames:
+                if rate:
+                    wait = started + sent / rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                fields = {
+                    "image": encode_jpeg(rgb, quality),
+                    "ts": str(time.time_ns() // 1_000_000),
+                    "meta": json.dumps({"index": sent, **origin}),
+                }
+                client.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
+                sent += 1
+                bar.update(1)
+                if max_frames and sent >= max_frames:
+                    return sent
+            if not loop:
+                return sent
+    finally:
+        bar.close()
+        client.close()
+
+
+def make_sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (1280, 720)) -> Path:
+    """A short H.264 clip made here, no download: a slow pan and zoom across the astronaut
+    photograph (NASA, public domain) shipped in the package, so the face model has a face."""
+    import av
+
+    photo = Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB")
+    w, h = size
+    frames = int(seconds * fps)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            k = i / max(1, frames - 1)
+            canvas = Image.new("RGB", size, (40, 44, 52))
+            side = int(h * (0.55 + 0.35 * k))  # the photo grows as the "camera" zooms in
+            im = photo.resize((side, side))
+            x = int((w - side) * (0.1 + 0.8 * k))
+            canvas.paste(im, (x, (h - side) // 2))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

@@ -1,0 +1,40 @@
+"""Redis clients as DESIGN.md's rules want them: a blocking pool, bounded retries with jittered
+back-off, hiredis (picked up by redis-py when installed), and a separate client for blocking
+reads whose socket timeout stays above BLOCK."""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+
+BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
+
+
+def make_client(url: str, *, blocking_reads: bool = False, max_connections: int = 32) -> Redis:
+    """A client that returns bytes (frames are binary). For blocking reads, the socket timeout
+    sits above BLOCK, else redis-py would time out and retry a healthy BLOCK call."""
+    socket_timeout = BLOCK_MS / 1000 + 5 if blocking_reads else 5
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+    retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3,
+                  supported_errors=(ConnectionError, TimeoutError))
+    return Redis(connection_pool=pool, retry=retry)
+
+
+async def reachable(url: str) -> bool:
+    client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(await client.ping())
+    except (ConnectionError, TimeoutError, OSError):
+        return False
+    finally:
+        await client.aclose()

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one module each, joined only by bounded asyncio queues."""

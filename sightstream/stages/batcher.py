@@ -1,0 +1,74 @@
+"""Batcher: one per pipeline. A batch closes at `batch_size` frames or `batch_timeout_ms`
+after its first frame, whichever comes first, then waits for a free worker (the shared
+batch queue is bounded, and idle workers pull from it: the least busy takes the next batch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sightstream.config import PipelineSettings
+from sightstream.frames import Batch, Frame
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import STOP
+
+
+async def _get_within(queue: asyncio.Queue, seconds: float) -> Any:
+    return await asyncio.wait_for(queue.get(), seconds)
+
+
+async def collect_batch(
+    queue: asyncio.Queue,
+    size: int,
+    timeout_s: float,
+    *,
+    clock: Callable[[], float] | None = None,
+    get_within: Callable[[asyncio.Queue, float], Awaitable[Any]] = _get_within,
+) -> tuple[list[Frame], bool]:
+    """Wait for a first item, then gather until `size` items or `timeout_s` after the first.
+
+    Returns (items, stopped); STOP ends the batch early and is reported, not returned. `clock`
+    and `get_within` are injectable so tests can drive time without sleeping."""
+    first = await queue.get()
+    if first is STOP:
+        return [], True
+    now = clock or asyncio.get_running_loop().time
+    deadline = now() + timeout_s
+    items = [first]
+    while len(items) < size:
+        try:
+            item = queue.get_nowait()  # what is already queued costs no timer
+        except asyncio.QueueEmpty:
+            remaining = deadline - now()
+            if remaining <= 0:
+                break
+            try:
+                item = await get_within(queue, remaining)
+            except asyncio.TimeoutError:
+                break
+        if item is STOP:
+            return items, True
+        items.append(item)
+    return items, False
+
+
+class Batcher:
+    def __init__(
+        self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue, metrics: Metrics
+    ) -> None:
+        self._p = pipeline
+        self._in, self._out = inq, out
+        self._metrics = metrics
+
+    async def run(self) -> None:
+        timeout_s = self._p.batch_timeout_ms / 1000
+        stopped = False
+        while not stopped:
+            frames, stopped = await collect_batch(self._in, self._p.batch_size, timeout_s)
+            if frames:
+                self._metrics.batch_size.labels(self._p.name).observe(len(frames))
+                await self._out.put(
+                    Batch(self._p.name, self._p.model, self._p.output, self._p.max_age_ms,
+                          frames, self._p.prompt)
+                )

@@ -1,0 +1,150 @@
+"""Decoder: image bytes or raw pixels to an RGB array, off the event loop.
+
+The format is told by magic bytes, never by a field. Pixel counts are checked from the header
+before any pixel is decoded (decompression bombs). When the model's input is much smaller
+than the frame, JPEGs are decoded at 1/2, 1/4 or 1/8 scale by the DCT (Pillow's `draft`):
+the adapter letterboxes to its input anyway, and boxes are mapped back to full-frame pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import numpy as np
+from PIL import Image
+
+from sightstream import keys
+from sightstream.errors import FrameError
+from sightstream.frames import PIX_FMTS, Acked, DeadLettered, Frame, is_stale
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import STOP
+
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+)
+
+
+def sniff(data: bytes) -> str:
+    for magic, fmt in MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    raise FrameError(
+        "unsupported_format",
+        "the `image` field is not JPEG, PNG, WebP or BMP (by its first bytes)"
+        if data else "the `image` field is empty",
+    )
+
+
+def decode_image(
+    data: bytes, max_pixels: int, target: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded bytes to (RGB array, original (width, height)). Raises FrameError."""
+    fmt = sniff(data)
+    try:
+        im = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = im.size
+        if width * height > max_pixels:
+            raise FrameError(
+                "too_large", f"the image is {width}x{height}, over the {max_pixels}-pixel limit"
+            )
+        if target is not None and fmt == "JPEG":
+            scale = min(target[0] / width, target[1] / height)
+            if scale <= 0.5:
+                im.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        array = np.asarray(im.convert("RGB"))
+    except FrameError:
+        raise
+    except Exception as e:  # Pillow raises many types for corrupt or truncated data
+        raise FrameError("bad_image", f"the {fmt} image cannot be decoded: {e}") from None
+    return array, (width, height)
+
+
+def decode_raw(fields: dict[bytes, bytes], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Raw pixels (`raw`, `width`, `height`, `pix_fmt`) to (RGB array, (width, height))."""
+    try:
+        width, height = int(fields[b"width"]), int(fields[b"height"])
+        pix_fmt = fields[b"pix_fmt"].decode()
+    except KeyError as e:
+        raise FrameError("bad_raw", f"a `raw` frame needs the {e.args[0].decode()!r} field") from None
+    except (ValueError, UnicodeDecodeError):
+        raise FrameError("bad_raw", "`width` and `height` must be integers") from None
+    if pix_fmt not in PIX_FMTS:
+        raise FrameError("bad_raw", f"`pix_fmt` must be one of {', '.join(PIX_FMTS)}, not {pix_fmt!r}")
+    if width <= 0 or height <= 0:
+        raise FrameError("bad_raw", "`width` and `height` must be positive")
+    if width * height > max_pixels:
+        raise FrameError("too_large", f"the frame is {width}x{height}, over the {max_pixels}-pixel limit")
+    raw = fields[b"raw"]
+    channels = PIX_FMTS[pix_fmt]
+    if len(raw) != width * height * channels:
+        raise FrameError(
+            "bad_raw",
+            f"`raw` has {len(raw)} bytes; {width}x{height} {pix_fmt} needs {width * height * channels}",
+        )
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, channels)
+    if pix_fmt == "gray8":
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pix_fmt == "bgr24":
+        pixels = np.ascontiguousarray(pixels[..., ::-1])
+    return pixels, (width, height)
+
+
+def decode_frame(
+    fields: dict[bytes, bytes], max_pixels: int, target: tuple[int, int] | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    if b"image" in fields:
+        return decode_image(fields[b"image"], max_pixels, target)
+    return decode_raw(fields, max_pixels)
+
+
+class Decoder:
+    """Runs `concurrency` decodes at once in the shared decode executor."""
+
+    def __init__(
+        self, inq: asyncio.Queue, out: asyncio.Queue, outcomes: asyncio.Queue,
+        executor: Executor, metrics: Metrics, max_pixels: int,
+        target: Callable[[], tuple[int, int] | None], max_age_ms: int = 0, concurrency: int = 2,
+    ) -> None:
+        self._in, self._out, self._outcomes = inq, out, outcomes
+        self._executor = executor
+        self._metrics = metrics
+        self._max_pixels = max_pixels
+        self._target = target
+        self._max_age_ms = max_age_ms
+        self._concurrency = concurrency
+        if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+            Image.MAX_IMAGE_PIXELS = max_pixels  # our own check comes first; no Pillow warning
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._one() for _ in range(self._concurrency)))
+        await self._out.put(STOP)
+
+    async def _one(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (frame := await self._in.get()) is not STOP:
+            if is_stale(frame, self._max_age_ms):
+                await self._outcomes.put(Acked(frame, "stale"))
+                continue
+            started = time.perf_counter()
+            try:
+                frame.image, frame.orig_size = await loop.run_in_executor(
+                    self._executor, decode_frame, frame.fields, self._max_pixels, self._target()
+                )
+            except FrameError as e:
+                await self._outcomes.put(
+                    DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source),
+                                 e.reason, str(e))
+                )
+                continue
+            self._metrics.decode_seconds.labels(frame.pipeline).observe(time.perf_counter() - started)
+            frame.fields = {}  # the encoded bytes are no longer needed: free them early
+            await self._out.put(frame)
+        await self._in.put(STOP)  # let the sibling decode tasks see it too

@@ -1,0 +1,108 @@
+"""Publisher: acknowledges each frame and publishes its result (or dead-letter entry) in one
+atomic server-side step, so a retry, or a second daemon that processed a reclaimed frame,
+never publishes twice: the script XACKs, and XADDs only if that XACK acknowledged the entry.
+
+Outcomes are published in rounds: whatever is queued (up to `round_size`) goes out in one
+pipelined round trip. A failed round is retried (the script makes retries harmless) until it
+succeeds or shutdown gives up, in which case the frames stay pending for another daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sightstream import keys, log
+from sightstream.frames import Acked, DeadLettered, Outcome, Published, deadletter_fields, now_ms
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import STOP, drain_nowait
+
+_log = log.get(__name__)
+
+# KEYS: source stream, output stream. ARGV: group, entry id, maxlen (0: no cap), field, value, ...
+ACK_THEN_PUBLISH = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  if ARGV[3] == '0' then
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+  end
+end
+return acked
+"""
+
+
+class Publisher:
+    def __init__(
+        self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
+        round_size: int = 256,
+    ) -> None:
+        self._client = client
+        self._in = inq
+        self._metrics = metrics
+        self._maxlen = maxlen  # per pipeline
+        self._round_size = round_size
+        self._script = client.register_script(ACK_THEN_PUBLISH)
+        self.published = 0
+
+    async def run(self) -> None:
+        stopped = False
+        while not stopped and (first := await self._in.get()) is not STOP:
+            outcomes, stopped = drain_nowait(self._in, first, self._round_size)
+            await self.publish(outcomes)
+
+    async def publish(self, outcomes: list[Outcome]) -> None:
+        failures = 0
+        while True:
+            try:
+                replies = await self._round(outcomes)
+                break
+            except RedisError as e:
+                failures += 1
+                self._metrics.redis_errors.labels("publish").inc()
+                if failures == 1 or failures % 30 == 0:
+                    _log.warning("publish_failed_retrying", frames=len(outcomes), error=str(e),
+                                 failures=failures)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+        for outcome, acked in zip(outcomes, replies):
+            self._account(outcome, bool(acked))
+            outcome.frame.release()
+
+    async def _round(self, outcomes: list[Outcome]) -> list:
+        now = now_ms()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for o in outcomes:
+                f = o.frame
+                group = keys.group(f.pipeline)
+                if isinstance(o, Acked):
+                    pipe.xack(f.source, group, f.frame_id)
+                    continue
+                if isinstance(o, Published):
+                    fields = dict(o.fields)
+                    fields["latency_ms"] = str(max(0, now - f.ts_ms))
+                else:
+                    fields = deadletter_fields(f, o.reason, o.error)
+                args: list = [group, f.frame_id, self._maxlen.get(f.pipeline, 0)]
+                for name, value in fields.items():
+                    args += [name, value]
+                await self._script(keys=[f.source, o.stream], args=args, client=pipe)
+            return await pipe.execute()
+
+    def _account(self, o: Outcome, acked: bool) -> None:
+        m, name = self._metrics, o.frame.pipeline
+        if isinstance(o, Acked):
+            m.frames_acked.labels(name, o.reason).inc()
+        elif not acked:
+            m.publish_duplicates.labels(name).inc()
+        elif isinstance(o, Published):
+            self.published += 1
+            m.frames_published.labels(name).inc()
+            m.e2e_latency_seconds.labels(name).observe(max(0, now_ms() - o.frame.ts_ms) / 1000)
+        elif isinstance(o, DeadLettered):
+            m.frames_dead_lettered.labels(name, o.reason).inc()
+            _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,
+                      frame_id=o.frame.frame_id, reason=o.reason, error=o.error)

@@ -1,0 +1,88 @@
+"""FPS sampler: at most `fps` frames per second of capture time, per source, across every
+daemon of the group.
+
+Capture time is cut into buckets of 1/fps seconds; the first frame to claim a bucket (an atomic
+SET NX in Redis, shared by all daemons) is kept, the others are acknowledged with no result.
+A redelivered winner (same frame_id) is still the winner. Each daemon remembers the buckets it
+has seen decided, so only the first frame per bucket costs a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+
+from redis.asyncio import Redis
+
+from sightstream import keys
+from sightstream.frames import Acked, Frame
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import STOP, drain_nowait
+
+# Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner).
+CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
+return redis.call('GET', KEYS[1])
+"""
+MIN_TTL_MS = 120_000
+MEMORY = 4096  # decided buckets remembered locally
+
+
+def bucket_of(ts_ms: int, fps: float) -> int:
+    return math.floor(ts_ms * fps / 1000)
+
+
+class Sampler:
+    def __init__(
+        self, fps: float, client: Redis, inq: asyncio.Queue, out: asyncio.Queue,
+        outcomes: asyncio.Queue, metrics: Metrics,
+    ) -> None:
+        self._fps = fps
+        self._client = client
+        self._in, self._out, self._outcomes = inq, out, outcomes
+        self._metrics = metrics
+        self._claim = client.register_script(CLAIM)
+        # A bucket's key must outlive any redelivery of its frames.
+        self._ttl_ms = max(MIN_TTL_MS, math.ceil(4000 / fps))
+        self._decided: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+    async def run(self) -> None:
+        stopped = False
+        while not stopped and (first := await self._in.get()) is not STOP:
+            frames, stopped = drain_nowait(self._in, first, 256)
+            for frame, keep in zip(frames, await self.decide(frames)):
+                if keep:
+                    self._metrics.frames_sampled.labels(frame.pipeline).inc()
+                    await self._out.put(frame)
+                else:
+                    await self._outcomes.put(Acked(frame, "sampled_out"))
+        await self._out.put(STOP)
+
+    async def decide(self, frames: list[Frame]) -> list[bool]:
+        """Keep or skip each frame; one pipelined round trip for the undecided buckets."""
+        verdict: list[bool | None] = []
+        ask: list[int] = []
+        for i, f in enumerate(frames):
+            winner = self._decided.get((f.source, bucket_of(f.ts_ms, self._fps)))
+            verdict.append(None if winner is None else winner == f.frame_id)
+            if winner is None:
+                ask.append(i)
+        if ask:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i in ask:
+                    f = frames[i]
+                    key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
+                    await self._claim(keys=[key], args=[f.frame_id, self._ttl_ms], client=pipe)
+                replies = await pipe.execute()
+            for i, winner in zip(ask, replies):
+                f = frames[i]
+                winner_id = winner.decode()
+                verdict[i] = winner_id == f.frame_id
+                self._remember((f.source, bucket_of(f.ts_ms, self._fps)), winner_id)
+        return [bool(v) for v in verdict]
+
+    def _remember(self, bucket: tuple[str, int], frame_id: str) -> None:
+        self._decided[bucket] = frame_id
+        if len(self._decided) > MEMORY:
+            self._decided.popitem(last=False)

@@ -1,0 +1,112 @@
+"""`sightstream tail KEY`: a consumer that prints results (or dead-letters) as they arrive.
+
+KEY may be a glob (`results:people:*`): matching streams are followed as they appear."""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+
+def summarize(fields: dict[str, Any]) -> str:
+    """One readable line for a result or dead-letter entry."""
+    if "reason" in fields and "result" not in fields:
+        return f"DEAD-LETTER {fields.get('reason')}: {fields.get('error')}"
+    try:
+        result = json.loads(fields.get("result", "{}"))
+    except ValueError:
+        return f"(unreadable result) {fields.get('result', '')[:80]}"
+    latency = fields.get("latency_ms", "?")
+    head = f"{fields.get('task', '?'):<7} {latency:>6} ms"
+    if "detections" in result:
+        dets = result["detections"]
+        if not dets:
+            return f"{head}  nothing detected"
+        labels: dict[str, list[float]] = {}
+        for d in dets:
+            labels.setdefault(d.get("label", str(d.get("class_id"))), []).append(d.get("score", 0))
+        parts = [
+            f"{len(s)} x {label} ({', '.join(f'{v:.2f}' for v in sorted(s, reverse=True)[:3])})"
+            for label, s in labels.items()
+        ]
+        return f"{head}  " + "; ".join(parts)
+    if "text" in result:
+        return f"{head}  {result['text']!r}"
+    return f"{head}  {json.dumps(result)[:100]}"
+
+
+def _decode(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        try:
+            out[k.decode()] = v.decode()
+        except UnicodeDecodeError:
+            out[k.decode()] = {"base64": base64.b64encode(v).decode()}
+    return out
+
+
+def tail(
+    redis_url: str,
+    key: str,
+    *,
+    start: str = "$",
+    count: int = 0,
+    timeout_s: float = 0,
+    as_json: bool = False,
+    emit: Callable[[str], None] = print,
+) -> int:
+    """Follow KEY (or a glob of keys); returns how many entries it printed. Stops after
+    `count` entries or `timeout_s` seconds without a new one (0: never)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    is_glob = any(c in key for c in "*?[")
+
+    def first_id(name: str, first_scan: bool) -> str:
+        # "$" means "after what exists now": resolve it once, so nothing is missed between reads.
+        # A stream that appears after tail started is read from its beginning.
+        if start != "$" or not first_scan:
+            return start if start != "$" else "0"
+        info = client.xinfo_stream(name) if client.exists(name) else None
+        return info["last-generated-id"].decode() if info else "0"
+
+    cursors: dict[str, str] = {} if is_glob else {key: first_id(key, True)}
+    printed, last_new, last_scan, scans = 0, time.monotonic(), 0.0, 0
+    try:
+        while True:
+            if is_glob and time.monotonic() - last_scan > 2:
+                for k in client.scan_iter(match=key, count=1000, _type="stream"):
+                    name = k.decode()
+                    if name not in cursors and fnmatch.fnmatchcase(name, key):
+                        cursors[name] = first_id(name, scans == 0)
+                last_scan, scans = time.monotonic(), scans + 1
+            if not cursors:
+                time.sleep(0.5)
+            else:
+                reply = client.xread(cursors, block=1000, count=100)
+                for stream, entries in reply or ():
+                    name = stream.decode()
+                    for entry_id, fields in entries:
+                        cursors[name] = entry_id.decode()
+                        data = _decode(fields)
+                        if as_json:
+                            emit(json.dumps({"stream": name, "id": cursors[name], **data}))
+                        else:
+                            src = f"{name} " if is_glob else ""
+                            emit(f"{src}{data.get('frame_id', cursors[name])}  {summarize(data)}")
+                        printed += 1
+                        last_new = time.monotonic()
+                        if count and printed >= count:
+                            return printed
+            if timeout_s and time.monotonic() - last_new > timeout_s:
+                return printed
+    except KeyboardInterrupt:
+        return printed
+    finally:
+        client.close()
+        sys.stdout.flush()
