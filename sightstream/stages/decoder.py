@@ -23,6 +23,10 @@ from sightstream.frames import PIX_FMTS, Acked, DeadLettered, Frame, is_stale
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP
 
+# Our own cap (`decode.max_pixels`) is checked right after the header is read, before any
+# pixel is decoded; Pillow's global check would fire first with its own limits and warnings.
+Image.MAX_IMAGE_PIXELS = None
+
 MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -120,8 +124,6 @@ class Decoder:
         self._target = target
         self._max_age_ms = max_age_ms
         self._concurrency = concurrency
-        if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-            Image.MAX_IMAGE_PIXELS = max_pixels  # our own check comes first; no Pillow warning
 
     async def run(self) -> None:
         await asyncio.gather(*(self._one() for _ in range(self._concurrency)))

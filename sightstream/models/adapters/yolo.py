@@ -107,8 +107,14 @@ class YoloDetector:
         """One row per anchor: [cx, cy, w, h, (objectness,) class scores...]."""
         if raw.ndim != 2:
             raise ModelError(f"expected a [batch, rows, cols] output, got shape {raw.shape}")
-        if self.layout == "yolov8" and raw.shape[0] < raw.shape[1]:
-            raw = raw.T  # [4 + classes, anchors] -> [anchors, 4 + classes]
+        if self.layout == "yolov8":
+            # [4 + classes, anchors] is the export's layout; real models have far more anchors
+            # than channels, and known class names settle it for any shape.
+            channels_first = (
+                raw.shape[0] == 4 + len(self.labels) if self.labels else raw.shape[0] < raw.shape[1]
+            )
+            if channels_first:
+                raw = raw.T
         return raw
 
     def _label(self, class_id: int) -> str:

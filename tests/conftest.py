@@ -1,0 +1,60 @@
+"""Shared fixtures: a real redis-server for the session (FLUSHALL per test), images, tiny models."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from PIL import Image
+
+from sightstream.daemon.embedded_redis import EmbeddedRedis
+
+ASTRONAUT = Path(__file__).parent.parent / "sightstream" / "data" / "astronaut.jpg"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private redis-server on a free port of 127.0.0.1: never the machine's own Redis."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def sync_redis(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    return np.asarray(Image.open(ASTRONAUT).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def astronaut_jpeg() -> bytes:
+    return ASTRONAUT.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def gradient() -> np.ndarray:
+    """A 96x64 RGB image whose channels differ, to catch channel-order mistakes."""
+    y, x = np.mgrid[0:64, 0:96]
+    return np.stack([x * 2, y * 3, np.full_like(x, 200)], axis=-1).astype(np.uint8)

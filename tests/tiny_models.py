@@ -1,0 +1,59 @@
+"""Tiny ONNX models built in the tests (no download), loaded through the same catalogue path
+as a user's `[models.<family>.<variant>] path = ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def constant_yolov8(path: Path, rows: list[list[float]], classes: int, *, size: int = 64,
+                    names: dict[int, str] | None = None, transposed: bool = False) -> Path:
+    """A YOLOv8-layout detector whose output is the same for every image: one row per anchor,
+    [cx, cy, w, h, score_0, ..., score_{classes-1}] in input pixels (of a size x size input).
+
+    The graph still reads its input (output = mean(x) * 0 + C), so batch size is dynamic and the
+    model runs through ONNX Runtime like any export."""
+    table = np.asarray(rows, dtype=np.float32)
+    assert table.shape[1] == 4 + classes
+    const = table[None] if transposed else table.T[None]  # [1, A, 4+C] or [1, 4+C, A]
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0, axes=[1, 2, 3]),
+        helper.make_node("Reshape", ["mean", "shape"], ["mean3"]),
+        helper.make_node("Mul", ["mean3", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "table"], ["output0"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 1, 1], dtype=np.int64), "shape"),
+        numpy_helper.from_array(np.zeros((1, 1, 1), dtype=np.float32), "zero"),
+        numpy_helper.from_array(const, "table"),
+    ]
+    graph = helper.make_graph(
+        nodes, "constant_yolov8",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", *const.shape[1:]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if names is not None:
+        helper.set_model_props(model, {"names": repr(names), "imgsz": repr([size, size])})
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def broken_model(path: Path) -> Path:
+    """A model whose input rank is wrong for images: every call fails inside ONNX Runtime."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 7])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

@@ -1,0 +1,83 @@
+"""Settings: defaults that work on a laptop, TOML + environment, one clear line per bad setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from sightstream.config import load_settings
+from sightstream.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "sightstream.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_work_with_no_file():
+    s = load_settings()
+    assert s.redis_url == "redis://127.0.0.1:6379/0" and s.devices == "auto"
+    assert s.control.port == 8000 and s.control.host == "127.0.0.1"
+    (p,) = s.pipelines
+    assert p.name == "people" and p.input == ["frames:*"] and p.model == "retinaface/mobilenet"
+    assert p.output == "results:{pipeline}:{source}" and p.batch_size == 8 and p.max_deliveries == 5
+
+
+def test_toml_then_environment_overrides(tmp_path, monkeypatch):
+    path = write(tmp_path, """
+redis_url = "redis://10.0.0.1:6379/0"
+devices = ["cpu"]
+[control]
+port = 9000
+[[pipelines]]
+name = "cams"
+input = ["frames:{cam1}", "frames:{cam2}"]
+fps = 2.5
+[models.yolo.coco]
+backend = "onnx"
+task = "detect"
+path = "/srv/models/yolov8n.onnx"
+score_threshold = 0.4
+""")
+    monkeypatch.setenv("SIGHTSTREAM_CONTROL__PORT", "9100")
+    s = load_settings(path)
+    assert s.control.port == 9100  # the environment wins over the file
+    assert s.redis_url == "redis://10.0.0.1:6379/0" and s.devices == ["cpu"]
+    assert s.pipelines[0].fps == 2.5 and len(s.pipelines[0].input) == 2
+    entry = s.models["yolo"]["coco"]
+    assert entry.path == "/srv/models/yolov8n.onnx" and entry.model_extra == {"score_threshold": 0.4}
+
+
+@pytest.mark.parametrize(
+    "toml,needle",
+    [
+        ("[[pipelines]]\nname = 'Bad Name'", "pipelines[0].name: must match [a-z0-9_-]+"),
+        ("[[pipelines]]\nfps = -1", "pipelines[0].fps"),
+        ("[[pipelines]]\nbatch_size = 0", "pipelines[0].batch_size"),
+        ("[[pipelines]]\nmodel = 'nofamily'", "pipelines[0].model: must be family/variant"),
+        ("[[pipelines]]\noutput = 'results:{camera}'", "may use only {pipeline} and {source}"),
+        ("[[pipelines]]\ninput = ['results:people:*']", "own output streams"),
+        ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted"),
+        ("[[pipelines]]\nname='a'\n[[pipelines]]\nname='a'", "pipeline names must be unique"),
+        ("devices = ['gpu0']", "devices"),
+        ("redis_url = 'localhost:6379'", "redis_url: must start with redis://"),
+        ("[control]\nport = 99999", "control.port"),
+        ("redis_url = = 1", "cannot read"),
+    ],
+)
+def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, toml))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setenv("SIGHTSTREAM_CONTROL__PORT", "http")
+    with pytest.raises(ConfigError, match="control.port"):
+        load_settings()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")

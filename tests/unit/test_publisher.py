@@ -1,0 +1,53 @@
+"""Ack-then-publish: a result is published only by the call that acknowledged its frame."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+
+from sightstream.frames import Acked, DeadLettered, Frame, Published
+from sightstream.metrics import Metrics
+from sightstream.stages.publisher import Publisher
+
+
+async def setup():
+    client = fakeredis.FakeAsyncRedis()
+    await client.xgroup_create("frames:{a}", "p", id="0", mkstream=True)
+    ids = [await client.xadd("frames:{a}", {"image": b"x"}) for _ in range(3)]
+    await client.xreadgroup("p", "c", {"frames:{a}": ">"})
+    frames = [Frame("p", "frames:{a}", i.decode(), {}, 1) for i in ids]
+    return client, frames, Publisher(client, asyncio.Queue(), Metrics(), {"p": 100})
+
+
+async def test_publishes_once_and_acknowledges():
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    await pub.publish([Published(f, out, {"frame_id": f.frame_id}) for f in frames])
+    assert await client.xlen(out) == 3
+    assert (await client.xpending("frames:{a}", "p"))["pending"] == 0
+    # A retry, or a second daemon that processed the same frames: nothing is published twice.
+    await pub.publish([Published(f, out, {"frame_id": f.frame_id}) for f in frames])
+    assert await client.xlen(out) == 3
+    assert pub.published == 3
+
+
+async def test_dead_letters_and_plain_acks():
+    client, frames, pub = await setup()
+    dl = "deadletter:p:frames:{a}"
+    await pub.publish([DeadLettered(frames[0], dl, "bad_image", "cannot decode"),
+                       Acked(frames[1], "sampled_out")])
+    (entry,) = await client.xrange(dl)
+    assert entry[1][b"reason"] == b"bad_image" and entry[1][b"error"] == b"cannot decode"
+    assert entry[1][b"frame_id"] == frames[0].frame_id.encode()
+    pending = await client.xpending("frames:{a}", "p")
+    assert pending["pending"] == 1  # only the third frame, never handled
+
+
+async def test_released_credits():
+    client, frames, pub = await setup()
+    released = []
+    for f in frames:
+        f.release = lambda f=f: released.append(f.frame_id)
+    await pub.publish([Acked(f, "stale") for f in frames])
+    assert released == [f.frame_id for f in frames]
