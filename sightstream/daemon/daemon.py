@@ -95,8 +95,18 @@ class Daemon:
             Worker(d, self.manager, batches, outcomes, self.metrics) for d in self.devices
         ]
         self._batches, self._outcomes = batches, outcomes
+        stages: list[Any] = []
         for p in self.settings.pipelines:
-            self._build_chain(p, batches, outcomes, threads)
+            stages += self._build_chain(p, batches, outcomes, threads)
+        # Join the groups before reporting ready, so producers' first frames are already ours.
+        for ingest in self.ingests.values():
+            try:
+                await ingest.discover()
+            except (RedisError, OSError) as e:  # the ingest loop retries
+                _log.warning("first_discovery_failed", error=str(e))
+        for stage in stages:
+            task = asyncio.create_task(stage.run(), name=type(stage).__name__)
+            (self._batchers if isinstance(stage, Batcher) else self._chains).append(task)
 
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         self._worker_tasks = [
@@ -108,7 +118,8 @@ class Daemon:
 
     def _build_chain(
         self, p: PipelineSettings, batches: asyncio.Queue, outcomes: asyncio.Queue, threads: int
-    ) -> None:
+    ) -> list[Any]:
+        """One pipeline's stages, in flow order; started by the caller."""
         size = p.max_in_flight
         credits = self.credits[p.name] = Credits(size)
         read_q: asyncio.Queue = asyncio.Queue(size)
@@ -131,10 +142,8 @@ class Daemon:
                 p.max_age_ms, concurrency=threads,
             )
         )
-        self._chains += [asyncio.create_task(s.run(), name=f"{p.name}-{type(s).__name__}") for s in stages]
-        self._batchers.append(
-            asyncio.create_task(Batcher(p, batch_q, batches, self.metrics).run(), name=f"{p.name}-Batcher")
-        )
+        stages.append(Batcher(p, batch_q, batches, self.metrics))
+        return stages
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
@@ -178,8 +187,9 @@ class Daemon:
         if self._lease:
             await self._lease.release()
         self.manager.unload_all()
-        await self.client.aclose()
-        await self.reader.aclose()
+        # The pools were passed in explicitly, so redis-py would leave them open.
+        await self.client.aclose(close_connection_pool=True)
+        await self.reader.aclose(close_connection_pool=True)
 
     async def _drain(self) -> None:
         await asyncio.gather(*self._chains, *self._batchers)

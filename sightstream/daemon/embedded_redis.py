@@ -78,6 +78,8 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+        if self._proc and self._proc.stderr:
+            self._proc.stderr.close()
         self._proc = None
 
     def close(self) -> None:

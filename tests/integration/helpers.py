@@ -1,0 +1,65 @@
+"""Running daemons in the test's event loop against the suite's real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from sightstream.config import Settings
+from sightstream.daemon.daemon import Daemon
+from tests.tiny_models import constant_yolov8
+
+TINY_ROWS = [[32, 32, 20, 20, 0.1, 0.9]] + [[0, 0, 1, 1, 0.0, 0.0]] * 20
+
+
+def settings_for(redis_url: str, tmp_path: Path, pipelines: list[dict] | None = None, **extra: Any) -> Settings:
+    """Settings with a tiny constant detector `tiny/det` as every pipeline's default model."""
+    path = tmp_path / "tiny.onnx"
+    if not path.exists():
+        constant_yolov8(path, TINY_ROWS, classes=2, size=64, names={0: "cat", 1: "dog"})
+    pipelines = pipelines or [{}]
+    return Settings(
+        redis_url=redis_url,
+        devices=["cpu"],
+        reclaim_min_idle_ms=1000,
+        pipelines=[{"name": "people", "model": "tiny/det", **p} for p in pipelines],
+        models={"tiny": {"det": {"backend": "onnx", "task": "detect", "path": str(path)}}},
+        control={"port": 0},
+        **extra,
+    )
+
+
+@asynccontextmanager
+async def running(settings: Settings, host: str = "testhost"):
+    daemon = Daemon(settings, host=host, discover_s=0.2)
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
+
+
+async def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def entries(client: redis.Redis, key: str) -> list[tuple[str, dict[str, bytes]]]:
+    return [
+        (i.decode(), {k.decode(): v for k, v in fields.items()})
+        for i, fields in client.xrange(key)
+    ]
+
+
+def pending(client: redis.Redis, key: str, group: str = "people") -> int:
+    return client.xpending(key, group)["pending"]

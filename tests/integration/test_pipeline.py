@@ -1,0 +1,231 @@
+"""Frames in through consumer groups, results out: the contract, against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import encode
+from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.unit.test_decoder import _png_header_only
+
+pytestmark = pytest.mark.integration
+
+
+async def test_every_frame_gets_one_result_with_every_contract_field(redis_url, sync_redis, tmp_path, gradient):
+    jpeg = encode(gradient)
+    ids = {"frames:{cam1}": [], "frames:{cam2}": []}
+    for i in range(20):
+        ids["frames:{cam1}"].append(sync_redis.xadd("frames:{cam1}", {"image": jpeg}).decode())
+    for i in range(10):
+        fields = {"image": jpeg, "ts": str(1_700_000_000_000 + i), "meta": json.dumps({"n": i})}
+        ids["frames:{cam2}"].append(sync_redis.xadd("frames:{cam2}", fields).decode())
+    async with running(settings_for(redis_url, tmp_path)):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{cam1}") == 20
+                       and sync_redis.xlen("results:people:frames:{cam2}") == 10, what="30 results")
+    for source, sent in ids.items():
+        results = entries(sync_redis, f"results:people:{source}")
+        assert [f["frame_id"].decode() for _, f in results] == sent or \
+            sorted(f["frame_id"].decode() for _, f in results) == sorted(sent)  # one to one
+        for _, f in results:
+            assert f["source"].decode() == source
+            assert f["pipeline"] == b"people" and f["model"] == b"tiny/det" and f["task"] == b"detect"
+            assert "prompt_version" not in f  # this model takes no prompt
+            assert int(f["latency_ms"]) >= 0
+            result = json.loads(f["result"])
+            assert result["width"] == 96 and result["height"] == 64
+            (det,) = result["detections"]
+            assert det["label"] == "dog" and det["class_id"] == 1 and len(det["box"]) == 4
+            if source == "frames:{cam1}":
+                assert int(f["ts"]) == int(f["frame_id"].split(b"-")[0])  # default: the entry ID's ms
+                assert "meta" not in f
+            else:
+                assert int(f["ts"]) >= 1_700_000_000_000
+                assert json.loads(f["meta"]) == {"n": int(f["ts"]) - 1_700_000_000_000}
+        assert pending(sync_redis, source) == 0
+    assert not sync_redis.exists("deadletter:people:frames:{cam1}")
+
+
+async def test_the_default_model_detects_a_real_face(redis_url, sync_redis, tmp_path, astronaut_jpeg):
+    settings = settings_for(redis_url, tmp_path, [{"model": "retinaface/mobilenet"}])
+    sync_redis.xadd("frames:{door}", {"image": astronaut_jpeg})
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{door}") == 1, 60)
+    (_, fields), = entries(sync_redis, "results:people:frames:{door}")
+    (face,) = json.loads(fields["result"])["detections"]
+    assert face["label"] == "face" and face["score"] > 0.95
+    assert fields["model"] == b"retinaface/mobilenet"
+
+
+async def test_raw_frames(redis_url, sync_redis, tmp_path, astronaut):
+    settings = settings_for(redis_url, tmp_path, [{"model": "retinaface/mobilenet"}])
+    sync_redis.xadd("frames:{raw}", {"raw": astronaut[..., ::-1].tobytes(), "width": 512,
+                                     "height": 512, "pix_fmt": "bgr24"})
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{raw}") == 1, 60)
+    (_, fields), = entries(sync_redis, "results:people:frames:{raw}")
+    assert json.loads(fields["result"])["detections"][0]["label"] == "face"
+
+
+async def test_large_frames_are_decoded_scaled_and_boxes_still_in_full_pixels(redis_url, sync_redis, tmp_path, astronaut):
+    big = np.kron(astronaut, np.ones((4, 4, 1), dtype=np.uint8))  # 2048x2048: decoded at 1/2
+    settings = settings_for(redis_url, tmp_path, [{"model": "retinaface/mobilenet"}])
+    sync_redis.xadd("frames:{big}", {"image": encode(big, quality=85)})
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{big}") == 1, 60)
+    (_, fields), = entries(sync_redis, "results:people:frames:{big}")
+    result = json.loads(fields["result"])
+    assert result["width"] == 2048
+    x1, y1, x2, y2 = result["detections"][0]["box"]
+    assert 600 < x1 < 800 and 150 < y1 < 300 and 1050 < x2 < 1250  # the face, x4
+
+
+async def test_new_streams_matching_a_glob_join_within_5_seconds(redis_url, sync_redis, tmp_path, gradient):
+    settings = settings_for(redis_url, tmp_path)
+    async with running(settings):
+        sync_redis.xadd("frames:{late}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{late}") == 1, 5,
+                       "the new stream's result")
+        # results and dead-letter streams are never read back as input
+        sync_redis.xadd("results:other:frames:{x}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{late}") == 1, 1)
+    assert not sync_redis.exists("results:people:results:other:frames:{x}")
+
+
+async def test_literal_input_keys_are_created_and_read(redis_url, sync_redis, tmp_path, gradient):
+    settings = settings_for(redis_url, tmp_path, [{"input": ["cam:{lobby}"]}])
+    async with running(settings):
+        assert sync_redis.exists("cam:{lobby}")  # MKSTREAM: the group exists before any frame
+        sync_redis.xadd("cam:{lobby}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:cam:{lobby}") == 1)
+
+
+BAD_FRAMES = [
+    ("truncated", {"image": None}, "bad_image"),
+    ("random", {"image": b"\x00\x13garbage" * 20}, "unsupported_format"),
+    ("empty", {"image": b""}, "unsupported_format"),
+    ("no-image", {"camera": b"front"}, "missing_image"),
+    ("raw-size", {"raw": b"\x00" * 10, "width": 4, "height": 4, "pix_fmt": "rgb24"}, "bad_raw"),
+    ("bomb", {"image": _png_header_only(100_000, 100_000)}, "too_large"),
+    ("bad-ts", {"image": b"x", "ts": "yesterday"}, "bad_fields"),
+    ("bad-meta", {"image": b"x", "meta": "[1]"}, "bad_fields"),
+]
+
+
+async def test_bad_frames_are_dead_lettered_and_good_ones_still_flow(redis_url, sync_redis, tmp_path, gradient, astronaut):
+    jpeg = encode(astronaut)
+    sent = {}
+    for name, fields, reason in BAD_FRAMES:
+        if fields.get("image", 1) is None:
+            fields = {"image": jpeg[: len(jpeg) // 2]}
+        sent[sync_redis.xadd("frames:{bad}", fields).decode()] = reason
+    good = sync_redis.xadd("frames:{bad}", {"image": encode(gradient)}).decode()
+    async with running(settings_for(redis_url, tmp_path)):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{bad}") == 1
+                       and sync_redis.xlen("deadletter:people:frames:{bad}") == len(BAD_FRAMES))
+    dead = {f["frame_id"].decode(): f for _, f in entries(sync_redis, "deadletter:people:frames:{bad}")}
+    assert {k: v["reason"].decode() for k, v in dead.items()} == sent
+    for f in dead.values():
+        assert f["error"] and f["source"] == b"frames:{bad}" and int(f["deliveries"]) >= 1
+    (_, result), = entries(sync_redis, "results:people:frames:{bad}")
+    assert result["frame_id"].decode() == good
+    assert pending(sync_redis, "frames:{bad}") == 0
+
+
+async def test_a_failing_model_dead_letters_each_frame_and_the_daemon_goes_on(redis_url, sync_redis, tmp_path, gradient):
+    from tests.tiny_models import broken_model
+
+    settings = settings_for(redis_url, tmp_path, [
+        {"name": "broken", "model": "tiny/broken", "input": ["frames:{b}"]},
+        {"name": "people", "input": ["frames:{b}"]},
+    ])
+    settings.models["tiny"]["broken"] = settings.models["tiny"]["det"].model_copy(
+        update={"path": str(broken_model(tmp_path / "broken.onnx"))})
+    settings.models["tiny"]["broken"].__pydantic_extra__ = {"input_size": 32}
+    for _ in range(3):
+        sync_redis.xadd("frames:{b}", {"image": encode(gradient)})
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("deadletter:broken:frames:{b}") == 3
+                       and sync_redis.xlen("results:people:frames:{b}") == 3)
+    reasons = {f["reason"] for _, f in entries(sync_redis, "deadletter:broken:frames:{b}")}
+    assert reasons == {b"model_error"}
+    assert pending(sync_redis, "frames:{b}", "broken") == 0
+
+
+async def test_two_daemons_share_the_work_without_doubling(redis_url, sync_redis, tmp_path, gradient):
+    jpeg = encode(gradient)
+    sent = set()
+    for i in range(120):
+        stream = f"frames:{{s{i % 3}}}"
+        sent.add((stream, sync_redis.xadd(stream, {"image": jpeg}).decode()))
+    settings = settings_for(redis_url, tmp_path, [{"batch_size": 4, "max_in_flight": 8}])
+    async with running(settings, host="a") as a, running(settings, host="b") as b:
+        def total() -> int:
+            return sum(sync_redis.xlen(f"results:people:frames:{{s{i}}}") for i in range(3))
+        await wait_for(lambda: total() == 120, what="120 results")
+        assert a.consumer != b.consumer
+    ids = [(f["source"].decode(), f["frame_id"].decode())
+           for i in range(3) for _, f in entries(sync_redis, f"results:people:frames:{{s{i}}}")]
+    assert len(ids) == len(set(ids)) == 120 and set(ids) == sent
+    assert a.publisher.published > 0 and b.publisher.published > 0  # both did work
+    assert a.publisher.published + b.publisher.published == 120
+
+
+async def test_sampling_holds_across_daemons(redis_url, sync_redis, tmp_path, gradient):
+    jpeg = encode(gradient)
+    start = 1_700_000_000_000
+    for i in range(100):  # 5 s of capture time at 20 fps
+        sync_redis.xadd("frames:{cam}", {"image": jpeg, "ts": start + i * 50})
+    settings = settings_for(redis_url, tmp_path, [{"fps": 2, "batch_size": 2, "max_in_flight": 4}])
+    async with running(settings, host="a"), running(settings, host="b"):
+        await wait_for(lambda: pending(sync_redis, "frames:{cam}") == 0
+                       and sync_redis.xlen("results:people:frames:{cam}") >= 10)
+        await wait_for(lambda: sync_redis.xinfo_groups("frames:{cam}")[0]["pending"] == 0)
+    results = entries(sync_redis, "results:people:frames:{cam}")
+    assert len(results) == 10  # 2 per second of capture time, for both daemons together
+    buckets = {int(f["ts"]) * 2 // 1000 for _, f in results}
+    assert len(buckets) == 10
+
+
+async def test_result_streams_are_capped(redis_url, sync_redis, tmp_path, gradient):
+    sync_redis.config_set("stream-node-max-entries", 5)  # so that MAXLEN ~ trims at small sizes
+    try:
+        jpeg = encode(gradient)
+        for _ in range(60):
+            sync_redis.xadd("frames:{cap}", {"image": jpeg})
+        settings = settings_for(redis_url, tmp_path, [{"result_maxlen": 10}])
+        async with running(settings):
+            await wait_for(lambda: pending(sync_redis, "frames:{cap}") == 0
+                           and sync_redis.xinfo_groups("frames:{cap}")[0]["last-delivered-id"]
+                           == sync_redis.xinfo_stream("frames:{cap}")["last-generated-id"])
+        assert sync_redis.xlen("results:people:frames:{cap}") <= 15
+        assert sync_redis.xlen("frames:{cap}") == 60  # input streams are never trimmed by us
+    finally:
+        sync_redis.config_set("stream-node-max-entries", 100)
+
+
+async def test_a_restarted_daemon_drains_its_own_pending_entries(redis_url, sync_redis, tmp_path, gradient):
+    jpeg = encode(gradient)
+    sync_redis.xgroup_create("frames:{p}", "people", id="0", mkstream=True)
+    for _ in range(5):
+        sync_redis.xadd("frames:{p}", {"image": jpeg})
+    # A previous run under the same stable name read them, then died before acknowledging.
+    sync_redis.xreadgroup("people", "testhost:0", {"frames:{p}": ">"})
+    assert pending(sync_redis, "frames:{p}") == 5
+    async with running(settings_for(redis_url, tmp_path)) as d:
+        assert d.consumer == "testhost:0"
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 5)
+    assert pending(sync_redis, "frames:{p}") == 0
+
+
+async def test_a_lost_group_is_recreated(redis_url, sync_redis, tmp_path, gradient):
+    jpeg = encode(gradient)
+    async with running(settings_for(redis_url, tmp_path, [{"input": ["frames:{n}"]}])):
+        sync_redis.xadd("frames:{n}", {"image": jpeg})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{n}") == 1)
+        sync_redis.flushall()  # what a Redis restart without persistence looks like
+        sync_redis.xadd("frames:{n}", {"image": jpeg})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{n}") == 1, 15,
+                       "a result after NOGROUP")
