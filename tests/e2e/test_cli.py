@@ -1,0 +1,164 @@
+"""The CLI as a user runs it: `sightstream run` in a subprocess, frames from `redis-cli`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sightstream.daemon.embedded_redis import free_port, redis_binary
+from tests.conftest import encode
+from tests.integration.helpers import entries, pending
+
+pytestmark = pytest.mark.e2e
+CLI = [sys.executable, "-m", "sightstream"]
+
+
+def write_config(tmp_path: Path, redis_url: str, port: int, extra: str = "") -> Path:
+    path = tmp_path / "sightstream.toml"
+    path.write_text(f"""
+redis_url = "{redis_url}"
+devices = ["cpu"]
+shutdown_timeout_s = 10
+[control]
+port = {port}
+[[pipelines]]
+name = "people"
+input = ["frames:*"]
+batch_size = 4
+{extra}
+""")
+    return path
+
+
+def wait_http(url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return json.loads(r.read())
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def wait_until(check, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def daemon(redis_url, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, redis_url, port)
+    proc = subprocess.Popen([*CLI, "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health/ready")
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_redis_cli_frames_get_results_and_sigterm_exits_cleanly(daemon, redis_server, sync_redis, tmp_path, astronaut_jpeg):
+    proc, port = daemon
+    photo = tmp_path / "f.jpg"
+    photo.write_bytes(astronaut_jpeg)
+    for _ in range(3):
+        with photo.open("rb") as f:
+            subprocess.run([redis_binary("redis-cli"), "-p", str(redis_server.port), "-x",
+                            "XADD", "frames:{cam1}", "*", "image"], stdin=f, check=True,
+                           capture_output=True)
+    wait_until(lambda: sync_redis.xlen("results:people:frames:{cam1}") == 3, 60)
+    for _, fields in entries(sync_redis, "results:people:frames:{cam1}"):
+        assert {"source", "frame_id", "ts", "pipeline", "model", "task", "result", "latency_ms"} <= set(fields)
+        assert json.loads(fields["result"])["detections"][0]["label"] == "face"
+        assert fields["model"] == b"retinaface/mobilenet"
+    assert pending(sync_redis, "frames:{cam1}") == 0
+    health = wait_http(f"http://127.0.0.1:{port}/health")
+    assert health["status"] == "ok"
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "daemon_drained" in err
+
+
+def test_publish_and_tail(daemon, redis_url, tmp_path, gradient, astronaut):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(encode(astronaut if i % 2 else gradient, "PNG"))
+    pub = subprocess.run([*CLI, "publish", str(folder), "--stream", "frames:{dir}",
+                          "--redis-url", redis_url, "--quiet"], capture_output=True, text=True, timeout=60)
+    assert pub.returncode == 0 and "published 4 frames" in pub.stderr
+    tail = subprocess.run([*CLI, "tail", "results:people:frames:{dir}", "--from", "0", "--count", "4",
+                           "--timeout", "60", "--redis-url", redis_url],
+                          capture_output=True, text=True, timeout=90)
+    assert tail.returncode == 0, tail.stderr
+    lines = tail.stdout.strip().splitlines()
+    assert len(lines) == 4
+    assert sum("1 x face" in line for line in lines) == 2
+    assert sum("nothing detected" in line for line in lines) == 2
+
+
+def test_publish_a_video_at_a_target_fps(redis_url, sync_redis, tmp_path):
+    from sightstream.publish import make_sample_video
+
+    video = make_sample_video(tmp_path / "v.mp4", seconds=2, fps=10, size=(320, 240))
+    pub = subprocess.run([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "5",
+                          "--redis-url", redis_url, "--quiet"], capture_output=True, text=True, timeout=60)
+    assert pub.returncode == 0, pub.stderr
+    frames = entries(sync_redis, "frames:{v}")
+    assert len(frames) == 10  # 2 s sampled to 5 fps
+    assert all(f["image"][:3] == b"\xff\xd8\xff" and int(f["ts"]) > 0 for _, f in frames)
+    assert [json.loads(f["meta"])["index"] for _, f in frames] == list(range(10))
+
+
+def test_a_bad_setting_stops_start_up_with_one_line(redis_url, tmp_path):
+    config = write_config(tmp_path, redis_url, free_port(), extra="fps = -2")
+    run = subprocess.run([*CLI, "run", "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert run.stderr.strip() == "sightstream: invalid setting pipelines[0].fps: Input should be greater than or equal to 0"
+
+
+def test_an_unknown_model_stops_start_up_with_one_line(redis_url, tmp_path):
+    config = write_config(tmp_path, redis_url, free_port(), extra='model = "no/such"')
+    run = subprocess.run([*CLI, "run", "--config", str(config)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "unknown model 'no/such'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_environment_overrides_reach_the_daemon(redis_url, tmp_path):
+    env = {**os.environ, "SIGHTSTREAM_PIPELINES": '[{"name": "Bad!"}]'}
+    run = subprocess.run([*CLI, "run"], capture_output=True, text=True, timeout=30, env=env)
+    assert run.returncode == 2 and "pipelines[0].name" in run.stderr
+
+
+def test_models_lists_the_catalogue():
+    out = subprocess.run([*CLI, "models"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert "retinaface/mobilenet" in out.stdout and "licence: MIT" in out.stdout
+    listed = json.loads(subprocess.run([*CLI, "models", "--json"], capture_output=True, text=True).stdout)
+    assert {"model", "task", "backend", "available", "licence"} <= set(listed[0])
+
+
+def test_help_is_fast_and_imports_no_framework():
+    code = "import sys, sightstream.cli; sightstream.cli.parser(); print('onnxruntime' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False"
