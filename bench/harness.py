@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
 import statistics
 import time
@@ -102,7 +103,9 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
     return n / elapsed
 
 
-async def daemon_figures(url: str, model: str, frames: list[bytes], n: int, batch: int) -> dict[str, float]:
+async def daemon_figures(
+    url: str, model: str, frames: list[bytes], n: int, batch: int
+) -> dict[str, float]:
     client = redis.Redis.from_url(url)
     results = f"results:bench:{STREAM}"
     client.delete(STREAM, results)
@@ -170,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = make_frames((w, h))
     target = ModelManager(Catalogue()).input_size(model)
     figures: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": model, "frames": n, "size": f"{w}x{h}", "batch_size": batch,
         "decode_full_ms": time_decode(frames[0], None),
         "decode_draft_ms": time_decode(frames[0], target) if not args.no_draft else None,
@@ -193,7 +196,8 @@ def report(f: dict[str, Any]) -> str:
         f"  daemon latency at {f['latency_rate_fps']:.0f} frames/s:     p50 {f['latency_p50_ms']:.0f} ms, "
         f"p99 {f['latency_p99_ms']:.0f} ms",
         f"  daemon time per frame: {f['daemon_wall_ms_per_frame']:.1f} ms wall; inference "
-        f"{f['daemon_infer_ms_per_frame']:.1f} ms, decode {f['daemon_decode_ms_per_frame']:.1f} ms (in parallel)",
+        f"{f['daemon_infer_ms_per_frame']:.1f} ms, "
+        f"decode {f['daemon_decode_ms_per_frame']:.1f} ms (in parallel)",
         f"  daemon / raw:   {f['daemon_vs_raw']:.2f}",
         f"  daemon / naive: {f['daemon_vs_naive']:.2f}",
         f"  JPEG decode of one {f['size']} frame: full {f['decode_full_ms']:.1f} ms"

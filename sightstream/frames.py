@@ -59,7 +59,9 @@ class Frame:
             try:
                 frame.ts_ms = int(ts)
             except ValueError:
-                raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}") from None
+                raise FrameError(
+                    "bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}"
+                ) from None
         meta = fields.get(b"meta")
         if meta is not None:
             try:

@@ -110,7 +110,9 @@ def publish(
         client.close()
 
 
-def make_sample_video(path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (1280, 720)) -> Path:
+def make_sample_video(
+    path: Path, seconds: float = 6.0, fps: int = 10, size: tuple[int, int] = (1280, 720)
+) -> Path:
     """A short H.264 clip made here, no download: a slow pan and zoom across the astronaut
     photograph (NASA, public domain) shipped in the package, so the face model has a face."""
     import av

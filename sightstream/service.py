@@ -72,7 +72,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if (error := daemon.failed()) is not None:
                     _log.error("stage_failed", error=repr(error))
                     code = 1

@@ -53,7 +53,7 @@ class ConsumerLease:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), RENEW_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 await self._client.eval(RENEW, 1, self._key, self._token, LEASE_MS)

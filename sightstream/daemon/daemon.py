@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +31,7 @@ from sightstream.models.manager import ModelManager
 from sightstream.redis_conn import make_client
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
-from sightstream.stages.flow import STOP, Credits
+from sightstream.stages.flow import STOP, Credits, backoff_s, worth_logging
 from sightstream.stages.publisher import Publisher
 from sightstream.stages.redis_ingest import RedisIngest
 from sightstream.stages.sampler import Sampler
@@ -138,12 +138,18 @@ class Daemon:
             Decoder(
                 decode_q, batch_q, outcomes, self._decode_pool, self.metrics,
                 self.settings.decode.max_pixels,
-                (lambda m=p.model: self.manager.input_size(m)) if self.settings.decode.draft else (lambda: None),
+                self._decode_target(p.model),
                 p.max_age_ms, concurrency=threads,
             )
         )
         stages.append(Batcher(p, batch_q, batches, self.metrics))
         return stages
+
+    def _decode_target(self, model: str) -> Callable[[], tuple[int, int] | None]:
+        """What size the decoder may scale large JPEGs down to: the model's input, if fixed."""
+        if not self.settings.decode.draft:
+            return lambda: None
+        return lambda: self.manager.input_size(model)
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
@@ -154,13 +160,12 @@ class Daemon:
                 return True
             except (RedisError, OSError) as e:
                 attempt += 1
-                if attempt == 1 or attempt % 10 == 0:
+                if worth_logging(attempt):
                     _log.warning("redis_unreachable_at_start", url=self.settings.redis_url,
                                  error=str(e), attempt=attempt)
-                delay = min(5.0, 0.2 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
                 try:
-                    await asyncio.wait_for(self.stop_event.wait(), delay)
-                except asyncio.TimeoutError:
+                    await asyncio.wait_for(self.stop_event.wait(), backoff_s(attempt))
+                except TimeoutError:
                     pass
         return False
 
@@ -174,7 +179,7 @@ class Daemon:
         try:
             await asyncio.wait_for(self._drain(), self.settings.shutdown_timeout_s)
             _log.info("daemon_drained")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _log.warning("shutdown_timeout_cancelling", timeout_s=self.settings.shutdown_timeout_s)
         for task in self._all_tasks():
             if not task.done():
@@ -214,7 +219,7 @@ class Daemon:
     async def redis_ok(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), 1.0))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             return False
 
     def pipelines(self) -> list[dict[str, Any]]:

@@ -68,9 +68,9 @@ class ModelManager:
 
     def loaded(self) -> list[dict]:
         return [
-            {"model": mid, "device": dev, "loaded_at": l.loaded_at, "last_used": l.last_used,
-             "uses": l.uses}
-            for (mid, dev), l in self._loaded.items()
+            {"model": mid, "device": dev, "loaded_at": entry.loaded_at,
+             "last_used": entry.last_used, "uses": entry.uses}
+            for (mid, dev), entry in self._loaded.items()
         ]
 
     def unload_all(self) -> None:

@@ -45,7 +45,7 @@ async def collect_batch(
                 break
             try:
                 item = await get_within(queue, remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         if item is STOP:
             return items, True

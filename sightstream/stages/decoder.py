@@ -19,7 +19,7 @@ from PIL import Image
 
 from sightstream import keys
 from sightstream.errors import FrameError
-from sightstream.frames import PIX_FMTS, Acked, DeadLettered, Frame, is_stale
+from sightstream.frames import PIX_FMTS, Acked, DeadLettered, is_stale
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any, Final
 
 
@@ -72,3 +73,14 @@ def drain_nowait(queue: asyncio.Queue, first: Any, most: int) -> tuple[list[Any]
             return items, True
         items.append(item)
     return items, False
+
+
+def backoff_s(failures: int, cap: float = 5.0) -> float:
+    """Exponential back-off with jitter: 0.1 s doubling per failure up to `cap`, times 0.5-1,
+    so daemons that lost Redis together do not come back in step."""
+    return min(cap, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+
+
+def worth_logging(failures: int) -> bool:
+    """Log the first failure of a run and every 30th after it: no log flood while Redis is down."""
+    return failures == 1 or failures % 30 == 0

@@ -10,15 +10,21 @@ succeeds or shutdown gives up, in which case the frames stay pending for another
 from __future__ import annotations
 
 import asyncio
-import random
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sightstream import keys, log
-from sightstream.frames import Acked, DeadLettered, Outcome, Published, deadletter_fields, now_ms
+from sightstream.frames import (
+    Acked,
+    DeadLettered,
+    Outcome,
+    Published,
+    deadletter_fields,
+    now_ms,
+)
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import STOP, drain_nowait
+from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 _log = log.get(__name__)
 
@@ -64,10 +70,10 @@ class Publisher:
             except RedisError as e:
                 failures += 1
                 self._metrics.redis_errors.labels("publish").inc()
-                if failures == 1 or failures % 30 == 0:
+                if worth_logging(failures):
                     _log.warning("publish_failed_retrying", frames=len(outcomes), error=str(e),
                                  failures=failures)
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1))
+                await asyncio.sleep(backoff_s(failures))
         for outcome, acked in zip(outcomes, replies):
             self._account(outcome, bool(acked))
             outcome.frame.release()

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-import random
+import builtins
 import time
 
 from redis.asyncio import Redis
@@ -22,7 +22,7 @@ from sightstream.errors import FrameError
 from sightstream.frames import DeadLettered, Frame, entry_ms
 from sightstream.metrics import Metrics
 from sightstream.redis_conn import BLOCK_MS
-from sightstream.stages.flow import STOP, Credits
+from sightstream.stages.flow import STOP, Credits, backoff_s, worth_logging
 
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
@@ -173,14 +173,13 @@ class RedisIngest:
 
     async def _backoff(self, event: str, error: Exception) -> None:
         self._failures += 1
-        if self._failures == 1 or self._failures % 30 == 0:  # no log flood while Redis is down
+        if worth_logging(self._failures):
             _log.warning(event, pipeline=self._p.name, error=str(error), failures=self._failures)
         self._metrics.redis_errors.labels("read").inc()
-        delay = min(5.0, 0.1 * 2 ** min(self._failures, 6)) * random.uniform(0.5, 1.0)
-        await self._sleep(delay)
+        await self._sleep(backoff_s(self._failures))
 
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except builtins.TimeoutError:
             pass

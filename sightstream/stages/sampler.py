@@ -14,17 +14,19 @@ import math
 from collections import OrderedDict
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from sightstream import keys
+from sightstream import keys, log
 from sightstream.frames import Acked, Frame
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import STOP, drain_nowait
+from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 # Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner).
 CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 """
+_log = log.get(__name__)
 MIN_TTL_MS = 120_000
 MEMORY = 4096  # decided buckets remembered locally
 
@@ -69,18 +71,31 @@ class Sampler:
             if winner is None:
                 ask.append(i)
         if ask:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for i in ask:
-                    f = frames[i]
-                    key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
-                    await self._claim(keys=[key], args=[f.frame_id, self._ttl_ms], client=pipe)
-                replies = await pipe.execute()
+            replies = await self._claim_all([frames[i] for i in ask])
             for i, winner in zip(ask, replies):
                 f = frames[i]
                 winner_id = winner.decode()
                 verdict[i] = winner_id == f.frame_id
                 self._remember((f.source, bucket_of(f.ts_ms, self._fps)), winner_id)
         return [bool(v) for v in verdict]
+
+    async def _claim_all(self, frames: list[Frame]) -> list:
+        """One pipelined round of claims, retried while Redis is unreachable (claims are
+        idempotent: a frame that already won wins again)."""
+        failures = 0
+        while True:
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for f in frames:
+                        key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
+                        await self._claim(keys=[key], args=[f.frame_id, self._ttl_ms], client=pipe)
+                    return await pipe.execute()
+            except (RedisError, OSError) as e:
+                failures += 1
+                self._metrics.redis_errors.labels("sample").inc()
+                if worth_logging(failures):
+                    _log.warning("sampler_redis_error_retrying", error=str(e), failures=failures)
+                await asyncio.sleep(backoff_s(failures))
 
     def _remember(self, bucket: tuple[str, int], frame_id: str) -> None:
         self._decided[bucket] = frame_id

@@ -15,7 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from sightstream import keys, log
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import (
-    Acked, Batch, DeadLettered, Frame, Outcome, Prediction, Published, is_stale, result_fields,
+    Acked,
+    Batch,
+    DeadLettered,
+    Frame,
+    Outcome,
+    Prediction,
+    Published,
+    is_stale,
+    result_fields,
     scale_detections,
 )
 from sightstream.metrics import Metrics

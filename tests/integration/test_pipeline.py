@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 async def test_every_frame_gets_one_result_with_every_contract_field(redis_url, sync_redis, tmp_path, gradient):
     jpeg = encode(gradient)
     ids = {"frames:{cam1}": [], "frames:{cam2}": []}
-    for i in range(20):
+    for _ in range(20):
         ids["frames:{cam1}"].append(sync_redis.xadd("frames:{cam1}", {"image": jpeg}).decode())
     for i in range(10):
         fields = {"image": jpeg, "ts": str(1_700_000_000_000 + i), "meta": json.dumps({"n": i})}
@@ -117,7 +117,7 @@ BAD_FRAMES = [
 async def test_bad_frames_are_dead_lettered_and_good_ones_still_flow(redis_url, sync_redis, tmp_path, gradient, astronaut):
     jpeg = encode(astronaut)
     sent = {}
-    for name, fields, reason in BAD_FRAMES:
+    for _name, fields, reason in BAD_FRAMES:
         if fields.get("image", 1) is None:
             fields = {"image": jpeg[: len(jpeg) // 2]}
         sent[sync_redis.xadd("frames:{bad}", fields).decode()] = reason

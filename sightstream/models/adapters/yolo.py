@@ -17,7 +17,12 @@ import numpy as np
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
-from sightstream.models.adapters.onnx_common import batched_nms, letterbox, make_session, run_batched
+from sightstream.models.adapters.onnx_common import (
+    batched_nms,
+    letterbox,
+    make_session,
+    run_batched,
+)
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
