@@ -93,7 +93,8 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
     adapter.infer([decode_image(frames[0], 10**9)[0]], None)
     started = time.perf_counter()
     for _ in range(n):
-        ((_, [(entry_id, fields)]),) = client.xreadgroup("naive", "c", {key: ">"}, count=1)
+        reply: Any = client.xreadgroup("naive", "c", {key: ">"}, count=1)
+        ((_, [(entry_id, fields)]),) = reply
         image = np.asarray(Image.open(io.BytesIO(fields[b"image"])).convert("RGB"))
         (pred,) = adapter.infer([image], None)
         client.xadd("results:naive", {"frame_id": entry_id, "result": json.dumps(pred.result)})
@@ -142,7 +143,8 @@ async def daemon_figures(
             client.xadd(STREAM, {"image": frames[i % len(frames)], "ts": str(time.time_ns() // 1_000_000)})
         while client.xlen(results) < before + m:
             await asyncio.sleep(0.01)
-        latencies = sorted(int(f[b"latency_ms"]) for _, f in client.xrange(results)[before:])
+        published: Any = client.xrange(results)
+        latencies = sorted(int(f[b"latency_ms"]) for _, f in published[before:])
     finally:
         await daemon.stop()
         client.close()

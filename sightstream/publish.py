@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -93,7 +94,7 @@ def publish(
                     wait = started + sent / rate - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
-                fields = {
+                fields: dict[Any, Any] = {  # redis-py wants its own key and value types
                     "image": encode_jpeg(rgb, quality),
                     "ts": str(time.time_ns() // 1_000_000),
                     "meta": json.dumps({"index": sent, **origin}),

@@ -75,7 +75,8 @@ def tail(
         info = client.xinfo_stream(name) if client.exists(name) else None
         return info["last-generated-id"].decode() if info else "0"
 
-    cursors: dict[str, str] = {} if is_glob else {key: first_id(key, True)}
+    # dict[Any, Any]: redis-py wants its own key types
+    cursors: dict[Any, Any] = {} if is_glob else {key: first_id(key, True)}
     printed, last_new, last_scan, scans = 0, time.monotonic(), 0.0, 0
     try:
         while True:
@@ -88,7 +89,7 @@ def tail(
             if not cursors:
                 time.sleep(0.5)
             else:
-                reply = client.xread(cursors, block=1000, count=100)
+                reply: Any = client.xread(cursors, block=1000, count=100)
                 for stream, entries in reply or ():
                     name = stream.decode()
                     for entry_id, fields in entries:

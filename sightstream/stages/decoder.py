@@ -93,7 +93,7 @@ def decode_raw(fields: dict[bytes, bytes], max_pixels: int) -> tuple[np.ndarray,
             "bad_raw",
             f"`raw` has {len(raw)} bytes; {width}x{height} {pix_fmt} needs {width * height * channels}",
         )
-    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, channels)
+    pixels: np.ndarray = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, channels)
     if pix_fmt == "gray8":
         pixels = np.repeat(pixels, 3, axis=2)
     elif pix_fmt == "bgr24":

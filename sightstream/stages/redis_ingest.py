@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
@@ -126,7 +127,7 @@ class RedisIngest:
         if self._pending:
             # Our own pending entries first (left by a previous run under this consumer name).
             stream = next(iter(self._pending))
-            reply = await self._client.xreadgroup(
+            reply: Any = await self._client.xreadgroup(
                 self._group, self._consumer, {stream: self._cursor.get(stream, "0")}, count=room
             )
             entries = reply[0][1] if reply else []
@@ -143,7 +144,7 @@ class RedisIngest:
         self._rotation += n
         reply = await self._reader.xreadgroup(
             self._group, self._consumer, {s: ">" for s in chosen}, count=room // n, block=BLOCK_MS
-        )
+        )  # redis-py types replies loosely: a list of (stream, [(id, fields)]) at run time
         queued = 0
         for stream, entries in reply or ():
             queued += await self._queue(stream.decode(), entries, redelivered=False)
@@ -156,14 +157,15 @@ class RedisIngest:
             entry_id = raw_id.decode()
             queued += 1
             self._metrics.frames_in.labels(self._p.name).inc()
-            kw = dict(received=loop.time(), release=self._credits.one())
+            received, release = loop.time(), self._credits.one()
             try:
                 frame = Frame.from_entry(
                     self._p.name, stream, entry_id, fields or {},
-                    deliveries=2 if redelivered else 1, **kw,
+                    deliveries=2 if redelivered else 1, received=received, release=release,
                 )
             except FrameError as e:
-                frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id), **kw)
+                frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
+                              received=received, release=release)
                 await self._outcomes.put(
                     DeadLettered(frame, keys.deadletter_stream(self._p.name, stream), e.reason, str(e))
                 )

@@ -95,7 +95,7 @@ class Worker:
         return outcomes
 
     async def _infer(self, adapter: Adapter, batch: Batch, frames: list[Frame]) -> list[Prediction]:
-        images = [f.image for f in frames]
+        images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         started = time.perf_counter()
         predictions = await asyncio.get_running_loop().run_in_executor(
             self.executor, adapter.infer, images, None

@@ -48,7 +48,7 @@ def letterbox(
     scale = min(w / iw, h / ih)
     nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
     if (nw, nh) != (iw, ih):
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
     canvas = np.full((h, w, 3), pad, dtype=np.uint8)
     dx, dy = ((w - nw) // 2, (h - nh) // 2) if center else (0, 0)
     canvas[dy : dy + nh, dx : dx + nw] = image
