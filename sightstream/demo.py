@@ -89,9 +89,16 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
 
 def _show(line: str, rows: list[dict], say: Callable[[str], None]) -> None:
     entry = json.loads(line)
+    entry["_seen"] = time.monotonic()
     rows.append(entry)
     meta = json.loads(entry.get("meta", "{}"))
     say(f"  frame {meta.get('index', '?'):>3}  {summarize(entry)}")
+    if len(rows) % 10 == 0:  # a running rate, over the last ten results
+        window = rows[-10:]
+        span = window[-1]["_seen"] - window[0]["_seen"]
+        rate = f"{9 / span:.1f} results/s" if span > 0 else "-"
+        latencies = sorted(int(r["latency_ms"]) for r in window)
+        say(f"  -- {len(rows)} results so far, {rate}, median latency {latencies[4]} ms")
 
 
 def _summary(sent: int, rows: list[dict], dead: int, elapsed: float, say: Callable[[str], None]) -> None:
