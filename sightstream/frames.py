@@ -46,10 +46,16 @@ class Frame:
     def from_entry(
         cls, pipeline: str, source: str, entry_id: str, fields: dict[bytes, bytes], **kw: Any
     ) -> Frame:
-        """Build a Frame; raises FrameError for fields the contract forbids (dead-letter them).
+        """Build a Frame; raises FrameError for fields the contract forbids (dead-letter them)."""
+        frame = cls(pipeline, source, entry_id, fields, entry_ms(entry_id), **kw)
+        frame.parse_fields()
+        return frame
+
+    def parse_fields(self) -> None:
+        """Check the entry's fields and take `ts` and `meta` from them. Raises FrameError.
 
         The image itself is checked later, by the decoder, off the event loop."""
-        frame = cls(pipeline, source, entry_id, fields, entry_ms(entry_id), **kw)
+        fields = self.fields
         if not fields:
             raise FrameError("empty_entry", "the entry has no fields (trimmed or deleted)")
         if b"image" not in fields and b"raw" not in fields:
@@ -57,7 +63,7 @@ class Frame:
         ts = fields.get(b"ts")
         if ts is not None:
             try:
-                frame.ts_ms = int(ts)
+                self.ts_ms = int(ts)
             except ValueError:
                 raise FrameError(
                     "bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}"
@@ -70,8 +76,7 @@ class Frame:
                 ok = False
             if not ok:
                 raise FrameError("bad_fields", "`meta` must be a JSON object")
-            frame.meta = meta
-        return frame
+            self.meta = meta
 
 
 @dataclass(slots=True)
@@ -96,6 +101,9 @@ class DeadLettered:
     stream: str
     reason: str
     error: str
+    # False for entries Redis already dropped from the pending list (deleted entries that
+    # Redis 7's XAUTOCLAIM reports): there is nothing to acknowledge, only a record to write.
+    pending: bool = True
 
 
 @dataclass(slots=True)

@@ -55,6 +55,23 @@ class Metrics:
             "sightstream_e2e_latency_seconds", "From a frame's capture ts to its result's publication",
             ["pipeline"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.frames_reclaimed = Counter(
+            "sightstream_frames_reclaimed", "Pending frames taken over from idle consumers",
+            ["pipeline"], registry=r,
+        )
+        self.heartbeats = Counter(
+            "sightstream_heartbeat_claims", "In-flight frames whose idle time was reset (XCLAIM JUSTID)",
+            ["pipeline"], registry=r,
+        )
+        self.model_retries = Counter(
+            "sightstream_model_retries", "Batches retried after a model failure (split or abandoned)",
+            ["pipeline", "reason"], registry=r,
+        )
+        self.frames_abandoned = Counter(
+            "sightstream_frames_abandoned",
+            "Frames of stuck batches left pending for a retry (inference_timeout_s)",
+            ["pipeline"], registry=r,
+        )
         self.redis_errors = Counter(
             "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
         )

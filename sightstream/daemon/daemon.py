@@ -1,13 +1,16 @@
 """The daemon: one linear build of the stages, started together, torn down in reverse.
 
-    RedisIngest ─► [Sampler] ─► Decoder ─► Batcher ─┐   (one chain per pipeline)
-                                                    ├─► batches ─► Worker[device] ─┐
-                                                    ┘                              ├─► Publisher
-    (bad entries, skipped and stale frames go straight to the publisher) ──────────┘
+    RedisIngest ─┐
+                 ├─► [Sampler] ─► Decoder ─► Batcher ─┐   (one chain per pipeline)
+    Reclaimer  ──┘                                    ├─► batches ─► Worker[device] ─┐
+                                                      ┘                              ├─► Publisher
+    (bad entries, skipped and stale frames go straight to the publisher) ────────────┘
+    Heartbeat: re-claims the frames in flight so a slow daemon's work is not taken over.
 
-Shutdown: ingest stops reading; the STOP sentinel flows down each chain; when every batcher
-has ended the workers get STOP, then the publisher, so every frame already read is either
-published or left pending in Redis for another daemon. Bounded by `shutdown_timeout_s`.
+Shutdown: the readers stop reading; once both readers of a pipeline have ended, STOP flows
+down its chain; when every batcher has ended the workers get STOP, then the publisher. Every
+frame already read is published, or stays pending in Redis for another daemon. Bounded by
+`shutdown_timeout_s`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -31,13 +35,36 @@ from sightstream.models.manager import ModelManager
 from sightstream.redis_conn import make_client
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
-from sightstream.stages.flow import STOP, Credits, backoff_s, worth_logging
+from sightstream.stages.flow import STOP, InFlight, backoff_s, worth_logging
+from sightstream.stages.heartbeat import Heartbeat
+from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
+from sightstream.stages.reclaimer import Reclaimer
 from sightstream.stages.redis_ingest import RedisIngest
 from sightstream.stages.sampler import Sampler
 from sightstream.stages.worker import Worker
 
 _log = log.get(__name__)
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline's moving parts: its readers, the chain after them, and their tasks."""
+
+    settings: PipelineSettings
+    in_flight: InFlight
+    read_q: asyncio.Queue
+    ingest: RedisIngest
+    reclaimer: Reclaimer
+    chain: list[Any]  # [Sampler], Decoder, Batcher
+    source_tasks: list[asyncio.Task] = field(default_factory=list)
+    chain_tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def drain(self) -> None:
+        """Wait for both readers to stop, then let STOP flow down the chain."""
+        await asyncio.gather(*self.source_tasks)
+        await self.read_q.put(STOP)
+        await asyncio.gather(*self.chain_tasks)
 
 
 class Daemon:
@@ -55,15 +82,12 @@ class Daemon:
         self._check_models()
         self.client = make_client(settings.redis_url)
         self.reader = make_client(settings.redis_url, blocking_reads=True)
-        self.ingests: dict[str, RedisIngest] = {}
-        self.credits: dict[str, Credits] = {}
+        self.runs: dict[str, PipelineRun] = {}
         self.workers: list[Worker] = []
         self.publisher: Publisher | None = None
-        self._chains: list[asyncio.Task] = []
-        self._batchers: list[asyncio.Task] = []
         self._worker_tasks: list[asyncio.Task] = []
+        self._service_tasks: list[asyncio.Task] = []  # lease, heartbeat
         self._publisher_task: asyncio.Task | None = None
-        self._lease_task: asyncio.Task | None = None
         self._lease: ConsumerLease | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self._closed = False
@@ -81,33 +105,39 @@ class Daemon:
             return  # stopped before Redis ever answered
         self._lease = ConsumerLease(self.client, self.settings.consumer_slots, self._host)
         self.consumer = await self._lease.acquire()
-        self._lease_task = asyncio.create_task(self._lease.keep(self.stop_event), name="lease")
         threads = self.settings.decode.threads or (os.cpu_count() or 2)
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
-        outcomes: asyncio.Queue = asyncio.Queue(1024)
-        batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
+        self._outcomes: asyncio.Queue = asyncio.Queue(1024)
+        self._batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
         self.publisher = Publisher(
-            self.client, outcomes, self.metrics,
+            self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
         )
         self.workers = [
-            Worker(d, self.manager, batches, outcomes, self.metrics) for d in self.devices
+            Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
+                   self.settings.inference_timeout_s)
+            for d in self.devices
         ]
-        self._batches, self._outcomes = batches, outcomes
-        stages: list[Any] = []
         for p in self.settings.pipelines:
-            stages += self._build_chain(p, batches, outcomes, threads)
+            self.runs[p.name] = self._build(p, threads)
         # Join the groups before reporting ready, so producers' first frames are already ours.
-        for ingest in self.ingests.values():
+        for run in self.runs.values():
             try:
-                await ingest.discover()
+                await run.ingest.discover()
             except (RedisError, OSError) as e:  # the ingest loop retries
                 _log.warning("first_discovery_failed", error=str(e))
-        for stage in stages:
-            task = asyncio.create_task(stage.run(), name=type(stage).__name__)
-            (self._batchers if isinstance(stage, Batcher) else self._chains).append(task)
-
+        for run in self.runs.values():
+            run.source_tasks = [asyncio.create_task(s.run(), name=type(s).__name__)
+                                for s in (run.ingest, run.reclaimer)]
+            run.chain_tasks = [asyncio.create_task(s.run(), name=type(s).__name__) for s in run.chain]
+        heartbeat = Heartbeat(self.client, self.consumer,
+                              {name: run.in_flight for name, run in self.runs.items()},
+                              self.metrics, self.stop_event, self.settings.reclaim_min_idle_ms)
+        self._service_tasks = [
+            asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
+            asyncio.create_task(heartbeat.run(), name="heartbeat"),
+        ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         self._worker_tasks = [
             asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers
@@ -116,34 +146,32 @@ class Daemon:
         _log.info("daemon_started", consumer=self.consumer, devices=self.devices,
                   pipelines=[p.name for p in self.settings.pipelines])
 
-    def _build_chain(
-        self, p: PipelineSettings, batches: asyncio.Queue, outcomes: asyncio.Queue, threads: int
-    ) -> list[Any]:
+    def _build(self, p: PipelineSettings, threads: int) -> PipelineRun:
         """One pipeline's stages, in flow order; started by the caller."""
         size = p.max_in_flight
-        credits = self.credits[p.name] = Credits(size)
+        in_flight = InFlight(size)
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
-        exclude = [keys.output_glob(q.output, q.name) for q in self.settings.pipelines]
-        ingest = self.ingests[p.name] = RedisIngest(
-            p, self.client, self.reader, self.consumer, read_q, outcomes, credits, self.metrics,
-            self.stop_event, exclude, self._discover_s,
+        admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics)
+        common = (p, self.client, self.consumer, admission, in_flight, self.metrics, self.stop_event)
+        ingest = RedisIngest(
+            *common, reader=self.reader, discover_s=self._discover_s,
+            exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines],
         )
+        reclaimer = Reclaimer(*common, streams=lambda: ingest.streams,
+                              min_idle_ms=self.settings.reclaim_min_idle_ms)
         assert self._decode_pool is not None
-        stages: list[Any] = [ingest]
+        chain: list[Any] = []
         if p.fps > 0:
-            stages.append(Sampler(p.fps, self.client, read_q, decode_q, outcomes, self.metrics))
-        stages.append(
-            Decoder(
-                decode_q, batch_q, outcomes, self._decode_pool, self.metrics,
-                self.settings.decode.max_pixels,
-                self._decode_target(p.model),
-                p.max_age_ms, concurrency=threads,
-            )
+            chain.append(Sampler(p.fps, self.client, read_q, decode_q, self._outcomes, self.metrics))
+        chain.append(
+            Decoder(decode_q, batch_q, self._outcomes, self._decode_pool, self.metrics,
+                    self.settings.decode.max_pixels, self._decode_target(p.model), p.max_age_ms,
+                    concurrency=threads)
         )
-        stages.append(Batcher(p, batch_q, batches, self.metrics))
-        return stages
+        chain.append(Batcher(p, batch_q, self._batches, self.metrics))
+        return PipelineRun(p, in_flight, read_q, ingest, reclaimer, chain)
 
     def _decode_target(self, model: str) -> Callable[[], tuple[int, int] | None]:
         """What size the decoder may scale large JPEGs down to: the model's input, if fixed."""
@@ -197,7 +225,7 @@ class Daemon:
         await self.reader.aclose(close_connection_pool=True)
 
     async def _drain(self) -> None:
-        await asyncio.gather(*self._chains, *self._batchers)
+        await asyncio.gather(*(run.drain() for run in self.runs.values()))
         if self._worker_tasks:
             await self._batches.put(STOP)
             await asyncio.gather(*self._worker_tasks)
@@ -206,8 +234,9 @@ class Daemon:
             await self._publisher_task
 
     def _all_tasks(self) -> list[asyncio.Task]:
-        extra = [t for t in (self._publisher_task, self._lease_task) if t]
-        return [*self._chains, *self._batchers, *self._worker_tasks, *extra]
+        tasks = [t for run in self.runs.values() for t in (*run.source_tasks, *run.chain_tasks)]
+        tasks += self._worker_tasks + self._service_tasks
+        return tasks + ([self._publisher_task] if self._publisher_task else [])
 
     def failed(self) -> BaseException | None:
         """An exception that ended a stage early (a bug): the service exits rather than idle."""
@@ -223,9 +252,13 @@ class Daemon:
             return False
 
     def pipelines(self) -> list[dict[str, Any]]:
-        return [
-            {"name": p.name, "model": p.model, "fps": p.fps, "input": p.input,
-             "streams": list(self.ingests[p.name].streams) if p.name in self.ingests else [],
-             "in_flight": self.credits[p.name].in_flight if p.name in self.credits else 0}
-            for p in self.settings.pipelines
-        ]
+        out = []
+        for p in self.settings.pipelines:
+            run = self.runs.get(p.name)
+            out.append({
+                "name": p.name, "model": p.model, "fps": p.fps, "input": p.input,
+                "streams": list(run.ingest.streams) if run else [],
+                "in_flight": run.in_flight.in_flight if run else 0,
+                "reclaimed": run.reclaimer.reclaimed if run else 0,
+            })
+        return out

@@ -46,6 +46,8 @@ class Entry:
             if not inner:
                 return self.path
             return str(Path(spec.submodule_search_locations[0]) / inner)
+        if not self.path and ":" in self.adapter:
+            return ""  # a plugin adapter that needs no weights file
         if not self.path:
             raise ModelNotAvailable(
                 f"model {self.id} has no weights: set [models.{self.family}.{self.variant}] path = "

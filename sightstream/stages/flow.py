@@ -1,10 +1,12 @@
-"""What every stage shares: the STOP sentinel, in-flight credits, and queue helpers."""
+"""What every stage shares: the STOP sentinel, the in-flight registry, queue and back-off helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 from typing import Any, Final
+
+from sightstream.frames import Frame
 
 
 class _Stop:
@@ -15,19 +17,23 @@ class _Stop:
 STOP: Final = _Stop()
 
 
-class Credits:
-    """Bounds the frames a pipeline holds in memory, from read to acknowledgement.
+class InFlight:
+    """The frames a pipeline holds, from read to acknowledgement, bounded by `capacity`.
 
-    Ingest takes credits before it reads (so it reads only what there is room for: backlog
-    waits in Redis, never here); each frame gives its credit back once acknowledged."""
+    Readers reserve room before they read (so they read only what there is room for: backlog
+    waits in Redis, never here), then `hold` each frame they queue; a frame's `release()`
+    (called once it is acknowledged, or abandoned to be retried) frees its place. The registry
+    also tells the heartbeat which entries this daemon is still working on."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._free = capacity
         self._room = asyncio.Event()
         self._room.set()
+        self._frames: dict[tuple[str, str], Frame] = {}
 
     async def take(self, most: int) -> int:
+        """Reserve room for up to `most` frames, waiting until there is room for one."""
         while self._free <= 0:
             self._room.clear()
             await self._room.wait()
@@ -36,28 +42,46 @@ class Credits:
         return n
 
     def give(self, n: int = 1) -> None:
+        """Return reserved room that was not used."""
         self._free += n
         self._room.set()
+
+    def hold(self, frame: Frame) -> bool:
+        """Track a frame in one reserved place; its release() gives the place back once.
+        False (and nothing held) when this entry is already in flight here: skip the copy."""
+        key = (frame.source, frame.frame_id)
+        if key in self._frames:
+            return False
+        self._frames[key] = frame
+        frame.release = _Release(self, key)
+        return True
+
+    def _release(self, key: tuple[str, str]) -> None:
+        if self._frames.pop(key, None) is not None:
+            self.give()
+
+    def holds(self, source: str, frame_id: str) -> bool:
+        return (source, frame_id) in self._frames
+
+    def frames(self) -> list[Frame]:
+        return list(self._frames.values())
 
     @property
     def in_flight(self) -> int:
         return self.capacity - self._free
 
-    def one(self) -> _OneCredit:
-        """A release handle for one frame's credit; calling it twice gives back one credit."""
-        return _OneCredit(self)
 
+class _Release:
+    __slots__ = ("_in_flight", "_key")
 
-class _OneCredit:
-    __slots__ = ("_credits",)
-
-    def __init__(self, credits: Credits) -> None:
-        self._credits: Credits | None = credits
+    def __init__(self, in_flight: InFlight, key: tuple[str, str]) -> None:
+        self._in_flight: InFlight | None = in_flight
+        self._key = key
 
     def __call__(self) -> None:
-        if self._credits is not None:
-            credits, self._credits = self._credits, None
-            credits.give()
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight._release(self._key)
 
 
 def drain_nowait(queue: asyncio.Queue, first: Any, most: int) -> tuple[list[Any], bool]:

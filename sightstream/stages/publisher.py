@@ -10,6 +10,7 @@ succeeds or shutdown gives up, in which case the frames stay pending for another
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -74,8 +75,9 @@ class Publisher:
                     _log.warning("publish_failed_retrying", frames=len(outcomes), error=str(e),
                                  failures=failures)
                 await asyncio.sleep(backoff_s(failures))
-        for outcome, acked in zip(outcomes, replies):
-            self._account(outcome, bool(acked))
+        for outcome, reply in zip(outcomes, replies):
+            # the script answers 1/0 (acknowledged or not); a plain XADD answers the new ID
+            self._account(outcome, bool(reply))
             outcome.frame.release()
 
     async def _round(self, outcomes: list[Outcome]) -> list:
@@ -92,6 +94,11 @@ class Publisher:
                     fields["latency_ms"] = str(max(0, now - f.ts_ms))
                 else:
                     fields = deadletter_fields(f, o.reason, o.error)
+                    if not o.pending:  # nothing left to acknowledge
+                        maxlen = self._maxlen.get(f.pipeline, 0)
+                        record: dict[Any, Any] = dict(fields)  # redis-py wants its own key types
+                        pipe.xadd(o.stream, record, maxlen=maxlen or None, approximate=True)
+                        continue
                 args: list = [group, f.frame_id, self._maxlen.get(f.pipeline, 0)]
                 for name, value in fields.items():
                     args += [name, value]

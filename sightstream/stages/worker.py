@@ -2,8 +2,13 @@
 at a time and the event loop never waits on a model. Idle workers pull from one shared batch
 queue, so the least busy worker takes the next batch.
 
-A batch whose model call fails is retried frame by frame, so one bad frame does not sink its
-batch-mates; frames that still fail are dead-lettered with reason `model_error`.
+When a model call fails:
+- out of memory: the batch is halved and each half retried (down to single frames);
+- any other error: the batch is retried frame by frame, so one bad frame does not sink its
+  batch-mates; a frame that still fails is dead-lettered (`model_error`);
+- stuck past `inference_timeout_s`: the batch is abandoned, its frames left pending in Redis
+  (another daemon, or this one, reclaims them after `reclaim_min_idle_ms`), and the worker
+  gets a fresh executor thread (a thread stuck inside a model cannot be killed).
 """
 
 from __future__ import annotations
@@ -32,20 +37,34 @@ from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import STOP
 
 _log = log.get(__name__)
+OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cuda_error_out_of_memory")
+
+
+class InferenceTimeout(Exception):
+    pass
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or any(m in str(error).lower() for m in OOM_MARKERS)
 
 
 class Worker:
     def __init__(
         self, device: str, manager: ModelManager, inq: asyncio.Queue, outcomes: asyncio.Queue,
-        metrics: Metrics,
+        metrics: Metrics, timeout_s: float = 60.0,
     ) -> None:
         self.device = device
         self._manager = manager
         self._in, self._outcomes = inq, outcomes
         self._metrics = metrics
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{device}")
+        self._timeout_s = timeout_s
+        self.executor = self._new_executor()
         self.busy = False
         self.batches = 0
+        self.replaced = 0
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.device}")
 
     async def run(self) -> None:
         while (batch := await self._in.get()) is not STOP:
@@ -73,33 +92,55 @@ class Worker:
         except ModelError as e:
             _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
             return outcomes + [self._dead(f, "model_error", str(e)) for f in frames]
-        task = adapter.task
         try:
-            predictions = await self._infer(adapter, batch, frames)
-            pairs = list(zip(frames, predictions))
-        except Exception as e:  # a model's failure: retry each frame on its own
-            _log.warning("batch_failed_retrying_each", pipeline=batch.pipeline, size=len(frames),
-                         error=repr(e))
-            pairs = []
-            for frame in frames:
-                try:
-                    pairs.append((frame, (await self._infer(adapter, batch, [frame]))[0]))
-                except Exception as one:
-                    outcomes.append(self._dead(frame, "model_error", f"the model failed: {one!r}"))
-        for frame, prediction in pairs:
-            _to_original_pixels(frame, prediction)
-            fields = result_fields(frame, model=batch.model, task=task, prediction=prediction)
+            results = await self._resilient(adapter, batch, frames)
+        except InferenceTimeout:
+            self._abandon(batch, frames)
+            return outcomes
+        for frame, result in results:
+            if isinstance(result, BaseException):
+                outcomes.append(self._dead(frame, "model_error", f"the model failed: {result!r}"))
+                continue
+            _to_original_pixels(frame, result)
+            fields = result_fields(frame, model=batch.model, task=adapter.task, prediction=result)
             outcomes.append(
                 Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields)
             )
         return outcomes
 
+    async def _resilient(
+        self, adapter: Adapter, batch: Batch, frames: list[Frame]
+    ) -> list[tuple[Frame, Prediction | BaseException]]:
+        """Infer, splitting on failure; each frame ends with a prediction or its own error."""
+        try:
+            return list(zip(frames, await self._infer(adapter, batch, frames)))
+        except InferenceTimeout:
+            raise
+        except Exception as e:
+            if len(frames) == 1:
+                return [(frames[0], e)]
+            reason = "oom" if is_oom(e) else "model_error"
+            self._metrics.model_retries.labels(batch.pipeline, reason).inc()
+            _log.warning("batch_failed_retrying", pipeline=batch.pipeline, size=len(frames),
+                         reason=reason, error=repr(e))
+            if reason == "oom":
+                half = len(frames) // 2
+                parts = [frames[:half], frames[half:]]
+            else:
+                parts = [[f] for f in frames]
+            out: list[tuple[Frame, Prediction | BaseException]] = []
+            for part in parts:
+                out += await self._resilient(adapter, batch, part)
+            return out
+
     async def _infer(self, adapter: Adapter, batch: Batch, frames: list[Frame]) -> list[Prediction]:
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         started = time.perf_counter()
-        predictions = await asyncio.get_running_loop().run_in_executor(
-            self.executor, adapter.infer, images, None
-        )
+        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, images, None)
+        try:
+            predictions = await asyncio.wait_for(call, self._timeout_s)
+        except TimeoutError:
+            raise InferenceTimeout from None
         self._metrics.inference_seconds.labels(batch.pipeline, batch.model, self.device).observe(
             time.perf_counter() - started
         )
@@ -108,6 +149,18 @@ class Worker:
                 f"{batch.model} returned {len(predictions)} results for {len(images)} images"
             )
         return predictions
+
+    def _abandon(self, batch: Batch, frames: list[Frame]) -> None:
+        """Leave a stuck batch's frames pending in Redis for a retry, and replace the thread."""
+        _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
+                   device=self.device, frames=len(frames), timeout_s=self._timeout_s)
+        self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
+        self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
+        for frame in frames:
+            frame.release()  # no ack: still pending in Redis, reclaimed once idle
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._new_executor()
+        self.replaced += 1
 
     @staticmethod
     def _dead(frame: Frame, reason: str, error: str) -> DeadLettered:

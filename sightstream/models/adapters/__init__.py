@@ -1,9 +1,14 @@
-"""Adapters by name. Imported lazily so `sightstream --help` never imports a framework."""
+"""Adapters by name. Imported lazily so `sightstream --help` never imports a framework.
+
+An entry's `adapter` is a built-in name, or a plugin of the user's own as "package.module:Class"
+(any importable class implementing the Adapter protocol)."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from sightstream.errors import ModelError
 
 # adapter name -> "module:Class" under sightstream.models.adapters
 ADAPTERS = {
@@ -18,5 +23,16 @@ DEFAULT_ADAPTER = {
 
 
 def adapter_class(name: str) -> Any:
-    module, cls = ADAPTERS[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    if name in ADAPTERS:
+        module, cls = ADAPTERS[name].split(":")
+        module = f"{__name__}.{module}"
+    elif ":" in name:
+        module, cls = name.split(":", 1)
+    else:
+        raise ModelError(
+            f"unknown adapter {name!r}: use one of {', '.join(ADAPTERS)} or a plugin as 'module:Class'"
+        )
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"cannot import adapter {name!r}: {e}") from None

@@ -1,0 +1,66 @@
+"""Heartbeat: keeps a slow but live daemon's work from being reclaimed by another.
+
+Every third of `reclaim_min_idle_ms`, the frames this daemon holds in flight are re-claimed by
+itself (XCLAIM … JUSTID, which resets their idle time without counting a delivery). Only
+entries idle for at least that third are touched, so an entry another daemon has just taken
+over is never taken back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sightstream import keys, log
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import InFlight, worth_logging
+
+_log = log.get(__name__)
+
+
+class Heartbeat:
+    def __init__(
+        self, client: Redis, consumer: str, in_flight: dict[str, InFlight], metrics: Metrics,
+        stop: asyncio.Event, min_idle_ms: int,
+    ) -> None:
+        self._client = client
+        self._consumer = consumer
+        self._in_flight = in_flight
+        self._metrics = metrics
+        self._stop = stop
+        self._every_ms = max(1, min_idle_ms // 3)
+        self._failures = 0
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self._every_ms / 1000)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.beat()
+                self._failures = 0
+            except (RedisError, OSError) as e:
+                self._failures += 1
+                self._metrics.redis_errors.labels("heartbeat").inc()
+                if worth_logging(self._failures):
+                    _log.warning("heartbeat_failed", error=str(e), failures=self._failures)
+
+    async def beat(self) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            queued = False
+            for pipeline, in_flight in self._in_flight.items():
+                by_stream: dict[str, list[Any]] = defaultdict(list)  # Any: redis-py's ID types
+                for frame in in_flight.frames():
+                    by_stream[frame.source].append(frame.frame_id)
+                for stream, ids in by_stream.items():
+                    pipe.xclaim(stream, keys.group(pipeline), self._consumer, self._every_ms, ids,
+                                justid=True)
+                    self._metrics.heartbeats.labels(pipeline).inc(len(ids))
+                    queued = True
+            if queued:
+                await pipe.execute()

@@ -1,0 +1,164 @@
+"""Admission: raw stream entries become frames for the pipeline, or dead-letter outcomes.
+
+Shared by the two readers: the ingest (new entries, and its own pending ones after a restart)
+and the reclaimer (entries taken over from other consumers). Delivery counts come from
+XPENDING; a frame delivered more than `max_deliveries` times is dead-lettered
+(`max_deliveries`) instead of being tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sightstream import keys, log
+from sightstream.config import PipelineSettings
+from sightstream.errors import FrameError
+from sightstream.frames import DeadLettered, Frame, entry_ms
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import InFlight, backoff_s, worth_logging
+
+_log = log.get(__name__)
+
+
+async def delivery_counts(
+    client: Redis, stream: str, group: str, consumer: str, lo: str, hi: str, count: int
+) -> dict[str, int]:
+    """Times delivered, per entry ID, of this consumer's pending entries in [lo, hi]."""
+    rows: Any = await client.xpending_range(stream, group, lo, hi, count, consumername=consumer)
+    return {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
+
+
+class Admission:
+    def __init__(
+        self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
+        outcomes: asyncio.Queue, metrics: Metrics,
+    ) -> None:
+        self._p = pipeline
+        self._in_flight = in_flight
+        self._out, self._outcomes = out, outcomes
+        self._metrics = metrics
+
+    async def admit(
+        self, stream: str, entries: list, deliveries: dict[str, int] | None = None
+    ) -> int:
+        """Queue each entry as a frame (or an outcome). Uses one reserved in-flight place per
+        entry it keeps; returns how many places it used."""
+        loop = asyncio.get_running_loop()
+        used = 0
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            times = (deliveries or {}).get(entry_id, 1)
+            frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
+                          deliveries=times, received=loop.time())
+            if not self._in_flight.hold(frame):
+                continue  # already being processed here
+            used += 1
+            self._metrics.frames_in.labels(self._p.name).inc()
+            if times > self._p.max_deliveries:
+                await self.dead_letter(frame, "max_deliveries",
+                                       f"delivered {times} times; max_deliveries is {self._p.max_deliveries}")
+                continue
+            try:
+                frame.parse_fields()
+            except FrameError as e:
+                await self.dead_letter(frame, e.reason, str(e))
+                continue
+            await self._out.put(frame)
+        return used
+
+    async def admit_missing(self, stream: str, entry_ids: list[str], deliveries: dict[str, int]) -> int:
+        """Entries pending with us whose content is gone (trimmed or deleted): dead-letter them."""
+        used = 0
+        for entry_id in entry_ids:
+            frame = Frame(self._p.name, stream, entry_id, {}, entry_ms(entry_id),
+                          deliveries=deliveries.get(entry_id, 1))
+            if self._in_flight.hold(frame):
+                used += 1
+                await self.dead_letter(frame, "empty_entry",
+                                       "the entry was trimmed or deleted before it was processed")
+        return used
+
+    async def dead_letter(self, frame: Frame, reason: str, error: str) -> None:
+        await self._outcomes.put(
+            DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error)
+        )
+
+    async def dead_letter_gone(self, frame: Frame) -> None:
+        """A deleted entry Redis has already dropped from the pending list (Redis 7's
+        XAUTOCLAIM reports its ID once, to one claimer): record it, nothing to acknowledge."""
+        await self._outcomes.put(
+            DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source), "empty_entry",
+                         "the entry was trimmed or deleted before it was processed", pending=False)
+        )
+
+
+class StreamReader:
+    """What the two readers of a pipeline's group share: settings, clients, admission, and
+    surviving Redis outages (jittered back-off, throttled logs, groups re-created on NOGROUP)."""
+
+    def __init__(
+        self, pipeline: PipelineSettings, client: Redis, consumer: str, admission: Admission,
+        in_flight: InFlight, metrics: Metrics, stop: asyncio.Event,
+    ) -> None:
+        self._p = pipeline
+        self._client = client
+        self._consumer = consumer
+        self._admission = admission
+        self._in_flight = in_flight
+        self._metrics = metrics
+        self._stop = stop
+        self._group = keys.group(pipeline.name)
+        self._failures = 0
+
+    async def run(self) -> None:
+        """Until stopped: one step at a time, surviving Redis errors. Sources do not forward
+        STOP: the daemon does, once every reader of the pipeline has ended."""
+        while not self._stop.is_set():
+            try:
+                await self.step()
+                self._failures = 0
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                await self._backoff("redis_unreachable", e)
+            except ResponseError as e:
+                if "NOGROUP" in str(e):
+                    _log.warning("group_missing_recreating", pipeline=self._p.name,
+                                 reader=type(self).__name__)
+                    self._metrics.redis_errors.labels("nogroup").inc()
+                    await self.on_nogroup()
+                else:
+                    await self._backoff("redis_error", e)
+
+    async def step(self) -> None:
+        raise NotImplementedError
+
+    async def on_nogroup(self) -> None:
+        """The group vanished (Redis restarted without persistence)."""
+
+    async def ensure_groups(self, streams: list[str]) -> None:
+        for stream in streams:
+            try:
+                await self._client.xgroup_create(stream, self._group, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def _backoff(self, event: str, error: Exception) -> None:
+        self._failures += 1
+        if worth_logging(self._failures):
+            _log.warning(event, pipeline=self._p.name, reader=type(self).__name__,
+                         error=str(error), failures=self._failures)
+        self._metrics.redis_errors.labels(type(self).__name__).inc()
+        await self.sleep(backoff_s(self._failures))
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the daemon stops."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            pass

@@ -1,0 +1,76 @@
+"""Reclaimer: takes over the group's entries that have sat unacknowledged for longer than
+`reclaim_min_idle_ms` (their daemon died, or abandoned a stuck batch), so no frame is lost.
+
+XAUTOCLAIM moves them to this consumer; their delivery counts (XPENDING) decide whether they
+are tried again or dead-lettered (`max_deliveries`). Entries whose content is gone are
+dead-lettered (`empty_entry`). Redis 7 reports those IDs in a third reply element (and has
+already dropped them from the pending list); Redis 6.2 returns them as nil entries that stay
+pending, so their IDs are recovered from XPENDING.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sightstream import log
+from sightstream.frames import Frame, entry_ms
+from sightstream.stages.pending import StreamReader, delivery_counts
+
+_log = log.get(__name__)
+
+
+class Reclaimer(StreamReader):
+    def __init__(self, *args: Any, streams: Callable[[], list[str]], min_idle_ms: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._streams = streams
+        self._min_idle_ms = min_idle_ms
+        self.interval_s = min(5.0, min_idle_ms / 2000)
+        self.reclaimed = 0
+
+    async def step(self) -> None:
+        await self.sleep(self.interval_s)
+        for stream in list(self._streams()):
+            if self._stop.is_set():
+                return
+            await self.reclaim(stream)
+
+    async def reclaim(self, stream: str) -> None:
+        cursor = "0-0"
+        while not self._stop.is_set():
+            room = await self._in_flight.take(self._p.max_in_flight)
+            used = 0
+            try:
+                cursor, used = await self._claim_page(stream, cursor, room)
+            finally:
+                self._in_flight.give(room - used)
+            if cursor in ("0-0", "0"):
+                return
+
+    async def _claim_page(self, stream: str, cursor: str, room: int) -> tuple[str, int]:
+        reply: Any = await self._client.xautoclaim(
+            stream, self._group, self._consumer, self._min_idle_ms, start_id=cursor, count=room
+        )
+        next_cursor = reply[0].decode()
+        claimed = [(i, f) for i, f in reply[1] if i is not None]
+        vanished = len(reply[1]) - len(claimed)  # Redis 6.2: nil entries, still pending with us
+        deleted = [i.decode() for i in reply[2]] if len(reply) > 2 else []  # Redis 7
+        used = 0
+        if claimed or vanished:
+            lo = cursor
+            hi = "+" if next_cursor in ("0-0", "0") else next_cursor
+            counts = await delivery_counts(self._client, stream, self._group, self._consumer,
+                                           lo, hi, room + self._in_flight.capacity)
+            used += await self._admission.admit(stream, claimed, counts)
+            if vanished:
+                known = {i.decode() for i, _ in claimed}
+                missing = [i for i in counts if i not in known and not self._in_flight.holds(stream, i)]
+                used += await self._admission.admit_missing(stream, missing[:vanished], counts)
+            self.reclaimed += len(claimed)
+            self._metrics.frames_reclaimed.labels(self._p.name).inc(len(claimed))
+            _log.info("frames_reclaimed", pipeline=self._p.name, source=stream,
+                      count=len(claimed), vanished=vanished)
+        for entry_id in deleted:  # already out of the pending list: only a record to write
+            frame = Frame(self._p.name, stream, entry_id, {}, entry_ms(entry_id))
+            await self._admission.dead_letter_gone(frame)
+        return next_cursor, used
