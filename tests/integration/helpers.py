@@ -13,26 +13,32 @@ import redis
 
 from sightstream.config import Settings
 from sightstream.daemon.daemon import Daemon
+from tests.fake_adapters import entry as fake_entry
 from tests.tiny_models import constant_yolov8
 
 TINY_ROWS = [[32, 32, 20, 20, 0.1, 0.9]] + [[0, 0, 1, 1, 0.0, 0.0]] * 20
 
 
-def settings_for(redis_url: str, tmp_path: Path, pipelines: list[dict] | None = None, **extra: Any) -> Settings:
-    """Settings with a tiny constant detector `tiny/det` as every pipeline's default model."""
+def settings_for(redis_url: str, tmp_path: Path, pipelines: list[dict] | None = None,
+                 fakes: dict[str, dict] | None = None, **extra: Any) -> Settings:
+    """Settings with a tiny constant detector `tiny/det` as every pipeline's default model, and
+    `fake/<name>` entries of the scripted test adapter (tests/fake_adapters.py)."""
     path = tmp_path / "tiny.onnx"
     if not path.exists():
         constant_yolov8(path, TINY_ROWS, classes=2, size=64, names={0: "cat", 1: "dog"})
     pipelines = pipelines or [{}]
-    return Settings(
-        redis_url=redis_url,
-        devices=["cpu"],
-        reclaim_min_idle_ms=1000,
-        pipelines=[{"name": "people", "model": "tiny/det", **p} for p in pipelines],
-        models={"tiny": {"det": {"backend": "onnx", "task": "detect", "path": str(path)}}},
-        control={"port": 0},
+    models: dict[str, dict] = {"tiny": {"det": {"backend": "onnx", "task": "detect", "path": str(path)}}}
+    if fakes:
+        models["fake"] = {name: fake_entry(**options) for name, options in fakes.items()}
+    return Settings(**{
+        "redis_url": redis_url,
+        "devices": ["cpu"],
+        "reclaim_min_idle_ms": 1000,
+        "pipelines": [{"name": "people", "model": "tiny/det", **p} for p in pipelines],
+        "models": models,
+        "control": {"port": 0},
         **extra,
-    )
+    })
 
 
 @asynccontextmanager

@@ -1,0 +1,63 @@
+"""Test adapters, loaded through the catalogue as plugins (`adapter = "tests.fake_adapters:Scripted"`),
+exactly as a user's own adapter would be. Their options script the faults a test needs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from sightstream.frames import Prediction
+
+POISON = 13  # an image whose top-left red value is this makes its batch fail
+
+
+class Scripted:
+    """Options: `delay_s` (every call sleeps this long), `hang_first_s` (the first call sleeps
+    this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
+    `poison` (true: a batch holding a POISON image fails)."""
+
+    task = "detect"
+    takes_prompt = False
+    input_size = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self.delay_s = float(options.get("delay_s", 0))
+        self.hang_first_s = float(options.get("hang_first_s", 0))
+        self.oom_above = int(options.get("oom_above", 0))
+        self.poison = bool(options.get("poison", False))
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def load(self, device: str) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def infer(self, images: list[np.ndarray], prompt: object = None) -> list[Prediction]:
+        with self._lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first and self.hang_first_s:
+            time.sleep(self.hang_first_s)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.oom_above and len(images) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        if self.poison and any(int(img[0, 0, 0]) == POISON for img in images):
+            raise ValueError("this frame breaks the model (simulated)")
+        self.batch_sizes.append(len(images))
+        return [
+            Prediction({"width": img.shape[1], "height": img.shape[0], "detections": [],
+                        "batch": len(images)})
+            for img in images
+        ]
+
+
+def entry(**options: Any) -> dict[str, Any]:
+    """A `[models.fake.<variant>]` entry for this adapter."""
+    return {"backend": "torch", "task": "detect", "adapter": "tests.fake_adapters:Scripted", **options}

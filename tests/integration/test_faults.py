@@ -1,0 +1,146 @@
+"""Faults caused for real, in-process, against the suite's redis-server: model failures,
+stuck models, poison frames, dead consumers' pending entries, slow live daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sightstream.control.app import make_app
+from tests.conftest import encode
+from tests.fake_adapters import POISON
+from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def adapter(daemon, model: str):
+    ((_, loaded),) = [(k, v) for k, v in daemon.manager._loaded.items() if k[0] == model]
+    return loaded.adapter
+
+
+def counts(sync_redis, source: str) -> tuple[int, int]:
+    return (sync_redis.xlen(f"results:people:{source}"), sync_redis.xlen(f"deadletter:people:{source}"))
+
+
+def publish(sync_redis, stream: str, n: int, image: bytes, **fields) -> list[str]:
+    return [sync_redis.xadd(stream, {"image": image, **fields}).decode() for _ in range(n)]
+
+
+async def test_out_of_memory_halves_the_batch(redis_url, sync_redis, tmp_path, gradient):
+    ids = publish(sync_redis, "frames:{oom}", 8, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/oom", "batch_size": 8, "batch_timeout_ms": 300}],
+                            fakes={"oom": {"oom_above": 2}})
+    async with running(settings) as d:
+        await wait_for(lambda: counts(sync_redis, "frames:{oom}")[0] == 8)
+        sizes = adapter(d, "fake/oom").batch_sizes
+        retries = d.metrics.model_retries.labels("people", "oom")._value.get()
+    assert sum(sizes) == 8 and max(sizes) <= 2  # split down until it fit
+    assert retries >= 1
+    got = {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{oom}")}
+    assert got == set(ids) and pending(sync_redis, "frames:{oom}") == 0
+
+
+async def test_a_poison_frame_does_not_sink_its_batch_mates(redis_url, sync_redis, tmp_path, gradient):
+    poisoned = gradient.copy()
+    poisoned[0, 0, 0] = POISON
+    good = publish(sync_redis, "frames:{p}", 3, encode(gradient, "PNG"))
+    (bad,) = publish(sync_redis, "frames:{p}", 1, encode(poisoned, "PNG"))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/poison", "batch_size": 4, "batch_timeout_ms": 300}],
+                            fakes={"poison": {"poison": True}})
+    async with running(settings):
+        await wait_for(lambda: counts(sync_redis, "frames:{p}") == (3, 1))
+    assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{p}")} == set(good)
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{p}")
+    assert dead["frame_id"].decode() == bad and dead["reason"] == b"model_error"
+    assert b"breaks the model" in dead["error"]
+
+
+async def test_a_stuck_model_is_abandoned_its_frames_retried_and_the_loop_never_blocks(
+        redis_url, sync_redis, tmp_path, gradient):
+    ids = publish(sync_redis, "frames:{stuck}", 3, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/stuck", "batch_size": 3, "batch_timeout_ms": 200}],
+                            fakes={"stuck": {"hang_first_s": 4}}, inference_timeout_s=1.0,
+                            reclaim_min_idle_ms=1000)
+    async with running(settings) as d:
+        client = TestClient(TestServer(make_app(d)))
+        await client.start_server()
+        try:
+            await wait_for(lambda: d.workers[0].busy, what="the stuck call")
+            started = time.monotonic()
+            r = await client.get("/health/live")  # answered while the model call sleeps
+            assert r.status == 200 and time.monotonic() - started < 0.5
+        finally:
+            await client.close()
+        await wait_for(lambda: counts(sync_redis, "frames:{stuck}")[0] == 3, 30, "the retried frames")
+        assert d.workers[0].replaced == 1
+        assert d.metrics.frames_abandoned.labels("people")._value.get() == 3
+        assert d.runs["people"].reclaimer.reclaimed >= 3
+    results = entries(sync_redis, "results:people:frames:{stuck}")
+    assert sorted(f["frame_id"].decode() for _, f in results) == sorted(ids)  # each exactly once
+
+
+async def test_pending_entries_of_a_dead_consumer_are_reclaimed(redis_url, sync_redis, tmp_path, gradient):
+    sync_redis.xgroup_create("frames:{dead}", "people", id="0", mkstream=True)
+    ids = publish(sync_redis, "frames:{dead}", 6, encode(gradient))
+    sync_redis.xreadgroup("people", "ghost:0", {"frames:{dead}": ">"})  # read, then it died
+    sync_redis.xdel("frames:{dead}", ids[2])  # and one of its entries was trimmed meanwhile
+    assert pending(sync_redis, "frames:{dead}") == 6
+    await asyncio.sleep(1.1)  # idle past reclaim_min_idle_ms
+    async with running(settings_for(redis_url, tmp_path)) as d:
+        await wait_for(lambda: counts(sync_redis, "frames:{dead}") == (5, 1))
+        assert d.runs["people"].reclaimer.reclaimed == 5
+    assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{dead}")} \
+        == set(ids) - {ids[2]}
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{dead}")
+    assert dead["frame_id"].decode() == ids[2] and dead["reason"] == b"empty_entry"
+    assert pending(sync_redis, "frames:{dead}") == 0
+
+
+async def test_a_frame_delivered_too_often_is_dead_lettered(redis_url, sync_redis, tmp_path, gradient):
+    sync_redis.xgroup_create("frames:{poison}", "people", id="0", mkstream=True)
+    (entry_id,) = publish(sync_redis, "frames:{poison}", 1, encode(gradient))
+    sync_redis.xreadgroup("people", "ghost:0", {"frames:{poison}": ">"})
+    # As if it had crashed daemons 3 times already: the next claim is its 4th delivery.
+    sync_redis.xclaim("frames:{poison}", "people", "ghost:0", 0, [entry_id], retrycount=3)
+    await asyncio.sleep(1.1)
+    settings = settings_for(redis_url, tmp_path, [{"max_deliveries": 3}])
+    async with running(settings) as d:
+        await wait_for(lambda: counts(sync_redis, "frames:{poison}") == (0, 1))
+        metric = d.metrics.frames_dead_lettered.labels("people", "max_deliveries")._value.get()
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{poison}")
+    assert dead["reason"] == b"max_deliveries" and dead["deliveries"] == b"4"
+    assert b"max_deliveries is 3" in dead["error"] and metric == 1
+    assert pending(sync_redis, "frames:{poison}") == 0
+
+
+async def test_a_slow_live_daemon_keeps_its_frames(redis_url, sync_redis, tmp_path, gradient):
+    """Heartbeats: a batch that takes 3x reclaim_min_idle_ms is not taken over by another daemon."""
+    publish(sync_redis, "frames:{slow}", 4, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "batch_size": 4, "batch_timeout_ms": 300}],
+                            fakes={"slow": {"delay_s": 3.0}}, reclaim_min_idle_ms=1000)
+    async with running(settings, host="a") as a:
+        await wait_for(lambda: a.workers[0].busy, what="the slow batch")
+        async with running(settings, host="b") as b:
+            await wait_for(lambda: counts(sync_redis, "frames:{slow}")[0] == 4, 20)
+            assert b.runs["people"].reclaimer.reclaimed == 0
+            assert b.publisher.published == 0 and a.publisher.published == 4
+            assert a.metrics.heartbeats.labels("people")._value.get() > 0
+
+
+async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gradient):
+    old = int(time.time() * 1000) - 60_000
+    stale = publish(sync_redis, "frames:{live}", 5, encode(gradient), ts=str(old))
+    fresh = publish(sync_redis, "frames:{live}", 2, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"max_age_ms": 5000}])
+    async with running(settings) as d:
+        await wait_for(lambda: pending(sync_redis, "frames:{live}") == 0
+                       and counts(sync_redis, "frames:{live}")[0] == 2)
+        dropped = d.metrics.frames_acked.labels("people", "stale")._value.get()
+    assert dropped == 5 and stale
+    assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{live}")} == set(fresh)
+
+
