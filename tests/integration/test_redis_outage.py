@@ -1,0 +1,73 @@
+"""Redis goes away and comes back: the daemon stays up, reports not-ready, does not spin, and
+goes on; with AOF nothing is lost, without persistence its groups are re-created."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from sightstream.control.app import make_app
+from sightstream.daemon.embedded_redis import EmbeddedRedis
+from tests.conftest import encode
+from tests.integration.helpers import entries, running, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("appendonly", [True, False], ids=["aof", "no-persistence"])
+async def test_redis_down_and_back(tmp_path, gradient, appendonly):
+    server = EmbeddedRedis(appendonly=appendonly).start()
+    client = redis.Redis.from_url(server.url)
+    jpeg = encode(gradient)
+    try:
+        sent = [client.xadd("frames:{o}", {"image": jpeg}).decode() for _ in range(40)]
+        settings = settings_for(server.url, tmp_path,
+                                [{"model": "fake/slow", "batch_size": 2, "max_in_flight": 4}],
+                                fakes={"slow": {"delay_s": 0.1}})
+        async with running(settings) as d:
+            http = TestClient(TestServer(make_app(d)))
+            await http.start_server()
+            try:
+                await wait_for(lambda: client.xlen("results:people:frames:{o}") >= 6)
+                server.stop()
+                client = redis.Redis.from_url(server.url)
+                r = await http.get("/health/ready")
+                assert r.status == 503 and "redis is unreachable" in (await r.json())["problems"]
+                assert (await http.get("/health/live")).status == 200
+                cpu = time.process_time()
+                await asyncio.sleep(3)
+                assert time.process_time() - cpu < 1.0  # backing off, not spinning
+                server.start()
+                ready = False
+                for _ in range(100):
+                    if (await http.get("/health/ready")).status == 200:
+                        ready = True
+                        break
+                    await asyncio.sleep(0.1)
+                assert ready
+                if appendonly:  # nothing lost: every frame gets exactly one result
+                    await wait_for(lambda: client.xlen("results:people:frames:{o}") >= 40, 60,
+                                   "every frame's result after the outage")
+                    await asyncio.sleep(1)
+                    got = [f["frame_id"].decode() for _, f in entries(client, "results:people:frames:{o}")]
+                    assert len(got) == 40 and set(got) == set(sent)
+                else:  # the groups are gone with the data: new frames still flow
+                    assert not client.exists("frames:{o}")
+                    new = client.xadd("frames:{o}", {"image": jpeg}).decode()
+                    await wait_for(lambda: client.xlen("results:people:frames:{o}") >= 1, 30,
+                                   "a new frame's result")
+                    (_, f), = entries(client, "results:people:frames:{o}")
+                    assert f["frame_id"].decode() == new
+                errors = sum(s.value for m in d.metrics.registry.collect()
+                             if m.name == "sightstream_redis_errors" for s in m.samples
+                             if s.name.endswith("_total"))
+                assert errors > 0  # every failed call was counted
+            finally:
+                await http.close()
+    finally:
+        client.close()
+        server.close()
