@@ -75,6 +75,10 @@ class Metrics:
         self.redis_errors = Counter(
             "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
         )
+        self.redis_reconnects = Counter(
+            "sightstream_redis_reconnects", "Times a reader got Redis back after failures", ["reader"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "sightstream_frames_in_flight", "Frames read and not yet acknowledged", ["pipeline"],
             registry=r,

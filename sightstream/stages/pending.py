@@ -122,6 +122,10 @@ class StreamReader:
         while not self._stop.is_set():
             try:
                 await self.step()
+                if self._failures:
+                    _log.info("redis_recovered", pipeline=self._p.name, reader=type(self).__name__,
+                              after_failures=self._failures)
+                    self._metrics.redis_reconnects.labels(type(self).__name__).inc()
                 self._failures = 0
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 await self._backoff("redis_unreachable", e)

@@ -10,6 +10,7 @@ succeeds or shutdown gives up, in which case the frames stay pending for another
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -28,6 +29,7 @@ from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 _log = log.get(__name__)
+DROP_LOG_EVERY_S = 10.0
 
 # KEYS: source stream, output stream. ARGV: group, entry id, maxlen (0: no cap), field, value, ...
 ACK_THEN_PUBLISH = """
@@ -55,6 +57,8 @@ class Publisher:
         self._round_size = round_size
         self._script = client.register_script(ACK_THEN_PUBLISH)
         self.published = 0
+        self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
+        self._dropped_logged = 0.0
 
     async def run(self) -> None:
         stopped = False
@@ -109,6 +113,8 @@ class Publisher:
         m, name = self._metrics, o.frame.pipeline
         if isinstance(o, Acked):
             m.frames_acked.labels(name, o.reason).inc()
+            if o.reason == "stale":
+                self._note_drop(name)
         elif not acked:
             m.publish_duplicates.labels(name).inc()
         elif isinstance(o, Published):
@@ -119,3 +125,11 @@ class Publisher:
             m.frames_dead_lettered.labels(name, o.reason).inc()
             _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,
                       frame_id=o.frame.frame_id, reason=o.reason, error=o.error)
+
+    def _note_drop(self, pipeline: str) -> None:
+        """Stale drops are logged as a summary at most every 10 s: under overload they are many."""
+        self._dropped[pipeline] = self._dropped.get(pipeline, 0) + 1
+        now = time.monotonic()
+        if now - self._dropped_logged >= DROP_LOG_EVERY_S:
+            _log.warning("stale_frames_dropped", counts=self._dropped)
+            self._dropped, self._dropped_logged = {}, now

@@ -66,6 +66,10 @@ async def test_redis_down_and_back(tmp_path, gradient, appendonly):
                              if m.name == "sightstream_redis_errors" for s in m.samples
                              if s.name.endswith("_total"))
                 assert errors > 0  # every failed call was counted
+                reconnects = sum(s.value for m in d.metrics.registry.collect()
+                                 if m.name == "sightstream_redis_reconnects" for s in m.samples
+                                 if s.name.endswith("_total"))
+                assert reconnects >= 1  # and the recovery too
             finally:
                 await http.close()
     finally:
