@@ -26,12 +26,22 @@ from sightstream.stages.flow import InFlight, backoff_s, worth_logging
 _log = log.get(__name__)
 
 
+async def pending_entries(
+    client: Redis, stream: str, group: str, consumer: str, lo: str, hi: str, count: int
+) -> dict[str, tuple[int, int]]:
+    """(times delivered, ms since the last delivery) per entry ID, of this consumer's pending
+    entries in [lo, hi]."""
+    rows: Any = await client.xpending_range(stream, group, lo, hi, count, consumername=consumer)
+    return {r["message_id"].decode(): (int(r["times_delivered"]), int(r["time_since_delivered"]))
+            for r in rows}
+
+
 async def delivery_counts(
     client: Redis, stream: str, group: str, consumer: str, lo: str, hi: str, count: int
 ) -> dict[str, int]:
     """Times delivered, per entry ID, of this consumer's pending entries in [lo, hi]."""
-    rows: Any = await client.xpending_range(stream, group, lo, hi, count, consumername=consumer)
-    return {r["message_id"].decode(): int(r["times_delivered"]) for r in rows}
+    rows = await pending_entries(client, stream, group, consumer, lo, hi, count)
+    return {entry_id: times for entry_id, (times, _) in rows.items()}
 
 
 class Admission:

@@ -15,7 +15,7 @@ from typing import Any
 
 from sightstream import log
 from sightstream.frames import Frame, entry_ms
-from sightstream.stages.pending import StreamReader, delivery_counts
+from sightstream.stages.pending import StreamReader, pending_entries
 
 _log = log.get(__name__)
 
@@ -59,12 +59,17 @@ class Reclaimer(StreamReader):
         if claimed or vanished:
             lo = cursor
             hi = "+" if next_cursor in ("0-0", "0") else next_cursor
-            counts = await delivery_counts(self._client, stream, self._group, self._consumer,
-                                           lo, hi, room + self._in_flight.capacity)
+            rows = await pending_entries(self._client, stream, self._group, self._consumer,
+                                         lo, hi, room + self._in_flight.capacity)
+            counts = {entry_id: times for entry_id, (times, _) in rows.items()}
             used += await self._admission.admit(stream, claimed, counts)
             if vanished:
+                # Redis 6.2 lost their IDs: they are ours now, just claimed (idle ~0), neither
+                # returned with content nor already in flight here.
                 known = {i.decode() for i, _ in claimed}
-                missing = [i for i in counts if i not in known and not self._in_flight.holds(stream, i)]
+                missing = [i for i, (_, idle) in rows.items()
+                           if i not in known and idle < self._min_idle_ms / 2
+                           and not self._in_flight.holds(stream, i)]
                 used += await self._admission.admit_missing(stream, missing[:vanished], counts)
             self.reclaimed += len(claimed)
             self._metrics.frames_reclaimed.labels(self._p.name).inc(len(claimed))
