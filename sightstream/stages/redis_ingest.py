@@ -85,6 +85,8 @@ class RedisIngest(StreamReader):
         self._draining[stream] = entries[-1][0].decode()
         counts = await delivery_counts(self._client, stream, self._group, self._consumer,
                                        entries[0][0].decode(), entries[-1][0].decode(), len(entries))
+        # The re-read counts as a delivery in Redis (6.2 and 7), so a frame that crashes the
+        # daemon at every restart reaches max_deliveries instead of crash-looping forever.
         # A pending entry whose content was deleted comes back with no fields: dead-lettered.
         return await self._admission.admit(stream, entries, counts)
 

@@ -209,14 +209,19 @@ async def test_result_streams_are_capped(redis_url, sync_redis, tmp_path, gradie
 async def test_a_restarted_daemon_drains_its_own_pending_entries(redis_url, sync_redis, tmp_path, gradient):
     jpeg = encode(gradient)
     sync_redis.xgroup_create("frames:{p}", "people", id="0", mkstream=True)
-    for _ in range(5):
-        sync_redis.xadd("frames:{p}", {"image": jpeg})
-    # A previous run under the same stable name read them, then died before acknowledging.
+    ids = [sync_redis.xadd("frames:{p}", {"image": jpeg}).decode() for _ in range(5)]
+    # A previous run under the same stable name read them, then died before acknowledging;
+    # one of them was deleted meanwhile.
     sync_redis.xreadgroup("people", "testhost:0", {"frames:{p}": ">"})
+    sync_redis.xdel("frames:{p}", ids[3])
     assert pending(sync_redis, "frames:{p}") == 5
     async with running(settings_for(redis_url, tmp_path)) as d:
         assert d.consumer == "testhost:0"
-        await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 5)
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 4
+                       and sync_redis.xlen("deadletter:people:frames:{p}") == 1)
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{p}")
+    assert dead["frame_id"].decode() == ids[3] and dead["reason"] == b"empty_entry"
+    assert int(dead["deliveries"]) == 1  # Redis counts no re-read of a deleted entry
     assert pending(sync_redis, "frames:{p}") == 0
 
 
@@ -229,3 +234,18 @@ async def test_a_lost_group_is_recreated(redis_url, sync_redis, tmp_path, gradie
         sync_redis.xadd("frames:{n}", {"image": jpeg})
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{n}") == 1, 15,
                        "a result after NOGROUP")
+
+
+async def test_a_frame_that_crashes_every_restart_ends_in_the_dead_letter_stream(redis_url, sync_redis, tmp_path, gradient):
+    """Own pending entries re-read at start count as deliveries, so no crash loop is endless."""
+    sync_redis.xgroup_create("frames:{loop}", "people", id="0", mkstream=True)
+    entry_id = sync_redis.xadd("frames:{loop}", {"image": encode(gradient)}).decode()
+    sync_redis.xreadgroup("people", "testhost:0", {"frames:{loop}": ">"})
+    settings = settings_for(redis_url, tmp_path, [{"max_deliveries": 2}])
+    # The frame has been delivered once; each start re-reads it: 2nd delivery, then 3rd.
+    sync_redis.xclaim("frames:{loop}", "people", "testhost:0", 0, [entry_id], retrycount=2, justid=True)
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{loop}") == 1)
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{loop}")
+    assert dead["reason"] == b"max_deliveries" and dead["deliveries"] == b"3"
+    assert sync_redis.xlen("results:people:frames:{loop}") == 0
