@@ -32,6 +32,12 @@ def sample_key(pipeline: str, source: str, bucket: int) -> str:
     return f"{INTERNAL_PREFIX}sample:{pipeline}:{source}:{bucket}"
 
 
+def recorded_marker(pipeline: str, source: str, entry_id: str) -> str:
+    """Set once a dead-letter record has been written for an entry that was no longer pending,
+    so a retried publish round cannot write it twice."""
+    return f"{INTERNAL_PREFIX}recorded:{pipeline}:{source}:{entry_id}"
+
+
 def consumer_slot(host: str, slot: int) -> str:
     """Lease that makes `host:slot` a stable consumer name across restarts."""
     return f"{INTERNAL_PREFIX}consumer:{host}:{slot}"

@@ -4,10 +4,14 @@ reads whose socket timeout stays above BLOCK."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
 
@@ -38,3 +42,35 @@ async def reachable(url: str) -> bool:
         return False
     finally:
         await client.aclose()
+
+
+class Lua:
+    """A Lua script sent by its SHA in pipelines. redis-py's Script objects make every
+    pipelined round ask SCRIPT EXISTS first, one more round trip each time; here the script is
+    loaded only when Redis answers NOSCRIPT (a restarted Redis), and the caller retries."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def queue(self, pipe: Any, keys: list[Any], args: list[Any]) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def load(self, client: Redis) -> None:
+        await client.script_load(self.source)
+
+
+async def run_pipelined(client: Redis, fill: Callable[[Any], None], *scripts: Lua) -> list:
+    """Fill a non-transactional pipeline and execute it, loading the scripts once if Redis lost
+    them. The commands must be safe to send twice (ours are: XACK-gated, or SET NX-gated)."""
+    for attempt in (1, 2):
+        async with client.pipeline(transaction=False) as pipe:
+            fill(pipe)
+            try:
+                return await pipe.execute()
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+        for script in scripts:
+            await script.load(client)
+    raise AssertionError("unreachable")

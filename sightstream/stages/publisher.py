@@ -26,6 +26,7 @@ from sightstream.frames import (
     now_ms,
 )
 from sightstream.metrics import Metrics
+from sightstream.redis_conn import Lua, run_pipelined
 from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 _log = log.get(__name__)
@@ -45,6 +46,21 @@ return acked
 """
 
 
+# KEYS: marker, dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
+RECORD_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  if ARGV[2] == '0' then
+    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+  end
+  return 1
+end
+return 0
+"""
+RECORD_TTL_MS = 86_400_000
+
+
 class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
@@ -55,7 +71,8 @@ class Publisher:
         self._metrics = metrics
         self._maxlen = maxlen  # per pipeline
         self._round_size = round_size
-        self._script = client.register_script(ACK_THEN_PUBLISH)
+        self._script = Lua(ACK_THEN_PUBLISH)
+        self._record = Lua(RECORD_ONCE)
         self.published = 0
         self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
         self._dropped_logged = 0.0
@@ -80,13 +97,14 @@ class Publisher:
                                  failures=failures)
                 await asyncio.sleep(backoff_s(failures))
         for outcome, reply in zip(outcomes, replies):
-            # the script answers 1/0 (acknowledged or not); a plain XADD answers the new ID
+            # 1: acknowledged (or recorded) by this round; 0: another daemon or an earlier try did
             self._account(outcome, bool(reply))
             outcome.frame.release()
 
     async def _round(self, outcomes: list[Outcome]) -> list:
         now = now_ms()
-        async with self._client.pipeline(transaction=False) as pipe:
+
+        def fill(pipe: Any) -> None:
             for o in outcomes:
                 f = o.frame
                 group = keys.group(f.pipeline)
@@ -98,16 +116,15 @@ class Publisher:
                     fields["latency_ms"] = str(max(0, now - f.ts_ms))
                 else:
                     fields = deadletter_fields(f, o.reason, o.error)
-                    if not o.pending:  # nothing left to acknowledge
-                        maxlen = self._maxlen.get(f.pipeline, 0)
-                        record: dict[Any, Any] = dict(fields)  # redis-py wants its own key types
-                        pipe.xadd(o.stream, record, maxlen=maxlen or None, approximate=True)
-                        continue
-                args: list = [group, f.frame_id, self._maxlen.get(f.pipeline, 0)]
-                for name, value in fields.items():
-                    args += [name, value]
-                await self._script(keys=[f.source, o.stream], args=args, client=pipe)
-            return await pipe.execute()
+                pairs = [item for field in fields.items() for item in field]
+                maxlen = self._maxlen.get(f.pipeline, 0)
+                if isinstance(o, DeadLettered) and not o.pending:  # nothing left to acknowledge
+                    marker = keys.recorded_marker(f.pipeline, f.source, f.frame_id)
+                    self._record.queue(pipe, [marker, o.stream], [RECORD_TTL_MS, maxlen, *pairs])
+                else:
+                    self._script.queue(pipe, [f.source, o.stream], [group, f.frame_id, maxlen, *pairs])
+
+        return await run_pipelined(self._client, fill, self._script, self._record)
 
     def _account(self, o: Outcome, acked: bool) -> None:
         m, name = self._metrics, o.frame.pipeline

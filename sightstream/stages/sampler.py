@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import OrderedDict
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -19,6 +20,7 @@ from redis.exceptions import RedisError
 from sightstream import keys, log
 from sightstream.frames import Acked, Frame
 from sightstream.metrics import Metrics
+from sightstream.redis_conn import Lua, run_pipelined
 from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 # Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner).
@@ -44,7 +46,7 @@ class Sampler:
         self._client = client
         self._in, self._out, self._outcomes = inq, out, outcomes
         self._metrics = metrics
-        self._claim = client.register_script(CLAIM)
+        self._claim = Lua(CLAIM)
         # A bucket's key must outlive any redelivery of its frames.
         self._ttl_ms = max(MIN_TTL_MS, math.ceil(4000 / fps))
         self._decided: OrderedDict[tuple[str, int], str] = OrderedDict()
@@ -85,11 +87,12 @@ class Sampler:
         failures = 0
         while True:
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
+                def fill(pipe: Any) -> None:
                     for f in frames:
                         key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
-                        await self._claim(keys=[key], args=[f.frame_id, self._ttl_ms], client=pipe)
-                    return await pipe.execute()
+                        self._claim.queue(pipe, [key], [f.frame_id, self._ttl_ms])
+
+                return await run_pipelined(self._client, fill, self._claim)
             except (RedisError, OSError) as e:
                 failures += 1
                 self._metrics.redis_errors.labels("sample").inc()

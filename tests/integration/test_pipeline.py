@@ -249,3 +249,16 @@ async def test_a_frame_that_crashes_every_restart_ends_in_the_dead_letter_stream
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{loop}")
     assert dead["reason"] == b"max_deliveries" and dead["deliveries"] == b"3"
     assert sync_redis.xlen("results:people:frames:{loop}") == 0
+
+
+async def test_publishing_sends_no_script_exists_round_trips(redis_url, sync_redis, tmp_path, gradient):
+    sync_redis.config_resetstat()
+    async with running(settings_for(redis_url, tmp_path, [{"fps": 100}])):
+        for i in range(10):  # ten separate publish rounds
+            sync_redis.xadd("frames:{rt}", {"image": encode(gradient)})
+            await wait_for(lambda i=i: sync_redis.xlen("results:people:frames:{rt}") == i + 1)
+    stats = sync_redis.info("commandstats")
+    assert stats.get("cmdstat_evalsha", {}).get("calls", 0) >= 20  # a claim and a publish each
+    assert "cmdstat_script|exists" not in stats  # Redis 7 names the subcommand
+    # Redis 6.2 counts every SCRIPT subcommand together: at most one load per script (3).
+    assert stats.get("cmdstat_script", {}).get("calls", 0) <= 3

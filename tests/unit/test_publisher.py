@@ -51,3 +51,21 @@ async def test_released_credits():
         f.release = lambda f=f: released.append(f.frame_id)
     await pub.publish([Acked(f, "stale") for f in frames])
     assert released == [f.frame_id for f in frames]
+
+
+async def test_scripts_lost_by_a_restarted_redis_are_reloaded():
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    await pub.publish([Published(frames[0], out, {"frame_id": frames[0].frame_id})])
+    await client.script_flush()  # what a Redis restart does to the script cache
+    await pub.publish([Published(f, out, {"frame_id": f.frame_id}) for f in frames[1:]])
+    assert await client.xlen(out) == 3
+
+
+async def test_a_record_for_an_entry_no_longer_pending_is_written_once():
+    client, frames, pub = await setup()
+    dl = "deadletter:p:frames:{a}"
+    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed", pending=False)
+    await pub.publish([gone])
+    await pub.publish([gone])  # a retried round
+    assert await client.xlen(dl) == 1
