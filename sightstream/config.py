@@ -46,6 +46,16 @@ class DecodeSettings(_Strict):
     draft: bool = Field(True, description="JPEG DCT-scaled decoding when the model input is small")
 
 
+class ManagerSettings(_Strict):
+    idle_unload_s: float = Field(600, ge=0, description="unload models unused this long; 0: never")
+    max_memory_mb: dict[str, float] = Field(
+        default_factory=dict, description="memory budget per device, e.g. {\"cuda:0\" = 20000}"
+    )
+    gpu_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="budget of a GPU not in max_memory_mb: this share of its free memory"
+    )
+
+
 class PipelineSettings(_Strict):
     name: str = "people"
     input: list[str] = Field(default_factory=lambda: ["frames:*"], min_length=1)
@@ -119,6 +129,7 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     control: ControlSettings = Field(default_factory=ControlSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
+    manager: ManagerSettings = Field(default_factory=ManagerSettings)
     pipelines: list[PipelineSettings] = Field(default_factory=lambda: [PipelineSettings()])
     models: dict[str, dict[str, ModelEntry]] = Field(default_factory=dict)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sightstream.control import health
+from sightstream.control import health, models
 from sightstream.control.errors import json_errors, require_token
 from sightstream.control.state import DAEMON
 from sightstream.daemon.daemon import Daemon
@@ -18,4 +18,5 @@ def make_app(daemon: Daemon) -> web.Application:
     )
     app[DAEMON] = daemon
     app.add_routes(health.routes)
+    app.add_routes(models.routes)
     return app

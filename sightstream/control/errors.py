@@ -19,7 +19,7 @@ OPEN_PREFIXES = ("/health", "/metrics")
 CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-    422: "unprocessable", 503: "unavailable",
+    422: "unprocessable", 503: "unavailable", 507: "insufficient_memory",
 }
 
 

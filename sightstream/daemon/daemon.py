@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +72,9 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics()
         self.catalogue = Catalogue(settings.models)
-        self.manager = ModelManager(self.catalogue)
         self.devices = device_list.resolve(settings.devices)
+        self.manager = ModelManager(self.catalogue, device_list.memory_budgets_mb(
+            self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction))
         self.stop_event = asyncio.Event()
         self.ready = False
         self.consumer = ""
@@ -137,6 +138,7 @@ class Daemon:
         self._service_tasks = [
             asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         self._worker_tasks = [
@@ -172,6 +174,23 @@ class Daemon:
         )
         chain.append(Batcher(p, batch_q, self._batches, self.metrics))
         return PipelineRun(p, in_flight, read_q, ingest, reclaimer, chain)
+
+    async def _unload_idle_models(self) -> None:
+        idle_s = self.settings.manager.idle_unload_s
+        if not idle_s:
+            return
+        while not self.stop_event.is_set():
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), min(30.0, idle_s / 2))
+            except TimeoutError:
+                self.manager.cleanup(idle_s)
+
+    def executor_for(self, device: str) -> Executor:
+        """The executor of the worker that owns `device` (models load and run there)."""
+        for worker in self.workers:
+            if worker.device == device:
+                return worker.executor
+        raise ModelError(f"no worker owns device {device!r}; devices: {', '.join(self.devices)}")
 
     def _decode_target(self, model: str) -> Callable[[], tuple[int, int] | None]:
         """What size the decoder may scale large JPEGs down to: the model's input, if fixed."""

@@ -28,3 +28,29 @@ def _visible_gpus() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def memory_budgets_mb(
+    devices: list[str], explicit: dict[str, float], gpu_fraction: float
+) -> dict[str, float]:
+    """Each device's model memory budget: the configured one, else (GPUs) a share of the free
+    memory now, else none (the CPU: the operating system's memory is the limit)."""
+    budgets = {d: mb for d, mb in explicit.items() if d in devices and mb > 0}
+    for device in devices:
+        if device.startswith("cuda:") and device not in budgets:
+            free = _gpu_free_mb(int(device.split(":")[1]))
+            if free:
+                budgets[device] = free * gpu_fraction
+    return budgets
+
+
+def _gpu_free_mb(index: int) -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(index)
+            return free / 2**20
+    except Exception:  # noqa: BLE001 - no torch, no driver: no automatic budget
+        pass
+    return 0.0

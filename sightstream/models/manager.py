@@ -1,12 +1,23 @@
-"""The model manager: one adapter instance per (model, device), loaded lazily on first use,
-once, in the device's own executor (so loading never blocks the event loop)."""
+"""The model manager: one adapter instance per (model, device), loaded lazily on first use and
+once (concurrent users wait and share it), in the device's own executor so loading never
+blocks the event loop.
+
+Memory: each device may have a budget (`manager.max_memory_mb`, or a fraction of the GPU's
+free memory). Loading past it first unloads the least recently used models that are not in
+use; a model that cannot fit even then fails with a clear error, never an out-of-memory crash.
+A model's size is what its adapter reports after loading (`memory_mb`), estimated beforehand
+from the entry's `memory_mb` option or the size of its weights on disk.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from sightstream import log
 from sightstream.errors import ModelError
@@ -17,20 +28,28 @@ from sightstream.models.catalogue import Catalogue, Entry
 _log = log.get(__name__)
 
 
+class ModelTooLarge(ModelError):
+    """The model does not fit in its device's memory budget, even with nothing else loaded."""
+
+
 @dataclass
 class Loaded:
     adapter: Adapter
     device: str
+    memory_mb: float
     loaded_at: float
     last_used: float
     uses: int = 0
+    in_use: int = 0
 
 
 class ModelManager:
-    def __init__(self, catalogue: Catalogue) -> None:
+    def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None) -> None:
         self.catalogue = catalogue
+        self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._device_locks: dict[str, asyncio.Lock] = {}
 
     def entry(self, model_id: str) -> Entry:
         return self.catalogue.get(model_id)
@@ -40,21 +59,108 @@ class ModelManager:
         entry = self.catalogue.get(model_id)
         return adapter_class(entry.adapter)(entry.resolve(), entry.options)
 
-    async def acquire(self, model_id: str, device: str, executor: Executor) -> Adapter:
-        key = (model_id, device)
-        if (loaded := self._loaded.get(key)) is None:
-            async with self._locks.setdefault(key, asyncio.Lock()):
-                if (loaded := self._loaded.get(key)) is None:
-                    adapter = self.create(model_id)
-                    started = time.monotonic()
-                    await asyncio.get_running_loop().run_in_executor(executor, adapter.load, device)
-                    now = time.time()
-                    loaded = self._loaded[key] = Loaded(adapter, device, now, now)
-                    _log.info("model_loaded", model=model_id, device=device,
-                              seconds=round(time.monotonic() - started, 3))
-        loaded.last_used = time.time()
+    @asynccontextmanager
+    async def use(self, model_id: str, device: str, executor: Executor) -> AsyncIterator[Adapter]:
+        """The loaded adapter, held in use (never evicted) for the duration of the block."""
+        loaded = await self._ensure(model_id, device, executor)
+        loaded.in_use += 1
         loaded.uses += 1
-        return loaded.adapter
+        loaded.last_used = time.time()
+        try:
+            yield loaded.adapter
+        finally:
+            loaded.in_use -= 1
+            loaded.last_used = time.time()
+
+    async def load(self, model_id: str, device: str, executor: Executor) -> dict:
+        """Explicit load (the control plane's POST …/load)."""
+        loaded = await self._ensure(model_id, device, executor)
+        return self._describe(model_id, loaded)
+
+    async def _ensure(self, model_id: str, device: str, executor: Executor) -> Loaded:
+        key = (model_id, device)
+        if (loaded := self._loaded.get(key)) is not None:
+            return loaded
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if (loaded := self._loaded.get(key)) is not None:
+                return loaded
+            adapter = self.create(model_id)
+            # One load at a time per device, so two loads cannot both count on the same room.
+            async with self._device_locks.setdefault(device, asyncio.Lock()):
+                estimate = self._estimate_mb(model_id)
+                self._make_room(device, estimate, model_id)
+                started = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(executor, adapter.load, device)
+                size = float(getattr(adapter, "memory_mb", 0) or estimate)
+                now = time.time()
+                loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
+            _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
+                      seconds=round(time.monotonic() - started, 3))
+            return loaded
+
+    def _estimate_mb(self, model_id: str) -> float:
+        entry = self.catalogue.get(model_id)
+        if "memory_mb" in entry.options:
+            return float(entry.options["memory_mb"])
+        path = Path(entry.resolve() or ".")
+        if entry.path.startswith("package:") and not path.exists():
+            return 0.0
+        if path.is_file():
+            return path.stat().st_size / 2**20
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        return 0.0
+
+    def _make_room(self, device: str, needed_mb: float, model_id: str) -> None:
+        budget = self.budgets_mb.get(device)
+        if not budget:
+            return
+        if needed_mb > budget:
+            raise ModelTooLarge(
+                f"model {model_id} needs about {needed_mb:.0f} MB; the budget of {device} is "
+                f"{budget:.0f} MB (manager.max_memory_mb)"
+            )
+        idle = sorted(
+            (item for item in self._loaded.items() if item[1].device == device and item[1].in_use == 0),
+            key=lambda item: item[1].last_used,
+        )
+        while self.used_mb(device) + needed_mb > budget:
+            if not idle:
+                busy = [m for (m, d), entry in self._loaded.items() if d == device]
+                raise ModelTooLarge(
+                    f"model {model_id} needs about {needed_mb:.0f} MB; {device} has "
+                    f"{budget - self.used_mb(device):.0f} MB free of {budget:.0f} MB and its models "
+                    f"are in use ({', '.join(busy)})"
+                )
+            (victim, _), _ = idle.pop(0)
+            self.unload(victim, device, reason="evicted")
+
+    def used_mb(self, device: str) -> float:
+        return sum(entry.memory_mb for (_, d), entry in self._loaded.items() if d == device)
+
+    def unload(self, model_id: str, device: str | None = None, reason: str = "requested") -> list[str]:
+        """Unload a model from one device (or all); models in use are never unloaded."""
+        done = []
+        for (mid, dev), entry in list(self._loaded.items()):
+            if mid == model_id and (device is None or dev == device):
+                if entry.in_use:
+                    raise ModelError(f"model {model_id} is in use on {dev}; try again when idle")
+                del self._loaded[(mid, dev)]
+                entry.adapter.unload()
+                done.append(dev)
+                _log.info("model_unloaded", model=mid, device=dev, reason=reason,
+                          memory_mb=round(entry.memory_mb, 1))
+        return done
+
+    def cleanup(self, inactive_seconds: float) -> list[dict]:
+        """Unload every model not in use and not used for `inactive_seconds`."""
+        cutoff = time.time() - inactive_seconds
+        gone = []
+        for (mid, dev), entry in list(self._loaded.items()):
+            if entry.in_use == 0 and entry.last_used <= cutoff:
+                self.unload(mid, dev, reason="idle")
+                gone.append({"model": mid, "device": dev})
+        return gone
 
     def input_size(self, model_id: str) -> tuple[int, int] | None:
         """The model's input size if known (loaded, or set in its options), for scaled decoding."""
@@ -66,14 +172,19 @@ class ModelManager:
         except ModelError:
             return None
 
+    def is_loaded(self, model_id: str) -> bool:
+        return any(mid == model_id for mid, _ in self._loaded)
+
     def loaded(self) -> list[dict]:
-        return [
-            {"model": mid, "device": dev, "loaded_at": entry.loaded_at,
-             "last_used": entry.last_used, "uses": entry.uses}
-            for (mid, dev), entry in self._loaded.items()
-        ]
+        return [self._describe(mid, entry) for (mid, _), entry in self._loaded.items()]
+
+    @staticmethod
+    def _describe(model_id: str, entry: Loaded) -> dict:
+        return {"model": model_id, "device": entry.device, "memory_mb": round(entry.memory_mb, 1),
+                "loaded_at": entry.loaded_at, "last_used": entry.last_used, "uses": entry.uses,
+                "in_use": entry.in_use}
 
     def unload_all(self) -> None:
-        for loaded in self._loaded.values():
-            loaded.adapter.unload()
+        for entry in self._loaded.values():
+            entry.adapter.unload()
         self._loaded.clear()

@@ -88,21 +88,21 @@ class Worker:
         if not frames:
             return outcomes
         try:
-            adapter = await self._manager.acquire(batch.model, self.device, self.executor)
-        except ModelError as e:
-            _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
-            return outcomes + [self._dead(f, "model_error", str(e)) for f in frames]
-        try:
-            results = await self._resilient(adapter, batch, frames)
+            async with self._manager.use(batch.model, self.device, self.executor) as adapter:
+                task = adapter.task
+                results = await self._resilient(adapter, batch, frames)
         except InferenceTimeout:
             self._abandon(batch, frames)
             return outcomes
+        except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
+            _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
+            return outcomes + [self._dead(f, "model_error", str(e)) for f in frames]
         for frame, result in results:
             if isinstance(result, BaseException):
                 outcomes.append(self._dead(frame, "model_error", f"the model failed: {result!r}"))
                 continue
             _to_original_pixels(frame, result)
-            fields = result_fields(frame, model=batch.model, task=adapter.task, prediction=result)
+            fields = result_fields(frame, model=batch.model, task=task, prediction=result)
             outcomes.append(
                 Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields)
             )

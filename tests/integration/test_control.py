@@ -103,3 +103,57 @@ async def test_a_token_guards_everything_but_health_and_metrics(redis_url, tmp_p
         await client.close()
         await daemon.stop()
 
+
+
+async def test_model_routes(redis_url, tmp_path):
+    settings = settings_for(redis_url, tmp_path, fakes={"small": {"memory_mb": 300}, "big": {"memory_mb": 800}},
+                            manager={"max_memory_mb": {"cpu": 1000}})
+    async with running(settings) as daemon:
+        client = await client_for(daemon)
+        try:
+            listed = (await (await client.get("/models")).json())["models"]
+            ids = {m["model"]: m for m in listed}
+            assert {"retinaface/mobilenet", "tiny/det", "fake/small"} <= set(ids)
+            assert ids["retinaface/mobilenet"]["available"] and not ids["fake/small"]["loaded"]
+
+            r = await client.post("/models/fake/small/load?device=cpu")
+            assert r.status == 200 and (await r.json())["memory_mb"] == 300
+            info = await (await client.get("/models/fake/small/info")).json()
+            assert info["task"] == "detect" and info["loaded_on"][0]["device"] == "cpu"
+            assert info["options"]["memory_mb"] == 300
+
+            r = await client.post("/models/fake/big/load")  # 300 + 800 > the 1000 MB budget …
+            assert r.status == 200  # … so the idle small model was evicted (LRU)
+            loaded = (await (await client.get("/models/loaded")).json())["models"]
+            assert [m["model"] for m in loaded] == ["fake/big"]
+
+            r = await client.post("/models/no/such/load")
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+            r = await client.post("/models/fake/small/load?device=cuda:7")
+            assert r.status == 400 and "no worker owns device" in (await r.json())["error"]["message"]
+            r = await client.post("/models/fake/small/unload")
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_loaded"
+            r = await client.post("/models/fake/big/unload")
+            assert (await r.json()) == {"model": "fake/big", "unloaded_from": ["cpu"]}
+
+            await client.post("/models/fake/small/load")
+            r = await client.post("/models/cleanup?inactive_seconds=0")
+            assert (await r.json())["unloaded"] == [{"model": "fake/small", "device": "cpu"}]
+            r = await client.post("/models/cleanup?inactive_seconds=soon")
+            assert r.status == 400
+        finally:
+            await client.close()
+
+
+async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
+    settings = settings_for(redis_url, tmp_path, fakes={"huge": {"memory_mb": 5000}},
+                            manager={"max_memory_mb": {"cpu": 1000}})
+    async with running(settings) as daemon:
+        client = await client_for(daemon)
+        try:
+            r = await client.post("/models/fake/huge/load")
+            body = await r.json()
+            assert r.status == 507 and body["error"]["code"] == "insufficient_memory"
+            assert "5000 MB" in body["error"]["message"]
+        finally:
+            await client.close()

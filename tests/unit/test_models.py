@@ -162,11 +162,16 @@ async def test_manager_loads_once_under_concurrency(tmp_path, monkeypatch):
         return adapter
 
     monkeypatch.setattr(m, "create", counting_create)
+    async def one(pool):
+        async with m.use("det/c", "cpu", pool) as adapter:
+            await asyncio.sleep(0)
+            return adapter
+
     with ThreadPoolExecutor(1) as pool:
-        adapters = await asyncio.gather(*(m.acquire("det/c", "cpu", pool) for _ in range(5)))
+        adapters = await asyncio.gather(*(one(pool) for _ in range(5)))
     assert loads == ["cpu"] and all(a is adapters[0] for a in adapters)
     (info,) = m.loaded()
-    assert info["model"] == "det/c" and info["uses"] == 5
+    assert info["model"] == "det/c" and info["uses"] == 5 and info["in_use"] == 0
     assert m.input_size("det/c") == (64, 64)
 
 

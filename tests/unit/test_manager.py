@@ -1,0 +1,94 @@
+"""The model manager: lazy loading, a memory budget per device with LRU eviction, idle unload."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sightstream.config import ModelEntry
+from sightstream.errors import ModelError
+from sightstream.models.catalogue import Catalogue
+from sightstream.models.manager import ModelManager, ModelTooLarge
+from tests.fake_adapters import entry
+
+
+def manager(budget_mb: float | None = None, **sizes: float) -> ModelManager:
+    catalogue = Catalogue({"fake": {name: ModelEntry(**entry(memory_mb=mb)) for name, mb in sizes.items()}})
+    return ModelManager(catalogue, {"cpu": budget_mb} if budget_mb else None)
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(1) as executor:
+        yield executor
+
+
+async def test_the_least_recently_used_idle_model_is_evicted_to_make_room(pool):
+    m = manager(1000, a=400, b=400, c=400)
+    for name in ("a", "b"):
+        async with m.use(f"fake/{name}", "cpu", pool):
+            pass
+    async with m.use("fake/a", "cpu", pool):  # a is now more recent than b
+        pass
+    async with m.use("fake/c", "cpu", pool):
+        pass
+    assert sorted(x["model"] for x in m.loaded()) == ["fake/a", "fake/c"]
+    assert m.used_mb("cpu") == 800
+
+
+async def test_a_model_in_use_is_never_evicted(pool):
+    m = manager(1000, a=600, b=600)
+    async with m.use("fake/a", "cpu", pool):
+        with pytest.raises(ModelTooLarge, match=r"fake/b needs about 600 MB; cpu has 400 MB free .* in use \(fake/a\)"):
+            async with m.use("fake/b", "cpu", pool):
+                pass
+    async with m.use("fake/b", "cpu", pool):  # once a is idle it can go
+        pass
+    assert [x["model"] for x in m.loaded()] == ["fake/b"]
+
+
+async def test_a_model_bigger_than_the_budget_is_a_clear_error(pool):
+    m = manager(500, huge=2000)
+    with pytest.raises(ModelTooLarge, match="needs about 2000 MB; the budget of cpu is 500 MB"):
+        await m.load("fake/huge", "cpu", pool)
+    assert m.loaded() == []
+
+
+async def test_no_budget_means_no_eviction(pool):
+    m = manager(None, a=10_000, b=10_000)
+    for name in ("a", "b"):
+        await m.load(f"fake/{name}", "cpu", pool)
+    assert len(m.loaded()) == 2
+
+
+async def test_idle_models_are_unloaded(pool):
+    m = manager(None, a=1, b=1)
+    await m.load("fake/a", "cpu", pool)
+    async with m.use("fake/b", "cpu", pool):
+        gone = m.cleanup(inactive_seconds=0)
+        assert gone == [{"model": "fake/a", "device": "cpu"}]  # b is in use
+    assert [x["model"] for x in m.loaded()] == ["fake/b"]
+    assert m.cleanup(inactive_seconds=3600) == []  # b was just used
+
+
+async def test_explicit_unload(pool):
+    m = manager(None, a=1)
+    await m.load("fake/a", "cpu", pool)
+    async with m.use("fake/a", "cpu", pool):
+        with pytest.raises(ModelError, match="in use"):
+            m.unload("fake/a")
+    assert m.unload("fake/a") == ["cpu"] and m.loaded() == []
+
+
+async def test_concurrent_loads_on_one_device_respect_the_budget(pool):
+    m = manager(1000, a=600, b=600)
+
+    async def hold(name: str):
+        async with m.use(f"fake/{name}", "cpu", pool):
+            await asyncio.sleep(0.05)
+
+    results = await asyncio.gather(hold("a"), hold("b"), return_exceptions=True)
+    assert sum(isinstance(r, ModelTooLarge) for r in results) == 1  # never both at once
+    assert m.used_mb("cpu") <= 1000
