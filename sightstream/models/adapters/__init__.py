@@ -14,11 +14,15 @@ from sightstream.errors import ModelError
 ADAPTERS = {
     "yolo": "yolo:YoloDetector",
     "retinaface": "retinaface:RetinaFaceDetector",
+    "hf_detection": "hf_detection:HfDetector",
+    "hf_depth": "hf_depth:HfDepth",
 }
 
 # (backend, task) -> the adapter used when an entry names none
 DEFAULT_ADAPTER = {
     ("onnx", "detect"): "yolo",
+    ("transformers", "detect"): "hf_detection",
+    ("transformers", "depth"): "hf_depth",
 }
 
 

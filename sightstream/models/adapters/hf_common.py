@@ -1,0 +1,78 @@
+"""What every transformers adapter shares: offline loading (a local folder, or a hub id found in
+the local Hugging Face cache, never a download), device and dtype placement, memory size."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sightstream.errors import ModelNotAvailable
+
+
+def offline() -> None:
+    """No hub access at run time, and no chatter from transformers' logger."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def local_source(source: str) -> str:
+    """A local folder, or the cached snapshot of a hub id. Raises ModelNotAvailable."""
+    if Path(source).exists():
+        return source
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelNotAvailable(
+            f"{source} is neither a local folder nor in the local Hugging Face cache; nothing is "
+            f"downloaded at run time: fetch it beforehand (huggingface-cli download {source}) or "
+            "point the entry's path at a local folder"
+        ) from None
+
+
+def torch_device(device: str) -> Any:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from sightstream.errors import ModelError
+
+        raise ModelError(f"device {device} needs a CUDA build of torch and a GPU")
+    return torch.device(device)
+
+
+def place(model: Any, device: str, options: dict[str, Any]) -> Any:
+    """Eval mode on the device; half precision on GPUs (`dtype` option: float16 | bfloat16 |
+    float32), full precision on the CPU."""
+    import torch
+
+    model.eval()
+    if device.startswith("cuda"):
+        dtype = getattr(torch, str(options.get("dtype", "float16")))
+        model = model.to(dtype=dtype)
+    return model.to(torch_device(device))
+
+
+def memory_mb(model: Any) -> float:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def to_device(batch: Any, model: Any) -> Any:
+    """Move processor outputs to the model's device, floats in the model's dtype."""
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(model.device)
+            if value.is_floating_point():
+                value = value.to(model.dtype)
+        out[key] = value
+    return out

@@ -1,0 +1,62 @@
+"""Closed-vocabulary detectors from transformers (DETR, RT-DETR, Conditional/Deformable DETR,
+…): any `AutoModelForObjectDetection` with its image processor, from a local folder or cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+from sightstream.models.adapters import hf_common
+
+
+class HfDetector:
+    task = "detect"
+    takes_prompt = False
+    input_size = None  # the processor resizes; frames are decoded at full size
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self._source = path
+        self._options = options
+        self.score_threshold = float(options.get("score_threshold", 0.5))
+        self.memory_mb = 0.0
+
+    def load(self, device: str) -> None:
+        hf_common.offline()
+        from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+        source = hf_common.local_source(self._source)
+        self._processor = AutoImageProcessor.from_pretrained(source)
+        model = AutoModelForObjectDetection.from_pretrained(source)
+        self._model = hf_common.place(model, device, self._options)
+        self.memory_mb = hf_common.memory_mb(self._model)
+        self._labels = self._model.config.id2label
+
+    def unload(self) -> None:
+        self._model = self._processor = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        import torch
+
+        inputs = hf_common.to_device(self._processor(images=images, return_tensors="pt"), self._model)
+        with torch.inference_mode():
+            outputs = self._model(**inputs)
+        sizes = [img.shape[:2] for img in images]
+        found = self._processor.post_process_object_detection(
+            outputs, threshold=self.score_threshold, target_sizes=sizes
+        )
+        return [_prediction(r, h, w, self._labels) for r, (h, w) in zip(found, sizes)]
+
+
+def _prediction(found: dict, height: int, width: int, labels: dict) -> Prediction:
+    detections = []
+    order = found["scores"].float().argsort(descending=True)
+    for i in order.tolist():
+        box = [round(float(v), 1) for v in found["boxes"][i].float().clamp(min=0).tolist()]
+        box = [min(box[0], width), min(box[1], height), min(box[2], width), min(box[3], height)]
+        cid = int(found["labels"][i])
+        detections.append({"box": box, "score": round(float(found["scores"][i]), 4),
+                           "label": labels.get(cid, str(cid)), "class_id": cid})
+    return Prediction({"width": width, "height": height, "detections": detections})

@@ -1,0 +1,78 @@
+"""Every model family through the real pipeline (real Redis): a tiny random-init model built
+offline, loaded through a catalogue entry as a user's would be, and a result per contract."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import tiny_hf
+from tests.conftest import encode
+from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "detr": tiny_hf.detr(root / "detr"),
+        "rtdetr": tiny_hf.rtdetr(root / "rtdetr"),
+        "depth": tiny_hf.depth_anything(root / "depth"),
+    }
+
+
+def run_family(redis_url, sync_redis, tmp_path, model_entry: dict, images: list[bytes], **pipeline):
+    settings = settings_for(redis_url, tmp_path, [{"model": "user/model", "batch_size": len(images),
+                                                    "batch_timeout_ms": 500, **pipeline}])
+    settings.models["user"] = {"model": type(settings.models["tiny"]["det"])(**model_entry)}
+    for image in images:
+        sync_redis.xadd("frames:{f}", {"image": image})
+    return settings
+
+
+async def process(settings, sync_redis, n: int):
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{f}") == n, 60, f"{n} results")
+    assert pending(sync_redis, "frames:{f}") == 0
+    return entries(sync_redis, "results:people:frames:{f}")
+
+
+@pytest.mark.parametrize("family", ["detr", "rtdetr"])
+async def test_transformers_detectors(family, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+    images = [encode(gradient), encode(astronaut)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "detect", "path": str(hf_models[family]),
+                           "score_threshold": 0.0}, images)
+    results = await process(settings, sync_redis, 2)
+    sizes = {(96, 64), (512, 512)}
+    for _, f in results:
+        assert f["task"] == b"detect" and f["model"] == b"user/model"
+        r = json.loads(f["result"])
+        assert (r["width"], r["height"]) in sizes
+        assert r["detections"], "threshold 0 keeps every query"
+        for det in r["detections"]:
+            x1, y1, x2, y2 = det["box"]
+            assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+            assert det["label"] in ("cat", "dog") and det["class_id"] in (0, 1) and 0 <= det["score"] <= 1
+        scores = [d["score"] for d in r["detections"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+    images = [encode(gradient), encode(astronaut)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "depth", "path": str(hf_models["depth"])}, images)
+    results = await process(settings, sync_redis, 2)
+    for _, f in results:
+        assert f["task"] == b"depth"
+        r = json.loads(f["result"])
+        depth = Image.open(io.BytesIO(f["depth"]))
+        assert depth.size == (r["width"], r["height"]) and depth.mode.startswith("I;16")
+        values = np.asarray(depth)
+        assert r["min"] <= r["max"] and values.min() == 0 and values.max() == 65535

@@ -1,0 +1,74 @@
+"""Tiny random-init transformers models, built offline and saved with save_pretrained: loaded
+through a `[models.<family>.<variant>] path = <folder>` entry, as a user's model would be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = {0: "cat", 1: "dog"}
+
+
+def _quiet() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def detr(folder: Path) -> Path:
+    _quiet()
+    import torch
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+    from transformers.models.detr.image_processing_pil_detr import DetrImageProcessorPil
+
+    torch.manual_seed(0)
+    backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                            out_features=["stage4"])
+    config = DetrConfig(
+        use_timm_backbone=False, backbone_config=backbone, d_model=32, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, num_queries=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+    )
+    DetrForObjectDetection(config).save_pretrained(folder)
+    DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    return folder
+
+
+def rtdetr(folder: Path) -> Path:
+    _quiet()
+    import torch
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+    from transformers.models.rt_detr.image_processing_pil_rt_detr import RTDetrImageProcessorPil
+
+    torch.manual_seed(0)
+    backbone = RTDetrResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
+                                  out_features=["stage2", "stage3", "stage4"])
+    config = RTDetrConfig(
+        backbone_config=backbone, d_model=32, encoder_hidden_dim=32, encoder_in_channels=[16, 16, 32],
+        decoder_in_channels=[32, 32, 32], encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1,
+        decoder_layers=1, num_queries=10, num_denoising=0, encoder_attention_heads=2,
+        decoder_attention_heads=2, decoder_n_points=2, id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
+    RTDetrForObjectDetection(config).save_pretrained(folder)
+    RTDetrImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+def depth_anything(folder: Path) -> Path:
+    _quiet()
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, image_size=112, patch_size=14,
+                            out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 64],
+                                 fusion_hidden_size=16, reassemble_hidden_size=32, patch_size=14)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessorPil(size={"height": 112, "width": 112}, keep_aspect_ratio=True,
+                         ensure_multiple_of=14, do_pad=False).save_pretrained(folder)
+    return folder
