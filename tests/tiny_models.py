@@ -57,3 +57,29 @@ def broken_model(path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, path)
     return path
+
+
+def red_segmenter(path: Path, size: int = 32) -> Path:
+    """Semantic segmentation: class 1 where red > green, else class 0 (scores [batch, 2, h, w])."""
+    nodes = [
+        helper.make_node("Slice", ["x", "c0", "c1", "axis1"], ["red"]),
+        helper.make_node("Slice", ["x", "c1", "c2", "axis1"], ["green"]),
+        helper.make_node("Sub", ["red", "green"], ["diff"]),
+        helper.make_node("Mul", ["diff", "zero"], ["background"]),
+        helper.make_node("Concat", ["background", "diff"], ["scores"], axis=1),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([v], dtype=np.int64), name)
+        for name, v in (("c0", 0), ("c1", 1), ("c2", 2), ("axis1", 1))
+    ] + [numpy_helper.from_array(np.zeros((1,), dtype=np.float32), "zero")]
+    graph = helper.make_graph(
+        nodes, "red_segmenter",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 2, size, size])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path

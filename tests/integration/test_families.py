@@ -76,3 +76,34 @@ async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradie
         assert depth.size == (r["width"], r["height"]) and depth.mode.startswith("I;16")
         values = np.asarray(depth)
         assert r["min"] <= r["max"] and values.min() == 0 and values.max() == 65535
+
+
+async def test_onnx_semantic_segmentation(redis_url, sync_redis, tmp_path):
+    from tests.tiny_models import red_segmenter
+    from tests.unit.test_masks import rle_decode
+
+    frame = np.zeros((40, 60, 3), np.uint8)
+    frame[:, :30] = (255, 0, 0)  # red left half: class 1
+    frame[:, 30:] = (0, 255, 0)  # green right half: background
+    settings = run_family(
+        redis_url, sync_redis, tmp_path,
+        {"backend": "onnx", "task": "segment", "path": str(red_segmenter(tmp_path / "seg.onnx")),
+         "input_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1], "input_name": "x",
+         "output_name": "scores", "background_class_id": 0, "labels": ["background", "red"],
+         "packbits": True},
+        [encode(frame, "PNG")] * 2,
+    )
+    results = await process(settings, sync_redis, 2)
+    for _, f in results:
+        assert f["task"] == b"segment"
+        r = json.loads(f["result"])
+        assert (r["width"], r["height"]) == (60, 40)
+        (m,) = r["masks"]
+        assert m["label"] == "red" and m["class_id"] == 1
+        decoded = rle_decode(m["rle"])
+        expected = np.zeros((40, 60), bool)
+        expected[:, :30] = True
+        assert (decoded != expected).sum() <= 40  # nearest resize of a 32-px map: a column at most
+        assert m["area"] == int(decoded.sum()) and "packbits" in m
+        class_map = np.asarray(Image.open(io.BytesIO(f["mask"])))
+        assert class_map.shape == (40, 60) and np.array_equal(class_map == 1, decoded)

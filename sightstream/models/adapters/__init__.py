@@ -14,6 +14,7 @@ from sightstream.errors import ModelError
 ADAPTERS = {
     "yolo": "yolo:YoloDetector",
     "retinaface": "retinaface:RetinaFaceDetector",
+    "onnx_segment": "onnx_segment:OnnxSegmenter",
     "hf_detection": "hf_detection:HfDetector",
     "hf_depth": "hf_depth:HfDepth",
 }
@@ -21,6 +22,7 @@ ADAPTERS = {
 # (backend, task) -> the adapter used when an entry names none
 DEFAULT_ADAPTER = {
     ("onnx", "detect"): "yolo",
+    ("onnx", "segment"): "onnx_segment",
     ("transformers", "detect"): "hf_detection",
     ("transformers", "depth"): "hf_depth",
 }

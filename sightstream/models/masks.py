@@ -1,0 +1,48 @@
+"""Mask encodings for segmentation results: COCO RLE (the compressed string pycocotools
+writes, so `pycocotools.mask.decode` reads it), PNG, and packbits."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """Run lengths of a boolean HxW mask in column-major order, starting with a run of 0s."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    if flat.size == 0:
+        return []
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO RLE: {"size": [h, w], "counts": compressed string} (pycocotools' rleToString)."""
+    counts = rle_counts(mask)
+    chars = []
+    for i, value in enumerate(counts):
+        x = value - counts[i - 2] if i > 2 else value
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (c & 0x10) else (x != 0)
+            if more:
+                c |= 0x20
+            chars.append(chr(c + 48))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def packbits(mask: np.ndarray) -> str:
+    """Row-major bits of a boolean mask, packed 8 to a byte (numpy.packbits), base64."""
+    return base64.b64encode(np.packbits(mask.astype(bool), axis=None).tobytes()).decode()
