@@ -185,3 +185,6 @@ class Batch:
     max_age_ms: int
     frames: list[Frame]
     prompt_text: str = ""
+    # The configured prompt is version 1; the versioned prompt store (PUT …/prompt) comes with
+    # the control plane's prompt routes.
+    prompt_version: int = 1

@@ -72,3 +72,44 @@ def depth_anything(folder: Path) -> Path:
     DPTImageProcessorPil(size={"height": 112, "width": 112}, keep_aspect_ratio=True,
                          ensure_multiple_of=14, do_pad=False).save_pretrained(folder)
     return folder
+
+
+def clip_tokenizer(words: list[str]):
+    """A byte-pair tokenizer that knows whole `words` (and single letters for anything else)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"!": 0}
+    for c in "abcdefghijklmnopqrstuvwxyz.":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)  # OWL reads a query's first token id > 0 as "present"
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def owlv2(folder: Path) -> Path:
+    _quiet()
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(["person", "car", "dog", "cat"])
+    config = Owlv2Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 128, "patch_size": 16},
+        projection_dim=64,
+    )
+    Owlv2ForObjectDetection(config).save_pretrained(folder)
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 128, "width": 128}),
+                               tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    return folder

@@ -32,7 +32,7 @@ from sightstream.frames import (
     scale_detections,
 )
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter
+from sightstream.models.adapter import Adapter, Prompt
 from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import STOP
 
@@ -89,7 +89,7 @@ class Worker:
             return outcomes
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
-                task = adapter.task
+                task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames)
         except InferenceTimeout:
             self._abandon(batch, frames)
@@ -102,7 +102,8 @@ class Worker:
                 outcomes.append(self._dead(frame, "model_error", f"the model failed: {result!r}"))
                 continue
             _to_original_pixels(frame, result)
-            fields = result_fields(frame, model=batch.model, task=task, prediction=result)
+            fields = result_fields(frame, model=batch.model, task=task, prediction=result,
+                                   prompt_version=batch.prompt_version if takes_prompt else None)
             outcomes.append(
                 Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields)
             )
@@ -136,7 +137,8 @@ class Worker:
     async def _infer(self, adapter: Adapter, batch: Batch, frames: list[Frame]) -> list[Prediction]:
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         started = time.perf_counter()
-        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, images, None)
+        prompt = Prompt(batch.prompt_text, batch.prompt_version) if adapter.takes_prompt else None
+        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, images, prompt)
         try:
             predictions = await asyncio.wait_for(call, self._timeout_s)
         except TimeoutError:

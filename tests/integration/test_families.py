@@ -24,6 +24,7 @@ def hf_models(tmp_path_factory):
         "detr": tiny_hf.detr(root / "detr"),
         "rtdetr": tiny_hf.rtdetr(root / "rtdetr"),
         "depth": tiny_hf.depth_anything(root / "depth"),
+        "owlv2": tiny_hf.owlv2(root / "owlv2"),
     }
 
 
@@ -107,3 +108,27 @@ async def test_onnx_semantic_segmentation(redis_url, sync_redis, tmp_path):
         assert m["area"] == int(decoded.sum()) and "packbits" in m
         class_map = np.asarray(Image.open(io.BytesIO(f["mask"])))
         assert class_map.shape == (40, 60) and np.array_equal(class_map == 1, decoded)
+
+
+async def test_open_vocabulary_detection_takes_its_labels_from_the_prompt(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+    images = [encode(gradient), encode(astronaut)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "detect", "adapter": "hf_open_vocab",
+                           "path": str(hf_models["owlv2"]), "score_threshold": 0.0},
+                          images, prompt="person. car.")
+    results = await process(settings, sync_redis, 2)
+    for _, f in results:
+        assert f["prompt_version"] == b"1"  # a prompted model's results carry the prompt's version
+        r = json.loads(f["result"])
+        assert r["detections"]
+        for det in r["detections"]:
+            assert det["label"] in ("person", "car") and det["class_id"] == ["person", "car"].index(det["label"])
+            x1, y1, x2, y2 = det["box"]
+            assert 0 <= x1 <= x2 <= r["width"] and 0 <= y1 <= y2 <= r["height"]
+
+
+def test_prompt_labels():
+    from sightstream.models.adapters.hf_open_vocab import prompt_labels
+
+    assert prompt_labels("person. red car, dog;\nbag.") == ["person", "red car", "dog", "bag"]
+    assert prompt_labels("  ") == []

@@ -17,6 +17,7 @@ ADAPTERS = {
     "onnx_segment": "onnx_segment:OnnxSegmenter",
     "hf_detection": "hf_detection:HfDetector",
     "hf_depth": "hf_depth:HfDepth",
+    "hf_open_vocab": "hf_open_vocab:HfOpenVocabDetector",
 }
 
 # (backend, task) -> the adapter used when an entry names none

@@ -60,7 +60,7 @@ class OnnxSegmenter:
             resized = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
             batch[i] = ((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1)
         outputs = dict(zip([o.name for o in self._session.get_outputs()],
-                           run_batched(self._session, self.input_name, batch)))
+                           run_batched(self._session, str(self.input_name), batch)))
         raw = outputs[self.output_name]
         if len(raw) != len(images):
             raise BatchSizeMismatch(f"the model returned {len(raw)} maps for {len(images)} images")
@@ -69,7 +69,8 @@ class OnnxSegmenter:
 
     def _prediction(self, class_map: np.ndarray, width: int, height: int) -> Prediction:
         dtype = np.uint8 if class_map.max(initial=0) < 256 else np.uint16
-        full = np.asarray(Image.fromarray(class_map.astype(dtype)).resize((width, height), Image.Resampling.NEAREST))
+        small = Image.fromarray(class_map.astype(dtype))
+        full = np.asarray(small.resize((width, height), Image.Resampling.NEAREST))
         found = []
         for cid in np.unique(full).tolist():
             if cid == self.background:

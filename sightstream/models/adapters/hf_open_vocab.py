@@ -1,0 +1,89 @@
+"""Open-vocabulary detection from transformers: OWL-ViT, OWLv2 and Grounding DINO (any
+`AutoModelForZeroShotObjectDetection`). The prompt names what to find: "person. car. red bag"
+(labels split on `.`, `,`, `;` or new lines); each detection's label is one of them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+from sightstream.models.adapters import hf_common
+
+
+def prompt_labels(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"[.,;\n]", text) if s.strip()]
+
+
+class HfOpenVocabDetector:
+    task = "detect"
+    takes_prompt = True
+    input_size = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self._source = path
+        self._options = options
+        self.score_threshold = float(options.get("score_threshold", 0.1))
+        self.text_threshold = float(options.get("text_threshold", 0.25))  # Grounding DINO only
+        self.memory_mb = 0.0
+
+    def load(self, device: str) -> None:
+        hf_common.offline()
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        source = hf_common.local_source(self._source)
+        self._processor = AutoProcessor.from_pretrained(source)
+        model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
+        self._model = hf_common.place(model, device, self._options)
+        self._kind = self._model.config.model_type  # owlvit | owlv2 | grounding-dino
+        self.memory_mb = hf_common.memory_mb(self._model)
+
+    def unload(self) -> None:
+        self._model = self._processor = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        import torch
+
+        labels = prompt_labels(prompt.text) if prompt else []
+        sizes = [img.shape[:2] for img in images]
+        if not labels:  # nothing asked for: nothing found
+            return [Prediction({"width": w, "height": h, "detections": []}) for h, w in sizes]
+        if self._kind == "grounding-dino":
+            text = ". ".join(labels) + "."
+            inputs = self._processor(images=images, text=[text] * len(images), return_tensors="pt",
+                                     padding=True)
+        else:
+            inputs = self._processor(text=[labels] * len(images), images=images, return_tensors="pt",
+                                     padding=True, truncation=True)
+        inputs = hf_common.to_device(inputs, self._model)
+        with torch.inference_mode():
+            outputs = self._model(**inputs)
+        # OWLv2 pads frames to a square before resizing: its boxes are relative to that square.
+        targets = [(max(h, w), max(h, w)) if self._kind == "owlv2" else (h, w) for h, w in sizes]
+        if self._kind == "grounding-dino":
+            found = self._processor.post_process_grounded_object_detection(
+                outputs, inputs["input_ids"], threshold=self.score_threshold,
+                text_threshold=self.text_threshold, target_sizes=targets,
+            )
+        else:
+            found = self._processor.post_process_grounded_object_detection(
+                outputs, threshold=self.score_threshold, target_sizes=targets,
+                text_labels=[labels] * len(images),
+            )
+        return [_prediction(r, h, w, labels) for r, (h, w) in zip(found, sizes)]
+
+
+def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Prediction:
+    names = found.get("text_labels") or found.get("labels")
+    detections = []
+    for i in found["scores"].float().argsort(descending=True).tolist():
+        x1, y1, x2, y2 = (float(v) for v in found["boxes"][i].float().tolist())
+        box = [round(min(max(x1, 0), width), 1), round(min(max(y1, 0), height), 1),
+               round(min(max(x2, 0), width), 1), round(min(max(y2, 0), height), 1)]
+        label = str(names[i]) if names is not None else ""
+        detections.append({"box": box, "score": round(float(found["scores"][i]), 4), "label": label,
+                           "class_id": labels.index(label) if label in labels else -1})
+    return Prediction({"width": width, "height": height, "detections": detections})
