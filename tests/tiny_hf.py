@@ -113,3 +113,35 @@ def owlv2(folder: Path) -> Path:
                                tokenizer=tokenizer)
     processor.save_pretrained(folder)
     return folder
+
+
+def blip(folder: Path, task: str) -> Path:
+    """A tiny BLIP for captions (`task="caption"`) or questions (`task="vqa"`)."""
+    _quiet()
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForQuestionAnswering,
+        BlipProcessor,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "the",
+             "person", "what", "is", "in", "image", "?", "cat", "dog", "red", "car", "on", "street"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
+    torch.manual_seed(0)
+    config = BlipConfig(
+        text_config={"vocab_size": len(words), "hidden_size": 32, "intermediate_size": 32,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
+                     "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3},
+        vision_config={"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 96, "patch_size": 16},
+        projection_dim=32,
+    )
+    cls = BlipForQuestionAnswering if task == "vqa" else BlipForConditionalGeneration
+    cls(config).save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 96, "width": 96}),
+                  tokenizer=tokenizer).save_pretrained(folder)
+    return folder

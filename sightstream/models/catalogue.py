@@ -115,6 +115,11 @@ BUILTIN = (
     Entry("grounding_dino", "tiny", "transformers", "detect", "hf_open_vocab",
           "IDEA-Research/grounding-dino-tiny", licence="Apache-2.0",
           description="Grounding DINO, tiny: open vocabulary from the prompt"),
+    Entry("blip", "caption-base", "transformers", "caption", "hf_vlm",
+          "Salesforce/blip-image-captioning-base", {"task": "caption"}, licence="BSD-3-Clause",
+          description="BLIP captions; the prompt, if any, starts the caption"),
+    Entry("blip", "vqa-base", "transformers", "vqa", "hf_vlm", "Salesforce/blip-vqa-base",
+          {"task": "vqa"}, licence="BSD-3-Clause", description="BLIP answers the prompt's question"),
     Entry("depth_anything", "v2-small", "transformers", "depth", "hf_depth",
           "depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0",
           description="Depth Anything V2, small: relative depth, 16-bit PNG"),
@@ -144,7 +149,7 @@ class Catalogue:
 
 
 def _from_config(family: str, variant: str, cfg: ModelEntry) -> Entry:
-    options = dict(cfg.model_extra or {})
+    options = {"task": cfg.task, **(cfg.model_extra or {})}
     adapter = cfg.adapter or DEFAULT_ADAPTER.get((cfg.backend, cfg.task), "")
     if not adapter:
         raise UnknownModel(

@@ -25,6 +25,8 @@ def hf_models(tmp_path_factory):
         "rtdetr": tiny_hf.rtdetr(root / "rtdetr"),
         "depth": tiny_hf.depth_anything(root / "depth"),
         "owlv2": tiny_hf.owlv2(root / "owlv2"),
+        "caption": tiny_hf.blip(root / "caption", "caption"),
+        "vqa": tiny_hf.blip(root / "vqa", "vqa"),
     }
 
 
@@ -132,3 +134,30 @@ def test_prompt_labels():
 
     assert prompt_labels("person. red car, dog;\nbag.") == ["person", "red car", "dog", "bag"]
     assert prompt_labels("  ") == []
+
+
+@pytest.mark.parametrize("task,prompt", [("caption", ""), ("caption", "a photo of"), ("vqa", "what is in the image?")])
+async def test_image_to_text(task, prompt, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+    images = [encode(gradient), encode(astronaut), encode(gradient)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": task, "path": str(hf_models[task]),
+                           "max_new_tokens": 6}, images, prompt=prompt)
+    results = await process(settings, sync_redis, 3)
+    for _, f in results:
+        assert f["task"] == task.encode() and f["prompt_version"] == b"1"
+        r = json.loads(f["result"])
+        assert set(r) == {"text"} and isinstance(r["text"], str)
+        words = r["text"].split()
+        assert len(words) <= 6 + len(prompt.split())  # max_new_tokens bounds the generation
+        if task == "caption" and prompt:
+            assert r["text"].startswith(prompt)  # a caption prompt starts the caption
+
+
+async def test_a_vqa_pipeline_without_a_question_dead_letters_with_a_reason(hf_models, redis_url, sync_redis, tmp_path, gradient):
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "vqa", "path": str(hf_models["vqa"])},
+                          [encode(gradient)])
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
+    assert dead["reason"] == b"model_error" and b"needs a question" in dead["error"]

@@ -18,6 +18,7 @@ ADAPTERS = {
     "hf_detection": "hf_detection:HfDetector",
     "hf_depth": "hf_depth:HfDepth",
     "hf_open_vocab": "hf_open_vocab:HfOpenVocabDetector",
+    "hf_vlm": "hf_vlm:HfImageToText",
 }
 
 # (backend, task) -> the adapter used when an entry names none
@@ -26,6 +27,8 @@ DEFAULT_ADAPTER = {
     ("onnx", "segment"): "onnx_segment",
     ("transformers", "detect"): "hf_detection",
     ("transformers", "depth"): "hf_depth",
+    ("transformers", "caption"): "hf_vlm",
+    ("transformers", "vqa"): "hf_vlm",
 }
 
 
