@@ -145,3 +145,31 @@ def blip(folder: Path, task: str) -> Path:
     BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 96, "width": 96}),
                   tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def sam2(folder: Path) -> Path:
+    """A tiny SAM2 (Hiera with blocks_per_stage [1, 1, 2, 1]: a global block first in a stage
+    divides by zero) on 256-pixel inputs."""
+    _quiet()
+    import torch
+    from transformers import Sam2Config, Sam2Model
+    from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
+
+    torch.manual_seed(0)
+    hiera = Sam2HieraDetConfig(
+        hidden_size=16, num_attention_heads=1, image_size=[256, 256], blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[8, 4, 14, 7], global_attention_blocks=[3],
+        window_positional_embedding_background_size=[7, 7],
+    )
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
+                              backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]], fpn_hidden_size=32)
+    config = Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 32, "image_size": 256, "patch_size": 16, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 32, "num_multimask_outputs": 3, "iou_head_depth": 2,
+                             "iou_head_hidden_dim": 32, "mlp_dim": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2},
+    )
+    Sam2Model(config).save_pretrained(folder)
+    return folder

@@ -120,6 +120,8 @@ BUILTIN = (
           description="BLIP captions; the prompt, if any, starts the caption"),
     Entry("blip", "vqa-base", "transformers", "vqa", "hf_vlm", "Salesforce/blip-vqa-base",
           {"task": "vqa"}, licence="BSD-3-Clause", description="BLIP answers the prompt's question"),
+    Entry("sam2", "hiera-tiny", "transformers", "segment", "hf_sam2", "facebook/sam2.1-hiera-tiny",
+          licence="Apache-2.0", description="SAM2.1, Hiera tiny: masks for the prompt's boxes or points"),
     Entry("depth_anything", "v2-small", "transformers", "depth", "hf_depth",
           "depth-anything/Depth-Anything-V2-Small-hf", licence="Apache-2.0",
           description="Depth Anything V2, small: relative depth, 16-bit PNG"),

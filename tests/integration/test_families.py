@@ -27,6 +27,7 @@ def hf_models(tmp_path_factory):
         "owlv2": tiny_hf.owlv2(root / "owlv2"),
         "caption": tiny_hf.blip(root / "caption", "caption"),
         "vqa": tiny_hf.blip(root / "vqa", "vqa"),
+        "sam2": tiny_hf.sam2(root / "sam2"),
     }
 
 
@@ -161,3 +162,36 @@ async def test_a_vqa_pipeline_without_a_question_dead_letters_with_a_reason(hf_m
         await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
     assert dead["reason"] == b"model_error" and b"needs a question" in dead["error"]
+
+
+@pytest.mark.parametrize("prompt,objects", [
+    ('{"boxes": [[10, 10, 60, 40], [100, 100, 300, 300]]}', 2),
+    ('{"points": [[50, 50], [200, 220]], "point_labels": [1, 1]}', 2),
+])
+async def test_sam2_segments_the_prompted_objects(prompt, objects, hf_models, redis_url, sync_redis, tmp_path, astronaut, gradient):
+    from tests.unit.test_masks import rle_decode
+
+    images = [encode(astronaut), encode(gradient)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "segment", "path": str(hf_models["sam2"])},
+                          images, prompt=prompt)
+    results = await process(settings, sync_redis, 2)
+    for _, f in results:
+        assert f["task"] == b"segment" and f["prompt_version"] == b"1"
+        r = json.loads(f["result"])
+        assert len(r["masks"]) == objects
+        index = np.asarray(Image.open(io.BytesIO(f["mask"])))
+        assert index.shape == (r["height"], r["width"])
+        for m in r["masks"]:
+            decoded = rle_decode(m["rle"])
+            assert decoded.shape == index.shape and m["area"] == int(decoded.sum())
+
+
+async def test_a_bad_sam2_prompt_dead_letters_with_a_reason(hf_models, redis_url, sync_redis, tmp_path, gradient):
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "segment", "path": str(hf_models["sam2"])},
+                          [encode(gradient)], prompt="the dog please")
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
+    assert b"a SAM2 prompt is JSON" in dead["error"]

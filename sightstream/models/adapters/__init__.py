@@ -19,6 +19,7 @@ ADAPTERS = {
     "hf_depth": "hf_depth:HfDepth",
     "hf_open_vocab": "hf_open_vocab:HfOpenVocabDetector",
     "hf_vlm": "hf_vlm:HfImageToText",
+    "hf_sam2": "hf_sam2:HfSam2",
 }
 
 # (backend, task) -> the adapter used when an entry names none
@@ -29,6 +30,7 @@ DEFAULT_ADAPTER = {
     ("transformers", "depth"): "hf_depth",
     ("transformers", "caption"): "hf_vlm",
     ("transformers", "vqa"): "hf_vlm",
+    ("transformers", "segment"): "hf_sam2",
 }
 
 
