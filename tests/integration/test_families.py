@@ -28,6 +28,7 @@ def hf_models(tmp_path_factory):
         "caption": tiny_hf.blip(root / "caption", "caption"),
         "vqa": tiny_hf.blip(root / "vqa", "vqa"),
         "sam2": tiny_hf.sam2(root / "sam2"),
+        "qwen": tiny_hf.qwen2_5_vl(root / "qwen"),
     }
 
 
@@ -195,3 +196,17 @@ async def test_a_bad_sam2_prompt_dead_letters_with_a_reason(hf_models, redis_url
         await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
     assert b"a SAM2 prompt is JSON" in dead["error"]
+
+
+@pytest.mark.parametrize("task,prompt", [("caption", ""), ("vqa", "what is in the image?")])
+async def test_qwen2_5_vl(task, prompt, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+    images = [encode(gradient), encode(astronaut), encode(astronaut[:200, :100])]  # three shapes, one batch
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": task, "adapter": "hf_qwen_vl",
+                           "path": str(hf_models["qwen"]), "max_new_tokens": 5}, images, prompt=prompt)
+    results = await process(settings, sync_redis, 3)
+    for _, f in results:
+        assert f["task"] == task.encode() and f["prompt_version"] == b"1"
+        r = json.loads(f["result"])
+        assert set(r) == {"text"} and isinstance(r["text"], str)
+        assert "<|" not in r["text"] and "what is in the image" not in r["text"]  # only new tokens

@@ -20,6 +20,7 @@ ADAPTERS = {
     "hf_open_vocab": "hf_open_vocab:HfOpenVocabDetector",
     "hf_vlm": "hf_vlm:HfImageToText",
     "hf_sam2": "hf_sam2:HfSam2",
+    "hf_qwen_vl": "hf_qwen_vl:HfQwenVL",
 }
 
 # (backend, task) -> the adapter used when an entry names none

@@ -1,0 +1,74 @@
+"""Qwen2-VL and Qwen2.5-VL: captions and answers from a chat VLM, with batched generation.
+
+Their processor class needs torchvision (for video), so the adapter composes the image
+processor and the tokenizer itself: it writes the chat turn, expands the image placeholder
+to the number of vision tokens the image yields (grid t*h*w / merge²), pads on the left and
+generates. Only the new tokens are decoded. Result: `{"text": "..."}`.
+Options: `task` (caption | vqa), `max_new_tokens` (64), `caption_question` (the question
+asked for captions: "Describe this image in one sentence."), `min_pixels` / `max_pixels`
+(the image processor's resolution bounds), `dtype` on GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sightstream.errors import ModelError
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+from sightstream.models.adapters import hf_common
+
+TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+class HfQwenVL:
+    takes_prompt = True
+    input_size = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self._source = path
+        self._options = options
+        self.task = str(options.get("task", "caption"))
+        self.max_new_tokens = int(options.get("max_new_tokens", 64))
+        self.caption_question = str(options.get("caption_question", "Describe this image in one sentence."))
+        self.memory_mb = 0.0
+
+    def load(self, device: str) -> None:
+        hf_common.offline()
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        source = hf_common.local_source(self._source)
+        bounds = {k: int(self._options[k]) for k in ("min_pixels", "max_pixels") if k in self._options}
+        self._images = AutoImageProcessor.from_pretrained(source, **bounds)
+        self._tokenizer = AutoTokenizer.from_pretrained(source)
+        self._tokenizer.padding_side = "left"  # batched generation continues every row at its end
+        model = AutoModelForImageTextToText.from_pretrained(source)
+        self._model = hf_common.place(model, device, self._options)
+        self._pad = self._tokenizer.convert_ids_to_tokens(self._model.config.image_token_id)
+        self._merge = int(self._model.config.vision_config.spatial_merge_size)
+        self.memory_mb = hf_common.memory_mb(self._model)
+
+    def unload(self) -> None:
+        self._model = self._tokenizer = self._images = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        import torch
+
+        question = prompt.text.strip() if prompt else ""
+        if self.task == "vqa" and not question:
+            raise ModelError("a vqa model needs a question: set the pipeline's prompt")
+        question = question or self.caption_question
+        vision = self._images(images=images, return_tensors="pt")
+        grids = vision["image_grid_thw"]
+        texts = [TURN.format(image=self._pad * (int(g.prod()) // self._merge**2), question=question)
+                 for g in grids]
+        tokens = self._tokenizer(texts, return_tensors="pt", padding=True)
+        inputs = hf_common.to_device({**tokens, **vision}, self._model)
+        with torch.inference_mode():
+            ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = ids[:, tokens["input_ids"].shape[1]:]
+        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [Prediction({"text": t.strip()}) for t in texts]
