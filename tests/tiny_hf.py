@@ -214,3 +214,40 @@ def qwen2_5_vl(folder: Path) -> Path:
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
     return folder
+
+
+def grounding_dino(folder: Path) -> Path:
+    """A tiny Grounding DINO (Swin backbone, BERT text encoder; decoder_layers >= 2, or its
+    weight tying fails)."""
+    _quiet()
+    import torch
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+    from transformers.models.grounding_dino.image_processing_pil_grounding_dino import (
+        GroundingDinoImageProcessorPil,
+    )
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "person", "car", "dog", "cat", "a", "red"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          image_size=64, out_features=["stage2", "stage3", "stage4"])
+    config = GroundingDinoConfig(
+        backbone_config=backbone, use_timm_backbone=False,
+        text_config={"vocab_size": len(words), "hidden_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64},
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=10,
+        num_feature_levels=3, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
+    )
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}),
+        tokenizer=tokenizer,
+    ).save_pretrained(folder)
+    return folder

@@ -25,6 +25,7 @@ def hf_models(tmp_path_factory):
         "rtdetr": tiny_hf.rtdetr(root / "rtdetr"),
         "depth": tiny_hf.depth_anything(root / "depth"),
         "owlv2": tiny_hf.owlv2(root / "owlv2"),
+        "grounding_dino": tiny_hf.grounding_dino(root / "grounding_dino"),
         "caption": tiny_hf.blip(root / "caption", "caption"),
         "vqa": tiny_hf.blip(root / "vqa", "vqa"),
         "sam2": tiny_hf.sam2(root / "sam2"),
@@ -114,11 +115,12 @@ async def test_onnx_semantic_segmentation(redis_url, sync_redis, tmp_path):
         assert class_map.shape == (40, 60) and np.array_equal(class_map == 1, decoded)
 
 
-async def test_open_vocabulary_detection_takes_its_labels_from_the_prompt(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
+@pytest.mark.parametrize("family", ["owlv2", "grounding_dino"])
+async def test_open_vocabulary_detection_takes_its_labels_from_the_prompt(family, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
     images = [encode(gradient), encode(astronaut)]
     settings = run_family(redis_url, sync_redis, tmp_path,
                           {"backend": "transformers", "task": "detect", "adapter": "hf_open_vocab",
-                           "path": str(hf_models["owlv2"]), "score_threshold": 0.0},
+                           "path": str(hf_models[family]), "score_threshold": 0.0, "text_threshold": 0.0},
                           images, prompt="person. car.")
     results = await process(settings, sync_redis, 2)
     for _, f in results:
@@ -136,6 +138,15 @@ def test_prompt_labels():
 
     assert prompt_labels("person. red car, dog;\nbag.") == ["person", "red car", "dog", "bag"]
     assert prompt_labels("  ") == []
+
+
+def test_phrases_map_to_prompt_labels():
+    from sightstream.models.adapters.hf_open_vocab import match_label
+
+    labels = ["person", "red car"]
+    assert match_label("red car", labels) == ("red car", 1)
+    assert match_label("a red car [SEP]", labels) == ("red car", 1)
+    assert match_label("bicycle", labels) == ("bicycle", -1)
 
 
 @pytest.mark.parametrize("task,prompt", [("caption", ""), ("caption", "a photo of"), ("vqa", "what is in the image?")])

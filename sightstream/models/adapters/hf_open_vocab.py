@@ -76,14 +76,26 @@ class HfOpenVocabDetector:
         return [_prediction(r, h, w, labels) for r, (h, w) in zip(found, sizes)]
 
 
+def match_label(phrase: str, labels: list[str]) -> tuple[str, int]:
+    """A prompt label for the phrase a model attached to a box (Grounding DINO returns the
+    matched text span): the label itself, else the first label the phrase contains."""
+    if phrase in labels:
+        return phrase, labels.index(phrase)
+    for i, label in enumerate(labels):
+        if label in phrase:
+            return label, i
+    return phrase, -1
+
+
 def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Prediction:
-    names = found.get("text_labels") or found.get("labels")
+    # `text_labels` when present; reading `labels` of Grounding DINO's output warns.
+    names = found["text_labels"] if "text_labels" in found else found.get("labels")
     detections = []
     for i in found["scores"].float().argsort(descending=True).tolist():
         x1, y1, x2, y2 = (float(v) for v in found["boxes"][i].float().tolist())
         box = [round(min(max(x1, 0), width), 1), round(min(max(y1, 0), height), 1),
                round(min(max(x2, 0), width), 1), round(min(max(y2, 0), height), 1)]
-        label = str(names[i]) if names is not None else ""
+        label, class_id = match_label(str(names[i]) if names is not None else "", labels)
         detections.append({"box": box, "score": round(float(found["scores"][i]), 4), "label": label,
-                           "class_id": labels.index(label) if label in labels else -1})
+                           "class_id": class_id})
     return Prediction({"width": width, "height": height, "detections": detections})
