@@ -221,3 +221,24 @@ async def test_qwen2_5_vl(task, prompt, hf_models, redis_url, sync_redis, tmp_pa
         r = json.loads(f["result"])
         assert set(r) == {"text"} and isinstance(r["text"], str)
         assert "<|" not in r["text"] and "what is in the image" not in r["text"]  # only new tokens
+
+
+async def test_ocr_reads_text_with_real_weights(redis_url, sync_redis, tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    pytest.importorskip("rapidocr")
+    img = Image.new("RGB", (640, 200), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((20, 20), "HELLO 2026", fill="black", font=ImageFont.load_default(size=48))
+    draw.text((20, 110), "EXIT", fill="black", font=ImageFont.load_default(size=48))
+    settings = settings_for(redis_url, tmp_path, [{"model": "ocr/ppocr-v6", "batch_size": 2}])
+    sync_redis.xadd("frames:{f}", {"image": encode(np.asarray(img), "PNG")})
+    results = await process(settings, sync_redis, 1)
+    (_, f), = results
+    r = json.loads(f["result"])
+    assert [d["text"] for d in r["detections"]] == ["HELLO 2026", "EXIT"]  # top to bottom
+    assert r["text"] == "HELLO 2026\nEXIT"
+    first = r["detections"][0]
+    assert first["score"] > 0.9 and first["label"] == "text" and len(first["polygon"]) == 4
+    x1, y1, x2, y2 = first["box"]
+    assert 10 <= x1 < x2 <= 640 and 10 <= y1 < y2 <= 100

@@ -21,6 +21,7 @@ ADAPTERS = {
     "hf_vlm": "hf_vlm:HfImageToText",
     "hf_sam2": "hf_sam2:HfSam2",
     "hf_qwen_vl": "hf_qwen_vl:HfQwenVL",
+    "ocr": "ocr:RapidOcr",
 }
 
 # (backend, task) -> the adapter used when an entry names none

@@ -1,0 +1,64 @@
+"""OCR with RapidOCR's PP-OCRv6 models (Apache-2.0, ONNX files shipped inside the `rapidocr`
+wheel: the `ocr` extra). A detect task: each line of text found is a detection whose `text`
+is what it reads; `polygon` is the line's four corners. The result also carries all the lines
+as `text`, top to bottom."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from sightstream.errors import ModelNotAvailable
+from sightstream.frames import Prediction
+from sightstream.models.adapter import Prompt
+
+
+class RapidOcr:
+    task = "detect"
+    takes_prompt = False
+    input_size = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self.score_threshold = float(options.get("score_threshold", 0.5))
+        self._engine: Any = None
+
+    def load(self, device: str) -> None:
+        try:
+            from rapidocr import RapidOCR
+        except ImportError:
+            raise ModelNotAvailable("OCR needs the rapidocr wheel: pip install 'sightstream[ocr]'") from None
+        params: dict[str, Any] = {"Global.log_level": "warning"}
+        if device.startswith("cuda:"):
+            params["EngineConfig.onnxruntime.use_cuda"] = True
+            params["EngineConfig.onnxruntime.cuda_ep_cfg.device_id"] = int(device.split(":")[1])
+        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        self._engine = RapidOCR(params=params)
+
+    def unload(self) -> None:
+        self._engine = None
+
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+        return [self._one(img) for img in images]  # RapidOCR reads one image per call
+
+    def _one(self, image: np.ndarray) -> Prediction:
+        out = self._engine(image)
+        h, w = image.shape[:2]
+        lines = []
+        for polygon, text, score in zip(out.boxes if out.boxes is not None else [], out.txts or (),
+                                        out.scores or ()):
+            if score < self.score_threshold:
+                continue
+            pts = np.asarray(polygon, dtype=float)
+            x1, y1 = pts.min(axis=0)
+            x2, y2 = pts.max(axis=0)
+            lines.append({
+                "box": [round(float(max(x1, 0)), 1), round(float(max(y1, 0)), 1),
+                        round(float(min(x2, w)), 1), round(float(min(y2, h)), 1)],
+                "score": round(float(score), 4), "label": "text", "class_id": 0, "text": text,
+                "polygon": [[round(float(x), 1), round(float(y), 1)] for x, y in pts],
+            })
+        lines.sort(key=lambda d: (d["box"][1], d["box"][0]))
+        return Prediction({"width": w, "height": h, "detections": lines,
+                           "text": "\n".join(d["text"] for d in lines)})
