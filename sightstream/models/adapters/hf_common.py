@@ -76,3 +76,29 @@ def to_device(batch: Any, model: Any) -> Any:
                 value = value.to(model.dtype)
         out[key] = value
     return out
+
+
+class HfAdapter:
+    """What the transformers adapters share: their source and options, offline loading,
+    placement on the device, the size they report to the manager, and unloading."""
+
+    takes_prompt = False
+    input_size: tuple[int, int] | None = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self._source = path
+        self._options = options
+        self.memory_mb = 0.0
+        self._model: Any = None
+
+    def source(self) -> str:
+        """The local folder to load from (after switching the hub off)."""
+        offline()
+        return local_source(self._source)
+
+    def placed(self, model: Any, device: str) -> None:
+        self._model = place(model, device, self._options)
+        self.memory_mb = memory_mb(self._model)
+
+    def unload(self) -> None:
+        self._model = None

@@ -6,7 +6,6 @@ model's own units (relative inverse depth for Depth Anything)."""
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,28 +24,15 @@ def depth_png(depth: np.ndarray) -> tuple[bytes, float, float]:
     return buf.getvalue(), lo, hi
 
 
-class HfDepth:
+class HfDepth(hf_common.HfAdapter):
     task = "depth"
-    takes_prompt = False
-    input_size = None
-
-    def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        source = hf_common.local_source(self._source)
         self._processor = AutoImageProcessor.from_pretrained(source)
-        model = AutoModelForDepthEstimation.from_pretrained(source)
-        self._model = hf_common.place(model, device, self._options)
-        self.memory_mb = hf_common.memory_mb(self._model)
-
-    def unload(self) -> None:
-        self._model = self._processor = None
+        self.placed(AutoModelForDepthEstimation.from_pretrained(source), device)
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch

@@ -12,30 +12,20 @@ from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 
-class HfDetector:
+class HfDetector(hf_common.HfAdapter):
     task = "detect"
-    takes_prompt = False
-    input_size = None  # the processor resizes; frames are decoded at full size
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
+        super().__init__(path, options)
         self.score_threshold = float(options.get("score_threshold", 0.5))
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-        source = hf_common.local_source(self._source)
         self._processor = AutoImageProcessor.from_pretrained(source)
-        model = AutoModelForObjectDetection.from_pretrained(source)
-        self._model = hf_common.place(model, device, self._options)
-        self.memory_mb = hf_common.memory_mb(self._model)
+        self.placed(AutoModelForObjectDetection.from_pretrained(source), device)
         self._labels = self._model.config.id2label
-
-    def unload(self) -> None:
-        self._model = self._processor = None
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch

@@ -18,31 +18,22 @@ def prompt_labels(text: str) -> list[str]:
     return [s.strip() for s in re.split(r"[.,;\n]", text) if s.strip()]
 
 
-class HfOpenVocabDetector:
+class HfOpenVocabDetector(hf_common.HfAdapter):
     task = "detect"
     takes_prompt = True
-    input_size = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
+        super().__init__(path, options)
         self.score_threshold = float(options.get("score_threshold", 0.1))
         self.text_threshold = float(options.get("text_threshold", 0.25))  # Grounding DINO only
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        source = hf_common.local_source(self._source)
         self._processor = AutoProcessor.from_pretrained(source)
-        model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
-        self._model = hf_common.place(model, device, self._options)
+        self.placed(AutoModelForZeroShotObjectDetection.from_pretrained(source), device)
         self._kind = self._model.config.model_type  # owlvit | owlv2 | grounding-dino
-        self.memory_mb = hf_common.memory_mb(self._model)
-
-    def unload(self) -> None:
-        self._model = self._processor = None
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch

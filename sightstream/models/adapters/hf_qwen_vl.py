@@ -24,35 +24,26 @@ TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_e
         "<|im_start|>assistant\n")
 
 
-class HfQwenVL:
+class HfQwenVL(hf_common.HfAdapter):
     takes_prompt = True
-    input_size = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
+        super().__init__(path, options)
         self.task = str(options.get("task", "caption"))
         self.max_new_tokens = int(options.get("max_new_tokens", 64))
         self.caption_question = str(options.get("caption_question", "Describe this image in one sentence."))
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        source = hf_common.local_source(self._source)
         bounds = {k: int(self._options[k]) for k in ("min_pixels", "max_pixels") if k in self._options}
         self._images = AutoImageProcessor.from_pretrained(source, **bounds)
         self._tokenizer = AutoTokenizer.from_pretrained(source)
         self._tokenizer.padding_side = "left"  # batched generation continues every row at its end
-        model = AutoModelForImageTextToText.from_pretrained(source)
-        self._model = hf_common.place(model, device, self._options)
+        self.placed(AutoModelForImageTextToText.from_pretrained(source), device)
         self._pad = self._tokenizer.convert_ids_to_tokens(self._model.config.image_token_id)
         self._merge = int(self._model.config.vision_config.spatial_merge_size)
-        self.memory_mb = hf_common.memory_mb(self._model)
-
-    def unload(self) -> None:
-        self._model = self._tokenizer = self._images = None
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch

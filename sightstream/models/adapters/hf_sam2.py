@@ -49,28 +49,17 @@ def parse_prompt(text: str) -> dict[str, Any]:
     return {"boxes": boxes, "points": points, "point_labels": labels}
 
 
-class HfSam2:
+class HfSam2(hf_common.HfAdapter):
     task = "segment"
     takes_prompt = True
-    input_size = None
-
-    def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         from transformers import Sam2Model
 
-        model = Sam2Model.from_pretrained(hf_common.local_source(self._source))
-        self._model = hf_common.place(model, device, self._options)
+        self.placed(Sam2Model.from_pretrained(source), device)
         size = self._model.config.prompt_encoder_config.image_size
         self._side = int(size[0] if isinstance(size, (list, tuple)) else size)
-        self.memory_mb = hf_common.memory_mb(self._model)
-
-    def unload(self) -> None:
-        self._model = None
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch

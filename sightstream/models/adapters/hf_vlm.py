@@ -18,23 +18,19 @@ from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 
-class HfImageToText:
+class HfImageToText(hf_common.HfAdapter):
     takes_prompt = True
-    input_size = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
-        self._source = path
-        self._options = options
+        super().__init__(path, options)
         self.task = str(options.get("task", "caption"))
         self.max_new_tokens = int(options.get("max_new_tokens", 64))
         self.num_beams = int(options.get("num_beams", 1))
-        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
-        hf_common.offline()
+        source = self.source()
         import transformers
 
-        source = hf_common.local_source(self._source)
         self._processor = transformers.AutoProcessor.from_pretrained(source)
         # A VQA checkpoint must load as its VQA class; the generic image-to-text auto class
         # would map it to the captioning head.
@@ -50,11 +46,7 @@ class HfImageToText:
                 errors.append(f"{name}: {e}")
         else:
             raise ModelError(f"no image-to-text model class loads {source}: {'; '.join(errors)}")
-        self._model = hf_common.place(model, device, self._options)
-        self.memory_mb = hf_common.memory_mb(self._model)
-
-    def unload(self) -> None:
-        self._model = self._processor = None
+        self.placed(model, device)
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
         import torch
