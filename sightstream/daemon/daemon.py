@@ -152,6 +152,8 @@ class Daemon:
         """One pipeline's stages, in flow order; started by the caller."""
         size = p.max_in_flight
         in_flight = InFlight(size)
+        # Read when scraped, from the registry itself: no counter to keep in step.
+        self.metrics.in_flight.labels(p.name).set_function(lambda: in_flight.in_flight)
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)

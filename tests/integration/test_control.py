@@ -45,6 +45,7 @@ async def test_health_ready_and_metrics(redis_url, sync_redis, tmp_path, gradien
             assert 'sightstream_frames_published_total{pipeline="people"} 3.0' in text
             assert 'sightstream_frames_dead_lettered_total{pipeline="people",reason="unsupported_format"} 1.0' in text
             assert 'sightstream_frames_in_total{pipeline="people"} 4.0' in text
+            assert 'sightstream_frames_in_flight{pipeline="people"} 0.0' in text  # all acknowledged
             assert "sightstream_batch_size_bucket" in text
             assert "sightstream_inference_seconds_bucket" in text
             assert "sightstream_e2e_latency_seconds_bucket" in text
