@@ -68,7 +68,8 @@ class InFlight:
 
     @property
     def in_flight(self) -> int:
-        return self.capacity - self._free
+        """Frames held now (room reserved for a read in progress is not a frame)."""
+        return len(self._frames)
 
 
 class _Release:
