@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sightstream import keys
 from sightstream.errors import FrameError
 
 PIX_FMTS = {"rgb24": 3, "bgr24": 3, "gray8": 1}
@@ -104,6 +105,11 @@ class DeadLettered:
     # False for entries Redis already dropped from the pending list (deleted entries that
     # Redis 7's XAUTOCLAIM reports): there is nothing to acknowledge, only a record to write.
     pending: bool = True
+
+    @classmethod
+    def of(cls, frame: Frame, reason: str, error: str, pending: bool = True) -> DeadLettered:
+        """A frame's dead-letter outcome, in its pipeline's dead-letter stream for its source."""
+        return cls(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error, pending)
 
 
 @dataclass(slots=True)

@@ -17,7 +17,6 @@ from concurrent.futures import Executor
 import numpy as np
 from PIL import Image
 
-from sightstream import keys
 from sightstream.errors import FrameError
 from sightstream.frames import PIX_FMTS, Acked, DeadLettered, is_stale
 from sightstream.metrics import Metrics
@@ -141,10 +140,7 @@ class Decoder:
                     self._executor, decode_frame, frame.fields, self._max_pixels, self._target()
                 )
             except FrameError as e:
-                await self._outcomes.put(
-                    DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source),
-                                 e.reason, str(e))
-                )
+                await self._outcomes.put(DeadLettered.of(frame, e.reason, str(e)))
                 continue
             self._metrics.decode_seconds.labels(frame.pipeline).observe(time.perf_counter() - started)
             frame.fields = {}  # the encoded bytes are no longer needed: free them early

@@ -95,17 +95,14 @@ class Admission:
         return used
 
     async def dead_letter(self, frame: Frame, reason: str, error: str) -> None:
-        await self._outcomes.put(
-            DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error)
-        )
+        await self._outcomes.put(DeadLettered.of(frame, reason, error))
 
     async def dead_letter_gone(self, frame: Frame) -> None:
         """A deleted entry Redis has already dropped from the pending list (Redis 7's
         XAUTOCLAIM reports its ID once, to one claimer): record it, nothing to acknowledge."""
-        await self._outcomes.put(
-            DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source), "empty_entry",
-                         "the entry was trimmed or deleted before it was processed", pending=False)
-        )
+        await self._outcomes.put(DeadLettered.of(
+            frame, "empty_entry", "the entry was trimmed or deleted before it was processed", pending=False
+        ))
 
 
 class StreamReader:

@@ -96,10 +96,10 @@ class Worker:
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
-            return outcomes + [self._dead(f, "model_error", str(e)) for f in frames]
+            return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
         for frame, result in results:
             if isinstance(result, BaseException):
-                outcomes.append(self._dead(frame, "model_error", f"the model failed: {result!r}"))
+                outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {result!r}"))
                 continue
             _to_original_pixels(frame, result)
             fields = result_fields(frame, model=batch.model, task=task, prediction=result,
@@ -163,10 +163,6 @@ class Worker:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.executor = self._new_executor()
         self.replaced += 1
-
-    @staticmethod
-    def _dead(frame: Frame, reason: str, error: str) -> DeadLettered:
-        return DeadLettered(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
