@@ -43,15 +43,6 @@ class Frame:
     image: np.ndarray | None = field(default=None, repr=False)  # RGB, HxWx3 uint8
     orig_size: tuple[int, int] = (0, 0)  # (width, height) before any scaled decoding
 
-    @classmethod
-    def from_entry(
-        cls, pipeline: str, source: str, entry_id: str, fields: dict[bytes, bytes], **kw: Any
-    ) -> Frame:
-        """Build a Frame; raises FrameError for fields the contract forbids (dead-letter them)."""
-        frame = cls(pipeline, source, entry_id, fields, entry_ms(entry_id), **kw)
-        frame.parse_fields()
-        return frame
-
     def parse_fields(self) -> None:
         """Check the entry's fields and take `ts` and `meta` from them. Raises FrameError.
 

@@ -156,9 +156,6 @@ class Catalogue:
     def __iter__(self):
         return iter(sorted(self._entries.values(), key=lambda e: e.id))
 
-    def __contains__(self, model_id: str) -> bool:
-        return model_id in self._entries
-
 
 def _from_config(family: str, variant: str, cfg: ModelEntry) -> Entry:
     options = {"task": cfg.task, **(cfg.model_extra or {})}

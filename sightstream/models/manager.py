@@ -23,7 +23,7 @@ from sightstream import log
 from sightstream.errors import ModelError
 from sightstream.models.adapter import Adapter
 from sightstream.models.adapters import adapter_class
-from sightstream.models.catalogue import Catalogue, Entry
+from sightstream.models.catalogue import Catalogue
 
 _log = log.get(__name__)
 
@@ -50,9 +50,6 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._device_locks: dict[str, asyncio.Lock] = {}
-
-    def entry(self, model_id: str) -> Entry:
-        return self.catalogue.get(model_id)
 
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""

@@ -11,18 +11,26 @@ from sightstream.frames import (
     Frame,
     Prediction,
     deadletter_fields,
+    entry_ms,
     result_fields,
     scale_detections,
 )
 
 
+def parsed(pipeline: str, source: str, entry_id: str, fields: dict) -> Frame:
+    """A frame as admission builds it: from the entry, then its fields checked."""
+    frame = Frame(pipeline, source, entry_id, fields, entry_ms(entry_id))
+    frame.parse_fields()
+    return frame
+
+
 def test_ts_defaults_to_the_entry_id_time():
-    f = Frame.from_entry("p", "frames:{a}", "1700000000123-4", {b"image": b"x"})
+    f = parsed("p", "frames:{a}", "1700000000123-4", {b"image": b"x"})
     assert f.ts_ms == 1700000000123
 
 
 def test_ts_and_meta_are_taken_from_fields():
-    f = Frame.from_entry("p", "s", "1-0", {b"image": b"x", b"ts": b"42", b"meta": b'{"a": [1]}'})
+    f = parsed("p", "s", "1-0", {b"image": b"x", b"ts": b"42", b"meta": b'{"a": [1]}'})
     assert f.ts_ms == 42 and f.meta == b'{"a": [1]}'
 
 
@@ -38,12 +46,12 @@ def test_ts_and_meta_are_taken_from_fields():
 )
 def test_entries_the_contract_forbids(fields, reason):
     with pytest.raises(FrameError) as e:
-        Frame.from_entry("p", "s", "1-0", fields)
+        parsed("p", "s", "1-0", fields)
     assert e.value.reason == reason and str(e.value)
 
 
 def test_result_fields_carry_every_contract_field():
-    f = Frame.from_entry("people", "frames:{cam1}", "5-1", {b"image": b"x", b"meta": b'{"k":1}'})
+    f = parsed("people", "frames:{cam1}", "5-1", {b"image": b"x", b"meta": b'{"k":1}'})
     fields = result_fields(f, model="m/v", task="detect",
                            prediction=Prediction({"detections": []}, {"mask": b"PNG"}),
                            prompt_version=3)
@@ -55,13 +63,13 @@ def test_result_fields_carry_every_contract_field():
 
 
 def test_prompt_version_is_absent_for_models_without_prompts():
-    f = Frame.from_entry("p", "s", "5-1", {b"image": b"x"})
+    f = parsed("p", "s", "5-1", {b"image": b"x"})
     fields = result_fields(f, model="m/v", task="detect", prediction=Prediction({}))
     assert "prompt_version" not in fields and "meta" not in fields
 
 
 def test_deadletter_fields():
-    f = Frame.from_entry("p", "s", "5-1", {b"image": b"x"})
+    f = parsed("p", "s", "5-1", {b"image": b"x"})
     d = deadletter_fields(f, "bad_image", "the JPEG image cannot be decoded")
     assert d["reason"] == "bad_image" and d["error"].startswith("the JPEG")
     assert d["source"] == "s" and d["frame_id"] == "5-1" and d["deliveries"] == "1"
