@@ -59,12 +59,11 @@ async def info(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     device = request.query.get("device") or min(d.devices, key=d.manager.used_mb)
+    if device not in d.devices:
+        return error_response(400, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}")
     try:
-        executor = d.executor_for(device)
-        return web.json_response(await d.manager.load(_model_id(request), device, executor))
+        return web.json_response(await d.manager.load(_model_id(request), device, d.executor_for(device)))
     except ModelError as e:
-        if "no worker owns device" in str(e):
-            return error_response(400, str(e))
         return _model_error(e)
 
 

@@ -50,6 +50,7 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._device_locks: dict[str, asyncio.Lock] = {}
+        self._declared_sizes: dict[str, tuple[int, int] | None] = {}
 
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
@@ -165,10 +166,14 @@ class ModelManager:
         for (mid, _), loaded in self._loaded.items():
             if mid == model_id:
                 return loaded.adapter.input_size
-        try:
-            return self.create(model_id).input_size  # adapters are cheap until load()
-        except ModelError:
-            return None
+        # Asked for every frame decoded before the model loads: ask its entry once.
+        if model_id not in self._declared_sizes:
+            try:
+                size = self.create(model_id).input_size  # adapters are cheap until load()
+            except ModelError:
+                size = None
+            self._declared_sizes[model_id] = size
+        return self._declared_sizes[model_id]
 
     def is_loaded(self, model_id: str) -> bool:
         return any(mid == model_id for mid, _ in self._loaded)
