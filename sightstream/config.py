@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -69,11 +70,14 @@ class PipelineSettings(_Strict):
     max_deliveries: int = Field(5, ge=1)
     result_maxlen: int = Field(10_000, ge=0, description="MAXLEN ~ of result streams; 0: no cap")
     max_in_flight: int = Field(64, ge=1, description="frames read but not yet acknowledged")
+    prompt_from: str = Field(
+        "", description="chain: read this pipeline's detect results and prompt the model with them"
+    )
 
-    @field_validator("name")
+    @field_validator("name", "prompt_from")
     @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+    def _name(cls, v: str, info: ValidationInfo) -> str:
+        if (v or info.field_name == "name") and not NAME_RE.match(v):
             raise ValueError("must match [a-z0-9_-]+")
         return v
 
@@ -159,6 +163,34 @@ class Settings(BaseSettings):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"pipeline names must be unique: {', '.join(sorted(dup))}")
+        return self
+
+    @model_validator(mode="after")
+    def _chains(self) -> Settings:
+        """A chained pipeline reads its upstream's result streams: derived from the upstream's
+        input and output unless `input` is given (an upstream configured elsewhere)."""
+        by_name = {p.name: p for p in self.pipelines}
+        derived: set[str] = set()
+
+        def derive(p: PipelineSettings, path: tuple[str, ...]) -> None:
+            if not p.prompt_from or p.name in derived or "input" in p.model_fields_set:
+                return
+            if p.prompt_from == p.name:
+                raise ValueError(f"pipeline {p.name} cannot take its prompts from itself")
+            if p.prompt_from in path:
+                raise ValueError(f"pipelines {', '.join(path + (p.name,))} take prompts from each other")
+            up = by_name.get(p.prompt_from)
+            if up is None:
+                raise ValueError(
+                    f"pipeline {p.name}: prompt_from names {p.prompt_from!r}, which is not in this "
+                    "config; set `input` to that pipeline's result streams"
+                )
+            derive(up, path + (p.name,))
+            p.input = [keys.result_stream(up.output, up.name, source) for source in up.input]
+            derived.add(p.name)
+
+        for p in self.pipelines:
+            derive(p, ())
         return self
 
 

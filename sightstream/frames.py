@@ -29,11 +29,15 @@ def now_ms() -> int:
 @dataclass(slots=True, eq=False)
 class Frame:
     """Everything later stages need about one input entry. Stages never look back upstream:
-    `release` gives back the frame's in-flight credit once the frame is acknowledged."""
+    `release` gives back the frame's in-flight credit once the frame is acknowledged.
+
+    `stream` and `entry_id` name the entry read (and acknowledged). Results speak of `source`
+    and `frame_id`: the same entry, except in a chained pipeline (`prompt_from`), which reads
+    an upstream pipeline's result entries and reports the frame they describe."""
 
     pipeline: str
-    source: str
-    frame_id: str
+    stream: str
+    entry_id: str
     fields: dict[bytes, bytes]
     ts_ms: int
     meta: bytes | None = None
@@ -42,6 +46,16 @@ class Frame:
     release: Callable[[], None] = field(default=lambda: None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # RGB, HxWx3 uint8
     orig_size: tuple[int, int] = (0, 0)  # (width, height) before any scaled decoding
+    origin: tuple[str, str] | None = None  # chained: (source key, frame entry ID) of the frame
+    detections: list[dict[str, Any]] | None = None  # chained: the upstream's detections
+
+    @property
+    def source(self) -> str:
+        return self.origin[0] if self.origin else self.stream
+
+    @property
+    def frame_id(self) -> str:
+        return self.origin[1] if self.origin else self.entry_id
 
     def parse_fields(self) -> None:
         """Check the entry's fields and take `ts` and `meta` from them. Raises FrameError.
@@ -69,6 +83,32 @@ class Frame:
             if not ok:
                 raise FrameError("bad_fields", "`meta` must be a JSON object")
             self.meta = meta
+
+
+    def parse_upstream_result(self) -> None:
+        """A chained pipeline's entry is an upstream result: take the frame it describes and
+        its detections from it. Raises FrameError. The frame's own fields are fetched next."""
+        fields = self.fields
+        if not fields:
+            raise FrameError("empty_entry", "the entry has no fields (trimmed or deleted)")
+        try:
+            source, frame_id = fields[b"source"].decode(), fields[b"frame_id"].decode()
+            result = json.loads(fields[b"result"])
+            detections = result["detections"]
+            self.ts_ms = int(fields[b"ts"])
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+            raise FrameError(
+                "bad_fields", "a chained pipeline reads detect results: the entry needs `source`, "
+                "`frame_id`, `ts` and a `result` with `detections`"
+            ) from None
+        if not isinstance(detections, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("box"), list) and len(d["box"]) == 4
+            for d in detections
+        ):
+            raise FrameError("bad_fields", "the upstream result's `detections` need a `box` each")
+        self.origin = (source, frame_id)
+        self.detections = detections
+        self.meta = fields.get(b"meta")
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ class Scripted:
 
     task = "detect"
     takes_prompt = False
+    uses_context = False
     input_size = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from sightstream.daemon import devices as device_list
 from sightstream.daemon.consumer import ConsumerLease
 from sightstream.errors import ConfigError, ModelError
 from sightstream.metrics import Metrics
+from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.redis_conn import make_client
@@ -94,12 +95,26 @@ class Daemon:
         self._closed = False
 
     def _check_models(self) -> None:
-        """Every pipeline's model must be known and on this machine: fail at start, not per frame."""
+        """Every pipeline's model must be known and on this machine, and a chain must make
+        sense: fail at start, not per frame."""
+        by_name = {p.name: p for p in self.settings.pipelines}
         for p in self.settings.pipelines:
             try:
-                self.catalogue.get(p.model).resolve()
+                entry = self.catalogue.get(p.model)
+                entry.resolve()
+                takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
+            if not p.prompt_from:
+                continue
+            if not takes_detections:
+                raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: {p.model} is "
+                                  "not prompted by detections (SAM2 is)")
+            up = by_name.get(p.prompt_from)
+            if up and self.catalogue.get(up.model).task not in ("detect", "track"):
+                raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: pipeline "
+                                  f"{up.name} does not detect (its model {up.model} does "
+                                  f"{self.catalogue.get(up.model).task})")
 
     async def start(self) -> None:
         if not await self._wait_for_redis():
@@ -157,11 +172,13 @@ class Daemon:
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
-        admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics)
+        admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client)
         common = (p, self.client, self.consumer, admission, in_flight, self.metrics, self.stop_event)
         ingest = RedisIngest(
             *common, reader=self.reader, discover_s=self._discover_s,
-            exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines],
+            # Never read results back as frames; a chained pipeline reads its upstream's.
+            exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines
+                           if q.name != p.prompt_from],
         )
         reclaimer = Reclaimer(*common, streams=lambda: ingest.streams,
                               min_idle_ms=self.settings.reclaim_min_idle_ms)

@@ -17,9 +17,23 @@ class Prompt:
     version: int
 
 
+@dataclass(frozen=True, slots=True)
+class FrameContext:
+    """What a model may need to know of an image beyond its pixels. Given to adapters that set
+    `uses_context`: stateful models (tracking) keep their state per source, and models in a
+    chained pipeline are prompted by an upstream pipeline's detections."""
+
+    source: str
+    ts_ms: int
+    detections: list[dict[str, Any]] | None = None  # boxes in this image's pixels
+
+
 class Adapter(Protocol):
     task: str  # detect | segment | depth | caption | vqa | track | classify
     takes_prompt: bool
+    # True: infer() gets a third argument, `contexts`, one FrameContext per image; such a
+    # model may serve a chained pipeline (`prompt_from`).
+    uses_context: bool
     # The model's input (width, height), when it has a fixed one: the decoder may then decode
     # large JPEGs at a reduced scale. None: decode at full size.
     input_size: tuple[int, int] | None

@@ -49,7 +49,7 @@ class InFlight:
     def hold(self, frame: Frame) -> bool:
         """Track a frame in one reserved place; its release() gives the place back once.
         False (and nothing held) when this entry is already in flight here: skip the copy."""
-        key = (frame.source, frame.frame_id)
+        key = (frame.stream, frame.entry_id)
         if key in self._frames:
             return False
         self._frames[key] = frame
@@ -60,8 +60,8 @@ class InFlight:
         if self._frames.pop(key, None) is not None:
             self.give()
 
-    def holds(self, source: str, frame_id: str) -> bool:
-        return (source, frame_id) in self._frames
+    def holds(self, stream: str, entry_id: str) -> bool:
+        return (stream, entry_id) in self._frames
 
     def frames(self) -> list[Frame]:
         return list(self._frames.values())

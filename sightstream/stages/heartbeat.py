@@ -56,7 +56,7 @@ class Heartbeat:
             for pipeline, in_flight in self._in_flight.items():
                 by_stream: dict[str, list[Any]] = defaultdict(list)  # Any: redis-py's ID types
                 for frame in in_flight.frames():
-                    by_stream[frame.source].append(frame.frame_id)
+                    by_stream[frame.stream].append(frame.entry_id)
                 for stream, ids in by_stream.items():
                     pipe.xclaim(stream, keys.group(pipeline), self._consumer, self._every_ms, ids,
                                 justid=True)

@@ -4,6 +4,10 @@ Shared by the two readers: the ingest (new entries, and its own pending ones aft
 and the reclaimer (entries taken over from other consumers). Delivery counts come from
 XPENDING; a frame delivered more than `max_deliveries` times is dead-lettered
 (`max_deliveries`) instead of being tried again.
+
+A chained pipeline (`prompt_from`) reads an upstream pipeline's result entries: each names a
+frame (`source`, `frame_id`), fetched here from its stream by ID, and carries the detections
+that prompt this pipeline's model. A frame already trimmed away is dead-lettered (`source_gone`).
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ async def delivery_counts(
 class Admission:
     def __init__(
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
-        outcomes: asyncio.Queue, metrics: Metrics,
+        outcomes: asyncio.Queue, metrics: Metrics, client: Redis | None = None,
     ) -> None:
         self._p = pipeline
         self._in_flight = in_flight
         self._out, self._outcomes = out, outcomes
         self._metrics = metrics
+        self._client = client  # chained pipelines fetch their frames with it
 
     async def admit(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
@@ -61,6 +66,7 @@ class Admission:
         entry it keeps; returns how many places it used."""
         loop = asyncio.get_running_loop()
         used = 0
+        kept: list[Frame] = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
@@ -75,12 +81,54 @@ class Admission:
                                        f"delivered {times} times; max_deliveries is {self._p.max_deliveries}")
                 continue
             try:
+                if self._p.prompt_from:
+                    frame.parse_upstream_result()
+                else:
+                    frame.parse_fields()
+            except FrameError as e:
+                await self.dead_letter(frame, e.reason, str(e))
+                continue
+            kept.append(frame)
+        if self._p.prompt_from:
+            kept = await self._with_source_frames(kept)
+        for frame in kept:
+            await self._out.put(frame)
+        return used
+
+    async def _with_source_frames(self, frames: list[Frame]) -> list[Frame]:
+        """Fetch the frames that chained entries describe (one pipelined round, retried while
+        Redis is unreachable); those gone or malformed are dead-lettered."""
+        assert self._client is not None
+        client = self._client
+        failures = 0
+        while True:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for f in frames:
+                        pipe.xrange(f.source, f.frame_id, f.frame_id, count=1)
+                    replies = await pipe.execute()
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                failures += 1
+                if worth_logging(failures):
+                    _log.warning("source_frames_unreachable_retrying", pipeline=self._p.name,
+                                 error=str(e), failures=failures)
+                await asyncio.sleep(backoff_s(failures))
+        kept = []
+        for frame, reply in zip(frames, replies):
+            if not reply:
+                await self.dead_letter(frame, "source_gone",
+                                       f"frame {frame.frame_id} is no longer in {frame.source} "
+                                       "(trimmed or deleted before this chained pipeline read it)")
+                continue
+            frame.fields = reply[0][1]
+            try:
                 frame.parse_fields()
             except FrameError as e:
                 await self.dead_letter(frame, e.reason, str(e))
                 continue
-            await self._out.put(frame)
-        return used
+            kept.append(frame)
+        return kept
 
     async def admit_missing(self, stream: str, entry_ids: list[str], deliveries: dict[str, int]) -> int:
         """Entries pending with us whose content is gone (trimmed or deleted): dead-letter them."""

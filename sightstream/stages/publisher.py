@@ -109,7 +109,7 @@ class Publisher:
                 f = o.frame
                 group = keys.group(f.pipeline)
                 if isinstance(o, Acked):
-                    pipe.xack(f.source, group, f.frame_id)
+                    pipe.xack(f.stream, group, f.entry_id)
                     continue
                 if isinstance(o, Published):
                     fields = dict(o.fields)
@@ -119,10 +119,10 @@ class Publisher:
                 pairs = [item for field in fields.items() for item in field]
                 maxlen = self._maxlen.get(f.pipeline, 0)
                 if isinstance(o, DeadLettered) and not o.pending:  # nothing left to acknowledge
-                    marker = keys.recorded_marker(f.pipeline, f.source, f.frame_id)
+                    marker = keys.recorded_marker(f.pipeline, f.stream, f.entry_id)
                     self._record.queue(pipe, [marker, o.stream], [RECORD_TTL_MS, maxlen, *pairs])
                 else:
-                    self._script.queue(pipe, [f.source, o.stream], [group, f.frame_id, maxlen, *pairs])
+                    self._script.queue(pipe, [f.stream, o.stream], [group, f.entry_id, maxlen, *pairs])
 
         return await run_pipelined(self._client, fill, self._script, self._record)
 

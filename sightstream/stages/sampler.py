@@ -69,7 +69,7 @@ class Sampler:
         ask: list[int] = []
         for i, f in enumerate(frames):
             winner = self._decided.get((f.source, bucket_of(f.ts_ms, self._fps)))
-            verdict.append(None if winner is None else winner == f.frame_id)
+            verdict.append(None if winner is None else winner == f.entry_id)
             if winner is None:
                 ask.append(i)
         if ask:
@@ -77,7 +77,7 @@ class Sampler:
             for i, winner in zip(ask, replies):
                 f = frames[i]
                 winner_id = winner.decode()
-                verdict[i] = winner_id == f.frame_id
+                verdict[i] = winner_id == f.entry_id
                 self._remember((f.source, bucket_of(f.ts_ms, self._fps)), winner_id)
         return [bool(v) for v in verdict]
 
@@ -90,7 +90,7 @@ class Sampler:
                 def fill(pipe: Any) -> None:
                     for f in frames:
                         key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
-                        self._claim.queue(pipe, [key], [f.frame_id, self._ttl_ms])
+                        self._claim.queue(pipe, [key], [f.entry_id, self._ttl_ms])
 
                 return await run_pipelined(self._client, fill, self._claim)
             except (RedisError, OSError) as e:

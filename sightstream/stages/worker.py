@@ -32,7 +32,7 @@ from sightstream.frames import (
     scale_detections,
 )
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter, Prompt
+from sightstream.models.adapter import Adapter, FrameContext, Prompt
 from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import STOP
 
@@ -138,7 +138,10 @@ class Worker:
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         started = time.perf_counter()
         prompt = Prompt(batch.prompt_text, batch.prompt_version) if adapter.takes_prompt else None
-        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, images, prompt)
+        args: tuple = (images, prompt)
+        if adapter.uses_context:
+            args += ([frame_context(f) for f in frames],)
+        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, *args)
         try:
             predictions = await asyncio.wait_for(call, self._timeout_s)
         except TimeoutError:
@@ -166,6 +169,18 @@ class Worker:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def frame_context(frame: Frame) -> FrameContext:
+    """What a context-using model is told of a frame; upstream boxes in the decoded pixels."""
+    detections = frame.detections
+    if detections is not None and frame.image is not None:
+        h, w = frame.image.shape[:2]
+        ow, oh = frame.orig_size
+        if (ow, oh) != (w, h) and ow and oh:
+            detections = [dict(d) for d in detections]
+            scale_detections({"detections": detections}, w / ow, h / oh, w, h)
+    return FrameContext(frame.source, frame.ts_ms, detections)
 
 
 def _to_original_pixels(frame: Frame, prediction: Prediction) -> None:

@@ -59,6 +59,10 @@ score_threshold = 0.4
         ("[[pipelines]]\ninput = ['results:people:*']", "own output streams"),
         ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted"),
         ("[[pipelines]]\nname='a'\n[[pipelines]]\nname='a'", "pipeline names must be unique"),
+        ("[[pipelines]]\nname='a'\nprompt_from='a'", "pipeline a cannot take its prompts from itself"),
+        ("[[pipelines]]\nname='a'\nprompt_from='b'\n[[pipelines]]\nname='b'\nprompt_from='a'",
+         "pipelines a, b take prompts from each other"),
+        ("[[pipelines]]\nname='a'\nprompt_from='elsewhere'", "set `input` to that pipeline's result streams"),
         ("devices = ['gpu0']", "devices"),
         ("redis_url = 'localhost:6379'", "redis_url: must start with redis://"),
         ("[control]\nport = 99999", "control.port"),
@@ -81,3 +85,27 @@ def test_bad_environment_variable_is_named(monkeypatch):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_chained_pipeline_reads_its_upstreams_result_streams(tmp_path):
+    s = load_settings(write(tmp_path, """
+[[pipelines]]
+name = "masks"
+prompt_from = "boxes"
+[[pipelines]]
+name = "tracks"
+prompt_from = "masks-src"
+input = ["results:elsewhere:*"]
+[[pipelines]]
+name = "boxes"
+prompt_from = "people"
+[[pipelines]]
+name = "people"
+input = ["frames:{cam1}", "cams:*"]
+output = "out:{source}:{pipeline}"
+"""))
+    inputs = {p.name: p.input for p in s.pipelines}
+    assert inputs["boxes"] == ["out:frames:{cam1}:people", "out:cams:*:people"]
+    # derived from the upstream's own derived input, whatever the order in the file
+    assert inputs["masks"] == ["results:boxes:out:frames:{cam1}:people", "results:boxes:out:cams:*:people"]
+    assert inputs["tracks"] == ["results:elsewhere:*"]  # given: the upstream runs elsewhere

@@ -83,6 +83,7 @@ class HfAdapter:
     placement on the device, the size they report to the manager, and unloading."""
 
     takes_prompt = False
+    uses_context = False
     input_size: tuple[int, int] | None = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:

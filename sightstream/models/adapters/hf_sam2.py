@@ -2,13 +2,18 @@
 
 The prompt is JSON: `{"boxes": [[x1, y1, x2, y2], ...]}` (one object per box) or
 `{"points": [[x, y], ...], "point_labels": [1, ...]}` (one object per point; label 1 keeps,
-0 excludes), in the frame's pixels. Pre-processing is done here (square resize to the model's
-input, ImageNet normalisation): transformers' SAM2 processors need torchvision.
+0 excludes), in the frame's pixels. In a chained pipeline (`prompt_from`), each upstream
+detection is an object instead, and the prompt may keep only some labels:
+`{"labels": ["person"]}`. Pre-processing is done here (square resize to the model's input,
+ImageNet normalisation): transformers' SAM2 processors need torchvision.
 
-Result: `{"width", "height", "masks": [{"object", "score", "area", "rle"}]}` and, in `mask`, an
-8-bit PNG where pixel value k + 1 marks object k (0: none).
+The vision encoder runs once per batch; the prompt decoder once per image (each image may
+have its own objects).
+
+Result: `{"width", "height", "masks": [{"object", "score", "area", "rle"}]}` (plus the
+detection's `box`, `label`, `class_id` when chained) and, in `mask`, an 8-bit PNG where pixel
+value k + 1 marks object k (0: none).
 """
-
 from __future__ import annotations
 
 import json
@@ -20,7 +25,7 @@ from PIL import Image
 from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 from sightstream.models import masks
-from sightstream.models.adapter import Prompt
+from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters import hf_common
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -46,12 +51,51 @@ def parse_prompt(text: str) -> dict[str, Any]:
     labels = spec.get("point_labels") or [1] * len(points)
     if len(labels) != len(points):
         raise ModelError("`point_labels` needs one label per point")
-    return {"boxes": boxes, "points": points, "point_labels": labels}
+    keep = spec.get("labels")
+    if keep is not None and not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
+        raise ModelError("`labels` is a list of the upstream detection labels to segment")
+    return {"boxes": boxes, "points": points, "point_labels": labels, "labels": keep}
+
+
+def objects_of(spec: dict[str, Any], context: FrameContext | None) -> tuple[dict[str, Any], list[dict]]:
+    """One image's prompt (boxes or points, in its pixels) and what each object carries into the
+    result: an upstream detection's box, label and class when chained, nothing otherwise."""
+    if context is None or context.detections is None:
+        n = len(spec["boxes"]) or len(spec["points"])
+        return spec, [{} for _ in range(n)]
+    keep = spec["labels"]
+    chosen = [d for d in context.detections if keep is None or d.get("label") in keep]
+    described = [{k: d[k] for k in ("box", "label", "class_id") if k in d} for d in chosen]
+    return {"boxes": [d["box"] for d in chosen], "points": [], "point_labels": []}, described
+
+
+def preprocess(images: list[np.ndarray], side: int) -> np.ndarray:
+    """Square resize to the model's input, ImageNet normalisation, NCHW float32."""
+    return np.stack([
+        (np.asarray(Image.fromarray(img).resize((side, side), Image.Resampling.BILINEAR),
+                    dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        for img in images
+    ]).transpose(0, 3, 1, 2)
+
+
+def prompt_tensors(spec: dict[str, Any], width: int, height: int, side: int) -> dict[str, Any]:
+    """One image's boxes or points, scaled to the model's square input, as Sam2Model takes them."""
+    import torch
+
+    scale = np.array([side / width, side / height], dtype=np.float32)
+    if spec["boxes"]:
+        boxes = np.asarray(spec["boxes"], dtype=np.float32) * np.tile(scale, 2)
+        return {"input_boxes": torch.tensor(boxes[None])}
+    points = np.asarray(spec["points"], dtype=np.float32) * scale
+    labels = np.asarray(spec["point_labels"], dtype=np.int64)
+    return {"input_points": torch.tensor(points[None, :, None, :]),
+            "input_labels": torch.tensor(labels[None, :, None])}
 
 
 class HfSam2(hf_common.HfAdapter):
     task = "segment"
     takes_prompt = True
+    uses_context = True
 
     def load(self, device: str) -> None:
         source = self.source()
@@ -61,51 +105,48 @@ class HfSam2(hf_common.HfAdapter):
         size = self._model.config.prompt_encoder_config.image_size
         self._side = int(size[0] if isinstance(size, (list, tuple)) else size)
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None,
+              contexts: list[FrameContext] | None = None) -> list[Prediction]:
         import torch
 
         spec = parse_prompt(prompt.text if prompt else "")
-        if not spec["boxes"] and not spec["points"]:
-            return [Prediction({"width": i.shape[1], "height": i.shape[0], "masks": []},
-                               {"mask": masks.png(np.zeros(i.shape[:2], np.uint8))}) for i in images]
-        side = self._side
-        pixels = np.stack([
-            (np.asarray(Image.fromarray(img).resize((side, side), Image.Resampling.BILINEAR),
-                        dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-            for img in images
-        ]).transpose(0, 3, 1, 2)
-        scales = [np.array([side / img.shape[1], side / img.shape[0]], dtype=np.float32) for img in images]
-        kwargs: dict[str, Any] = {}
-        if spec["boxes"]:
-            boxes = np.asarray(spec["boxes"], dtype=np.float32)
-            kwargs["input_boxes"] = torch.tensor(np.stack([boxes * np.tile(s, 2) for s in scales]))
-        else:
-            pts = np.asarray(spec["points"], dtype=np.float32)
-            kwargs["input_points"] = torch.tensor(np.stack([(pts * s)[:, None, :] for s in scales]))
-            labels = np.asarray(spec["point_labels"], dtype=np.int64)[:, None]
-            kwargs["input_labels"] = torch.tensor(np.stack([labels] * len(images)))
+        per_image = [objects_of(spec, contexts[i] if contexts else None) for i in range(len(images))]
+        todo = [i for i, (s, _) in enumerate(per_image) if s["boxes"] or s["points"]]
+        results = {i: _prediction(np.zeros((0, *img.shape[:2]), bool), np.zeros(0), [], *img.shape[1::-1])
+                   for i, img in enumerate(images) if i not in todo}
+        if todo:
+            model = self._model
+            pixels = torch.tensor(preprocess([images[i] for i in todo], self._side))
+            with torch.inference_mode():
+                embeddings = model.get_image_embeddings(pixels.to(model.device, model.dtype))
+                for row, i in enumerate(todo):
+                    one = [e[row : row + 1] for e in embeddings]
+                    results[i] = self._segment(one, images[i], *per_image[i])
+        return [results[i] for i in range(len(images))]
+
+    def _segment(self, embeddings: list[Any], image: np.ndarray, spec: dict[str, Any],
+                 described: list[dict]) -> Prediction:
+        """The prompt decoder on one image's embeddings, masks at the image's size."""
+        import torch
+
         model = self._model
-        with torch.inference_mode():
-            out = model(pixel_values=torch.tensor(pixels).to(model.device, model.dtype),
-                        multimask_output=False,
-                        **{k: v.to(model.device) if k == "input_labels" else v.to(model.device, model.dtype)
-                           for k, v in kwargs.items()})
-        logits = out.pred_masks[:, :, 0].float()  # [batch, objects, h/4, w/4]
-        scores = out.iou_scores[:, :, 0].float().cpu().numpy()
-        results = []
-        for i, img in enumerate(images):
-            h, w = img.shape[:2]
-            full = torch.nn.functional.interpolate(logits[i : i + 1], size=(h, w), mode="bilinear",
-                                                   align_corners=False)[0] > 0
-            results.append(_prediction(full.cpu().numpy(), scores[i], w, h))
-        return results
+        h, w = image.shape[:2]
+        inputs = {k: v.to(model.device) if k == "input_labels" else v.to(model.device, model.dtype)
+                  for k, v in prompt_tensors(spec, w, h, self._side).items()}
+        out = model(image_embeddings=embeddings, multimask_output=False, **inputs)
+        logits = out.pred_masks[0, :, 0:1].float()  # [objects, 1, h/4, w/4]
+        full = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                               align_corners=False)[:, 0] > 0
+        scores = out.iou_scores[0, :, 0].float().cpu().numpy()
+        return _prediction(full.cpu().numpy(), scores, described, w, h)
 
 
-def _prediction(object_masks: np.ndarray, scores: np.ndarray, width: int, height: int) -> Prediction:
+def _prediction(object_masks: np.ndarray, scores: np.ndarray, described: list[dict], width: int,
+                height: int) -> Prediction:
     index = np.zeros((height, width), dtype=np.uint8)
     found = []
     for k, mask in enumerate(object_masks):
         index[mask] = min(k + 1, 255)
-        found.append({"object": k, "score": round(float(scores[k]), 4), "area": int(mask.sum()),
-                      "rle": masks.rle_encode(mask)})
+        found.append({"object": k, **described[k], "score": round(float(scores[k]), 4),
+                      "area": int(mask.sum()), "rle": masks.rle_encode(mask)})
     return Prediction({"width": width, "height": height, "masks": found}, {"mask": masks.png(index)})

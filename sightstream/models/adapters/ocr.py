@@ -18,6 +18,7 @@ from sightstream.models.adapter import Prompt
 class RapidOcr:
     task = "detect"
     takes_prompt = False
+    uses_context = False
     input_size = None
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:

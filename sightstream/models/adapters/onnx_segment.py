@@ -25,6 +25,7 @@ from sightstream.models.adapters.onnx_common import make_session, run_batched
 class OnnxSegmenter:
     task = "segment"
     takes_prompt = False
+    uses_context = False
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         self._path = path

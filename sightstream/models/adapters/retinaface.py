@@ -63,6 +63,7 @@ def anchors(width: int, height: int) -> np.ndarray:
 class RetinaFaceDetector:
     task = "detect"
     takes_prompt = False
+    uses_context = False
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None:
         self._path = path

@@ -39,6 +39,7 @@ COCO80 = (
 class YoloDetector:
     task = "detect"
     takes_prompt = False
+    uses_context = False
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None:
         self._path = path
