@@ -175,6 +175,39 @@ def sam2(folder: Path) -> Path:
     return folder
 
 
+def sam2_video(folder: Path) -> Path:
+    """A tiny SAM2 for tracking: the image model above plus memory attention and encoder. The
+    memory's object pointers need the hidden size to be a multiple (> 1) of the memory's 64
+    channels (fixed in transformers' memory attention)."""
+    _quiet()
+    import torch
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+    from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
+
+    torch.manual_seed(0)
+    hiera = Sam2HieraDetConfig(
+        hidden_size=16, num_attention_heads=1, image_size=[256, 256], blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[8, 4, 14, 7], global_attention_blocks=[3],
+        window_positional_embedding_background_size=[7, 7],
+    )
+    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
+                              backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]], fpn_hidden_size=128)
+    config = Sam2VideoConfig(
+        vision_config=vision, image_size=256,
+        prompt_encoder_config={"hidden_size": 128, "image_size": 256, "patch_size": 16, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 128, "num_multimask_outputs": 3, "iou_head_depth": 2,
+                             "iou_head_hidden_dim": 32, "mlp_dim": 64, "num_hidden_layers": 2,
+                             "num_attention_heads": 2},
+        memory_attention_hidden_size=128, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[16, 16],
+        memory_encoder_hidden_size=128, memory_encoder_output_channels=64, mask_downsampler_embed_dim=128,
+        memory_fuser_embed_dim=128, memory_fuser_intermediate_dim=64,
+    )
+    Sam2VideoModel(config).save_pretrained(folder)
+    return folder
+
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 

@@ -20,6 +20,7 @@ ADAPTERS = {
     "hf_open_vocab": "hf_open_vocab:HfOpenVocabDetector",
     "hf_vlm": "hf_vlm:HfImageToText",
     "hf_sam2": "hf_sam2:HfSam2",
+    "hf_sam2_video": "hf_sam2_video:HfSam2Tracker",
     "hf_qwen_vl": "hf_qwen_vl:HfQwenVL",
     "ocr": "ocr:RapidOcr",
 }
@@ -33,6 +34,7 @@ DEFAULT_ADAPTER = {
     ("transformers", "caption"): "hf_vlm",
     ("transformers", "vqa"): "hf_vlm",
     ("transformers", "segment"): "hf_sam2",
+    ("transformers", "track"): "hf_sam2_video",
 }
 
 
