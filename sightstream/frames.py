@@ -48,6 +48,7 @@ class Frame:
     orig_size: tuple[int, int] = (0, 0)  # (width, height) before any scaled decoding
     origin: tuple[str, str] | None = None  # chained: (source key, frame entry ID) of the frame
     detections: list[dict[str, Any]] | None = None  # chained: the upstream's detections
+    generation: int = 0  # bumped each time this daemon takes the stream (source leases)
 
     @property
     def source(self) -> str:

@@ -43,6 +43,17 @@ def consumer_slot(host: str, slot: int) -> str:
     return f"{INTERNAL_PREFIX}consumer:{host}:{slot}"
 
 
+def source_lease(pipeline: str, stream: str) -> str:
+    """Held by the one daemon that reads `stream` for a pipeline whose model keeps state per
+    source (tracking)."""
+    return f"{INTERNAL_PREFIX}source:{pipeline}:{stream}"
+
+
+def source_member(pipeline: str, consumer: str) -> str:
+    """A daemon serving such a pipeline: the streams are shared among these."""
+    return f"{INTERNAL_PREFIX}member:{pipeline}:{consumer}"
+
+
 def output_glob(template: str, pipeline: str) -> str:
     """A glob matching every stream a pipeline writes (its results for any source)."""
     return template.replace("{pipeline}", pipeline).replace("{source}", "*")

@@ -13,21 +13,10 @@ from redis.asyncio import Redis
 
 from sightstream import keys
 from sightstream.errors import SightstreamError
+from sightstream.leases import RELEASE, RENEW
 
 LEASE_MS = 15_000
 RENEW_S = 5.0
-
-RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
-"""
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class ConsumerLease:
     def __init__(self, client: Redis, slots: int, host: str | None = None) -> None:

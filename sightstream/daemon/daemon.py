@@ -43,6 +43,7 @@ from sightstream.stages.publisher import Publisher
 from sightstream.stages.reclaimer import Reclaimer
 from sightstream.stages.redis_ingest import RedisIngest
 from sightstream.stages.sampler import Sampler
+from sightstream.stages.source_leases import SourceLeases
 from sightstream.stages.worker import Worker
 
 _log = log.get(__name__)
@@ -151,6 +152,9 @@ class Daemon:
                               {name: run.in_flight for name, run in self.runs.items()},
                               self.metrics, self.stop_event, self.settings.reclaim_min_idle_ms)
         self._service_tasks = [
+            asyncio.create_task(run.ingest.leases.keep(self.stop_event), name=f"source-leases-{name}")
+            for name, run in self.runs.items() if run.ingest.leases
+        ] + [
             asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
@@ -174,8 +178,11 @@ class Daemon:
         batch_q: asyncio.Queue = asyncio.Queue(size)
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client)
         common = (p, self.client, self.consumer, admission, in_flight, self.metrics, self.stop_event)
+        stateful = self.catalogue.get(p.model).task == "track"
+        leases = SourceLeases(self.client, p.name, self.consumer,
+                              ttl_ms=max(5000, int(5000 * self._discover_s))) if stateful else None
         ingest = RedisIngest(
-            *common, reader=self.reader, discover_s=self._discover_s,
+            *common, reader=self.reader, discover_s=self._discover_s, leases=leases,
             # Never read results back as frames; a chained pipeline reads its upstream's.
             exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines
                            if q.name != p.prompt_from],
@@ -191,7 +198,9 @@ class Daemon:
                     self.settings.decode.max_pixels, self._decode_target(p.model), p.max_age_ms,
                     concurrency=threads)
         )
-        chain.append(Batcher(p, batch_q, self._batches, self.metrics))
+        # A stateful model's sources each stay on one device (the worker's own queue).
+        pinned = [w.own for w in self.workers] if stateful and len(self.workers) > 1 else None
+        chain.append(Batcher(p, batch_q, self._batches, self.metrics, pinned))
         return PipelineRun(p, in_flight, read_q, ingest, reclaimer, chain)
 
     async def _unload_idle_models(self) -> None:
@@ -255,6 +264,9 @@ class Daemon:
             w.close()
         if self._decode_pool:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        for run in self.runs.values():
+            if run.ingest.leases:
+                await run.ingest.leases.release_all()
         if self._lease:
             await self._lease.release()
         self.manager.unload_all()

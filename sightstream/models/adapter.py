@@ -26,6 +26,9 @@ class FrameContext:
     source: str
     ts_ms: int
     detections: list[dict[str, Any]] | None = None  # boxes in this image's pixels
+    # Changes when this daemon takes the source again after another had it: state kept per
+    # source must then start afresh (it missed frames).
+    generation: int = 0
 
 
 class Adapter(Protocol):

@@ -1,10 +1,15 @@
 """Batcher: one per pipeline. A batch closes at `batch_size` frames or `batch_timeout_ms`
 after its first frame, whichever comes first, then waits for a free worker (the shared
-batch queue is bounded, and idle workers pull from it: the least busy takes the next batch)."""
+batch queue is bounded, and idle workers pull from it: the least busy takes the next batch).
+
+A pipeline whose model keeps state per source (tracking) on a daemon with several devices
+sends each source to one device, always the same (a hash of the source picks the worker's
+own queue), so the state it builds there sees all the source's frames."""
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,11 +60,13 @@ async def collect_batch(
 
 class Batcher:
     def __init__(
-        self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue, metrics: Metrics
+        self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue, metrics: Metrics,
+        pinned: list[asyncio.Queue] | None = None,
     ) -> None:
         self._p = pipeline
         self._in, self._out = inq, out
         self._metrics = metrics
+        self._pinned = pinned  # one queue per worker, for per-source placement
 
     async def run(self) -> None:
         timeout_s = self._p.batch_timeout_ms / 1000
@@ -68,7 +75,16 @@ class Batcher:
             frames, stopped = await collect_batch(self._in, self._p.batch_size, timeout_s)
             if frames:
                 self._metrics.batch_size.labels(self._p.name).observe(len(frames))
-                await self._out.put(
-                    Batch(self._p.name, self._p.model, self._p.output, self._p.max_age_ms,
-                          frames, self._p.prompt)
-                )
+                if self._pinned is None:
+                    await self._out.put(self._batch(frames))
+                    continue
+                by_worker: dict[int, list[Frame]] = {}
+                for frame in frames:
+                    k = zlib.crc32(frame.source.encode()) % len(self._pinned)
+                    by_worker.setdefault(k, []).append(frame)
+                for k, part in by_worker.items():
+                    await self._pinned[k].put(self._batch(part))
+
+    def _batch(self, frames: list[Frame]) -> Batch:
+        p = self._p
+        return Batch(p.name, p.model, p.output, p.max_age_ms, frames, p.prompt)

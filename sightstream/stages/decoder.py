@@ -109,7 +109,8 @@ def decode_frame(
 
 
 class Decoder:
-    """Runs `concurrency` decodes at once in the shared decode executor."""
+    """Runs up to `concurrency` decodes at once in the shared decode executor, and passes frames
+    on in the order they came: a tracking model must see a source's frames in order."""
 
     def __init__(
         self, inq: asyncio.Queue, out: asyncio.Queue, outcomes: asyncio.Queue,
@@ -125,24 +126,30 @@ class Decoder:
         self._concurrency = concurrency
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._one() for _ in range(self._concurrency)))
+        under_way: asyncio.Queue = asyncio.Queue(self._concurrency)  # decodes started, in order
+        await asyncio.gather(self._start(under_way), self._finish(under_way))
         await self._out.put(STOP)
 
-    async def _one(self) -> None:
+    async def _start(self, under_way: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while (frame := await self._in.get()) is not STOP:
             if is_stale(frame, self._max_age_ms):
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
-            started = time.perf_counter()
+            decoding = loop.run_in_executor(
+                self._executor, decode_frame, frame.fields, self._max_pixels, self._target()
+            )
+            await under_way.put((frame, decoding, time.perf_counter()))
+        await under_way.put(STOP)
+
+    async def _finish(self, under_way: asyncio.Queue) -> None:
+        while (item := await under_way.get()) is not STOP:
+            frame, decoding, started = item
             try:
-                frame.image, frame.orig_size = await loop.run_in_executor(
-                    self._executor, decode_frame, frame.fields, self._max_pixels, self._target()
-                )
+                frame.image, frame.orig_size = await decoding
             except FrameError as e:
                 await self._outcomes.put(DeadLettered.of(frame, e.reason, str(e)))
                 continue
             self._metrics.decode_seconds.labels(frame.pipeline).observe(time.perf_counter() - started)
             frame.fields = {}  # the encoded bytes are no longer needed: free them early
             await self._out.put(frame)
-        await self._in.put(STOP)  # let the sibling decode tasks see it too

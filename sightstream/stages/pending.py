@@ -58,6 +58,9 @@ class Admission:
         self._out, self._outcomes = out, outcomes
         self._metrics = metrics
         self._client = client  # chained pipelines fetch their frames with it
+        # stream -> how many times this daemon has taken it (source leases): tracking state
+        # built before a stream went to another daemon and came back is not reused
+        self.generations: dict[str, int] = {}
 
     async def admit(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
@@ -71,7 +74,8 @@ class Admission:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
             frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
-                          deliveries=times, received=loop.time())
+                          deliveries=times, received=loop.time(),
+                          generation=self.generations.get(stream, 0))
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
             used += 1

@@ -6,6 +6,9 @@
   consumer name) before reading new ones (`>`).
 - It reads only as many entries as the pipeline has in-flight room for: backlog stays in Redis.
 - New streams matching an input glob are found by a periodic SCAN (every `discover_s`).
+- For a model that keeps state per source (tracking), it reads only the streams whose source
+  lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
+  takes the stream.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ from redis.asyncio import Redis
 from sightstream import keys, log
 from sightstream.redis_conn import BLOCK_MS
 from sightstream.stages.pending import StreamReader, delivery_counts
+from sightstream.stages.source_leases import SourceLeases
 
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
+TAKEOVER_PAGE = 1000
 
 
 class RedisIngest(StreamReader):
     def __init__(self, *args: Any, reader: Redis, exclude_globs: list[str], discover_s: float = 2.0,
-                 **kw: Any) -> None:
+                 leases: SourceLeases | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self.leases = leases
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
         self._discover_s = discover_s
@@ -34,8 +40,12 @@ class RedisIngest(StreamReader):
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
         self._next_discovery = 0.0
+        self._joined: set[str] = set()
 
     async def step(self) -> None:
+        if self.leases and self.leases.lost:
+            self._drop(self.leases.lost)
+            self.leases.lost.clear()
         if time.monotonic() >= self._next_discovery:
             await self.discover()
         if not self.streams:
@@ -59,16 +69,52 @@ class RedisIngest(StreamReader):
                         found.append(name)
             else:
                 found.append(pattern)
-        new = [s for s in dict.fromkeys(found) if s not in self.streams]
+        found = list(dict.fromkeys(found))
+        unjoined = [s for s in found if s not in self._joined]
+        if unjoined:
+            await self.ensure_groups(unjoined)
+            self._joined.update(unjoined)
+        if self.leases is None:
+            new = [s for s in found if s not in self.streams]
+        else:
+            new = await self.leases.settle(found, self._busy)
+            for stream in new:
+                await self._take_over(stream)
+            self._drop([s for s in self.streams if s not in self.leases.held])
         if new:
-            await self.ensure_groups(new)
             self.streams.extend(new)
             self._draining.update({s: "0" for s in new})
-            self._metrics.sources.labels(self._p.name).set(len(self.streams))
             _log.info("streams_joined", pipeline=self._p.name, streams=new)
+        self._metrics.sources.labels(self._p.name).set(len(self.streams))
         self._next_discovery = time.monotonic() + self._discover_s
 
+    def _drop(self, streams: list[str]) -> None:
+        for stream in streams:
+            if stream in self.streams:
+                self.streams.remove(stream)
+            self._draining.pop(stream, None)
+
+    def _busy(self, stream: str) -> bool:
+        return any(f.stream == stream for f in self._in_flight.frames())
+
+    async def _take_over(self, stream: str) -> None:
+        """A stream just leased: its pending entries are ours now (their reader is gone), to be
+        re-read first and in order. XCLAIM JUSTID leaves their delivery counts as they were."""
+        generations = self._admission.generations
+        generations[stream] = generations.get(stream, 0) + 1
+        start = "-"
+        while True:
+            rows: Any = await self._client.xpending_range(stream, self._group, start, "+", TAKEOVER_PAGE)
+            theirs = [r["message_id"] for r in rows if r["consumer"].decode() != self._consumer]
+            if theirs:
+                await self._client.xclaim(stream, self._group, self._consumer, 0, theirs, justid=True)
+                _log.info("source_taken_over", pipeline=self._p.name, source=stream, pending=len(theirs))
+            if len(rows) < TAKEOVER_PAGE:
+                return
+            start = "(" + rows[-1]["message_id"].decode()
+
     async def on_nogroup(self) -> None:
+        self._joined.clear()
         await self.ensure_groups(self.streams)
         self._draining.clear()  # a new group has no pending entries
 

@@ -1,6 +1,7 @@
 """Worker: one per device, each with its own single-thread executor, so a device runs one batch
 at a time and the event loop never waits on a model. Idle workers pull from one shared batch
-queue, so the least busy worker takes the next batch.
+queue, so the least busy worker takes the next batch; a worker's own queue holds the batches
+that must run on its device (a tracking model's sources, each kept on one device).
 
 When a model call fails:
 - out of memory: the batch is halved and each half retried (down to single frames);
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from sightstream import keys, log
 from sightstream.errors import BatchSizeMismatch, ModelError
@@ -58,6 +60,8 @@ class Worker:
         self._in, self._outcomes = inq, outcomes
         self._metrics = metrics
         self._timeout_s = timeout_s
+        self.own: asyncio.Queue = asyncio.Queue(2)  # batches for this device only
+        self._next: Batch | None = None  # taken from the shared queue while own won the race
         self.executor = self._new_executor()
         self.busy = False
         self.batches = 0
@@ -67,15 +71,37 @@ class Worker:
         return ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.device}")
 
     async def run(self) -> None:
-        while (batch := await self._in.get()) is not STOP:
-            self.busy = True
-            try:
-                for outcome in await self.process(batch):
-                    await self._outcomes.put(outcome)
-            finally:
-                self.busy = False
-                self.batches += 1
+        while (batch := await self._take()) is not STOP:
+            await self._run(batch)
+        while not self.own.empty():  # STOP comes after the batchers ended: nothing more comes
+            await self._run(self.own.get_nowait())
         await self._in.put(STOP)  # let sibling workers see it too
+
+    async def _take(self) -> Any:
+        """The next batch: this device's own first, else the shared queue's."""
+        if self._next is not None:
+            batch, self._next = self._next, None
+            return batch
+        if not self.own.empty():
+            return self.own.get_nowait()
+        own, shared = asyncio.ensure_future(self.own.get()), asyncio.ensure_future(self._in.get())
+        await asyncio.wait((own, shared), return_when=asyncio.FIRST_COMPLETED)
+        if own.done() and shared.done():
+            self._next = shared.result()
+            return own.result()
+        for getter in (own, shared):
+            if not getter.done():
+                getter.cancel()  # asyncio.Queue.get gives up cleanly: no batch is lost
+        return own.result() if own.done() else shared.result()
+
+    async def _run(self, batch: Batch) -> None:
+        self.busy = True
+        try:
+            for outcome in await self.process(batch):
+                await self._outcomes.put(outcome)
+        finally:
+            self.busy = False
+            self.batches += 1
 
     async def process(self, batch: Batch) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -180,7 +206,7 @@ def frame_context(frame: Frame) -> FrameContext:
         if (ow, oh) != (w, h) and ow and oh:
             detections = [dict(d) for d in detections]
             scale_detections({"detections": detections}, w / ow, h / oh, w, h)
-    return FrameContext(frame.source, frame.ts_ms, detections)
+    return FrameContext(frame.source, frame.ts_ms, detections, frame.generation)
 
 
 def _to_original_pixels(frame: Frame, prediction: Prediction) -> None:

@@ -8,7 +8,8 @@ What is tracked:
   object (IoU below `iou_match`) starts a new track; one that does renews that track's label.
 
 State is kept per source (a `track_session`): SAM2's memory of the last frames of each object.
-A session ends after `max_gap_ms` without a frame, when the adapter holds more than
+A session ends after `max_gap_ms` without a frame, when the source comes back to this daemon
+after another daemon had it (FrameContext.generation), when the adapter holds more than
 `max_sources` sessions (the least recently seen goes), or when the model is unloaded; track
 ids start again at 1 in the next session, whose `track_session` differs. The daemon sends all
 frames of a source to one daemon and one device (see docs/models.md, "Tracking").
@@ -54,6 +55,7 @@ class SourceState:
 
     session: Any  # transformers' Sam2VideoInferenceSession
     name: str = field(default_factory=lambda: secrets.token_hex(4))
+    generation: int = 0
     frame_idx: int = -1
     last_ts: int = 0
     next_id: int = 1
@@ -118,13 +120,15 @@ class HfSam2Tracker(hf_common.HfAdapter):
         from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
         state = self._sources.get(ctx.source)
-        if state is not None and ctx.ts_ms - state.last_ts <= self._max_gap_ms:
+        if (state is not None and state.generation == ctx.generation
+                and ctx.ts_ms - state.last_ts <= self._max_gap_ms):
             self._sources.move_to_end(ctx.source)
             return state, False
         model = self._model
-        session = Sam2VideoInferenceSession(inference_device=model.device, inference_state_device=model.device,
-                                            video_storage_device=model.device, dtype=model.dtype)
-        state = self._sources[ctx.source] = SourceState(session)
+        device = model.device
+        session = Sam2VideoInferenceSession(inference_device=device, inference_state_device=device,
+                                            video_storage_device=device, dtype=model.dtype)
+        state = self._sources[ctx.source] = SourceState(session, generation=ctx.generation)
         while len(self._sources) > self._max_sources:
             self._sources.popitem(last=False)
         return state, True
@@ -150,7 +154,8 @@ class HfSam2Tracker(hf_common.HfAdapter):
             out = model(inference_session=session, frame=pixels, frame_idx=idx)
         state.frame_idx = idx
         logits = out.pred_masks.float()  # [objects, 1, h', w']
-        full = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
+        full = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                               align_corners=False)[:, 0] > 0
         presence = out.object_score_logits.float().reshape(-1)
         self._trim(session, idx)
         return self._prediction(state, full.cpu().numpy(), presence.cpu().numpy(), list(out.object_ids), w, h)
@@ -191,7 +196,8 @@ class HfSam2Tracker(hf_common.HfAdapter):
             best = max(matches, default=(0.0, 0))
             if best[0] >= self._iou_match:
                 track = state.tracks[best[1]]
-                track.label, track.class_id = det.get("label", track.label), det.get("class_id", track.class_id)
+                track.label = det.get("label", track.label)
+                track.class_id = det.get("class_id", track.class_id)
                 continue
             if len(state.tracks) >= self._max_objects:
                 continue
@@ -230,7 +236,7 @@ class HfSam2Tracker(hf_common.HfAdapter):
 
     def _trim(self, session: Any, idx: int) -> None:
         """Forget what SAM2's memory no longer reads: older frames and their outputs."""
-        oldest = idx - self._history
+        oldest = idx - self._history + 1  # the next frame reads at most history - 1 back
         for frame in [f for f in session.processed_frames if f < idx]:
             del session.processed_frames[frame]
         for obj_idx, outputs in session.output_dict_per_obj.items():

@@ -1,0 +1,101 @@
+"""Tracking through the real pipeline (real Redis): a source's frames all meet the same
+tracking state, in order, on one daemon; sources are shared among daemons by leases, and a
+source whose daemon is gone is taken over with the frames it left pending."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sightstream import keys
+from tests import tiny_hf
+from tests.conftest import encode
+from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+BOXES = '{"boxes": [[10, 10, 40, 40], [50, 20, 90, 60]]}'
+
+
+@pytest.fixture(scope="module")
+def tracker_path(tmp_path_factory):
+    return str(tiny_hf.sam2_video(tmp_path_factory.mktemp("sam2v") / "model"))
+
+
+def tracking(redis_url, tmp_path, tracker_path, **extra):
+    settings = settings_for(redis_url, tmp_path, [
+        {"name": "tracks", "model": "user/track", "prompt": BOXES, "batch_size": 4,
+         "batch_timeout_ms": 50}], **extra)
+    settings.models["user"] = {"track": type(settings.models["tiny"]["det"])(
+        backend="transformers", task="track", path=str(tracker_path))}
+    return settings
+
+
+def publish(sync_redis, stream: str, n: int, gradient) -> list[str]:
+    return [sync_redis.xadd(stream, {"image": encode(gradient, "PNG")}).decode() for _ in range(n)]
+
+
+def sessions(sync_redis, stream: str) -> list[str]:
+    return [json.loads(f["result"])["track_session"]
+            for _, f in entries(sync_redis, f"results:tracks:{stream}")]
+
+
+async def test_each_source_is_tracked_in_order_in_one_session(redis_url, sync_redis, tmp_path, tracker_path,
+                                                              gradient):
+    ids = {s: publish(sync_redis, s, 6, gradient) for s in ("frames:{a}", "frames:{b}")}
+    async with running(tracking(redis_url, tmp_path, tracker_path)):
+        await wait_for(lambda: all(sync_redis.xlen(f"results:tracks:{s}") == 6 for s in ids), 60, "12 results")
+    for stream, frame_ids in ids.items():
+        results = entries(sync_redis, f"results:tracks:{stream}")
+        assert [f["frame_id"].decode() for _, f in results] == frame_ids  # processed in order
+        assert all(f["task"] == b"track" for _, f in results)
+        assert len(set(sessions(sync_redis, stream))) == 1
+        tracked = [d["track_id"] for _, f in results for d in json.loads(f["result"])["detections"]]
+        assert tracked and set(tracked) <= {1, 2}
+        assert pending(sync_redis, stream, "tracks") == 0
+    assert sessions(sync_redis, "frames:{a}")[0] != sessions(sync_redis, "frames:{b}")[0]
+
+
+async def test_daemons_share_the_sources_and_take_over_a_stopped_ones(redis_url, sync_redis, tmp_path,
+                                                                      tracker_path, gradient):
+    streams = ["frames:{a}", "frames:{b}"]
+    for s in streams:
+        sync_redis.xadd(s, {"image": encode(gradient, "PNG")})
+    settings = tracking(redis_url, tmp_path, tracker_path)
+    async with running(settings, host="one") as one:
+        async with running(settings, host="two") as two:
+            # each daemon ends up with one source (the first took both, then gave one back)
+            await wait_for(lambda: sorted(one.runs["tracks"].ingest.streams + two.runs["tracks"].ingest.streams)
+                           == streams and len(two.runs["tracks"].ingest.streams) == 1, 30, "a source each")
+            for s in streams:
+                publish(sync_redis, s, 4, gradient)
+            await wait_for(lambda: all(sync_redis.xlen(f"results:tracks:{s}") == 5 for s in streams), 60)
+            owners = {s: sync_redis.get(keys.source_lease("tracks", s)) for s in streams}
+            assert set(owners.values()) == {b"one:0", b"two:0"}
+        # "two" stopped and gave its source back: "one" takes it and tracks it afresh
+        await wait_for(lambda: len(one.runs["tracks"].ingest.streams) == 2, 30, "one takes both")
+        for s in streams:
+            publish(sync_redis, s, 3, gradient)
+        await wait_for(lambda: all(sync_redis.xlen(f"results:tracks:{s}") == 8 for s in streams), 60)
+    moved = next(s for s, owner in owners.items() if owner == b"two:0")
+    kept = next(s for s in streams if s != moved)
+    assert len(set(sessions(sync_redis, kept)[1:])) == 1  # one daemon all along after the handover
+    assert sessions(sync_redis, moved)[-1] not in sessions(sync_redis, moved)[:5]
+    assert all(pending(sync_redis, s, "tracks") == 0 for s in streams)
+
+
+async def test_a_source_left_by_a_dead_daemon_is_taken_over_with_its_pending_frames(
+    redis_url, sync_redis, tmp_path, tracker_path, gradient
+):
+    stream = "frames:{a}"
+    ids = publish(sync_redis, stream, 3, gradient)
+    sync_redis.xgroup_create(stream, "tracks", id="0")
+    sync_redis.xreadgroup("tracks", "ghost:0", {stream: ">"}, count=2)  # then it died
+    sync_redis.set(keys.source_lease("tracks", stream), "ghost:0", px=1500)
+    # a reclaim idle far beyond the test: only the takeover can recover the ghost's frames
+    async with running(tracking(redis_url, tmp_path, tracker_path, reclaim_min_idle_ms=600_000)) as daemon:
+        await wait_for(lambda: sync_redis.xlen(f"results:tracks:{stream}") == 3, 30, "3 results")
+        assert daemon.runs["tracks"].reclaimer.reclaimed == 0
+    results = entries(sync_redis, f"results:tracks:{stream}")
+    assert [f["frame_id"].decode() for _, f in results] == ids  # the ghost's two first, in order
+    assert pending(sync_redis, stream, "tracks") == 0

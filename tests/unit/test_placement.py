@@ -1,0 +1,64 @@
+"""Per-source placement for stateful models on several devices: the batcher sends each
+source's frames to one worker's own queue, and a worker serves its own queue first, drains it
+at STOP, and loses no batch when both queues have one."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sightstream.config import PipelineSettings
+from sightstream.frames import Frame
+from sightstream.metrics import Metrics
+from sightstream.stages.batcher import Batcher
+from sightstream.stages.flow import STOP
+from sightstream.stages.worker import Worker
+
+
+def frame(source: str, n: int) -> Frame:
+    return Frame("p", source, f"{n}-0", {}, n)
+
+
+async def test_a_source_always_goes_to_the_same_worker_queue():
+    inq: asyncio.Queue = asyncio.Queue()
+    pinned = [asyncio.Queue(), asyncio.Queue(), asyncio.Queue()]
+    batcher = Batcher(PipelineSettings(name="p", batch_size=4, batch_timeout_ms=0), inq,
+                      asyncio.Queue(), Metrics(), pinned)
+    sources = [f"frames:{{cam{i}}}" for i in range(6)]
+    for n in range(24):
+        inq.put_nowait(frame(sources[n % 6], n))
+    inq.put_nowait(STOP)
+    await batcher.run()
+    seen: dict[str, set[int]] = {}
+    for k, q in enumerate(pinned):
+        while not q.empty():
+            for f in q.get_nowait().frames:
+                seen.setdefault(f.source, set()).add(k)
+    assert set(seen) == set(sources) and all(len(ks) == 1 for ks in seen.values())
+    assert len({k for ks in seen.values() for k in ks}) > 1  # and sources are spread
+
+
+async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeypatch):
+    shared: asyncio.Queue = asyncio.Queue()
+    worker = Worker("cpu", None, shared, asyncio.Queue(), Metrics())  # type: ignore[arg-type]
+    done: list[str] = []
+
+    async def process(batch):
+        done.append(batch)
+        await asyncio.sleep(0)
+        return []
+
+    monkeypatch.setattr(worker, "process", process)
+    shared.put_nowait("shared-1")
+    worker.own.put_nowait("own-1")
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.01)
+    assert done == ["own-1", "shared-1"]
+    worker.own.put_nowait("own-2")  # both queues fill while the worker waits on both
+    shared.put_nowait("shared-2")
+    await asyncio.sleep(0.01)
+    worker.own.put_nowait("own-3")
+    shared.put_nowait(STOP)
+    await asyncio.wait_for(task, 1)
+    assert sorted(done) == ["own-1", "own-2", "own-3", "shared-1", "shared-2"]
+    assert shared.get_nowait() is STOP  # passed on to sibling workers
+    worker.close()
