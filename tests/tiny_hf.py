@@ -284,3 +284,20 @@ def grounding_dino(folder: Path) -> Path:
         tokenizer=tokenizer,
     ).save_pretrained(folder)
     return folder
+
+
+SAM2_PACKAGE_OVERRIDES = ["++model.image_size=256"]
+
+
+def sam2_package(path: Path) -> Path:
+    """A random-init checkpoint of Meta's `sam2` package (Hiera tiny at 256 pixels), saved as
+    its `build_sam2` reads one: {"model": state_dict}."""
+    import torch
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu", mode="eval",
+                       hydra_overrides_extra=SAM2_PACKAGE_OVERRIDES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return path

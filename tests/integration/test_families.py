@@ -209,6 +209,26 @@ async def test_a_bad_sam2_prompt_dead_letters_with_a_reason(hf_models, redis_url
     assert b"a SAM2 prompt is JSON" in dead["error"]
 
 
+async def test_the_sam2_package_segments_the_prompted_objects(redis_url, sync_redis, tmp_path, astronaut, gradient):
+    from tests.unit.test_masks import rle_decode
+
+    checkpoint = tiny_hf.sam2_package(tmp_path / "sam2.1_tiny.pt")
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "sam2", "task": "segment", "path": str(checkpoint),
+                           "hydra_overrides": tiny_hf.SAM2_PACKAGE_OVERRIDES},
+                          [encode(astronaut), encode(gradient)],
+                          prompt='{"boxes": [[10, 10, 60, 40], [20, 5, 90, 50], [0, 0, 30, 30]]}')
+    results = await process(settings, sync_redis, 2)
+    for _, f in results:
+        assert f["task"] == b"segment" and f["model"] == b"user/model"
+        r = json.loads(f["result"])
+        assert [m["object"] for m in r["masks"]] == [0, 1, 2]
+        index = np.asarray(Image.open(io.BytesIO(f["mask"])))
+        assert index.shape == (r["height"], r["width"])
+        for m in r["masks"]:
+            assert m["area"] == int(rle_decode(m["rle"]).sum())
+
+
 @pytest.mark.parametrize("task,prompt", [("caption", ""), ("vqa", "what is in the image?")])
 async def test_qwen2_5_vl(task, prompt, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
     images = [encode(gradient), encode(astronaut), encode(astronaut[:200, :100])]  # three shapes, one batch

@@ -198,3 +198,14 @@ def test_a_hub_model_missing_from_the_local_cache_is_a_clear_error_never_a_downl
         entry.resolve()
     listed = {e.id: e.describe()["available"] for e in Catalogue()}
     assert listed["retinaface/mobilenet"] and "owlv2/base" in listed and "qwen2_5_vl/3b" in listed
+
+
+def test_the_sam2_backend_without_its_package_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from sightstream.errors import ModelNotAvailable
+    from sightstream.models.adapters.sam2_package import Sam2Package
+
+    monkeypatch.setitem(sys.modules, "sam2.build_sam", None)  # as if not installed
+    with pytest.raises(ModelNotAvailable, match="the `sam2` package is not installed: `make setup` installs it"):
+        Sam2Package("/srv/models/sam2.1_hiera_tiny.pt", {}).load("cpu")

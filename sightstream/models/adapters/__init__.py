@@ -21,6 +21,7 @@ ADAPTERS = {
     "hf_vlm": "hf_vlm:HfImageToText",
     "hf_sam2": "hf_sam2:HfSam2",
     "hf_sam2_video": "hf_sam2_video:HfSam2Tracker",
+    "sam2_package": "sam2_package:Sam2Package",
     "hf_qwen_vl": "hf_qwen_vl:HfQwenVL",
     "ocr": "ocr:RapidOcr",
 }
@@ -35,6 +36,7 @@ DEFAULT_ADAPTER = {
     ("transformers", "vqa"): "hf_vlm",
     ("transformers", "segment"): "hf_sam2",
     ("transformers", "track"): "hf_sam2_video",
+    ("sam2", "segment"): "sam2_package",
 }
 
 

@@ -17,6 +17,7 @@ value k + 1 marks object k (0: none).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,29 @@ def objects_of(spec: dict[str, Any], context: FrameContext | None) -> tuple[dict
     return {"boxes": [d["box"] for d in chosen], "points": [], "point_labels": []}, described
 
 
+def segment_each(
+    images: list[np.ndarray], prompt: Prompt | None, contexts: list[FrameContext] | None,
+    encode: Callable[[list[np.ndarray]], list[Any]],
+    decode: Callable[[list[Any], np.ndarray, dict[str, Any], list[dict]], Prediction],
+) -> list[Prediction]:
+    """What the SAM2 image adapters share: each image's objects, the image encoder once for the
+    images that have any (`encode` gives feature maps with a batch axis), then the prompt
+    decoder per image (`decode` takes one image's maps). Images without objects get no masks."""
+    import torch
+
+    spec = parse_prompt(prompt.text if prompt else "")
+    per_image = [objects_of(spec, contexts[i] if contexts else None) for i in range(len(images))]
+    todo = [i for i, (s, _) in enumerate(per_image) if s["boxes"] or s["points"]]
+    results = {i: masks_prediction(np.zeros((0, *img.shape[:2]), bool), np.zeros(0), [], *img.shape[1::-1])
+               for i, img in enumerate(images) if i not in todo}
+    if todo:
+        with torch.inference_mode():
+            features = encode([images[i] for i in todo])
+            for row, i in enumerate(todo):
+                results[i] = decode([f[row : row + 1] for f in features], images[i], *per_image[i])
+    return [results[i] for i in range(len(images))]
+
+
 def preprocess(images: list[np.ndarray], side: int) -> np.ndarray:
     """Square resize to the model's input, ImageNet normalisation, NCHW float32."""
     return np.stack([
@@ -107,22 +131,14 @@ class HfSam2(hf_common.HfAdapter):
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None,
               contexts: list[FrameContext] | None = None) -> list[Prediction]:
+        return segment_each(images, prompt, contexts, self._encode, self._segment)
+
+    def _encode(self, images: list[np.ndarray]) -> list[Any]:
         import torch
 
-        spec = parse_prompt(prompt.text if prompt else "")
-        per_image = [objects_of(spec, contexts[i] if contexts else None) for i in range(len(images))]
-        todo = [i for i, (s, _) in enumerate(per_image) if s["boxes"] or s["points"]]
-        results = {i: _prediction(np.zeros((0, *img.shape[:2]), bool), np.zeros(0), [], *img.shape[1::-1])
-                   for i, img in enumerate(images) if i not in todo}
-        if todo:
-            model = self._model
-            pixels = torch.tensor(preprocess([images[i] for i in todo], self._side))
-            with torch.inference_mode():
-                embeddings = model.get_image_embeddings(pixels.to(model.device, model.dtype))
-                for row, i in enumerate(todo):
-                    one = [e[row : row + 1] for e in embeddings]
-                    results[i] = self._segment(one, images[i], *per_image[i])
-        return [results[i] for i in range(len(images))]
+        model = self._model
+        pixels = torch.tensor(preprocess(images, self._side)).to(model.device, model.dtype)
+        return list(model.get_image_embeddings(pixels))
 
     def _segment(self, embeddings: list[Any], image: np.ndarray, spec: dict[str, Any],
                  described: list[dict]) -> Prediction:
@@ -138,10 +154,10 @@ class HfSam2(hf_common.HfAdapter):
         full = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
                                                align_corners=False)[:, 0] > 0
         scores = out.iou_scores[0, :, 0].float().cpu().numpy()
-        return _prediction(full.cpu().numpy(), scores, described, w, h)
+        return masks_prediction(full.cpu().numpy(), scores, described, w, h)
 
 
-def _prediction(object_masks: np.ndarray, scores: np.ndarray, described: list[dict], width: int,
+def masks_prediction(object_masks: np.ndarray, scores: np.ndarray, described: list[dict], width: int,
                 height: int) -> Prediction:
     index = np.zeros((height, width), dtype=np.uint8)
     found = []
