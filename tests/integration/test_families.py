@@ -30,6 +30,7 @@ def hf_models(tmp_path_factory):
         "vqa": tiny_hf.blip(root / "vqa", "vqa"),
         "sam2": tiny_hf.sam2(root / "sam2"),
         "qwen": tiny_hf.qwen2_5_vl(root / "qwen"),
+        "sam2_video": tiny_hf.sam2_video(root / "sam2_video"),
     }
 
 
@@ -262,3 +263,47 @@ async def test_ocr_reads_text_with_real_weights(redis_url, sync_redis, tmp_path)
     assert first["score"] > 0.9 and first["label"] == "text" and len(first["polygon"]) == 4
     x1, y1, x2, y2 = first["box"]
     assert 10 <= x1 < x2 <= 640 and 10 <= y1 < y2 <= 100
+
+
+HALF = [  # adapter, model, prompt, options
+    ("hf_detection", "detr", None, {}),
+    ("hf_detection", "rtdetr", None, {}),
+    ("hf_open_vocab", "owlv2", "cat. dog.", {}),
+    ("hf_open_vocab", "grounding_dino", "cat. dog.", {}),
+    ("hf_depth", "depth", None, {}),
+    ("hf_vlm", "caption", "", {"task": "caption"}),
+    ("hf_vlm", "vqa", "what is it?", {"task": "vqa"}),
+    ("hf_qwen_vl", "qwen", "what is it?", {"task": "vqa"}),
+    ("hf_sam2", "sam2", '{"boxes": [[1, 1, 50, 50]]}', {}),
+    ("hf_sam2_video", "sam2_video", '{"boxes": [[1, 1, 50, 50]]}', {}),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("adapter,model,prompt,options", HALF, ids=[h[1] for h in HALF])
+def test_every_torch_family_runs_in_half_precision(adapter, model, prompt, options, dtype, hf_models, gradient):
+    """GPUs run torch models in float16 (or bfloat16): each family's inputs must follow the
+    model's dtype. Checked on the CPU, which runs both (no GPU in CI)."""
+    from sightstream.models.adapter import FrameContext, Prompt
+    from sightstream.models.adapters import adapter_class
+
+    instance = adapter_class(adapter)(str(hf_models[model]), {**options, "dtype": dtype})
+    instance.load("cpu")
+    assert instance._model.dtype == getattr(__import__("torch"), dtype)
+    args: list = [[gradient, gradient], Prompt(prompt, 1) if prompt is not None else None]
+    if instance.uses_context:
+        args.append([FrameContext("a", 1), FrameContext("b", 1)])
+    out = instance.infer(*args)
+    assert len(out) == 2 and all(isinstance(p.result, dict) for p in out)
+    if instance.task in ("detect", "segment", "depth", "track"):
+        assert all((p.result["width"], p.result["height"]) == (96, 64) for p in out)
+    else:
+        assert all(isinstance(p.result["text"], str) for p in out)
+
+
+def test_an_unknown_dtype_is_refused_with_the_choices(hf_models):
+    from sightstream.errors import ModelError
+    from sightstream.models.adapters.hf_detection import HfDetector
+
+    with pytest.raises(ModelError, match="use float16, bfloat16 or float32"):
+        HfDetector(str(hf_models["detr"]), {"dtype": "int8"}).load("cpu")

@@ -48,15 +48,17 @@ def torch_device(device: str) -> Any:
 
 
 def place(model: Any, device: str, options: dict[str, Any]) -> Any:
-    """Eval mode on the device; half precision on GPUs (`dtype` option: float16 | bfloat16 |
-    float32), full precision on the CPU."""
+    """Eval mode on the device, in the `dtype` option (float16 | bfloat16 | float32); by
+    default half precision on GPUs, full precision on the CPU."""
     import torch
 
     model.eval()
-    if device.startswith("cuda"):
-        dtype = getattr(torch, str(options.get("dtype", "float16")))
-        model = model.to(dtype=dtype)
-    return model.to(torch_device(device))
+    name = str(options.get("dtype", "float16" if device.startswith("cuda") else "float32"))
+    if name not in ("float16", "bfloat16", "float32"):
+        from sightstream.errors import ModelError
+
+        raise ModelError(f"dtype {name!r}: use float16, bfloat16 or float32")
+    return model.to(torch_device(device), dtype=getattr(torch, name))
 
 
 def memory_mb(model: Any) -> float:
