@@ -8,7 +8,8 @@ encoder pass per batch, then the prompt encoder and mask decoder per image. Prom
 are those of the transformers SAM2 adapter (hf_sam2), chained pipelines included.
 
 Options: `config` (a config of the package, default "configs/sam2.1/sam2.1_hiera_t.yaml"),
-`hydra_overrides` (a list, e.g. ["++model.image_size=512"]).
+`hydra_overrides` (a list, e.g. ["++model.image_size=512"]), `dtype` (GPUs compute under
+autocast in this type, default bfloat16, as Meta's predictor does; the CPU in float32).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Sam2Package:
         self._path = path
         self._config = str(options.get("config", DEFAULT_CONFIG))
         self._overrides = list(options.get("hydra_overrides", []))
+        self._dtype_name = str(options.get("dtype", "bfloat16"))
         self._model: Any = None
         self.memory_mb = 0.0
 
@@ -53,6 +55,11 @@ class Sam2Package:
                                mode="eval", hydra_overrides_extra=self._overrides)
         except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
             raise ModelError(f"sam2 cannot build {self._config} from {self._path}: {e}") from None
+        import torch
+
+        if self._dtype_name not in ("float16", "bfloat16", "float32"):
+            raise ModelError(f"dtype {self._dtype_name!r}: use float16, bfloat16 or float32")
+        self._dtype = getattr(torch, self._dtype_name)
         self._model = model
         self.memory_mb = memory_mb(model)
 
@@ -61,7 +68,14 @@ class Sam2Package:
 
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None,
               contexts: list[FrameContext] | None = None) -> list[Prediction]:
-        return segment_each(images, prompt, contexts, self._features, self._segment)
+        import torch
+
+        device = next(self._model.parameters()).device
+        if device.type != "cuda":
+            return segment_each(images, prompt, contexts, self._features, self._segment)
+        # As Meta's own predictor runs on GPUs: weights in float32, compute in `dtype`.
+        with torch.autocast("cuda", dtype=self._dtype):
+            return segment_each(images, prompt, contexts, self._features, self._segment)
 
     def _features(self, images: list[np.ndarray]) -> list[Any]:
         """The image encoder's feature maps, highest resolution first (SAM2ImagePredictor's
