@@ -4,6 +4,7 @@ through a `[models.<family>.<variant>] path = <folder>` entry, as a user's model
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 LABELS = {0: "cat", 1: "dog"}
 
@@ -147,23 +148,30 @@ def blip(folder: Path, task: str) -> Path:
     return folder
 
 
-def sam2(folder: Path) -> Path:
-    """A tiny SAM2 (Hiera with blocks_per_stage [1, 1, 2, 1]: a global block first in a stage
-    divides by zero) on 256-pixel inputs."""
-    _quiet()
-    import torch
-    from transformers import Sam2Config, Sam2Model
+def _tiny_sam2_vision(fpn_hidden_size: int) -> Any:
+    """A tiny Hiera image encoder for 256-pixel inputs (blocks_per_stage [1, 1, 2, 1]: a global
+    block first in a stage divides by zero)."""
     from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
 
-    torch.manual_seed(0)
     hiera = Sam2HieraDetConfig(
         hidden_size=16, num_attention_heads=1, image_size=[256, 256], blocks_per_stage=[1, 1, 2, 1],
         embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
         window_size_per_stage=[8, 4, 14, 7], global_attention_blocks=[3],
         window_positional_embedding_background_size=[7, 7],
     )
-    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
-                              backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]], fpn_hidden_size=32)
+    return Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
+                            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+                            fpn_hidden_size=fpn_hidden_size)
+
+
+def sam2(folder: Path) -> Path:
+    """A tiny SAM2 on 256-pixel inputs."""
+    _quiet()
+    import torch
+    from transformers import Sam2Config, Sam2Model
+
+    torch.manual_seed(0)
+    vision = _tiny_sam2_vision(fpn_hidden_size=32)
     config = Sam2Config(
         vision_config=vision,
         prompt_encoder_config={"hidden_size": 32, "image_size": 256, "patch_size": 16, "mask_input_channels": 4},
@@ -182,17 +190,9 @@ def sam2_video(folder: Path) -> Path:
     _quiet()
     import torch
     from transformers import Sam2VideoConfig, Sam2VideoModel
-    from transformers.models.sam2.configuration_sam2 import Sam2HieraDetConfig, Sam2VisionConfig
 
     torch.manual_seed(0)
-    hiera = Sam2HieraDetConfig(
-        hidden_size=16, num_attention_heads=1, image_size=[256, 256], blocks_per_stage=[1, 1, 2, 1],
-        embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
-        window_size_per_stage=[8, 4, 14, 7], global_attention_blocks=[3],
-        window_positional_embedding_background_size=[7, 7],
-    )
-    vision = Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
-                              backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]], fpn_hidden_size=128)
+    vision = _tiny_sam2_vision(fpn_hidden_size=128)
     config = Sam2VideoConfig(
         vision_config=vision, image_size=256,
         prompt_encoder_config={"hidden_size": 128, "image_size": 256, "patch_size": 16, "mask_input_channels": 4},

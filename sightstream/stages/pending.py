@@ -13,6 +13,7 @@ that prompt this pipeline's model. A frame already trimmed away is dead-lettered
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -84,15 +85,9 @@ class Admission:
                 await self.dead_letter(frame, "max_deliveries",
                                        f"delivered {times} times; max_deliveries is {self._p.max_deliveries}")
                 continue
-            try:
-                if self._p.prompt_from:
-                    frame.parse_upstream_result()
-                else:
-                    frame.parse_fields()
-            except FrameError as e:
-                await self.dead_letter(frame, e.reason, str(e))
-                continue
-            kept.append(frame)
+            parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
+            if await self._checked(frame, parse):
+                kept.append(frame)
         if self._p.prompt_from:
             kept = await self._with_source_frames(kept)
         for frame in kept:
@@ -126,13 +121,18 @@ class Admission:
                                        "(trimmed or deleted before this chained pipeline read it)")
                 continue
             frame.fields = reply[0][1]
-            try:
-                frame.parse_fields()
-            except FrameError as e:
-                await self.dead_letter(frame, e.reason, str(e))
-                continue
-            kept.append(frame)
+            if await self._checked(frame, frame.parse_fields):
+                kept.append(frame)
         return kept
+
+    async def _checked(self, frame: Frame, parse: Callable[[], None]) -> bool:
+        """Check a frame's fields with `parse`; one that fails is dead-lettered with its reason."""
+        try:
+            parse()
+        except FrameError as e:
+            await self.dead_letter(frame, e.reason, str(e))
+            return False
+        return True
 
     async def admit_missing(self, stream: str, entry_ids: list[str], deliveries: dict[str, int]) -> int:
         """Entries pending with us whose content is gone (trimmed or deleted): dead-letter them."""
