@@ -112,10 +112,10 @@ class Daemon:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: {p.model} is "
                                   "not prompted by detections (SAM2 is)")
             up = by_name.get(p.prompt_from)
-            if up and self.catalogue.get(up.model).task not in ("detect", "track"):
+            up_task = self.catalogue.get(up.model).task if up else "detect"
+            if up and up_task not in ("detect", "track"):
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: pipeline "
-                                  f"{up.name} does not detect (its model {up.model} does "
-                                  f"{self.catalogue.get(up.model).task})")
+                                  f"{up.name} does not detect (its model {up.model} does {up_task})")
 
     async def start(self) -> None:
         if not await self._wait_for_redis():

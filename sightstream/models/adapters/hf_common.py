@@ -50,15 +50,20 @@ def torch_device(device: str) -> Any:
 def place(model: Any, device: str, options: dict[str, Any]) -> Any:
     """Eval mode on the device, in the `dtype` option (float16 | bfloat16 | float32); by
     default half precision on GPUs, full precision on the CPU."""
+    model.eval()
+    default = "float16" if device.startswith("cuda") else "float32"
+    return model.to(torch_device(device), dtype=torch_dtype(str(options.get("dtype", default))))
+
+
+def torch_dtype(name: str) -> Any:
+    """The `dtype` option's torch type. Raises ModelError naming the choices."""
     import torch
 
-    model.eval()
-    name = str(options.get("dtype", "float16" if device.startswith("cuda") else "float32"))
     if name not in ("float16", "bfloat16", "float32"):
         from sightstream.errors import ModelError
 
         raise ModelError(f"dtype {name!r}: use float16, bfloat16 or float32")
-    return model.to(torch_device(device), dtype=getattr(torch, name))
+    return getattr(torch, name)
 
 
 def memory_mb(model: Any) -> float:

@@ -160,34 +160,33 @@ class HfSam2Tracker(hf_common.HfAdapter):
         self._trim(session, idx)
         return self._prediction(state, full.cpu().numpy(), presence.cpu().numpy(), list(out.object_ids), w, h)
 
-    def _add_object(self, state: SourceState, idx: int, points: Any, labels: Any, track: Track) -> None:
-        """A new track from a box or points on this frame (coordinates in model input pixels)."""
+    def _add_object(self, state: SourceState, idx: int, points: list[list[float]], labels: Any,
+                    track: Track, w: int, h: int) -> None:
+        """A new track from a box's corners or points on this frame, in its pixels."""
         import torch
 
+        scale = torch.tensor([self._side / w, self._side / h])
         session = state.session
         track_id = state.next_id
         state.next_id += 1
         obj_idx = session.obj_id_to_idx(track_id)
         session.add_point_inputs(obj_idx, idx, {
-            "point_coords": torch.tensor(points, dtype=torch.float32).reshape(1, 1, -1, 2),
+            "point_coords": (torch.tensor(points, dtype=torch.float32) * scale).reshape(1, 1, -1, 2),
             "point_labels": torch.tensor(labels, dtype=torch.int32).reshape(1, 1, -1),
         })
         session.obj_with_new_inputs.append(track_id)
         state.tracks[track_id] = track
 
     def _add_prompted(self, state: SourceState, idx: int, spec: dict[str, Any], w: int, h: int) -> None:
-        sx, sy = self._side / w, self._side / h
         for box in spec["boxes"]:
-            x1, y1, x2, y2 = box
-            self._add_object(state, idx, [[x1 * sx, y1 * sy], [x2 * sx, y2 * sy]], BOX_LABELS,
-                             Track(box=[float(v) for v in box]))
-        for (x, y), label in zip(spec["points"], spec["point_labels"]):
-            self._add_object(state, idx, [[x * sx, y * sy]], [label], Track())
+            corners = [[box[0], box[1]], [box[2], box[3]]]
+            self._add_object(state, idx, corners, BOX_LABELS, Track(box=[float(v) for v in box]), w, h)
+        for point, label in zip(spec["points"], spec["point_labels"]):
+            self._add_object(state, idx, [point], [label], Track(), w, h)
 
     def _add_detected(self, state: SourceState, idx: int, detections: list[dict[str, Any]],
                       keep: list[str] | None, w: int, h: int) -> None:
         """Upstream detections: renew the track each overlaps, or start one."""
-        sx, sy = self._side / w, self._side / h
         for det in detections:
             if keep is not None and det.get("label") not in keep:
                 continue
@@ -201,9 +200,8 @@ class HfSam2Tracker(hf_common.HfAdapter):
                 continue
             if len(state.tracks) >= self._max_objects:
                 continue
-            x1, y1, x2, y2 = box
-            self._add_object(state, idx, [[x1 * sx, y1 * sy], [x2 * sx, y2 * sy]], BOX_LABELS,
-                             Track(det.get("label"), det.get("class_id"), box))
+            self._add_object(state, idx, [box[:2], box[2:]], BOX_LABELS,
+                             Track(det.get("label"), det.get("class_id"), box), w, h)
 
     def _prediction(self, state: SourceState, object_masks: np.ndarray, presence: np.ndarray,
                     object_ids: list[int], w: int, h: int) -> Prediction:

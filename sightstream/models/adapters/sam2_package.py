@@ -21,7 +21,7 @@ import numpy as np
 from sightstream.errors import ModelError, ModelNotAvailable
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
-from sightstream.models.adapters.hf_common import memory_mb, torch_device
+from sightstream.models.adapters.hf_common import memory_mb, torch_device, torch_dtype
 from sightstream.models.adapters.hf_sam2 import masks_prediction, preprocess, segment_each
 
 DEFAULT_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -55,11 +55,7 @@ class Sam2Package:
                                mode="eval", hydra_overrides_extra=self._overrides)
         except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
             raise ModelError(f"sam2 cannot build {self._config} from {self._path}: {e}") from None
-        import torch
-
-        if self._dtype_name not in ("float16", "bfloat16", "float32"):
-            raise ModelError(f"dtype {self._dtype_name!r}: use float16, bfloat16 or float32")
-        self._dtype = getattr(torch, self._dtype_name)
+        self._dtype = torch_dtype(self._dtype_name)
         self._model = model
         self.memory_mb = memory_mb(model)
 
