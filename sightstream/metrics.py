@@ -39,6 +39,13 @@ class Metrics:
             ["pipeline"],
             registry=r,
         )
+        self.publish_failures = Counter(
+            "sightstream_publish_failures",
+            "Writes of a result or dead-letter entry that Redis refused (WRONGTYPE, OOM); the "
+            "frame stays pending, is tried again, then dead-lettered (publish_error)",
+            ["pipeline"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "sightstream_batch_size", "Frames per inference batch", ["pipeline"],
             buckets=BATCH_BUCKETS, registry=r,

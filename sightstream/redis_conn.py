@@ -60,17 +60,28 @@ class Lua:
         await client.script_load(self.source)
 
 
-async def run_pipelined(client: Redis, fill: Callable[[Any], None], *scripts: Lua) -> list:
+async def run_pipelined(
+    client: Redis, fill: Callable[[Any], None], *scripts: Lua, raise_on_error: bool = True
+) -> list:
     """Fill a non-transactional pipeline and execute it, loading the scripts once if Redis lost
-    them. The commands must be safe to send twice (ours are: XACK-gated, or SET NX-gated)."""
+    them. The commands must be safe to send twice (ours are: pending-gated, or marker-gated).
+
+    With `raise_on_error=False`, a command that Redis refused (WRONGTYPE, OOM) leaves its
+    ResponseError in its place in the replies instead of failing the whole round; connection
+    errors still raise."""
     for attempt in (1, 2):
         async with client.pipeline(transaction=False) as pipe:
             fill(pipe)
             try:
-                return await pipe.execute()
+                replies = await pipe.execute(raise_on_error=raise_on_error)
             except NoScriptError:
                 if attempt == 2:
                     raise
+            else:
+                if not any(isinstance(r, NoScriptError) for r in replies):
+                    return replies
+                if attempt == 2:
+                    raise next(r for r in replies if isinstance(r, NoScriptError))
         for script in scripts:
             await script.load(client)
     raise AssertionError("unreachable")

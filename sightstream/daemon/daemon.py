@@ -130,6 +130,7 @@ class Daemon:
         self.publisher = Publisher(
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
+            {p.name: p.max_deliveries for p in self.settings.pipelines},
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,

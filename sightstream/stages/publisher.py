@@ -1,25 +1,34 @@
-"""Publisher: acknowledges each frame and publishes its result (or dead-letter entry) in one
-atomic server-side step, so a retry, or a second daemon that processed a reclaimed frame,
-never publishes twice: the script XACKs, and XADDs only if that XACK acknowledged the entry.
+"""Publisher: writes each frame's result (or dead-letter entry) and acknowledges the frame in
+one atomic server-side step, so a retry, or a second daemon that processed a reclaimed frame,
+never publishes twice, and a write that fails never leaves the frame acknowledged.
+
+The script checks that the entry is still pending in the group, XADDs, then XACKs. An XADD
+that Redis refuses (the output key holds another type, Redis is out of memory) aborts the
+script before the XACK: the frame stays pending. Such a frame is tried again with back-off, up
+to its pipeline's `max_deliveries`, then dead-lettered (`publish_error`); other frames of the
+round, and other sources, are not held up.
 
 Outcomes are published in rounds: whatever is queued (up to `round_size`) goes out in one
-pipelined round trip. A failed round is retried (the script makes retries harmless) until it
-succeeds or shutdown gives up, in which case the frames stay pending for another daemon.
+pipelined round trip. A round that cannot reach Redis is retried (the script makes retries
+harmless) until it succeeds or shutdown gives up, in which case the frames stay pending for
+another daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sightstream import keys, log
 from sightstream.frames import (
     Acked,
     DeadLettered,
+    Frame,
     Outcome,
     Published,
     deadletter_fields,
@@ -33,55 +42,99 @@ _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
 
 # KEYS: source stream, output stream. ARGV: group, entry id, maxlen (0: no cap), field, value, ...
-ACK_THEN_PUBLISH = """
-local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if acked == 1 then
-  if ARGV[3] == '0' then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-  end
+# Returns 1 when written and acknowledged, 0 when the entry is no longer pending (another
+# daemon, or an earlier try, finished it; or the group is gone). A refused XADD raises before
+# the XACK, so the entry stays pending.
+PUBLISH_THEN_ACK = """
+local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(pending) ~= 'table' or pending.err or #pending == 0 then
+  return 0
 end
-return acked
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 
 
 # KEYS: marker, dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
+# The marker is set only after the write, so a refused write can be tried again.
 RECORD_ONCE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  if ARGV[2] == '0' then
-    redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-  end
-  return 1
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
 end
-return 0
+if ARGV[2] == '0' then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
 """
 RECORD_TTL_MS = 86_400_000
+
+
+@dataclass(slots=True)
+class _Retry:
+    due: float  # event-loop time
+    outcome: Outcome
 
 
 class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
-        round_size: int = 256,
+        max_deliveries: dict[str, int] | None = None, round_size: int = 256,
     ) -> None:
         self._client = client
         self._in = inq
         self._metrics = metrics
         self._maxlen = maxlen  # per pipeline
+        self._max_deliveries = max_deliveries or {}  # per pipeline: tries of a refused write
         self._round_size = round_size
-        self._script = Lua(ACK_THEN_PUBLISH)
+        self._script = Lua(PUBLISH_THEN_ACK)
         self._record = Lua(RECORD_ONCE)
         self.published = 0
+        self._retries: list[_Retry] = []  # refused writes, tried again when due
+        self._tries: dict[Frame, int] = {}  # refused writes so far, per frame
         self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
         self._dropped_logged = 0.0
 
     async def run(self) -> None:
         stopped = False
-        while not stopped and (first := await self._in.get()) is not STOP:
-            outcomes, stopped = drain_nowait(self._in, first, self._round_size)
-            await self.publish(outcomes)
+        while not stopped:
+            first = await self._next()
+            if first is STOP:
+                break
+            outcomes: list[Outcome] = []
+            if first is not None:
+                outcomes, stopped = drain_nowait(self._in, first, self._round_size)
+            outcomes += self._due()
+            if outcomes:
+                await self.publish(outcomes)
+        self._give_up_retries()
+
+    async def _next(self) -> Any:
+        """The next queued outcome, or None when a refused write falls due for a retry first."""
+        if not self._retries:
+            return await self._in.get()
+        try:
+            return self._in.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        wait = min(r.due for r in self._retries) - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._in.get(), max(0.001, wait))
+        except TimeoutError:
+            return None
+
+    def _due(self) -> list[Outcome]:
+        now = asyncio.get_running_loop().time()
+        due = [r.outcome for r in self._retries if r.due <= now]
+        self._retries = [r for r in self._retries if r.due > now]
+        return due
 
     async def publish(self, outcomes: list[Outcome]) -> None:
         failures = 0
@@ -97,9 +150,46 @@ class Publisher:
                                  failures=failures)
                 await asyncio.sleep(backoff_s(failures))
         for outcome, reply in zip(outcomes, replies):
-            # 1: acknowledged (or recorded) by this round; 0: another daemon or an earlier try did
+            if isinstance(reply, ResponseError):
+                self._refused(outcome, reply)  # still pending: tried again, then dead-lettered
+                continue
+            self._tries.pop(outcome.frame, None)
+            # 1: written and acknowledged by this round; 0: another daemon or an earlier try did
             self._account(outcome, bool(reply))
             outcome.frame.release()
+
+    def _refused(self, o: Outcome, error: ResponseError) -> None:
+        """Redis refused this outcome's write (nothing was written or acknowledged). Try again
+        with back-off up to the pipeline's max_deliveries; then a result becomes a dead-letter
+        entry (`publish_error`), and anything else is left pending for a later reclaim."""
+        f = o.frame
+        tries = self._tries.get(f, 0) + 1
+        reason = str(error).split(" script: ")[0]  # Redis appends the script's SHA and line
+        self._metrics.publish_failures.labels(f.pipeline).inc()
+        loop = asyncio.get_running_loop()
+        if tries < self._max_deliveries.get(f.pipeline, 5):
+            self._tries[f] = tries
+            self._retries.append(_Retry(loop.time() + backoff_s(tries), o))
+            if tries == 1:
+                _log.warning("publish_refused_retrying", pipeline=f.pipeline, source=f.source,
+                             frame_id=f.frame_id, stream=_target(o), error=reason)
+            return
+        self._tries.pop(f, None)
+        if isinstance(o, Published):
+            self._retries.append(_Retry(loop.time(), DeadLettered.of(
+                f, "publish_error", f"its result could not be written to {o.stream} "
+                f"({tries} tries): {reason}")))
+            return
+        _log.error("publish_refused_giving_up", pipeline=f.pipeline, source=f.source,
+                   frame_id=f.frame_id, stream=_target(o), error=reason, tries=tries)
+        f.release()  # still pending in Redis: reclaimed and tried again later
+
+    def _give_up_retries(self) -> None:
+        """At stop: frames whose writes were refused stay pending for the next daemon."""
+        for r in self._retries:
+            r.outcome.frame.release()
+        self._retries.clear()
+        self._tries.clear()
 
     async def _round(self, outcomes: list[Outcome]) -> list:
         now = now_ms()
@@ -124,7 +214,7 @@ class Publisher:
                 else:
                     self._script.queue(pipe, [f.stream, o.stream], [group, f.entry_id, maxlen, *pairs])
 
-        return await run_pipelined(self._client, fill, self._script, self._record)
+        return await run_pipelined(self._client, fill, self._script, self._record, raise_on_error=False)
 
     def _account(self, o: Outcome, acked: bool) -> None:
         m, name = self._metrics, o.frame.pipeline
@@ -150,3 +240,7 @@ class Publisher:
         if now - self._dropped_logged >= DROP_LOG_EVERY_S:
             _log.warning("stale_frames_dropped", counts=self._dropped)
             self._dropped, self._dropped_logged = {}, now
+
+
+def _target(o: Outcome) -> str:
+    return o.frame.stream if isinstance(o, Acked) else o.stream

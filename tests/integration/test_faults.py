@@ -144,3 +144,23 @@ async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gra
     assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{live}")} == set(fresh)
 
 
+
+
+async def test_a_result_that_cannot_be_written_leaves_the_frame_pending_then_dead_letters_it(
+        redis_url, sync_redis, tmp_path, gradient):
+    # A key collision: the result stream's key holds a string, so every XADD to it fails.
+    sync_redis.set("results:people:frames:{x}", "not a stream")
+    (bad,) = publish(sync_redis, "frames:{x}", 1, encode(gradient))
+    good = publish(sync_redis, "frames:{y}", 3, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"max_deliveries": 3}])
+    async with running(settings) as d:
+        await wait_for(lambda: counts(sync_redis, "frames:{y}")[0] == 3, what="the other source's results")
+        await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{x}") == 1, what="the dead-letter entry")
+        failed = d.metrics.publish_failures.labels("people")._value.get()
+    (_, dead), = entries(sync_redis, "deadletter:people:frames:{x}")
+    assert dead["frame_id"].decode() == bad and dead["reason"] == b"publish_error"
+    assert b"results:people:frames:{x}" in dead["error"] and b"WRONGTYPE" in dead["error"]
+    assert failed == 3  # tried max_deliveries times before giving up
+    assert pending(sync_redis, "frames:{x}") == 0 and pending(sync_redis, "frames:{y}") == 0
+    assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{y}")} == set(good)
+    assert sync_redis.get("results:people:frames:{x}") == b"not a stream"

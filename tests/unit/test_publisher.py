@@ -69,3 +69,36 @@ async def test_a_record_for_an_entry_no_longer_pending_is_written_once():
     await pub.publish([gone])
     await pub.publish([gone])  # a retried round
     assert await client.xlen(dl) == 1
+
+
+async def test_a_refused_write_leaves_the_frame_pending_and_unreleased():
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    await client.set(out, "not a stream")  # a key collision: every XADD to it fails
+    released = []
+    frames[0].release = lambda: released.append(True)
+    await pub.publish([Published(frames[0], out, {"frame_id": frames[0].frame_id}),
+                       Acked(frames[1], "sampled_out")])
+    pending = await client.xpending_range("frames:{a}", "p", "-", "+", 10)
+    assert [r["message_id"].decode() for r in pending] == [frames[0].frame_id, frames[2].frame_id]
+    assert released == [] and pub.published == 0  # held for a retry, not acknowledged
+    assert len(pub._retries) == 1  # its batch-mate went through
+
+
+async def test_a_refused_record_can_be_written_on_a_retry():
+    client, frames, pub = await setup()
+    dl = "deadletter:p:frames:{a}"
+    await client.set(dl, "in the way")
+    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed", pending=False)
+    await pub.publish([gone])
+    await client.delete(dl)
+    await pub.publish([gone])
+    assert await client.xlen(dl) == 1
+
+
+async def test_a_vanished_group_publishes_nothing_and_raises_nothing():
+    client, frames, pub = await setup()
+    await client.xgroup_destroy("frames:{a}", "p")
+    out = "results:p:frames:{a}"
+    await pub.publish([Published(frames[0], out, {"frame_id": frames[0].frame_id})])
+    assert await client.exists(out) == 0 and pub.published == 0
