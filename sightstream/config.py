@@ -38,7 +38,15 @@ class ControlSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: str = ""
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="named bearer tokens (name = token), accepted beside `token`; the name is "
+                    "recorded as who changed a prompt or submitted a job")
     max_upload_mb: float = Field(20, gt=0)
+
+    @property
+    def auth(self) -> bool:
+        return bool(self.token or self.tokens)
 
 
 class DecodeSettings(_Strict):
@@ -129,6 +137,8 @@ class Settings(BaseSettings):
     consumer_slots: int = Field(64, ge=1, description="consumer names tried per host")
     shutdown_timeout_s: float = Field(10, gt=0)
     inference_timeout_s: float = Field(60, gt=0)
+    prompt_poll_s: float = Field(
+        5, gt=0, description="every daemon re-reads the prompts this often, in case a change notice was lost")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
     control: ControlSettings = Field(default_factory=ControlSettings)

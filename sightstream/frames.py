@@ -13,6 +13,7 @@ import numpy as np
 
 from sightstream import keys
 from sightstream.errors import FrameError
+from sightstream.prompts import Prompt
 
 PIX_FMTS = {"rgb24": 3, "bgr24": 3, "gray8": 1}
 
@@ -222,7 +223,5 @@ class Batch:
     output: str  # the pipeline's output stream template
     max_age_ms: int
     frames: list[Frame]
-    prompt_text: str = ""
-    # The configured prompt is version 1; the versioned prompt store (PUT …/prompt) comes with
-    # the control plane's prompt routes.
-    prompt_version: int = 1
+    # The pipeline's prompt when the batch closed (prompts.py); results record its version.
+    prompt: Prompt = Prompt("", 1)

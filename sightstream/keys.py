@@ -54,6 +54,20 @@ def source_member(pipeline: str, consumer: str) -> str:
     return f"{INTERNAL_PREFIX}member:{pipeline}:{consumer}"
 
 
+PROMPT_CHANNEL = f"{INTERNAL_PREFIX}prompts"  # pub/sub: a pipeline's name when its prompt changed
+
+
+def prompt_current(pipeline: str) -> str:
+    """A hash: the pipeline's prompt now (text, version, updated_at, set_by)."""
+    return f"{INTERNAL_PREFIX}prompt:{{{pipeline}}}"
+
+
+def prompt_history(pipeline: str) -> str:
+    """A list, append-only: every version of the pipeline's prompt as JSON, version k at k - 1.
+    Shares the current hash's hash tag, so one script can update both (Redis Cluster)."""
+    return f"{INTERNAL_PREFIX}prompt:{{{pipeline}}}:history"
+
+
 def output_glob(template: str, pipeline: str) -> str:
     """A glob matching every stream a pipeline writes (its results for any source)."""
     return template.replace("{pipeline}", pipeline).replace("{source}", "*")

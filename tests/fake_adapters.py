@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 
 POISON = 13  # an image whose top-left red value is this makes its batch fail
@@ -59,6 +60,23 @@ class Scripted:
         ]
 
 
-def entry(**options: Any) -> dict[str, Any]:
-    """A `[models.fake.<variant>]` entry for this adapter."""
-    return {"backend": "torch", "task": "detect", "adapter": "tests.fake_adapters:Scripted", **options}
+class Echo(Scripted):
+    """A prompted model: each result says which prompt (text, version) it ran with."""
+
+    takes_prompt = True
+
+    @staticmethod
+    def check_prompt(text: str, task: str) -> None:
+        if not text.strip():
+            raise ModelError("the echo model needs something to echo")
+
+    def infer(self, images: list[np.ndarray], prompt: Any = None) -> list[Prediction]:
+        predictions = super().infer(images, prompt)
+        for p in predictions:
+            p.result["prompt"] = {"text": prompt.text, "version": prompt.version} if prompt else None
+        return predictions
+
+
+def entry(adapter: str = "Scripted", **options: Any) -> dict[str, Any]:
+    """A `[models.fake.<variant>]` entry for one of these adapters."""
+    return {"backend": "torch", "task": "detect", "adapter": f"tests.fake_adapters:{adapter}", **options}

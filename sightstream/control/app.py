@@ -1,22 +1,26 @@
-"""The control plane's aiohttp application. One module per resource adds its routes here."""
+"""The control plane's aiohttp application. Each resource module registers its routes on its
+own `Api`; they are added here, and `/openapi.json` is assembled from the same registrations."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from sightstream.control import health, models
+from sightstream.control import health, models, openapi, prompts
 from sightstream.control.errors import json_errors, require_token
-from sightstream.control.state import DAEMON
+from sightstream.control.state import DAEMON, OPENAPI
 from sightstream.daemon.daemon import Daemon
+
+APIS = [health.api, models.api, prompts.api, openapi.api]
 
 
 def make_app(daemon: Daemon) -> web.Application:
     control = daemon.settings.control
     app = web.Application(
-        middlewares=[json_errors, require_token(control.token)],
+        middlewares=[json_errors, require_token(control)],
         client_max_size=int(control.max_upload_mb * 1024 * 1024),
     )
     app[DAEMON] = daemon
-    app.add_routes(health.routes)
-    app.add_routes(models.routes)
+    app[OPENAPI] = openapi.document(APIS, token=control.auth)
+    for api in APIS:
+        api.add_to(app)
     return app

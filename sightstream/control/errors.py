@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sightstream import log
+from sightstream.config import ControlSettings
+from sightstream.control.api import TOKEN_NAME, ApiError
 
 _log = log.get(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,6 +35,10 @@ def error_response(status: int, message: str, code: str | None = None) -> web.Re
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ApiError as e:
+        response = error_response(e.status, e.message, e.code)
+        response.headers.update(e.headers)
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -45,15 +51,22 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error: see the daemon's log", "internal")
 
 
-def require_token(token: str) -> Callable:
-    expected = f"Bearer {token}".encode()
+def require_token(control: ControlSettings) -> Callable:
+    """Every route but /health* and /metrics needs a configured token (constant-time compare);
+    a named token's name is kept on the request as `token_name`."""
+    accepted = [(name, f"Bearer {tok}".encode()) for name, tok in control.tokens.items() if tok]
+    if control.token:
+        accepted.append(("", f"Bearer {control.token}".encode()))
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and not request.path.startswith(OPEN_PREFIXES):
+        if accepted and not request.path.startswith(OPEN_PREFIXES):
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            # Compare with every token, always: the time taken says nothing of which matched.
+            matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]
+            if not matches:
                 return error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            request[TOKEN_NAME] = matches[0]
         return await handler(request)
 
     return auth

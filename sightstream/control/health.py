@@ -3,19 +3,48 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
-from sightstream.control.state import DAEMON
-from sightstream.daemon.daemon import Daemon
+from sightstream.control.api import Api, Resp
+from sightstream.control.models import LoadedModel
+from sightstream.control.state import DAEMON, reply
 
-routes = web.RouteTableDef()
+api = Api("health")
 
 
-def _daemon(request: web.Request) -> Daemon:
-    return request.app[DAEMON]
+class Live(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    problems: list[str] = []
+
+
+class RedisHealth(BaseModel):
+    url: str
+    ok: bool
+
+
+class WorkerHealth(BaseModel):
+    device: str
+    busy: bool
+    batches: int
+
+
+class Health(BaseModel):
+    status: str  # ok | degraded
+    redis: RedisHealth
+    consumer: str
+    devices: list[str]
+    workers: list[WorkerHealth]
+    models: list[LoadedModel]
+    pipelines: list[dict[str, Any]]
 
 
 def _safe_url(url: str) -> str:
@@ -27,41 +56,43 @@ def _safe_url(url: str) -> str:
     return url
 
 
-@routes.get("/health/live")
+@api.get("/health/live", "The event loop answers", open=True, responses={200: Resp("Alive", Live)})
 async def live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return reply(Live(status="ok"))
 
 
-@routes.get("/health/ready")
+@api.get("/health/ready", "Redis answers and the workers are up", open=True,
+         responses={200: Resp("Ready", Ready), 503: Resp("Not ready: `problems` says why", Ready)})
 async def ready(request: web.Request) -> web.Response:
-    d = _daemon(request)
-    redis_ok = await d.redis_ok()
+    d = request.app[DAEMON]
     problems = []
-    if not redis_ok:
+    if not await d.redis_ok():
         problems.append("redis is unreachable")
     if not d.ready:
         problems.append("workers are not up")
     if problems:
-        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
-    return web.json_response({"status": "ready"})
+        return reply(Ready(status="unavailable", problems=problems), 503)
+    return reply(Ready(status="ready"))
 
 
-@routes.get("/health")
+@api.get("/health", "A summary: Redis, devices, workers, loaded models, pipelines", open=True,
+         responses={200: Resp("The summary", Health)})
 async def summary(request: web.Request) -> web.Response:
-    d = _daemon(request)
+    d = request.app[DAEMON]
     redis_ok = await d.redis_ok()
-    return web.json_response({
-        "status": "ok" if redis_ok and d.ready else "degraded",
-        "redis": {"url": _safe_url(d.settings.redis_url), "ok": redis_ok},
-        "consumer": d.consumer,
-        "devices": d.devices,
-        "workers": [{"device": w.device, "busy": w.busy, "batches": w.batches} for w in d.workers],
-        "models": d.manager.loaded(),
-        "pipelines": d.pipelines(),
-    })
+    return reply(Health(
+        status="ok" if redis_ok and d.ready else "degraded",
+        redis=RedisHealth(url=_safe_url(d.settings.redis_url), ok=redis_ok),
+        consumer=d.consumer,
+        devices=d.devices,
+        workers=[WorkerHealth(device=w.device, busy=w.busy, batches=w.batches) for w in d.workers],
+        models=[LoadedModel(**m) for m in d.manager.loaded()],
+        pipelines=d.pipelines(),
+    ))
 
 
-@routes.get("/metrics")
+@api.get("/metrics", "Prometheus metrics, all prefixed sightstream_", open=True,
+         responses={200: Resp("Prometheus text format", media="text/plain")})
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(_daemon(request).metrics.registry)
+    body = generate_latest(request.app[DAEMON].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

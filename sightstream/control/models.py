@@ -2,91 +2,164 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from typing import Any
 
-from sightstream.control.errors import error_response
-from sightstream.control.state import DAEMON
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from sightstream.control.api import Api, ApiError, Resp, read_query
+from sightstream.control.openapi import error
+from sightstream.control.state import DAEMON, reply
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
 from sightstream.models.manager import ModelTooLarge
 
-routes = web.RouteTableDef()
+api = Api("models")
 
 
-def _model_id(request: web.Request) -> str:
+class ModelInfo(BaseModel):
+    model: str
+    family: str
+    variant: str
+    backend: str
+    task: str
+    available: bool
+    licence: str
+    description: str
+
+
+class CatalogueModel(ModelInfo):
+    loaded: bool
+
+
+class Catalogue(BaseModel):
+    models: list[CatalogueModel]
+
+
+class LoadedModel(BaseModel):
+    model: str
+    device: str
+    memory_mb: float
+    loaded_at: float
+    last_used: float
+    uses: int
+    in_use: int
+
+
+class LoadedModels(BaseModel):
+    models: list[LoadedModel]
+
+
+class ModelDetail(ModelInfo):
+    options: dict[str, Any]
+    loaded_on: list[LoadedModel]
+
+
+class Unloaded(BaseModel):
+    model: str
+    unloaded_from: list[str]
+
+
+class Evicted(BaseModel):
+    model: str
+    device: str
+
+
+class CleanedUp(BaseModel):
+    unloaded: list[Evicted]
+
+
+class DeviceQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    device: str | None = Field(None, description="cpu or cuda:N; default: the least used device")
+
+
+class CleanupQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    inactive_seconds: float = Field(600, ge=0, allow_inf_nan=False,
+                                    description="unload models unused for this long")
+
+
+def model_id(request: web.Request) -> str:
     return f"{request.match_info['family']}/{request.match_info['variant']}"
 
 
-def _model_error(e: ModelError) -> web.Response:
+def model_error(e: ModelError) -> ApiError:
     if isinstance(e, UnknownModel):
-        return error_response(404, str(e))
+        return ApiError(404, str(e))
     if isinstance(e, ModelNotAvailable):
-        return error_response(409, str(e), "model_not_available")
+        return ApiError(409, str(e), "model_not_available")
     if isinstance(e, ModelTooLarge):
-        return error_response(507, str(e), "insufficient_memory")
-    return error_response(409, str(e), "model_error")
+        return ApiError(507, str(e), "insufficient_memory")
+    return ApiError(409, str(e), "model_error")
 
 
-@routes.get("/models")
+MODEL_ERRORS = {
+    404: error("No such model in the catalogue"),
+    409: error("The model's weights are not on this machine, or it failed to load"),
+    507: error("The model does not fit the device's memory budget"),
+}
+
+
+@api.get("/models", "The catalogue", responses={200: Resp("Every model", Catalogue)})
 async def catalogue(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    models = []
-    for entry in d.catalogue:
-        info = entry.describe()
-        info["loaded"] = d.manager.is_loaded(entry.id)
-        models.append(info)
-    return web.json_response({"models": models})
+    return reply(Catalogue(models=[
+        CatalogueModel(**entry.describe(), loaded=d.manager.is_loaded(entry.id)) for entry in d.catalogue
+    ]))
 
 
-@routes.get("/models/loaded")
+@api.get("/models/loaded", "Models loaded on this daemon's devices",
+         responses={200: Resp("Loaded models", LoadedModels)})
 async def loaded(request: web.Request) -> web.Response:
-    return web.json_response({"models": request.app[DAEMON].manager.loaded()})
+    return reply(LoadedModels(models=request.app[DAEMON].manager.loaded()))
 
 
-@routes.get("/models/{family}/{variant}/info")
+@api.get("/models/{family}/{variant}/info", "One model: its entry, options and where it is loaded",
+         responses={200: Resp("The model", ModelDetail), 404: MODEL_ERRORS[404]})
 async def info(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     try:
-        entry = d.catalogue.get(_model_id(request))
+        entry = d.catalogue.get(model_id(request))
     except ModelError as e:
-        return _model_error(e)
-    body = entry.describe()
-    body["options"] = entry.options
-    body["loaded_on"] = [m for m in d.manager.loaded() if m["model"] == entry.id]
-    return web.json_response(body)
+        raise model_error(e) from None
+    return reply(ModelDetail(**entry.describe(), options=entry.options,
+                             loaded_on=[m for m in d.manager.loaded() if m["model"] == entry.id]))
 
 
-@routes.post("/models/{family}/{variant}/load")
+@api.post("/models/{family}/{variant}/load", "Load a model (on ?device=, else the least used)",
+          query=DeviceQuery,
+          responses={200: Resp("Loaded", LoadedModel), 400: error("No worker owns that device"),
+                     **MODEL_ERRORS})
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    device = request.query.get("device") or min(d.devices, key=d.manager.used_mb)
+    device = read_query(request, DeviceQuery).device or min(d.devices, key=d.manager.used_mb)
     if device not in d.devices:
-        return error_response(400, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}")
+        raise ApiError(400, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}")
     try:
-        return web.json_response(await d.manager.load(_model_id(request), device, d.executor_for(device)))
+        return reply(LoadedModel(**await d.manager.load(model_id(request), device, d.executor_for(device))))
     except ModelError as e:
-        return _model_error(e)
+        raise model_error(e) from None
 
 
-@routes.post("/models/{family}/{variant}/unload")
+@api.post("/models/{family}/{variant}/unload", "Unload a model (from ?device=, else everywhere)",
+          query=DeviceQuery,
+          responses={200: Resp("Unloaded", Unloaded),
+                     404: error("No such model, or it is not loaded (code not_loaded)")})
 async def unload(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    model_id = _model_id(request)
+    mid = model_id(request)
     try:
-        d.catalogue.get(model_id)
-        devices = d.manager.unload(model_id, request.query.get("device"))
+        d.catalogue.get(mid)
+        devices = d.manager.unload(mid, read_query(request, DeviceQuery).device)
     except ModelError as e:
-        return _model_error(e)
+        raise model_error(e) from None
     if not devices:
-        return error_response(404, f"model {model_id} is not loaded", "not_loaded")
-    return web.json_response({"model": model_id, "unloaded_from": devices})
+        raise ApiError(404, f"model {mid} is not loaded", "not_loaded")
+    return reply(Unloaded(model=mid, unloaded_from=devices))
 
 
-@routes.post("/models/cleanup")
+@api.post("/models/cleanup", "Unload models unused for ?inactive_seconds= (default 600)",
+          query=CleanupQuery, responses={200: Resp("What was unloaded", CleanedUp)})
 async def cleanup(request: web.Request) -> web.Response:
-    try:
-        seconds = float(request.query.get("inactive_seconds", "600"))
-        if seconds < 0:
-            raise ValueError
-    except ValueError:
-        return error_response(400, "inactive_seconds must be a number of seconds >= 0")
-    return web.json_response({"unloaded": request.app[DAEMON].manager.cleanup(seconds)})
+    seconds = read_query(request, CleanupQuery).inactive_seconds
+    return reply(CleanedUp(unloaded=request.app[DAEMON].manager.cleanup(seconds)))

@@ -1,9 +1,16 @@
-"""The typed application key under which handlers find the daemon."""
+"""What every handler module shares: the typed application keys, and JSON replies built from
+the same pydantic models the schema documents."""
 
 from __future__ import annotations
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from sightstream.daemon.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", Daemon)
+OPENAPI = web.AppKey("openapi", dict)
+
+
+def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"), status=status, headers=headers)

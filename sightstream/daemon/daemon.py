@@ -28,11 +28,13 @@ from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon import devices as device_list
 from sightstream.daemon.consumer import ConsumerLease
+from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.errors import ConfigError, ModelError
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
+from sightstream.prompts import PromptBook, PromptStore
 from sightstream.redis_conn import make_client
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
@@ -85,6 +87,8 @@ class Daemon:
         self._check_models()
         self.client = make_client(settings.redis_url)
         self.reader = make_client(settings.redis_url, blocking_reads=True)
+        self.prompts = PromptStore(self.client, {p.name: p.prompt for p in settings.pipelines})
+        self.prompt_book = PromptBook(self.prompts, [p.name for p in settings.pipelines])
         self.runs: dict[str, PipelineRun] = {}
         self.workers: list[Worker] = []
         self.publisher: Publisher | None = None
@@ -137,6 +141,10 @@ class Daemon:
                    self.settings.inference_timeout_s)
             for d in self.devices
         ]
+        try:
+            await self.prompt_book.refresh()  # the stored prompts, before the first batch
+        except (RedisError, OSError) as e:  # the notice follower retries
+            _log.warning("first_prompt_read_failed", error=str(e))
         for p in self.settings.pipelines:
             self.runs[p.name] = self._build(p, threads)
         # Join the groups before reporting ready, so producers' first frames are already ours.
@@ -158,6 +166,8 @@ class Daemon:
         ] + [
             asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(follow_prompts(self.client, self.prompt_book, self.metrics, self.stop_event,
+                                               self.settings.prompt_poll_s), name="prompt-notices"),
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
@@ -201,7 +211,8 @@ class Daemon:
         )
         # A stateful model's sources each stay on one device (the worker's own queue).
         pinned = [w.own for w in self.workers] if stateful and len(self.workers) > 1 else None
-        chain.append(Batcher(p, batch_q, self._batches, self.metrics, pinned))
+        chain.append(Batcher(p, batch_q, self._batches, self.metrics, pinned,
+                             prompt=lambda: self.prompt_book.current(p.name)))
         return PipelineRun(p, in_flight, read_q, ingest, reclaimer, chain)
 
     async def _unload_idle_models(self) -> None:

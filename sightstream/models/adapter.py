@@ -9,12 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sightstream.frames import Prediction
-
-
-@dataclass(frozen=True, slots=True)
-class Prompt:
-    text: str
-    version: int
+from sightstream.prompts import Prompt
 
 
 @dataclass(frozen=True, slots=True)

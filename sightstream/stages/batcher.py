@@ -16,6 +16,7 @@ from typing import Any
 from sightstream.config import PipelineSettings
 from sightstream.frames import Batch, Frame
 from sightstream.metrics import Metrics
+from sightstream.prompts import Prompt
 from sightstream.stages.flow import STOP
 
 
@@ -61,9 +62,11 @@ async def collect_batch(
 class Batcher:
     def __init__(
         self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue, metrics: Metrics,
-        pinned: list[asyncio.Queue] | None = None,
+        pinned: list[asyncio.Queue] | None = None, prompt: Callable[[], Prompt] | None = None,
     ) -> None:
         self._p = pipeline
+        # The pipeline's current prompt (a PromptBook's view); the configured one by default.
+        self._prompt = prompt or (lambda: Prompt(pipeline.prompt, 1))
         self._in, self._out = inq, out
         self._metrics = metrics
         self._pinned = pinned  # one queue per worker, for per-source placement
@@ -87,4 +90,4 @@ class Batcher:
 
     def _batch(self, frames: list[Frame]) -> Batch:
         p = self._p
-        return Batch(p.name, p.model, p.output, p.max_age_ms, frames, p.prompt)
+        return Batch(p.name, p.model, p.output, p.max_age_ms, frames, self._prompt())

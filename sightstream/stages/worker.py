@@ -34,7 +34,7 @@ from sightstream.frames import (
     scale_detections,
 )
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter, FrameContext, Prompt
+from sightstream.models.adapter import Adapter, FrameContext
 from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import STOP
 
@@ -129,7 +129,7 @@ class Worker:
                 continue
             _to_original_pixels(frame, result)
             fields = result_fields(frame, model=batch.model, task=task, prediction=result,
-                                   prompt_version=batch.prompt_version if takes_prompt else None)
+                                   prompt_version=batch.prompt.version if takes_prompt else None)
             outcomes.append(
                 Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields)
             )
@@ -163,7 +163,7 @@ class Worker:
     async def _infer(self, adapter: Adapter, batch: Batch, frames: list[Frame]) -> list[Prediction]:
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         started = time.perf_counter()
-        prompt = Prompt(batch.prompt_text, batch.prompt_version) if adapter.takes_prompt else None
+        prompt = batch.prompt if adapter.takes_prompt else None
         args: tuple = (images, prompt)
         if adapter.uses_context:
             args += ([frame_context(f) for f in frames],)

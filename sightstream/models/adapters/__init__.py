@@ -40,6 +40,17 @@ DEFAULT_ADAPTER = {
 }
 
 
+def check_prompt(adapter: str, task: str, text: str) -> None:
+    """Refuse, with the reason, a prompt the adapter cannot use (ModelError): set on a model that
+    takes none, bad SAM2 JSON, no labels for an open-vocabulary detector, no vqa question."""
+    cls = adapter_class(adapter)
+    if not getattr(cls, "takes_prompt", False):
+        raise ModelError("this model takes no prompt")
+    check = getattr(cls, "check_prompt", None)
+    if check is not None:
+        check(text, task)
+
+
 def adapter_class(name: str) -> Any:
     if name in ADAPTERS:
         module, cls = ADAPTERS[name].split(":")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sightstream.errors import ModelNotAvailable
+from sightstream.errors import ModelError, ModelNotAvailable
 
 
 def offline() -> None:
@@ -83,6 +83,12 @@ def to_device(batch: Any, model: Any) -> Any:
                 value = value.to(model.dtype)
         out[key] = value
     return out
+
+
+def check_question(text: str, task: str) -> None:
+    """Image-to-text models: a vqa model answers a question, so its prompt cannot be empty."""
+    if task == "vqa" and not text.strip():
+        raise ModelError("a vqa model needs a question as its prompt")
 
 
 class HfAdapter:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
@@ -21,6 +22,11 @@ def prompt_labels(text: str) -> list[str]:
 class HfOpenVocabDetector(hf_common.HfAdapter):
     task = "detect"
     takes_prompt = True
+
+    @staticmethod
+    def check_prompt(text: str, task: str) -> None:
+        if not prompt_labels(text):
+            raise ModelError('an open-vocabulary detector needs labels to find, e.g. "person. red car"')
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)

@@ -26,6 +26,7 @@ TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_e
 
 class HfQwenVL(hf_common.HfAdapter):
     takes_prompt = True
+    check_prompt = staticmethod(hf_common.check_question)
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)

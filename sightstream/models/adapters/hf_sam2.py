@@ -45,17 +45,27 @@ def parse_prompt(text: str) -> dict[str, Any]:
     boxes, points = spec.get("boxes") or [], spec.get("points") or []
     if boxes and points:
         raise ModelError("a SAM2 prompt has `boxes` or `points`, not both")
-    if not all(isinstance(b, list) and len(b) == 4 for b in boxes):
-        raise ModelError("each SAM2 box is [x1, y1, x2, y2]")
-    if not all(isinstance(p, list) and len(p) == 2 for p in points):
-        raise ModelError("each SAM2 point is [x, y]")
+    if not isinstance(boxes, list) or not all(_numbers(b, 4) for b in boxes):
+        raise ModelError("each SAM2 box is [x1, y1, x2, y2], in numbers")
+    if not isinstance(points, list) or not all(_numbers(p, 2) for p in points):
+        raise ModelError("each SAM2 point is [x, y], in numbers")
     labels = spec.get("point_labels") or [1] * len(points)
-    if len(labels) != len(points):
-        raise ModelError("`point_labels` needs one label per point")
+    if not isinstance(labels, list) or len(labels) != len(points) or not all(v in (0, 1) for v in labels):
+        raise ModelError("`point_labels` needs one label per point, each 1 (keep) or 0 (exclude)")
     keep = spec.get("labels")
     if keep is not None and not (isinstance(keep, list) and all(isinstance(k, str) for k in keep)):
         raise ModelError("`labels` is a list of the upstream detection labels to segment")
     return {"boxes": boxes, "points": points, "point_labels": labels, "labels": keep}
+
+
+def _numbers(value: Any, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+
+
+def check_prompt(text: str, task: str = "") -> None:
+    """For the control plane: a prompt SAM2 cannot use is refused when it is set."""
+    parse_prompt(text)
 
 
 def objects_of(spec: dict[str, Any], context: FrameContext | None) -> tuple[dict[str, Any], list[dict]]:
@@ -119,6 +129,7 @@ def prompt_tensors(spec: dict[str, Any], width: int, height: int, side: int) -> 
 class HfSam2(hf_common.HfAdapter):
     task = "segment"
     takes_prompt = True
+    check_prompt = staticmethod(check_prompt)
     uses_context = True
 
     def load(self, device: str) -> None:

@@ -36,7 +36,7 @@ from sightstream.frames import Prediction
 from sightstream.models import masks
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters import hf_common
-from sightstream.models.adapters.hf_sam2 import parse_prompt, preprocess
+from sightstream.models.adapters.hf_sam2 import check_prompt, parse_prompt, preprocess
 
 BOX_LABELS = (2, 3)  # SAM2's point labels for a box's two corners
 
@@ -78,6 +78,7 @@ def mask_box(mask: np.ndarray) -> list[float]:
 class HfSam2Tracker(hf_common.HfAdapter):
     task = "track"
     takes_prompt = True
+    check_prompt = staticmethod(check_prompt)
     uses_context = True
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from sightstream.models.adapters import hf_common
 
 class HfImageToText(hf_common.HfAdapter):
     takes_prompt = True
+    check_prompt = staticmethod(hf_common.check_question)
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)

@@ -22,7 +22,7 @@ from sightstream.errors import ModelError, ModelNotAvailable
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.hf_common import memory_mb, torch_device, torch_dtype
-from sightstream.models.adapters.hf_sam2 import masks_prediction, preprocess, segment_each
+from sightstream.models.adapters.hf_sam2 import check_prompt, masks_prediction, preprocess, segment_each
 
 DEFAULT_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
@@ -30,6 +30,7 @@ DEFAULT_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 class Sam2Package:
     task = "segment"
     takes_prompt = True
+    check_prompt = staticmethod(check_prompt)
     uses_context = True
     input_size: tuple[int, int] | None = None
 

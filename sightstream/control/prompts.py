@@ -1,0 +1,134 @@
+"""Prompts: versioned, shared by every daemon through Redis (sightstream/prompts.py), in effect
+on every daemon within a second. A change may be conditional on the version it was based on
+(`If-Match: <version>` or `expected_version`): 409 when someone else changed it first."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from sightstream.config import PipelineSettings
+from sightstream.control.api import Api, ApiError, Resp, read_json, who
+from sightstream.control.openapi import error
+from sightstream.control.state import DAEMON, reply
+from sightstream.errors import ModelError
+from sightstream.models.adapters import check_prompt
+from sightstream.prompts import PromptVersion, UnknownVersion, VersionConflict
+
+api = Api("prompts")
+MAX_PROMPT = 100_000  # characters
+
+
+class PromptOut(BaseModel):
+    pipeline: str
+    text: str
+    version: int
+    updated_at: str | None = Field(None, description="ISO 8601 UTC; null: the configured prompt")
+    set_by: str = Field("", description="the bearer token's name; config for version 1")
+    rolled_back_from: int | None = None
+
+
+class PromptHistory(BaseModel):
+    pipeline: str
+    versions: list[PromptOut] = Field(description="newest first")
+
+
+class PromptIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(max_length=MAX_PROMPT)
+    expected_version: int | None = Field(
+        None, ge=1, description="refuse (409) unless this is the current version (as If-Match)")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, description="the version whose text becomes current again")
+    expected_version: int | None = Field(None, ge=1)
+
+
+NO_PIPELINE = error("No pipeline of that name in this daemon's config")
+CONFLICT = error("The prompt changed since the expected version (code conflict)")
+IF_MATCH = {"ETag": "the version, quoted"}
+
+
+def _pipeline(request: web.Request) -> PipelineSettings:
+    name = request.match_info["name"]
+    for p in request.app[DAEMON].settings.pipelines:
+        if p.name == name:
+            return p
+    raise ApiError(404, f"no pipeline named {name!r}")
+
+
+def _out(pipeline: str, p: PromptVersion) -> PromptOut:
+    return PromptOut(pipeline=pipeline, text=p.text, version=p.version, updated_at=p.updated_at,
+                     set_by=p.set_by, rolled_back_from=p.rolled_back_from)
+
+
+def _answer(pipeline: str, p: PromptVersion) -> web.Response:
+    return reply(_out(pipeline, p), headers={"ETag": f'"{p.version}"'})
+
+
+def _expected(request: web.Request, given: int | None) -> int | None:
+    header = request.headers.get("If-Match", "").strip()
+    if not header or header == "*":
+        return given
+    try:
+        return int(header.removeprefix("W/").strip('"'))
+    except ValueError:
+        raise ApiError(400, 'If-Match must be a prompt version, e.g. If-Match: "3"') from None
+
+
+@api.get("/pipelines/{name}/prompt", "The pipeline's current prompt",
+         responses={200: Resp("The prompt", PromptOut, headers=IF_MATCH), 404: NO_PIPELINE})
+async def get_prompt(request: web.Request) -> web.Response:
+    p = _pipeline(request)
+    return _answer(p.name, await request.app[DAEMON].prompts.get(p.name))
+
+
+@api.put("/pipelines/{name}/prompt", "Set a new version of the prompt (If-Match: <version> optional)",
+         body=PromptIn,
+         responses={200: Resp("The new version", PromptOut, headers=IF_MATCH), 404: NO_PIPELINE,
+                    409: CONFLICT,
+                    422: error("The pipeline's model cannot use this prompt: the message says why")})
+async def put_prompt(request: web.Request) -> web.Response:
+    p = _pipeline(request)
+    body = await read_json(request, PromptIn)
+    expected = _expected(request, body.expected_version)
+    d = request.app[DAEMON]
+    entry = d.catalogue.get(p.model)
+    try:
+        check_prompt(entry.adapter, entry.task, body.text)
+    except ModelError as e:
+        raise ApiError(422, f"{p.model} cannot use this prompt: {e}") from None
+    try:
+        changed = await d.prompts.set(p.name, body.text, expected=expected,
+                                      set_by=who(request))
+    except VersionConflict as e:
+        raise ApiError(409, str(e), "conflict") from None
+    return _answer(p.name, changed)
+
+
+@api.get("/pipelines/{name}/prompt/history", "Every version of the prompt, newest first",
+         responses={200: Resp("The history", PromptHistory), 404: NO_PIPELINE})
+async def history(request: web.Request) -> web.Response:
+    p = _pipeline(request)
+    versions = await request.app[DAEMON].prompts.history(p.name)
+    return reply(PromptHistory(pipeline=p.name, versions=[_out(p.name, v) for v in versions]))
+
+
+@api.post("/pipelines/{name}/prompt/rollback", "Make an earlier version's text current (a new version)",
+          body=RollbackIn,
+          responses={200: Resp("The new version", PromptOut, headers=IF_MATCH), 404: NO_PIPELINE,
+                     409: CONFLICT, 422: error("No such version")})
+async def rollback(request: web.Request) -> web.Response:
+    p = _pipeline(request)
+    body = await read_json(request, RollbackIn)
+    expected = _expected(request, body.expected_version)
+    try:
+        changed = await request.app[DAEMON].prompts.rollback(
+            p.name, body.version, expected=expected, set_by=who(request))
+    except VersionConflict as e:
+        raise ApiError(409, str(e), "conflict") from None
+    except UnknownVersion as e:
+        raise ApiError(422, str(e)) from None
+    return _answer(p.name, changed)

@@ -1,0 +1,175 @@
+"""Versioned prompts, shared by every daemon through Redis.
+
+A pipeline's prompt starts as the configured `prompt`, version 1. Each change (a new text, or
+a rollback to an earlier version's text) is a new version, written with its history entry by
+one Lua script, which also refuses a change based on a stale version (If-Match) and publishes
+a notice on `sightstream:prompts`. Every daemon keeps the current prompts in a `PromptBook`:
+updated from those notices within milliseconds, re-read in full after its subscription
+reconnects, and polled every few seconds in case a notice was lost. A batch takes its prompt
+(text and version) from the book when it closes, and results record that version.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sightstream import keys, log
+from sightstream.errors import SightstreamError
+
+_log = log.get(__name__)
+
+# KEYS: current hash, history list. ARGV: mode (set | rollback), text or version, expected
+# version ('' for any), updated_at, set_by, configured text, channel, pipeline.
+# Returns {status, version}: ok (the new version), conflict or unknown (the current version).
+CHANGE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if not current then
+  current = 1
+  redis.call('RPUSH', KEYS[2], cjson.encode({version = 1, text = ARGV[6], set_by = 'config'}))
+  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[6], 'updated_at', '', 'set_by', 'config')
+end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
+  return {'conflict', current}
+end
+local text = ARGV[2]
+local record = {}
+if ARGV[1] == 'rollback' then
+  local old = redis.call('LINDEX', KEYS[2], tonumber(ARGV[2]) - 1)
+  if not old then
+    return {'unknown', current}
+  end
+  text = cjson.decode(old).text
+  record.rolled_back_from = tonumber(ARGV[2])
+end
+local version = current + 1
+record.version = version
+record.text = text
+record.updated_at = ARGV[4]
+record.set_by = ARGV[5]
+redis.call('RPUSH', KEYS[2], cjson.encode(record))
+redis.call('HSET', KEYS[1], 'version', version, 'text', text, 'updated_at', ARGV[4],
+           'set_by', ARGV[5], 'rolled_back_from', record.rolled_back_from or '')
+redis.call('PUBLISH', ARGV[7], ARGV[8])
+return {'ok', version}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What a model is told, and which version of the pipeline's prompt that is."""
+
+    text: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromptVersion:
+    text: str
+    version: int
+    updated_at: str | None = None  # ISO 8601, UTC; None: the configured prompt, never changed
+    set_by: str = ""  # the token's name, "config" for version 1, "" when no name is known
+    rolled_back_from: int | None = None
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> PromptVersion:
+        return cls(str(data.get("text", "")), int(data["version"]), data.get("updated_at") or None,
+                   str(data.get("set_by", "")), data.get("rolled_back_from") or None)
+
+
+class VersionConflict(SightstreamError):
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the prompt is at version {current}: someone else changed it")
+        self.current = current
+
+
+class UnknownVersion(SightstreamError):
+    def __init__(self, version: int, current: int) -> None:
+        super().__init__(f"there is no version {version}; versions run from 1 to {current}")
+        self.current = current
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class PromptStore:
+    """Reads and changes the prompts in Redis. `configured`: each pipeline's version 1."""
+
+    def __init__(self, client: Redis, configured: dict[str, str]) -> None:
+        self._client = client
+        self.configured = configured
+        self._change = client.register_script(CHANGE)
+
+    async def get(self, pipeline: str) -> PromptVersion:
+        data = await self._client.hgetall(keys.prompt_current(pipeline))
+        return self._current(pipeline, data)
+
+    async def get_many(self, pipelines: list[str]) -> dict[str, PromptVersion]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name in pipelines:
+                pipe.hgetall(keys.prompt_current(name))
+            replies = await pipe.execute()
+        return {name: self._current(name, data) for name, data in zip(pipelines, replies)}
+
+    def _current(self, pipeline: str, data: dict[Any, Any]) -> PromptVersion:
+        if not data:
+            return PromptVersion(self.configured.get(pipeline, ""), 1, set_by="config")
+        fields = {k.decode(): v.decode() for k, v in data.items()}
+        return PromptVersion.from_record(fields)
+
+    async def history(self, pipeline: str) -> list[PromptVersion]:
+        """Every version, newest first."""
+        records = await self._client.lrange(keys.prompt_history(pipeline), 0, -1)
+        if not records:
+            return [await self.get(pipeline)]
+        return [PromptVersion.from_record(json.loads(r)) for r in reversed(records)]
+
+    async def set(self, pipeline: str, text: str, *, expected: int | None = None,
+                  set_by: str = "") -> PromptVersion:
+        """A new version with `text`. Raises VersionConflict when `expected` is not current."""
+        return await self._run(pipeline, "set", text, expected, set_by)
+
+    async def rollback(self, pipeline: str, version: int, *, expected: int | None = None,
+                       set_by: str = "") -> PromptVersion:
+        """A new version with the text `version` had (history stays append-only)."""
+        return await self._run(pipeline, "rollback", str(version), expected, set_by)
+
+    async def _run(self, pipeline: str, mode: str, value: str, expected: int | None,
+                   set_by: str) -> PromptVersion:
+        status, version = await self._change(
+            keys=[keys.prompt_current(pipeline), keys.prompt_history(pipeline)],
+            args=[mode, value, "" if expected is None else expected, _now(), set_by,
+                  self.configured.get(pipeline, ""), keys.PROMPT_CHANNEL, pipeline],
+        )
+        if status == b"conflict":
+            raise VersionConflict(int(version))
+        if status == b"unknown":
+            raise UnknownVersion(int(value), int(version))
+        return await self.get(pipeline)
+
+
+class PromptBook:
+    """This daemon's copy of its pipelines' current prompts, for batches to read without a
+    round trip. daemon/prompt_notices.py keeps it current."""
+
+    def __init__(self, store: PromptStore, pipelines: list[str]) -> None:
+        self._store = store
+        self.pipelines = pipelines
+        self._current = {name: Prompt(text, 1) for name, text in store.configured.items()}
+        self.refreshes = 0
+
+    def current(self, pipeline: str) -> Prompt:
+        return self._current.get(pipeline) or Prompt("", 1)
+
+    async def refresh(self, pipelines: list[str] | None = None) -> None:
+        found = await self._store.get_many(pipelines or self.pipelines)
+        for name, p in found.items():
+            if self._current.get(name) != (new := Prompt(p.text, p.version)):
+                _log.info("prompt_changed", pipeline=name, version=p.version)
+                self._current[name] = new
+        self.refreshes += 1
