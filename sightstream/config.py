@@ -43,6 +43,9 @@ class ControlSettings(_Strict):
         description="named bearer tokens (name = token), accepted beside `token`; the name is "
                     "recorded as who changed a prompt or submitted a job")
     max_upload_mb: float = Field(20, gt=0)
+    predict_batch_size: int = Field(8, ge=1, le=1024, description="/predict images per model call")
+    predict_batch_timeout_ms: float = Field(10, ge=0, description="/predict: wait this long to fill a batch")
+    predict_max_images: int = Field(256, ge=1, description="images in one /predict request (tar, multipart)")
 
     @property
     def auth(self) -> bool:

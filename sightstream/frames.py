@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -50,6 +51,8 @@ class Frame:
     origin: tuple[str, str] | None = None  # chained: (source key, frame entry ID) of the frame
     detections: list[dict[str, Any]] | None = None  # chained: the upstream's detections
     generation: int = 0  # bumped each time this daemon takes the stream (source leases)
+    # Frames from no stream (/predict, jobs): the worker answers here instead of publishing.
+    reply: asyncio.Future[Outcome] | None = field(default=None, repr=False)
 
     @property
     def source(self) -> str:

@@ -79,6 +79,10 @@ class Metrics:
             "Frames of stuck batches left pending for a retry (inference_timeout_s)",
             ["pipeline"], registry=r,
         )
+        self.predict_requests = Counter(
+            "sightstream_predict_requests", "POST /predict requests, by answer", ["model", "status"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
 from sightstream.redis_conn import make_client
+from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
 from sightstream.stages.flow import STOP, InFlight, backoff_s, worth_logging
@@ -97,6 +97,7 @@ class Daemon:
         self._publisher_task: asyncio.Task | None = None
         self._lease: ConsumerLease | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self.adhoc: AdhocBatcher | None = None  # /predict uploads and jobs
         self._closed = False
 
     def _check_models(self) -> None:
@@ -131,6 +132,7 @@ class Daemon:
 
         self._outcomes: asyncio.Queue = asyncio.Queue(1024)
         self._batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
+        self.adhoc = AdhocBatcher(self._batches, self.metrics)
         self.publisher = Publisher(
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
@@ -206,7 +208,7 @@ class Daemon:
             chain.append(Sampler(p.fps, self.client, read_q, decode_q, self._outcomes, self.metrics))
         chain.append(
             Decoder(decode_q, batch_q, self._outcomes, self._decode_pool, self.metrics,
-                    self.settings.decode.max_pixels, self._decode_target(p.model), p.max_age_ms,
+                    self.settings.decode.max_pixels, lambda: self.decode_target(p.model), p.max_age_ms,
                     concurrency=threads)
         )
         # A stateful model's sources each stay on one device (the worker's own queue).
@@ -225,18 +227,23 @@ class Daemon:
             except TimeoutError:
                 self.manager.cleanup(idle_s)
 
+    @property
+    def decode_pool(self) -> Executor:
+        """The shared decode executor (started with the daemon)."""
+        if self._decode_pool is None:
+            raise RuntimeError("the daemon has not started")
+        return self._decode_pool
+
+    def decode_target(self, model: str) -> tuple[int, int] | None:
+        """The size a large JPEG may be decoded down to for `model` (DCT scaling), if any."""
+        return self.manager.input_size(model) if self.settings.decode.draft else None
+
     def executor_for(self, device: str) -> Executor:
         """The executor of the worker that owns `device` (models load and run there)."""
         for worker in self.workers:
             if worker.device == device:
                 return worker.executor
         raise ModelError(f"no worker owns device {device!r}; devices: {', '.join(self.devices)}")
-
-    def _decode_target(self, model: str) -> Callable[[], tuple[int, int] | None]:
-        """What size the decoder may scale large JPEGs down to: the model's input, if fixed."""
-        if not self.settings.decode.draft:
-            return lambda: None
-        return lambda: self.manager.input_size(model)
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
@@ -288,6 +295,8 @@ class Daemon:
 
     async def _drain(self) -> None:
         await asyncio.gather(*(run.drain() for run in self.runs.values()))
+        if self.adhoc:
+            await self.adhoc.close()
         if self._worker_tasks:
             await self._batches.put(STOP)
             await asyncio.gather(*self._worker_tasks)

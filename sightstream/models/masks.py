@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 
 import numpy as np
 from PIL import Image
@@ -46,3 +47,39 @@ def png(array: np.ndarray) -> bytes:
 def packbits(mask: np.ndarray) -> str:
     """Row-major bits of a boolean mask, packed 8 to a byte (numpy.packbits), base64."""
     return base64.b64encode(np.packbits(mask.astype(bool), axis=None).tobytes()).decode()
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """A boolean HxW mask from COCO RLE (the compressed string `rle_encode` writes)."""
+    height, width = rle["size"]
+    text: str = rle["counts"]
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        x, shift, more = 0, 0, True
+        while more:
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                x |= -1 << shift
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    flat = np.zeros(height * width, dtype=bool)
+    pos, value = 0, False
+    for run in counts:
+        flat[pos:pos + run] = value
+        pos += run
+        value = not value
+    return flat.reshape((width, height)).T
+
+
+def packbits_frame(mask: np.ndarray) -> bytes:
+    """A mask as one binary block: big-endian uint32 height, width and row stride (bytes per
+    row), then each row's bits packed 8 to a byte, most significant bit first."""
+    height, width = mask.shape
+    rows = np.packbits(mask.astype(bool), axis=1)
+    return struct.pack(">III", height, width, rows.shape[1] if height else (width + 7) // 8) + rows.tobytes()

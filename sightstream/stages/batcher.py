@@ -31,12 +31,15 @@ async def collect_batch(
     *,
     clock: Callable[[], float] | None = None,
     get_within: Callable[[asyncio.Queue, float], Awaitable[Any]] = _get_within,
+    first: Any = None,
 ) -> tuple[list[Frame], bool]:
-    """Wait for a first item, then gather until `size` items or `timeout_s` after the first.
+    """Wait for a first item (unless given), then gather until `size` items or `timeout_s`
+    after the first.
 
     Returns (items, stopped); STOP ends the batch early and is reported, not returned. `clock`
     and `get_within` are injectable so tests can drive time without sleeping."""
-    first = await queue.get()
+    if first is None:
+        first = await queue.get()
     if first is STOP:
         return [], True
     now = clock or asyncio.get_running_loop().time

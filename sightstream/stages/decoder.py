@@ -41,8 +41,8 @@ def sniff(data: bytes) -> str:
         return "WEBP"
     raise FrameError(
         "unsupported_format",
-        "the `image` field is not JPEG, PNG, WebP or BMP (by its first bytes)"
-        if data else "the `image` field is empty",
+        "the image is not JPEG, PNG, WebP or BMP (by its first bytes)"
+        if data else "the image is empty",
     )
 
 

@@ -98,7 +98,11 @@ class Worker:
         self.busy = True
         try:
             for outcome in await self.process(batch):
-                await self._outcomes.put(outcome)
+                reply = outcome.frame.reply
+                if reply is None:
+                    await self._outcomes.put(outcome)
+                elif not reply.done():  # a caller that gave up has cancelled it
+                    reply.set_result(outcome)
         finally:
             self.busy = False
             self.batches += 1
@@ -188,6 +192,11 @@ class Worker:
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
         self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
         for frame in frames:
+            if frame.reply is not None:
+                if not frame.reply.done():
+                    frame.reply.set_exception(InferenceTimeout(
+                        f"{batch.model} did not answer within inference_timeout_s ({self._timeout_s} s)"))
+                continue
             frame.release()  # no ack: still pending in Redis, reclaimed once idle
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.executor = self._new_executor()

@@ -87,7 +87,7 @@ async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradie
 
 async def test_onnx_semantic_segmentation(redis_url, sync_redis, tmp_path):
     from tests.tiny_models import red_segmenter
-    from tests.unit.test_masks import rle_decode
+    from sightstream.models.masks import rle_decode
 
     frame = np.zeros((40, 60, 3), np.uint8)
     frame[:, :30] = (255, 0, 0)  # red left half: class 1
@@ -182,7 +182,7 @@ async def test_a_vqa_pipeline_without_a_question_dead_letters_with_a_reason(hf_m
     ('{"points": [[50, 50], [200, 220]], "point_labels": [1, 1]}', 2),
 ])
 async def test_sam2_segments_the_prompted_objects(prompt, objects, hf_models, redis_url, sync_redis, tmp_path, astronaut, gradient):
-    from tests.unit.test_masks import rle_decode
+    from sightstream.models.masks import rle_decode
 
     images = [encode(astronaut), encode(gradient)]
     settings = run_family(redis_url, sync_redis, tmp_path,
@@ -211,7 +211,7 @@ async def test_a_bad_sam2_prompt_dead_letters_with_a_reason(hf_models, redis_url
 
 
 async def test_the_sam2_package_segments_the_prompted_objects(redis_url, sync_redis, tmp_path, astronaut, gradient):
-    from tests.unit.test_masks import rle_decode
+    from sightstream.models.masks import rle_decode
 
     checkpoint = tiny_hf.sam2_package(tmp_path / "sam2.1_tiny.pt")
     settings = run_family(redis_url, sync_redis, tmp_path,

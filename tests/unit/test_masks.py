@@ -1,4 +1,4 @@
-"""Mask encodings: COCO RLE as pycocotools writes it, packbits."""
+"""Mask encodings: COCO RLE as pycocotools writes and reads it, packbits."""
 
 from __future__ import annotations
 
@@ -7,32 +7,7 @@ import base64
 import numpy as np
 import pytest
 
-from sightstream.models.masks import packbits, rle_counts, rle_encode
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """pycocotools' rleFrString + decode, written out for the test."""
-    s, counts, p = rle["counts"], [], 0
-    while p < len(s):
-        x, k, more = 0, 0, True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    h, w = rle["size"]
-    flat = np.zeros(h * w, dtype=bool)
-    pos, value = 0, False
-    for n in counts:
-        flat[pos:pos + n] = value
-        pos, value = pos + n, not value
-    return flat.reshape((w, h)).T
+from sightstream.models.masks import packbits, packbits_frame, rle_counts, rle_decode, rle_encode
 
 
 def test_known_encodings():
@@ -51,3 +26,21 @@ def test_rle_round_trip(seed):
 def test_packbits():
     mask = np.array([[1, 0, 1, 1, 0, 0, 0, 0, 1]], bool)
     assert base64.b64decode(packbits(mask)) == bytes([0b10110000, 0b10000000])
+
+
+def test_rle_decode_inverts_encode():
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (7, 5), (33, 70), (64, 64)]:
+        mask = rng.random(shape) > 0.6
+        mask[0, 0] = True  # a run of 1s first
+        assert np.array_equal(rle_decode(rle_encode(mask)), mask)
+        mask[0, 0] = False
+        assert np.array_equal(rle_decode(rle_encode(mask)), mask)
+
+
+def test_packbits_frame_layout():
+    mask = np.zeros((3, 10), dtype=bool)
+    mask[0, 0] = mask[1, 9] = mask[2, 8] = True
+    blob = packbits_frame(mask)
+    assert blob[:12] == (3).to_bytes(4, "big") + (10).to_bytes(4, "big") + (2).to_bytes(4, "big")
+    assert blob[12:] == bytes([0b10000000, 0, 0, 0b01000000, 0, 0b10000000])

@@ -1,0 +1,312 @@
+"""One-off inference, Mozo-compatible: `POST /predict/{family}/{variant}`.
+
+The image is the body (raw bytes), a multipart `file` field, or several: more than one `file`
+part, or a WebDataset tar (`application/x-tar`), is a batch answered with one entry per image,
+in order (`X-Batch-Size`). `Content-Encoding: gzip` bodies are accepted. Images are decoded in
+the daemon's decode pool and go through the same batching and device workers as stream
+frames (stages/adhoc.py), so a burst of requests is batched.
+
+Answers: the task's result JSON (as in result streams); `?format=png` the mask or depth PNG
+(the default for depth); `?format=packbits` the masks' union as a binary block (masks.py's
+`packbits_frame`), length-prefixed per image in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from aiohttp import BodyPartReader, web
+from pydantic import BaseModel, ConfigDict, Field
+
+from sightstream.control.api import Api, ApiError, Resp, read_query
+from sightstream.control.models import MODEL_ERRORS, model_error, model_id
+from sightstream.control.openapi import error
+from sightstream.control.state import DAEMON
+from sightstream.daemon.daemon import Daemon
+from sightstream.errors import FrameError, ModelError
+from sightstream.frames import DeadLettered, Frame, Outcome, Published, now_ms
+from sightstream.models import masks
+from sightstream.models.adapters import adapter_class, check_prompt
+from sightstream.models.catalogue import Entry
+from sightstream.prompts import Prompt
+from sightstream.stages.adhoc import ShuttingDown
+from sightstream.stages.decoder import decode_image
+from sightstream.stages.worker import InferenceTimeout
+
+api = Api("predict")
+TAR_TYPES = ("application/x-tar", "application/tar")
+# A frame's problem -> the HTTP status it is answered with
+FRAME_STATUS = {"unsupported_format": 415, "too_large": 413}
+
+
+class PredictQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prompt: str | None = Field(None, max_length=100_000,
+                               description="for prompted models: labels to find, a question, SAM2 JSON")
+    format: Literal["json", "png", "packbits"] | None = Field(
+        None, description="json (default), png (masks, depth: the default for depth), packbits (masks)")
+
+
+class PredictError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchItem(BaseModel):
+    name: str
+    result: dict[str, Any] | None = None
+    error: PredictError | None = None
+    mask: str | None = Field(None, description="the mask PNG, base64")
+    depth: str | None = Field(None, description="the 16-bit depth PNG, base64")
+
+
+class BatchResult(BaseModel):
+    model: str
+    task: str
+    results: list[BatchItem]
+
+
+class TaskResult(BaseModel):
+    """The task's result JSON, as in result streams (docs/contract.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
+BODIES = {
+    "multipart/form-data": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
+    "image/jpeg": BINARY, "image/png": BINARY, "image/webp": BINARY, "image/bmp": BINARY,
+    "application/octet-stream": BINARY, "application/x-tar": BINARY,
+}
+
+
+@dataclass(slots=True)
+class Upload:
+    name: str
+    data: bytes
+
+
+@api.post(
+    "/predict/{family}/{variant}", "Run a model on one image, or a batch (tar, several files)",
+    query=PredictQuery, body_media=BODIES,
+    responses={
+        200: Resp("The result JSON; a batch: one entry per image (X-Batch-Size)", TaskResult,
+                  headers={"X-Batch-Size": "images in a batch"}),
+        **MODEL_ERRORS,
+        400: error("No image in the request, or a malformed upload"),
+        413: error("The body is over max_upload_mb, or the image over decode.max_pixels"),
+        415: error("Not a JPEG, PNG, WebP or BMP image"),
+        422: error("The image cannot be decoded, the prompt does not suit the model, or the model failed"),
+        504: error("The model did not answer within inference_timeout_s"),
+    },
+)
+async def predict(request: web.Request) -> web.StreamResponse:
+    d = request.app[DAEMON]
+    query = read_query(request, PredictQuery)
+    mid = model_id(request)
+    status = 200
+    try:
+        entry = _model(d, mid, query.prompt)
+        uploads, batch = await _uploads(request, d)
+        frames, errors = await _decode(d, mid, uploads)
+        outcomes = await _infer(d, entry, frames, query.prompt)
+        for i, outcome in outcomes.items():
+            if isinstance(outcome, DeadLettered):
+                errors[i] = ApiError(422, outcome.error, "model_error")
+        fmt = query.format or ("png" if entry.task == "depth" and not batch else "json")
+        if batch:
+            return _batch_answer(entry, uploads, outcomes, errors, fmt)
+        if errors:
+            raise errors[0]
+        published = outcomes[0]
+        assert isinstance(published, Published)
+        return _answer(entry, published, fmt)
+    except ApiError as e:
+        status = e.status
+        raise
+    finally:
+        d.metrics.predict_requests.labels(mid, str(status)).inc()
+
+
+def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
+    try:
+        entry = d.catalogue.get(mid)
+        entry.resolve()
+        takes_prompt = getattr(adapter_class(entry.adapter), "takes_prompt", False)
+        if prompt is not None or takes_prompt:
+            check_prompt(entry.adapter, entry.task, prompt or "")
+    except ModelError as e:
+        if e.__class__ is ModelError:  # the prompt: the model cannot use it
+            raise ApiError(422, f"{mid} cannot use this prompt: {e}") from None
+        raise model_error(e) from None
+    return entry
+
+
+async def _uploads(request: web.Request, d: Daemon) -> tuple[list[Upload], bool]:
+    """The images sent, and whether they are a batch (a tar, or several multipart files)."""
+    limit = d.settings.control.predict_max_images
+    if request.content_type == "multipart/form-data":
+        uploads = await _multipart(request, limit, int(d.settings.control.max_upload_mb * 1024 * 1024))
+        return uploads, len(uploads) > 1
+    body = await request.read()  # over client_max_size: 413
+    if not body:
+        raise ApiError(400, "no image: send it as the body, or as a multipart `file` field")
+    if request.content_type in TAR_TYPES:
+        members = await asyncio.get_running_loop().run_in_executor(d.decode_pool, _untar, body, limit)
+        return members, True
+    return [Upload("image", body)], False
+
+
+async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[Upload]:
+    try:
+        reader = await request.multipart()
+        uploads: list[Upload] = []
+        total = 0
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or part.name != "file":
+                continue
+            chunks = []
+            while chunk := await part.read_chunk():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ApiError(413, f"the body is too large: over max_upload_mb ({max_bytes} bytes)")
+                chunks.append(chunk)
+            uploads.append(Upload(part.filename or f"file{len(uploads)}", b"".join(chunks)))
+            if len(uploads) > limit:
+                raise ApiError(413, f"more than predict_max_images ({limit}) images in one request")
+    except ValueError as e:  # a malformed multipart body
+        raise ApiError(400, f"the multipart body cannot be read: {e}") from None
+    if not uploads:
+        raise ApiError(400, "no `file` field in the multipart body")
+    return uploads
+
+
+def _untar(body: bytes, limit: int) -> list[Upload]:
+    """Every regular file of a tar, in order (WebDataset: one image per member)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            if len(members) > limit:
+                raise ApiError(413, f"the tar holds {len(members)} files; predict_max_images is {limit}")
+            uploads = [Upload(m.name, tar.extractfile(m).read()) for m in members]  # type: ignore[union-attr]
+    except tarfile.TarError as e:
+        raise ApiError(400, f"the body is not a readable tar: {e}") from None
+    if not uploads:
+        raise ApiError(400, "the tar holds no files")
+    return uploads
+
+
+async def _decode(
+    d: Daemon, mid: str, uploads: list[Upload]
+) -> tuple[list[Frame | None], dict[int, ApiError]]:
+    """One frame per decodable upload; the others' errors by index."""
+    loop = asyncio.get_running_loop()
+    max_pixels, target = d.settings.decode.max_pixels, d.decode_target(mid)
+    decoded = await asyncio.gather(*(
+        loop.run_in_executor(d.decode_pool, decode_image, u.data, max_pixels, target) for u in uploads
+    ), return_exceptions=True)
+    frames: list[Frame | None] = []
+    errors: dict[int, ApiError] = {}
+    ts = now_ms()
+    for i, (upload, result) in enumerate(zip(uploads, decoded)):
+        if isinstance(result, FrameError):
+            errors[i] = ApiError(FRAME_STATUS.get(result.reason, 422), str(result), result.reason)
+            frames.append(None)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            image, orig = result
+            frames.append(Frame("predict", upload.name, str(i), {}, ts, image=image, orig_size=orig))
+    return frames, errors
+
+
+async def _infer(
+    d: Daemon, entry: Entry, frames: list[Frame | None], prompt: str | None
+) -> dict[int, Outcome]:
+    assert d.adhoc is not None
+    todo = {i: f for i, f in enumerate(frames) if f is not None}
+    if not todo:
+        return {}
+    control = d.settings.control
+    try:
+        outcomes = await d.adhoc.submit(list(todo.values()), entry.id, Prompt(prompt or "", 1), "predict",
+                                        (control.predict_batch_size, control.predict_batch_timeout_ms))
+    except InferenceTimeout as e:
+        raise ApiError(504, str(e), "timeout") from None
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "unavailable") from None
+    return dict(zip(todo, outcomes))
+
+
+def _answer(entry: Entry, published: Published, fmt: str) -> web.Response:
+    fields = published.fields
+    headers = {"X-Model": entry.id, "X-Task": entry.task}
+    if fmt == "png":
+        payload = fields.get("depth", fields.get("mask"))
+        if payload is None:
+            raise ApiError(422, f"format=png: {entry.id} ({entry.task}) gives no image; use json",
+                           "bad_format")
+        if "depth" in fields:
+            result = json.loads(fields["result"])
+            headers.update({"X-Depth-Min": str(result.get("min")), "X-Depth-Max": str(result.get("max"))})
+        return web.Response(body=payload, content_type="image/png", headers=headers)
+    if fmt == "packbits":
+        return web.Response(body=_packbits(entry, fields), content_type="application/octet-stream",
+                            headers=headers)
+    return web.Response(body=fields["result"], content_type="application/json", headers=headers)
+
+
+def _packbits(entry: Entry, fields: dict[str, Any]) -> bytes:
+    result = json.loads(fields["result"])
+    if "masks" not in result:
+        raise ApiError(422, f"format=packbits: {entry.id} ({entry.task}) gives no masks; use json",
+                       "bad_format")
+    union = np.zeros((result["height"], result["width"]), dtype=bool)
+    for m in result["masks"]:
+        if "rle" in m:
+            union |= masks.rle_decode(m["rle"])
+    return masks.packbits_frame(union)
+
+
+def _batch_answer(entry: Entry, uploads: list[Upload], outcomes: dict[int, Outcome],
+                  errors: dict[int, ApiError], fmt: str) -> web.Response:
+    headers = {"X-Batch-Size": str(len(uploads)), "X-Model": entry.id, "X-Task": entry.task}
+    if fmt == "png":
+        raise ApiError(422, "format=png answers one image; a batch is answered as json or packbits",
+                       "bad_format")
+    if fmt == "packbits":
+        blobs = []
+        for i in range(len(uploads)):
+            outcome = outcomes.get(i)
+            ok = isinstance(outcome, Published) and i not in errors
+            blob = _packbits(entry, outcome.fields) if ok else b""  # type: ignore[union-attr]
+            blobs.append(struct.pack(">I", len(blob)) + blob)
+        if errors:
+            headers["X-Batch-Errors"] = json.dumps({str(i): e.message for i, e in errors.items()})
+        return web.Response(body=b"".join(blobs), content_type="application/octet-stream", headers=headers)
+    items = []
+    for i, upload in enumerate(uploads):
+        if i in errors:
+            e = errors[i]
+            failed = PredictError(code=e.code or "error", message=e.message)
+            items.append(BatchItem(name=upload.name, error=failed))
+            continue
+        fields = outcomes[i].fields  # type: ignore[union-attr]
+        items.append(BatchItem(name=upload.name, result=json.loads(fields["result"]),
+                               mask=_b64(fields.get("mask")), depth=_b64(fields.get("depth"))))
+    body = BatchResult(model=entry.id, task=entry.task, results=items)
+    return web.json_response(body.model_dump(mode="json", exclude_none=True), headers=headers)
+
+
+def _b64(payload: str | bytes | None) -> str | None:
+    if payload is None:
+        return None
+    return base64.b64encode(payload.encode() if isinstance(payload, str) else payload).decode()
