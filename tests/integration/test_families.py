@@ -86,8 +86,8 @@ async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradie
 
 
 async def test_onnx_semantic_segmentation(redis_url, sync_redis, tmp_path):
-    from tests.tiny_models import red_segmenter
     from sightstream.models.masks import rle_decode
+    from tests.tiny_models import red_segmenter
 
     frame = np.zeros((40, 60, 3), np.uint8)
     frame[:, :30] = (255, 0, 0)  # red left half: class 1
