@@ -28,6 +28,7 @@ from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon import devices as device_list
 from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
+from sightstream.daemon.rates import Rates
 from sightstream.errors import ConfigError, ModelError
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
@@ -89,6 +90,7 @@ class Daemon:
         self.reader = make_client(settings.redis_url, blocking_reads=True)
         self.prompts = PromptStore(self.client, {p.name: p.prompt for p in settings.pipelines})
         self.prompt_book = PromptBook(self.prompts, [p.name for p in settings.pipelines])
+        self.rates = Rates(self.metrics.registry, [p.name for p in settings.pipelines])
         self.runs: dict[str, PipelineRun] = {}
         self.workers: list[Worker] = []
         self.publisher: Publisher | None = None
@@ -168,6 +170,7 @@ class Daemon:
         ] + [
             asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(self.rates.run(self.stop_event), name="rates"),
             asyncio.create_task(follow_prompts(self.client, self.prompt_book, self.metrics, self.stop_event,
                                                self.settings.prompt_poll_s), name="prompt-notices"),
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
+RECENT = 1000  # latencies kept per pipeline
 
 # KEYS: source stream, output stream. ARGV: group, entry id, maxlen (0: no cap), field, value, ...
 # Returns 1 when written and acknowledged, 0 when the entry is no longer pending (another
@@ -97,6 +99,8 @@ class Publisher:
         self._script = Lua(PUBLISH_THEN_ACK)
         self._record = Lua(RECORD_ONCE)
         self.published = 0
+        # The latest results' latencies per pipeline, for GET /pipelines' percentiles.
+        self.recent_latency_ms: dict[str, deque[int]] = {}
         self._retries: list[_Retry] = []  # refused writes, tried again when due
         self._tries: dict[Frame, int] = {}  # refused writes so far, per frame
         self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
@@ -227,7 +231,9 @@ class Publisher:
         elif isinstance(o, Published):
             self.published += 1
             m.frames_published.labels(name).inc()
-            m.e2e_latency_seconds.labels(name).observe(max(0, now_ms() - o.frame.ts_ms) / 1000)
+            latency_ms = max(0, now_ms() - o.frame.ts_ms)
+            m.e2e_latency_seconds.labels(name).observe(latency_ms / 1000)
+            self.recent_latency_ms.setdefault(name, deque(maxlen=RECENT)).append(latency_ms)
         elif isinstance(o, DeadLettered):
             m.frames_dead_lettered.labels(name, o.reason).inc()
             _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,

@@ -1,0 +1,148 @@
+"""Pipelines: what each one is doing. Group-wide figures come from Redis (pending entries and
+lag per source, XINFO GROUPS: every daemon's share); rates, counts and latency are this
+daemon's own (its counters since start; rates over the last 10 s; latency of its last 1,000
+results). With several daemons, sum their rates and counts (or scrape /metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError, ResponseError
+
+from sightstream import keys
+from sightstream.config import PipelineSettings
+from sightstream.control.api import Api, ApiError, Resp
+from sightstream.control.openapi import error
+from sightstream.control.state import DAEMON, reply
+from sightstream.daemon.daemon import Daemon
+
+api = Api("pipelines")
+
+
+class Source(BaseModel):
+    stream: str
+    pending: int = Field(description="read by a daemon of the group, not yet acknowledged")
+    lag: int | None = Field(description="entries not yet read by the group (null on Redis 6.2)")
+    last_delivered_id: str
+
+
+class Counts(BaseModel):
+    read: int
+    published: int
+    sampled_out: int = Field(description="skipped by the FPS sampler")
+    stale: int = Field(description="dropped in live mode (older than max_age_ms)")
+    dead_lettered: dict[str, int] = Field(description="by reason")
+    reclaimed: int
+
+
+class Latency(BaseModel):
+    p50_ms: float | None
+    p99_ms: float | None
+    results: int = Field(description="how many recent results these percentiles cover")
+
+
+class Pipeline(BaseModel):
+    name: str
+    model: str
+    task: str
+    input: list[str]
+    output: str
+    fps: float = Field(description="the target: at most this many results per second per source (0: all)")
+    prompt_version: int
+    fps_in: float = Field(description="frames read per second, this daemon, last 10 s")
+    fps_out: float = Field(description="results published per second, this daemon, last 10 s")
+    in_flight: int
+    counts: Counts = Field(description="this daemon, since it started")
+    latency: Latency = Field(description="capture to publication, this daemon's recent results")
+    pending: int = Field(description="group-wide, all sources")
+    lag: int | None = Field(description="group-wide, all sources (null on Redis 6.2)")
+    sources: list[Source] | None = None
+
+
+class Pipelines(BaseModel):
+    pipelines: list[Pipeline]
+
+
+@api.get("/pipelines", "Every pipeline: rates, counts, lag, pending, latency",
+         responses={200: Resp("The pipelines", Pipelines), 503: error("Redis is unreachable")})
+async def list_pipelines(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    return reply(Pipelines(pipelines=[await _describe(d, p, sources=False) for p in d.settings.pipelines]))
+
+
+@api.get("/pipelines/{name}", "One pipeline, with each source's pending entries and lag",
+         responses={200: Resp("The pipeline", Pipeline), 404: error("No pipeline of that name"),
+                    503: error("Redis is unreachable")})
+async def get_pipeline(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    name = request.match_info["name"]
+    for p in d.settings.pipelines:
+        if p.name == name:
+            return reply(await _describe(d, p, sources=True))
+    raise ApiError(404, f"no pipeline named {name!r}")
+
+
+async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
+    run = d.runs.get(p.name)
+    found = await _sources(d, p.name, list(run.ingest.streams) if run else [])
+    fps_in, fps_out = d.rates.fps(p.name)
+    count = d.rates.count
+    dead = {}
+    for metric in d.metrics.frames_dead_lettered.collect():
+        for s in metric.samples:
+            if s.name.endswith("_total") and s.labels["pipeline"] == p.name:
+                dead[s.labels["reason"]] = int(s.value)
+    recent = sorted(d.publisher.recent_latency_ms.get(p.name, ())) if d.publisher else []
+    lags = [s.lag for s in found]
+    return Pipeline(
+        name=p.name, model=p.model, task=d.catalogue.get(p.model).task, input=p.input, output=p.output,
+        fps=p.fps, prompt_version=d.prompt_book.current(p.name).version, fps_in=fps_in, fps_out=fps_out,
+        in_flight=run.in_flight.in_flight if run else 0,
+        counts=Counts(
+            read=int(count("sightstream_frames_in_total", p.name)),
+            published=int(count("sightstream_frames_published_total", p.name)),
+            sampled_out=int(_acked(d, p.name, "sampled_out")), stale=int(_acked(d, p.name, "stale")),
+            dead_lettered=dead, reclaimed=run.reclaimer.reclaimed if run else 0,
+        ),
+        latency=Latency(p50_ms=_quantile(recent, 0.5), p99_ms=_quantile(recent, 0.99), results=len(recent)),
+        pending=sum(s.pending for s in found),
+        lag=None if any(lag is None for lag in lags) else sum(lag for lag in lags if lag is not None),
+        sources=found if sources else None,
+    )
+
+
+def _acked(d: Daemon, pipeline: str, reason: str) -> float:
+    value = d.metrics.registry.get_sample_value(
+        "sightstream_frames_acked_without_result_total", {"pipeline": pipeline, "reason": reason})
+    return value or 0.0
+
+
+def _quantile(ordered: list[int], q: float) -> float | None:
+    return float(ordered[round(q * (len(ordered) - 1))]) if ordered else None
+
+
+async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> list[Source]:
+    """Each stream's group entry (XINFO GROUPS), in one pipelined round."""
+    if not streams:
+        return []
+    group = keys.group(pipeline).encode()
+    try:
+        async with d.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+    except (RedisError, OSError) as e:
+        raise ApiError(503, f"redis is unreachable: {e}", "unavailable") from None
+    out = []
+    for stream, groups in zip(streams, replies):
+        if isinstance(groups, ResponseError):  # the stream is gone
+            continue
+        for g in groups:
+            if g["name"] == group:
+                lag = g.get("lag")
+                out.append(Source(stream=stream, pending=int(g["pending"]),
+                                  lag=None if lag is None else int(lag),
+                                  last_delivered_id=g["last-delivered-id"].decode()))
+    return out
