@@ -20,7 +20,11 @@ def make_app(daemon: Daemon) -> web.Application:
         client_max_size=int(control.max_upload_mb * 1024 * 1024),
     )
     app[DAEMON] = daemon
-    app[OPENAPI] = openapi.document(APIS, token=control.auth)
+    entries = list(daemon.catalogue)
+    app[OPENAPI] = openapi.document(APIS, token=control.auth, path_values={
+        "name": [p.name for p in daemon.settings.pipelines],
+        "family": [e.family for e in entries], "variant": [e.variant for e in entries],
+    })
     for api in APIS:
         api.add_to(app)
     return app

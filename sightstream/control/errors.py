@@ -9,6 +9,8 @@ import hmac
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sightstream import log
 from sightstream.config import ControlSettings
@@ -39,6 +41,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = error_response(e.status, e.message, e.code)
         response.headers.update(e.headers)
         return response
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        return error_response(503, f"redis is unreachable: {e}", "unavailable")
     except web.HTTPException as e:
         if e.status < 400:
             raise

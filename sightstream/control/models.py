@@ -70,7 +70,8 @@ class CleanedUp(BaseModel):
 
 class DeviceQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    device: str | None = Field(None, description="cpu or cuda:N; default: the least used device")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda:\d+)$",
+                               description="cpu or cuda:N; default: the least used device")
 
 
 class CleanupQuery(BaseModel):
@@ -128,13 +129,14 @@ async def info(request: web.Request) -> web.Response:
 
 @api.post("/models/{family}/{variant}/load", "Load a model (on ?device=, else the least used)",
           query=DeviceQuery,
-          responses={200: Resp("Loaded", LoadedModel), 400: error("No worker owns that device"),
-                     **MODEL_ERRORS})
+          responses={200: Resp("Loaded", LoadedModel), **MODEL_ERRORS,
+                     404: error("No such model (not_found), or no worker owns that device (unknown_device)")})
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     device = read_query(request, DeviceQuery).device or min(d.devices, key=d.manager.used_mb)
     if device not in d.devices:
-        raise ApiError(400, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}")
+        raise ApiError(404, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}",
+                       "unknown_device")
     try:
         return reply(LoadedModel(**await d.manager.load(model_id(request), device, d.executor_for(device))))
     except ModelError as e:

@@ -38,7 +38,11 @@ ERRORS = {
 }
 
 
-def document(apis: list[Api], *, token: bool) -> dict[str, Any]:
+def document(
+    apis: list[Api], *, token: bool, path_values: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """The document. `path_values`: the values a path parameter takes on this daemon (its
+    pipelines, the catalogue's families and variants): any other answers 404."""
     ops = [op for api in apis for op in api.operations]
     wanted: list[tuple[type[BaseModel], Any]] = [(ErrorBody, "serialization")]
     for op in ops:
@@ -53,7 +57,7 @@ def document(apis: list[Api], *, token: bool) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
-        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, ref, token)
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, ref, token, path_values or {})
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -72,13 +76,15 @@ def document(apis: list[Api], *, token: bool) -> dict[str, Any]:
     return doc
 
 
-def _operation(op: Operation, ref: Any, token: bool) -> dict[str, Any]:
+def _operation(
+    op: Operation, ref: Any, token: bool, path_values: dict[str, list[str]]
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "summary": op.summary,
         "operationId": f"{op.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', op.path.lower()).strip('_')}",
         "tags": [op.tag],
     }
-    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    params = [{"name": name, "in": "path", "required": True, "schema": _path_schema(path_values.get(name))}
               for name in re.findall(r"{(\w+)}", op.path)]
     if op.query:
         schema = op.query.model_json_schema(ref_template=REF)
@@ -112,6 +118,10 @@ def _operation(op: Operation, ref: Any, token: bool) -> dict[str, Any]:
     if op.open and token:
         out["security"] = []
     return out
+
+
+def _path_schema(values: list[str] | None) -> dict[str, Any]:
+    return {"type": "string", "enum": sorted(set(values))} if values else {"type": "string"}
 
 
 def _response(r: Resp, ref: Any) -> dict[str, Any]:

@@ -49,7 +49,7 @@ FRAME_STATUS = {"unsupported_format": 415, "too_large": 413}
 
 class PredictQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    prompt: str | None = Field(None, max_length=100_000,
+    prompt: str | None = Field(None, max_length=4096,
                                description="for prompted models: labels to find, a question, SAM2 JSON")
     format: Literal["json", "png", "packbits"] | None = Field(
         None, description="json (default), png (masks, depth: the default for depth), packbits (masks)")

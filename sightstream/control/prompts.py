@@ -17,6 +17,7 @@ from sightstream.prompts import PromptVersion, UnknownVersion, VersionConflict
 
 api = Api("prompts")
 MAX_PROMPT = 100_000  # characters
+MAX_VERSION = 2**31 - 1
 
 
 class PromptOut(BaseModel):
@@ -37,13 +38,14 @@ class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(max_length=MAX_PROMPT)
     expected_version: int | None = Field(
-        None, ge=1, description="refuse (409) unless this is the current version (as If-Match)")
+        None, ge=1, le=MAX_VERSION,
+        description="refuse (409) unless this is the current version (as If-Match)")
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, description="the version whose text becomes current again")
-    expected_version: int | None = Field(None, ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION, description="the version whose text becomes current again")
+    expected_version: int | None = Field(None, ge=1, le=MAX_VERSION)
 
 
 NO_PIPELINE = error("No pipeline of that name in this daemon's config")
@@ -73,9 +75,12 @@ def _expected(request: web.Request, given: int | None) -> int | None:
     if not header or header == "*":
         return given
     try:
-        return int(header.removeprefix("W/").strip('"'))
+        version = int(header.removeprefix("W/").strip('"'))
     except ValueError:
-        raise ApiError(400, 'If-Match must be a prompt version, e.g. If-Match: "3"') from None
+        version = 0
+    if not 1 <= version <= MAX_VERSION:
+        raise ApiError(400, 'If-Match must be a prompt version, e.g. If-Match: "3"')
+    return version
 
 
 @api.get("/pipelines/{name}/prompt", "The pipeline's current prompt",

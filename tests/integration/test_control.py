@@ -131,7 +131,7 @@ async def test_model_routes(redis_url, tmp_path):
             r = await client.post("/models/no/such/load")
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
             r = await client.post("/models/fake/small/load?device=cuda:7")
-            assert r.status == 400 and "no worker owns device" in (await r.json())["error"]["message"]
+            assert r.status == 404 and "no worker owns device" in (await r.json())["error"]["message"]
             r = await client.post("/models/fake/small/unload")
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_loaded"
             r = await client.post("/models/fake/big/unload")
