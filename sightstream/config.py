@@ -68,6 +68,24 @@ class ManagerSettings(_Strict):
     )
 
 
+class JobSettings(_Strict):
+    allowed_paths: list[str] = Field(
+        default_factory=list, description="file:// job sources only under these folders; empty: none")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="http(s) job sources only from these hosts; empty: any host")
+    ttl_s: float = Field(86_400, gt=0, description="finished jobs and their results expire after this")
+    max_concurrent: int = Field(4, ge=1, description="jobs one daemon runs at once")
+    max_in_flight: int = Field(16, ge=1, description="frames of one job between decoding and publication")
+    lease_ttl_ms: int = Field(10_000, ge=500, description="a dead daemon's jobs are taken over after this")
+    poll_s: float = Field(1.0, gt=0, description="how often a daemon looks for jobs to take (beside notices)")
+    batch_size: int = Field(8, ge=1, le=1024)
+    batch_timeout_ms: float = Field(20, ge=0)
+    result_maxlen: int = Field(100_000, ge=0, description="MAXLEN ~ of a job's results; 0: no cap")
+    open_timeout_s: float = Field(10, gt=0, description="opening a video source")
+    read_timeout_s: float = Field(10, gt=0, description="one read of a video source")
+    stall_s: float = Field(20, gt=0, description="a source with no frame for this long is reopened")
+
+
 class PipelineSettings(_Strict):
     name: str = "people"
     input: list[str] = Field(default_factory=lambda: ["frames:*"], min_length=1)
@@ -147,6 +165,7 @@ class Settings(BaseSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     decode: DecodeSettings = Field(default_factory=DecodeSettings)
     manager: ManagerSettings = Field(default_factory=ManagerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     pipelines: list[PipelineSettings] = Field(default_factory=lambda: [PipelineSettings()])
     models: dict[str, dict[str, ModelEntry]] = Field(default_factory=dict)
 

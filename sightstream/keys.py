@@ -68,6 +68,30 @@ def prompt_history(pipeline: str) -> str:
     return f"{INTERNAL_PREFIX}prompt:{{{pipeline}}}:history"
 
 
+JOBS_INDEX = f"{INTERNAL_PREFIX}jobs"  # a sorted set of every job id (same score: by id, by time)
+JOBS_ACTIVE = f"{INTERNAL_PREFIX}jobs:active"  # a set: jobs pending or running
+JOBS_CHANNEL = f"{INTERNAL_PREFIX}jobs"  # pub/sub: "new:<id>", "cancel:<id>", "done:<id>"
+
+
+def job(job_id: str) -> str:
+    """A hash: the job's spec, status, counts, timings and checkpoint. A job's keys share the
+    hash tag `{<id>}`, so its fenced scripts touch one Redis Cluster slot."""
+    return f"{INTERNAL_PREFIX}job:{{{job_id}}}"
+
+
+def job_lease(job_id: str) -> str:
+    """Held by the one daemon running the job (its token fences every write)."""
+    return f"{INTERNAL_PREFIX}job:{{{job_id}}}:lease"
+
+
+def job_results(job_id: str) -> str:
+    return f"results:job:{{{job_id}}}"
+
+
+def job_deadletter(job_id: str) -> str:
+    return f"deadletter:job:{{{job_id}}}"
+
+
 def output_glob(template: str, pipeline: str) -> str:
     """A glob matching every stream a pipeline writes (its results for any source)."""
     return template.replace("{pipeline}", pipeline).replace("{source}", "*")

@@ -83,6 +83,14 @@ class Metrics:
             "sightstream_predict_requests", "POST /predict requests, by answer", ["model", "status"],
             registry=r,
         )
+        self.jobs_running = Gauge("sightstream_jobs_running", "Jobs this daemon runs now", registry=r)
+        self.jobs_finished = Counter(
+            "sightstream_jobs_finished", "Jobs this daemon ended, by status", ["status"], registry=r
+        )
+        self.leases_lost = Counter(
+            "sightstream_leases_lost", "Leases found lost while held (the work stopped here)", ["kind"],
+            registry=r,
+        )
         self.redis_errors = Counter(
             "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
         )

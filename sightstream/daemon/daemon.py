@@ -30,6 +30,8 @@ from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.errors import ConfigError, ModelError
+from sightstream.jobs.runner import JobRunner
+from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -91,6 +93,9 @@ class Daemon:
         self.prompts = PromptStore(self.client, {p.name: p.prompt for p in settings.pipelines})
         self.prompt_book = PromptBook(self.prompts, [p.name for p in settings.pipelines])
         self.rates = Rates(self.metrics.registry, [p.name for p in settings.pipelines])
+        self.jobs = JobStore(self.client, settings.jobs.ttl_s)
+        self.job_runner: JobRunner | None = None
+        self._jobs_task: asyncio.Task | None = None
         self.runs: dict[str, PipelineRun] = {}
         self.workers: list[Worker] = []
         self.publisher: Publisher | None = None
@@ -176,6 +181,9 @@ class Daemon:
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
+                                    self.settings, self.consumer, self.metrics, self.stop_event)
+        self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [
             asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers
         ]
@@ -298,6 +306,8 @@ class Daemon:
 
     async def _drain(self) -> None:
         await asyncio.gather(*(run.drain() for run in self.runs.values()))
+        if self._jobs_task:  # jobs stop (and give their leases back) before batching ends
+            await self._jobs_task
         if self.adhoc:
             await self.adhoc.close()
         if self._worker_tasks:
@@ -309,7 +319,7 @@ class Daemon:
 
     def _all_tasks(self) -> list[asyncio.Task]:
         tasks = [t for run in self.runs.values() for t in (*run.source_tasks, *run.chain_tasks)]
-        tasks += self._worker_tasks + self._service_tasks
+        tasks += self._worker_tasks + self._service_tasks + ([self._jobs_task] if self._jobs_task else [])
         return tasks + ([self._publisher_task] if self._publisher_task else [])
 
     def failed(self) -> BaseException | None:

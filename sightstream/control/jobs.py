@@ -1,0 +1,234 @@
+"""Jobs: a video (HLS live or VOD, an MP4 over HTTP, a file) or a Redis stream to analyse.
+Submitted here, stored in Redis (jobs/store.py), run by whichever daemon takes its lease
+(jobs/runner.py), its results read back page by page."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from sightstream.config import DEFAULT_MODEL
+from sightstream.control.api import Api, ApiError, Resp, read_json, read_query, who
+from sightstream.control.models import model_error
+from sightstream.control.openapi import error
+from sightstream.control.state import DAEMON, reply
+from sightstream.errors import ModelError
+from sightstream.jobs.sources import SourceRefused, check_source
+from sightstream.jobs.store import STATUSES, Job, JobSpec
+from sightstream.models.adapters import adapter_class, check_prompt
+
+api = Api("jobs")
+ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+JOB_ID = re.compile(r"^[0-9a-f]{20}$")
+BINARY_FIELDS = ("mask", "depth")
+
+
+class JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1, max_length=4096, description=(
+        "https://…/live.m3u8 (HLS, live or VOD), https://…/clip.mp4, file:///… (under jobs.allowed_paths), "
+        "or redis://<stream key>"))
+    model: str = Field(DEFAULT_MODEL, pattern=r"^[^/\s]+/[^/\s]+$", description="family/variant")
+    fps: float = Field(1.0, gt=0, le=240, description="results per second of video (per second of capture "
+                                                      "time for a stream)")
+    prompt: str = Field("", max_length=100_000)
+    max_frames: int | None = Field(None, ge=1, le=10**9, description="stop after this many results")
+    max_seconds: float | None = Field(None, gt=0, le=10**7, description=(
+        "stop after this much video (a stream: this long after the job started)"))
+
+
+class Created(BaseModel):
+    job_id: str
+    status: str
+    results_stream: str
+
+
+class Counts(BaseModel):
+    decoded: int = 0
+    sampled: int = 0
+    processed: int = Field(0, description="results published")
+    dead_lettered: int = 0
+
+
+class Progress(BaseModel):
+    position_s: float | None = None
+    duration_s: float | None = Field(None, description="null for live sources")
+    fraction: float | None = Field(None, description="of a VOD, 0 to 1")
+
+
+class Timings(BaseModel):
+    open_s: float = Field(0, description="opening and downloading (playlists, probing)")
+    decode_s: float = Field(0, description="demuxing and decoding")
+    infer_s: float = Field(0, description="waiting for results: batching, queueing, the model")
+    total_s: float = 0
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["pending", "running", "completed", "failed", "cancelled"]
+    source: str
+    model: str
+    fps: float
+    prompt: str
+    max_frames: int | None
+    max_seconds: float | None
+    results_stream: str
+    attempt: int = Field(description="how many times a daemon started it (more: resumed after a death)")
+    holder: str = Field(description="the daemon (consumer name) running it, or that ran it last")
+    created_by: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str
+    counts: Counts
+    progress: Progress
+    timings: Timings
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: no more")
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
+    limit: int = Field(50, ge=1, le=1000)
+    cursor: str | None = Field(None, pattern=JOB_ID.pattern)
+
+
+class ResultsQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    after: str | None = Field(None, pattern=ENTRY_ID.pattern,
+                              description="an entry ID: results after it (default: from the start)")
+    count: int = Field(100, ge=1, le=10_000)
+
+
+class ResultEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    fields: dict[str, Any] = Field(description="as in result streams; `result` parsed, PNGs in base64")
+
+
+class ResultsPage(BaseModel):
+    job_id: str
+    status: str
+    results: list[ResultEntry]
+    next_after: str | None = Field(description="pass as ?after= for the next page")
+    done: bool = Field(description="the job has ended and this page reached its last result")
+
+
+class Cancelled(BaseModel):
+    job_id: str
+    status: str
+
+
+NO_JOB = error("No such job (or it expired: jobs.ttl_s after it ended)")
+
+
+def _out(job: Job) -> JobOut:
+    spec = job.spec
+    return JobOut(
+        job_id=job.id, status=job.status, source=spec.source, model=spec.model,  # type: ignore[arg-type]
+        fps=spec.fps, prompt=spec.prompt, max_frames=spec.max_frames, max_seconds=spec.max_seconds,
+        results_stream=job.results_stream, attempt=job.attempt, holder=job.holder,
+        created_by=spec.created_by, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at, error=job.error, counts=Counts(**job.counts),
+        progress=Progress(**job.progress), timings=Timings(**job.timings),
+    )
+
+
+async def _job(request: web.Request) -> Job:
+    job_id = request.match_info["id"]
+    job = await request.app[DAEMON].jobs.get(job_id) if JOB_ID.match(job_id) else None
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r}")
+    return job
+
+
+@api.post("/jobs", "Submit a video or stream to analyse",
+          body=JobIn,
+          responses={201: Resp("Accepted: it runs on whichever daemon takes it", Created,
+                               headers={"Location": "/jobs/<job_id>"}),
+                     404: error("No such model"), 409: error("The model's weights are not on this machine"),
+                     422: error("A field is invalid, the source is refused, or the prompt does not "
+                                "suit the model")})
+async def submit(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    body = await read_json(request, JobIn)
+    try:
+        check_source(body.source, d.settings.jobs)
+    except SourceRefused as e:
+        raise ApiError(422, f"source: {e}") from None
+    try:
+        entry = d.catalogue.get(body.model)
+        entry.resolve()
+    except ModelError as e:
+        raise model_error(e) from None
+    if body.prompt or getattr(adapter_class(entry.adapter), "takes_prompt", False):
+        try:
+            check_prompt(entry.adapter, entry.task, body.prompt)
+        except ModelError as e:
+            raise ApiError(422, f"prompt: {body.model} cannot use it: {e}") from None
+    job = await d.jobs.create(JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames,
+                                      body.max_seconds, who(request)))
+    return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream), 201,
+                 headers={"Location": f"/jobs/{job.id}"})
+
+
+@api.get("/jobs", "Jobs, newest first (?status=, ?limit=, ?cursor=)", query=ListQuery,
+         responses={200: Resp("A page of jobs", JobList)})
+async def list_jobs(request: web.Request) -> web.Response:
+    q = read_query(request, ListQuery)
+    jobs, cursor = await request.app[DAEMON].jobs.page(q.status, q.limit, q.cursor)
+    return reply(JobList(jobs=[_out(j) for j in jobs], next_cursor=cursor))
+
+
+@api.get("/jobs/{id}", "A job: status, counts, progress, timings, error",
+         responses={200: Resp("The job", JobOut), 404: NO_JOB})
+async def get_job(request: web.Request) -> web.Response:
+    return reply(_out(await _job(request)))
+
+
+@api.get("/jobs/{id}/results", "A page of a job's results (?after=<entry id>, ?count=)",
+         query=ResultsQuery, responses={200: Resp("A page of results", ResultsPage), 404: NO_JOB})
+async def results(request: web.Request) -> web.Response:
+    job = await _job(request)
+    q = read_query(request, ResultsQuery)
+    entries: Any = await request.app[DAEMON].client.xrange(
+        job.results_stream, f"({q.after}" if q.after else "-", "+", count=q.count)
+    page = [ResultEntry(id=i.decode(), fields=_fields(f)) for i, f in entries]
+    next_after = page[-1].id if page else q.after
+    return reply(ResultsPage(job_id=job.id, status=job.status, results=page, next_after=next_after,
+                             done=job.status in STATUSES[2:] and len(page) < q.count))
+
+
+@api.delete("/jobs/{id}", "Cancel a job (it stops within a second)",
+            responses={200: Resp("Cancelled", Cancelled), 404: NO_JOB,
+                       409: error("The job has already ended (code conflict)")})
+async def cancel(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    before = await request.app[DAEMON].jobs.cancel(job_id) if JOB_ID.match(job_id) else ""
+    if not before:
+        raise ApiError(404, f"no job {job_id!r}")
+    if before not in ("pending", "running"):
+        raise ApiError(409, f"job {job_id} has already ended ({before})", "conflict")
+    return reply(Cancelled(job_id=job_id, status="cancelled"))
+
+
+def _fields(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        name = k.decode()
+        if name in BINARY_FIELDS:
+            out[name] = base64.b64encode(v).decode()
+        elif name in ("result", "meta"):
+            out[name] = json.loads(v)
+        else:
+            out[name] = v.decode(errors="replace")
+    return out

@@ -1,0 +1,63 @@
+"""What a job may read, checked before it is accepted: `http(s)://` videos and HLS playlists
+(optionally only from `jobs.allowed_hosts`), `file://` paths only under `jobs.allowed_paths`
+(none by default: a control plane must not read the host's files unless told to), and
+`redis://<stream key>` for a stream of frames as producers XADD them."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from sightstream import keys
+from sightstream.config import JobSettings
+from sightstream.errors import SightstreamError
+
+SCHEMES = ("http", "https", "file", "redis")
+
+
+class SourceRefused(SightstreamError):
+    """A job source the daemon will not read; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    kind: str  # video | stream
+    location: str  # the URL or path PyAV opens, or the stream key
+
+    @property
+    def is_stream(self) -> bool:
+        return self.kind == "stream"
+
+
+def check_source(url: str, settings: JobSettings) -> Source:
+    """The source to read for `url`, or SourceRefused naming the reason."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in SCHEMES:
+        raise SourceRefused(f"source must start with {', '.join(s + '://' for s in SCHEMES)}")
+    if scheme == "redis":
+        key = url[len("redis://"):]
+        if not key:
+            raise SourceRefused("a redis:// source names a stream key: redis://frames:{cam1}")
+        if keys.is_own_output(key, []) or key.startswith("results:"):
+            raise SourceRefused(f"{key} is one of sightstream's own output streams")
+        return Source(url, "stream", key)
+    parts = urlsplit(url)
+    if scheme == "file":
+        path = os.path.realpath(unquote(parts.path))
+        roots = [os.path.realpath(p) for p in settings.allowed_paths]
+        if not any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            raise SourceRefused("file:// sources must be under jobs.allowed_paths"
+                                + ("" if roots else " (none are allowed: set it in the config)"))
+        if not os.path.isfile(path):
+            raise SourceRefused(f"{path} is not a file")
+        return Source(url, "video", path)
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise SourceRefused("an http(s) source needs a host")
+    allowed = [h.lower() for h in settings.allowed_hosts]
+    if allowed and not any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed):
+        raise SourceRefused(f"host {host} is not in jobs.allowed_hosts")
+    return Source(url, "video", url)

@@ -1,0 +1,253 @@
+"""Jobs in Redis: one hash per job (spec, status, counts, timings, checkpoint), an index for
+listing, a set of the jobs still to run, and change notices on `sightstream:jobs`.
+
+Every write the job's runner makes is fenced by its lease token in a Lua script: the script
+checks that the lease still holds the token (and that the job is still running) before it
+writes, so a daemon that paused and lost its lease, or a job cancelled meanwhile, writes
+nothing. Results carry a sequence number; a result at or below the checkpoint's is refused,
+so a resumed job never reports a frame twice.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sightstream import keys
+from sightstream.redis_conn import Lua
+
+FINISHED = ("completed", "failed", "cancelled")
+STATUSES = ("pending", "running", *FINISHED)
+
+# KEYS: lease, job. ARGV: token, holder, now (ISO). {1}: running now; {0, status}: not to run.
+START = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1, ''} end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'pending' and status ~= 'running' then return {0, status or ''} end
+redis.call('HINCRBY', KEYS[2], 'attempt', 1)
+redis.call('HSET', KEYS[2], 'status', 'running', 'holder', ARGV[2])
+if (redis.call('HGET', KEYS[2], 'started_at') or '') == '' then
+  redis.call('HSET', KEYS[2], 'started_at', ARGV[3])
+end
+return {1, 'running'}
+"""
+
+# KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
+# 1: written; 0: at or below the checkpoint (already reported); -1: lease lost; -2: not running.
+PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
+if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0') then return 0 end
+if ARGV[4] == '0' then
+  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
+else
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 6))
+end
+redis.call('HSET', KEYS[2], 'last_seq', ARGV[2], 'last_position', ARGV[3])
+redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+return 1
+"""
+
+# KEYS: lease, job. ARGV: token, field, value, ... 1: written; -1: lease lost; -2: not running.
+PROGRESS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+return 1
+"""
+
+# KEYS: lease, job, results, dead-letters. ARGV: token, status, now, error, ttl s, channel, id.
+FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
+redis.call('HSET', KEYS[2], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
+for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[6], 'done:' .. ARGV[7])
+return 1
+"""
+
+# KEYS: job, results, dead-letters. ARGV: now, ttl s, channel, id. The status before.
+CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return '' end
+if status ~= 'pending' and status ~= 'running' then return status end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
+           'error', 'cancelled by a DELETE request')
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], 'cancel:' .. ARGV[4])
+return status
+"""
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    """Sortable by creation time (milliseconds, hex), then random."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
+
+
+@dataclass
+class JobSpec:
+    """What a job was asked to do."""
+
+    source: str
+    model: str
+    fps: float = 1.0
+    prompt: str = ""
+    max_frames: int | None = None
+    max_seconds: float | None = None
+    created_by: str = ""
+
+
+@dataclass
+class Job:
+    id: str
+    spec: JobSpec
+    status: str
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str = ""
+    attempt: int = 0
+    holder: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    progress: dict[str, float | None] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    last_seq: int = 0
+    last_position: str = ""  # a video's last published pts (s), or a stream's last entry ID
+    origin: str = ""  # a live video's first pts (s), so a resumed read keeps its timeline
+
+    @property
+    def results_stream(self) -> str:
+        return keys.job_results(self.id)
+
+    @classmethod
+    def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> Job:
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        spec = JobSpec(h["source"], h["model"], float(h.get("fps") or 0), h.get("prompt", ""),
+                       int(h["max_frames"]) if h.get("max_frames") else None,
+                       float(h["max_seconds"]) if h.get("max_seconds") else None, h.get("created_by", ""))
+        return cls(
+            job_id, spec, h["status"], h["created_at"], h.get("started_at") or None,
+            h.get("finished_at") or None, h.get("error", ""), int(h.get("attempt") or 0),
+            h.get("holder", ""), json.loads(h.get("counts") or "{}") | _counters(h),
+            json.loads(h.get("progress") or "{}"), json.loads(h.get("timings") or "{}"),
+            int(h.get("last_seq") or 0), h.get("last_position", ""), h.get("origin", ""),
+        )
+
+
+def _counters(h: dict[str, str]) -> dict[str, int]:
+    """Counts the fenced publish script increments itself."""
+    return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered")}
+
+
+class JobStore:
+    def __init__(self, client: Redis, ttl_s: float) -> None:
+        self._client = client
+        self.ttl_s = int(ttl_s)
+        self._start = client.register_script(START)
+        self.publish_script = Lua(PUBLISH)  # sent in pipelined rounds (run_pipelined)
+        self._progress = client.register_script(PROGRESS)
+        self._finish = client.register_script(FINISH)
+        self._cancel = client.register_script(CANCEL)
+
+    async def create(self, spec: JobSpec) -> Job:
+        job_id = new_id()
+        created = now_iso()
+        fields: dict[Any, Any] = {
+            "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": spec.prompt,
+            "max_frames": spec.max_frames or "", "max_seconds": spec.max_seconds or "",
+            "created_by": spec.created_by, "status": "pending", "created_at": created, "attempt": 0,
+        }
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.zadd(keys.JOBS_INDEX, {job_id: 0})
+            pipe.sadd(keys.JOBS_ACTIVE, job_id)
+            pipe.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
+            await pipe.execute()
+        return Job(job_id, spec, "pending", created)
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self._client.hgetall(keys.job(job_id))
+        return Job.from_hash(job_id, raw) if raw else None
+
+    async def page(self, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+        """Newest first. Returns the page and the cursor of the next one (None: no more).
+        Jobs whose keys expired are dropped from the index on the way."""
+        found: list[Job] = []
+        start = f"({cursor}" if cursor else "+"
+        while len(found) < limit:
+            members: Any = await self._client.zrevrangebylex(keys.JOBS_INDEX, start, "-", start=0,
+                                                             num=max(limit, 50))
+            ids = [i.decode() for i in members]
+            if not ids:
+                return found, None
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(keys.job(job_id))
+                rows = await pipe.execute()
+            gone = [job_id for job_id, raw in zip(ids, rows) if not raw]
+            if gone:
+                await self._client.zrem(keys.JOBS_INDEX, *gone)
+            for job_id, raw in zip(ids, rows):
+                if raw and (status is None or raw.get(b"status", b"").decode() == status):
+                    found.append(Job.from_hash(job_id, raw))
+                    if len(found) == limit:
+                        return found, job_id
+            start = f"({ids[-1]}"
+        return found, None
+
+    async def cancel(self, job_id: str) -> str:
+        """The status the job had: '' when there is no such job; a finished status when it
+        was already over (nothing changed); pending or running when it is now cancelled."""
+        before = await self._cancel(
+            keys=[keys.job(job_id), keys.job_results(job_id), keys.job_deadletter(job_id)],
+            args=[now_iso(), self.ttl_s, keys.JOBS_CHANNEL, job_id])
+        if before in (b"pending", b"running"):
+            await self._client.srem(keys.JOBS_ACTIVE, job_id)
+        return before.decode() if isinstance(before, bytes) else str(before)
+
+    # Fenced writes of the job's holder (the lease's token).
+
+    async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:
+        ok, status = await self._start(keys=[keys.job_lease(job_id), keys.job(job_id)],
+                                       args=[token, holder, now_iso()])
+        return ok == 1, status.decode() if isinstance(status, bytes) else str(status)
+
+    def queue_publish(self, pipe: Any, job_id: str, token: str, seq: int, position: str, stream: str,
+                      maxlen: int, counter: str, fields: dict[str, Any]) -> None:
+        """Queue one fenced result (or dead-letter entry) on a pipeline (see PUBLISH)."""
+        pairs = [item for kv in fields.items() for item in kv]
+        self.publish_script.queue(pipe, [keys.job_lease(job_id), keys.job(job_id), stream],
+                                  [token, seq, position, maxlen, counter, *pairs])
+
+    async def progress(self, job_id: str, token: str, fields: dict[str, Any]) -> int:
+        pairs = [item for kv in fields.items() for item in kv]
+        return int(await self._progress(keys=[keys.job_lease(job_id), keys.job(job_id)],
+                                        args=[token, *pairs]))
+
+    async def finish(self, job_id: str, token: str, status: str, error: str = "") -> bool:
+        done = await self._finish(
+            keys=[keys.job_lease(job_id), keys.job(job_id), keys.job_results(job_id),
+                  keys.job_deadletter(job_id)],
+            args=[token, status, now_iso(), error, self.ttl_s, keys.JOBS_CHANNEL, job_id])
+        if done == 1:
+            await self._client.srem(keys.JOBS_ACTIVE, job_id)
+        return done == 1
+
+    async def active(self) -> list[str]:
+        members: Any = await self._client.smembers(keys.JOBS_ACTIVE)
+        return sorted(i.decode() for i in members)
+
+    async def forget(self, job_id: str) -> None:
+        """Drop a job from the set still to run (its keys expired, or it finished elsewhere)."""
+        await self._client.srem(keys.JOBS_ACTIVE, job_id)

@@ -1,0 +1,244 @@
+"""Jobs over a real socket and a real redis-server: HLS VOD and live, MP4 files, Redis
+streams; paging results; cancel; sources that fail while others flow; fenced writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sightstream import keys
+from sightstream.control.app import make_app
+from sightstream.jobs.store import JobSpec, JobStore
+from sightstream.leases import Lease
+from sightstream.redis_conn import make_client, run_pipelined
+from tests import hls
+from tests.conftest import encode
+from tests.integration.helpers import running, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    hls.make_hls_vod(root / "vod", seconds=4, fps=10)
+    hls.make_clip(root / "clip.mp4", seconds=3, fps=10)
+    hls.make_hls_vod(root / "live", seconds=30, fps=10)
+    return root
+
+
+def job_settings(redis_url, tmp_path, videos, **jobs):
+    return settings_for(redis_url, tmp_path, jobs={"allowed_paths": [str(videos)], "poll_s": 0.2,
+                                                   "stall_s": 2, "lease_ttl_ms": 2000, **jobs})
+
+
+@asynccontextmanager
+async def serving(settings):
+    """A daemon and a client of its control plane."""
+    async with running(settings) as daemon:
+        client = TestClient(TestServer(make_app(daemon)))
+        await client.start_server()
+        try:
+            yield daemon, client
+        finally:
+            await client.close()
+
+
+async def submit(client, **body) -> str:
+    r = await client.post("/jobs", json={"model": "tiny/det", **body})
+    created = await r.json()
+    assert r.status == 201, created
+    assert r.headers["Location"] == f"/jobs/{created['job_id']}"
+    assert created["results_stream"] == f"results:job:{{{created['job_id']}}}"
+    return created["job_id"]
+
+
+async def until_status(client, job_id, *statuses, timeout=30.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        job = await (await client.get(f"/jobs/{job_id}")).json()
+        if job["status"] in statuses:
+            return job
+        assert asyncio.get_running_loop().time() < deadline, f"job still {job['status']}: {job}"
+        await asyncio.sleep(0.1)
+
+
+async def all_results(client, job_id, count=3) -> list[dict]:
+    out, after = [], None
+    while True:
+        r = await client.get(f"/jobs/{job_id}/results", params={"count": count, **({"after": after} if after else {})})
+        page = await r.json()
+        out += page["results"]
+        after = page["next_after"]
+        if page["done"]:
+            return out
+        assert page["results"], "an ended job's pages end with done"
+
+
+async def test_an_hls_vod_gives_duration_times_fps_results_in_pages(redis_url, tmp_path, videos):
+    with hls.static_server(videos) as server:
+        async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+            job_id = await submit(client, source=server.url("vod/index.m3u8"), fps=2)
+            job = await until_status(client, job_id, "completed")
+            assert job["error"] == "" and job["attempt"] == 1 and job["holder"] == d.consumer
+            assert job["counts"]["processed"] == 8 and job["counts"]["dead_lettered"] == 0
+            assert job["counts"]["decoded"] >= 8 and job["counts"]["sampled"] == 8
+            assert job["progress"]["duration_s"] == pytest.approx(4, abs=0.2)
+            assert job["progress"]["fraction"] > 0.8
+            assert job["timings"]["total_s"] > 0 and job["timings"]["open_s"] > 0
+            results = await all_results(client, job_id)
+            assert len(results) == 8
+            frames = [int(r["fields"]["frame_id"]) for r in results]
+            assert frames == sorted(frames) and len(set(frames)) == 8 and frames[0] == 0
+            first = results[0]["fields"]
+            assert first["source"] == server.url("vod/index.m3u8") and first["job_id"] == job_id
+            assert first["task"] == "detect" and first["result"]["detections"][0]["label"] == "dog"
+            assert (first["result"]["width"], first["result"]["height"]) == hls.SIZE
+            pts = [int(r["fields"]["pts_ms"]) for r in results]
+            assert pts == sorted(pts) and pts[-1] <= 4000
+
+
+async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        job_id = await submit(client, source=f"file://{videos}/clip.mp4", fps=5, max_frames=4)
+        job = await until_status(client, job_id, "completed")
+        assert job["counts"]["processed"] == 4
+
+        async def refused(status, **body):
+            r = await client.post("/jobs", json={"model": "tiny/det", **body})
+            assert r.status == status, await r.text()
+            return (await r.json())["error"]["message"]
+
+        assert "source must start with" in await refused(422, source="ftp://x/y.mp4")
+        assert "allowed_paths" in await refused(422, source="file:///etc/passwd")
+        assert "not a file" in await refused(422, source=f"file://{videos}/nope.mp4")
+        assert "source" in await refused(422, fps=1)
+        assert "fps" in await refused(422, source=f"file://{videos}/clip.mp4", fps=0)
+        assert "fps" in await refused(422, source=f"file://{videos}/clip.mp4", fps="fast")
+        assert "own output" in await refused(422, source="redis://results:people:frames:{a}")
+        assert "no/such" in await refused(404, source=f"file://{videos}/clip.mp4", model="no/such")
+        assert "takes no prompt" in await refused(422, source=f"file://{videos}/clip.mp4", prompt="cats")
+        r = await client.get("/jobs/0123456789abcdef0123")
+        assert r.status == 404
+
+
+async def test_live_hls_with_max_seconds_then_cancel_and_listing(redis_url, tmp_path, videos):
+    with hls.live_hls(videos / "live" / "index.m3u8") as live:
+        async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+            short = await submit(client, source=live.url, fps=2, max_seconds=2)
+            endless = await submit(client, source=live.url, fps=2)
+            job = await until_status(client, short, "completed", timeout=30)
+            assert 3 <= job["counts"]["processed"] <= 5 and job["progress"]["duration_s"] is None
+
+            await wait_for_results(client, endless, 2)
+            started = asyncio.get_running_loop().time()
+            r = await client.delete(f"/jobs/{endless}")
+            assert r.status == 200 and (await r.json())["status"] == "cancelled"
+            await wait_for(lambda: endless not in d.job_runner.running, 1.0, "the job to stop on its daemon")
+            assert asyncio.get_running_loop().time() - started < 1.0
+            count = len((await (await client.get(f"/jobs/{endless}/results?count=1000")).json())["results"])
+            await asyncio.sleep(1.5)
+            job = await (await client.get(f"/jobs/{endless}")).json()
+            assert job["status"] == "cancelled" and job["counts"]["processed"] == count  # nothing after
+            assert (await client.delete(f"/jobs/{endless}")).status == 409
+            assert (await client.delete("/jobs/0123456789abcdef0123")).status == 404
+
+            listed = await (await client.get("/jobs?limit=1")).json()
+            assert [j["job_id"] for j in listed["jobs"]] == [endless]  # newest first
+            more = await (await client.get(f"/jobs?limit=1&cursor={listed['next_cursor']}")).json()
+            assert [j["job_id"] for j in more["jobs"]] == [short]
+            done = await (await client.get("/jobs?status=completed")).json()
+            assert [j["job_id"] for j in done["jobs"]] == [short] and done["next_cursor"] is None
+            assert (await client.get("/jobs?status=lost")).status == 422
+
+
+async def wait_for_results(client, job_id, n):
+    for _ in range(200):
+        page = await (await client.get(f"/jobs/{job_id}/results?count=1000")).json()
+        if len(page["results"]) >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {n} results for {job_id}")
+
+
+async def test_a_dead_source_fails_its_job_while_others_flow(redis_url, tmp_path, videos):
+    with hls.static_server(videos) as server:
+        async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+            missing = await submit(client, source=server.url("gone/index.m3u8"), fps=2)
+            good = await submit(client, source=server.url("vod/index.m3u8"), fps=2)
+            job = await until_status(client, missing, "failed", timeout=30)
+            assert "cannot be opened" in job["error"] and "404" in job["error"]
+            assert (await until_status(client, good, "completed"))["counts"]["processed"] == 8
+
+
+async def test_a_stalled_live_source_is_reopened_and_resumes(redis_url, tmp_path, videos):
+    with hls.live_hls(videos / "live" / "index.m3u8") as live:
+        async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+            job_id = await submit(client, source=live.url, fps=2)
+            await wait_for_results(client, job_id, 2)
+            live.stall()
+            await asyncio.sleep(3)  # past stall_s: the reader gives up on this connection
+            before = len((await (await client.get(f"/jobs/{job_id}/results?count=1000")).json())["results"])
+            live.resume()
+            await wait_for_results(client, job_id, before + 3)
+            job = await (await client.get(f"/jobs/{job_id}")).json()
+            assert job["status"] == "running"
+            frames = [r["fields"]["frame_id"] for r in
+                      (await (await client.get(f"/jobs/{job_id}/results?count=1000")).json())["results"]]
+            assert len(frames) == len(set(frames))  # nothing reported twice across the reopen
+
+
+async def test_a_redis_stream_job(redis_url, sync_redis, tmp_path, videos, gradient):
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        sync_redis.xadd("cams:{x}", {"image": encode(gradient)})  # before the job: not read
+        job_id = await submit(client, source="redis://cams:{x}", fps=5, max_frames=3)
+        await until_status(client, job_id, "running")
+        await asyncio.sleep(0.3)
+        ts = int(time.time() * 1000)  # a frame per 200 ms of capture time: each one is sampled
+        sync_redis.xadd("cams:{x}", {"image": b"junk", "ts": ts})
+        for i in range(4):
+            sync_redis.xadd("cams:{x}", {"image": encode(gradient), "meta": json.dumps({"i": i}),
+                                         "ts": ts + 200 * (i + 1)})
+        job = await until_status(client, job_id, "completed")
+        assert job["counts"]["processed"] == 2 and job["counts"]["dead_lettered"] == 1
+        results = (await (await client.get(f"/jobs/{job_id}/results")).json())["results"]
+        assert [r["fields"]["meta"] for r in results] == [{"i": 0}, {"i": 1}]
+        (dead,) = sync_redis.xrange(keys.job_deadletter(job_id))
+        assert dead[1][b"reason"] == b"unsupported_format"
+
+
+async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
+    client = make_client(redis_url)
+    store = JobStore(client, 60)
+    try:
+        job = await store.create(JobSpec("redis://cams:{x}", "tiny/det"))
+        ours = Lease(client, keys.job_lease(job.id), 60_000)
+        assert await ours.acquire()
+        assert (await store.start(job.id, ours.token, "a"))[0]
+
+        async def publish(token, seq):
+            def fill(pipe):
+                store.queue_publish(pipe, job.id, token, seq, str(seq), keys.job_results(job.id), 0, "processed",
+                                    {"frame_id": str(seq)})
+            return (await run_pipelined(client, fill, store.publish_script))[0]
+
+        assert await publish(ours.token, 1) == 1
+        assert await publish(ours.token, 1) == 0  # at the checkpoint: never twice
+        sync_redis.delete(keys.job_lease(job.id))  # our lease expired while we were paused …
+        theirs = Lease(client, keys.job_lease(job.id), 60_000)
+        assert await theirs.acquire()  # … and another daemon took the job
+        assert await publish(ours.token, 2) == -1
+        assert await store.progress(job.id, ours.token, {"counts": "{}"}) == -1
+        assert not await store.finish(job.id, ours.token, "completed")
+        assert not await ours.renew()
+        assert sync_redis.xlen(keys.job_results(job.id)) == 1
+        assert await publish(theirs.token, 2) == 1
+        assert await store.cancel(job.id) == "running"
+        assert await publish(theirs.token, 3) == -2  # cancelled: not running any more
+    finally:
+        await client.aclose(close_connection_pool=True)
