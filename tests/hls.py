@@ -9,7 +9,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,16 +110,34 @@ class ThreadServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
+        async def stop() -> None:
+            await self._runner.cleanup()
+            # Handlers of clients that left (a hung request) outlive the cleanup: end them here.
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in left:
+                task.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
 
 
 @contextmanager
-def static_server(folder: Path) -> Iterator[ThreadServer]:
-    """Serves the files of `folder` (MP4 clips, VOD playlists and segments)."""
-    app = web.Application()
+def static_server(folder: Path, hang_once: Iterable[str] = ()) -> Iterator[ThreadServer]:
+    """Serves the files of `folder` (MP4 clips, VOD playlists and segments). The first request
+    for each path in `hang_once` (relative to `folder`) never gets an answer."""
+    pending = set(hang_once)
+
+    @web.middleware
+    async def hang(request: web.Request, handler):
+        if request.path.lstrip("/") in pending:
+            pending.discard(request.path.lstrip("/"))
+            await asyncio.sleep(3600)  # cancelled when the server shuts down
+        return await handler(request)
+
+    app = web.Application(middlewares=[hang])
     app.router.add_static("/", folder)
     with ThreadServer(app) as server:
         yield server
@@ -142,7 +160,7 @@ class LiveHLS:
         self._frozen: int | None = None  # segments published, while not advancing
         self._ended = False
         self._missing = False
-        self._released = asyncio.Event()
+        self._released = asyncio.Event()  # cleared: requests hang (bound to the server's loop on first use)
         self._released.set()
         self._server: ThreadServer | None = None
 
@@ -232,11 +250,10 @@ def live_hls(playlist: Path, window: int = 3) -> Iterator[LiveHLS]:
     app.router.add_get("/{name}", live._handle)
     with ThreadServer(app) as server:
         live._server = server
-        # Created on the server's loop, so waits on it wake that loop.
-        live._released = server.call(asyncio.Event)
-        live._released.set()
-        live._started = time.monotonic()
-        try:
-            yield live
-        finally:
-            server.call(live._released.set)  # hung requests must answer before shutdown
+        live._started = time.monotonic()  # the first window is published now
+        yield live
+
+
+def column(image: np.ndarray) -> int:
+    """Where frame i's bright column is: (i * 3) % width, whatever the codec did to the colours."""
+    return int(np.argmax(image[..., 1].mean(axis=0)))

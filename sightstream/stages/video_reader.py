@@ -1,0 +1,532 @@
+"""Reading the frames of one video source (a file, an HTTP video, a live or VOD HLS playlist)
+with PyAV in a thread of its own, handed to the event loop with backpressure.
+
+A stalled or dead source blocks only its own thread. Around the blocking read runs a reopen
+loop (capped exponential back-off with jitter, reset after a healthy period) and a watchdog
+that reopens a source with no video data for `stall_s`. Positions are stream time (PTS), so a
+reopened or resumed read goes on after the last frame it yielded, at the same frame indices.
+
+FFmpeg blocks in network reads with one way in from another thread: the container's interrupt
+callback, which PyAV drives from a timeout it alone arms. Our watchdog and stop() speak through
+it (see _InterruptingClock), so stop() ends even a read of a hung server at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import av
+import av.container.core
+import numpy as np
+
+from sightstream import log
+from sightstream.errors import SightstreamError
+from sightstream.stages.flow import worth_logging
+
+_log = log.get(__name__)
+
+# PyAV routes FFmpeg's logs through Python, which can deadlock with reader threads (PyAV #751).
+av.logging.set_level(None)
+
+DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the encoder restarted
+_PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
+    av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
+    av.error.HTTPNotFoundError, av.error.HTTPOtherClientError, FileNotFoundError, PermissionError,
+    IsADirectoryError, av.error.InvalidDataError, av.error.ProtocolNotFoundError,
+    av.error.DemuxerNotFoundError, av.error.DecoderNotFoundError,
+)
+
+
+class VideoSourceError(SightstreamError):
+    """A video source cannot be read and retrying will not help (its one sentence says why)."""
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    fps: float = 0.0  # 0: every frame; else the first frame of each 1/fps of presentation time
+    open_timeout_s: float = 10.0
+    # One demux call, which for live HLS includes waiting for the next segment: 2-3x its target.
+    read_timeout_s: float = 10.0
+    stall_s: float = 20.0  # no video data for this long: close and reopen
+    max_backoff_s: float = 30.0
+    healthy_s: float = 30.0  # frames for this long after an open reset the back-off
+    keyframes_only: bool | None = None  # None: when keyframes come at least twice per 1/fps
+    max_pixels: int = 40_000_000
+    headers: Mapping[str, str] = field(default_factory=dict)  # HTTP(S), HLS segment fetches too
+    live_start_index: int = -3  # live HLS starts this many segments back from the live edge
+    seg_max_retry: int = 3
+    m3u8_hold_counters: int | None = None  # playlist reloads with no new segment (FFmpeg: 1000)
+    reconnect_delay_max_s: int = 5  # HTTP reconnects inside one open (not HLS segments)
+    max_open_failures: int = 3  # permanent open errors (404, no such file, not a video) in a row
+    max_vod_failures: int = 8  # transient errors in a row for a VOD; a live source retries forever
+    queue_size: int = 4  # frames decoded ahead of the consumer
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    index: int  # round(pts_s * average frame rate): the same frame gets it on every read
+    pts_s: float  # presentation time in seconds since the origin (the stream's start)
+    image: np.ndarray  # RGB, HxWx3 uint8
+    keyframe: bool
+
+
+@dataclass
+class ReaderStats:
+    """Written by the reader thread, read by anyone: plain numbers, a torn read is harmless."""
+
+    open_s: float = 0.0  # spent opening (connecting, playlists, probing)
+    decode_s: float = 0.0  # spent demuxing, decoding, converting; not waiting for the consumer
+    decoded: int = 0
+    kept: int = 0
+    reopens: int = 0
+    last_error: str | None = None
+    position_s: float | None = None  # pts_s of the last frame decoded
+    duration_s: float | None = None  # None: live (or not opened yet)
+    is_live: bool | None = None  # None: not opened yet
+    keyframes_only: bool = False
+    origin_s: float | None = None  # the stream time pts_s counts from (to resume a live read)
+
+
+class _Guard:
+    """What the interrupt callback asks for one reader thread: stopped, or stalled."""
+
+    def __init__(self, stop: threading.Event, stall_s: float) -> None:
+        self.stop, self.stall_s = stop, stall_s
+        self.watching = False  # the stall clock runs while reading, not while opening
+        self.last = time.monotonic()
+        self.fired: str | None = None  # sticky until the next open: FFmpeg may ask again
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def arm(self, watching: bool) -> None:
+        self.watching, self.fired = watching, None
+        self.progress()
+
+    def tripped(self) -> bool:
+        if self.fired is None:
+            if self.stop.is_set():
+                self.fired = "stop"
+            elif self.watching and time.monotonic() - self.last > self.stall_s:
+                self.fired = "stall"
+        return self.fired is not None
+
+
+_guards: dict[int, _Guard] = {}
+
+
+class _InterruptingClock:
+    """Stands in for the `time` module inside av.container.core, whose interrupt callback aborts
+    I/O once `time.monotonic()` passes the start of the current call plus its timeout. To a
+    reader thread whose guard tripped, each call answers far later than the one before, so
+    FFmpeg gives up at its next poll (<= 0.1 s). Other threads see the real clock. Should PyAV
+    drop this seam, stop() and the watchdog fall back to the open and read timeouts."""
+
+    def __init__(self) -> None:
+        self._jumps = itertools.count(1)
+
+    def monotonic(self) -> float:
+        guard = _guards.get(threading.get_ident())
+        if guard is not None and guard.tripped():
+            return time.monotonic() + 1e9 * next(self._jumps)
+        return time.monotonic()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+if isinstance(getattr(av.container.core, "time", None), ModuleType):
+    setattr(av.container.core, "time", _InterruptingClock())  # noqa: B010 (not in the stubs)
+
+
+def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
+    """Demuxer and protocol options. Only `rw_timeout` and `headers` reach HLS segment fetches:
+    `reconnect*` covers the first open, our reopen loop the rest. Never `reconnect_at_eof`:
+    with HLS it reconnects forever."""
+    opts = {"live_start_index": str(o.live_start_index), "seg_max_retry": str(o.seg_max_retry)}
+    if o.m3u8_hold_counters is not None:
+        opts["m3u8_hold_counters"] = str(o.m3u8_hold_counters)
+    if urlsplit(url).scheme in ("http", "https"):
+        opts |= {
+            "rw_timeout": str(int(o.read_timeout_s * 1_000_000)), "reconnect": "1",
+            "reconnect_streamed": "1", "reconnect_delay_max": str(o.reconnect_delay_max_s),
+        }
+        if o.headers:
+            opts["headers"] = "".join(f"{k}: {v}\r\n" for k, v in o.headers.items())
+    return opts
+
+
+def display(url: str) -> str:
+    """The URL without credentials or query (where tokens live), for messages and logs."""
+    p = urlsplit(url)
+    if p.scheme in ("", "file"):
+        return url
+    return f"{p.scheme}://{p.hostname or ''}{f':{p.port}' if p.port else ''}{p.path}"
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, av.error.ExitError):
+        return "timed out"  # PyAV's own timeouts; our guard's interrupts are told apart first
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+class _Keyframes:
+    """Whether to decode keyframes only: when they come at least twice per sampling period,
+    every period still gets a frame. Known up front from an index (MP4), else learnt from the
+    first gaps between keyframe packets; in auto mode one gap too long turns it off for good.
+    The decoder is switched only at a keyframe, where it has no references to lose."""
+
+    GAPS = 3
+
+    def __init__(self, forced: bool | None, fps: float) -> None:
+        self.auto = forced is None and fps > 0
+        self.on: bool | None = forced if forced is not None else (None if fps > 0 else False)
+        self._longest = 1 / (2 * fps) + 1e-6 if fps > 0 else 0.0
+        self._last_key: float | None = None
+        self._good_gaps = 0
+
+    def reopened(self) -> None:
+        self._last_key = None  # the gap across an outage or a seek is no keyframe interval
+
+    def from_index(self, stream: Any, end_s: float) -> None:
+        """`end_s`: where the stream ends, in stream time (the last GOP counts too)."""
+        if self.auto and self.on is None:
+            keys = [float(e.timestamp * stream.time_base) for e in stream.index_entries if e.is_keyframe]
+            if len(keys) >= 2:
+                self.on = max(b - a for a, b in itertools.pairwise([*keys, end_s])) <= self._longest
+
+    def packet(self, t: float, key: bool) -> None:
+        if not self.auto or self.on is False:
+            return
+        if self._last_key is not None and t - self._last_key > self._longest:
+            self.on = False
+        elif key:
+            if self._last_key is not None and t > self._last_key:
+                self._good_gaps += 1
+                if self._good_gaps >= self.GAPS and self.on is None:
+                    self.on = True
+            self._last_key = t
+
+
+class _OpenFailed(Exception):
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(_reason(error))
+        self.permanent = isinstance(error, _PERMANENT)
+
+
+class _Reader:
+    """The blocking side, run by the source's thread: open, read, sample, reopen."""
+
+    def __init__(
+        self, url: str, options: ReaderOptions, stats: ReaderStats, stop: threading.Event,
+        emit: Callable[[VideoFrame], bool],
+    ) -> None:
+        self.url, self.o, self.stats, self.stop, self.emit = url, options, stats, stop, emit
+        self.name = display(url)
+        self.guard = _Guard(stop, options.stall_s)
+        self.keyframes = _Keyframes(options.keyframes_only, options.fps)
+        self.t0: float | None = None  # the origin, in stream time
+        self.rate = 0.0  # frames per second for indices, from the first open
+        self.opened_at = self.clock = 0.0
+        self.progressed = False  # this open decoded a frame
+        self.last_pts: float | None = None  # the resume point: no frame at or before it again
+        self.last_bucket = -math.inf
+        self.last_index = -1
+        self.read_to = -math.inf  # how far packets reached (pts + duration), from t0
+        self.end_s: float | None = None  # where a VOD ends, from t0
+        self.failures = 0
+
+    def run(self, after_s: float | None, origin_s: float | None) -> None:
+        """Read until the source ends or stop is set; VideoSourceError when giving up."""
+        self.t0 = origin_s
+        if after_s is not None:
+            self.last_pts, self.last_bucket = after_s, self._bucket(after_s)
+        refused = 0
+        _guards[threading.get_ident()] = self.guard
+        try:
+            for attempt in itertools.count():
+                if self.stop.is_set():
+                    return
+                self.stats.reopens += attempt > 0
+                try:
+                    why = self._attempt()
+                    refused = 0
+                except _OpenFailed as e:
+                    why = self.guard.fired or str(e)
+                    refused = refused + 1 if e.permanent else 0
+                    if refused >= self.o.max_open_failures:
+                        raise VideoSourceError(
+                            f"the video source {self.name} cannot be opened: {why} ({refused} attempts)"
+                        ) from None
+                except (av.error.FFmpegError, OSError) as e:
+                    why = self.guard.fired or _reason(e)
+                if why is None or why == "stop" or self.stop.is_set():
+                    return
+                self._failed(why)
+        finally:
+            _guards.pop(threading.get_ident(), None)
+
+    def _failed(self, why: str) -> None:
+        why = f"no frame for {self.o.stall_s:g} s" if why == "stall" else why
+        self.failures += 1
+        self.stats.last_error = why
+        live = self.stats.is_live
+        if live is None:  # never opened: guess from the URL
+            live = urlsplit(self.url).path.endswith(".m3u8")
+        if not live and self.failures >= self.o.max_vod_failures:
+            raise VideoSourceError(
+                f"the video source {self.name} keeps failing: {why} ({self.failures} attempts)"
+            )
+        delay = min(self.o.max_backoff_s, 0.5 * 2 ** min(self.failures - 1, 16)) * random.uniform(0.5, 1.0)
+        if worth_logging(self.failures):
+            _log.warning("video_source_failed", source=self.name, error=why, failures=self.failures,
+                         retry_in_s=round(delay, 2))
+        self.stop.wait(delay)
+
+    def _attempt(self) -> str | None:
+        """One open and read. None: the source ended (or stop); else why it must be reopened."""
+        self.guard.arm(watching=False)
+        started = time.perf_counter()
+        try:
+            container = av.open(
+                self.url, container_options=container_options(self.url, self.o),
+                timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
+            )
+        except (av.error.FFmpegError, OSError) as e:
+            raise _OpenFailed(e) from e
+        finally:
+            self.stats.open_s += time.perf_counter() - started
+        with container:
+            stream = self._prepare(container)
+            self.guard.arm(watching=True)
+            self.opened_at = time.monotonic()
+            progressed = self._read(container, stream)
+        if self.guard.fired:
+            return self.guard.fired
+        # FFmpeg's HLS demuxer reports an interrupted read (a timeout) as the end of the stream.
+        if time.monotonic() - self.guard.last >= 0.9 * self.o.read_timeout_s:
+            return "timed out"
+        if self.stats.is_live:  # ended (EXT-X-ENDLIST) or failing: a reopen tells, it opens as VOD
+            return "the live stream stopped"
+        if progressed and self.end_s is not None and self.read_to + 0.5 + 2 / self.rate < self.end_s:
+            return f"the video ended early, at {self.read_to:.1f} s of {self.end_s:.1f} s"
+        return None
+
+    def _prepare(self, container: Any) -> Any:
+        if not container.streams.video:
+            raise VideoSourceError(f"the video source {self.name} has no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > self.o.max_pixels:
+            raise VideoSourceError(
+                f"the video source {self.name} is {width}x{height}, over the {self.o.max_pixels}-pixel limit"
+            )
+        stream.thread_type = "AUTO"
+        tb = stream.time_base
+        start = (
+            float(stream.start_time * tb) if stream.start_time is not None
+            else container.start_time / 1e6 if container.start_time is not None else None
+        )
+        if self.t0 is None:
+            self.t0 = start
+        if not self.rate:
+            self.rate = next((float(r) for r in (stream.average_rate, stream.guessed_rate) if r), 25.0)
+        live = container.duration is None
+        self.stats.is_live, self.stats.origin_s = live, self.t0
+        self.stats.duration_s = None if live else container.duration / 1e6
+        self.end_s = None
+        self.keyframes.reopened()
+        if not live:
+            end = (
+                float((stream.start_time + stream.duration) * tb)
+                if stream.duration and stream.start_time is not None
+                else (start or 0.0) + container.duration / 1e6
+            )
+            self.end_s = end - (self.t0 or 0.0)
+            self.keyframes.from_index(stream, end)
+            if self.last_pts is not None and self.t0 is not None:
+                try:  # to the keyframe before the resume point; what precedes it is dropped
+                    container.seek(int((self.t0 + self.last_pts) / tb), stream=stream, backward=True)
+                except av.error.FFmpegError:
+                    pass  # not seekable: decode from the start, dropping what was read already
+        self._skip(stream, force=True)
+        return stream
+
+    def _skip(self, stream: Any, force: bool = False) -> None:
+        on = bool(self.keyframes.on)
+        if force or on != self.stats.keyframes_only:
+            stream.codec_context.skip_frame = "NONKEY" if on else "DEFAULT"
+            self.stats.keyframes_only = on
+
+    def _bucket(self, pts_s: float) -> float:
+        # The epsilon keeps 0.12 * 25 = 2.9999999999999996 in bucket 3.
+        return math.floor(pts_s * self.o.fps + 1e-6) if self.o.fps > 0 else pts_s
+
+    def _read(self, container: Any, stream: Any) -> bool:
+        """Demux and decode to the end; True if a frame was decoded. FFmpeg errors propagate."""
+        tb, self.progressed, self.clock = stream.time_base, False, time.perf_counter()
+        # Closed before its container: a suspended demux generator still uses the container.
+        with contextlib.closing(container.demux(stream)) as packets:
+            for packet in packets:
+                if self.stop.is_set():
+                    break
+                self.guard.progress()
+                if packet.pts is not None:
+                    t = float(packet.pts * tb)
+                    if self.t0 is not None:
+                        self.read_to = max(self.read_to, t + float((packet.duration or 0) * tb) - self.t0)
+                    self.keyframes.packet(t, packet.is_keyframe)
+                    if packet.is_keyframe:
+                        self._skip(stream)
+                if not all(self._frame(frame, tb) for frame in stream.decode(packet)):
+                    break
+        self.stats.decode_s += time.perf_counter() - self.clock
+        return self.progressed
+
+    def _frame(self, frame: Any, tb: Any) -> bool:
+        """Sample one decoded frame and hand it on if kept; False once stopped."""
+        self.stats.decoded += 1
+        if self.failures and time.monotonic() - self.opened_at >= self.o.healthy_s:
+            self.failures = 0
+        if frame.pts is None:
+            return True
+        t = float(frame.pts * tb)
+        if self.t0 is None:
+            self.t0 = self.stats.origin_s = t
+        pts_s = t - self.t0
+        if self.stats.is_live and self.last_pts is not None and pts_s < self.last_pts - DISCONTINUITY_S:
+            self.t0 += pts_s - self.last_pts - 1 / self.rate  # go on just after the last frame
+            pts_s = t - self.t0
+        self.stats.position_s, self.progressed = pts_s, True
+        bucket = self._bucket(pts_s)
+        if (self.last_pts is not None and pts_s <= self.last_pts) or bucket <= self.last_bucket:
+            return True
+        image = frame.to_ndarray(format="rgb24")
+        # max(): with a variable frame rate two frames may round to one index
+        index = max(round(pts_s * self.rate), self.last_index + 1)
+        self.last_pts, self.last_bucket, self.last_index = pts_s, bucket, index
+        self.stats.kept += 1
+        self.stats.decode_s += time.perf_counter() - self.clock
+        delivered = self.emit(VideoFrame(index, pts_s, image, bool(frame.key_frame)))
+        self.clock = time.perf_counter()
+        self.guard.progress()  # time blocked on a slow consumer is no stall
+        return delivered
+
+
+_END: Final = object()
+
+
+class _Handoff:
+    """From the reader thread to the event loop. The thread takes a slot before it queues a
+    frame and the consumer gives it back on taking the frame, so at most `size` frames wait: a
+    slow consumer holds the reader (and FFmpeg's reads) back, never memory."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, stop: threading.Event) -> None:
+        self.loop, self.stop = loop, stop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.slots = threading.Semaphore(size)
+
+    def put(self, frame: VideoFrame) -> bool:
+        while not self.slots.acquire(timeout=0.1):
+            if self.stop.is_set():
+                return False
+        return self.post(frame)
+
+    def post(self, item: Any) -> bool:
+        """Queue at once, with no slot (the end, an error)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is reading any more
+            return False
+        return True
+
+    async def get(self) -> Any:
+        item = await self.queue.get()
+        if isinstance(item, VideoFrame):
+            self.slots.release()
+        return item
+
+
+class VideoSource:
+    """One video source, read by a thread of its own. One read at a time; a later `frames()`
+    starts a new read (resume it with `after_s`). `stats` are the current (or last) read's."""
+
+    def __init__(self, url: str, options: ReaderOptions | None = None) -> None:
+        self.url = url
+        self.options = options or ReaderOptions()
+        self.stats = ReaderStats()
+        self._stop: threading.Event | None = None
+        self._handoff: _Handoff | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_live(self) -> bool | None:
+        """None until opened. A live HLS stream that ends reopens as VOD: False from then on."""
+        return self.stats.is_live
+
+    @property
+    def duration_s(self) -> float | None:
+        return self.stats.duration_s
+
+    async def frames(
+        self, after_s: float | None = None, origin_s: float | None = None
+    ) -> AsyncIterator[VideoFrame]:
+        """The frames, sampled to `options.fps`, each after `after_s` (a pts_s handled already;
+        a VOD read seeks there). Resuming a live read in another reader also takes the first
+        one's `stats.origin_s`: live positions count from where a read began. Raises
+        VideoSourceError when the source cannot be read. Leaving early: stop() or aclose()."""
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError(f"{display(self.url)} is already being read")
+        stop = threading.Event()
+        handoff = _Handoff(asyncio.get_running_loop(), max(1, self.options.queue_size), stop)
+        self.stats = ReaderStats()
+        self._stop, self._handoff = stop, handoff
+        reader = _Reader(self.url, self.options, self.stats, stop, handoff.put)
+        self._thread = threading.Thread(
+            target=_run, args=(reader, handoff, after_s, origin_s), name=f"video {reader.name}", daemon=True
+        )
+        self._thread.start()
+        try:
+            while (item := await handoff.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def stop(self) -> None:
+        """End the current read: `frames()` ends at once, the thread within ~0.1 s even inside a
+        network read (were the interrupt seam gone: within its timeout)."""
+        if self._stop is not None and self._handoff is not None:
+            self._stop.set()
+            self._handoff.post(_END)
+
+    async def wait_stopped(self, timeout_s: float = 5.0) -> bool:
+        """Wait, without blocking the loop, for the reader thread to leave; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._thread is not None and self._thread.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def _run(reader: _Reader, handoff: _Handoff, after_s: float | None, origin_s: float | None) -> None:
+    try:
+        reader.run(after_s, origin_s)
+    except Exception as e:  # the consumer raises it (an unexpected one is a bug worth seeing)
+        reader.stats.last_error = str(e)
+        handoff.post(e)
+    else:
+        handoff.post(_END)

@@ -1,0 +1,168 @@
+"""The video reader over HTTP on 127.0.0.1: MP4 and HLS VOD from a static server, and a live
+HLS server (tests/hls.py) that advances with wall time, stalls, 404s and ends on command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from sightstream.stages.video_reader import ReaderOptions, VideoFrame, VideoSource, VideoSourceError
+from tests.hls import live_hls, make_clip, make_hls_vod, static_server
+
+pytestmark = pytest.mark.integration
+
+LIVE_RATE = 10  # the live source: 1 s segments of 10 frames, a window of 3
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    make_clip(root / "clip.mp4", 6, 25)
+    make_hls_vod(root / "vod", 6, 25)
+    make_hls_vod(root / "live", 90, LIVE_RATE)  # plenty for any one test's wall time
+    return root
+
+
+@pytest.fixture(scope="session")
+def static(media):
+    with static_server(media) as server:
+        yield server
+
+
+@pytest.fixture
+def live(media):
+    with live_hls(media / "live" / "index.m3u8") as server:
+        yield server
+
+
+async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Reader:
+    """Consumes a source in a task, keeping the frames and when each arrived."""
+
+    def __init__(self, source: VideoSource, after_s: float | None = None) -> None:
+        self.source = source
+        self.frames: list[VideoFrame] = []
+        self.arrived: list[float] = []
+        self.task = asyncio.create_task(self._consume(after_s))
+
+    async def _consume(self, after_s: float | None) -> None:
+        async with contextlib.aclosing(self.source.frames(after_s)) as frames:
+            async for frame in frames:
+                self.frames.append(frame)
+                self.arrived.append(time.monotonic())
+
+    async def __aenter__(self) -> Reader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.source.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 5)
+        assert await self.source.wait_stopped(5)
+
+    def ordered(self) -> bool:
+        f = self.frames
+        return all(a.index < b.index and a.pts_s < b.pts_s for a, b in zip(f, f[1:]))
+
+
+@pytest.mark.parametrize("path", ["clip.mp4", "vod/index.m3u8"])
+async def test_an_http_vod_is_sampled_to_fps(static, path):
+    source = VideoSource(static.url(path), ReaderOptions(fps=2, keyframes_only=False))
+    async with Reader(source) as r:
+        await asyncio.wait_for(r.task, 20)
+    assert abs(len(r.frames) - 12) <= 1 and r.ordered()
+    assert all(f.image.shape == (120, 160, 3) for f in r.frames)
+    assert source.is_live is False and source.duration_s == pytest.approx(6, abs=0.1)
+
+
+async def test_a_vod_that_hangs_midway_is_reopened_and_resumed_without_repeats(media):
+    full = [f async for f in VideoSource(str(media / "vod" / "index.m3u8")).frames()]
+    options = ReaderOptions(stall_s=1, read_timeout_s=5)
+    with static_server(media, hang_once=["vod/index3.ts"]) as server:
+        source = VideoSource(server.url("vod/index.m3u8"), options)
+        async with Reader(source) as r:
+            await asyncio.wait_for(r.task, 20)
+    assert source.stats.reopens == 1 and source.stats.last_error == "no frame for 1 s"
+    assert [f.index for f in r.frames] == [f.index for f in full]  # resumed after the last one
+
+
+async def test_a_live_stream_keeps_coming_and_ends_with_its_playlist(live):
+    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
+    async with Reader(source) as r:
+        # The first window (3 s) comes at once; what follows came from reloads of the playlist.
+        await wait_until(lambda: len(r.frames) >= 5 * LIVE_RATE, 15, "two segments past the first window")
+        assert source.is_live is True and source.duration_s is None
+        assert r.arrived[-1] - r.arrived[0] > 1.0  # paced by the source, not read in one go
+        live.end()
+        await asyncio.wait_for(r.task, 15)  # EXT-X-ENDLIST read to the end: the read ends
+    assert r.ordered() and [f.index for f in r.frames] == list(range(len(r.frames)))
+
+
+async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, live):
+    good = VideoSource(live.url)
+    bad = VideoSource(static.url("missing/live.m3u8?token=secret"))
+    async with Reader(good) as r:
+        await wait_until(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the good source's first window")
+        started = time.monotonic()
+        with pytest.raises(VideoSourceError) as e:
+            await asyncio.wait_for(anext(bad.frames()), 10)
+        failed = time.monotonic()
+        assert failed - started < 5
+        assert str(e.value) == (
+            f"the video source {static.url('missing/live.m3u8')} cannot be opened: "
+            "Server returned 404 Not Found (3 attempts)"
+        )
+        await wait_until(lambda: r.arrived[-1] > failed + 1, 5, "frames after the failure")
+    # The good source went on at its own pace (a segment a second) all along.
+    during = [started] + [t for t in r.arrived if t > started]
+    assert max(b - a for a, b in zip(during, during[1:])) < 1.6
+
+
+async def test_a_live_source_that_disappears_fails(live):
+    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
+    async with Reader(source) as r:
+        await wait_until(lambda: len(r.frames) >= 1, 10, "a frame")
+        live.not_found()
+        with pytest.raises(VideoSourceError, match="404 Not Found"):
+            await asyncio.wait_for(r.task, 15)
+
+
+async def test_a_stalled_source_is_reopened_by_the_watchdog(live):
+    options = ReaderOptions(stall_s=1.5, open_timeout_s=1, read_timeout_s=5, max_backoff_s=1)
+    source = VideoSource(live.url, options)
+    async with Reader(source) as r:
+        await wait_until(lambda: len(r.frames) >= 4 * LIVE_RATE, 15, "a segment past the first window")
+        live.stall()  # requests hang: nothing more comes
+        before = len(r.frames)
+        await wait_until(lambda: source.stats.reopens >= 1, 10, "the watchdog to reopen")
+        assert source.stats.last_error == "no frame for 1.5 s"
+        live.resume()
+        await wait_until(lambda: len(r.frames) > before + LIVE_RATE, 15, "frames after the stall")
+    assert r.ordered()  # nothing twice, though the reopened window replays segments
+
+
+async def test_stop_ends_a_read_blocked_on_a_hung_server(live):
+    # Timeouts far longer than the test: only stop() can end this read.
+    options = ReaderOptions(stall_s=30, open_timeout_s=30, read_timeout_s=30)
+    source = VideoSource(live.url, options)
+    async with Reader(source) as r:
+        await wait_until(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the first window")
+        asked = live.requests
+        live.stall()
+        await wait_until(lambda: live.requests > asked, 10, "the reader to block on a request")
+        stopped = time.monotonic()
+        source.stop()
+        await asyncio.wait_for(r.task, 2)
+        assert await source.wait_stopped(2)  # the thread left FFmpeg's read too
+        assert time.monotonic() - stopped < 2

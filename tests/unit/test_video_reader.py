@@ -1,0 +1,205 @@
+"""The video reader on files (MP4 and HLS VOD made here, no sockets): sampling by PTS, every
+frame, keyframes only, resuming, backpressure, stop, and sources that cannot be read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import pytest
+
+from sightstream.errors import SightstreamError
+from sightstream.stages.video_reader import (
+    ReaderOptions,
+    VideoFrame,
+    VideoSource,
+    VideoSourceError,
+    _Keyframes,
+    container_options,
+    display,
+)
+from tests.hls import column, make_clip, make_hls_vod
+
+SECONDS, RATE = 6, 25
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> dict[str, str]:
+    """A 6 s clip at 25 fps, a keyframe every second, as MP4 and as HLS VOD (1 s segments); and
+    one with a keyframe every 5 frames (5 per second)."""
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        "mp4": str(make_clip(root / "clip.mp4", SECONDS, RATE)),
+        "hls": f"file://{make_hls_vod(root / 'vod', SECONDS, RATE)}",
+        "mp4_gop5": str(make_clip(root / "gop5.mp4", SECONDS, RATE, gop=5)),
+        "hls_gop5": str(make_hls_vod(root / "vod_gop5", SECONDS, RATE, gop=5)),
+    }
+
+
+async def read(source: VideoSource, after_s: float | None = None, most: int | None = None) -> list[VideoFrame]:
+    async def collect() -> list[VideoFrame]:
+        out: list[VideoFrame] = []
+        async with contextlib.aclosing(source.frames(after_s)) as frames:
+            async for frame in frames:
+                out.append(frame)
+                if most is not None and len(out) >= most:
+                    break
+        return out
+
+    return await asyncio.wait_for(collect(), 20)
+
+
+async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def increasing(frames: list[VideoFrame]) -> bool:
+    return all(a.index < b.index and a.pts_s < b.pts_s for a, b in zip(frames, frames[1:]))
+
+
+@pytest.mark.parametrize("kind", ["mp4", "hls"])
+@pytest.mark.parametrize("fps", [2, 5, 0.5])
+async def test_a_vod_is_sampled_to_fps_by_presentation_time(videos, kind, fps):
+    source = VideoSource(videos[kind], ReaderOptions(fps=fps, keyframes_only=False))
+    frames = await read(source)
+    assert abs(len(frames) - round(SECONDS * fps)) <= 1
+    assert increasing(frames)
+    assert all(f.image.shape == (120, 160, 3) and f.image.dtype == np.uint8 for f in frames)
+    # One frame per 1/fps bucket, the first of it: exactly one in each.
+    assert [int(f.pts_s * fps + 1e-6) for f in frames] == list(range(len(frames)))
+    assert source.is_live is False and source.duration_s == pytest.approx(SECONDS, abs=0.1)
+    assert source.stats.kept == len(frames) and source.stats.decoded == SECONDS * RATE
+
+
+@pytest.mark.parametrize("kind", ["mp4", "hls"])
+async def test_fps_0_gives_every_frame_with_its_own_index_and_picture(videos, kind):
+    frames = await read(VideoSource(videos[kind]))
+    assert [f.index for f in frames] == list(range(SECONDS * RATE))
+    assert [f.pts_s for f in frames] == pytest.approx([i / RATE for i in range(SECONDS * RATE)])
+    assert all(column(f.image) == (f.index * 3) % 160 for f in frames)  # the index is that frame
+    assert [f.index for f in frames if f.keyframe] == list(range(0, SECONDS * RATE, RATE))
+
+
+@pytest.mark.parametrize("kind", ["mp4_gop5", "hls_gop5"])
+async def test_keyframes_only_is_chosen_when_fps_is_far_below_the_keyframe_rate(videos, kind):
+    auto = VideoSource(videos[kind], ReaderOptions(fps=1))  # 5 keyframes/s >= 2 x 1 fps
+    full = VideoSource(videos[kind], ReaderOptions(fps=1, keyframes_only=False))
+    sparse, everything = await read(auto), await read(full)
+    assert auto.stats.keyframes_only and not full.stats.keyframes_only
+    assert len(sparse) == len(everything) == SECONDS
+    assert all(f.keyframe for f in sparse[-3:])  # from the index (MP4) or after a few GOPs (HLS)
+    assert auto.stats.decoded < full.stats.decoded == SECONDS * RATE
+    if kind == "mp4_gop5":  # the MP4 index tells the keyframe rate before any decoding
+        assert auto.stats.decoded == SECONDS * 5
+        assert [f.index for f in sparse] == [f.index for f in everything]  # keyframes start each second
+
+
+async def test_keyframes_only_stays_off_when_keyframes_are_too_rare_for_fps(videos):
+    source = VideoSource(videos["hls"], ReaderOptions(fps=1))  # 1 keyframe/s < 2 x 1 fps
+    frames = await read(source)
+    assert not source.stats.keyframes_only and source.stats.decoded == SECONDS * RATE
+    assert len(frames) == SECONDS
+
+
+def test_keyframe_decision_from_gaps():
+    k = _Keyframes(None, fps=1)  # needs a keyframe at least every 0.5 s
+    for t in (0, 0.4, 0.8, 1.2):
+        k.packet(t, key=True)
+    assert k.on is True
+    k.packet(1.8, key=False)  # 0.6 s without one: a period could be missed
+    assert k.on is False
+    k.packet(2.0, key=True)
+    assert k.on is False  # off for good in auto mode
+    assert _Keyframes(True, fps=0).on and _Keyframes(False, fps=0.1).on is False
+    assert _Keyframes(None, fps=0).on is False  # every frame: there is nothing to skip
+
+
+@pytest.mark.parametrize("kind", ["mp4", "hls"])
+@pytest.mark.parametrize("fps", [0, 2])
+async def test_a_resumed_read_continues_where_the_first_stopped(videos, kind, fps):
+    options = ReaderOptions(fps=fps, keyframes_only=False)
+    full = await read(VideoSource(videos[kind], options))
+    first = await read(VideoSource(videos[kind], options), most=len(full) // 3)
+    cut = first[-1].pts_s
+    rest = await read(VideoSource(videos[kind], options), after_s=cut)
+    assert rest and all(f.pts_s > cut for f in rest)
+    assert [f.index for f in first + rest] == [f.index for f in full]  # no duplicate, no gap
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(rest, full[len(first):]))
+
+
+async def test_a_resumed_read_never_repeats_the_bucket_of_after_s(videos):
+    rest = await read(VideoSource(videos["mp4"], ReaderOptions(fps=1, keyframes_only=False)), after_s=2.1)
+    assert [int(f.pts_s) for f in rest] == [3, 4, 5]  # bucket 2 holds 2.1: already taken
+
+
+async def test_a_slow_consumer_holds_the_reader_back(videos):
+    source = VideoSource(videos["mp4"], ReaderOptions(queue_size=3))
+    async with contextlib.aclosing(source.frames()) as frames:
+        await anext(frames)
+        await wait_until(lambda: source.stats.kept >= 4, what="the queue to fill")
+        await asyncio.sleep(0.3)  # the consumer takes nothing meanwhile: nothing more is read
+        held = source.stats.decoded
+        assert source.stats.kept == 1 + 3 + 1  # taken, queued, and one in the thread's hand
+        assert held <= source.stats.kept + 2  # not the whole clip decoded into memory
+        await asyncio.sleep(0.2)
+        assert source.stats.decoded == held
+        rest = [f async for f in frames]
+    assert len(rest) == SECONDS * RATE - 1
+
+
+async def test_stop_ends_the_read_and_the_thread(videos):
+    source = VideoSource(videos["mp4"], ReaderOptions(queue_size=1))
+    got = []
+
+    async def consume() -> None:
+        async for frame in source.frames():
+            got.append(frame)
+            await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(consume())
+    await wait_until(lambda: len(got) >= 2, what="two frames")
+    source.stop()
+    await asyncio.wait_for(task, 2)
+    assert await source.wait_stopped(2)
+    assert len(got) < SECONDS * RATE
+
+
+@pytest.mark.parametrize("url,why", [
+    ("/nonexistent/clip.mp4", "No such file or directory"),
+    ("file:///nonexistent/clip.mp4", "No such file or directory"),
+    (__file__, "Invalid data"),  # not a video
+])
+async def test_a_source_that_cannot_be_opened_fails_after_a_few_attempts(url, why):
+    source = VideoSource(url, ReaderOptions(max_open_failures=2))
+    started = time.monotonic()
+    with pytest.raises(VideoSourceError) as e:
+        await read(source)
+    assert isinstance(e.value, SightstreamError)
+    assert time.monotonic() - started < 3  # one back-off (<= 0.5 s) between the two attempts
+    assert str(e.value).startswith("the video source ") and why in str(e.value) and "(2 attempts)" in str(e.value)
+    assert source.stats.reopens == 1
+
+
+async def test_a_video_over_the_pixel_limit_is_refused(videos):
+    with pytest.raises(VideoSourceError, match="160x120, over the 10000-pixel limit"):
+        await read(VideoSource(videos["mp4"], ReaderOptions(max_pixels=10_000)))
+
+
+def test_http_options_never_reconnect_at_eof():
+    o = ReaderOptions(read_timeout_s=2.5, headers={"Authorization": "Bearer t"})
+    http = container_options("https://cdn.example/live.m3u8", o)
+    assert http["rw_timeout"] == "2500000" and http["reconnect"] == "1"
+    assert http["headers"] == "Authorization: Bearer t\r\n" and http["live_start_index"] == "-3"
+    assert "reconnect_at_eof" not in http
+    assert "rw_timeout" not in container_options("/srv/clip.mp4", o)  # files: no HTTP options
+
+
+def test_display_drops_credentials_and_query():
+    assert display("https://user:pw@cdn.example:8443/a/live.m3u8?token=s") == "https://cdn.example:8443/a/live.m3u8"
+    assert display("/srv/clip.mp4") == "/srv/clip.mp4"
