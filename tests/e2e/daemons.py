@@ -17,9 +17,9 @@ REPO = Path(__file__).parent.parent.parent
 
 
 def write_config(path: Path, redis_url: str, port: int, pipeline: str = "", top: str = "",
-                 fake: str = "") -> Path:
-    """A config with one pipeline `people` (extra lines in `pipeline`) and, if `fake` is given,
-    a `fake/slow` model of the scripted test adapter with those options."""
+                 fake: str = "", tables: str = "") -> Path:
+    """A config with one pipeline `people` (extra lines in `pipeline`), if `fake` is given, a
+    `fake/slow` model of the scripted test adapter with those options, and `tables` last."""
     text = f"""
 redis_url = "{redis_url}"
 devices = ["cpu"]
@@ -42,7 +42,7 @@ task = "detect"
 adapter = "tests.fake_adapters:Scripted"
 {fake}
 """
-    path.write_text(text)
+    path.write_text(text + tables)
     return path
 
 
