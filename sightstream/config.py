@@ -28,6 +28,7 @@ from sightstream.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/sightstream/sightstream.toml")
 DEFAULT_MODEL = "retinaface/mobilenet"
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+VIDEO_SCHEMES = ("http://", "https://", "file://")
 
 
 class _Strict(BaseModel):
@@ -66,6 +67,10 @@ class ManagerSettings(_Strict):
     gpu_memory_fraction: float = Field(
         0.9, gt=0, le=1, description="budget of a GPU not in max_memory_mb: this share of its free memory"
     )
+
+
+def is_video_url(item: str) -> bool:
+    return item.lower().startswith(VIDEO_SCHEMES)
 
 
 class JobSettings(_Strict):
@@ -128,10 +133,28 @@ class PipelineSettings(_Strict):
             raise ValueError("may use only {pipeline} and {source}")
         return v
 
+    @property
+    def streams(self) -> list[str]:
+        """The input's stream keys and globs."""
+        return [i for i in self.input if not is_video_url(i)]
+
+    @property
+    def videos(self) -> list[str]:
+        """The input's video URLs (HLS, HTTP, files): each read by one daemon at a time."""
+        return [i for i in self.input if is_video_url(i)]
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if "://" in item and not is_video_url(item):
+                raise ValueError(f"{item!r}: a video input is an http://, https:// or file:// URL")
+        return v
+
     @model_validator(mode="after")
     def _output_not_input(self) -> PipelineSettings:
         own = [keys.output_glob(self.output, self.name)]
-        for pattern in self.input:
+        for pattern in self.streams:
             if keys.is_own_output(pattern.replace("*", "x"), own):
                 raise ValueError(f"input {pattern!r} would read sightstream's own output streams")
         return self

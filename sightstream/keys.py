@@ -38,8 +38,9 @@ def recorded_marker(pipeline: str, source: str, entry_id: str) -> str:
     return f"{INTERNAL_PREFIX}recorded:{pipeline}:{source}:{entry_id}"
 
 
-def consumer_slot(host: str, slot: int) -> str:
-    """Lease that makes `host:slot` a stable consumer name across restarts."""
+def consumer_slot(host: str, slot: int | str) -> str:
+    """Lease that makes `host:slot` a stable consumer name across restarts ("*", "*": every
+    daemon's, to count them)."""
     return f"{INTERNAL_PREFIX}consumer:{host}:{slot}"
 
 

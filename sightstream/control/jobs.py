@@ -59,6 +59,7 @@ class Progress(BaseModel):
     position_s: float | None = None
     duration_s: float | None = Field(None, description="null for live sources")
     fraction: float | None = Field(None, description="of a VOD, 0 to 1")
+    last_error: str | None = Field(None, description="why the source was last reopened, if it was")
 
 
 class Timings(BaseModel):
@@ -213,7 +214,11 @@ async def results(request: web.Request) -> web.Response:
                        409: error("The job has already ended (code conflict)")})
 async def cancel(request: web.Request) -> web.Response:
     job_id = request.match_info["id"]
-    before = await request.app[DAEMON].jobs.cancel(job_id) if JOB_ID.match(job_id) else ""
+    job = await _job(request)
+    if job.spec.pipeline:
+        raise ApiError(409, f"job {job_id} reads an input of pipeline {job.spec.pipeline}: remove it from "
+                            "the pipeline's input in the config instead", "conflict")
+    before = await request.app[DAEMON].jobs.cancel(job_id)
     if not before:
         raise ApiError(404, f"no job {job_id!r}")
     if before not in ("pending", "running"):

@@ -17,6 +17,7 @@ from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.daemon import Daemon
+from sightstream.jobs.store import input_job_id
 
 api = Api("pipelines")
 
@@ -43,6 +44,16 @@ class Latency(BaseModel):
     results: int = Field(description="how many recent results these percentiles cover")
 
 
+class VideoInput(BaseModel):
+    url: str
+    job_id: str = Field(description="GET /jobs/{id} tells more")
+    status: str = Field(description="pending | running | completed (a VOD read to its end)")
+    holder: str = Field(description="the daemon reading it")
+    attempt: int
+    processed: int
+    last_error: str | None = Field(None, description="why the source was last reopened")
+
+
 class Pipeline(BaseModel):
     name: str
     model: str
@@ -59,6 +70,7 @@ class Pipeline(BaseModel):
     pending: int = Field(description="group-wide, all sources")
     lag: int | None = Field(description="group-wide, all sources (null on Redis 6.2)")
     sources: list[Source] | None = None
+    videos: list[VideoInput] = Field(default_factory=list, description="the input's video URLs")
 
 
 class Pipelines(BaseModel):
@@ -110,7 +122,24 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
         pending=sum(s.pending for s in found),
         lag=None if any(lag is None for lag in lags) else sum(lag for lag in lags if lag is not None),
         sources=found if sources else None,
+        videos=await _videos(d, p),
     )
+
+
+async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
+    out = []
+    for url in p.videos:
+        job_id = input_job_id(p.name, url)
+        job = await d.jobs.get(job_id)
+        if job is None:  # not registered yet (Redis was down at start)
+            out.append(VideoInput(url=url, job_id=job_id, status="pending", holder="", attempt=0,
+                                  processed=0))
+            continue
+        error = job.progress.get("last_error")
+        out.append(VideoInput(url=url, job_id=job_id, status=job.status, holder=job.holder,
+                              attempt=job.attempt, processed=job.counts.get("processed", 0),
+                              last_error=str(error) if error else None))
+    return out
 
 
 def _acked(d: Daemon, pipeline: str, reason: str) -> float:

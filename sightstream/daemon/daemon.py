@@ -31,7 +31,7 @@ from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.errors import ConfigError, ModelError
 from sightstream.jobs.runner import JobRunner
-from sightstream.jobs.store import JobStore
+from sightstream.jobs.store import JobSpec, JobStore
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -181,8 +181,13 @@ class Daemon:
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        # Each pipeline's video URLs are jobs any daemon of the group may take.
+        inputs = [JobSpec(url, p.model, p.fps, pipeline=p.name,
+                          output=keys.result_stream(p.output, p.name, url))
+                  for p in self.settings.pipelines for url in p.videos]
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
-                                    self.settings, self.consumer, self.metrics, self.stop_event)
+                                    self.settings, self.consumer, self.metrics, self.stop_event,
+                                    self.prompt_book, inputs)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [
             asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers

@@ -16,14 +16,14 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
 
-from sightstream import keys, log
+from sightstream import log
 from sightstream.config import DecodeSettings, JobSettings
 from sightstream.errors import FrameError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, deadletter_fields, entry_ms, now_ms
@@ -57,8 +57,11 @@ class Item:
 class JobRun:
     def __init__(self, job: Job, source: Source, store: JobStore, token: str, client: Redis,
                  reader: Redis, adhoc: AdhocBatcher, decode_pool: Executor, settings: JobSettings,
-                 decode: DecodeSettings) -> None:
+                 decode: DecodeSettings, prompt: Callable[[], Prompt] | None = None) -> None:
         self.job = job
+        # A user's job keeps its prompt; a pipeline's video input follows the pipeline's.
+        self._prompt = prompt or (lambda: Prompt(job.spec.prompt, 1))
+        self._label = job.spec.pipeline or "jobs"
         self._source = source
         self._store = store
         self._token = token
@@ -88,7 +91,7 @@ class JobRun:
                 future = None
                 if item.frame is not None:
                     (future,) = await self._adhoc.put(
-                        [item.frame], self.job.spec.model, Prompt(self.job.spec.prompt, 1), "jobs",
+                        [item.frame], self.job.spec.model, self._prompt(), self._label,
                         (self._s.batch_size, self._s.batch_timeout_ms))
                 in_flight.append((self._seq, item, future, time.monotonic()))
                 await self._publish_ready(in_flight, until=self._s.max_in_flight - 1)
@@ -118,6 +121,8 @@ class JobRun:
             fps=self.job.spec.fps, open_timeout_s=self._s.open_timeout_s,
             read_timeout_s=self._s.read_timeout_s, stall_s=self._s.stall_s,
             max_pixels=self._decode.max_pixels)
+        if self.job.spec.pipeline:  # a pipeline's camera that is down is retried until it is back
+            options = replace(options, max_open_failures=2**31, max_vod_failures=2**31)
         self._video = video = VideoSource(self._source.location, options)
         after = float(self.job.last_position) if self.job.last_position else None
         origin = float(self.job.origin) if self.job.origin else None
@@ -127,7 +132,7 @@ class JobRun:
                 await self._fenced_progress({"origin": self.job.origin})
             self._position_s = vf.pts_s
             h, w = vf.image.shape[:2]
-            frame = Frame("jobs", self.job.spec.source, str(vf.index), {}, now_ms(), image=vf.image,
+            frame = Frame(self._label, self.job.spec.source, str(vf.index), {}, now_ms(), image=vf.image,
                           orig_size=(w, h))
             yield Item(frame, repr(vf.pts_s), vf.pts_s)
 
@@ -148,7 +153,7 @@ class JobRun:
             for _, entries in reply or []:
                 for raw_id, fields in entries:
                     last = raw_id.decode()
-                    frame = Frame("jobs", key, last, fields, entry_ms(last))
+                    frame = Frame(self._label, key, last, fields, entry_ms(last))
                     self._counts["decoded"] += 1
                     try:
                         frame.parse_fields()
@@ -208,8 +213,8 @@ class JobRun:
 
     def _entry(self, item: Item, future: asyncio.Future[Outcome] | None) -> tuple[str, str, dict[str, Any]]:
         """The stream, counter and fields of one item's outcome."""
-        job_id = self.job.id
-        extra: dict[str, Any] = {"job_id": job_id}
+        job = self.job
+        extra: dict[str, Any] = {} if job.spec.pipeline else {"job_id": job.id}
         if item.pts_s is not None:
             extra["pts_ms"] = str(round(item.pts_s * 1000))
         outcome: Outcome | None = None
@@ -226,11 +231,11 @@ class JobRun:
         if isinstance(outcome, Published):
             fields = dict(outcome.fields)
             fields["latency_ms"] = str(max(0, now_ms() - outcome.frame.ts_ms))
-            return keys.job_results(job_id), "processed", fields | extra
+            return job.results_stream, "processed", fields | extra
         if isinstance(outcome, DeadLettered):
             reason, error = outcome.reason, outcome.error
-        frame = item.frame or Frame("jobs", self.job.spec.source, item.position, {}, now_ms())
-        return keys.job_deadletter(job_id), "dead_lettered", deadletter_fields(frame, reason, error) | extra
+        frame = item.frame or Frame(self._label, job.spec.source, item.position, {}, now_ms())
+        return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra
 
     async def _maybe_progress(self) -> None:
         if time.monotonic() >= self._next_progress:
@@ -246,7 +251,7 @@ class JobRun:
         position = self._position_s
         progress = {"position_s": position, "duration_s": duration,
                     "fraction": round(min(1.0, position / duration), 4) if position is not None and duration
-                    else None}
+                    else None, "last_error": stats.last_error if stats else None}
         base = self._base
         timings = {
             "open_s": round(base.get("open_s", 0) + (stats.open_s if stats else 0), 3),

@@ -12,6 +12,7 @@ job no longer running (within a progress interval) should a notice be lost.
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import Executor
 
 from redis.asyncio import Redis
@@ -21,9 +22,10 @@ from sightstream import keys, log
 from sightstream.config import Settings
 from sightstream.jobs.run import JobRun, JobStopped
 from sightstream.jobs.sources import SourceRefused, check_source
-from sightstream.jobs.store import Job, JobStore
+from sightstream.jobs.store import Job, JobSpec, JobStore
 from sightstream.leases import Lease
 from sightstream.metrics import Metrics
+from sightstream.prompts import PromptBook
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.flow import backoff_s, worth_logging
 from sightstream.stages.video_reader import VideoSourceError
@@ -34,8 +36,11 @@ _log = log.get(__name__)
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
-                 stop: asyncio.Event) -> None:
+                 stop: asyncio.Event, prompts: PromptBook | None = None,
+                 inputs: list[JobSpec] | None = None) -> None:
         self._store = store
+        self._unregistered = list(inputs or [])  # pipelines' video inputs not yet in Redis
+        self._prompts = prompts
         self._client, self._reader = client, reader
         self._adhoc = adhoc
         self._decode_pool = decode_pool
@@ -46,6 +51,7 @@ class JobRunner:
         self._stop = stop
         self._wake = asyncio.Event()
         self.running: dict[str, asyncio.Task] = {}
+        self._inputs: set[str] = set()  # of the running jobs: pipelines' video inputs
         self.finished = 0
 
     async def run(self) -> None:
@@ -82,19 +88,45 @@ class JobRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _take_jobs(self) -> None:
+        """Take free jobs: users' up to `max_concurrent` here; pipelines' video inputs up to a
+        fair share (ceil(inputs / daemons)), giving one back per round when over it."""
+        while self._unregistered:
+            await self._store.ensure(self._unregistered[0])
+            self._unregistered.pop(0)
+        jobs = []
         for job_id in await self._store.active():
-            if len(self.running) >= self._s.max_concurrent or self._stop.is_set():
-                return
-            if job_id in self.running:
-                continue
             job = await self._store.get(job_id)
             if job is None or job.status not in ("pending", "running"):
                 await self._store.forget(job_id)  # expired, or finished elsewhere
+            else:
+                jobs.append(job)
+        inputs = [j for j in jobs if j.spec.pipeline]
+        share = math.ceil(len(inputs) / max(1, await self._daemons())) if inputs else 0
+        held = {"user": sum(1 for j in self.running if j not in self._inputs),
+                "input": sum(1 for j in self.running if j in self._inputs)}
+        for job in jobs:
+            kind = "input" if job.spec.pipeline else "user"
+            limit = share if kind == "input" else self._s.max_concurrent
+            if job.id in self.running or held[kind] >= limit or self._stop.is_set():
                 continue
-            lease = Lease(self._client, keys.job_lease(job_id), self._s.lease_ttl_ms)
+            lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
-                self.running[job_id] = asyncio.create_task(self._run(job, lease), name=f"job-{job_id}")
+                held[kind] += 1
+                if job.spec.pipeline:
+                    self._inputs.add(job.id)
+                self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
                 self._metrics.jobs_running.set(len(self.running))
+        if held["input"] > share:
+            surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)
+            _log.info("video_input_handed_over", job=surplus, share=share)
+            self.running[surplus].cancel("handed over: more daemons share the video inputs now")
+
+    async def _daemons(self) -> int:
+        """Daemons sharing this Redis: each holds a consumer-name lease."""
+        count = 0
+        async for _ in self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000):
+            count += 1
+        return count
 
     async def _run(self, job: Job, lease: Lease) -> None:
         keeping = asyncio.create_task(lease.keep(lambda why: self._lost(job.id, why), self._stop))
@@ -116,14 +148,17 @@ class JobRunner:
             keeping.cancel()
             await lease.release()
             self.running.pop(job.id, None)
+            self._inputs.discard(job.id)
             self._metrics.jobs_running.set(len(self.running))
 
     async def _execute(self, job: Job, lease: Lease) -> None:
         status, error = "completed", ""
         try:
             source = check_source(job.spec.source, self._s)
+            book, pipeline = self._prompts, job.spec.pipeline
+            prompt = (lambda: book.current(pipeline)) if book is not None and pipeline else None
             run = JobRun(job, source, self._store, lease.token, self._client, self._reader, self._adhoc,
-                         self._decode_pool, self._s, self._settings.decode)
+                         self._decode_pool, self._s, self._settings.decode, prompt)
             await run.run()
         except (VideoSourceError, SourceRefused) as e:
             status, error = "failed", str(e)
@@ -132,7 +167,7 @@ class JobRunner:
         except Exception as e:  # a bug: the job says so rather than hanging "running"
             _log.exception("job_crashed", job=job.id)
             status, error = "failed", f"internal error: {e!r}"
-        if await self._store.finish(job.id, lease.token, status, error):
+        if await self._store.finish(job, lease.token, status, error):
             self.finished += 1
             self._metrics.jobs_finished.labels(status).inc()
             _log.info("job_finished", job=job.id, status=status, error=error or None)

@@ -10,6 +10,7 @@ so a resumed job never reports a frame twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -62,12 +63,15 @@ redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 return 1
 """
 
-# KEYS: lease, job, results, dead-letters. ARGV: token, status, now, error, ttl s, channel, id.
+# KEYS: lease, job, results, dead-letters. ARGV: token, status, now, error, ttl s (0: keep),
+# channel, id.
 FINISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
 redis.call('HSET', KEYS[2], 'status', ARGV[2], 'finished_at', ARGV[3], 'error', ARGV[4])
-for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+if ARGV[5] ~= '0' then
+  for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[6], 'done:' .. ARGV[7])
 return 1
@@ -90,6 +94,11 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def input_job_id(pipeline: str, url: str) -> str:
+    """The job of a pipeline's video input: the same id on every daemon of the group."""
+    return hashlib.sha1(f"{pipeline}\n{url}".encode()).hexdigest()[:20]
+
+
 def new_id() -> str:
     """Sortable by creation time (milliseconds, hex), then random."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
@@ -106,6 +115,10 @@ class JobSpec:
     max_frames: int | None = None
     max_seconds: float | None = None
     created_by: str = ""
+    # A pipeline's video input (not a job a user submitted): results go to the pipeline's
+    # output stream for the source, the prompt follows the pipeline's, and it never expires.
+    pipeline: str = ""
+    output: str = ""
 
 
 @dataclass
@@ -128,14 +141,22 @@ class Job:
 
     @property
     def results_stream(self) -> str:
-        return keys.job_results(self.id)
+        return self.spec.output or keys.job_results(self.id)
+
+    @property
+    def deadletter_stream(self) -> str:
+        spec = self.spec
+        if spec.pipeline:
+            return keys.deadletter_stream(spec.pipeline, spec.source)
+        return keys.job_deadletter(self.id)
 
     @classmethod
     def from_hash(cls, job_id: str, raw: dict[Any, Any]) -> Job:
         h = {k.decode(): v.decode() for k, v in raw.items()}
         spec = JobSpec(h["source"], h["model"], float(h.get("fps") or 0), h.get("prompt", ""),
                        int(h["max_frames"]) if h.get("max_frames") else None,
-                       float(h["max_seconds"]) if h.get("max_seconds") else None, h.get("created_by", ""))
+                       float(h["max_seconds"]) if h.get("max_seconds") else None, h.get("created_by", ""),
+                       h.get("pipeline", ""), h.get("output", ""))
         return cls(
             job_id, spec, h["status"], h["created_at"], h.get("started_at") or None,
             h.get("finished_at") or None, h.get("error", ""), int(h.get("attempt") or 0),
@@ -175,6 +196,27 @@ class JobStore:
             pipe.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
             await pipe.execute()
         return Job(job_id, spec, "pending", created)
+
+    async def ensure(self, spec: JobSpec) -> str:
+        """A pipeline's video input as a job, created once (its id comes from the pipeline and
+        the URL, so every daemon of the group names the same job); its spec follows the config."""
+        job_id = input_job_id(spec.pipeline, spec.source)
+        key = keys.job(job_id)
+        created = await self._client.hsetnx(key, "created_at", now_iso())
+        fields: dict[Any, Any] = {
+            "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": "",
+            "max_frames": "", "max_seconds": "", "created_by": "config", "pipeline": spec.pipeline,
+            "output": spec.output,
+        }
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)
+            if created:  # not in the jobs index: GET /pipelines/{name} lists them
+                pipe.hset(key, mapping={"status": "pending", "attempt": 0})
+            await pipe.execute()
+        status = await self._client.hget(key, "status")
+        if status in (b"pending", b"running"):
+            await self._client.sadd(keys.JOBS_ACTIVE, job_id)
+        return job_id
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self._client.hgetall(keys.job(job_id))
@@ -235,13 +277,15 @@ class JobStore:
         return int(await self._progress(keys=[keys.job_lease(job_id), keys.job(job_id)],
                                         args=[token, *pairs]))
 
-    async def finish(self, job_id: str, token: str, status: str, error: str = "") -> bool:
+    async def finish(self, job: Job, token: str, status: str, error: str = "") -> bool:
+        """End the job. A user's job expires `ttl_s` later with its results; a pipeline's
+        video input stays (a VOD is not read again when daemons restart)."""
         done = await self._finish(
-            keys=[keys.job_lease(job_id), keys.job(job_id), keys.job_results(job_id),
-                  keys.job_deadletter(job_id)],
-            args=[token, status, now_iso(), error, self.ttl_s, keys.JOBS_CHANNEL, job_id])
+            keys=[keys.job_lease(job.id), keys.job(job.id), job.results_stream, job.deadletter_stream],
+            args=[token, status, now_iso(), error, 0 if job.spec.pipeline else self.ttl_s,
+                  keys.JOBS_CHANNEL, job.id])
         if done == 1:
-            await self._client.srem(keys.JOBS_ACTIVE, job_id)
+            await self._client.srem(keys.JOBS_ACTIVE, job.id)
         return done == 1
 
     async def active(self) -> list[str]:

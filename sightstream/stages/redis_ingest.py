@@ -61,7 +61,7 @@ class RedisIngest(StreamReader):
     async def discover(self) -> None:
         """Find the streams matching the inputs and join their groups."""
         found: list[str] = []
-        for pattern in self._p.input:
+        for pattern in self._p.streams:
             if GLOB_CHARS & set(pattern):
                 async for key in self._client.scan_iter(match=pattern, count=1000, _type="stream"):
                     name = key.decode()
