@@ -247,7 +247,8 @@ def report(f: dict[str, Any]) -> str:
         f"  video at 0.5 fps of a 20 s {f['size']} H.264 clip (a keyframe a second): every frame decoded "
         f"{f['video_all_decoded']} in {f['video_all_s']:.2f} s, keyframes only "
         f"{f['video_keyframes_decoded']} in {f['video_keyframes_s']:.2f} s "
-        f"({f['video_all_s'] / f['video_keyframes_s']:.1f}x less time); {f['video_keyframes_kept']} frames kept",
+        f"({f['video_all_s'] / f['video_keyframes_s']:.1f}x less time); "
+        f"{f['video_keyframes_kept']} frames kept",
     ]
     return "\n".join(lines)
 
