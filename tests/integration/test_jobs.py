@@ -234,7 +234,7 @@ async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
         assert await theirs.acquire()  # … and another daemon took the job
         assert await publish(ours.token, 2) == -1
         assert await store.progress(job.id, ours.token, {"counts": "{}"}) == -1
-        assert not await store.finish(job.id, ours.token, "completed")
+        assert not await store.finish(job, ours.token, "completed")
         assert not await ours.renew()
         assert sync_redis.xlen(keys.job_results(job.id)) == 1
         assert await publish(theirs.token, 2) == 1

@@ -174,7 +174,7 @@ async def test_stop_ends_the_read_and_the_thread(videos):
     ("/nonexistent/clip.mp4", "No such file or directory"),
     ("file:///nonexistent/clip.mp4", "No such file or directory"),
     (__file__, "Invalid data"),  # not a video
-])
+], ids=["missing path", "missing file URL", "not a video"])
 async def test_a_source_that_cannot_be_opened_fails_after_a_few_attempts(url, why):
     source = VideoSource(url, ReaderOptions(max_open_failures=2))
     started = time.monotonic()
