@@ -242,3 +242,21 @@ async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
         assert await publish(theirs.token, 3) == -2  # cancelled: not running any more
     finally:
         await client.aclose(close_connection_pool=True)
+
+
+async def test_a_busy_job_does_not_starve_the_pipelines(redis_url, sync_redis, tmp_path, videos, gradient):
+    settings = job_settings(redis_url, tmp_path, videos, max_in_flight=8, batch_size=4)
+    settings = settings.model_copy(update={"pipelines": [
+        settings.pipelines[0].model_copy(update={"model": "fake/slow", "batch_size": 4})]})
+    settings.models["fake"] = {"slow": type(settings.models["tiny"]["det"])(
+        backend="torch", task="detect", adapter="tests.fake_adapters:Scripted", delay_s=0.1)}
+    hls.make_clip(tmp_path / "long.mp4", seconds=20, fps=10)
+    settings.jobs.allowed_paths.append(str(tmp_path))
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source=f"file://{tmp_path}/long.mp4", fps=10, model="fake/slow")
+        await wait_for_results(client, job_id, 8)  # the job keeps the device busy (200 frames)
+        for _ in range(8):
+            sync_redis.xadd("frames:{p}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 8, 10, "the pipeline's results")
+        job = await (await client.get(f"/jobs/{job_id}")).json()
+        assert job["status"] == "running" and job["counts"]["processed"] < 150  # served alongside the job
