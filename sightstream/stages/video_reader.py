@@ -8,7 +8,7 @@ reopened or resumed read goes on after the last frame it yielded, at the same fr
 
 FFmpeg blocks in network reads with one way in from another thread: the container's interrupt
 callback, which PyAV drives from a timeout it alone arms. Our watchdog and stop() speak through
-it (see _InterruptingClock), so stop() ends even a read of a hung server at once.
+it (stages/video_interrupt.py), so stop() ends even a read of a hung server at once.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -33,6 +32,7 @@ import numpy as np
 from sightstream import log
 from sightstream.errors import SightstreamError
 from sightstream.stages.flow import worth_logging
+from sightstream.stages.video_interrupt import Guard, guards
 
 _log = log.get(__name__)
 
@@ -96,58 +96,6 @@ class ReaderStats:
     is_live: bool | None = None  # None: not opened yet
     keyframes_only: bool = False
     origin_s: float | None = None  # the stream time pts_s counts from (to resume a live read)
-
-
-class _Guard:
-    """What the interrupt callback asks for one reader thread: stopped, or stalled."""
-
-    def __init__(self, stop: threading.Event, stall_s: float) -> None:
-        self.stop, self.stall_s = stop, stall_s
-        self.watching = False  # the stall clock runs while reading, not while opening
-        self.last = time.monotonic()
-        self.fired: str | None = None  # sticky until the next open: FFmpeg may ask again
-
-    def progress(self) -> None:
-        self.last = time.monotonic()
-
-    def arm(self, watching: bool) -> None:
-        self.watching, self.fired = watching, None
-        self.progress()
-
-    def tripped(self) -> bool:
-        if self.fired is None:
-            if self.stop.is_set():
-                self.fired = "stop"
-            elif self.watching and time.monotonic() - self.last > self.stall_s:
-                self.fired = "stall"
-        return self.fired is not None
-
-
-_guards: dict[int, _Guard] = {}
-
-
-class _InterruptingClock:
-    """Stands in for the `time` module inside av.container.core, whose interrupt callback aborts
-    I/O once `time.monotonic()` passes the start of the current call plus its timeout. To a
-    reader thread whose guard tripped, each call answers far later than the one before, so
-    FFmpeg gives up at its next poll (<= 0.1 s). Other threads see the real clock. Should PyAV
-    drop this seam, stop() and the watchdog fall back to the open and read timeouts."""
-
-    def __init__(self) -> None:
-        self._jumps = itertools.count(1)
-
-    def monotonic(self) -> float:
-        guard = _guards.get(threading.get_ident())
-        if guard is not None and guard.tripped():
-            return time.monotonic() + 1e9 * next(self._jumps)
-        return time.monotonic()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-if isinstance(getattr(av.container.core, "time", None), ModuleType):
-    setattr(av.container.core, "time", _InterruptingClock())  # noqa: B010 (not in the stubs)
 
 
 def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
@@ -234,7 +182,7 @@ class _Reader:
     ) -> None:
         self.url, self.o, self.stats, self.stop, self.emit = url, options, stats, stop, emit
         self.name = display(url)
-        self.guard = _Guard(stop, options.stall_s)
+        self.guard = Guard(stop, options.stall_s)
         self.keyframes = _Keyframes(options.keyframes_only, options.fps)
         self.t0: float | None = None  # the origin, in stream time
         self.rate = 0.0  # frames per second for indices, from the first open
@@ -253,7 +201,7 @@ class _Reader:
         if after_s is not None:
             self.last_pts, self.last_bucket = after_s, self._bucket(after_s)
         refused = 0
-        _guards[threading.get_ident()] = self.guard
+        guards[threading.get_ident()] = self.guard
         try:
             for attempt in itertools.count():
                 if self.stop.is_set():
@@ -275,7 +223,7 @@ class _Reader:
                     return
                 self._failed(why)
         finally:
-            _guards.pop(threading.get_ident(), None)
+            guards.pop(threading.get_ident(), None)
 
     def _failed(self, why: str) -> None:
         why = f"no frame for {self.o.stall_s:g} s" if why == "stall" else why
