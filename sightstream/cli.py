@@ -7,6 +7,8 @@ import asyncio
 import json
 import sys
 
+from redis.exceptions import RedisError
+
 from sightstream import __version__
 from sightstream.errors import ConfigError, SightstreamError
 
@@ -160,6 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except OSError as e:  # e.g. Redis refused the connection in publish/tail
+    except (OSError, RedisError) as e:  # e.g. Redis refused the connection in publish/tail
         print(f"sightstream: {e}", file=sys.stderr)
         return 1

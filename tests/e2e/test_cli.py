@@ -162,3 +162,14 @@ def test_help_is_fast_and_imports_no_framework():
     code = "import sys, sightstream.cli; sightstream.cli.parser(); print('onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", [["tail", "frames:x", "--timeout", "1"],
+                                     ["publish", "sightstream/data", "--stream", "frames:x"]])
+def test_redis_down_is_one_line_and_exit_1(command):
+    env = {**os.environ, "SIGHTSTREAM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    run = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60, env=env,
+                         cwd=Path(__file__).parent.parent.parent)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("sightstream: ") and "Connection refused" in last
