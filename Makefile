@@ -28,8 +28,8 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check sightstream bench tests
-	$(BIN)/mypy sightstream bench
+	$(BIN)/ruff check sightstream tests
+	$(BIN)/mypy sightstream
 
 bench: setup
 	$(BIN)/sightstream bench

@@ -35,7 +35,7 @@ from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.stages.decoder import decode_image
 
-PHOTO = Path(__file__).parent.parent / "sightstream" / "data" / "astronaut.jpg"
+PHOTO = Path(__file__).parent / "data" / "astronaut.jpg"
 STREAM = "frames:{bench}"
 DISTINCT = 24  # distinct frames, cycled
 

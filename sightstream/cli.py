@@ -78,7 +78,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.harness import main as bench_main
+    from sightstream.bench import main as bench_main
 
     return bench_main(args)
 
