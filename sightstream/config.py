@@ -89,6 +89,9 @@ class JobSettings(_Strict):
     open_timeout_s: float = Field(10, gt=0, description="opening a video source")
     read_timeout_s: float = Field(10, gt=0, description="one read of a video source")
     stall_s: float = Field(20, gt=0, description="a source with no frame for this long is reopened")
+    give_up_s: float = Field(
+        60, gt=0, description="a user's job whose video gives no frame for this long fails "
+                              "(a pipeline's camera is retried until it is back)")
 
 
 class PipelineSettings(_Strict):

@@ -25,7 +25,8 @@ _log = log.get(__name__)
 
 # KEYS: current hash, history list. ARGV: mode (set | rollback), text or version, expected
 # version ('' for any), updated_at, set_by, configured text, channel, pipeline.
-# Returns {status, version}: ok (the new version), conflict or unknown (the current version).
+# Returns {status, version, record}: ok (the new version and its JSON record), or conflict or
+# unknown (the current version).
 CHANGE = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not current then
@@ -34,14 +35,14 @@ if not current then
   redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[6], 'updated_at', '', 'set_by', 'config')
 end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
-  return {'conflict', current}
+  return {'conflict', current, ''}
 end
 local text = ARGV[2]
 local record = {}
 if ARGV[1] == 'rollback' then
   local old = redis.call('LINDEX', KEYS[2], tonumber(ARGV[2]) - 1)
   if not old then
-    return {'unknown', current}
+    return {'unknown', current, ''}
   end
   text = cjson.decode(old).text
   record.rolled_back_from = tonumber(ARGV[2])
@@ -51,11 +52,12 @@ record.version = version
 record.text = text
 record.updated_at = ARGV[4]
 record.set_by = ARGV[5]
-redis.call('RPUSH', KEYS[2], cjson.encode(record))
+local encoded = cjson.encode(record)
+redis.call('RPUSH', KEYS[2], encoded)
 redis.call('HSET', KEYS[1], 'version', version, 'text', text, 'updated_at', ARGV[4],
            'set_by', ARGV[5], 'rolled_back_from', record.rolled_back_from or '')
 redis.call('PUBLISH', ARGV[7], ARGV[8])
-return {'ok', version}
+return {'ok', version, encoded}
 """
 
 
@@ -141,7 +143,7 @@ class PromptStore:
 
     async def _run(self, pipeline: str, mode: str, value: str, expected: int | None,
                    set_by: str) -> PromptVersion:
-        status, version = await self._change(
+        status, version, record = await self._change(
             keys=[keys.prompt_current(pipeline), keys.prompt_history(pipeline)],
             args=[mode, value, "" if expected is None else expected, _now(), set_by,
                   self.configured.get(pipeline, ""), keys.PROMPT_CHANNEL, pipeline],
@@ -150,7 +152,8 @@ class PromptStore:
             raise VersionConflict(int(version))
         if status == b"unknown":
             raise UnknownVersion(int(value), int(version))
-        return await self.get(pipeline)
+        # The version this call wrote (not a re-read: another change may already follow it).
+        return PromptVersion.from_record(json.loads(record))
 
 
 class PromptBook:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sightstream import log
@@ -43,6 +44,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return response
     except (RedisConnectionError, RedisTimeoutError) as e:
         return error_response(503, f"redis is unreachable: {e}", "unavailable")
+    except ResponseError as e:  # out of memory, read-only replica, …: Redis' state, not the request's
+        _log.warning("control_redis_refused", path=request.path, error=str(e))
+        return error_response(503, f"redis refused the command: {e}", "unavailable")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -4,13 +4,14 @@ Submitted here, stored in Redis (jobs/store.py), run by whichever daemon takes i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sightstream.config import DEFAULT_MODEL
 from sightstream.control.api import Api, ApiError, Resp, read_json, read_query, who
@@ -25,6 +26,7 @@ from sightstream.models.adapters import adapter_class, check_prompt
 api = Api("jobs")
 ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
 JOB_ID = re.compile(r"^[0-9a-f]{20}$")
+LAST_ID = f"{2**64 - 1}-{2**64 - 1}"  # Redis refuses an exclusive range after it
 BINARY_FIELDS = ("mask", "depth")
 
 
@@ -37,9 +39,11 @@ class JobIn(BaseModel):
     fps: float = Field(1.0, gt=0, le=240, description="results per second of video (per second of capture "
                                                       "time for a stream)")
     prompt: str = Field("", max_length=100_000)
-    max_frames: int | None = Field(None, ge=1, le=10**9, description="stop after this many results")
+    max_frames: int | None = Field(None, ge=1, le=10**9,
+                                   description="stop after this many frames (results and dead-lettered)")
     max_seconds: float | None = Field(None, gt=0, le=10**7, description=(
         "stop after this much video (a stream: this long after the job started)"))
+    # A user's job whose video gives no frame for jobs.give_up_s fails.
 
 
 class Created(BaseModel):
@@ -65,7 +69,8 @@ class Progress(BaseModel):
 class Timings(BaseModel):
     open_s: float = Field(0, description="opening and downloading (playlists, probing)")
     decode_s: float = Field(0, description="demuxing and decoding")
-    infer_s: float = Field(0, description="waiting for results: batching, queueing, the model")
+    infer_s: float = Field(0, description="time the job waited on the model's results (batching, "
+                                          "queueing, inference), not overlapped with reading")
     total_s: float = 0
 
 
@@ -107,7 +112,14 @@ class ResultsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
     after: str | None = Field(None, pattern=ENTRY_ID.pattern,
                               description="an entry ID: results after it (default: from the start)")
-    count: int = Field(100, ge=1, le=10_000)
+    count: int = Field(100, ge=1, le=1000)
+
+    @field_validator("after")
+    @classmethod
+    def _in_range(cls, v: str | None) -> str | None:
+        if v is not None and any(int(part) >= 2**64 for part in v.split("-")):
+            raise ValueError("is not a stream entry ID (each part below 2^64)")
+        return v
 
 
 class ResultEntry(BaseModel):
@@ -162,10 +174,14 @@ async def _job(request: web.Request) -> Job:
 async def submit(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     body = await read_json(request, JobIn)
-    try:
-        check_source(body.source, d.settings.jobs)
+    try:  # in a thread: file sources are looked up on disk
+        source = await asyncio.get_running_loop().run_in_executor(None, check_source, body.source,
+                                                                  d.settings.jobs)
     except SourceRefused as e:
         raise ApiError(422, f"source: {e}") from None
+    kind: Any = await d.client.type(source.location) if source.is_stream else b"stream"
+    if kind not in (b"stream", b"none"):
+        raise ApiError(422, f"source: {source.location} holds a {kind.decode()}, not a stream of frames")
     try:
         entry = d.catalogue.get(body.model)
         entry.resolve()
@@ -201,7 +217,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def results(request: web.Request) -> web.Response:
     job = await _job(request)
     q = read_query(request, ResultsQuery)
-    entries: Any = await request.app[DAEMON].client.xrange(
+    entries: Any = [] if q.after == LAST_ID else await request.app[DAEMON].client.xrange(
         job.results_stream, f"({q.after}" if q.after else "-", "+", count=q.count)
     page = [ResultEntry(id=i.decode(), fields=_fields(f)) for i, f in entries]
     next_after = page[-1].id if page else q.after

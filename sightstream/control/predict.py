@@ -105,6 +105,7 @@ class Upload:
         413: error("The body is over max_upload_mb, or the image over decode.max_pixels"),
         415: error("Not a JPEG, PNG, WebP or BMP image"),
         422: error("The image cannot be decoded, the prompt does not suit the model, or the model failed"),
+        503: error("The daemon is starting, or stopping"),
         504: error("The model did not answer within inference_timeout_s"),
     },
 )
@@ -112,33 +113,49 @@ async def predict(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON]
     query = read_query(request, PredictQuery)
     mid = model_id(request)
-    status = 200
+    label, status = "unknown", 500  # a path's model is a metric label only once it is known
     try:
+        if d.adhoc is None:
+            raise ApiError(503, "the daemon is starting (waiting for Redis): try again shortly",
+                           "unavailable")
         entry = _model(d, mid, query.prompt)
+        label = mid
         uploads, batch = await _uploads(request, d)
-        frames, errors = await _decode(d, mid, uploads)
-        outcomes = await _infer(d, entry, frames, query.prompt)
+        outcomes: dict[int, Outcome] = {}
+        errors: dict[int, ApiError] = {}
+        # A chunk at a time: a batch of large images is never all decoded at once.
+        chunk = d.settings.control.predict_batch_size
+        for start in range(0, len(uploads), chunk):
+            frames, failed = await _decode(d, mid, uploads[start:start + chunk], start)
+            errors |= failed
+            outcomes |= await _infer(d, entry, frames, query.prompt)
         for i, outcome in outcomes.items():
             if isinstance(outcome, DeadLettered):
                 errors[i] = ApiError(422, outcome.error, "model_error")
         fmt = query.format or ("png" if entry.task == "depth" and not batch else "json")
         if batch:
-            return _batch_answer(entry, uploads, outcomes, errors, fmt)
-        if errors:
+            response = await _batch_answer(d, entry, uploads, outcomes, errors, fmt)
+        elif errors:
             raise errors[0]
-        published = outcomes[0]
-        assert isinstance(published, Published)
-        return _answer(entry, published, fmt)
-    except ApiError as e:
+        else:
+            published = outcomes[0]
+            assert isinstance(published, Published)
+            response = await _answer(d, entry, published, fmt)
+        status = response.status
+        return response
+    except (ApiError, web.HTTPException) as e:
         status = e.status
         raise
     finally:
-        d.metrics.predict_requests.labels(mid, str(status)).inc()
+        d.metrics.predict_requests.labels(label, str(status)).inc()
 
 
 def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
     try:
         entry = d.catalogue.get(mid)
+        if entry.task == "track":
+            raise ApiError(422, f"{mid} tracks objects across a source's frames: send it a video as a "
+                                "job (POST /jobs), or frames through a pipeline", "bad_model")
         entry.resolve()
         takes_prompt = getattr(adapter_class(entry.adapter), "takes_prompt", False)
         if prompt is not None or takes_prompt:
@@ -205,9 +222,9 @@ def _untar(body: bytes, limit: int) -> list[Upload]:
 
 
 async def _decode(
-    d: Daemon, mid: str, uploads: list[Upload]
+    d: Daemon, mid: str, uploads: list[Upload], first: int = 0
 ) -> tuple[list[Frame | None], dict[int, ApiError]]:
-    """One frame per decodable upload; the others' errors by index."""
+    """One frame per decodable upload; the others' errors, by index (from `first`)."""
     loop = asyncio.get_running_loop()
     max_pixels, target = d.settings.decode.max_pixels, d.decode_target(mid)
     decoded = await asyncio.gather(*(
@@ -216,7 +233,7 @@ async def _decode(
     frames: list[Frame | None] = []
     errors: dict[int, ApiError] = {}
     ts = now_ms()
-    for i, (upload, result) in enumerate(zip(uploads, decoded)):
+    for i, (upload, result) in enumerate(zip(uploads, decoded), first):
         if isinstance(result, FrameError):
             errors[i] = ApiError(FRAME_STATUS.get(result.reason, 422), str(result), result.reason)
             frames.append(None)
@@ -231,8 +248,9 @@ async def _decode(
 async def _infer(
     d: Daemon, entry: Entry, frames: list[Frame | None], prompt: str | None
 ) -> dict[int, Outcome]:
+    """Each decoded frame's outcome, by its index in the request."""
     assert d.adhoc is not None
-    todo = {i: f for i, f in enumerate(frames) if f is not None}
+    todo = {int(f.entry_id): f for f in frames if f is not None}
     if not todo:
         return {}
     control = d.settings.control
@@ -246,7 +264,7 @@ async def _infer(
     return dict(zip(todo, outcomes))
 
 
-def _answer(entry: Entry, published: Published, fmt: str) -> web.Response:
+async def _answer(d: Daemon, entry: Entry, published: Published, fmt: str) -> web.Response:
     fields = published.fields
     headers = {"X-Model": entry.id, "X-Task": entry.task}
     if fmt == "png":
@@ -258,9 +276,9 @@ def _answer(entry: Entry, published: Published, fmt: str) -> web.Response:
             result = json.loads(fields["result"])
             headers.update({"X-Depth-Min": str(result.get("min")), "X-Depth-Max": str(result.get("max"))})
         return web.Response(body=payload, content_type="image/png", headers=headers)
-    if fmt == "packbits":
-        return web.Response(body=_packbits(entry, fields), content_type="application/octet-stream",
-                            headers=headers)
+    if fmt == "packbits":  # decoding the masks' RLE is work for the pool, not the event loop
+        body = await asyncio.get_running_loop().run_in_executor(d.decode_pool, _packbits, entry, fields)
+        return web.Response(body=body, content_type="application/octet-stream", headers=headers)
     return web.Response(body=fields["result"], content_type="application/json", headers=headers)
 
 
@@ -276,22 +294,16 @@ def _packbits(entry: Entry, fields: dict[str, Any]) -> bytes:
     return masks.packbits_frame(union)
 
 
-def _batch_answer(entry: Entry, uploads: list[Upload], outcomes: dict[int, Outcome],
-                  errors: dict[int, ApiError], fmt: str) -> web.Response:
+async def _batch_answer(d: Daemon, entry: Entry, uploads: list[Upload], outcomes: dict[int, Outcome],
+                        errors: dict[int, ApiError], fmt: str) -> web.Response:
     headers = {"X-Batch-Size": str(len(uploads)), "X-Model": entry.id, "X-Task": entry.task}
     if fmt == "png":
         raise ApiError(422, "format=png answers one image; a batch is answered as json or packbits",
                        "bad_format")
     if fmt == "packbits":
-        blobs = []
-        for i in range(len(uploads)):
-            outcome = outcomes.get(i)
-            ok = isinstance(outcome, Published) and i not in errors
-            blob = _packbits(entry, outcome.fields) if ok else b""  # type: ignore[union-attr]
-            blobs.append(struct.pack(">I", len(blob)) + blob)
-        if errors:
-            headers["X-Batch-Errors"] = json.dumps({str(i): e.message for i, e in errors.items()})
-        return web.Response(body=b"".join(blobs), content_type="application/octet-stream", headers=headers)
+        blocks = await asyncio.get_running_loop().run_in_executor(
+            d.decode_pool, _packbits_batch, entry, len(uploads), outcomes, errors)
+        return web.Response(body=blocks, content_type="application/octet-stream", headers=headers)
     items = []
     for i, upload in enumerate(uploads):
         if i in errors:
@@ -304,6 +316,22 @@ def _batch_answer(entry: Entry, uploads: list[Upload], outcomes: dict[int, Outco
                                mask=_b64(fields.get("mask")), depth=_b64(fields.get("depth"))))
     body = BatchResult(model=entry.id, task=entry.task, results=items)
     return web.json_response(body.model_dump(mode="json", exclude_none=True), headers=headers)
+
+
+def _packbits_batch(
+    entry: Entry, count: int, outcomes: dict[int, Outcome], errors: dict[int, ApiError]
+) -> bytes:
+    """Each image's block after its big-endian int32 length; an image that failed has a
+    negative length instead, followed by that many bytes of its error sentence (UTF-8)."""
+    parts = []
+    for i in range(count):
+        if i in errors:
+            message = f"{errors[i].code}: {errors[i].message}".encode()
+            parts.append(struct.pack(">i", -len(message)) + message)
+            continue
+        blob = _packbits(entry, outcomes[i].fields)  # type: ignore[union-attr]
+        parts.append(struct.pack(">i", len(blob)) + blob)
+    return b"".join(parts)
 
 
 def _b64(payload: str | bytes | None) -> str | None:

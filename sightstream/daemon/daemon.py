@@ -31,7 +31,8 @@ from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.errors import ConfigError, ModelError
 from sightstream.jobs.runner import JobRunner
-from sightstream.jobs.store import JobSpec, JobStore
+from sightstream.jobs.sources import SourceRefused, check_source
+from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -118,6 +119,11 @@ class Daemon:
                 takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
+            for url in p.videos:
+                try:
+                    check_source(url, self.settings.jobs, trusted=True)
+                except SourceRefused as e:
+                    raise ConfigError(f"invalid setting pipelines[{p.name}].input: {url}: {e}") from None
             if not p.prompt_from:
                 continue
             if not takes_detections:
@@ -139,7 +145,6 @@ class Daemon:
 
         self._outcomes: asyncio.Queue = asyncio.Queue(1024)
         self._batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
-        self.adhoc = AdhocBatcher(self._batches, self.metrics)
         self.publisher = Publisher(
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
@@ -154,6 +159,10 @@ class Daemon:
             await self.prompt_book.refresh()  # the stored prompts, before the first batch
         except (RedisError, OSError) as e:  # the notice follower retries
             _log.warning("first_prompt_read_failed", error=str(e))
+        self.adhoc = AdhocBatcher(
+            self._batches, self.metrics,
+            pinned=[w.own for w in self.workers] if len(self.devices) > 1 else None,
+            stateful=lambda model: self.catalogue.get(model).task == "track")
         for p in self.settings.pipelines:
             self.runs[p.name] = self._build(p, threads)
         # Join the groups before reporting ready, so producers' first frames are already ours.
@@ -181,13 +190,9 @@ class Daemon:
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
-        # Each pipeline's video URLs are jobs any daemon of the group may take.
-        inputs = [JobSpec(url, p.model, p.fps, pipeline=p.name,
-                          output=keys.result_stream(p.output, p.name, url))
-                  for p in self.settings.pipelines for url in p.videos]
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
                                     self.settings, self.consumer, self.metrics, self.stop_event,
-                                    self.prompt_book, inputs)
+                                    self.prompt_book)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [
             asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers

@@ -2,12 +2,17 @@
 through stages/video_reader.py, or a Redis stream), go through the same ad-hoc batches and
 device workers as /predict, and their outcomes are published in read order, each by a script
 fenced by the job's lease token, which also moves the checkpoint (sequence number and
-position) in the same step.
+position) in the same step. Jobs publish through that script, not the pipelines' Publisher:
+there is no stream entry to acknowledge, and the fence is what keeps one writer per job.
 
 Resuming after another daemon died: a video is read again after the checkpoint's position
 (a VOD seeks there; a live stream goes on from now, skipping what it already reported), a
 stream after the checkpoint's entry ID. A result at or below the checkpoint is refused by the
 script, so none is reported twice; everything after it is read again, so none is lost.
+
+Beside the reading, a watch runs every half second: it writes progress (fenced: a lost lease
+or a cancel stops the job within that time even with no frame coming), ends a stream job at
+`max_seconds`, and fails a user's job whose video source gave no frame for `jobs.give_up_s`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sightstream import log
 from sightstream.config import DecodeSettings, JobSettings
@@ -29,6 +35,7 @@ from sightstream.errors import FrameError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, deadletter_fields, entry_ms, now_ms
 from sightstream.jobs.sources import Source
 from sightstream.jobs.store import Job, JobStore
+from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.redis_conn import run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
@@ -37,11 +44,16 @@ from sightstream.stages.video_reader import ReaderOptions, VideoSource
 from sightstream.stages.worker import InferenceTimeout
 
 _log = log.get(__name__)
-PROGRESS_EVERY_S = 0.5
+WATCH_EVERY_S = 0.5
+END: Any = object()  # the reader's last word to the publishing task
 
 
 class JobStopped(SightstreamError):
     """The job must stop here: its lease is lost, or it is no longer running (cancelled)."""
+
+
+class JobFailed(SightstreamError):
+    """The job cannot go on; its one sentence becomes the job's `error`."""
 
 
 @dataclass
@@ -54,14 +66,26 @@ class Item:
     error: FrameError | None = None
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How this run batches and publishes: the jobs' settings, or a pipeline's for its inputs."""
+
+    batch_size: int
+    batch_timeout_ms: float
+    result_maxlen: int
+
+
 class JobRun:
     def __init__(self, job: Job, source: Source, store: JobStore, token: str, client: Redis,
                  reader: Redis, adhoc: AdhocBatcher, decode_pool: Executor, settings: JobSettings,
-                 decode: DecodeSettings, prompt: Callable[[], Prompt] | None = None) -> None:
+                 decode: DecodeSettings, metrics: Metrics, prompt: Callable[[], Prompt] | None = None,
+                 limits: Limits | None = None) -> None:
         self.job = job
         # A user's job keeps its prompt; a pipeline's video input follows the pipeline's.
         self._prompt = prompt or (lambda: Prompt(job.spec.prompt, 1))
         self._label = job.spec.pipeline or "jobs"
+        self._limits = limits or Limits(settings.batch_size, settings.batch_timeout_ms,
+                                        settings.result_maxlen)
         self._source = source
         self._store = store
         self._token = token
@@ -70,46 +94,121 @@ class JobRun:
         self._decode_pool = decode_pool
         self._s = settings
         self._decode = decode
+        self._metrics = metrics
         self._video: VideoSource | None = None
         self._seq = job.last_seq
         self._started = time.monotonic()
-        self._infer_s = 0.0
+        self._started_wall = _epoch_s(job.started_at) or time.time()  # this job's, over attempts
+        self._last_item = time.monotonic()
+        self._waited_s = 0.0  # blocked on the model: the head result not in yet
         self._base = dict(job.timings)  # earlier attempts' timings
         self._counts = {name: int(job.counts.get(name, 0)) for name in ("decoded", "sampled")}
         self._position_s: float | None = None
-        self._next_progress = 0.0
+        self._done = False  # stop reading: a limit, a failure, a stop
+        self._failure: str | None = None
+        self._stopped: JobStopped | None = None
 
-    async def run(self) -> str:
-        """Read, infer and publish until the source ends or a limit is reached. Returns the
-        final status's reason ("" for a normal end). Raises JobStopped and VideoSourceError."""
-        in_flight: deque[tuple[int, Item, asyncio.Future[Outcome] | None, float]] = deque()
+    async def run(self) -> None:
+        """Read, infer and publish until the source ends or a limit is reached. Raises
+        JobStopped, JobFailed and VideoSourceError."""
+        watch = asyncio.create_task(self._watch(), name=f"job-watch-{self.job.id}")
+        try:
+            await self._consume()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            if self._video is not None:
+                self._video.stop()
+        if self._stopped is not None:
+            raise self._stopped
+        if self._failure is not None:
+            raise JobFailed(self._failure)
+        await self._write_progress()
+
+    async def _consume(self) -> None:
+        """Read and submit; a task of its own publishes the outcomes in read order as soon as
+        they are in (the queue bounds the frames in flight)."""
+        queue: asyncio.Queue = asyncio.Queue(self._s.max_in_flight)
+        publishing = asyncio.create_task(self._publish_in_order(queue), name=f"job-publish-{self.job.id}")
         try:
             async for item in self._items():
-                if self._limit_reached(item):
+                self._last_item = time.monotonic()
+                if self._done or self._limit_reached(item):
                     break
                 self._seq += 1
+                self._metrics.frames_in.labels(self._label).inc()
                 future = None
                 if item.frame is not None:
                     (future,) = await self._adhoc.put(
                         [item.frame], self.job.spec.model, self._prompt(), self._label,
-                        (self._s.batch_size, self._s.batch_timeout_ms))
-                in_flight.append((self._seq, item, future, time.monotonic()))
-                await self._publish_ready(in_flight, until=self._s.max_in_flight - 1)
-                await self._maybe_progress()
-            await self._publish_ready(in_flight, until=0)
+                        (self._limits.batch_size, self._limits.batch_timeout_ms))
+                await queue.put((self._seq, item, future))
+            await queue.put(END)
+            await publishing
         finally:
-            if self._video is not None:
-                self._video.stop()
-        await self._write_progress()
-        return ""
+            publishing.cancel()
+
+    async def _publish_in_order(self, queue: asyncio.Queue) -> None:
+        """Publish each outcome once it and those before it are in, several in one round when
+        they are. A refused write, a lost lease or a cancel ends the reading; the queue is then
+        drained so the reader never waits on it."""
+        held: Any = None  # taken from the queue, not ready yet: the head of the next round
+        try:
+            while (entry := held or await queue.get()) is not END:
+                held = None
+                head = entry[2]
+                if head is not None and not head.done():
+                    waited = time.monotonic()
+                    await asyncio.wait([head])
+                    self._waited_s += time.monotonic() - waited
+                ready = [entry]
+                while len(ready) < 256 and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt is END or (nxt[2] is not None and not nxt[2].done()):
+                        held = nxt
+                        break
+                    ready.append(nxt)
+                await self._publish(ready)
+            return
+        except JobStopped as e:
+            self._stopped = e
+        except JobFailed as e:
+            self._failure = str(e)
+        self._end_reading()
+        while held is not END:
+            held = await queue.get()
+
+    def _end_reading(self) -> None:
+        self._done = True
+        if self._video is not None:
+            self._video.stop()
+
+    async def _watch(self) -> None:
+        spec = self.job.spec
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            try:
+                await self._write_progress()
+            except JobStopped as e:
+                self._stopped = e
+                self._end_reading()
+                return
+            idle = time.monotonic() - self._last_item
+            if self._source.is_stream:
+                if spec.max_seconds is not None and time.time() - self._started_wall > spec.max_seconds:
+                    self._end_reading()
+            elif not spec.pipeline and idle > self._s.give_up_s:
+                why = self._video.stats.last_error if self._video else None
+                self._failure = (f"no frame from the source for {self._s.give_up_s:g} s"
+                                 + (f": {why}" if why else ""))
+                self._end_reading()
 
     def _limit_reached(self, item: Item) -> bool:
         spec = self.job.spec
         if spec.max_frames is not None and self._seq >= spec.max_frames:
             return True
-        if spec.max_seconds is not None:
-            elapsed = item.pts_s if item.pts_s is not None else time.monotonic() - self._started
-            return elapsed > spec.max_seconds
+        if spec.max_seconds is not None and item.pts_s is not None:
+            return item.pts_s > spec.max_seconds
         return False
 
     async def _items(self) -> AsyncIterator[Item]:
@@ -140,75 +239,68 @@ class JobRun:
         """A Redis stream's entries after the checkpoint (from now, on the first start),
         sampled to `fps` by capture time, decoded in the decode pool."""
         key = self._source.location
-        last = self.job.last_position
-        if not last:
-            info: Any = await self._client.xinfo_stream(key) if await self._client.exists(key) else {}
-            raw = info.get("last-generated-id", b"0-0")
-            last = raw.decode() if isinstance(raw, bytes) else str(raw)
-        bucket = -1
-        loop = asyncio.get_running_loop()
-        while True:
-            reply: Any = await self._reader.xread({key: last}, count=self._s.max_in_flight, block=1000)
-            await self._maybe_progress()
-            for _, entries in reply or []:
-                for raw_id, fields in entries:
-                    last = raw_id.decode()
-                    frame = Frame(self._label, key, last, fields, entry_ms(last))
-                    self._counts["decoded"] += 1
-                    try:
-                        frame.parse_fields()
-                    except FrameError as e:
-                        yield Item(None, last, error=e)
-                        continue
-                    b = int(frame.ts_ms / 1000 * self.job.spec.fps) if self.job.spec.fps > 0 else -2
-                    if b == bucket:
-                        continue
-                    bucket = b if b != -2 else -1
-                    try:
-                        frame.image, frame.orig_size = await loop.run_in_executor(
-                            self._decode_pool, decode_frame, frame.fields, self._decode.max_pixels, None)
-                    except FrameError as e:
-                        yield Item(None, last, error=e)
-                        continue
-                    frame.fields = {}
-                    self._counts["sampled"] += 1
-                    yield Item(frame, last)
+        try:
+            last = self.job.last_position or await self._stream_end(key)
+            bucket = -1
+            loop = asyncio.get_running_loop()
+            while not self._done:
+                reply: Any = await self._reader.xread({key: last}, count=self._s.max_in_flight, block=1000)
+                for _, entries in reply or []:
+                    for raw_id, fields in entries:
+                        last = raw_id.decode()
+                        frame = Frame(self._label, key, last, fields, entry_ms(last))
+                        self._counts["decoded"] += 1
+                        try:
+                            frame.parse_fields()
+                        except FrameError as e:
+                            yield Item(None, last, error=e)
+                            continue
+                        b = int(frame.ts_ms / 1000 * self.job.spec.fps)
+                        if b == bucket:
+                            continue
+                        bucket = b
+                        try:
+                            frame.image, frame.orig_size = await loop.run_in_executor(
+                                self._decode_pool, decode_frame, frame.fields, self._decode.max_pixels, None)
+                        except FrameError as e:
+                            yield Item(None, last, error=e)
+                            continue
+                        frame.fields = {}
+                        self._counts["sampled"] += 1
+                        yield Item(frame, last)
+        except ResponseError as e:  # e.g. the key holds another type now
+            raise JobFailed(f"the stream {key} cannot be read: {e}") from None
 
-    async def _publish_ready(self, in_flight: deque, until: int) -> None:
-        """Publish, in read order, every head item whose outcome is in; wait for the head while
-        more than `until` items are in flight."""
-        while in_flight:
-            if len(in_flight) > until:
-                head = in_flight[0][2]
-                if head is not None:
-                    await asyncio.wait([head])
-            ready = []
-            while in_flight and (in_flight[0][2] is None or in_flight[0][2].done()):
-                ready.append(in_flight.popleft())
-            if not ready:
-                return
-            await self._publish(ready)
+    async def _stream_end(self, key: str) -> str:
+        """The stream's last entry ID now (a new job reads from now on)."""
+        if not await self._client.exists(key):
+            return "0-0"
+        info: Any = await self._client.xinfo_stream(key)
+        raw = info.get("last-generated-id", b"0-0")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
-    async def _publish(self, ready: list[tuple[int, Item, asyncio.Future[Outcome] | None, float]]) -> None:
+    async def _publish(self, ready: list[tuple[int, Item, asyncio.Future[Outcome] | None]]) -> None:
         job = self.job
-        entries = []
-        for seq, item, future, submitted in ready:
-            entries.append((seq, item.position, *self._entry(item, future)))
-            if future is not None:
-                self._infer_s += time.monotonic() - submitted
+        entries = [(seq, item.position, *self._entry(item, future)) for seq, item, future in ready]
 
         def fill(pipe: Any) -> None:
             for seq, position, stream, counter, fields in entries:
-                maxlen = self._s.result_maxlen if counter == "processed" else 0
+                maxlen = self._limits.result_maxlen if counter == "processed" else 0
                 self._store.queue_publish(pipe, job.id, self._token, seq, position, stream, maxlen, counter,
                                           fields)
 
-        replies = await run_pipelined(self._client, fill, self._store.publish_script)
-        for reply in replies:
+        replies = await run_pipelined(self._client, fill, self._store.publish_script, raise_on_error=False)
+        for (_, _, stream, counter, fields), reply in zip(entries, replies):
+            if isinstance(reply, ResponseError):  # nothing of this item (or after it) was written
+                raise JobFailed(f"results cannot be written to {stream}: {str(reply).split(' script: ')[0]}")
             if reply == -1:
                 raise JobStopped("the job's lease was lost: another daemon holds it now")
             if reply == -2:
                 raise JobStopped("the job is no longer running (cancelled)")
+            if reply == 1 and counter == "processed":
+                self._metrics.frames_published.labels(self._label).inc()
+            elif reply == 1:
+                self._metrics.frames_dead_lettered.labels(self._label, fields["reason"]).inc()
         job.last_seq, job.last_position = ready[-1][0], ready[-1][1].position
 
     def _entry(self, item: Item, future: asyncio.Future[Outcome] | None) -> tuple[str, str, dict[str, Any]]:
@@ -237,12 +329,7 @@ class JobRun:
         frame = item.frame or Frame(self._label, job.spec.source, item.position, {}, now_ms())
         return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra
 
-    async def _maybe_progress(self) -> None:
-        if time.monotonic() >= self._next_progress:
-            await self._write_progress()
-
     async def _write_progress(self) -> None:
-        self._next_progress = time.monotonic() + PROGRESS_EVERY_S
         stats = self._video.stats if self._video else None
         counts = dict(self._counts)
         if stats is not None:
@@ -256,7 +343,7 @@ class JobRun:
         timings = {
             "open_s": round(base.get("open_s", 0) + (stats.open_s if stats else 0), 3),
             "decode_s": round(base.get("decode_s", 0) + (stats.decode_s if stats else 0), 3),
-            "infer_s": round(base.get("infer_s", 0) + self._infer_s, 3),
+            "infer_s": round(base.get("infer_s", 0) + self._waited_s, 3),
             "total_s": round(base.get("total_s", 0) + time.monotonic() - self._started, 3),
         }
         await self._fenced_progress({"counts": json.dumps(counts), "progress": json.dumps(progress),
@@ -268,3 +355,7 @@ class JobRun:
             raise JobStopped("the job's lease was lost: another daemon holds it now")
         if reply == -2:
             raise JobStopped("the job is no longer running (cancelled)")
+
+
+def _epoch_s(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None

@@ -5,24 +5,29 @@ renewed every third of its TTL; a daemon that dies stops renewing, and another t
 over within the TTL and resumes it from its checkpoint. A lease found lost (not renewed, or
 held by another) stops the job here at once; its fenced writes would be refused anyway.
 
+A pipeline's video inputs are jobs too, taken only by daemons whose config lists them, up to
+a fair share each. A daemon that starts with a pipeline whose input no longer lists a URL
+retires that URL's job.
+
 A cancel notice stops the job on its holder at once; the holder's fenced writes also find the
-job no longer running (within a progress interval) should a notice be lost.
+job no longer running (within half a second) should a notice be lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from concurrent.futures import Executor
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sightstream import keys, log
-from sightstream.config import Settings
-from sightstream.jobs.run import JobRun, JobStopped
-from sightstream.jobs.sources import SourceRefused, check_source
-from sightstream.jobs.store import Job, JobSpec, JobStore
+from sightstream.config import PipelineSettings, Settings
+from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
+from sightstream.jobs.sources import Source, SourceRefused, check_source
+from sightstream.jobs.store import Job, JobSpec, JobStore, input_job_id
 from sightstream.leases import Lease
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
@@ -31,16 +36,14 @@ from sightstream.stages.flow import backoff_s, worth_logging
 from sightstream.stages.video_reader import VideoSourceError
 
 _log = log.get(__name__)
+DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 
 
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
-                 stop: asyncio.Event, prompts: PromptBook | None = None,
-                 inputs: list[JobSpec] | None = None) -> None:
+                 stop: asyncio.Event, prompts: PromptBook | None = None) -> None:
         self._store = store
-        self._unregistered = list(inputs or [])  # pipelines' video inputs not yet in Redis
-        self._prompts = prompts
         self._client, self._reader = client, reader
         self._adhoc = adhoc
         self._decode_pool = decode_pool
@@ -49,13 +52,22 @@ class JobRunner:
         self._holder = holder
         self._metrics = metrics
         self._stop = stop
+        self._prompts = prompts
+        # This config's video inputs, by job id; registered in Redis on the first round.
+        self._pipelines = {p.name: p for p in settings.pipelines}
+        self._inputs = {input_job_id(p.name, url): JobSpec(url, p.model, p.fps, pipeline=p.name,
+                                                           output=keys.result_stream(p.output, p.name, url))
+                        for p in settings.pipelines for url in p.videos}
+        self._registered = False
         self._wake = asyncio.Event()
+        self._daemons = (0.0, 1)  # (when counted, how many)
+        self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
         self.running: dict[str, asyncio.Task] = {}
-        self._inputs: set[str] = set()  # of the running jobs: pipelines' video inputs
         self.finished = 0
 
     async def run(self) -> None:
         notices = asyncio.create_task(self._follow_notices(), name="job-notices")
+        waker = asyncio.create_task(self._wake_on_stop(), name="job-waker")
         failures = 0
         try:
             while not self._stop.is_set():
@@ -67,17 +79,20 @@ class JobRunner:
                     self._metrics.redis_errors.labels("jobs").inc()
                     if worth_logging(failures):
                         _log.warning("jobs_unreachable", error=str(e), failures=failures)
-                wait = backoff_s(failures) if failures else self._s.poll_s
                 self._wake.clear()
-                stop = asyncio.ensure_future(self._stop.wait())
                 try:
-                    await asyncio.wait([stop, asyncio.ensure_future(self._wake.wait())], timeout=wait,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
+                    wait = backoff_s(failures) if failures else self._s.poll_s
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    pass
         finally:
             notices.cancel()
+            waker.cancel()
             await self.stop_all()
+
+    async def _wake_on_stop(self) -> None:
+        await self._stop.wait()
+        self._wake.set()
 
     async def stop_all(self) -> None:
         """At shutdown: stop every job here and give its lease back, so another daemon
@@ -88,32 +103,31 @@ class JobRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _take_jobs(self) -> None:
-        """Take free jobs: users' up to `max_concurrent` here; pipelines' video inputs up to a
-        fair share (ceil(inputs / daemons)), giving one back per round when over it."""
-        while self._unregistered:
-            await self._store.ensure(self._unregistered[0])
-            self._unregistered.pop(0)
+        """Take free jobs: users' up to `max_concurrent` here; this config's video inputs up
+        to a fair share (ceil(inputs / daemons)), giving one back per round when over it."""
+        if not self._registered:
+            await self._register_inputs()
+        ids = await self._store.active()
         jobs = []
-        for job_id in await self._store.active():
-            job = await self._store.get(job_id)
+        for job_id, job in zip(ids, await self._store.get_many(ids)):
             if job is None or job.status not in ("pending", "running"):
                 await self._store.forget(job_id)  # expired, or finished elsewhere
-            else:
+            elif not job.spec.pipeline or job_id in self._inputs:  # another config's inputs: not ours
                 jobs.append(job)
-        inputs = [j for j in jobs if j.spec.pipeline]
-        share = math.ceil(len(inputs) / max(1, await self._daemons())) if inputs else 0
+        inputs = sum(1 for j in jobs if j.spec.pipeline)
+        share = math.ceil(inputs / await self._daemon_count()) if inputs else 0
         held = {"user": sum(1 for j in self.running if j not in self._inputs),
                 "input": sum(1 for j in self.running if j in self._inputs)}
+        now = time.monotonic()
         for job in jobs:
             kind = "input" if job.spec.pipeline else "user"
             limit = share if kind == "input" else self._s.max_concurrent
-            if job.id in self.running or held[kind] >= limit or self._stop.is_set():
+            if (job.id in self.running or held[kind] >= limit or self._stop.is_set()
+                    or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
                 held[kind] += 1
-                if job.spec.pipeline:
-                    self._inputs.add(job.id)
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
                 self._metrics.jobs_running.set(len(self.running))
         if held["input"] > share:
@@ -121,12 +135,26 @@ class JobRunner:
             _log.info("video_input_handed_over", job=surplus, share=share)
             self.running[surplus].cancel("handed over: more daemons share the video inputs now")
 
-    async def _daemons(self) -> int:
-        """Daemons sharing this Redis: each holds a consumer-name lease."""
-        count = 0
-        async for _ in self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000):
-            count += 1
-        return count
+    async def _register_inputs(self) -> None:
+        """This config's video inputs as jobs (a failed one is tried again: the config may
+        have been mended); inputs of our pipelines that the config no longer lists are retired."""
+        for spec in self._inputs.values():
+            await self._store.ensure(spec)
+        for job_id, job in zip(ids := await self._store.active(), await self._store.get_many(ids)):
+            if job and job.spec.pipeline in self._pipelines and job_id not in self._inputs:
+                await self._store.retire(job_id, f"no longer in pipeline {job.spec.pipeline}'s input")
+                _log.info("video_input_retired", pipeline=job.spec.pipeline, source=job.spec.source)
+        self._registered = True
+
+    async def _daemon_count(self) -> int:
+        """Daemons sharing this Redis (each holds a consumer-name lease), counted every 10 s."""
+        when, count = self._daemons
+        if time.monotonic() - when > DAEMONS_EVERY_S:
+            count = 0
+            async for _ in self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000):
+                count += 1
+            self._daemons = (time.monotonic(), max(1, count))
+        return self._daemons[1]
 
     async def _run(self, job: Job, lease: Lease) -> None:
         keeping = asyncio.create_task(lease.keep(lambda why: self._lost(job.id, why), self._stop))
@@ -140,27 +168,27 @@ class JobRunner:
             _log.info("job_started", job=job.id, source=fresh.spec.source, attempt=fresh.attempt,
                       resume_after=fresh.last_position or None)
             await self._execute(fresh, lease)
+            self._paused.pop(job.id, None)
         except JobStopped as e:
             _log.info("job_stopped", job=job.id, reason=str(e))
-        except (RedisError, OSError) as e:  # the lease lapses; it is taken again once Redis is back
-            _log.warning("job_paused_redis_unreachable", job=job.id, error=str(e))
+        except (RedisError, OSError) as e:  # taken again once Redis is back, after a back-off
+            pauses = self._paused.get(job.id, (0.0, 0))[1] + 1
+            self._paused[job.id] = (time.monotonic() + backoff_s(pauses, cap=30.0), pauses)
+            _log.warning("job_paused_redis_error", job=job.id, error=str(e), pauses=pauses)
         finally:
             keeping.cancel()
             await lease.release()
             self.running.pop(job.id, None)
-            self._inputs.discard(job.id)
             self._metrics.jobs_running.set(len(self.running))
 
     async def _execute(self, job: Job, lease: Lease) -> None:
         status, error = "completed", ""
         try:
-            source = check_source(job.spec.source, self._s)
-            book, pipeline = self._prompts, job.spec.pipeline
-            prompt = (lambda: book.current(pipeline)) if book is not None and pipeline else None
-            run = JobRun(job, source, self._store, lease.token, self._client, self._reader, self._adhoc,
-                         self._decode_pool, self._s, self._settings.decode, prompt)
-            await run.run()
-        except (VideoSourceError, SourceRefused) as e:
+            loop = asyncio.get_running_loop()  # the file checks touch the disk
+            source = await loop.run_in_executor(self._decode_pool, check_source, job.spec.source, self._s,
+                                                bool(job.spec.pipeline))
+            await self._job_run(job, source, lease.token).run()
+        except (VideoSourceError, SourceRefused, JobFailed) as e:
             status, error = "failed", str(e)
         except (JobStopped, RedisError, OSError, asyncio.CancelledError):
             raise
@@ -171,6 +199,16 @@ class JobRunner:
             self.finished += 1
             self._metrics.jobs_finished.labels(status).inc()
             _log.info("job_finished", job=job.id, status=status, error=error or None)
+
+    def _job_run(self, job: Job, source: Source, token: str) -> JobRun:
+        pipeline: PipelineSettings | None = self._pipelines.get(job.spec.pipeline)
+        prompt, limits = None, None
+        if pipeline is not None:  # a video input: the pipeline's prompt and batching apply
+            book, name = self._prompts, pipeline.name
+            prompt = (lambda: book.current(name)) if book is not None else None
+            limits = Limits(pipeline.batch_size, pipeline.batch_timeout_ms, pipeline.result_maxlen)
+        return JobRun(job, source, self._store, token, self._client, self._reader, self._adhoc,
+                      self._decode_pool, self._s, self._settings.decode, self._metrics, prompt, limits)
 
     def _lost(self, job_id: str, why: str) -> None:
         _log.warning("job_lease_lost", job=job_id, reason=why)

@@ -77,14 +77,16 @@ redis.call('PUBLISH', ARGV[6], 'done:' .. ARGV[7])
 return 1
 """
 
-# KEYS: job, results, dead-letters. ARGV: now, ttl s, channel, id. The status before.
+# KEYS: job, results, dead-letters. ARGV: now, ttl s (0: keep), channel, id, why.
+# The status before.
 CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return '' end
 if status ~= 'pending' and status ~= 'running' then return status end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
-           'error', 'cancelled by a DELETE request')
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'error', ARGV[5])
+if ARGV[2] ~= '0' then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+end
 redis.call('PUBLISH', ARGV[3], 'cancel:' .. ARGV[4])
 return status
 """
@@ -214,6 +216,9 @@ class JobStore:
                 pipe.hset(key, mapping={"status": "pending", "attempt": 0})
             await pipe.execute()
         status = await self._client.hget(key, "status")
+        if status in (b"failed", b"cancelled"):  # the config may have been mended: try again
+            await self._client.hset(key, mapping={"status": "pending", "error": "", "finished_at": ""})
+            status = b"pending"
         if status in (b"pending", b"running"):
             await self._client.sadd(keys.JOBS_ACTIVE, job_id)
         return job_id
@@ -221,6 +226,13 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         raw = await self._client.hgetall(keys.job(job_id))
         return Job.from_hash(job_id, raw) if raw else None
+
+    async def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(keys.job(job_id))
+            rows = await pipe.execute()
+        return [Job.from_hash(job_id, raw) if raw else None for job_id, raw in zip(job_ids, rows)]
 
     async def page(self, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         """Newest first. Returns the page and the cursor of the next one (None: no more).
@@ -251,9 +263,19 @@ class JobStore:
     async def cancel(self, job_id: str) -> str:
         """The status the job had: '' when there is no such job; a finished status when it
         was already over (nothing changed); pending or running when it is now cancelled."""
-        before = await self._cancel(
-            keys=[keys.job(job_id), keys.job_results(job_id), keys.job_deadletter(job_id)],
-            args=[now_iso(), self.ttl_s, keys.JOBS_CHANNEL, job_id])
+        return await self._end(job_id, keys.job_results(job_id), keys.job_deadletter(job_id), self.ttl_s,
+                               "cancelled by a DELETE request")
+
+    async def retire(self, job_id: str, why: str) -> str:
+        """Cancel a pipeline's video input the config no longer lists (its results stay)."""
+        job = await self.get(job_id)
+        if job is None:
+            return ""
+        return await self._end(job_id, job.results_stream, job.deadletter_stream, 0, why)
+
+    async def _end(self, job_id: str, results: str, deadletters: str, ttl_s: int, why: str) -> str:
+        before = await self._cancel(keys=[keys.job(job_id), results, deadletters],
+                                    args=[now_iso(), ttl_s, keys.JOBS_CHANNEL, job_id, why])
         if before in (b"pending", b"running"):
             await self._client.srem(keys.JOBS_ACTIVE, job_id)
         return before.decode() if isinstance(before, bytes) else str(before)

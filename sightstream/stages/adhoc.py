@@ -11,6 +11,8 @@ The worker answers each frame on its `reply` future (an Outcome) instead of publ
 from __future__ import annotations
 
 import asyncio
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sightstream import log
@@ -35,8 +37,13 @@ class Lane:
 
 class AdhocBatcher:
     def __init__(self, out: asyncio.Queue, metrics: Metrics, idle_s: float = 30.0,
-                 lane_size: int = 256) -> None:
+                 lane_size: int = 256, pinned: list[asyncio.Queue] | None = None,
+                 stateful: Callable[[str], bool] = lambda model: False) -> None:
         self._out = out
+        # A model that keeps state per source (tracking) sees each source on one device: a
+        # hash of the source picks a worker's own queue, as pipelines' batchers do.
+        self._pinned = pinned
+        self._stateful = stateful
         self._metrics = metrics
         self._idle_s = idle_s
         self._lane_size = lane_size
@@ -90,7 +97,22 @@ class AdhocBatcher:
                 continue
             frames, _ = await collect_batch(queue, size, timeout_ms / 1000, first=first)
             self._metrics.batch_size.labels(label).observe(len(frames))
-            await self._out.put(Batch(label, model, "", 0, frames, prompt))
+            try:
+                await self._send(Batch(label, model, "", 0, frames, prompt))
+            except asyncio.CancelledError:  # shutdown while waiting for a worker: say so
+                for frame in frames:
+                    self._fail(frame)
+                raise
+
+    async def _send(self, batch: Batch) -> None:
+        if not self._pinned or not self._stateful(batch.model):
+            await self._out.put(batch)
+            return
+        by_worker: dict[int, list[Frame]] = {}
+        for frame in batch.frames:
+            by_worker.setdefault(zlib.crc32(frame.source.encode()) % len(self._pinned), []).append(frame)
+        for k, part in by_worker.items():
+            await self._pinned[k].put(Batch(batch.pipeline, batch.model, "", 0, part, batch.prompt))
 
     async def close(self) -> None:
         """Stop batching: frames not yet in a batch are answered with ShuttingDown."""

@@ -173,7 +173,9 @@ class Publisher:
         loop = asyncio.get_running_loop()
         if tries < self._max_deliveries.get(f.pipeline, 5):
             self._tries[f] = tries
-            self._retries.append(_Retry(loop.time() + backoff_s(tries), o))
+            # 0.4 s doubling (with jitter): a Redis that is briefly out of memory gets seconds
+            # to recover before the frame is given up as publish_error.
+            self._retries.append(_Retry(loop.time() + backoff_s(tries + 2), o))
             if tries == 1:
                 _log.warning("publish_refused_retrying", pipeline=f.pipeline, source=f.source,
                              frame_id=f.frame_id, stream=_target(o), error=reason)

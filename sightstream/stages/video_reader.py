@@ -109,6 +109,8 @@ def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
         opts |= {
             "rw_timeout": str(int(o.read_timeout_s * 1_000_000)), "reconnect": "1",
             "reconnect_streamed": "1", "reconnect_delay_max": str(o.reconnect_delay_max_s),
+            # A playlist from the network may name only network segments: never the host's files.
+            "protocol_whitelist": "http,https,tcp,tls,crypto",
         }
         if o.headers:
             opts["headers"] = "".join(f"{k}: {v}\r\n" for k, v in o.headers.items())

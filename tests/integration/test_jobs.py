@@ -108,6 +108,12 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         job_id = await submit(client, source=f"file://{videos}/clip.mp4", fps=5, max_frames=4)
         job = await until_status(client, job_id, "completed")
         assert job["counts"]["processed"] == 4
+        for after in ("99999999999999999999999", "1-18446744073709551616", "x"):
+            r = await client.get(f"/jobs/{job_id}/results", params={"after": after})
+            assert r.status == 422, after
+        last = "18446744073709551615-18446744073709551615"  # nothing can come after the last ID
+        page = await (await client.get(f"/jobs/{job_id}/results", params={"after": last})).json()
+        assert page["results"] == [] and page["done"]
 
         async def refused(status, **body):
             r = await client.post("/jobs", json={"model": "tiny/det", **body})
@@ -188,6 +194,7 @@ async def test_a_stalled_live_source_is_reopened_and_resumes(redis_url, tmp_path
             await wait_for_results(client, job_id, before + 3)
             job = await (await client.get(f"/jobs/{job_id}")).json()
             assert job["status"] == "running"
+            assert "no frame for 2 s" in job["progress"]["last_error"]  # the watchdog reopened it
             frames = [r["fields"]["frame_id"] for r in
                       (await (await client.get(f"/jobs/{job_id}/results?count=1000")).json())["results"]]
             assert len(frames) == len(set(frames))  # nothing reported twice across the reopen

@@ -66,12 +66,14 @@ def served(redis_server, tmp_path_factory):
         yield url
 
 
-def test_the_document_is_valid_openapi_3_1_and_covers_every_route(redis_url, tmp_path):
+async def test_the_document_is_valid_openapi_3_1_and_covers_every_route(redis_url, tmp_path):
     settings = settings_for(redis_url, tmp_path, control={"port": 0, "token": "t"})
     doc = document(APIS, token=True)
     validate(doc)
     assert doc["openapi"] == "3.1.0"
-    app = make_app(Daemon(settings))
+    daemon = Daemon(settings)
+    app = make_app(daemon)
+    await daemon.stop()
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert routes == documented

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
-import json
 import struct
 import tarfile
 
@@ -34,6 +33,7 @@ def depth_model(tmp_path_factory):
 
 def predict_settings(redis_url, tmp_path, depth_path=None, **extra):
     settings = settings_for(redis_url, tmp_path, fakes={"slow": {"delay_s": 0.2}}, **extra)
+    settings.models["user"] = {"track": ModelEntry(backend="transformers", task="track", path=str(tmp_path))}
     settings.models["seg"] = {"red": ModelEntry(
         backend="onnx", task="segment", path=str(red_segmenter(tmp_path / "seg.onnx")), input_size=32,
         mean=[0, 0, 0], std=[1, 1, 1], input_name="x", output_name="scores", labels=["background", "red"])}
@@ -150,11 +150,11 @@ async def test_masks_as_json_png_and_packbits(redis_url, tmp_path):
                                   headers={"Content-Type": "application/x-tar"})
             blob, blocks = await r.read(), []
             while blob:
-                (n,) = struct.unpack(">I", blob[:4])
-                blocks.append(blob[4:4 + n])
-                blob = blob[4 + n:]
-            assert [len(b) for b in blocks] == [12 + 40 * 8, 0, 12 + 40 * 8]
-            assert "1" in json.loads(r.headers["X-Batch-Errors"])
+                (n,) = struct.unpack(">i", blob[:4])
+                blocks.append((n, blob[4:4 + abs(n)]))
+                blob = blob[4 + abs(n):]
+            assert [n for n, _ in blocks] == [12 + 40 * 8, -len(blocks[1][1]), 12 + 40 * 8]
+            assert blocks[1][1].decode().startswith("bad_image: ")  # a failed image: its error instead
         finally:
             await client.close()
 
@@ -195,6 +195,8 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
             assert "too large" in (await error("/predict/tiny/det", 413, data=bomb,
                                                headers={"Content-Encoding": "gzip"}))["message"]
             assert "takes no prompt" in (await error("/predict/tiny/det?prompt=cats", 422, data=encode(gradient)))["message"]
+            r = await client.post("/predict/user/track", data=encode(gradient))
+            assert r.status == 422 and "as a job" in (await r.json())["error"]["message"]
             assert "gives no image" in (await error("/predict/tiny/det?format=png", 422, data=encode(gradient)))["message"]
             assert "format" in (await error("/predict/tiny/det?format=gif", 422, data=encode(gradient)))["message"]
             assert "not a readable tar" in (await error(
@@ -206,6 +208,19 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
             await client.close()
 
 
+async def test_before_the_daemon_has_started_predict_is_503(redis_url, tmp_path, gradient):
+    from sightstream.daemon.daemon import Daemon
+
+    daemon = Daemon(predict_settings(redis_url, tmp_path))
+    client = await client_for(daemon)
+    try:
+        r = await client.post("/predict/tiny/det", data=encode(gradient))
+        assert r.status == 503 and (await r.json())["error"]["code"] == "unavailable"
+    finally:
+        await client.close()
+        await daemon.stop()
+
+
 async def test_a_burst_of_requests_is_batched(redis_url, tmp_path, gradient):
     settings = predict_settings(redis_url, tmp_path, control={"port": 0, "predict_batch_timeout_ms": 100})
     async with running(settings) as d:
@@ -215,7 +230,9 @@ async def test_a_burst_of_requests_is_batched(redis_url, tmp_path, gradient):
                                              for _ in range(8)))
             assert [r.status for r in replies] == [200] * 8
             assert max([(await r.json())["batch"] for r in replies]) > 1
+            await client.post("/predict/no/such", data=encode(gradient))
             text = await (await client.get("/metrics")).text()
             assert 'sightstream_predict_requests_total{model="fake/slow",status="200"} 8.0' in text
+            assert 'sightstream_predict_requests_total{model="unknown",status="404"} 1.0' in text
         finally:
             await client.close()

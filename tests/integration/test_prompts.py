@@ -3,6 +3,7 @@ conditional changes, per-model validation, and a change seen by a second daemon.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -148,5 +149,19 @@ async def test_named_tokens_are_recorded_as_who_set_the_prompt(redis_url, tmp_pa
             r = await client.put("/pipelines/people/prompt", json={"text": "dogs"},
                                  headers={"Authorization": "Bearer a-secret"})
             assert r.status == 200 and (await r.json())["set_by"] == "alice"
+        finally:
+            await client.close()
+
+
+async def test_concurrent_changes_each_answer_their_own_version(redis_url, tmp_path):
+    async with running(prompt_settings(redis_url, tmp_path)) as d:
+        client = await client_for(d)
+        try:
+            replies = await asyncio.gather(*(client.put("/pipelines/people/prompt", json={"text": f"t{i}"})
+                                             for i in range(20)))
+            bodies = [await r.json() for r in replies]
+            assert sorted(b["version"] for b in bodies) == list(range(2, 22))
+            assert all(b["text"] == f"t{i}" for i, b in enumerate(bodies))
+            assert all(r.headers["ETag"] == f'"{b["version"]}"' for r, b in zip(replies, bodies))
         finally:
             await client.close()

@@ -166,3 +166,16 @@ async def test_stop_ends_a_read_blocked_on_a_hung_server(live):
         await asyncio.wait_for(r.task, 2)
         assert await source.wait_stopped(2)  # the thread left FFmpeg's read too
         assert time.monotonic() - stopped < 2
+
+
+async def test_a_playlist_from_the_network_cannot_read_the_hosts_files(media, static):
+    # A served playlist whose one segment is a local file: nothing of it may be read.
+    segment = media / "vod" / "index0.ts"
+    (media / "evil.m3u8").write_text("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n"
+                                     f"#EXTINF:1.0,\nfile://{segment}\n#EXT-X-ENDLIST\n")
+    source = VideoSource(static.url("evil.m3u8"), ReaderOptions(max_open_failures=1, max_vod_failures=1))
+    frames = []
+    with pytest.raises(VideoSourceError):
+        async for frame in source.frames():
+            frames.append(frame)
+    assert frames == []

@@ -203,3 +203,10 @@ def test_http_options_never_reconnect_at_eof():
 def test_display_drops_credentials_and_query():
     assert display("https://user:pw@cdn.example:8443/a/live.m3u8?token=s") == "https://cdn.example:8443/a/live.m3u8"
     assert display("/srv/clip.mp4") == "/srv/clip.mp4"
+
+
+def test_a_network_source_may_not_open_local_files():
+    from sightstream.stages.video_reader import container_options
+
+    opts = container_options("https://cams.example/live.m3u8", ReaderOptions())
+    assert "file" not in opts["protocol_whitelist"].split(",")

@@ -1,0 +1,94 @@
+"""Jobs when things go wrong: results that cannot be written, limits with no frame coming, a
+source that never answers, inputs removed from the config, and the runner's own footprint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sightstream.daemon.embedded_redis import free_port
+from sightstream.jobs.store import input_job_id
+from tests import hls
+from tests.integration.helpers import running, settings_for, wait_for
+from tests.integration.test_jobs import serving, submit, until_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def vod(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vod")
+    hls.make_hls_vod(root / "vod", seconds=3, fps=10)
+    return root
+
+
+async def test_an_input_whose_results_cannot_be_written_fails_once_and_runs_when_mended(
+        redis_url, sync_redis, tmp_path, vod):
+    with hls.static_server(vod) as server:
+        url = server.url("vod/index.m3u8")
+        sync_redis.set(f"results:people:{url}", "a key in the way")
+        settings = settings_for(redis_url, tmp_path, [{"input": [url], "fps": 2}], jobs={"poll_s": 0.1})
+        job_id = input_job_id("people", url)
+        async with running(settings) as d:
+            await wait_for(lambda: sync_redis.hget(f"sightstream:job:{{{job_id}}}", "status") == b"failed")
+            job = await d.jobs.get(job_id)
+            assert "cannot be written" in job.error and "WRONGTYPE" in job.error
+            await asyncio.sleep(0.5)
+            assert (await d.jobs.get(job_id)).attempt == 1  # failed, not retried in a loop
+        sync_redis.delete(f"results:people:{url}")  # mended; a daemon that starts tries it again
+        async with running(settings):
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 6, what="the results")
+
+
+async def test_a_stream_job_ends_at_max_seconds_with_no_frame_coming(redis_url, tmp_path):
+    async with serving(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1})) as (d, client):
+        job_id = await submit(client, source="redis://idle:{s}", max_seconds=1)
+        job = await until_status(client, job_id, "completed", timeout=5)
+        assert job["counts"]["processed"] == 0
+
+
+async def test_a_video_that_never_answers_fails_the_job_with_the_reason(redis_url, tmp_path):
+    settings = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1, "give_up_s": 1.5, "open_timeout_s": 0.5})
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source=f"http://127.0.0.1:{free_port()}/live.m3u8", fps=1)
+        job = await until_status(client, job_id, "failed", timeout=10)
+        assert job["error"].startswith("no frame from the source for 1.5 s") and "refused" in job["error"].lower()
+
+
+async def test_a_stream_key_of_another_type_is_refused(redis_url, sync_redis, tmp_path):
+    sync_redis.set("notastream", "x")
+    async with serving(settings_for(redis_url, tmp_path)) as (d, client):
+        r = await client.post("/jobs", json={"source": "redis://notastream", "model": "tiny/det"})
+        assert r.status == 422 and "holds a string" in (await r.json())["error"]["message"]
+
+
+async def test_an_input_removed_from_the_config_is_retired_and_others_configs_are_left_alone(
+        redis_url, sync_redis, tmp_path, vod):
+    with hls.live_hls(vod / "vod" / "index.m3u8", window=2) as live:
+        first = settings_for(redis_url, tmp_path, [{"input": ["frames:*", live.url], "fps": 2}],
+                             jobs={"poll_s": 0.1})
+        job_id = input_job_id("people", live.url)
+        async with running(first):
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{live.url}") >= 1)
+        # Another config, with no such pipeline, never takes it …
+        other = settings_for(redis_url, tmp_path, [{"name": "faces", "input": ["frames:*"]}], jobs={"poll_s": 0.1})
+        async with running(other, host="other") as d:
+            await asyncio.sleep(0.5)
+            assert job_id not in d.job_runner.running
+        # … and the pipeline's own config without the URL retires it.
+        removed = settings_for(redis_url, tmp_path, [{"input": ["frames:*"], "fps": 2}], jobs={"poll_s": 0.1})
+        async with running(removed) as d:
+            await wait_for(lambda: sync_redis.hget(f"sightstream:job:{{{job_id}}}", "status") == b"cancelled")
+            assert "no longer in pipeline people's input" in (await d.jobs.get(job_id)).error
+            count = sync_redis.xlen(f"results:people:{live.url}")
+            await asyncio.sleep(0.5)
+            assert sync_redis.xlen(f"results:people:{live.url}") == count and job_id not in d.job_runner.running
+
+
+async def test_the_runner_holds_no_more_tasks_over_time(redis_url, tmp_path):
+    async with running(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.01})):
+        await asyncio.sleep(0.3)
+        before = len(asyncio.all_tasks())
+        await asyncio.sleep(1.0)  # about 100 polls
+        assert len(asyncio.all_tasks()) <= before + 2

@@ -1,0 +1,68 @@
+"""Ad-hoc batches (/predict, jobs): per model and prompt, closed at size or timeout; a tracking
+model's sources each on one device; lanes that end when idle; frames failed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+import pytest
+
+from sightstream.frames import Frame
+from sightstream.metrics import Metrics
+from sightstream.prompts import Prompt
+from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
+
+
+def frames(*sources: str) -> list[Frame]:
+    return [Frame("predict", s, str(i), {}, 0) for i, s in enumerate(sources)]
+
+
+async def test_frames_of_one_model_and_prompt_share_batches():
+    out: asyncio.Queue = asyncio.Queue()
+    batcher = AdhocBatcher(out, Metrics())
+    await batcher.put(frames("a", "b", "c"), "m/x", Prompt("cats", 1), "predict", (2, 50))
+    await batcher.put(frames("d"), "m/x", Prompt("dogs", 1), "predict", (2, 50))
+    batches = [await asyncio.wait_for(out.get(), 1) for _ in range(3)]
+    assert sorted((b.prompt.text, len(b.frames)) for b in batches) == [("cats", 1), ("cats", 2), ("dogs", 1)]
+    await batcher.close()
+
+
+async def test_a_tracking_models_sources_each_stay_on_one_device():
+    shared: asyncio.Queue = asyncio.Queue()
+    own = [asyncio.Queue(), asyncio.Queue()]
+    batcher = AdhocBatcher(shared, Metrics(), pinned=own, stateful=lambda model: model == "sam2/track")
+    sources = ["u1", "u2", "u3", "u4"]
+    await batcher.put(frames(*sources), "sam2/track", Prompt("", 1), "jobs", (8, 20))
+    await asyncio.sleep(0.1)
+    for k, queue in enumerate(own):
+        while not queue.empty():
+            assert all(zlib.crc32(f.source.encode()) % 2 == k for f in queue.get_nowait().frames)
+    assert shared.empty()
+    await batcher.close()
+
+
+async def test_an_idle_lane_ends_and_a_new_one_starts_for_the_next_frame():
+    out: asyncio.Queue = asyncio.Queue()
+    batcher = AdhocBatcher(out, Metrics(), idle_s=0.05)
+    await batcher.put(frames("a"), "m/x", Prompt("", 1), "predict", (8, 1))
+    await asyncio.wait_for(out.get(), 1)
+    await asyncio.sleep(0.2)
+    assert batcher._lanes == {}
+    await batcher.put(frames("b"), "m/x", Prompt("", 1), "predict", (8, 1))
+    assert (await asyncio.wait_for(out.get(), 1)).frames[0].source == "b"
+    await batcher.close()
+
+
+async def test_frames_not_yet_batched_fail_at_shutdown():
+    out: asyncio.Queue = asyncio.Queue(1)
+    batcher = AdhocBatcher(out, Metrics())
+    futures = await batcher.put(frames("a", "b", "c"), "m/x", Prompt("", 1), "predict", (1, 0))
+    await asyncio.sleep(0.05)  # one batch waits for room, one is queued behind it
+    await batcher.close()
+    # "a" went to a worker (it is answered there); "b" waited for a worker, "c" for a batch.
+    assert not futures[0].done()
+    assert all(isinstance(f.exception(), ShuttingDown) for f in futures[1:])
+    late = await batcher.put(frames("d"), "m/x", Prompt("", 1), "predict", (1, 0))
+    with pytest.raises(ShuttingDown):
+        await late[0]
