@@ -126,8 +126,9 @@ async def test_a_slow_live_daemon_keeps_its_frames(redis_url, sync_redis, tmp_pa
         await wait_for(lambda: a.workers[0].busy, what="the slow batch")
         async with running(settings, host="b") as b:
             await wait_for(lambda: counts(sync_redis, "frames:{slow}")[0] == 4, 20)
-            assert b.runs["people"].reclaimer.reclaimed == 0
-            assert b.publisher.published == 0 and a.publisher.published == 4
+            # Counted once the round's reply is in, a moment after the results are visible.
+            await wait_for(lambda: a.publisher.published == 4, 5, "a's count")
+            assert b.runs["people"].reclaimer.reclaimed == 0 and b.publisher.published == 0
             assert a.metrics.heartbeats.labels("people")._value.get() > 0
 
 
