@@ -92,3 +92,15 @@ async def test_the_runner_holds_no_more_tasks_over_time(redis_url, tmp_path):
         before = len(asyncio.all_tasks())
         await asyncio.sleep(1.0)  # about 100 polls
         assert len(asyncio.all_tasks()) <= before + 2
+
+
+async def test_a_finished_job_and_its_results_expire_after_ttl(redis_url, sync_redis, tmp_path, gradient):
+    settings = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1, "ttl_s": 1})
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source="redis://cams:{ttl}", max_seconds=0.5)
+        await until_status(client, job_id, "completed", timeout=5)
+        assert 0 < sync_redis.ttl(f"sightstream:job:{{{job_id}}}") <= 1
+        await asyncio.sleep(1.3)
+        assert (await client.get(f"/jobs/{job_id}")).status == 404
+        listed = (await (await client.get("/jobs")).json())["jobs"]
+        assert job_id not in [j["job_id"] for j in listed]  # dropped from the index on the way
