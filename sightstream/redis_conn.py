@@ -44,6 +44,13 @@ async def reachable(url: str) -> bool:
         await client.aclose()
 
 
+def lua_xadd(stream: str, maxlen: str, first: int) -> str:
+    """A Lua statement: XADD the field/value pairs ARGV[first:] to `stream`, capped at
+    MAXLEN ~ `maxlen` unless that is '0' (both are Lua expressions, e.g. KEYS[2], ARGV[3])."""
+    return (f"if {maxlen} == '0' then\n  redis.call('XADD', {stream}, '*', unpack(ARGV, {first}))\n"
+            f"else\n  redis.call('XADD', {stream}, 'MAXLEN', '~', {maxlen}, '*', unpack(ARGV, {first}))\nend")
+
+
 class Lua:
     """A Lua script sent by its SHA in pipelines. redis-py's Script objects make every
     pipelined round ask SCRIPT EXISTS first, one more round trip each time; here the script is

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,12 @@ def gradient() -> np.ndarray:
     """A 96x64 RGB image whose channels differ, to catch channel-order mistakes."""
     y, x = np.mgrid[0:64, 0:96]
     return np.stack([x * 2, y * 3, np.full_like(x, 200)], axis=-1).astype(np.uint8)
+
+
+async def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

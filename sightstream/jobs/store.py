@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sightstream import keys
-from sightstream.redis_conn import Lua
+from sightstream.redis_conn import Lua, lua_xadd
 
 FINISHED = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "running", *FINISHED)
@@ -41,15 +41,11 @@ return {1, 'running'}
 
 # KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
 # 1: written; 0: at or below the checkpoint (already reported); -1: lease lost; -2: not running.
-PUBLISH = """
+PUBLISH = f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
 if tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[2], 'last_seq') or '0') then return 0 end
-if ARGV[4] == '0' then
-  redis.call('XADD', KEYS[3], '*', unpack(ARGV, 6))
-else
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 6))
-end
+{lua_xadd("KEYS[3]", "ARGV[4]", 6)}
 redis.call('HSET', KEYS[2], 'last_seq', ARGV[2], 'last_position', ARGV[3])
 redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
 return 1

@@ -36,7 +36,7 @@ from sightstream.frames import (
     now_ms,
 )
 from sightstream.metrics import Metrics
-from sightstream.redis_conn import Lua, run_pipelined
+from sightstream.redis_conn import Lua, lua_xadd, run_pipelined
 from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
 
 _log = log.get(__name__)
@@ -47,16 +47,12 @@ RECENT = 1000  # latencies kept per pipeline
 # Returns 1 when written and acknowledged, 0 when the entry is no longer pending (another
 # daemon, or an earlier try, finished it; or the group is gone). A refused XADD raises before
 # the XACK, so the entry stays pending.
-PUBLISH_THEN_ACK = """
+PUBLISH_THEN_ACK = f"""
 local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
 if type(pending) ~= 'table' or pending.err or #pending == 0 then
   return 0
 end
-if ARGV[3] == '0' then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
-else
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-end
+{lua_xadd("KEYS[2]", "ARGV[3]", 4)}
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
@@ -64,15 +60,11 @@ return 1
 
 # KEYS: marker, dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
 # The marker is set only after the write, so a refused write can be tried again.
-RECORD_ONCE = """
+RECORD_ONCE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-if ARGV[2] == '0' then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-else
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-end
+{lua_xadd("KEYS[2]", "ARGV[2]", 3)}
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 1
 """

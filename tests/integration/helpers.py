@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ import redis
 
 from sightstream.config import Settings
 from sightstream.daemon.daemon import Daemon
+from tests.conftest import wait_for  # noqa: F401 - the tests import it from here too
 from tests.fake_adapters import entry as fake_entry
 from tests.tiny_models import constant_yolov8
 
@@ -49,15 +47,6 @@ async def running(settings: Settings, host: str = "testhost"):
         yield daemon
     finally:
         await daemon.stop()
-
-
-async def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def entries(client: redis.Redis, key: str) -> list[tuple[str, dict[str, bytes]]]:

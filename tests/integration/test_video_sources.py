@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sightstream.stages.video_reader import ReaderOptions, VideoFrame, VideoSource, VideoSourceError
+from tests.conftest import wait_for
 from tests.hls import live_hls, make_clip, make_hls_vod, static_server
 
 pytestmark = pytest.mark.integration
@@ -37,14 +38,6 @@ def static(media):
 def live(media):
     with live_hls(media / "live" / "index.m3u8") as server:
         yield server
-
-
-async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Reader:
@@ -101,7 +94,7 @@ async def test_a_live_stream_keeps_coming_and_ends_with_its_playlist(live):
     source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
     async with Reader(source) as r:
         # The first window (3 s) comes at once; what follows came from reloads of the playlist.
-        await wait_until(lambda: len(r.frames) >= 5 * LIVE_RATE, 15, "two segments past the first window")
+        await wait_for(lambda: len(r.frames) >= 5 * LIVE_RATE, 15, "two segments past the first window")
         assert source.is_live is True and source.duration_s is None
         assert r.arrived[-1] - r.arrived[0] > 1.0  # paced by the source, not read in one go
         live.end()
@@ -113,7 +106,7 @@ async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, li
     good = VideoSource(live.url)
     bad = VideoSource(static.url("missing/live.m3u8?token=secret"))
     async with Reader(good) as r:
-        await wait_until(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the good source's first window")
+        await wait_for(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the good source's first window")
         started = time.monotonic()
         with pytest.raises(VideoSourceError) as e:
             await asyncio.wait_for(anext(bad.frames()), 10)
@@ -123,7 +116,7 @@ async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, li
             f"the video source {static.url('missing/live.m3u8')} cannot be opened: "
             "Server returned 404 Not Found (3 attempts)"
         )
-        await wait_until(lambda: r.arrived[-1] > failed + 1, 5, "frames after the failure")
+        await wait_for(lambda: r.arrived[-1] > failed + 1, 5, "frames after the failure")
     # The good source went on at its own pace (a segment a second) all along.
     during = [started] + [t for t in r.arrived if t > started]
     assert max(b - a for a, b in zip(during, during[1:])) < 1.6
@@ -132,7 +125,7 @@ async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, li
 async def test_a_live_source_that_disappears_fails(live):
     source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
     async with Reader(source) as r:
-        await wait_until(lambda: len(r.frames) >= 1, 10, "a frame")
+        await wait_for(lambda: len(r.frames) >= 1, 10, "a frame")
         live.not_found()
         with pytest.raises(VideoSourceError, match="404 Not Found"):
             await asyncio.wait_for(r.task, 15)
@@ -142,13 +135,13 @@ async def test_a_stalled_source_is_reopened_by_the_watchdog(live):
     options = ReaderOptions(stall_s=1.5, open_timeout_s=1, read_timeout_s=5, max_backoff_s=1)
     source = VideoSource(live.url, options)
     async with Reader(source) as r:
-        await wait_until(lambda: len(r.frames) >= 4 * LIVE_RATE, 15, "a segment past the first window")
+        await wait_for(lambda: len(r.frames) >= 4 * LIVE_RATE, 15, "a segment past the first window")
         live.stall()  # requests hang: nothing more comes
         before = len(r.frames)
-        await wait_until(lambda: source.stats.reopens >= 1, 10, "the watchdog to reopen")
+        await wait_for(lambda: source.stats.reopens >= 1, 10, "the watchdog to reopen")
         assert source.stats.last_error == "no frame for 1.5 s"
         live.resume()
-        await wait_until(lambda: len(r.frames) > before + LIVE_RATE, 15, "frames after the stall")
+        await wait_for(lambda: len(r.frames) > before + LIVE_RATE, 15, "frames after the stall")
     assert r.ordered()  # nothing twice, though the reopened window replays segments
 
 
@@ -157,10 +150,10 @@ async def test_stop_ends_a_read_blocked_on_a_hung_server(live):
     options = ReaderOptions(stall_s=30, open_timeout_s=30, read_timeout_s=30)
     source = VideoSource(live.url, options)
     async with Reader(source) as r:
-        await wait_until(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the first window")
+        await wait_for(lambda: len(r.frames) >= 3 * LIVE_RATE, 10, "the first window")
         asked = live.requests
         live.stall()
-        await wait_until(lambda: live.requests > asked, 10, "the reader to block on a request")
+        await wait_for(lambda: live.requests > asked, 10, "the reader to block on a request")
         stopped = time.monotonic()
         source.stop()
         await asyncio.wait_for(r.task, 2)

@@ -20,6 +20,7 @@ from sightstream.stages.video_reader import (
     container_options,
     display,
 )
+from tests.conftest import wait_for
 from tests.hls import column, make_clip, make_hls_vod
 
 SECONDS, RATE = 6, 25
@@ -49,14 +50,6 @@ async def read(source: VideoSource, after_s: float | None = None, most: int | No
         return out
 
     return await asyncio.wait_for(collect(), 20)
-
-
-async def wait_until(check, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def increasing(frames: list[VideoFrame]) -> bool:
@@ -142,7 +135,7 @@ async def test_a_slow_consumer_holds_the_reader_back(videos):
     source = VideoSource(videos["mp4"], ReaderOptions(queue_size=3))
     async with contextlib.aclosing(source.frames()) as frames:
         await anext(frames)
-        await wait_until(lambda: source.stats.kept >= 4, what="the queue to fill")
+        await wait_for(lambda: source.stats.kept >= 4, what="the queue to fill")
         await asyncio.sleep(0.3)  # the consumer takes nothing meanwhile: nothing more is read
         held = source.stats.decoded
         assert source.stats.kept == 1 + 3 + 1  # taken, queued, and one in the thread's hand
@@ -163,7 +156,7 @@ async def test_stop_ends_the_read_and_the_thread(videos):
             await asyncio.sleep(0.05)
 
     task = asyncio.create_task(consume())
-    await wait_until(lambda: len(got) >= 2, what="two frames")
+    await wait_for(lambda: len(got) >= 2, what="two frames")
     source.stop()
     await asyncio.wait_for(task, 2)
     assert await source.wait_stopped(2)
