@@ -256,8 +256,12 @@ class Daemon:
         return self._decode_pool
 
     def decode_target(self, model: str) -> tuple[int, int] | None:
-        """The size a large JPEG may be decoded down to for `model` (DCT scaling), if any."""
-        return self.manager.input_size(model) if self.settings.decode.draft else None
+        """The size a large JPEG may be decoded down to for `model` (DCT scaling), if any.
+        Only for detectors: their boxes and landmarks are mapped back to the frame's pixels,
+        while masks and depth maps come out at the size of the image the model was given."""
+        if not self.settings.decode.draft or self.catalogue.get(model).task != "detect":
+            return None
+        return self.manager.input_size(model)
 
     def executor_for(self, device: str) -> Executor:
         """The executor of the worker that owns `device` (models load and run there)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -80,6 +81,31 @@ async def test_large_frames_are_decoded_scaled_and_boxes_still_in_full_pixels(re
     assert result["width"] == 2048
     x1, y1, x2, y2 = result["detections"][0]["box"]
     assert 600 < x1 < 800 and 150 < y1 < 300 and 1050 < x2 < 1250  # the face, x4
+
+
+async def test_masks_of_a_large_jpeg_are_in_its_own_pixels(redis_url, sync_redis, tmp_path):
+    from PIL import Image
+
+    from sightstream.config import ModelEntry
+    from sightstream.models.masks import rle_decode
+    from tests.tiny_models import red_segmenter
+
+    frame = np.zeros((1080, 1920, 3), np.uint8)
+    frame[:, :960] = (255, 0, 0)  # the left half is class 1
+    settings = settings_for(redis_url, tmp_path, [{"model": "seg/red"}])
+    settings.models["seg"] = {"red": ModelEntry(
+        backend="onnx", task="segment", path=str(red_segmenter(tmp_path / "seg.onnx")), input_size=32,
+        mean=[0, 0, 0], std=[1, 1, 1], input_name="x", output_name="scores", labels=["background", "red"])}
+    sync_redis.xadd("frames:{big}", {"image": encode(frame, quality=90)})
+    async with running(settings):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{big}") == 1, 30)
+    (_, fields), = entries(sync_redis, "results:people:frames:{big}")
+    result = json.loads(fields["result"])
+    assert (result["width"], result["height"]) == (1920, 1080)
+    (mask,) = result["masks"]
+    decoded = rle_decode(mask["rle"])
+    assert decoded.shape == (1080, 1920) and decoded[:, :900].all() and not decoded[:, 1020:].any()
+    assert Image.open(io.BytesIO(fields["mask"])).size == (1920, 1080)
 
 
 async def test_new_streams_matching_a_glob_join_within_5_seconds(redis_url, sync_redis, tmp_path, gradient):

@@ -129,3 +129,19 @@ def test_raw_over_the_pixel_cap():
     with pytest.raises(FrameError) as e:
         decode_raw(fields, MAX)
     assert e.value.reason == "too_large"
+
+
+def test_only_detectors_get_scaled_decoding(tmp_path):
+    from sightstream.config import Settings
+    from sightstream.daemon.daemon import Daemon
+
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"not loaded here")
+    entry = {"backend": "onnx", "path": str(weights), "input_size": 64}
+    settings = Settings(devices=["cpu"], models={"m": {
+        "det": {**entry, "task": "detect"}, "seg": {**entry, "task": "segment"},
+        "depth": {**entry, "task": "depth", "backend": "transformers", "adapter": "hf_depth"}}})
+    daemon = Daemon(settings)
+    # Boxes are mapped back to the frame's pixels; masks and depth maps could not be.
+    assert daemon.decode_target("m/det") == (64, 64)
+    assert daemon.decode_target("m/seg") is None and daemon.decode_target("m/depth") is None
