@@ -1,31 +1,46 @@
 """Stable consumer names: `host:slot`, where the slot is leased in Redis.
 
 A restarted daemon takes the same name again (slot 0 on a host running one daemon) and so
-drains the pending entries it left; two daemons on one host take different slots."""
+drains the pending entries it left; two daemons on one host take different slots.
+
+The lease is renewed every 5 s. Should Redis answer that another daemon now holds our slot
+(ours lapsed: a Redis outage, a paused process), two daemons would read under one name: the
+lease is given up, a new slot taken, and every reader goes on under the new name (the readers
+ask for the name at each call). Frames in flight are finished: publishing acknowledges by
+entry ID, whoever's name they were read under, and the heartbeat moves them to the new name.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import socket
+from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from sightstream import keys
+from sightstream import keys, log
 from sightstream.errors import SightstreamError
 from sightstream.leases import RELEASE, RENEW
+from sightstream.stages.flow import backoff_s, worth_logging
 
+_log = log.get(__name__)
 LEASE_MS = 15_000
 RENEW_S = 5.0
 
+
 class ConsumerLease:
-    def __init__(self, client: Redis, slots: int, host: str | None = None) -> None:
+    def __init__(self, client: Redis, slots: int, host: str | None = None,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self._client = client
         self._slots = slots
         self.host = host or socket.gethostname()
         self._token = secrets.token_hex(8)
         self._key = ""
+        self._on_lost = on_lost
         self.name = ""
+        self.renamed = 0
 
     async def acquire(self) -> str:
         for slot in range(self._slots):
@@ -38,20 +53,52 @@ class ConsumerLease:
         )
 
     async def keep(self, stop: asyncio.Event) -> None:
-        """Renew the lease until stopped; Redis errors are survived (the next renewal retries)."""
+        """Renew the lease until stopped. Redis errors are survived (logged; the next renewal
+        retries: a lapsed lease nobody took is simply taken again); a lease another daemon
+        holds is replaced by a new slot."""
+        failures = 0
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), RENEW_S)
+                return
             except TimeoutError:
                 pass
             try:
-                await self._client.eval(RENEW, 1, self._key, self._token, LEASE_MS)
-            except Exception:  # noqa: BLE001 - a lease renewal must never kill the daemon
-                pass
+                held = await self._client.eval(RENEW, 1, self._key, self._token, LEASE_MS)
+                failures = 0
+            except (RedisError, OSError) as e:
+                failures += 1
+                if worth_logging(failures):
+                    _log.warning("consumer_lease_renewal_failed", consumer=self.name, error=str(e),
+                                 failures=failures)
+                continue
+            if not held:
+                await self._replace(stop)
+
+    async def _replace(self, stop: asyncio.Event) -> None:
+        old = self.name
+        _log.warning("consumer_lease_lost", consumer=old,
+                     reason="another daemon holds this name now; taking a new one")
+        self._on_lost()
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await self.acquire()
+                break
+            except (RedisError, OSError, SightstreamError) as e:
+                attempt += 1
+                if worth_logging(attempt):
+                    _log.warning("consumer_slot_unavailable", error=str(e), attempt=attempt)
+                try:
+                    await asyncio.wait_for(stop.wait(), backoff_s(attempt))
+                except TimeoutError:
+                    pass
+        self.renamed += 1
+        _log.info("consumer_renamed", old=old, new=self.name)
 
     async def release(self) -> None:
         if self._key:
             try:
                 await self._client.eval(RELEASE, 1, self._key, self._token)
-            except Exception:  # noqa: BLE001
+            except (RedisError, OSError):  # it expires by itself
                 pass

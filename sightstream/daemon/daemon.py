@@ -85,7 +85,6 @@ class Daemon:
             self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction))
         self.stop_event = asyncio.Event()
         self.ready = False
-        self.consumer = ""
         self._host = host
         self._discover_s = discover_s
         self._check_models()
@@ -138,8 +137,9 @@ class Daemon:
     async def start(self) -> None:
         if not await self._wait_for_redis():
             return  # stopped before Redis ever answered
-        self._lease = ConsumerLease(self.client, self.settings.consumer_slots, self._host)
-        self.consumer = await self._lease.acquire()
+        self._lease = ConsumerLease(self.client, self.settings.consumer_slots, self._host,
+                                    on_lost=self.metrics.leases_lost.labels("consumer").inc)
+        await self._lease.acquire()
         threads = self.settings.decode.threads or (os.cpu_count() or 2)
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
@@ -175,7 +175,7 @@ class Daemon:
             run.source_tasks = [asyncio.create_task(s.run(), name=type(s).__name__)
                                 for s in (run.ingest, run.reclaimer)]
             run.chain_tasks = [asyncio.create_task(s.run(), name=type(s).__name__) for s in run.chain]
-        heartbeat = Heartbeat(self.client, self.consumer,
+        heartbeat = Heartbeat(self.client, self._consumer_name,
                               {name: run.in_flight for name, run in self.runs.items()},
                               self.metrics, self.stop_event, self.settings.reclaim_min_idle_ms)
         self._service_tasks = [
@@ -211,10 +211,11 @@ class Daemon:
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client)
-        common = (p, self.client, self.consumer, admission, in_flight, self.metrics, self.stop_event)
+        common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)
         stateful = self.catalogue.get(p.model).task == "track"
         leases = SourceLeases(self.client, p.name, self.consumer,
-                              ttl_ms=max(5000, int(5000 * self._discover_s))) if stateful else None
+                              ttl_ms=max(5000, int(5000 * self._discover_s)),
+                              on_lost=self.metrics.leases_lost.labels("source").inc) if stateful else None
         ingest = RedisIngest(
             *common, reader=self.reader, discover_s=self._discover_s, leases=leases,
             # Never read results back as frames; a chained pipeline reads its upstream's.
@@ -247,6 +248,14 @@ class Daemon:
                 await asyncio.wait_for(self.stop_event.wait(), min(30.0, idle_s / 2))
             except TimeoutError:
                 self.manager.cleanup(idle_s)
+
+    @property
+    def consumer(self) -> str:
+        """This daemon's consumer name (`host:slot`); a new one if the lease was lost."""
+        return self._lease.name if self._lease else ""
+
+    def _consumer_name(self) -> str:
+        return self.consumer
 
     @property
     def decode_pool(self) -> Executor:

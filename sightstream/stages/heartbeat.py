@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,7 +24,7 @@ _log = log.get(__name__)
 
 class Heartbeat:
     def __init__(
-        self, client: Redis, consumer: str, in_flight: dict[str, InFlight], metrics: Metrics,
+        self, client: Redis, consumer: Callable[[], str], in_flight: dict[str, InFlight], metrics: Metrics,
         stop: asyncio.Event, min_idle_ms: int,
     ) -> None:
         self._client = client
@@ -58,7 +59,9 @@ class Heartbeat:
                 for frame in in_flight.frames():
                     by_stream[frame.stream].append(frame.entry_id)
                 for stream, ids in by_stream.items():
-                    pipe.xclaim(stream, keys.group(pipeline), self._consumer, self._every_ms, ids,
+                    # Under the current name: after a lost consumer lease, this moves our frames
+                    # in flight to the new name too.
+                    pipe.xclaim(stream, keys.group(pipeline), self._consumer(), self._every_ms, ids,
                                 justid=True)
                     self._metrics.heartbeats.labels(pipeline).inc(len(ids))
                     queued = True

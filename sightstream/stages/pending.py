@@ -162,18 +162,22 @@ class StreamReader:
     surviving Redis outages (jittered back-off, throttled logs, groups re-created on NOGROUP)."""
 
     def __init__(
-        self, pipeline: PipelineSettings, client: Redis, consumer: str, admission: Admission,
+        self, pipeline: PipelineSettings, client: Redis, consumer: Callable[[], str], admission: Admission,
         in_flight: InFlight, metrics: Metrics, stop: asyncio.Event,
     ) -> None:
         self._p = pipeline
         self._client = client
-        self._consumer = consumer
+        self._consumer_name = consumer  # may change: a lost consumer lease is replaced
         self._admission = admission
         self._in_flight = in_flight
         self._metrics = metrics
         self._stop = stop
         self._group = keys.group(pipeline.name)
         self._failures = 0
+
+    @property
+    def _consumer(self) -> str:
+        return self._consumer_name()
 
     async def run(self) -> None:
         """Until stopped: one step at a time, surviving Redis errors. Sources do not forward

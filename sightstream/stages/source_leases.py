@@ -19,13 +19,16 @@ from redis.exceptions import RedisError
 
 from sightstream import keys, log
 from sightstream.leases import RELEASE, RENEW
+from sightstream.stages.flow import worth_logging
 
 _log = log.get(__name__)
 
 
 class SourceLeases:
-    def __init__(self, client: Redis, pipeline: str, consumer: str, ttl_ms: int = 10_000) -> None:
+    def __init__(self, client: Redis, pipeline: str, consumer: str, ttl_ms: int = 10_000,
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self._client = client
+        self._on_lost = on_lost
         self._pipeline = pipeline
         self._consumer = consumer  # the token: a restarted daemon (same name) keeps its streams
         self.ttl_ms = ttl_ms
@@ -64,6 +67,7 @@ class SourceLeases:
     async def keep(self, stop: asyncio.Event) -> None:
         """Renew the held leases until stopped (in its own task: a slow model call must not let
         them lapse). A lease found taken goes to `lost`. The daemon releases them once drained."""
+        failures = 0
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.ttl_ms / 3000)
@@ -74,9 +78,14 @@ class SourceLeases:
                     if not await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                         self.held.remove(stream)
                         self.lost.append(stream)
+                        self._on_lost()
                         _log.warning("source_lease_lost", pipeline=self._pipeline, source=stream)
-            except (RedisError, OSError):
-                pass  # the next round retries; a lapsed lease is found then
+                failures = 0
+            except (RedisError, OSError) as e:  # the next round retries; a lapsed lease is found then
+                failures += 1
+                if worth_logging(failures):
+                    _log.warning("source_lease_renewal_failed", pipeline=self._pipeline, error=str(e),
+                                 failures=failures)
 
     async def release_all(self) -> None:
         try:

@@ -165,3 +165,18 @@ async def test_a_result_that_cannot_be_written_leaves_the_frame_pending_then_dea
     assert pending(sync_redis, "frames:{x}") == 0 and pending(sync_redis, "frames:{y}") == 0
     assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{y}")} == set(good)
     assert sync_redis.get("results:people:frames:{x}") == b"not a stream"
+
+
+async def test_a_lost_consumer_lease_is_noticed_and_replaced(redis_url, sync_redis, tmp_path, gradient, monkeypatch):
+    monkeypatch.setattr("sightstream.daemon.consumer.RENEW_S", 0.2)
+    settings = settings_for(redis_url, tmp_path, [{"batch_timeout_ms": 20}])
+    async with running(settings, host="h") as d:
+        assert d.consumer == "h:0"
+        # Our lease lapsed and another daemon took the name (a paused process, an outage).
+        sync_redis.set("sightstream:consumer:h:0", "another daemon's token", px=60_000)
+        await wait_for(lambda: d.consumer == "h:1", 5, "a new consumer name")
+        publish(sync_redis, "frames:{l}", 3, encode(gradient))
+        await wait_for(lambda: counts(sync_redis, "frames:{l}")[0] == 3, 10, "frames read under the new name")
+        consumers = {c["name"].decode() for c in sync_redis.xinfo_consumers("frames:{l}", "people")}
+        assert "h:1" in consumers and pending(sync_redis, "frames:{l}") == 0
+        assert d.metrics.leases_lost.labels("consumer")._value.get() == 1
