@@ -7,8 +7,6 @@ from __future__ import annotations
 class SightstreamError(Exception):
     """Base of every error sightstream raises on purpose."""
 
-    retriable = False
-
 
 class ConfigError(SightstreamError):
     """A setting is invalid; start-up stops with this one line."""
@@ -36,9 +34,3 @@ class UnknownModel(ModelError):
 
 class BatchSizeMismatch(ModelError):
     """An adapter returned a different number of results than images: a bug, never zipped."""
-
-
-class PublishError(SightstreamError):
-    """Publishing to Redis failed; the frames stay pending and are retried."""
-
-    retriable = True

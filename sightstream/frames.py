@@ -44,7 +44,6 @@ class Frame:
     ts_ms: int
     meta: bytes | None = None
     deliveries: int = 1
-    received: float = 0.0  # event-loop time when read, for queueing metrics
     release: Callable[[], None] = field(default=lambda: None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)  # RGB, HxWx3 uint8
     orig_size: tuple[int, int] = (0, 0)  # (width, height) before any scaled decoding

@@ -79,7 +79,10 @@ class Daemon:
     def __init__(self, settings: Settings, *, host: str | None = None, discover_s: float = 2.0) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.catalogue = Catalogue(settings.models)
+        try:
+            self.catalogue = Catalogue(settings.models)
+        except ModelError as e:  # e.g. a backend and task no adapter serves: refused at start
+            raise ConfigError(f"invalid setting models: {e}") from None
         self.devices = device_list.resolve(settings.devices)
         self.manager = ModelManager(self.catalogue, device_list.memory_budgets_mb(
             self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction))

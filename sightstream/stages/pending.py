@@ -68,15 +68,13 @@ class Admission:
     ) -> int:
         """Queue each entry as a frame (or an outcome). Uses one reserved in-flight place per
         entry it keeps; returns how many places it used."""
-        loop = asyncio.get_running_loop()
         used = 0
         kept: list[Frame] = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
             frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
-                          deliveries=times, received=loop.time(),
-                          generation=self.generations.get(stream, 0))
+                          deliveries=times, generation=self.generations.get(stream, 0))
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
             used += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sightstream.config import load_settings
+from sightstream.config import Settings, load_settings
 from sightstream.errors import ConfigError
 
 
@@ -109,3 +109,11 @@ output = "out:{source}:{pipeline}"
     # derived from the upstream's own derived input, whatever the order in the file
     assert inputs["masks"] == ["results:boxes:out:frames:{cam1}:people", "results:boxes:out:cams:*:people"]
     assert inputs["tracks"] == ["results:elsewhere:*"]  # given: the upstream runs elsewhere
+
+
+def test_a_model_no_adapter_serves_is_refused_at_start():
+    from sightstream.daemon.daemon import Daemon
+
+    settings = Settings(devices=["cpu"], models={"x": {"y": {"backend": "torch", "task": "classify", "path": "/tmp"}}})
+    with pytest.raises(ConfigError, match="no adapter serves backend 'torch' with task 'classify'"):
+        Daemon(settings)
