@@ -80,7 +80,7 @@ class TaskResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
+BINARY = {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1}
 BODIES = {
     "multipart/form-data": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
     "image/jpeg": BINARY, "image/png": BINARY, "image/webp": BINARY, "image/bmp": BINARY,
