@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from sightstream import keys, log
 from sightstream.errors import SightstreamError
 from sightstream.leases import RELEASE, RENEW
-from sightstream.stages.flow import backoff_s, worth_logging
+from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 LEASE_MS = 15_000
@@ -58,11 +58,8 @@ class ConsumerLease:
         holds is replaced by a new slot."""
         failures = 0
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), RENEW_S)
+            if await wait_or_stop(stop, RENEW_S):
                 return
-            except TimeoutError:
-                pass
             try:
                 held = await self._client.eval(RENEW, 1, self._key, self._token, LEASE_MS)
                 failures = 0
@@ -89,10 +86,7 @@ class ConsumerLease:
                 attempt += 1
                 if worth_logging(attempt):
                     _log.warning("consumer_slot_unavailable", error=str(e), attempt=attempt)
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff_s(attempt))
-                except TimeoutError:
-                    pass
+                await wait_or_stop(stop, backoff_s(attempt))
         self.renamed += 1
         _log.info("consumer_renamed", old=old, new=self.name)
 

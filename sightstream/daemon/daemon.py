@@ -42,7 +42,7 @@ from sightstream.redis_conn import make_client
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
-from sightstream.stages.flow import STOP, InFlight, backoff_s, worth_logging
+from sightstream.stages.flow import STOP, InFlight, backoff_s, wait_or_stop, worth_logging
 from sightstream.stages.heartbeat import Heartbeat
 from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
@@ -246,11 +246,8 @@ class Daemon:
         idle_s = self.settings.manager.idle_unload_s
         if not idle_s:
             return
-        while not self.stop_event.is_set():
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), min(30.0, idle_s / 2))
-            except TimeoutError:
-                self.manager.cleanup(idle_s)
+        while not await wait_or_stop(self.stop_event, min(30.0, idle_s / 2)):
+            self.manager.cleanup(idle_s)
 
     @property
     def consumer(self) -> str:
@@ -294,10 +291,7 @@ class Daemon:
                 if worth_logging(attempt):
                     _log.warning("redis_unreachable_at_start", url=self.settings.redis_url,
                                  error=str(e), attempt=attempt)
-                try:
-                    await asyncio.wait_for(self.stop_event.wait(), backoff_s(attempt))
-                except TimeoutError:
-                    pass
+                await wait_or_stop(self.stop_event, backoff_s(attempt))
         return False
 
     async def stop(self) -> None:

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from sightstream import keys, log
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
-from sightstream.stages.flow import backoff_s, worth_logging
+from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 
@@ -36,10 +36,7 @@ async def follow_prompts(client: Redis, book: PromptBook, metrics: Metrics, stop
             metrics.redis_errors.labels("prompts").inc()
             if worth_logging(failures):
                 _log.warning("prompt_notices_unreachable", error=str(e), failures=failures)
-            try:
-                await asyncio.wait_for(stop.wait(), backoff_s(failures))
-            except TimeoutError:
-                pass
+            await wait_or_stop(stop, backoff_s(failures))
         finally:
             await pubsub.aclose()
 

@@ -9,6 +9,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry
 
+from sightstream.stages.flow import wait_or_stop
+
 
 class Rates:
     def __init__(self, registry: CollectorRegistry, pipelines: list[str], window_s: float = 10.0) -> None:
@@ -41,7 +43,4 @@ class Rates:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.sample()
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+            await wait_or_stop(stop, 1.0)

@@ -32,7 +32,7 @@ from sightstream.leases import Lease
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
 from sightstream.stages.adhoc import AdhocBatcher
-from sightstream.stages.flow import backoff_s, worth_logging
+from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
 from sightstream.stages.video_reader import VideoSourceError
 
 _log = log.get(__name__)
@@ -235,9 +235,6 @@ class JobRunner:
                         task.cancel("cancelled")
             except (RedisError, OSError):
                 failures += 1
-                try:
-                    await asyncio.wait_for(self._stop.wait(), backoff_s(failures))
-                except TimeoutError:
-                    pass
+                await wait_or_stop(self._stop, backoff_s(failures))
             finally:
                 await pubsub.aclose()

@@ -106,6 +106,16 @@ def backoff_s(failures: int, cap: float = 5.0) -> float:
     return min(cap, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
 
 
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds`, or less if `stop` is set meanwhile (a back-off must not hold up a
+    shutdown). True: stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 def worth_logging(failures: int) -> bool:
     """Log the first failure of a run and every 30th after it: no log flood while Redis is down."""
     return failures == 1 or failures % 30 == 0

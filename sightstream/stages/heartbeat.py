@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from sightstream import keys, log
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import InFlight, worth_logging
+from sightstream.stages.flow import InFlight, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 
@@ -37,11 +37,8 @@ class Heartbeat:
 
     async def run(self) -> None:
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), self._every_ms / 1000)
+            if await wait_or_stop(self._stop, self._every_ms / 1000):
                 return
-            except TimeoutError:
-                pass
             try:
                 await self.beat()
                 self._failures = 0

@@ -26,7 +26,7 @@ from sightstream.config import PipelineSettings
 from sightstream.errors import FrameError
 from sightstream.frames import DeadLettered, Frame, entry_ms
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import InFlight, backoff_s, worth_logging
+from sightstream.stages.flow import InFlight, backoff_s, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 
@@ -223,7 +223,4 @@ class StreamReader:
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the daemon stops."""
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except TimeoutError:
-            pass
+        await wait_or_stop(self._stop, seconds)

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from sightstream import keys, log
 from sightstream.leases import RELEASE, RENEW
-from sightstream.stages.flow import worth_logging
+from sightstream.stages.flow import wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 
@@ -69,10 +69,7 @@ class SourceLeases:
         them lapse). A lease found taken goes to `lost`. The daemon releases them once drained."""
         failures = 0
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.ttl_ms / 3000)
-            except TimeoutError:
-                pass
+            await wait_or_stop(stop, self.ttl_ms / 3000)
             try:
                 for stream in list(self.held):
                     if not await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
