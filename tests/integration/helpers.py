@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.config import Settings
+from sightstream.control.app import make_app
 from sightstream.daemon.daemon import Daemon
 from tests.conftest import wait_for  # noqa: F401 - the tests import it from here too
 from tests.fake_adapters import entry as fake_entry
@@ -37,6 +39,24 @@ def settings_for(redis_url: str, tmp_path: Path, pipelines: list[dict] | None = 
         "control": {"port": 0},
         **extra,
     })
+
+
+async def client_for(daemon: Daemon) -> TestClient:
+    """A client of the daemon's control plane over a real socket (the caller closes it)."""
+    client = TestClient(TestServer(make_app(daemon)))
+    await client.start_server()
+    return client
+
+
+@asynccontextmanager
+async def serving(settings: Settings, host: str = "testhost"):
+    """A running daemon and a client of its control plane."""
+    async with running(settings, host) as daemon:
+        client = await client_for(daemon)
+        try:
+            yield daemon, client
+        finally:
+            await client.close()
 
 
 @asynccontextmanager

@@ -5,53 +5,43 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.control.app import make_app
 from sightstream.control.state import OPENAPI
 from sightstream.daemon.daemon import Daemon
 from sightstream.daemon.embedded_redis import free_port
 from tests.conftest import encode
-from tests.integration.helpers import running, settings_for, wait_for
+from tests.integration.helpers import client_for, serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-async def client_for(daemon: Daemon) -> TestClient:
-    client = TestClient(TestServer(make_app(daemon)))
-    await client.start_server()
-    return client
-
 
 async def test_health_ready_and_metrics(redis_url, sync_redis, tmp_path, gradient):
-    async with running(settings_for(redis_url, tmp_path)) as daemon:
-        client = await client_for(daemon)
-        try:
-            r = await client.get("/health/live")
-            assert r.status == 200 and (await r.json())["status"] == "ok"
-            r = await client.get("/health/ready")
-            assert r.status == 200
-            for _ in range(3):
-                sync_redis.xadd("frames:{m}", {"image": encode(gradient)})
-            sync_redis.xadd("frames:{m}", {"image": b"junk"})
-            await wait_for(lambda: sync_redis.xlen("results:people:frames:{m}") == 3
-                           and sync_redis.exists("deadletter:people:frames:{m}"))
-            health = await (await client.get("/health")).json()
-            assert health["status"] == "ok" and health["redis"]["ok"]
-            assert health["devices"] == ["cpu"] and health["workers"][0]["batches"] >= 1
-            assert health["models"][0]["model"] == "tiny/det"
-            (pipeline,) = health["pipelines"]
-            assert pipeline["name"] == "people" and "frames:{m}" in pipeline["streams"]
-            text = await (await client.get("/metrics")).text()
-            assert 'sightstream_frames_published_total{pipeline="people"} 3.0' in text
-            assert 'sightstream_frames_dead_lettered_total{pipeline="people",reason="unsupported_format"} 1.0' in text
-            assert 'sightstream_frames_in_total{pipeline="people"} 4.0' in text
-            assert 'sightstream_frames_in_flight{pipeline="people"} 0.0' in text  # all acknowledged
-            assert "sightstream_batch_size_bucket" in text
-            assert "sightstream_inference_seconds_bucket" in text
-            assert "sightstream_e2e_latency_seconds_bucket" in text
-        finally:
-            await client.close()
+    async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
+        r = await client.get("/health/live")
+        assert r.status == 200 and (await r.json())["status"] == "ok"
+        r = await client.get("/health/ready")
+        assert r.status == 200
+        for _ in range(3):
+            sync_redis.xadd("frames:{m}", {"image": encode(gradient)})
+        sync_redis.xadd("frames:{m}", {"image": b"junk"})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{m}") == 3
+                       and sync_redis.exists("deadletter:people:frames:{m}"))
+        health = await (await client.get("/health")).json()
+        assert health["status"] == "ok" and health["redis"]["ok"]
+        assert health["devices"] == ["cpu"] and health["workers"][0]["batches"] >= 1
+        assert health["models"][0]["model"] == "tiny/det"
+        (pipeline,) = health["pipelines"]
+        assert pipeline["name"] == "people" and "frames:{m}" in pipeline["streams"]
+        text = await (await client.get("/metrics")).text()
+        assert 'sightstream_frames_published_total{pipeline="people"} 3.0' in text
+        assert 'sightstream_frames_dead_lettered_total{pipeline="people",reason="unsupported_format"} 1.0' in text
+        assert 'sightstream_frames_in_total{pipeline="people"} 4.0' in text
+        assert 'sightstream_frames_in_flight{pipeline="people"} 0.0' in text  # all acknowledged
+        assert "sightstream_batch_size_bucket" in text
+        assert "sightstream_inference_seconds_bucket" in text
+        assert "sightstream_e2e_latency_seconds_bucket" in text
 
 
 async def test_ready_is_503_while_redis_is_unreachable(tmp_path):
@@ -115,52 +105,44 @@ async def test_a_token_guards_everything_but_health_and_metrics(redis_url, tmp_p
 async def test_model_routes(redis_url, tmp_path):
     settings = settings_for(redis_url, tmp_path, fakes={"small": {"memory_mb": 300}, "big": {"memory_mb": 800}},
                             manager={"max_memory_mb": {"cpu": 1000}})
-    async with running(settings) as daemon:
-        client = await client_for(daemon)
-        try:
-            listed = (await (await client.get("/models")).json())["models"]
-            ids = {m["model"]: m for m in listed}
-            assert {"retinaface/mobilenet", "tiny/det", "fake/small"} <= set(ids)
-            assert ids["retinaface/mobilenet"]["available"] and not ids["fake/small"]["loaded"]
+    async with serving(settings) as (daemon, client):
+        listed = (await (await client.get("/models")).json())["models"]
+        ids = {m["model"]: m for m in listed}
+        assert {"retinaface/mobilenet", "tiny/det", "fake/small"} <= set(ids)
+        assert ids["retinaface/mobilenet"]["available"] and not ids["fake/small"]["loaded"]
 
-            r = await client.post("/models/fake/small/load?device=cpu")
-            assert r.status == 200 and (await r.json())["memory_mb"] == 300
-            info = await (await client.get("/models/fake/small/info")).json()
-            assert info["task"] == "detect" and info["loaded_on"][0]["device"] == "cpu"
-            assert info["options"]["memory_mb"] == 300
+        r = await client.post("/models/fake/small/load?device=cpu")
+        assert r.status == 200 and (await r.json())["memory_mb"] == 300
+        info = await (await client.get("/models/fake/small/info")).json()
+        assert info["task"] == "detect" and info["loaded_on"][0]["device"] == "cpu"
+        assert info["options"]["memory_mb"] == 300
 
-            r = await client.post("/models/fake/big/load")  # 300 + 800 > the 1000 MB budget …
-            assert r.status == 200  # … so the idle small model was evicted (LRU)
-            loaded = (await (await client.get("/models/loaded")).json())["models"]
-            assert [m["model"] for m in loaded] == ["fake/big"]
+        r = await client.post("/models/fake/big/load")  # 300 + 800 > the 1000 MB budget …
+        assert r.status == 200  # … so the idle small model was evicted (LRU)
+        loaded = (await (await client.get("/models/loaded")).json())["models"]
+        assert [m["model"] for m in loaded] == ["fake/big"]
 
-            r = await client.post("/models/no/such/load")
-            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
-            r = await client.post("/models/fake/small/load?device=cuda:7")
-            assert r.status == 404 and "no worker owns device" in (await r.json())["error"]["message"]
-            r = await client.post("/models/fake/small/unload")
-            assert r.status == 404 and (await r.json())["error"]["code"] == "not_loaded"
-            r = await client.post("/models/fake/big/unload")
-            assert (await r.json()) == {"model": "fake/big", "unloaded_from": ["cpu"]}
+        r = await client.post("/models/no/such/load")
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        r = await client.post("/models/fake/small/load?device=cuda:7")
+        assert r.status == 404 and "no worker owns device" in (await r.json())["error"]["message"]
+        r = await client.post("/models/fake/small/unload")
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_loaded"
+        r = await client.post("/models/fake/big/unload")
+        assert (await r.json()) == {"model": "fake/big", "unloaded_from": ["cpu"]}
 
-            await client.post("/models/fake/small/load")
-            r = await client.post("/models/cleanup?inactive_seconds=0")
-            assert (await r.json())["unloaded"] == [{"model": "fake/small", "device": "cpu"}]
-            r = await client.post("/models/cleanup?inactive_seconds=soon")
-            assert r.status == 422 and "inactive_seconds" in (await r.json())["error"]["message"]
-        finally:
-            await client.close()
+        await client.post("/models/fake/small/load")
+        r = await client.post("/models/cleanup?inactive_seconds=0")
+        assert (await r.json())["unloaded"] == [{"model": "fake/small", "device": "cpu"}]
+        r = await client.post("/models/cleanup?inactive_seconds=soon")
+        assert r.status == 422 and "inactive_seconds" in (await r.json())["error"]["message"]
 
 
 async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
     settings = settings_for(redis_url, tmp_path, fakes={"huge": {"memory_mb": 5000}},
                             manager={"max_memory_mb": {"cpu": 1000}})
-    async with running(settings) as daemon:
-        client = await client_for(daemon)
-        try:
-            r = await client.post("/models/fake/huge/load")
-            body = await r.json()
-            assert r.status == 507 and body["error"]["code"] == "insufficient_memory"
-            assert "5000 MB" in body["error"]["message"]
-        finally:
-            await client.close()
+    async with serving(settings) as (daemon, client):
+        r = await client.post("/models/fake/huge/load")
+        body = await r.json()
+        assert r.status == 507 and body["error"]["code"] == "insufficient_memory"
+        assert "5000 MB" in body["error"]["message"]

@@ -7,12 +7,10 @@ import asyncio
 import time
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from sightstream.control.app import make_app
 from tests.conftest import encode
 from tests.fake_adapters import POISON
-from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +64,7 @@ async def test_a_stuck_model_is_abandoned_its_frames_retried_and_the_loop_never_
                             fakes={"stuck": {"hang_first_s": 4}}, inference_timeout_s=1.0,
                             reclaim_min_idle_ms=1000)
     async with running(settings) as d:
-        client = TestClient(TestServer(make_app(d)))
-        await client.start_server()
+        client = await client_for(d)
         try:
             await wait_for(lambda: d.workers[0].busy, what="the stuck call")
             started = time.monotonic()

@@ -10,8 +10,8 @@ import pytest
 from sightstream.daemon.embedded_redis import free_port
 from sightstream.jobs.store import input_job_id
 from tests import hls
-from tests.integration.helpers import running, settings_for, wait_for
-from tests.integration.test_jobs import serving, submit, until_status
+from tests.integration.helpers import running, serving, settings_for, wait_for
+from tests.integration.test_jobs import submit, until_status
 
 pytestmark = pytest.mark.integration
 

@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import asynccontextmanager
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream import keys
-from sightstream.control.app import make_app
 from sightstream.jobs.store import JobSpec, JobStore
 from sightstream.leases import Lease
 from sightstream.redis_conn import make_client, run_pipelined
 from tests import hls
 from tests.conftest import encode
-from tests.integration.helpers import running, settings_for, wait_for
+from tests.integration.helpers import serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +34,6 @@ def job_settings(redis_url, tmp_path, videos, **jobs):
                                                    "stall_s": 2, "lease_ttl_ms": 2000, **jobs})
 
 
-@asynccontextmanager
-async def serving(settings):
-    """A daemon and a client of its control plane."""
-    async with running(settings) as daemon:
-        client = TestClient(TestServer(make_app(daemon)))
-        await client.start_server()
-        try:
-            yield daemon, client
-        finally:
-            await client.close()
 
 
 async def submit(client, **body) -> str:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from sightstream.control.app import make_app
 from tests.conftest import encode
-from tests.integration.helpers import running, settings_for, wait_for
+from tests.integration.helpers import serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -19,31 +17,26 @@ async def test_a_pipeline_reports_backlog_counts_rates_and_latency(redis_url, sy
     sync_redis.xadd("frames:{b}", {"image": b"junk"})
     settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "batch_size": 1, "max_in_flight": 2}],
                             fakes={"slow": {"delay_s": 0.15}})
-    async with running(settings) as d:
-        client = TestClient(TestServer(make_app(d)))
-        await client.start_server()
-        try:
-            async def stats():
-                r = await client.get("/pipelines/people")
-                assert r.status == 200
-                return await r.json()
+    async with serving(settings) as (d, client):
+        async def stats():
+            r = await client.get("/pipelines/people")
+            assert r.status == 200
+            return await r.json()
 
-            busy = await stats()  # the model is slow: most frames are still waiting in Redis
-            (a,) = [s for s in busy["sources"] if s["stream"] == "frames:{a}"]
-            assert a["lag"] + a["pending"] > 2 and a["pending"] <= 2
-            assert busy["model"] == "fake/slow" and busy["task"] == "detect" and busy["prompt_version"] == 1
+        busy = await stats()  # the model is slow: most frames are still waiting in Redis
+        (a,) = [s for s in busy["sources"] if s["stream"] == "frames:{a}"]
+        assert a["lag"] + a["pending"] > 2 and a["pending"] <= 2
+        assert busy["model"] == "fake/slow" and busy["task"] == "detect" and busy["prompt_version"] == 1
 
-            await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 12, what="every result")
-            done = await stats()
-            assert done["pending"] == 0 and done["lag"] == 0
-            assert done["counts"]["read"] == 13 and done["counts"]["published"] == 12
-            assert done["counts"]["dead_lettered"] == {"unsupported_format": 1}
-            assert done["latency"]["results"] == 12 and 0 <= done["latency"]["p50_ms"] <= done["latency"]["p99_ms"]
-            assert done["fps_out"] > 0  # results came within the last 10 s
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 12, what="every result")
+        done = await stats()
+        assert done["pending"] == 0 and done["lag"] == 0
+        assert done["counts"]["read"] == 13 and done["counts"]["published"] == 12
+        assert done["counts"]["dead_lettered"] == {"unsupported_format": 1}
+        assert done["latency"]["results"] == 12 and 0 <= done["latency"]["p50_ms"] <= done["latency"]["p99_ms"]
+        assert done["fps_out"] > 0  # results came within the last 10 s
 
-            listed = (await (await client.get("/pipelines")).json())["pipelines"]
-            assert [p["name"] for p in listed] == ["people"] and listed[0]["sources"] is None
-            r = await client.get("/pipelines/nope")
-            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
-        finally:
-            await client.close()
+        listed = (await (await client.get("/pipelines")).json())["pipelines"]
+        assert [p["name"] for p in listed] == ["people"] and listed[0]["sources"] is None
+        r = await client.get("/pipelines/nope")
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"

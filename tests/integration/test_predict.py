@@ -12,15 +12,13 @@ import tarfile
 import numpy as np
 import pytest
 from aiohttp import FormData
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from sightstream.config import ModelEntry
-from sightstream.control.app import make_app
 from sightstream.models.masks import rle_decode
 from tests import tiny_hf
 from tests.conftest import encode
-from tests.integration.helpers import running, settings_for
+from tests.integration.helpers import client_for, serving, settings_for
 from tests.tiny_models import red_segmenter
 
 pytestmark = pytest.mark.integration
@@ -42,11 +40,6 @@ def predict_settings(redis_url, tmp_path, depth_path=None, **extra):
     return settings
 
 
-async def client_for(daemon) -> TestClient:
-    client = TestClient(TestServer(make_app(daemon)))
-    await client.start_server()
-    return client
-
 
 def red_left(width=60, height=40) -> np.ndarray:
     frame = np.zeros((height, width, 3), np.uint8)
@@ -66,146 +59,126 @@ def tar_of(members: list[tuple[str, bytes]]) -> bytes:
 
 
 async def test_one_image_as_body_multipart_or_gzip(redis_url, tmp_path, gradient, astronaut_jpeg):
-    async with running(predict_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            r = await client.post("/predict/tiny/det", data=encode(gradient))
-            body = await r.json()
-            assert r.status == 200 and r.headers["X-Task"] == "detect"
-            assert (body["width"], body["height"]) == (96, 64)
-            assert [det["label"] for det in body["detections"]] == ["dog"]
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        r = await client.post("/predict/tiny/det", data=encode(gradient))
+        body = await r.json()
+        assert r.status == 200 and r.headers["X-Task"] == "detect"
+        assert (body["width"], body["height"]) == (96, 64)
+        assert [det["label"] for det in body["detections"]] == ["dog"]
 
-            form = FormData()
-            form.add_field("file", encode(gradient, "PNG"), filename="g.png", content_type="image/png")
-            r = await client.post("/predict/tiny/det", data=form)
-            assert r.status == 200 and (await r.json())["detections"][0]["label"] == "dog"
+        form = FormData()
+        form.add_field("file", encode(gradient, "PNG"), filename="g.png", content_type="image/png")
+        r = await client.post("/predict/tiny/det", data=form)
+        assert r.status == 200 and (await r.json())["detections"][0]["label"] == "dog"
 
-            r = await client.post("/predict/tiny/det", data=gzip.compress(encode(gradient, "BMP")),
-                                  headers={"Content-Encoding": "gzip"})
-            assert r.status == 200 and (await r.json())["width"] == 96
+        r = await client.post("/predict/tiny/det", data=gzip.compress(encode(gradient, "BMP")),
+                              headers={"Content-Encoding": "gzip"})
+        assert r.status == 200 and (await r.json())["width"] == 96
 
-            # The real default model: a face on the astronaut, in the photo's own pixels.
-            r = await client.post("/predict/retinaface/mobilenet", data=astronaut_jpeg)
-            body = await r.json()
-            assert r.status == 200 and (body["width"], body["height"]) == (512, 512)
-            (face,) = body["detections"]
-            assert face["label"] == "face" and face["score"] > 0.9
-            x1, y1, x2, y2 = face["box"]
-            assert 150 < x1 < x2 < 300 and 30 < y1 < y2 < 220
-        finally:
-            await client.close()
+        # The real default model: a face on the astronaut, in the photo's own pixels.
+        r = await client.post("/predict/retinaface/mobilenet", data=astronaut_jpeg)
+        body = await r.json()
+        assert r.status == 200 and (body["width"], body["height"]) == (512, 512)
+        (face,) = body["detections"]
+        assert face["label"] == "face" and face["score"] > 0.9
+        x1, y1, x2, y2 = face["box"]
+        assert 150 < x1 < x2 < 300 and 30 < y1 < y2 < 220
 
 
 async def test_a_tar_is_a_batch_answered_in_order_with_an_error_entry_per_bad_member(redis_url, tmp_path, gradient):
-    async with running(predict_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            tar = tar_of([("a.jpg", encode(gradient)), ("notes.txt", b"not an image"),
-                          ("b.png", encode(gradient, "PNG")), ("c.jpg", encode(gradient)[:200])])
-            r = await client.post("/predict/tiny/det", data=tar, headers={"Content-Type": "application/x-tar"})
-            body = await r.json()
-            assert r.status == 200 and r.headers["X-Batch-Size"] == "4"
-            names = [item["name"] for item in body["results"]]
-            assert names == ["a.jpg", "notes.txt", "b.png", "c.jpg"]
-            a, notes, b, c = body["results"]
-            assert a["result"]["detections"][0]["label"] == "dog" and b["result"]["width"] == 96
-            assert notes["error"]["code"] == "unsupported_format" and "result" not in notes
-            assert c["error"]["code"] == "bad_image"
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        tar = tar_of([("a.jpg", encode(gradient)), ("notes.txt", b"not an image"),
+                      ("b.png", encode(gradient, "PNG")), ("c.jpg", encode(gradient)[:200])])
+        r = await client.post("/predict/tiny/det", data=tar, headers={"Content-Type": "application/x-tar"})
+        body = await r.json()
+        assert r.status == 200 and r.headers["X-Batch-Size"] == "4"
+        names = [item["name"] for item in body["results"]]
+        assert names == ["a.jpg", "notes.txt", "b.png", "c.jpg"]
+        a, notes, b, c = body["results"]
+        assert a["result"]["detections"][0]["label"] == "dog" and b["result"]["width"] == 96
+        assert notes["error"]["code"] == "unsupported_format" and "result" not in notes
+        assert c["error"]["code"] == "bad_image"
 
-            form = FormData()
-            for name in ("x.jpg", "y.jpg"):
-                form.add_field("file", encode(gradient), filename=name, content_type="image/jpeg")
-            r = await client.post("/predict/tiny/det", data=form)
-            body = await r.json()
-            assert r.headers["X-Batch-Size"] == "2" and [i["name"] for i in body["results"]] == ["x.jpg", "y.jpg"]
-        finally:
-            await client.close()
+        form = FormData()
+        for name in ("x.jpg", "y.jpg"):
+            form.add_field("file", encode(gradient), filename=name, content_type="image/jpeg")
+        r = await client.post("/predict/tiny/det", data=form)
+        body = await r.json()
+        assert r.headers["X-Batch-Size"] == "2" and [i["name"] for i in body["results"]] == ["x.jpg", "y.jpg"]
 
 
 async def test_masks_as_json_png_and_packbits(redis_url, tmp_path):
     frame = red_left()
-    async with running(predict_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            r = await client.post("/predict/seg/red", data=encode(frame, "PNG"))
-            (mask,) = (await r.json())["masks"]
-            expected = rle_decode(mask["rle"])
-            assert mask["label"] == "red" and expected[:, :25].all() and not expected[:, 35:].any()
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        r = await client.post("/predict/seg/red", data=encode(frame, "PNG"))
+        (mask,) = (await r.json())["masks"]
+        expected = rle_decode(mask["rle"])
+        assert mask["label"] == "red" and expected[:, :25].all() and not expected[:, 35:].any()
 
-            r = await client.post("/predict/seg/red?format=png", data=encode(frame, "PNG"))
-            assert r.content_type == "image/png"
-            class_map = np.asarray(Image.open(io.BytesIO(await r.read())))
-            assert np.array_equal(class_map == 1, expected)
+        r = await client.post("/predict/seg/red?format=png", data=encode(frame, "PNG"))
+        assert r.content_type == "image/png"
+        class_map = np.asarray(Image.open(io.BytesIO(await r.read())))
+        assert np.array_equal(class_map == 1, expected)
 
-            r = await client.post("/predict/seg/red?format=packbits", data=encode(frame, "PNG"))
-            blob = await r.read()
-            h, w, stride = struct.unpack(">III", blob[:12])
-            assert (h, w, stride) == (40, 60, 8)
-            bits = np.unpackbits(np.frombuffer(blob[12:], np.uint8).reshape(h, stride), axis=1)[:, :w]
-            assert np.array_equal(bits.astype(bool), expected)
+        r = await client.post("/predict/seg/red?format=packbits", data=encode(frame, "PNG"))
+        blob = await r.read()
+        h, w, stride = struct.unpack(">III", blob[:12])
+        assert (h, w, stride) == (40, 60, 8)
+        bits = np.unpackbits(np.frombuffer(blob[12:], np.uint8).reshape(h, stride), axis=1)[:, :w]
+        assert np.array_equal(bits.astype(bool), expected)
 
-            tar = tar_of([("one.png", encode(frame, "PNG")), ("bad.png", b"\x89PNG\r\n\x1a\nbroken"),
-                          ("two.png", encode(frame, "PNG"))])
-            r = await client.post("/predict/seg/red?format=packbits", data=tar,
-                                  headers={"Content-Type": "application/x-tar"})
-            blob, blocks = await r.read(), []
-            while blob:
-                (n,) = struct.unpack(">i", blob[:4])
-                blocks.append((n, blob[4:4 + abs(n)]))
-                blob = blob[4 + abs(n):]
-            assert [n for n, _ in blocks] == [12 + 40 * 8, -len(blocks[1][1]), 12 + 40 * 8]
-            assert blocks[1][1].decode().startswith("bad_image: ")  # a failed image: its error instead
-        finally:
-            await client.close()
+        tar = tar_of([("one.png", encode(frame, "PNG")), ("bad.png", b"\x89PNG\r\n\x1a\nbroken"),
+                      ("two.png", encode(frame, "PNG"))])
+        r = await client.post("/predict/seg/red?format=packbits", data=tar,
+                              headers={"Content-Type": "application/x-tar"})
+        blob, blocks = await r.read(), []
+        while blob:
+            (n,) = struct.unpack(">i", blob[:4])
+            blocks.append((n, blob[4:4 + abs(n)]))
+            blob = blob[4 + abs(n):]
+        assert [n for n, _ in blocks] == [12 + 40 * 8, -len(blocks[1][1]), 12 + 40 * 8]
+        assert blocks[1][1].decode().startswith("bad_image: ")  # a failed image: its error instead
 
 
 async def test_depth_answers_a_16_bit_png(redis_url, tmp_path, gradient, depth_model):
-    async with running(predict_settings(redis_url, tmp_path, depth_model)) as d:
-        client = await client_for(d)
-        try:
-            r = await client.post("/predict/depth/tiny", data=encode(gradient))
-            assert r.status == 200 and r.content_type == "image/png"
-            depth = Image.open(io.BytesIO(await r.read()))
-            assert depth.size == (96, 64) and depth.mode.startswith("I")
-            assert float(r.headers["X-Depth-Min"]) <= float(r.headers["X-Depth-Max"])
-            r = await client.post("/predict/depth/tiny?format=json", data=encode(gradient))
-            assert set(await r.json()) >= {"width", "height", "min", "max"}
-        finally:
-            await client.close()
+    async with serving(predict_settings(redis_url, tmp_path, depth_model)) as (d, client):
+        r = await client.post("/predict/depth/tiny", data=encode(gradient))
+        assert r.status == 200 and r.content_type == "image/png"
+        depth = Image.open(io.BytesIO(await r.read()))
+        assert depth.size == (96, 64) and depth.mode.startswith("I")
+        assert float(r.headers["X-Depth-Min"]) <= float(r.headers["X-Depth-Max"])
+        r = await client.post("/predict/depth/tiny?format=json", data=encode(gradient))
+        assert set(await r.json()) >= {"width", "height", "min", "max"}
 
 
 async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, gradient):
     settings = predict_settings(redis_url, tmp_path, control={"port": 0, "max_upload_mb": 0.05})
-    async with running(settings) as d:
-        client = await client_for(d)
-        try:
-            async def error(path, status, **kw):
-                r = await client.post(path, **kw)
-                assert r.status == status, (path, r.status, await r.text())
-                return (await r.json())["error"]
+    async with serving(settings) as (d, client):
+        async def error(path, status, **kw):
+            r = await client.post(path, **kw)
+            assert r.status == status, (path, r.status, await r.text())
+            return (await r.json())["error"]
 
-            assert "no/such" in (await error("/predict/no/such", 404, data=encode(gradient)))["message"]
-            assert (await error("/predict/tiny/det", 415, data=b"GIF89a..."))["code"] == "unsupported_format"
-            assert (await error("/predict/tiny/det", 422, data=encode(gradient)[:100]))["code"] == "bad_image"
-            assert "no image" in (await error("/predict/tiny/det", 400, data=b""))["message"]
-            big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
-            assert "too large" in (await error("/predict/tiny/det", 413, data=encode(big, "PNG")))["message"]
-            bomb = gzip.compress(b"\0" * 5_000_000)  # 5 KB on the wire, 5 MB unpacked
-            assert len(bomb) < 50_000
-            assert "too large" in (await error("/predict/tiny/det", 413, data=bomb,
-                                               headers={"Content-Encoding": "gzip"}))["message"]
-            assert "takes no prompt" in (await error("/predict/tiny/det?prompt=cats", 422, data=encode(gradient)))["message"]
-            r = await client.post("/predict/user/track", data=encode(gradient))
-            assert r.status == 422 and "as a job" in (await r.json())["error"]["message"]
-            assert "gives no image" in (await error("/predict/tiny/det?format=png", 422, data=encode(gradient)))["message"]
-            assert "format" in (await error("/predict/tiny/det?format=gif", 422, data=encode(gradient)))["message"]
-            assert "not a readable tar" in (await error(
-                "/predict/tiny/det", 400, data=b"x" * 600, headers={"Content-Type": "application/x-tar"}))["message"]
-            form = FormData(default_to_multipart=True)
-            form.add_field("other", "x")
-            assert "no `file` field" in (await error("/predict/tiny/det", 400, data=form))["message"]
-        finally:
-            await client.close()
+        assert "no/such" in (await error("/predict/no/such", 404, data=encode(gradient)))["message"]
+        assert (await error("/predict/tiny/det", 415, data=b"GIF89a..."))["code"] == "unsupported_format"
+        assert (await error("/predict/tiny/det", 422, data=encode(gradient)[:100]))["code"] == "bad_image"
+        assert "no image" in (await error("/predict/tiny/det", 400, data=b""))["message"]
+        big = np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8)
+        assert "too large" in (await error("/predict/tiny/det", 413, data=encode(big, "PNG")))["message"]
+        bomb = gzip.compress(b"\0" * 5_000_000)  # 5 KB on the wire, 5 MB unpacked
+        assert len(bomb) < 50_000
+        assert "too large" in (await error("/predict/tiny/det", 413, data=bomb,
+                                           headers={"Content-Encoding": "gzip"}))["message"]
+        assert "takes no prompt" in (await error("/predict/tiny/det?prompt=cats", 422, data=encode(gradient)))["message"]
+        r = await client.post("/predict/user/track", data=encode(gradient))
+        assert r.status == 422 and "as a job" in (await r.json())["error"]["message"]
+        assert "gives no image" in (await error("/predict/tiny/det?format=png", 422, data=encode(gradient)))["message"]
+        assert "format" in (await error("/predict/tiny/det?format=gif", 422, data=encode(gradient)))["message"]
+        assert "not a readable tar" in (await error(
+            "/predict/tiny/det", 400, data=b"x" * 600, headers={"Content-Type": "application/x-tar"}))["message"]
+        form = FormData(default_to_multipart=True)
+        form.add_field("other", "x")
+        assert "no `file` field" in (await error("/predict/tiny/det", 400, data=form))["message"]
 
 
 async def test_before_the_daemon_has_started_predict_is_503(redis_url, tmp_path, gradient):
@@ -223,16 +196,12 @@ async def test_before_the_daemon_has_started_predict_is_503(redis_url, tmp_path,
 
 async def test_a_burst_of_requests_is_batched(redis_url, tmp_path, gradient):
     settings = predict_settings(redis_url, tmp_path, control={"port": 0, "predict_batch_timeout_ms": 100})
-    async with running(settings) as d:
-        client = await client_for(d)
-        try:
-            replies = await asyncio.gather(*(client.post("/predict/fake/slow", data=encode(gradient))
-                                             for _ in range(8)))
-            assert [r.status for r in replies] == [200] * 8
-            assert max([(await r.json())["batch"] for r in replies]) > 1
-            await client.post("/predict/no/such", data=encode(gradient))
-            text = await (await client.get("/metrics")).text()
-            assert 'sightstream_predict_requests_total{model="fake/slow",status="200"} 8.0' in text
-            assert 'sightstream_predict_requests_total{model="unknown",status="404"} 1.0' in text
-        finally:
-            await client.close()
+    async with serving(settings) as (d, client):
+        replies = await asyncio.gather(*(client.post("/predict/fake/slow", data=encode(gradient))
+                                         for _ in range(8)))
+        assert [r.status for r in replies] == [200] * 8
+        assert max([(await r.json())["batch"] for r in replies]) > 1
+        await client.post("/predict/no/such", data=encode(gradient))
+        text = await (await client.get("/metrics")).text()
+        assert 'sightstream_predict_requests_total{model="fake/slow",status="200"} 8.0' in text
+        assert 'sightstream_predict_requests_total{model="unknown",status="404"} 1.0' in text

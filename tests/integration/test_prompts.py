@@ -7,12 +7,10 @@ import asyncio
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.config import ModelEntry
-from sightstream.control.app import make_app
 from tests.conftest import encode
-from tests.integration.helpers import entries, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, running, serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,78 +29,65 @@ def prompt_settings(redis_url, tmp_path, **extra):
     return settings
 
 
-async def client_for(daemon) -> TestClient:
-    client = TestClient(TestServer(make_app(daemon)))
-    await client.start_server()
-    return client
-
 
 async def test_versions_history_rollback_and_conditional_changes(redis_url, tmp_path):
-    async with running(prompt_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            r = await client.get("/pipelines/people/prompt")
-            body = await r.json()
-            assert r.status == 200 and body["text"] == "cats" and body["version"] == 1
-            assert body["updated_at"] is None and body["set_by"] == "config" and r.headers["ETag"] == '"1"'
+    async with serving(prompt_settings(redis_url, tmp_path)) as (d, client):
+        r = await client.get("/pipelines/people/prompt")
+        body = await r.json()
+        assert r.status == 200 and body["text"] == "cats" and body["version"] == 1
+        assert body["updated_at"] is None and body["set_by"] == "config" and r.headers["ETag"] == '"1"'
 
-            r = await client.put("/pipelines/people/prompt", json={"text": "dogs"})
-            body = await r.json()
-            assert r.status == 200 and body["version"] == 2 and body["text"] == "dogs"
-            assert body["updated_at"].endswith("Z") and r.headers["ETag"] == '"2"'
+        r = await client.put("/pipelines/people/prompt", json={"text": "dogs"})
+        body = await r.json()
+        assert r.status == 200 and body["version"] == 2 and body["text"] == "dogs"
+        assert body["updated_at"].endswith("Z") and r.headers["ETag"] == '"2"'
 
-            r = await client.post("/pipelines/people/prompt/rollback", json={"version": 1})
-            body = await r.json()
-            assert (body["version"], body["text"], body["rolled_back_from"]) == (3, "cats", 1)
+        r = await client.post("/pipelines/people/prompt/rollback", json={"version": 1})
+        body = await r.json()
+        assert (body["version"], body["text"], body["rolled_back_from"]) == (3, "cats", 1)
 
-            history = (await (await client.get("/pipelines/people/prompt/history")).json())["versions"]
-            assert [(v["version"], v["text"]) for v in history] == [(3, "cats"), (2, "dogs"), (1, "cats")]
+        history = (await (await client.get("/pipelines/people/prompt/history")).json())["versions"]
+        assert [(v["version"], v["text"]) for v in history] == [(3, "cats"), (2, "dogs"), (1, "cats")]
 
-            # Based on version 2, but someone made version 3 meanwhile.
-            r = await client.put("/pipelines/people/prompt", json={"text": "birds"}, headers={"If-Match": '"2"'})
-            body = await r.json()
-            assert r.status == 409 and body["error"]["code"] == "conflict" and "version 3" in body["error"]["message"]
-            r = await client.put("/pipelines/people/prompt", json={"text": "birds", "expected_version": 2})
-            assert r.status == 409
-            r = await client.put("/pipelines/people/prompt", json={"text": "birds"}, headers={"If-Match": "3"})
-            assert r.status == 200 and (await r.json())["version"] == 4
-            r = await client.post("/pipelines/people/prompt/rollback", json={"version": 2, "expected_version": 3})
-            assert r.status == 409
-            assert (await (await client.get("/pipelines/people/prompt")).json())["text"] == "birds"
-        finally:
-            await client.close()
+        # Based on version 2, but someone made version 3 meanwhile.
+        r = await client.put("/pipelines/people/prompt", json={"text": "birds"}, headers={"If-Match": '"2"'})
+        body = await r.json()
+        assert r.status == 409 and body["error"]["code"] == "conflict" and "version 3" in body["error"]["message"]
+        r = await client.put("/pipelines/people/prompt", json={"text": "birds", "expected_version": 2})
+        assert r.status == 409
+        r = await client.put("/pipelines/people/prompt", json={"text": "birds"}, headers={"If-Match": "3"})
+        assert r.status == 200 and (await r.json())["version"] == 4
+        r = await client.post("/pipelines/people/prompt/rollback", json={"version": 2, "expected_version": 3})
+        assert r.status == 409
+        assert (await (await client.get("/pipelines/people/prompt")).json())["text"] == "birds"
 
 
 async def test_bad_requests_are_4xx_naming_why(redis_url, tmp_path):
-    async with running(prompt_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            async def error(method, path, status, **kw):
-                r = await client.request(method, path, **kw)
-                assert r.status == status, (path, r.status, await r.text())
-                return (await r.json())["error"]["message"]
+    async with serving(prompt_settings(redis_url, tmp_path)) as (d, client):
+        async def error(method, path, status, **kw):
+            r = await client.request(method, path, **kw)
+            assert r.status == status, (path, r.status, await r.text())
+            return (await r.json())["error"]["message"]
 
-            assert "no pipeline named" in await error("GET", "/pipelines/nope/prompt", 404)
-            assert "no pipeline named" in await error("PUT", "/pipelines/nope/prompt", 404, json={"text": "x"})
-            assert "not valid JSON" in await error("PUT", "/pipelines/people/prompt", 400, data=b"{text")
-            assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={})
-            assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": 5})
-            assert "If-Match" in await error("PUT", "/pipelines/people/prompt", 400, json={"text": "x"},
-                                             headers={"If-Match": "yesterday"})
-            assert "no version 9" in await error("POST", "/pipelines/people/prompt/rollback", 422, json={"version": 9})
-            assert "version" in await error("POST", "/pipelines/people/prompt/rollback", 422, json={"version": 0})
-            # Per model: what the pipeline's model cannot use is refused when it is set.
-            assert "SAM2 prompt is JSON" in await error("PUT", "/pipelines/segs/prompt", 422, json={"text": "{oops"})
-            assert "box" in await error("PUT", "/pipelines/segs/prompt", 422,
-                                        json={"text": '{"boxes": [["a", 1, 2, 3]]}'})
-            assert "labels to find" in await error("PUT", "/pipelines/finder/prompt", 422, json={"text": " . ;"})
-            assert "takes no prompt" in await error("PUT", "/pipelines/faces/prompt", 422, json={"text": "x"})
-            assert "echo" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": "  "})
-            ok = await client.put("/pipelines/segs/prompt", json={"text": '{"boxes": [[1, 2, 30, 40]]}'})
-            assert ok.status == 200
-            assert (await (await client.get("/pipelines/people/prompt")).json())["version"] == 1  # nothing changed
-        finally:
-            await client.close()
+        assert "no pipeline named" in await error("GET", "/pipelines/nope/prompt", 404)
+        assert "no pipeline named" in await error("PUT", "/pipelines/nope/prompt", 404, json={"text": "x"})
+        assert "not valid JSON" in await error("PUT", "/pipelines/people/prompt", 400, data=b"{text")
+        assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={})
+        assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": 5})
+        assert "If-Match" in await error("PUT", "/pipelines/people/prompt", 400, json={"text": "x"},
+                                         headers={"If-Match": "yesterday"})
+        assert "no version 9" in await error("POST", "/pipelines/people/prompt/rollback", 422, json={"version": 9})
+        assert "version" in await error("POST", "/pipelines/people/prompt/rollback", 422, json={"version": 0})
+        # Per model: what the pipeline's model cannot use is refused when it is set.
+        assert "SAM2 prompt is JSON" in await error("PUT", "/pipelines/segs/prompt", 422, json={"text": "{oops"})
+        assert "box" in await error("PUT", "/pipelines/segs/prompt", 422,
+                                    json={"text": '{"boxes": [["a", 1, 2, 3]]}'})
+        assert "labels to find" in await error("PUT", "/pipelines/finder/prompt", 422, json={"text": " . ;"})
+        assert "takes no prompt" in await error("PUT", "/pipelines/faces/prompt", 422, json={"text": "x"})
+        assert "echo" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": "  "})
+        ok = await client.put("/pipelines/segs/prompt", json={"text": '{"boxes": [[1, 2, 30, 40]]}'})
+        assert ok.status == 200
+        assert (await (await client.get("/pipelines/people/prompt")).json())["version"] == 1  # nothing changed
 
 
 async def test_a_change_is_in_effect_on_another_daemon_within_a_second_and_recorded(
@@ -141,27 +126,19 @@ async def test_notices_missed_while_disconnected_are_caught_up(redis_url, sync_r
 
 async def test_named_tokens_are_recorded_as_who_set_the_prompt(redis_url, tmp_path):
     settings = prompt_settings(redis_url, tmp_path, control={"port": 0, "tokens": {"alice": "a-secret"}})
-    async with running(settings) as d:
-        client = await client_for(d)
-        try:
-            r = await client.put("/pipelines/people/prompt", json={"text": "dogs"})
-            assert r.status == 401
-            r = await client.put("/pipelines/people/prompt", json={"text": "dogs"},
-                                 headers={"Authorization": "Bearer a-secret"})
-            assert r.status == 200 and (await r.json())["set_by"] == "alice"
-        finally:
-            await client.close()
+    async with serving(settings) as (d, client):
+        r = await client.put("/pipelines/people/prompt", json={"text": "dogs"})
+        assert r.status == 401
+        r = await client.put("/pipelines/people/prompt", json={"text": "dogs"},
+                             headers={"Authorization": "Bearer a-secret"})
+        assert r.status == 200 and (await r.json())["set_by"] == "alice"
 
 
 async def test_concurrent_changes_each_answer_their_own_version(redis_url, tmp_path):
-    async with running(prompt_settings(redis_url, tmp_path)) as d:
-        client = await client_for(d)
-        try:
-            replies = await asyncio.gather(*(client.put("/pipelines/people/prompt", json={"text": f"t{i}"})
-                                             for i in range(20)))
-            bodies = [await r.json() for r in replies]
-            assert sorted(b["version"] for b in bodies) == list(range(2, 22))
-            assert all(b["text"] == f"t{i}" for i, b in enumerate(bodies))
-            assert all(r.headers["ETag"] == f'"{b["version"]}"' for r, b in zip(replies, bodies))
-        finally:
-            await client.close()
+    async with serving(prompt_settings(redis_url, tmp_path)) as (d, client):
+        replies = await asyncio.gather(*(client.put("/pipelines/people/prompt", json={"text": f"t{i}"})
+                                         for i in range(20)))
+        bodies = [await r.json() for r in replies]
+        assert sorted(b["version"] for b in bodies) == list(range(2, 22))
+        assert all(b["text"] == f"t{i}" for i, b in enumerate(bodies))
+        assert all(r.headers["ETag"] == f'"{b["version"]}"' for r, b in zip(replies, bodies))

@@ -8,12 +8,10 @@ import time
 
 import pytest
 import redis
-from aiohttp.test_utils import TestClient, TestServer
 
-from sightstream.control.app import make_app
 from sightstream.daemon.embedded_redis import EmbeddedRedis
 from tests.conftest import encode
-from tests.integration.helpers import entries, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, running, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +27,7 @@ async def test_redis_down_and_back(tmp_path, gradient, appendonly):
                                 [{"model": "fake/slow", "batch_size": 2, "max_in_flight": 4}],
                                 fakes={"slow": {"delay_s": 0.1}})
         async with running(settings) as d:
-            http = TestClient(TestServer(make_app(d)))
-            await http.start_server()
+            http = await client_for(d)
             try:
                 await wait_for(lambda: client.xlen("results:people:frames:{o}") >= 6)
                 server.stop()

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from sightstream.control.app import make_app
 from tests import hls
 from tests.conftest import encode
-from tests.integration.helpers import entries, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, running, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +32,7 @@ async def test_a_vod_url_and_a_stream_in_one_pipeline(redis_url, sync_redis, tmp
         async with running(settings) as d:
             await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 8, what="the video's results")
             await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 1, what="the stream's result")
-            client = TestClient(TestServer(make_app(d)))
-            await client.start_server()
+            client = await client_for(d)
             try:
                 (video,) = (await (await client.get("/pipelines/people")).json())["videos"]
                 assert video["url"] == url and video["processed"] == 8
