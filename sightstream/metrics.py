@@ -95,7 +95,7 @@ class Metrics:
             "sightstream_redis_errors", "Redis calls that failed (then retried)", ["op"], registry=r
         )
         self.redis_reconnects = Counter(
-            "sightstream_redis_reconnects", "Times a reader got Redis back after failures", ["reader"],
+            "sightstream_redis_reconnects", "Times a Redis call succeeded again after failures", ["op"],
             registry=r,
         )
         self.in_flight = Gauge(

@@ -23,7 +23,8 @@ from redis.exceptions import RedisError
 from sightstream import keys, log
 from sightstream.errors import SightstreamError
 from sightstream.leases import RELEASE, RENEW
-from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import RedisRetry, backoff_s, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 LEASE_MS = 15_000
@@ -52,22 +53,19 @@ class ConsumerLease:
             f"all {self._slots} consumer slots of host {self.host} are taken (raise consumer_slots)"
         )
 
-    async def keep(self, stop: asyncio.Event) -> None:
-        """Renew the lease until stopped. Redis errors are survived (logged; the next renewal
-        retries: a lapsed lease nobody took is simply taken again); a lease another daemon
-        holds is replaced by a new slot."""
-        failures = 0
+    async def keep(self, stop: asyncio.Event, metrics: Metrics) -> None:
+        """Renew the lease until stopped. Redis errors are survived (counted and logged as
+        `consumer_lease`; the next renewal retries: a lapsed lease nobody took is simply taken
+        again); a lease another daemon holds is replaced by a new slot."""
+        retry = RedisRetry("consumer_lease", metrics, stop, consumer=self.name)
         while not stop.is_set():
             if await wait_or_stop(stop, RENEW_S):
                 return
             try:
                 held = await self._client.eval(RENEW, 1, self._key, self._token, LEASE_MS)
-                failures = 0
+                retry.succeeded()
             except (RedisError, OSError) as e:
-                failures += 1
-                if worth_logging(failures):
-                    _log.warning("consumer_lease_renewal_failed", consumer=self.name, error=str(e),
-                                 failures=failures)
+                retry.note(e)
                 continue
             if not held:
                 await self._replace(stop)

@@ -42,7 +42,7 @@ from sightstream.redis_conn import make_client
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
-from sightstream.stages.flow import STOP, InFlight, backoff_s, wait_or_stop, worth_logging
+from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped, wait_or_stop
 from sightstream.stages.heartbeat import Heartbeat
 from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
@@ -152,6 +152,7 @@ class Daemon:
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
             {p.name: p.max_deliveries for p in self.settings.pipelines},
+            stop=self.stop_event,
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
@@ -182,10 +183,11 @@ class Daemon:
                               {name: run.in_flight for name, run in self.runs.items()},
                               self.metrics, self.stop_event, self.settings.reclaim_min_idle_ms)
         self._service_tasks = [
-            asyncio.create_task(run.ingest.leases.keep(self.stop_event), name=f"source-leases-{name}")
+            asyncio.create_task(run.ingest.leases.keep(self.stop_event, self.metrics),
+                                name=f"source-leases-{name}")
             for name, run in self.runs.items() if run.ingest.leases
         ] + [
-            asyncio.create_task(self._lease.keep(self.stop_event), name="lease"),
+            asyncio.create_task(self._lease.keep(self.stop_event, self.metrics), name="lease"),
             asyncio.create_task(heartbeat.run(), name="heartbeat"),
             asyncio.create_task(self.rates.run(self.stop_event), name="rates"),
             asyncio.create_task(follow_prompts(self.client, self.prompt_book, self.metrics, self.stop_event,
@@ -213,7 +215,8 @@ class Daemon:
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
-        admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client)
+        admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client,
+                              self.stop_event)
         common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)
         stateful = self.catalogue.get(p.model).task == "track"
         leases = SourceLeases(self.client, p.name, self.consumer,
@@ -230,7 +233,8 @@ class Daemon:
         assert self._decode_pool is not None
         chain: list[Any] = []
         if p.fps > 0:
-            chain.append(Sampler(p.fps, self.client, read_q, decode_q, self._outcomes, self.metrics))
+            chain.append(Sampler(p.fps, self.client, read_q, decode_q, self._outcomes, self.metrics,
+                                 self.stop_event))
         chain.append(
             Decoder(decode_q, batch_q, self._outcomes, self._decode_pool, self.metrics,
                     self.settings.decode.max_pixels, lambda: self.decode_target(p.model), p.max_age_ms,
@@ -281,18 +285,12 @@ class Daemon:
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
-        attempt = 0
-        while not self.stop_event.is_set():
-            try:
-                await self.client.ping()
-                return True
-            except (RedisError, OSError) as e:
-                attempt += 1
-                if worth_logging(attempt):
-                    _log.warning("redis_unreachable_at_start", url=self.settings.redis_url,
-                                 error=str(e), attempt=attempt)
-                await wait_or_stop(self.stop_event, backoff_s(attempt))
-        return False
+        retry = RedisRetry("start", self.metrics, self.stop_event, url=self.settings.redis_url)
+        try:
+            await retry.call(self.client.ping)
+        except Stopped:
+            return False
+        return True
 
     async def stop(self) -> None:
         """Graceful drain, bounded by shutdown_timeout_s; then cancel what is left."""

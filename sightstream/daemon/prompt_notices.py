@@ -10,33 +10,28 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from sightstream import keys, log
+from sightstream import keys
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
-from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
-
-_log = log.get(__name__)
+from sightstream.stages.flow import RedisRetry, Stopped
 
 
 async def follow_prompts(client: Redis, book: PromptBook, metrics: Metrics, stop: asyncio.Event,
                          poll_s: float = 5.0) -> None:
     """Until stopped; Redis errors are survived with back-off."""
-    failures = 0
+    retry = RedisRetry("prompts", metrics, stop)
     while not stop.is_set():
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(keys.PROMPT_CHANNEL)
             await book.refresh()  # whatever changed while we were not subscribed
-            if failures:
-                _log.info("prompt_notices_recovered", after_failures=failures)
-            failures = 0
+            retry.succeeded()
             await _follow(pubsub, book, stop, poll_s)
         except (RedisError, OSError) as e:
-            failures += 1
-            metrics.redis_errors.labels("prompts").inc()
-            if worth_logging(failures):
-                _log.warning("prompt_notices_unreachable", error=str(e), failures=failures)
-            await wait_or_stop(stop, backoff_s(failures))
+            try:
+                await retry.failed(e)
+            except Stopped:
+                return
         finally:
             await pubsub.aclose()
 

@@ -32,7 +32,7 @@ from sightstream.leases import Lease
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
 from sightstream.stages.adhoc import AdhocBatcher
-from sightstream.stages.flow import backoff_s, wait_or_stop, worth_logging
+from sightstream.stages.flow import RedisRetry, Stopped, backoff_s
 from sightstream.stages.video_reader import VideoSourceError
 
 _log = log.get(__name__)
@@ -68,20 +68,17 @@ class JobRunner:
     async def run(self) -> None:
         notices = asyncio.create_task(self._follow_notices(), name="job-notices")
         waker = asyncio.create_task(self._wake_on_stop(), name="job-waker")
-        failures = 0
+        retry = RedisRetry("jobs", self._metrics, self._stop)
         try:
             while not self._stop.is_set():
                 try:
                     await self._take_jobs()
-                    failures = 0
+                    retry.succeeded()
                 except (RedisError, OSError) as e:
-                    failures += 1
-                    self._metrics.redis_errors.labels("jobs").inc()
-                    if worth_logging(failures):
-                        _log.warning("jobs_unreachable", error=str(e), failures=failures)
+                    retry.note(e)
                 self._wake.clear()
-                try:
-                    wait = backoff_s(failures) if failures else self._s.poll_s
+                try:  # a new job's notice, or the stop, wakes this early
+                    wait = backoff_s(retry.failures) if retry.failures else self._s.poll_s
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:
                     pass
@@ -217,13 +214,13 @@ class JobRunner:
             task.cancel(f"lease lost: {why}")
 
     async def _follow_notices(self) -> None:
-        failures = 0
+        retry = RedisRetry("job_notices", self._metrics, self._stop)
         while not self._stop.is_set():
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(keys.JOBS_CHANNEL)
                 self._wake.set()  # jobs submitted while unsubscribed
-                failures = 0
+                retry.succeeded()
                 while not self._stop.is_set():
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None or message.get("type") != "message":
@@ -233,8 +230,10 @@ class JobRunner:
                         self._wake.set()
                     elif kind == "cancel" and (task := self.running.get(job_id)) is not None:
                         task.cancel("cancelled")
-            except (RedisError, OSError):
-                failures += 1
-                await wait_or_stop(self._stop, backoff_s(failures))
+            except (RedisError, OSError) as e:
+                try:
+                    await retry.failed(e)
+                except Stopped:
+                    return
             finally:
                 await pubsub.aclose()

@@ -1,12 +1,23 @@
-"""What every stage shares: the STOP sentinel, the in-flight registry, queue and back-off helpers."""
+"""What every stage shares: the STOP sentinel, the in-flight registry, queue helpers, and the
+one way Redis calls are retried through an outage (`RedisRetry`)."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sightstream import log
 from sightstream.frames import Frame
+from sightstream.metrics import Metrics
+
+T = TypeVar("T")
+_log = log.get(__name__)
 
 
 class _Stop:
@@ -119,3 +130,58 @@ async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
 def worth_logging(failures: int) -> bool:
     """Log the first failure of a run and every 30th after it: no log flood while Redis is down."""
     return failures == 1 or failures % 30 == 0
+
+
+class Stopped(Exception):
+    """The daemon stopped while a Redis call waited to be retried: the caller hands back what it
+    holds (left pending in Redis, for this daemon's successor or another daemon)."""
+
+
+class RedisRetry:
+    """Retries one kind of Redis call (`op`) through an outage, the same way everywhere:
+    jittered back-off (`backoff_s`) that wakes at once when `stop` is set, every failure counted
+    in `sightstream_redis_errors_total{op}`, every recovery in
+    `sightstream_redis_reconnects_total{op}`, a log line (`redis_unreachable` or
+    `redis_error`, with `op`) on the first failure and every 30th, and `redis_recovered` when a
+    call succeeds again. Once the daemon is stopping, a failed call is not retried: `Stopped`
+    is raised instead, so an outage never holds up a shutdown."""
+
+    def __init__(self, op: str, metrics: Metrics, stop: asyncio.Event, **log_fields: Any) -> None:
+        self.op = op
+        self.failures = 0
+        self._metrics = metrics
+        self._stop = stop
+        self._log_fields = log_fields
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """`await fn()` until it succeeds; raises Stopped if the daemon stops first."""
+        while True:
+            try:
+                result = await fn()
+            except (RedisError, OSError) as e:
+                await self.failed(e)
+                continue
+            self.succeeded()
+            return result
+
+    async def failed(self, error: BaseException) -> None:
+        """Count and log a failure, then back off; raises Stopped if the daemon stops."""
+        self.note(error)
+        if await wait_or_stop(self._stop, backoff_s(self.failures)):
+            raise Stopped(self.op)
+
+    def note(self, error: BaseException) -> None:
+        """Count and log a failure (for loops with a cadence of their own, which do not back off)."""
+        self.failures += 1
+        self._metrics.redis_errors.labels(self.op).inc()
+        if worth_logging(self.failures):
+            unreachable = isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError))
+            _log.warning("redis_unreachable" if unreachable else "redis_error", op=self.op,
+                         error=str(error) or type(error).__name__, failures=self.failures,
+                         **self._log_fields)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            _log.info("redis_recovered", op=self.op, after_failures=self.failures, **self._log_fields)
+            self._metrics.redis_reconnects.labels(self.op).inc()
+        self.failures = 0

@@ -15,11 +15,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from sightstream import keys, log
+from sightstream import keys
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import InFlight, wait_or_stop, worth_logging
-
-_log = log.get(__name__)
+from sightstream.stages.flow import InFlight, RedisRetry, wait_or_stop
 
 
 class Heartbeat:
@@ -33,7 +31,7 @@ class Heartbeat:
         self._metrics = metrics
         self._stop = stop
         self._every_ms = max(1, min_idle_ms // 3)
-        self._failures = 0
+        self._retry = RedisRetry("heartbeat", metrics, stop)
 
     async def run(self) -> None:
         while not self._stop.is_set():
@@ -41,12 +39,9 @@ class Heartbeat:
                 return
             try:
                 await self.beat()
-                self._failures = 0
-            except (RedisError, OSError) as e:
-                self._failures += 1
-                self._metrics.redis_errors.labels("heartbeat").inc()
-                if worth_logging(self._failures):
-                    _log.warning("heartbeat_failed", error=str(e), failures=self._failures)
+                self._retry.succeeded()
+            except (RedisError, OSError) as e:  # the next beat retries, on its own cadence
+                self._retry.note(e)
 
     async def beat(self) -> None:
         async with self._client.pipeline(transaction=False) as pipe:

@@ -17,16 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from sightstream import keys, log
 from sightstream.config import PipelineSettings
 from sightstream.errors import FrameError
 from sightstream.frames import DeadLettered, Frame, entry_ms
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import InFlight, backoff_s, wait_or_stop, worth_logging
+from sightstream.stages.flow import InFlight, RedisRetry, Stopped, wait_or_stop
 
 _log = log.get(__name__)
 
@@ -53,12 +51,15 @@ class Admission:
     def __init__(
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
         outcomes: asyncio.Queue, metrics: Metrics, client: Redis | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._p = pipeline
         self._in_flight = in_flight
         self._out, self._outcomes = out, outcomes
         self._metrics = metrics
         self._client = client  # chained pipelines fetch their frames with it
+        self._fetch_retry = RedisRetry("fetch_source", metrics, stop or asyncio.Event(),
+                                       pipeline=pipeline.name)
         # stream -> how many times this daemon has taken it (source leases): tracking state
         # built before a stream went to another daemon and came back is not reused
         self.generations: dict[str, int] = {}
@@ -86,33 +87,38 @@ class Admission:
             parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
             if await self._checked(frame, parse):
                 kept.append(frame)
-        if self._p.prompt_from:
-            kept = await self._with_source_frames(kept)
+        if self._p.prompt_from and kept:
+            try:
+                kept = await self._with_source_frames(kept)
+            except Stopped:  # stopping while Redis is unreachable: left pending
+                for frame in kept:
+                    frame.release()
+                return used
         for frame in kept:
             await self._out.put(frame)
         return used
 
     async def _with_source_frames(self, frames: list[Frame]) -> list[Frame]:
         """Fetch the frames that chained entries describe (one pipelined round, retried while
-        Redis is unreachable); those gone or malformed are dead-lettered."""
+        Redis is unreachable; raises Stopped if the daemon stops first); those gone, unreadable
+        or malformed are dead-lettered."""
         assert self._client is not None
         client = self._client
-        failures = 0
-        while True:
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for f in frames:
-                        pipe.xrange(f.source, f.frame_id, f.frame_id, count=1)
-                    replies = await pipe.execute()
-                break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-                failures += 1
-                if worth_logging(failures):
-                    _log.warning("source_frames_unreachable_retrying", pipeline=self._p.name,
-                                 error=str(e), failures=failures)
-                await asyncio.sleep(backoff_s(failures))
+
+        async def fetch() -> list:
+            async with client.pipeline(transaction=False) as pipe:
+                for f in frames:
+                    pipe.xrange(f.source, f.frame_id, f.frame_id, count=1)
+                return await pipe.execute(raise_on_error=False)
+
+        replies = await self._fetch_retry.call(fetch)
         kept = []
         for frame, reply in zip(frames, replies):
+            if isinstance(reply, RedisError):  # e.g. the source key is not a stream
+                await self.dead_letter(frame, "source_gone",
+                                       f"frame {frame.frame_id} could not be read from "
+                                       f"{frame.source}: {reply}")
+                continue
             if not reply:
                 await self.dead_letter(frame, "source_gone",
                                        f"frame {frame.frame_id} is no longer in {frame.source} "
@@ -157,7 +163,10 @@ class Admission:
 
 class StreamReader:
     """What the two readers of a pipeline's group share: settings, clients, admission, and
-    surviving Redis outages (jittered back-off, throttled logs, groups re-created on NOGROUP)."""
+    surviving Redis outages (RedisRetry: back-off, counted and logged by `op`; groups re-created
+    on NOGROUP)."""
+
+    op = "read"  # its label in redis_errors_total / redis_reconnects_total
 
     def __init__(
         self, pipeline: PipelineSettings, client: Redis, consumer: Callable[[], str], admission: Admission,
@@ -171,7 +180,7 @@ class StreamReader:
         self._metrics = metrics
         self._stop = stop
         self._group = keys.group(pipeline.name)
-        self._failures = 0
+        self._retry = RedisRetry(self.op, metrics, stop, pipeline=pipeline.name)
 
     @property
     def _consumer(self) -> str:
@@ -183,21 +192,16 @@ class StreamReader:
         while not self._stop.is_set():
             try:
                 await self.step()
-                if self._failures:
-                    _log.info("redis_recovered", pipeline=self._p.name, reader=type(self).__name__,
-                              after_failures=self._failures)
-                    self._metrics.redis_reconnects.labels(type(self).__name__).inc()
-                self._failures = 0
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-                await self._backoff("redis_unreachable", e)
+                self._retry.succeeded()
             except ResponseError as e:
-                if "NOGROUP" in str(e):
-                    _log.warning("group_missing_recreating", pipeline=self._p.name,
-                                 reader=type(self).__name__)
-                    self._metrics.redis_errors.labels("nogroup").inc()
-                    await self.on_nogroup()
-                else:
-                    await self._backoff("redis_error", e)
+                if "NOGROUP" not in str(e):
+                    await self._backoff(e)
+                    continue
+                _log.warning("group_missing_recreating", pipeline=self._p.name, op=self.op)
+                self._retry.note(e)
+                await self.on_nogroup()
+            except (RedisError, OSError) as e:
+                await self._backoff(e)
 
     async def step(self) -> None:
         raise NotImplementedError
@@ -213,13 +217,11 @@ class StreamReader:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    async def _backoff(self, event: str, error: Exception) -> None:
-        self._failures += 1
-        if worth_logging(self._failures):
-            _log.warning(event, pipeline=self._p.name, reader=type(self).__name__,
-                         error=str(error), failures=self._failures)
-        self._metrics.redis_errors.labels(type(self).__name__).inc()
-        await self.sleep(backoff_s(self._failures))
+    async def _backoff(self, error: Exception) -> None:
+        try:
+            await self._retry.failed(error)
+        except Stopped:
+            pass  # run() sees the stop
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once when the daemon stops."""

@@ -10,8 +10,8 @@ round, and other sources, are not held up.
 
 Outcomes are published in rounds: whatever is queued (up to `round_size`) goes out in one
 pipelined round trip. A round that cannot reach Redis is retried (the script makes retries
-harmless) until it succeeds or shutdown gives up, in which case the frames stay pending for
-another daemon.
+harmless) until it succeeds or the daemon stops, in which case its frames stay pending for
+another daemon (or this one's successor) to process again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from sightstream import keys, log
 from sightstream.frames import (
@@ -37,7 +37,7 @@ from sightstream.frames import (
 )
 from sightstream.metrics import Metrics
 from sightstream.redis_conn import Lua, lua_xadd, run_pipelined
-from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
+from sightstream.stages.flow import STOP, RedisRetry, Stopped, backoff_s, drain_nowait
 
 _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
@@ -81,8 +81,10 @@ class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
         max_deliveries: dict[str, int] | None = None, round_size: int = 256,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._client = client
+        self._retry = RedisRetry("publish", metrics, stop or asyncio.Event())
         self._in = inq
         self._metrics = metrics
         self._maxlen = maxlen  # per pipeline
@@ -133,18 +135,14 @@ class Publisher:
         return due
 
     async def publish(self, outcomes: list[Outcome]) -> None:
-        failures = 0
-        while True:
-            try:
-                replies = await self._round(outcomes)
-                break
-            except RedisError as e:
-                failures += 1
-                self._metrics.redis_errors.labels("publish").inc()
-                if worth_logging(failures):
-                    _log.warning("publish_failed_retrying", frames=len(outcomes), error=str(e),
-                                 failures=failures)
-                await asyncio.sleep(backoff_s(failures))
+        try:
+            replies = await self._retry.call(lambda: self._round(outcomes))
+        except Stopped:  # stopping while Redis is unreachable: the frames stay pending
+            _log.warning("publish_given_up_at_stop", frames=len(outcomes))
+            for o in outcomes:
+                self._tries.pop(o.frame, None)
+                o.frame.release()
+            return
         for outcome, reply in zip(outcomes, replies):
             if isinstance(reply, ResponseError):
                 self._refused(outcome, reply)  # still pending: tried again, then dead-lettered

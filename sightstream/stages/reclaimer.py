@@ -21,6 +21,8 @@ _log = log.get(__name__)
 
 
 class Reclaimer(StreamReader):
+    op = "reclaim"
+
     def __init__(self, *args: Any, streams: Callable[[], list[str]], min_idle_ms: int, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._streams = streams

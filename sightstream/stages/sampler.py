@@ -15,20 +15,18 @@ from collections import OrderedDict
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from sightstream import keys, log
+from sightstream import keys
 from sightstream.frames import Acked, Frame
 from sightstream.metrics import Metrics
 from sightstream.redis_conn import Lua, run_pipelined
-from sightstream.stages.flow import STOP, backoff_s, drain_nowait, worth_logging
+from sightstream.stages.flow import STOP, RedisRetry, Stopped, drain_nowait
 
 # Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner).
 CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 """
-_log = log.get(__name__)
 MIN_TTL_MS = 120_000
 MEMORY = 4096  # decided buckets remembered locally
 
@@ -40,13 +38,14 @@ def bucket_of(ts_ms: int, fps: float) -> int:
 class Sampler:
     def __init__(
         self, fps: float, client: Redis, inq: asyncio.Queue, out: asyncio.Queue,
-        outcomes: asyncio.Queue, metrics: Metrics,
+        outcomes: asyncio.Queue, metrics: Metrics, stop: asyncio.Event | None = None,
     ) -> None:
         self._fps = fps
         self._client = client
         self._in, self._out, self._outcomes = inq, out, outcomes
         self._metrics = metrics
         self._claim = Lua(CLAIM)
+        self._retry = RedisRetry("sample", metrics, stop or asyncio.Event())
         # A bucket's key must outlive any redelivery of its frames.
         self._ttl_ms = max(MIN_TTL_MS, math.ceil(4000 / fps))
         self._decided: OrderedDict[tuple[str, int], str] = OrderedDict()
@@ -55,7 +54,13 @@ class Sampler:
         stopped = False
         while not stopped and (first := await self._in.get()) is not STOP:
             frames, stopped = drain_nowait(self._in, first, 256)
-            for frame, keep in zip(frames, await self.decide(frames)):
+            try:
+                verdicts = await self.decide(frames)
+            except Stopped:  # stopping while Redis is unreachable: left pending, decided later
+                for frame in frames:
+                    frame.release()
+                continue
+            for frame, keep in zip(frames, verdicts):
                 if keep:
                     self._metrics.frames_sampled.labels(frame.pipeline).inc()
                     await self._out.put(frame)
@@ -83,22 +88,14 @@ class Sampler:
 
     async def _claim_all(self, frames: list[Frame]) -> list:
         """One pipelined round of claims, retried while Redis is unreachable (claims are
-        idempotent: a frame that already won wins again)."""
-        failures = 0
-        while True:
-            try:
-                def fill(pipe: Any) -> None:
-                    for f in frames:
-                        key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
-                        self._claim.queue(pipe, [key], [f.entry_id, self._ttl_ms])
+        idempotent: a frame that already won wins again). Raises Stopped if the daemon stops
+        first."""
+        def fill(pipe: Any) -> None:
+            for f in frames:
+                key = keys.sample_key(f.pipeline, f.source, bucket_of(f.ts_ms, self._fps))
+                self._claim.queue(pipe, [key], [f.entry_id, self._ttl_ms])
 
-                return await run_pipelined(self._client, fill, self._claim)
-            except (RedisError, OSError) as e:
-                failures += 1
-                self._metrics.redis_errors.labels("sample").inc()
-                if worth_logging(failures):
-                    _log.warning("sampler_redis_error_retrying", error=str(e), failures=failures)
-                await asyncio.sleep(backoff_s(failures))
+        return await self._retry.call(lambda: run_pipelined(self._client, fill, self._claim))
 
     def _remember(self, bucket: tuple[str, int], frame_id: str) -> None:
         self._decided[bucket] = frame_id

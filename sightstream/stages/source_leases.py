@@ -19,7 +19,8 @@ from redis.exceptions import RedisError
 
 from sightstream import keys, log
 from sightstream.leases import RELEASE, RENEW
-from sightstream.stages.flow import wait_or_stop, worth_logging
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import RedisRetry, wait_or_stop
 
 _log = log.get(__name__)
 
@@ -64,12 +65,15 @@ class SourceLeases:
         await self._client.eval(RELEASE, 1, self._key(stream), self._consumer)
         _log.info("source_released", pipeline=self._pipeline, source=stream)
 
-    async def keep(self, stop: asyncio.Event) -> None:
+    async def keep(self, stop: asyncio.Event, metrics: Metrics) -> None:
         """Renew the held leases until stopped (in its own task: a slow model call must not let
-        them lapse). A lease found taken goes to `lost`. The daemon releases them once drained."""
-        failures = 0
+        them lapse). A lease found taken goes to `lost`. The daemon releases them once drained.
+        Redis errors are counted and logged (`source_lease`); the next round retries, and a
+        lease that lapsed meanwhile is found then."""
+        retry = RedisRetry("source_lease", metrics, stop, pipeline=self._pipeline)
         while not stop.is_set():
-            await wait_or_stop(stop, self.ttl_ms / 3000)
+            if await wait_or_stop(stop, self.ttl_ms / 3000):
+                return
             try:
                 for stream in list(self.held):
                     if not await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
@@ -77,12 +81,9 @@ class SourceLeases:
                         self.lost.append(stream)
                         self._on_lost()
                         _log.warning("source_lease_lost", pipeline=self._pipeline, source=stream)
-                failures = 0
-            except (RedisError, OSError) as e:  # the next round retries; a lapsed lease is found then
-                failures += 1
-                if worth_logging(failures):
-                    _log.warning("source_lease_renewal_failed", pipeline=self._pipeline, error=str(e),
-                                 failures=failures)
+                retry.succeeded()
+            except (RedisError, OSError) as e:
+                retry.note(e)
 
     async def release_all(self) -> None:
         try:

@@ -34,7 +34,7 @@ def test_an_unreachable_redis_at_start_is_retried_not_fatal(tmp_path, gradient):
             client.xadd("frames:{late}", {"image": encode(gradient)})
             wait_until(lambda: client.xlen("results:people:frames:{late}") == 1, 30, "a result")
             client.close()
-        assert "redis_unreachable_at_start" in d.output()
+        assert '"event": "redis_unreachable"' in d.output() and '"op": "start"' in d.output()
     finally:
         d.close()
 

@@ -77,11 +77,17 @@ async def test_upstream_entries_that_cannot_be_followed_are_dead_lettered(
     sync_redis.xadd("results:faces:frames:{cam}", {"source": "frames:{cam}", "frame_id": gone,
                                                     "ts": "1", "result": result})
     sync_redis.xadd("results:faces:frames:{cam}", {"source": "frames:{cam}", "result": "{}"})
+    sync_redis.set("frames:{str}", "not a stream")  # a source key of another type
+    sync_redis.xadd("results:faces:frames:{cam}", {"source": "frames:{str}", "frame_id": "1-0",
+                                                    "ts": "1", "result": result})
     async with running(settings):
         await wait_for(lambda: sync_redis.xlen("deadletter:masks:frames:{cam}") == 1, 30)
         await wait_for(lambda: sync_redis.xlen("deadletter:masks:results:faces:frames:{cam}") == 1, 30)
+        await wait_for(lambda: sync_redis.xlen("deadletter:masks:frames:{str}") == 1, 30)
     (_, dead), = entries(sync_redis, "deadletter:masks:frames:{cam}")
     assert dead["reason"] == b"source_gone" and dead["frame_id"].decode() == gone
+    (_, wrong), = entries(sync_redis, "deadletter:masks:frames:{str}")
+    assert wrong["reason"] == b"source_gone" and b"WRONGTYPE" in wrong["error"]
     (_, bad), = entries(sync_redis, "deadletter:masks:results:faces:frames:{cam}")
     assert bad["reason"] == b"bad_fields" and b"detect results" in bad["error"]
     assert pending(sync_redis, "results:faces:frames:{cam}", "masks") == 0

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from sightstream.daemon.embedded_redis import EmbeddedRedis
 from tests.conftest import encode
@@ -69,6 +70,33 @@ async def test_redis_down_and_back(tmp_path, gradient, appendonly):
                 assert reconnects >= 1  # and the recovery too
             finally:
                 await http.close()
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_a_stop_during_an_outage_drains_without_waiting_for_redis(tmp_path, gradient):
+    """Frames are being sampled, inferred and published when Redis goes away; a stop then
+    ends every retry loop at once (their frames stay pending in Redis) instead of sitting out
+    the shutdown timeout."""
+    server = EmbeddedRedis().start()
+    client = redis.Redis.from_url(server.url)
+    jpeg = encode(gradient)
+    try:
+        for i in range(40):
+            client.xadd("frames:{o}", {"image": jpeg, "ts": str(i * 100)})
+        settings = settings_for(server.url, tmp_path,
+                                [{"model": "fake/slow", "batch_size": 2, "max_in_flight": 8, "fps": 100}],
+                                fakes={"slow": {"delay_s": 0.2}}, shutdown_timeout_s=60)
+        with capture_logs() as logs:
+            async with running(settings) as d:
+                await wait_for(lambda: client.xlen("results:people:frames:{o}") >= 2)
+                server.stop()
+                await wait_for(lambda: d.metrics.redis_errors.labels("publish")._value.get() > 0, 10,
+                               "the publisher retrying")
+        events = [e["event"] for e in logs]
+        assert "daemon_drained" in events and "shutdown_timeout_cancelling" not in events
+        assert "publish_given_up_at_stop" in events
     finally:
         client.close()
         server.close()

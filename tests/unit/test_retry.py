@@ -1,0 +1,121 @@
+"""RedisRetry: the one way Redis calls are retried through an outage, and how each stage that
+waits on Redis gives its frames back when the daemon stops during an outage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from structlog.testing import capture_logs
+
+from sightstream.frames import Frame, Published
+from sightstream.metrics import Metrics
+from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped
+from sightstream.stages.publisher import Publisher
+from sightstream.stages.sampler import Sampler
+
+
+def counted(metrics: Metrics, name: str) -> dict[str, float]:
+    return {s.labels["op"]: s.value for m in metrics.registry.collect() if m.name == name
+            for s in m.samples if s.name.endswith("_total")}
+
+
+async def test_retries_until_redis_answers_counting_each_failure_and_the_recovery():
+    metrics, calls = Metrics(), []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RedisConnectionError("Connection refused")
+        return "ok"
+
+    with capture_logs() as logs:
+        assert await RedisRetry("publish", metrics, asyncio.Event()).call(flaky) == "ok"
+    assert len(calls) == 3
+    assert counted(metrics, "sightstream_redis_errors") == {"publish": 2}
+    assert counted(metrics, "sightstream_redis_reconnects") == {"publish": 1}
+    events = [(e["event"], e.get("op")) for e in logs]
+    assert events == [("redis_unreachable", "publish"), ("redis_recovered", "publish")]
+
+
+async def test_a_stop_during_the_back_off_ends_the_wait_at_once():
+    stop = asyncio.Event()
+    retry = RedisRetry("sample", Metrics(), stop)
+
+    async def down() -> None:
+        raise RedisConnectionError("Connection refused")
+
+    task = asyncio.create_task(retry.call(down))
+    while retry.failures < 4:  # back-off grows past a second by the 4th failure
+        await asyncio.sleep(0.01)
+    stop.set()
+    with pytest.raises(Stopped):
+        await asyncio.wait_for(task, 0.5)  # far less than the back-off it was in
+
+
+async def test_once_stopping_a_failed_call_is_not_retried():
+    stop = asyncio.Event()
+    stop.set()
+    calls = []
+
+    async def down() -> None:
+        calls.append(1)
+        raise RedisConnectionError("Connection refused")
+
+    with pytest.raises(Stopped):
+        await RedisRetry("publish", Metrics(), stop).call(down)
+    assert len(calls) == 1
+
+
+class Unreachable(fakeredis.FakeAsyncRedis):
+    """A client whose every round trip fails as if Redis were down."""
+
+    def pipeline(self, *args, **kwargs):
+        raise RedisConnectionError("Connection refused")
+
+    async def evalsha(self, *args, **kwargs):
+        raise RedisConnectionError("Connection refused")
+
+
+def held_frames(n: int) -> tuple[InFlight, list[Frame]]:
+    in_flight = InFlight(n)
+    frames = [Frame("p", "frames:{a}", f"{i}-0", {}, i * 10) for i in range(1, n + 1)]
+    for f in frames:
+        in_flight.hold(f)
+    return in_flight, frames
+
+
+async def test_the_publisher_hands_its_frames_back_when_stopped_during_an_outage():
+    stop = asyncio.Event()
+    in_flight, frames = held_frames(3)
+    inq: asyncio.Queue = asyncio.Queue()
+    pub = Publisher(Unreachable(), inq, Metrics(), {"p": 100}, stop=stop)
+    for f in frames:
+        inq.put_nowait(Published(f, "results:p:frames:{a}", {"frame_id": f.frame_id}))
+    task = asyncio.create_task(pub.run())
+    await asyncio.sleep(0.3)  # retrying
+    assert in_flight.in_flight == 3 and not task.done()
+    stop.set()
+    await inq.put(STOP)
+    await asyncio.wait_for(task, 1.0)
+    assert in_flight.in_flight == 0  # released: still pending in Redis for another daemon
+    assert pub.published == 0
+
+
+async def test_the_sampler_hands_its_frames_back_when_stopped_during_an_outage():
+    stop = asyncio.Event()
+    in_flight, frames = held_frames(2)
+    inq, out, outcomes = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    sampler = Sampler(5.0, Unreachable(), inq, out, outcomes, Metrics(), stop)
+    for f in frames:
+        inq.put_nowait(f)
+    task = asyncio.create_task(sampler.run())
+    await asyncio.sleep(0.3)
+    assert in_flight.in_flight == 2 and not task.done()
+    stop.set()
+    await inq.put(STOP)
+    await asyncio.wait_for(task, 1.0)
+    assert in_flight.in_flight == 0
+    assert out.get_nowait() is STOP and outcomes.empty()  # nothing decided, nothing passed on
