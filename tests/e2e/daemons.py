@@ -16,6 +16,16 @@ CLI = [sys.executable, "-m", "sightstream"]
 REPO = Path(__file__).parent.parent.parent
 
 
+def wait_until(check, timeout: float = 30, what: str = "condition") -> None:
+    """Poll `check` (synchronous) until it is true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def write_config(path: Path, redis_url: str, port: int, pipeline: str = "", top: str = "",
                  fake: str = "", tables: str = "") -> Path:
     """A config with one pipeline `people` (extra lines in `pipeline`), if `fake` is given, a

@@ -9,20 +9,11 @@ import time
 import pytest
 
 from tests.conftest import encode
-from tests.e2e.daemons import Daemon
+from tests.e2e.daemons import Daemon, wait_until
 from tests.integration.helpers import entries
 
 pytestmark = pytest.mark.e2e
 STREAMS = ["frames:{a}", "frames:{b}", "frames:{c}"]
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def outcomes(sync_redis) -> list[tuple[str, str]]:

@@ -13,8 +13,7 @@ import pytest
 
 from sightstream import keys
 from tests import hls
-from tests.e2e.daemons import Daemon
-from tests.e2e.test_crashes import wait_until
+from tests.e2e.daemons import Daemon, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,7 @@ import redis
 
 from sightstream.daemon.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import encode
-from tests.e2e.daemons import Daemon
-from tests.e2e.test_crashes import wait_until
+from tests.e2e.daemons import Daemon, wait_until
 from tests.integration.helpers import entries
 
 pytestmark = pytest.mark.e2e
@@ -85,7 +84,10 @@ def test_overload_keeps_the_backlog_in_redis_and_memory_flat(tmp_path, redis_url
         d.wait_ready()
         process = psutil.Process(d.proc.pid)
         producer.start()
-        time.sleep(4)  # warm up: model loaded, queues full
+        # Warm up: the model loaded and running, the daemon's in-flight places all taken.
+        wait_until(lambda: sync_redis.xlen("results:people:frames:{o1}") >= 4
+                   and sum(sync_redis.xpending(s, "people")["pending"] for s in ("frames:{o1}", "frames:{o2}")) >= 12,
+                   30, "the daemon busy with a full in-flight window")
         samples = []
         for _ in range(16):
             samples.append(process.memory_info().rss)
@@ -115,7 +117,8 @@ def test_live_mode_bounds_latency_under_overload(tmp_path, redis_url, sync_redis
         time.sleep(8)
         producer.halt.set()
         producer.join()
-        time.sleep(2)
+        wait_until(lambda: sync_redis.xpending("frames:{live}", "people")["pending"] == 0, 30,
+                   "the backlog handled (published or dropped as stale)")
         results = entries(sync_redis, "results:people:frames:{live}")
         latencies = sorted(int(f["latency_ms"]) for _, f in results)
         assert len(latencies) > 20

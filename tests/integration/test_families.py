@@ -247,7 +247,6 @@ async def test_qwen2_5_vl(task, prompt, hf_models, redis_url, sync_redis, tmp_pa
 async def test_ocr_reads_text_with_real_weights(redis_url, sync_redis, tmp_path):
     from PIL import ImageDraw, ImageFont
 
-    pytest.importorskip("rapidocr")
     img = Image.new("RGB", (640, 200), "white")
     draw = ImageDraw.Draw(img)
     draw.text((20, 20), "HELLO 2026", fill="black", font=ImageFont.load_default(size=48))

@@ -106,11 +106,13 @@ async def test_a_frame_delivered_too_often_is_dead_lettered(redis_url, sync_redi
     await asyncio.sleep(1.1)
     settings = settings_for(redis_url, tmp_path, [{"max_deliveries": 3}])
     async with running(settings) as d:
-        await wait_for(lambda: counts(sync_redis, "frames:{poison}") == (0, 1))
-        metric = d.metrics.frames_dead_lettered.labels("people", "max_deliveries")._value.get()
+        metric = d.metrics.frames_dead_lettered.labels("people", "max_deliveries")
+        # The counter moves once the round's reply is back, just after Redis shows the entry.
+        await wait_for(lambda: counts(sync_redis, "frames:{poison}") == (0, 1)
+                       and metric._value.get() == 1)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{poison}")
     assert dead["reason"] == b"max_deliveries" and dead["deliveries"] == b"4"
-    assert b"max_deliveries is 3" in dead["error"] and metric == 1
+    assert b"max_deliveries is 3" in dead["error"]
     assert pending(sync_redis, "frames:{poison}") == 0
 
 
@@ -135,10 +137,10 @@ async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gra
     fresh = publish(sync_redis, "frames:{live}", 2, encode(gradient))
     settings = settings_for(redis_url, tmp_path, [{"max_age_ms": 5000}])
     async with running(settings) as d:
+        dropped = d.metrics.frames_acked.labels("people", "stale")
         await wait_for(lambda: pending(sync_redis, "frames:{live}") == 0
-                       and counts(sync_redis, "frames:{live}")[0] == 2)
-        dropped = d.metrics.frames_acked.labels("people", "stale")._value.get()
-    assert dropped == 5 and stale
+                       and counts(sync_redis, "frames:{live}")[0] == 2 and dropped._value.get() >= 5)
+    assert dropped._value.get() == 5 and stale
     assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{live}")} == set(fresh)
 
 

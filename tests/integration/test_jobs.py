@@ -175,7 +175,15 @@ async def test_a_stalled_live_source_is_reopened_and_resumes(redis_url, tmp_path
             job_id = await submit(client, source=live.url, fps=2)
             await wait_for_results(client, job_id, 2)
             live.stall()
-            await asyncio.sleep(3)  # past stall_s: the reader gives up on this connection
+
+            async def reopened() -> bool:  # past stall_s: the reader gave up on that connection
+                job = await (await client.get(f"/jobs/{job_id}")).json()
+                return "no frame for 2 s" in (job["progress"].get("last_error") or "")
+
+            for _ in range(100):
+                if await reopened():
+                    break
+                await asyncio.sleep(0.1)
             before = len((await (await client.get(f"/jobs/{job_id}/results?count=1000")).json())["results"])
             live.resume()
             await wait_for_results(client, job_id, before + 3)

@@ -114,10 +114,26 @@ async def test_new_streams_matching_a_glob_join_within_5_seconds(redis_url, sync
         sync_redis.xadd("frames:{late}", {"image": encode(gradient)})
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{late}") == 1, 5,
                        "the new stream's result")
-        # results and dead-letter streams are never read back as input
-        sync_redis.xadd("results:other:frames:{x}", {"image": encode(gradient)})
-        await wait_for(lambda: sync_redis.xlen("results:people:frames:{late}") == 1, 1)
-    assert not sync_redis.exists("results:people:results:other:frames:{x}")
+
+
+async def test_its_own_results_and_dead_letters_are_never_read_back(redis_url, sync_redis, tmp_path, gradient):
+    """An input glob that matches everything also matches the pipeline's own result and
+    dead-letter streams: those are never taken for frames."""
+    settings = settings_for(redis_url, tmp_path, [{"input": ["*"]}])
+    async with running(settings) as d:
+        sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
+        sync_redis.xadd("frames:{a}", {"image": b"not an image"})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 1
+                       and sync_redis.xlen("deadletter:people:frames:{a}") == 1, 10)
+        # A stream created after those: once it has its result, discovery has seen them too.
+        sync_redis.xadd("frames:{b}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{b}") == 1, 10)
+        read = set(d.runs["people"].ingest.streams)
+    assert {"frames:{a}", "frames:{b}"} <= read
+    assert not read & {"results:people:frames:{a}", "deadletter:people:frames:{a}",
+                       "results:people:frames:{b}"}
+    assert not [k for k in sync_redis.keys("*results:people:results:*")]
+    assert not [k for k in sync_redis.keys("*:deadletter:*")]
 
 
 async def test_literal_input_keys_are_created_and_read(redis_url, sync_redis, tmp_path, gradient):

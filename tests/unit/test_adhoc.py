@@ -12,6 +12,7 @@ from sightstream.frames import Frame
 from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
+from tests.conftest import wait_for
 
 
 def frames(*sources: str) -> list[Frame]:
@@ -34,10 +35,19 @@ async def test_a_tracking_models_sources_each_stay_on_one_device():
     batcher = AdhocBatcher(shared, Metrics(), pinned=own, stateful=lambda model: model == "sam2/track")
     sources = ["u1", "u2", "u3", "u4"]
     await batcher.put(frames(*sources), "sam2/track", Prompt("", 1), "jobs", (8, 20))
-    await asyncio.sleep(0.1)
-    for k, queue in enumerate(own):
-        while not queue.empty():
-            assert all(zlib.crc32(f.source.encode()) % 2 == k for f in queue.get_nowait().frames)
+    seen: list[str] = []
+
+    async def collect() -> None:
+        while len(seen) < len(sources):
+            for k, queue in enumerate(own):
+                while not queue.empty():
+                    batch = queue.get_nowait()
+                    assert all(zlib.crc32(f.source.encode()) % 2 == k for f in batch.frames)
+                    seen.extend(f.source for f in batch.frames)
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(collect(), 2)
+    assert sorted(seen) == sources  # every frame arrived, each on its source's device
     assert shared.empty()
     await batcher.close()
 
@@ -47,8 +57,7 @@ async def test_an_idle_lane_ends_and_a_new_one_starts_for_the_next_frame():
     batcher = AdhocBatcher(out, Metrics(), idle_s=0.05)
     await batcher.put(frames("a"), "m/x", Prompt("", 1), "predict", (8, 1))
     await asyncio.wait_for(out.get(), 1)
-    await asyncio.sleep(0.2)
-    assert batcher._lanes == {}
+    await wait_for(lambda: batcher._lanes == {}, 2, "the idle lane to end")
     await batcher.put(frames("b"), "m/x", Prompt("", 1), "predict", (8, 1))
     assert (await asyncio.wait_for(out.get(), 1)).frames[0].source == "b"
     await batcher.close()

@@ -15,6 +15,7 @@ from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped
 from sightstream.stages.publisher import Publisher
 from sightstream.stages.sampler import Sampler
+from tests.conftest import wait_for
 
 
 def counted(metrics: Metrics, name: str) -> dict[str, float]:
@@ -95,7 +96,7 @@ async def test_the_publisher_hands_its_frames_back_when_stopped_during_an_outage
     for f in frames:
         inq.put_nowait(Published(f, "results:p:frames:{a}", {"frame_id": f.frame_id}))
     task = asyncio.create_task(pub.run())
-    await asyncio.sleep(0.3)  # retrying
+    await wait_for(lambda: pub._retry.failures >= 2, 5, "the publisher retrying")
     assert in_flight.in_flight == 3 and not task.done()
     stop.set()
     await inq.put(STOP)
@@ -112,7 +113,7 @@ async def test_the_sampler_hands_its_frames_back_when_stopped_during_an_outage()
     for f in frames:
         inq.put_nowait(f)
     task = asyncio.create_task(sampler.run())
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: sampler._retry.failures >= 2, 5, "the sampler retrying")
     assert in_flight.in_flight == 2 and not task.done()
     stop.set()
     await inq.put(STOP)
