@@ -58,7 +58,10 @@ class Lease:
     async def renew(self) -> bool:
         return bool(await self._client.eval(KEEP, 1, self.key, self.token, self.ttl_ms))
 
-    async def keep(self, on_lost: Callable[[str], None], stop: asyncio.Event) -> None:
+    async def keep(self, on_lost: Callable[[str], None], stop: asyncio.Event,
+                   on_error: Callable[[BaseException], None] = lambda e: None) -> None:
+        """Renew every TTL/3 until stopped. A renewal that fails is retried at the next turn
+        (`on_error` counts it); a lease found gone, or not renewed for a whole TTL, is lost."""
         renewed = time.monotonic()
         while not stop.is_set():
             try:
@@ -72,6 +75,7 @@ class Lease:
                     return
                 renewed = time.monotonic()
             except (RedisError, OSError) as e:
+                on_error(e)
                 if time.monotonic() - renewed > self.ttl_ms / 1000:
                     on_lost(f"no renewal for a whole TTL ({e})")
                     return

@@ -24,7 +24,7 @@ from sightstream import keys, log
 from sightstream.errors import SightstreamError
 from sightstream.leases import RELEASE, RENEW
 from sightstream.metrics import Metrics
-from sightstream.stages.flow import RedisRetry, backoff_s, wait_or_stop, worth_logging
+from sightstream.stages.flow import RedisRetry, Stopped, backoff_s, wait_or_stop, worth_logging
 
 _log = log.get(__name__)
 LEASE_MS = 15_000
@@ -68,25 +68,28 @@ class ConsumerLease:
                 retry.note(e)
                 continue
             if not held:
-                await self._replace(stop)
+                await self._replace(stop, retry)
 
-    async def _replace(self, stop: asyncio.Event) -> None:
+    async def _replace(self, stop: asyncio.Event, retry: RedisRetry) -> None:
         old = self.name
         _log.warning("consumer_lease_lost", consumer=old,
                      reason="another daemon holds this name now; taking a new one")
         self._on_lost()
-        attempt = 0
+        full = 0
         while not stop.is_set():
             try:
-                await self.acquire()
-                break
-            except (RedisError, OSError, SightstreamError) as e:
-                attempt += 1
-                if worth_logging(attempt):
-                    _log.warning("consumer_slot_unavailable", error=str(e), attempt=attempt)
-                await wait_or_stop(stop, backoff_s(attempt))
-        self.renamed += 1
-        _log.info("consumer_renamed", old=old, new=self.name)
+                await retry.call(self.acquire)
+            except Stopped:
+                return
+            except SightstreamError as e:  # every slot is taken: wait for one to lapse
+                full += 1
+                if worth_logging(full):
+                    _log.warning("consumer_slots_full", error=str(e), attempt=full)
+                await wait_or_stop(stop, backoff_s(full))
+                continue
+            self.renamed += 1
+            _log.info("consumer_renamed", old=old, new=self.name)
+            return
 
     async def release(self) -> None:
         if self._key:

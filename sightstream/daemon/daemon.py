@@ -312,15 +312,23 @@ class Daemon:
             w.close()
         if self._decode_pool:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        # Leases expire by themselves: releasing them only speeds up a takeover, so a Redis
+        # that does not answer gets a second, not a connect timeout per lease.
+        try:
+            await asyncio.wait_for(self._release_leases(), 2.0)
+        except TimeoutError:
+            _log.warning("leases_left_to_expire")
+        self.manager.unload_all()
+        # The pools were passed in explicitly, so redis-py would leave them open.
+        await self.client.aclose(close_connection_pool=True)
+        await self.reader.aclose(close_connection_pool=True)
+
+    async def _release_leases(self) -> None:
         for run in self.runs.values():
             if run.ingest.leases:
                 await run.ingest.leases.release_all()
         if self._lease:
             await self._lease.release()
-        self.manager.unload_all()
-        # The pools were passed in explicitly, so redis-py would leave them open.
-        await self.client.aclose(close_connection_pool=True)
-        await self.reader.aclose(close_connection_pool=True)
 
     async def _drain(self) -> None:
         await asyncio.gather(*(run.drain() for run in self.runs.values()))

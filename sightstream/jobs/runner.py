@@ -154,7 +154,9 @@ class JobRunner:
         return self._daemons[1]
 
     async def _run(self, job: Job, lease: Lease) -> None:
-        keeping = asyncio.create_task(lease.keep(lambda why: self._lost(job.id, why), self._stop))
+        renewals = RedisRetry("job_lease", self._metrics, self._stop, job=job.id)
+        keeping = asyncio.create_task(lease.keep(lambda why: self._lost(job.id, why), self._stop,
+                                                 on_error=renewals.note))
         try:
             started, status = await self._store.start(job.id, lease.token, self._holder)
             if not started:
@@ -171,6 +173,7 @@ class JobRunner:
         except (RedisError, OSError) as e:  # taken again once Redis is back, after a back-off
             pauses = self._paused.get(job.id, (0.0, 0))[1] + 1
             self._paused[job.id] = (time.monotonic() + backoff_s(pauses, cap=30.0), pauses)
+            self._metrics.redis_errors.labels("job").inc()
             _log.warning("job_paused_redis_error", job=job.id, error=str(e), pauses=pauses)
         finally:
             keeping.cancel()

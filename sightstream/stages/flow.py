@@ -144,11 +144,13 @@ class RedisRetry:
     `sightstream_redis_reconnects_total{op}`, a log line (`redis_unreachable` or
     `redis_error`, with `op`) on the first failure and every 30th, and `redis_recovered` when a
     call succeeds again. Once the daemon is stopping, a failed call is not retried: `Stopped`
-    is raised instead, so an outage never holds up a shutdown."""
+    is raised instead, and every later call raises it at once without trying Redis (each try
+    could wait out a connect timeout), so an outage never holds up a shutdown."""
 
     def __init__(self, op: str, metrics: Metrics, stop: asyncio.Event, **log_fields: Any) -> None:
         self.op = op
         self.failures = 0
+        self.gave_up = False  # stopped during an outage: Redis is not tried again
         self._metrics = metrics
         self._stop = stop
         self._log_fields = log_fields
@@ -156,6 +158,8 @@ class RedisRetry:
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """`await fn()` until it succeeds; raises Stopped if the daemon stops first."""
         while True:
+            if self.gave_up:
+                raise Stopped(self.op)
             try:
                 result = await fn()
             except (RedisError, OSError) as e:
@@ -168,6 +172,7 @@ class RedisRetry:
         """Count and log a failure, then back off; raises Stopped if the daemon stops."""
         self.note(error)
         if await wait_or_stop(self._stop, backoff_s(self.failures)):
+            self.gave_up = True
             raise Stopped(self.op)
 
     def note(self, error: BaseException) -> None:

@@ -50,16 +50,14 @@ async def delivery_counts(
 class Admission:
     def __init__(
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
-        outcomes: asyncio.Queue, metrics: Metrics, client: Redis | None = None,
-        stop: asyncio.Event | None = None,
+        outcomes: asyncio.Queue, metrics: Metrics, client: Redis, stop: asyncio.Event,
     ) -> None:
         self._p = pipeline
         self._in_flight = in_flight
         self._out, self._outcomes = out, outcomes
         self._metrics = metrics
         self._client = client  # chained pipelines fetch their frames with it
-        self._fetch_retry = RedisRetry("fetch_source", metrics, stop or asyncio.Event(),
-                                       pipeline=pipeline.name)
+        self._fetch_retry = RedisRetry("fetch_source", metrics, stop, pipeline=pipeline.name)
         # stream -> how many times this daemon has taken it (source leases): tracking state
         # built before a stream went to another daemon and came back is not reused
         self.generations: dict[str, int] = {}
@@ -102,7 +100,6 @@ class Admission:
         """Fetch the frames that chained entries describe (one pipelined round, retried while
         Redis is unreachable; raises Stopped if the daemon stops first); those gone, unreadable
         or malformed are dead-lettered."""
-        assert self._client is not None
         client = self._client
 
         async def fetch() -> list:
@@ -189,17 +186,20 @@ class StreamReader:
     async def run(self) -> None:
         """Until stopped: one step at a time, surviving Redis errors. Sources do not forward
         STOP: the daemon does, once every reader of the pipeline has ended."""
+        nogroup = False
         while not self._stop.is_set():
             try:
+                if nogroup:
+                    await self.on_nogroup()
+                    nogroup = False
                 await self.step()
                 self._retry.succeeded()
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     await self._backoff(e)
                     continue
-                _log.warning("group_missing_recreating", pipeline=self._p.name, op=self.op)
                 self._retry.note(e)
-                await self.on_nogroup()
+                nogroup = True  # re-created on the next turn, itself retried if Redis fails
             except (RedisError, OSError) as e:
                 await self._backoff(e)
 
@@ -207,7 +207,8 @@ class StreamReader:
         raise NotImplementedError
 
     async def on_nogroup(self) -> None:
-        """The group vanished (Redis restarted without persistence)."""
+        """The group vanished (Redis restarted without persistence). The ingest re-creates it;
+        the reclaimer has nothing to do (a new group has nothing to reclaim)."""
 
     async def ensure_groups(self, streams: list[str]) -> None:
         for stream in streams:

@@ -80,11 +80,10 @@ class _Retry:
 class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
-        max_deliveries: dict[str, int] | None = None, round_size: int = 256,
-        stop: asyncio.Event | None = None,
+        max_deliveries: dict[str, int] | None = None, round_size: int = 256, *, stop: asyncio.Event,
     ) -> None:
         self._client = client
-        self._retry = RedisRetry("publish", metrics, stop or asyncio.Event())
+        self._retry = RedisRetry("publish", metrics, stop)
         self._in = inq
         self._metrics = metrics
         self._maxlen = maxlen  # per pipeline

@@ -114,6 +114,7 @@ class RedisIngest(StreamReader):
             start = "(" + rows[-1]["message_id"].decode()
 
     async def on_nogroup(self) -> None:
+        _log.warning("group_missing_recreating", pipeline=self._p.name, streams=len(self.streams))
         self._joined.clear()
         await self.ensure_groups(self.streams)
         self._draining.clear()  # a new group has no pending entries

@@ -38,14 +38,14 @@ def bucket_of(ts_ms: int, fps: float) -> int:
 class Sampler:
     def __init__(
         self, fps: float, client: Redis, inq: asyncio.Queue, out: asyncio.Queue,
-        outcomes: asyncio.Queue, metrics: Metrics, stop: asyncio.Event | None = None,
+        outcomes: asyncio.Queue, metrics: Metrics, stop: asyncio.Event,
     ) -> None:
         self._fps = fps
         self._client = client
         self._in, self._out, self._outcomes = inq, out, outcomes
         self._metrics = metrics
         self._claim = Lua(CLAIM)
-        self._retry = RedisRetry("sample", metrics, stop or asyncio.Event())
+        self._retry = RedisRetry("sample", metrics, stop)
         # A bucket's key must outlive any redelivery of its frames.
         self._ttl_ms = max(MIN_TTL_MS, math.ceil(4000 / fps))
         self._decided: OrderedDict[tuple[str, int], str] = OrderedDict()

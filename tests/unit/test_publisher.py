@@ -17,7 +17,7 @@ async def setup():
     ids = [await client.xadd("frames:{a}", {"image": b"x"}) for _ in range(3)]
     await client.xreadgroup("p", "c", {"frames:{a}": ">"})
     frames = [Frame("p", "frames:{a}", i.decode(), {}, 1) for i in ids]
-    return client, frames, Publisher(client, asyncio.Queue(), Metrics(), {"p": 100})
+    return client, frames, Publisher(client, asyncio.Queue(), Metrics(), {"p": 100}, stop=asyncio.Event())
 
 
 async def test_publishes_once_and_acknowledges():

@@ -4,15 +4,18 @@ waits on Redis gives its frames back when the daemon stops during an outage."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
+from sightstream.config import PipelineSettings
 from sightstream.frames import Frame, Published
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped
+from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
 from sightstream.stages.sampler import Sampler
 from tests.conftest import wait_for
@@ -65,8 +68,12 @@ async def test_once_stopping_a_failed_call_is_not_retried():
         calls.append(1)
         raise RedisConnectionError("Connection refused")
 
+    retry = RedisRetry("publish", Metrics(), stop)
     with pytest.raises(Stopped):
-        await RedisRetry("publish", Metrics(), stop).call(down)
+        await retry.call(down)
+    assert len(calls) == 1
+    with pytest.raises(Stopped):  # and once given up, Redis is not tried again
+        await retry.call(down)
     assert len(calls) == 1
 
 
@@ -120,3 +127,22 @@ async def test_the_sampler_hands_its_frames_back_when_stopped_during_an_outage()
     await asyncio.wait_for(task, 1.0)
     assert in_flight.in_flight == 0
     assert out.get_nowait() is STOP and outcomes.empty()  # nothing decided, nothing passed on
+
+
+async def test_a_chained_pipeline_hands_its_frames_back_when_stopped_during_an_outage():
+    stop = asyncio.Event()
+    in_flight, read_q, outcomes = InFlight(4), asyncio.Queue(), asyncio.Queue()
+    chain = PipelineSettings(name="masks", prompt_from="faces")
+    admission = Admission(chain, in_flight, read_q, outcomes, Metrics(), Unreachable(), stop)
+    upstream = {b"source": b"frames:{a}", b"frame_id": b"1-0", b"ts": b"1",
+                b"result": json.dumps({"detections": []}).encode()}
+    room = await in_flight.take(2)
+    task = asyncio.create_task(admission.admit("results:faces:frames:{a}",
+                                               [(b"5-0", upstream), (b"6-0", upstream)]))
+    await wait_for(lambda: admission._fetch_retry.failures >= 2, 5, "the fetch retrying")
+    assert in_flight.in_flight == 2
+    stop.set()
+    used = await asyncio.wait_for(task, 1.0)
+    in_flight.give(room - used)
+    assert in_flight.in_flight == 0 and in_flight._free == 4  # every place given back
+    assert read_q.empty() and outcomes.empty()  # nothing passed on: both stay pending in Redis

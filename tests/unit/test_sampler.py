@@ -21,7 +21,7 @@ def server():
 def sampler(server, fps: float) -> Sampler:
     client = fakeredis.FakeAsyncRedis(server=server)
     q = asyncio.Queue
-    return Sampler(fps, client, q(), q(), q(), Metrics())
+    return Sampler(fps, client, q(), q(), q(), Metrics(), asyncio.Event())
 
 
 def frames(source: str, n: int, every_ms: int, start_ms: int = 1_700_000_000_000) -> list[Frame]:
