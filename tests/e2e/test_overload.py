@@ -24,7 +24,7 @@ def test_an_unreachable_redis_at_start_is_retried_not_fatal(tmp_path, gradient):
     d = Daemon(tmp_path, f"redis://127.0.0.1:{port}/0")
     try:
         wait_until(lambda: _answers(d), 60, "the control plane")
-        time.sleep(1.5)
+        wait_until(lambda: '"op": "start"' in d.output(), 30, "a failed try at Redis logged")
         assert d.proc.poll() is None  # still running
         assert d.get("/health/ready")[0] == 503
         with EmbeddedRedis(port=port) as server:
@@ -117,7 +117,8 @@ def test_live_mode_bounds_latency_under_overload(tmp_path, redis_url, sync_redis
         time.sleep(8)
         producer.halt.set()
         producer.join()
-        wait_until(lambda: sync_redis.xpending("frames:{live}", "people")["pending"] == 0, 30,
+        wait_until(lambda: sync_redis.xpending("frames:{live}", "people")["pending"] == 0
+                   and sync_redis.xinfo_groups("frames:{live}")[0]["lag"] == 0, 30,
                    "the backlog handled (published or dropped as stale)")
         results = entries(sync_redis, "results:people:frames:{live}")
         latencies = sorted(int(f["latency_ms"]) for _, f in results)

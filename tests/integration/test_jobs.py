@@ -184,6 +184,8 @@ async def test_a_stalled_live_source_is_reopened_and_resumes(redis_url, tmp_path
                 if await reopened():
                     break
                 await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the stalled source was not reopened within 10 s")
             before = len((await (await client.get(f"/jobs/{job_id}/results?count=1000")).json())["results"])
             live.resume()
             await wait_for_results(client, job_id, before + 3)

@@ -67,7 +67,7 @@ async def test_frames_not_yet_batched_fail_at_shutdown():
     out: asyncio.Queue = asyncio.Queue(1)
     batcher = AdhocBatcher(out, Metrics())
     futures = await batcher.put(frames("a", "b", "c"), "m/x", Prompt("", 1), "predict", (1, 0))
-    await asyncio.sleep(0.05)  # one batch waits for room, one is queued behind it
+    await wait_for(lambda: out.full(), 1, "the first batch handed on")
     await batcher.close()
     # "a" went to a worker (it is answered there); "b" waited for a worker, "c" for a batch.
     assert not futures[0].done()

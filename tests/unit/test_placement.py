@@ -12,6 +12,7 @@ from sightstream.metrics import Metrics
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.flow import STOP
 from sightstream.stages.worker import Worker
+from tests.conftest import wait_for
 
 
 def frame(source: str, n: int) -> Frame:
@@ -51,11 +52,11 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
     shared.put_nowait("shared-1")
     worker.own.put_nowait("own-1")
     task = asyncio.create_task(worker.run())
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(done) == 2, 1, "the first two batches")
     assert done == ["own-1", "shared-1"]
     worker.own.put_nowait("own-2")  # both queues fill while the worker waits on both
     shared.put_nowait("shared-2")
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(done) == 4, 1, "the next two batches")
     worker.own.put_nowait("own-3")
     shared.put_nowait(STOP)
     await asyncio.wait_for(task, 1)

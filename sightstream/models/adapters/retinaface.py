@@ -70,7 +70,7 @@ class RetinaFaceDetector:
         size = int(options.get("input_size", 640))
         self.input_size = (size, size)
         # 0.9: calibrated on scikit-image's photos (docs/models.md): every face there scores
-        # >= 0.98, every non-face <= 0.87 (a cat, the moon, gravel score 0.6-0.86).
+        # >= 0.94, every non-face <= 0.87 (a cat, the moon, gravel score 0.55-0.86).
         self.score_threshold = float(options.get("score_threshold", 0.9))
         self.iou_threshold = float(options.get("iou_threshold", 0.4))
         self.max_detections = int(options.get("max_detections", 200))
