@@ -31,6 +31,7 @@ from PIL import Image
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon.daemon import Daemon
 from sightstream.daemon.embedded_redis import EmbeddedRedis
+from sightstream.models.adapter import predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.stages.decoder import decode_image
@@ -71,12 +72,12 @@ def raw_fps(model: str, frames: list[bytes], n: int, batch: int) -> float:
     adapter = ModelManager(Catalogue()).create(model)
     adapter.load("cpu")
     arrays = [decode_image(f, 10**9)[0] for f in frames]
-    adapter.infer(arrays[:batch], None)  # warm up
+    predict(adapter, arrays[:batch])  # warm up
     started = time.perf_counter()
     done = 0
     while done < n:
         k = min(batch, n - done)
-        adapter.infer([arrays[(done + j) % len(arrays)] for j in range(k)], None)
+        predict(adapter, [arrays[(done + j) % len(arrays)] for j in range(k)])
         done += k
     return n / (time.perf_counter() - started)
 
@@ -93,13 +94,13 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
     pipe.execute()
     adapter = ModelManager(Catalogue()).create(model)
     adapter.load("cpu")
-    adapter.infer([decode_image(frames[0], 10**9)[0]], None)
+    predict(adapter, [decode_image(frames[0], 10**9)[0]])
     started = time.perf_counter()
     for _ in range(n):
         reply: Any = client.xreadgroup("naive", "c", {key: ">"}, count=1)
         ((_, [(entry_id, fields)]),) = reply
         image = np.asarray(Image.open(io.BytesIO(fields[b"image"])).convert("RGB"))
-        (pred,) = adapter.infer([image], None)
+        (pred,) = predict(adapter, [image])
         client.xadd("results:naive", {"frame_id": entry_id, "result": json.dumps(pred.result)})
         client.xack(key, "naive", entry_id)
     elapsed = time.perf_counter() - started

@@ -80,3 +80,64 @@ class Echo(Scripted):
 def entry(adapter: str = "Scripted", **options: Any) -> dict[str, Any]:
     """A `[models.fake.<variant>]` entry for one of these adapters."""
     return {"backend": "torch", "task": "detect", "adapter": f"tests.fake_adapters:{adapter}", **options}
+
+
+class Staged:
+    """A staged adapter (prepare, infer, finish) that records which thread ran each step and
+    in what order. An image's top-left red value is its tag. Options (keys are tags, as
+    strings): `prepare_s` and `infer_s` (seconds per tag; `infer_s` "*" for every tag),
+    `hang` (tags whose device call sleeps this long), `await_next_prepare` (tags k whose device
+    call waits, up to 5 s, until tag k+1's prepare has begun), `bad_finish` (a tag
+    whose finish fails)."""
+
+    task = "detect"
+    takes_prompt = False
+    uses_context = False
+    input_size = None
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        self.prepare_s = {int(k): float(v) for k, v in options.get("prepare_s", {}).items()}
+        self.infer_s = {k: float(v) for k, v in options.get("infer_s", {}).items()}
+        self.hang = {int(k): float(v) for k, v in options.get("hang", {}).items()}
+        self.await_next = {int(t) for t in options.get("await_next_prepare", [])}
+        self.bad_finish = int(options.get("bad_finish", -1))
+        self.events: list[tuple[str, int, str]] = []  # (step, tag, thread name) as they began
+        self.overlapped: dict[int, bool] = {}  # tag -> the next prepare began during its call
+        self._changed = threading.Condition()
+
+    def load(self, device: str) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def _note(self, step: str, tags: list[int]) -> None:
+        with self._changed:
+            for tag in tags:
+                self.events.append((step, tag, threading.current_thread().name))
+            self._changed.notify_all()
+
+    def prepare(self, images: list[np.ndarray], prompt: Any, contexts: Any) -> list[int]:
+        tags = [int(img[0, 0, 0]) for img in images]
+        self._note("prepare", tags)
+        time.sleep(max(self.prepare_s.get(t, 0.0) for t in tags))
+        return tags
+
+    def infer(self, tags: list[int]) -> list[int]:
+        self._note("infer", tags)
+        time.sleep(max(self.hang.get(t, 0.0) for t in tags))
+        time.sleep(max(self.infer_s.get(str(t), self.infer_s.get("*", 0.0)) for t in tags))
+        if max(tags) in self.await_next:
+            nxt = max(tags) + 1
+            with self._changed:
+                self.overlapped[max(tags)] = self._changed.wait_for(
+                    lambda: ("prepare", nxt) in [(s, t) for s, t, _ in self.events], 5)
+        return tags
+
+    def finish(self, tags: list[int], outputs: list[int]) -> list[Prediction]:
+        self._note("finish", tags)
+        if self.bad_finish in tags and len(tags) > 1:
+            raise ValueError("this batch cannot be finished (simulated)")
+        if self.bad_finish in tags:
+            raise ValueError("this frame cannot be finished (simulated)")
+        return [Prediction({"width": 4, "height": 4, "detections": [], "tag": t}) for t in outputs]

@@ -156,7 +156,8 @@ class Daemon:
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
-                   self.settings.inference_timeout_s)
+                   self.settings.inference_timeout_s, cpu=self._decode_pool,
+                   depth=self.settings.batches_per_device)
             for d in self.devices
         ]
         try:

@@ -1,5 +1,15 @@
 """The one protocol every model family implements. Pre- and post-processing live inside the
-adapter; the pipeline knows nothing of frameworks. Heavy imports happen in load()."""
+adapter; the pipeline knows nothing of frameworks. Heavy imports happen in load().
+
+An adapter is either whole or staged:
+- whole: `infer(images, prompt[, contexts])` returns one Prediction per image. The worker runs
+  the call on its device thread. The least a plug-in has to write.
+- staged: it also has `prepare` and `finish`, and its `infer` takes what `prepare` returned.
+  `prepare` (letterbox, normalise, pack into one buffer) and `finish` (NMS, masks, encoding,
+  mapping back to the image's pixels) run in the CPU pool, and the device thread runs only
+  `infer`, so while one batch is on the device the next is being prepared and the one before
+  finished. `predict()` runs either kind in one call, in the caller's thread.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +50,30 @@ class Adapter(Protocol):
     def load(self, device: str) -> None: ...
     def infer(self, images: list[np.ndarray], prompt: Prompt | None) -> list[Prediction]: ...
     def unload(self) -> None: ...
+
+
+class Staged(Protocol):
+    """The three steps of a staged adapter (beside Adapter's attributes, load and unload)."""
+
+    def prepare(
+        self, images: list[np.ndarray], prompt: Prompt | None, contexts: list[FrameContext] | None
+    ) -> Any: ...
+    def infer(self, prepared: Any) -> Any: ...
+    def finish(self, prepared: Any, outputs: Any) -> list[Prediction]: ...
+
+
+def is_staged(adapter: object) -> bool:
+    return callable(getattr(adapter, "prepare", None)) and callable(getattr(adapter, "finish", None))
+
+
+def predict(
+    adapter: Any, images: list[np.ndarray], prompt: Prompt | None = None,
+    contexts: list[FrameContext] | None = None,
+) -> list[Prediction]:
+    """One call through a whole or staged adapter, in this thread (benchmarks, tests, tools)."""
+    if is_staged(adapter):
+        prepared = adapter.prepare(images, prompt, contexts)
+        return adapter.finish(prepared, adapter.infer(prepared))
+    if adapter.uses_context:
+        return adapter.infer(images, prompt, contexts)
+    return adapter.infer(images, prompt)

@@ -1,22 +1,31 @@
-"""Worker: one per device, each with its own single-thread executor, so a device runs one batch
-at a time and the event loop never waits on a model. Idle workers pull from one shared batch
-queue, so the least busy worker takes the next batch; a worker's own queue holds the batches
-that must run on its device (a tracking model's sources, each kept on one device).
+"""Worker: one per device. The device's own single-thread executor runs nothing but model
+calls, so a device runs one batch at a time, in the order the batches came, and the event loop
+never waits on a model. Idle workers pull from one shared batch queue, so the least busy worker
+takes the next batch; a worker's own queue holds the batches that must run on its device (a
+tracking model's sources, each kept on one device).
+
+Several batches are in flight per device (`depth`, 2 by default, bounded): while batch k runs
+on the device, k+1 is being prepared and k-1 finished in the CPU pool (a staged adapter's
+`prepare` and `finish`; the result entries' fields and JSON for every adapter). Outcomes leave
+in the order the batches came.
 
 When a model call fails:
 - out of memory: the batch is halved and each half retried (down to single frames);
 - any other error: the batch is retried frame by frame, so one bad frame does not sink its
   batch-mates; a frame that still fails is dead-lettered (`model_error`);
-- stuck past `inference_timeout_s`: the batch is abandoned, its frames left pending in Redis
-  (another daemon, or this one, reclaims them after `reclaim_min_idle_ms`), and the worker
-  gets a fresh executor thread (a thread stuck inside a model cannot be killed).
+- stuck past `inference_timeout_s` (counted from when the device starts the call, not while it
+  waits behind the batch before it): the batch is abandoned, its frames left pending in Redis
+  (another daemon, or this one, reclaims them after `reclaim_min_idle_ms`), and the worker gets
+  a fresh executor thread (a thread stuck inside a model cannot be killed). A batch queued
+  behind the stuck call is abandoned with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from sightstream import keys, log
@@ -34,12 +43,13 @@ from sightstream.frames import (
     scale_detections,
 )
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter, FrameContext
+from sightstream.models.adapter import Adapter, FrameContext, is_staged
 from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import STOP
 
 _log = log.get(__name__)
 OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cuda_error_out_of_memory")
+STUCK_POLL_S = 1.0  # how often a call queued behind another checks that one was not abandoned
 
 
 class InferenceTimeout(Exception):
@@ -53,29 +63,72 @@ def is_oom(error: BaseException) -> bool:
 class Worker:
     def __init__(
         self, device: str, manager: ModelManager, inq: asyncio.Queue, outcomes: asyncio.Queue,
-        metrics: Metrics, timeout_s: float = 60.0,
+        metrics: Metrics, timeout_s: float = 60.0, *, cpu: Executor | None = None, depth: int = 2,
     ) -> None:
         self.device = device
         self._manager = manager
         self._in, self._outcomes = inq, outcomes
         self._metrics = metrics
         self._timeout_s = timeout_s
+        self._cpu = cpu  # prepare, finish and result encoding; None: the loop's default pool
+        self.depth = depth  # batches in flight on this device
         self.own: asyncio.Queue = asyncio.Queue(2)  # batches for this device only
         self._next: Batch | None = None  # taken from the shared queue while own won the race
         self.executor = self._new_executor()
-        self.busy = False
+        self.in_flight = 0  # batches taken and not yet delivered
         self.batches = 0
         self.replaced = 0
+        # Set once the latest batch's device call was submitted: the next one waits for it,
+        # so batches reach the device in the order they came (a tracker's state needs it).
+        self._last_turn: asyncio.Future | None = None
+        self._timers: dict[tuple[str, ...], Any] = {}  # cached histogram children
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
 
     def _new_executor(self) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.device}")
 
     async def run(self) -> None:
-        while (batch := await self._take()) is not STOP:
-            await self._run(batch)
-        while not self.own.empty():  # STOP comes after the batchers ended: nothing more comes
-            await self._run(self.own.get_nowait())
+        slots = asyncio.Semaphore(self.depth)
+        started: asyncio.Queue = asyncio.Queue()  # in batch order; bounded by `slots`
+        await asyncio.gather(self._start_all(slots, started), self._deliver_all(slots, started))
         await self._in.put(STOP)  # let sibling workers see it too
+
+    async def _start_all(self, slots: asyncio.Semaphore, started: asyncio.Queue) -> None:
+        """Take a batch whenever fewer than `depth` are in flight, and start it."""
+        while True:
+            await slots.acquire()  # room first: never hold a batch an idle sibling could run
+            batch = await self._take()
+            if batch is STOP:
+                break
+            started.put_nowait(self._start(batch))
+        while not self.own.empty():  # STOP comes after the batchers ended: nothing more comes
+            started.put_nowait(self._start(self.own.get_nowait()))
+            await slots.acquire()
+        started.put_nowait(STOP)
+
+    def _start(self, batch: Batch) -> asyncio.Task:
+        self.in_flight += 1
+        after, turn = self._last_turn, asyncio.get_running_loop().create_future()
+        self._last_turn = turn
+        return asyncio.create_task(self.process(batch, after, turn))
+
+    async def _deliver_all(self, slots: asyncio.Semaphore, started: asyncio.Queue) -> None:
+        """Hand each batch's outcomes on, in batch order."""
+        while (task := await started.get()) is not STOP:
+            try:
+                for outcome in await task:
+                    reply = outcome.frame.reply
+                    if reply is None:
+                        await self._outcomes.put(outcome)
+                    elif not reply.done():  # a caller that gave up has cancelled it
+                        reply.set_result(outcome)
+            finally:
+                self.in_flight -= 1
+                self.batches += 1
+                slots.release()
 
     async def _take(self) -> Any:
         """The next batch: this device's own first, else the shared queue's."""
@@ -94,20 +147,11 @@ class Worker:
                 getter.cancel()  # asyncio.Queue.get gives up cleanly: no batch is lost
         return own.result() if own.done() else shared.result()
 
-    async def _run(self, batch: Batch) -> None:
-        self.busy = True
-        try:
-            for outcome in await self.process(batch):
-                reply = outcome.frame.reply
-                if reply is None:
-                    await self._outcomes.put(outcome)
-                elif not reply.done():  # a caller that gave up has cancelled it
-                    reply.set_result(outcome)
-        finally:
-            self.busy = False
-            self.batches += 1
-
-    async def process(self, batch: Batch) -> list[Outcome]:
+    async def process(
+        self, batch: Batch, after: asyncio.Future | None = None, turn: asyncio.Future | None = None
+    ) -> list[Outcome]:
+        """One batch's outcomes. `after`: wait for it before using the device; `turn`: set once
+        this batch's device call is submitted (or it needs none)."""
         outcomes: list[Outcome] = []
         frames = batch.frames
         try:
@@ -120,34 +164,32 @@ class Worker:
                 if not frames:
                     return outcomes
                 task, takes_prompt = adapter.task, adapter.takes_prompt
-                results = await self._resilient(adapter, batch, frames)
+                results = await self._resilient(adapter, batch, frames, after, turn)
         except InferenceTimeout:
-            self._abandon(batch, frames)
-            return outcomes
+            return outcomes  # abandoned: the frames stay pending in Redis
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
             return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
-        for frame, result in results:
-            if isinstance(result, BaseException):
-                outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {result!r}"))
-                continue
-            _to_original_pixels(frame, result)
-            fields = result_fields(frame, model=batch.model, task=task, prediction=result,
-                                   prompt_version=batch.prompt.version if takes_prompt else None)
-            outcomes.append(
-                Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields)
-            )
-        return outcomes
+        finally:
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+        prompt_version = batch.prompt.version if takes_prompt else None
+        finished = await asyncio.get_running_loop().run_in_executor(
+            self._cpu, _outcomes_of, batch, results, task, prompt_version)
+        return outcomes + finished
 
     async def _resilient(
-        self, adapter: Adapter, batch: Batch, frames: list[Frame]
+        self, adapter: Adapter, batch: Batch, frames: list[Frame],
+        after: asyncio.Future | None = None, turn: asyncio.Future | None = None,
     ) -> list[tuple[Frame, Prediction | BaseException]]:
         """Infer, splitting on failure; each frame ends with a prediction or its own error."""
         try:
-            return list(zip(frames, await self._infer(adapter, batch, frames)))
+            return list(zip(frames, await self._infer(adapter, batch, frames, after, turn)))
         except InferenceTimeout:
             raise
         except Exception as e:
+            if turn is not None and not turn.done():
+                turn.set_result(None)  # the retries below come after the next batch
             if len(frames) == 1:
                 return [(frames[0], e)]
             reason = "oom" if is_oom(e) else "model_error"
@@ -164,28 +206,73 @@ class Worker:
                 out += await self._resilient(adapter, batch, part)
             return out
 
-    async def _infer(self, adapter: Adapter, batch: Batch, frames: list[Frame]) -> list[Prediction]:
+    async def _infer(
+        self, adapter: Any, batch: Batch, frames: list[Frame],
+        after: asyncio.Future | None, turn: asyncio.Future | None,
+    ) -> list[Prediction]:
+        loop = asyncio.get_running_loop()
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
-        started = time.perf_counter()
         prompt = batch.prompt if adapter.takes_prompt else None
-        args: tuple = (images, prompt)
-        if adapter.uses_context:
-            args += ([frame_context(f) for f in frames],)
-        call = asyncio.get_running_loop().run_in_executor(self.executor, adapter.infer, *args)
-        try:
-            predictions = await asyncio.wait_for(call, self._timeout_s)
-        except TimeoutError:
-            raise InferenceTimeout from None
-        self._metrics.inference_seconds.labels(batch.pipeline, batch.model, self.device).observe(
-            time.perf_counter() - started
-        )
+        contexts = [frame_context(f) for f in frames] if adapter.uses_context else None
+        staged = is_staged(adapter)
+        if staged:
+            prepared = await loop.run_in_executor(self._cpu, adapter.prepare, images, prompt, contexts)
+            call: Callable[[], Any] = lambda: adapter.infer(prepared)  # noqa: E731
+        elif contexts is not None:
+            call = lambda: adapter.infer(images, prompt, contexts)  # type: ignore[call-arg]  # noqa: E731
+        else:
+            call = lambda: adapter.infer(images, prompt)  # noqa: E731
+        if after is not None:
+            await after
+        outputs = await self._on_device(call, batch, frames, turn)
+        if staged:
+            predictions = await loop.run_in_executor(self._cpu, adapter.finish, prepared, outputs)
+        else:
+            predictions = outputs
         if len(predictions) != len(images):
             raise BatchSizeMismatch(
                 f"{batch.model} returned {len(predictions)} results for {len(images)} images"
             )
         return predictions
 
-    def _abandon(self, batch: Batch, frames: list[Frame]) -> None:
+    async def _on_device(
+        self, call: Callable[[], Any], batch: Batch, frames: list[Frame], turn: asyncio.Future | None
+    ) -> Any:
+        """Run `call` on the device thread, timed out from when the thread starts it."""
+        executor = self.executor
+        began: list[float] = []
+
+        def timed() -> Any:
+            began.append(time.perf_counter())
+            return call()
+
+        running = asyncio.get_running_loop().run_in_executor(executor, timed)
+        if turn is not None and not turn.done():
+            turn.set_result(None)  # submitted: the next batch may queue behind this one
+        while not running.done():
+            if began:
+                wait = began[0] + self._timeout_s - time.perf_counter()
+                if wait <= 0:
+                    self._abandon(batch, frames, executor)
+                    raise InferenceTimeout
+            elif executor is not self.executor:  # queued behind a call that was abandoned
+                self._abandon(batch, frames, executor)
+                raise InferenceTimeout
+            else:
+                wait = min(self._timeout_s, STUCK_POLL_S)
+            await asyncio.wait((running,), timeout=wait)
+        outputs = running.result()
+        self._timer(batch).observe(time.perf_counter() - began[0])
+        return outputs
+
+    def _timer(self, batch: Batch) -> Any:
+        key = (batch.pipeline, batch.model)
+        if (child := self._timers.get(key)) is None:
+            child = self._timers[key] = self._metrics.inference_seconds.labels(
+                batch.pipeline, batch.model, self.device)
+        return child
+
+    def _abandon(self, batch: Batch, frames: list[Frame], executor: Executor) -> None:
         """Leave a stuck batch's frames pending in Redis for a retry, and replace the thread."""
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
                    device=self.device, frames=len(frames), timeout_s=self._timeout_s)
@@ -198,12 +285,32 @@ class Worker:
                         f"{batch.model} did not answer within inference_timeout_s ({self._timeout_s} s)"))
                 continue
             frame.release()  # no ack: still pending in Redis, reclaimed once idle
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        self.executor = self._new_executor()
-        self.replaced += 1
+        if executor is self.executor:  # a batch queued behind it finds the thread replaced
+            executor.shutdown(wait=False)
+            self.executor = self._new_executor()
+            self.replaced += 1
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _outcomes_of(
+    batch: Batch, results: list[tuple[Frame, Prediction | BaseException]], task: str,
+    prompt_version: int | None,
+) -> list[Outcome]:
+    """Each frame's result entry (boxes in the frame's own pixels, JSON encoded) or dead-letter
+    entry. Runs in the CPU pool: it is the per-frame work of a batch."""
+    outcomes: list[Outcome] = []
+    for frame, result in results:
+        if isinstance(result, BaseException):
+            outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {result!r}"))
+            continue
+        _to_original_pixels(frame, result)
+        fields = result_fields(frame, model=batch.model, task=task, prediction=result,
+                               prompt_version=prompt_version)
+        outcomes.append(
+            Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields))
+    return outcomes
 
 
 def frame_context(frame: Frame) -> FrameContext:

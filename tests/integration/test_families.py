@@ -283,7 +283,7 @@ HALF = [  # adapter, model, prompt, options
 def test_every_torch_family_runs_in_half_precision(adapter, model, prompt, options, dtype, hf_models, gradient):
     """GPUs run torch models in float16 (or bfloat16): each family's inputs must follow the
     model's dtype. Checked on the CPU, which runs both (no GPU in CI)."""
-    from sightstream.models.adapter import FrameContext, Prompt
+    from sightstream.models.adapter import FrameContext, Prompt, predict
     from sightstream.models.adapters import adapter_class
 
     instance = adapter_class(adapter)(str(hf_models[model]), {**options, "dtype": dtype})
@@ -292,7 +292,7 @@ def test_every_torch_family_runs_in_half_precision(adapter, model, prompt, optio
     args: list = [[gradient, gradient], Prompt(prompt, 1) if prompt is not None else None]
     if instance.uses_context:
         args.append([FrameContext("a", 1), FrameContext("b", 1)])
-    out = instance.infer(*args)
+    out = predict(instance, *args)
     assert len(out) == 2 and all(isinstance(p.result, dict) for p in out)
     if instance.task in ("detect", "segment", "depth", "track"):
         assert all((p.result["width"], p.result["height"]) == (96, 64) for p in out)

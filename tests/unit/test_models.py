@@ -11,6 +11,7 @@ import pytest
 
 from sightstream.config import ModelEntry
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
+from sightstream.models.adapter import predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from tests.tiny_models import broken_model, constant_yolov8
@@ -41,7 +42,7 @@ def load(m: ModelManager, model_id: str):
 
 def test_default_face_model_finds_the_astronauts_face(astronaut):
     face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
-    (pred,) = face.infer([astronaut], None)
+    (pred,) = predict(face, [astronaut], None)
     (det,) = pred.result["detections"]
     assert det["label"] == "face" and det["class_id"] == 0 and det["score"] > 0.95
     assert inside(det["box"], FACE)
@@ -54,7 +55,7 @@ def test_face_boxes_are_in_original_pixels_for_any_frame_shape(astronaut):
     face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
     wide = np.zeros((512, 1400, 3), dtype=np.uint8)
     wide[:, 600:1112] = astronaut
-    small, big = face.infer([astronaut, wide], None)
+    small, big = predict(face, [astronaut, wide], None)
     (a,), (b,) = small.result["detections"], big.result["detections"]
     shifted = [b["box"][0] - 600, b["box"][1], b["box"][2] - 600, b["box"][3]]
     assert np.allclose(shifted, a["box"], atol=12)  # same face, moved by the padding
@@ -83,7 +84,7 @@ def test_the_default_face_threshold_on_real_photos():
     for name, faces in [("astronaut", 1), ("camera", 1)] + [(n, 0) for n in FACELESS]:
         image = photo(name)
         for variant in (image, np.ascontiguousarray(image[:, ::-1])):
-            (pred,) = face.infer([variant], None)
+            (pred,) = predict(face, [variant], None)
             found = [round(d["score"], 2) for d in pred.result["detections"]]
             assert len(found) == faces, f"{name}: {found}"
 
@@ -91,7 +92,7 @@ def test_the_default_face_threshold_on_real_photos():
 def test_a_batch_gives_one_result_per_image_in_order(astronaut):
     face = load(ModelManager(Catalogue()), "retinaface/mobilenet")
     blank = np.full_like(astronaut, 127)
-    preds = face.infer([blank, astronaut, blank], None)
+    preds = predict(face, [blank, astronaut, blank], None)
     assert [len(p.result["detections"]) for p in preds] == [0, 1, 0]
 
 
@@ -100,7 +101,7 @@ def test_yolov8_decoder_with_real_weights(astronaut):
     installs it, so this runs everywhere the suite does (no skip that would hide it)."""
     yolo = load(ModelManager(Catalogue()), "nudenet/320n")
     assert yolo.input_size == (320, 320)  # read from the export's metadata
-    (pred,) = yolo.infer([astronaut], None)
+    (pred,) = predict(yolo, [astronaut], None)
     faces = [d for d in pred.result["detections"] if d["label"] == "FACE_FEMALE"]
     assert faces and faces[0]["score"] > 0.5 and inside(faces[0]["box"], FACE)
 
@@ -120,7 +121,7 @@ def test_user_yolov8_export_needs_only_a_path(tmp_path):
     m = manager(det__mine={"backend": "onnx", "task": "detect", "path": str(path)})
     yolo = load(m, "det/mine")
     image = np.zeros((128, 256, 3), dtype=np.uint8)  # letterboxed 4x down, 16 px of padding
-    (pred,) = yolo.infer([image], None)
+    (pred,) = predict(yolo, [image], None)
     dets = pred.result["detections"]
     assert [d["label"] for d in dets] == ["car", "person"]
     assert dets[0]["score"] == pytest.approx(0.9)
@@ -133,14 +134,14 @@ def test_transposed_output_and_coco_names_by_default(tmp_path):
     rows[0][4 + 2] = 0.95  # class 2 of COCO: car
     path = constant_yolov8(tmp_path / "t.onnx", rows, classes=80, size=64, transposed=True)
     m = manager(det__t={"path": str(path), "input_size": 64})
-    pred, _ = load(m, "det/t").infer([np.zeros((64, 64, 3), np.uint8)] * 2, None)
+    pred, _ = predict(load(m, "det/t"), [np.zeros((64, 64, 3), np.uint8)] * 2, None)
     assert [d["label"] for d in pred.result["detections"]] == ["car"]
 
 
 def test_options_from_the_config_entry(tmp_path):
     path = constant_yolov8(tmp_path / "o.onnx", ROWS, classes=2, size=64)
     m = manager(det__o={"path": str(path), "score_threshold": 0.75, "labels": ["a", "b"]})
-    (pred,) = load(m, "det/o").infer([np.zeros((64, 64, 3), np.uint8)], None)
+    (pred,) = predict(load(m, "det/o"), [np.zeros((64, 64, 3), np.uint8)], None)
     assert [d["label"] for d in pred.result["detections"]] == ["b"]
 
 
@@ -172,7 +173,7 @@ def test_broken_model_fails_at_inference(tmp_path):
     m = manager(det__broken={"path": str(broken_model(tmp_path / "b.onnx")), "input_size": 32})
     adapter = load(m, "det/broken")
     with pytest.raises(Exception, match="images|Invalid rank|rank"):  # ONNX Runtime's own error
-        adapter.infer([np.zeros((32, 32, 3), np.uint8)], None)
+        predict(adapter, [np.zeros((32, 32, 3), np.uint8)], None)
 
 
 async def test_manager_loads_once_under_concurrency(tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
     worker = Worker("cpu", None, shared, asyncio.Queue(), Metrics())  # type: ignore[arg-type]
     done: list[str] = []
 
-    async def process(batch):
+    async def process(batch, *_):
         done.append(batch)
         await asyncio.sleep(0)
         return []

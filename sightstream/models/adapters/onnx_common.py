@@ -1,14 +1,25 @@
-"""What every ONNX Runtime adapter shares: sessions placed on a device, letterboxing, NMS."""
+"""What every ONNX Runtime adapter shares: sessions placed on a device and run in batches,
+letterboxing, NMS."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from sightstream.errors import ModelError
 
+# On a GPU: cuDNN picks each convolution's fastest algorithm once per input shape (batch buckets
+# keep the shapes few), and the memory arena grows by what is asked, not by doubling, so a
+# device holds several models. `cuda_options` in a model's entry overrides these.
+CUDA_DEFAULTS = {"cudnn_conv_algo_search": "EXHAUSTIVE", "arena_extend_strategy": "kSameAsRequested",
+                 "do_copy_in_default_stream": True}
+# Partial batches on a GPU are padded up to one of these sizes (`batch_buckets` option).
+GPU_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
-def providers_for(device: str) -> list:
+
+def providers_for(device: str, cuda_options: dict[str, Any] | None = None) -> list:
     import onnxruntime as ort
 
     if device == "cpu":
@@ -20,20 +31,68 @@ def providers_for(device: str) -> list:
             f"device {device} needs onnxruntime-gpu: pip install 'sightstream[gpu]' "
             "(it replaces the CPU onnxruntime)"
         )
-    return [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}), "CPUExecutionProvider"]
+    options = {**CUDA_DEFAULTS, **(cuda_options or {}), "device_id": int(device.split(":")[1])}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
-def make_session(model: str | bytes, device: str):  # -> onnxruntime.InferenceSession
+def make_session(model: str | bytes, device: str, cuda_options: dict[str, Any] | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
     try:
-        return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device))
+        return ort.InferenceSession(model, sess_options=opts, providers=providers_for(device, cuda_options))
     except ModelError:
         raise
     except Exception as e:  # ORT raises its own untyped errors for bad files
         raise ModelError(f"ONNX Runtime cannot load the model: {e}") from e
+
+
+class OnnxModel:
+    """An ONNX Runtime session on one device, run a batch at a time.
+
+    - A model exported with a fixed batch of 1 is run image by image.
+    - Batch buckets (`batch_buckets` option; on GPUs by default): a partial batch is padded
+      up to the next bucket size, so the device sees a few input shapes and reuses their plans.
+    - I/O binding (`io_binding` option; on GPUs by default): the input is copied to the device
+      once, by ONNX Runtime, and the outputs are bound to host memory.
+    """
+
+    def __init__(self, model: str | bytes, device: str, options: dict[str, Any]) -> None:
+        self.session = make_session(model, device, options.get("cuda_options"))
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        on_gpu = device.startswith("cuda:")
+        dim = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = dim if isinstance(dim, int) else None
+        buckets = options.get("batch_buckets", GPU_BUCKETS if on_gpu else ())
+        self.buckets = tuple(sorted(int(b) for b in buckets or ())) if self.fixed_batch is None else ()
+        self.io_binding = bool(options.get("io_binding", on_gpu))
+        self._device = device
+
+    def run(self, batch: np.ndarray, input_name: str | None = None) -> list[np.ndarray]:
+        """The model's outputs (in `self.outputs` order) for a batch, one row per image."""
+        name = input_name or self.inputs[0]
+        n = len(batch)
+        if self.fixed_batch is not None and self.fixed_batch != n:
+            parts = [self._run(name, batch[i : i + 1]) for i in range(n)]
+            return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
+        size = next((b for b in self.buckets if b >= n), n)
+        if size != n:
+            padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
+            padded[:n] = batch
+            return [out[:n] for out in self._run(name, padded)]
+        return self._run(name, batch)
+
+    def _run(self, name: str, batch: np.ndarray) -> list[np.ndarray]:
+        if not self.io_binding:
+            return self.session.run(None, {name: batch})
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(name, np.ascontiguousarray(batch))
+        for output in self.outputs:
+            binding.bind_output(output)  # host memory: NMS and encoding run on the CPU
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
 
 def letterbox(
@@ -81,12 +140,3 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou:
         return np.empty(0, dtype=np.int64)
     offset = classes[:, None].astype(np.float32) * (boxes.max() + 1.0)
     return nms(boxes + offset, scores, iou)
-
-
-def run_batched(session, input_name: str, batch: np.ndarray) -> list[np.ndarray]:
-    """Run a batch; models exported with a fixed batch of 1 are run image by image."""
-    dim = session.get_inputs()[0].shape[0]
-    if isinstance(dim, int) and dim != len(batch):
-        parts = [session.run(None, {input_name: batch[i : i + 1]}) for i in range(len(batch))]
-        return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
-    return session.run(None, {input_name: batch})

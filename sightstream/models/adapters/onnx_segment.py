@@ -18,8 +18,8 @@ from PIL import Image
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models import masks
-from sightstream.models.adapter import Prompt
-from sightstream.models.adapters.onnx_common import make_session, run_batched
+from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapters.onnx_common import OnnxModel
 
 
 class OnnxSegmenter:
@@ -39,12 +39,12 @@ class OnnxSegmenter:
         self.background = options.get("background_class_id", 0)
         self.labels: list[str] = list(options.get("labels", []))
         self.with_packbits = bool(options.get("packbits", False))
-        self._session: Any = None
+        self._options = options
+        self._model: OnnxModel | None = None
 
     def load(self, device: str) -> None:
-        self._session = make_session(self._path, device)
-        names = [i.name for i in self._session.get_inputs()]
-        outputs = [o.name for o in self._session.get_outputs()]
+        self._model = OnnxModel(self._path, device, self._options)
+        names, outputs = self._model.inputs, self._model.outputs
         self.input_name = self.input_name or names[0]
         self.output_name = self.output_name or outputs[0]
         if self.input_name not in names or self.output_name not in outputs:
@@ -52,21 +52,34 @@ class OnnxSegmenter:
                              "fix input_name / output_name")
 
     def unload(self) -> None:
-        self._session = None
+        self._model = None
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+    def prepare(
+        self, images: list[np.ndarray], prompt: Prompt | None = None,
+        contexts: list[FrameContext] | None = None,
+    ) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The normalised NCHW batch, and each image's (width, height)."""
         w, h = self.input_size
         batch = np.empty((len(images), 3, h, w), dtype=np.float32)
         for i, img in enumerate(images):
             resized = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
             batch[i] = ((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1)
-        outputs = dict(zip([o.name for o in self._session.get_outputs()],
-                           run_batched(self._session, str(self.input_name), batch)))
-        raw = outputs[self.output_name]
-        if len(raw) != len(images):
-            raise BatchSizeMismatch(f"the model returned {len(raw)} maps for {len(images)} images")
-        classes = raw.argmax(axis=1) if raw.ndim == 4 else raw
-        return [self._prediction(classes[i], img.shape[1], img.shape[0]) for i, img in enumerate(images)]
+        return batch, [(img.shape[1], img.shape[0]) for img in images]
+
+    def infer(self, prepared: tuple[np.ndarray, list[tuple[int, int]]]) -> np.ndarray:
+        assert self._model is not None, "load() first"
+        outputs = self._model.run(prepared[0], str(self.input_name))
+        raw = dict(zip(self._model.outputs, outputs))[self.output_name]
+        # The arg-max on the device thread: the scores are classes x the input's pixels
+        return raw.argmax(axis=1) if raw.ndim == 4 else raw
+
+    def finish(
+        self, prepared: tuple[np.ndarray, list[tuple[int, int]]], classes: np.ndarray
+    ) -> list[Prediction]:
+        sizes = prepared[1]
+        if len(classes) != len(sizes):
+            raise BatchSizeMismatch(f"the model returned {len(classes)} maps for {len(sizes)} images")
+        return [self._prediction(classes[i], w, h) for i, (w, h) in enumerate(sizes)]
 
     def _prediction(self, class_map: np.ndarray, width: int, height: int) -> Prediction:
         dtype = np.uint8 if class_map.max(initial=0) < 256 else np.uint16

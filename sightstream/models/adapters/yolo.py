@@ -10,19 +10,15 @@ come from the export's metadata (`names`, `imgsz`) when present, else from the o
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import Prompt
-from sightstream.models.adapters.onnx_common import (
-    batched_nms,
-    letterbox,
-    make_session,
-    run_batched,
-)
+from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapters.onnx_common import OnnxModel, batched_nms, letterbox
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
@@ -34,6 +30,12 @@ COCO80 = (
     "cell phone|microwave|oven|toaster|sink|refrigerator|book|clock|vase|scissors|teddy bear|"
     "hair drier|toothbrush"
 ).split("|")
+
+
+@dataclass(slots=True)
+class Prepared:
+    pixels: np.ndarray  # NCHW float32 in 0-1
+    transforms: list[tuple[float, tuple[float, float], int, int]]  # scale, offset, width, height
 
 
 class YoloDetector:
@@ -53,13 +55,12 @@ class YoloDetector:
         self.iou_threshold = float(options.get("iou_threshold", 0.45))
         self.max_detections = int(options.get("max_detections", 300))
         self.labels: list[str] = list(options.get("labels", []))
-        self._session: Any = None
+        self._model: OnnxModel | None = None
 
     def load(self, device: str) -> None:
-        self._session = make_session(self._path, device)
-        inp = self._session.get_inputs()[0]
-        self._input = inp.name
-        meta = self._session.get_modelmeta().custom_metadata_map
+        self._model = OnnxModel(self._path, device, self._options)
+        inp = self._model.session.get_inputs()[0]
+        meta = self._model.session.get_modelmeta().custom_metadata_map
         if self.input_size is None:
             self.input_size = _input_size(inp.shape, meta)
         if not self.labels and "names" in meta:
@@ -67,20 +68,33 @@ class YoloDetector:
             self.labels = [names[k] for k in sorted(names)]
 
     def unload(self) -> None:
-        self._session = None
+        self._model = None
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
+    def prepare(
+        self, images: list[np.ndarray], prompt: Prompt | None = None,
+        contexts: list[FrameContext] | None = None,
+    ) -> Prepared:
         assert self.input_size is not None, "load() first"
-        canvases, transforms = [], []
-        for img in images:
+        w, h = self.input_size
+        # Written straight into one NCHW float buffer: no stack/transpose/astype copies.
+        batch = np.empty((len(images), 3, h, w), dtype=np.float32)
+        transforms = []
+        for i, img in enumerate(images):
             canvas, scale, offset = letterbox(img, self.input_size)
-            canvases.append(canvas)
+            for c in range(3):
+                np.multiply(canvas[..., c], 1 / 255, out=batch[i, c], dtype=np.float32)
             transforms.append((scale, offset, img.shape[1], img.shape[0]))
-        batch = np.stack(canvases).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        (out, *_) = run_batched(self._session, self._input, np.ascontiguousarray(batch))
-        if len(out) != len(images):
-            raise BatchSizeMismatch(f"the model returned {len(out)} results for {len(images)} images")
-        return [self._decode(out[i], *transforms[i]) for i in range(len(images))]
+        return Prepared(batch, transforms)
+
+    def infer(self, prepared: Prepared) -> list[np.ndarray]:
+        assert self._model is not None, "load() first"
+        return self._model.run(prepared.pixels)
+
+    def finish(self, prepared: Prepared, outputs: list[np.ndarray]) -> list[Prediction]:
+        out, n = outputs[0], len(prepared.transforms)
+        if len(out) != n:
+            raise BatchSizeMismatch(f"the model returned {len(out)} results for {n} images")
+        return [self._decode(out[i], *prepared.transforms[i]) for i in range(n)]
 
     def _decode(self, raw: np.ndarray, scale, offset, width, height) -> Prediction:
         rows = self._rows(raw)

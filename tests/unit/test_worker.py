@@ -1,0 +1,149 @@
+"""The worker's device pipeline: a staged adapter's steps run where they belong, batches
+overlap on one device, reach it in order, leave in order, and no more than `depth` are taken."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sightstream import keys
+from sightstream.config import ModelEntry
+from sightstream.frames import Batch, DeadLettered, Frame, Published, now_ms
+from sightstream.metrics import Metrics
+from sightstream.models.catalogue import Catalogue
+from sightstream.models.manager import ModelManager
+from sightstream.stages.flow import STOP
+from sightstream.stages.worker import Worker
+from tests.conftest import wait_for
+
+MODEL = "fake/staged"
+
+
+class Rig:
+    """A worker on the CPU with a staged fake model, a shared batch queue and an outcome queue."""
+
+    def __init__(self, depth: int = 2, timeout_s: float = 10.0, **options: Any) -> None:
+        entry = ModelEntry(backend="torch", task="detect", adapter="tests.fake_adapters:Staged", **options)
+        self.manager = ModelManager(Catalogue({"fake": {"staged": entry}}))
+        self.batches: asyncio.Queue = asyncio.Queue()
+        self.outcomes: asyncio.Queue = asyncio.Queue()
+        self.metrics = Metrics()
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="cpu-pool")
+        self.worker = Worker("cpu", self.manager, self.batches, self.outcomes, self.metrics,
+                             timeout_s, cpu=self.pool, depth=depth)
+        self.released: list[int] = []
+
+    def batch(self, *tags: int) -> Batch:
+        frames = [self.frame(t) for t in tags]
+        return Batch("p", MODEL, keys.DEFAULT_OUTPUT, 0, frames)
+
+    def frame(self, tag: int) -> Frame:
+        image = np.full((4, 4, 3), tag, np.uint8)
+        return Frame("p", f"frames:cam{tag}", f"{tag}-0", {}, now_ms(), image=image, orig_size=(4, 4),
+                     release=lambda: self.released.append(tag))
+
+    @property
+    def adapter(self) -> Any:
+        return self.manager._loaded[(MODEL, "cpu")].adapter
+
+    def outcome_tags(self) -> list[tuple[str, int]]:
+        out = []
+        while not self.outcomes.empty():
+            o = self.outcomes.get_nowait()
+            out.append((type(o).__name__, int(o.frame.entry_id.split("-")[0])))
+        return out
+
+    async def run(self, *batches: Batch) -> None:
+        for b in batches:
+            self.batches.put_nowait(b)
+        self.batches.put_nowait(STOP)
+        await asyncio.wait_for(self.worker.run(), 10)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.pool.shutdown()
+
+
+@pytest.fixture
+def rigs():
+    made: list[Rig] = []
+    yield lambda **kw: made.append(Rig(**kw)) or made[-1]
+    for rig in made:
+        rig.close()
+
+
+async def test_staged_steps_run_in_their_pools_and_the_next_batch_is_prepared_during_a_call(rigs):
+    rig = rigs(await_next_prepare=[1, 2])
+    await rig.run(rig.batch(1), rig.batch(2), rig.batch(3))
+    threads = {(step, tag): name for step, tag, name in rig.adapter.events}
+    for tag in (1, 2, 3):
+        assert threads[("prepare", tag)].startswith("cpu-pool")
+        assert threads[("infer", tag)].startswith("infer-cpu")
+        assert threads[("finish", tag)].startswith("cpu-pool")
+    # batch k+1 was prepared while batch k was on the device (each call waited for it)
+    assert rig.adapter.overlapped == {1: True, 2: True}
+    assert rig.outcome_tags() == [("Published", 1), ("Published", 2), ("Published", 3)]
+
+
+async def test_batches_reach_the_device_and_leave_in_order_when_a_later_one_prepares_faster(rigs):
+    rig = rigs(prepare_s={"1": 0.3}, depth=3)
+    await rig.run(rig.batch(1), rig.batch(2), rig.batch(3))
+    steps = [(step, tag) for step, tag, _ in rig.adapter.events]
+    assert [tag for step, tag in steps if step == "infer"] == [1, 2, 3]
+    assert steps.index(("prepare", 3)) < steps.index(("infer", 1))  # ready first, yet it waited
+    assert rig.outcome_tags() == [("Published", 1), ("Published", 2), ("Published", 3)]
+
+
+async def test_no_more_than_depth_batches_are_taken_from_the_shared_queue(rigs):
+    rig = rigs(hang={"1": 1.0}, depth=2)
+    for tag in range(1, 6):
+        rig.batches.put_nowait(rig.batch(tag))
+    task = asyncio.create_task(rig.worker.run())
+    await wait_for(lambda: rig.worker.in_flight == 2, what="two batches in flight")
+    await asyncio.sleep(0.3)  # negative window: nothing more is taken while the device is busy
+    assert rig.worker.in_flight == 2 and rig.batches.qsize() == 3  # siblings may take these
+    rig.batches.put_nowait(STOP)
+    await asyncio.wait_for(task, 10)
+    assert [t for kind, t in rig.outcome_tags()] == [1, 2, 3, 4, 5]
+
+
+async def test_the_timeout_counts_from_when_the_device_starts_the_call(rigs):
+    # each call takes 0.3 s of a 0.5 s budget; the third waits 0.6 s behind the first two
+    rig = rigs(infer_s={"*": 0.3}, depth=3, timeout_s=0.5)
+    await rig.run(rig.batch(1), rig.batch(2), rig.batch(3))
+    assert rig.outcome_tags() == [("Published", 1), ("Published", 2), ("Published", 3)]
+    assert rig.worker.replaced == 0 and not rig.released
+
+
+async def test_a_batch_queued_behind_a_stuck_call_is_abandoned_with_it(rigs):
+    rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.3)
+    rig.batches.put_nowait(rig.batch(1))
+    rig.batches.put_nowait(rig.batch(2))
+    task = asyncio.create_task(rig.worker.run())
+    await wait_for(lambda: sorted(rig.released) == [1, 2], 5, "both frames handed back")
+    rig.batches.put_nowait(rig.batch(3))  # a fresh thread runs it
+    rig.batches.put_nowait(STOP)
+    await asyncio.wait_for(task, 10)
+    assert rig.outcome_tags() == [("Published", 3)]
+    assert rig.worker.replaced == 1
+    abandoned = rig.metrics.frames_abandoned.labels("p")._value.get()
+    assert abandoned == 2
+
+
+async def test_a_frame_whose_finish_fails_is_dead_lettered_alone(rigs):
+    rig = rigs(bad_finish=2)
+    await rig.run(rig.batch(1, 2, 3))
+    assert sorted(rig.outcome_tags()) == [("DeadLettered", 2), ("Published", 1), ("Published", 3)]
+
+
+async def test_results_carry_the_model_s_output_as_json(rigs):
+    rig = rigs()
+    await rig.run(rig.batch(7))
+    (outcome,) = [rig.outcomes.get_nowait()]
+    assert isinstance(outcome, Published) and not isinstance(outcome, DeadLettered)
+    assert outcome.stream == keys.result_stream(keys.DEFAULT_OUTPUT, "p", "frames:cam7")
+    assert outcome.fields["result"] == '{"width":4,"height":4,"detections":[],"tag":7}'
