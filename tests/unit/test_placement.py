@@ -63,3 +63,14 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
     assert sorted(done) == ["own-1", "own-2", "own-3", "shared-1", "shared-2"]
     assert shared.get_nowait() is STOP  # passed on to sibling workers
     worker.close()
+
+
+def test_auto_devices_count_gpus_that_torch_sees_without_onnxruntime_gpu(monkeypatch):
+    from sightstream.daemon import devices
+
+    monkeypatch.setattr(devices, "_onnxruntime_gpus", lambda: 0)
+    monkeypatch.setattr(devices, "_torch_gpus", lambda: 2)
+    assert devices.resolve("auto") == ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(devices, "_torch_gpus", lambda: 0)
+    assert devices.resolve("auto") == ["cpu"]
+    assert devices.resolve(["cuda:1"]) == ["cuda:1"]

@@ -4,6 +4,8 @@ the local Hugging Face cache, never a download), device and dtype placement, mem
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +73,40 @@ def memory_mb(model: Any) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
-def to_device(batch: Any, model: Any) -> Any:
+def to_device(batch: Any, model: Any, non_blocking: bool = False) -> Any:
     """Move processor outputs to the model's device, floats in the model's dtype."""
     import torch
 
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(model.device)
+            value = value.to(model.device, non_blocking=non_blocking)
             if value.is_floating_point():
                 value = value.to(model.dtype)
         out[key] = value
     return out
+
+
+def to_host(outputs: Any) -> Any:
+    """A model's outputs (a tensor, or a ModelOutput / dict of them) moved to the CPU."""
+    import torch
+
+    if isinstance(outputs, torch.Tensor):
+        return outputs.cpu()
+    for key, value in list(outputs.items()):
+        if isinstance(value, torch.Tensor):
+            outputs[key] = value.cpu()
+    return outputs
+
+
+@dataclass(slots=True)
+class Inputs:
+    """A prepared batch: the processor's tensors on the host (pinned when the model is on a
+    GPU), each image's (height, width), and whatever else `finish` needs."""
+
+    tensors: dict[str, Any]
+    sizes: list[tuple[int, int]]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_question(text: str, task: str) -> None:
@@ -104,6 +128,7 @@ class HfAdapter:
         self._options = options
         self.memory_mb = 0.0
         self._model: Any = None
+        self._stream: Any = None  # a CUDA stream, on a GPU
 
     def source(self) -> str:
         """The local folder to load from (after switching the hub off)."""
@@ -113,6 +138,33 @@ class HfAdapter:
     def placed(self, model: Any, device: str) -> None:
         self._model = place(model, device, self._options)
         self.memory_mb = memory_mb(self._model)
+        self._stream = None
+        if device.startswith("cuda"):
+            import torch
+
+            self._stream = torch.cuda.Stream(device)  # this worker's own: copies and kernels in order
+
+    def host_inputs(self, tensors: Any, images: list[Any], **extra: Any) -> Inputs:
+        """Wrap a processor's output for `infer`, pinned for asynchronous copies on a GPU."""
+        import torch
+
+        pinned = dict(tensors)
+        if self._stream is not None:
+            pinned = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in pinned.items()}
+        return Inputs(pinned, [img.shape[:2] for img in images], extra)
+
+    def on_device(self, inputs: Inputs, call: Callable[[dict[str, Any]], Any]) -> Any:
+        """`call(tensors on the device)`, its outputs back on the host: the device thread's part."""
+        import torch
+
+        with torch.inference_mode():
+            if self._stream is None:
+                return to_host(call(to_device(inputs.tensors, self._model)))
+            with torch.cuda.stream(self._stream):
+                outputs = to_host(call(to_device(inputs.tensors, self._model, non_blocking=True)))
+            self._stream.synchronize()
+            return outputs
 
     def unload(self) -> None:
         self._model = None
+        self._stream = None

@@ -6,6 +6,7 @@ model's own units (relative inverse depth for Depth Anything)."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -34,16 +35,17 @@ class HfDepth(hf_common.HfAdapter):
         self._processor = AutoImageProcessor.from_pretrained(source)
         self.placed(AutoModelForDepthEstimation.from_pretrained(source), device)
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
-        import torch
+    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
+                contexts: Any = None) -> hf_common.Inputs:
+        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
 
-        inputs = hf_common.to_device(self._processor(images=images, return_tensors="pt"), self._model)
-        with torch.inference_mode():
-            outputs = self._model(**inputs)
-        sizes = [img.shape[:2] for img in images]
-        maps = self._processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+    def infer(self, inputs: hf_common.Inputs) -> Any:
+        return self.on_device(inputs, lambda tensors: self._model(**tensors))
+
+    def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
+        maps = self._processor.post_process_depth_estimation(outputs, target_sizes=inputs.sizes)
         out = []
-        for m, (h, w) in zip(maps, sizes):
+        for m, (h, w) in zip(maps, inputs.sizes):
             png, lo, hi = depth_png(m["predicted_depth"].float().cpu().numpy())
             out.append(Prediction({"width": w, "height": h, "min": round(lo, 6), "max": round(hi, 6)},
                                   {"depth": png}))

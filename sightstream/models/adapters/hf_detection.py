@@ -27,17 +27,18 @@ class HfDetector(hf_common.HfAdapter):
         self.placed(AutoModelForObjectDetection.from_pretrained(source), device)
         self._labels = self._model.config.id2label
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
-        import torch
+    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
+                contexts: Any = None) -> hf_common.Inputs:
+        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
 
-        inputs = hf_common.to_device(self._processor(images=images, return_tensors="pt"), self._model)
-        with torch.inference_mode():
-            outputs = self._model(**inputs)
-        sizes = [img.shape[:2] for img in images]
+    def infer(self, inputs: hf_common.Inputs) -> Any:
+        return self.on_device(inputs, lambda tensors: self._model(**tensors))
+
+    def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
         found = self._processor.post_process_object_detection(
-            outputs, threshold=self.score_threshold, target_sizes=sizes
+            outputs, threshold=self.score_threshold, target_sizes=inputs.sizes
         )
-        return [_prediction(r, h, w, self._labels) for r, (h, w) in zip(found, sizes)]
+        return [_prediction(r, h, w, self._labels) for r, (h, w) in zip(found, inputs.sizes)]
 
 
 def _prediction(found: dict, height: int, width: int, labels: dict) -> Prediction:

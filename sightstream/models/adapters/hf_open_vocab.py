@@ -41,13 +41,11 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
         self.placed(AutoModelForZeroShotObjectDetection.from_pretrained(source), device)
         self._kind = self._model.config.model_type  # owlvit | owlv2 | grounding-dino
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
-        import torch
-
+    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
+                contexts: Any = None) -> hf_common.Inputs:
         labels = prompt_labels(prompt.text) if prompt else []
-        sizes = [img.shape[:2] for img in images]
-        if not labels:  # nothing asked for: nothing found
-            return [Prediction({"width": w, "height": h, "detections": []}) for h, w in sizes]
+        if not labels:  # nothing asked for: nothing to run
+            return hf_common.Inputs({}, [img.shape[:2] for img in images], {"labels": labels})
         if self._kind == "grounding-dino":
             text = ". ".join(labels) + "."
             inputs = self._processor(images=images, text=[text] * len(images), return_tensors="pt",
@@ -55,20 +53,28 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
         else:
             inputs = self._processor(text=[labels] * len(images), images=images, return_tensors="pt",
                                      padding=True, truncation=True)
-        inputs = hf_common.to_device(inputs, self._model)
-        with torch.inference_mode():
-            outputs = self._model(**inputs)
+        return self.host_inputs(inputs, images, labels=labels)
+
+    def infer(self, inputs: hf_common.Inputs) -> Any:
+        if not inputs.tensors:
+            return None
+        return self.on_device(inputs, lambda tensors: self._model(**tensors))
+
+    def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
+        labels, sizes = inputs.extra["labels"], inputs.sizes
+        if outputs is None:
+            return [Prediction({"width": w, "height": h, "detections": []}) for h, w in sizes]
         # OWLv2 pads frames to a square before resizing: its boxes are relative to that square.
         targets = [(max(h, w), max(h, w)) if self._kind == "owlv2" else (h, w) for h, w in sizes]
         if self._kind == "grounding-dino":
             found = self._processor.post_process_grounded_object_detection(
-                outputs, inputs["input_ids"], threshold=self.score_threshold,
+                outputs, inputs.tensors["input_ids"], threshold=self.score_threshold,
                 text_threshold=self.text_threshold, target_sizes=targets,
             )
         else:
             found = self._processor.post_process_grounded_object_detection(
                 outputs, threshold=self.score_threshold, target_sizes=targets,
-                text_labels=[labels] * len(images),
+                text_labels=[labels] * len(sizes),
             )
         return [_prediction(r, h, w, labels) for r, (h, w) in zip(found, sizes)]
 

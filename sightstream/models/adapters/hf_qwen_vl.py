@@ -46,9 +46,8 @@ class HfQwenVL(hf_common.HfAdapter):
         self._pad = self._tokenizer.convert_ids_to_tokens(self._model.config.image_token_id)
         self._merge = int(self._model.config.vision_config.spatial_merge_size)
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
-        import torch
-
+    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
+                contexts: Any = None) -> hf_common.Inputs:
         question = prompt.text.strip() if prompt else ""
         if self.task == "vqa" and not question:
             raise ModelError("a vqa model needs a question: set the pipeline's prompt")
@@ -58,9 +57,13 @@ class HfQwenVL(hf_common.HfAdapter):
         texts = [TURN.format(image=self._pad * (int(g.prod()) // self._merge**2), question=question)
                  for g in grids]
         tokens = self._tokenizer(texts, return_tensors="pt", padding=True)
-        inputs = hf_common.to_device({**tokens, **vision}, self._model)
-        with torch.inference_mode():
-            ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = ids[:, tokens["input_ids"].shape[1]:]
+        return self.host_inputs({**tokens, **vision}, images)
+
+    def infer(self, inputs: hf_common.Inputs) -> Any:
+        return self.on_device(inputs, lambda tensors: self._model.generate(
+            **tensors, max_new_tokens=self.max_new_tokens, do_sample=False))
+
+    def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
+        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
         texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
         return [Prediction({"text": t.strip()}) for t in texts]

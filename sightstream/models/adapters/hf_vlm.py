@@ -49,18 +49,20 @@ class HfImageToText(hf_common.HfAdapter):
             raise ModelError(f"no image-to-text model class loads {source}: {'; '.join(errors)}")
         self.placed(model, device)
 
-    def infer(self, images: list[np.ndarray], prompt: Prompt | None = None) -> list[Prediction]:
-        import torch
-
+    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
+                contexts: Any = None) -> hf_common.Inputs:
         text = prompt.text.strip() if prompt else ""
         if self.task == "vqa" and not text:
             raise ModelError("a vqa model needs a question: set the pipeline's prompt")
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
         if text:
             kwargs.update(text=[text] * len(images), padding=True)
-        inputs = hf_common.to_device(self._processor(**kwargs), self._model)
-        with torch.inference_mode():
-            ids = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                       num_beams=self.num_beams)
+        return self.host_inputs(self._processor(**kwargs), images)
+
+    def infer(self, inputs: hf_common.Inputs) -> Any:
+        return self.on_device(inputs, lambda tensors: self._model.generate(
+            **tensors, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams))
+
+    def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
         texts = self._processor.batch_decode(ids, skip_special_tokens=True)
         return [Prediction({"text": t.strip()}) for t in texts]

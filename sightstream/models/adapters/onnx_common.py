@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sightstream import log
 from sightstream.errors import ModelError
+
+_log = log.get(__name__)
 
 # On a GPU: cuDNN picks each convolution's fastest algorithm once per input shape (batch buckets
 # keep the shapes few), and the memory arena grows by what is asked, not by doubling, so a
@@ -27,10 +30,11 @@ def providers_for(device: str, cuda_options: dict[str, Any] | None = None) -> li
     if not device.startswith("cuda:"):
         raise ModelError(f"unknown device {device!r}: use cpu or cuda:N")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ModelError(
-            f"device {device} needs onnxruntime-gpu: pip install 'sightstream[gpu]' "
-            "(it replaces the CPU onnxruntime)"
-        )
+        # The GPU was found through torch: its torch models use it, and ONNX models still run
+        # (on the CPU) rather than fail every frame.
+        _log.warning("onnx_model_on_cpu", device=device, advice="the CPU onnxruntime is installed; "
+                     "for ONNX models on the GPU: pip install 'sightstream[gpu]'")
+        return ["CPUExecutionProvider"]
     options = {**CUDA_DEFAULTS, **(cuda_options or {}), "device_id": int(device.split(":")[1])}
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
