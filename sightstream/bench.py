@@ -1,12 +1,17 @@
-"""`sightstream bench`: the daemon against two baselines measured in the same run.
+"""`sightstream bench`: the daemon against baselines measured in the same run.
 
-1. decode: one frame's JPEG decode, full size vs DCT-scaled (Pillow `draft`) to the model input.
-2. raw: the model alone on pre-decoded frames, in one process, at the same batch size.
-3. naive: a consumer that reads one entry, decodes it, infers, XADDs, XACKs, one at a time.
-4. daemon, throughput: N frames waiting in a private Redis; time until every result is out.
-5. daemon, latency: frames published at ~60% of that throughput; capture-to-result p50/p99.
-6. video: a job's reader sampling an H.264 clip at a low fps, decoding keyframes only vs
-   every frame (frames decoded, seconds spent).
+A model run (the default), per batch size:
+1. raw: the physical limit. The model's device step alone (`infer` of a staged adapter) on a
+   batch already prepared at its input size, same device, same batch size.
+2. raw, full frames: the whole model call (prepare, infer, finish) on full-size decoded frames.
+3. daemon, throughput: N frames waiting in a private Redis; time until every result is out,
+   with the daemon's CPU time per frame (the whole process, and its event loop alone).
+4. daemon, latency: frames published at ~60% of that throughput; capture-to-result p50/p99.
+Once: naive (a consumer that reads one entry, decodes it, infers, XADDs, XACKs, one at a
+time), one JPEG decode full size vs DCT-scaled, and a job's video reader on an H.264 clip.
+
+`--null`: the pipeline's own ceiling, with a model that does nothing, for 1 KB and 1280x720
+JPEGs. `--daemons N`: N daemon processes in one group (bench_scaling.py).
 Figures are ratios against the baselines, never absolute asserts.
 """
 
@@ -31,7 +36,8 @@ from PIL import Image
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon.daemon import Daemon
 from sightstream.daemon.embedded_redis import EmbeddedRedis
-from sightstream.models.adapter import predict
+from sightstream.models.adapter import is_staged, predict
+from sightstream.models.adapters.onnx_common import letterbox
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.stages.decoder import decode_image
@@ -68,18 +74,36 @@ def time_decode(jpeg: bytes, target: tuple[int, int] | None, repeat: int = 30) -
     return (time.perf_counter() - started) / repeat * 1000
 
 
-def raw_fps(model: str, frames: list[bytes], n: int, batch: int) -> float:
-    adapter = ModelManager(Catalogue()).create(model)
-    adapter.load("cpu")
-    arrays = [decode_image(f, 10**9)[0] for f in frames]
-    predict(adapter, arrays[:batch])  # warm up
+def raw_figures(manager: ModelManager, model: str, frames: list[bytes], n: int, batch: int,
+                device: str = "cpu") -> dict[str, float]:
+    """The model alone: its device step on prepared batches (the limit), and whole calls on
+    full-size frames (what a script calling the model would get)."""
+    adapter: Any = manager.create(model)  # whole or staged
+    adapter.load(device)
+    try:
+        arrays = [decode_image(f, 10**9)[0] for f in frames]
+        batches = [[arrays[(i + j) % len(arrays)] for j in range(batch)]
+                   for i in range(0, len(arrays), batch)]
+        size = adapter.input_size
+        at_input = [[letterbox(a, size)[0] if size else a for a in b] for b in batches]
+        if is_staged(adapter):
+            prepared = [adapter.prepare(b, None, None) for b in at_input]
+            device_step = lambda k: adapter.infer(prepared[k % len(prepared)])  # noqa: E731
+        else:
+            device_step = lambda k: predict(adapter, at_input[k % len(at_input)])  # noqa: E731
+        whole = lambda k: predict(adapter, batches[k % len(batches)])  # noqa: E731
+        return {"raw_fps": _calls_per_s(device_step, n, batch), "raw_full_fps": _calls_per_s(whole, n, batch)}
+    finally:
+        adapter.unload()
+
+
+def _calls_per_s(call: Any, n: int, batch: int) -> float:
+    call(0)  # warm up
+    calls = max(1, n // batch)
     started = time.perf_counter()
-    done = 0
-    while done < n:
-        k = min(batch, n - done)
-        predict(adapter, [arrays[(done + j) % len(arrays)] for j in range(k)])
-        done += k
-    return n / (time.perf_counter() - started)
+    for k in range(calls):
+        call(k)
+    return calls * batch / (time.perf_counter() - started)
 
 
 def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
@@ -108,15 +132,22 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
     return n / elapsed
 
 
+def bench_settings(url: str, model: str, batch: int, device: str = "cpu",
+                   models: dict[str, Any] | None = None) -> Settings:
+    pipeline = PipelineSettings(name="bench", input=[STREAM], model=model, batch_size=batch,
+                                result_maxlen=0, max_in_flight=max(64, 4 * batch))
+    return Settings(redis_url=url, devices=[device], pipelines=[pipeline], control={"port": 0},
+                    models=models or {}, log_level="warning")
+
+
 async def daemon_figures(
-    url: str, model: str, frames: list[bytes], n: int, batch: int
+    settings: Settings, frames: list[bytes], n: int, latency: bool = True
 ) -> dict[str, float]:
+    """Throughput on a backlog of n frames (and its CPU cost), then latency at 60% of it."""
+    url = settings.redis_url
     client = redis.Redis.from_url(url)
     results = f"results:bench:{STREAM}"
     client.delete(STREAM, results)
-    pipeline = PipelineSettings(name="bench", input=[STREAM], model=model, batch_size=batch,
-                                result_maxlen=0, max_in_flight=max(64, 4 * batch))
-    settings = Settings(redis_url=url, devices=["cpu"], pipelines=[pipeline], control={"port": 0})
     daemon = Daemon(settings, host="bench")
     await daemon.start()
     try:
@@ -129,12 +160,30 @@ async def daemon_figures(
         for i in range(n):
             pipe.xadd(STREAM, {"image": frames[i % len(frames)]})
         pipe.execute()
-        started = time.perf_counter()
+        decode_before = _histogram_sum(daemon, "sightstream_decode_seconds")
+        infer_before = _histogram_sum(daemon, "sightstream_inference_seconds")
+        started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
         while client.xlen(results) < n + 1:
-            await asyncio.sleep(0.01)
-        fps = n / (time.perf_counter() - started)
-        decode_s = _histogram_sum(daemon, "sightstream_decode_seconds")
-        infer_s = _histogram_sum(daemon, "sightstream_inference_seconds")
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        # Process CPU: the loop, decode threads, the device thread and the bench's polling;
+        # thread CPU of this thread: the event loop's own share.
+        cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
+        fps = n / elapsed
+        figures = {
+            "daemon_fps": fps,
+            "daemon_cpu_ms_per_frame": cpu / n * 1000,
+            "daemon_loop_cpu_ms_per_frame": loop_cpu / n * 1000,
+            # Where the daemon's time goes, per frame (decode runs in parallel threads, so the
+            # two can add up to more than the wall time per frame).
+            "daemon_decode_ms_per_frame":
+                (_histogram_sum(daemon, "sightstream_decode_seconds") - decode_before) / n * 1000,
+            "daemon_infer_ms_per_frame":
+                (_histogram_sum(daemon, "sightstream_inference_seconds") - infer_before) / n * 1000,
+            "daemon_wall_ms_per_frame": 1000 / fps,
+        }
+        if not latency:
+            return figures
         # latency: a paced producer at ~60% of that throughput, ts = capture time
         rate = max(1.0, 0.6 * fps)
         m = max(20, min(n, int(rate * 10)))
@@ -152,13 +201,7 @@ async def daemon_figures(
     finally:
         await daemon.stop()
         client.close()
-    return {
-        "daemon_fps": fps,
-        # Where the daemon's time goes, per frame (decode runs in parallel threads, so the two
-        # can add up to more than the wall time per frame).
-        "daemon_decode_ms_per_frame": decode_s / (n + 1) * 1000,
-        "daemon_infer_ms_per_frame": infer_s / (n + 1) * 1000,
-        "daemon_wall_ms_per_frame": 1000 / fps,
+    return figures | {
         "latency_rate_fps": rate,
         "latency_p50_ms": statistics.median(latencies),
         "latency_p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
@@ -206,43 +249,91 @@ def _histogram_sum(daemon: Daemon, name: str) -> float:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+NULL_MODEL = {"bench": {"null": {"backend": "torch", "task": "detect",
+                                  "adapter": "sightstream.models.adapters.null:NullModel"}}}
+NULL_SIZES = {"1kb": ((40, 30), 4000), "1280x720": ((1280, 720), 600)}  # frames, backlog
+
+
+def batch_sizes(text: str) -> list[int]:
+    return [int(b) for b in text.split(",") if b.strip()]
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def run_model(args: argparse.Namespace) -> dict[str, Any]:
     w, h = (int(v) for v in args.size.lower().split("x"))
     model = args.model or PipelineSettings().model
-    n, batch = args.frames, args.batch_size
+    n, device = args.frames, args.device
     frames = make_frames((w, h))
-    target = ModelManager(Catalogue()).input_size(model)
+    manager = ModelManager(Catalogue())
+    target = manager.input_size(model)
     figures: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "model": model, "frames": n, "size": f"{w}x{h}", "batch_size": batch,
-        "decode_full_ms": time_decode(frames[0], None),
+        "mode": "model", "machine": machine(), "device": device, "model": model, "frames": n,
+        "size": f"{w}x{h}", "decode_full_ms": time_decode(frames[0], None),
         "decode_draft_ms": time_decode(frames[0], target) if not args.no_draft else None,
+        "batches": {},
     }
-    print(f"bench: {model}, {n} frames of {w}x{h} JPEG, batch {batch}", flush=True)
-    figures["raw_fps"] = raw_fps(model, frames, n, batch)
-    print(f"  raw model on pre-decoded frames: {figures['raw_fps']:.1f} frames/s", flush=True)
+    print(f"bench: {model} on {device}, {n} frames of {w}x{h} JPEG", flush=True)
     with EmbeddedRedis() as server:
         figures["naive_fps"] = naive_fps(server.url, model, frames, max(30, n // 3))
-        print(f"  naive consumer:                  {figures['naive_fps']:.1f} frames/s", flush=True)
-        figures.update(asyncio.run(daemon_figures(server.url, model, frames, n, batch)))
+        print(f"  naive consumer: {figures['naive_fps']:.1f} frames/s", flush=True)
+        for batch in batch_sizes(args.batch_sizes):
+            row = raw_figures(manager, model, frames, n, batch, device)
+            settings = bench_settings(server.url, model, batch, device)
+            row |= asyncio.run(daemon_figures(settings, frames, n))
+            row["daemon_vs_raw"] = row["daemon_fps"] / row["raw_fps"]
+            row["daemon_vs_raw_full"] = row["daemon_fps"] / row["raw_full_fps"]
+            row["daemon_vs_naive"] = row["daemon_fps"] / figures["naive_fps"]
+            figures["batches"][str(batch)] = row
+            print(report_batch(batch, row), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(Path(tmp) / "clip.mp4", (w, h))
         figures.update(asyncio.run(video_figures(clip, 0.5)))
-    figures["daemon_vs_raw"] = figures["daemon_fps"] / figures["raw_fps"]
-    figures["daemon_vs_naive"] = figures["daemon_fps"] / figures["naive_fps"]
     return figures
 
 
-def report(f: dict[str, Any]) -> str:
-    lines = [
-        f"  daemon end to end:               {f['daemon_fps']:.1f} frames/s",
-        f"  daemon latency at {f['latency_rate_fps']:.0f} frames/s:     p50 {f['latency_p50_ms']:.0f} ms, "
+def run_null(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's own ceiling: a model that does nothing, small and camera-sized JPEGs."""
+    figures: dict[str, Any] = {"mode": "null", "machine": machine(), "sizes": {}}
+    with EmbeddedRedis() as server:
+        for name, (size, n) in NULL_SIZES.items():
+            frames = make_frames(size)
+            rows: dict[str, Any] = {"jpeg_bytes": int(statistics.mean(len(f) for f in frames))}
+            for batch in batch_sizes(args.batch_sizes):
+                settings = bench_settings(server.url, "bench/null", batch, models=NULL_MODEL)
+                rows[str(batch)] = asyncio.run(daemon_figures(settings, frames, n, latency=False))
+                print(report_null(name, batch, rows[str(batch)]), flush=True)
+            figures["sizes"][name] = rows
+    return figures
+
+
+def report_batch(batch: int, f: dict[str, Any]) -> str:
+    return "\n".join([
+        f"  batch {batch}:",
+        f"    raw (device step on prepared batches): {f['raw_fps']:.1f} frames/s; "
+        f"whole calls on full frames: {f['raw_full_fps']:.1f} frames/s",
+        f"    daemon end to end: {f['daemon_fps']:.1f} frames/s, CPU {f['daemon_cpu_ms_per_frame']:.2f} "
+        f"ms/frame (event loop {f['daemon_loop_cpu_ms_per_frame']:.3f})",
+        f"    daemon latency at {f['latency_rate_fps']:.0f} frames/s: p50 {f['latency_p50_ms']:.0f} ms, "
         f"p99 {f['latency_p99_ms']:.0f} ms",
-        f"  daemon time per frame: {f['daemon_wall_ms_per_frame']:.1f} ms wall; inference "
-        f"{f['daemon_infer_ms_per_frame']:.1f} ms, "
-        f"decode {f['daemon_decode_ms_per_frame']:.1f} ms (in parallel)",
-        f"  daemon / raw:   {f['daemon_vs_raw']:.2f}",
-        f"  daemon / naive: {f['daemon_vs_naive']:.2f}",
+        f"    daemon time per frame: {f['daemon_wall_ms_per_frame']:.1f} ms wall; inference "
+        f"{f['daemon_infer_ms_per_frame']:.1f} ms, decode {f['daemon_decode_ms_per_frame']:.1f} ms "
+        "(in parallel)",
+        f"    daemon / raw {f['daemon_vs_raw']:.2f}, / raw full frames {f['daemon_vs_raw_full']:.2f}, "
+        f"/ naive {f['daemon_vs_naive']:.2f}",
+    ])
+
+
+def report_null(name: str, batch: int, f: dict[str, Any]) -> str:
+    return (f"  null model, {name} JPEGs, batch {batch}: {f['daemon_fps']:.0f} frames/s, daemon CPU "
+            f"{f['daemon_cpu_ms_per_frame']:.3f} ms/frame, event loop "
+            f"{f['daemon_loop_cpu_ms_per_frame']:.3f} ms/frame")
+
+
+def report_once(f: dict[str, Any]) -> str:
+    return "\n".join([
         f"  JPEG decode of one {f['size']} frame: full {f['decode_full_ms']:.1f} ms"
         + (f", DCT-scaled to the model input {f['decode_draft_ms']:.1f} ms" if f["decode_draft_ms"] else ""),
         f"  video at 0.5 fps of a 20 s {f['size']} H.264 clip (a keyframe a second): every frame decoded "
@@ -250,16 +341,22 @@ def report(f: dict[str, Any]) -> str:
         f"{f['video_keyframes_decoded']} in {f['video_keyframes_s']:.2f} s "
         f"({f['video_all_s'] / f['video_keyframes_s']:.1f}x less time); "
         f"{f['video_keyframes_kept']} frames kept",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 def main(args: argparse.Namespace) -> int:
     from sightstream import log
 
     log.configure("warning")
-    figures = run(args)
-    print(report(figures))
+    if args.daemons:
+        from sightstream.bench_scaling import run_scaling
+
+        figures = run_scaling(args)
+    elif args.null:
+        figures = run_null(args)
+    else:
+        figures = run_model(args)
+        print(report_once(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

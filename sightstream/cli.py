@@ -137,11 +137,18 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark the daemon against raw and naive baselines")
     config(p)
-    p.add_argument("--frames", type=int, default=300, help="frames to publish")
+    p.add_argument("--frames", type=int, default=300, help="frames to publish (per batch size)")
     p.add_argument("--size", default="1280x720", help="frame size, WxH")
     p.add_argument("--model", default=None, help="family/variant (default: the default model)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda:N")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (--daemons: the last)")
     p.add_argument("--no-draft", action="store_true", help="skip the scaled-JPEG-decoding comparison")
+    p.add_argument("--null", action="store_true",
+                   help="the pipeline's own ceiling: a model that does nothing, 1 KB and 1280x720 JPEGs")
+    p.add_argument("--daemons", type=int, default=0, metavar="N",
+                   help="N daemon processes in one group vs one, with a model that sleeps")
+    p.add_argument("--devices", default="", help="--daemons: devices dealt to the daemons in turn")
+    p.add_argument("--sleep-ms", type=float, default=20, help="--daemons: the model's time per batch")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=cmd_bench)
     return top

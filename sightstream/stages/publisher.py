@@ -43,18 +43,36 @@ _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
 RECENT = 1000  # latencies kept per pipeline
 
-# KEYS: source stream, output stream. ARGV: group, entry id, maxlen (0: no cap), field, value, ...
-# Returns 1 when written and acknowledged, 0 when the entry is no longer pending (another
-# daemon, or an earlier try, finished it; or the group is gone). A refused XADD raises before
-# the XACK, so the entry stays pending.
-PUBLISH_THEN_ACK = f"""
-local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if type(pending) ~= 'table' or pending.err or #pending == 0 then
-  return 0
+# KEYS: source stream, output stream. ARGV: group, maxlen (0: no cap), then per entry: its id,
+# the count of field/value items that follow, the items. Per entry, in order: 1 when written
+# and acknowledged, 0 when no longer pending (another daemon, or an earlier try, finished it;
+# or the group is gone), or Redis' error when it refused the XADD (the entry stays pending).
+# One call per (source, output) pair of a round: both keys carry the source's hash tag.
+PUBLISH_THEN_ACK = """
+local out = {}
+local i = 3
+while i <= #ARGV do
+  local id, n = ARGV[i], tonumber(ARGV[i + 1])
+  local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if type(pending) ~= 'table' or pending.err or #pending == 0 then
+    out[#out + 1] = 0
+  else
+    local added
+    if ARGV[2] == '0' then
+      added = redis.pcall('XADD', KEYS[2], '*', unpack(ARGV, i + 2, i + 1 + n))
+    else
+      added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 2, i + 1 + n))
+    end
+    if type(added) == 'table' and added.err then
+      out[#out + 1] = added.err
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      out[#out + 1] = 1
+    end
+  end
+  i = i + 2 + n
 end
-{lua_xadd("KEYS[2]", "ARGV[3]", 4)}
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
+return out
 """
 
 
@@ -187,29 +205,66 @@ class Publisher:
         self._tries.clear()
 
     async def _round(self, outcomes: list[Outcome]) -> list:
+        """One pipelined round for the outcomes; a reply per outcome, in order: 1 (done), 0
+        (already done elsewhere) or the ResponseError of a refused write.
+
+        Outcomes are grouped: one XACK per stream for plain acknowledgements, and one script
+        call per (source, output) pair for results and dead-letter entries."""
         now = now_ms()
+        acks: dict[tuple[str, str], list[int]] = {}  # (stream, group) -> outcome indexes
+        writes: dict[tuple[str, str, str], list[int]] = {}  # (source, output, pipeline)
+        records: list[int] = []  # dead-letter records of entries no longer pending
+        for k, o in enumerate(outcomes):
+            f = o.frame
+            if isinstance(o, Acked):
+                acks.setdefault((f.stream, keys.group(f.pipeline)), []).append(k)
+            elif isinstance(o, DeadLettered) and not o.pending:
+                records.append(k)
+            else:
+                writes.setdefault((f.stream, o.stream, f.pipeline), []).append(k)
 
         def fill(pipe: Any) -> None:
-            for o in outcomes:
+            for (stream, group), ks in acks.items():
+                pipe.xack(stream, group, *(outcomes[k].frame.entry_id for k in ks))
+            for (stream, output, pipeline), ks in writes.items():
+                args: list[Any] = [keys.group(pipeline), self._maxlen.get(pipeline, 0)]
+                for k in ks:
+                    pairs = self._pairs(outcomes[k], now)
+                    args += [outcomes[k].frame.entry_id, len(pairs), *pairs]
+                self._script.queue(pipe, [stream, output], args)
+            for k in records:
+                o = outcomes[k]
+                assert isinstance(o, DeadLettered)
                 f = o.frame
-                group = keys.group(f.pipeline)
-                if isinstance(o, Acked):
-                    pipe.xack(f.stream, group, f.entry_id)
-                    continue
-                if isinstance(o, Published):
-                    fields = dict(o.fields)
-                    fields["latency_ms"] = str(max(0, now - f.ts_ms))
-                else:
-                    fields = deadletter_fields(f, o.reason, o.error)
-                pairs = [item for field in fields.items() for item in field]
-                maxlen = self._maxlen.get(f.pipeline, 0)
-                if isinstance(o, DeadLettered) and not o.pending:  # nothing left to acknowledge
-                    marker = keys.recorded_marker(f.pipeline, f.stream, f.entry_id)
-                    self._record.queue(pipe, [marker, o.stream], [RECORD_TTL_MS, maxlen, *pairs])
-                else:
-                    self._script.queue(pipe, [f.stream, o.stream], [group, f.entry_id, maxlen, *pairs])
+                marker = keys.recorded_marker(f.pipeline, f.stream, f.entry_id)
+                self._record.queue(pipe, [marker, o.stream],
+                                   [RECORD_TTL_MS, self._maxlen.get(f.pipeline, 0), *self._pairs(o, now)])
 
-        return await run_pipelined(self._client, fill, self._script, self._record, raise_on_error=False)
+        replies = iter(await run_pipelined(self._client, fill, self._script, self._record,
+                                           raise_on_error=False))
+        out: list[Any] = [None] * len(outcomes)
+        for ks in acks.values():
+            reply = next(replies)  # XACK's count: the acknowledgement is done either way
+            for k in ks:
+                out[k] = reply if isinstance(reply, ResponseError) else 1
+        for ks in writes.values():
+            reply = next(replies)
+            for k, one in zip(ks, [reply] * len(ks) if isinstance(reply, ResponseError) else reply):
+                out[k] = ResponseError(one.decode()) if isinstance(one, bytes) else one
+        for k in records:
+            out[k] = next(replies)
+        return out
+
+    @staticmethod
+    def _pairs(o: Outcome, now: int) -> list[Any]:
+        f = o.frame
+        if isinstance(o, Published):
+            fields = dict(o.fields)
+            fields["latency_ms"] = str(max(0, now - f.ts_ms))
+        else:
+            assert isinstance(o, DeadLettered)
+            fields = deadletter_fields(f, o.reason, o.error)
+        return [item for field in fields.items() for item in field]
 
     def _account(self, o: Outcome, acked: bool) -> None:
         m, name = self._metrics, o.frame.pipeline

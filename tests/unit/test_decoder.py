@@ -145,3 +145,39 @@ def test_only_detectors_get_scaled_decoding(tmp_path):
     # Boxes are mapped back to the frame's pixels; masks and depth maps could not be.
     assert daemon.decode_target("m/det") == (64, 64)
     assert daemon.decode_target("m/seg") is None and daemon.decode_target("m/depth") is None
+
+
+async def test_queued_frames_are_decoded_in_chunks_in_order_and_a_bad_one_alone():
+    """A backlog is decoded a chunk per thread (fewer executor hops), frames leave in the
+    order they came, and a bad frame among good ones is dead-lettered by itself."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sightstream.frames import DeadLettered, Frame, now_ms
+    from sightstream.metrics import Metrics
+    from sightstream.stages.decoder import Decoder
+    from sightstream.stages.flow import STOP
+
+    inq, out, outcomes = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    jobs: list[int] = []
+    pool = ThreadPoolExecutor(2)
+
+    class Counting:  # counts executor jobs
+        def submit(self, fn, *args):
+            jobs.append(len(args[0]))
+            return pool.submit(fn, *args)
+
+    for i in range(40):
+        image = b"not an image" if i == 17 else encode(np.full((8, 8, 3), i, np.uint8), "PNG")
+        inq.put_nowait(Frame("p", "frames:cam", f"{i}-0", {b"image": image}, now_ms()))
+    inq.put_nowait(STOP)
+    decoder = Decoder(inq, out, outcomes, Counting(), Metrics(), MAX, lambda: None, concurrency=2)  # type: ignore[arg-type]
+    await asyncio.wait_for(decoder.run(), 10)
+    pool.shutdown()
+    passed = [out.get_nowait() for _ in range(out.qsize())]
+    assert passed[-1] is STOP
+    assert [int(f.entry_id.split("-")[0]) for f in passed[:-1]] == [i for i in range(40) if i != 17]
+    assert all(int(f.image[0, 0, 0]) == int(f.entry_id.split("-")[0]) for f in passed[:-1])
+    (bad,) = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
+    assert isinstance(bad, DeadLettered) and bad.frame.entry_id == "17-0" and bad.reason == "unsupported_format"
+    assert len(jobs) < 10 and sum(jobs) == 40  # 40 frames in a few jobs, not 40
