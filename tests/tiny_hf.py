@@ -16,7 +16,8 @@ def _quiet() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def detr(folder: Path) -> Path:
+def detr(folder: Path, d_model: int = 32, layers: int = 1) -> Path:
+    """A DETR detector; `d_model` and `layers` make it as heavy as a memory test needs."""
     _quiet()
     import torch
     from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
@@ -26,9 +27,9 @@ def detr(folder: Path) -> Path:
     backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1],
                             out_features=["stage4"])
     config = DetrConfig(
-        use_timm_backbone=False, backbone_config=backbone, d_model=32, encoder_layers=1,
-        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-        decoder_ffn_dim=32, num_queries=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+        use_timm_backbone=False, backbone_config=backbone, d_model=d_model, encoder_layers=layers,
+        decoder_layers=layers, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=d_model, decoder_ffn_dim=d_model, num_queries=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
     )
     DetrForObjectDetection(config).save_pretrained(folder)
     DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)

@@ -83,3 +83,40 @@ def red_segmenter(path: Path, size: int = 32) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+def heavy_yolov8(path: Path, megabytes: int, size: int = 64) -> Path:
+    """A YOLOv8-layout detector carrying a weight of about `megabytes` MB that every call uses
+    (a MatMul, so ONNX Runtime cannot fold it away): for measuring memory, not boxes. Its one
+    anchor is a box of class 0 at the centre."""
+    k = 1024
+    m = max(1, megabytes * 2**20 // (4 * k))
+    nodes = [
+        helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=0, axes=[1, 2, 3]),
+        helper.make_node("Reshape", ["mean", "column"], ["mean2"]),
+        helper.make_node("Mul", ["mean2", "ones"], ["wide"]),  # [batch, k]
+        helper.make_node("MatMul", ["wide", "big"], ["product"]),  # [batch, m]
+        helper.make_node("ReduceMean", ["product"], ["pooled"], keepdims=0, axes=[1]),
+        helper.make_node("Reshape", ["pooled", "shape"], ["pooled3"]),
+        helper.make_node("Mul", ["pooled3", "zero"], ["zeros"]),
+        helper.make_node("Add", ["zeros", "table"], ["output0"]),
+    ]
+    table = np.array([[size / 2, size / 2, size / 4, size / 4, 0.9, 0.1]], dtype=np.float32).T[None]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "column"),
+        numpy_helper.from_array(np.ones((1, k), dtype=np.float32), "ones"),
+        numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, m), dtype=np.float32), "big"),
+        numpy_helper.from_array(np.array([-1, 1, 1], dtype=np.int64), "shape"),
+        numpy_helper.from_array(np.zeros((1, 1, 1), dtype=np.float32), "zero"),
+        numpy_helper.from_array(table, "table"),
+    ]
+    graph = helper.make_graph(
+        nodes, "heavy_yolov8",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", 6, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

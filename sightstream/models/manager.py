@@ -12,6 +12,9 @@ from the entry's `memory_mb` option or the size of its weights on disk.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -146,6 +149,7 @@ class ModelManager:
                     raise ModelError(f"model {model_id} is in use on {dev}; try again when idle")
                 del self._loaded[(mid, dev)]
                 entry.adapter.unload()
+                give_back_memory(dev)
                 done.append(dev)
                 _log.info("model_unloaded", model=mid, device=dev, reason=reason,
                           memory_mb=round(entry.memory_mb, 1))
@@ -191,3 +195,18 @@ class ModelManager:
         for entry in self._loaded.values():
             entry.adapter.unload()
         self._loaded.clear()
+
+
+def give_back_memory(device: str) -> None:
+    """After an unload: free what reference cycles still hold, hand freed heap pages back to
+    the operating system (glibc keeps them otherwise), and on a GPU empty torch's cache, which
+    keeps freed blocks reserved for the next model. (ONNX Runtime's arena goes with its
+    session.) Measured in docs/operations.md."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    torch = sys.modules.get("torch")  # only if a model already imported it
+    if device.startswith("cuda") and torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
