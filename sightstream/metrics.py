@@ -3,10 +3,26 @@ daemons can live in one process (tests) without clashing."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Children:
+    """Label children looked up once and kept: `labels()` hashes and locks on every call, and
+    the hot path would call it per frame."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def __call__(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        if (child := self._cache.get(key)) is None:
+            child = self._cache[key] = metric.labels(*labels)
+        return child
 
 
 class Metrics:

@@ -61,6 +61,7 @@ class Admission:
         # stream -> how many times this daemon has taken it (source leases): tracking state
         # built before a stream went to another daemon and came back is not reused
         self.generations: dict[str, int] = {}
+        self._frames_in = metrics.frames_in.labels(pipeline.name)  # looked up once, used per frame
 
     async def admit(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
@@ -77,7 +78,7 @@ class Admission:
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
             used += 1
-            self._metrics.frames_in.labels(self._p.name).inc()
+            self._frames_in.inc()
             if times > self._p.max_deliveries:
                 await self.dead_letter(frame, "max_deliveries",
                                        f"delivered {times} times; max_deliveries is {self._p.max_deliveries}")

@@ -35,7 +35,7 @@ from sightstream.frames import (
     deadletter_fields,
     now_ms,
 )
-from sightstream.metrics import Metrics
+from sightstream.metrics import Children, Metrics
 from sightstream.redis_conn import Lua, lua_xadd, run_pipelined
 from sightstream.stages.flow import STOP, RedisRetry, Stopped, backoff_s, drain_nowait
 
@@ -107,6 +107,7 @@ class Publisher:
         self._maxlen = maxlen  # per pipeline
         self._max_deliveries = max_deliveries or {}  # per pipeline: tries of a refused write
         self._round_size = round_size
+        self._child = Children()
         self._script = Lua(PUBLISH_THEN_ACK)
         self._record = Lua(RECORD_ONCE)
         self.published = 0
@@ -160,14 +161,27 @@ class Publisher:
                 self._tries.pop(o.frame, None)
                 o.frame.release()
             return
+        now = now_ms()
+        published: dict[str, int] = {}  # per pipeline: counted once per round
         for outcome, reply in zip(outcomes, replies):
             if isinstance(reply, ResponseError):
                 self._refused(outcome, reply)  # still pending: tried again, then dead-lettered
                 continue
-            self._tries.pop(outcome.frame, None)
+            if self._tries:
+                self._tries.pop(outcome.frame, None)
             # 1: written and acknowledged by this round; 0: another daemon or an earlier try did
-            self._account(outcome, bool(reply))
+            if reply and isinstance(outcome, Published):
+                name = outcome.frame.pipeline
+                published[name] = published.get(name, 0) + 1
+                latency_ms = max(0, now - outcome.frame.ts_ms)
+                self._child(self._metrics.e2e_latency_seconds, name).observe(latency_ms / 1000)
+                self._recent(name).append(latency_ms)
+            else:
+                self._account(outcome, bool(reply))
             outcome.frame.release()
+        for name, count in published.items():
+            self.published += count
+            self._child(self._metrics.frames_published, name).inc(count)
 
     def _refused(self, o: Outcome, error: ResponseError) -> None:
         """Redis refused this outcome's write (nothing was written or acknowledged). Try again
@@ -266,20 +280,20 @@ class Publisher:
             fields = deadletter_fields(f, o.reason, o.error)
         return [item for field in fields.items() for item in field]
 
+    def _recent(self, pipeline: str) -> deque[int]:
+        if (recent := self.recent_latency_ms.get(pipeline)) is None:
+            recent = self.recent_latency_ms[pipeline] = deque(maxlen=RECENT)
+        return recent
+
     def _account(self, o: Outcome, acked: bool) -> None:
+        """Metrics of an outcome other than a result published by this round."""
         m, name = self._metrics, o.frame.pipeline
         if isinstance(o, Acked):
-            m.frames_acked.labels(name, o.reason).inc()
+            self._child(m.frames_acked, name, o.reason).inc()
             if o.reason == "stale":
                 self._note_drop(name)
         elif not acked:
             m.publish_duplicates.labels(name).inc()
-        elif isinstance(o, Published):
-            self.published += 1
-            m.frames_published.labels(name).inc()
-            latency_ms = max(0, now_ms() - o.frame.ts_ms)
-            m.e2e_latency_seconds.labels(name).observe(latency_ms / 1000)
-            self.recent_latency_ms.setdefault(name, deque(maxlen=RECENT)).append(latency_ms)
         elif isinstance(o, DeadLettered):
             m.frames_dead_lettered.labels(name, o.reason).inc()
             _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,

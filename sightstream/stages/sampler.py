@@ -60,12 +60,15 @@ class Sampler:
                 for frame in frames:
                     frame.release()
                 continue
+            kept = 0
             for frame, keep in zip(frames, verdicts):
                 if keep:
-                    self._metrics.frames_sampled.labels(frame.pipeline).inc()
+                    kept += 1
                     await self._out.put(frame)
                 else:
                     await self._outcomes.put(Acked(frame, "sampled_out"))
+            if kept:  # once per round; a round's frames are of one pipeline
+                self._metrics.frames_sampled.labels(frames[0].pipeline).inc(kept)
         await self._out.put(STOP)
 
     async def decide(self, frames: list[Frame]) -> list[bool]:
