@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,8 @@ def _calls_per_s(call: Any, n: int, batch: int) -> float:
     return calls * batch / (time.perf_counter() - started)
 
 
-def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
+def naive_fps(url: str, manager: ModelManager, model: str, frames: list[bytes], n: int,
+              device: str = "cpu") -> float:
     """What users write by hand: one entry at a time, no batching, no overlap."""
     client = redis.Redis.from_url(url)
     key = "frames:{naive}"
@@ -116,8 +119,8 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
     for i in range(n):
         pipe.xadd(key, {"image": frames[i % len(frames)]})
     pipe.execute()
-    adapter = ModelManager(Catalogue()).create(model)
-    adapter.load("cpu")
+    adapter = manager.create(model)
+    adapter.load(device)
     predict(adapter, [decode_image(frames[0], 10**9)[0]])
     started = time.perf_counter()
     for _ in range(n):
@@ -129,7 +132,49 @@ def naive_fps(url: str, model: str, frames: list[bytes], n: int) -> float:
         client.xack(key, "naive", entry_id)
     elapsed = time.perf_counter() - started
     client.close()
+    adapter.unload()
     return n / elapsed
+
+
+class GpuSampler:
+    """GPU utilisation and memory in use, sampled every 0.1 s while a figure is measured, when
+    the devices include GPUs and NVML is there (nvidia-ml-py: `import pynvml`); else nothing."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self._indexes = [int(d.split(":")[1]) for d in devices if d.startswith("cuda:")]
+        self._samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+        except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU figures
+            return self
+        if self._indexes:
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self._indexes]
+            self._thread = threading.Thread(target=self._sample, args=(pynvml, handles), daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self, nvml: Any, handles: list[Any]) -> None:
+        while not self._stop.wait(0.1):
+            for h in handles:
+                used = nvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+                self._samples.append((float(nvml.nvmlDeviceGetUtilizationRates(h).gpu), used))
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def figures(self) -> dict[str, float]:
+        if not self._samples:
+            return {}
+        return {"gpu_util_pct": statistics.mean(u for u, _ in self._samples),
+                "gpu_mem_mb": max(m for _, m in self._samples)}
 
 
 def bench_settings(url: str, model: str, batch: int, device: str = "cpu",
@@ -162,10 +207,11 @@ async def daemon_figures(
         pipe.execute()
         decode_before = _histogram_sum(daemon, "sightstream_decode_seconds")
         infer_before = _histogram_sum(daemon, "sightstream_inference_seconds")
-        started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
-        while client.xlen(results) < n + 1:
-            await asyncio.sleep(0.02)
-        elapsed = time.perf_counter() - started
+        with GpuSampler(list(settings.devices)) as gpu:
+            started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+            while client.xlen(results) < n + 1:
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
         # Process CPU: the loop, decode threads, the device thread and the bench's polling;
         # thread CPU of this thread: the event loop's own share.
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
@@ -181,7 +227,7 @@ async def daemon_figures(
             "daemon_infer_ms_per_frame":
                 (_histogram_sum(daemon, "sightstream_inference_seconds") - infer_before) / n * 1000,
             "daemon_wall_ms_per_frame": 1000 / fps,
-        }
+        } | gpu.figures()
         if not latency:
             return figures
         # latency: a paced producer at ~60% of that throughput, ts = capture time
@@ -267,7 +313,8 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or PipelineSettings().model
     n, device = args.frames, args.device
     frames = make_frames((w, h))
-    manager = ModelManager(Catalogue())
+    models = getattr(args, "models", None) or {}  # the config's entries (--config)
+    manager = ModelManager(Catalogue(models))
     target = manager.input_size(model)
     figures: dict[str, Any] = {
         "mode": "model", "machine": machine(), "device": device, "model": model, "frames": n,
@@ -277,17 +324,18 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"bench: {model} on {device}, {n} frames of {w}x{h} JPEG", flush=True)
     with EmbeddedRedis() as server:
-        figures["naive_fps"] = naive_fps(server.url, model, frames, max(30, n // 3))
+        figures["naive_fps"] = naive_fps(server.url, manager, model, frames, max(30, n // 3), device)
         print(f"  naive consumer: {figures['naive_fps']:.1f} frames/s", flush=True)
         for batch in batch_sizes(args.batch_sizes):
             row = raw_figures(manager, model, frames, n, batch, device)
-            settings = bench_settings(server.url, model, batch, device)
+            settings = bench_settings(server.url, model, batch, device, models)
             row |= asyncio.run(daemon_figures(settings, frames, n))
             row["daemon_vs_raw"] = row["daemon_fps"] / row["raw_fps"]
             row["daemon_vs_raw_full"] = row["daemon_fps"] / row["raw_full_fps"]
             row["daemon_vs_naive"] = row["daemon_fps"] / figures["naive_fps"]
             figures["batches"][str(batch)] = row
             print(report_batch(batch, row), flush=True)
+            gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(Path(tmp) / "clip.mp4", (w, h))
         figures.update(asyncio.run(video_figures(clip, 0.5)))
@@ -323,6 +371,8 @@ def report_batch(batch: int, f: dict[str, Any]) -> str:
         "(in parallel)",
         f"    daemon / raw {f['daemon_vs_raw']:.2f}, / raw full frames {f['daemon_vs_raw_full']:.2f}, "
         f"/ naive {f['daemon_vs_naive']:.2f}",
+        *([f"    GPU: {f['gpu_util_pct']:.0f}% busy, {f['gpu_mem_mb']:.0f} MB in use"]
+          if "gpu_util_pct" in f else []),
     ])
 
 

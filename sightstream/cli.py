@@ -80,6 +80,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from sightstream.bench import main as bench_main
 
+    args.models = _settings(args).models  # a --config's model entries can be benchmarked
     return bench_main(args)
 
 
