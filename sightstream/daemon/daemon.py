@@ -43,6 +43,7 @@ from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
 from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped, wait_or_stop
+from sightstream.stages.gpu_jpeg import nvjpeg_decoder
 from sightstream.stages.heartbeat import Heartbeat
 from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
@@ -91,6 +92,8 @@ class Daemon:
         self._host = host
         self._discover_s = discover_s
         self._check_models()
+        device = settings.decode.device
+        self._jpegs = nvjpeg_decoder(device) if device != "cpu" else None  # ConfigError if it cannot
         self.client = make_client(settings.redis_url)
         self.reader = make_client(settings.redis_url, blocking_reads=True)
         self.prompts = PromptStore(self.client, {p.name: p.prompt for p in settings.pipelines})
@@ -239,7 +242,7 @@ class Daemon:
         chain.append(
             Decoder(decode_q, batch_q, self._outcomes, self._decode_pool, self.metrics,
                     self.settings.decode.max_pixels, lambda: self.decode_target(p.model), p.max_age_ms,
-                    concurrency=threads)
+                    concurrency=threads, jpegs=self._jpegs)
         )
         # A stateful model's sources each stay on one device (the worker's own queue).
         pinned = [w.own for w in self.workers] if stateful and len(self.workers) > 1 else None

@@ -22,6 +22,7 @@ from sightstream.errors import FrameError
 from sightstream.frames import PIX_FMTS, Acked, DeadLettered, is_stale
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import STOP, drain_nowait
+from sightstream.stages.gpu_jpeg import JpegBatchDecoder
 
 # Our own cap (`decode.max_pixels`) is checked right after the header is read, before any
 # pixel is decoded; Pillow's global check would fire first with its own limits and warnings.
@@ -113,20 +114,59 @@ def decode_frame(
 MAX_CHUNK = 16  # frames in one decode job
 
 
+Decoded = tuple[np.ndarray, tuple[int, int]] | FrameError
+
+
 def decode_chunk(
     fields: list[dict[bytes, bytes]], max_pixels: int, target: tuple[int, int] | None, timer: Any,
-) -> list[tuple[np.ndarray, tuple[int, int]] | FrameError]:
-    """Several frames in one executor job: each frame's (array, size) or its FrameError."""
-    out: list[tuple[np.ndarray, tuple[int, int]] | FrameError] = []
-    for f in fields:
+    jpegs: JpegBatchDecoder | None = None,
+) -> list[Decoded]:
+    """Several frames in one executor job: each frame's (array, size) or its FrameError.
+    With `jpegs` (GPU decoding), the chunk's JPEGs are decoded by it in one call."""
+    out: list[Decoded | None] = [None] * len(fields)
+    if jpegs is not None:
+        _decode_jpegs(fields, max_pixels, timer, jpegs, out)
+    for k, f in enumerate(fields):
+        if out[k] is not None:
+            continue
         started = time.perf_counter()
         try:
-            out.append(decode_frame(f, max_pixels, target))
+            out[k] = decode_frame(f, max_pixels, target)
         except FrameError as e:
-            out.append(e)
+            out[k] = e
             continue
         timer.observe(time.perf_counter() - started)
-    return out
+    return [d for d in out if d is not None]
+
+
+def _decode_jpegs(fields: list[dict[bytes, bytes]], max_pixels: int, timer: Any,
+                  jpegs: JpegBatchDecoder, out: list[Decoded | None]) -> None:
+    """Fill `out` for the JPEGs the batch decoder takes; the rest stay None (the CPU's)."""
+    picked: list[tuple[int, tuple[int, int]]] = []
+    for k, f in enumerate(fields):
+        data = f.get(b"image", b"")
+        if not data.startswith(MAGIC[0][0]):
+            continue
+        try:
+            width, height = Image.open(io.BytesIO(data), formats=["JPEG"]).size  # the header only
+        except Exception:  # noqa: BLE001 - unreadable: the CPU path says why
+            continue
+        if width * height > max_pixels:
+            out[k] = FrameError("too_large",
+                                f"the image is {width}x{height}, over the {max_pixels}-pixel limit")
+            continue
+        picked.append((k, (width, height)))
+    if not picked:
+        return
+    started = time.perf_counter()
+    try:
+        arrays = jpegs([fields[k][b"image"] for k, _ in picked])
+    except Exception:  # noqa: BLE001 - one JPEG nvJPEG refuses fails the call: CPU for all
+        return
+    each = (time.perf_counter() - started) / len(picked)
+    for (k, size), array in zip(picked, arrays):
+        out[k] = (array, size)
+        timer.observe(each)
 
 
 def chunks(items: list[Any], parts: int) -> list[list[Any]]:
@@ -147,6 +187,7 @@ class Decoder:
         self, inq: asyncio.Queue, out: asyncio.Queue, outcomes: asyncio.Queue,
         executor: Executor, metrics: Metrics, max_pixels: int,
         target: Callable[[], tuple[int, int] | None], max_age_ms: int = 0, concurrency: int = 2,
+        jpegs: JpegBatchDecoder | None = None,
     ) -> None:
         self._in, self._out, self._outcomes = inq, out, outcomes
         self._executor = executor
@@ -155,6 +196,7 @@ class Decoder:
         self._target = target
         self._max_age_ms = max_age_ms
         self._concurrency = concurrency
+        self._jpegs = jpegs  # decode.device on a GPU: its JPEG decoder
 
     async def run(self) -> None:
         under_way: asyncio.Queue = asyncio.Queue(self._concurrency)  # decodes started, in order
@@ -180,8 +222,8 @@ class Decoder:
             timer = self._metrics.decode_seconds.labels(fresh[0].pipeline)
             target = self._target()
             for part in chunks(fresh, self._concurrency):
-                decoding = loop.run_in_executor(self._executor, decode_chunk,
-                                                [f.fields for f in part], self._max_pixels, target, timer)
+                decoding = loop.run_in_executor(self._executor, decode_chunk, [f.fields for f in part],
+                                                self._max_pixels, target, timer, self._jpegs)
                 await under_way.put((part, decoding))
         await under_way.put(STOP)
 

@@ -181,3 +181,66 @@ async def test_queued_frames_are_decoded_in_chunks_in_order_and_a_bad_one_alone(
     (bad,) = [outcomes.get_nowait() for _ in range(outcomes.qsize())]
     assert isinstance(bad, DeadLettered) and bad.frame.entry_id == "17-0" and bad.reason == "unsupported_format"
     assert len(jobs) < 10 and sum(jobs) == 40  # 40 frames in a few jobs, not 40
+
+
+def test_gpu_jpeg_decoding_takes_a_chunk_s_jpegs_in_one_call():
+    """decode.device on a GPU: the chunk's JPEGs go to the batch decoder in one call, in order;
+    other formats, and a JPEG over the pixel cap (refused from its header), never reach it."""
+    from sightstream.metrics import Metrics
+    from sightstream.stages.decoder import decode_chunk
+
+    calls: list[int] = []
+
+    def fake_gpu(jpegs: list[bytes]) -> list[np.ndarray]:
+        calls.append(len(jpegs))
+        return [decode_image(j, MAX)[0] for j in jpegs]
+
+    a, b = np.full((16, 24, 3), 10, np.uint8), np.full((16, 24, 3), 200, np.uint8)
+    big = np.zeros((100, 100, 3), np.uint8)
+    fields = [{b"image": encode(a)}, {b"image": encode(a, "PNG")}, {b"image": encode(big)},
+              {b"image": encode(b)}]
+    timer = Metrics().decode_seconds.labels("p")
+    out = decode_chunk(fields, 5000, None, timer, fake_gpu)
+    assert calls == [2]
+    assert abs(int(out[0][0].mean()) - 10) <= 2 and abs(int(out[3][0].mean()) - 200) <= 2
+    assert (out[1][0] == a).all() and out[1][1] == (24, 16)  # the PNG, on the CPU
+    assert isinstance(out[2], FrameError) and out[2].reason == "too_large"
+
+
+def test_gpu_jpeg_decoding_falls_back_to_the_cpu_when_the_gpu_refuses():
+    from sightstream.metrics import Metrics
+    from sightstream.stages.decoder import decode_chunk
+
+    def refusing(jpegs: list[bytes]) -> list[np.ndarray]:
+        raise RuntimeError("nvjpeg: unsupported (simulated)")
+
+    a = np.full((16, 24, 3), 10, np.uint8)
+    out = decode_chunk([{b"image": encode(a)}, {b"image": b"\xff\xd8\xff broken"}], MAX, None,
+                       Metrics().decode_seconds.labels("p"), refusing)
+    assert out[0][1] == (24, 16)
+    assert isinstance(out[1], FrameError) and out[1].reason == "bad_image"
+
+
+def test_gpu_jpeg_decoding_on_a_host_that_cannot_is_a_config_error(monkeypatch):
+    import sys
+
+    from sightstream.errors import ConfigError
+    from sightstream.stages.gpu_jpeg import nvjpeg_decoder
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed (as here and in CI)
+    with pytest.raises(ConfigError, match="decode.device.*torchvision"):
+        nvjpeg_decoder("cuda:0")
+
+
+def test_the_daemon_refuses_a_gpu_decode_device_it_cannot_use(monkeypatch):
+    import sys
+
+    from sightstream.config import Settings
+    from sightstream.daemon.daemon import Daemon
+    from sightstream.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(ConfigError, match="torchvision"):
+        Daemon(Settings(devices=["cpu"], decode={"device": "cuda:0"}))
+    with pytest.raises(ValueError, match="decode.device"):
+        Settings(decode={"device": "gpu"})
