@@ -39,7 +39,6 @@ from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon.daemon import Daemon
 from sightstream.daemon.embedded_redis import EmbeddedRedis
 from sightstream.models.adapter import is_staged, predict
-from sightstream.models.adapters.onnx_common import letterbox
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.stages.decoder import decode_image
@@ -87,7 +86,7 @@ def raw_figures(manager: ModelManager, model: str, frames: list[bytes], n: int, 
         batches = [[arrays[(i + j) % len(arrays)] for j in range(batch)]
                    for i in range(0, len(arrays), batch)]
         size = adapter.input_size
-        at_input = [[letterbox(a, size)[0] if size else a for a in b] for b in batches]
+        at_input = [[fit(a, size) if size else a for a in b] for b in batches]
         if is_staged(adapter):
             prepared = [adapter.prepare(b, None, None) for b in at_input]
             device_step = lambda k: adapter.infer(prepared[k % len(prepared)])  # noqa: E731
@@ -97,6 +96,14 @@ def raw_figures(manager: ModelManager, model: str, frames: list[bytes], n: int, 
         return {"raw_fps": _calls_per_s(device_step, n, batch), "raw_full_fps": _calls_per_s(whole, n, batch)}
     finally:
         adapter.unload()
+
+
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The image scaled to fit the model's input, keeping its aspect (what the daemon's DCT
+    scaling and the adapter's letterbox make of a frame), so raw does no resizing."""
+    h, w = image.shape[:2]
+    scale = min(size[0] / w, size[1] / h)
+    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale))))
 
 
 def _calls_per_s(call: Any, n: int, batch: int) -> float:

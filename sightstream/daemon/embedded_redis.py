@@ -38,9 +38,11 @@ def free_port() -> int:
 
 class EmbeddedRedis:
     def __init__(
-        self, port: int | None = None, appendonly: bool = False, binary: str | None = None
+        self, port: int | None = None, appendonly: bool = False, binary: str | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.binary = binary or redis_binary()
+        self.extra_args = extra_args or []
         self.port = port or free_port()
         self.appendonly = appendonly
         self._dir = tempfile.TemporaryDirectory(prefix="sightstream-redis-")
@@ -54,7 +56,7 @@ class EmbeddedRedis:
         args = [
             self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning",
+            "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning", *self.extra_args,
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
