@@ -47,7 +47,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     sent = publish(
         _redis_url(args), args.source, args.stream, fps=args.fps, loop=args.loop,
         maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
-        progress=not args.quiet,
+        progress=not args.quiet, cluster=_settings(args).redis_cluster,
     )
     print(f"published {sent} frames to {args.stream}", file=sys.stderr)
     return 0
@@ -57,7 +57,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from sightstream.tail import tail
 
     tail(_redis_url(args), args.key, start=args.start, count=args.count, timeout_s=args.timeout,
-         as_json=args.json, emit=lambda s: print(s, flush=True))
+         as_json=args.json, emit=lambda s: print(s, flush=True), cluster=_settings(args).redis_cluster)
     return 0
 
 

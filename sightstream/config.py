@@ -181,6 +181,7 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = Field(False, description="redis_url is a node of a Redis Cluster")
     devices: Literal["auto"] | list[str] = "auto"
     reclaim_min_idle_ms: int = Field(30_000, ge=100)
     consumer_slots: int = Field(64, ge=1, description="consumer names tried per host")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from PIL import Image
 from tqdm import tqdm
+
+from sightstream.redis_conn import sync_client
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -70,10 +71,11 @@ def publish(
     quality: int = 90,
     max_frames: int = 0,
     progress: bool = True,
+    cluster: bool = False,
 ) -> int:
     """Publish frames; returns how many. `fps`: None = the video's own rate (a folder: as fast
     as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time."""
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url, cluster=cluster)
     folder = Path(source)
     is_folder = folder.is_dir()
     if not is_folder and "://" not in source and not folder.is_file():

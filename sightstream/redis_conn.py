@@ -16,10 +16,25 @@ from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
 
 
-def make_client(url: str, *, blocking_reads: bool = False, max_connections: int = 32) -> Redis:
+def make_client(
+    url: str, *, blocking_reads: bool = False, max_connections: int = 32, cluster: bool = False
+) -> Redis:
     """A client that returns bytes (frames are binary). For blocking reads, the socket timeout
-    sits above BLOCK, else redis-py would time out and retry a healthy BLOCK call."""
+    sits above BLOCK, else redis-py would time out and retry a healthy BLOCK call.
+
+    `cluster`: a Redis Cluster client (any node's URL; it finds the others). It has no
+    blocking pool: connections per node are capped higher instead, since running out raises
+    at once rather than waiting."""
     socket_timeout = BLOCK_MS / 1000 + 5 if blocking_reads else 5
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        client: Any = RedisCluster.from_url(
+            url, max_connections=4 * max_connections, socket_timeout=socket_timeout,
+            socket_connect_timeout=2, health_check_interval=30, decode_responses=False,
+            retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
+        )
+        return client  # the same commands as Redis for everything sightstream sends
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -32,6 +47,15 @@ def make_client(url: str, *, blocking_reads: bool = False, max_connections: int 
     retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3,
                   supported_errors=(ConnectionError, TimeoutError))
     return Redis(connection_pool=pool, retry=retry)
+
+
+def sync_client(url: str, *, cluster: bool = False, **options: Any) -> Any:
+    """A synchronous client for the CLI tools (publish, tail): plain, or for a Redis Cluster."""
+    import redis
+
+    if cluster:
+        return redis.cluster.RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, **options)
 
 
 async def reachable(url: str) -> bool:
@@ -61,10 +85,27 @@ class Lua:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     def queue(self, pipe: Any, keys: list[Any], args: list[Any]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        # execute_command: a cluster pipeline refuses `evalsha()` by name, not the command
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, client: Redis) -> None:
-        await client.script_load(self.source)
+        await client.script_load(self.source)  # on a cluster: on every primary
+
+
+async def close_client(client: Any) -> None:
+    """Close a client made by make_client and its connections (its pool was passed in
+    explicitly, so redis-py would leave it open; a cluster client owns its connections)."""
+    if hasattr(client, "nodes_manager"):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)
+
+
+def same_slot(*keys: str) -> bool:
+    """Whether the keys hash to one Redis Cluster slot (a script may then touch them all)."""
+    from redis.crc import key_slot
+
+    return len({key_slot(k.encode()) for k in keys}) == 1
 
 
 async def run_pipelined(

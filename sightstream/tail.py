@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
+from sightstream.redis_conn import sync_client
 
 
 def summarize(fields: dict[str, Any]) -> str:
@@ -61,10 +61,11 @@ def tail(
     timeout_s: float = 0,
     as_json: bool = False,
     emit: Callable[[str], None] = print,
+    cluster: bool = False,
 ) -> int:
     """Follow KEY (or a glob of keys); returns how many entries it printed. Stops after
     `count` entries or `timeout_s` seconds without a new one (0: never)."""
-    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    client = sync_client(redis_url, cluster=cluster, socket_timeout=10)
     is_glob = any(c in key for c in "*?[")
 
     def first_id(name: str, first_scan: bool) -> str:
@@ -89,7 +90,7 @@ def tail(
             if not cursors:
                 time.sleep(0.5)
             else:
-                reply: Any = client.xread(cursors, block=1000, count=100)
+                reply: Any = _read(client, cursors, cluster)
                 for stream, entries in reply or ():
                     name = stream.decode()
                     for entry_id, fields in entries:
@@ -111,3 +112,19 @@ def tail(
     finally:
         client.close()
         sys.stdout.flush()
+
+
+def _read(client: Any, cursors: dict[Any, Any], cluster: bool) -> list:
+    """XREAD of every followed stream; on a cluster one read per slot (a read cannot span
+    slots), polled every 0.2 s rather than blocked on."""
+    if not cluster:
+        return client.xread(cursors, block=1000, count=100) or []
+    from redis.crc import key_slot
+
+    by_slot: dict[int, dict[Any, Any]] = {}
+    for name, cursor in cursors.items():
+        by_slot.setdefault(key_slot(name.encode()), {})[name] = cursor
+    replies = [r for group in by_slot.values() for r in client.xread(group, count=100) or []]
+    if not replies:
+        time.sleep(0.2)
+    return replies

@@ -21,7 +21,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
@@ -38,7 +38,7 @@ from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
-from sightstream.redis_conn import make_client
+from sightstream.redis_conn import close_client, make_client
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
@@ -94,8 +94,8 @@ class Daemon:
         self._check_models()
         device = settings.decode.device
         self._jpegs = nvjpeg_decoder(device) if device != "cpu" else None  # ConfigError if it cannot
-        self.client = make_client(settings.redis_url)
-        self.reader = make_client(settings.redis_url, blocking_reads=True)
+        self.client = make_client(settings.redis_url, cluster=settings.redis_cluster)
+        self.reader = make_client(settings.redis_url, blocking_reads=True, cluster=settings.redis_cluster)
         self.prompts = PromptStore(self.client, {p.name: p.prompt for p in settings.pipelines})
         self.prompt_book = PromptBook(self.prompts, [p.name for p in settings.pipelines])
         self.rates = Rates(self.metrics.registry, [p.name for p in settings.pipelines])
@@ -124,6 +124,9 @@ class Daemon:
                 takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
+            if p.videos and self.settings.redis_cluster:
+                raise ConfigError(f"invalid setting pipelines[{p.name}].input: video inputs ({p.videos[0]}) "
+                                  "are not supported on Redis Cluster yet; run them as jobs (POST /jobs)")
             for url in p.videos:
                 try:
                     check_source(url, self.settings.jobs, trusted=True)
@@ -228,6 +231,7 @@ class Daemon:
                               on_lost=self.metrics.leases_lost.labels("source").inc) if stateful else None
         ingest = RedisIngest(
             *common, reader=self.reader, discover_s=self._discover_s, leases=leases,
+            cluster=self.settings.redis_cluster,
             # Never read results back as frames; a chained pipeline reads its upstream's.
             exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines
                            if q.name != p.prompt_from],
@@ -290,10 +294,17 @@ class Daemon:
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
         retry = RedisRetry("start", self.metrics, self.stop_event, url=self.settings.redis_url)
+        url = self.settings.redis_url
         try:
             await retry.call(self.client.ping)
+            cluster = (await retry.call(lambda: self.client.info("cluster"))).get("cluster_enabled")
         except Stopped:
             return False
+        except RedisClusterException as e:  # redis_cluster = true, and the server is not one
+            raise ConfigError(f"invalid setting redis_cluster: {url} is not a Redis Cluster node "
+                              f"({e})") from None
+        if cluster and not self.settings.redis_cluster:
+            raise ConfigError(f"{url} is a Redis Cluster node: set redis_cluster = true")
         return True
 
     async def stop(self) -> None:
@@ -323,9 +334,8 @@ class Daemon:
         except TimeoutError:
             _log.warning("leases_left_to_expire")
         self.manager.unload_all()
-        # The pools were passed in explicitly, so redis-py would leave them open.
-        await self.client.aclose(close_connection_pool=True)
-        await self.reader.aclose(close_connection_pool=True)
+        await close_client(self.client)
+        await close_client(self.reader)
 
     async def _release_leases(self) -> None:
         for run in self.runs.values():

@@ -191,8 +191,9 @@ class JobStore:
             pipe.hset(keys.job(job_id), mapping=fields)
             pipe.zadd(keys.JOBS_INDEX, {job_id: 0})
             pipe.sadd(keys.JOBS_ACTIVE, job_id)
-            pipe.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
             await pipe.execute()
+        # Not in the pipeline: a cluster pipeline refuses PUBLISH (it goes to no key's node).
+        await self._client.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
         return Job(job_id, spec, "pending", created)
 
     async def ensure(self, spec: JobSpec) -> str:

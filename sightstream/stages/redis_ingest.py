@@ -9,6 +9,11 @@
 - For a model that keeps state per source (tracking), it reads only the streams whose source
   lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
   takes the stream.
+- On Redis Cluster, a read cannot span slots: the streams of a round are read with one
+  XREADGROUP per slot, sent in one pipeline (a round trip per node), and polled (5 ms, growing
+  to 50 ms while idle) rather than blocked on. A stream whose results or dead-letters would
+  land in another slot (no `{hash tag}`, or an output template without `{source}`) is not
+  read: the publish script must touch both in one call. It is logged once.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from sightstream import keys, log
-from sightstream.redis_conn import BLOCK_MS
+from sightstream.redis_conn import BLOCK_MS, same_slot
 from sightstream.stages.pending import StreamReader, delivery_counts
 from sightstream.stages.source_leases import SourceLeases
 
@@ -30,8 +36,11 @@ TAKEOVER_PAGE = 1000
 
 class RedisIngest(StreamReader):
     def __init__(self, *args: Any, reader: Redis, exclude_globs: list[str], discover_s: float = 2.0,
-                 leases: SourceLeases | None = None, **kw: Any) -> None:
+                 leases: SourceLeases | None = None, cluster: bool = False, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self._cluster = cluster
+        self._refused: set[str] = set()  # cluster: streams whose outputs are in another slot
+        self._idle_polls = 0
         self.leases = leases
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
@@ -70,6 +79,8 @@ class RedisIngest(StreamReader):
             else:
                 found.append(pattern)
         found = list(dict.fromkeys(found))
+        if self._cluster:
+            found = [s for s in found if self._one_slot(s)]
         unjoined = [s for s in found if s not in self._joined]
         if unjoined:
             await self.ensure_groups(unjoined)
@@ -87,6 +98,19 @@ class RedisIngest(StreamReader):
             _log.info("streams_joined", pipeline=self._p.name, streams=new)
         self._metrics.sources.labels(self._p.name).set(len(self.streams))
         self._next_discovery = time.monotonic() + self._discover_s
+
+    def _one_slot(self, stream: str) -> bool:
+        """Cluster: the stream, its results and dead-letters share a slot (else not read)."""
+        p = self._p
+        outputs = keys.result_stream(p.output, p.name, stream), keys.deadletter_stream(p.name, stream)
+        if same_slot(stream, *outputs):
+            return True
+        if stream not in self._refused:
+            self._refused.add(stream)
+            _log.warning("stream_not_read_on_cluster", pipeline=p.name, stream=stream,
+                         reason="its results would be in another slot: give the key a hash tag, "
+                         "e.g. frames:{cam1}, and keep {source} in the output template")
+        return False
 
     def _drop(self, streams: list[str]) -> None:
         for stream in streams:
@@ -143,6 +167,8 @@ class RedisIngest(StreamReader):
         start = self._rotation % len(self.streams)
         chosen = (self.streams[start:] + self.streams[:start])[:n]
         self._rotation += n
+        if self._cluster:
+            return await self._read_new_by_slot(chosen, room // n)
         # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
         replies: Any = await self._reader.xreadgroup(
             self._group, self._consumer, {s: ">" for s in chosen}, count=room // n, block=BLOCK_MS
@@ -150,4 +176,25 @@ class RedisIngest(StreamReader):
         used = 0
         for stream, entries in replies or ():
             used += await self._admission.admit(stream.decode(), entries)
+        return used
+
+    async def _read_new_by_slot(self, streams: list[str], count: int) -> int:
+        """Cluster: one XREADGROUP per slot, in one pipeline; polled, since one blocking read
+        cannot cover several slots."""
+        by_slot: dict[int, list[str]] = {}
+        for stream in streams:
+            by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for group in by_slot.values():
+                pipe.xreadgroup(self._group, self._consumer, {s: ">" for s in group}, count=count)
+            replies: Any = await pipe.execute()
+        used = 0
+        for reply in replies:
+            for stream, entries in reply or ():
+                used += await self._admission.admit(stream.decode(), entries)
+        if used:
+            self._idle_polls = 0
+        else:
+            self._idle_polls += 1
+            await self.sleep(min(0.05, 0.005 * self._idle_polls))
         return used

@@ -1,0 +1,185 @@
+"""The core cases against a 3-master Redis Cluster started by the test on 127.0.0.1: publish
+then results, two daemons sharing the work, sampling across daemons, a daemon killed -9 and
+its frames reclaimed, dead-letters, and sources that cannot be served on a cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+from structlog.testing import capture_logs
+
+from sightstream.errors import ConfigError, SightstreamError
+from tests.conftest import encode
+from tests.e2e.daemons import Daemon, wait_until
+from tests.integration.helpers import running, settings_for, wait_for
+from tests.redis_cluster import LocalCluster
+
+pytestmark = pytest.mark.integration
+SOURCES = [f"frames:{{cam{i}}}" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        with LocalCluster() as c:
+            yield c
+    except SightstreamError as e:
+        pytest.skip(f"redis-server cannot run a local cluster here: {e}")
+
+
+@pytest.fixture
+def rc(cluster):
+    cluster.flushall()
+    client = RedisCluster.from_url(cluster.url)
+    yield client
+    client.close()
+
+
+def cluster_settings(cluster, tmp_path, pipelines=None, **extra):
+    return settings_for(cluster.url, tmp_path, pipelines, redis_cluster=True, **extra)
+
+
+def outcomes(rc, sources=SOURCES) -> list[tuple[str, str]]:
+    out = []
+    for s in sources:
+        for key in (f"results:people:{s}", f"deadletter:people:{s}"):
+            out += [(f[b"source"].decode(), f[b"frame_id"].decode()) for _, f in rc.xrange(key)]
+    return out
+
+
+def spread_over_nodes(rc, keys: list[str]) -> int:
+    return len({rc.nodes_manager.get_node_from_slot(key_slot(k.encode())).name for k in keys})
+
+
+async def test_two_daemons_publish_every_result_once_across_the_nodes(cluster, rc, tmp_path, gradient):
+    assert spread_over_nodes(rc, SOURCES) >= 2  # the sources really live on several nodes
+    jpeg = encode(gradient)
+    sent = {(s, rc.xadd(s, {"image": jpeg}).decode()) for _ in range(10) for s in SOURCES}
+    bad = ("frames:{cam0}", rc.xadd("frames:{cam0}", {"image": b"not an image"}).decode())
+    settings = cluster_settings(cluster, tmp_path, [{"batch_size": 4, "max_in_flight": 8}])
+    async with running(settings, host="a") as a, running(settings, host="b") as b:
+        await wait_for(lambda: len(outcomes(rc)) == 61, what="61 outcomes")
+        assert a.publisher.published > 0 and b.publisher.published > 0
+    done = outcomes(rc)
+    assert len(done) == len(set(done)) == 61 and set(done) == sent | {bad}
+    (dead,) = rc.xrange("deadletter:people:frames:{cam0}")
+    assert dead[1][b"reason"] == b"unsupported_format"
+    assert all(rc.xpending(s, "people")["pending"] == 0 for s in SOURCES)
+
+
+async def test_sampling_holds_across_daemons(cluster, rc, tmp_path, gradient):
+    jpeg = encode(gradient)
+    start = 1_700_000_000_000
+    for i in range(100):  # 5 s of capture time at 20 fps
+        rc.xadd("frames:{cam}", {"image": jpeg, "ts": start + i * 50})
+    settings = cluster_settings(cluster, tmp_path, [{"fps": 2, "batch_size": 2, "max_in_flight": 4}])
+    async with running(settings, host="a"), running(settings, host="b"):
+        await wait_for(lambda: rc.xinfo_groups("frames:{cam}")[0]["pending"] == 0
+                       and rc.xinfo_groups("frames:{cam}")[0]["lag"] == 0
+                       and rc.xlen("results:people:frames:{cam}") >= 10)
+    results = rc.xrange("results:people:frames:{cam}")
+    assert len(results) == 10  # 2 per second of capture time, for both daemons together
+    assert len({int(f[b"ts"]) * 2 // 1000 for _, f in results}) == 10
+
+
+async def test_a_source_whose_results_would_be_in_another_slot_is_not_read(cluster, rc, tmp_path, gradient):
+    jpeg = encode(gradient)
+    rc.xadd("frames:cam9", {"image": jpeg})  # no hash tag: its results would hash elsewhere
+    rc.xadd("frames:{ok}", {"image": jpeg})
+    with capture_logs() as logs:
+        async with running(cluster_settings(cluster, tmp_path)) as d:
+            await wait_for(lambda: rc.xlen("results:people:frames:{ok}") == 1, what="the tagged source")
+            assert "frames:cam9" not in d.runs["people"].ingest.streams
+            assert d.failed() is None
+    (refused,) = [e for e in logs if e["event"] == "stream_not_read_on_cluster"]
+    assert refused["stream"] == "frames:cam9" and "hash tag" in refused["reason"]
+    assert rc.xlen("frames:cam9") == 1 and not rc.exists("results:people:frames:cam9")
+
+
+def test_video_inputs_are_refused_on_a_cluster_at_start(cluster, tmp_path):
+    from sightstream.daemon.daemon import Daemon as InProcess
+
+    settings = cluster_settings(cluster, tmp_path, [{"input": ["file:///srv/clip.mp4"]}],
+                                jobs={"allowed_paths": ["/srv"]})
+    with pytest.raises(ConfigError, match="not supported on Redis Cluster"):
+        InProcess(settings)
+
+
+@pytest.mark.timeout(120)
+def test_a_daemon_killed_mid_batch_loses_and_doubles_nothing(cluster, rc, tmp_path, gradient):
+    jpeg = encode(gradient)
+    sources = SOURCES[:3]
+    sent = {(s, rc.xadd(s, {"image": jpeg}).decode()) for _ in range(60) for s in sources}
+    config = dict(pipeline="model = \"fake/slow\"\nbatch_size = 4\nmax_in_flight = 16",
+                  fake="delay_s = 0.2", top="redis_cluster = true")
+    group = [Daemon(tmp_path, cluster.url, name=f"d{i}", **config) for i in range(3)]
+    try:
+        for d in group:
+            d.wait_ready()
+        wait_until(lambda: len(outcomes(rc, sources)) >= 40, 60, "some results")
+        victim = group[1]
+        os.kill(victim.proc.pid, signal.SIGKILL)  # mid-batch, with frames in flight
+        victim.proc.wait()
+        wait_until(lambda: len(outcomes(rc, sources)) >= 180, 90, "every frame's outcome")
+        done = outcomes(rc, sources)
+        assert len(done) == len(set(done)) == 180 and set(done) == sent
+        assert all(rc.xpending(s, "people")["pending"] == 0 for s in sources)
+        reclaimed = sum(d.get("/health")[1]["pipelines"][0]["reclaimed"] for d in (group[0], group[2]))
+        assert reclaimed > 0  # the dead daemon's frames were taken over
+    finally:
+        for d in group:
+            d.close()
+
+
+async def test_the_cluster_setting_must_match_the_server(cluster, redis_url, tmp_path):
+    """A cluster node without `redis_cluster = true`, or the setting on a plain Redis, is a
+    configuration error at start, saying which."""
+    with pytest.raises(ConfigError, match="is a Redis Cluster node: set redis_cluster = true"):
+        async with running(settings_for(cluster.url, tmp_path)):
+            pass
+    with pytest.raises(ConfigError, match="is not a Redis Cluster node"):
+        async with running(settings_for(redis_url, tmp_path, redis_cluster=True)):
+            pass
+
+
+async def test_publish_and_tail_work_on_a_cluster(cluster, rc, tmp_path, gradient):
+    import asyncio
+
+    from PIL import Image
+
+    from sightstream.publish import publish
+    from sightstream.tail import tail
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(gradient).save(folder / f"{i}.jpg")
+    for source in ("frames:{cam0}", "frames:{cam1}"):
+        assert publish(cluster.url, str(folder), source, fps=0, progress=False, cluster=True) == 3
+    async with running(cluster_settings(cluster, tmp_path)):
+        await wait_for(lambda: len(outcomes(rc, ["frames:{cam0}", "frames:{cam1}"])) == 6, what="6 results")
+    lines: list[str] = []
+    printed = await asyncio.to_thread(tail, cluster.url, "results:people:*", start="0", count=6,
+                                      timeout_s=10, emit=lines.append, cluster=True)
+    assert printed == 6 and {line.split()[0] for line in lines} == {
+        "results:people:frames:{cam0}", "results:people:frames:{cam1}"}
+
+
+async def test_a_file_job_runs_on_a_cluster(cluster, rc, tmp_path):
+    """A job's keys share its `{id}` tag, so its fenced scripts run on a cluster; the new-job
+    notice is published outside the pipeline, which a cluster pipeline refuses."""
+    from tests import hls
+    from tests.integration.helpers import serving
+    from tests.integration.test_jobs import submit, until_status
+
+    hls.make_clip(tmp_path / "clip.mp4", seconds=2, fps=10)
+    settings = cluster_settings(cluster, tmp_path, jobs={"allowed_paths": [str(tmp_path)], "poll_s": 0.2})
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source=f"file://{tmp_path}/clip.mp4", fps=5, max_frames=4)
+        job = await until_status(client, job_id, "completed")
+    assert job["counts"]["processed"] == 4
+    assert rc.xlen(f"results:job:{{{job_id}}}") >= 4
