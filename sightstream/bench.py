@@ -216,7 +216,7 @@ async def daemon_figures(
         infer_before = _histogram_sum(daemon, "sightstream_inference_seconds")
         with GpuSampler(list(settings.devices)) as gpu:
             started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
-            while client.xlen(results) < n + 1:
+            while await daemon.client.xlen(results) < n + 1:  # async: the loop's CPU is measured
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - started
         # Process CPU: the loop, decode threads, the device thread and the bench's polling;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from redis.exceptions import RedisError
@@ -21,6 +22,14 @@ def _settings(args: argparse.Namespace):
 
 def _redis_url(args: argparse.Namespace) -> str:
     return args.redis_url or _settings(args).redis_url
+
+
+def _redis_cluster(args: argparse.Namespace) -> bool:
+    """With --redis-url the config file is not read (it may not exist on this host): then
+    SIGHTSTREAM_REDIS_CLUSTER=true says it is a cluster."""
+    if args.redis_url:
+        return os.environ.get("SIGHTSTREAM_REDIS_CLUSTER", "").lower() in ("1", "true", "yes")
+    return _settings(args).redis_cluster
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -47,7 +56,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     sent = publish(
         _redis_url(args), args.source, args.stream, fps=args.fps, loop=args.loop,
         maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
-        progress=not args.quiet, cluster=_settings(args).redis_cluster,
+        progress=not args.quiet, cluster=_redis_cluster(args),
     )
     print(f"published {sent} frames to {args.stream}", file=sys.stderr)
     return 0
@@ -57,7 +66,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from sightstream.tail import tail
 
     tail(_redis_url(args), args.key, start=args.start, count=args.count, timeout_s=args.timeout,
-         as_json=args.json, emit=lambda s: print(s, flush=True), cluster=_settings(args).redis_cluster)
+         as_json=args.json, emit=lambda s: print(s, flush=True), cluster=_redis_cluster(args))
     return 0
 
 

@@ -101,6 +101,9 @@ class Staged:
         self.hang = {int(k): float(v) for k, v in options.get("hang", {}).items()}
         self.await_next = {int(t) for t in options.get("await_next_prepare", [])}
         self.bad_finish = int(options.get("bad_finish", -1))
+        self.fail_multi = bool(options.get("fail_multi", False))
+        self.unjsonable = int(options.get("unjsonable", -1))
+        self.memory_mb = float(options.get("memory_mb", 0))
         self.events: list[tuple[str, int, str]] = []  # (step, tag, thread name) as they began
         self.overlapped: dict[int, bool] = {}  # tag -> the next prepare began during its call
         self._changed = threading.Condition()
@@ -125,6 +128,8 @@ class Staged:
 
     def infer(self, tags: list[int]) -> list[int]:
         self._note("infer", tags)
+        if self.fail_multi and len(tags) > 1:
+            raise ValueError("this batch fails as a whole (simulated)")
         time.sleep(max(self.hang.get(t, 0.0) for t in tags))
         time.sleep(max(self.infer_s.get(str(t), self.infer_s.get("*", 0.0)) for t in tags))
         if max(tags) in self.await_next:
@@ -140,4 +145,5 @@ class Staged:
             raise ValueError("this batch cannot be finished (simulated)")
         if self.bad_finish in tags:
             raise ValueError("this frame cannot be finished (simulated)")
-        return [Prediction({"width": 4, "height": 4, "detections": [], "tag": t}) for t in outputs]
+        return [Prediction({"width": 4, "height": 4, "detections": [], "tag": t,
+                            **({"bad": {t}} if t == self.unjsonable else {})}) for t in outputs]

@@ -74,6 +74,8 @@ async def measure(manager: ModelManager, model: str, device: str, cycles: int = 
         if record:
             note("inferred")
         manager.unload(model, device)
+        if manager.memory_given_back is not None:
+            await manager.memory_given_back
 
     # The frameworks' own code and global state are loaded once per process, not per model.
     import onnxruntime  # noqa: F401

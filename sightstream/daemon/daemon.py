@@ -110,6 +110,7 @@ class Daemon:
         self._publisher_task: asyncio.Task | None = None
         self._lease: ConsumerLease | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        self._host_pool: ThreadPoolExecutor | None = None
         self.adhoc: AdhocBatcher | None = None  # /predict uploads and jobs
         self._closed = False
 
@@ -151,6 +152,9 @@ class Daemon:
         await self._lease.acquire()
         threads = self.settings.decode.threads or (os.cpu_count() or 2)
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        # prepare and finish of staged adapters: their own threads, so a device's next batch
+        # is not prepared behind chunks of decoding
+        self._host_pool = ThreadPoolExecutor(2 * len(self.devices), thread_name_prefix="host")
 
         self._outcomes: asyncio.Queue = asyncio.Queue(1024)
         self._batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
@@ -162,7 +166,7 @@ class Daemon:
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
-                   self.settings.inference_timeout_s, cpu=self._decode_pool,
+                   self.settings.inference_timeout_s, cpu=self._host_pool,
                    depth=self.settings.batches_per_device)
             for d in self.devices
         ]
@@ -325,8 +329,9 @@ class Daemon:
         await asyncio.gather(*self._all_tasks(), return_exceptions=True)
         for w in self.workers:
             w.close()
-        if self._decode_pool:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._decode_pool, self._host_pool):
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
         # Leases expire by themselves: releasing them only speeds up a takeover, so a Redis
         # that does not answer gets a second, not a connect timeout per lease.
         try:

@@ -3,8 +3,11 @@ or ONNX Runtime (onnxruntime-gpu) can use, else the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 
 def resolve(devices: str | list[str]) -> list[str]:
@@ -14,24 +17,8 @@ def resolve(devices: str | list[str]) -> list[str]:
 
 
 def _visible_gpus() -> int:
-    return max(_torch_gpus(), _onnxruntime_gpus())
-
-
-def _torch_gpus() -> int:
-    try:
-        import torch
-
-        return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001 - no torch, a broken driver: no GPU through torch
-        return 0
-
-
-def _onnxruntime_gpus() -> int:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return 0
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    """The GPUs nvidia-smi lists, when a CUDA build of torch or onnxruntime-gpu can use them."""
+    if not (_torch_has_cuda() or _onnxruntime_has_cuda()):
         return 0
     smi = shutil.which("nvidia-smi")
     if not smi:
@@ -41,6 +28,28 @@ def _onnxruntime_gpus() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def _torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its version.py: importing torch
+    costs seconds and hundreds of MB, which an ONNX-only daemon should not pay."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
+    except OSError:
+        return False
+    found = re.search(r"^cuda\b[^=]*=\s*(.+)$", text, re.M)
+    return found is not None and found.group(1).strip() not in ("None", "''", '""')
+
+
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def memory_budgets_mb(

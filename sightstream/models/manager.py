@@ -35,6 +35,12 @@ class ModelTooLarge(ModelError):
     """The model does not fit in its device's memory budget, even with nothing else loaded."""
 
 
+class RoomInUse(ModelTooLarge):
+    """The model would fit once models now in use are let go (then they can be evicted)."""
+
+
+
+
 @dataclass
 class Loaded:
     adapter: Adapter
@@ -47,13 +53,17 @@ class Loaded:
 
 
 class ModelManager:
-    def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None) -> None:
+    def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
+                 room_wait_s: float = 60.0) -> None:
         self.catalogue = catalogue
         self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._declared_sizes: dict[str, tuple[int, int] | None] = {}
+        self._let_go = asyncio.Event()  # set whenever a model stops being in use
+        self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
+        self.memory_given_back: asyncio.Future | None = None  # the latest unload's clean-up
 
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
@@ -72,6 +82,7 @@ class ModelManager:
         finally:
             loaded.in_use -= 1
             loaded.last_used = time.time()
+            self._let_go.set()
 
     async def load(self, model_id: str, device: str, executor: Executor) -> dict:
         """Explicit load (the control plane's POST …/load)."""
@@ -89,7 +100,7 @@ class ModelManager:
             # One load at a time per device, so two loads cannot both count on the same room.
             async with self._device_locks.setdefault(device, asyncio.Lock()):
                 estimate = self._estimate_mb(model_id)
-                self._make_room(device, estimate, model_id)
+                await self._wait_for_room(device, estimate, model_id)
                 started = time.monotonic()
                 await asyncio.get_running_loop().run_in_executor(executor, adapter.load, device)
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
@@ -98,6 +109,24 @@ class ModelManager:
             _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
                       seconds=round(time.monotonic() - started, 3))
             return loaded
+
+    async def _wait_for_room(self, device: str, needed_mb: float, model_id: str) -> None:
+        """Make room; when only models in use stand in the way (a batch in flight on the
+        device, a /predict call), wait for them to be let go rather than fail the load."""
+        deadline = time.monotonic() + self.room_wait_s
+        while True:
+            self._let_go.clear()
+            try:
+                self._make_room(device, needed_mb, model_id)
+                return
+            except RoomInUse:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                try:
+                    await asyncio.wait_for(self._let_go.wait(), remaining)
+                except TimeoutError:
+                    pass
 
     def _estimate_mb(self, model_id: str) -> float:
         entry = self.catalogue.get(model_id)
@@ -129,7 +158,7 @@ class ModelManager:
         while self.used_mb(device) + needed_mb > budget:
             if not idle:
                 busy = [m for (m, d), entry in self._loaded.items() if d == device]
-                raise ModelTooLarge(
+                raise RoomInUse(
                     f"model {model_id} needs about {needed_mb:.0f} MB; {device} has "
                     f"{budget - self.used_mb(device):.0f} MB free of {budget:.0f} MB and its models "
                     f"are in use ({', '.join(busy)})"
@@ -149,11 +178,21 @@ class ModelManager:
                     raise ModelError(f"model {model_id} is in use on {dev}; try again when idle")
                 del self._loaded[(mid, dev)]
                 entry.adapter.unload()
-                give_back_memory(dev)
+                self._give_back(dev)
                 done.append(dev)
                 _log.info("model_unloaded", model=mid, device=dev, reason=reason,
                           memory_mb=round(entry.memory_mb, 1))
         return done
+
+    def _give_back(self, device: str) -> None:
+        """give_back_memory, off the event loop when there is one (a full collection of a big
+        heap takes tens of ms); `memory_given_back` is the pending call."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            give_back_memory(device)
+            return
+        self.memory_given_back = loop.run_in_executor(None, give_back_memory, device)
 
     def cleanup(self, inactive_seconds: float) -> list[dict]:
         """Unload every model not in use and not used for `inactive_seconds`."""

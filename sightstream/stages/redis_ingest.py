@@ -106,6 +106,8 @@ class RedisIngest(StreamReader):
         if same_slot(stream, *outputs):
             return True
         if stream not in self._refused:
+            if len(self._refused) > 10_000:  # logged once per stream, in bounded memory
+                self._refused.clear()
             self._refused.add(stream)
             _log.warning("stream_not_read_on_cluster", pipeline=p.name, stream=stream,
                          reason="its results would be in another slot: give the key a hash tag, "
@@ -187,11 +189,16 @@ class RedisIngest(StreamReader):
         async with self._client.pipeline(transaction=False) as pipe:
             for group in by_slot.values():
                 pipe.xreadgroup(self._group, self._consumer, {s: ">" for s in group}, count=count)
-            replies: Any = await pipe.execute()
+            # Not raising at once: entries the other slots returned are already pending here,
+            # so they are admitted before an error (NOGROUP) is raised.
+            replies: Any = await pipe.execute(raise_on_error=False)
         used = 0
         for reply in replies:
-            for stream, entries in reply or ():
-                used += await self._admission.admit(stream.decode(), entries)
+            if not isinstance(reply, Exception):
+                for stream, entries in reply or ():
+                    used += await self._admission.admit(stream.decode(), entries)
+        if errors := [r for r in replies if isinstance(r, Exception)]:
+            raise errors[0]
         if used:
             self._idle_polls = 0
         else:

@@ -23,6 +23,7 @@ When a model call fails:
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -82,6 +83,7 @@ class Worker:
         # so batches reach the device in the order they came (a tracker's state needs it).
         self._last_turn: asyncio.Future | None = None
         self._timers: dict[tuple[str, ...], Any] = {}  # cached histogram children
+        self._host_locks: dict[int, threading.Lock] = {}  # per adapter: prepare and finish
 
     @property
     def busy(self) -> bool:
@@ -109,17 +111,24 @@ class Worker:
             await slots.acquire()
         started.put_nowait(STOP)
 
-    def _start(self, batch: Batch) -> asyncio.Task:
+    def _start(self, batch: Batch) -> tuple[Batch, asyncio.Task]:
         self.in_flight += 1
         after, turn = self._last_turn, asyncio.get_running_loop().create_future()
         self._last_turn = turn
-        return asyncio.create_task(self.process(batch, after, turn))
+        return batch, asyncio.create_task(self.process(batch, after, turn))
 
     async def _deliver_all(self, slots: asyncio.Semaphore, started: asyncio.Queue) -> None:
         """Hand each batch's outcomes on, in batch order."""
-        while (task := await started.get()) is not STOP:
+        while (item := await started.get()) is not STOP:
+            batch, task = item
             try:
-                for outcome in await task:
+                try:
+                    outcomes = await task
+                except Exception as e:  # a bug: the batch's frames are dead-lettered, the worker goes on
+                    _log.exception("batch_failed", pipeline=batch.pipeline, model=batch.model)
+                    outcomes = [DeadLettered.of(f, "model_error", f"the batch failed: {e!r}")
+                                for f in batch.frames]
+                for outcome in outcomes:
                     reply = outcome.frame.reply
                     if reply is None:
                         await self._outcomes.put(outcome)
@@ -150,14 +159,14 @@ class Worker:
     async def process(
         self, batch: Batch, after: asyncio.Future | None = None, turn: asyncio.Future | None = None
     ) -> list[Outcome]:
-        """One batch's outcomes. `after`: wait for it before using the device; `turn`: set once
-        this batch's device call is submitted (or it needs none)."""
+        """One batch's outcomes. `after`: set once the batch before this one has used the
+        device (or needs it no more): this one waits for it; `turn`: set likewise for this one."""
         outcomes: list[Outcome] = []
         frames = batch.frames
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
                 # Live mode: checked once the model is ready (a first load can take seconds),
-                # right before the call, so a published result is at most one call late.
+                # so a published result is at most `batches_per_device` calls late.
                 stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
                 outcomes = [Acked(f, "stale") for f, old in zip(frames, stale) if old]
                 frames = [f for f, old in zip(frames, stale) if not old]
@@ -166,13 +175,19 @@ class Worker:
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames, after, turn)
         except InferenceTimeout:
-            return outcomes  # abandoned: the frames stay pending in Redis
+            self._hand_back(batch, frames)  # the whole batch, also parts a split retry finished
+            return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
             return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
+        except asyncio.CancelledError:
+            if (current := asyncio.current_task()) is not None and current.cancelling():
+                raise  # this task is being cancelled (shutdown)
+            # a load queued on a device thread that was replaced (abandoned): try again later
+            self._hand_back(batch, frames)
+            return outcomes
         finally:
-            if turn is not None and not turn.done():
-                turn.set_result(None)
+            pass_turn(after, turn)
         prompt_version = batch.prompt.version if takes_prompt else None
         finished = await asyncio.get_running_loop().run_in_executor(
             self._cpu, _outcomes_of, batch, results, task, prompt_version)
@@ -188,8 +203,7 @@ class Worker:
         except InferenceTimeout:
             raise
         except Exception as e:
-            if turn is not None and not turn.done():
-                turn.set_result(None)  # the retries below come after the next batch
+            pass_turn(after, turn)  # the retries below may come after the next batch
             if len(frames) == 1:
                 return [(frames[0], e)]
             reason = "oom" if is_oom(e) else "model_error"
@@ -210,13 +224,12 @@ class Worker:
         self, adapter: Any, batch: Batch, frames: list[Frame],
         after: asyncio.Future | None, turn: asyncio.Future | None,
     ) -> list[Prediction]:
-        loop = asyncio.get_running_loop()
         images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
         prompt = batch.prompt if adapter.takes_prompt else None
         contexts = [frame_context(f) for f in frames] if adapter.uses_context else None
         staged = is_staged(adapter)
         if staged:
-            prepared = await loop.run_in_executor(self._cpu, adapter.prepare, images, prompt, contexts)
+            prepared = await self._on_host(adapter, adapter.prepare, images, prompt, contexts)
             call: Callable[[], Any] = lambda: adapter.infer(prepared)  # noqa: E731
         elif contexts is not None:
             call = lambda: adapter.infer(images, prompt, contexts)  # type: ignore[call-arg]  # noqa: E731
@@ -224,9 +237,9 @@ class Worker:
             call = lambda: adapter.infer(images, prompt)  # noqa: E731
         if after is not None:
             await after
-        outputs = await self._on_device(call, batch, frames, turn)
+        outputs = await self._on_device(call, batch, turn)
         if staged:
-            predictions = await loop.run_in_executor(self._cpu, adapter.finish, prepared, outputs)
+            predictions = await self._on_host(adapter, adapter.finish, prepared, outputs)
         else:
             predictions = outputs
         if len(predictions) != len(images):
@@ -235,9 +248,24 @@ class Worker:
             )
         return predictions
 
-    async def _on_device(
-        self, call: Callable[[], Any], batch: Batch, frames: list[Frame], turn: asyncio.Future | None
-    ) -> Any:
+    async def _on_host(self, adapter: Any, step: Callable[..., Any], *args: Any) -> Any:
+        """A staged adapter's prepare or finish, in the CPU pool, bounded like a device call.
+        One at a time per adapter: processors and tokenizers are not safe to share between
+        threads (a fast tokenizer raises "Already borrowed")."""
+        lock = self._host_locks.setdefault(id(adapter), threading.Lock())
+
+        def locked() -> Any:
+            with lock:
+                return step(*args)
+
+        running = asyncio.get_running_loop().run_in_executor(self._cpu, locked)
+        try:
+            return await asyncio.wait_for(running, self._timeout_s)
+        except TimeoutError:
+            _log.error("host_step_timeout", step=step.__name__, device=self.device, timeout_s=self._timeout_s)
+            raise InferenceTimeout from None
+
+    async def _on_device(self, call: Callable[[], Any], batch: Batch, turn: asyncio.Future | None) -> Any:
         """Run `call` on the device thread, timed out from when the thread starts it."""
         executor = self.executor
         began: list[float] = []
@@ -253,14 +281,16 @@ class Worker:
             if began:
                 wait = began[0] + self._timeout_s - time.perf_counter()
                 if wait <= 0:
-                    self._abandon(batch, frames, executor)
+                    self._abandon(batch, executor)
                     raise InferenceTimeout
             elif executor is not self.executor:  # queued behind a call that was abandoned
-                self._abandon(batch, frames, executor)
+                running.cancel()
                 raise InferenceTimeout
             else:
                 wait = min(self._timeout_s, STUCK_POLL_S)
             await asyncio.wait((running,), timeout=wait)
+        if running.cancelled():  # the thread was replaced before it got to this call
+            raise InferenceTimeout
         outputs = running.result()
         self._timer(batch).observe(time.perf_counter() - began[0])
         return outputs
@@ -272,11 +302,20 @@ class Worker:
                 batch.pipeline, batch.model, self.device)
         return child
 
-    def _abandon(self, batch: Batch, frames: list[Frame], executor: Executor) -> None:
-        """Leave a stuck batch's frames pending in Redis for a retry, and replace the thread."""
+    def _abandon(self, batch: Batch, executor: Executor) -> None:
+        """A call stuck past the timeout: its thread cannot be killed, so the worker gets a
+        fresh one; calls queued behind it are cancelled (their batches are handed back)."""
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
-                   device=self.device, frames=len(frames), timeout_s=self._timeout_s)
+                   device=self.device, timeout_s=self._timeout_s)
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
+        if executor is self.executor:
+            executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = self._new_executor()
+            self.replaced += 1
+
+    def _hand_back(self, batch: Batch, frames: list[Frame]) -> None:
+        """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once
+        idle); callers waiting on a reply (/predict, jobs) are told."""
         self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
         for frame in frames:
             if frame.reply is not None:
@@ -284,14 +323,25 @@ class Worker:
                     frame.reply.set_exception(InferenceTimeout(
                         f"{batch.model} did not answer within inference_timeout_s ({self._timeout_s} s)"))
                 continue
-            frame.release()  # no ack: still pending in Redis, reclaimed once idle
-        if executor is self.executor:  # a batch queued behind it finds the thread replaced
-            executor.shutdown(wait=False)
-            self.executor = self._new_executor()
-            self.replaced += 1
+            frame.release()  # no ack: still pending in Redis
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def pass_turn(after: asyncio.Future | None, turn: asyncio.Future | None) -> None:
+    """This batch is done with the device (or never needed it): the next may go once the one
+    before this has gone too, so batches never overtake each other on the device."""
+    if turn is None or turn.done():
+        return
+    if after is None or after.done():
+        turn.set_result(None)
+    else:
+        def follow(_: asyncio.Future) -> None:
+            if not turn.done():
+                turn.set_result(None)
+
+        after.add_done_callback(follow)
 
 
 def _outcomes_of(
@@ -306,8 +356,12 @@ def _outcomes_of(
             outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {result!r}"))
             continue
         _to_original_pixels(frame, result)
-        fields = result_fields(frame, model=batch.model, task=task, prediction=result,
-                               prompt_version=prompt_version)
+        try:
+            fields = result_fields(frame, model=batch.model, task=task, prediction=result,
+                                   prompt_version=prompt_version)
+        except (TypeError, ValueError) as e:  # not JSON: the adapter's bug, this frame's outcome
+            outcomes.append(DeadLettered.of(frame, "model_error", f"the result cannot be encoded: {e}"))
+            continue
         outcomes.append(
             Published(frame, keys.result_stream(batch.output, frame.pipeline, frame.source), fields))
     return outcomes

@@ -62,8 +62,8 @@ async def serving(settings: Settings, host: str = "testhost"):
 @asynccontextmanager
 async def running(settings: Settings, host: str = "testhost"):
     daemon = Daemon(settings, host=host, discover_s=0.2)
-    await daemon.start()
     try:
+        await daemon.start()  # a start that fails (bad config) still gets its clients closed
         yield daemon
     finally:
         await daemon.stop()

@@ -16,7 +16,7 @@ from tests.fake_adapters import entry
 
 def manager(budget_mb: float | None = None, **sizes: float) -> ModelManager:
     catalogue = Catalogue({"fake": {name: ModelEntry(**entry(memory_mb=mb)) for name, mb in sizes.items()}})
-    return ModelManager(catalogue, {"cpu": budget_mb} if budget_mb else None)
+    return ModelManager(catalogue, {"cpu": budget_mb} if budget_mb else None, room_wait_s=0.3)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def test_the_least_recently_used_idle_model_is_evicted_to_make_room(pool):
 
 async def test_a_model_in_use_is_never_evicted(pool):
     m = manager(1000, a=600, b=600)
-    async with m.use("fake/a", "cpu", pool):
+    async with m.use("fake/a", "cpu", pool):  # held past room_wait_s: the load of b gives up
         with pytest.raises(ModelTooLarge, match=r"fake/b needs about 600 MB; cpu has 400 MB free .* in use \(fake/a\)"):
             async with m.use("fake/b", "cpu", pool):
                 pass
@@ -82,13 +82,17 @@ async def test_explicit_unload(pool):
     assert m.unload("fake/a") == ["cpu"] and m.loaded() == []
 
 
-async def test_concurrent_loads_on_one_device_respect_the_budget(pool):
+async def test_concurrent_loads_on_one_device_take_turns_within_the_budget(pool):
+    """Two batches in flight want two models that do not fit together: the second load waits
+    for the first model to be let go, evicts it, and loads; never both at once."""
     m = manager(1000, a=600, b=600)
+    m.room_wait_s = 5
+    used: list[float] = []
 
     async def hold(name: str):
         async with m.use(f"fake/{name}", "cpu", pool):
+            used.append(m.used_mb("cpu"))
             await asyncio.sleep(0.05)
 
-    results = await asyncio.gather(hold("a"), hold("b"), return_exceptions=True)
-    assert sum(isinstance(r, ModelTooLarge) for r in results) == 1  # never both at once
-    assert m.used_mb("cpu") <= 1000
+    await asyncio.gather(hold("a"), hold("b"))
+    assert used == [600, 600] and [x["model"] for x in m.loaded()] == ["fake/b"]

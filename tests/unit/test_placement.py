@@ -68,9 +68,24 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
 def test_auto_devices_count_gpus_that_torch_sees_without_onnxruntime_gpu(monkeypatch):
     from sightstream.daemon import devices
 
-    monkeypatch.setattr(devices, "_onnxruntime_gpus", lambda: 0)
-    monkeypatch.setattr(devices, "_torch_gpus", lambda: 2)
+    monkeypatch.setattr(devices, "_onnxruntime_has_cuda", lambda: False)
+    monkeypatch.setattr(devices, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: type("R", (), {
+        "stdout": "GPU 0: NVIDIA H100 (UUID: a)\nGPU 1: NVIDIA H100 (UUID: b)\n"})())
     assert devices.resolve("auto") == ["cuda:0", "cuda:1"]
-    monkeypatch.setattr(devices, "_torch_gpus", lambda: 0)
+    monkeypatch.setattr(devices, "_torch_has_cuda", lambda: False)
     assert devices.resolve("auto") == ["cpu"]
     assert devices.resolve(["cuda:1"]) == ["cuda:1"]
+
+
+def test_auto_devices_do_not_import_torch():
+    """torch's CUDA build is told from its version.py: an ONNX-only daemon does not pay for
+    importing torch (seconds, hundreds of MB)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sightstream.daemon.devices import resolve, _torch_has_cuda; "
+            "print(resolve('auto'), _torch_has_cuda(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["['cpu']", "False", "False"], out.stderr  # this torch is a CPU build

@@ -102,3 +102,29 @@ async def test_a_vanished_group_publishes_nothing_and_raises_nothing():
     out = "results:p:frames:{a}"
     await pub.publish([Published(frames[0], out, {"frame_id": frames[0].frame_id})])
     assert await client.exists(out) == 0 and pub.published == 0
+
+
+async def test_one_script_call_answers_for_each_entry_of_its_group():
+    """Frames of one source go in one script call; its reply is per entry: the one another
+    daemon already finished is not published again, the others are, and each is counted."""
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    await client.xack("frames:{a}", "p", frames[1].entry_id)  # another daemon did this one
+    await pub.publish([Published(f, out, {"frame_id": f.frame_id}) for f in frames])
+    assert [e[1][b"frame_id"].decode() for e in await client.xrange(out)] == [
+        frames[0].frame_id, frames[2].frame_id]
+    assert pub.published == 2
+    assert pub._metrics.publish_duplicates.labels("p")._value.get() == 1
+    assert (await client.xpending("frames:{a}", "p"))["pending"] == 0
+
+
+async def test_a_refused_output_refuses_only_its_group():
+    """Two outputs in one round: the one Redis refuses (WRONGTYPE) leaves its frame pending;
+    the other is published."""
+    client, frames, pub = await setup()
+    await client.set("results:p:bad", "not a stream")
+    await pub.publish([Published(frames[0], "results:p:bad", {"frame_id": frames[0].frame_id}),
+                       Published(frames[1], "results:p:frames:{a}", {"frame_id": frames[1].frame_id})])
+    assert await client.xlen("results:p:frames:{a}") == 1
+    pending = await client.xpending_range("frames:{a}", "p", "-", "+", 10)
+    assert [p["message_id"].decode() for p in pending] == [frames[0].entry_id, frames[2].entry_id]

@@ -147,3 +147,58 @@ async def test_results_carry_the_model_s_output_as_json(rigs):
     assert isinstance(outcome, Published) and not isinstance(outcome, DeadLettered)
     assert outcome.stream == keys.result_stream(keys.DEFAULT_OUTPUT, "p", "frames:cam7")
     assert outcome.fields["result"] == '{"width":4,"height":4,"detections":[],"tag":7}'
+
+
+async def test_a_timeout_during_split_retries_hands_back_every_frame_of_the_batch(rigs):
+    # the batch fails as a whole, so it is retried frame by frame; frame 3's call then hangs
+    rig = rigs(fail_multi=True, hang={"3": 2.0}, timeout_s=0.3)
+    await rig.run(rig.batch(1, 2, 3, 4))
+    assert rig.outcome_tags() == []  # frames 1 and 2 are done again later: never half a batch
+    assert sorted(rig.released) == [1, 2, 3, 4]  # all pending in Redis again, credit returned
+
+
+async def test_a_batch_that_needs_no_device_call_keeps_the_order_of_the_rest(rigs):
+    rig = rigs(prepare_s={"1": 0.3}, depth=3)
+    stale = rig.batch(2)
+    stale.max_age_ms = 1
+    stale.frames[0].ts_ms = now_ms() - 60_000  # dropped as stale: no device call
+    await rig.run(rig.batch(1), stale, rig.batch(3))
+    assert [tag for step, tag, _ in rig.adapter.events if step == "infer"] == [1, 3]
+    assert rig.outcome_tags() == [("Published", 1), ("Acked", 2), ("Published", 3)]
+
+
+async def test_a_model_waits_for_room_that_a_batch_in_flight_still_holds():
+    """Two 60 MB models, a 100 MB budget, two batches in flight: the second model is loaded
+    once the first batch lets go of the first (evicting it), not refused."""
+    entry = {"backend": "torch", "task": "detect", "adapter": "tests.fake_adapters:Staged",
+             "memory_mb": 60, "infer_s": {"*": 0.3}}
+    manager = ModelManager(Catalogue({"fake": {"a": ModelEntry(**entry), "b": ModelEntry(**entry)}}),
+                           budgets_mb={"cpu": 100})
+    batches, outcomes = asyncio.Queue(), asyncio.Queue()
+    pool = ThreadPoolExecutor(2)
+    worker = Worker("cpu", manager, batches, outcomes, Metrics(), 10, cpu=pool, depth=2)
+    image = np.full((4, 4, 3), 1, np.uint8)
+    for model, tag in (("fake/a", 1), ("fake/b", 2)):
+        frame = Frame("p", "frames:cam", f"{tag}-0", {}, now_ms(), image=image, orig_size=(4, 4))
+        batches.put_nowait(Batch("p", model, keys.DEFAULT_OUTPUT, 0, [frame]))
+    batches.put_nowait(STOP)
+    await asyncio.wait_for(worker.run(), 10)
+    worker.close()
+    pool.shutdown()
+    kinds = [type(outcomes.get_nowait()).__name__ for _ in range(outcomes.qsize())]
+    assert kinds == ["Published", "Published"]
+    assert [m["model"] for m in manager.loaded()] == ["fake/b"]  # a was evicted for b
+
+
+async def test_an_abandoned_call_queued_behind_a_stuck_one_never_runs(rigs):
+    rig = rigs(hang={"1": 1.0}, depth=2, timeout_s=0.3)
+    await rig.run(rig.batch(1), rig.batch(2))
+    assert sorted(rig.released) == [1, 2]
+    await asyncio.sleep(1.2)  # the stuck call has ended by now; the queued one was cancelled
+    assert ("infer", 2) not in [(step, tag) for step, tag, _ in rig.adapter.events]
+
+
+async def test_a_result_that_cannot_be_encoded_is_dead_lettered_alone(rigs):
+    rig = rigs(unjsonable=2)
+    await rig.run(rig.batch(1, 2), rig.batch(3))
+    assert rig.outcome_tags() == [("Published", 1), ("DeadLettered", 2), ("Published", 3)]

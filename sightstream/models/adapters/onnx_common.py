@@ -73,6 +73,16 @@ class OnnxModel:
         self.buckets = tuple(sorted(int(b) for b in buckets or ())) if self.fixed_batch is None else ()
         self.io_binding = bool(options.get("io_binding", on_gpu))
         self._device = device
+        self._pinned = on_gpu and _torch_cuda()
+
+    def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 input buffer for `prepare` to fill: in pinned (page-locked) memory on a GPU
+        when a CUDA build of torch can allocate it, so the copy to the device is a DMA."""
+        if self._pinned:
+            import torch
+
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+        return np.empty(shape, dtype=np.float32)
 
     def run(self, batch: np.ndarray, input_name: str | None = None) -> list[np.ndarray]:
         """The model's outputs (in `self.outputs` order) for a batch, one row per image."""
@@ -97,6 +107,15 @@ class OnnxModel:
             binding.bind_output(output)  # host memory: NMS and encoding run on the CPU
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
 
 
 def letterbox(

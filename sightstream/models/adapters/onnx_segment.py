@@ -60,7 +60,8 @@ class OnnxSegmenter:
     ) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """The normalised NCHW batch, and each image's (width, height)."""
         w, h = self.input_size
-        batch = np.empty((len(images), 3, h, w), dtype=np.float32)
+        assert self._model is not None, "load() first"
+        batch = self._model.host_buffer((len(images), 3, h, w))
         for i, img in enumerate(images):
             resized = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR))
             batch[i] = ((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(2, 0, 1)
@@ -69,14 +70,13 @@ class OnnxSegmenter:
     def infer(self, prepared: tuple[np.ndarray, list[tuple[int, int]]]) -> np.ndarray:
         assert self._model is not None, "load() first"
         outputs = self._model.run(prepared[0], str(self.input_name))
-        raw = dict(zip(self._model.outputs, outputs))[self.output_name]
-        # The arg-max on the device thread: the scores are classes x the input's pixels
-        return raw.argmax(axis=1) if raw.ndim == 4 else raw
+        return dict(zip(self._model.outputs, outputs))[self.output_name]
 
     def finish(
-        self, prepared: tuple[np.ndarray, list[tuple[int, int]]], classes: np.ndarray
+        self, prepared: tuple[np.ndarray, list[tuple[int, int]]], raw: np.ndarray
     ) -> list[Prediction]:
         sizes = prepared[1]
+        classes = raw.argmax(axis=1) if raw.ndim == 4 else raw  # per-class scores, or class ids
         if len(classes) != len(sizes):
             raise BatchSizeMismatch(f"the model returned {len(classes)} maps for {len(sizes)} images")
         return [self._prediction(classes[i], w, h) for i, (w, h) in enumerate(sizes)]

@@ -77,7 +77,8 @@ class YoloDetector:
         assert self.input_size is not None, "load() first"
         w, h = self.input_size
         # Written straight into one NCHW float buffer: no stack/transpose/astype copies.
-        batch = np.empty((len(images), 3, h, w), dtype=np.float32)
+        assert self._model is not None, "load() first"
+        batch = self._model.host_buffer((len(images), 3, h, w))
         transforms = []
         for i, img in enumerate(images):
             canvas, scale, offset = letterbox(img, self.input_size)
