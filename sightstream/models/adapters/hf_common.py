@@ -168,3 +168,16 @@ class HfAdapter:
     def unload(self) -> None:
         self._model = None
         self._stream = None
+
+
+class ImageModel(HfAdapter):
+    """A staged model whose processor takes images alone and whose forward takes all the
+    processor's tensors (detection, depth): subclasses load it and write `finish`."""
+
+    _processor: Any
+
+    def prepare(self, images: list[Any], prompt: Any = None, contexts: Any = None) -> Inputs:
+        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
+
+    def infer(self, inputs: Inputs) -> Any:
+        return self.on_device(inputs, lambda tensors: self._model(**tensors))

@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image
 
 from sightstream.frames import Prediction
-from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 
@@ -25,7 +24,7 @@ def depth_png(depth: np.ndarray) -> tuple[bytes, float, float]:
     return buf.getvalue(), lo, hi
 
 
-class HfDepth(hf_common.HfAdapter):
+class HfDepth(hf_common.ImageModel):
     task = "depth"
 
     def load(self, device: str) -> None:
@@ -34,13 +33,6 @@ class HfDepth(hf_common.HfAdapter):
 
         self._processor = AutoImageProcessor.from_pretrained(source)
         self.placed(AutoModelForDepthEstimation.from_pretrained(source), device)
-
-    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
-                contexts: Any = None) -> hf_common.Inputs:
-        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
-
-    def infer(self, inputs: hf_common.Inputs) -> Any:
-        return self.on_device(inputs, lambda tensors: self._model(**tensors))
 
     def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
         maps = self._processor.post_process_depth_estimation(outputs, target_sizes=inputs.sizes)

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from sightstream.frames import Prediction
-from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 
-class HfDetector(hf_common.HfAdapter):
+class HfDetector(hf_common.ImageModel):
     task = "detect"
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
@@ -26,13 +23,6 @@ class HfDetector(hf_common.HfAdapter):
         self._processor = AutoImageProcessor.from_pretrained(source)
         self.placed(AutoModelForObjectDetection.from_pretrained(source), device)
         self._labels = self._model.config.id2label
-
-    def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
-                contexts: Any = None) -> hf_common.Inputs:
-        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
-
-    def infer(self, inputs: hf_common.Inputs) -> Any:
-        return self.on_device(inputs, lambda tensors: self._model(**tensors))
 
     def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
         found = self._processor.post_process_object_detection(
