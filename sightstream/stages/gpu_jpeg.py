@@ -5,6 +5,7 @@ decoding. Other formats, raw frames and JPEGs nvJPEG refuses are decoded on the 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -28,9 +29,12 @@ def nvjpeg_decoder(device: str) -> JpegBatchDecoder:
     if not torch.cuda.is_available():
         raise ConfigError(f"invalid setting decode.device = {device!r}: torch sees no CUDA GPU here")
 
+    one_at_a_time = threading.Lock()  # decode threads share one nvJPEG state per device
+
     def decode(jpegs: list[bytes]) -> list[np.ndarray]:
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
-        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        return [image.permute(1, 2, 0).cpu().numpy() for image in images]
+        with one_at_a_time:
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+            return [image.permute(1, 2, 0).cpu().numpy() for image in images]
 
     return decode
