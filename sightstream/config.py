@@ -47,6 +47,7 @@ class ControlSettings(_Strict):
     predict_batch_size: int = Field(8, ge=1, le=1024, description="/predict images per model call")
     predict_batch_timeout_ms: float = Field(10, ge=0, description="/predict: wait this long to fill a batch")
     predict_max_images: int = Field(256, ge=1, description="images in one /predict request (tar, multipart)")
+    page_sources: int = Field(64, ge=0, description="sources the live page (GET /) keeps a latest frame of")
 
     @property
     def auth(self) -> bool:

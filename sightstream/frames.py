@@ -52,6 +52,7 @@ class Frame:
     generation: int = 0  # bumped each time this daemon takes the stream (source leases)
     # Frames from no stream (/predict, jobs): the worker answers here instead of publishing.
     reply: asyncio.Future[Outcome] | None = field(default=None, repr=False)
+    snapshot: bytes | None = field(default=None, repr=False)  # the encoded image, for the live page
 
     @property
     def source(self) -> str:

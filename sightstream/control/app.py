@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from sightstream.control import health, jobs, models, openapi, pipelines, predict, prompts
+from sightstream.control import health, jobs, models, openapi, page, pipelines, predict, prompts
 from sightstream.control.errors import json_errors, require_token
 from sightstream.control.state import DAEMON, OPENAPI
 from sightstream.daemon.daemon import Daemon
 
-APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.api, openapi.api]
+APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.api, page.api, openapi.api]
 
 
 def make_app(daemon: Daemon) -> web.Application:

@@ -20,6 +20,7 @@ from sightstream.control.api import TOKEN_NAME, ApiError
 _log = log.get(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PREFIXES = ("/health", "/metrics")
+OPEN_PATHS = ("/",)  # the live page: it holds no data, and asks for the token itself
 
 CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -68,7 +69,7 @@ def require_token(control: ControlSettings) -> Callable:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if accepted and not request.path.startswith(OPEN_PREFIXES):
+        if accepted and not (request.path.startswith(OPEN_PREFIXES) or request.path in OPEN_PATHS):
             given = request.headers.get("Authorization", "").encode()
             # Compare with every token, always: the time taken says nothing of which matched.
             matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]

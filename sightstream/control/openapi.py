@@ -57,7 +57,8 @@ def document(
 
     paths: dict[str, dict[str, Any]] = {}
     for op in ops:
-        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, ref, token, path_values or {})
+        operation = _operation(op, ref, token, path_values or {})
+        paths.setdefault(documented(op.path), {})[op.method.lower()] = operation
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -81,11 +82,12 @@ def _operation(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "summary": op.summary,
-        "operationId": f"{op.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', op.path.lower()).strip('_')}",
+        "operationId": f"{op.method.lower()}_"
+                       f"{re.sub(r'[^a-z0-9]+', '_', documented(op.path).lower()).strip('_')}",
         "tags": [op.tag],
     }
     params = [{"name": name, "in": "path", "required": True, "schema": _path_schema(path_values.get(name))}
-              for name in re.findall(r"{(\w+)}", op.path)]
+              for name in re.findall(r"{(\w+)(?::[^}]+)?}", op.path)]
     if op.query:
         schema = op.query.model_json_schema(ref_template=REF)
         required = set(schema.get("required", ()))
@@ -118,6 +120,11 @@ def _operation(
     if op.open and token:
         out["security"] = []
     return out
+
+
+def documented(path: str) -> str:
+    """aiohttp's `{name:regex}` path parameters as OpenAPI's `{name}`."""
+    return re.sub(r"{(\w+):[^}]+}", r"{\1}", path)
 
 
 def _path_schema(values: list[str] | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from sightstream.daemon import devices as device_list
 from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
+from sightstream.daemon.snapshots import Snapshots
 from sightstream.errors import ConfigError, ModelError
 from sightstream.jobs.runner import JobRunner
 from sightstream.jobs.sources import SourceRefused, check_source
@@ -112,6 +113,7 @@ class Daemon:
         self._decode_pool: ThreadPoolExecutor | None = None
         self._host_pool: ThreadPoolExecutor | None = None
         self.adhoc: AdhocBatcher | None = None  # /predict uploads and jobs
+        self.snapshots = Snapshots(settings.control.page_sources)  # the live page's latest frames
         self._closed = False
 
     def _check_models(self) -> None:
@@ -162,7 +164,7 @@ class Daemon:
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
             {p.name: p.max_deliveries for p in self.settings.pipelines},
-            stop=self.stop_event,
+            stop=self.stop_event, on_published=self.snapshots.record,
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,

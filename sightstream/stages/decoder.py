@@ -236,5 +236,6 @@ class Decoder:
                     await self._outcomes.put(DeadLettered.of(frame, decoded.reason, str(decoded)))
                     continue
                 frame.image, frame.orig_size = decoded
-                frame.fields = {}  # the encoded bytes are no longer needed: free them early
+                frame.snapshot = frame.fields.get(b"image")  # a reference, for the live page
+                frame.fields = {}  # the other fields are no longer needed: free them early
                 await self._out.put(frame)

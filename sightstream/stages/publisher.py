@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,7 @@ class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
         max_deliveries: dict[str, int] | None = None, round_size: int = 256, *, stop: asyncio.Event,
+        on_published: Callable[[Frame, dict[str, Any]], None] | None = None,
     ) -> None:
         self._client = client
         self._retry = RedisRetry("publish", metrics, stop)
@@ -108,6 +110,7 @@ class Publisher:
         self._max_deliveries = max_deliveries or {}  # per pipeline: tries of a refused write
         self._round_size = round_size
         self._child = Children()
+        self._on_published = on_published  # the live page's snapshots
         self._script = Lua(PUBLISH_THEN_ACK)
         self._record = Lua(RECORD_ONCE)
         self.published = 0
@@ -176,6 +179,8 @@ class Publisher:
                 latency_ms = max(0, now - outcome.frame.ts_ms)
                 self._child(self._metrics.e2e_latency_seconds, name).observe(latency_ms / 1000)
                 self._recent(name).append(latency_ms)
+                if self._on_published is not None:
+                    self._on_published(outcome.frame, outcome.fields)
             else:
                 self._account(outcome, bool(reply))
             outcome.frame.release()

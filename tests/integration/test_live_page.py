@@ -1,0 +1,99 @@
+"""The live page: GET / in a real browser (Debian's chromium, headless) against a running daemon
+fed with frames; the snapshot images over HTTP (decode, ETag, 304, change); the token."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import encode
+from tests.integration.helpers import serving, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+TOKEN = "page-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SOURCES = ["frames:{door}", "frames:{yard}"]
+
+
+def scene(shade: int) -> bytes:
+    y, x = np.mgrid[0:240, 0:320]
+    image = np.stack([x * 0.8, y, np.full_like(x, shade)], axis=-1).astype(np.uint8)
+    return encode(image)
+
+
+def page_settings(redis_url, tmp_path):
+    return settings_for(redis_url, tmp_path, control={"token": TOKEN})
+
+
+async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_redis, tmp_path):
+    async with serving(page_settings(redis_url, tmp_path)) as (d, client):
+        for source in SOURCES:
+            sync_redis.xadd(source, {"image": scene(40)})
+        await wait_for(lambda: len(d.snapshots.list()) == 2, what="two sources' results")
+        assert (await client.get("/sources")).status == 401
+        listed = (await (await client.get("/sources", headers=AUTH)).json())["sources"]
+        assert [s["source"] for s in listed] == SOURCES
+        assert all(s["summary"] == "1 x dog" and s["task"] == "detect" and s["seq"] == 1 for s in listed)
+
+        url = "/sources/people/frames:%7Bdoor%7D/latest.jpg"
+        assert (await client.get(url)).status == 401
+        first = await client.get(url, headers=AUTH)
+        assert first.status == 200 and first.content_type == "image/jpeg"
+        etag = first.headers["ETag"]
+        image = Image.open(io.BytesIO(await first.read()))
+        assert image.size == (320, 240)
+        again = await client.get(url, headers={**AUTH, "If-None-Match": etag})
+        assert again.status == 304
+
+        sync_redis.xadd("frames:{door}", {"image": scene(220)})
+        await wait_for(lambda: d.snapshots.get("people", "frames:{door}").seq == 2, what="the next result")
+        changed = await client.get(url, headers={**AUTH, "If-None-Match": etag})
+        assert changed.status == 200 and changed.headers["ETag"] != etag
+        later = np.asarray(Image.open(io.BytesIO(await changed.read())), dtype=np.int16)
+        assert abs(later[..., 2].mean() - np.asarray(image, dtype=np.int16)[..., 2].mean()) > 100
+
+        missing = await client.get("/sources/people/frames:%7Bnone%7D/latest.jpg", headers=AUTH)
+        assert missing.status == 404 and "no result" in (await missing.json())["error"]["message"]
+        home = await client.get("/")
+        assert home.status == 200 and "text/html" in home.content_type  # no token: the page asks
+        assert "http" not in re.sub(r"https?://\S*localhost|//\s", "", await home.text())  # nothing from elsewhere
+
+
+@pytest.mark.timeout(90)
+async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
+    async with serving(page_settings(redis_url, tmp_path)) as (d, client):
+        for shade, source in zip((60, 180), SOURCES):
+            sync_redis.xadd(source, {"image": scene(shade)})
+        await wait_for(lambda: len(d.snapshots.list()) == 2, what="two sources' results")
+        url = f"{client.make_url('/')}#token={TOKEN}"
+        screenshot = Path(os.environ.get("SIGHTSTREAM_PAGE_SCREENSHOT", tmp_path / "page.png"))
+        common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                  "--window-size=1280,900", "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'profile'}"]
+        dom = await run(*common, "--dump-dom", url)
+        await run(*common, f"--screenshot={screenshot}", url)
+    tiles = re.findall(r'<div class="tile[^"]*" data-pipeline="people" data-source="([^"]+)">', dom)
+    assert sorted(tiles) == SOURCES
+    assert len(re.findall(r'<img alt="" src="blob:[^"]+" data-seq="1">', dom)) == 2  # both images loaded
+    assert 'data-pipeline="people"><td>people</td><td>tiny/det</td>' in dom  # the pipeline table
+    assert "1 x dog" in dom and "2 sources" in dom
+    shot = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert shot.shape[:2] == (900, 1280) and shot.std() > 10  # something was drawn
+
+
+async def run(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return out.decode()
