@@ -1,0 +1,81 @@
+"""The live page's snapshots: what is kept (bounded), and what is drawn for each kind of result."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from sightstream.daemon.snapshots import PALETTE, Snapshots, render, summarize
+from sightstream.frames import Frame
+from sightstream.models import masks
+from tests.conftest import encode
+
+GREY = np.full((100, 160, 3), 128, np.uint8)
+
+
+def frame(source: str, image: np.ndarray = GREY, encoded: bool = True) -> Frame:
+    f = Frame("p", source, "1-0", {}, 1000, image=image, orig_size=(image.shape[1], image.shape[0]))
+    f.snapshot = encode(image, "PNG") if encoded else None
+    return f
+
+
+def fields(result: dict, **payloads: bytes) -> dict:
+    return {"result": json.dumps(result), "model": "m/v", "task": "detect", **payloads}
+
+
+def drawn(snapshots: Snapshots, source: str) -> np.ndarray:
+    snap = snapshots.get("p", source)
+    assert snap is not None
+    return np.asarray(Image.open(io.BytesIO(render(snap))).convert("RGB"), dtype=np.int16)
+
+
+def test_the_latest_result_per_source_is_kept_for_a_bounded_number_of_sources():
+    s = Snapshots(max_sources=2)
+    for source in ("a", "b", "a", "c"):
+        s.record(frame(source), fields({"detections": []}))
+    assert [(x.source, x.seq) for x in s.list()] == [("a", 2), ("c", 1)]  # b was the oldest
+    big = np.zeros((3000, 3000, 3), np.uint8)  # raw pixels over MAX_RAW_BYTES: not kept
+    s.record(frame("raw", big, encoded=False), fields({"detections": []}))
+    assert s.get("p", "raw") is None
+
+
+def test_boxes_are_drawn_in_the_frame_s_pixels_with_their_label():
+    s = Snapshots()
+    det = {"box": [40, 20, 120, 80], "score": 0.9, "label": "dog", "class_id": 1, "track_id": 3}
+    s.record(frame("a"), fields({"width": 160, "height": 100, "detections": [det]}))
+    out = drawn(s, "a")
+    assert out.shape == (100, 160, 3)
+    edge = out[50, 40]  # on the box's left side, in track 3's colour
+    assert np.abs(edge - PALETTE[3]).max() < 40
+    assert np.abs(out[50, 80] - 128).max() < 10  # inside the box: the frame as it was
+    assert summarize({"detections": [det, det]}) == "2 x dog"
+
+
+def test_masks_are_tinted_and_depth_is_coloured_and_captions_written():
+    s = Snapshots()
+    index = np.zeros((100, 160), np.uint8)
+    index[10:50, 10:60] = 1
+    s.record(frame("m"), fields({"width": 160, "height": 100, "masks": [{"object": 0}]}, mask=masks.png(index)))
+    tinted = drawn(s, "m")
+    assert np.abs(tinted[30, 30] - 128).max() > 30 and np.abs(tinted[80, 120] - 128).max() < 10
+
+    depth = np.tile(np.linspace(0, 65535, 160, dtype=np.uint16), (100, 1))
+    buf = io.BytesIO()
+    Image.fromarray(depth).save(buf, format="PNG")
+    s.record(frame("d"), fields({"width": 160, "height": 100, "min": 0.0, "max": 1.0}, depth=buf.getvalue()))
+    coloured = drawn(s, "d")
+    assert np.abs(coloured[50, 5] - coloured[50, 155]).max() > 100  # near and far differ
+
+    s.record(frame("c"), fields({"text": "a grey square"}))
+    captioned = drawn(s, "c")
+    assert captioned[-17:, :, :].mean() < 60  # a dark strip for the text at the bottom
+    assert summarize({"text": "a grey square"}) == "a grey square"
+
+
+def test_raw_frames_are_drawn_from_their_pixels():
+    s = Snapshots()
+    s.record(frame("r", encoded=False), fields({"width": 160, "height": 100, "detections": []}))
+    assert drawn(s, "r").shape == (100, 160, 3)
