@@ -1,7 +1,10 @@
 """`sightstream run`: the daemon and its control plane in one process, with a two-stage exit.
 
 The first SIGTERM/SIGINT starts a graceful drain (bounded by shutdown_timeout_s); a second one
-exits at once. Under systemd (Type=notify), READY=1 is sent once the daemon is up."""
+exits at once. Under systemd (Type=notify): READY=1 once the daemon reads its pipelines,
+STATUS= lines (sources, frames/s) every few seconds, WATCHDOG=1 from the event loop itself
+when the unit sets WatchdogSec= (so a blocked loop, or a stage that died, gets the daemon
+restarted), and STOPPING=1 when it drains."""
 
 from __future__ import annotations
 
@@ -31,6 +34,46 @@ def sd_notify(message: str) -> None:
             s.connect(address)
             s.sendall(message.encode())
         except OSError:
+            pass
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec= (WATCHDOG_USEC), when it is meant for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
+def status_line(daemon: Daemon) -> str:
+    sources = sum(len(run.ingest.streams) for run in daemon.runs.values())
+    fps_in = fps_out = 0.0
+    for p in daemon.settings.pipelines:
+        i, o = daemon.rates.fps(p.name)
+        fps_in, fps_out = fps_in + i, fps_out + o
+    return f"{sources} sources, {fps_in:.1f} frames/s in, {fps_out:.1f} results/s out"
+
+
+async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
+    """WATCHDOG=1 while the loop runs and no stage has failed; STATUS= every 5 s. Sent from
+    the loop itself: when it blocks, the pings stop and systemd restarts the daemon."""
+    interval = watchdog_interval()
+    step = min(interval, 5.0) if interval else 5.0
+    next_status = 0.0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        if interval and daemon.failed() is None:
+            sd_notify("WATCHDOG=1")
+        if loop.time() >= next_status:
+            sd_notify(f"STATUS={status_line(daemon)}")
+            next_status = loop.time() + 5.0
+        try:
+            await asyncio.wait_for(stop.wait(), step)
+        except TimeoutError:
             pass
 
 
@@ -66,9 +109,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
 
     watcher = asyncio.create_task(watch_stop())
     code = 0
+    notifier: asyncio.Task | None = None
     try:
         await daemon.start()
         sd_notify("READY=1")
+        notifier = asyncio.create_task(tell_systemd(daemon, stop), name="systemd")
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -80,6 +125,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     finally:
         sd_notify("STOPPING=1")
         watcher.cancel()
+        if notifier is not None:
+            notifier.cancel()
         await daemon.stop()
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,60 @@
+"""`sightstream run` under systemd: sd_notify messages over a real datagram socket, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+import pytest
+
+from sightstream.service import serve
+from tests.integration.helpers import settings_for
+
+pytestmark = pytest.mark.integration
+
+
+async def test_systemd_hears_ready_then_status_and_watchdog_then_stopping(redis_url, tmp_path, monkeypatch):
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # WatchdogSec=0.2: a ping every 0.1 s
+    messages: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except BlockingIOError:
+                return
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(settings_for(redis_url, tmp_path, control={"port": 0}), stop))
+    try:
+        for _ in range(200):
+            drain()
+            if messages.count("WATCHDOG=1") >= 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(running, 20)
+        drain()
+        listener.close()
+    assert code == 0
+    assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1"
+    assert messages.count("WATCHDOG=1") >= 3
+    (status, *_) = [m for m in messages if m.startswith("STATUS=")]
+    assert re.fullmatch(r"STATUS=\d+ sources, [\d.]+ frames/s in, [\d.]+ results/s out", status), status
+
+
+async def test_no_watchdog_pings_for_another_process(redis_url, tmp_path, monkeypatch):
+    from sightstream.service import watchdog_interval
+
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")  # systemd meant another process
+    assert watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_PID")
+    assert watchdog_interval() == 0.1
