@@ -70,6 +70,18 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from sightstream.status import status
+
+    if args.url:
+        base, token = args.url, args.token or os.environ.get("SIGHTSTREAM_CONTROL__TOKEN", "")
+    else:
+        control = _settings(args).control
+        host = "127.0.0.1" if control.host in ("0.0.0.0", "::", "") else control.host
+        base, token = f"http://{host}:{control.port}", args.token or control.token
+    return status(base, token, as_json=args.json)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from sightstream.models.catalogue import Catalogue
 
@@ -139,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per entry")
     p.add_argument("--redis-url", help="default: the configured redis_url")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("status", help="a running daemon's pipelines, sources and jobs (what GET / shows)")
+    config(p)
+    p.add_argument("--url", help="its control plane, e.g. http://10.0.0.5:8000 (default: the config's)")
+    p.add_argument("--token", help="default: the config's control.token")
+    p.add_argument("--json", action="store_true", help="the raw figures")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("models", help="list the model catalogue")
     config(p)

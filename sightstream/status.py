@@ -1,0 +1,75 @@
+"""`sightstream status`: what the live page shows, in the terminal, from a running daemon's
+control plane (its /health, /pipelines, /sources and /jobs)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from sightstream.errors import SightstreamError
+
+
+def fetch(base: str, path: str, token: str) -> Any:
+    request = urllib.request.Request(base.rstrip("/") + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e)["error"]["message"]
+        except Exception:  # noqa: BLE001 - not our JSON error: say the status
+            message = e.reason
+        raise SightstreamError(f"{base}{path}: {e.code} {message}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise SightstreamError(f"no sightstream control plane answers at {base}: {e}") from None
+
+
+def gather(base: str, token: str) -> dict[str, Any]:
+    return {"health": fetch(base, "/health", token),
+            "pipelines": fetch(base, "/pipelines", token)["pipelines"],
+            "sources": fetch(base, "/sources", token)["sources"],
+            "jobs": fetch(base, "/jobs?limit=20", token)["jobs"]}
+
+
+def report(base: str, figures: dict[str, Any]) -> str:
+    h = figures["health"]
+    lines = [f"sightstream at {base}: consumer {h.get('consumer', '?')}, devices "
+             f"{', '.join(h.get('devices', []))}, Redis {'ok' if h.get('redis', {}).get('ok') else 'DOWN'}"]
+    rows = [["PIPELINE", "MODEL", "PROMPT", "FPS IN", "FPS OUT", "PENDING", "LAG", "DEAD", "P50/P99 MS"]]
+    for p in figures["pipelines"]:
+        lat = p["latency"]
+        rows.append([p["name"], p["model"], f"v{p['prompt_version']}", f"{p['fps_in']:.1f}",
+                     f"{p['fps_out']:.1f}", str(p["pending"]), "-" if p["lag"] is None else str(p["lag"]),
+                     str(sum(p["counts"]["dead_lettered"].values())),
+                     f"{_ms(lat['p50_ms'])}/{_ms(lat['p99_ms'])}"])
+    lines += ["", *_table(rows)]
+    rows = [["SOURCE", "PIPELINE", "RESULTS", "LATENCY", "LATEST"]]
+    for s in figures["sources"]:
+        rows.append([s["source"], s["pipeline"], str(s["seq"]), f"{s['latency_ms']} ms", s["summary"]])
+    lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no results on this daemon yet"]
+    if figures["jobs"]:
+        rows = [["JOB", "STATUS", "FRAMES", "SOURCE"]]
+        rows += [[j["job_id"], j["status"], str(j["counts"]["processed"]), j["source"]]
+                 for j in figures["jobs"]]
+        lines += ["", *_table(rows)]
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def status(base: str, token: str, as_json: bool = False, emit: Callable[[str], None] = print) -> int:
+    figures = gather(base, token)
+    emit(json.dumps(figures, indent=2) if as_json else report(base, figures))
+    return 0

@@ -1,0 +1,37 @@
+"""`sightstream status` against a running daemon's control plane over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sightstream import cli
+from sightstream.daemon.embedded_redis import free_port
+from sightstream.status import status
+from tests.conftest import encode
+from tests.integration.helpers import serving, settings_for, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+async def test_status_shows_pipelines_sources_and_says_why_it_cannot(redis_url, sync_redis, tmp_path,
+                                                                      gradient, capsys):
+    settings = settings_for(redis_url, tmp_path, control={"token": "s3cret"})
+    async with serving(settings) as (d, client):
+        sync_redis.xadd("frames:{cam1}", {"image": encode(gradient)})
+        await wait_for(lambda: d.snapshots.get("people", "frames:{cam1}") is not None, what="a result")
+        base = str(client.make_url("")).rstrip("/")
+        lines: list[str] = []
+        assert await asyncio.to_thread(status, base, "s3cret", False, lines.append) == 0
+        text = lines[0]
+        assert f"sightstream at {base}: consumer testhost:0, devices cpu, Redis ok" in text
+        people = next(line for line in text.splitlines() if line.startswith("people "))
+        assert people.split()[:3] == ["people", "tiny/det", "v1"]
+        cam = next(line for line in text.splitlines() if line.startswith("frames:{cam1}"))
+        assert cam.split()[1:3] == ["people", "1"] and cam.endswith("1 x dog")
+
+        code = await asyncio.to_thread(cli.main, ["status", "--url", base, "--token", "wrong"])
+        assert code == 1 and "401 missing or wrong bearer token" in capsys.readouterr().err
+    code = await asyncio.to_thread(cli.main, ["status", "--url", f"http://127.0.0.1:{free_port()}"])
+    assert code == 1 and "no sightstream control plane answers" in capsys.readouterr().err
