@@ -121,3 +121,31 @@ class Metrics:
         self.sources = Gauge(
             "sightstream_sources", "Input streams a pipeline reads", ["pipeline"], registry=r
         )
+        self.source_pending = Gauge(
+            "sightstream_source_pending",
+            "Entries of a source read by the group and not yet acknowledged (group-wide: XINFO)",
+            ["pipeline", "source"], registry=r,
+        )
+        self.source_lag = Gauge(
+            "sightstream_source_lag", "Entries of a source not yet read by the group (group-wide: XINFO)",
+            ["pipeline", "source"], registry=r,
+        )
+        self.model_loads = Counter(
+            "sightstream_model_loads", "Models loaded onto a device", ["device"], registry=r
+        )
+        self.model_unloads = Counter(
+            "sightstream_model_unloads", "Models unloaded from a device, by why (requested, evicted, idle)",
+            ["device", "reason"], registry=r,
+        )
+        self.model_memory_mb = Gauge(
+            "sightstream_model_memory_mb", "Memory the loaded models take on a device (as they report it)",
+            ["device"], registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "sightstream_gpu_utilization_percent", "GPU busy time over the last sample period (NVML)",
+            ["device"], registry=r,
+        )
+        self.gpu_memory_used_mb = Gauge(
+            "sightstream_gpu_memory_used_mb", "GPU memory in use by every process (NVML)", ["device"],
+            registry=r,
+        )

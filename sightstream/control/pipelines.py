@@ -5,17 +5,15 @@ results). With several daemons, sum their rates and counts (or scrape /metrics).
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from pydantic import BaseModel, Field
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from sightstream import keys
 from sightstream.config import PipelineSettings
 from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
+from sightstream.daemon.backlog import group_backlog
 from sightstream.daemon.daemon import Daemon
 from sightstream.jobs.store import input_job_id
 
@@ -153,25 +151,9 @@ def _quantile(ordered: list[int], q: float) -> float | None:
 
 
 async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> list[Source]:
-    """Each stream's group entry (XINFO GROUPS), in one pipelined round."""
-    if not streams:
-        return []
-    group = keys.group(pipeline).encode()
     try:
-        async with d.client.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xinfo_groups(stream)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        backlog = await group_backlog(d.client, pipeline, streams)
     except (RedisError, OSError) as e:
         raise ApiError(503, f"redis is unreachable: {e}", "unavailable") from None
-    out = []
-    for stream, groups in zip(streams, replies):
-        if isinstance(groups, ResponseError):  # the stream is gone
-            continue
-        for g in groups:
-            if g["name"] == group:
-                lag = g.get("lag")
-                out.append(Source(stream=stream, pending=int(g["pending"]),
-                                  lag=None if lag is None else int(lag),
-                                  last_delivered_id=g["last-delivered-id"].decode()))
-    return out
+    return [Source(stream=b.stream, pending=b.pending, lag=b.lag, last_delivered_id=b.last_delivered_id)
+            for b in backlog]

@@ -19,6 +19,7 @@ import asyncio
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -26,6 +27,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon import devices as device_list
+from sightstream.daemon.backlog import keep_gauges
 from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
@@ -87,7 +89,11 @@ class Daemon:
             raise ConfigError(f"invalid setting models: {e}") from None
         self.devices = device_list.resolve(settings.devices)
         self.manager = ModelManager(self.catalogue, device_list.memory_budgets_mb(
-            self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction))
+            self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction),
+            metrics=self.metrics)
+        for device in self.devices:
+            self.metrics.model_memory_mb.labels(device).set_function(partial(self.manager.used_mb, device))
+        device_list.watch_gpus(self.devices, self.metrics)
         self.stop_event = asyncio.Event()
         self.ready = False
         self._host = host
@@ -206,6 +212,9 @@ class Daemon:
             asyncio.create_task(follow_prompts(self.client, self.prompt_book, self.metrics, self.stop_event,
                                                self.settings.prompt_poll_s), name="prompt-notices"),
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
+            asyncio.create_task(keep_gauges(
+                self.client, {name: (lambda run=run: run.ingest.streams) for name, run in self.runs.items()},
+                self.metrics, self.stop_event), name="backlog-gauges"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,

@@ -7,7 +7,11 @@ import importlib.util
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+from sightstream.metrics import Metrics
 
 
 def resolve(devices: str | list[str]) -> list[str]:
@@ -76,3 +80,30 @@ def _gpu_free_mb(index: int) -> float:
     except Exception:  # noqa: BLE001 - no torch, no driver: no automatic budget
         pass
     return 0.0
+
+
+def watch_gpus(devices: list[str], metrics: Metrics) -> bool:
+    """GPU utilisation and memory in use as gauges read at each scrape, through NVML
+    (nvidia-ml-py) when it is installed and the devices include GPUs. False: not watched."""
+    indexes = {d: int(d.split(":")[1]) for d in devices if d.startswith("cuda:")}
+    if not indexes:
+        return False
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        handles = {d: pynvml.nvmlDeviceGetHandleByIndex(i) for d, i in indexes.items()}
+    except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU gauges
+        return False
+    for device, handle in handles.items():
+        metrics.gpu_utilization.labels(device).set_function(partial(_utilisation, pynvml, handle))
+        metrics.gpu_memory_used_mb.labels(device).set_function(partial(_memory_used_mb, pynvml, handle))
+    return True
+
+
+def _utilisation(nvml: Any, handle: Any) -> float:
+    return float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
+def _memory_used_mb(nvml: Any, handle: Any) -> float:
+    return float(nvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20

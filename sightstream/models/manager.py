@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sightstream import log
 from sightstream.errors import ModelError
+from sightstream.metrics import Metrics
 from sightstream.models.adapter import Adapter
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -54,7 +55,7 @@ class Loaded:
 
 class ModelManager:
     def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
-                 room_wait_s: float = 60.0) -> None:
+                 room_wait_s: float = 60.0, metrics: Metrics | None = None) -> None:
         self.catalogue = catalogue
         self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
@@ -64,6 +65,7 @@ class ModelManager:
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
         self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
         self.memory_given_back: asyncio.Future | None = None  # the latest unload's clean-up
+        self._metrics = metrics
 
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
@@ -106,6 +108,8 @@ class ModelManager:
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
+            if self._metrics is not None:
+                self._metrics.model_loads.labels(device).inc()
             _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
                       seconds=round(time.monotonic() - started, 3))
             return loaded
@@ -180,6 +184,8 @@ class ModelManager:
                 entry.adapter.unload()
                 self._give_back(dev)
                 done.append(dev)
+                if self._metrics is not None:
+                    self._metrics.model_unloads.labels(dev, reason).inc()
                 _log.info("model_unloaded", model=mid, device=dev, reason=reason,
                           memory_mb=round(entry.memory_mb, 1))
         return done

@@ -96,3 +96,20 @@ async def test_concurrent_loads_on_one_device_take_turns_within_the_budget(pool)
 
     await asyncio.gather(hold("a"), hold("b"))
     assert used == [600, 600] and [x["model"] for x in m.loaded()] == ["fake/b"]
+
+
+async def test_loads_unloads_and_memory_are_counted_per_device(pool):
+    from sightstream.metrics import Metrics
+
+    m = manager(1000, a=600, b=600)
+    m._metrics = metrics = Metrics()
+    await m.load("fake/a", "cpu", pool)
+    await m.load("fake/b", "cpu", pool)  # evicts a
+    m.unload("fake/b", "cpu")
+
+    def value(name, **labels):
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert value("sightstream_model_loads_total", device="cpu") == 2
+    assert value("sightstream_model_unloads_total", device="cpu", reason="evicted") == 1
+    assert value("sightstream_model_unloads_total", device="cpu", reason="requested") == 1

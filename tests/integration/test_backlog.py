@@ -1,0 +1,51 @@
+"""The backlog gauges an operator alerts on: pending and lag per pipeline and source, from a
+real redis-server's XINFO; gauges of streams no longer read are dropped."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sightstream.daemon.backlog import keep_gauges
+from sightstream.daemon.devices import watch_gpus
+from sightstream.metrics import Metrics
+from sightstream.redis_conn import close_client, make_client
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+async def test_pending_and_lag_per_source_follow_redis(redis_url, sync_redis):
+    for stream in ("frames:{a}", "frames:{b}"):
+        sync_redis.xgroup_create(stream, "people", id="0", mkstream=True)
+        for _ in range(5):
+            sync_redis.xadd(stream, {"image": b"x"})
+    sync_redis.xreadgroup("people", "c", {"frames:{a}": ">"}, count=3)  # 3 pending, 2 unread
+    client = make_client(redis_url)
+    metrics, stop = Metrics(), asyncio.Event()
+    streams = ["frames:{a}", "frames:{b}"]
+    task = asyncio.create_task(keep_gauges(client, {"people": lambda: streams}, metrics, stop, every_s=0.05))
+
+    def value(gauge, source):
+        return metrics.registry.get_sample_value(gauge, {"pipeline": "people", "source": source})
+
+    try:
+        await wait_for(lambda: value("sightstream_source_lag", "frames:{b}") == 5, what="the gauges")
+        assert value("sightstream_source_pending", "frames:{a}") == 3
+        assert value("sightstream_source_lag", "frames:{a}") == 2
+        assert value("sightstream_source_pending", "frames:{b}") == 0
+        streams.remove("frames:{b}")  # no longer read: its gauges go
+        await wait_for(lambda: value("sightstream_source_lag", "frames:{b}") is None, what="the drop")
+        assert value("sightstream_source_pending", "frames:{a}") == 3
+    finally:
+        stop.set()
+        await task
+        await close_client(client)
+
+
+def test_no_gpu_gauges_without_gpus_or_nvml():
+    metrics = Metrics()
+    assert watch_gpus(["cpu"], metrics) is False
+    assert watch_gpus(["cuda:0"], metrics) is False  # no NVML on this machine
+    assert metrics.registry.get_sample_value("sightstream_gpu_utilization_percent", {"device": "cuda:0"}) is None
