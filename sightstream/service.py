@@ -69,7 +69,10 @@ async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
         if interval and daemon.failed() is None:
             sd_notify("WATCHDOG=1")
         if loop.time() >= next_status:
-            sd_notify(f"STATUS={status_line(daemon)}")
+            try:
+                sd_notify(f"STATUS={status_line(daemon)}")
+            except Exception:  # a status line must never stop the watchdog pings
+                _log.exception("status_line_failed")
             next_status = loop.time() + 5.0
         try:
             await asyncio.wait_for(stop.wait(), step)

@@ -10,6 +10,7 @@ server or written to a log) or asked for."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Executor
 from importlib import resources
 
 from aiohttp import web
@@ -18,16 +19,17 @@ from pydantic import BaseModel, Field
 from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
-from sightstream.daemon.snapshots import render
+from sightstream.daemon.snapshots import Snapshot, render
 
 api = Api("page")
-PAGE = resources.files("sightstream.control").joinpath("static/page.html")
+PAGE = resources.files("sightstream.control").joinpath("static/page.html").read_text()
 
 
 class SourceView(BaseModel):
     pipeline: str
     source: str
-    seq: int = Field(description="this daemon's count of results for the source: the image's version")
+    seq: int = Field(description="this daemon's count of results for the source")
+    version: str = Field(description="the latest result's version on this daemon: latest.jpg's ETag")
     ts_ms: int = Field(description="the frame's capture time")
     latency_ms: int = Field(description="capture to publication")
     model: str
@@ -43,7 +45,7 @@ class SourceList(BaseModel):
 @api.get("/", "The live page: every source's latest frame with its result drawn on it", open=True,
          responses={200: Resp("The page", media="text/html")})
 async def page(request: web.Request) -> web.Response:
-    return web.Response(text=PAGE.read_text(), content_type="text/html",
+    return web.Response(text=PAGE, content_type="text/html",
                         headers={"Cache-Control": "no-cache"})
 
 
@@ -64,15 +66,27 @@ async def latest(request: web.Request) -> web.Response:
     snap = d.snapshots.get(pipeline, source)
     if snap is None:
         raise ApiError(404, f"no result of pipeline {pipeline!r} for source {source!r} on this daemon yet")
-    etag = f'"{snap.seq}"'
+    etag = f'"{snap.version}"'
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
     jpeg = d.snapshots.rendered(snap)
     if jpeg is None:
         try:
-            jpeg = await asyncio.get_running_loop().run_in_executor(d.decode_pool, render, snap)
+            jpeg = await _drawing(d.page_pool, snap)
         except Exception as e:  # noqa: BLE001 - a frame Pillow reads but cannot draw on
             raise ApiError(422, f"the latest frame cannot be drawn: {e}") from None
         d.snapshots.keep_rendered(snap, jpeg)
     return web.Response(body=jpeg, content_type="image/jpeg",
                         headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+
+_DRAWING: dict[str, asyncio.Future] = {}  # version -> the drawing under way: viewers share it
+
+
+async def _drawing(pool: Executor, snap: Snapshot) -> bytes:
+    """Draw a snapshot in the page's own thread (not the decode pool), once per version."""
+    running = _DRAWING.get(snap.version)
+    if running is None:
+        running = _DRAWING[snap.version] = asyncio.get_running_loop().run_in_executor(pool, render, snap)
+        running.add_done_callback(lambda _: _DRAWING.pop(snap.version, None))
+    return await asyncio.shield(running)

@@ -69,10 +69,16 @@ async def keep_gauges(client: Redis, streams: dict[str, Any], metrics: Metrics, 
                 metrics.source_pending.labels(pipeline, b.stream).set(b.pending)
                 if b.lag is not None:
                     metrics.source_lag.labels(pipeline, b.stream).set(b.lag)
+                else:  # Redis 6.2, or a lag Redis cannot tell (entries deleted): no stale value
+                    _remove(metrics.source_lag, pipeline, b.stream)
         for pipeline, stream in shown - now:
-            for gauge in (metrics.source_pending, metrics.source_lag):
-                try:
-                    gauge.remove(pipeline, stream)
-                except KeyError:
-                    pass
+            _remove(metrics.source_pending, pipeline, stream)
+            _remove(metrics.source_lag, pipeline, stream)
         shown = now
+
+
+def _remove(gauge: Any, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass

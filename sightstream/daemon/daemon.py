@@ -120,6 +120,8 @@ class Daemon:
         self._host_pool: ThreadPoolExecutor | None = None
         self.adhoc: AdhocBatcher | None = None  # /predict uploads and jobs
         self.snapshots = Snapshots(settings.control.page_sources)  # the live page's latest frames
+        # the live page's drawings: one thread of their own, never the decoders'
+        self.page_pool = ThreadPoolExecutor(1, thread_name_prefix="page")
         self._closed = False
 
     def _check_models(self) -> None:
@@ -261,7 +263,8 @@ class Daemon:
         chain.append(
             Decoder(decode_q, batch_q, self._outcomes, self._decode_pool, self.metrics,
                     self.settings.decode.max_pixels, lambda: self.decode_target(p.model), p.max_age_ms,
-                    concurrency=threads, jpegs=self._jpegs)
+                    concurrency=threads, jpegs=self._jpegs,
+                    keep_snapshot=self.settings.control.page_sources > 0)
         )
         # A stateful model's sources each stay on one device (the worker's own queue).
         pinned = [w.own for w in self.workers] if stateful and len(self.workers) > 1 else None
@@ -340,7 +343,7 @@ class Daemon:
         await asyncio.gather(*self._all_tasks(), return_exceptions=True)
         for w in self.workers:
             w.close()
-        for pool in (self._decode_pool, self._host_pool):
+        for pool in (self._decode_pool, self._host_pool, self.page_pool):
             if pool:
                 pool.shutdown(wait=False, cancel_futures=True)
         # Leases expire by themselves: releasing them only speeds up a takeover, so a Redis

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from sightstream.frames import Frame
 
-MAX_RAW_BYTES = 8 * 2**20  # raw-pixel frames bigger than this are not kept (no snapshot)
+MAX_SNAPSHOT_BYTES = 8 * 2**20  # a frame (encoded, or raw pixels) plus its payloads, at most
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190]],
                    dtype=np.uint8)
@@ -26,46 +27,72 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
 class Snapshot:
     pipeline: str
     source: str
-    seq: int  # this daemon's count of results for the source: the image's version (ETag)
+    seq: int  # this daemon's count of results for the source
+    version: str  # unique for this daemon's life: the image's ETag
     ts_ms: int
     published_ms: int
     fields: dict[str, Any]  # the result entry's fields (result JSON, payloads, model, task)
     image: bytes | None = None  # the frame as the producer sent it
     pixels: np.ndarray | None = field(default=None, repr=False)  # raw frames: the RGB array
+    nbytes: int = 0
+    _described: dict[str, Any] | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
-        f = self.fields
-        result = json.loads(f.get("result", "{}"))
-        return {"pipeline": self.pipeline, "source": self.source, "seq": self.seq,
+        """What GET /sources says of it: worked out once (the result's JSON parsed once)."""
+        if self._described is None:
+            f = self.fields
+            self._described = {
+                "pipeline": self.pipeline, "source": self.source, "seq": self.seq, "version": self.version,
                 "ts_ms": self.ts_ms, "latency_ms": self.published_ms - self.ts_ms,
                 "model": _text(f.get("model")), "task": _text(f.get("task")),
                 "prompt_version": int(f["prompt_version"]) if "prompt_version" in f else None,
-                "summary": summarize(result)}
+                "summary": summarize(json.loads(f.get("result", "{}"))),
+            }
+        return self._described
 
 
 class Snapshots:
-    def __init__(self, max_sources: int = 64) -> None:
+    """At most `max_sources` sources and `max_bytes` of frames and payloads; the sources that
+    published longest ago go first."""
+
+    def __init__(self, max_sources: int = 64, max_bytes: int = 256 * 2**20) -> None:
         self.max_sources = max_sources
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._boot = secrets.token_hex(4)  # versions never repeat across restarts
+        self._versions = 0
         self._latest: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
         self._seq: dict[tuple[str, str], int] = {}
-        self._rendered: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._rendered: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     def record(self, frame: Frame, fields: dict[str, Any]) -> None:
         """A result was published: keep it and its frame as the source's latest (cheap: refs)."""
+        if not self.max_sources:
+            return
         key = (frame.pipeline, frame.source)
         image, pixels = frame.snapshot, None
-        if image is None:
-            if frame.image is None or frame.image.nbytes > MAX_RAW_BYTES:
-                return
+        if image is None and frame.image is not None:
             pixels = frame.image
+        size = (len(image) if image is not None else pixels.nbytes if pixels is not None else 0) + sum(
+            len(v) for v in fields.values() if isinstance(v, bytes))
+        if (image is None and pixels is None) or size > MAX_SNAPSHOT_BYTES:
+            return
         seq = self._seq[key] = self._seq.get(key, 0) + 1
-        self._latest[key] = Snapshot(frame.pipeline, frame.source, seq, frame.ts_ms,
-                                     time.time_ns() // 1_000_000, fields, image, pixels)
-        self._latest.move_to_end(key)
-        while len(self._latest) > self.max_sources:
-            gone, _ = self._latest.popitem(last=False)
-            self._seq.pop(gone, None)
-            self._rendered.pop(gone, None)
+        self._versions += 1
+        self._drop(key)
+        self._latest[key] = Snapshot(frame.pipeline, frame.source, seq, f"{self._boot}-{self._versions}",
+                                     frame.ts_ms, time.time_ns() // 1_000_000, fields, image, pixels, size)
+        self.nbytes += size
+        while len(self._latest) > self.max_sources or self.nbytes > self.max_bytes:
+            oldest = next(iter(self._latest))
+            self._drop(oldest)
+            self._seq.pop(oldest, None)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        gone = self._latest.pop(key, None)
+        if gone is not None:
+            self.nbytes -= gone.nbytes
+        self._rendered.pop(key, None)
 
     def list(self) -> list[Snapshot]:
         return sorted(self._latest.values(), key=lambda s: (s.pipeline, s.source))
@@ -75,11 +102,12 @@ class Snapshots:
 
     def rendered(self, snap: Snapshot) -> bytes | None:
         cached = self._rendered.get((snap.pipeline, snap.source))
-        return cached[1] if cached and cached[0] == snap.seq else None
+        return cached[1] if cached and cached[0] == snap.version else None
 
     def keep_rendered(self, snap: Snapshot, jpeg: bytes) -> None:
-        if (snap.pipeline, snap.source) in self._latest:
-            self._rendered[(snap.pipeline, snap.source)] = (snap.seq, jpeg)
+        """Cache a drawing, if its snapshot is still the source's latest."""
+        if self._latest.get((snap.pipeline, snap.source)) is snap:
+            self._rendered[(snap.pipeline, snap.source)] = (snap.version, jpeg)
 
 
 def render(snap: Snapshot, max_side: int = 960) -> bytes:

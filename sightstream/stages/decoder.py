@@ -188,7 +188,7 @@ class Decoder:
         self, inq: asyncio.Queue, out: asyncio.Queue, outcomes: asyncio.Queue,
         executor: Executor, metrics: Metrics, max_pixels: int,
         target: Callable[[], tuple[int, int] | None], max_age_ms: int = 0, concurrency: int = 2,
-        jpegs: JpegBatchDecoder | None = None,
+        jpegs: JpegBatchDecoder | None = None, keep_snapshot: bool = False,
     ) -> None:
         self._in, self._out, self._outcomes = inq, out, outcomes
         self._executor = executor
@@ -198,6 +198,7 @@ class Decoder:
         self._max_age_ms = max_age_ms
         self._concurrency = concurrency
         self._jpegs = jpegs  # decode.device on a GPU: its JPEG decoder
+        self._keep_snapshot = keep_snapshot  # the live page shows the latest frames
 
     async def run(self) -> None:
         under_way: asyncio.Queue = asyncio.Queue(self._concurrency)  # decodes started, in order
@@ -236,6 +237,7 @@ class Decoder:
                     await self._outcomes.put(DeadLettered.of(frame, decoded.reason, str(decoded)))
                     continue
                 frame.image, frame.orig_size = decoded
-                frame.snapshot = frame.fields.get(b"image")  # a reference, for the live page
-                frame.fields = {}  # the other fields are no longer needed: free them early
+                if self._keep_snapshot:
+                    frame.snapshot = frame.fields.get(b"image")  # a reference, for the live page
+                frame.fields = {}  # the encoded bytes are no longer needed here: free them early
                 await self._out.put(frame)

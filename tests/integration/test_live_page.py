@@ -48,6 +48,7 @@ async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_
         first = await client.get(url, headers=AUTH)
         assert first.status == 200 and first.content_type == "image/jpeg"
         etag = first.headers["ETag"]
+        assert etag == f'"{d.snapshots.get("people", "frames:{door}").version}"'
         image = Image.open(io.BytesIO(await first.read()))
         assert image.size == (320, 240)
         again = await client.get(url, headers={**AUTH, "If-None-Match": etag})
@@ -84,7 +85,8 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
         await run(*common, f"--screenshot={screenshot}", url)
     tiles = re.findall(r'<div class="tile[^"]*" data-pipeline="people" data-source="([^"]+)">', dom)
     assert sorted(tiles) == SOURCES
-    assert len(re.findall(r'<img alt="" src="blob:[^"]+" data-seq="1">', dom)) == 2  # both images loaded
+    # both images fetched and decoded by the browser (their natural width is the frame's)
+    assert len(re.findall(r'<img alt="" src="blob:[^"]+" data-width="320" data-seq="1">', dom)) == 2
     assert 'data-pipeline="people"><td>people</td><td>tiny/det</td>' in dom  # the pipeline table
     assert "1 x dog" in dom and "2 sources" in dom
     shot = np.asarray(Image.open(screenshot).convert("RGB"))

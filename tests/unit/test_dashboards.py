@@ -14,16 +14,26 @@ DOCS = Path(__file__).parent.parent.parent / "docs"
 
 
 def exported_names() -> set[str]:
+    """The series names Prometheus sees: counters with _total, histograms' _bucket/_sum/_count,
+    gauges as they are."""
     names = set()
     for metric in Metrics().registry.collect():
-        names |= {sample.name for sample in metric.samples} | {metric.name}
-    # histograms' series exist once observed; counters are exported with _total
-    for metric in Metrics().registry.collect():
-        if metric.type == "histogram":
-            names |= {f"{metric.name}_{s}" for s in ("bucket", "sum", "count")}
         if metric.type == "counter":
             names.add(f"{metric.name}_total")
+        elif metric.type == "histogram":
+            names |= {f"{metric.name}_{s}" for s in ("bucket", "sum", "count")}
+        else:
+            names.add(metric.name)
     return names
+
+
+def labels_of() -> dict[str, set[str]]:
+    """Each metric's label names (plus what Prometheus adds), by its base name."""
+    out: dict[str, set[str]] = {}
+    for wrapper in vars(Metrics()).values():
+        if hasattr(wrapper, "_labelnames"):
+            out[wrapper._name] = set(wrapper._labelnames) | {"le", "instance", "job"}
+    return out
 
 
 def used(text: str) -> set[str]:
@@ -39,4 +49,8 @@ def test_every_metric_the_dashboard_and_alerts_use_exists():
     missing = sorted((used(exprs) | used(alerts)) - names)
     assert not missing, f"metrics the dashboard or alerts use that sightstream does not export: {missing}"
     assert {"sightstream_source_lag", "sightstream_gpu_utilization_percent"} <= used(exprs)
+    # every `by (...)` label is one the metrics carry
+    known = set().union(*(ls for name, ls in labels_of().items() if name.startswith("sightstream_")))
+    grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", exprs + alerts) for label in by.split(",")}
+    assert grouped <= known, grouped - known
     assert all(r["alert"].startswith("Sightstream") and r["annotations"]["summary"] for r in rules)

@@ -37,9 +37,26 @@ def test_the_latest_result_per_source_is_kept_for_a_bounded_number_of_sources():
     for source in ("a", "b", "a", "c"):
         s.record(frame(source), fields({"detections": []}))
     assert [(x.source, x.seq) for x in s.list()] == [("a", 2), ("c", 1)]  # b was the oldest
-    big = np.zeros((3000, 3000, 3), np.uint8)  # raw pixels over MAX_RAW_BYTES: not kept
+    big = np.zeros((3000, 3000, 3), np.uint8)  # raw pixels over MAX_SNAPSHOT_BYTES: not kept
     s.record(frame("raw", big, encoded=False), fields({"detections": []}))
     assert s.get("p", "raw") is None
+
+
+def test_versions_never_repeat_and_the_bytes_kept_are_capped():
+    s = Snapshots(max_sources=10, max_bytes=50_000)
+    seen = set()
+    for source in ("a", "b", "a"):
+        s.record(frame(source), fields({"detections": []}))
+        seen.add(s.get("p", source).version)
+    assert len(seen) == 3  # a version per result, also for a source seen again
+    other = Snapshots()
+    other.record(frame("a"), fields({"detections": []}))
+    assert other.get("p", "a").version not in seen  # another daemon life: other versions
+    noisy = np.random.default_rng(0).integers(0, 255, (100, 160, 3), dtype=np.uint8)
+    for source in "cdefgh":  # ~48 KB each as PNG: the budget keeps the latest one or two
+        s.record(frame(source, noisy), fields({"detections": []}))
+    assert s.nbytes <= 50_000 and s.get("p", "h") is not None and s.get("p", "a") is None
+    assert not Snapshots(max_sources=0).record(frame("x"), fields({})) and not Snapshots(0).list()
 
 
 def test_boxes_are_drawn_in_the_frame_s_pixels_with_their_label():

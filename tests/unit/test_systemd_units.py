@@ -37,6 +37,9 @@ def test_the_template_reads_a_per_instance_environment_file():
     single = (UNITS / "sightstream.service").read_text()
     exec_start = next(line for line in single.splitlines() if line.startswith("ExecStart="))
     assert exec_start in unit  # the same command and shared config as the single daemon
+    for text in (unit, single):  # the config (token, Redis password) reaches it as a credential
+        assert "LoadCredential=sightstream.toml:/etc/sightstream/sightstream.toml" in text
+        assert "--config ${CREDENTIALS_DIRECTORY}/sightstream.toml" in text
 
 
 def test_an_instance_environment_file_sets_devices_and_port(monkeypatch):
