@@ -49,3 +49,27 @@ def test_no_gpu_gauges_without_gpus_or_nvml():
     assert watch_gpus(["cpu"], metrics) is False
     assert watch_gpus(["cuda:0"], metrics) is False  # no NVML on this machine
     assert metrics.registry.get_sample_value("sightstream_gpu_utilization_percent", {"device": "cuda:0"}) is None
+
+
+def test_gpu_gauges_read_nvml_at_each_scrape(monkeypatch):
+    """With NVML there (faked here: no GPU), each scrape reads utilisation and memory."""
+    import sys
+    import types
+
+    readings = {"util": 37, "used": 3 * 2**30}
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: f"gpu{i}"
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=readings["util"])
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=readings["used"])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    metrics = Metrics()
+    assert watch_gpus(["cuda:0", "cpu"], metrics) is True
+
+    def value(name):
+        return metrics.registry.get_sample_value(name, {"device": "cuda:0"})
+
+    assert value("sightstream_gpu_utilization_percent") == 37
+    assert value("sightstream_gpu_memory_used_mb") == 3072
+    readings["util"] = 90
+    assert value("sightstream_gpu_utilization_percent") == 90

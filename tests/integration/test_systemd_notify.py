@@ -58,3 +58,42 @@ async def test_no_watchdog_pings_for_another_process(redis_url, tmp_path, monkey
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_PID")
     assert watchdog_interval() == 0.1
+
+
+async def test_watchdog_pings_stop_while_the_loop_is_blocked(redis_url, tmp_path, monkeypatch):
+    """The pings come from the event loop: while it is blocked, systemd hears none."""
+    import time
+
+    path = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 0.05 s
+    heard: list[float] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                if listener.recv(4096) == b"WATCHDOG=1":
+                    heard.append(time.monotonic())
+            except BlockingIOError:
+                return
+
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(settings_for(redis_url, tmp_path, control={"port": 0}), stop))
+    try:
+        while len(heard) < 3:
+            drain()
+            await asyncio.sleep(0.01)
+        blocked_at = time.monotonic()
+        time.sleep(0.6)  # the loop is blocked: no task runs, no ping is sent
+        drain()
+        assert not [t for t in heard if t > blocked_at]
+        await asyncio.sleep(0.2)
+        drain()
+        assert [t for t in heard if t > blocked_at + 0.6]  # pings again once the loop runs
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+        listener.close()
