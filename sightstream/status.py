@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +31,15 @@ def fetch(base: str, path: str, token: str) -> Any:
 
 
 def gather(base: str, token: str) -> dict[str, Any]:
-    return {"health": fetch(base, "/health", token),
-            "pipelines": fetch(base, "/pipelines", token)["pipelines"],
-            "sources": fetch(base, "/sources", token)["sources"],
+    pipelines = fetch(base, "/pipelines", token)["pipelines"]
+    pending = {}  # (pipeline, source) -> group-wide pending entries
+    for p in pipelines:
+        for s in fetch(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"] or []:
+            pending[f"{p['name']} {s['stream']}"] = s["pending"]
+    sources = fetch(base, "/sources", token)["sources"]
+    for s in sources:
+        s["pending"] = pending.get(f"{s['pipeline']} {s['source']}")
+    return {"health": fetch(base, "/health", token), "pipelines": pipelines, "sources": sources,
             "jobs": fetch(base, "/jobs?limit=20", token)["jobs"]}
 
 
@@ -48,16 +55,22 @@ def report(base: str, figures: dict[str, Any]) -> str:
                      str(sum(p["counts"]["dead_lettered"].values())),
                      f"{_ms(lat['p50_ms'])}/{_ms(lat['p99_ms'])}"])
     lines += ["", *_table(rows)]
-    rows = [["SOURCE", "PIPELINE", "RESULTS", "LATENCY", "LATEST"]]
+    rows = [["SOURCE", "PIPELINE", "RESULTS", "PENDING", "DEAD", "LATENCY", "LATEST"]]
     for s in figures["sources"]:
-        rows.append([s["source"], s["pipeline"], str(s["seq"]), f"{s['latency_ms']} ms", s["summary"]])
+        pending = "-" if s.get("pending") is None else str(s["pending"])
+        rows.append([s["source"], s["pipeline"], str(s["seq"]), pending, str(s["dead_lettered"]),
+                     f"{s['latency_ms']} ms", s["summary"]])
     lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no results on this daemon yet"]
     if figures["jobs"]:
-        rows = [["JOB", "STATUS", "FRAMES", "SOURCE"]]
-        rows += [[j["job_id"], j["status"], str(j["counts"]["processed"]), j["source"]]
-                 for j in figures["jobs"]]
+        rows = [["JOB", "STATUS", "DONE", "FRAMES", "SOURCE"]]
+        rows += [[j["job_id"], j["status"], _percent(j["progress"].get("fraction")),
+                  str(j["counts"]["processed"]), j["source"]] for j in figures["jobs"]]
         lines += ["", *_table(rows)]
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.0f}%"
 
 
 def _ms(value: float | None) -> str:

@@ -36,6 +36,7 @@ class SourceView(BaseModel):
     task: str
     prompt_version: int | None
     summary: str = Field(description="one line of what the result says")
+    dead_lettered: int = Field(description="this source's frames this daemon dead-lettered since it started")
 
 
 class SourceList(BaseModel):
@@ -53,7 +54,9 @@ async def page(request: web.Request) -> web.Response:
          responses={200: Resp("The sources", SourceList)})
 async def list_sources(request: web.Request) -> web.Response:
     snapshots = request.app[DAEMON].snapshots
-    return reply(SourceList(sources=[SourceView(**s.describe()) for s in snapshots.list()]))
+    return reply(SourceList(sources=[
+        SourceView(**s.describe(), dead_lettered=snapshots.dead_count(s.pipeline, s.source))
+        for s in snapshots.list()]))
 
 
 @api.get("/sources/{pipeline}/{source:.+}/latest.jpg", "A source's latest frame with its result drawn on it",

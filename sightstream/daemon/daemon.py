@@ -173,6 +173,7 @@ class Daemon:
             {p.name: p.result_maxlen for p in self.settings.pipelines},
             {p.name: p.max_deliveries for p in self.settings.pipelines},
             stop=self.stop_event, on_published=self.snapshots.record,
+            on_dead_lettered=self.snapshots.dead_lettered,
         )
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,

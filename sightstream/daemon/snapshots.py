@@ -64,6 +64,17 @@ class Snapshots:
         self._latest: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
         self._seq: dict[tuple[str, str], int] = {}
         self._rendered: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self._dead: dict[tuple[str, str], int] = {}  # dead-lettered frames per source
+
+    def dead_lettered(self, frame: Frame) -> None:
+        """A frame of this source went to the dead-letter stream."""
+        key = (frame.pipeline, frame.source)
+        if key not in self._dead and len(self._dead) >= 4 * max(1, self.max_sources):
+            self._dead.pop(next(iter(self._dead)))  # bounded: the oldest-seen source's count goes
+        self._dead[key] = self._dead.get(key, 0) + 1
+
+    def dead_count(self, pipeline: str, source: str) -> int:
+        return self._dead.get((pipeline, source), 0)
 
     def record(self, frame: Frame, fields: dict[str, Any]) -> None:
         """A result was published: keep it and its frame as the source's latest (cheap: refs)."""

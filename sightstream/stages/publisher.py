@@ -101,6 +101,7 @@ class Publisher:
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
         max_deliveries: dict[str, int] | None = None, round_size: int = 256, *, stop: asyncio.Event,
         on_published: Callable[[Frame, dict[str, Any]], None] | None = None,
+        on_dead_lettered: Callable[[Frame], None] | None = None,
     ) -> None:
         self._client = client
         self._retry = RedisRetry("publish", metrics, stop)
@@ -111,6 +112,7 @@ class Publisher:
         self._round_size = round_size
         self._child = Children()
         self._on_published = on_published  # the live page's snapshots
+        self._on_dead_lettered = on_dead_lettered
         self._script = Lua(PUBLISH_THEN_ACK)
         self._record = Lua(RECORD_ONCE)
         self.published = 0
@@ -301,6 +303,8 @@ class Publisher:
             m.publish_duplicates.labels(name).inc()
         elif isinstance(o, DeadLettered):
             m.frames_dead_lettered.labels(name, o.reason).inc()
+            if self._on_dead_lettered is not None:
+                self._on_dead_lettered(o.frame)
             _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,
                       frame_id=o.frame.frame_id, reason=o.reason, error=o.error)
 

@@ -42,6 +42,12 @@ async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_
         listed = (await (await client.get("/sources", headers=AUTH)).json())["sources"]
         assert [s["source"] for s in listed] == SOURCES
         assert all(s["summary"] == "1 x dog" and s["task"] == "detect" and s["seq"] == 1 for s in listed)
+        assert all(s["dead_lettered"] == 0 for s in listed)
+        sync_redis.xadd("frames:{yard}", {"image": b"not an image"})
+        await wait_for(lambda: d.snapshots.dead_count("people", "frames:{yard}") == 1, what="a dead-letter")
+        yard = next(s for s in (await (await client.get("/sources", headers=AUTH)).json())["sources"]
+                    if s["source"] == "frames:{yard}")
+        assert yard["dead_lettered"] == 1 and yard["seq"] == 1
 
         url = "/sources/people/frames:%7Bdoor%7D/latest.jpg"
         assert (await client.get(url)).status == 401
@@ -83,12 +89,16 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
                   "--window-size=1280,900", "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'profile'}"]
         dom = await run(*common, "--dump-dom", url)
         await run(*common, f"--screenshot={screenshot}", url)
+        alone = await run(*common, "--dump-dom", f"{url}&source=people%20frames:%7Byard%7D")
     tiles = re.findall(r'<div class="tile[^"]*" data-pipeline="people" data-source="([^"]+)">', dom)
     assert sorted(tiles) == SOURCES
     # both images fetched and decoded by the browser (their natural width is the frame's)
     assert len(re.findall(r'<img alt="" src="blob:[^"]+" data-width="320" data-seq="1">', dom)) == 2
     assert 'data-pipeline="people"><td>people</td><td>tiny/det</td>' in dom  # the pipeline table
     assert "1 x dog" in dom and "2 sources" in dom
+    assert '<body class="solo">' in alone  # #source= opens one source alone, large
+    assert re.findall(r'<div class="tile big" data-pipeline="people" data-source="([^"]+)">', alone) == [
+        "frames:{yard}"]
     shot = np.asarray(Image.open(screenshot).convert("RGB"))
     assert shot.shape[:2] == (900, 1280) and shot.std() > 10  # something was drawn
 

@@ -29,7 +29,7 @@ async def test_status_shows_pipelines_sources_and_says_why_it_cannot(redis_url, 
         people = next(line for line in text.splitlines() if line.startswith("people "))
         assert people.split()[:3] == ["people", "tiny/det", "v1"]
         cam = next(line for line in text.splitlines() if line.startswith("frames:{cam1}"))
-        assert cam.split()[1:3] == ["people", "1"] and cam.endswith("1 x dog")
+        assert cam.split()[1:5] == ["people", "1", "0", "0"] and cam.endswith("1 x dog")  # results, pending, dead
 
         code = await asyncio.to_thread(cli.main, ["status", "--url", base, "--token", "wrong"])
         assert code == 1 and "401 missing or wrong bearer token" in capsys.readouterr().err
