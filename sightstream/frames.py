@@ -228,3 +228,4 @@ class Batch:
     frames: list[Frame]
     # The pipeline's prompt when the batch closed (prompts.py); results record its version.
     prompt: Prompt = Prompt("", 1)
+    id: str = ""  # "<device>/<n>", given by the worker that runs it: log lines name it

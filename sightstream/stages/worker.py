@@ -77,6 +77,7 @@ class Worker:
         self._next: Batch | None = None  # taken from the shared queue while own won the race
         self.executor = self._new_executor()
         self.in_flight = 0  # batches taken and not yet delivered
+        self._started = 0
         self.batches = 0
         self.replaced = 0
         # Set once the latest batch's device call was submitted: the next one waits for it,
@@ -113,6 +114,8 @@ class Worker:
 
     def _start(self, batch: Batch) -> tuple[Batch, asyncio.Task]:
         self.in_flight += 1
+        self._started += 1
+        batch.id = f"{self.device}/{self._started}"
         after, turn = self._last_turn, asyncio.get_running_loop().create_future()
         self._last_turn = turn
         return batch, asyncio.create_task(self.process(batch, after, turn))
@@ -125,7 +128,8 @@ class Worker:
                 try:
                     outcomes = await task
                 except Exception as e:  # a bug: the batch's frames are dead-lettered, the worker goes on
-                    _log.exception("batch_failed", pipeline=batch.pipeline, model=batch.model)
+                    _log.exception("batch_failed", pipeline=batch.pipeline, model=batch.model,
+                                   device=self.device, batch=batch.id)
                     outcomes = [DeadLettered.of(f, "model_error", f"the batch failed: {e!r}")
                                 for f in batch.frames]
                 for outcome in outcomes:
@@ -178,7 +182,8 @@ class Worker:
             self._hand_back(batch, frames)  # the whole batch, also parts a split retry finished
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
-            _log.error("model_unavailable", model=batch.model, device=self.device, error=str(e))
+            _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
+                       error=str(e))
             return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
         except asyncio.CancelledError:
             if (current := asyncio.current_task()) is not None and current.cancelling():
@@ -208,7 +213,8 @@ class Worker:
                 return [(frames[0], e)]
             reason = "oom" if is_oom(e) else "model_error"
             self._metrics.model_retries.labels(batch.pipeline, reason).inc()
-            _log.warning("batch_failed_retrying", pipeline=batch.pipeline, size=len(frames),
+            _log.warning("batch_failed_retrying", pipeline=batch.pipeline, device=self.device,
+                         batch=batch.id, size=len(frames),
                          reason=reason, error=repr(e))
             if reason == "oom":
                 half = len(frames) // 2
@@ -229,7 +235,7 @@ class Worker:
         contexts = [frame_context(f) for f in frames] if adapter.uses_context else None
         staged = is_staged(adapter)
         if staged:
-            prepared = await self._on_host(adapter, adapter.prepare, images, prompt, contexts)
+            prepared = await self._on_host(batch, adapter, adapter.prepare, images, prompt, contexts)
             call: Callable[[], Any] = lambda: adapter.infer(prepared)  # noqa: E731
         elif contexts is not None:
             call = lambda: adapter.infer(images, prompt, contexts)  # type: ignore[call-arg]  # noqa: E731
@@ -239,7 +245,7 @@ class Worker:
             await after
         outputs = await self._on_device(call, batch, turn)
         if staged:
-            predictions = await self._on_host(adapter, adapter.finish, prepared, outputs)
+            predictions = await self._on_host(batch, adapter, adapter.finish, prepared, outputs)
         else:
             predictions = outputs
         if len(predictions) != len(images):
@@ -248,7 +254,7 @@ class Worker:
             )
         return predictions
 
-    async def _on_host(self, adapter: Any, step: Callable[..., Any], *args: Any) -> Any:
+    async def _on_host(self, batch: Batch, adapter: Any, step: Callable[..., Any], *args: Any) -> Any:
         """A staged adapter's prepare or finish, in the CPU pool, bounded like a device call.
         One at a time per adapter: processors and tokenizers are not safe to share between
         threads (a fast tokenizer raises "Already borrowed")."""
@@ -262,7 +268,8 @@ class Worker:
         try:
             return await asyncio.wait_for(running, self._timeout_s)
         except TimeoutError:
-            _log.error("host_step_timeout", step=step.__name__, device=self.device, timeout_s=self._timeout_s)
+            _log.error("host_step_timeout", step=step.__name__, pipeline=batch.pipeline, device=self.device,
+                       batch=batch.id, timeout_s=self._timeout_s)
             raise InferenceTimeout from None
 
     async def _on_device(self, call: Callable[[], Any], batch: Batch, turn: asyncio.Future | None) -> Any:
@@ -306,7 +313,7 @@ class Worker:
         """A call stuck past the timeout: its thread cannot be killed, so the worker gets a
         fresh one; calls queued behind it are cancelled (their batches are handed back)."""
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
-                   device=self.device, timeout_s=self._timeout_s)
+                   device=self.device, batch=batch.id, timeout_s=self._timeout_s)
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
         if executor is self.executor:
             executor.shutdown(wait=False, cancel_futures=True)

@@ -202,3 +202,13 @@ async def test_a_result_that_cannot_be_encoded_is_dead_lettered_alone(rigs):
     rig = rigs(unjsonable=2)
     await rig.run(rig.batch(1, 2), rig.batch(3))
     assert rig.outcome_tags() == [("Published", 1), ("DeadLettered", 2), ("Published", 3)]
+
+
+async def test_log_lines_of_a_batch_name_its_pipeline_device_and_batch(rigs):
+    from structlog.testing import capture_logs
+
+    rig = rigs(fail_multi=True)
+    with capture_logs() as logs:
+        await rig.run(rig.batch(1, 2), rig.batch(3, 4))
+    retries = [e for e in logs if e["event"] == "batch_failed_retrying"]
+    assert [(e["pipeline"], e["device"], e["batch"]) for e in retries] == [("p", "cpu", "cpu/1"), ("p", "cpu", "cpu/2")]
