@@ -14,12 +14,20 @@ from tests.integration.helpers import settings_for
 pytestmark = pytest.mark.integration
 
 
-async def test_systemd_hears_ready_then_status_and_watchdog_then_stopping(redis_url, tmp_path, monkeypatch):
+@pytest.fixture
+def listener(tmp_path, monkeypatch):
+    """systemd's end: a datagram socket named in NOTIFY_SOCKET."""
     path = tmp_path / "notify"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    listener.setblocking(False)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()
+
+
+async def test_systemd_hears_ready_then_status_and_watchdog_then_stopping(redis_url, tmp_path, monkeypatch,
+                                                                           listener):
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # WatchdogSec=0.2: a ping every 0.1 s
     messages: list[str] = []
 
@@ -42,7 +50,6 @@ async def test_systemd_hears_ready_then_status_and_watchdog_then_stopping(redis_
         stop.set()
         code = await asyncio.wait_for(running, 20)
         drain()
-        listener.close()
     assert code == 0
     assert messages[0] == "READY=1" and messages[-1] == "STOPPING=1"
     assert messages.count("WATCHDOG=1") >= 3
@@ -60,15 +67,10 @@ async def test_no_watchdog_pings_for_another_process(redis_url, tmp_path, monkey
     assert watchdog_interval() == 0.1
 
 
-async def test_watchdog_pings_stop_while_the_loop_is_blocked(redis_url, tmp_path, monkeypatch):
+async def test_watchdog_pings_stop_while_the_loop_is_blocked(redis_url, tmp_path, monkeypatch, listener):
     """The pings come from the event loop: while it is blocked, systemd hears none."""
     import time
 
-    path = tmp_path / "notify"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    listener.setblocking(False)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     monkeypatch.setenv("WATCHDOG_USEC", "100000")  # a ping every 0.05 s
     heard: list[float] = []
 
@@ -96,4 +98,3 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked(redis_url, tmp_path
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
-        listener.close()
