@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from sightstream.config import PipelineSettings
-from sightstream.frames import Frame
+from sightstream.frames import Batch, Frame
 from sightstream.metrics import Metrics
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.flow import STOP
@@ -43,21 +43,24 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
     worker = Worker("cpu", None, shared, asyncio.Queue(), Metrics())  # type: ignore[arg-type]
     done: list[str] = []
 
+    def named(name: str) -> Batch:
+        return Batch(name, "m", "o", 0, [])  # the pipeline field names it here
+
     async def process(batch, *_):
-        done.append(batch)
+        done.append(batch.pipeline)
         await asyncio.sleep(0)
         return []
 
     monkeypatch.setattr(worker, "process", process)
-    shared.put_nowait("shared-1")
-    worker.own.put_nowait("own-1")
+    shared.put_nowait(named("shared-1"))
+    worker.own.put_nowait(named("own-1"))
     task = asyncio.create_task(worker.run())
     await wait_for(lambda: len(done) == 2, 1, "the first two batches")
     assert done == ["own-1", "shared-1"]
-    worker.own.put_nowait("own-2")  # both queues fill while the worker waits on both
-    shared.put_nowait("shared-2")
+    worker.own.put_nowait(named("own-2"))  # both queues fill while the worker waits on both
+    shared.put_nowait(named("shared-2"))
     await wait_for(lambda: len(done) == 4, 1, "the next two batches")
-    worker.own.put_nowait("own-3")
+    worker.own.put_nowait(named("own-3"))
     shared.put_nowait(STOP)
     await asyncio.wait_for(task, 1)
     assert sorted(done) == ["own-1", "own-2", "own-3", "shared-1", "shared-2"]
