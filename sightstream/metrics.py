@@ -100,6 +100,10 @@ class Metrics:
             registry=r,
         )
         self.jobs_running = Gauge("sightstream_jobs_running", "Jobs this daemon runs now", registry=r)
+        self.jobs_active = Gauge(
+            "sightstream_jobs_active", "Jobs pending or running, group-wide (every daemon reports it)",
+            registry=r,
+        )
         self.jobs_finished = Counter(
             "sightstream_jobs_finished", "Jobs this daemon ended, by status", ["status"], registry=r
         )

@@ -37,6 +37,7 @@ class SourceView(BaseModel):
     prompt_version: int | None
     summary: str = Field(description="one line of what the result says")
     dead_lettered: int = Field(description="this source's frames this daemon dead-lettered since it started")
+    read: int = Field(description="this source's frames this daemon read since it started")
 
 
 class SourceList(BaseModel):
@@ -55,7 +56,8 @@ async def page(request: web.Request) -> web.Response:
 async def list_sources(request: web.Request) -> web.Response:
     snapshots = request.app[DAEMON].snapshots
     return reply(SourceList(sources=[
-        SourceView(**s.describe(), dead_lettered=snapshots.dead_count(s.pipeline, s.source))
+        SourceView(**s.describe(), dead_lettered=snapshots.dead_count(s.pipeline, s.source),
+                   read=snapshots.read_count(s.pipeline, s.source))
         for s in snapshots.list()]))
 
 

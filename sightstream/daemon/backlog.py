@@ -1,8 +1,8 @@
 """The consumer groups' backlog per source: entries pending (read, not acknowledged) and lag
 (not yet read), from XINFO GROUPS. Read on request by GET /pipelines/{name}, and every few
 seconds into the `sightstream_source_pending` / `sightstream_source_lag` gauges that alert
-rules watch. Group-wide figures: every daemon of the group reports the same values (take the
-max across daemons, not the sum)."""
+rules watch (with `sightstream_jobs_active`, the jobs pending or running). Group-wide figures:
+every daemon of the group reports the same values (take the max across daemons, not the sum)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ async def keep_gauges(client: Redis, streams: dict[str, Any], metrics: Metrics, 
     a callable giving its streams), dropping the gauges of streams no longer read."""
     shown: set[tuple[str, str]] = set()
     while not await wait_or_stop(stop, every_s):
+        try:
+            metrics.jobs_active.set(await client.scard(keys.JOBS_ACTIVE))
+        except (RedisError, OSError):
+            pass  # the readers report Redis errors
         now: set[tuple[str, str]] = set()
         for pipeline, read in streams.items():
             try:

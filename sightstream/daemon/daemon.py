@@ -241,7 +241,7 @@ class Daemon:
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client,
-                              self.stop_event)
+                              self.stop_event, on_read=self.snapshots.frames_read)
         common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)
         stateful = self.catalogue.get(p.model).task == "track"
         leases = SourceLeases(self.client, p.name, self.consumer,

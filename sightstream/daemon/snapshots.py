@@ -65,6 +65,7 @@ class Snapshots:
         self._seq: dict[tuple[str, str], int] = {}
         self._rendered: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._dead: dict[tuple[str, str], int] = {}  # dead-lettered frames per source
+        self._in: dict[tuple[str, str], int] = {}  # frames read per source
 
     def dead_lettered(self, frame: Frame) -> None:
         """A frame of this source went to the dead-letter stream."""
@@ -75,6 +76,16 @@ class Snapshots:
 
     def dead_count(self, pipeline: str, source: str) -> int:
         return self._dead.get((pipeline, source), 0)
+
+    def frames_read(self, pipeline: str, source: str, frames: int) -> None:
+        """Frames of this source read (the page's frames/s in)."""
+        key = (pipeline, source)
+        if key not in self._in and len(self._in) >= 4 * max(1, self.max_sources):
+            self._in.pop(next(iter(self._in)))
+        self._in[key] = self._in.get(key, 0) + frames
+
+    def read_count(self, pipeline: str, source: str) -> int:
+        return self._in.get((pipeline, source), 0)
 
     def record(self, frame: Frame, fields: dict[str, Any]) -> None:
         """A result was published: keep it and its frame as the source's latest (cheap: refs)."""

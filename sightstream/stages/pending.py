@@ -51,8 +51,10 @@ class Admission:
     def __init__(
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
         outcomes: asyncio.Queue, metrics: Metrics, client: Redis, stop: asyncio.Event,
+        on_read: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self._p = pipeline
+        self._on_read = on_read  # (pipeline, stream, frames): the live page's per-source rates
         self._in_flight = in_flight
         self._out, self._outcomes = out, outcomes
         self._metrics = metrics
@@ -86,6 +88,8 @@ class Admission:
             parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
             if await self._checked(frame, parse):
                 kept.append(frame)
+        if used and self._on_read is not None:
+            self._on_read(self._p.name, stream, used)
         if self._p.prompt_from and kept:
             try:
                 kept = await self._with_source_frames(kept)

@@ -22,6 +22,7 @@ async def test_pending_and_lag_per_source_follow_redis(redis_url, sync_redis):
         for _ in range(5):
             sync_redis.xadd(stream, {"image": b"x"})
     sync_redis.xreadgroup("people", "c", {"frames:{a}": ">"}, count=3)  # 3 pending, 2 unread
+    sync_redis.sadd("sightstream:jobs:active", "j1", "j2")  # two jobs pending or running
     client = make_client(redis_url)
     metrics, stop = Metrics(), asyncio.Event()
     streams = ["frames:{a}", "frames:{b}"]
@@ -34,6 +35,7 @@ async def test_pending_and_lag_per_source_follow_redis(redis_url, sync_redis):
         await wait_for(lambda: value("sightstream_source_lag", "frames:{b}") == 5, what="the gauges")
         assert value("sightstream_source_pending", "frames:{a}") == 3
         assert value("sightstream_source_lag", "frames:{a}") == 2
+        assert metrics.registry.get_sample_value("sightstream_jobs_active") == 2
         assert value("sightstream_source_pending", "frames:{b}") == 0
         streams.remove("frames:{b}")  # no longer read: its gauges go
         await wait_for(lambda: value("sightstream_source_lag", "frames:{b}") is None, what="the drop")

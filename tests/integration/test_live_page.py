@@ -42,12 +42,12 @@ async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_
         listed = (await (await client.get("/sources", headers=AUTH)).json())["sources"]
         assert [s["source"] for s in listed] == SOURCES
         assert all(s["summary"] == "1 x dog" and s["task"] == "detect" and s["seq"] == 1 for s in listed)
-        assert all(s["dead_lettered"] == 0 for s in listed)
+        assert all(s["dead_lettered"] == 0 and s["read"] == 1 for s in listed)
         sync_redis.xadd("frames:{yard}", {"image": b"not an image"})
         await wait_for(lambda: d.snapshots.dead_count("people", "frames:{yard}") == 1, what="a dead-letter")
         yard = next(s for s in (await (await client.get("/sources", headers=AUTH)).json())["sources"]
                     if s["source"] == "frames:{yard}")
-        assert yard["dead_lettered"] == 1 and yard["seq"] == 1
+        assert yard["dead_lettered"] == 1 and yard["seq"] == 1 and yard["read"] == 2
 
         url = "/sources/people/frames:%7Bdoor%7D/latest.jpg"
         assert (await client.get(url)).status == 401
