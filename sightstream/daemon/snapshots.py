@@ -161,7 +161,7 @@ def render(snap: Snapshot, max_side: int = 960) -> bytes:
         if "track_id" in det:
             label = f"#{det['track_id']} {label}"
         draw.text((box[0] + 3, max(0, box[1] - 12)), label, fill=colour)
-    if text := result.get("text") or result.get("answer"):
+    if text := result.get("text") or result.get("answer") or _top_labels(result):
         draw.rectangle((0, image.height - 18, image.width, image.height), fill=(0, 0, 0))
         draw.text((4, image.height - 15), str(text)[:160], fill=(255, 255, 255))
     out = io.BytesIO()
@@ -204,11 +204,18 @@ def summarize(result: dict[str, Any]) -> str:
         return ", ".join(f"{n} x {label}" for label, n in sorted(counts.items())) or "nothing found"
     if "masks" in result:
         return f"{len(result['masks'])} masks"
+    if "labels" in result:
+        return _top_labels(result) or "no label above the threshold"
     if "text" in result or "answer" in result:
         return str(result.get("text") or result.get("answer"))[:200]
     if "min" in result and "max" in result:
         return f"depth {result['min']:.2f} to {result['max']:.2f}"
     return ""
+
+
+def _top_labels(result: dict[str, Any]) -> str:
+    """A classifier's labels, best first: "tabby cat 0.81, tiger cat 0.12"."""
+    return ", ".join(f"{x.get('label', '?')} {x.get('score', 0):.2f}" for x in result.get("labels", [])[:3])
 
 
 def _text(value: Any) -> str:

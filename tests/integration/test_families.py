@@ -31,6 +31,7 @@ def hf_models(tmp_path_factory):
         "sam2": tiny_hf.sam2(root / "sam2"),
         "qwen": tiny_hf.qwen2_5_vl(root / "qwen"),
         "sam2_video": tiny_hf.sam2_video(root / "sam2_video"),
+        "classify": tiny_hf.vit_classifier(root / "classify"),
     }
 
 
@@ -69,6 +70,23 @@ async def test_transformers_detectors(family, hf_models, redis_url, sync_redis, 
             assert det["label"] in ("cat", "dog") and det["class_id"] in (0, 1) and 0 <= det["score"] <= 1
         scores = [d["score"] for d in r["detections"]]
         assert scores == sorted(scores, reverse=True)
+
+
+async def test_image_classification_gives_the_top_k_labels(hf_models, redis_url, sync_redis, tmp_path,
+                                                            gradient, astronaut):
+    images = [encode(gradient), encode(astronaut)]
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "classify", "path": str(hf_models["classify"]),
+                           "top_k": 2}, images)
+    results = await process(settings, sync_redis, 2)
+    sizes = {(96, 64), (512, 512)}
+    for _, f in results:
+        assert f["task"] == b"classify" and f["model"] == b"user/model"
+        r = json.loads(f["result"])
+        assert (r["width"], r["height"]) in sizes
+        assert len(r["labels"]) == 2 and {x["label"] for x in r["labels"]} <= {"cat", "dog", "bird"}
+        scores = [x["score"] for x in r["labels"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
 
 
 async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
@@ -270,6 +288,7 @@ HALF = [  # adapter, model, prompt, options
     ("hf_open_vocab", "owlv2", "cat. dog.", {}),
     ("hf_open_vocab", "grounding_dino", "cat. dog.", {}),
     ("hf_depth", "depth", None, {}),
+    ("hf_classify", "classify", None, {}),
     ("hf_vlm", "caption", "", {"task": "caption"}),
     ("hf_vlm", "vqa", "what is it?", {"task": "vqa"}),
     ("hf_qwen_vl", "qwen", "what is it?", {"task": "vqa"}),
@@ -294,7 +313,7 @@ def test_every_torch_family_runs_in_half_precision(adapter, model, prompt, optio
         args.append([FrameContext("a", 1), FrameContext("b", 1)])
     out = predict(instance, *args)
     assert len(out) == 2 and all(isinstance(p.result, dict) for p in out)
-    if instance.task in ("detect", "segment", "depth", "track"):
+    if instance.task in ("detect", "segment", "depth", "track", "classify"):
         assert all((p.result["width"], p.result["height"]) == (96, 64) for p in out)
     else:
         assert all(isinstance(p.result["text"], str) for p in out)

@@ -90,6 +90,10 @@ def test_masks_are_tinted_and_depth_is_coloured_and_captions_written():
     captioned = drawn(s, "c")
     assert captioned[-17:, :, :].mean() < 60  # a dark strip for the text at the bottom
     assert summarize({"text": "a grey square"}) == "a grey square"
+    labels = {"labels": [{"label": "cat", "class_id": 0, "score": 0.81}, {"label": "dog", "class_id": 1, "score": 0.1}]}
+    assert summarize(labels) == "cat 0.81, dog 0.10"
+    s.record(frame("k"), fields(labels))
+    assert drawn(s, "k")[-17:, :, :].mean() < 60  # a classifier's labels are written too
 
 
 def test_raw_frames_are_drawn_from_their_pixels():
