@@ -12,6 +12,7 @@ from sightstream.models.adapters import hf_common
 
 
 class HfClassifier(hf_common.ImageModel):
+    auto_class = "AutoModelForImageClassification"
     task = "classify"
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
@@ -20,11 +21,7 @@ class HfClassifier(hf_common.ImageModel):
         self.score_threshold = float(options.get("score_threshold", 0.0))
 
     def load(self, device: str) -> None:
-        source = self.source()
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-        self._processor = AutoImageProcessor.from_pretrained(source)
-        self.placed(AutoModelForImageClassification.from_pretrained(source), device)
+        super().load(device)
         self._labels = self._model.config.id2label
 
     def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:

@@ -172,9 +172,18 @@ class HfAdapter:
 
 class ImageModel(HfAdapter):
     """A staged model whose processor takes images alone and whose forward takes all the
-    processor's tensors (detection, depth): subclasses load it and write `finish`."""
+    processor's tensors (detection, depth, classification): subclasses name their transformers
+    auto class and write `finish`."""
 
+    auto_class: str  # e.g. "AutoModelForObjectDetection"
     _processor: Any
+
+    def load(self, device: str) -> None:
+        source = self.source()
+        import transformers
+
+        self._processor = transformers.AutoImageProcessor.from_pretrained(source)
+        self.placed(getattr(transformers, self.auto_class).from_pretrained(source), device)
 
     def prepare(self, images: list[Any], prompt: Any = None, contexts: Any = None) -> Inputs:
         return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)

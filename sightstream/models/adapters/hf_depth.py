@@ -25,14 +25,8 @@ def depth_png(depth: np.ndarray) -> tuple[bytes, float, float]:
 
 
 class HfDepth(hf_common.ImageModel):
+    auto_class = "AutoModelForDepthEstimation"
     task = "depth"
-
-    def load(self, device: str) -> None:
-        source = self.source()
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-        self._processor = AutoImageProcessor.from_pretrained(source)
-        self.placed(AutoModelForDepthEstimation.from_pretrained(source), device)
 
     def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
         maps = self._processor.post_process_depth_estimation(outputs, target_sizes=inputs.sizes)

@@ -10,6 +10,7 @@ from sightstream.models.adapters import hf_common
 
 
 class HfDetector(hf_common.ImageModel):
+    auto_class = "AutoModelForObjectDetection"
     task = "detect"
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
@@ -17,11 +18,7 @@ class HfDetector(hf_common.ImageModel):
         self.score_threshold = float(options.get("score_threshold", 0.5))
 
     def load(self, device: str) -> None:
-        source = self.source()
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection
-
-        self._processor = AutoImageProcessor.from_pretrained(source)
-        self.placed(AutoModelForObjectDetection.from_pretrained(source), device)
+        super().load(device)
         self._labels = self._model.config.id2label
 
     def finish(self, inputs: hf_common.Inputs, outputs: Any) -> list[Prediction]:
