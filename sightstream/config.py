@@ -171,7 +171,7 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     backend: Literal["onnx", "transformers", "sam2", "torch"] = "onnx"
-    task: Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify"] = "detect"
+    task: Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify", "generate"] = "detect"
     path: str = ""
     adapter: str = ""
 

@@ -53,6 +53,8 @@ class Frame:
     # Frames from no stream (/predict, jobs): the worker answers here instead of publishing.
     reply: asyncio.Future[Outcome] | None = field(default=None, repr=False)
     snapshot: bytes | None = field(default=None, repr=False)  # the encoded image, for the live page
+    # A text model's input instead of an image (job summaries, /predict with text).
+    text: str | None = field(default=None, repr=False)
 
     @property
     def source(self) -> str:

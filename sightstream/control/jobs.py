@@ -30,6 +30,30 @@ LAST_ID = f"{2**64 - 1}-{2**64 - 1}"  # Redis refuses an exclusive range after i
 BINARY_FIELDS = ("mask", "depth")
 
 
+class SummarizeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(pattern=r"^[^/\s]+/[^/\s]+$", description=(
+        "a text generation model (task generate), family/variant: it writes the summary from the "
+        "per-frame results"))
+    prompt: str = Field("", max_length=10_000,
+                        description="the instruction (default: summarise what happens)")
+    every_s: float | None = Field(None, ge=1, le=10**7, description=(
+        "also summarise what came in the last every_s seconds, every every_s (live sources); the whole "
+        "job is summarised when it has read its source to the end"))
+
+
+class Summary(BaseModel):
+    text: str
+    from_s: float | None = Field(description="the first result's time: into the video, or Unix seconds")
+    to_s: float | None
+    lines: int = Field(description="results summarised")
+    windows: int = Field(description="calls of the text model for the first level (context windows)")
+    levels: int = Field(description="1: one call; more: summaries of summaries")
+    final: bool = Field(description="the whole job's, written when it ended; else a periodic one")
+    model: str
+    created_at: float
+
+
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field(min_length=1, max_length=4096, description=(
@@ -43,6 +67,9 @@ class JobIn(BaseModel):
                                    description="stop after this many frames (results and dead-lettered)")
     max_seconds: float | None = Field(None, gt=0, le=10**7, description=(
         "stop after this much video (a stream: this long after the job started)"))
+    summarize: SummarizeIn | None = Field(None, description=(
+        "write a summary of the whole job from its results with a text model (results stream: an "
+        "entry with task summary; GET /jobs/{id}: summary)"))
     # A user's job whose video gives no frame for jobs.give_up_s fails.
 
 
@@ -57,6 +84,7 @@ class Counts(BaseModel):
     sampled: int = 0
     processed: int = Field(0, description="results published")
     dead_lettered: int = 0
+    summaries: int = Field(0, description="summaries written")
 
 
 class Progress(BaseModel):
@@ -94,6 +122,8 @@ class JobOut(BaseModel):
     counts: Counts
     progress: Progress
     timings: Timings
+    summarize: SummarizeIn | None = None
+    summary: Summary | None = Field(None, description="the latest summary written")
 
 
 class JobList(BaseModel):
@@ -153,6 +183,8 @@ def _out(job: Job) -> JobOut:
         created_by=spec.created_by, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, error=job.error, counts=Counts(**job.counts),
         progress=Progress(**job.progress), timings=Timings(**job.timings),
+        summarize=SummarizeIn(**spec.summarize) if spec.summarize else None,
+        summary=Summary(**job.summary) if job.summary else None,
     )
 
 
@@ -192,8 +224,21 @@ async def submit(request: web.Request) -> web.Response:
             check_prompt(entry.adapter, entry.task, body.prompt)
         except ModelError as e:
             raise ApiError(422, f"prompt: {body.model} cannot use it: {e}") from None
+    if entry.task == "generate":
+        raise ApiError(422, f"model: {body.model} writes text from text; name it in summarize.model, and a "
+                            "model that reads frames in model")
+    if body.summarize is not None:
+        try:
+            summarizer = d.catalogue.get(body.summarize.model)
+            summarizer.resolve()
+        except ModelError as e:
+            raise model_error(e) from None
+        if summarizer.task != "generate":
+            raise ApiError(422, f"summarize.model: {body.summarize.model} does not write text (its task is "
+                                f"{summarizer.task}); use a text generation model (task generate)")
     job = await d.jobs.create(JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames,
-                                      body.max_seconds, who(request)))
+                                      body.max_seconds, who(request),
+                                      summarize=body.summarize.model_dump() if body.summarize else None))
     return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream), 201,
                  headers={"Location": f"/jobs/{job.id}"})
 

@@ -6,6 +6,9 @@ in order (`X-Batch-Size`). `Content-Encoding: gzip` bodies are accepted. Images 
 the daemon's decode pool and go through the same batching and device workers as stream
 frames (stages/adhoc.py), so a burst of requests is batched.
 
+A text generation model (`task = "generate"`) takes UTF-8 text as the body instead, and
+`?prompt=` as its instruction; it answers `{"text": "..."}`.
+
 Answers: the task's result JSON (as in result streams); `?format=png` the mask or depth PNG
 (the default for depth); `?format=packbits` the masks' union as a binary block (masks.py's
 `packbits_frame`), length-prefixed per image in a batch.
@@ -85,6 +88,7 @@ BODIES = {
     "multipart/form-data": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
     "image/jpeg": BINARY, "image/png": BINARY, "image/webp": BINARY, "image/bmp": BINARY,
     "application/octet-stream": BINARY, "application/x-tar": BINARY,
+    "text/plain": {"type": "string", "minLength": 1, "description": "the text, for a text generation model"},
 }
 
 
@@ -120,6 +124,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                            "unavailable")
         entry = _model(d, mid, query.prompt)
         label = mid
+        if entry.task == "generate":
+            response = await _generate(request, d, entry, query.prompt)
+            status = response.status
+            return response
         uploads, batch = await _uploads(request, d)
         outcomes: dict[int, Outcome] = {}
         errors: dict[int, ApiError] = {}
@@ -165,6 +173,23 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
             raise ApiError(422, f"{mid} cannot use this prompt: {e}") from None
         raise model_error(e) from None
     return entry
+
+
+async def _generate(request: web.Request, d: Daemon, entry: Entry, prompt: str | None) -> web.Response:
+    """A text generation model: the body is the text (UTF-8); `?prompt=` the instruction."""
+    body = await request.read()  # over client_max_size: 413
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "a text generation model takes UTF-8 text as the body") from None
+    if not text.strip():
+        raise ApiError(400, f"{entry.id} writes text from text: send the text as the body (text/plain)")
+    frame = Frame("predict", "text", "0", {}, now_ms(), text=text)
+    outcome = (await _infer(d, entry, [frame], prompt))[0]
+    if isinstance(outcome, DeadLettered):
+        raise ApiError(422, outcome.error, "model_error")
+    assert isinstance(outcome, Published)
+    return await _answer(d, entry, outcome, "json")
 
 
 async def _uploads(request: web.Request, d: Daemon) -> tuple[list[Upload], bool]:

@@ -135,6 +135,9 @@ class Daemon:
                 takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
+            if entry.task == "generate":
+                raise ConfigError(f"invalid setting pipelines[{p.name}].model: {p.model} writes text from "
+                                  "text and cannot read frames (it writes jobs' summaries)")
             if p.videos and self.settings.redis_cluster:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].input: video inputs ({p.videos[0]}) "
                                   "are not supported on Redis Cluster yet; run them as jobs (POST /jobs)")
@@ -222,7 +225,7 @@ class Daemon:
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
                                     self.settings, self.consumer, self.metrics, self.stop_event,
-                                    self.prompt_book)
+                                    self.prompt_book, self.manager.create)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [
             asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -28,6 +30,8 @@ from sightstream.config import PipelineSettings, Settings
 from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
 from sightstream.jobs.store import Job, JobSpec, JobStore, input_job_id
+from sightstream.jobs.summaries import JobSummaries, SummaryStopped
+from sightstream.jobs.summary import SummaryFailed
 from sightstream.leases import Lease
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
@@ -42,7 +46,8 @@ DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
-                 stop: asyncio.Event, prompts: PromptBook | None = None) -> None:
+                 stop: asyncio.Event, prompts: PromptBook | None = None,
+                 create: Callable[[str], Any] | None = None) -> None:
         self._store = store
         self._client, self._reader = client, reader
         self._adhoc = adhoc
@@ -53,6 +58,7 @@ class JobRunner:
         self._metrics = metrics
         self._stop = stop
         self._prompts = prompts
+        self._create = create  # a new, unloaded adapter for a model id (summaries' budgets)
         # This config's video inputs, by job id; registered in Redis on the first round.
         self._pipelines = {p.name: p for p in settings.pipelines}
         self._inputs = {input_job_id(p.name, url): JobSpec(url, p.model, p.fps, pipeline=p.name,
@@ -187,9 +193,22 @@ class JobRunner:
             loop = asyncio.get_running_loop()  # the file checks touch the disk
             source = await loop.run_in_executor(self._decode_pool, check_source, job.spec.source, self._s,
                                                 bool(job.spec.pipeline))
-            await self._job_run(job, source, lease.token).run()
-        except (VideoSourceError, SourceRefused, JobFailed) as e:
+            summaries = self._summaries(job, lease.token)
+            periodic = None
+            if summaries is not None and summaries.every_s:
+                periodic = asyncio.create_task(summaries.periodic(), name=f"job-summaries-{job.id}")
+            try:
+                await self._job_run(job, source, lease.token).run()
+            finally:
+                if periodic is not None:
+                    periodic.cancel()
+                    await asyncio.gather(periodic, return_exceptions=True)
+            if summaries is not None:  # the whole job's, once it read its source to the end
+                await summaries.write(final=True)
+        except (VideoSourceError, SourceRefused, JobFailed, SummaryFailed) as e:
             status, error = "failed", str(e)
+        except SummaryStopped as e:
+            raise JobStopped(str(e)) from None
         except (JobStopped, RedisError, OSError, asyncio.CancelledError):
             raise
         except Exception as e:  # a bug: the job says so rather than hanging "running"
@@ -199,6 +218,12 @@ class JobRunner:
             self.finished += 1
             self._metrics.jobs_finished.labels(status).inc()
             _log.info("job_finished", job=job.id, status=status, error=error or None)
+
+    def _summaries(self, job: Job, token: str) -> JobSummaries | None:
+        if not job.spec.summarize or self._create is None:
+            return None
+        return JobSummaries(job, self._store, token, self._client, self._adhoc, self._create,
+                            self._s.result_maxlen)
 
     def _job_run(self, job: Job, source: Source, token: str) -> JobRun:
         pipeline: PipelineSettings | None = self._pipelines.get(job.spec.pipeline)

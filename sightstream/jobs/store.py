@@ -59,6 +59,30 @@ redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 return 1
 """
 
+# KEYS: lease, job, stream. ARGV: token, final ('1' | '0'), upto (the results' entry ID it
+# covers up to), summary JSON, maxlen, field, value, ... A final summary is written once; a
+# periodic one only past the last one's `upto`. 1: written; 0: already written; -1, -2 as above.
+SUMMARY = f"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
+if ARGV[2] == '1' then
+  if redis.call('HGET', KEYS[2], 'summary_final') == '1' then return 0 end
+else
+  local function parts(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms or '0'), tonumber(seq or '0')
+  end
+  local ms, seq = parts(ARGV[3])
+  local last_ms, last_seq = parts(redis.call('HGET', KEYS[2], 'summary_upto') or '0-0')
+  if ms < last_ms or (ms == last_ms and seq <= last_seq) then return 0 end
+end
+{lua_xadd("KEYS[3]", "ARGV[5]", 6)}
+redis.call('HSET', KEYS[2], 'summary', ARGV[4], 'summary_upto', ARGV[3])
+if ARGV[2] == '1' then redis.call('HSET', KEYS[2], 'summary_final', '1') end
+redis.call('HINCRBY', KEYS[2], 'summaries', 1)
+return 1
+"""
+
 # KEYS: lease, job, results, dead-letters. ARGV: token, status, now, error, ttl s (0: keep),
 # channel, id.
 FINISH = """
@@ -117,6 +141,8 @@ class JobSpec:
     # output stream for the source, the prompt follows the pipeline's, and it never expires.
     pipeline: str = ""
     output: str = ""
+    # {"model": text model, "prompt": instruction, "every_s": period or None}: write summaries
+    summarize: dict[str, Any] | None = None
 
 
 @dataclass
@@ -136,6 +162,8 @@ class Job:
     last_seq: int = 0
     last_position: str = ""  # a video's last published pts (s), or a stream's last entry ID
     origin: str = ""  # a live video's first pts (s), so a resumed read keeps its timeline
+    summary: dict[str, Any] | None = None  # the latest summary written (jobs/summaries.py)
+    summary_upto: str = ""  # the results' entry ID the latest summary covers up to
 
     @property
     def results_stream(self) -> str:
@@ -154,19 +182,21 @@ class Job:
         spec = JobSpec(h["source"], h["model"], float(h.get("fps") or 0), h.get("prompt", ""),
                        int(h["max_frames"]) if h.get("max_frames") else None,
                        float(h["max_seconds"]) if h.get("max_seconds") else None, h.get("created_by", ""),
-                       h.get("pipeline", ""), h.get("output", ""))
+                       h.get("pipeline", ""), h.get("output", ""),
+                       json.loads(h["summarize"]) if h.get("summarize") else None)
         return cls(
             job_id, spec, h["status"], h["created_at"], h.get("started_at") or None,
             h.get("finished_at") or None, h.get("error", ""), int(h.get("attempt") or 0),
             h.get("holder", ""), json.loads(h.get("counts") or "{}") | _counters(h),
             json.loads(h.get("progress") or "{}"), json.loads(h.get("timings") or "{}"),
             int(h.get("last_seq") or 0), h.get("last_position", ""), h.get("origin", ""),
+            json.loads(h["summary"]) if h.get("summary") else None, h.get("summary_upto", ""),
         )
 
 
 def _counters(h: dict[str, str]) -> dict[str, int]:
     """Counts the fenced publish script increments itself."""
-    return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered")}
+    return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered", "summaries")}
 
 
 class JobStore:
@@ -178,6 +208,7 @@ class JobStore:
         self._progress = client.register_script(PROGRESS)
         self._finish = client.register_script(FINISH)
         self._cancel = client.register_script(CANCEL)
+        self._summary = client.register_script(SUMMARY)
 
     async def create(self, spec: JobSpec) -> Job:
         job_id = new_id()
@@ -186,6 +217,7 @@ class JobStore:
             "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": spec.prompt,
             "max_frames": spec.max_frames or "", "max_seconds": spec.max_seconds or "",
             "created_by": spec.created_by, "status": "pending", "created_at": created, "attempt": 0,
+            "summarize": json.dumps(spec.summarize) if spec.summarize else "",
         }
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hset(keys.job(job_id), mapping=fields)
@@ -306,6 +338,14 @@ class JobStore:
         if done == 1:
             await self._client.srem(keys.JOBS_ACTIVE, job.id)
         return done == 1
+
+    async def write_summary(self, job: Job, token: str, final: bool, upto: str, summary: dict[str, Any],
+                            maxlen: int, fields: dict[str, Any]) -> int:
+        """Write a summary to the job's results stream and hash in one fenced step (SUMMARY)."""
+        pairs = [item for kv in fields.items() for item in kv]
+        return int(await self._summary(
+            keys=[keys.job_lease(job.id), keys.job(job.id), job.results_stream],
+            args=[token, "1" if final else "0", upto or "0-0", json.dumps(summary), maxlen, *pairs]))
 
     async def active(self) -> list[str]:
         members: Any = await self._client.smembers(keys.JOBS_ACTIVE)

@@ -37,7 +37,7 @@ class FrameContext:
 
 
 class Adapter(Protocol):
-    task: str  # detect | segment | depth | caption | vqa | track | classify
+    task: str  # detect | segment | depth | caption | vqa | track | classify | generate
     takes_prompt: bool
     # True: infer() gets a third argument, `contexts`, one FrameContext per image; such a
     # model may serve a chained pipeline (`prompt_from`).

@@ -230,7 +230,8 @@ class Worker:
         self, adapter: Any, batch: Batch, frames: list[Frame],
         after: asyncio.Future | None, turn: asyncio.Future | None,
     ) -> list[Prediction]:
-        images = [f.image for f in frames if f.image is not None]  # every frame here is decoded
+        # the decoded pixels, or a text model's input
+        images: list[Any] = [f.image if f.image is not None else f.text for f in frames]
         prompt = batch.prompt if adapter.takes_prompt else None
         contexts = [frame_context(f) for f in frames] if adapter.uses_context else None
         staged = is_staged(adapter)

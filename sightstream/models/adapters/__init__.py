@@ -24,6 +24,9 @@ ADAPTERS = {
     "hf_sam2_video": "hf_sam2_video:HfSam2Tracker",
     "sam2_package": "sam2_package:Sam2Package",
     "hf_qwen_vl": "hf_qwen_vl:HfQwenVL",
+    "hf_smolvlm": "hf_smolvlm:HfSmolVLM",
+    "hf_florence2": "hf_florence2:HfFlorence2",
+    "hf_text": "hf_text:HfTextGenerator",
     "ocr": "ocr:RapidOcr",
 }
 
@@ -38,6 +41,7 @@ DEFAULT_ADAPTER = {
     ("transformers", "vqa"): "hf_vlm",
     ("transformers", "segment"): "hf_sam2",
     ("transformers", "track"): "hf_sam2_video",
+    ("transformers", "generate"): "hf_text",
     ("sam2", "segment"): "sam2_package",
 }
 

@@ -1,0 +1,154 @@
+"""A job's summaries: written once the job has read its whole source (the whole video), and,
+with `every_s`, every so often while it runs (what came since the last one: a live source's
+last minutes). The lines come from the job's results stream, not from memory, so a job resumed
+by another daemon summarises everything, and the text model runs through the daemon's batcher
+and device workers like any frame (jobs/summary.py does the windowing).
+
+Each summary is written in one step fenced by the job's lease (store.SUMMARY): an entry in the
+results stream with `task = "summary"`, and the job's `summary` field. The final summary is
+written once, also when a job is resumed after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from sightstream import log
+from sightstream.errors import ModelError, SightstreamError
+from sightstream.frames import DeadLettered, Frame, Published, now_ms
+from sightstream.jobs.store import Job, JobStore
+from sightstream.jobs.summary import DEFAULT_INSTRUCTION, Line, SummaryFailed, describe, summarize
+from sightstream.models.adapters.hf_text import TextBudget
+from sightstream.prompts import Prompt
+from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
+from sightstream.stages.worker import InferenceTimeout
+
+_log = log.get(__name__)
+PAGE = 1000  # results read per XRANGE
+BATCHING = (8, 10.0)  # a level's windows go to the device together
+
+
+class SummaryStopped(SightstreamError):
+    """The job's lease was lost, or the job was cancelled, while its summary was written."""
+
+
+def text_budget(create: Callable[[str], Any], model: str, instruction: str) -> TextBudget:
+    """A text model's budget for this instruction, its weights not loaded (blocking: files).
+    Raises ModelError for a model that does not write text."""
+    adapter = create(model)
+    if getattr(adapter, "task", "") != "generate" or not callable(getattr(adapter, "budget", None)):
+        raise ModelError(f"{model} does not write text (its task is {getattr(adapter, 'task', '?')}): "
+                         "a summary needs a text generation model (task = \"generate\")")
+    budget: TextBudget = adapter.budget(instruction)
+    return budget
+
+
+class JobSummaries:
+    def __init__(self, job: Job, store: JobStore, token: str, client: Redis, adhoc: AdhocBatcher,
+                 create: Callable[[str], Any], maxlen: int) -> None:
+        assert job.spec.summarize is not None
+        self.job = job
+        self._store = store
+        self._token = token
+        self._client = client
+        self._adhoc = adhoc
+        self._create = create
+        self._maxlen = maxlen
+        spec = job.spec.summarize
+        self.model = str(spec["model"])
+        self.instruction = str(spec.get("prompt") or "") or DEFAULT_INSTRUCTION
+        self.every_s = float(spec["every_s"]) if spec.get("every_s") else None
+
+    async def periodic(self) -> None:
+        """Every `every_s`: a summary of the results since the last one, if any came. A failure
+        is logged and the next period tries again (the final summary still counts)."""
+        assert self.every_s
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                await self.write(final=False)
+            except SummaryFailed as e:
+                _log.warning("summary_failed", job=self.job.id, error=str(e))
+
+    async def write(self, final: bool) -> dict[str, Any] | None:
+        """Summarise and write; the summary written, or None (nothing new, or written before).
+        Raises SummaryFailed and SummaryStopped."""
+        after = None if final else (self.job.summary_upto or None)
+        lines, upto, video = await self._lines(after)
+        if not lines and not final:
+            return None
+        try:
+            budget = await asyncio.to_thread(text_budget, self._create, self.model, self.instruction)
+        except ModelError as e:
+            raise SummaryFailed(f"summary: {e}") from None
+        try:
+            summary = await summarize(lines, budget, self._generate, video)
+        except SummaryFailed as e:
+            raise SummaryFailed(str(e) if str(e).startswith("summary: ") else f"summary: {e}") from None
+        summary.final, summary.model = final, self.model
+        body = summary.as_dict()
+        fields = {"source": self.job.spec.source, "job_id": self.job.id, "ts": str(now_ms()),
+                  "model": self.model, "task": "summary", "result": json.dumps(body, separators=(",", ":"))}
+        reply = await self._store.write_summary(self.job, self._token, final, upto, body, self._maxlen,
+                                                fields)
+        if reply == -1:
+            raise SummaryStopped("the job's lease was lost: another daemon holds it now")
+        if reply == -2:
+            raise SummaryStopped("the job is no longer running (cancelled)")
+        if reply == 0:
+            return None
+        self.job.summary, self.job.summary_upto = body, upto
+        _log.info("summary_written", job=self.job.id, final=final, lines=summary.lines,
+                  windows=summary.windows, levels=summary.levels)
+        return body
+
+    async def _lines(self, after: str | None) -> tuple[list[Line], str, bool]:
+        """The results after `after` as lines (in the stream's order), the last entry ID read,
+        and whether their times are a video's (else a stream's capture times)."""
+        lines: list[Line] = []
+        start, upto, video = f"({after}" if after else "-", after or "", False
+        while True:
+            page: Any = await self._client.xrange(self.job.results_stream, start, "+", count=PAGE)
+            for raw_id, fields in page:
+                upto = raw_id.decode()
+                if fields.get(b"task") == b"summary":
+                    continue
+                try:
+                    text = describe(fields.get(b"task", b"").decode(), json.loads(fields[b"result"]))
+                except (KeyError, ValueError, AttributeError):
+                    continue  # not a result entry: nothing to say
+                if text is None:
+                    continue
+                if b"pts_ms" in fields:
+                    video, t = True, int(fields[b"pts_ms"]) / 1000
+                else:
+                    t = int(fields.get(b"ts", b"0")) / 1000
+                lines.append(Line(t, text))
+            if len(page) < PAGE:
+                return lines, upto, video
+            start = f"({upto}"
+
+    async def _generate(self, texts: list[str]) -> list[str]:
+        """The text model's answer to each text, through the batcher and device workers."""
+        frames = [Frame("summaries", self.job.spec.source, f"summary-{i}", {}, now_ms(), text=text)
+                  for i, text in enumerate(texts)]
+        try:
+            outcomes = await self._adhoc.submit(frames, self.model, Prompt(self.instruction, 0), "summaries",
+                                                BATCHING)
+        except InferenceTimeout as e:
+            raise SummaryFailed(f"summary: {e}") from None
+        except ShuttingDown as e:
+            raise SummaryStopped(str(e)) from None
+        answers = []
+        for outcome in outcomes:
+            if isinstance(outcome, DeadLettered):
+                raise SummaryFailed(f"summary: {self.model}: {outcome.error}")
+            if not isinstance(outcome, Published):
+                raise SummaryFailed(f"summary: {self.model} gave no answer")
+            answers.append(str(json.loads(outcome.fields["result"])["text"]))
+        return answers

@@ -1,0 +1,150 @@
+"""A whole video's summary from its per-frame results, by a text model.
+
+Each result becomes one timestamped line ("[01:23] a man opens a red door"): a caption or an
+answer as it is, detections as counts per label, a classifier's best labels. The lines are
+packed into windows that fit the text model's context, each window is summarised, and while
+there is more than one summary, the summaries (labelled with the time they cover) are packed
+and summarised again, until one is left. Every call of a level goes out at once, so they
+are batched on the device.
+
+Nothing here touches Redis or a model: `generate` is given (jobs/summaries.py passes the
+daemon's batcher), so the windowing is tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sightstream.errors import SightstreamError
+from sightstream.models.adapters.hf_text import TextBudget
+
+DEFAULT_INSTRUCTION = (
+    "Below are timestamped descriptions of frames from one video, in order (or summaries of "
+    "its consecutive parts). Write a short summary of what happens in the video."
+)
+LABEL_TOKENS = 16  # what a summary's "[from-to] " label costs, at most, in tokens
+
+Generate = Callable[[list[str]], Awaitable[list[str]]]
+
+
+class SummaryFailed(SightstreamError):
+    """The summary cannot be written; the sentence says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One result as text, at `t` seconds (into the video, or since the epoch for a stream)."""
+
+    t: float
+    text: str
+
+
+@dataclass
+class Summary:
+    text: str
+    from_s: float | None
+    to_s: float | None
+    lines: int  # results summarised
+    windows: int  # calls of the first level
+    levels: int  # 0: nothing to summarise
+    final: bool = False
+    model: str = ""
+    created_at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe(task: str, result: dict[str, Any]) -> str | None:
+    """One result as a short text, or None when it says nothing a summary can use."""
+    if isinstance(result.get("text"), str):
+        return result["text"].strip() or None
+    detections = result.get("detections")
+    if isinstance(detections, list):
+        counts = Counter(str(d.get("label", "object")) for d in detections if isinstance(d, dict))
+        return ", ".join(f"{n} {label}" for label, n in counts.most_common()) or "nothing detected"
+    labels = result.get("labels")
+    if isinstance(labels, list) and labels:
+        return ", ".join(f"{item.get('label')} ({float(item.get('score', 0)):.2f})"
+                         for item in labels[:3] if isinstance(item, dict))
+    masks = result.get("masks")
+    if isinstance(masks, list):
+        names = Counter(str(m.get("label", "object")) for m in masks if isinstance(m, dict))
+        return ", ".join(f"{n} {label} mask" for label, n in names.most_common()) or "nothing segmented"
+    return None  # depth maps and the like
+
+
+def clock(t: float, video: bool) -> str:
+    """A line's time: into the video as [h:]mm:ss, or a stream's UTC time of day."""
+    if not video:
+        return time.strftime("%H:%M:%S", time.gmtime(t))
+    s = int(t)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+async def summarize(lines: list[Line], budget: TextBudget, generate: Generate, video: bool = True) -> Summary:
+    """The summary of `lines` (in time order). Raises SummaryFailed."""
+    if not lines:
+        return Summary("", None, None, 0, 0, 0)
+    room = budget.room * 19 // 20  # a margin: tokens counted line by line may merge when joined
+    if room < 3 * (budget.max_new_tokens + LABEL_TOKENS):
+        raise SummaryFailed(
+            f"the text model's context ({budget.context_tokens} tokens) leaves {max(room, 0)} tokens for the "
+            f"text, too few to summarise summaries of up to {budget.max_new_tokens} tokens: lower the "
+            "model's max_new_tokens or use a model with a longer context")
+    # Counting tokens is CPU work: in a thread (the tokenizer is this budget's own).
+    items = await asyncio.to_thread(
+        _fitted, [(line.t, line.t, f"[{clock(line.t, video)}] ", line.text) for line in lines], room, budget)
+    levels, windows = 0, 0
+    while True:
+        packed = await asyncio.to_thread(_pack, items, room, budget)
+        outs = await generate(["\n".join(text for _, _, text in window) for window in packed])
+        if len(outs) != len(packed):
+            raise SummaryFailed(f"the text model gave {len(outs)} answers to {len(packed)} windows")
+        levels += 1
+        windows = windows or len(packed)
+        if len(packed) == 1:
+            return Summary(outs[0].strip(), lines[0].t, lines[-1].t, len(lines), windows, levels)
+        if len(packed) >= len(items):  # cannot happen with items cut to a third of the room
+            raise SummaryFailed("the summaries do not get shorter: lower the text model's max_new_tokens")
+        items = await asyncio.to_thread(
+            _fitted, [(w[0][0], w[-1][1], f"[{clock(w[0][0], video)}-{clock(w[-1][1], video)}] ", out.strip())
+                      for w, out in zip(packed, outs)], room, budget)
+
+
+def _fitted(items: list[tuple[float, float, str, str]], room: int,
+            budget: TextBudget) -> list[tuple[float, float, str]]:
+    """Each item as "label text", the text cut at its end so the whole takes at most a third
+    of the room: any window then holds two items or more, and each level is shorter."""
+    limit = room // 3 - 1
+    out = []
+    for start, end, label, text in items:
+        line = label + text
+        while len(text) > 1 and (n := budget.count(line)) > limit:
+            text = text[: max(1, int(len(text) * limit / n * 0.9))]
+            line = label + text
+        out.append((start, end, line))
+    return out
+
+
+def _pack(items: list[tuple[float, float, str]], room: int,
+          budget: TextBudget) -> list[list[tuple[float, float, str]]]:
+    """Consecutive items in windows of at most `room` tokens (one newline each between)."""
+    windows: list[list[tuple[float, float, str]]] = []
+    current: list[tuple[float, float, str]] = []
+    used = 0
+    for item in items:
+        cost = budget.count(item[2]) + 1
+        if current and used + cost > room:
+            windows.append(current)
+            current, used = [], 0
+        current.append(item)
+        used += cost
+    if current:
+        windows.append(current)
+    return windows

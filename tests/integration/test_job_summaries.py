@@ -1,0 +1,177 @@
+"""Summaries of jobs with a tiny text model (random weights: the text is nonsense; the flow,
+the windows and the storage are what is tested), over a real socket and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from sightstream import keys
+from sightstream.config import ConfigError
+from sightstream.jobs.store import JobSpec, JobStore
+from sightstream.leases import Lease
+from sightstream.redis_conn import make_client
+from tests import hls, tiny_hf
+from tests.conftest import encode
+from tests.integration.helpers import running, serving, settings_for
+from tests.integration.test_jobs import submit, until_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("summaries")
+    hls.make_clip(root / "clip.mp4", seconds=3, fps=10)
+    # 128 positions: 30 results need several windows, then a summary of their summaries
+    tiny_hf.causal_lm(root / "lm", context=128)
+    tiny_hf.causal_lm(root / "lm_plain", context=128, chat=False)
+    return root
+
+
+def summary_settings(redis_url, tmp_path, media, **lm):
+    settings = settings_for(redis_url, tmp_path, jobs={"allowed_paths": [str(media)], "poll_s": 0.2,
+                                                       "lease_ttl_ms": 2000})
+    entry = type(settings.models["tiny"]["det"])
+    settings.models["llm"] = {
+        "tiny": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8, **lm),
+        "plain": entry(backend="transformers", task="generate", path=str(media / "lm_plain"), max_new_tokens=8),
+        "short": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
+                       context_tokens=48),
+    }
+    return settings
+
+
+@pytest.mark.parametrize("model", ["llm/tiny", "llm/plain"])
+async def test_a_video_job_is_summarised_in_windows_then_as_a_whole(model, redis_url, sync_redis, tmp_path,
+                                                                      media):
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=10,
+                              summarize={"model": model, "prompt": "What happens?"})
+        job = await until_status(client, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job["error"]
+        summary = job["summary"]
+        assert summary["final"] and summary["model"] == model and isinstance(summary["text"], str)
+        assert summary["lines"] == job["counts"]["processed"] == 30
+        assert summary["windows"] > 1 and summary["levels"] >= 2, summary  # the context forced windows
+        assert summary["from_s"] == 0 and summary["to_s"] == pytest.approx(2.9, abs=0.11)
+        assert job["summarize"] == {"model": model, "prompt": "What happens?", "every_s": None}
+        assert job["counts"]["summaries"] == 1
+        stream = sync_redis.xrange(keys.job_results(job_id))
+        last = stream[-1][1]
+        assert last[b"task"] == b"summary" and last[b"model"] == model.encode()
+        assert json.loads(last[b"result"]) == summary
+        assert sum(1 for _, f in stream if f[b"task"] == b"summary") == 1
+        page = (await (await client.get(f"/jobs/{job_id}/results", params={"count": 100})).json())["results"]
+        assert page[-1]["fields"]["result"] == summary and page[-1]["fields"]["job_id"] == job_id
+
+
+async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redis, tmp_path, media, gradient):
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source="redis://cams:{s}", fps=5, max_seconds=8,
+                              summarize={"model": "llm/tiny", "every_s": 2, "prompt": "Say."})
+        await until_status(client, job_id, "running")
+        await asyncio.sleep(0.3)
+        ts = int(time.time() * 1000)
+        for i in range(3):
+            sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 200 * i})
+
+        async def summaries():
+            return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
+                    if f[b"task"] == b"summary"]
+
+        deadline = time.monotonic() + 10
+        while not await summaries():
+            assert time.monotonic() < deadline, "no periodic summary"
+            await asyncio.sleep(0.1)
+        (first,) = await summaries()
+        assert not first["final"] and first["lines"] == 3
+        assert first["from_s"] == pytest.approx(ts / 1000) and first["to_s"] == pytest.approx(ts / 1000 + 0.4)
+        for i in range(2):
+            sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 2000 + 200 * i})
+        job = await until_status(client, job_id, "completed", "failed", timeout=20)
+        assert job["status"] == "completed", job["error"]
+        written = await summaries()
+        periodic = [s for s in written if not s["final"]]
+        assert [s["lines"] for s in periodic] == [3, 2]  # each covers what came since the one before
+        assert written[-1]["final"] and written[-1]["lines"] == 5 == job["counts"]["processed"]
+        assert job["summary"] == written[-1] and job["counts"]["summaries"] == len(written)
+
+
+async def test_a_summary_that_cannot_be_written_fails_the_job(redis_url, tmp_path, media):
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=2,
+                              summarize={"model": "llm/short"})
+        job = await until_status(client, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "failed" and job["summary"] is None
+        assert job["error"].startswith("summary: the text model's context (48 tokens)"), job["error"]
+        assert job["counts"]["processed"] == 6  # the per-frame results stay
+
+
+async def test_summaries_are_refused_with_reasons(redis_url, tmp_path, media):
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        source = f"file://{media}/clip.mp4"
+
+        async def refused(status, **body):
+            r = await client.post("/jobs", json={"model": "tiny/det", "source": source, **body})
+            assert r.status == status, await r.text()
+            return (await r.json())["error"]["message"]
+
+        assert "no/such" in await refused(404, summarize={"model": "no/such"})
+        assert "does not write text" in await refused(422, summarize={"model": "tiny/det"})
+        assert "writes text from text" in await refused(422, model="llm/tiny")
+        assert "every_s" in await refused(422, summarize={"model": "llm/tiny", "every_s": 0})
+        assert "summarize" in await refused(422, summarize={"model": "llm/tiny", "colour": "red"})
+
+
+async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media):
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        r = await client.post("/predict/llm/tiny", data=b"a dog walks on the street",
+                              params={"prompt": "Summarise."}, headers={"Content-Type": "text/plain"})
+        assert r.status == 200, await r.text()
+        assert r.headers["X-Task"] == "generate" and isinstance((await r.json())["text"], str)
+        r = await client.post("/predict/llm/tiny", data=b"  ", headers={"Content-Type": "text/plain"})
+        assert r.status == 400 and "send the text" in (await r.json())["error"]["message"]
+        r = await client.post("/predict/llm/tiny", data=b"\xff\xfe", headers={"Content-Type": "text/plain"})
+        assert r.status == 400 and "UTF-8" in (await r.json())["error"]["message"]
+        r = await client.post("/predict/llm/tiny", data="word " * 500, headers={"Content-Type": "text/plain"})
+        assert r.status == 422 and "context of 128 tokens" in (await r.json())["error"]["message"]
+
+
+async def test_a_pipeline_cannot_read_frames_with_a_text_model(redis_url, tmp_path, media):
+    settings = summary_settings(redis_url, tmp_path, media)
+    settings = settings.model_copy(update={"pipelines": [
+        settings.pipelines[0].model_copy(update={"model": "llm/tiny"})]})
+    with pytest.raises(ConfigError, match="writes text from text"):
+        async with running(settings):
+            pass
+
+
+async def test_summary_writes_are_fenced_and_final_once(redis_url, sync_redis):
+    client = make_client(redis_url)
+    store = JobStore(client, 60)
+    try:
+        job = await store.create(JobSpec("redis://cams:{x}", "tiny/det", summarize={"model": "llm/tiny"}))
+        lease = Lease(client, keys.job_lease(job.id), 60_000)
+        assert await lease.acquire()
+        assert (await store.start(job.id, lease.token, "a"))[0]
+
+        async def write(final, upto, token=lease.token):
+            return await store.write_summary(job, token, final, upto, {"text": upto}, 0,
+                                             {"task": "summary", "result": "{}"})
+
+        assert await write(False, "5-0") == 1
+        assert await write(False, "5-0") == 0  # covers nothing newer
+        assert await write(False, "4-9") == 0
+        assert await write(False, "10-0") == 1  # numbers, not strings: 10 > 5
+        assert await write(True, "10-0") == 1
+        assert await write(True, "11-0") == 0  # the final summary, once (a resumed job)
+        assert await write(False, "12-0", token="stolen") == -1
+        stored = await store.get(job.id)
+        assert stored.summary == {"text": "10-0"} and stored.summary_upto == "10-0"
+        assert stored.counts["summaries"] == 3 and sync_redis.xlen(keys.job_results(job.id)) == 3
+    finally:
+        await client.aclose(close_connection_pool=True)
