@@ -175,3 +175,31 @@ async def test_summary_writes_are_fenced_and_final_once(redis_url, sync_redis):
         assert stored.counts["summaries"] == 3 and sync_redis.xlen(keys.job_results(job.id)) == 3
     finally:
         await client.aclose(close_connection_pool=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_text_model_batches_in_each_precision(dtype, media, gradient):
+    import torch
+
+    from sightstream.errors import ModelError
+    from sightstream.models.adapter import Prompt, predict
+    from sightstream.models.adapters.hf_text import HfTextGenerator
+
+    model = HfTextGenerator(str(media / "lm"), {"max_new_tokens": 4, "dtype": dtype})
+    model.load("cpu")
+    assert model._model.dtype == getattr(torch, dtype)
+    out = predict(model, ["a dog", "a red car parks next to a building"], Prompt("Say.", 1))
+    assert len(out) == 2 and all(isinstance(p.result["text"], str) for p in out)
+    with pytest.raises(ModelError, match="takes text, not images"):
+        predict(model, [gradient], None)
+
+
+def test_the_budget_counts_the_template_and_the_instruction(media):
+    from sightstream.models.adapters.hf_text import HfTextGenerator
+
+    chat = HfTextGenerator(str(media / "lm"), {"max_new_tokens": 8}).budget("Say.")
+    plain = HfTextGenerator(str(media / "lm_plain"), {"max_new_tokens": 8}).budget("Say.")
+    assert chat.context_tokens == plain.context_tokens == 128  # from the config, weights not loaded
+    assert chat.overhead > plain.overhead > 0  # the chat turn's tokens
+    assert chat.room == 128 - 8 - chat.overhead
+    assert HfTextGenerator(str(media / "lm"), {"context_tokens": 64}).budget().context_tokens == 64

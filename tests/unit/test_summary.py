@@ -1,0 +1,93 @@
+"""The summary's windows and levels, with a counted budget and a recording text model."""
+
+from __future__ import annotations
+
+import pytest
+
+from sightstream.jobs.summary import Line, SummaryFailed, clock, describe, summarize
+from sightstream.models.adapters.hf_text import TextBudget
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+class Recorder:
+    """A text model that answers each text with `answer_words` words, recording its calls."""
+
+    def __init__(self, answer_words: int = 3) -> None:
+        self.calls: list[list[str]] = []
+        self.answer_words = answer_words
+
+    async def __call__(self, texts: list[str]) -> list[str]:
+        self.calls.append(texts)
+        n = len(self.calls)
+        return [" ".join([f"s{n}.{i}"] * self.answer_words) for i in range(len(texts))]
+
+
+def budget(context: int, max_new: int = 4, overhead: int = 0) -> TextBudget:
+    return TextBudget(context, max_new, overhead, words)
+
+
+async def test_lines_that_fit_are_summarised_in_one_call():
+    model = Recorder()
+    lines = [Line(i, f"a dog at {i}") for i in range(5)]
+    summary = await summarize(lines, budget(200), model)
+    assert len(model.calls) == 1 and len(model.calls[0]) == 1
+    assert model.calls[0][0].splitlines() == [f"[00:{i:02d}] a dog at {i}" for i in range(5)]
+    assert (summary.text, summary.lines, summary.windows, summary.levels) == ("s1.0 s1.0 s1.0", 5, 1, 1)
+    assert (summary.from_s, summary.to_s) == (0, 4)
+
+
+async def test_long_videos_go_in_windows_then_summaries_of_summaries():
+    model = Recorder()
+    lines = [Line(60 * i, f"event number {i} happens here") for i in range(100)]  # 6 words a line
+    room = budget(100, max_new=4, overhead=2).room * 19 // 20
+    summary = await summarize(lines, budget(100, max_new=4, overhead=2), model)
+    first = model.calls[0]
+    assert len(first) > 1  # one call of several windows: batched together
+    seen = [line for window in first for line in window.splitlines()]
+    assert seen == [f"[{clock(60 * i, True)}] event number {i} happens here" for i in range(100)]  # each once, in order
+    assert all(sum(words(x) + 1 for x in w.splitlines()) <= room for w in first)
+    second = model.calls[1][0].splitlines()
+    assert second[0].startswith("[00:00-") and "s1.0" in second[0]
+    assert summary.windows == len(first) and summary.levels == len(model.calls) >= 2
+    assert all(len(call) < len(before) for before, call in zip(model.calls, model.calls[1:]))
+    assert len(model.calls[-1]) == 1 and summary.text.startswith(f"s{len(model.calls)}.0")
+
+
+async def test_a_caption_longer_than_a_window_is_cut_not_dropped():
+    model = Recorder()
+    lines = [Line(0, "word " * 500), Line(1, "short")]
+    await summarize(lines, budget(100), model)
+    text = model.calls[0][0].splitlines()
+    assert len(text) == 2 and text[0].startswith("[00:00] word") and words(text[0]) <= 100 // 3
+    assert text[1] == "[00:01] short"
+
+
+async def test_too_short_a_context_says_so_and_nothing_is_called():
+    model = Recorder()
+    with pytest.raises(SummaryFailed, match=r"context \(40 tokens\).*lower the model's max_new_tokens"):
+        await summarize([Line(0, "a")], budget(40, max_new=16), model)
+    assert model.calls == []
+
+
+async def test_no_lines_no_call():
+    model = Recorder()
+    summary = await summarize([], budget(100), model)
+    assert model.calls == [] and summary.text == "" and summary.levels == 0
+
+
+def test_each_kind_of_result_as_a_line():
+    assert describe("caption", {"text": " a cat "}) == "a cat"
+    assert describe("detect", {"detections": [{"label": "dog"}, {"label": "cat"}, {"label": "dog"}]}) == "2 dog, 1 cat"
+    assert describe("detect", {"detections": []}) == "nothing detected"
+    assert describe("classify", {"labels": [{"label": "tabby", "score": 0.91}, {"label": "lynx", "score": 0.05}]}) \
+        == "tabby (0.91), lynx (0.05)"
+    assert describe("segment", {"masks": [{"label": "person"}]}) == "1 person mask"
+    assert describe("depth", {"width": 1, "height": 1, "min": 0, "max": 1}) is None
+
+
+def test_clock():
+    assert clock(75.4, True) == "01:15" and clock(3725, True) == "1:02:05"
+    assert clock(0, False) == "00:00:00" and clock(86400 + 3661, False) == "01:01:01"
