@@ -70,16 +70,29 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace) -> tuple[str, str]:
+    """The control plane's base URL and token: --url and --token, else the config's."""
+    if args.url:
+        return args.url, args.token or os.environ.get("SIGHTSTREAM_CONTROL__TOKEN", "")
+    control = _settings(args).control
+    host = "127.0.0.1" if control.host in ("0.0.0.0", "::", "") else control.host
+    return f"http://{host}:{control.port}", args.token or control.token
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sightstream.status import status
 
-    if args.url:
-        base, token = args.url, args.token or os.environ.get("SIGHTSTREAM_CONTROL__TOKEN", "")
-    else:
-        control = _settings(args).control
-        host = "127.0.0.1" if control.host in ("0.0.0.0", "::", "") else control.host
-        base, token = f"http://{host}:{control.port}", args.token or control.token
+    base, token = _control(args)
     return status(base, token, as_json=args.json)
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from sightstream.summarize import summarize
+
+    base, token = _control(args)
+    return summarize(base, token, args.video, args.model, args.summary_model, prompt=args.prompt,
+                     summary_prompt=args.summary_prompt, fps=args.fps, max_frames=args.max_frames,
+                     progress=not args.quiet, as_json=args.json, emit=lambda s: print(s, flush=True))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -158,6 +171,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="default: the config's control.token")
     p.add_argument("--json", action="store_true", help="the raw figures")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("summarize", help="a running daemon describes a video and summarises it",
+                       description="Submit VIDEO as a job to a running daemon: MODEL describes its frames "
+                                   "(captions, answers, detections), SUMMARY_MODEL writes the summary, "
+                                   "printed at the end. Ctrl-C cancels the job.")
+    config(p)
+    p.add_argument("video", metavar="VIDEO",
+                   help="an http(s) URL (MP4, HLS), or a file on the daemon's host under its "
+                        "jobs.allowed_paths")
+    p.add_argument("--model", required=True, help="family/variant that reads the frames, e.g. a captioner")
+    p.add_argument("--summary-model", required=True, help="family/variant of a text model (task generate)")
+    p.add_argument("--prompt", default="", help="the frame model's prompt (a question, labels)")
+    p.add_argument("--summary-prompt", default="", help="the text model's instruction")
+    p.add_argument("--fps", type=float, default=1.0, help="frames read per second of video")
+    p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    p.add_argument("--url", help="the daemon's control plane (default: the config's)")
+    p.add_argument("--token", help="default: the config's control.token")
+    p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("models", help="list the model catalogue")
     config(p)

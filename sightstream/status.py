@@ -4,43 +4,24 @@ control plane (its /health, /pipelines, /sources and /jobs)."""
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from sightstream.errors import SightstreamError
-
-
-def fetch(base: str, path: str, token: str) -> Any:
-    request = urllib.request.Request(base.rstrip("/") + path)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.load(e)["error"]["message"]
-        except Exception:  # noqa: BLE001 - not our JSON error: say the status
-            message = e.reason
-        raise SightstreamError(f"{base}{path}: {e.code} {message}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise SightstreamError(f"no sightstream control plane answers at {base}: {e}") from None
+from sightstream.control_client import call
 
 
 def gather(base: str, token: str) -> dict[str, Any]:
-    pipelines = fetch(base, "/pipelines", token)["pipelines"]
+    pipelines = call(base, "/pipelines", token)["pipelines"]
     pending = {}  # (pipeline, source) -> group-wide pending entries
     for p in pipelines:
-        for s in fetch(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"] or []:
+        for s in call(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"] or []:
             pending[f"{p['name']} {s['stream']}"] = s["pending"]
-    sources = fetch(base, "/sources", token)["sources"]
+    sources = call(base, "/sources", token)["sources"]
     for s in sources:
         s["pending"] = pending.get(f"{s['pipeline']} {s['source']}")
-    return {"health": fetch(base, "/health", token), "pipelines": pipelines, "sources": sources,
-            "jobs": fetch(base, "/jobs?limit=20", token)["jobs"]}
+    return {"health": call(base, "/health", token), "pipelines": pipelines, "sources": sources,
+            "jobs": call(base, "/jobs?limit=20", token)["jobs"]}
 
 
 def report(base: str, figures: dict[str, Any]) -> str:

@@ -203,3 +203,43 @@ def test_the_budget_counts_the_template_and_the_instruction(media):
     assert chat.overhead > plain.overhead > 0  # the chat turn's tokens
     assert chat.room == 128 - 8 - chat.overhead
     assert HfTextGenerator(str(media / "lm"), {"context_tokens": 64}).budget().context_tokens == 64
+
+
+async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redis_url, tmp_path, media, capsys):
+    from sightstream import cli
+    from sightstream.summarize import summarize
+
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        base = str(client.make_url("")).rstrip("/")
+        printed: list[str] = []
+        assert await asyncio.to_thread(summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
+                                       summary_prompt="Say.", fps=2, as_json=True, emit=printed.append) == 0
+        job = json.loads(printed.pop())
+        assert job["status"] == "completed" and job["source"] == f"file://{media}/clip.mp4"
+        assert job["summary"]["final"] and job["summary"]["lines"] == 6
+        err = capsys.readouterr().err
+        assert "100%" in err and "6 frames, completed" in err  # the progress bar, on stderr
+        assert await asyncio.to_thread(summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
+                                       summary_prompt="Say.", fps=2, progress=False, emit=printed.append) == 0
+        assert isinstance(printed.pop(), str) and capsys.readouterr().err == ""  # the summary's text alone
+        args = ["summarize", str(media / "clip.mp4"), "--model", "tiny/det"]
+        code = await asyncio.to_thread(cli.main, ["summarize", "/etc/hostname", "--model", "tiny/det",
+                                                  "--summary-model", "llm/tiny", "--url", base, "-q"])
+        assert code == 1 and "put it under its jobs.allowed_paths" in capsys.readouterr().err
+        code = await asyncio.to_thread(cli.main, [*args, "--summary-model", "tiny/det", "--url", base, "-q"])
+        assert code == 1 and "does not write text" in capsys.readouterr().err
+
+
+async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp_path, media, monkeypatch):
+    from sightstream import summarize as command
+
+    def interrupted(base, token, job_id, progress):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "_follow", interrupted)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        base = str(client.make_url("")).rstrip("/")
+        with pytest.raises(KeyboardInterrupt):
+            await asyncio.to_thread(command.summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny")
+        (job,) = (await (await client.get("/jobs")).json())["jobs"]
+        assert job["status"] == "cancelled"

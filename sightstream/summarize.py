@@ -1,0 +1,78 @@
+"""`sightstream summarize VIDEO`: a running daemon describes the video frame by frame with one
+model and writes its summary with a text model: a job (POST /jobs with `summarize`), followed
+with a progress bar until it ends, then the summary printed. Ctrl-C cancels the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sightstream.control_client import ControlError, call
+from sightstream.errors import SightstreamError
+
+POLL_S = 0.5
+URL_SCHEMES = ("http://", "https://", "file://", "redis://")
+
+
+def source_url(video: str) -> str:
+    """A URL as it is; a local path as a file:// URL (the daemon reads it itself, so it must be
+    on the daemon's host, under its jobs.allowed_paths)."""
+    if video.startswith(URL_SCHEMES):
+        return video
+    return "file://" + os.path.abspath(video)
+
+
+def summarize(base: str, token: str, video: str, model: str, summary_model: str, *, prompt: str = "",
+              summary_prompt: str = "", fps: float = 1.0, max_frames: int | None = None,
+              progress: bool = True, as_json: bool = False, emit: Callable[[str], None] = print) -> int:
+    body: dict[str, Any] = {"source": source_url(video), "model": model, "fps": fps, "prompt": prompt,
+                            "summarize": {"model": summary_model, "prompt": summary_prompt}}
+    if max_frames:
+        body["max_frames"] = max_frames
+    try:
+        job_id = call(base, "/jobs", token, "POST", body)["job_id"]
+    except ControlError as e:
+        if "allowed_paths" in str(e):
+            raise SightstreamError(f"{e}. The daemon opens the file itself: put it under its "
+                                   "jobs.allowed_paths, or give an http(s):// URL") from None
+        raise
+    try:
+        job = _follow(base, token, job_id, progress)
+    except KeyboardInterrupt:
+        try:
+            call(base, f"/jobs/{job_id}", token, "DELETE")
+        except SightstreamError:
+            pass  # it ended meanwhile, or the daemon is gone: nothing to cancel
+        raise
+    if job["status"] != "completed":
+        raise SightstreamError(f"job {job_id} {job['status']}: {job['error'] or 'no reason given'}")
+    summary = job["summary"] or {}
+    emit(json.dumps(job, indent=2) if as_json else summary.get("text", ""))
+    return 0
+
+
+def _follow(base: str, token: str, job_id: str, progress: bool) -> dict[str, Any]:
+    """Poll the job until it ends, showing how far it got (tqdm, on stderr)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", desc=f"job {job_id}", file=sys.stderr, disable=not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    try:
+        while True:
+            job = call(base, f"/jobs/{job_id}", token)
+            fraction = job["progress"].get("fraction")
+            done = job["status"] in ("completed", "failed", "cancelled")
+            bar.n = 100 if done and job["status"] == "completed" else round(100 * (fraction or 0))
+            reading_done = fraction is not None and fraction >= 0.99
+            stage = "summarising" if job["status"] == "running" and reading_done else job["status"]
+            bar.set_postfix_str(f"{job['counts']['processed']} frames, {stage}", refresh=False)
+            bar.refresh()
+            if done:
+                return job
+            time.sleep(POLL_S)
+    finally:
+        bar.close()
