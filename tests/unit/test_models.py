@@ -231,7 +231,7 @@ def test_a_hub_model_missing_from_the_local_cache_is_a_clear_error_never_a_downl
     entry = catalogue.get("owl/big")
     assert not entry.available
     with pytest.raises(ModelNotAvailable, match=r"owl/big: google/owlv2-large is neither a local folder "
-                                                r"nor in the local Hugging Face cache.*huggingface-cli download"):
+                                                r"nor in the local Hugging Face cache.*hf download"):
         entry.resolve()
     listed = {e.id: e.describe()["available"] for e in Catalogue()}
     assert listed["retinaface/mobilenet"] and "owlv2/base" in listed and "qwen2_5_vl/3b" in listed

@@ -34,7 +34,7 @@ def local_source(source: str) -> str:
     except (LocalEntryNotFoundError, OSError, ValueError):
         raise ModelNotAvailable(
             f"{source} is neither a local folder nor in the local Hugging Face cache; nothing is "
-            f"downloaded at run time: fetch it beforehand (huggingface-cli download {source}) or "
+            f"downloaded at run time: fetch it beforehand (hf download {source}) or "
             "point the entry's path at a local folder"
         ) from None
 
