@@ -47,6 +47,10 @@ def report(base: str, figures: dict[str, Any]) -> str:
         rows += [[j["job_id"], j["status"], _percent(j["progress"].get("fraction")),
                   str(j["counts"]["processed"]), j["source"]] for j in figures["jobs"]]
         lines += ["", *_table(rows)]
+        for j in figures["jobs"]:
+            if j.get("summary"):
+                kind = "summary" if j["summary"]["final"] else "summary so far"
+                lines += ["", f"{kind} of job {j['job_id']}: {j['summary']['text']}"]
     return "\n".join(lines)
 
 

@@ -222,6 +222,10 @@ async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redi
         assert await asyncio.to_thread(summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
                                        summary_prompt="Say.", fps=2, progress=False, emit=printed.append) == 0
         assert isinstance(printed.pop(), str) and capsys.readouterr().err == ""  # the summary's text alone
+        from sightstream.status import status
+
+        assert await asyncio.to_thread(status, base, "", False, printed.append) == 0
+        assert f"summary of job {job['job_id']}: " in printed.pop()
         args = ["summarize", str(media / "clip.mp4"), "--model", "tiny/det"]
         code = await asyncio.to_thread(cli.main, ["summarize", "/etc/hostname", "--model", "tiny/det",
                                                   "--summary-model", "llm/tiny", "--url", base, "-q"])
