@@ -139,7 +139,7 @@ BUILTIN = (
           description="SmolVLM 256M (Idefics3): answers the prompt's question about the frame"),
     Entry("smolvlm", "256m-caption", "transformers", "caption", "hf_smolvlm",
           "HuggingFaceTB/SmolVLM-256M-Instruct", {"task": "caption"}, licence="Apache-2.0",
-          description="SmolVLM 256M (Idefics3): a one-sentence caption"),
+          description="SmolVLM 256M (Idefics3): a one-sentence caption (a prompt is the question)"),
     Entry("florence2", "base", "transformers", "caption", "hf_florence2",
           "florence-community/Florence-2-base", {"task": "caption"}, licence="MIT",
           description="Florence-2 base: captions, or OCR with the prompt <OCR> (task tokens)"),
