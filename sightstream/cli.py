@@ -118,6 +118,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sightstream",
@@ -185,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="the frame model's prompt (a question, labels)")
     p.add_argument("--summary-prompt", default="", help="the text model's instruction")
     p.add_argument("--fps", type=float, default=1.0, help="frames read per second of video")
-    p.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    p.add_argument("--max-frames", type=_positive, default=None, help="stop after N frames")
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
     p.add_argument("--token", help="default: the config's control.token")
     p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")

@@ -5,16 +5,17 @@ with a progress bar until it ends, then the summary printed. Ctrl-C cancels the 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sightstream.control_client import ControlError, call
 from sightstream.errors import SightstreamError
 
 POLL_S = 0.5
+POLL_TRIES = 10  # polls in a row that may fail (a daemon restarting) before giving up
 URL_SCHEMES = ("http://", "https://", "file://", "redis://")
 
 
@@ -23,7 +24,7 @@ def source_url(video: str) -> str:
     on the daemon's host, under its jobs.allowed_paths)."""
     if video.startswith(URL_SCHEMES):
         return video
-    return "file://" + os.path.abspath(video)
+    return Path(video).absolute().as_uri()  # percent-encoded: a '#' or '%' in a name stays a name
 
 
 def summarize(base: str, token: str, video: str, model: str, summary_model: str, *, prompt: str = "",
@@ -61,9 +62,18 @@ def _follow(base: str, token: str, job_id: str, progress: bool) -> dict[str, Any
 
     bar = tqdm(total=100, unit="%", desc=f"job {job_id}", file=sys.stderr, disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+    failures = 0
     try:
         while True:
-            job = call(base, f"/jobs/{job_id}", token)
+            try:
+                job = call(base, f"/jobs/{job_id}", token)
+                failures = 0
+            except SightstreamError as e:
+                failures += 1
+                if failures >= POLL_TRIES:
+                    raise SightstreamError(f"{e}; job {job_id} goes on (GET /jobs/{job_id})") from None
+                time.sleep(POLL_S * failures)
+                continue
             fraction = job["progress"].get("fraction")
             done = job["status"] in ("completed", "failed", "cancelled")
             bar.n = 100 if done and job["status"] == "completed" else round(100 * (fraction or 0))

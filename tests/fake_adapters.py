@@ -147,3 +147,17 @@ class Staged:
             raise ValueError("this frame cannot be finished (simulated)")
         return [Prediction({"width": 4, "height": 4, "detections": [], "tag": t,
                             **({"bad": {t}} if t == self.unjsonable else {})}) for t in outputs]
+
+
+class FailingText:
+    """A text model (task generate) that loads and counts tokens as the real one does, and whose
+    every call fails: summaries that cannot be written. Built lazily: transformers is heavy."""
+
+    def __new__(cls, path: str, options: dict[str, Any]) -> Any:
+        from sightstream.models.adapters.hf_text import HfTextGenerator
+
+        class Failing(HfTextGenerator):
+            def infer(self, inputs: Any) -> Any:
+                raise RuntimeError("the text model broke (simulated)")
+
+        return Failing(path, options)

@@ -18,9 +18,12 @@ from sightstream.control.api import Api, ApiError, Resp, read_json, read_query, 
 from sightstream.control.models import model_error
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
+from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ModelError
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import STATUSES, Job, JobSpec
+from sightstream.jobs.summaries import check_summarizer
+from sightstream.jobs.summary import DEFAULT_INSTRUCTION, SummaryFailed
 from sightstream.models.adapters import adapter_class, check_prompt
 
 api = Api("jobs")
@@ -38,8 +41,8 @@ class SummarizeIn(BaseModel):
     prompt: str = Field("", max_length=10_000,
                         description="the instruction (default: summarise what happens)")
     every_s: float | None = Field(None, ge=1, le=10**7, description=(
-        "also summarise what came in the last every_s seconds, every every_s (live sources); the whole "
-        "job is summarised when it has read its source to the end"))
+        "also, every every_s while the job runs, a summary of the results since the previous one (live "
+        "sources); the whole job is summarised when it has read its source to the end"))
 
 
 class Summary(BaseModel):
@@ -48,7 +51,7 @@ class Summary(BaseModel):
     to_s: float | None
     lines: int = Field(description="results summarised")
     windows: int = Field(description="calls of the text model for the first level (context windows)")
-    levels: int = Field(description="1: one call; more: summaries of summaries")
+    levels: int = Field(description="1: one window; more: summaries of summaries")
     final: bool = Field(description="the whole job's, written when it ended; else a periodic one")
     model: str
     created_at: float
@@ -214,9 +217,10 @@ async def submit(request: web.Request) -> web.Response:
     kind: Any = await d.client.type(source.location) if source.is_stream else b"stream"
     if kind not in (b"stream", b"none"):
         raise ApiError(422, f"source: {source.location} holds a {kind.decode()}, not a stream of frames")
+    loop = asyncio.get_running_loop()
     try:
         entry = d.catalogue.get(body.model)
-        entry.resolve()
+        await loop.run_in_executor(None, entry.resolve)  # a hub id is looked up in the local cache
     except ModelError as e:
         raise model_error(e) from None
     if body.prompt or getattr(adapter_class(entry.adapter), "takes_prompt", False):
@@ -228,19 +232,37 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(422, f"model: {body.model} writes text from text; name it in summarize.model, and a "
                             "model that reads frames in model")
     if body.summarize is not None:
-        try:
-            summarizer = d.catalogue.get(body.summarize.model)
-            summarizer.resolve()
-        except ModelError as e:
-            raise model_error(e) from None
-        if summarizer.task != "generate":
-            raise ApiError(422, f"summarize.model: {body.summarize.model} does not write text (its task is "
-                                f"{summarizer.task}); use a text generation model (task generate)")
+        await _check_summarize(d, body, entry.task, source.is_stream)
     job = await d.jobs.create(JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames,
                                       body.max_seconds, who(request),
                                       summarize=body.summarize.model_dump() if body.summarize else None))
     return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream), 201,
                  headers={"Location": f"/jobs/{job.id}"})
+
+
+async def _check_summarize(d: Daemon, body: JobIn, task: str, is_stream: bool) -> None:
+    """The summary can be written: a text model with room for the instruction, results it can
+    read, and an end to the job (or periodic summaries). Raises ApiError."""
+    spec = body.summarize
+    assert spec is not None
+    if task == "depth":
+        raise ApiError(422, f"summarize: {body.model} gives depth maps, which say nothing a summary can use")
+    if is_stream and not (body.max_seconds or body.max_frames or spec.every_s):
+        raise ApiError(422, "summarize: a stream job ends only when cancelled, and a cancelled job gets no "
+                            "summary: set max_seconds or max_frames, or summarize.every_s")
+    try:
+        summarizer = d.catalogue.get(spec.model)
+        await asyncio.get_running_loop().run_in_executor(None, summarizer.resolve)
+    except ModelError as e:
+        raise model_error(e) from None
+    if summarizer.task != "generate":
+        raise ApiError(422, f"summarize.model: {spec.model} does not write text (its task is "
+                            f"{summarizer.task}); use a text generation model (task generate)")
+    try:  # reads the tokenizer and config from disk
+        await asyncio.get_running_loop().run_in_executor(
+            None, check_summarizer, d.manager.create, spec.model, spec.prompt or DEFAULT_INSTRUCTION)
+    except (ModelError, SummaryFailed) as e:
+        raise ApiError(422, f"summarize.model: {e}") from None
 
 
 @api.get("/jobs", "Jobs, newest first (?status=, ?limit=, ?cursor=)", query=ListQuery,

@@ -46,8 +46,7 @@ DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
-                 stop: asyncio.Event, prompts: PromptBook | None = None,
-                 create: Callable[[str], Any] | None = None) -> None:
+                 stop: asyncio.Event, prompts: PromptBook | None, create: Callable[[str], Any]) -> None:
         self._store = store
         self._client, self._reader = client, reader
         self._adhoc = adhoc
@@ -220,7 +219,7 @@ class JobRunner:
             _log.info("job_finished", job=job.id, status=status, error=error or None)
 
     def _summaries(self, job: Job, token: str) -> JobSummaries | None:
-        if not job.spec.summarize or self._create is None:
+        if not job.spec.summarize:
             return None
         return JobSummaries(job, self._store, token, self._client, self._adhoc, self._create,
                             self._s.result_maxlen)

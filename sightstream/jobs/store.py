@@ -60,14 +60,14 @@ return 1
 """
 
 # KEYS: lease, job, stream. ARGV: token, final ('1' | '0'), upto (the results' entry ID it
-# covers up to), summary JSON, maxlen, field, value, ... A final summary is written once; a
-# periodic one only past the last one's `upto`. 1: written; 0: already written; -1, -2 as above.
+# covers up to), summary JSON, maxlen, field, value, ... A final summary is written once, and
+# nothing after it; a periodic one only past the last one's `upto`. 1: written; 0: already
+# written; -1, -2 as above.
 SUMMARY = f"""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
-if ARGV[2] == '1' then
-  if redis.call('HGET', KEYS[2], 'summary_final') == '1' then return 0 end
-else
+if redis.call('HGET', KEYS[2], 'summary_final') == '1' then return 0 end
+if ARGV[2] ~= '1' then
   local function parts(id)
     local ms, seq = string.match(id, '^(%d+)-(%d+)$')
     return tonumber(ms or '0'), tonumber(seq or '0')
@@ -164,6 +164,7 @@ class Job:
     origin: str = ""  # a live video's first pts (s), so a resumed read keeps its timeline
     summary: dict[str, Any] | None = None  # the latest summary written (jobs/summaries.py)
     summary_upto: str = ""  # the results' entry ID the latest summary covers up to
+    summary_final: bool = False  # the final summary is written
 
     @property
     def results_stream(self) -> str:
@@ -191,6 +192,7 @@ class Job:
             json.loads(h.get("progress") or "{}"), json.loads(h.get("timings") or "{}"),
             int(h.get("last_seq") or 0), h.get("last_position", ""), h.get("origin", ""),
             json.loads(h["summary"]) if h.get("summary") else None, h.get("summary_upto", ""),
+            h.get("summary_final") == "1",
         )
 
 

@@ -7,6 +7,9 @@ and device workers like any frame (jobs/summary.py does the windowing).
 Each summary is written in one step fenced by the job's lease (store.SUMMARY): an entry in the
 results stream with `task = "summary"`, and the job's `summary` field. The final summary is
 written once, also when a job is resumed after it.
+
+Every call goes through the device workers' `inference_timeout_s`, like a frame: the text
+model's `window_tokens` bounds how long one call takes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from sightstream import log
 from sightstream.errors import ModelError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Published, now_ms
 from sightstream.jobs.store import Job, JobStore
-from sightstream.jobs.summary import DEFAULT_INSTRUCTION, Line, SummaryFailed, describe, summarize
+from sightstream.jobs.summary import DEFAULT_INSTRUCTION, Line, SummaryFailed, describe, room_of, summarize
 from sightstream.models.adapters.hf_text import TextBudget
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
@@ -30,7 +33,9 @@ from sightstream.stages.worker import InferenceTimeout
 
 _log = log.get(__name__)
 PAGE = 1000  # results read per XRANGE
-BATCHING = (8, 10.0)  # a level's windows go to the device together
+# A level's windows share model calls, a few per call: a call of 8 long windows could outlast
+# inference_timeout_s on a CPU.
+BATCHING = (4, 10.0)
 
 
 class SummaryStopped(SightstreamError):
@@ -39,13 +44,43 @@ class SummaryStopped(SightstreamError):
 
 def text_budget(create: Callable[[str], Any], model: str, instruction: str) -> TextBudget:
     """A text model's budget for this instruction, its weights not loaded (blocking: files).
-    Raises ModelError for a model that does not write text."""
+    Raises ModelError for a model that does not write text, or whose tokenizer or config
+    cannot be read."""
     adapter = create(model)
     if getattr(adapter, "task", "") != "generate" or not callable(getattr(adapter, "budget", None)):
         raise ModelError(f"{model} does not write text (its task is {getattr(adapter, 'task', '?')}): "
                          "a summary needs a text generation model (task = \"generate\")")
-    budget: TextBudget = adapter.budget(instruction)
+    try:
+        budget: TextBudget = adapter.budget(instruction)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"{model}: its tokenizer or config cannot be read: {e}") from None
     return budget
+
+
+def check_summarizer(create: Callable[[str], Any], model: str, instruction: str) -> None:
+    """At submission (blocking: files): the text model can write summaries with this
+    instruction. Raises ModelError or SummaryFailed with the reason."""
+    room_of(text_budget(create, model, instruction))
+
+
+def page_lines(page: list[Any]) -> list[tuple[Line, bool]]:
+    """The results of one XRANGE page as lines, each with whether its time is a video's (CPU
+    work: run in a thread). Summaries and results that say nothing usable are left out."""
+    out = []
+    for _, fields in page:
+        if fields.get(b"task") == b"summary":
+            continue
+        try:
+            text = describe(json.loads(fields[b"result"]))
+        except (KeyError, ValueError, AttributeError):
+            continue  # not a result entry: nothing to say
+        if text is None:
+            continue
+        if b"pts_ms" in fields:
+            out.append((Line(int(fields[b"pts_ms"]) / 1000, text), True))
+        else:
+            out.append((Line(int(fields.get(b"ts", b"0")) / 1000, text), False))
+    return out
 
 
 class JobSummaries:
@@ -63,31 +98,38 @@ class JobSummaries:
         self.model = str(spec["model"])
         self.instruction = str(spec.get("prompt") or "") or DEFAULT_INSTRUCTION
         self.every_s = float(spec["every_s"]) if spec.get("every_s") else None
+        self._budget: TextBudget | None = None
 
     async def periodic(self) -> None:
         """Every `every_s`: a summary of the results since the last one, if any came. A failure
-        is logged and the next period tries again (the final summary still counts)."""
+        is logged and the next period tries again (the final summary still counts); a lost
+        lease or a cancel ends the loop (the job stops anyway)."""
         assert self.every_s
         while True:
             await asyncio.sleep(self.every_s)
             try:
                 await self.write(final=False)
-            except SummaryFailed as e:
-                _log.warning("summary_failed", job=self.job.id, error=str(e))
+            except SummaryStopped:
+                return
+            except Exception as e:  # noqa: BLE001 - Redis down, a model failure: next period
+                _log.warning("summary_failed", job=self.job.id, error=str(e) or repr(e))
 
     async def write(self, final: bool) -> dict[str, Any] | None:
         """Summarise and write; the summary written, or None (nothing new, or written before).
         Raises SummaryFailed and SummaryStopped."""
+        if final and self.job.summary_final:
+            return None  # written before this daemon resumed the job
         after = None if final else (self.job.summary_upto or None)
         lines, upto, video = await self._lines(after)
         if not lines and not final:
             return None
         try:
-            budget = await asyncio.to_thread(text_budget, self._create, self.model, self.instruction)
+            if self._budget is None:
+                self._budget = await asyncio.to_thread(text_budget, self._create, self.model,
+                                                       self.instruction)
+            summary = await summarize(lines, self._budget, self._generate, video)
         except ModelError as e:
             raise SummaryFailed(f"summary: {e}") from None
-        try:
-            summary = await summarize(lines, budget, self._generate, video)
         except SummaryFailed as e:
             raise SummaryFailed(str(e) if str(e).startswith("summary: ") else f"summary: {e}") from None
         summary.final, summary.model = final, self.model
@@ -103,6 +145,7 @@ class JobSummaries:
         if reply == 0:
             return None
         self.job.summary, self.job.summary_upto = body, upto
+        self.job.summary_final = self.job.summary_final or final
         _log.info("summary_written", job=self.job.id, final=final, lines=summary.lines,
                   windows=summary.windows, levels=summary.levels)
         return body
@@ -114,21 +157,11 @@ class JobSummaries:
         start, upto, video = f"({after}" if after else "-", after or "", False
         while True:
             page: Any = await self._client.xrange(self.job.results_stream, start, "+", count=PAGE)
-            for raw_id, fields in page:
-                upto = raw_id.decode()
-                if fields.get(b"task") == b"summary":
-                    continue
-                try:
-                    text = describe(fields.get(b"task", b"").decode(), json.loads(fields[b"result"]))
-                except (KeyError, ValueError, AttributeError):
-                    continue  # not a result entry: nothing to say
-                if text is None:
-                    continue
-                if b"pts_ms" in fields:
-                    video, t = True, int(fields[b"pts_ms"]) / 1000
-                else:
-                    t = int(fields.get(b"ts", b"0")) / 1000
-                lines.append(Line(t, text))
+            if page:
+                upto = page[-1][0].decode()
+            for line, of_video in await asyncio.to_thread(page_lines, page):
+                lines.append(line)
+                video = video or of_video
             if len(page) < PAGE:
                 return lines, upto, video
             start = f"({upto}"

@@ -5,7 +5,7 @@ answer as it is, detections as counts per label, a classifier's best labels. The
 packed into windows that fit the text model's context, each window is summarised, and while
 there is more than one summary, the summaries (labelled with the time they cover) are packed
 and summarised again, until one is left. Every call of a level goes out at once, so they
-are batched on the device.
+are batched on the device (jobs/summaries.py sets how many windows share a model call).
 
 Nothing here touches Redis or a model: `generate` is given (jobs/summaries.py passes the
 daemon's batcher), so the windowing is tested on its own.
@@ -27,7 +27,7 @@ DEFAULT_INSTRUCTION = (
     "Below are timestamped descriptions of frames from one video, in order (or summaries of "
     "its consecutive parts). Write a short summary of what happens in the video."
 )
-LABEL_TOKENS = 16  # what a summary's "[from-to] " label costs, at most, in tokens
+WIDEST_LABEL = "[23:59:59-23:59:59] "  # a summary's time label at its longest
 
 Generate = Callable[[list[str]], Awaitable[list[str]]]
 
@@ -51,7 +51,7 @@ class Summary:
     to_s: float | None
     lines: int  # results summarised
     windows: int  # calls of the first level
-    levels: int  # 0: nothing to summarise
+    levels: int  # 1: one call; more: summaries of summaries
     final: bool = False
     model: str = ""
     created_at: float = field(default_factory=time.time)
@@ -60,7 +60,7 @@ class Summary:
         return asdict(self)
 
 
-def describe(task: str, result: dict[str, Any]) -> str | None:
+def describe(result: dict[str, Any]) -> str | None:
     """One result as a short text, or None when it says nothing a summary can use."""
     if isinstance(result.get("text"), str):
         return result["text"].strip() or None
@@ -87,19 +87,28 @@ def clock(t: float, video: bool) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
 
 
+def room_of(budget: TextBudget) -> int:
+    """Tokens of lines one call may take. Raises SummaryFailed when that cannot hold three
+    summaries (then summaries of summaries would not get shorter)."""
+    room = budget.room * 19 // 20  # a margin: tokens counted line by line may merge when joined
+    label = budget.count(WIDEST_LABEL) + 1
+    if room < 3 * (budget.max_new_tokens + label):
+        raise SummaryFailed(
+            f"the text model's window ({budget.context_tokens} tokens) leaves {max(room, 0)} tokens for the "
+            f"text, too few to summarise summaries of up to {budget.max_new_tokens} tokens: lower the "
+            "model's max_new_tokens, shorten the instruction, or raise window_tokens (up to the model's "
+            "context)")
+    return room
+
+
 async def summarize(lines: list[Line], budget: TextBudget, generate: Generate, video: bool = True) -> Summary:
     """The summary of `lines` (in time order). Raises SummaryFailed."""
     if not lines:
-        return Summary("", None, None, 0, 0, 0)
-    room = budget.room * 19 // 20  # a margin: tokens counted line by line may merge when joined
-    if room < 3 * (budget.max_new_tokens + LABEL_TOKENS):
-        raise SummaryFailed(
-            f"the text model's context ({budget.context_tokens} tokens) leaves {max(room, 0)} tokens for the "
-            f"text, too few to summarise summaries of up to {budget.max_new_tokens} tokens: lower the "
-            "model's max_new_tokens or use a model with a longer context")
+        raise SummaryFailed("none of the job's results says anything to summarise")
     # Counting tokens is CPU work: in a thread (the tokenizer is this budget's own).
-    items = await asyncio.to_thread(
-        _fitted, [(line.t, line.t, f"[{clock(line.t, video)}] ", line.text) for line in lines], room, budget)
+    room = await asyncio.to_thread(room_of, budget)
+    items = await asyncio.to_thread(_fitted, [(line.t, line.t, line.text) for line in lines], room, budget,
+                                    video)
     levels, windows = 0, 0
     while True:
         packed = await asyncio.to_thread(_pack, items, room, budget)
@@ -110,20 +119,22 @@ async def summarize(lines: list[Line], budget: TextBudget, generate: Generate, v
         windows = windows or len(packed)
         if len(packed) == 1:
             return Summary(outs[0].strip(), lines[0].t, lines[-1].t, len(lines), windows, levels)
-        if len(packed) >= len(items):  # cannot happen with items cut to a third of the room
+        if len(packed) >= len(items):  # a guard against looping: _fitted leaves two items per window
             raise SummaryFailed("the summaries do not get shorter: lower the text model's max_new_tokens")
         items = await asyncio.to_thread(
-            _fitted, [(w[0][0], w[-1][1], f"[{clock(w[0][0], video)}-{clock(w[-1][1], video)}] ", out.strip())
-                      for w, out in zip(packed, outs)], room, budget)
+            _fitted, [(w[0][0], w[-1][1], out.strip()) for w, out in zip(packed, outs)], room, budget, video)
 
 
-def _fitted(items: list[tuple[float, float, str, str]], room: int,
-            budget: TextBudget) -> list[tuple[float, float, str]]:
-    """Each item as "label text", the text cut at its end so the whole takes at most a third
-    of the room: any window then holds two items or more, and each level is shorter."""
+def _fitted(items: list[tuple[float, float, str]], room: int, budget: TextBudget,
+            video: bool) -> list[tuple[float, float, str]]:
+    """Each (from, to, text) as "[time] text" (a span's label when from < to), the text cut at
+    its end so the whole takes at most a third of the room: any window then holds two items or
+    more, and each level is shorter."""
     limit = room // 3 - 1
     out = []
-    for start, end, label, text in items:
+    for start, end, text in items:
+        span = clock(start, video) if start == end else f"{clock(start, video)}-{clock(end, video)}"
+        label = f"[{span}] "
         line = label + text
         while len(text) > 1 and (n := budget.count(line)) > limit:
             text = text[: max(1, int(len(text) * limit / n * 0.9))]

@@ -16,7 +16,7 @@ from sightstream.leases import Lease
 from sightstream.redis_conn import make_client
 from tests import hls, tiny_hf
 from tests.conftest import encode
-from tests.integration.helpers import running, serving, settings_for
+from tests.integration.helpers import running, serving, settings_for, wait_for
 from tests.integration.test_jobs import submit, until_status
 
 pytestmark = pytest.mark.integration
@@ -41,6 +41,8 @@ def summary_settings(redis_url, tmp_path, media, **lm):
         "plain": entry(backend="transformers", task="generate", path=str(media / "lm_plain"), max_new_tokens=8),
         "short": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
                        context_tokens=48),
+        "broken": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
+                        adapter="tests.fake_adapters:FailingText"),
     }
     return settings
 
@@ -72,31 +74,30 @@ async def test_a_video_job_is_summarised_in_windows_then_as_a_whole(model, redis
 async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redis, tmp_path, media, gradient):
     async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
         job_id = await submit(client, source="redis://cams:{s}", fps=5, max_seconds=8,
-                              summarize={"model": "llm/tiny", "every_s": 2, "prompt": "Say."})
+                              summarize={"model": "llm/tiny", "every_s": 1, "prompt": "Say."})
         await until_status(client, job_id, "running")
         await asyncio.sleep(0.3)
         ts = int(time.time() * 1000)
         for i in range(3):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 200 * i})
 
-        async def summaries():
+        def summaries():
             return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
                     if f[b"task"] == b"summary"]
 
-        deadline = time.monotonic() + 10
-        while not await summaries():
-            assert time.monotonic() < deadline, "no periodic summary"
-            await asyncio.sleep(0.1)
-        (first,) = await summaries()
-        assert not first["final"] and first["lines"] == 3
-        assert first["from_s"] == pytest.approx(ts / 1000) and first["to_s"] == pytest.approx(ts / 1000 + 0.4)
+        await wait_for(lambda: sum(s["lines"] for s in summaries()) == 3, 15, "periodic summaries of 3 results")
+        first = summaries()[0]
+        assert not first["final"] and first["from_s"] == pytest.approx(ts / 1000)
         for i in range(2):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 2000 + 200 * i})
         job = await until_status(client, job_id, "completed", "failed", timeout=20)
         assert job["status"] == "completed", job["error"]
-        written = await summaries()
+        written = summaries()
         periodic = [s for s in written if not s["final"]]
-        assert [s["lines"] for s in periodic] == [3, 2]  # each covers what came since the one before
+        # each covers what came since the one before: every result once, in time order
+        assert sum(s["lines"] for s in periodic) == 5
+        assert all(a["to_s"] < b["from_s"] for a, b in zip(periodic, periodic[1:]))
+        assert periodic[-1]["to_s"] == pytest.approx(ts / 1000 + 2.2)
         assert written[-1]["final"] and written[-1]["lines"] == 5 == job["counts"]["processed"]
         assert job["summary"] == written[-1] and job["counts"]["summaries"] == len(written)
 
@@ -104,10 +105,11 @@ async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redi
 async def test_a_summary_that_cannot_be_written_fails_the_job(redis_url, tmp_path, media):
     async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
         job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=2,
-                              summarize={"model": "llm/short"})
+                              summarize={"model": "llm/broken", "prompt": "Say."})
         job = await until_status(client, job_id, "completed", "failed", timeout=60)
         assert job["status"] == "failed" and job["summary"] is None
-        assert job["error"].startswith("summary: the text model's context (48 tokens)"), job["error"]
+        assert job["error"].startswith("summary: llm/broken: the model failed:"), job["error"]
+        assert "the text model broke" in job["error"]
         assert job["counts"]["processed"] == 6  # the per-frame results stay
 
 
@@ -125,6 +127,13 @@ async def test_summaries_are_refused_with_reasons(redis_url, tmp_path, media):
         assert "writes text from text" in await refused(422, model="llm/tiny")
         assert "every_s" in await refused(422, summarize={"model": "llm/tiny", "every_s": 0})
         assert "summarize" in await refused(422, summarize={"model": "llm/tiny", "colour": "red"})
+        assert "window (48 tokens)" in await refused(422, summarize={"model": "llm/short"})
+        assert "window (128 tokens)" in await refused(422, summarize={"model": "llm/tiny", "prompt": "say " * 100})
+        no_end = await refused(422, source="redis://cams:{x}", summarize={"model": "llm/tiny"})
+        assert "ends only when cancelled" in no_end
+        r = await client.post("/jobs", json={"model": "tiny/det", "source": "redis://cams:{x}", "max_seconds": 5,
+                                             "summarize": {"model": "llm/tiny", "prompt": "Say."}})
+        assert r.status == 201, await r.text()
 
 
 async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media):
@@ -154,7 +163,7 @@ async def test_summary_writes_are_fenced_and_final_once(redis_url, sync_redis):
     client = make_client(redis_url)
     store = JobStore(client, 60)
     try:
-        job = await store.create(JobSpec("redis://cams:{x}", "tiny/det", summarize={"model": "llm/tiny"}))
+        job = await store.create(JobSpec("redis://cams:{x}", "tiny/det", summarize={"model": "llm/tiny", "prompt": "Say."}))
         lease = Lease(client, keys.job_lease(job.id), 60_000)
         assert await lease.acquire()
         assert (await store.start(job.id, lease.token, "a"))[0]
@@ -244,6 +253,72 @@ async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp
     async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
         base = str(client.make_url("")).rstrip("/")
         with pytest.raises(KeyboardInterrupt):
-            await asyncio.to_thread(command.summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny")
+            await asyncio.to_thread(command.summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
+                                    summary_prompt="Say.")
         (job,) = (await (await client.get("/jobs")).json())["jobs"]
         assert job["status"] == "cancelled"
+
+
+async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the_summary(
+        redis_url, sync_redis, tmp_path, media):
+    from sightstream.errors import SightstreamError
+    from sightstream.jobs.summaries import JobSummaries, SummaryStopped
+
+    client = make_client(redis_url)
+    store = JobStore(client, 60)
+    try:
+        job = await store.create(JobSpec("file:///v.mp4", "tiny/det", summarize={"model": "llm/tiny", "prompt": "Say."}))
+        lease = Lease(client, keys.job_lease(job.id), 60_000)
+        assert await lease.acquire() and (await store.start(job.id, lease.token, "a"))[0]
+        sync_redis.xadd(keys.job_results(job.id), {"task": "detect", "pts_ms": "0",
+                                                    "result": json.dumps({"detections": []})})
+
+        class Batcher:  # the text model's answers, without a daemon
+            calls = 0
+
+            async def submit(self, frames, *args):
+                from sightstream.frames import Published
+
+                Batcher.calls += 1
+                return [Published(f, "", {"result": json.dumps({"text": "ok"})}) for f in frames]
+
+        settings = summary_settings(redis_url, tmp_path, media)
+        from sightstream.models.catalogue import Catalogue
+        from sightstream.models.manager import ModelManager
+
+        create = ModelManager(Catalogue(settings.models)).create
+        ours = JobSummaries(await store.get(job.id), store, lease.token, client, Batcher(), create, 0)
+        assert (await ours.write(final=True))["text"] == "ok" and Batcher.calls == 1
+        resumed = JobSummaries(await store.get(job.id), store, lease.token, client, Batcher(), create, 0)
+        assert resumed.job.summary_final
+        assert await resumed.write(final=True) is None and Batcher.calls == 1  # not recomputed
+        assert await resumed.write(final=False) is None  # nothing after the final one
+
+        job2 = await store.create(JobSpec("file:///v.mp4", "tiny/det", summarize={"model": "llm/tiny", "prompt": "Say."}))
+        lease2 = Lease(client, keys.job_lease(job2.id), 60_000)
+        assert await lease2.acquire() and (await store.start(job2.id, lease2.token, "a"))[0]
+        sync_redis.xadd(keys.job_results(job2.id), {"task": "detect", "pts_ms": "0",
+                                                     "result": json.dumps({"detections": []})})
+        lost = JobSummaries(await store.get(job2.id), store, "not-the-token", client, Batcher(), create, 0)
+        with pytest.raises(SummaryStopped, match="lease was lost"):
+            await lost.write(final=True)
+        assert await store.cancel(job2.id) == "running"
+        cancelled = JobSummaries(await store.get(job2.id), store, lease2.token, client, Batcher(), create, 0)
+        with pytest.raises(SummaryStopped, match="no longer running"):
+            await cancelled.write(final=True)
+
+        class Flaky(JobSummaries):  # a periodic summary that fails goes on to the next period
+            tries = 0
+
+            async def write(self, final):
+                Flaky.tries += 1
+                if Flaky.tries == 1:
+                    raise SightstreamError("Redis went away (simulated)")
+                raise SummaryStopped("done")
+
+        periodic = Flaky(await store.get(job.id), store, lease.token, client, Batcher(), create, 0)
+        periodic.every_s = 0.01
+        await asyncio.wait_for(periodic.periodic(), 5)
+        assert Flaky.tries == 2
+    finally:
+        await client.aclose(close_connection_pool=True)

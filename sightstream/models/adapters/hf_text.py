@@ -9,7 +9,8 @@ greedily by default; only the new tokens are decoded. Result: `{"text": "..."}`.
 
 Options: `max_new_tokens` (256), `do_sample` (false), `temperature` (used only with
 do_sample), `context_tokens` (the model's context length; read from its config by default),
-`dtype` on GPUs.
+`window_tokens` (4096: the most a summary puts in one call, answer included; a call over a
+model's whole 32k context takes minutes on a CPU, past `inference_timeout_s`), `dtype`.
 
 `budget(instruction)` tells a caller (the summariser) how much text fits in one call without
 loading the model: the context length, the tokens left for the answer, and a token counter.
@@ -29,13 +30,14 @@ from sightstream.models.adapters import hf_common
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
 # transformers' placeholder for "no limit" in tokenizer_config.json (int(1e30))
 NO_LIMIT = 10**9
+WINDOW_TOKENS = 4096
 
 
 @dataclass(frozen=True)
 class TextBudget:
-    """How much fits in one call: `context_tokens` in all, `max_new_tokens` of them kept for
-    the answer, `overhead` taken by the template and the instruction; `count` counts a text's
-    tokens as the model will see them."""
+    """How much fits in one call: `context_tokens` in all (the model's context, or less: the
+    `window_tokens` option), `max_new_tokens` of them kept for the answer, `overhead` taken by
+    the template and the instruction; `count` counts a text's tokens as the model will see them."""
 
     context_tokens: int
     max_new_tokens: int
@@ -58,6 +60,7 @@ class HfTextGenerator(hf_common.HfAdapter):
         self.do_sample = bool(options.get("do_sample", False))
         self.temperature = float(options.get("temperature", 1.0))
         self._context = int(options["context_tokens"]) if "context_tokens" in options else None
+        self.window_tokens = int(options.get("window_tokens", WINDOW_TOKENS))
         self._tokenizer: Any = None
 
     @staticmethod
@@ -90,7 +93,8 @@ class HfTextGenerator(hf_common.HfAdapter):
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         # +2: the blank line between the instruction and the text, and a merge at the seam
-        return TextBudget(context, self.max_new_tokens, count(_render(tokenizer, instruction, "")) + 2, count)
+        overhead = len(_encode(tokenizer, _render(tokenizer, instruction, ""))) + 2
+        return TextBudget(min(context, self.window_tokens), self.max_new_tokens, overhead, count)
 
     def prepare(self, texts: list[Any], prompt: Prompt | None = None,
                 contexts: Any = None) -> hf_common.Inputs:
@@ -98,7 +102,9 @@ class HfTextGenerator(hf_common.HfAdapter):
             raise ModelError("a text generation model takes text, not images")
         instruction = prompt.text.strip() if prompt else ""
         rendered = [_render(self._tokenizer, instruction, t) for t in texts]
-        tokens = self._tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        # a chat template writes its own special tokens; plain text gets the model's (BOS)
+        tokens = self._tokenizer(rendered, return_tensors="pt", padding=True,
+                                 add_special_tokens=not _has_template(self._tokenizer))
         length = int(tokens["input_ids"].shape[1])
         context = self._context or DEFAULT_CONTEXT
         if length + self.max_new_tokens > context:
@@ -136,11 +142,20 @@ def _tokenizer(source: str) -> Any:
     return tokenizer
 
 
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """A rendered message's tokens as `prepare` makes them."""
+    return list(tokenizer(text, add_special_tokens=not _has_template(tokenizer))["input_ids"])
+
+
 def _render(tokenizer: Any, instruction: str, text: str) -> str:
     """One user message: the instruction, a blank line, the text; through the chat template
     when the tokenizer has one (the assistant's turn opened), else as is."""
     content = f"{instruction}\n\n{text}" if instruction and text else instruction or text
-    if getattr(tokenizer, "chat_template", None):
+    if _has_template(tokenizer):
         return str(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                  add_generation_prompt=True))
     return content
