@@ -170,6 +170,35 @@ class HfAdapter:
         self._stream = None
 
 
+class ImageToText(HfAdapter):
+    """A captioning or question-answering model (`task`: caption | vqa) that generates text:
+    options `task`, `max_new_tokens` (64) and, for chat VLMs, `caption_question` (what a
+    caption asks when the prompt is empty)."""
+
+    takes_prompt = True
+    check_prompt = staticmethod(check_question)
+
+    def __init__(self, path: str, options: dict[str, Any]) -> None:
+        super().__init__(path, options)
+        self.task = str(options.get("task", "caption"))
+        self.max_new_tokens = int(options.get("max_new_tokens", 64))
+        self.caption_question = str(options.get("caption_question", "Describe this image in one sentence."))
+
+    def question(self, prompt: Any) -> str:
+        """The prompt's question, or the caption question. Raises ModelError for a vqa model
+        without one."""
+        text = prompt.text.strip() if prompt else ""
+        if self.task == "vqa" and not text:
+            raise ModelError("a vqa model needs a question: set the pipeline's prompt")
+        return text or self.caption_question
+
+    @staticmethod
+    def new_text(decoder: Any, inputs: Inputs, ids: Any) -> list[str]:
+        """What `generate` added after the prompt's tokens, decoded, per row."""
+        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
+        return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
+
+
 class ImageModel(HfAdapter):
     """A staged model whose processor takes images alone and whose forward takes all the
     processor's tensors (detection, depth, classification): subclasses name their transformers

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
@@ -24,16 +23,7 @@ TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_e
         "<|im_start|>assistant\n")
 
 
-class HfQwenVL(hf_common.HfAdapter):
-    takes_prompt = True
-    check_prompt = staticmethod(hf_common.check_question)
-
-    def __init__(self, path: str, options: dict[str, Any]) -> None:
-        super().__init__(path, options)
-        self.task = str(options.get("task", "caption"))
-        self.max_new_tokens = int(options.get("max_new_tokens", 64))
-        self.caption_question = str(options.get("caption_question", "Describe this image in one sentence."))
-
+class HfQwenVL(hf_common.ImageToText):
     def load(self, device: str) -> None:
         source = self.source()
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -48,10 +38,7 @@ class HfQwenVL(hf_common.HfAdapter):
 
     def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
                 contexts: Any = None) -> hf_common.Inputs:
-        question = prompt.text.strip() if prompt else ""
-        if self.task == "vqa" and not question:
-            raise ModelError("a vqa model needs a question: set the pipeline's prompt")
-        question = question or self.caption_question
+        question = self.question(prompt)
         vision = self._images(images=images, return_tensors="pt")
         grids = vision["image_grid_thw"]
         texts = [TURN.format(image=self._pad * (int(g.prod()) // self._merge**2), question=question)
@@ -64,6 +51,4 @@ class HfQwenVL(hf_common.HfAdapter):
             **tensors, max_new_tokens=self.max_new_tokens, do_sample=False))
 
     def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
-        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
-        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [Prediction({"text": t.strip()}) for t in texts]
+        return [Prediction({"text": t}) for t in self.new_text(self._tokenizer, inputs, ids)]

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
@@ -34,15 +33,9 @@ from sightstream.models.adapters import hf_common
 TURN = "<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"
 
 
-class HfSmolVLM(hf_common.HfAdapter):
-    takes_prompt = True
-    check_prompt = staticmethod(hf_common.check_question)
-
+class HfSmolVLM(hf_common.ImageToText):
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)
-        self.task = str(options.get("task", "caption"))
-        self.max_new_tokens = int(options.get("max_new_tokens", 64))
-        self.caption_question = str(options.get("caption_question", "Describe this image in one sentence."))
         self.split = bool(options.get("do_image_splitting", False))
 
     def load(self, device: str) -> None:
@@ -67,10 +60,7 @@ class HfSmolVLM(hf_common.HfAdapter):
 
     def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
                 contexts: Any = None) -> hf_common.Inputs:
-        question = prompt.text.strip() if prompt else ""
-        if self.task == "vqa" and not question:
-            raise ModelError("a vqa model needs a question: set the pipeline's prompt")
-        text = self.turn(question or self.caption_question)
+        text = self.turn(self.question(prompt))
         tensors = self._processor(images=[[image] for image in images], text=[text] * len(images),
                                   padding=True, padding_side="left", return_tensors="pt")
         return self.host_inputs(tensors, images)
@@ -80,6 +70,4 @@ class HfSmolVLM(hf_common.HfAdapter):
             **tensors, max_new_tokens=self.max_new_tokens, do_sample=False))
 
     def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
-        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
-        texts = self._processor.batch_decode(new, skip_special_tokens=True)
-        return [Prediction({"text": t.strip()}) for t in texts]
+        return [Prediction({"text": t}) for t in self.new_text(self._processor, inputs, ids)]

@@ -18,14 +18,9 @@ from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 
-class HfImageToText(hf_common.HfAdapter):
-    takes_prompt = True
-    check_prompt = staticmethod(hf_common.check_question)
-
+class HfImageToText(hf_common.ImageToText):
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)
-        self.task = str(options.get("task", "caption"))
-        self.max_new_tokens = int(options.get("max_new_tokens", 64))
         self.num_beams = int(options.get("num_beams", 1))
 
     def load(self, device: str) -> None:
