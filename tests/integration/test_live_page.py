@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sightstream import keys
+from sightstream.jobs.store import JobSpec
 from tests.conftest import encode
 from tests.integration.helpers import serving, settings_for, wait_for
 
@@ -83,6 +86,10 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
         for shade, source in zip((60, 180), SOURCES):
             sync_redis.xadd(source, {"image": scene(shade)})
         await wait_for(lambda: len(d.snapshots.list()) == 2, what="two sources' results")
+        job = await d.jobs.create(JobSpec("redis://yard:{cam}", "tiny/det", max_seconds=1))
+        sync_redis.hset(keys.job(job.id), "summary", json.dumps(
+            {"text": "Two dogs cross the yard.", "from_s": 0, "to_s": 1, "lines": 2, "windows": 1, "levels": 1,
+             "final": True, "model": "llm/tiny", "created_at": 0}))
         url = f"{client.make_url('/')}#token={TOKEN}"
         screenshot = Path(os.environ.get("SIGHTSTREAM_PAGE_SCREENSHOT", tmp_path / "page.png"))
         common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -96,6 +103,7 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
     assert len(re.findall(r'<img alt="" src="blob:[^"]+" data-width="320" data-seq="1">', dom)) == 2
     assert 'data-pipeline="people"><td>people</td><td>tiny/det</td>' in dom  # the pipeline table
     assert "1 x dog" in dom and "2 sources" in dom
+    assert '<blockquote class="summary">summary: Two dogs cross the yard.</blockquote>' in dom  # under its job
     assert '<body class="solo">' in alone  # #source= opens one source alone, large
     assert re.findall(r'<div class="tile big" data-pipeline="people" data-source="([^"]+)">', alone) == [
         "frames:{yard}"]
