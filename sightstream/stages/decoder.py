@@ -1,9 +1,15 @@
 """Decoder: image bytes or raw pixels to an RGB array, off the event loop.
 
 The format is told by magic bytes, never by a field. Pixel counts are checked from the header
-before any pixel is decoded (decompression bombs). When the model's input is much smaller
-than the frame, JPEGs are decoded at 1/2, 1/4 or 1/8 scale by the DCT (Pillow's `draft`):
-the adapter letterboxes to its input anyway, and boxes are mapped back to full-frame pixels.
+before any pixel is decoded (decompression bombs). When the model's input is at most half
+the frame, JPEGs are decoded at a reduced scale by the DCT, never below the model's input: the
+adapter letterboxes to its input anyway, and boxes are mapped back to full-frame pixels.
+
+JPEGs in YCbCr or grey (every camera's) go straight to libjpeg-turbo through simplejpeg:
+5x less fixed cost than Pillow on a small frame, half the time on a 1280x720 one, the same
+pixels at full size; reduced, by any of libjpeg's n/8 factors (Pillow's `draft` only halves).
+Other JPEGs (CMYK), any JPEG simplejpeg refuses (corrupt, truncated: Pillow then says why) and
+the other formats go through Pillow.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 from sightstream.errors import FrameError
@@ -53,6 +60,8 @@ def decode_image(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Encoded bytes to (RGB array, original (width, height)). Raises FrameError."""
     fmt = sniff(data)
+    if fmt == "JPEG" and (fast := _turbo_jpeg(data, max_pixels, target)) is not None:
+        return fast
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = im.size
@@ -71,6 +80,29 @@ def decode_image(
     except Exception as e:  # Pillow raises many types for corrupt or truncated data
         raise FrameError("bad_image", f"the {fmt} image cannot be decoded: {e}") from None
     return array, (width, height)
+
+
+def _turbo_jpeg(data: bytes, max_pixels: int,
+                target: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A YCbCr or grey JPEG through simplejpeg; None: Pillow decodes it (and names any error)."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if width * height > max_pixels:
+        raise FrameError("too_large", f"the image is {width}x{height}, over the {max_pixels}-pixel limit")
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    least = (0, 0)  # the DCT scales down by the largest factor that keeps these
+    if target is not None:
+        scale = min(target[0] / width, target[1] / height)
+        if scale <= 0.5:
+            least = (max(1, int(width * scale)), max(1, int(height * scale)))
+    try:
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=least[0], min_height=least[1])
+    except ValueError:
+        return None
+    return pixels, (width, height)
 
 
 def decode_raw(fields: dict[bytes, bytes], max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -45,6 +45,43 @@ def test_large_jpeg_is_dct_scaled_when_the_model_input_is_small(astronaut):
     assert scaled.shape[0] < 2048 and scaled.shape[0] >= 320  # never below the model's input
 
 
+@pytest.mark.parametrize("target", [None, (640, 384), (320, 320), (100, 50)])
+def test_camera_jpegs_decode_as_pillow_does_full_and_dct_scaled(astronaut, target):
+    """YCbCr JPEGs go through libjpeg-turbo directly (simplejpeg): at full size the pixels are
+    Pillow's; DCT-scaled, by the largest of libjpeg's factors (n/8) that keeps the model's
+    input, and the picture is the same."""
+    import io
+
+    from PIL import Image
+
+    big = np.asarray(np.kron(astronaut, np.ones((2, 2, 1), dtype=np.uint8)))  # 1024x1024
+    data = encode(big, "JPEG", quality=85)
+    fast, size = decode_image(data, MAX, target)
+    pillow = Image.open(io.BytesIO(data)).convert("RGB")
+    assert size == (1024, 1024)
+    if target is None:
+        assert np.array_equal(fast, np.asarray(pillow))
+        return
+    least = max(1, int(1024 * min(target[0] / 1024, target[1] / 1024)))
+    assert fast.shape[0] == fast.shape[1] and least <= fast.shape[0] <= 512
+    assert fast.shape[0] == max(128, -(-least // 128) * 128)  # n/8 of 1024, never below 1/8
+    resized = np.asarray(pillow.resize(fast.shape[1::-1], Image.Resampling.BOX))
+    assert np.abs(fast.astype(int) - resized).mean() < 4
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_come_out_rgb(gradient, mode):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(gradient).convert(mode).save(buffer, "JPEG", quality=95)
+    array, size = decode_image(buffer.getvalue(), MAX)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert size == (96, 64) and array.shape == (64, 96, 3) and np.array_equal(array, expected)
+
+
 def test_small_jpeg_is_not_scaled(gradient):
     array, _ = decode_image(encode(gradient, "JPEG"), MAX, target=(640, 640))
     assert array.shape == (64, 96, 3)
