@@ -27,6 +27,13 @@ def deadletter_stream(pipeline: str, source: str) -> str:
     return DEADLETTER.format(pipeline=pipeline, source=source)
 
 
+def video_input_source(job_id: str, url: str, cluster: bool) -> str:
+    """The source key in a pipeline's video input's stream names: its URL. On a Redis Cluster,
+    the job's hash tag `{<id>}` comes first, so the input's results and dead-letters share the
+    job's slot: its fenced scripts write them beside the job's hash."""
+    return f"{{{job_id}}}{url}" if cluster else url
+
+
 def sample_key(pipeline: str, source: str, bucket: int) -> str:
     """First-frame-wins marker of one FPS time bucket of one source (shared by all daemons)."""
     return f"{INTERNAL_PREFIX}sample:{pipeline}:{source}:{bucket}"

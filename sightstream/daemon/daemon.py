@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from sightstream import keys, log
@@ -33,9 +34,9 @@ from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.daemon.snapshots import Snapshots
 from sightstream.errors import ConfigError, ModelError
-from sightstream.jobs.runner import JobRunner
+from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
-from sightstream.jobs.store import JobStore
+from sightstream.jobs.store import JobStore, input_job_id
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -138,14 +139,18 @@ class Daemon:
             if entry.task == "generate":
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {p.model} writes text from "
                                   "text and cannot read frames (it writes jobs' summaries)")
-            if p.videos and self.settings.redis_cluster:
-                raise ConfigError(f"invalid setting pipelines[{p.name}].input: video inputs ({p.videos[0]}) "
-                                  "are not supported on Redis Cluster yet; run them as jobs (POST /jobs)")
             for url in p.videos:
                 try:
                     check_source(url, self.settings.jobs, trusted=True)
                 except SourceRefused as e:
                     raise ConfigError(f"invalid setting pipelines[{p.name}].input: {url}: {e}") from None
+                spec = input_spec(p, url, self.settings.redis_cluster)
+                if self.settings.redis_cluster and key_slot(spec.output.encode()) != key_slot(
+                        keys.job(input_job_id(p.name, url)).encode()):
+                    raise ConfigError(
+                        f"invalid setting pipelines[{p.name}].output: on Redis Cluster a video input's "
+                        f"results must share its job's slot, and {spec.output} does not: keep {{source}} in "
+                        "the output template, before any other {...}")
             if not p.prompt_from:
                 continue
             if not takes_detections:

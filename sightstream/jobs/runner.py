@@ -43,6 +43,15 @@ _log = log.get(__name__)
 DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 
 
+def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
+    """A pipeline's video input as a job: its results in the pipeline's output for the source,
+    named with the job's hash tag on a Redis Cluster (keys.video_input_source)."""
+    source = keys.video_input_source(input_job_id(pipeline.name, url), url, cluster)
+    return JobSpec(url, pipeline.model, pipeline.fps, pipeline=pipeline.name,
+                   output=keys.result_stream(pipeline.output, pipeline.name, source),
+                   deadletter=keys.deadletter_stream(pipeline.name, source) if cluster else "")
+
+
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
@@ -60,8 +69,7 @@ class JobRunner:
         self._create = create  # a new, unloaded adapter for a model id (summaries' budgets)
         # This config's video inputs, by job id; registered in Redis on the first round.
         self._pipelines = {p.name: p for p in settings.pipelines}
-        self._inputs = {input_job_id(p.name, url): JobSpec(url, p.model, p.fps, pipeline=p.name,
-                                                           output=keys.result_stream(p.output, p.name, url))
+        self._inputs = {input_job_id(p.name, url): input_spec(p, url, settings.redis_cluster)
                         for p in settings.pipelines for url in p.videos}
         self._registered = False
         self._wake = asyncio.Event()

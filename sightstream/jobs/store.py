@@ -141,6 +141,7 @@ class JobSpec:
     # output stream for the source, the prompt follows the pipeline's, and it never expires.
     pipeline: str = ""
     output: str = ""
+    deadletter: str = ""  # a video input's dead-letter stream ("": the default for its source)
     # {"model": text model, "prompt": instruction, "every_s": period or None}: write summaries
     summarize: dict[str, Any] | None = None
 
@@ -174,7 +175,7 @@ class Job:
     def deadletter_stream(self) -> str:
         spec = self.spec
         if spec.pipeline:
-            return keys.deadletter_stream(spec.pipeline, spec.source)
+            return spec.deadletter or keys.deadletter_stream(spec.pipeline, spec.source)
         return keys.job_deadletter(self.id)
 
     @classmethod
@@ -183,7 +184,7 @@ class Job:
         spec = JobSpec(h["source"], h["model"], float(h.get("fps") or 0), h.get("prompt", ""),
                        int(h["max_frames"]) if h.get("max_frames") else None,
                        float(h["max_seconds"]) if h.get("max_seconds") else None, h.get("created_by", ""),
-                       h.get("pipeline", ""), h.get("output", ""),
+                       h.get("pipeline", ""), h.get("output", ""), h.get("deadletter", ""),
                        json.loads(h["summarize"]) if h.get("summarize") else None)
         return cls(
             job_id, spec, h["status"], h["created_at"], h.get("started_at") or None,
@@ -239,7 +240,7 @@ class JobStore:
         fields: dict[Any, Any] = {
             "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": "",
             "max_frames": "", "max_seconds": "", "created_by": "config", "pipeline": spec.pipeline,
-            "output": spec.output,
+            "output": spec.output, "deadletter": spec.deadletter,
         }
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=fields)

@@ -100,13 +100,28 @@ async def test_a_source_whose_results_would_be_in_another_slot_is_not_read(clust
     assert rc.xlen("frames:cam9") == 1 and not rc.exists("results:people:frames:cam9")
 
 
-def test_video_inputs_are_refused_on_a_cluster_at_start(cluster, tmp_path):
+async def test_a_video_input_runs_on_a_cluster_in_its_job_s_slot(cluster, rc, tmp_path):
+    """A pipeline's video input is a job: its results and dead-letters are named with the job's
+    hash tag, so its fenced scripts write them beside the job's hash."""
     from sightstream.daemon.daemon import Daemon as InProcess
+    from sightstream.jobs.store import input_job_id
+    from tests import hls
 
-    settings = cluster_settings(cluster, tmp_path, [{"input": ["file:///srv/clip.mp4"]}],
-                                jobs={"allowed_paths": ["/srv"]})
-    with pytest.raises(ConfigError, match="not supported on Redis Cluster"):
-        InProcess(settings)
+    hls.make_clip(tmp_path / "clip.mp4", seconds=2, fps=10)
+    url = f"file://{tmp_path}/clip.mp4"
+    settings = cluster_settings(cluster, tmp_path, [{"input": ["frames:{cam0}", url], "fps": 2}])
+    job_id = input_job_id("people", url)
+    results = f"results:people:{{{job_id}}}{url}"
+    async with running(settings):
+        await wait_for(lambda: rc.xlen(results) == 4, 30, "the video's 4 results")
+    assert key_slot(results.encode()) == key_slot(f"sightstream:job:{{{job_id}}}".encode())
+    fields = [f for _, f in rc.xrange(results)]
+    assert {f[b"source"] for f in fields} == {url.encode()} and not rc.exists(f"results:people:{url}")
+    assert rc.hget(f"sightstream:job:{{{job_id}}}", "deadletter") == f"deadletter:people:{{{job_id}}}{url}".encode()
+
+    elsewhere = cluster_settings(cluster, tmp_path, [{"input": [url], "output": "out:{{shard}}:{source}"}])
+    with pytest.raises(ConfigError, match="must share its job's slot"):
+        InProcess(elsewhere)
 
 
 @pytest.mark.timeout(120)
