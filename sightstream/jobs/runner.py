@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sightstream import keys, log
+from sightstream.channels import follow_channel
 from sightstream.config import PipelineSettings, Settings
 from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
@@ -36,7 +37,7 @@ from sightstream.leases import Lease
 from sightstream.metrics import Metrics
 from sightstream.prompts import PromptBook
 from sightstream.stages.adhoc import AdhocBatcher
-from sightstream.stages.flow import RedisRetry, Stopped, backoff_s
+from sightstream.stages.flow import RedisRetry, backoff_s
 from sightstream.stages.video_reader import VideoSourceError
 
 _log = log.get(__name__)
@@ -249,26 +250,16 @@ class JobRunner:
             task.cancel(f"lease lost: {why}")
 
     async def _follow_notices(self) -> None:
+        async def caught_up() -> None:
+            self._wake.set()  # jobs submitted while unsubscribed
+
+        async def notice(data: bytes) -> None:
+            kind, _, job_id = data.decode().partition(":")
+            if kind == "new":
+                self._wake.set()
+            elif kind == "cancel" and (task := self.running.get(job_id)) is not None:
+                task.cancel("cancelled")
+
         retry = RedisRetry("job_notices", self._metrics, self._stop)
-        while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.JOBS_CHANNEL)
-                self._wake.set()  # jobs submitted while unsubscribed
-                retry.succeeded()
-                while not self._stop.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    kind, _, job_id = message["data"].decode().partition(":")
-                    if kind == "new":
-                        self._wake.set()
-                    elif kind == "cancel" and (task := self.running.get(job_id)) is not None:
-                        task.cancel("cancelled")
-            except (RedisError, OSError) as e:
-                try:
-                    await retry.failed(e)
-                except Stopped:
-                    return
-            finally:
-                await pubsub.aclose()
+        await follow_channel(self._client, keys.JOBS_CHANNEL, retry, self._stop, caught_up=caught_up,
+                             on_message=notice)
