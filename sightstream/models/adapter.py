@@ -14,7 +14,7 @@ An adapter is either whole or staged:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -62,7 +62,7 @@ class Staged(Protocol):
     def finish(self, prepared: Any, outputs: Any) -> list[Prediction]: ...
 
 
-def is_staged(adapter: object) -> bool:
+def is_staged(adapter: object) -> TypeGuard[Staged]:
     return callable(getattr(adapter, "prepare", None)) and callable(getattr(adapter, "finish", None))
 
 
