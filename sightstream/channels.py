@@ -10,7 +10,10 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from sightstream import log
 from sightstream.stages.flow import RedisRetry, Stopped
+
+_log = log.get(__name__)
 
 
 async def follow_channel(
@@ -32,9 +35,9 @@ async def follow_channel(
             while not stop.is_set():
                 message = await pubsub.get_message(timeout=min(1.0, tick_s))
                 if message is not None and message.get("type") == "message":
-                    await on_message(message["data"])
+                    await _survive(on_message(message["data"]), channel)
                 if tick is not None and loop.time() >= next_tick:
-                    await tick()
+                    await _survive(tick(), channel)
                     next_tick = loop.time() + tick_s
         except (RedisError, OSError) as e:
             try:
@@ -43,3 +46,14 @@ async def follow_channel(
                 return
         finally:
             await pubsub.aclose()
+
+
+async def _survive(call: Awaitable[None], channel: str) -> None:
+    """A handler's Redis errors reach the retry loop; any other (a malformed notice someone
+    published) is logged, and the channel is followed on."""
+    try:
+        await call
+    except (RedisError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad notice must not end the following
+        _log.warning("notice_not_handled", channel=channel, error=repr(e))

@@ -8,6 +8,7 @@ Lua script needs (it touches the input and the output stream in one call).
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 
 DEFAULT_OUTPUT = "results:{pipeline}:{source}"
 DEADLETTER = "deadletter:{pipeline}:{source}"
@@ -27,11 +28,16 @@ def deadletter_stream(pipeline: str, source: str) -> str:
     return DEADLETTER.format(pipeline=pipeline, source=source)
 
 
-def video_input_source(job_id: str, url: str, cluster: bool) -> str:
+def input_job_id(pipeline: str, url: str) -> str:
+    """The job of a pipeline's video input: the same id on every daemon of the group."""
+    return hashlib.sha1(f"{pipeline}\n{url}".encode()).hexdigest()[:20]
+
+
+def video_input_source(pipeline: str, url: str, cluster: bool) -> str:
     """The source key in a pipeline's video input's stream names: its URL. On a Redis Cluster,
-    the job's hash tag `{<id>}` comes first, so the input's results and dead-letters share the
-    job's slot: its fenced scripts write them beside the job's hash."""
-    return f"{{{job_id}}}{url}" if cluster else url
+    the input's job's hash tag `{<id>}` comes first, so its results and dead-letters share the
+    job's slot: the job's fenced scripts write them beside its hash."""
+    return f"{{{input_job_id(pipeline, url)}}}{url}" if cluster else url
 
 
 def sample_key(pipeline: str, source: str, bucket: int) -> str:

@@ -9,13 +9,14 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
+from sightstream import keys
 from sightstream.config import PipelineSettings
 from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.backlog import group_backlog
 from sightstream.daemon.daemon import Daemon
-from sightstream.jobs.store import input_job_id
+from sightstream.jobs.runner import input_spec
 
 api = Api("pipelines")
 
@@ -45,6 +46,9 @@ class Latency(BaseModel):
 class VideoInput(BaseModel):
     url: str
     job_id: str = Field(description="GET /jobs/{id} tells more")
+    results_stream: str = Field(description="where its results go (on Redis Cluster, named with the job's "
+                                            "hash tag)")
+    deadletter_stream: str
     status: str = Field(description="pending | running | completed (a VOD read to its end)")
     holder: str = Field(description="the daemon reading it")
     attempt: int
@@ -127,16 +131,19 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
 async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
     out = []
     for url in p.videos:
-        job_id = input_job_id(p.name, url)
+        job_id = keys.input_job_id(p.name, url)
+        spec = input_spec(p, url, d.settings.redis_cluster)
+        streams = {"results_stream": spec.output,
+                   "deadletter_stream": spec.deadletter or keys.deadletter_stream(p.name, url)}
         job = await d.jobs.get(job_id)
         if job is None:  # not registered yet (Redis was down at start)
             out.append(VideoInput(url=url, job_id=job_id, status="pending", holder="", attempt=0,
-                                  processed=0))
+                                  processed=0, **streams))
             continue
         error = job.progress.get("last_error")
         out.append(VideoInput(url=url, job_id=job_id, status=job.status, holder=job.holder,
                               attempt=job.attempt, processed=job.counts.get("processed", 0),
-                              last_error=str(error) if error else None))
+                              last_error=str(error) if error else None, **streams))
     return out
 
 

@@ -36,7 +36,7 @@ from sightstream.daemon.snapshots import Snapshots
 from sightstream.errors import ConfigError, ModelError
 from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
-from sightstream.jobs.store import JobStore, input_job_id
+from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
@@ -146,7 +146,7 @@ class Daemon:
                     raise ConfigError(f"invalid setting pipelines[{p.name}].input: {url}: {e}") from None
                 spec = input_spec(p, url, self.settings.redis_cluster)
                 if self.settings.redis_cluster and key_slot(spec.output.encode()) != key_slot(
-                        keys.job(input_job_id(p.name, url)).encode()):
+                        keys.job(keys.input_job_id(p.name, url)).encode()):
                     raise ConfigError(
                         f"invalid setting pipelines[{p.name}].output: on Redis Cluster a video input's "
                         f"results must share its job's slot, and {spec.output} does not: keep {{source}} in "

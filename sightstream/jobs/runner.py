@@ -30,7 +30,7 @@ from sightstream.channels import follow_channel
 from sightstream.config import PipelineSettings, Settings
 from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
-from sightstream.jobs.store import Job, JobSpec, JobStore, input_job_id
+from sightstream.jobs.store import Job, JobSpec, JobStore
 from sightstream.jobs.summaries import JobSummaries, SummaryStopped
 from sightstream.jobs.summary import SummaryFailed
 from sightstream.leases import Lease
@@ -47,7 +47,7 @@ DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
     """A pipeline's video input as a job: its results in the pipeline's output for the source,
     named with the job's hash tag on a Redis Cluster (keys.video_input_source)."""
-    source = keys.video_input_source(input_job_id(pipeline.name, url), url, cluster)
+    source = keys.video_input_source(pipeline.name, url, cluster)
     return JobSpec(url, pipeline.model, pipeline.fps, pipeline=pipeline.name,
                    output=keys.result_stream(pipeline.output, pipeline.name, source),
                    deadletter=keys.deadletter_stream(pipeline.name, source) if cluster else "")
@@ -70,7 +70,7 @@ class JobRunner:
         self._create = create  # a new, unloaded adapter for a model id (summaries' budgets)
         # This config's video inputs, by job id; registered in Redis on the first round.
         self._pipelines = {p.name: p for p in settings.pipelines}
-        self._inputs = {input_job_id(p.name, url): input_spec(p, url, settings.redis_cluster)
+        self._inputs = {keys.input_job_id(p.name, url): input_spec(p, url, settings.redis_cluster)
                         for p in settings.pipelines for url in p.videos}
         self._registered = False
         self._wake = asyncio.Event()

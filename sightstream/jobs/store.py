@@ -10,7 +10,6 @@ so a resumed job never reports a frame twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -114,11 +113,6 @@ return status
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def input_job_id(pipeline: str, url: str) -> str:
-    """The job of a pipeline's video input: the same id on every daemon of the group."""
-    return hashlib.sha1(f"{pipeline}\n{url}".encode()).hexdigest()[:20]
 
 
 def new_id() -> str:
@@ -234,7 +228,7 @@ class JobStore:
     async def ensure(self, spec: JobSpec) -> str:
         """A pipeline's video input as a job, created once (its id comes from the pipeline and
         the URL, so every daemon of the group names the same job); its spec follows the config."""
-        job_id = input_job_id(spec.pipeline, spec.source)
+        job_id = keys.input_job_id(spec.pipeline, spec.source)
         key = keys.job(job_id)
         created = await self._client.hsetnx(key, "created_at", now_iso())
         fields: dict[Any, Any] = {

@@ -104,7 +104,7 @@ async def test_a_video_input_runs_on_a_cluster_in_its_job_s_slot(cluster, rc, tm
     """A pipeline's video input is a job: its results and dead-letters are named with the job's
     hash tag, so its fenced scripts write them beside the job's hash."""
     from sightstream.daemon.daemon import Daemon as InProcess
-    from sightstream.jobs.store import input_job_id
+    from sightstream.keys import input_job_id
     from tests import hls
 
     hls.make_clip(tmp_path / "clip.mp4", seconds=2, fps=10)

@@ -111,6 +111,17 @@ output = "out:{source}:{pipeline}"
     assert inputs["tracks"] == ["results:elsewhere:*"]  # given: the upstream runs elsewhere
 
 
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_chain_after_a_video_input_reads_the_streams_it_writes(cluster):
+    from sightstream import keys
+
+    url = "https://cam.example/live.m3u8"
+    s = Settings(redis_cluster=cluster, pipelines=[
+        {"name": "people", "input": ["frames:{a}", url]}, {"name": "masks", "prompt_from": "people"}])
+    tag = f"{{{keys.input_job_id('people', url)}}}" if cluster else ""
+    assert s.pipelines[1].input == ["results:people:frames:{a}", f"results:people:{tag}{url}"]
+
+
 def test_a_model_no_adapter_serves_is_refused_at_start():
     from sightstream.daemon.daemon import Daemon
 

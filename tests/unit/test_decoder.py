@@ -45,11 +45,10 @@ def test_large_jpeg_is_dct_scaled_when_the_model_input_is_small(astronaut):
     assert scaled.shape[0] < 2048 and scaled.shape[0] >= 320  # never below the model's input
 
 
-@pytest.mark.parametrize("target", [None, (640, 384), (320, 320), (100, 50)])
-def test_camera_jpegs_decode_as_pillow_does_full_and_dct_scaled(astronaut, target):
-    """YCbCr JPEGs go through libjpeg-turbo directly (simplejpeg): at full size the pixels are
-    Pillow's; DCT-scaled, by the largest of libjpeg's factors (n/8) that keeps the model's
-    input, and the picture is the same."""
+@pytest.mark.parametrize("target", [None, (640, 384), (384, 384), (320, 320), (100, 50)])
+def test_camera_jpegs_decode_to_pillow_s_pixels_full_and_dct_scaled(astronaut, target):
+    """YCbCr JPEGs go through libjpeg-turbo directly (simplejpeg): the pixels, and the DCT scale
+    (1/2, 1/4 or 1/8: the other n/8 factors are slower), are Pillow's."""
     import io
 
     from PIL import Image
@@ -57,16 +56,60 @@ def test_camera_jpegs_decode_as_pillow_does_full_and_dct_scaled(astronaut, targe
     big = np.asarray(np.kron(astronaut, np.ones((2, 2, 1), dtype=np.uint8)))  # 1024x1024
     data = encode(big, "JPEG", quality=85)
     fast, size = decode_image(data, MAX, target)
-    pillow = Image.open(io.BytesIO(data)).convert("RGB")
-    assert size == (1024, 1024)
-    if target is None:
-        assert np.array_equal(fast, np.asarray(pillow))
-        return
-    least = max(1, int(1024 * min(target[0] / 1024, target[1] / 1024)))
-    assert fast.shape[0] == fast.shape[1] and least <= fast.shape[0] <= 512
-    assert fast.shape[0] == max(128, -(-least // 128) * 128)  # n/8 of 1024, never below 1/8
-    resized = np.asarray(pillow.resize(fast.shape[1::-1], Image.Resampling.BOX))
-    assert np.abs(fast.astype(int) - resized).mean() < 4
+    pillow = Image.open(io.BytesIO(data))
+    if target is not None:
+        scale = min(target[0] / 1024, target[1] / 1024)
+        if scale <= 0.5:
+            pillow.draft("RGB", (int(1024 * scale), int(1024 * scale)))
+    assert size == (1024, 1024) and np.array_equal(fast, np.asarray(pillow.convert("RGB")))
+
+
+def test_a_jpeg_simplejpeg_cannot_name_is_decoded_by_pillow_and_a_decoder_bug_is_a_bad_image(monkeypatch):
+    """libjpeg-turbo 3.1 reports 1x4 luma sampling (what `jpegtran -transpose` makes of 4:1:1),
+    which simplejpeg 1.9 has no name for (KeyError): Pillow decodes the frame instead."""
+    import io
+
+    from PIL import Image
+
+    from sightstream.stages import decoder
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(buffer, "JPEG", quality=90, subsampling=0)
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    assert data[sof + 11] == 0x11  # component 1: 1x1 sampling
+    data[sof + 11] = 0x14  # 1x4
+    try:
+        array, size = decode_image(bytes(data), MAX)
+        assert size == (32, 32) and array.shape == (32, 32, 3)
+    except FrameError as e:  # what Pillow says of it, if it cannot: a frame's error, never a crash
+        assert e.reason == "bad_image"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a decoder bug (simulated)")
+
+    monkeypatch.setattr(decoder, "decode_frame", broken)
+    (outcome,) = decoder.decode_chunk([{b"image": bytes(data)}], MAX, None, type("T", (), {"observe": print})())
+    assert isinstance(outcome, FrameError) and outcome.reason == "bad_image" and "decoder bug" in str(outcome)
+
+
+def test_stray_bytes_before_the_end_marker_decode_once_and_a_truncated_jpeg_is_refused(astronaut, monkeypatch):
+    """Cameras that leave bytes before the end marker (a libjpeg warning) are decoded leniently,
+    as Pillow does, in one pass; a JPEG cut short is still refused."""
+    import simplejpeg
+
+    from sightstream.stages import decoder
+
+    data = encode(astronaut, "JPEG", quality=85)
+    stray = data[:-2] + b"\x00\x00" + data[-2:]
+    calls = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(decoder.simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(k) or real(*a, **k))
+    array, _ = decode_image(stray, MAX)
+    assert len(calls) == 1 and not calls[0]["strict"] and array.shape == (512, 512, 3)
+    with pytest.raises(FrameError) as e:
+        decode_image(data[: len(data) // 2], MAX)
+    assert e.value.reason == "bad_image" and calls[-1]["strict"]
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
