@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from sightstream.daemon.embedded_redis import free_port
-from sightstream.jobs.store import input_job_id
+from sightstream.keys import input_job_id
 from tests import hls
 from tests.integration.helpers import running, serving, settings_for, wait_for
 from tests.integration.test_jobs import submit, until_status
