@@ -23,6 +23,9 @@ def summarize(fields: dict[str, Any]) -> str:
         result = json.loads(fields.get("result", "{}"))
     except ValueError:
         return f"(unreadable result) {fields.get('result', '')[:80]}"
+    if fields.get("task") == "summary":  # a job's summary (docs/http.md)
+        final = "summary" if result.get("final") else "summary so far"
+        return f"{final} of {result.get('lines', '?')} results: {result.get('text', '')!r}"
     latency = fields.get("latency_ms", "?")
     head = f"{fields.get('task', '?'):<7} {latency:>6} ms"
     if "detections" in result:
@@ -39,6 +42,9 @@ def summarize(fields: dict[str, Any]) -> str:
         return f"{head}  " + "; ".join(parts)
     if "text" in result:
         return f"{head}  {result['text']!r}"
+    if isinstance(result.get("labels"), list):  # a classifier's best classes
+        return f"{head}  " + ", ".join(f"{c.get('label')} ({float(c.get('score', 0)):.2f})"
+                                       for c in result["labels"][:5])
     return f"{head}  {json.dumps(result)[:100]}"
 
 

@@ -1,0 +1,22 @@
+"""`sightstream tail`'s one line per entry, for each kind of entry."""
+
+from __future__ import annotations
+
+import json
+
+from sightstream.tail import summarize
+
+
+def test_each_kind_of_entry_reads_as_one_line():
+    detect = {"task": "detect", "latency_ms": "12", "result": json.dumps(
+        {"detections": [{"label": "dog", "score": 0.9}, {"label": "dog", "score": 0.8}]})}
+    assert summarize(detect) == "detect      12 ms  2 x dog (0.90, 0.80)"
+    caption = {"task": "caption", "latency_ms": "40", "result": json.dumps({"text": "a dog"})}
+    assert summarize(caption) == "caption     40 ms  'a dog'"
+    classify = {"task": "classify", "latency_ms": "3", "result": json.dumps(
+        {"labels": [{"label": "tabby", "score": 0.91}, {"label": "lynx", "score": 0.05}]})}
+    assert summarize(classify) == "classify      3 ms  tabby (0.91), lynx (0.05)"
+    summary = {"task": "summary", "result": json.dumps({"text": "Dogs play.", "lines": 30, "final": True})}
+    assert summarize(summary) == "summary of 30 results: 'Dogs play.'"
+    dead = {"reason": "bad_image", "error": "the JPEG image cannot be decoded"}
+    assert summarize(dead) == "DEAD-LETTER bad_image: the JPEG image cannot be decoded"
