@@ -29,6 +29,7 @@ def media(tmp_path_factory):
     # 128 positions: 30 results need several windows, then a summary of their summaries
     tiny_hf.causal_lm(root / "lm", context=128)
     tiny_hf.causal_lm(root / "lm_plain", context=128, chat=False)
+    tiny_hf.blip(root / "captioner", "caption")
     return root
 
 
@@ -44,6 +45,8 @@ def summary_settings(redis_url, tmp_path, media, **lm):
         "broken": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
                         adapter="tests.fake_adapters:FailingText"),
     }
+    settings.models["vlm"] = {"tiny": entry(backend="transformers", task="caption", path=str(media / "captioner"),
+                                            max_new_tokens=6)}
     return settings
 
 
@@ -69,6 +72,32 @@ async def test_a_video_job_is_summarised_in_windows_then_as_a_whole(model, redis
         assert sum(1 for _, f in stream if f[b"task"] == b"summary") == 1
         page = (await (await client.get(f"/jobs/{job_id}/results", params={"count": 100})).json())["results"]
         assert page[-1]["fields"]["result"] == summary and page[-1]["fields"]["job_id"] == job_id
+
+
+async def test_captions_from_a_vlm_become_the_summary_s_lines(redis_url, sync_redis, tmp_path, media, monkeypatch):
+    """Fovea's flow: a VLM captions the sampled frames, a text model summarises the captions."""
+    from sightstream.jobs import summaries
+
+    sent: list[list[str]] = []
+    real = summaries.JobSummaries._generate
+
+    async def recording(self, texts):
+        sent.append(texts)
+        return await real(self, texts)
+
+    monkeypatch.setattr(summaries.JobSummaries, "_generate", recording)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=2, model="vlm/tiny",
+                              summarize={"model": "llm/tiny", "prompt": "Say."})
+        job = await until_status(client, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job["error"]
+    captions = [json.loads(f[b"result"])["text"] for _, f in sync_redis.xrange(keys.job_results(job_id))
+                if f[b"task"] == b"caption"]
+    assert len(captions) == 6 == job["summary"]["lines"]
+    first_level = [line for text in sent[0] for line in text.splitlines()]
+    # each caption, with its time into the video, in order (cut only if one were too long)
+    assert [line.split("] ", 1)[0] for line in first_level] == [f"[00:0{i // 2}" for i in range(6)]
+    assert all(caption.startswith(line.split("] ", 1)[1]) for line, caption in zip(first_level, captions))
 
 
 async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redis, tmp_path, media, gradient):
