@@ -1,4 +1,4 @@
-"""Redis clients as DESIGN.md's rules want them: a blocking pool, bounded retries with jittered
+"""Redis clients as this project wants them everywhere: a blocking pool, bounded retries with jittered
 back-off, hiredis (picked up by redis-py when installed), and a separate client for blocking
 reads whose socket timeout stays above BLOCK."""
 
