@@ -251,19 +251,19 @@ class Settings(BaseSettings):
                     "config; set `input` to that pipeline's result streams"
                 )
             derive(up, path + (p.name,))
-            p.input = [keys.result_stream(up.output, up.name, self._source_key(up.name, source))
-                       for source in up.input]
+            # A chain reads each frame back from its source stream: a video's frames are not in
+            # Redis, so a video input's results cannot be followed.
+            p.input = [keys.result_stream(up.output, up.name, source) for source in up.streams]
+            if not p.input:
+                raise ValueError(
+                    f"pipeline {p.name}: prompt_from names {up.name}, whose inputs are all video URLs; a "
+                    "chained pipeline reads each frame back from its Redis stream, and a video's frames "
+                    "are not in Redis: publish the video to a stream (sightstream publish) instead")
             derived.add(p.name)
 
         for p in self.pipelines:
             derive(p, ())
         return self
-
-    def _source_key(self, pipeline: str, source: str) -> str:
-        """The source key in the names of the streams a pipeline writes for one input."""
-        if is_video_url(source):
-            return keys.video_input_source(pipeline, source, self.redis_cluster)
-        return source
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

@@ -111,15 +111,15 @@ output = "out:{source}:{pipeline}"
     assert inputs["tracks"] == ["results:elsewhere:*"]  # given: the upstream runs elsewhere
 
 
-@pytest.mark.parametrize("cluster", [False, True])
-def test_a_chain_after_a_video_input_reads_the_streams_it_writes(cluster):
-    from sightstream import keys
-
+def test_a_chain_follows_its_upstream_s_streams_not_its_videos():
+    """A chained pipeline reads each frame back from its source stream; a video's frames are
+    not in Redis, so its results would all dead-letter: they are not read at all."""
     url = "https://cam.example/live.m3u8"
-    s = Settings(redis_cluster=cluster, pipelines=[
-        {"name": "people", "input": ["frames:{a}", url]}, {"name": "masks", "prompt_from": "people"}])
-    tag = f"{{{keys.input_job_id('people', url)}}}" if cluster else ""
-    assert s.pipelines[1].input == ["results:people:frames:{a}", f"results:people:{tag}{url}"]
+    s = Settings(pipelines=[{"name": "people", "input": ["frames:{a}", url]},
+                            {"name": "masks", "prompt_from": "people"}])
+    assert s.pipelines[1].input == ["results:people:frames:{a}"]
+    with pytest.raises(ValueError, match="whose inputs are all video URLs.*sightstream publish"):
+        Settings(pipelines=[{"name": "people", "input": [url]}, {"name": "masks", "prompt_from": "people"}])
 
 
 def test_a_model_no_adapter_serves_is_refused_at_start():
