@@ -115,6 +115,13 @@ def check_question(text: str, task: str) -> None:
         raise ModelError("a vqa model needs a question as its prompt")
 
 
+def new_text(decoder: Any, inputs: Inputs, ids: Any) -> list[str]:
+    """What a decoder-only model's `generate` added after the prompt's tokens, decoded, per row
+    (`decoder`: its tokenizer or processor)."""
+    new = ids[:, inputs.tensors["input_ids"].shape[1]:]
+    return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
+
+
 class HfAdapter:
     """What the transformers adapters share: their source and options, offline loading,
     placement on the device, the size they report to the manager, and unloading."""
@@ -191,12 +198,6 @@ class ImageToText(HfAdapter):
         if self.task == "vqa" and not text:
             raise ModelError("a vqa model needs a question: set the pipeline's prompt")
         return text or self.caption_question
-
-    @staticmethod
-    def new_text(decoder: Any, inputs: Inputs, ids: Any) -> list[str]:
-        """What `generate` added after the prompt's tokens, decoded, per row."""
-        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
-        return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
 
 
 class ImageModel(HfAdapter):

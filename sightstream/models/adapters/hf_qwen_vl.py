@@ -51,4 +51,4 @@ class HfQwenVL(hf_common.ImageToText):
             **tensors, max_new_tokens=self.max_new_tokens, do_sample=False))
 
     def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
-        return [Prediction({"text": t}) for t in self.new_text(self._tokenizer, inputs, ids)]
+        return [Prediction({"text": t}) for t in hf_common.new_text(self._tokenizer, inputs, ids)]

@@ -70,4 +70,4 @@ class HfSmolVLM(hf_common.ImageToText):
             **tensors, max_new_tokens=self.max_new_tokens, do_sample=False))
 
     def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
-        return [Prediction({"text": t}) for t in self.new_text(self._processor, inputs, ids)]
+        return [Prediction({"text": t}) for t in hf_common.new_text(self._processor, inputs, ids)]

@@ -121,9 +121,7 @@ class HfTextGenerator(hf_common.HfAdapter):
         return self.on_device(inputs, lambda tensors: self._model.generate(**tensors, **options))
 
     def finish(self, inputs: hf_common.Inputs, ids: Any) -> list[Prediction]:
-        new = ids[:, inputs.tensors["input_ids"].shape[1]:]
-        texts = self._tokenizer.batch_decode(new, skip_special_tokens=True)
-        return [Prediction({"text": t.strip()}) for t in texts]
+        return [Prediction({"text": t}) for t in hf_common.new_text(self._tokenizer, inputs, ids)]
 
     def unload(self) -> None:
         super().unload()
