@@ -65,14 +65,9 @@ def decode_image(
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = im.size
-        if width * height > max_pixels:
-            raise FrameError(
-                "too_large", f"the image is {width}x{height}, over the {max_pixels}-pixel limit"
-            )
-        if target is not None and fmt == "JPEG":
-            scale = min(target[0] / width, target[1] / height)
-            if scale <= 0.5:
-                im.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        check_pixels(width, height, max_pixels)
+        if fmt == "JPEG" and (least := draft_size(width, height, target)) is not None:
+            im.draft("RGB", least)
         # convert() copies even an image already in RGB: 1.5 of 5.7 ms for a 1280x720 JPEG
         array = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except FrameError:
@@ -82,6 +77,23 @@ def decode_image(
     return array, (width, height)
 
 
+def check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:
+    """The pixel cap, checked from the header before any pixel is decoded. Raises FrameError."""
+    if width * height > max_pixels:
+        raise FrameError("too_large", f"the {what} is {width}x{height}, over the {max_pixels}-pixel limit")
+
+
+def draft_size(width: int, height: int, target: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The least size a JPEG may be DCT-scaled to for a model of input `target` (what it will be
+    letterboxed to), or None: decode at full size (no target, or not even half the frame)."""
+    if target is None:
+        return None
+    scale = min(target[0] / width, target[1] / height)
+    if scale > 0.5:
+        return None
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
 def _turbo_jpeg(data: bytes, max_pixels: int,
                 target: tuple[int, int] | None) -> tuple[np.ndarray, tuple[int, int]] | None:
     """A YCbCr or grey JPEG through simplejpeg; None: Pillow decodes it (and names any error)."""
@@ -89,19 +101,16 @@ def _turbo_jpeg(data: bytes, max_pixels: int,
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except Exception:  # noqa: BLE001 - any refusal (a subsampling it has no name for raises KeyError)
         return None
-    if width * height > max_pixels:
-        raise FrameError("too_large", f"the image is {width}x{height}, over the {max_pixels}-pixel limit")
+    check_pixels(width, height, max_pixels)
     if colorspace not in ("YCbCr", "Gray"):
         return None
     least = (0, 0)
-    if target is not None:
-        scale = min(target[0] / width, target[1] / height)
-        if scale <= 0.5:
-            # 1/2, 1/4 or 1/8, picked as Pillow's draft picks them: libjpeg-turbo's other n/8
-            # factors take a slow path (3/8 of a 1080p frame costs more than 1/2)
-            fits = min(width // max(1, int(width * scale)), height // max(1, int(height * scale)))
-            d = next(d for d in (8, 4, 2, 1) if fits >= d)
-            least = (-(-width // d), -(-height // d))
+    if (wanted := draft_size(width, height, target)) is not None:
+        # 1/2, 1/4 or 1/8, picked as Pillow's draft picks them: libjpeg-turbo's other n/8
+        # factors take a slow path (3/8 of a 1080p frame costs more than 1/2)
+        fits = min(width // wanted[0], height // wanted[1])
+        d = next(d for d in (8, 4, 2, 1) if fits >= d)
+        least = (-(-width // d), -(-height // d))
     # Lenient, as Pillow is, when the end marker is there (cameras that leave stray bytes before
     # it would be decoded twice otherwise); strict without it, so a truncated frame is refused.
     strict = not data.rstrip(b"\x00").endswith(b"\xff\xd9")
@@ -125,8 +134,7 @@ def decode_raw(fields: dict[bytes, bytes], max_pixels: int) -> tuple[np.ndarray,
         raise FrameError("bad_raw", f"`pix_fmt` must be one of {', '.join(PIX_FMTS)}, not {pix_fmt!r}")
     if width <= 0 or height <= 0:
         raise FrameError("bad_raw", "`width` and `height` must be positive")
-    if width * height > max_pixels:
-        raise FrameError("too_large", f"the frame is {width}x{height}, over the {max_pixels}-pixel limit")
+    check_pixels(width, height, max_pixels, "frame")
     raw = fields[b"raw"]
     channels = PIX_FMTS[pix_fmt]
     if len(raw) != width * height * channels:
@@ -194,9 +202,10 @@ def _decode_jpegs(fields: list[dict[bytes, bytes]], max_pixels: int, timer: Any,
             width, height = Image.open(io.BytesIO(data), formats=["JPEG"]).size  # the header only
         except Exception:  # noqa: BLE001 - unreadable: the CPU path says why
             continue
-        if width * height > max_pixels:
-            out[k] = FrameError("too_large",
-                                f"the image is {width}x{height}, over the {max_pixels}-pixel limit")
+        try:
+            check_pixels(width, height, max_pixels)
+        except FrameError as e:
+            out[k] = e
             continue
         picked.append((k, (width, height)))
     if not picked:
