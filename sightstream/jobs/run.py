@@ -52,6 +52,16 @@ class JobStopped(SightstreamError):
     """The job must stop here: its lease is lost, or it is no longer running (cancelled)."""
 
 
+def fenced(reply: int) -> int:
+    """A fenced script's reply (jobs/store.py), passed on; -1 (the lease is lost) and -2 (the job
+    is no longer running) raise JobStopped."""
+    if reply == -1:
+        raise JobStopped("the job's lease was lost: another daemon holds it now")
+    if reply == -2:
+        raise JobStopped("the job is no longer running (cancelled)")
+    return reply
+
+
 class JobFailed(SightstreamError):
     """The job cannot go on; its one sentence becomes the job's `error`."""
 
@@ -293,11 +303,7 @@ class JobRun:
         for (_, _, stream, counter, fields), reply in zip(entries, replies):
             if isinstance(reply, ResponseError):  # nothing of this item (or after it) was written
                 raise JobFailed(f"results cannot be written to {stream}: {str(reply).split(' script: ')[0]}")
-            if reply == -1:
-                raise JobStopped("the job's lease was lost: another daemon holds it now")
-            if reply == -2:
-                raise JobStopped("the job is no longer running (cancelled)")
-            if reply == 1 and counter == "processed":
+            if fenced(reply) == 1 and counter == "processed":
                 self._metrics.frames_published.labels(self._label).inc()
             elif reply == 1:
                 self._metrics.frames_dead_lettered.labels(self._label, fields["reason"]).inc()
@@ -350,11 +356,7 @@ class JobRun:
                                      "timings": json.dumps(timings)})
 
     async def _fenced_progress(self, fields: dict[str, Any]) -> None:
-        reply = await self._store.progress(self.job.id, self._token, fields)
-        if reply == -1:
-            raise JobStopped("the job's lease was lost: another daemon holds it now")
-        if reply == -2:
-            raise JobStopped("the job is no longer running (cancelled)")
+        fenced(await self._store.progress(self.job.id, self._token, fields))
 
 
 def _epoch_s(iso: str | None) -> float | None:

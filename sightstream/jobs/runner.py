@@ -31,7 +31,7 @@ from sightstream.config import PipelineSettings, Settings
 from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
 from sightstream.jobs.store import Job, JobSpec, JobStore
-from sightstream.jobs.summaries import JobSummaries, SummaryStopped
+from sightstream.jobs.summaries import JobSummaries
 from sightstream.jobs.summary import SummaryFailed
 from sightstream.leases import Lease
 from sightstream.metrics import Metrics
@@ -213,10 +213,10 @@ class JobRunner:
                     await asyncio.gather(periodic, return_exceptions=True)
             if summaries is not None:  # the whole job's, once it read its source to the end
                 await summaries.write(final=True)
-        except (VideoSourceError, SourceRefused, JobFailed, SummaryFailed) as e:
+        except (VideoSourceError, SourceRefused, JobFailed) as e:
             status, error = "failed", str(e)
-        except SummaryStopped as e:
-            raise JobStopped(str(e)) from None
+        except SummaryFailed as e:
+            status, error = "failed", f"summary: {e}"
         except (JobStopped, RedisError, OSError, asyncio.CancelledError):
             raise
         except Exception as e:  # a bug: the job says so rather than hanging "running"

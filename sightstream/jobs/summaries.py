@@ -22,8 +22,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sightstream import log
-from sightstream.errors import ModelError, SightstreamError
+from sightstream.errors import ModelError
 from sightstream.frames import DeadLettered, Frame, Published, now_ms
+from sightstream.jobs.run import JobStopped, fenced
 from sightstream.jobs.store import Job, JobStore
 from sightstream.jobs.summary import DEFAULT_INSTRUCTION, Line, SummaryFailed, describe, room_of, summarize
 from sightstream.models.adapters.hf_text import TextBudget
@@ -36,10 +37,6 @@ PAGE = 1000  # results read per XRANGE
 # A level's windows share model calls, a few per call: a call of 8 long windows could outlast
 # inference_timeout_s on a CPU.
 BATCHING = (4, 10.0)
-
-
-class SummaryStopped(SightstreamError):
-    """The job's lease was lost, or the job was cancelled, while its summary was written."""
 
 
 def text_budget(create: Callable[[str], Any], model: str, instruction: str) -> TextBudget:
@@ -109,14 +106,14 @@ class JobSummaries:
             await asyncio.sleep(self.every_s)
             try:
                 await self.write(final=False)
-            except SummaryStopped:
+            except JobStopped:
                 return
             except Exception as e:  # noqa: BLE001 - Redis down, a model failure: next period
                 _log.warning("summary_failed", job=self.job.id, error=str(e) or repr(e))
 
     async def write(self, final: bool) -> dict[str, Any] | None:
         """Summarise and write; the summary written, or None (nothing new, or written before).
-        Raises SummaryFailed and SummaryStopped."""
+        Raises SummaryFailed and JobStopped (the lease is lost, or the job cancelled)."""
         if final and self.job.summary_final:
             return None  # written before this daemon resumed the job
         after = None if final else (self.job.summary_upto or None)
@@ -127,22 +124,15 @@ class JobSummaries:
             if self._budget is None:
                 self._budget = await asyncio.to_thread(text_budget, self._create, self.model,
                                                        self.instruction)
-            summary = await summarize(lines, self._budget, self._generate, video)
         except ModelError as e:
-            raise SummaryFailed(f"summary: {e}") from None
-        except SummaryFailed as e:
-            raise SummaryFailed(str(e) if str(e).startswith("summary: ") else f"summary: {e}") from None
+            raise SummaryFailed(str(e)) from None
+        summary = await summarize(lines, self._budget, self._generate, video)
         summary.final, summary.model = final, self.model
         body = summary.as_dict()
         fields = {"source": self.job.spec.source, "job_id": self.job.id, "ts": str(now_ms()),
                   "model": self.model, "task": "summary", "result": json.dumps(body, separators=(",", ":"))}
-        reply = await self._store.write_summary(self.job, self._token, final, upto, body, self._maxlen,
-                                                fields)
-        if reply == -1:
-            raise SummaryStopped("the job's lease was lost: another daemon holds it now")
-        if reply == -2:
-            raise SummaryStopped("the job is no longer running (cancelled)")
-        if reply == 0:
+        if fenced(await self._store.write_summary(self.job, self._token, final, upto, body, self._maxlen,
+                                                  fields)) == 0:
             return None
         self.job.summary, self.job.summary_upto = body, upto
         self.job.summary_final = self.job.summary_final or final
@@ -174,14 +164,14 @@ class JobSummaries:
             outcomes = await self._adhoc.submit(frames, self.model, Prompt(self.instruction, 0), "summaries",
                                                 BATCHING)
         except InferenceTimeout as e:
-            raise SummaryFailed(f"summary: {e}") from None
+            raise SummaryFailed(str(e)) from None
         except ShuttingDown as e:
-            raise SummaryStopped(str(e)) from None
+            raise JobStopped(str(e)) from None
         answers = []
         for outcome in outcomes:
             if isinstance(outcome, DeadLettered):
-                raise SummaryFailed(f"summary: {self.model}: {outcome.error}")
+                raise SummaryFailed(f"{self.model}: {outcome.error}")
             if not isinstance(outcome, Published):
-                raise SummaryFailed(f"summary: {self.model} gave no answer")
+                raise SummaryFailed(f"{self.model} gave no answer")
             answers.append(str(json.loads(outcome.fields["result"])["text"]))
         return answers

@@ -291,7 +291,8 @@ async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp
 async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the_summary(
         redis_url, sync_redis, tmp_path, media):
     from sightstream.errors import SightstreamError
-    from sightstream.jobs.summaries import JobSummaries, SummaryStopped
+    from sightstream.jobs.run import JobStopped
+    from sightstream.jobs.summaries import JobSummaries
 
     client = make_client(redis_url)
     store = JobStore(client, 60)
@@ -329,11 +330,11 @@ async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the
         sync_redis.xadd(keys.job_results(job2.id), {"task": "detect", "pts_ms": "0",
                                                      "result": json.dumps({"detections": []})})
         lost = JobSummaries(await store.get(job2.id), store, "not-the-token", client, Batcher(), create, 0)
-        with pytest.raises(SummaryStopped, match="lease was lost"):
+        with pytest.raises(JobStopped, match="lease was lost"):
             await lost.write(final=True)
         assert await store.cancel(job2.id) == "running"
         cancelled = JobSummaries(await store.get(job2.id), store, lease2.token, client, Batcher(), create, 0)
-        with pytest.raises(SummaryStopped, match="no longer running"):
+        with pytest.raises(JobStopped, match="no longer running"):
             await cancelled.write(final=True)
 
         class Flaky(JobSummaries):  # a periodic summary that fails goes on to the next period
@@ -343,7 +344,7 @@ async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the
                 Flaky.tries += 1
                 if Flaky.tries == 1:
                     raise SightstreamError("Redis went away (simulated)")
-                raise SummaryStopped("done")
+                raise JobStopped("done")
 
         periodic = Flaky(await store.get(job.id), store, lease.token, client, Batcher(), create, 0)
         periodic.every_s = 0.01
