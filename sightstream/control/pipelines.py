@@ -133,8 +133,7 @@ async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
     for url in p.videos:
         job_id = keys.input_job_id(p.name, url)
         spec = input_spec(p, url, d.settings.redis_cluster)
-        streams = {"results_stream": spec.output,
-                   "deadletter_stream": spec.deadletter or keys.deadletter_stream(p.name, url)}
+        streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
         job = await d.jobs.get(job_id)
         if job is None:  # not registered yet (Redis was down at start)
             out.append(VideoInput(url=url, job_id=job_id, status="pending", holder="", attempt=0,

@@ -50,7 +50,7 @@ def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
     source = keys.video_input_source(pipeline.name, url, cluster)
     return JobSpec(url, pipeline.model, pipeline.fps, pipeline=pipeline.name,
                    output=keys.result_stream(pipeline.output, pipeline.name, source),
-                   deadletter=keys.deadletter_stream(pipeline.name, source) if cluster else "")
+                   deadletter=keys.deadletter_stream(pipeline.name, source))
 
 
 class JobRunner:

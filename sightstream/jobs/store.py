@@ -135,7 +135,7 @@ class JobSpec:
     # output stream for the source, the prompt follows the pipeline's, and it never expires.
     pipeline: str = ""
     output: str = ""
-    deadletter: str = ""  # a video input's dead-letter stream ("": the default for its source)
+    deadletter: str = ""  # a video input's dead-letter stream ("" in a hash written before it was kept)
     # {"model": text model, "prompt": instruction, "every_s": period or None}: write summaries
     summarize: dict[str, Any] | None = None
 
@@ -194,6 +194,11 @@ class Job:
 def _counters(h: dict[str, str]) -> dict[str, int]:
     """Counts the fenced publish script increments itself."""
     return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered", "summaries")}
+
+
+def _flat(fields: dict[str, Any]) -> list[Any]:
+    """A hash's or an entry's fields as a script takes them: field, value, field, value, ..."""
+    return [item for kv in fields.items() for item in kv]
 
 
 class JobStore:
@@ -316,14 +321,12 @@ class JobStore:
     def queue_publish(self, pipe: Any, job_id: str, token: str, seq: int, position: str, stream: str,
                       maxlen: int, counter: str, fields: dict[str, Any]) -> None:
         """Queue one fenced result (or dead-letter entry) on a pipeline (see PUBLISH)."""
-        pairs = [item for kv in fields.items() for item in kv]
         self.publish_script.queue(pipe, [keys.job_lease(job_id), keys.job(job_id), stream],
-                                  [token, seq, position, maxlen, counter, *pairs])
+                                  [token, seq, position, maxlen, counter, *_flat(fields)])
 
     async def progress(self, job_id: str, token: str, fields: dict[str, Any]) -> int:
-        pairs = [item for kv in fields.items() for item in kv]
         return int(await self._progress(keys=[keys.job_lease(job_id), keys.job(job_id)],
-                                        args=[token, *pairs]))
+                                        args=[token, *_flat(fields)]))
 
     async def finish(self, job: Job, token: str, status: str, error: str = "") -> bool:
         """End the job. A user's job expires `ttl_s` later with its results; a pipeline's
@@ -339,10 +342,9 @@ class JobStore:
     async def write_summary(self, job: Job, token: str, final: bool, upto: str, summary: dict[str, Any],
                             maxlen: int, fields: dict[str, Any]) -> int:
         """Write a summary to the job's results stream and hash in one fenced step (SUMMARY)."""
-        pairs = [item for kv in fields.items() for item in kv]
         return int(await self._summary(
             keys=[keys.job_lease(job.id), keys.job(job.id), job.results_stream],
-            args=[token, "1" if final else "0", upto or "0-0", json.dumps(summary), maxlen, *pairs]))
+            args=[token, "1" if final else "0", upto or "0-0", json.dumps(summary), maxlen, *_flat(fields)]))
 
     async def active(self) -> list[str]:
         members: Any = await self._client.smembers(keys.JOBS_ACTIVE)
