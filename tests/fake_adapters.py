@@ -105,6 +105,7 @@ class Staged:
         self.unjsonable = int(options.get("unjsonable", -1))
         self.memory_mb = float(options.get("memory_mb", 0))
         self.events: list[tuple[str, int, str]] = []  # (step, tag, thread name) as they began
+        self.began: dict[tuple[str, int], float] = {}  # (step, tag) -> perf_counter when it began
         self.overlapped: dict[int, bool] = {}  # tag -> the next prepare began during its call
         self._changed = threading.Condition()
 
@@ -118,6 +119,7 @@ class Staged:
         with self._changed:
             for tag in tags:
                 self.events.append((step, tag, threading.current_thread().name))
+                self.began[(step, tag)] = time.perf_counter()
             self._changed.notify_all()
 
     def prepare(self, images: list[np.ndarray], prompt: Any, contexts: Any) -> list[int]:

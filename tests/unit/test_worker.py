@@ -21,14 +21,21 @@ from sightstream.stages.worker import Worker
 from tests.conftest import wait_for
 
 MODEL = "fake/staged"
+OTHER = "fake/other"
 
 
 class Rig:
     """A worker on the CPU with a staged fake model, a shared batch queue and an outcome queue."""
 
-    def __init__(self, depth: int = 2, timeout_s: float = 10.0, **options: Any) -> None:
+    def __init__(self, depth: int = 2, timeout_s: float = 10.0, other: dict | None = None,
+                 **options: Any) -> None:
+        """`options`: the staged model's; `other`: a second staged model's (OTHER) options."""
         entry = ModelEntry(backend="torch", task="detect", adapter="tests.fake_adapters:Staged", **options)
-        self.manager = ModelManager(Catalogue({"fake": {"staged": entry}}))
+        models = {"staged": entry}
+        if other is not None:
+            models["other"] = ModelEntry(backend="torch", task="detect",
+                                         adapter="tests.fake_adapters:Staged", **other)
+        self.manager = ModelManager(Catalogue({"fake": models}))
         self.batches: asyncio.Queue = asyncio.Queue()
         self.outcomes: asyncio.Queue = asyncio.Queue()
         self.metrics = Metrics()
@@ -37,9 +44,9 @@ class Rig:
                              timeout_s, cpu=self.pool, depth=depth)
         self.released: list[int] = []
 
-    def batch(self, *tags: int) -> Batch:
+    def batch(self, *tags: int, model: str = MODEL) -> Batch:
         frames = [self.frame(t) for t in tags]
-        return Batch("p", MODEL, keys.DEFAULT_OUTPUT, 0, frames)
+        return Batch("p", model, keys.DEFAULT_OUTPUT, 0, frames)
 
     def frame(self, tag: int) -> Frame:
         image = np.full((4, 4, 3), tag, np.uint8)
@@ -49,6 +56,10 @@ class Rig:
     @property
     def adapter(self) -> Any:
         return self.manager._loaded[(MODEL, "cpu")].adapter
+
+    @property
+    def other(self) -> Any:
+        return self.manager._loaded[(OTHER, "cpu")].adapter
 
     def outcome_tags(self) -> list[tuple[str, int]]:
         out = []
@@ -90,11 +101,14 @@ async def test_staged_steps_run_in_their_pools_and_the_next_batch_is_prepared_du
 
 
 async def test_batches_reach_the_device_and_leave_in_order_when_a_later_one_prepares_faster(rigs):
-    rig = rigs(prepare_s={"1": 0.3}, depth=3)
-    await rig.run(rig.batch(1), rig.batch(2), rig.batch(3))
-    steps = [(step, tag) for step, tag, _ in rig.adapter.events]
-    assert [tag for step, tag in steps if step == "infer"] == [1, 2, 3]
-    assert steps.index(("prepare", 3)) < steps.index(("infer", 1))  # ready first, yet it waited
+    # Prepares of one adapter take turns (its lock), so a later batch is ready first when it is
+    # another model's: batch 2 (OTHER) takes 0.3 s to prepare, batch 3 (MODEL) is ready at once.
+    rig = rigs(other={"prepare_s": {"2": 0.3}}, depth=3)
+    await rig.run(rig.batch(1), rig.batch(2, model=OTHER), rig.batch(3))
+    began = {**rig.adapter.began, **rig.other.began}
+    infers = sorted((t, tag) for (step, tag), t in began.items() if step == "infer")
+    assert [tag for _, tag in infers] == [1, 2, 3]
+    assert began[("prepare", 3)] < began[("infer", 2)]  # ready first, yet it waited its turn
     assert rig.outcome_tags() == [("Published", 1), ("Published", 2), ("Published", 3)]
 
 
