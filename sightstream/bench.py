@@ -40,6 +40,7 @@ from sightstream.daemon.daemon import Daemon
 from sightstream.daemon.embedded_redis import EmbeddedRedis
 from sightstream.models.adapter import is_staged, predict
 from sightstream.models.catalogue import Catalogue
+from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from sightstream.stages.decoder import decode_image
 
@@ -67,7 +68,7 @@ def make_frames(size: tuple[int, int], n: int = DISTINCT, quality: int = 90) -> 
     return out
 
 
-def time_decode(jpeg: bytes, target: tuple[int, int] | None, repeat: int = 30) -> float:
+def time_decode(jpeg: bytes, target: InputShape | None, repeat: int = 30) -> float:
     decode_image(jpeg, 10**9, target)
     started = time.perf_counter()
     for _ in range(repeat):
@@ -322,7 +323,7 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     frames = make_frames((w, h))
     models = getattr(args, "models", None) or {}  # the config's entries (--config)
     manager = ModelManager(Catalogue(models))
-    target = manager.input_size(model)
+    target = manager.decode_shape(model)
     figures: dict[str, Any] = {
         "mode": "model", "machine": machine(), "device": device, "model": model, "frames": n,
         "size": f"{w}x{h}", "decode_full_ms": time_decode(frames[0], None),

@@ -57,7 +57,8 @@ class ControlSettings(_Strict):
 class DecodeSettings(_Strict):
     max_pixels: int = Field(40_000_000, gt=0, description="bigger images are dead-lettered (bombs)")
     threads: int = Field(0, ge=0, description="decode threads; 0: one per CPU core")
-    draft: bool = Field(True, description="JPEG DCT-scaled decoding when the model input is small")
+    draft: bool = Field(True, description="JPEG DCT-scaled decoding when the model shrinks frames "
+                        "(detect, classify, caption, vqa)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda:\d+)$", description="where JPEGs are decoded: cpu, "
                         "or cuda:N (nvJPEG through torchvision; other formats stay on the CPU)")
 

@@ -40,6 +40,7 @@ from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
+from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
 from sightstream.redis_conn import close_client, make_client
@@ -58,6 +59,8 @@ from sightstream.stages.source_leases import SourceLeases
 from sightstream.stages.worker import Worker
 
 _log = log.get(__name__)
+# Tasks whose frames may be decoded at a reduced scale: their results hold no pixel maps.
+DRAFT_TASKS = frozenset({"detect", "classify", "caption", "vqa"})
 
 
 @dataclass
@@ -303,13 +306,14 @@ class Daemon:
             raise RuntimeError("the daemon has not started")
         return self._decode_pool
 
-    def decode_target(self, model: str) -> tuple[int, int] | None:
-        """The size a large JPEG may be decoded down to for `model` (DCT scaling), if any.
-        Only for detectors: their boxes and landmarks are mapped back to the frame's pixels,
-        while masks and depth maps come out at the size of the image the model was given."""
-        if not self.settings.decode.draft or self.catalogue.get(model).task != "detect":
+    def decode_target(self, model: str) -> InputShape | None:
+        """How `model` sizes a frame, so a large JPEG may be decoded down towards it (DCT
+        scaling). For the tasks whose results carry no pixel maps (boxes and the result's size
+        are mapped back to the frame's pixels); masks and depth maps come out at the size of the
+        image the model was given, so those models get frames at full size."""
+        if not self.settings.decode.draft or self.catalogue.get(model).task not in DRAFT_TASKS:
             return None
-        return self.manager.input_size(model)
+        return self.manager.decode_shape(model)
 
     def executor_for(self, device: str) -> Executor:
         """The executor of the worker that owns `device` (models load and run there)."""

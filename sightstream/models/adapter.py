@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeGuard
 import numpy as np
 
 from sightstream.frames import Prediction
+from sightstream.models.input_shape import InputShape
 from sightstream.prompts import Prompt
 
 
@@ -42,8 +43,10 @@ class Adapter(Protocol):
     # True: infer() gets a third argument, `contexts`, one FrameContext per image; such a
     # model may serve a chained pipeline (`prompt_from`).
     uses_context: bool
-    # The model's input (width, height), when it has a fixed one: the decoder may then decode
-    # large JPEGs at a reduced scale. None: decode at full size.
+    # The model's input (width, height), when it letterboxes frames to a fixed one: the decoder
+    # may then decode large JPEGs at a reduced scale. None: decode at full size. An adapter
+    # whose preprocessing sizes frames another way says so with an optional `input_shape`
+    # (an InputShape, or None until it knows: see input_shape() below).
     input_size: tuple[int, int] | None
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None: ...
@@ -60,6 +63,15 @@ class Staged(Protocol):
     ) -> Any: ...
     def infer(self, prepared: Any) -> Any: ...
     def finish(self, prepared: Any, outputs: Any) -> list[Prediction]: ...
+
+
+def input_shape(adapter: Adapter) -> InputShape | None:
+    """How the adapter sizes a frame: its `input_shape` when it has one, else a letterbox to its
+    `input_size`, else None (unknown: JPEGs are decoded at full size)."""
+    shape = getattr(adapter, "input_shape", None)
+    if shape is None and adapter.input_size:
+        shape = InputShape.fit(*adapter.input_size)
+    return shape
 
 
 def is_staged(adapter: object) -> TypeGuard[Staged]:

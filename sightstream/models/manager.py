@@ -25,9 +25,10 @@ from pathlib import Path
 from sightstream import log
 from sightstream.errors import ModelError
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter
+from sightstream.models.adapter import Adapter, input_shape
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
+from sightstream.models.input_shape import InputShape
 
 _log = log.get(__name__)
 
@@ -61,7 +62,7 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._device_locks: dict[str, asyncio.Lock] = {}
-        self._declared_sizes: dict[str, tuple[int, int] | None] = {}
+        self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
         self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
         self.memory_given_back: asyncio.Future | None = None  # the latest unload's clean-up
@@ -210,19 +211,20 @@ class ModelManager:
                 gone.append({"model": mid, "device": dev})
         return gone
 
-    def input_size(self, model_id: str) -> tuple[int, int] | None:
-        """The model's input size if known (loaded, or set in its options), for scaled decoding."""
+    def decode_shape(self, model_id: str) -> InputShape | None:
+        """How the model sizes a frame, if known (loaded, or set in its options), for scaled
+        decoding."""
         for (mid, _), loaded in self._loaded.items():
             if mid == model_id:
-                return loaded.adapter.input_size
+                return input_shape(loaded.adapter)
         # Asked for every frame decoded before the model loads: ask its entry once.
-        if model_id not in self._declared_sizes:
+        if model_id not in self._declared_shapes:
             try:
-                size = self.create(model_id).input_size  # adapters are cheap until load()
+                shape = input_shape(self.create(model_id))  # adapters are cheap until load()
             except ModelError:
-                size = None
-            self._declared_sizes[model_id] = size
-        return self._declared_sizes[model_id]
+                shape = None
+            self._declared_shapes[model_id] = shape
+        return self._declared_shapes[model_id]
 
     def is_loaded(self, model_id: str) -> bool:
         return any(mid == model_id for mid, _ in self._loaded)

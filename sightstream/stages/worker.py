@@ -388,10 +388,15 @@ def frame_context(frame: Frame) -> FrameContext:
 
 
 def _to_original_pixels(frame: Frame, prediction: Prediction) -> None:
-    """The decoder may have decoded at reduced scale; results speak of the original frame."""
+    """The decoder may have decoded at reduced scale; results speak of the original frame (its
+    boxes and landmarks, and its width and height)."""
     if frame.image is None:
         return
     h, w = frame.image.shape[:2]
     ow, oh = frame.orig_size
-    if (ow, oh) != (w, h) and "detections" in prediction.result:
+    if (ow, oh) == (w, h):
+        return
+    if "detections" in prediction.result:
         scale_detections(prediction.result, ow / w, oh / h, ow, oh)
+    elif "width" in prediction.result:
+        prediction.result["width"], prediction.result["height"] = ow, oh

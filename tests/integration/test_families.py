@@ -89,6 +89,38 @@ async def test_image_classification_gives_the_top_k_labels(hf_models, redis_url,
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
 
 
+@pytest.mark.parametrize("family,task,adapter,seen", [
+    ("classify", "classify", "hf_classify:HfClassifier", (64, 64)),  # 1/8: still twice ViT's 32x32
+    ("caption", "caption", "hf_vlm:HfImageToText", (128, 128)),  # 1/4: BLIP squashes to 96x96
+])
+async def test_a_loaded_transformers_model_gets_large_jpegs_dct_scaled(
+        family, task, adapter, seen, hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut,
+        monkeypatch):
+    """Once the model is loaded its processor's size is known, so a 512x512 JPEG is decoded at
+    the least DCT scale that keeps every pixel the model uses; the result names the frame's size."""
+    import importlib
+
+    module, name = adapter.split(":")
+    cls = getattr(importlib.import_module(f"sightstream.models.adapters.{module}"), name)
+    shapes: list[tuple[int, ...]] = []
+    real = cls.prepare
+    monkeypatch.setattr(cls, "prepare", lambda self, images, *rest: (
+        shapes.extend(image.shape[:2] for image in images), real(self, images, *rest))[1])
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": task, "path": str(hf_models[family])},
+                          [encode(gradient)])  # loads the model
+    async with running(settings) as daemon:
+        stream = "results:people:frames:{f}"
+        await wait_for(lambda: sync_redis.xlen(stream) == 1, 60, "the first result")
+        assert daemon.decode_target("user/model") is not None
+        sync_redis.xadd("frames:{f}", {"image": encode(astronaut)})
+        await wait_for(lambda: sync_redis.xlen(stream) == 2, 60, "the second result")
+    assert shapes == [(64, 96), seen]
+    result = json.loads(entries(sync_redis, stream)[-1][1]["result"])
+    if task == "classify":
+        assert (result["width"], result["height"]) == (512, 512)  # the frame's, not the decoded size
+
+
 async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
     images = [encode(gradient), encode(astronaut)]
     settings = run_family(redis_url, sync_redis, tmp_path,

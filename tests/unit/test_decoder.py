@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sightstream.errors import FrameError
+from sightstream.models.input_shape import InputShape
 from sightstream.stages.decoder import decode_frame, decode_image, decode_raw, sniff
 from tests.conftest import encode
 
@@ -39,7 +40,7 @@ def test_large_jpeg_is_dct_scaled_when_the_model_input_is_small(astronaut):
     big = np.asarray(np.kron(astronaut, np.ones((4, 4, 1), dtype=np.uint8)))  # 2048x2048
     data = encode(big, "JPEG", quality=85)
     full, size = decode_image(data, MAX)
-    scaled, scaled_size = decode_image(data, MAX, target=(320, 320))
+    scaled, scaled_size = decode_image(data, MAX, target=InputShape.fit(320, 320))
     assert size == scaled_size == (2048, 2048)  # results are mapped back to this size
     assert full.shape == (2048, 2048, 3)
     assert scaled.shape[0] < 2048 and scaled.shape[0] >= 320  # never below the model's input
@@ -55,7 +56,7 @@ def test_camera_jpegs_decode_to_pillow_s_pixels_full_and_dct_scaled(astronaut, t
 
     big = np.asarray(np.kron(astronaut, np.ones((2, 2, 1), dtype=np.uint8)))  # 1024x1024
     data = encode(big, "JPEG", quality=85)
-    fast, size = decode_image(data, MAX, target)
+    fast, size = decode_image(data, MAX, InputShape.fit(*target) if target else None)
     pillow = Image.open(io.BytesIO(data))
     if target is not None:
         scale = min(target[0] / 1024, target[1] / 1024)
@@ -126,7 +127,7 @@ def test_grey_and_cmyk_jpegs_come_out_rgb(gradient, mode):
 
 
 def test_small_jpeg_is_not_scaled(gradient):
-    array, _ = decode_image(encode(gradient, "JPEG"), MAX, target=(640, 640))
+    array, _ = decode_image(encode(gradient, "JPEG"), MAX, target=InputShape.fit(640, 640))
     assert array.shape == (64, 96, 3)
 
 
@@ -211,7 +212,7 @@ def test_raw_over_the_pixel_cap():
     assert e.value.reason == "too_large"
 
 
-def test_only_detectors_get_scaled_decoding(tmp_path):
+def test_only_models_whose_results_hold_no_pixel_maps_get_scaled_decoding(tmp_path):
     from sightstream.config import Settings
     from sightstream.daemon.daemon import Daemon
 
@@ -222,9 +223,12 @@ def test_only_detectors_get_scaled_decoding(tmp_path):
         "det": {**entry, "task": "detect"}, "seg": {**entry, "task": "segment"},
         "depth": {**entry, "task": "depth", "backend": "transformers", "adapter": "hf_depth"}}})
     daemon = Daemon(settings)
-    # Boxes are mapped back to the frame's pixels; masks and depth maps could not be.
-    assert daemon.decode_target("m/det") == (64, 64)
+    # Boxes and a result's size are mapped back to the frame's pixels; masks and depth maps
+    # could not be.
+    assert daemon.decode_target("m/det") == InputShape.fit(64, 64)
     assert daemon.decode_target("m/seg") is None and daemon.decode_target("m/depth") is None
+    settings.decode.draft = False
+    assert daemon.decode_target("m/det") is None
 
 
 async def test_queued_frames_are_decoded_in_chunks_in_order_and_a_bad_one_alone():

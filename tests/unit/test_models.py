@@ -13,6 +13,7 @@ from sightstream.config import ModelEntry
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
 from sightstream.models.adapter import predict
 from sightstream.models.catalogue import Catalogue
+from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from tests.tiny_models import broken_model, constant_yolov8
 
@@ -209,7 +210,7 @@ async def test_manager_loads_once_under_concurrency(tmp_path, monkeypatch):
     assert loads == ["cpu"] and all(a is adapters[0] for a in adapters)
     (info,) = m.loaded()
     assert info["model"] == "det/c" and info["uses"] == 5 and info["in_use"] == 0
-    assert m.input_size("det/c") == (64, 64)
+    assert m.decode_shape("det/c") == InputShape.fit(64, 64)
 
 
 def test_catalogue_lists_what_is_available_offline():

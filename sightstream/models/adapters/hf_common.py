@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sightstream.errors import ModelError, ModelNotAvailable
+from sightstream.models.input_shape import InputShape
 
 
 def offline() -> None:
@@ -122,9 +123,34 @@ def new_text(decoder: Any, inputs: Inputs, ids: Any) -> list[str]:
     return [t.strip() for t in decoder.batch_decode(new, skip_special_tokens=True)]
 
 
+def shape_of(image_processor: Any) -> InputShape | None:
+    """How a transformers image processor sizes a frame, from its `size` (None: it does not
+    resize, or in a way not known here). Where it is unsure it errs to more pixels: a fixed
+    height x width is `cover` even for processors that pad to a square first (OWLv2), and a
+    shortest edge followed by a centre crop is the edge before the crop."""
+    if not getattr(image_processor, "do_resize", False):
+        return None
+    size = getattr(image_processor, "size", None)
+
+    def get(key: str) -> int:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        return int(value) if value else 0
+
+    if get("height") and get("width"):
+        return InputShape.cover(get("width"), get("height"))
+    if shortest := get("shortest_edge"):
+        crop_pct = getattr(image_processor, "crop_pct", None)  # ConvNeXt: resize to shortest / crop_pct
+        if crop_pct and shortest < 384:
+            shortest = round(shortest / crop_pct)
+        return InputShape.edges(shortest, get("longest_edge"))
+    if longest := get("longest_edge"):
+        return InputShape.fit(longest, longest)
+    return None
+
+
 class HfAdapter:
     """What the transformers adapters share: their source and options, offline loading,
-    placement on the device, the size they report to the manager, and unloading."""
+    placement on the device, how their processor sizes a frame, and unloading."""
 
     takes_prompt = False
     uses_context = False
@@ -136,6 +162,13 @@ class HfAdapter:
         self.memory_mb = 0.0
         self._model: Any = None
         self._stream: Any = None  # a CUDA stream, on a GPU
+
+    @property
+    def input_shape(self) -> InputShape | None:
+        """How the loaded processor sizes a frame (None before load(), or for a processor that
+        takes no images), so the decoder may DCT-scale large JPEGs towards it."""
+        processor = getattr(self, "_processor", None)
+        return None if processor is None else shape_of(getattr(processor, "image_processor", processor))
 
     def source(self) -> str:
         """The local folder to load from (after switching the hub off)."""

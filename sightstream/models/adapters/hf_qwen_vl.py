@@ -24,6 +24,10 @@ TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_e
 
 
 class HfQwenVL(hf_common.ImageToText):
+    # Its processor resizes to a pixel budget (min_pixels..max_pixels, kept in `size` as
+    # shortest_edge and longest_edge, though they are pixel counts): frames stay at full size.
+    input_shape = None
+
     def load(self, device: str) -> None:
         source = self.source()
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer

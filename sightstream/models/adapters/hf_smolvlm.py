@@ -28,6 +28,7 @@ import numpy as np
 from sightstream.frames import Prediction
 from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
+from sightstream.models.input_shape import InputShape
 
 # The turn SmolVLM's chat template writes, for a folder that has no template.
 TURN = "<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"
@@ -50,6 +51,16 @@ class HfSmolVLM(hf_common.ImageToText):
         self._processor = Idefics3Processor.from_pretrained(source, **images)
         self._processor.tokenizer.padding_side = "left"  # batched generation continues every row at its end
         self.placed(AutoModelForImageTextToText.from_pretrained(source), device)
+
+    @property
+    def input_shape(self) -> InputShape | None:
+        """One tile: the frame is resized to a max_image_size square, aspect ignored. Tiling
+        resizes to `size`, then up to whole tiles: frames are left at full size."""
+        processor = getattr(self, "_processor", None)
+        if processor is None or self.split:
+            return None
+        side = int(processor.image_processor.max_image_size["longest_edge"])
+        return InputShape.cover(side, side)
 
     def turn(self, question: str) -> str:
         """The chat turn for one image and `question`, ending where the answer starts."""
