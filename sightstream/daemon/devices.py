@@ -1,9 +1,16 @@
 """Which devices the workers own: `devices = "auto"` means every GPU that torch (a CUDA build)
-or ONNX Runtime (onnxruntime-gpu) can use, else the CPU."""
+or ONNX Runtime (onnxruntime-gpu) can use, else the CPU.
+
+CUDA numbers the GPUs a process may use 0, 1, … in the order CUDA_VISIBLE_DEVICES lists them
+(indexes or UUIDs), while nvidia-smi and NVML list every GPU of the host. `cuda_order` maps the
+one onto the other, so `auto` makes one worker per visible GPU and the GPU gauges of `cuda:N`
+read the GPU that CUDA calls N.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +28,7 @@ def resolve(devices: str | list[str]) -> list[str]:
 
 
 def _visible_gpus() -> int:
-    """The GPUs nvidia-smi lists, when a CUDA build of torch or onnxruntime-gpu can use them."""
+    """The GPUs CUDA will number, when a CUDA build of torch or onnxruntime-gpu can use them."""
     if not (_torch_has_cuda() or _onnxruntime_has_cuda()):
         return 0
     smi = shutil.which("nvidia-smi")
@@ -31,7 +38,35 @@ def _visible_gpus() -> int:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    uuids = [m.group(1) if (m := re.search(r"\(UUID: ([^)]+)\)", line)) else ""
+             for line in out.splitlines() if line.startswith("GPU ")]
+    return len(cuda_order(uuids))
+
+
+def cuda_order(uuids: list[str], visible: str | None = None) -> list[int | None]:
+    """The NVML index of each GPU CUDA numbers 0, 1, …, given every GPU's UUID in NVML's order
+    and CUDA_VISIBLE_DEVICES (read from the environment when not given). As CUDA does, the list
+    stops at the first entry that names no GPU (or names one twice). None: a MIG instance,
+    which CUDA counts and NVML does not index this way. Assumes CUDA_DEVICE_ORDER=PCI_BUS_ID
+    (NVML's order) where GPUs of different models share a host."""
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(range(len(uuids)))
+    order: list[int | None] = []
+    for item in (part.strip() for part in visible.split(",")):
+        if item.startswith("MIG-"):
+            order.append(None)
+            continue
+        if re.fullmatch(r"\d+", item):
+            index = int(item)
+        else:
+            found = [i for i, uuid in enumerate(uuids) if item and uuid.startswith(item)]
+            index = found[0] if len(found) == 1 else -1  # an ambiguous prefix is refused too
+        if not 0 <= index < len(uuids) or index in order:
+            break
+        order.append(index)
+    return order
 
 
 def _torch_has_cuda() -> bool:
@@ -85,20 +120,28 @@ def _gpu_free_mb(index: int) -> float:
 def watch_gpus(devices: list[str], metrics: Metrics) -> bool:
     """GPU utilisation and memory in use as gauges read at each scrape, through NVML
     (nvidia-ml-py) when it is installed and the devices include GPUs. False: not watched."""
-    indexes = {d: int(d.split(":")[1]) for d in devices if d.startswith("cuda:")}
-    if not indexes:
+    wanted = {d: int(d.split(":")[1]) for d in devices if d.startswith("cuda:")}
+    if not wanted:
         return False
     try:
         import pynvml  # type: ignore[import-not-found]
 
         pynvml.nvmlInit()
-        handles = {d: pynvml.nvmlDeviceGetHandleByIndex(i) for d, i in indexes.items()}
+        uuids = [_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                 for i in range(pynvml.nvmlDeviceGetCount())]
+        order = cuda_order(uuids)
+        handles = {d: pynvml.nvmlDeviceGetHandleByIndex(order[k])
+                   for d, k in wanted.items() if k < len(order) and order[k] is not None}
     except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU gauges
         return False
     for device, handle in handles.items():
         metrics.gpu_utilization.labels(device).set_function(partial(_utilisation, pynvml, handle))
         metrics.gpu_memory_used_mb.labels(device).set_function(partial(_memory_used_mb, pynvml, handle))
-    return True
+    return bool(handles)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _utilisation(nvml: Any, handle: Any) -> float:

@@ -53,18 +53,27 @@ def test_no_gpu_gauges_without_gpus_or_nvml():
     assert metrics.registry.get_sample_value("sightstream_gpu_utilization_percent", {"device": "cuda:0"}) is None
 
 
-def test_gpu_gauges_read_nvml_at_each_scrape(monkeypatch):
-    """With NVML there (faked here: no GPU), each scrape reads utilisation and memory."""
+def fake_nvml(monkeypatch, readings: dict[str, dict[str, int]]):
+    """NVML with one GPU per entry of `readings` (UUID -> util and used bytes), no driver."""
     import sys
     import types
 
-    readings = {"util": 37, "used": 3 * 2**30}
+    uuids = list(readings)
     nvml = types.ModuleType("pynvml")
     nvml.nvmlInit = lambda: None
-    nvml.nvmlDeviceGetHandleByIndex = lambda i: f"gpu{i}"
-    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=readings["util"])
-    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=readings["used"])
+    nvml.nvmlDeviceGetCount = lambda: len(uuids)
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: uuids[i]
+    nvml.nvmlDeviceGetUUID = lambda h: h.encode()  # older nvidia-ml-py answers bytes
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=readings[h]["util"])
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=readings[h]["used"])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def test_gpu_gauges_read_nvml_at_each_scrape(monkeypatch):
+    """With NVML there (faked here: no GPU), each scrape reads utilisation and memory."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    readings = {"GPU-a": {"util": 37, "used": 3 * 2**30}}
+    fake_nvml(monkeypatch, readings)
     metrics = Metrics()
     assert watch_gpus(["cuda:0", "cpu"], metrics) is True
 
@@ -73,5 +82,18 @@ def test_gpu_gauges_read_nvml_at_each_scrape(monkeypatch):
 
     assert value("sightstream_gpu_utilization_percent") == 37
     assert value("sightstream_gpu_memory_used_mb") == 3072
-    readings["util"] = 90
+    readings["GPU-a"]["util"] = 90
     assert value("sightstream_gpu_utilization_percent") == 90
+
+
+def test_gpu_gauges_read_the_gpu_cuda_numbers_so_under_cuda_visible_devices(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=2,0: what the daemon calls cuda:0 is the host's third GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    fake_nvml(monkeypatch, {f"GPU-{i}": {"util": 10 * i, "used": 0} for i in range(3)})
+    metrics = Metrics()
+    assert watch_gpus(["cuda:0", "cuda:1", "cuda:2"], metrics) is True
+
+    def util(device):
+        return metrics.registry.get_sample_value("sightstream_gpu_utilization_percent", {"device": device})
+
+    assert (util("cuda:0"), util("cuda:1"), util("cuda:2")) == (20, 0, None)  # no third visible GPU

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sightstream.config import PipelineSettings
 from sightstream.frames import Batch, Frame
 from sightstream.metrics import Metrics
@@ -71,15 +73,38 @@ async def test_a_worker_serves_its_own_queue_first_and_drains_it_at_stop(monkeyp
 def test_auto_devices_count_gpus_that_torch_sees_without_onnxruntime_gpu(monkeypatch):
     from sightstream.daemon import devices
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(devices, "_onnxruntime_has_cuda", lambda: False)
     monkeypatch.setattr(devices, "_torch_has_cuda", lambda: True)
     monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: type("R", (), {
-        "stdout": "GPU 0: NVIDIA H100 (UUID: a)\nGPU 1: NVIDIA H100 (UUID: b)\n"})())
+        "stdout": "GPU 0: NVIDIA H100 (UUID: GPU-a1)\nGPU 1: NVIDIA H100 (UUID: GPU-b2)\n"})())
     assert devices.resolve("auto") == ["cuda:0", "cuda:1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # one GPU of two: one worker, cuda:0
+    assert devices.resolve("auto") == ["cuda:0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none
+    assert devices.resolve("auto") == ["cpu"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(devices, "_torch_has_cuda", lambda: False)
     assert devices.resolve("auto") == ["cpu"]
     assert devices.resolve(["cuda:1"]) == ["cuda:1"]
+
+
+@pytest.mark.parametrize("visible,order", [
+    (None, [0, 1, 2]),
+    ("", []),
+    ("-1", []),
+    ("2,0", [2, 0]),
+    ("1,7,0", [1]),  # CUDA stops at the first entry that names no GPU
+    ("0,0,1", [0]),  # or names one twice
+    ("GPU-c3,GPU-a", [2, 0]),  # UUIDs, or unambiguous prefixes of them
+    ("GPU-", []),  # a prefix of every UUID names none
+    ("MIG-5f2e,MIG-9a1b", [None, None]),  # MIG instances count as devices; NVML has no index for them
+])
+def test_cuda_visible_devices_map_cuda_s_numbers_to_nvml_s(visible, order):
+    from sightstream.daemon.devices import cuda_order
+
+    assert cuda_order(["GPU-a1", "GPU-b2", "GPU-c3"], visible) == order
 
 
 def test_auto_devices_do_not_import_torch():
