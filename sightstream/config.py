@@ -6,6 +6,7 @@ a bad setting raises ConfigError with one line naming it.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import string
 from pathlib import Path
@@ -164,6 +165,9 @@ class PipelineSettings(_Strict):
         for pattern in self.streams:
             if keys.is_own_output(pattern.replace("*", "x"), own):
                 raise ValueError(f"input {pattern!r} would read sightstream's own output streams")
+            if not self.prompt_from and fnmatch.fnmatchcase(pattern.replace("*", "x"), keys.RESULTS_GLOB):
+                raise ValueError(f"input {pattern!r} names result streams, which hold no frames; to run a "
+                                 "model on another pipeline's results, chain it (prompt_from)")
         return self
 
 

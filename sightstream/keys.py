@@ -111,8 +111,14 @@ def output_glob(template: str, pipeline: str) -> str:
     return template.replace("{pipeline}", pipeline).replace("{source}", "*")
 
 
+# Result streams under the default output prefix, whichever pipeline or deployment wrote them.
+RESULTS_GLOB = "results:*:*"
+
+
 def is_own_output(key: str, output_globs: list[str]) -> bool:
-    """True for result, dead-letter and internal keys: never read them back as input."""
-    if key.startswith(INTERNAL_PREFIX) or key.startswith("deadletter:"):
+    """True for result, dead-letter and internal keys: never read them back as input. Jobs'
+    results are never input; other result streams are excluded by `output_globs` (a chained
+    pipeline's upstream's are left out of them: it reads those)."""
+    if key.startswith((INTERNAL_PREFIX, "deadletter:", "results:job:")):
         return True
     return any(fnmatch.fnmatchcase(key, g) for g in output_globs)

@@ -261,9 +261,10 @@ class Daemon:
         ingest = RedisIngest(
             *common, reader=self.reader, discover_s=self._discover_s, leases=leases,
             cluster=self.settings.redis_cluster,
-            # Never read results back as frames; a chained pipeline reads its upstream's.
+            # Never read results back as frames (this config's, and any under the default
+            # prefix: another deployment's); a chained pipeline reads its upstream's.
             exclude_globs=[keys.output_glob(q.output, q.name) for q in self.settings.pipelines
-                           if q.name != p.prompt_from],
+                           if q.name != p.prompt_from] + ([] if p.prompt_from else [keys.RESULTS_GLOB]),
         )
         reclaimer = Reclaimer(*common, streams=lambda: ingest.streams,
                               min_idle_ms=self.settings.reclaim_min_idle_ms)

@@ -118,8 +118,12 @@ async def test_new_streams_matching_a_glob_join_within_5_seconds(redis_url, sync
 
 async def test_its_own_results_and_dead_letters_are_never_read_back(redis_url, sync_redis, tmp_path, gradient):
     """An input glob that matches everything also matches the pipeline's own result and
-    dead-letter streams: those are never taken for frames."""
+    dead-letter streams, jobs' results and another deployment's: those are never taken for
+    frames."""
     settings = settings_for(redis_url, tmp_path, [{"input": ["*"]}])
+    others = ("results:job:{j1}", "results:elsewhere:frames:{z}")
+    for key in others:
+        sync_redis.xadd(key, {"result": "{}"})
     async with running(settings) as d:
         sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
         sync_redis.xadd("frames:{a}", {"image": b"not an image"})
@@ -131,7 +135,8 @@ async def test_its_own_results_and_dead_letters_are_never_read_back(redis_url, s
         read = set(d.runs["people"].ingest.streams)
     assert {"frames:{a}", "frames:{b}"} <= read
     assert not read & {"results:people:frames:{a}", "deadletter:people:frames:{a}",
-                       "results:people:frames:{b}"}
+                       "results:people:frames:{b}", *others}
+    assert not sync_redis.keys("deadletter:people:results:*")  # nothing of theirs dead-lettered
     for leak in ("results:people:results:*", "results:people:deadletter:*", "deadletter:people:results:*",
                  "deadletter:people:deadletter:*"):
         assert not sync_redis.keys(leak), leak

@@ -57,6 +57,7 @@ score_threshold = 0.4
         ("[[pipelines]]\nmodel = 'nofamily'", "pipelines[0].model: must be family/variant"),
         ("[[pipelines]]\noutput = 'results:{camera}'", "may use only {pipeline} and {source}"),
         ("[[pipelines]]\ninput = ['results:people:*']", "own output streams"),
+        ("[[pipelines]]\ninput = ['results:elsewhere:*']", "to run a model on another pipeline's results, chain it"),
         ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted"),
         ("[[pipelines]]\nname='a'\n[[pipelines]]\nname='a'", "pipeline names must be unique"),
         ("[[pipelines]]\nname='a'\nprompt_from='a'", "pipeline a cannot take its prompts from itself"),
