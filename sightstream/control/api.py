@@ -53,7 +53,7 @@ class Operation:
     # Bodies that are not one JSON model: media type -> JSON Schema (uploads, images, tars)
     body_media: dict[str, dict[str, Any]] | None
     responses: dict[int, Resp]
-    open: bool  # served without the bearer token (health and metrics)
+    open: bool  # served without the bearer token (the probes, metrics, the live page)
 
 
 class Api:

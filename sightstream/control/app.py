@@ -16,7 +16,8 @@ APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.ap
 def make_app(daemon: Daemon) -> web.Application:
     control = daemon.settings.control
     app = web.Application(
-        middlewares=[json_errors, require_token(control)],
+        middlewares=[json_errors, require_token(control, open_handlers={
+            op.handler for api in APIS for op in api.operations if op.open})],
         client_max_size=int(control.max_upload_mb * 1024 * 1024),
     )
     app[DAEMON] = daemon

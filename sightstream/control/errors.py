@@ -19,8 +19,6 @@ from sightstream.control.api import TOKEN_NAME, ApiError
 
 _log = log.get(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PREFIXES = ("/health", "/metrics")
-OPEN_PATHS = ("/",)  # the live page: it holds no data, and asks for the token itself
 
 CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -60,16 +58,17 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error: see the daemon's log", "internal")
 
 
-def require_token(control: ControlSettings) -> Callable:
-    """Every route but /health* and /metrics needs a configured token (constant-time compare);
-    a named token's name is kept on the request as `token_name`."""
+def require_token(control: ControlSettings, open_handlers: set[Handler]) -> Callable:
+    """Every route needs a configured token (constant-time compare) but those declared open
+    (`open_handlers`: the probes, /metrics, and the live page, which holds no data and asks
+    for the token itself); a named token's name is kept on the request as `token_name`."""
     accepted = [(name, f"Bearer {tok}".encode()) for name, tok in control.tokens.items() if tok]
     if control.token:
         accepted.append(("", f"Bearer {control.token}".encode()))
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if accepted and not (request.path.startswith(OPEN_PREFIXES) or request.path in OPEN_PATHS):
+        if accepted and request.match_info.handler not in open_handlers:
             given = request.headers.get("Authorization", "").encode()
             # Compare with every token, always: the time taken says nothing of which matched.
             matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]

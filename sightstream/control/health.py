@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from sightstream.control.api import Api, Resp
 from sightstream.control.models import LoadedModel
 from sightstream.control.state import DAEMON, reply
+from sightstream.redis_conn import safe_url
 
 api = Api("health")
 
@@ -47,15 +47,6 @@ class Health(BaseModel):
     pipelines: list[dict[str, Any]]
 
 
-def _safe_url(url: str) -> str:
-    """The Redis URL without its password."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}:{parts.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
-
-
 @api.get("/health/live", "The event loop answers", open=True, responses={200: Resp("Alive", Live)})
 async def live(request: web.Request) -> web.Response:
     return reply(Live(status="ok"))
@@ -75,14 +66,14 @@ async def ready(request: web.Request) -> web.Response:
     return reply(Ready(status="ready"))
 
 
-@api.get("/health", "A summary: Redis, devices, workers, loaded models, pipelines", open=True,
+@api.get("/health", "A summary: Redis, devices, workers, loaded models, pipelines",
          responses={200: Resp("The summary", Health)})
 async def summary(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     redis_ok = await d.redis_ok()
     return reply(Health(
         status="ok" if redis_ok and d.ready else "degraded",
-        redis=RedisHealth(url=_safe_url(d.settings.redis_url), ok=redis_ok),
+        redis=RedisHealth(url=safe_url(d.settings.redis_url), ok=redis_ok),
         consumer=d.consumer,
         devices=d.devices,
         workers=[WorkerHealth(device=w.device, busy=w.busy, batches=w.batches) for w in d.workers],

@@ -43,7 +43,7 @@ from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
-from sightstream.redis_conn import close_client, make_client
+from sightstream.redis_conn import close_client, make_client, safe_url
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.decoder import Decoder
@@ -325,7 +325,7 @@ class Daemon:
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
-        retry = RedisRetry("start", self.metrics, self.stop_event, url=self.settings.redis_url)
+        retry = RedisRetry("start", self.metrics, self.stop_event, url=safe_url(self.settings.redis_url))
         url = self.settings.redis_url
         try:
             await retry.call(self.client.ping)

@@ -77,19 +77,20 @@ async def test_unknown_routes_are_json_errors(redis_url, tmp_path):
         await daemon.stop()
 
 
-async def test_a_token_guards_everything_but_health_metrics_and_the_page(redis_url, tmp_path):
+async def test_a_token_guards_everything_but_the_probes_metrics_and_the_page(redis_url, tmp_path):
     settings = settings_for(redis_url, tmp_path)
     settings = settings.model_copy(update={"control": settings.control.model_copy(update={"token": "s3cret"})})
     daemon = Daemon(settings)
     client = await client_for(daemon)
     try:
-        # Every documented route, called without the token: only health, metrics and the live
-        # page (which holds no data and asks for the token itself) answer.
+        # Every documented route, called without the token: only the probes, metrics and the
+        # live page (which holds no data and asks for the token itself) answer. /health tells
+        # the models, pipelines and Redis: it needs the token.
         doc = make_app(daemon)[OPENAPI]
         for path, operations in doc["paths"].items():
             for method in operations:
                 r = await client.request(method.upper(), path.replace("{", "").replace("}", ""))
-                if path.startswith(("/health", "/metrics")) or path == "/":
+                if path in ("/health/live", "/health/ready", "/metrics", "/"):
                     assert r.status != 401, path
                 else:
                     assert r.status == 401, (method, path)

@@ -146,3 +146,18 @@ async def test_a_chained_pipeline_hands_its_frames_back_when_stopped_during_an_o
     in_flight.give(room - used)
     assert in_flight.in_flight == 0 and in_flight._free == 4  # every place given back
     assert read_q.empty() and outcomes.empty()  # nothing passed on: both stay pending in Redis
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("redis://:s3cret@redis.internal:6380/0", "redis://:***@redis.internal:6380/0"),
+    ("redis://app:s3cret@redis.internal/0", "redis://app:***@redis.internal/0"),  # no port: none added
+    ("redis://app:s3cret@[::1]:6379", "redis://app:***@[::1]:6379"),  # IPv6 brackets kept
+    ("redis://redis.internal:6379/0?password=s3cret&socket_timeout=5",
+     "redis://redis.internal:6379/0?password=***&socket_timeout=5"),
+    ("rediss://app@redis.internal:6379", "rediss://app@redis.internal:6379"),  # a user alone is no secret
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_a_redis_url_is_shown_without_its_password(url, shown):
+    from sightstream.redis_conn import safe_url
+
+    assert safe_url(url) == shown
