@@ -1,7 +1,9 @@
 """`sightstream demo`: everything on this machine, no set-up.
 
-It uses the configured Redis if one answers, else starts an embedded one; runs the daemon with
-the default model; makes a short sample video; publishes it as a camera would (real time);
+It uses the configured Redis if one answers; with `redis_url` unset and nothing answering at
+the default address, it starts an embedded one (a `redis_url` that was set and does not answer
+is an error: the user meant that Redis). It runs the daemon with the first pipeline's model (or
+the default one); makes a short sample video; publishes it as a camera would (real time);
 prints each result as it arrives and a summary; then stops everything it started. Its keys
 (`frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes a
 user's streams on a shared Redis.
@@ -25,7 +27,7 @@ from sightstream import keys
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon.embedded_redis import EmbeddedRedis, free_port
 from sightstream.publish import make_sample_video, publish
-from sightstream.redis_conn import reachable
+from sightstream.redis_conn import safe_url, why_unreachable
 from sightstream.service import serve
 from sightstream.tail import summarize, tail
 
@@ -35,18 +37,25 @@ DEMO_PIPELINE = "demo"
 
 async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str], None] = print) -> int:
     embedded = None
-    if await reachable(settings.redis_url):
-        say(f"Redis: using {settings.redis_url}")
+    shown = safe_url(settings.redis_url)
+    if (problem := await why_unreachable(settings.redis_url)) is None:
+        say(f"Redis: using {shown}")
+    elif "redis_url" in settings.model_fields_set:
+        say(f"Redis: {shown} does not answer ({problem}). Start it, or leave redis_url unset for "
+            "the demo to start a Redis of its own.")
+        return 1
     else:
         embedded = EmbeddedRedis().start()
-        say(f"Redis: nothing answers at {settings.redis_url}; started an embedded redis-server "
-            f"on port {embedded.port}")
+        say(f"Redis: nothing answers at {shown}; started an embedded redis-server on port {embedded.port}")
     url = embedded.url if embedded else settings.redis_url
+    configured = "pipelines" in settings.model_fields_set and bool(settings.pipelines)
     pipeline = PipelineSettings(name=DEMO_PIPELINE, input=[DEMO_STREAM], model=settings.pipelines[0].model
-                                if settings.pipelines else PipelineSettings().model)
+                                if configured else PipelineSettings().model)
     results_key = keys.result_stream(pipeline.output, pipeline.name, DEMO_STREAM)
     deadletter_key = keys.deadletter_stream(pipeline.name, DEMO_STREAM)
-    port = settings.control.port if _port_free(settings.control.host, settings.control.port) else free_port()
+    host, port = settings.control.host, settings.control.port
+    if port == 0 or not _port_free(host, port):  # 0: any free port, which the demo must know
+        port = free_port()
     settings = settings.model_copy(update={
         "redis_url": url, "pipelines": [pipeline],
         "control": settings.control.model_copy(update={"port": port}),
@@ -58,7 +67,8 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
     server = asyncio.create_task(serve(settings, stop))
     try:
         with tempfile.TemporaryDirectory(prefix="sightstream-demo-") as tmp:
-            say(f"Model: {pipeline.model} (the built-in default)")
+            say(f"Model: {pipeline.model} " + ("(the config's first pipeline's)" if configured
+                                                 else "(the built-in default)"))
             video = await asyncio.to_thread(make_sample_video, Path(tmp) / "sample.mp4", seconds)
             say(f"Video: made {video.name}, {seconds:.0f} s of 1280x720 at 10 fps")
             await _wait_ready(settings.control.host, port, server)

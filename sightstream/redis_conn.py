@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError, NoScriptError, TimeoutError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
 
@@ -73,12 +73,14 @@ def sync_client(url: str, *, cluster: bool = False, **options: Any) -> Any:
     return redis.Redis.from_url(url, **options)
 
 
-async def reachable(url: str) -> bool:
+async def why_unreachable(url: str) -> str | None:
+    """None when Redis at `url` answers a PING, else why not (refused, timed out, wrong password)."""
     client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
-        return bool(await client.ping())
-    except (ConnectionError, TimeoutError, OSError):
-        return False
+        await client.ping()
+        return None
+    except (RedisError, OSError) as e:
+        return str(e) or type(e).__name__
     finally:
         await client.aclose()
 

@@ -171,3 +171,29 @@ def test_redis_down_is_one_line_and_exit_1(command):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("sightstream: ") and "Connection refused" in last
+
+
+def test_demo_publishes_a_sample_video_and_shows_its_results(redis_url, sync_redis, tmp_path):
+    """`sightstream demo` on a configured Redis that answers: the daemon with the built-in model,
+    a sample video published, one result (or dead-letter) per frame, its own keys cleaned up.
+    Control port 0 in the config: the demo picks a free port it can ask."""
+    config = tmp_path / "demo.toml"
+    config.write_text(f'redis_url = "{redis_url}"\ndevices = ["cpu"]\n[control]\nport = 0\n')
+    sync_redis.xadd("frames:{cam1}", {"image": b"a user's frame"})
+    run = subprocess.run([*CLI, "demo", "--config", str(config), "--seconds", "1"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"Redis: using {redis_url}" in run.stdout
+    assert "(the built-in default)" in run.stdout
+    assert "Summary: 10 frames published, 10 results, 0 dead-lettered" in run.stdout
+    assert not sync_redis.keys("*sightstream-demo*")  # its keys are gone
+    assert sync_redis.xlen("frames:{cam1}") == 1 and not sync_redis.keys("results:*")  # a user's untouched
+
+
+def test_demo_with_a_set_redis_url_that_does_not_answer_says_so_and_starts_no_redis(tmp_path):
+    env = {**os.environ, "SIGHTSTREAM_REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"}
+    run = subprocess.run([*CLI, "demo", "--seconds", "1"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "does not answer" in run.stdout and "leave redis_url unset" in run.stdout
+    assert "s3cret" not in run.stdout + run.stderr and "embedded" not in run.stdout
