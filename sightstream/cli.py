@@ -56,7 +56,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     sent = publish(
         _redis_url(args), args.source, args.stream, fps=args.fps, loop=args.loop,
         maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
-        progress=not args.quiet, cluster=_redis_cluster(args),
+        progress=not args.quiet, cluster=_redis_cluster(args), timeout_s=args.timeout,
     )
     print(f"published {sent} frames to {args.stream}", file=sys.stderr)
     return 0
@@ -157,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--maxlen", type=int, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N frames; 0: no limit")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="a URL that takes longer to open, or to give data, is an error (default 10)")
     p.add_argument("--redis-url", help="default: the configured redis_url")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_publish)

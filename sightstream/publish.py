@@ -11,6 +11,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,42 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sightstream.errors import SightstreamError
 from sightstream.redis_conn import sync_client
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def video_frames(source: str, fps: float | None) -> Iterator[tuple[np.ndarray, float]]:
-    """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
+class SourceError(SightstreamError):
+    """A video file or URL that cannot be opened or read: the message says which and why."""
+
+
+@contextmanager
+def open_video(source: str, timeout_s: float) -> Iterator[Any]:
+    """The opened container. A network source that does not answer within `timeout_s` (to
+    open, or to one read) raises SourceError instead of hanging the producer."""
     import av
 
-    with av.open(source) as container:
+    try:
+        container = av.open(source, timeout=(timeout_s, timeout_s))
+    except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
+        raise SourceError(f"{source} did not answer within {timeout_s:g} s") from None
+    except (av.error.FFmpegError, OSError) as e:
+        raise SourceError(f"cannot open {source}: {e}") from None
+    with container:
+        try:
+            yield container
+        except av.error.ExitError:
+            raise SourceError(f"{source} stopped answering (no data for {timeout_s:g} s)") from None
+        except av.error.FFmpegError as e:
+            raise SourceError(f"reading {source} failed: {e}") from None
+
+
+def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[tuple[np.ndarray, float]]:
+    """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
+    with open_video(source, timeout_s) as container:
+        if not container.streams.video:
+            raise SourceError(f"{source} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         next_t = 0.0
@@ -39,10 +66,10 @@ def video_frames(source: str, fps: float | None) -> Iterator[tuple[np.ndarray, f
             yield frame.to_ndarray(format="rgb24"), t
 
 
-def video_rate(source: str) -> float:
-    import av
-
-    with av.open(source) as container:
+def video_rate(source: str, timeout_s: float) -> float:
+    with open_video(source, timeout_s) as container:
+        if not container.streams.video:
+            raise SourceError(f"{source} has no video stream")
         rate = container.streams.video[0].average_rate
         return float(rate) if rate else 25.0
 
@@ -72,15 +99,17 @@ def publish(
     max_frames: int = 0,
     progress: bool = True,
     cluster: bool = False,
+    timeout_s: float = 10.0,
 ) -> int:
     """Publish frames; returns how many. `fps`: None = the video's own rate (a folder: as fast
-    as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time."""
+    as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time.
+    `timeout_s`: how long a URL may take to open or to give data. Raises SourceError."""
     client = sync_client(redis_url, cluster=cluster)
     folder = Path(source)
     is_folder = folder.is_dir()
     if not is_folder and "://" not in source and not folder.is_file():
         raise FileNotFoundError(f"{source}: no such video file or folder")
-    rate = fps if fps is not None else (0.0 if is_folder else video_rate(source))
+    rate = fps if fps is not None else (0.0 if is_folder else video_rate(source, timeout_s))
     sent = 0
     bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}", disable=not progress)
     started = time.monotonic()
@@ -89,7 +118,7 @@ def publish(
             frames = (
                 ((rgb, {"file": name}) for rgb, name in folder_frames(folder))
                 if is_folder
-                else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None))
+                else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None, timeout_s))
             )
             for rgb, origin in frames:
                 if rate:

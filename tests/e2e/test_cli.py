@@ -197,3 +197,27 @@ def test_demo_with_a_set_redis_url_that_does_not_answer_says_so_and_starts_no_re
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert "does not answer" in run.stdout and "leave redis_url unset" in run.stdout
     assert "s3cret" not in run.stdout + run.stderr and "embedded" not in run.stdout
+
+
+def test_publish_a_url_and_a_url_that_does_not_answer(redis_url, sync_redis, tmp_path):
+    """A video URL is published like a file; one whose server never answers is one line and
+    exit 1 after --timeout, not a hung producer; so is a URL that is not a video."""
+    from tests.hls import make_clip, static_server
+
+    make_clip(tmp_path / "clip.mp4", 1, 10)
+    (tmp_path / "notes.txt").write_text("not a video")
+    env = {**os.environ, "SIGHTSTREAM_REDIS_URL": redis_url}
+    with static_server(tmp_path, hang_once=["hung.mp4"]) as server:
+        ok = subprocess.run([*CLI, "publish", server.url("clip.mp4"), "--stream", "frames:{url}", "--fps", "0",
+                             "-q"], capture_output=True, text=True, timeout=60, env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert sync_redis.xlen("frames:{url}") == 10
+        for name, needle in (("hung.mp4", "did not answer within 1 s"), ("notes.txt", "cannot open"),
+                             ("missing.mp4", "cannot open")):
+            started = time.monotonic()
+            run = subprocess.run([*CLI, "publish", server.url(name), "--stream", "frames:{bad}", "--timeout", "1",
+                                  "-q"], capture_output=True, text=True, timeout=60, env=env)
+            assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+            assert run.stderr.strip().startswith("sightstream: ") and needle in run.stderr, run.stderr
+            assert len(run.stderr.strip().splitlines()) == 1
+            assert time.monotonic() - started < 30
