@@ -6,9 +6,12 @@ a bad setting raises ConfigError with one line naming it.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import os
 import re
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,6 +217,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_words(cls, v: Any) -> Any:
+        """A string other than "auto" (an environment variable) is a comma-separated list."""
+        if isinstance(v, str) and v != "auto":
+            return [d.strip() for d in v.split(",") if d.strip()]
+        return v
+
     @field_validator("devices")
     @classmethod
     def _devices(cls, v: Any) -> Any:
@@ -271,8 +282,34 @@ class Settings(BaseSettings):
         return self
 
 
+ENV_PREFIX = "SIGHTSTREAM_"
+ENV_OWN = "SIGHTSTREAM_TEST_"  # the test suite's own variables, not settings
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse SIGHTSTREAM_* variables that name no setting (a misspelt one would be ignored
+    silently) and one pipeline's setting set alone (the list is set as a whole, as JSON).
+    Raises ConfigError naming the variable."""
+    fields = set(Settings.model_fields)
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(ENV_OWN):
+            continue
+        first, _, rest = upper[len(ENV_PREFIX):].partition("__")
+        setting = first.lower()
+        if setting not in fields:
+            close = difflib.get_close_matches(setting, fields, n=1)
+            hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+            raise ConfigError(f"{name} names no setting{hint}")
+        if setting == "pipelines" and rest:
+            raise ConfigError(f"{name}: one pipeline's setting cannot be set alone; set "
+                              f"{ENV_PREFIX}PIPELINES to the whole list as JSON, e.g. "
+                              '\'[{"name": "people", "fps": 5}]\'')
+
+
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read the TOML file (the default one if present), then the environment, then overrides."""
+    check_environment(os.environ)
     toml: Path | None
     if path is not None:
         toml = Path(path)

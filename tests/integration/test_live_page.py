@@ -91,7 +91,7 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
             {"text": "Two dogs cross the yard.", "from_s": 0, "to_s": 1, "lines": 2, "windows": 1, "levels": 1,
              "final": True, "model": "llm/tiny", "created_at": 0}))
         url = f"{client.make_url('/')}#token={TOKEN}"
-        screenshot = Path(os.environ.get("SIGHTSTREAM_PAGE_SCREENSHOT", tmp_path / "page.png"))
+        screenshot = Path(os.environ.get("SIGHTSTREAM_TEST_PAGE_SCREENSHOT", tmp_path / "page.png"))
         common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                   "--window-size=1280,900", "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'profile'}"]
         dom = await run(*common, "--dump-dom", url)

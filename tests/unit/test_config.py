@@ -83,6 +83,30 @@ def test_bad_environment_variable_is_named(monkeypatch):
         load_settings()
 
 
+@pytest.mark.parametrize("name,value,needle", [
+    ("SIGHTSTREAM_REDIS_URLL", "redis://x:6379", "SIGHTSTREAM_REDIS_URLL names no setting; did you mean SIGHTSTREAM_REDIS_URL?"),
+    ("sightstream_devicez", "cpu", "did you mean SIGHTSTREAM_DEVICES?"),  # as case-blind as the settings
+    ("SIGHTSTREAM_NOTHING_LIKE_IT", "1", "SIGHTSTREAM_NOTHING_LIKE_IT names no setting"),
+    ("SIGHTSTREAM_PIPELINES__0__FPS", "5", "set SIGHTSTREAM_PIPELINES to the whole list as JSON"),
+    ("SIGHTSTREAM_DEVICES", "gpu", "invalid setting devices: 'gpu' is not a device"),
+])
+def test_an_environment_variable_that_names_no_setting_is_refused(monkeypatch, name, value, needle):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_devices_from_the_environment_may_be_a_comma_separated_list(monkeypatch):
+    monkeypatch.setenv("SIGHTSTREAM_DEVICES", "cpu, cuda:1")
+    assert load_settings().devices == ["cpu", "cuda:1"]
+    monkeypatch.setenv("SIGHTSTREAM_DEVICES", '["cuda:0"]')
+    assert load_settings().devices == ["cuda:0"]
+    monkeypatch.setenv("SIGHTSTREAM_TEST_ANYTHING", "the test suite's own variables are not settings")
+    monkeypatch.setenv("SIGHTSTREAM_PIPELINES", '[{"name": "people", "fps": 5}]')
+    assert load_settings().pipelines[0].fps == 5
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
