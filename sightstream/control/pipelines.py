@@ -100,7 +100,7 @@ async def get_pipeline(request: web.Request) -> web.Response:
 
 async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
     run = d.runs.get(p.name)
-    found = await _sources(d, p.name, list(run.ingest.streams) if run else [])
+    found = await _sources(d, p.name, list(run.ingest.found) if run else [])
     fps_in, fps_out = d.rates.fps(p.name)
     count = d.rates.count
     dead = {}

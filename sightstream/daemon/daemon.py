@@ -227,7 +227,7 @@ class Daemon:
                                                self.settings.prompt_poll_s), name="prompt-notices"),
             asyncio.create_task(self._unload_idle_models(), name="idle-unload"),
             asyncio.create_task(keep_gauges(
-                self.client, {name: (lambda run=run: run.ingest.streams) for name, run in self.runs.items()},
+                self.client, {name: (lambda run=run: run.ingest.found) for name, run in self.runs.items()},
                 self.metrics, self.stop_event), name="backlog-gauges"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")

@@ -45,7 +45,10 @@ class RedisIngest(StreamReader):
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
         self._discover_s = discover_s
-        self.streams: list[str] = []  # every stream this pipeline reads
+        self.streams: list[str] = []  # every stream this daemon reads for the pipeline
+        # Every stream the pipeline's group covers, at the latest discovery: the same as
+        # `streams`, but for a per-source model, whose sources are spread over the daemons.
+        self.found: list[str] = []
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
         self._next_discovery = 0.0
@@ -81,6 +84,7 @@ class RedisIngest(StreamReader):
         found = list(dict.fromkeys(found))
         if self._cluster:
             found = [s for s in found if self._one_slot(s)]
+        self.found = found
         unjoined = [s for s in found if s not in self._joined]
         if unjoined:
             await self.ensure_groups(unjoined)

@@ -11,7 +11,7 @@ import pytest
 from sightstream import keys
 from tests import tiny_hf
 from tests.conftest import encode
-from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 BOXES = '{"boxes": [[10, 10, 40, 40], [50, 20, 90, 60]]}'
@@ -72,6 +72,14 @@ async def test_daemons_share_the_sources_and_take_over_a_stopped_ones(redis_url,
             await wait_for(lambda: all(sync_redis.xlen(f"results:tracks:{s}") == 5 for s in streams), 60)
             owners = {s: sync_redis.get(keys.source_lease("tracks", s)) for s in streams}
             assert set(owners.values()) == {b"one:0", b"two:0"}
+            # Either daemon's control plane tells the whole group's backlog, every source
+            client = await client_for(one)
+            try:
+                described = await (await client.get("/pipelines/tracks")).json()
+            finally:
+                await client.close()
+            assert sorted(src["stream"] for src in described["sources"]) == streams
+            assert described["pending"] == 0
         # "two" stopped and gave its source back: "one" takes it and tracks it afresh
         await wait_for(lambda: len(one.runs["tracks"].ingest.streams) == 2, 30, "one takes both")
         for s in streams:
