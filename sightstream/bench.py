@@ -36,9 +36,10 @@ import redis
 from PIL import Image
 
 from sightstream.config import PipelineSettings, Settings
-from sightstream.daemon.daemon import Daemon
+from sightstream.daemon.daemon import DRAFT_TASKS, Daemon
+from sightstream.daemon.devices import nvml_handles
 from sightstream.daemon.embedded_redis import EmbeddedRedis
-from sightstream.models.adapter import is_staged, predict
+from sightstream.models.adapter import input_shape, is_staged, predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
@@ -77,9 +78,10 @@ def time_decode(jpeg: bytes, target: InputShape | None, repeat: int = 30) -> flo
 
 
 def raw_figures(manager: ModelManager, model: str, frames: list[bytes], n: int, batch: int,
-                device: str = "cpu") -> dict[str, float]:
+                device: str = "cpu") -> dict[str, Any]:
     """The model alone: its device step on prepared batches (the limit), and whole calls on
-    full-size frames (what a script calling the model would get)."""
+    full-size frames (what a script calling the model would get). `shape`: how the loaded
+    model sizes frames, for the decode figure (dropped from the row)."""
     adapter: Any = manager.create(model)  # whole or staged
     adapter.load(device)
     try:
@@ -94,7 +96,8 @@ def raw_figures(manager: ModelManager, model: str, frames: list[bytes], n: int, 
         else:
             device_step = lambda k: predict(adapter, at_input[k % len(at_input)])  # noqa: E731
         whole = lambda k: predict(adapter, batches[k % len(batches)])  # noqa: E731
-        return {"raw_fps": _calls_per_s(device_step, n, batch), "raw_full_fps": _calls_per_s(whole, n, batch)}
+        return {"raw_fps": _calls_per_s(device_step, n, batch), "raw_full_fps": _calls_per_s(whole, n, batch),
+                "shape": input_shape(adapter)}
     finally:
         adapter.unload()
 
@@ -149,7 +152,7 @@ class GpuSampler:
     the devices include GPUs and NVML is there (nvidia-ml-py: `import pynvml`); else nothing."""
 
     def __init__(self, devices: list[str]) -> None:
-        self._indexes = [int(d.split(":")[1]) for d in devices if d.startswith("cuda:")]
+        self._devices = devices
         self._samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,10 +162,10 @@ class GpuSampler:
             import pynvml  # type: ignore[import-not-found]
 
             pynvml.nvmlInit()
+            handles = list(nvml_handles(pynvml, self._devices).values())
         except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU figures
             return self
-        if self._indexes:
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self._indexes]
+        if handles:
             self._thread = threading.Thread(target=self._sample, args=(pynvml, handles), daemon=True)
             self._thread.start()
         return self
@@ -323,11 +326,10 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
     frames = make_frames((w, h))
     models = getattr(args, "models", None) or {}  # the config's entries (--config)
     manager = ModelManager(Catalogue(models))
-    target = manager.decode_shape(model)
+    drafts = not args.no_draft and manager.catalogue.get(model).task in DRAFT_TASKS  # as the daemon does
     figures: dict[str, Any] = {
         "mode": "model", "machine": machine(), "device": device, "model": model, "frames": n,
-        "size": f"{w}x{h}", "decode_full_ms": time_decode(frames[0], None),
-        "decode_draft_ms": time_decode(frames[0], target) if not args.no_draft else None,
+        "size": f"{w}x{h}", "decode_full_ms": time_decode(frames[0], None), "decode_draft_ms": None,
         "batches": {},
     }
     print(f"bench: {model} on {device}, {n} frames of {w}x{h} JPEG", flush=True)
@@ -336,6 +338,9 @@ def run_model(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  naive consumer: {figures['naive_fps']:.1f} frames/s", flush=True)
         for batch in batch_sizes(args.batch_sizes):
             row = raw_figures(manager, model, frames, n, batch, device)
+            shape = row.pop("shape")
+            if drafts and shape is not None and figures["decode_draft_ms"] is None:
+                figures["decode_draft_ms"] = time_decode(frames[0], shape)  # as the loaded model sizes frames
             settings = bench_settings(server.url, model, batch, device, models)
             row |= asyncio.run(daemon_figures(settings, frames, n))
             row["daemon_vs_raw"] = row["daemon_fps"] / row["raw_fps"]

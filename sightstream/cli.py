@@ -125,6 +125,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sightstream",
@@ -157,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--maxlen", type=int, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--max-frames", type=int, default=0, help="stop after N frames; 0: no limit")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="a URL that takes longer to open, or to give data, is an error (default 10)")
     p.add_argument("--redis-url", help="default: the configured redis_url")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -124,6 +124,9 @@ class PipelineSettings(_Strict):
     def _name(cls, v: str, info: ValidationInfo) -> str:
         if (v or info.field_name == "name") and not NAME_RE.match(v):
             raise ValueError("must match [a-z0-9_-]+")
+        if info.field_name == "name" and v == "job":  # results:job:… are jobs' result streams
+            raise ValueError("job is kept for jobs' result streams (results:job:…): "
+                             "name the pipeline otherwise")
         return v
 
     @field_validator("model")
@@ -168,7 +171,7 @@ class PipelineSettings(_Strict):
         for pattern in self.streams:
             if keys.is_own_output(pattern.replace("*", "x"), own):
                 raise ValueError(f"input {pattern!r} would read sightstream's own output streams")
-            if not self.prompt_from and fnmatch.fnmatchcase(pattern.replace("*", "x"), keys.RESULTS_GLOB):
+            if not self.prompt_from and re.split(r"[*?\[]", pattern)[0].startswith("results:"):
                 raise ValueError(f"input {pattern!r} names result streams, which hold no frames; to run a "
                                  "model on another pipeline's results, chain it (prompt_from)")
         return self
@@ -279,6 +282,19 @@ class Settings(BaseSettings):
 
         for p in self.pipelines:
             derive(p, ())
+        # Each pipeline's results are never read as input but by its chained pipelines: an
+        # input that would match them could only read nothing.
+        for p in self.pipelines:
+            for q in self.pipelines:
+                if q.name in (p.name, p.prompt_from):
+                    continue
+                own = keys.output_glob(q.output, q.name)
+                for pattern in p.streams:
+                    if fnmatch.fnmatchcase(pattern.replace("*", "x"), own):
+                        raise ValueError(
+                            f"pipeline {p.name}: input {pattern!r} would read pipeline {q.name}'s result "
+                            f"streams, which are never read as input; to run a model on them, chain it: "
+                            f"prompt_from = \"{q.name}\"")
         return self
 
 

@@ -1,8 +1,8 @@
 """`sightstream demo`: everything on this machine, no set-up.
 
-It uses the configured Redis if one answers; with `redis_url` unset and nothing answering at
-the default address, it starts an embedded one (a `redis_url` that was set and does not answer
-is an error: the user meant that Redis). It runs the daemon with the first pipeline's model (or
+It uses the configured Redis if one answers; with `redis_url` at its default and nothing
+answering there, it starts an embedded one (another `redis_url` that cannot be used is an
+error: the user meant that Redis). It runs the daemon with the first pipeline's model (or
 the default one); makes a short sample video; publishes it as a camera would (real time);
 prints each result as it arrives and a summary; then stops everything it started. Its keys
 (`frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes a
@@ -40,9 +40,9 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
     shown = safe_url(settings.redis_url)
     if (problem := await why_unreachable(settings.redis_url)) is None:
         say(f"Redis: using {shown}")
-    elif "redis_url" in settings.model_fields_set:
-        say(f"Redis: {shown} does not answer ({problem}). Start it, or leave redis_url unset for "
-            "the demo to start a Redis of its own.")
+    elif settings.redis_url != Settings.model_fields["redis_url"].default:
+        say(f"Redis: {shown} cannot be used ({problem}). Start it, or leave redis_url at its "
+            "default for the demo to start a Redis of its own.")
         return 1
     else:
         embedded = EmbeddedRedis().start()

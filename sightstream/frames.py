@@ -204,14 +204,23 @@ def deadletter_fields(frame: Frame, reason: str, error: str) -> dict[str, str | 
 
 
 def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, height: int) -> None:
-    """Map boxes and landmarks from decoded-image pixels back to the original frame's pixels
-    (the decoder may have decoded a JPEG at 1/2, 1/4 or 1/8 scale)."""
+    """Map boxes, landmarks and outlines (a polygon, or several) from decoded-image pixels back
+    to the original frame's pixels (the decoder may have decoded a JPEG at 1/2, 1/4 or 1/8
+    scale), or the other way."""
     result["width"], result["height"] = width, height
+
+    def points(pts: list[list[float]]) -> list[list[float]]:
+        return [[round(x * sx, 1), round(y * sy, 1)] for x, y in pts]
+
     for det in result.get("detections", ()):
         x1, y1, x2, y2 = det["box"]
         det["box"] = [round(x1 * sx, 1), round(y1 * sy, 1), round(x2 * sx, 1), round(y2 * sy, 1)]
         if "landmarks" in det:
-            det["landmarks"] = [[round(x * sx, 1), round(y * sy, 1)] for x, y in det["landmarks"]]
+            det["landmarks"] = points(det["landmarks"])
+        if "polygon" in det:
+            det["polygon"] = points(det["polygon"])
+        if "polygons" in det:
+            det["polygons"] = [points(p) for p in det["polygons"]]
 
 
 def is_stale(frame: Frame, max_age_ms: int) -> bool:

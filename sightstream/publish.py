@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sightstream.errors import SightstreamError
-from sightstream.redis_conn import sync_client
+from sightstream.redis_conn import safe_url, sync_client
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -32,22 +32,29 @@ class SourceError(SightstreamError):
 @contextmanager
 def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     """The opened container. A network source that does not answer within `timeout_s` (to
-    open, or to one read) raises SourceError instead of hanging the producer."""
+    open, or to one read) raises SourceError instead of hanging the producer. Messages show the
+    source without its password (a camera's rtsp://user:password@…)."""
     import av
 
+    shown = safe_url(source)
     try:
         container = av.open(source, timeout=(timeout_s, timeout_s))
     except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
-        raise SourceError(f"{source} did not answer within {timeout_s:g} s") from None
+        raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:
-        raise SourceError(f"cannot open {source}: {e}") from None
+        raise SourceError(f"cannot open {shown}: {_reason(e)}") from None
     with container:
         try:
             yield container
         except av.error.ExitError:
-            raise SourceError(f"{source} stopped answering (no data for {timeout_s:g} s)") from None
+            raise SourceError(f"{shown} stopped answering (no data for {timeout_s:g} s)") from None
         except av.error.FFmpegError as e:
-            raise SourceError(f"reading {source} failed: {e}") from None
+            raise SourceError(f"reading {shown} failed: {_reason(e)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    """FFmpeg's words for an error, without its errno and the URL again."""
+    return str(getattr(error, "strerror", None) or error)
 
 
 def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[tuple[np.ndarray, float]]:

@@ -5,9 +5,9 @@ reads whose socket timeout stays above BLOCK."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -18,17 +18,19 @@ BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed
 
 
 def safe_url(url: str) -> str:
-    """The Redis URL without its password (written before the host or as `?password=`), for
-    logs and for /health."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(netloc=netloc, query=query if pairs else parts.query))
+    """The URL (Redis, or a video source) with its password masked, written before the host or
+    as `?password=`, for logs, errors and /health. Nothing else of it changes."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        userinfo, at, host = authority.rpartition("@")
+        if at and ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        url = f"{scheme}{sep}{authority}{slash}{path}"
+    return _QUERY_PASSWORD.sub(r"\1***", url)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def make_client(

@@ -325,8 +325,8 @@ class Daemon:
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""
-        retry = RedisRetry("start", self.metrics, self.stop_event, url=safe_url(self.settings.redis_url))
-        url = self.settings.redis_url
+        url = safe_url(self.settings.redis_url)
+        retry = RedisRetry("start", self.metrics, self.stop_event, url=url)
         try:
             await retry.call(self.client.ping)
             cluster = (await retry.call(lambda: self.client.info("cluster"))).get("cluster_enabled")

@@ -47,8 +47,9 @@ def cuda_order(uuids: list[str], visible: str | None = None) -> list[int | None]
     """The NVML index of each GPU CUDA numbers 0, 1, …, given every GPU's UUID in NVML's order
     and CUDA_VISIBLE_DEVICES (read from the environment when not given). As CUDA does, the list
     stops at the first entry that names no GPU (or names one twice). None: a MIG instance,
-    which CUDA counts and NVML does not index this way. Assumes CUDA_DEVICE_ORDER=PCI_BUS_ID
-    (NVML's order) where GPUs of different models share a host."""
+    which NVML does not index this way; a process sees one MIG instance at most, so the list
+    ends there. Assumes CUDA_DEVICE_ORDER=PCI_BUS_ID (NVML's order) where GPUs of different
+    models share a host."""
     if visible is None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
@@ -57,7 +58,7 @@ def cuda_order(uuids: list[str], visible: str | None = None) -> list[int | None]
     for item in (part.strip() for part in visible.split(",")):
         if item.startswith("MIG-"):
             order.append(None)
-            continue
+            break
         if re.fullmatch(r"\d+", item):
             index = int(item)
         else:
@@ -127,17 +128,24 @@ def watch_gpus(devices: list[str], metrics: Metrics) -> bool:
         import pynvml  # type: ignore[import-not-found]
 
         pynvml.nvmlInit()
-        uuids = [_text(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
-                 for i in range(pynvml.nvmlDeviceGetCount())]
-        order = cuda_order(uuids)
-        handles = {d: pynvml.nvmlDeviceGetHandleByIndex(order[k])
-                   for d, k in wanted.items() if k < len(order) and order[k] is not None}
+        handles = nvml_handles(pynvml, devices)
     except Exception:  # noqa: BLE001 - no NVML, no driver: no GPU gauges
         return False
     for device, handle in handles.items():
         metrics.gpu_utilization.labels(device).set_function(partial(_utilisation, pynvml, handle))
         metrics.gpu_memory_used_mb.labels(device).set_function(partial(_memory_used_mb, pynvml, handle))
     return bool(handles)
+
+
+def nvml_handles(nvml: Any, devices: list[str]) -> dict[str, Any]:
+    """The NVML handle of each `cuda:N` device, N as CUDA numbers it (CUDA_VISIBLE_DEVICES),
+    after nvmlInit(); a device NVML cannot tell (a MIG instance, past the visible ones) has none."""
+    uuids = [_text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i)))
+             for i in range(nvml.nvmlDeviceGetCount())]
+    order = cuda_order(uuids)
+    wanted = {d: int(d.split(":")[1]) for d in devices if d.startswith("cuda:")}
+    return {d: nvml.nvmlDeviceGetHandleByIndex(order[k])
+            for d, k in wanted.items() if k < len(order) and order[k] is not None}
 
 
 def _text(value: str | bytes) -> str:

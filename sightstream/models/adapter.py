@@ -44,9 +44,10 @@ class Adapter(Protocol):
     # model may serve a chained pipeline (`prompt_from`).
     uses_context: bool
     # The model's input (width, height), when it letterboxes frames to a fixed one: the decoder
-    # may then decode large JPEGs at a reduced scale. None: decode at full size. An adapter
-    # whose preprocessing sizes frames another way says so with an optional `input_shape`
-    # (an InputShape, or None until it knows: see input_shape() below).
+    # may then decode a detector's large JPEGs at a reduced scale. None: decode at full size.
+    # An adapter whose preprocessing sizes frames another way (or a model of another task)
+    # says so with an optional `input_shape` (an InputShape, or None until it knows: see
+    # input_shape() below).
     input_size: tuple[int, int] | None
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None: ...
@@ -66,10 +67,12 @@ class Staged(Protocol):
 
 
 def input_shape(adapter: Adapter) -> InputShape | None:
-    """How the adapter sizes a frame: its `input_shape` when it has one, else a letterbox to its
-    `input_size`, else None (unknown: JPEGs are decoded at full size)."""
+    """How the adapter sizes a frame: its `input_shape` when it has one, else (a detector) a
+    letterbox to its `input_size`, else None (unknown: JPEGs are decoded at full size). A
+    classifier's or captioner's `input_size` says nothing of how it gets there (a crop keeps
+    fewer pixels than a letterbox): such a plug-in sets `input_shape`."""
     shape = getattr(adapter, "input_shape", None)
-    if shape is None and adapter.input_size:
+    if shape is None and adapter.input_size and adapter.task == "detect":
         shape = InputShape.fit(*adapter.input_size)
     return shape
 

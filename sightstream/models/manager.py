@@ -217,9 +217,14 @@ class ModelManager:
         for (mid, _), loaded in self._loaded.items():
             if mid == model_id:
                 return input_shape(loaded.adapter)
-        # Asked for every frame decoded before the model loads: ask its entry once.
+        # Asked for every frame decoded before the model loads: ask its entry once, unless
+        # its adapter knows its shape only once loaded (transformers: its processor's). This
+        # runs on the event loop: resolving a hub id there would cost a hub lookup.
         if model_id not in self._declared_shapes:
             try:
+                entry = self.catalogue.get(model_id)
+                if getattr(adapter_class(entry.adapter), "shape_after_load", False):
+                    return None
                 shape = input_shape(self.create(model_id))  # adapters are cheap until load()
             except ModelError:
                 shape = None

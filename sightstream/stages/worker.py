@@ -394,7 +394,7 @@ def _to_original_pixels(frame: Frame, prediction: Prediction) -> None:
         return
     h, w = frame.image.shape[:2]
     ow, oh = frame.orig_size
-    if (ow, oh) == (w, h):
+    if (ow, oh) == (w, h) or not (ow and oh):  # not scaled, or no size known
         return
     if "detections" in prediction.result:
         scale_detections(prediction.result, ow / w, oh / h, ow, oh)

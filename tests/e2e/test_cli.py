@@ -195,7 +195,7 @@ def test_demo_with_a_set_redis_url_that_does_not_answer_says_so_and_starts_no_re
     run = subprocess.run([*CLI, "demo", "--seconds", "1"], capture_output=True, text=True,
                          timeout=60, env=env)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert "does not answer" in run.stdout and "leave redis_url unset" in run.stdout
+    assert "cannot be used" in run.stdout and "leave redis_url at its default" in run.stdout
     assert "s3cret" not in run.stdout + run.stderr and "embedded" not in run.stdout
 
 
@@ -212,11 +212,14 @@ def test_publish_a_url_and_a_url_that_does_not_answer(redis_url, sync_redis, tmp
                              "-q"], capture_output=True, text=True, timeout=60, env=env)
         assert ok.returncode == 0, ok.stderr
         assert sync_redis.xlen("frames:{url}") == 10
-        for name, needle in (("hung.mp4", "did not answer within 1 s"), ("notes.txt", "cannot open"),
+        for name, needle in (("hung.mp4", "did not answer within 1 s"),
+                             ("notes.txt", "notes.txt: Invalid data found when processing input"),
                              ("missing.mp4", "cannot open")):
             started = time.monotonic()
-            run = subprocess.run([*CLI, "publish", server.url(name), "--stream", "frames:{bad}", "--timeout", "1",
+            url = server.url(name).replace("http://", "http://cam:s3cret@")  # never shown
+            run = subprocess.run([*CLI, "publish", url, "--stream", "frames:{bad}", "--timeout", "1",
                                   "-q"], capture_output=True, text=True, timeout=60, env=env)
+            assert "s3cret" not in run.stderr and "cam:***@" in run.stderr
             assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
             assert run.stderr.strip().startswith("sightstream: ") and needle in run.stderr, run.stderr
             assert len(run.stderr.strip().splitlines()) == 1

@@ -52,12 +52,16 @@ score_threshold = 0.4
     "toml,needle",
     [
         ("[[pipelines]]\nname = 'Bad Name'", "pipelines[0].name: must match [a-z0-9_-]+"),
+        ("[[pipelines]]\nname = 'job'", "pipelines[0].name: job is kept for jobs' result streams"),
         ("[[pipelines]]\nfps = -1", "pipelines[0].fps"),
         ("[[pipelines]]\nbatch_size = 0", "pipelines[0].batch_size"),
         ("[[pipelines]]\nmodel = 'nofamily'", "pipelines[0].model: must be family/variant"),
         ("[[pipelines]]\noutput = 'results:{camera}'", "may use only {pipeline} and {source}"),
         ("[[pipelines]]\ninput = ['results:people:*']", "own output streams"),
         ("[[pipelines]]\ninput = ['results:elsewhere:*']", "to run a model on another pipeline's results, chain it"),
+        ("[[pipelines]]\ninput = ['results:*']", "names result streams, which hold no frames"),
+        ("[[pipelines]]\nname = 'up'\noutput = 'dets:{pipeline}:{source}'\n[[pipelines]]\nname = 'down'\n"
+         "input = ['dets:up:*']", "pipeline down: input 'dets:up:*' would read pipeline up's result streams"),
         ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted"),
         ("[[pipelines]]\nname='a'\n[[pipelines]]\nname='a'", "pipeline names must be unique"),
         ("[[pipelines]]\nname='a'\nprompt_from='a'", "pipeline a cannot take its prompts from itself"),

@@ -82,3 +82,14 @@ def test_detections_scale_back_to_original_pixels():
     assert result["width"] == 1280 and result["height"] == 720
     assert result["detections"][0]["box"] == [40, 80, 120, 160]
     assert result["detections"][0]["landmarks"] == [[40, 80]]
+
+
+def test_outlines_scale_back_with_their_boxes():
+    """Florence-2's text regions (a polygon) and open-vocabulary outlines (polygons)."""
+    result = {"width": 320, "height": 180, "detections": [
+        {"box": [10, 20, 30, 40], "label": "text", "polygon": [[10, 20], [30, 20], [30, 40], [10, 40]]},
+        {"box": [0, 0, 8, 8], "label": "cat", "polygons": [[[0, 0], [8, 0], [8, 8]], [[1, 1], [2, 2]]]}]}
+    scale_detections(result, 2, 4, 640, 720)
+    text, cat = result["detections"]
+    assert text["polygon"] == [[20, 80], [60, 80], [60, 160], [20, 160]]
+    assert cat["polygons"] == [[[0, 0], [16, 0], [16, 32]], [[2, 4], [4, 8]]]

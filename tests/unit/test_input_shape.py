@@ -49,15 +49,20 @@ def processor(size, **attributes):
     (processor(SimpleNamespace(height=384, width=384, shortest_edge=None)), InputShape.cover(384, 384)),
     (processor({"max_height": 512, "max_width": 512}), None),  # a rule not known here: full size
     (SimpleNamespace(do_resize=False, size={"height": 224, "width": 224}), None),
+    (processor({"shortest_edge": 336}, image_grid_pinpoints=[[336, 672]]), None),  # LLaVA-NeXT tiles
+    (processor({"longest_edge": 980}, do_image_splitting=True), None),  # Idefics2/3 tiles
 ])
 def test_a_transformers_image_processor_s_size_gives_its_shape(image_processor, shape):
     assert shape_of(image_processor) == shape
 
 
-def test_an_adapter_without_a_shape_letterboxes_to_its_input_size():
-    assert input_shape(SimpleNamespace(input_size=(320, 320))) == InputShape.fit(320, 320)
-    assert input_shape(SimpleNamespace(input_size=None)) is None
-    assert input_shape(SimpleNamespace(input_size=None, input_shape=InputShape.cover(8, 8))) == InputShape.cover(8, 8)
+def test_a_detector_without_a_shape_letterboxes_to_its_input_size():
+    assert input_shape(SimpleNamespace(task="detect", input_size=(320, 320))) == InputShape.fit(320, 320)
+    assert input_shape(SimpleNamespace(task="detect", input_size=None)) is None
+    # a classifier's input size may be reached by a crop: only its own input_shape tells
+    assert input_shape(SimpleNamespace(task="classify", input_size=(224, 224))) is None
+    assert input_shape(SimpleNamespace(task="classify", input_size=None,
+                                       input_shape=InputShape.cover(8, 8))) == InputShape.cover(8, 8)
 
 
 def test_the_transformers_adapters_know_their_shape_once_loaded(tmp_path):
@@ -91,3 +96,16 @@ def test_smolvlm_and_florence2_squash_frames_to_a_square(tmp_path):
     florence = HfFlorence2(str(florence2(tmp_path / "florence2")), {})
     florence.load("cpu")
     assert florence.input_shape == InputShape.cover(64, 64)
+
+
+def test_the_manager_does_not_resolve_a_transformers_model_before_it_loads(monkeypatch):
+    """Asked on the event loop for every decoded chunk: a transformers model's shape comes from
+    its processor once loaded, so its entry is not resolved (a hub lookup) before that."""
+    from sightstream.config import ModelEntry
+    from sightstream.models.catalogue import Catalogue
+    from sightstream.models.manager import ModelManager
+
+    entry = ModelEntry(backend="transformers", task="classify", path="google/vit-base-patch16-224")
+    manager = ModelManager(Catalogue({"vit": {"base": entry}}))
+    monkeypatch.setattr(manager, "create", lambda model_id: pytest.fail("resolved before load"))
+    assert manager.decode_shape("vit/base") is None

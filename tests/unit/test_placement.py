@@ -99,7 +99,7 @@ def test_auto_devices_count_gpus_that_torch_sees_without_onnxruntime_gpu(monkeyp
     ("0,0,1", [0]),  # or names one twice
     ("GPU-c3,GPU-a", [2, 0]),  # UUIDs, or unambiguous prefixes of them
     ("GPU-", []),  # a prefix of every UUID names none
-    ("MIG-5f2e,MIG-9a1b", [None, None]),  # MIG instances count as devices; NVML has no index for them
+    ("MIG-5f2e,MIG-9a1b", [None]),  # a process sees one MIG instance; NVML has no index for it
 ])
 def test_cuda_visible_devices_map_cuda_s_numbers_to_nvml_s(visible, order):
     from sightstream.daemon.devices import cuda_order

@@ -156,6 +156,9 @@ async def test_a_chained_pipeline_hands_its_frames_back_when_stopped_during_an_o
      "redis://redis.internal:6379/0?password=***&socket_timeout=5"),
     ("rediss://app@redis.internal:6379", "rediss://app@redis.internal:6379"),  # a user alone is no secret
     ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("unix:///tmp/redis.sock?db=0", "unix:///tmp/redis.sock?db=0"),  # nothing to mask: unchanged
+    ("rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem&Password=x", "rediss://h:6380/0?ssl_ca_certs=/etc/ca.pem&Password=***"),
+    ("rtsp://admin:hunter2@cam.local:554/stream1", "rtsp://admin:***@cam.local:554/stream1"),  # a camera's URL
 ])
 def test_a_redis_url_is_shown_without_its_password(url, shown):
     from sightstream.redis_conn import safe_url

@@ -125,10 +125,14 @@ def new_text(decoder: Any, inputs: Inputs, ids: Any) -> list[str]:
 
 def shape_of(image_processor: Any) -> InputShape | None:
     """How a transformers image processor sizes a frame, from its `size` (None: it does not
-    resize, or in a way not known here). Where it is unsure it errs to more pixels: a fixed
-    height x width is `cover` even for processors that pad to a square first (OWLv2), and a
-    shortest edge followed by a centre crop is the edge before the crop."""
+    resize, it tiles, or it resizes in a way not known here). Where it is unsure it errs to
+    more pixels: a fixed height x width is `cover` even for processors that pad to a square
+    first (OWLv2), and a shortest edge followed by a centre crop is the edge before the crop."""
     if not getattr(image_processor, "do_resize", False):
+        return None
+    tiles = getattr(image_processor, "image_grid_pinpoints", None) or getattr(image_processor,
+                                                                           "do_image_splitting", False)
+    if tiles:  # tiles cut from a frame resized up to a grid (LLaVA-NeXT, Idefics): keep it whole
         return None
     size = getattr(image_processor, "size", None)
 
@@ -155,6 +159,7 @@ class HfAdapter:
     takes_prompt = False
     uses_context = False
     input_size: tuple[int, int] | None = None
+    shape_after_load = True  # input_shape comes from the processor: the manager need not ask before
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         self._source = path
