@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
-from sightstream.daemon.snapshots import Snapshot, render
+from sightstream.daemon.snapshots import Snapshot, Snapshots, render
 
 api = Api("page")
 PAGE = resources.files("sightstream.control").joinpath("static/page.html").read_text()
@@ -77,7 +77,7 @@ async def latest(request: web.Request) -> web.Response:
     jpeg = d.snapshots.rendered(snap)
     if jpeg is None:
         try:
-            jpeg = await _drawing(d.page_pool, snap)
+            jpeg = await _drawing(d.page_pool, d.snapshots, snap)
         except Exception as e:  # noqa: BLE001 - a frame Pillow reads but cannot draw on
             raise ApiError(422, f"the latest frame cannot be drawn: {e}") from None
         d.snapshots.keep_rendered(snap, jpeg)
@@ -85,13 +85,11 @@ async def latest(request: web.Request) -> web.Response:
                         headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
-_DRAWING: dict[str, asyncio.Future] = {}  # version -> the drawing under way: viewers share it
-
-
-async def _drawing(pool: Executor, snap: Snapshot) -> bytes:
+async def _drawing(pool: Executor, snapshots: Snapshots, snap: Snapshot) -> bytes:
     """Draw a snapshot in the page's own thread (not the decode pool), once per version."""
-    running = _DRAWING.get(snap.version)
+    drawing = snapshots.drawing
+    running = drawing.get(snap.version)
     if running is None:
-        running = _DRAWING[snap.version] = asyncio.get_running_loop().run_in_executor(pool, render, snap)
-        running.add_done_callback(lambda _: _DRAWING.pop(snap.version, None))
+        running = drawing[snap.version] = asyncio.get_running_loop().run_in_executor(pool, render, snap)
+        running.add_done_callback(lambda _: drawing.pop(snap.version, None))
     return await asyncio.shield(running)

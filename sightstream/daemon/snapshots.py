@@ -4,6 +4,7 @@ bounded number of sources. Nothing is drawn until someone asks (`render`, in an 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import secrets
@@ -66,6 +67,8 @@ class Snapshots:
         self._rendered: dict[tuple[str, str], tuple[str, bytes]] = {}
         self._dead: dict[tuple[str, str], int] = {}  # dead-lettered frames per source
         self._in: dict[tuple[str, str], int] = {}  # frames read per source
+        # version -> its drawing under way (the live page's): viewers of one version share it
+        self.drawing: dict[str, asyncio.Future] = {}
 
     def dead_lettered(self, frame: Frame) -> None:
         """A frame of this source went to the dead-letter stream."""

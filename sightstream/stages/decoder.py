@@ -202,8 +202,10 @@ def _decode_jpegs(fields: list[dict[bytes, bytes]], max_pixels: int, timer: Any,
         if not data.startswith(MAGIC[0][0]):
             continue
         try:
-            width, height = Image.open(io.BytesIO(data), formats=["JPEG"]).size  # the header only
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except Exception:  # noqa: BLE001 - unreadable: the CPU path says why
+            continue
+        if colorspace not in ("YCbCr", "Gray"):  # CMYK: the CPU path converts it
             continue
         try:
             check_pixels(width, height, max_pixels)

@@ -269,7 +269,12 @@ async def test_queued_frames_are_decoded_in_chunks_in_order_and_a_bad_one_alone(
 
 def test_gpu_jpeg_decoding_takes_a_chunk_s_jpegs_in_one_call():
     """decode.device on a GPU: the chunk's JPEGs go to the batch decoder in one call, in order;
-    other formats, and a JPEG over the pixel cap (refused from its header), never reach it."""
+    other formats, a CMYK JPEG (converted on the CPU) and a JPEG over the pixel cap (refused
+    from its header) never reach it."""
+    import io
+
+    from PIL import Image
+
     from sightstream.metrics import Metrics
     from sightstream.stages.decoder import decode_chunk
 
@@ -281,11 +286,14 @@ def test_gpu_jpeg_decoding_takes_a_chunk_s_jpegs_in_one_call():
 
     a, b = np.full((16, 24, 3), 10, np.uint8), np.full((16, 24, 3), 200, np.uint8)
     big = np.zeros((100, 100, 3), np.uint8)
+    cmyk = io.BytesIO()
+    Image.fromarray(b).convert("CMYK").save(cmyk, format="JPEG")
     fields = [{b"image": encode(a)}, {b"image": encode(a, "PNG")}, {b"image": encode(big)},
-              {b"image": encode(b)}]
+              {b"image": encode(b)}, {b"image": cmyk.getvalue()}]
     timer = Metrics().decode_seconds.labels("p")
     out = decode_chunk(fields, 5000, None, timer, fake_gpu)
     assert calls == [2]
+    assert out[4][1] == (24, 16) and abs(int(out[4][0].mean()) - 200) <= 3  # the CMYK one, on the CPU
     assert abs(int(out[0][0].mean()) - 10) <= 2 and abs(int(out[3][0].mean()) - 200) <= 2
     assert (out[1][0] == a).all() and out[1][1] == (24, 16)  # the PNG, on the CPU
     assert isinstance(out[2], FrameError) and out[2].reason == "too_large"
