@@ -19,11 +19,12 @@ class ControlError(SightstreamError):
         self.status = status
 
 
-def call(base: str, path: str, token: str, method: str = "GET", body: Any = None) -> Any:
+def call(base: str, path: str, token: str, method: str = "GET", body: Any = None,
+         headers: dict[str, str] | None = None) -> Any:
     """The JSON answer of `method path`. Raises ControlError (an HTTP error, with the daemon's
     message) or SightstreamError (nothing answers)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method)
+    request = urllib.request.Request(base.rstrip("/") + path, data=data, method=method, headers=headers or {})
     if data is not None:
         request.add_header("Content-Type", "application/json")
     if token:

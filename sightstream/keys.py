@@ -93,6 +93,13 @@ def job(job_id: str) -> str:
     return f"{INTERNAL_PREFIX}job:{{{job_id}}}"
 
 
+def job_submission(idempotency_key: str) -> str:
+    """A string: "<job id> <request digest>", the job a client's Idempotency-Key made (kept as
+    long as finished jobs are). The client's key is hashed: any text, one short Redis key."""
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    return f"{INTERNAL_PREFIX}job-submission:{digest}"
+
+
 def job_lease(job_id: str) -> str:
     """Held by the one daemon running the job (its token fences every write)."""
     return f"{INTERNAL_PREFIX}job:{{{job_id}}}:lease"

@@ -1,12 +1,14 @@
 """`sightstream summarize VIDEO`: a running daemon describes the video frame by frame with one
 model and writes its summary with a text model: a job (POST /jobs with `summarize`), followed
-with a progress bar until it ends, then the summary printed. Ctrl-C cancels the job."""
+with a progress bar until it ends, then the summary printed. Ctrl-C cancels the job, also
+during its submission (an Idempotency-Key finds it)."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,26 +36,50 @@ def summarize(base: str, token: str, video: str, model: str, summary_model: str,
                             "summarize": {"model": summary_model, "prompt": summary_prompt}}
     if max_frames:
         body["max_frames"] = max_frames
+    # The same key on a retry: a submission whose answer was lost (Ctrl-C, a dropped
+    # connection) is found again instead of made twice.
+    submission = {"Idempotency-Key": f"sightstream-summarize-{uuid.uuid4()}"}
+    job_id = None
     try:
-        job_id = call(base, "/jobs", token, "POST", body)["job_id"]
-    except ControlError as e:
-        if "allowed_paths" in str(e):
-            raise SightstreamError(f"{e}. The daemon opens the file itself: put it under its "
-                                   "jobs.allowed_paths, or give an http(s):// URL") from None
-        raise
-    try:
+        job_id = _submit(base, token, body, submission)
         job = _follow(base, token, job_id, progress)
     except KeyboardInterrupt:
-        try:
-            call(base, f"/jobs/{job_id}", token, "DELETE")
-        except SightstreamError:
-            pass  # it ended meanwhile, or the daemon is gone: nothing to cancel
+        _cancel(base, token, job_id, body, submission)
         raise
     if job["status"] != "completed":
         raise SightstreamError(f"job {job_id} {job['status']}: {job['error'] or 'no reason given'}")
     summary = job["summary"] or {}
     emit(json.dumps(job, indent=2) if as_json else summary.get("text", ""))
     return 0
+
+
+def _submit(base: str, token: str, body: dict[str, Any], submission: dict[str, str]) -> str:
+    failures = 0
+    while True:
+        try:
+            return str(call(base, "/jobs", token, "POST", body, submission)["job_id"])
+        except ControlError as e:
+            if "allowed_paths" in str(e):
+                raise SightstreamError(f"{e}. The daemon opens the file itself: put it under its "
+                                       "jobs.allowed_paths, or give an http(s):// URL") from None
+            raise
+        except SightstreamError:  # no answer: it may have been made; the key finds it again
+            failures += 1
+            if failures >= POLL_TRIES:
+                raise
+            time.sleep(POLL_S * failures)
+
+
+def _cancel(base: str, token: str, job_id: str | None, body: dict[str, Any],
+            submission: dict[str, str]) -> None:
+    """Ctrl-C: cancel the job, also one whose submission was under way (its key finds it, or
+    makes it to be cancelled at once: a job left running by a client that gave up is worse)."""
+    try:
+        if job_id is None:
+            job_id = str(call(base, "/jobs", token, "POST", body, submission)["job_id"])
+        call(base, f"/jobs/{job_id}", token, "DELETE")
+    except SightstreamError:
+        pass  # it ended meanwhile, or the daemon is gone: nothing to cancel
 
 
 def _follow(base: str, token: str, job_id: str, progress: bool) -> dict[str, Any]:

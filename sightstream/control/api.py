@@ -54,6 +54,7 @@ class Operation:
     body_media: dict[str, dict[str, Any]] | None
     responses: dict[int, Resp]
     open: bool  # served without the bearer token (the probes, metrics, the live page)
+    headers: dict[str, str] = field(default_factory=dict)  # request headers it reads -> description
 
 
 class Api:
@@ -66,12 +67,12 @@ class Api:
     def route(
         self, method: str, path: str, summary: str, *, query: type[BaseModel] | None = None,
         body: type[BaseModel] | None = None, body_media: dict[str, dict[str, Any]] | None = None,
-        responses: dict[int, Resp] | None = None, open: bool = False,
+        responses: dict[int, Resp] | None = None, open: bool = False, headers: dict[str, str] | None = None,
     ) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
             self.operations.append(Operation(
                 method, path, handler, summary, self.tag, query, body, body_media,
-                responses or {200: Resp("OK")}, open,
+                responses or {200: Resp("OK")}, open, dict(headers or {}),
             ))
             return handler
 

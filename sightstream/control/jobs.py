@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ModelError
 from sightstream.jobs.sources import SourceRefused, check_source
-from sightstream.jobs.store import STATUSES, Job, JobSpec
+from sightstream.jobs.store import STATUSES, Job, JobSpec, KeyReused
 from sightstream.jobs.summaries import check_summarizer
 from sightstream.jobs.summary import DEFAULT_INSTRUCTION, SummaryFailed
 from sightstream.models.adapters import adapter_class, check_prompt
@@ -74,6 +75,9 @@ class JobIn(BaseModel):
         "write a summary of the whole job from its results with a text model (results stream: an "
         "entry with task summary; GET /jobs/{id}: summary)"))
     # A user's job whose video gives no frame for jobs.give_up_s fails.
+
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 class Created(BaseModel):
@@ -201,14 +205,25 @@ async def _job(request: web.Request) -> Job:
 
 @api.post("/jobs", "Submit a video or stream to analyse",
           body=JobIn,
+          headers={IDEMPOTENCY_KEY: "any text (a UUID) naming this submission: sent again with the "
+                                    "same body, it answers the job the first try made (200), never a "
+                                    "second job. Kept as long as finished jobs are (jobs.ttl_s)"},
           responses={201: Resp("Accepted: it runs on whichever daemon takes it", Created,
                                headers={"Location": "/jobs/<job_id>"}),
-                     404: error("No such model"), 409: error("The model's weights are not on this machine"),
+                     200: Resp("A retry of a submission with the same Idempotency-Key: its job", Created,
+                               headers={"Location": "/jobs/<job_id>", "Idempotent-Replayed": "true"}),
+                     404: error("No such model"),
+                     409: error("The model's weights are not on this machine, or the Idempotency-Key "
+                                "was used for another request"),
                      422: error("A field is invalid, the source is refused, or the prompt does not "
                                 "suit the model")})
 async def submit(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
+    raw = await request.read()
     body = await read_json(request, JobIn)
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ApiError(422, f"{IDEMPOTENCY_KEY}: 1 to 255 characters")
     try:  # in a thread: file sources are looked up on disk
         source = await asyncio.get_running_loop().run_in_executor(None, check_source, body.source,
                                                                   d.settings.jobs)
@@ -233,11 +248,21 @@ async def submit(request: web.Request) -> web.Response:
                             "model that reads frames in model")
     if body.summarize is not None:
         await _check_summarize(d, body, entry.task, source.is_stream)
-    job = await d.jobs.create(JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames,
-                                      body.max_seconds, who(request),
-                                      summarize=body.summarize.model_dump() if body.summarize else None))
-    return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream), 201,
-                 headers={"Location": f"/jobs/{job.id}"})
+    spec = JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames, body.max_seconds,
+                   who(request), summarize=body.summarize.model_dump() if body.summarize else None)
+    headers = {}
+    if key is None:
+        job, new = await d.jobs.create(spec), True
+    else:
+        digest = hashlib.sha256(who(request).encode() + b"\0" + raw).hexdigest()[:32]
+        try:
+            job, new = await d.jobs.create_once(spec, key, digest)
+        except KeyReused as e:
+            raise ApiError(409, f"{IDEMPOTENCY_KEY}: {e}") from None
+        if not new:
+            headers["Idempotent-Replayed"] = "true"
+    return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream),
+                 201 if new else 200, headers={"Location": f"/jobs/{job.id}", **headers})
 
 
 async def _check_summarize(d: Daemon, body: JobIn, task: str, is_stream: bool) -> None:

@@ -97,6 +97,9 @@ def _operation(
             if "description" in prop:
                 param["description"] = prop["description"]
             params.append(param)
+    params += [{"name": name, "in": "header", "required": False, "description": description,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+               for name, description in op.headers.items()]
     if params:
         out["parameters"] = params
     content: dict[str, Any] = {}

@@ -10,6 +10,7 @@ so a resumed job never reports a frame twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -20,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from sightstream import keys
+from sightstream.errors import SightstreamError
 from sightstream.redis_conn import Lua, lua_xadd
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -113,6 +115,13 @@ return status
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class KeyReused(SightstreamError):
+    """An Idempotency-Key sent again with another request."""
+
+
+CLAIM_WAIT_S = 2.0  # how long a retry waits for the job of the request that claimed its key
 
 
 def new_id() -> str:
@@ -212,8 +221,8 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._summary = client.register_script(SUMMARY)
 
-    async def create(self, spec: JobSpec) -> Job:
-        job_id = new_id()
+    async def create(self, spec: JobSpec, job_id: str | None = None) -> Job:
+        job_id = job_id or new_id()
         created = now_iso()
         fields: dict[Any, Any] = {
             "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": spec.prompt,
@@ -229,6 +238,33 @@ class JobStore:
         # Not in the pipeline: a cluster pipeline refuses PUBLISH (it goes to no key's node).
         await self._client.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
         return Job(job_id, spec, "pending", created)
+
+    async def create_once(self, spec: JobSpec, key: str, digest: str) -> tuple[Job, bool]:
+        """The job submitted under a client's Idempotency-Key `key`: made now (True), or the one
+        an earlier try of the same request made (False), so a client may retry a submission
+        whose answer it lost. `digest` identifies the request (body and who sent it): the key
+        with another one raises KeyReused."""
+        name = keys.job_submission(key)
+        waited = 0.0
+        while True:
+            job_id = new_id()
+            if await self._client.set(name, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
+                return await self.create(spec, job_id), True
+            held = await self._client.get(name)
+            if held is None:
+                continue  # expired just now: claim it
+            text = held.decode() if isinstance(held, bytes) else str(held)
+            earlier, _, earlier_digest = text.partition(" ")
+            if earlier_digest != digest:
+                raise KeyReused("this Idempotency-Key was used for another request: use a new key per job")
+            if (job := await self.get(earlier)) is not None:
+                return job, False
+            if waited >= CLAIM_WAIT_S:
+                # The request that claimed the key died before writing its job: take over.
+                await self._client.set(name, f"{job_id} {digest}", ex=self.ttl_s)
+                return await self.create(spec, job_id), True
+            await asyncio.sleep(0.05)  # it is writing the job now
+            waited += 0.05
 
     async def ensure(self, spec: JobSpec) -> str:
         """A pipeline's video input as a job, created once (its id comes from the pipeline and

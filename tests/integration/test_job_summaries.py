@@ -288,6 +288,28 @@ async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp
         assert job["status"] == "cancelled"
 
 
+async def test_interrupting_the_summarize_command_during_its_submission_cancels_the_job(
+        redis_url, tmp_path, media, monkeypatch):
+    """Ctrl-C after the daemon made the job, before its id came back: the submission's
+    Idempotency-Key finds the job, which is cancelled; no second job is left running."""
+    from sightstream import summarize as command
+
+    real = command._submit
+
+    def made_then_interrupted(base, token, body, submission):
+        real(base, token, body, submission)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "_submit", made_then_interrupted)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        base = str(client.make_url("")).rstrip("/")
+        with pytest.raises(KeyboardInterrupt):
+            await asyncio.to_thread(command.summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
+                                    summary_prompt="Say.")
+        (job,) = (await (await client.get("/jobs")).json())["jobs"]
+        assert job["status"] == "cancelled"
+
+
 async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the_summary(
         redis_url, sync_redis, tmp_path, media):
     from sightstream.errors import SightstreamError

@@ -264,3 +264,39 @@ async def test_a_busy_job_does_not_starve_the_pipelines(redis_url, sync_redis, t
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 8, 10, "the pipeline's results")
         job = await (await client.get(f"/jobs/{job_id}")).json()
         assert job["status"] == "running" and job["counts"]["processed"] < 150  # served alongside the job
+
+
+async def test_a_submission_retried_with_its_idempotency_key_makes_one_job(redis_url, sync_redis, tmp_path,
+                                                                          videos, monkeypatch):
+    """A client that lost the answer to its POST sends it again with the same Idempotency-Key:
+    it gets the job the first try made (200, Idempotent-Replayed), never a second job."""
+    from sightstream.jobs import store
+
+    body = {"model": "tiny/det", "source": f"file://{videos}/clip.mp4", "fps": 5, "max_frames": 2}
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        first = await client.post("/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+        again = await client.post("/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+        assert (first.status, again.status) == (201, 200)
+        job_id = (await first.json())["job_id"]
+        assert (await again.json())["job_id"] == job_id and again.headers["Idempotent-Replayed"] == "true"
+        assert again.headers["Location"] == f"/jobs/{job_id}"
+        other = await client.post("/jobs", json={**body, "fps": 2}, headers={"Idempotency-Key": "k-1"})
+        assert other.status == 409 and "another request" in (await other.json())["error"]["message"]
+        fresh = await client.post("/jobs", json=body, headers={"Idempotency-Key": "k-2"})
+        assert fresh.status == 201 and (await fresh.json())["job_id"] != job_id
+        assert (await client.post("/jobs", json=body, headers={"Idempotency-Key": ""})).status == 422
+        listed = await (await client.get("/jobs")).json()
+        assert len(listed["jobs"]) == 2
+
+        # A key claimed by a request that died before writing its job: a retry waits a moment,
+        # then makes the job itself.
+        monkeypatch.setattr(store, "CLAIM_WAIT_S", 0.2)
+        import hashlib
+
+        raw = json.dumps(body).encode()
+        digest = hashlib.sha256(b"\0" + raw).hexdigest()[:32]
+        sync_redis.set(keys.job_submission("k-3"), f"0123456789abcdef0123 {digest}")
+        taken = await client.post("/jobs", data=raw, headers={"Idempotency-Key": "k-3",
+                                                               "Content-Type": "application/json"})
+        assert taken.status == 201
+        assert sync_redis.get(keys.job_submission("k-3")).decode().split()[0] == (await taken.json())["job_id"]
