@@ -3,8 +3,10 @@ on a GPU host (speed is what counts, so the weights need not be trained):
 
 - `bench/yolo`: a YOLOv8n-sized ONNX detector (about 2 M parameters, 5 GFLOPs at 640x640, the
   [batch, 84, 8400] output of an Ultralytics export), for onnxruntime-gpu;
+- `bench/yolo-torch`: the same network as a TorchScript file (backend `torch`), for torch
+  CUDA: one network on both runtimes;
 - `bench/rtdetr`: an RT-DETR-r18-sized transformers detector (about 20 M parameters), for
-  torch CUDA.
+  torch CUDA through transformers.
 
     python -m tests.gpu_bench_models /srv/bench      # writes the models and bench.toml
     sightstream bench --config /srv/bench/bench.toml --model bench/yolo --device cuda:0
@@ -16,7 +18,11 @@ import sys
 from pathlib import Path
 
 
-def yolo_sized(path: Path, size: int = 640) -> Path:
+def yolo_sized(path: Path, torchscript: Path, size: int = 640) -> tuple[Path, Path]:
+    """The ONNX file and the TorchScript file of one random-weight YOLOv8n-sized network."""
+    import json
+    import warnings
+
     import torch
     from torch import nn
 
@@ -50,10 +56,16 @@ def yolo_sized(path: Path, size: int = 640) -> Path:
 
     torch.manual_seed(0)
     model = Detector().eval()
-    torch.onnx.export(model, torch.zeros(1, 3, size, size), str(path), dynamo=False,
-                      input_names=["images"], output_names=["output0"],
-                      dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
-    return path
+    example = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings():  # both are deprecated in torch 2.13, and still what users have
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, example, str(path), dynamo=False,
+                          input_names=["images"], output_names=["output0"],
+                          dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
+        traced = torch.jit.trace(model, example)
+        config = {"imgsz": [size, size], "names": {str(i): f"class{i}" for i in range(80)}}
+        torch.jit.save(traced, str(torchscript), _extra_files={"config.txt": json.dumps(config)})
+    return path, torchscript
 
 
 def rtdetr_sized(folder: Path) -> Path:
@@ -72,7 +84,7 @@ def rtdetr_sized(folder: Path) -> Path:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    yolo = yolo_sized(out / "yolo.onnx")
+    yolo, yolo_torch = yolo_sized(out / "yolo.onnx", out / "yolo.torchscript")
     rtdetr = rtdetr_sized(out / "rtdetr")
     (out / "bench.toml").write_text(f"""[models.bench.yolo]
 backend = "onnx"
@@ -80,12 +92,17 @@ task = "detect"
 path = "{yolo}"
 input_size = 640
 
+[models.bench.yolo-torch]
+backend = "torch"
+task = "detect"
+path = "{yolo_torch}"
+
 [models.bench.rtdetr]
 backend = "transformers"
 task = "detect"
 path = "{rtdetr}"
 """)
-    print(f"wrote {yolo}, {rtdetr} and {out / 'bench.toml'}")
+    print(f"wrote {yolo}, {yolo_torch}, {rtdetr} and {out / 'bench.toml'}")
 
 
 if __name__ == "__main__":

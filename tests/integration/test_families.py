@@ -121,6 +121,36 @@ async def test_a_loaded_transformers_model_gets_large_jpegs_dct_scaled(
         assert (result["width"], result["height"]) == (512, 512)  # the frame's, not the decoded size
 
 
+async def test_torch_backend_detector_and_classifier(redis_url, sync_redis, tmp_path, gradient):
+    """`backend = "torch"`: a TorchScript detector (an Ultralytics export's layout and
+    config.txt) and a torch.export classifier, through the pipeline with nothing but a path."""
+    import torch
+
+    from tests import tiny_torch
+
+    rows = [[32, 32, 20, 20, 0.1, 0.9]]
+    detector = tiny_torch.constant_yolo(tmp_path / "det.torchscript", rows, classes=2, names={0: "cat", 1: "dog"})
+    settings = run_family(redis_url, sync_redis, tmp_path, {"backend": "torch", "task": "detect",
+                                                            "path": str(detector)}, [encode(gradient)] * 2)
+    for _, f in await process(settings, sync_redis, 2):
+        r = json.loads(f["result"])
+        assert f["task"] == b"detect" and (r["width"], r["height"]) == (96, 64)
+        assert [d["label"] for d in r["detections"]] == ["dog"]
+    sync_redis.flushdb()
+    program = torch.export.export(tiny_torch.MeanColour(False), (torch.zeros(2, 3, 16, 16),),
+                                  dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    torch.export.save(program, str(tmp_path / "colour.pt2"))
+    red = np.zeros((40, 60, 3), np.uint8)
+    red[..., 0] = 255
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "torch", "task": "classify", "path": str(tmp_path / "colour.pt2"),
+                           "input_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
+                           "labels": ["red", "green", "blue"]}, [encode(red, "PNG")] * 2)
+    for _, f in await process(settings, sync_redis, 2):
+        r = json.loads(f["result"])
+        assert f["task"] == b"classify" and r["labels"][0]["label"] == "red" and (r["width"], r["height"]) == (60, 40)
+
+
 async def test_depth_anything(hf_models, redis_url, sync_redis, tmp_path, gradient, astronaut):
     images = [encode(gradient), encode(astronaut)]
     settings = run_family(redis_url, sync_redis, tmp_path,

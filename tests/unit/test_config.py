@@ -154,6 +154,6 @@ def test_a_chain_follows_its_upstream_s_streams_not_its_videos():
 def test_a_model_no_adapter_serves_is_refused_at_start():
     from sightstream.daemon.daemon import Daemon
 
-    settings = Settings(devices=["cpu"], models={"x": {"y": {"backend": "torch", "task": "classify", "path": "/tmp"}}})
-    with pytest.raises(ConfigError, match="no adapter serves backend 'torch' with task 'classify'"):
+    settings = Settings(devices=["cpu"], models={"x": {"y": {"backend": "torch", "task": "depth", "path": "/tmp"}}})
+    with pytest.raises(ConfigError, match="no adapter serves backend 'torch' with task 'depth'"):
         Daemon(settings)

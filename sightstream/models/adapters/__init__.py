@@ -13,6 +13,10 @@ from sightstream.errors import ModelError
 # adapter name -> "module:Class" under sightstream.models.adapters
 ADAPTERS = {
     "yolo": "yolo:YoloDetector",
+    "torch_yolo": "yolo:TorchYoloDetector",
+    "torch_segment": "onnx_segment:TorchSegmenter",
+    "classifier": "classifier:OnnxClassifier",
+    "torch_classifier": "classifier:TorchClassifier",
     "retinaface": "retinaface:RetinaFaceDetector",
     "onnx_segment": "onnx_segment:OnnxSegmenter",
     "hf_detection": "hf_detection:HfDetector",
@@ -34,6 +38,10 @@ ADAPTERS = {
 DEFAULT_ADAPTER = {
     ("onnx", "detect"): "yolo",
     ("onnx", "segment"): "onnx_segment",
+    ("onnx", "classify"): "classifier",
+    ("torch", "detect"): "torch_yolo",
+    ("torch", "segment"): "torch_segment",
+    ("torch", "classify"): "torch_classifier",
     ("transformers", "detect"): "hf_detection",
     ("transformers", "depth"): "hf_depth",
     ("transformers", "classify"): "hf_classify",

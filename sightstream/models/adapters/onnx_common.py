@@ -66,6 +66,8 @@ class OnnxModel:
         self.session = make_session(model, device, options.get("cuda_options"))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.input_dims: list[Any] | None = list(self.session.get_inputs()[0].shape)
+        self.metadata: dict[str, Any] = dict(self.session.get_modelmeta().custom_metadata_map)
         on_gpu = device.startswith("cuda:")
         dim = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = dim if isinstance(dim, int) else None

@@ -20,6 +20,7 @@ from sightstream.frames import Prediction
 from sightstream.models import masks
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import OnnxModel
+from sightstream.models.adapters.runner import Runner
 
 
 class OnnxSegmenter:
@@ -40,10 +41,18 @@ class OnnxSegmenter:
         self.labels: list[str] = list(options.get("labels", []))
         self.with_packbits = bool(options.get("packbits", False))
         self._options = options
-        self._model: OnnxModel | None = None
+        self._model: Runner | None = None
+
+    def _open(self, device: str) -> Runner:
+        return OnnxModel(self._path, device, self._options)
 
     def load(self, device: str) -> None:
-        self._model = OnnxModel(self._path, device, self._options)
+        self._model = self._open(device)
+        if isinstance(self._model, OnnxModel):
+            self._check_names()
+
+    def _check_names(self) -> None:
+        assert self._model is not None
         names, outputs = self._model.inputs, self._model.outputs
         self.input_name = self.input_name or names[0]
         self.output_name = self.output_name or outputs[0]
@@ -69,8 +78,13 @@ class OnnxSegmenter:
 
     def infer(self, prepared: tuple[np.ndarray, list[tuple[int, int]]]) -> np.ndarray:
         assert self._model is not None, "load() first"
-        outputs = self._model.run(prepared[0], str(self.input_name))
-        return dict(zip(self._model.outputs, outputs))[self.output_name]
+        outputs = self._model.run(prepared[0], self.input_name)
+        named = dict(zip(self._model.outputs, outputs))
+        if self.output_name is None:
+            return outputs[0]
+        if self.output_name not in named:
+            raise ModelError(f"the model's outputs are {list(named)}: fix output_name")
+        return named[self.output_name]
 
     def finish(
         self, prepared: tuple[np.ndarray, list[tuple[int, int]]], raw: np.ndarray
@@ -99,3 +113,14 @@ class OnnxSegmenter:
 
     def _label(self, class_id: int) -> str:
         return self.labels[class_id] if class_id < len(self.labels) else str(class_id)
+
+
+class TorchSegmenter(OnnxSegmenter):
+    """The same segmentation on a TorchScript or torch.export file (backend `torch`). Its
+    outputs are named by what the model returns: a dict's keys (torchvision's `out`), else
+    output0, output1, …; `output_name` picks one, else the first."""
+
+    def _open(self, device: str) -> Runner:
+        from sightstream.models.adapters.torch_common import TorchModel
+
+        return TorchModel(self._path, device, self._options)

@@ -19,6 +19,7 @@ from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import OnnxModel, batched_nms, letterbox
+from sightstream.models.adapters.runner import Runner
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
@@ -55,17 +56,18 @@ class YoloDetector:
         self.iou_threshold = float(options.get("iou_threshold", 0.45))
         self.max_detections = int(options.get("max_detections", 300))
         self.labels: list[str] = list(options.get("labels", []))
-        self._model: OnnxModel | None = None
+        self._model: Runner | None = None
+
+    def _open(self, device: str) -> Runner:
+        return OnnxModel(self._path, device, self._options)
 
     def load(self, device: str) -> None:
-        self._model = OnnxModel(self._path, device, self._options)
-        inp = self._model.session.get_inputs()[0]
-        meta = self._model.session.get_modelmeta().custom_metadata_map
+        self._model = self._open(device)
+        meta = self._model.metadata
         if self.input_size is None:
-            self.input_size = _input_size(inp.shape, meta)
+            self.input_size = _input_size(self._model.input_dims, meta)
         if not self.labels and "names" in meta:
-            names = ast.literal_eval(meta["names"])  # Ultralytics writes a dict literal
-            self.labels = [names[k] for k in sorted(names)]
+            self.labels = _names(meta["names"])
 
     def unload(self) -> None:
         self._model = None
@@ -148,11 +150,36 @@ class YoloDetector:
             self.labels = list(COCO80)
 
 
-def _input_size(shape: list, meta: dict[str, str]) -> tuple[int, int]:
-    h, w = shape[2], shape[3]
-    if isinstance(h, int) and isinstance(w, int):
-        return (w, h)
-    if "imgsz" in meta:
-        ih, iw = ast.literal_eval(meta["imgsz"])
-        return (int(iw), int(ih))
+def _input_size(shape: list | None, meta: dict[str, Any]) -> tuple[int, int]:
+    """From the input's fixed dims, else the export's `imgsz` (ONNX: a literal; Ultralytics'
+    config.txt: a list or a number), else 640."""
+    if shape is not None and len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
+        return (shape[3], shape[2])
+    size = meta.get("imgsz")
+    if isinstance(size, str):
+        size = ast.literal_eval(size)
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return (int(size[1]), int(size[0]))
     return (640, 640)
+
+
+def _names(names: Any) -> list[str]:
+    """Class names in id order from the export's `names`: a dict literal (ONNX metadata) or a
+    dict with string keys (config.txt's JSON), or a list."""
+    if isinstance(names, str):
+        names = ast.literal_eval(names)
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    return [str(n) for n in names]
+
+
+class TorchYoloDetector(YoloDetector):
+    """The same detector on a TorchScript or torch.export file (backend `torch`), such as
+    Ultralytics' `format="torchscript"` export: input size and names from its config.txt."""
+
+    def _open(self, device: str) -> Runner:
+        from sightstream.models.adapters.torch_common import TorchModel
+
+        return TorchModel(self._path, device, self._options)

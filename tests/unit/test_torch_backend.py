@@ -1,0 +1,126 @@
+"""The `torch` backend: TorchScript and torch.export files through the same adapters as ONNX
+(YOLO detection, semantic segmentation), and image classification on either backend, each
+loaded through a catalogue entry as a user's would be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sightstream.config import ModelEntry
+from sightstream.errors import ModelError
+from sightstream.models.adapter import input_shape, predict
+from sightstream.models.catalogue import Catalogue
+from sightstream.models.input_shape import InputShape
+from sightstream.models.manager import ModelManager
+from tests import tiny_torch
+
+ROWS = [
+    # cx, cy, w, h, score(class 0), score(class 1) in the 64x64 input
+    [32, 32, 20, 20, 0.10, 0.90],  # a strong class-1 box in the middle
+    [33, 32, 20, 20, 0.10, 0.80],  # overlaps it: suppressed by NMS
+    [33, 32, 20, 20, 0.70, 0.10],  # same place, other class: kept (class-aware NMS)
+    [10, 10, 4, 4, 0.05, 0.10],  # below the score threshold
+]
+
+
+def loaded(**entry):
+    manager = ModelManager(Catalogue({"mine": {"v1": ModelEntry(backend="torch", **entry)}}))
+    adapter = manager.create("mine/v1")
+    adapter.load("cpu")
+    return adapter
+
+
+def test_an_ultralytics_torchscript_export_needs_only_a_path(tmp_path):
+    """Input size and names from its config.txt; boxes letterboxed back as the ONNX export's."""
+    path = tiny_torch.constant_yolo(tmp_path / "yolo.torchscript", ROWS, classes=2, names={0: "person", 1: "car"})
+    yolo = loaded(task="detect", path=str(path))
+    assert yolo.input_size == (64, 64) and yolo.labels == ["person", "car"]
+    image = np.zeros((128, 256, 3), dtype=np.uint8)  # letterboxed 4x down, 16 px of padding
+    (pred,) = predict(yolo, [image], None)
+    dets = pred.result["detections"]
+    assert [d["label"] for d in dets] == ["car", "person"]
+    assert dets[0]["score"] == pytest.approx(0.9)
+    assert dets[0]["box"] == pytest.approx([88, 24, 168, 104], abs=0.2)
+    assert input_shape(yolo) == InputShape.fit(64, 64)  # large JPEGs are decoded towards it
+
+
+def test_a_batch_of_frames_gets_a_result_each(tmp_path):
+    path = tiny_torch.constant_yolo(tmp_path / "yolo.pt", ROWS, classes=2)
+    yolo = loaded(task="detect", path=str(path), input_size=64, labels=["a", "b"])
+    preds = predict(yolo, [np.zeros((64, 64, 3), np.uint8)] * 3, None)
+    assert [[d["label"] for d in p.result["detections"]] for p in preds] == [["b", "a"]] * 3
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["torchscript", "torch.export"])
+def test_segmentation_picks_an_output_of_a_dict_by_name(tmp_path, exported):
+    path = tiny_torch.red_segmenter(tmp_path / ("seg.pt2" if exported else "seg.pt"), exported)
+    frame = np.zeros((40, 60, 3), np.uint8)
+    frame[:, :30] = (255, 0, 0)  # red left half: class 1
+    frame[:, 30:] = (0, 255, 0)
+    options = {"input_size": 32, "mean": [0, 0, 0], "std": [1, 1, 1], "labels": ["background", "red"]}
+    for picked in ({}, {"output_name": "out"}):  # the first output is `out`
+        (pred,) = predict(loaded(task="segment", path=str(path), **options, **picked), [frame], None)
+        (mask,) = pred.result["masks"]
+        assert mask["label"] == "red" and mask["area"] == pytest.approx(40 * 30, rel=0.05)
+    wrong = loaded(task="segment", path=str(path), **options, output_name="logits")
+    with pytest.raises(ModelError, match=r"outputs are \['out', 'aux'\]: fix output_name"):
+        predict(wrong, [frame], None)
+
+
+@pytest.mark.parametrize("probabilities", [False, True], ids=["logits", "probabilities"])
+def test_a_classifier_gives_the_top_k_labels(tmp_path, probabilities):
+    path = tiny_torch.colour_classifier(tmp_path / "colour.pt", probabilities, names=["red", "green", "blue"])
+    classifier = loaded(task="classify", path=str(path), input_size=16, mean=[0, 0, 0], std=[1, 1, 1], top_k=2)
+    green = np.zeros((30, 50, 3), np.uint8)
+    green[..., 1] = 255
+    (pred,) = predict(classifier, [green], None)
+    assert (pred.result["width"], pred.result["height"]) == (50, 30)
+    labels = pred.result["labels"]
+    assert [x["label"] for x in labels][0] == "green" and len(labels) == 2
+    expected = np.exp(10) / (np.exp(10) + 2)  # softmax of [0, 10, 0]: applied once, either way
+    assert labels[0]["score"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_classifier_s_frames_are_squashed_or_centre_cropped(tmp_path):
+    path = tiny_torch.colour_classifier(tmp_path / "colour.pt")
+    squash = loaded(task="classify", path=str(path), input_size=[32, 16])
+    assert squash.input_shape == InputShape.cover(32, 16)
+    crop = loaded(task="classify", path=str(path), input_size=224, crop_pct=0.875)
+    assert crop.input_shape == InputShape.edges(256)
+    # a frame red on the left, blue on the right: the centre crop sees the middle only
+    frame = np.zeros((100, 300, 3), np.uint8)
+    frame[:, :100] = (255, 0, 0)
+    frame[:, 100:200] = (0, 255, 0)
+    frame[:, 200:] = (0, 0, 255)
+    assert crop._resized(frame).shape == (224, 224, 3)
+    assert crop._resized(frame)[:, :, 1].mean() > 200  # green: the middle third
+    with pytest.raises(ModelError, match="crop_pct"):
+        loaded(task="classify", path=str(path), crop_pct=1.5)
+
+
+def test_onnx_classifiers_are_served_by_the_same_adapter(tmp_path):
+    """An ONNX classifier needs only `backend = "onnx"` and `task = "classify"`."""
+    import torch
+
+    path = tmp_path / "colour.onnx"
+    with tiny_torch.legacy():
+        torch.onnx.export(tiny_torch.MeanColour(False), (torch.zeros(1, 3, 16, 16),), str(path),
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}},
+                          dynamo=False)
+    manager = ModelManager(Catalogue({"mine": {"onnx": ModelEntry(
+        backend="onnx", task="classify", path=str(path), input_size=16, mean=[0, 0, 0], std=[1, 1, 1],
+        labels=["red", "green", "blue"])}}))
+    classifier = manager.create("mine/onnx")
+    classifier.load("cpu")
+    blue = np.zeros((20, 20, 3), np.uint8)
+    blue[..., 2] = 255
+    preds = predict(classifier, [blue, blue], None)
+    assert [p.result["labels"][0]["label"] for p in preds] == ["blue", "blue"]
+
+
+def test_a_file_torch_cannot_read_is_a_clear_model_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="torch cannot load .*bad.pt as a TorchScript or torch.export file"):
+        loaded(task="detect", path=str(bad))
