@@ -11,6 +11,15 @@ from typing import Any
 from sightstream.errors import SightstreamError
 
 
+class Unanswered(SightstreamError):
+    """Nothing came back. `maybe_arrived`: the request may have reached the daemon (a timeout,
+    a connection cut), as opposed to never leaving (refused, no such host)."""
+
+    def __init__(self, message: str, maybe_arrived: bool) -> None:
+        super().__init__(message)
+        self.maybe_arrived = maybe_arrived
+
+
 class ControlError(SightstreamError):
     """The control plane answered with an error; `status` is its HTTP status."""
 
@@ -39,4 +48,6 @@ def call(base: str, path: str, token: str, method: str = "GET", body: Any = None
             message = e.reason
         raise ControlError(f"{base}{path}: {e.code} {message}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
-        raise SightstreamError(f"no sightstream control plane answers at {base}: {e}") from None
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        cut = isinstance(reason, (TimeoutError, ConnectionResetError, BrokenPipeError))
+        raise Unanswered(f"no sightstream control plane answers at {base}: {e}", cut) from None

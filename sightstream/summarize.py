@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sightstream.control_client import ControlError, call
+from sightstream.control_client import ControlError, Unanswered, call
 from sightstream.errors import SightstreamError
 
 POLL_S = 0.5
@@ -63,10 +63,11 @@ def _submit(base: str, token: str, body: dict[str, Any], submission: dict[str, s
                 raise SightstreamError(f"{e}. The daemon opens the file itself: put it under its "
                                        "jobs.allowed_paths, or give an http(s):// URL") from None
             raise
-        except SightstreamError:  # no answer: it may have been made; the key finds it again
+        except Unanswered as e:  # cut off: it may have been made, and the key finds it again
             failures += 1
-            if failures >= POLL_TRIES:
+            if not e.maybe_arrived or failures >= POLL_TRIES:
                 raise
+            print(f"sightstream: {e}; retrying", file=sys.stderr)
             time.sleep(POLL_S * failures)
 
 

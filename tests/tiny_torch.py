@@ -29,7 +29,7 @@ class ConstantYolo(nn.Module):
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("table", table)
+        self.register_buffer("table", table.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(1, 2, 3)).reshape(-1, 1, 1) * 0 + self.table

@@ -206,8 +206,9 @@ async def _job(request: web.Request) -> Job:
 @api.post("/jobs", "Submit a video or stream to analyse",
           body=JobIn,
           headers={IDEMPOTENCY_KEY: "any text (a UUID) naming this submission: sent again with the "
-                                    "same body, it answers the job the first try made (200), never a "
-                                    "second job. Kept as long as finished jobs are (jobs.ttl_s)"},
+                                    "same body (byte for byte) and token, it answers the job the first "
+                                    "try made (200), never a second job. Kept for jobs.ttl_s after the "
+                                    "first try"},
           responses={201: Resp("Accepted: it runs on whichever daemon takes it", Created,
                                headers={"Location": "/jobs/<job_id>"}),
                      200: Resp("A retry of a submission with the same Idempotency-Key: its job", Created,
@@ -222,8 +223,17 @@ async def submit(request: web.Request) -> web.Response:
     raw = await request.read()
     body = await read_json(request, JobIn)
     key = request.headers.get(IDEMPOTENCY_KEY)
-    if key is not None and not 1 <= len(key) <= 255:
-        raise ApiError(422, f"{IDEMPOTENCY_KEY}: 1 to 255 characters")
+    submission = None
+    if key is not None:
+        if not 1 <= len(key) <= 255:
+            raise ApiError(422, f"{IDEMPOTENCY_KEY}: 1 to 255 characters")
+        # Scoped to the token (two clients may pick the same key), and to the exact body.
+        submission = (f"{who(request)}\0{key}", hashlib.sha256(raw).hexdigest()[:32])
+        try:  # a retry answers the first try's job, whatever changed since (a model unloaded, …)
+            if (earlier := await d.jobs.replayed(*submission)) is not None:
+                return _created(earlier, replayed=True)
+        except KeyReused as e:
+            raise ApiError(409, f"{IDEMPOTENCY_KEY} {e}", "idempotency_key_reused") from None
     try:  # in a thread: file sources are looked up on disk
         source = await asyncio.get_running_loop().run_in_executor(None, check_source, body.source,
                                                                   d.settings.jobs)
@@ -250,19 +260,20 @@ async def submit(request: web.Request) -> web.Response:
         await _check_summarize(d, body, entry.task, source.is_stream)
     spec = JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames, body.max_seconds,
                    who(request), summarize=body.summarize.model_dump() if body.summarize else None)
-    headers = {}
-    if key is None:
+    if submission is None:
         job, new = await d.jobs.create(spec), True
     else:
-        digest = hashlib.sha256(who(request).encode() + b"\0" + raw).hexdigest()[:32]
         try:
-            job, new = await d.jobs.create_once(spec, key, digest)
+            job, new = await d.jobs.create_once(spec, *submission)
         except KeyReused as e:
-            raise ApiError(409, f"{IDEMPOTENCY_KEY}: {e}") from None
-        if not new:
-            headers["Idempotent-Replayed"] = "true"
+            raise ApiError(409, f"{IDEMPOTENCY_KEY} {e}", "idempotency_key_reused") from None
+    return _created(job, replayed=not new)
+
+
+def _created(job: Job, replayed: bool) -> web.Response:
+    headers = {"Location": f"/jobs/{job.id}", **({"Idempotent-Replayed": "true"} if replayed else {})}
     return reply(Created(job_id=job.id, status=job.status, results_stream=job.results_stream),
-                 201 if new else 200, headers={"Location": f"/jobs/{job.id}", **headers})
+                 200 if replayed else 201, headers=headers)
 
 
 async def _check_summarize(d: Daemon, body: JobIn, task: str, is_stream: bool) -> None:

@@ -113,6 +113,15 @@ return status
 """
 
 
+# KEYS: job. ARGV: field, value, … The job's hash, written whole, unless it is there already
+# (an Idempotency-Key's retry and the first try may both write one job): 1 if written here.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -205,6 +214,13 @@ def _counters(h: dict[str, str]) -> dict[str, int]:
     return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered", "summaries")}
 
 
+def _held(value: bytes | str) -> tuple[str, str]:
+    """A submission key's value: (job id, request digest)."""
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    job_id, _, digest = text.partition(" ")
+    return job_id, digest
+
+
 def _flat(fields: dict[str, Any]) -> list[Any]:
     """A hash's or an entry's fields as a script takes them: field, value, field, value, ..."""
     return [item for kv in fields.items() for item in kv]
@@ -213,7 +229,8 @@ def _flat(fields: dict[str, Any]) -> list[Any]:
 class JobStore:
     def __init__(self, client: Redis, ttl_s: float) -> None:
         self._client = client
-        self.ttl_s = int(ttl_s)
+        self.ttl_s = max(1, round(ttl_s))  # whole seconds for EXPIRE; 0 would delete at once
+        self._create = client.register_script(CREATE)
         self._start = client.register_script(START)
         self.publish_script = Lua(PUBLISH)  # sent in pipelined rounds (run_pipelined)
         self._progress = client.register_script(PROGRESS)
@@ -221,8 +238,12 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._summary = client.register_script(SUMMARY)
 
-    async def create(self, spec: JobSpec, job_id: str | None = None) -> Job:
-        job_id = job_id or new_id()
+    async def create(self, spec: JobSpec) -> Job:
+        job, _ = await self._write(spec, new_id())
+        return job
+
+    async def _write(self, spec: JobSpec, job_id: str) -> tuple[Job, bool]:
+        """The job `job_id`: written now (True), or as another request already wrote it."""
         created = now_iso()
         fields: dict[Any, Any] = {
             "source": spec.source, "model": spec.model, "fps": spec.fps, "prompt": spec.prompt,
@@ -230,41 +251,54 @@ class JobStore:
             "created_by": spec.created_by, "status": "pending", "created_at": created, "attempt": 0,
             "summarize": json.dumps(spec.summarize) if spec.summarize else "",
         }
+        if not await self._create(keys=[keys.job(job_id)], args=_flat(fields)):
+            job = await self.get(job_id)
+            if job is not None:
+                return job, False
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.job(job_id), mapping=fields)
             pipe.zadd(keys.JOBS_INDEX, {job_id: 0})
             pipe.sadd(keys.JOBS_ACTIVE, job_id)
             await pipe.execute()
         # Not in the pipeline: a cluster pipeline refuses PUBLISH (it goes to no key's node).
         await self._client.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
-        return Job(job_id, spec, "pending", created)
+        return Job(job_id, spec, "pending", created), True
+
+    async def replayed(self, key: str, digest: str) -> Job | None:
+        """The job an earlier try of this request (its Idempotency-Key `key`, its `digest`)
+        made, if it is there. Raises KeyReused when the key came with another request."""
+        held = await self._client.get(keys.job_submission(key))
+        if held is None:
+            return None
+        earlier, earlier_digest = _held(held)
+        if earlier_digest != digest:
+            raise KeyReused("was sent with another request (another body, or another token): use a "
+                            "new key per job")
+        return await self.get(earlier)
 
     async def create_once(self, spec: JobSpec, key: str, digest: str) -> tuple[Job, bool]:
         """The job submitted under a client's Idempotency-Key `key`: made now (True), or the one
         an earlier try of the same request made (False), so a client may retry a submission
-        whose answer it lost. `digest` identifies the request (body and who sent it): the key
-        with another one raises KeyReused."""
+        whose answer it lost. The first try claims the key with the job's id; a retry waits
+        for that job, and past CLAIM_WAIT_S writes it itself, under the same id (the first try
+        died, or is slow: either way one job). Raises KeyReused (see replayed)."""
         name = keys.job_submission(key)
-        waited = 0.0
         while True:
             job_id = new_id()
             if await self._client.set(name, f"{job_id} {digest}", nx=True, ex=self.ttl_s):
-                return await self.create(spec, job_id), True
-            held = await self._client.get(name)
-            if held is None:
-                continue  # expired just now: claim it
-            text = held.decode() if isinstance(held, bytes) else str(held)
-            earlier, _, earlier_digest = text.partition(" ")
-            if earlier_digest != digest:
-                raise KeyReused("this Idempotency-Key was used for another request: use a new key per job")
+                return await self._write(spec, job_id)
+            if (held := await self._client.get(name)) is not None:
+                break  # else it expired just now: claim it
+        earlier, earlier_digest = _held(held)
+        if earlier_digest != digest:
+            raise KeyReused("was sent with another request (another body, or another token): use a "
+                            "new key per job")
+        waited = 0.0
+        while waited < CLAIM_WAIT_S:
             if (job := await self.get(earlier)) is not None:
                 return job, False
-            if waited >= CLAIM_WAIT_S:
-                # The request that claimed the key died before writing its job: take over.
-                await self._client.set(name, f"{job_id} {digest}", ex=self.ttl_s)
-                return await self.create(spec, job_id), True
-            await asyncio.sleep(0.05)  # it is writing the job now
+            await asyncio.sleep(0.05)
             waited += 0.05
+        return await self._write(spec, earlier)
 
     async def ensure(self, spec: JobSpec) -> str:
         """A pipeline's video input as a job, created once (its id comes from the pipeline and

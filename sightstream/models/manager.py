@@ -262,3 +262,6 @@ def give_back_memory(device: str) -> None:
     torch = sys.modules.get("torch")  # only if a model already imported it
     if device.startswith("cuda") and torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+        host = getattr(torch._C, "_accelerator_emptyHostCache", None)  # pinned input buffers
+        if host is not None:
+            host()

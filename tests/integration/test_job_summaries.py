@@ -374,3 +374,17 @@ async def test_a_resumed_job_does_not_summarise_again_and_a_lost_lease_stops_the
         assert Flaky.tries == 2
     finally:
         await client.aclose(close_connection_pool=True)
+
+
+def test_the_summarize_command_with_no_daemon_fails_at_once():
+    """Refused: the request never left, so it is not retried (a cut-off one would be)."""
+    import time
+
+    from sightstream.control_client import Unanswered
+    from sightstream.daemon.embedded_redis import free_port
+    from sightstream.summarize import summarize
+
+    started = time.monotonic()
+    with pytest.raises(Unanswered, match="no sightstream control plane answers") as e:
+        summarize(f"http://127.0.0.1:{free_port()}", "", "http://cams.example/a.mp4", "tiny/det", "llm/tiny")
+    assert not e.value.maybe_arrived and time.monotonic() - started < 2

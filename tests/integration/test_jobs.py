@@ -294,9 +294,23 @@ async def test_a_submission_retried_with_its_idempotency_key_makes_one_job(redis
         import hashlib
 
         raw = json.dumps(body).encode()
-        digest = hashlib.sha256(b"\0" + raw).hexdigest()[:32]
-        sync_redis.set(keys.job_submission("k-3"), f"0123456789abcdef0123 {digest}")
+        digest = hashlib.sha256(raw).hexdigest()[:32]
+        claimed = "0123456789abcdef0123"
+        sync_redis.set(keys.job_submission("\0k-3"), f"{claimed} {digest}")  # no token: who is ""
         taken = await client.post("/jobs", data=raw, headers={"Idempotency-Key": "k-3",
                                                                "Content-Type": "application/json"})
-        assert taken.status == 201
-        assert sync_redis.get(keys.job_submission("k-3")).decode().split()[0] == (await taken.json())["job_id"]
+        assert taken.status == 201 and (await taken.json())["job_id"] == claimed  # the claimed id
+
+        # Two tries at once, the first slow to write its job: both answer the one job.
+        real = store.JobStore._write
+
+        async def slow(self, spec, job_id):
+            await asyncio.sleep(0.5)
+            return await real(self, spec, job_id)
+
+        monkeypatch.setattr(store.JobStore, "_write", slow)
+        both = await asyncio.gather(*(client.post("/jobs", json=body, headers={"Idempotency-Key": "k-4"})
+                                      for _ in range(2)))
+        ids = {(await r.json())["job_id"] for r in both}
+        assert len(ids) == 1 and sorted(r.status for r in both) == [200, 201]
+        assert len((await (await client.get("/jobs")).json())["jobs"]) == 4

@@ -63,9 +63,8 @@ def test_segmentation_picks_an_output_of_a_dict_by_name(tmp_path, exported):
         (pred,) = predict(loaded(task="segment", path=str(path), **options, **picked), [frame], None)
         (mask,) = pred.result["masks"]
         assert mask["label"] == "red" and mask["area"] == pytest.approx(40 * 30, rel=0.05)
-    wrong = loaded(task="segment", path=str(path), **options, output_name="logits")
-    with pytest.raises(ModelError, match=r"outputs are \['out', 'aux'\]: fix output_name"):
-        predict(wrong, [frame], None)
+    with pytest.raises(ModelError, match=r"outputs \['out', 'aux'\]; fix input_name / output_name"):
+        loaded(task="segment", path=str(path), **options, output_name="logits")  # told at load
 
 
 @pytest.mark.parametrize("probabilities", [False, True], ids=["logits", "probabilities"])
@@ -124,3 +123,51 @@ def test_a_file_torch_cannot_read_is_a_clear_model_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError, match="torch cannot load .*bad.pt as a TorchScript or torch.export file"):
         loaded(task="detect", path=str(bad))
+
+
+def test_a_program_exported_with_a_fixed_batch_and_size_runs_image_by_image(tmp_path):
+    """torch.export fixes shapes unless told otherwise: a batch of 1 at 64x64. Its input size
+    is read from the program; a batch of three runs as three calls."""
+    import torch
+
+    table = torch.tensor(ROWS, dtype=torch.float32).T.unsqueeze(0)
+    program = torch.export.export(tiny_torch.ConstantYolo(table), (torch.zeros(1, 3, 64, 64),))
+    torch.export.save(program, str(tmp_path / "yolo.pt2"))
+    yolo = loaded(task="detect", path=str(tmp_path / "yolo.pt2"), labels=["a", "b"])
+    assert yolo.input_size == (64, 64) and yolo._model.fixed_batch == 1
+    preds = predict(yolo, [np.zeros((64, 64, 3), np.uint8)] * 3, None)
+    assert [[d["label"] for d in p.result["detections"]] for p in preds] == [["b", "a"]] * 3
+    with pytest.raises(ModelError, match="runs in the dtype it was exported in"):
+        loaded(task="detect", path=str(tmp_path / "yolo.pt2"), dtype="bfloat16")
+
+
+def test_a_torchscript_model_in_bfloat16_and_its_size_as_the_manager_counts_it(tmp_path):
+    path = tiny_torch.constant_yolo(tmp_path / "yolo.pt", ROWS, classes=2)
+    manager = ModelManager(Catalogue({"mine": {"v1": ModelEntry(
+        backend="torch", task="detect", path=str(path), input_size=64, dtype="bfloat16", labels=["a", "b"])}}))
+    yolo = manager.create("mine/v1")
+    yolo.load("cpu")
+    assert yolo._model.module.table.dtype == torch_dtype("bfloat16")
+    (pred,) = predict(yolo, [np.zeros((64, 64, 3), np.uint8)], None)
+    assert [d["label"] for d in pred.result["detections"]] == ["b", "a"]
+    assert yolo.memory_mb == pytest.approx(6 * 4 * 2 / 2**20)  # its one buffer, 24 values in bfloat16
+
+
+def test_a_file_that_cannot_run_here_fails_at_load_with_the_reason(tmp_path):
+    """A model that cannot take a 3-channel image of its input size fails once, at load."""
+    import torch
+
+    class OneChannel(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.conv2d(x, torch.ones(1, 1, 3, 3)).flatten(1)
+
+    with tiny_torch.legacy():
+        torch.jit.save(torch.jit.script(OneChannel()), str(tmp_path / "grey.pt"))
+    with pytest.raises(ModelError, match="the model fails on a 16x16 input"):
+        loaded(task="classify", path=str(tmp_path / "grey.pt"), input_size=16)
+
+
+def torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)

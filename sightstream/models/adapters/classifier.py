@@ -26,7 +26,7 @@ from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import OnnxModel
-from sightstream.models.adapters.runner import Runner
+from sightstream.models.adapters.runner import Runner, warm_up
 from sightstream.models.adapters.yolo import _names
 from sightstream.models.input_shape import InputShape
 
@@ -70,10 +70,21 @@ class OnnxClassifier:
     def _open(self, device: str) -> Runner:
         return OnnxModel(self._path, device, self._options)
 
+    @property
+    def memory_mb(self) -> float:
+        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
+        return float(getattr(self._model, "memory_mb", 0.0))
+
     def load(self, device: str) -> None:
         self._model = self._open(device)
         if not self.labels and "names" in self._model.metadata:
-            self.labels = _names(self._model.metadata["names"])
+            try:
+                self.labels = _names(self._model.metadata["names"])
+            except (ValueError, SyntaxError, TypeError) as e:
+                raise ModelError(f"the export's names cannot be read: {e}; set labels in the model's "
+                                 "entry") from None
+        if not isinstance(self._model, OnnxModel):
+            warm_up(self._model, *self.size)
 
     def unload(self) -> None:
         self._model = None

@@ -10,6 +10,7 @@ from PIL import Image
 
 from sightstream import log
 from sightstream.errors import ModelError
+from sightstream.models.adapters.runner import run_batched
 
 _log = log.get(__name__)
 
@@ -89,16 +90,7 @@ class OnnxModel:
     def run(self, batch: np.ndarray, input_name: str | None = None) -> list[np.ndarray]:
         """The model's outputs (in `self.outputs` order) for a batch, one row per image."""
         name = input_name or self.inputs[0]
-        n = len(batch)
-        if self.fixed_batch is not None and self.fixed_batch != n:
-            parts = [self._run(name, batch[i : i + 1]) for i in range(n)]
-            return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
-        size = next((b for b in self.buckets if b >= n), n)
-        if size != n:
-            padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
-            padded[:n] = batch
-            return [out[:n] for out in self._run(name, padded)]
-        return self._run(name, batch)
+        return run_batched(lambda b: self._run(name, b), batch, self.fixed_batch, self.buckets)
 
     def _run(self, name: str, batch: np.ndarray) -> list[np.ndarray]:
         if not self.io_binding:

@@ -20,7 +20,7 @@ from sightstream.frames import Prediction
 from sightstream.models import masks
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import OnnxModel
-from sightstream.models.adapters.runner import Runner
+from sightstream.models.adapters.runner import Runner, warm_up
 
 
 class OnnxSegmenter:
@@ -46,10 +46,16 @@ class OnnxSegmenter:
     def _open(self, device: str) -> Runner:
         return OnnxModel(self._path, device, self._options)
 
+    @property
+    def memory_mb(self) -> float:
+        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
+        return float(getattr(self._model, "memory_mb", 0.0))
+
     def load(self, device: str) -> None:
         self._model = self._open(device)
-        if isinstance(self._model, OnnxModel):
-            self._check_names()
+        if not isinstance(self._model, OnnxModel):
+            warm_up(self._model, *self.input_size)  # a torch file's outputs are named by its answer
+        self._check_names()
 
     def _check_names(self) -> None:
         assert self._model is not None

@@ -1,11 +1,16 @@
 """What the ONNX and torch adapters (YOLO detection, segmentation, classification) ask of the
-model they run: OnnxModel (onnx_common) and TorchModel (torch_common) both answer it."""
+model they run: OnnxModel (onnx_common) and TorchModel (torch_common) both answer it. And
+what both runners do alike: run a batch image by image when the file fixes the batch size,
+pad a partial batch up to a bucket size, and try the model once at load."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+
+from sightstream.errors import ModelError
 
 
 class Runner(Protocol):
@@ -16,3 +21,34 @@ class Runner(Protocol):
 
     def host_buffer(self, shape: tuple[int, ...]) -> np.ndarray: ...
     def run(self, batch: np.ndarray, input_name: str | None = None) -> list[np.ndarray]: ...
+
+
+def run_batched(call: Callable[[np.ndarray], list[np.ndarray]], batch: np.ndarray,
+                fixed_batch: int | None, buckets: tuple[int, ...]) -> list[np.ndarray]:
+    """`call`'s outputs for `batch`, one row per image: image by image when the model's batch
+    size is fixed to another, else padded up to the next of `buckets` (so a GPU sees few
+    shapes and reuses their plans) and the padding's rows dropped."""
+    n = len(batch)
+    if fixed_batch is not None and fixed_batch != n:
+        parts = [call(batch[i : i + 1]) for i in range(n)]
+        return [np.concatenate(outs, axis=0) for outs in zip(*parts)]
+    size = next((b for b in buckets if b >= n), n)
+    if size != n:
+        padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
+        padded[:n] = batch
+        return [out[:n] for out in call(padded)]
+    return call(batch)
+
+
+def warm_up(runner: Runner, width: int, height: int) -> None:
+    """One call on a blank image at load: a file that cannot run here (made for another device
+    or dtype, or a wrong input size) fails once, with its reason, not on every batch. The
+    call also tells the outputs' names of a torch file."""
+    batch = runner.host_buffer((1, 3, height, width))
+    batch.fill(0)
+    try:
+        runner.run(batch)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the framework's own error, whatever its type
+        raise ModelError(f"the model fails on a {width}x{height} input: {e}") from None

@@ -19,7 +19,7 @@ from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import OnnxModel, batched_nms, letterbox
-from sightstream.models.adapters.runner import Runner
+from sightstream.models.adapters.runner import Runner, warm_up
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
@@ -61,13 +61,24 @@ class YoloDetector:
     def _open(self, device: str) -> Runner:
         return OnnxModel(self._path, device, self._options)
 
+    @property
+    def memory_mb(self) -> float:
+        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
+        return float(getattr(self._model, "memory_mb", 0.0))
+
     def load(self, device: str) -> None:
         self._model = self._open(device)
         meta = self._model.metadata
-        if self.input_size is None:
-            self.input_size = _input_size(self._model.input_dims, meta)
-        if not self.labels and "names" in meta:
-            self.labels = _names(meta["names"])
+        try:
+            if self.input_size is None:
+                self.input_size = _input_size(self._model.input_dims, meta)
+            if not self.labels and "names" in meta:
+                self.labels = _names(meta["names"])
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise ModelError(f"the export's metadata (imgsz, names) cannot be read: {e}; set input_size "
+                             "and labels in the model's entry") from None
+        if not isinstance(self._model, OnnxModel):
+            warm_up(self._model, *self.input_size)
 
     def unload(self) -> None:
         self._model = None
