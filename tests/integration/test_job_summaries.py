@@ -272,35 +272,31 @@ async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redi
         assert code == 1 and "does not write text" in capsys.readouterr().err
 
 
-async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp_path, media, monkeypatch):
-    from sightstream import summarize as command
-
+def _interrupted_after_follow_starts(command):
     def interrupted(base, token, job_id, progress):
         raise KeyboardInterrupt
-
-    monkeypatch.setattr(command, "_follow", interrupted)
-    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
-        base = str(client.make_url("")).rstrip("/")
-        with pytest.raises(KeyboardInterrupt):
-            await asyncio.to_thread(command.summarize, base, "", str(media / "clip.mp4"), "tiny/det", "llm/tiny",
-                                    summary_prompt="Say.")
-        (job,) = (await (await client.get("/jobs")).json())["jobs"]
-        assert job["status"] == "cancelled"
+    return "_follow", interrupted
 
 
-async def test_interrupting_the_summarize_command_during_its_submission_cancels_the_job(
-        redis_url, tmp_path, media, monkeypatch):
-    """Ctrl-C after the daemon made the job, before its id came back: the submission's
-    Idempotency-Key finds the job, which is cancelled; no second job is left running."""
-    from sightstream import summarize as command
-
+def _interrupted_once_submitted(command):
+    """Ctrl-C after the daemon made the job, before its id came back."""
     real = command._submit
 
     def made_then_interrupted(base, token, body, submission):
         real(base, token, body, submission)
         raise KeyboardInterrupt
+    return "_submit", made_then_interrupted
 
-    monkeypatch.setattr(command, "_submit", made_then_interrupted)
+
+@pytest.mark.parametrize("interrupt", [_interrupted_after_follow_starts, _interrupted_once_submitted],
+                         ids=["while following", "during submission"])
+async def test_interrupting_the_summarize_command_cancels_its_job(redis_url, tmp_path, media, monkeypatch,
+                                                                  interrupt):
+    """Ctrl-C cancels the one job, also when it came during the submission: its Idempotency-Key
+    finds the job; no second job is left running."""
+    from sightstream import summarize as command
+
+    monkeypatch.setattr(command, *interrupt(command))
     async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
         base = str(client.make_url("")).rstrip("/")
         with pytest.raises(KeyboardInterrupt):

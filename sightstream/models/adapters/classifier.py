@@ -25,8 +25,7 @@ from PIL import Image
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
-from sightstream.models.adapters.onnx_common import OnnxModel
-from sightstream.models.adapters.runner import Runner, warm_up
+from sightstream.models.adapters.runner import OnFile, Runner
 from sightstream.models.adapters.yolo import _names
 from sightstream.models.input_shape import InputShape
 
@@ -37,7 +36,7 @@ class Prepared:
     sizes: list[tuple[int, int]]  # each frame's (width, height)
 
 
-class OnnxClassifier:
+class OnnxClassifier(OnFile):
     task = "classify"
     takes_prompt = False
     uses_context = False
@@ -67,24 +66,14 @@ class OnnxClassifier:
             return InputShape.cover(w, h)
         return InputShape.edges(round(min(w, h) / self.crop_pct))
 
-    def _open(self, device: str) -> Runner:
-        return OnnxModel(self._path, device, self._options)
-
-    @property
-    def memory_mb(self) -> float:
-        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
-        return float(getattr(self._model, "memory_mb", 0.0))
-
     def load(self, device: str) -> None:
-        self._model = self._open(device)
+        self._model = self._open(device, *self.size)
         if not self.labels and "names" in self._model.metadata:
             try:
                 self.labels = _names(self._model.metadata["names"])
             except (ValueError, SyntaxError, TypeError) as e:
                 raise ModelError(f"the export's names cannot be read: {e}; set labels in the model's "
                                  "entry") from None
-        if not isinstance(self._model, OnnxModel):
-            warm_up(self._model, *self.size)
 
     def unload(self) -> None:
         self._model = None
@@ -136,10 +125,7 @@ class OnnxClassifier:
 class TorchClassifier(OnnxClassifier):
     """The same classifier on a TorchScript or torch.export file (backend `torch`)."""
 
-    def _open(self, device: str) -> Runner:
-        from sightstream.models.adapters.torch_common import TorchModel
-
-        return TorchModel(self._path, device, self._options)
+    on_torch = True
 
 
 def _are_probabilities(scores: np.ndarray) -> bool:

@@ -19,11 +19,10 @@ from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models import masks
 from sightstream.models.adapter import FrameContext, Prompt
-from sightstream.models.adapters.onnx_common import OnnxModel
-from sightstream.models.adapters.runner import Runner, warm_up
+from sightstream.models.adapters.runner import OnFile, Runner
 
 
-class OnnxSegmenter:
+class OnnxSegmenter(OnFile):
     task = "segment"
     takes_prompt = False
     uses_context = False
@@ -43,18 +42,8 @@ class OnnxSegmenter:
         self._options = options
         self._model: Runner | None = None
 
-    def _open(self, device: str) -> Runner:
-        return OnnxModel(self._path, device, self._options)
-
-    @property
-    def memory_mb(self) -> float:
-        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
-        return float(getattr(self._model, "memory_mb", 0.0))
-
     def load(self, device: str) -> None:
-        self._model = self._open(device)
-        if not isinstance(self._model, OnnxModel):
-            warm_up(self._model, *self.input_size)  # a torch file's outputs are named by its answer
+        self._model = self._open(device, *self.input_size)  # a torch file's outputs are named by its answer
         self._check_names()
 
     def _check_names(self) -> None:
@@ -126,7 +115,4 @@ class TorchSegmenter(OnnxSegmenter):
     outputs are named by what the model returns: a dict's keys (torchvision's `out`), else
     output0, output1, …; `output_name` picks one, else the first."""
 
-    def _open(self, device: str) -> Runner:
-        from sightstream.models.adapters.torch_common import TorchModel
-
-        return TorchModel(self._path, device, self._options)
+    on_torch = True

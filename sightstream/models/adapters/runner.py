@@ -52,3 +52,34 @@ def warm_up(runner: Runner, width: int, height: int) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - the framework's own error, whatever its type
         raise ModelError(f"the model fails on a {width}x{height} input: {e}") from None
+
+
+class OnFile:
+    """What the adapters of an ONNX or torch file share (YOLO, segmentation, classification):
+    opening the file on a device with the runner of their backend (ONNX Runtime; the torch
+    backend's classes set `on_torch`), trying a torch file once at load, and the memory the
+    runner reports to the manager."""
+
+    on_torch = False
+    _path: str | bytes
+    _options: dict[str, Any]
+    _model: Runner | None
+
+    def _open(self, device: str, width: int | None = None, height: int | None = None) -> Runner:
+        """The runner, tried once on a width x height input when it runs a torch file (given
+        the size: a YOLO export tells its own, from the opened file)."""
+        if not self.on_torch:
+            from sightstream.models.adapters.onnx_common import OnnxModel
+
+            return OnnxModel(self._path, device, self._options)
+        from sightstream.models.adapters.torch_common import TorchModel
+
+        runner = TorchModel(self._path, device, self._options)
+        if width and height:
+            warm_up(runner, width, height)
+        return runner
+
+    @property
+    def memory_mb(self) -> float:
+        """What the runner tells (a torch model's parameters); 0: the manager estimates it."""
+        return float(getattr(self._model, "memory_mb", 0.0))

@@ -18,8 +18,8 @@ import numpy as np
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
-from sightstream.models.adapters.onnx_common import OnnxModel, batched_nms, letterbox
-from sightstream.models.adapters.runner import Runner, warm_up
+from sightstream.models.adapters.onnx_common import batched_nms, letterbox
+from sightstream.models.adapters.runner import OnFile, Runner, warm_up
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
@@ -39,7 +39,7 @@ class Prepared:
     transforms: list[tuple[float, tuple[float, float], int, int]]  # scale, offset, width, height
 
 
-class YoloDetector:
+class YoloDetector(OnFile):
     task = "detect"
     takes_prompt = False
     uses_context = False
@@ -58,14 +58,6 @@ class YoloDetector:
         self.labels: list[str] = list(options.get("labels", []))
         self._model: Runner | None = None
 
-    def _open(self, device: str) -> Runner:
-        return OnnxModel(self._path, device, self._options)
-
-    @property
-    def memory_mb(self) -> float:
-        """What its runner tells (a torch model's parameters); 0: the manager estimates it."""
-        return float(getattr(self._model, "memory_mb", 0.0))
-
     def load(self, device: str) -> None:
         self._model = self._open(device)
         meta = self._model.metadata
@@ -77,8 +69,8 @@ class YoloDetector:
         except (ValueError, SyntaxError, TypeError) as e:
             raise ModelError(f"the export's metadata (imgsz, names) cannot be read: {e}; set input_size "
                              "and labels in the model's entry") from None
-        if not isinstance(self._model, OnnxModel):
-            warm_up(self._model, *self.input_size)
+        if self.on_torch:
+            warm_up(self._model, *self.input_size)  # its size is known only now
 
     def unload(self) -> None:
         self._model = None
@@ -190,7 +182,4 @@ class TorchYoloDetector(YoloDetector):
     """The same detector on a TorchScript or torch.export file (backend `torch`), such as
     Ultralytics' `format="torchscript"` export: input size and names from its config.txt."""
 
-    def _open(self, device: str) -> Runner:
-        from sightstream.models.adapters.torch_common import TorchModel
-
-        return TorchModel(self._path, device, self._options)
+    on_torch = True
