@@ -88,3 +88,26 @@ def colour_classifier(path: Path, probabilities: bool = False, names: list[str] 
     with legacy():
         torch.jit.save(torch.jit.script(MeanColour(probabilities)), str(path), _extra_files=extra)
     return path
+
+
+class HeavyYolo(nn.Module):
+    """A YOLOv8-layout detector whose every call uses a k x k weight (about 4 k^2 bytes): for
+    measuring memory, not boxes. Its output is ConstantYolo's, for two classes."""
+
+    def __init__(self, k: int, table: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, k) * 1e-3)
+        self.register_buffer("table", table.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(1, 2, 3)).reshape(-1, 1).expand(-1, self.weight.shape[0])
+        return (mean @ self.weight).sum(dim=1).reshape(-1, 1, 1) * 0 + self.table
+
+
+def heavy_yolo(path: Path, megabytes: int) -> Path:
+    """A TorchScript file of about `megabytes` MB of float32 weights (a 64x64 input)."""
+    k = round((megabytes * 2**20 / 4) ** 0.5)
+    table = torch.tensor([[32, 32, 20, 20, 0.1, 0.9]], dtype=torch.float32).T.unsqueeze(0)
+    with legacy():
+        torch.jit.save(torch.jit.script(HeavyYolo(k, table)), str(path))
+    return path

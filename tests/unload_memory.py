@@ -1,7 +1,7 @@
 """Does unloading a model give its memory back? RSS (and GPU memory on a GPU) before a load,
 loaded, after one inference, after the unload, and after ten more load/infer/unload cycles,
-for an ONNX model and a torch (transformers) model of a known size, loaded and unloaded
-through the model manager as the daemon does it.
+for an ONNX model, a transformers model and a TorchScript model (backend torch) of a known
+size, loaded and unloaded through the model manager as the daemon does it.
 
     .venv/bin/python -m tests.unload_memory [--mb 200] [--device cpu]
 
@@ -43,14 +43,18 @@ def gpu_mb(device: str) -> float | None:
 def build(folder: Path, mb: int) -> dict[str, dict[str, ModelEntry]]:
     from tests.tiny_hf import detr
     from tests.tiny_models import heavy_yolov8
+    from tests.tiny_torch import heavy_yolo
 
     onnx_path = heavy_yolov8(folder / "heavy.onnx", mb)
     # about mb MB of float32 weights: 2 x layers x (attention 4 d^2 + ffn 2 d^2), d = 512
     layers = max(1, round(mb * 2**20 / 4 / (2 * 6 * 512**2)))
     torch_path = detr(folder / "detr", d_model=512, layers=layers)
+    script_path = heavy_yolo(folder / "heavy.pt", mb)
     return {"heavy": {
         "onnx": ModelEntry(backend="onnx", task="detect", path=str(onnx_path), labels=["a", "b"]),
         "torch": ModelEntry(backend="transformers", task="detect", path=str(torch_path)),
+        "torchscript": ModelEntry(backend="torch", task="detect", path=str(script_path), input_size=64,
+                                  labels=["a", "b"]),
     }}
 
 
@@ -113,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manager = ModelManager(Catalogue(build(Path(tmp), args.mb)))
         rows = {m: asyncio.run(measure(manager, m, args.device, args.cycles))
-                for m in ("heavy/onnx", "heavy/torch")}
+                for m in ("heavy/onnx", "heavy/torch", "heavy/torchscript")}
     print(f"RSS in MB, {args.mb} MB models on {args.device}:")
     print(table(rows))
 

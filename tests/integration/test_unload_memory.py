@@ -1,6 +1,6 @@
-"""Unloading a model gives its memory back, for an ONNX and a torch model, also after ten
-load/infer/unload cycles (Triton's users report leaks there). RSS is noisy, so the models are
-large (about 100 MB) and the bounds are fractions of their size."""
+"""Unloading a model gives its memory back, for an ONNX, a transformers and a TorchScript
+model, also after ten load/infer/unload cycles (Triton's users report leaks there). RSS is
+noisy, so the models are large (about 100 MB) and the bounds are fractions of their size."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def heavy(tmp_path_factory):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("model", ["heavy/onnx", "heavy/torch"])
+@pytest.mark.parametrize("model", ["heavy/onnx", "heavy/torch", "heavy/torchscript"])
 async def test_unloading_gives_the_memory_back_cycle_after_cycle(heavy, model):
     row = await measure(heavy, model, "cpu", cycles=10)
     assert row["inferred"] - row["before"] > 0.6 * MB  # the weights were really in memory
