@@ -224,3 +224,35 @@ def test_publish_a_url_and_a_url_that_does_not_answer(redis_url, sync_redis, tmp
             assert run.stderr.strip().startswith("sightstream: ") and needle in run.stderr, run.stderr
             assert len(run.stderr.strip().splitlines()) == 1
             assert time.monotonic() - started < 30
+
+
+def test_publish_a_stream_that_stops_answering_midway(redis_url, sync_redis, tmp_path):
+    """A server that sends half of a stream, then nothing: the frames it sent are published,
+    then one line and exit 1 after --timeout, not a producer hung on a dead connection."""
+    import asyncio
+
+    from aiohttp import web
+
+    from tests.hls import ThreadServer, make_hls_vod
+
+    playlist = make_hls_vod(tmp_path / "vod", seconds=4, fps=10)
+    stream = b"".join((playlist.parent / f"index{i}.ts").read_bytes() for i in range(4))  # one MPEG-TS
+
+    async def half_then_silence(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "video/mp2t"})
+        await response.prepare(request)
+        await response.write(stream[: len(stream) // 2])
+        await asyncio.sleep(3600)  # cancelled when the server shuts down
+        return response
+
+    app = web.Application()
+    app.router.add_get("/live.ts", half_then_silence)
+    env = {**os.environ, "SIGHTSTREAM_REDIS_URL": redis_url}
+    with ThreadServer(app) as server:
+        started = time.monotonic()
+        run = subprocess.run([*CLI, "publish", server.url("live.ts"), "--stream", "frames:{cut}", "--fps", "0",
+                              "--timeout", "1", "-q"], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "stopped answering (no data for 1 s)" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert 0 < sync_redis.xlen("frames:{cut}") < 40  # what came before the silence was published
+    assert time.monotonic() - started < 30
