@@ -32,7 +32,7 @@ from sightstream.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/sightstream/sightstream.toml")
 DEFAULT_MODEL = "retinaface/mobilenet"
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
-VIDEO_SCHEMES = ("http://", "https://", "file://")
+VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 
 
 class _Strict(BaseModel):
@@ -85,7 +85,8 @@ class JobSettings(_Strict):
     allowed_paths: list[str] = Field(
         default_factory=list, description="file:// job sources only under these folders; empty: none")
     allowed_hosts: list[str] = Field(
-        default_factory=list, description="http(s) job sources only from these hosts; empty: any host")
+        default_factory=list,
+        description="http(s) and rtsp(s) job sources only from these hosts; empty: any host")
     ttl_s: float = Field(86_400, gt=0, description="finished jobs and their results expire after this")
     max_concurrent: int = Field(4, ge=1, description="jobs one daemon runs at once")
     max_in_flight: int = Field(16, ge=1, description="frames of one job between decoding and publication")
@@ -162,7 +163,8 @@ class PipelineSettings(_Strict):
     def _input(cls, v: list[str]) -> list[str]:
         for item in v:
             if "://" in item and not is_video_url(item):
-                raise ValueError(f"{item!r}: a video input is an http://, https:// or file:// URL")
+                raise ValueError(f"{item!r}: a video input is an http://, https://, rtsp://, rtsps:// or "
+                                 "file:// URL")
         return v
 
     @model_validator(mode="after")

@@ -33,11 +33,22 @@ def input_job_id(pipeline: str, url: str) -> str:
     return hashlib.sha1(f"{pipeline}\n{url}".encode()).hexdigest()[:20]
 
 
+def public_url(url: str) -> str:
+    """A video URL as results, stream names, logs and the API show it: without its user and
+    password (a camera's rtsp://user:password@…), which are for opening it alone."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def video_input_source(pipeline: str, url: str, cluster: bool) -> str:
-    """The source key in a pipeline's video input's stream names: its URL. On a Redis Cluster,
-    the input's job's hash tag `{<id>}` comes first, so its results and dead-letters share the
-    job's slot: the job's fenced scripts write them beside its hash."""
-    return f"{{{input_job_id(pipeline, url)}}}{url}" if cluster else url
+    """The source key in a pipeline's video input's stream names: its public URL. On a Redis
+    Cluster, the input's job's hash tag `{<id>}` comes first, so its results and dead-letters
+    share the job's slot: the job's fenced scripts write them beside its hash."""
+    shown = public_url(url)
+    return f"{{{input_job_id(pipeline, url)}}}{shown}" if cluster else shown
 
 
 def sample_key(pipeline: str, source: str, bucket: int) -> str:

@@ -38,7 +38,9 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
 
     shown = safe_url(source)
     try:
-        container = av.open(source, timeout=(timeout_s, timeout_s))
+        # An RTSP camera over TCP, as the daemon reads one: UDP is lost to NAT and firewalls.
+        options = {"rtsp_transport": "tcp"} if source.lower().startswith(("rtsp://", "rtsps://")) else {}
+        container = av.open(source, options=options, timeout=(timeout_s, timeout_s))
     except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
         raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:

@@ -184,7 +184,7 @@ NO_JOB = error("No such job (or it expired: jobs.ttl_s after it ended)")
 def _out(job: Job) -> JobOut:
     spec = job.spec
     return JobOut(
-        job_id=job.id, status=job.status, source=spec.source, model=spec.model,  # type: ignore[arg-type]
+        job_id=job.id, status=job.status, source=spec.shown, model=spec.model,  # type: ignore[arg-type]
         fps=spec.fps, prompt=spec.prompt, max_frames=spec.max_frames, max_seconds=spec.max_seconds,
         results_stream=job.results_stream, attempt=job.attempt, holder=job.holder,
         created_by=spec.created_by, created_at=job.created_at, started_at=job.started_at,

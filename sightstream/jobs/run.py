@@ -94,6 +94,7 @@ class JobRun:
         # A user's job keeps its prompt; a pipeline's video input follows the pipeline's.
         self._prompt = prompt or (lambda: Prompt(job.spec.prompt, 1))
         self._label = job.spec.pipeline or "jobs"
+        self._shown = job.spec.shown  # results name it without its password
         self._limits = limits or Limits(settings.batch_size, settings.batch_timeout_ms,
                                         settings.result_maxlen)
         self._source = source
@@ -241,7 +242,7 @@ class JobRun:
                 await self._fenced_progress({"origin": self.job.origin})
             self._position_s = vf.pts_s
             h, w = vf.image.shape[:2]
-            frame = Frame(self._label, self.job.spec.source, str(vf.index), {}, now_ms(), image=vf.image,
+            frame = Frame(self._label, self._shown, str(vf.index), {}, now_ms(), image=vf.image,
                           orig_size=(w, h))
             yield Item(frame, repr(vf.pts_s), vf.pts_s)
 
@@ -332,7 +333,7 @@ class JobRun:
             return job.results_stream, "processed", fields | extra
         if isinstance(outcome, DeadLettered):
             reason, error = outcome.reason, outcome.error
-        frame = item.frame or Frame(self._label, job.spec.source, item.position, {}, now_ms())
+        frame = item.frame or Frame(self._label, self._shown, item.position, {}, now_ms())
         return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra
 
     async def _write_progress(self) -> None:

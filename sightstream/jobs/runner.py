@@ -154,7 +154,7 @@ class JobRunner:
         for job_id, job in zip(ids := await self._store.active(), await self._store.get_many(ids)):
             if job and job.spec.pipeline in self._pipelines and job_id not in self._inputs:
                 await self._store.retire(job_id, f"no longer in pipeline {job.spec.pipeline}'s input")
-                _log.info("video_input_retired", pipeline=job.spec.pipeline, source=job.spec.source)
+                _log.info("video_input_retired", pipeline=job.spec.pipeline, source=job.spec.shown)
         self._registered = True
 
     async def _daemon_count(self) -> int:
@@ -178,7 +178,7 @@ class JobRunner:
             fresh = await self._store.get(job.id)
             if fresh is None:
                 return
-            _log.info("job_started", job=job.id, source=fresh.spec.source, attempt=fresh.attempt,
+            _log.info("job_started", job=job.id, source=fresh.spec.shown, attempt=fresh.attempt,
                       resume_after=fresh.last_position or None)
             await self._execute(fresh, lease)
             self._paused.pop(job.id, None)

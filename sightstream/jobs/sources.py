@@ -14,7 +14,7 @@ from sightstream import keys
 from sightstream.config import JobSettings
 from sightstream.errors import SightstreamError
 
-SCHEMES = ("http", "https", "file", "redis")
+SCHEMES = ("http", "https", "rtsp", "rtsps", "file", "redis")
 
 
 class SourceRefused(SightstreamError):
@@ -57,7 +57,7 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Sour
         return Source(url, "video", path)
     host = (parts.hostname or "").lower()
     if not host:
-        raise SourceRefused("an http(s) source needs a host")
+        raise SourceRefused(f"the source URL names no host ({scheme}://<host>/…)")
     allowed = [h.lower() for h in settings.allowed_hosts]
     if allowed and not trusted and not any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed):
         raise SourceRefused(f"host {host} is not in jobs.allowed_hosts")

@@ -157,6 +157,12 @@ class JobSpec:
     # {"model": text model, "prompt": instruction, "every_s": period or None}: write summaries
     summarize: dict[str, Any] | None = None
 
+    @property
+    def shown(self) -> str:
+        """The source as results, stream names, logs and the API show it: without its user and
+        password, which are for opening it alone."""
+        return keys.public_url(self.source)
+
 
 @dataclass
 class Job:

@@ -129,7 +129,7 @@ class JobSummaries:
         summary = await summarize(lines, self._budget, self._generate, video)
         summary.final, summary.model = final, self.model
         body = summary.as_dict()
-        fields = {"source": self.job.spec.source, "job_id": self.job.id, "ts": str(now_ms()),
+        fields = {"source": self.job.spec.shown, "job_id": self.job.id, "ts": str(now_ms()),
                   "model": self.model, "task": "summary", "result": json.dumps(body, separators=(",", ":"))}
         if fenced(await self._store.write_summary(self.job, self._token, final, upto, body, self._maxlen,
                                                   fields)) == 0:
@@ -158,7 +158,7 @@ class JobSummaries:
 
     async def _generate(self, texts: list[str]) -> list[str]:
         """The text model's answer to each text, through the batcher and device workers."""
-        frames = [Frame("summaries", self.job.spec.source, f"summary-{i}", {}, now_ms(), text=text)
+        frames = [Frame("summaries", self.job.spec.shown, f"summary-{i}", {}, now_ms(), text=text)
                   for i, text in enumerate(texts)]
         try:
             outcomes = await self._adhoc.submit(frames, self.model, Prompt(self.instruction, 0), "summaries",

@@ -1,5 +1,9 @@
-"""Reading the frames of one video source (a file, an HTTP video, a live or VOD HLS playlist)
-with PyAV in a thread of its own, handed to the event loop with backpressure.
+"""Reading the frames of one video source (a file, an HTTP video, a live or VOD HLS playlist,
+an RTSP camera) with PyAV in a thread of its own, handed to the event loop with backpressure.
+
+An RTSP camera is read over TCP (RTP interleaved in the RTSP connection: UDP is lost to NAT
+and firewalls). Its timestamps start again at each session, so after a reopen the frames go on
+just after the last one, as a live HLS stream's would.
 
 A stalled or dead source blocks only its own thread. Around the blocking read runs a reopen
 loop (capped exponential back-off with jitter, reset after a healthy period) and a watchdog
@@ -105,7 +109,10 @@ def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
     opts = {"live_start_index": str(o.live_start_index), "seg_max_retry": str(o.seg_max_retry)}
     if o.m3u8_hold_counters is not None:
         opts["m3u8_hold_counters"] = str(o.m3u8_hold_counters)
-    if urlsplit(url).scheme in ("http", "https"):
+    scheme = urlsplit(url).scheme
+    if scheme in ("rtsp", "rtsps"):
+        return {"rtsp_transport": "tcp"}
+    if scheme in ("http", "https"):
         opts |= {
             "rw_timeout": str(int(o.read_timeout_s * 1_000_000)), "reconnect": "1",
             "reconnect_streamed": "1", "reconnect_delay_max": str(o.reconnect_delay_max_s),
@@ -196,6 +203,8 @@ class _Reader:
         self.read_to = -math.inf  # how far packets reached (pts + duration), from t0
         self.end_s: float | None = None  # where a VOD ends, from t0
         self.failures = 0
+        # Timestamps start again with each session (RTSP): a reopen goes on after the last frame.
+        self.sessions = urlsplit(url).scheme in ("rtsp", "rtsps")
 
     def run(self, after_s: float | None, origin_s: float | None) -> None:
         """Read until the source ends or stop is set; VideoSourceError when giving up."""
@@ -233,7 +242,7 @@ class _Reader:
         self.stats.last_error = why
         live = self.stats.is_live
         if live is None:  # never opened: guess from the URL
-            live = urlsplit(self.url).path.endswith(".m3u8")
+            live = self.sessions or urlsplit(self.url).path.endswith(".m3u8")
         if not live and self.failures >= self.o.max_vod_failures:
             raise VideoSourceError(
                 f"the video source {self.name} keeps failing: {why} ({self.failures} attempts)"
@@ -355,7 +364,9 @@ class _Reader:
         if self.t0 is None:
             self.t0 = self.stats.origin_s = t
         pts_s = t - self.t0
-        if self.stats.is_live and self.last_pts is not None and pts_s < self.last_pts - DISCONTINUITY_S:
+        restarted = self.sessions and not self.progressed and pts_s <= (self.last_pts or -math.inf)
+        if self.stats.is_live and self.last_pts is not None and (pts_s < self.last_pts - DISCONTINUITY_S
+                                                                or restarted):
             self.t0 += pts_s - self.last_pts - 1 / self.rate  # go on just after the last frame
             pts_s = t - self.t0
         self.stats.position_s, self.progressed = pts_s, True

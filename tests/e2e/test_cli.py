@@ -256,3 +256,15 @@ def test_publish_a_stream_that_stops_answering_midway(redis_url, sync_redis, tmp
     assert "stopped answering (no data for 1 s)" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert 0 < sync_redis.xlen("frames:{cut}") < 40  # what came before the silence was published
     assert time.monotonic() - started < 30
+
+
+def test_publish_an_rtsp_camera(redis_url, sync_redis):
+    from tests.rtsp import rtsp_camera
+
+    env = {**os.environ, "SIGHTSTREAM_REDIS_URL": redis_url}
+    with rtsp_camera() as camera:
+        run = subprocess.run([*CLI, "publish", camera.url(), "--stream", "frames:{door}", "--max-frames", "5",
+                              "-q"], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    frames = entries(sync_redis, "frames:{door}")
+    assert len(frames) == 5 and all(f["image"][:3] == b"\xff\xd8\xff" for _, f in frames)
