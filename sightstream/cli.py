@@ -70,6 +70,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+TOKEN_HELP = "default: the config's control.token; with --url, $SIGHTSTREAM_CONTROL__TOKEN"
+
+
 def _control(args: argparse.Namespace) -> tuple[str, str]:
     """The control plane's base URL and token: --url and --token, else the config's."""
     if args.url:
@@ -184,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="a running daemon's pipelines, sources and jobs (what GET / shows)")
     config(p)
     p.add_argument("--url", help="its control plane, e.g. http://10.0.0.5:8000 (default: the config's)")
-    p.add_argument("--token", help="default: the config's control.token")
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true", help="the raw figures")
     p.set_defaults(func=cmd_status)
 
@@ -203,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=1.0, help="frames read per second of video")
     p.add_argument("--max-frames", type=_positive, default=None, help="stop after N frames")
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
-    p.add_argument("--token", help="default: the config's control.token")
+    p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_summarize)

@@ -136,8 +136,8 @@ async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
         streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
         job = await d.jobs.get(job_id)
         if job is None:  # not registered yet (Redis was down at start)
-            out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="pending", holder="", attempt=0,
-                                  processed=0, **streams))
+            out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="pending", holder="",
+                                  attempt=0, processed=0, **streams))
             continue
         error = job.progress.get("last_error")
         out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status=job.status, holder=job.holder,
