@@ -154,8 +154,13 @@ class PipelineSettings(_Strict):
         return [i for i in self.input if not is_video_url(i)]
 
     @property
+    def shown_input(self) -> list[str]:
+        """`input` as the APIs show it: video URLs without their credentials (keys.public_url)."""
+        return [keys.public_url(i) for i in self.input]
+
+    @property
     def videos(self) -> list[str]:
-        """The input's video URLs (HLS, HTTP, files): each read by one daemon at a time."""
+        """The input's video URLs (HLS, HTTP, RTSP, files): each read by one daemon at a time."""
         return [i for i in self.input if is_video_url(i)]
 
     @field_validator("input")
@@ -163,8 +168,12 @@ class PipelineSettings(_Strict):
     def _input(cls, v: list[str]) -> list[str]:
         for item in v:
             if "://" in item and not is_video_url(item):
-                raise ValueError(f"{item!r}: a video input is an http://, https://, rtsp://, rtsps:// or "
-                                 "file:// URL")
+                raise ValueError(f"{item.split('://')[0]}://: a video input is an http://, https://, "
+                                 "rtsp://, rtsps:// or file:// URL")
+        shown = [keys.public_url(i) for i in v if is_video_url(i)]
+        if twice := sorted({s for s in shown if shown.count(s) > 1}):
+            raise ValueError(f"{twice[0]} is named twice (with different credentials?): its results would "
+                             "go to one stream from two readers")
         return v
 
     @model_validator(mode="after")

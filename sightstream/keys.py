@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import re
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_OUTPUT = "results:{pipeline}:{source}"
 DEADLETTER = "deadletter:{pipeline}:{source}"
@@ -35,12 +37,17 @@ def input_job_id(pipeline: str, url: str) -> str:
 
 def public_url(url: str) -> str:
     """A video URL as results, stream names, logs and the API show it: without its user and
-    password (a camera's rtsp://user:password@…), which are for opening it alone."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    password (a camera's rtsp://user:password@…) and with a password or token in its query
+    masked: those are for opening it alone. Anything but an http(s)/rtsp(s) URL is as it is."""
+    if not url.lower().startswith(("http://", "https://", "rtsp://", "rtsps://")):
         return url
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}{sep}{authority.rpartition('@')[2]}{slash}{path}"
+    parts = urlsplit(url)
+    query = _SECRET_PARAM.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
+
+
+# Query parameters that carry a secret (cameras take ?user=…&password=…, signed URLs a token).
+_SECRET_PARAM = re.compile(r"((?:^|&)(?:password|passwd|pwd|token|access_token)=)[^&]*", re.IGNORECASE)
 
 
 def video_input_source(pipeline: str, url: str, cluster: bool) -> str:

@@ -63,7 +63,7 @@ def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[t
     """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
-            raise SourceError(f"{source} has no video stream")
+            raise SourceError(f"{safe_url(source)} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         next_t = 0.0
@@ -78,7 +78,7 @@ def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[t
 def video_rate(source: str, timeout_s: float) -> float:
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
-            raise SourceError(f"{source} has no video stream")
+            raise SourceError(f"{safe_url(source)} has no video stream")
         rate = container.streams.video[0].average_rate
         return float(rate) if rate else 25.0
 

@@ -111,7 +111,7 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
     recent = sorted(d.publisher.recent_latency_ms.get(p.name, ())) if d.publisher else []
     lags = [s.lag for s in found]
     return Pipeline(
-        name=p.name, model=p.model, task=d.catalogue.get(p.model).task, input=p.input, output=p.output,
+        name=p.name, model=p.model, task=d.catalogue.get(p.model).task, input=p.shown_input, output=p.output,
         fps=p.fps, prompt_version=d.prompt_book.current(p.name).version, fps_in=fps_in, fps_out=fps_out,
         in_flight=run.in_flight.in_flight if run else 0,
         counts=Counts(

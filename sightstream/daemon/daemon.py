@@ -146,7 +146,8 @@ class Daemon:
                 try:
                     check_source(url, self.settings.jobs, trusted=True)
                 except SourceRefused as e:
-                    raise ConfigError(f"invalid setting pipelines[{p.name}].input: {url}: {e}") from None
+                    raise ConfigError(f"invalid setting pipelines[{p.name}].input: "
+                                      f"{keys.public_url(url)}: {e}") from None
                 spec = input_spec(p, url, self.settings.redis_cluster)
                 if self.settings.redis_cluster and key_slot(spec.output.encode()) != key_slot(
                         keys.job(keys.input_job_id(p.name, url)).encode()):
@@ -413,7 +414,7 @@ class Daemon:
         for p in self.settings.pipelines:
             run = self.runs.get(p.name)
             out.append({
-                "name": p.name, "model": p.model, "fps": p.fps, "input": p.input,
+                "name": p.name, "model": p.model, "fps": p.fps, "input": p.shown_input,
                 "streams": list(run.ingest.streams) if run else [],
                 "in_flight": run.in_flight.in_flight if run else 0,
                 "reclaimed": run.reclaimer.reclaimed if run else 0,

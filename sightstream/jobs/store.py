@@ -193,7 +193,7 @@ class Job:
     def deadletter_stream(self) -> str:
         spec = self.spec
         if spec.pipeline:
-            return spec.deadletter or keys.deadletter_stream(spec.pipeline, spec.source)
+            return spec.deadletter or keys.deadletter_stream(spec.pipeline, spec.shown)
         return keys.job_deadletter(self.id)
 
     @classmethod

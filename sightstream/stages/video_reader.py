@@ -198,6 +198,7 @@ class _Reader:
         self.opened_at = self.clock = 0.0
         self.progressed = False  # this open decoded a frame
         self.last_pts: float | None = None  # the resume point: no frame at or before it again
+        self.seen: float | None = None  # the latest pts_s decoded, kept or not
         self.last_bucket = -math.inf
         self.last_index = -1
         self.read_to = -math.inf  # how far packets reached (pts + duration), from t0
@@ -301,7 +302,7 @@ class _Reader:
             self.t0 = start
         if not self.rate:
             self.rate = next((float(r) for r in (stream.average_rate, stream.guessed_rate) if r), 25.0)
-        live = container.duration is None
+        live = container.duration is None or (self.sessions and not container.duration)
         self.stats.is_live, self.stats.origin_s = live, self.t0
         self.stats.duration_s = None if live else container.duration / 1e6
         self.end_s = None
@@ -364,11 +365,15 @@ class _Reader:
         if self.t0 is None:
             self.t0 = self.stats.origin_s = t
         pts_s = t - self.t0
-        restarted = self.sessions and not self.progressed and pts_s <= (self.last_pts or -math.inf)
-        if self.stats.is_live and self.last_pts is not None and (pts_s < self.last_pts - DISCONTINUITY_S
-                                                                or restarted):
-            self.t0 += pts_s - self.last_pts - 1 / self.rate  # go on just after the last frame
+        # Go on just after the latest frame (decoded, or resumed from): a live stream's encoder
+        # restarted, or a camera's new session, whose timestamps start again.
+        latest = max((p for p in (self.seen, self.last_pts) if p is not None), default=None)
+        new_session = self.sessions and not self.progressed
+        if self.stats.is_live and latest is not None and (
+                pts_s < latest - DISCONTINUITY_S or (new_session and pts_s <= latest)):
+            self.t0 += pts_s - latest - 1 / self.rate
             pts_s = t - self.t0
+        self.seen = pts_s
         self.stats.position_s, self.progressed = pts_s, True
         bucket = self._bucket(pts_s)
         if (self.last_pts is not None and pts_s <= self.last_pts) or bucket <= self.last_bucket:

@@ -78,8 +78,59 @@ async def test_a_job_and_a_pipeline_read_an_rtsp_camera(redis_url, sync_redis, t
             (camera_input,) = (await (await client.get("/pipelines/people")).json())["videos"]
             results = camera_input["results_stream"]
             assert camera_input["url"] == camera.url() and results == f"results:people:{camera.url()}"
+            for path in ("/pipelines/people", "/pipelines", "/health"):
+                assert "s3cret" not in await (await client.get(path)).text(), path
             await wait_for(lambda: sync_redis.exists(results) and sync_redis.xlen(results) >= 3, 30,
                            "the camera's results")
     for key in sync_redis.keys("results:*"):
         assert b"s3cret" not in key
         assert all(b"s3cret" not in fields[b"source"] for _, fields in sync_redis.xrange(key))
+
+
+class _Decoded:
+    """What _Reader._frame reads of a decoded frame."""
+
+    def __init__(self, pts: int) -> None:
+        self.pts, self.key_frame = pts, True
+
+    def to_ndarray(self, format: str):
+        import numpy as np
+
+        return np.zeros((2, 2, 3), np.uint8)
+
+
+def _camera_reader(fps: float, after_s: float | None = None):
+    import threading
+    from fractions import Fraction
+
+    from sightstream.stages.video_reader import ReaderStats, _Reader
+
+    kept = []
+    reader = _Reader("rtsp://cam.local/stream1", ReaderOptions(fps=fps), ReaderStats(), threading.Event(),
+                     lambda frame: kept.append(frame) or True)
+    reader.stats.is_live, reader.rate, reader.t0 = True, 10.0, 0.0
+    if after_s is not None:
+        reader.last_pts, reader.last_bucket = after_s, reader._bucket(after_s)
+
+    def session(seconds: float) -> None:  # a new session: its timestamps start at 0 again
+        reader.progressed = False
+        for k in range(int(seconds * 10)):
+            reader._frame(_Decoded(k), Fraction(1, 10))
+
+    return reader, kept, session
+
+
+def test_a_reboot_at_a_low_fps_loses_no_sampling_period():
+    """fps 0.1: a result every 10 s. After a reboot 20 s in, the new session goes on from the
+    last frame decoded (19.9 s), not the last kept (10 s): its first frame is in a new period."""
+    reader, kept, session = _camera_reader(fps=0.1)
+    session(20)
+    session(1)
+    assert [round(f.pts_s, 1) for f in kept] == [0.0, 10.0, 20.0]
+    assert [f.index for f in kept] == sorted({f.index for f in kept})
+
+
+def test_a_camera_resumed_at_0_s_by_another_daemon_goes_on_after_it():
+    reader, kept, session = _camera_reader(fps=0, after_s=0.0)
+    session(0.5)
+    assert [round(f.pts_s, 1) for f in kept] == [0.1, 0.2, 0.3, 0.4, 0.5]

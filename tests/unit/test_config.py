@@ -157,3 +157,29 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
     settings = Settings(devices=["cpu"], models={"x": {"y": {"backend": "torch", "task": "depth", "path": "/tmp"}}})
     with pytest.raises(ConfigError, match="no adapter serves backend 'torch' with task 'depth'"):
         Daemon(settings)
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("rtsp://viewer:s3cret@10.0.0.17:554/stream1", "rtsp://10.0.0.17:554/stream1"),
+    ("https://cams.example/live.m3u8?token=abc&quality=hd", "https://cams.example/live.m3u8?token=***&quality=hd"),
+    ("rtsp://cam.local/h264?user=admin&password=x", "rtsp://cam.local/h264?user=admin&password=***"),
+    ("http://u:p@h/a#frag@x", "http://h/a#frag@x"),  # only the host part's user goes
+    ("https://host/a?email=a@b.c", "https://host/a?email=a@b.c"),
+    ("redis://frames:{cam@1}", "redis://frames:{cam@1}"),  # a stream key, not a URL with a user
+    ("file:///srv/videos/clip.mp4", "file:///srv/videos/clip.mp4"),
+])
+def test_a_video_url_is_shown_without_its_credentials(url, shown):
+    from sightstream import keys
+
+    assert keys.public_url(url) == shown
+
+
+def test_one_camera_named_twice_with_different_credentials_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="rtsp://10.0.0.17/s1 is named twice"):
+        load_settings(write(tmp_path, """
+[[pipelines]]
+input = ["rtsp://a:1@10.0.0.17/s1", "rtsp://b:2@10.0.0.17/s1"]
+"""))
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, '[[pipelines]]\ninput = ["ftp://me:s3cret@host/x.mp4"]'))
+    assert "ftp://: a video input is" in str(e.value) and "s3cret" not in str(e.value)
