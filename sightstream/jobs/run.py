@@ -45,6 +45,7 @@ from sightstream.stages.worker import InferenceTimeout
 
 _log = log.get(__name__)
 WATCH_EVERY_S = 0.5
+READ_LIMIT_S = 3.0  # a stream read blocks 1 s; past this it is given up and the job's state checked
 END: Any = object()  # the reader's last word to the publishing task
 
 
@@ -255,7 +256,12 @@ class JobRun:
             bucket = -1
             loop = asyncio.get_running_loop()
             while not self._done:
-                reply: Any = await self._reader.xread({key: last}, count=self._s.max_in_flight, block=1000)
+                # Bounded: a read that never answers must not hold the job past its end or a cancel.
+                read = self._reader.xread({key: last}, count=self._s.max_in_flight, block=1000)
+                try:
+                    reply: Any = await asyncio.wait_for(read, READ_LIMIT_S)
+                except TimeoutError:
+                    continue
                 for _, entries in reply or []:
                     for raw_id, fields in entries:
                         last = raw_id.decode()

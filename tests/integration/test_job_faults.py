@@ -106,3 +106,20 @@ async def test_a_finished_job_and_its_results_expire_after_ttl(redis_url, sync_r
         assert (await client.get(f"/jobs/{job_id}")).status == 404
         listed = (await (await client.get("/jobs")).json())["jobs"]
         assert job_id not in [j["job_id"] for j in listed]  # dropped from the index on the way
+
+
+async def test_a_stream_job_ends_at_max_seconds_even_if_a_read_never_answers(redis_url, tmp_path, monkeypatch):
+    """A blocking read that hangs (a lost reply) is given up after a few seconds, so the job
+    still ends at max_seconds (a full-suite run once saw one hang past 15 s)."""
+    async with serving(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1})) as (d, client):
+        real = d.reader.xread
+
+        async def hung(streams, **kw):
+            if any(k == "idle:{h}" or k == b"idle:{h}" for k in streams):
+                await asyncio.sleep(3600)
+            return await real(streams, **kw)
+
+        monkeypatch.setattr(d.reader, "xread", hung)
+        job_id = await submit(client, source="redis://idle:{h}", max_seconds=1)
+        job = await until_status(client, job_id, "completed", timeout=10)
+        assert job["counts"]["processed"] == 0
