@@ -46,8 +46,12 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
 
 
-# Query parameters that carry a secret (cameras take ?user=…&password=…, signed URLs a token).
-_SECRET_PARAM = re.compile(r"((?:^|&)(?:password|passwd|pwd|token|access_token)=)[^&]*", re.IGNORECASE)
+# Query parameters that carry a secret, by name: a password (cameras take ?user=…&password=…),
+# a token, a key or a signature (signed URLs: S3's X-Amz-Signature and X-Amz-Security-Token,
+# Azure's sig, CloudFront's Signature).
+_SECRET_PARAM = re.compile(
+    r"((?:^|[&;])[^=&;]*(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|"
+    r"(?<![a-z])key)=)[^&;]*", re.IGNORECASE)
 
 
 def video_input_source(pipeline: str, url: str, cluster: bool) -> str:

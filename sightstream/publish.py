@@ -19,8 +19,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sightstream import keys
 from sightstream.errors import SightstreamError
-from sightstream.redis_conn import safe_url, sync_client
+from sightstream.redis_conn import sync_client
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -36,7 +37,7 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     source without its password (a camera's rtsp://user:password@…)."""
     import av
 
-    shown = safe_url(source)
+    shown = keys.public_url(source)
     try:
         # An RTSP camera over TCP, as the daemon reads one: UDP is lost to NAT and firewalls.
         options = {"rtsp_transport": "tcp"} if source.lower().startswith(("rtsp://", "rtsps://")) else {}
@@ -63,7 +64,7 @@ def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[t
     """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
-            raise SourceError(f"{safe_url(source)} has no video stream")
+            raise SourceError(f"{keys.public_url(source)} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         next_t = 0.0
@@ -78,7 +79,7 @@ def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[t
 def video_rate(source: str, timeout_s: float) -> float:
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
-            raise SourceError(f"{safe_url(source)} has no video stream")
+            raise SourceError(f"{keys.public_url(source)} has no video stream")
         rate = container.streams.video[0].average_rate
         return float(rate) if rate else 25.0
 

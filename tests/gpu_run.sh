@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md ("GPU"), in one run of about eight minutes on a lent
-# GPU machine: its Python 3.12 has torch, torchvision, transformers, aiohttp, numpy, pillow,
-# prometheus-client and nvidia-ml-py, and nothing can be fetched there. What it lacks
+# The GPU figures of docs/benchmarks.md ("GPU"), in one run of at most about nine minutes on a
+# lent GPU machine: its Python 3.12 has torch, torchvision, transformers, aiohttp, numpy,
+# pillow, prometheus-client, nvidia-ml-py, onnx and onnxruntime (the ONNX export and the
+# memory step need those two), and nothing can be fetched there. What it lacks
 # (wheels, and a redis-server) is put in .gpu/ here first by `make gpu-kit`, and carried:
 #   device run: command "bash tests/gpu_run.sh", carry [".gpu"], timeout_s 590
 # Every step has its own time limit; the figures come back under $OUT (JSON, and one log).
@@ -36,21 +37,24 @@ for name in ('torch', 'torchvision', 'transformers', 'onnxruntime'):
         print(name, importlib.import_module(name).__version__)
     except ImportError:
         print(name, 'missing')"; } >> "$LOG" 2>&1
-ORT_GPU=$("$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null)
+ORT_GPU=$("$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" \
+  2>/dev/null || echo missing)
 
-step models 120 "$PY" -m tests.gpu_bench_models /tmp/bench
-step yolo-torch 120 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/yolo-torch \
+step models 90 "$PY" -m tests.gpu_bench_models /tmp/bench
+step yolo-torch 100 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/yolo-torch \
   --device "$DEVICE" --frames "$FRAMES" --batch-sizes "$BATCHES" --json "$OUT/yolo-torch.json"
-step rtdetr 120 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/rtdetr \
+step rtdetr 100 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/rtdetr \
   --device "$DEVICE" --frames "$FRAMES" --batch-sizes "$BATCHES" --json "$OUT/rtdetr.json"
 if [ "$ORT_GPU" = 1 ]; then
-  step yolo-onnx 120 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/yolo \
+  step yolo-onnx 80 "$PY" -m sightstream bench --config /tmp/bench/bench.toml --model bench/yolo \
     --device "$DEVICE" --frames "$FRAMES" --batch-sizes "$BATCHES" --json "$OUT/yolo-onnx.json"
+elif [ "$ORT_GPU" = missing ]; then
+  echo "== yolo-onnx: skipped, no onnxruntime here (nor onnx? the models step says)" | tee -a "$LOG"
 else
   echo "== yolo-onnx: skipped, this onnxruntime has no CUDA provider (onnxruntime-gpu is too big to carry)" \
     | tee -a "$LOG"
 fi
-step decode 60 "$PY" -m tests.gpu_decode --device "$DEVICE" --json "$OUT/decode.json"
-step unload 90 "$PY" -m tests.unload_memory --mb 200 --device "$DEVICE"
-step null 90 "$PY" -m sightstream bench --null --json "$OUT/null.json"
+step decode 45 "$PY" -m tests.gpu_decode --device "$DEVICE" --json "$OUT/decode.json"
+step unload 70 "$PY" -m tests.unload_memory --mb 200 --device "$DEVICE"
+step null 60 "$PY" -m sightstream bench --null --json "$OUT/null.json"
 tail -c 6000 "$LOG"

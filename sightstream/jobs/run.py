@@ -40,6 +40,7 @@ from sightstream.prompts import Prompt
 from sightstream.redis_conn import run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
+from sightstream.stages.flow import worth_logging
 from sightstream.stages.video_reader import ReaderOptions, VideoSource
 from sightstream.stages.worker import InferenceTimeout
 
@@ -118,6 +119,7 @@ class JobRun:
         self._position_s: float | None = None
         self._done = False  # stop reading: a limit, a failure, a stop
         self._failure: str | None = None
+        self._read_timeouts = 0  # stream reads given up (logged on the first and every 30th)
         self._stopped: JobStopped | None = None
 
     async def run(self) -> None:
@@ -256,11 +258,17 @@ class JobRun:
             bucket = -1
             loop = asyncio.get_running_loop()
             while not self._done:
-                # Bounded: a read that never answers must not hold the job past its end or a cancel.
-                read = self._reader.xread({key: last}, count=self._s.max_in_flight, block=1000)
+                # Bounded: a read that never answers must not hold the job past its end or a
+                # cancel. (asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.)
                 try:
-                    reply: Any = await asyncio.wait_for(read, READ_LIMIT_S)
+                    async with asyncio.timeout(READ_LIMIT_S):
+                        reply: Any = await self._reader.xread({key: last}, count=self._s.max_in_flight,
+                                                              block=1000)
                 except TimeoutError:
+                    self._read_timeouts += 1
+                    if worth_logging(self._read_timeouts):
+                        _log.warning("stream_read_timed_out", job=self.job.id, source=key,
+                                     limit_s=READ_LIMIT_S, times=self._read_timeouts)
                     continue
                 for _, entries in reply or []:
                     for raw_id, fields in entries:

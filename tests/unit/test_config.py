@@ -166,6 +166,10 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
     ("http://u:p@h/a#frag@x", "http://h/a#frag@x"),  # only the host part's user goes
     ("https://host/a?email=a@b.c", "https://host/a?email=a@b.c"),
     ("redis://frames:{cam@1}", "redis://frames:{cam@1}"),  # a stream key, not a URL with a user
+    ("https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=a&X-Amz-Security-Token=t&X-Amz-Signature=s&x=1",
+     "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***&x=1"),
+    ("https://a.blob.core.windows.net/c/v.mp4?sv=2024&sig=abc", "https://a.blob.core.windows.net/c/v.mp4?sv=2024&sig=***"),
+    ("https://h/v.m3u8?apikey=k&api_key=k&key=k&monkey=ok", "https://h/v.m3u8?apikey=***&api_key=***&key=***&monkey=ok"),
     ("file:///srv/videos/clip.mp4", "file:///srv/videos/clip.mp4"),
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):
