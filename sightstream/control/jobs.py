@@ -233,7 +233,7 @@ async def submit(request: web.Request) -> web.Response:
             if (earlier := await d.jobs.replayed(*submission)) is not None:
                 return _created(earlier, replayed=True)
         except KeyReused as e:
-            raise ApiError(409, f"{IDEMPOTENCY_KEY} {e}", "idempotency_key_reused") from None
+            raise _reused(e) from None
     try:  # in a thread: file sources are looked up on disk
         source = await asyncio.get_running_loop().run_in_executor(None, check_source, body.source,
                                                                   d.settings.jobs)
@@ -266,8 +266,12 @@ async def submit(request: web.Request) -> web.Response:
         try:
             job, new = await d.jobs.create_once(spec, *submission)
         except KeyReused as e:
-            raise ApiError(409, f"{IDEMPOTENCY_KEY} {e}", "idempotency_key_reused") from None
+            raise _reused(e) from None
     return _created(job, replayed=not new)
+
+
+def _reused(e: KeyReused) -> ApiError:
+    return ApiError(409, f"{IDEMPOTENCY_KEY} {e}", "idempotency_key_reused")
 
 
 def _created(job: Job, replayed: bool) -> web.Response:

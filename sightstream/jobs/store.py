@@ -220,11 +220,15 @@ def _counters(h: dict[str, str]) -> dict[str, int]:
     return {name: int(h.get(name) or 0) for name in ("processed", "dead_lettered", "summaries")}
 
 
-def _held(value: bytes | str) -> tuple[str, str]:
-    """A submission key's value: (job id, request digest)."""
+def _claimed(value: bytes | str, digest: str) -> str:
+    """The job id a submission key holds for a request of this `digest`. Raises KeyReused when
+    the key came with another request."""
     text = value.decode() if isinstance(value, bytes) else str(value)
-    job_id, _, digest = text.partition(" ")
-    return job_id, digest
+    job_id, _, claimed_digest = text.partition(" ")
+    if claimed_digest != digest:
+        raise KeyReused("was sent with another request (another body, or another token): use a "
+                        "new key per job")
+    return job_id
 
 
 def _flat(fields: dict[str, Any]) -> list[Any]:
@@ -273,13 +277,7 @@ class JobStore:
         """The job an earlier try of this request (its Idempotency-Key `key`, its `digest`)
         made, if it is there. Raises KeyReused when the key came with another request."""
         held = await self._client.get(keys.job_submission(key))
-        if held is None:
-            return None
-        earlier, earlier_digest = _held(held)
-        if earlier_digest != digest:
-            raise KeyReused("was sent with another request (another body, or another token): use a "
-                            "new key per job")
-        return await self.get(earlier)
+        return None if held is None else await self.get(_claimed(held, digest))
 
     async def create_once(self, spec: JobSpec, key: str, digest: str) -> tuple[Job, bool]:
         """The job submitted under a client's Idempotency-Key `key`: made now (True), or the one
@@ -294,10 +292,7 @@ class JobStore:
                 return await self._write(spec, job_id)
             if (held := await self._client.get(name)) is not None:
                 break  # else it expired just now: claim it
-        earlier, earlier_digest = _held(held)
-        if earlier_digest != digest:
-            raise KeyReused("was sent with another request (another body, or another token): use a "
-                            "new key per job")
+        earlier = _claimed(held, digest)
         waited = 0.0
         while waited < CLAIM_WAIT_S:
             if (job := await self.get(earlier)) is not None:
