@@ -42,16 +42,21 @@ def public_url(url: str) -> str:
     if not url.lower().startswith(("http://", "https://", "rtsp://", "rtsps://")):
         return url
     parts = urlsplit(url)
-    query = _SECRET_PARAM.sub(r"\1***", parts.query)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=netloc, query=mask_query_secrets(parts.query)))
 
 
 # Query parameters that carry a secret, by name: a password (cameras take ?user=…&password=…),
 # a token, a key or a signature (signed URLs: S3's X-Amz-Signature and X-Amz-Security-Token,
 # Azure's sig, CloudFront's Signature).
 _SECRET_PARAM = re.compile(
-    r"((?:^|[&;])[^=&;]*(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|"
-    r"(?<![a-z])key)=)[^&;]*", re.IGNORECASE)
+    r"((?:^|[?&;])[^=&;?]*(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|"
+    r"(?<![a-z])key)=)[^&;#]*", re.IGNORECASE)
+
+
+def mask_query_secrets(text: str) -> str:
+    """`text` (a query, or a whole URL) with the values of secret parameters as `***`."""
+    return _SECRET_PARAM.sub(r"\1***", text)
 
 
 def video_input_source(pipeline: str, url: str, cluster: bool) -> str:

@@ -5,7 +5,6 @@ reads whose socket timeout stays above BLOCK."""
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -14,12 +13,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
 
+from sightstream import keys
+
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
 
 
 def safe_url(url: str) -> str:
-    """The URL (Redis, or a video source) with its password masked, written before the host or
-    as `?password=`, for logs, errors and /health. Nothing else of it changes."""
+    """The Redis URL with its password masked, written before the host or in the query (the
+    query's secret values as keys.mask_query_secrets finds them), for logs, errors and /health.
+    Nothing else of it changes; its user stays. Video URLs are shown by keys.public_url."""
     scheme, sep, rest = url.partition("://")
     if sep:
         authority, slash, path = rest.partition("/")
@@ -27,10 +29,7 @@ def safe_url(url: str) -> str:
         if at and ":" in userinfo:
             authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
         url = f"{scheme}{sep}{authority}{slash}{path}"
-    return _QUERY_PASSWORD.sub(r"\1***", url)
-
-
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+    return keys.mask_query_secrets(url)
 
 
 def make_client(
