@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 from aiohttp import web
+
+from tests.loop_thread import LoopThread
 
 SIZE = (160, 120)
 
@@ -83,10 +84,9 @@ class ThreadServer:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.loop = asyncio.new_event_loop()
         self.port = 0
         self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-http", daemon=True)
+        self._loop = LoopThread("test-http")
 
     def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
@@ -95,10 +95,10 @@ class ThreadServer:
         """Run `fn(*args)` on the server's loop (its state is only touched there) and wait."""
         async def run():
             return fn(*args)
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+        return self._loop.run(run, 5)
 
     def __enter__(self) -> ThreadServer:
-        self._thread.start()
+        self._loop.start()
 
         async def start() -> int:
             await self._runner.setup()
@@ -106,22 +106,11 @@ class ThreadServer:
             await site.start()
             return self._runner.addresses[0][1]
 
-        self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.port = self._loop.run(start)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            await self._runner.cleanup()
-            # Handlers of clients that left (a hung request) outlive the cleanup: end them here.
-            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in left:
-                task.cancel()
-            await asyncio.gather(*left, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        self._loop.close(self._runner.cleanup)  # then handlers of clients that left (a hung request)
 
 
 @contextmanager

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import av
 import numpy as np
+
+from tests.loop_thread import LoopThread
 
 SDP = ("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=camera\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
        "m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\na=fmtp:96 packetization-mode=1\r\n"
@@ -88,9 +89,8 @@ class RtspCamera:
         self.fps = fps
         self.port = 0
         self.sessions = 0  # PLAYs answered
-        self.loop = asyncio.new_event_loop()
+        self._loop = LoopThread("test-rtsp")
         self._writers: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="test-rtsp", daemon=True)
 
     def url(self, path: str = "camera", user: str = "") -> str:
         return f"rtsp://{user + '@' if user else ''}127.0.0.1:{self.port}/{path}"
@@ -100,7 +100,7 @@ class RtspCamera:
         def cut() -> None:
             for writer in list(self._writers):
                 writer.transport.abort()
-        self.loop.call_soon_threadsafe(cut)
+        self._loop.loop.call_soon_threadsafe(cut)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -150,29 +150,22 @@ class RtspCamera:
             await asyncio.sleep(max(0.0, started + k / self.fps - time.monotonic()))
 
     def __enter__(self) -> RtspCamera:
-        self._thread.start()
+        self._loop.start()
 
         async def start() -> int:
             self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
             return self._server.sockets[0].getsockname()[1]
 
-        self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.port = self._loop.run(start)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
+        async def cut() -> None:
             self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        self._loop.close(cut)  # then the sessions' tasks
 
 
 @contextmanager
