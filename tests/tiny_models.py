@@ -9,6 +9,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# A constant detector's rows, for an ONNX export (constant_yolov8) or a TorchScript one
+# (tests/tiny_torch.constant_yolo) alike.
+ROWS = [
+    # cx, cy, w, h, score(class 0), score(class 1) in the 64x64 input
+    [32, 32, 20, 20, 0.10, 0.90],  # a strong class-1 box in the middle
+    [33, 32, 20, 20, 0.10, 0.80],  # overlaps it: suppressed by NMS
+    [33, 32, 20, 20, 0.70, 0.10],  # same place, other class: kept (class-aware NMS)
+    [10, 10, 4, 4, 0.05, 0.10],  # below the score threshold
+]
+
 
 def constant_yolov8(path: Path, rows: list[list[float]], classes: int, *, size: int = 64,
                     names: dict[int, str] | None = None, transposed: bool = False) -> Path:

@@ -11,11 +11,11 @@ import pytest
 
 from sightstream.config import ModelEntry
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
-from sightstream.models.adapter import predict
+from sightstream.models.adapter import input_shape, predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
-from tests.tiny_models import broken_model, constant_yolov8
+from tests.tiny_models import ROWS, broken_model, constant_yolov8
 
 # Where the astronaut's face is in the 512x512 photo (checked by eye once).
 FACE = (170, 50, 285, 190)
@@ -107,20 +107,22 @@ def test_yolov8_decoder_with_real_weights(astronaut):
     assert faces and faces[0]["score"] > 0.5 and inside(faces[0]["box"], FACE)
 
 
-ROWS = [
-    # cx, cy, w, h, score(class 0), score(class 1) in the 64x64 input
-    [32, 32, 20, 20, 0.10, 0.90],  # a strong class-1 box in the middle
-    [33, 32, 20, 20, 0.10, 0.80],  # overlaps it: suppressed by NMS
-    [33, 32, 20, 20, 0.70, 0.10],  # same place, other class: kept (class-aware NMS)
-    [10, 10, 4, 4, 0.05, 0.10],  # below the score threshold
-]
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_user_yolov8_export_needs_only_a_path(tmp_path, backend):
+    """An Ultralytics export as ONNX (names and size from its metadata) or TorchScript (from
+    its config.txt): boxes letterboxed back the same way."""
+    names = {0: "person", 1: "car"}
+    if backend == "onnx":
+        path = constant_yolov8(tmp_path / "coco.onnx", ROWS, classes=2, size=64, names=names)
+    else:
+        from tests.tiny_torch import constant_yolo
 
-def test_user_yolov8_export_needs_only_a_path(tmp_path):
-    path = constant_yolov8(tmp_path / "coco.onnx", ROWS, classes=2, size=64,
-                           names={0: "person", 1: "car"})
-    m = manager(det__mine={"backend": "onnx", "task": "detect", "path": str(path)})
+        path = constant_yolo(tmp_path / "coco.torchscript", ROWS, classes=2, names=names)
+    m = manager(det__mine={"backend": backend, "task": "detect", "path": str(path)})
     yolo = load(m, "det/mine")
+    assert yolo.input_size == (64, 64) and yolo.labels == ["person", "car"]
+    assert input_shape(yolo) == InputShape.fit(64, 64)  # large JPEGs are decoded towards it
     image = np.zeros((128, 256, 3), dtype=np.uint8)  # letterboxed 4x down, 16 px of padding
     (pred,) = predict(yolo, [image], None)
     dets = pred.result["detections"]

@@ -1,6 +1,7 @@
 """The `torch` backend: TorchScript and torch.export files through the same adapters as ONNX
 (YOLO detection, semantic segmentation), and image classification on either backend, each
-loaded through a catalogue entry as a user's would be."""
+loaded through a catalogue entry as a user's would be. (An Ultralytics TorchScript export's
+boxes: tests/unit/test_models.py, beside the ONNX export's.)"""
 
 from __future__ import annotations
 
@@ -9,19 +10,12 @@ import pytest
 
 from sightstream.config import ModelEntry
 from sightstream.errors import ModelError
-from sightstream.models.adapter import input_shape, predict
+from sightstream.models.adapter import predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from tests import tiny_torch
-
-ROWS = [
-    # cx, cy, w, h, score(class 0), score(class 1) in the 64x64 input
-    [32, 32, 20, 20, 0.10, 0.90],  # a strong class-1 box in the middle
-    [33, 32, 20, 20, 0.10, 0.80],  # overlaps it: suppressed by NMS
-    [33, 32, 20, 20, 0.70, 0.10],  # same place, other class: kept (class-aware NMS)
-    [10, 10, 4, 4, 0.05, 0.10],  # below the score threshold
-]
+from tests.tiny_models import ROWS
 
 
 def loaded(**entry):
@@ -29,20 +23,6 @@ def loaded(**entry):
     adapter = manager.create("mine/v1")
     adapter.load("cpu")
     return adapter
-
-
-def test_an_ultralytics_torchscript_export_needs_only_a_path(tmp_path):
-    """Input size and names from its config.txt; boxes letterboxed back as the ONNX export's."""
-    path = tiny_torch.constant_yolo(tmp_path / "yolo.torchscript", ROWS, classes=2, names={0: "person", 1: "car"})
-    yolo = loaded(task="detect", path=str(path))
-    assert yolo.input_size == (64, 64) and yolo.labels == ["person", "car"]
-    image = np.zeros((128, 256, 3), dtype=np.uint8)  # letterboxed 4x down, 16 px of padding
-    (pred,) = predict(yolo, [image], None)
-    dets = pred.result["detections"]
-    assert [d["label"] for d in dets] == ["car", "person"]
-    assert dets[0]["score"] == pytest.approx(0.9)
-    assert dets[0]["box"] == pytest.approx([88, 24, 168, 104], abs=0.2)
-    assert input_shape(yolo) == InputShape.fit(64, 64)  # large JPEGs are decoded towards it
 
 
 def test_a_batch_of_frames_gets_a_result_each(tmp_path):
