@@ -121,8 +121,7 @@ def _gpu_free_mb(index: int) -> float:
 def watch_gpus(devices: list[str], metrics: Metrics) -> bool:
     """GPU utilisation and memory in use as gauges read at each scrape, through NVML
     (nvidia-ml-py) when it is installed and the devices include GPUs. False: not watched."""
-    wanted = {d: int(d.split(":")[1]) for d in devices if d.startswith("cuda:")}
-    if not wanted:
+    if not any(d.startswith("cuda:") for d in devices):
         return False
     try:
         import pynvml  # type: ignore[import-not-found]

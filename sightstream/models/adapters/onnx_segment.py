@@ -74,12 +74,7 @@ class OnnxSegmenter(OnFile):
     def infer(self, prepared: tuple[np.ndarray, list[tuple[int, int]]]) -> np.ndarray:
         assert self._model is not None, "load() first"
         outputs = self._model.run(prepared[0], self.input_name)
-        named = dict(zip(self._model.outputs, outputs))
-        if self.output_name is None:
-            return outputs[0]
-        if self.output_name not in named:
-            raise ModelError(f"the model's outputs are {list(named)}: fix output_name")
-        return named[self.output_name]
+        return dict(zip(self._model.outputs, outputs))[str(self.output_name)]  # checked at load
 
     def finish(
         self, prepared: tuple[np.ndarray, list[tuple[int, int]]], raw: np.ndarray
