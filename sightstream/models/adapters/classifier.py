@@ -25,8 +25,7 @@ from PIL import Image
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
-from sightstream.models.adapters.runner import OnFile, Runner
-from sightstream.models.adapters.yolo import _names
+from sightstream.models.adapters.runner import OnFile, Runner, class_names
 from sightstream.models.input_shape import InputShape
 
 
@@ -70,7 +69,7 @@ class OnnxClassifier(OnFile):
         self._model = self._open(device, *self.size)
         if not self.labels and "names" in self._model.metadata:
             try:
-                self.labels = _names(self._model.metadata["names"])
+                self.labels = class_names(self._model.metadata["names"])
             except (ValueError, SyntaxError, TypeError) as e:
                 raise ModelError(f"the export's names cannot be read: {e}; set labels in the model's "
                                  "entry") from None

@@ -5,6 +5,7 @@ pad a partial batch up to a bucket size, and try the model once at load."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,6 +39,17 @@ def run_batched(call: Callable[[np.ndarray], list[np.ndarray]], batch: np.ndarra
         padded[:n] = batch
         return [out[:n] for out in call(padded)]
     return call(batch)
+
+
+def class_names(names: Any) -> list[str]:
+    """Class names in id order from an export's `names` metadata: a dict literal (ONNX
+    metadata), a dict with string keys (Ultralytics' config.txt), or a list. Raises ValueError,
+    SyntaxError or TypeError when it is none of these."""
+    if isinstance(names, str):
+        names = ast.literal_eval(names)
+    if isinstance(names, dict):
+        return [str(names[k]) for k in sorted(names, key=int)]
+    return [str(n) for n in names]
 
 
 def warm_up(runner: Runner, width: int, height: int) -> None:

@@ -19,7 +19,7 @@ from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models.adapter import FrameContext, Prompt
 from sightstream.models.adapters.onnx_common import batched_nms, letterbox
-from sightstream.models.adapters.runner import OnFile, Runner, warm_up
+from sightstream.models.adapters.runner import OnFile, Runner, class_names, warm_up
 
 COCO80 = (
     "person|bicycle|car|motorcycle|airplane|bus|train|truck|boat|traffic light|fire hydrant|"
@@ -65,7 +65,7 @@ class YoloDetector(OnFile):
             if self.input_size is None:
                 self.input_size = _input_size(self._model.input_dims, meta)
             if not self.labels and "names" in meta:
-                self.labels = _names(meta["names"])
+                self.labels = class_names(meta["names"])
         except (ValueError, SyntaxError, TypeError) as e:
             raise ModelError(f"the export's metadata (imgsz, names) cannot be read: {e}; set input_size "
                              "and labels in the model's entry") from None
@@ -166,16 +166,6 @@ def _input_size(shape: list | None, meta: dict[str, Any]) -> tuple[int, int]:
     if isinstance(size, (list, tuple)) and len(size) == 2:
         return (int(size[1]), int(size[0]))
     return (640, 640)
-
-
-def _names(names: Any) -> list[str]:
-    """Class names in id order from the export's `names`: a dict literal (ONNX metadata) or a
-    dict with string keys (config.txt's JSON), or a list."""
-    if isinstance(names, str):
-        names = ast.literal_eval(names)
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names, key=int)]
-    return [str(n) for n in names]
 
 
 class TorchYoloDetector(YoloDetector):
