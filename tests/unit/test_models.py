@@ -141,6 +141,16 @@ def test_transposed_output_and_coco_names_by_default(tmp_path):
     assert [d["label"] for d in pred.result["detections"]] == ["car"]
 
 
+def test_the_input_size_comes_from_the_input_then_the_exports_metadata():
+    from sightstream.models.adapters.yolo import _input_size
+    assert _input_size([1, 3, 480, 640], {"imgsz": [320, 320]}) == (640, 480)  # fixed dims win
+    assert _input_size([1, 3, "h", "w"], {"imgsz": "[320, 416]"}) == (416, 320)  # ONNX literal: (h, w)
+    assert _input_size(None, {"imgsz": 512}) == (512, 512)
+    # YOLOv5's TorchScript export writes the traced input's shape, [batch, 3, h, w]
+    assert _input_size(None, {"shape": [1, 3, 384, 640], "stride": 32}) == (640, 384)
+    assert _input_size(None, {}) == (640, 640)
+
+
 def test_options_from_the_config_entry(tmp_path):
     path = constant_yolov8(tmp_path / "o.onnx", ROWS, classes=2, size=64)
     m = manager(det__o={"path": str(path), "score_threshold": 0.75, "labels": ["a", "b"]})

@@ -155,9 +155,13 @@ class YoloDetector(OnFile):
 
 def _input_size(shape: list | None, meta: dict[str, Any]) -> tuple[int, int]:
     """From the input's fixed dims, else the export's `imgsz` (ONNX: a literal; Ultralytics'
-    config.txt: a list or a number), else 640."""
+    config.txt: a list or a number), else YOLOv5's TorchScript `shape` ([batch, 3, h, w]),
+    else 640."""
     if shape is not None and len(shape) == 4 and isinstance(shape[2], int) and isinstance(shape[3], int):
         return (shape[3], shape[2])
+    v5_shape = meta.get("shape")
+    if "imgsz" not in meta and isinstance(v5_shape, list) and len(v5_shape) == 4:
+        return (int(v5_shape[3]), int(v5_shape[2]))
     size = meta.get("imgsz")
     if isinstance(size, str):
         size = ast.literal_eval(size)
