@@ -196,6 +196,9 @@ class ModelEntry(BaseModel):
     task: Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify", "generate"] = "detect"
     path: str = ""
     adapter: str = ""
+    timeout_s: float | None = Field(
+        None, gt=0, description="how long one call of this model may take (default: inference_timeout_s; "
+        "600 for text models)")
 
 
 class Settings(BaseSettings):

@@ -257,7 +257,7 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(422, f"model: {body.model} writes text from text; name it in summarize.model, and a "
                             "model that reads frames in model")
     if body.summarize is not None:
-        await _check_summarize(d, body, entry.task, source.is_stream)
+        await _check_summarize(d, body, entry.task, source.always_live)
     spec = JobSpec(body.source, body.model, body.fps, body.prompt, body.max_frames, body.max_seconds,
                    who(request), summarize=body.summarize.model_dump() if body.summarize else None)
     if submission is None:
@@ -280,16 +280,17 @@ def _created(job: Job, replayed: bool) -> web.Response:
                  200 if replayed else 201, headers=headers)
 
 
-async def _check_summarize(d: Daemon, body: JobIn, task: str, is_stream: bool) -> None:
+async def _check_summarize(d: Daemon, body: JobIn, task: str, always_live: bool) -> None:
     """The summary can be written: a text model with room for the instruction, results it can
     read, and an end to the job (or periodic summaries). Raises ApiError."""
     spec = body.summarize
     assert spec is not None
     if task == "depth":
         raise ApiError(422, f"summarize: {body.model} gives depth maps, which say nothing a summary can use")
-    if is_stream and not (body.max_seconds or body.max_frames or spec.every_s):
-        raise ApiError(422, "summarize: a stream job ends only when cancelled, and a cancelled job gets no "
-                            "summary: set max_seconds or max_frames, or summarize.every_s")
+    if always_live and not (body.max_seconds or body.max_frames or spec.every_s):
+        raise ApiError(422, "summarize: a job of a stream or a camera ends only when cancelled, and a "
+                            "cancelled job gets no summary: set max_seconds or max_frames, or "
+                            "summarize.every_s")
     try:
         summarizer = d.catalogue.get(spec.model)
         await asyncio.get_running_loop().run_in_executor(None, summarizer.resolve)

@@ -110,7 +110,7 @@ class Upload:
         415: error("Not a JPEG, PNG, WebP or BMP image"),
         422: error("The image cannot be decoded, the prompt does not suit the model, or the model failed"),
         503: error("The daemon is starting, or stopping"),
-        504: error("The model did not answer within inference_timeout_s"),
+        504: error("The model did not answer within its timeout (inference_timeout_s, or its own timeout_s)"),
     },
 )
 async def predict(request: web.Request) -> web.StreamResponse:

@@ -122,6 +122,11 @@ class JobRun:
         self._read_timeouts = 0  # stream reads given up (logged on the first and every 30th)
         self._stopped: JobStopped | None = None
 
+    @property
+    def is_live(self) -> bool:
+        """Its video source turned out live (HLS with no end): known once it is opened."""
+        return self._video is not None and bool(self._video.stats.is_live)
+
     async def run(self) -> None:
         """Read, infer and publish until the source ends or a limit is reached. Raises
         JobStopped, JobFailed and VideoSourceError."""

@@ -202,11 +202,16 @@ class JobRunner:
             source = await loop.run_in_executor(self._decode_pool, check_source, job.spec.source, self._s,
                                                 bool(job.spec.pipeline))
             summaries = self._summaries(job, lease.token)
+            run = self._job_run(job, source, lease.token)
             periodic = None
             if summaries is not None and summaries.every_s:
                 periodic = asyncio.create_task(summaries.periodic(), name=f"job-summaries-{job.id}")
+            elif summaries is not None and not (job.spec.max_seconds or job.spec.max_frames):
+                # a video that turns out to be live HLS would never give its summary
+                periodic = asyncio.create_task(summaries.once_live(lambda: run.is_live),
+                                               name=f"job-summaries-{job.id}")
             try:
-                await self._job_run(job, source, lease.token).run()
+                await run.run()
             finally:
                 if periodic is not None:
                     periodic.cancel()

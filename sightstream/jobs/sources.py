@@ -31,6 +31,12 @@ class Source:
     def is_stream(self) -> bool:
         return self.kind == "stream"
 
+    @property
+    def always_live(self) -> bool:
+        """It never ends by itself: a stream of frames, a camera (RTSP). A live HLS playlist
+        is one too, but that is known only once it is opened."""
+        return self.is_stream or self.url.lower().startswith(("rtsp://", "rtsps://"))
+
 
 def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Source:
     """The source to read for `url`, or SourceRefused naming the reason. `trusted`: the

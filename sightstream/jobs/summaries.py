@@ -8,8 +8,9 @@ Each summary is written in one step fenced by the job's lease (store.SUMMARY): a
 results stream with `task = "summary"`, and the job's `summary` field. The final summary is
 written once, also when a job is resumed after it.
 
-Every call goes through the device workers' `inference_timeout_s`, like a frame: the text
-model's `window_tokens` bounds how long one call takes.
+Every call goes through the device workers, bounded by the text model's `timeout_s` (600 s by
+default, not `inference_timeout_s`: a window takes minutes on a CPU); the text model's
+`window_tokens` bounds how long one call takes.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ from sightstream.stages.worker import InferenceTimeout
 _log = log.get(__name__)
 PAGE = 1000  # results read per XRANGE
 # A level's windows share model calls, a few per call: a call of 8 long windows could outlast
-# inference_timeout_s on a CPU.
+# the text model's timeout on a CPU.
 BATCHING = (4, 10.0)
+# A live HLS source's summaries, when the job set neither every_s nor an end (max_seconds,
+# max_frames): such a job ends only when cancelled, and a cancelled job gets no final summary.
+LIVE_EVERY_S = 300.0
 
 
 def text_budget(create: Callable[[str], Any], model: str, instruction: str) -> TextBudget:
@@ -110,6 +114,16 @@ class JobSummaries:
                 return
             except Exception as e:  # noqa: BLE001 - Redis down, a model failure: next period
                 _log.warning("summary_failed", job=self.job.id, error=str(e) or repr(e))
+
+    async def once_live(self, is_live: Callable[[], bool], poll_s: float = 1.0) -> None:
+        """Periodic summaries every LIVE_EVERY_S from when the source turns out to be live;
+        nothing for a video that ends (the task is cancelled when the job ends)."""
+        while not is_live():
+            await asyncio.sleep(poll_s)
+        self.every_s = LIVE_EVERY_S
+        _log.info("summaries_every_default", job=self.job.id, every_s=self.every_s,
+                  why="the source is live and the job set neither summarize.every_s nor an end")
+        await self.periodic()
 
     async def write(self, final: bool) -> dict[str, Any] | None:
         """Summarise and write; the summary written, or None (nothing new, or written before).

@@ -49,6 +49,9 @@ class Adapter(Protocol):
     # says so with an optional `input_shape` (an InputShape, or None until it knows: see
     # input_shape() below).
     input_size: tuple[int, int] | None
+    # Optional `timeout_s`: how long one call may take, where the daemon's inference_timeout_s
+    # would be wrong for this model (a text model writing summaries on a CPU). A config entry's
+    # `timeout_s` sets it on any adapter.
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None: ...
     def load(self, device: str) -> None: ...

@@ -184,6 +184,8 @@ class Catalogue:
 
 def _from_config(family: str, variant: str, cfg: ModelEntry) -> Entry:
     options = {"task": cfg.task, **(cfg.model_extra or {})}
+    if cfg.timeout_s is not None:
+        options["timeout_s"] = cfg.timeout_s
     adapter = cfg.adapter or DEFAULT_ADAPTER.get((cfg.backend, cfg.task), "")
     if not adapter:
         raise UnknownModel(

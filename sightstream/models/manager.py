@@ -71,7 +71,10 @@ class ModelManager:
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
         entry = self.catalogue.get(model_id)
-        return adapter_class(entry.adapter)(entry.resolve(), entry.options)
+        adapter = adapter_class(entry.adapter)(entry.resolve(), entry.options)
+        if entry.options.get("timeout_s"):  # the entry's own call timeout (any adapter, plug-ins too)
+            adapter.timeout_s = float(entry.options["timeout_s"])  # type: ignore[attr-defined]
+        return adapter
 
     @asynccontextmanager
     async def use(self, model_id: str, device: str, executor: Executor) -> AsyncIterator[Adapter]:

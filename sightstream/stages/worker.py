@@ -13,8 +13,9 @@ When a model call fails:
 - out of memory: the batch is halved and each half retried (down to single frames);
 - any other error: the batch is retried frame by frame, so one bad frame does not sink its
   batch-mates; a frame that still fails is dead-lettered (`model_error`);
-- stuck past `inference_timeout_s` (counted from when the device starts the call, not while it
-  waits behind the batch before it): the batch is abandoned, its frames left pending in Redis
+- stuck past `inference_timeout_s` (a model's own `timeout_s` where it has one: a text model
+  writing a summary on a CPU takes minutes; counted from when the device starts the call, not
+  while it waits behind the batch before it): the batch is abandoned, its frames left pending in Redis
   (another daemon, or this one, reclaims them after `reclaim_min_idle_ms`), and the worker gets
   a fresh executor thread (a thread stuck inside a model cannot be killed). A batch queued
   behind the stuck call is abandoned with it.
@@ -167,8 +168,10 @@ class Worker:
         device (or needs it no more): this one waits for it; `turn`: set likewise for this one."""
         outcomes: list[Outcome] = []
         frames = batch.frames
+        timeout_s = self._timeout_s
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
+                timeout_s = getattr(adapter, "timeout_s", None) or self._timeout_s
                 # Live mode: checked once the model is ready (a first load can take seconds),
                 # so a published result is at most `batches_per_device` calls late.
                 stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
@@ -177,9 +180,9 @@ class Worker:
                 if not frames:
                     return outcomes
                 task, takes_prompt = adapter.task, adapter.takes_prompt
-                results = await self._resilient(adapter, batch, frames, after, turn)
+                results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
         except InferenceTimeout:
-            self._hand_back(batch, frames)  # the whole batch, also parts a split retry finished
+            self._hand_back(batch, frames, timeout_s)  # the whole batch, also parts a split retry finished
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
@@ -189,7 +192,7 @@ class Worker:
             if (current := asyncio.current_task()) is not None and current.cancelling():
                 raise  # this task is being cancelled (shutdown)
             # a load queued on a device thread that was replaced (abandoned): try again later
-            self._hand_back(batch, frames)
+            self._hand_back(batch, frames, timeout_s)
             return outcomes
         finally:
             pass_turn(after, turn)
@@ -199,12 +202,12 @@ class Worker:
         return outcomes + finished
 
     async def _resilient(
-        self, adapter: Adapter, batch: Batch, frames: list[Frame],
+        self, adapter: Adapter, batch: Batch, frames: list[Frame], timeout_s: float,
         after: asyncio.Future | None = None, turn: asyncio.Future | None = None,
     ) -> list[tuple[Frame, Prediction | BaseException]]:
         """Infer, splitting on failure; each frame ends with a prediction or its own error."""
         try:
-            return list(zip(frames, await self._infer(adapter, batch, frames, after, turn)))
+            return list(zip(frames, await self._infer(adapter, batch, frames, timeout_s, after, turn)))
         except InferenceTimeout:
             raise
         except Exception as e:
@@ -223,11 +226,11 @@ class Worker:
                 parts = [[f] for f in frames]
             out: list[tuple[Frame, Prediction | BaseException]] = []
             for part in parts:
-                out += await self._resilient(adapter, batch, part)
+                out += await self._resilient(adapter, batch, part, timeout_s)
             return out
 
     async def _infer(
-        self, adapter: Any, batch: Batch, frames: list[Frame],
+        self, adapter: Any, batch: Batch, frames: list[Frame], timeout_s: float,
         after: asyncio.Future | None, turn: asyncio.Future | None,
     ) -> list[Prediction]:
         # the decoded pixels, or a text model's input
@@ -236,7 +239,8 @@ class Worker:
         contexts = [frame_context(f) for f in frames] if adapter.uses_context else None
         staged = is_staged(adapter)
         if staged:
-            prepared = await self._on_host(batch, adapter, adapter.prepare, images, prompt, contexts)
+            prepared = await self._on_host(batch, timeout_s, adapter, adapter.prepare, images, prompt,
+                                           contexts)
             call: Callable[[], Any] = lambda: adapter.infer(prepared)  # noqa: E731
         elif contexts is not None:
             call = lambda: adapter.infer(images, prompt, contexts)  # type: ignore[call-arg]  # noqa: E731
@@ -244,9 +248,9 @@ class Worker:
             call = lambda: adapter.infer(images, prompt)  # noqa: E731
         if after is not None:
             await after
-        outputs = await self._on_device(call, batch, turn)
+        outputs = await self._on_device(call, batch, timeout_s, turn)
         if staged:
-            predictions = await self._on_host(batch, adapter, adapter.finish, prepared, outputs)
+            predictions = await self._on_host(batch, timeout_s, adapter, adapter.finish, prepared, outputs)
         else:
             predictions = outputs
         if len(predictions) != len(images):
@@ -255,7 +259,8 @@ class Worker:
             )
         return predictions
 
-    async def _on_host(self, batch: Batch, adapter: Any, step: Callable[..., Any], *args: Any) -> Any:
+    async def _on_host(self, batch: Batch, timeout_s: float, adapter: Any, step: Callable[..., Any],
+                       *args: Any) -> Any:
         """A staged adapter's prepare or finish, in the CPU pool, bounded like a device call.
         One at a time per adapter: processors and tokenizers are not safe to share between
         threads (a fast tokenizer raises "Already borrowed")."""
@@ -267,13 +272,14 @@ class Worker:
 
         running = asyncio.get_running_loop().run_in_executor(self._cpu, locked)
         try:
-            return await asyncio.wait_for(running, self._timeout_s)
+            return await asyncio.wait_for(running, timeout_s)
         except TimeoutError:
             _log.error("host_step_timeout", step=step.__name__, pipeline=batch.pipeline, device=self.device,
-                       batch=batch.id, timeout_s=self._timeout_s)
+                       batch=batch.id, timeout_s=timeout_s)
             raise InferenceTimeout from None
 
-    async def _on_device(self, call: Callable[[], Any], batch: Batch, turn: asyncio.Future | None) -> Any:
+    async def _on_device(self, call: Callable[[], Any], batch: Batch, timeout_s: float,
+                         turn: asyncio.Future | None) -> Any:
         """Run `call` on the device thread, timed out from when the thread starts it."""
         executor = self.executor
         began: list[float] = []
@@ -287,15 +293,15 @@ class Worker:
             turn.set_result(None)  # submitted: the next batch may queue behind this one
         while not running.done():
             if began:
-                wait = began[0] + self._timeout_s - time.perf_counter()
+                wait = began[0] + timeout_s - time.perf_counter()
                 if wait <= 0:
-                    self._abandon(batch, executor)
+                    self._abandon(batch, executor, timeout_s)
                     raise InferenceTimeout
             elif executor is not self.executor:  # queued behind a call that was abandoned
                 running.cancel()
                 raise InferenceTimeout
             else:
-                wait = min(self._timeout_s, STUCK_POLL_S)
+                wait = min(timeout_s, STUCK_POLL_S)
             await asyncio.wait((running,), timeout=wait)
         if running.cancelled():  # the thread was replaced before it got to this call
             raise InferenceTimeout
@@ -310,18 +316,18 @@ class Worker:
                 batch.pipeline, batch.model, self.device)
         return child
 
-    def _abandon(self, batch: Batch, executor: Executor) -> None:
+    def _abandon(self, batch: Batch, executor: Executor, timeout_s: float) -> None:
         """A call stuck past the timeout: its thread cannot be killed, so the worker gets a
         fresh one; calls queued behind it are cancelled (their batches are handed back)."""
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
-                   device=self.device, batch=batch.id, timeout_s=self._timeout_s)
+                   device=self.device, batch=batch.id, timeout_s=timeout_s)
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
         if executor is self.executor:
             executor.shutdown(wait=False, cancel_futures=True)
             self.executor = self._new_executor()
             self.replaced += 1
 
-    def _hand_back(self, batch: Batch, frames: list[Frame]) -> None:
+    def _hand_back(self, batch: Batch, frames: list[Frame], timeout_s: float) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once
         idle); callers waiting on a reply (/predict, jobs) are told."""
         self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
@@ -329,7 +335,7 @@ class Worker:
             if frame.reply is not None:
                 if not frame.reply.done():
                     frame.reply.set_exception(InferenceTimeout(
-                        f"{batch.model} did not answer within inference_timeout_s ({self._timeout_s} s)"))
+                        f"{batch.model} did not answer within its timeout ({timeout_s:g} s)"))
                 continue
             frame.release()  # no ack: still pending in Redis
 

@@ -11,6 +11,7 @@ import pytest
 
 from sightstream import keys
 from sightstream.config import ConfigError
+from sightstream.jobs import summaries
 from sightstream.jobs.store import JobSpec, JobStore
 from sightstream.leases import Lease
 from sightstream.redis_conn import make_client
@@ -44,6 +45,7 @@ def summary_settings(redis_url, tmp_path, media, **lm):
                        context_tokens=48),
         "broken": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
                         adapter="tests.fake_adapters:FailingText"),
+        "blip": entry(backend="transformers", task="generate", path=str(media / "captioner")),
     }
     settings.models["vlm"] = {"tiny": entry(backend="transformers", task="caption", path=str(media / "captioner"),
                                             max_new_tokens=6)}
@@ -76,8 +78,6 @@ async def test_a_video_job_is_summarised_in_windows_then_as_a_whole(model, redis
 
 async def test_captions_from_a_vlm_become_the_summary_s_lines(redis_url, sync_redis, tmp_path, media, monkeypatch):
     """Fovea's flow: a VLM captions the sampled frames, a text model summarises the captions."""
-    from sightstream.jobs import summaries
-
     sent: list[list[str]] = []
     real = summaries.JobSummaries._generate
 
@@ -110,18 +110,18 @@ async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redi
         for i in range(3):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 200 * i})
 
-        def summaries():
+        def written_now():
             return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
                     if f[b"task"] == b"summary"]
 
-        await wait_for(lambda: sum(s["lines"] for s in summaries()) == 3, 15, "periodic summaries of 3 results")
-        first = summaries()[0]
+        await wait_for(lambda: sum(s["lines"] for s in written_now()) == 3, 15, "periodic summaries of 3 results")
+        first = written_now()[0]
         assert not first["final"] and first["from_s"] == pytest.approx(ts / 1000)
         for i in range(2):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 2000 + 200 * i})
         job = await until_status(client, job_id, "completed", "failed", timeout=20)
         assert job["status"] == "completed", job["error"]
-        written = summaries()
+        written = written_now()
         periodic = [s for s in written if not s["final"]]
         # each covers what came since the one before: every result once, in time order
         assert sum(s["lines"] for s in periodic) == 5
@@ -129,6 +129,39 @@ async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redi
         assert periodic[-1]["to_s"] == pytest.approx(ts / 1000 + 2.2)
         assert written[-1]["final"] and written[-1]["lines"] == 5 == job["counts"]["processed"]
         assert job["summary"] == written[-1] and job["counts"]["summaries"] == len(written)
+
+
+async def test_a_video_that_turns_out_live_is_summarised_every_period(redis_url, sync_redis, tmp_path, media,
+                                                                     monkeypatch):
+    """A live HLS source with neither summarize.every_s nor an end would never be summarised
+    (it ends only when cancelled): it gets summaries every LIVE_EVERY_S."""
+    monkeypatch.setattr(summaries, "LIVE_EVERY_S", 1.0)
+    hls.make_hls_vod(tmp_path / "live", seconds=20, fps=10)
+    with hls.live_hls(tmp_path / "live" / "index.m3u8") as live:
+        async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+            job_id = await submit(client, source=live.url, fps=2, summarize={"model": "llm/tiny", "prompt": "Say."})
+
+            def written():
+                return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
+                        if f[b"task"] == b"summary"]
+
+            await wait_for(lambda: len(written()) >= 2, 30, "two periodic summaries")
+            assert not any(s["final"] for s in written())
+            job = await (await client.get(f"/jobs/{job_id}")).json()
+            assert job["status"] == "running" and job["summary"]["lines"] > 0
+            assert (await client.delete(f"/jobs/{job_id}")).status == 200
+
+
+async def test_a_video_that_ends_gets_only_its_final_summary(redis_url, sync_redis, tmp_path, media, monkeypatch):
+    monkeypatch.setattr(summaries, "LIVE_EVERY_S", 0.2)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=2,
+                              summarize={"model": "llm/tiny", "prompt": "Say."})
+        job = await until_status(client, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job["error"]
+        kinds = [json.loads(f[b"result"])["final"] for _, f in sync_redis.xrange(keys.job_results(job_id))
+                 if f[b"task"] == b"summary"]
+        assert kinds == [True]
 
 
 async def test_a_summary_that_cannot_be_written_fails_the_job(redis_url, tmp_path, media):
@@ -160,6 +193,11 @@ async def test_summaries_are_refused_with_reasons(redis_url, tmp_path, media):
         assert "window (128 tokens)" in await refused(422, summarize={"model": "llm/tiny", "prompt": "say " * 100})
         no_end = await refused(422, source="redis://cams:{x}", summarize={"model": "llm/tiny"})
         assert "ends only when cancelled" in no_end
+        camera = await refused(422, source="rtsp://127.0.0.1:8554/live", summarize={"model": "llm/tiny"})
+        assert "ends only when cancelled" in camera
+        # a captioner's folder entered as a text model: refused now, not when the video is done
+        not_causal = await refused(422, summarize={"model": "llm/blip"})
+        assert "not a causal language model" in not_causal and len(not_causal) < 400
         r = await client.post("/jobs", json={"model": "tiny/det", "source": "redis://cams:{x}", "max_seconds": 5,
                                              "summarize": {"model": "llm/tiny", "prompt": "Say."}})
         assert r.status == 201, await r.text()
@@ -230,6 +268,19 @@ def test_the_text_model_batches_in_each_precision(dtype, media, gradient):
     assert len(out) == 2 and all(isinstance(p.result["text"], str) for p in out)
     with pytest.raises(ModelError, match="takes text, not images"):
         predict(model, [gradient], None)
+
+
+def test_a_text_model_s_call_may_take_minutes_unless_its_entry_says_otherwise(media):
+    from sightstream.config import ModelEntry
+    from sightstream.models.catalogue import Catalogue
+    from sightstream.models.manager import ModelManager
+
+    path = str(media / "lm")
+    manager = ModelManager(Catalogue({"llm": {
+        "slow": ModelEntry(backend="transformers", task="generate", path=path),
+        "quick": ModelEntry(backend="transformers", task="generate", path=path, timeout_s=30)}}))
+    assert manager.create("llm/slow").timeout_s == 600  # not inference_timeout_s: a window takes minutes on a CPU
+    assert manager.create("llm/quick").timeout_s == 30
 
 
 def test_the_budget_counts_the_template_and_the_instruction(media):

@@ -28,9 +28,11 @@ class Rig:
     """A worker on the CPU with a staged fake model, a shared batch queue and an outcome queue."""
 
     def __init__(self, depth: int = 2, timeout_s: float = 10.0, other: dict | None = None,
-                 **options: Any) -> None:
-        """`options`: the staged model's; `other`: a second staged model's (OTHER) options."""
-        entry = ModelEntry(backend="torch", task="detect", adapter="tests.fake_adapters:Staged", **options)
+                 timeout_s_entry: float | None = None, **options: Any) -> None:
+        """`options`: the staged model's; `other`: a second staged model's (OTHER) options;
+        `timeout_s`: the daemon's inference_timeout_s, `timeout_s_entry`: the staged model's own."""
+        entry = ModelEntry(backend="torch", task="detect", adapter="tests.fake_adapters:Staged",
+                           timeout_s=timeout_s_entry, **options)
         models = {"staged": entry}
         if other is not None:
             models["other"] = ModelEntry(backend="torch", task="detect",
@@ -146,6 +148,16 @@ async def test_a_batch_queued_behind_a_stuck_call_is_abandoned_with_it(rigs):
     assert rig.worker.replaced == 1
     abandoned = rig.metrics.frames_abandoned.labels("p")._value.get()
     assert abandoned == 2
+
+
+async def test_a_model_s_own_timeout_replaces_the_daemon_s(rigs):
+    # the daemon's inference_timeout_s is 1 s; `staged` takes 1.5 s a call but its entry
+    # allows 5 s; `other` takes 0.6 s but its entry allows only 0.2 s
+    rig = rigs(infer_s={"*": 1.5}, timeout_s=1.0, timeout_s_entry=5,
+               other={"hang": {"2": 0.6}, "timeout_s": 0.2})
+    await rig.run(rig.batch(1), rig.batch(2, model=OTHER))
+    assert rig.outcome_tags() == [("Published", 1)]
+    assert rig.released == [2] and rig.worker.replaced == 1
 
 
 async def test_a_frame_whose_finish_fails_is_dead_lettered_alone(rigs):

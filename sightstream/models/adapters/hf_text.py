@@ -10,7 +10,8 @@ greedily by default; only the new tokens are decoded. Result: `{"text": "..."}`.
 Options: `max_new_tokens` (256), `do_sample` (false), `temperature` (used only with
 do_sample), `context_tokens` (the model's context length; read from its config by default),
 `window_tokens` (4096: the most a summary puts in one call, answer included; a call over a
-model's whole 32k context takes minutes on a CPU, past `inference_timeout_s`), `dtype`.
+model's whole 32k context takes many minutes on a CPU), `dtype`, and `timeout_s` (600: one
+call's time limit, in place of the daemon's `inference_timeout_s`).
 
 `budget(instruction)` tells a caller (the summariser) how much text fits in one call without
 loading the model: the context length, the tokens left for the answer, and a token counter.
@@ -31,6 +32,7 @@ DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
 # transformers' placeholder for "no limit" in tokenizer_config.json (int(1e30))
 NO_LIMIT = 10**9
 WINDOW_TOKENS = 4096
+TEXT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class TextBudget:
 class HfTextGenerator(hf_common.HfAdapter):
     task = "generate"
     takes_prompt = True
+    # One call may take minutes on a CPU (a 4096-token window through a 0.5B model: ~2 min on
+    # two cores); the entry's `timeout_s` sets another
+    timeout_s: float | None = TEXT_TIMEOUT_S
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)
@@ -72,10 +77,13 @@ class HfTextGenerator(hf_common.HfAdapter):
         import transformers
 
         self._tokenizer = _tokenizer(source)
+        _causal_config(source)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(source)
         except (ValueError, KeyError) as e:
-            raise ModelError(f"{source} is not a causal language model (AutoModelForCausalLM): {e}") from None
+            # transformers' message lists every supported config class: the first line says it
+            raise ModelError(f"{source} cannot be loaded as a causal language model: "
+                             f"{str(e).splitlines()[0][:300]}") from None
         self.placed(model, device)
         if self._context is None:
             self._context = _context_length(model.config, self._tokenizer)
@@ -84,10 +92,9 @@ class HfTextGenerator(hf_common.HfAdapter):
         """The token budget of one call with this instruction, from the tokenizer and config
         alone (no weights loaded): the host can plan its inputs before the model is on a device."""
         source = self.source()
-        import transformers
-
+        config = _causal_config(source)  # a job asking for a summary is refused now, not at its end
         tokenizer = self._tokenizer or _tokenizer(source)
-        context = self._context or _context_length(transformers.AutoConfig.from_pretrained(source), tokenizer)
+        context = self._context or _context_length(config, tokenizer)
 
         def count(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -126,6 +133,21 @@ class HfTextGenerator(hf_common.HfAdapter):
     def unload(self) -> None:
         super().unload()
         self._tokenizer = None
+
+
+def _causal_config(source: str) -> Any:
+    """The model's config, if AutoModelForCausalLM serves its kind; else ModelError (a
+    captioner or an encoder named as a text model)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(source)
+    kind = getattr(config, "model_type", "")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{source} is a {kind or 'model of unknown type'} model, not a causal language "
+                         "model (AutoModelForCausalLM does not load it): a text model is one such as "
+                         "Qwen2.5, SmolLM2, Llama, Phi or Gemma")
+    return config
 
 
 def _tokenizer(source: str) -> Any:
