@@ -95,7 +95,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     base, token = _control(args)
     return summarize(base, token, args.video, args.model, args.summary_model, prompt=args.prompt,
                      summary_prompt=args.summary_prompt, fps=args.fps, max_frames=args.max_frames,
-                     progress=not args.quiet, as_json=args.json, emit=lambda s: print(s, flush=True))
+                     max_seconds=args.max_seconds, every_s=args.every, progress=not args.quiet,
+                     as_json=args.json, emit=lambda s: print(s, flush=True))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -197,14 +198,19 @@ def parser() -> argparse.ArgumentParser:
                                    "printed at the end. Ctrl-C cancels the job.")
     config(p)
     p.add_argument("video", metavar="VIDEO",
-                   help="an http(s) URL (MP4, HLS), or a file on the daemon's host under its "
-                        "jobs.allowed_paths")
+                   help="an http(s) URL (MP4, HLS), an rtsp(s) camera, a redis:// stream, or a file on "
+                        "the daemon's host under its jobs.allowed_paths")
     p.add_argument("--model", required=True, help="family/variant that reads the frames, e.g. a captioner")
     p.add_argument("--summary-model", required=True, help="family/variant of a text model (task generate)")
     p.add_argument("--prompt", default="", help="the frame model's prompt (a question, labels)")
     p.add_argument("--summary-prompt", default="", help="the text model's instruction")
     p.add_argument("--fps", type=float, default=1.0, help="frames read per second of video")
     p.add_argument("--max-frames", type=_positive, default=None, help="stop after N frames")
+    p.add_argument("--max-seconds", type=_seconds, default=None,
+                   help="stop after N seconds of video (a live source: of reading), then summarise")
+    p.add_argument("--every", type=_seconds, default=None, metavar="SECONDS",
+                   help="also summarise every SECONDS while it runs, each summary printed as it comes "
+                        "(a live source needs this, --max-seconds or --max-frames)")
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
     p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")

@@ -1,7 +1,9 @@
 """`sightstream summarize VIDEO`: a running daemon describes the video frame by frame with one
 model and writes its summary with a text model: a job (POST /jobs with `summarize`), followed
-with a progress bar until it ends, then the summary printed. Ctrl-C cancels the job, also
-during its submission (an Idempotency-Key finds it)."""
+with a progress bar until it ends, then the summary printed. A live source (a camera, live
+HLS) gets a summary every `--every` seconds, each printed as it is written, until
+`--max-seconds` or Ctrl-C. Ctrl-C cancels the job, also during its submission (an
+Idempotency-Key finds it)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from sightstream.errors import SightstreamError
 
 POLL_S = 0.5
 POLL_TRIES = 10  # polls in a row that may fail (a daemon restarting) before giving up
-URL_SCHEMES = ("http://", "https://", "file://", "redis://")
+URL_SCHEMES = ("http://", "https://", "file://", "redis://", "rtsp://", "rtsps://")
 
 
 def source_url(video: str) -> str:
@@ -31,18 +33,23 @@ def source_url(video: str) -> str:
 
 def summarize(base: str, token: str, video: str, model: str, summary_model: str, *, prompt: str = "",
               summary_prompt: str = "", fps: float = 1.0, max_frames: int | None = None,
+              max_seconds: float | None = None, every_s: float | None = None,
               progress: bool = True, as_json: bool = False, emit: Callable[[str], None] = print) -> int:
     body: dict[str, Any] = {"source": source_url(video), "model": model, "fps": fps, "prompt": prompt,
                             "summarize": {"model": summary_model, "prompt": summary_prompt}}
     if max_frames:
         body["max_frames"] = max_frames
+    if max_seconds:
+        body["max_seconds"] = max_seconds
+    if every_s:
+        body["summarize"]["every_s"] = every_s
     # The same key on a retry: a submission whose answer was lost (Ctrl-C, a dropped
     # connection) is found again instead of made twice.
     submission = {"Idempotency-Key": f"sightstream-summarize-{uuid.uuid4()}"}
     job_id = None
     try:
         job_id = _submit(base, token, body, submission)
-        job = _follow(base, token, job_id, progress)
+        job = _follow(base, token, job_id, progress, lambda s: emit(_periodic(s, as_json)))
     except KeyboardInterrupt:
         _cancel(base, token, job_id, body, submission)
         raise
@@ -83,13 +90,30 @@ def _cancel(base: str, token: str, job_id: str | None, body: dict[str, Any],
         pass  # it ended meanwhile, or the daemon is gone: nothing to cancel
 
 
-def _follow(base: str, token: str, job_id: str, progress: bool) -> dict[str, Any]:
-    """Poll the job until it ends, showing how far it got (tqdm, on stderr)."""
+def _periodic(summary: dict[str, Any], as_json: bool) -> str:
+    """A summary written while the job runs, as printed: with the times it covers."""
+    if as_json:
+        return json.dumps(summary)
+    return f"[{_clock(summary.get('from_s'))}-{_clock(summary.get('to_s'))}] {summary.get('text', '')}"
+
+
+def _clock(seconds: float | None) -> str:
+    """Into the video, or a stream's UTC time of day (its times are seconds since the epoch)."""
+    from sightstream.jobs.summary import clock
+
+    return "?" if seconds is None else clock(seconds, video=seconds < 86_400 * 365)
+
+
+def _follow(base: str, token: str, job_id: str, progress: bool,
+            periodic: Callable[[dict[str, Any]], None] = lambda s: None) -> dict[str, Any]:
+    """Poll the job until it ends, showing how far it got (tqdm, on stderr); each summary
+    written while it runs goes to `periodic`, once."""
     from tqdm import tqdm
 
     bar = tqdm(total=100, unit="%", desc=f"job {job_id}", file=sys.stderr, disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
     failures = 0
+    shown_at = None  # the last periodic summary shown (its created_at)
     try:
         while True:
             try:
@@ -101,12 +125,20 @@ def _follow(base: str, token: str, job_id: str, progress: bool) -> dict[str, Any
                     raise SightstreamError(f"{e}; job {job_id} goes on (GET /jobs/{job_id})") from None
                 time.sleep(POLL_S * failures)
                 continue
+            summary = job.get("summary") or {}
+            if summary and not summary.get("final") and summary.get("created_at") != shown_at:
+                shown_at = summary.get("created_at")
+                bar.clear()
+                periodic(summary)
             fraction = job["progress"].get("fraction")
+            position = job["progress"].get("position_s")
             done = job["status"] in ("completed", "failed", "cancelled")
             bar.n = 100 if done and job["status"] == "completed" else round(100 * (fraction or 0))
             reading_done = fraction is not None and fraction >= 0.99
             stage = "summarising" if job["status"] == "running" and reading_done else job["status"]
-            bar.set_postfix_str(f"{job['counts']['processed']} frames, {stage}", refresh=False)
+            # a live source has no length: how far it got is its position
+            at = f", at {_clock(position)}" if fraction is None and position is not None and not done else ""
+            bar.set_postfix_str(f"{job['counts']['processed']} frames{at}, {stage}", refresh=False)
             bar.refresh()
             if done:
                 return job

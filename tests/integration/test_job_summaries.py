@@ -323,8 +323,31 @@ async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redi
         assert code == 1 and "does not write text" in capsys.readouterr().err
 
 
+async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_come(redis_url, tmp_path, media,
+                                                                                 capsys):
+    from sightstream import cli
+
+    hls.make_hls_vod(tmp_path / "live", seconds=30, fps=10)
+    with hls.live_hls(tmp_path / "live" / "index.m3u8") as live:
+        async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+            base = str(client.make_url("")).rstrip("/")
+            code = await asyncio.to_thread(cli.main, [
+                "summarize", live.url, "--model", "tiny/det", "--summary-model", "llm/tiny", "--fps", "2",
+                "--every", "1", "--max-seconds", "6", "--summary-prompt", "Say.", "--url", base])
+            out, err = capsys.readouterr()  # the daemon's own log lines are in `out` too
+            assert code == 0, err
+            job = (await (await client.get("/jobs?limit=1")).json())["jobs"][0]
+            assert job["summarize"]["every_s"] == 1 and job["max_seconds"] == 6
+            assert job["status"] == "completed" and job["summary"]["final"]
+            # each periodic summary as it came, with the times it covers, then the final one's text
+            periodic = [line for line in out.splitlines() if line.startswith("[00:0")]
+            assert periodic, out
+            assert out.index(periodic[-1]) < out.rindex(job["summary"]["text"])
+            assert ", at 00:0" in err  # a live source has no length: the bar shows its position
+
+
 def _interrupted_after_follow_starts(command):
-    def interrupted(base, token, job_id, progress):
+    def interrupted(base, token, job_id, progress, periodic):
         raise KeyboardInterrupt
     return "_follow", interrupted
 
