@@ -319,6 +319,23 @@ def vit_classifier(folder: Path) -> Path:
     return folder
 
 
+def convnext_classifier(folder: Path) -> Path:
+    """A tiny ConvNeXt image classifier with three labels; its processor resizes the shortest
+    edge and centre-crops (crop_pct), as convnext-tiny-224's does."""
+    _quiet()
+    import torch
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+
+    torch.manual_seed(0)
+    labels = {0: "cat", 1: "dog", 2: "bird"}
+    config = ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=64, id2label=labels,
+                            label2id={v: k for k, v in labels.items()})
+    ConvNextForImageClassification(config).save_pretrained(folder)
+    ConvNextImageProcessorPil(size={"shortest_edge": 64}, crop_pct=0.875).save_pretrained(folder)
+    return folder
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

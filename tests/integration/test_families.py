@@ -32,6 +32,7 @@ def hf_models(tmp_path_factory):
         "qwen": tiny_hf.qwen2_5_vl(root / "qwen"),
         "sam2_video": tiny_hf.sam2_video(root / "sam2_video"),
         "classify": tiny_hf.vit_classifier(root / "classify"),
+        "convnext": tiny_hf.convnext_classifier(root / "convnext"),
     }
 
 
@@ -72,11 +73,12 @@ async def test_transformers_detectors(family, hf_models, redis_url, sync_redis, 
         assert scores == sorted(scores, reverse=True)
 
 
-async def test_image_classification_gives_the_top_k_labels(hf_models, redis_url, sync_redis, tmp_path,
+@pytest.mark.parametrize("family", ["classify", "convnext"])  # ViT, ConvNeXt
+async def test_image_classification_gives_the_top_k_labels(family, hf_models, redis_url, sync_redis, tmp_path,
                                                             gradient, astronaut):
     images = [encode(gradient), encode(astronaut)]
     settings = run_family(redis_url, sync_redis, tmp_path,
-                          {"backend": "transformers", "task": "classify", "path": str(hf_models["classify"]),
+                          {"backend": "transformers", "task": "classify", "path": str(hf_models[family]),
                            "top_k": 2}, images)
     results = await process(settings, sync_redis, 2)
     sizes = {(96, 64), (512, 512)}
@@ -87,6 +89,22 @@ async def test_image_classification_gives_the_top_k_labels(hf_models, redis_url,
         assert len(r["labels"]) == 2 and {x["label"] for x in r["labels"]} <= {"cat", "dog", "bird"}
         scores = [x["score"] for x in r["labels"]]
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+
+
+def test_a_classifier_keeps_only_labels_at_or_over_its_score_threshold(hf_models, astronaut):
+    from sightstream.models.adapter import predict
+    from sightstream.models.adapters.hf_classify import HfClassifier
+
+    def labels(**options):
+        model = HfClassifier(str(hf_models["convnext"]), {"top_k": 3, **options})
+        model.load("cpu")
+        (pred,) = predict(model, [astronaut])
+        return pred.result["labels"]
+
+    every = labels()
+    assert len(every) == 3 and every[1]["score"] > every[2]["score"]
+    kept = labels(score_threshold=(every[1]["score"] + every[2]["score"]) / 2)
+    assert kept == every[:2]
 
 
 @pytest.mark.parametrize("family,task,adapter,seen", [

@@ -217,6 +217,34 @@ async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media
         assert r.status == 422 and "context of 128 tokens" in (await r.json())["error"]["message"]
 
 
+async def test_the_text_model_is_unloaded_and_evicted_like_any_model(redis_url, tmp_path, media):
+    """A captioner and the text model on one device whose budget holds one of them at a time:
+    each load evicts the other while it is idle, and a job with a summary still completes."""
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        sizes = {}
+        for model in ("vlm/tiny", "llm/tiny"):
+            r = await client.post(f"/models/{model}/load?device=cpu")
+            assert r.status == 200, await r.text()
+            sizes[model] = (await r.json())["memory_mb"]
+        r = await client.post("/models/llm/tiny/unload")
+        assert r.status == 200, await r.text()
+        loaded = (await (await client.get("/models/loaded")).json())["models"]
+        assert [m["model"] for m in loaded] == ["vlm/tiny"]
+
+        d.manager.budgets_mb["cpu"] = max(sizes.values()) + min(sizes.values()) / 2
+        r = await client.post("/predict/llm/tiny", data=b"a dog", headers={"Content-Type": "text/plain"})
+        assert r.status == 200, await r.text()
+        loaded = (await (await client.get("/models/loaded")).json())["models"]
+        assert [m["model"] for m in loaded] == ["llm/tiny"]  # the idle captioner made room
+
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=2, model="vlm/tiny",
+                              summarize={"model": "llm/tiny", "prompt": "Say."})
+        job = await until_status(client, job_id, "completed", "failed", timeout=90)
+        assert job["status"] == "completed" and job["summary"]["lines"] == 6, job["error"]
+        loaded = (await (await client.get("/models/loaded")).json())["models"]
+        assert [m["model"] for m in loaded] == ["llm/tiny"]  # it wrote last
+
+
 async def test_a_pipeline_cannot_read_frames_with_a_text_model(redis_url, tmp_path, media):
     settings = summary_settings(redis_url, tmp_path, media)
     settings = settings.model_copy(update={"pipelines": [
