@@ -24,7 +24,7 @@ from sightstream.errors import ModelError
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import STATUSES, Job, JobSpec, KeyReused
 from sightstream.jobs.summaries import check_summarizer
-from sightstream.jobs.summary import DEFAULT_INSTRUCTION, SummaryFailed
+from sightstream.jobs.summary import SummaryFailed, instruction_for
 from sightstream.models.adapters import adapter_class, check_prompt
 
 api = Api("jobs")
@@ -301,7 +301,7 @@ async def _check_summarize(d: Daemon, body: JobIn, task: str, always_live: bool)
                             f"{summarizer.task}); use a text generation model (task generate)")
     try:  # reads the tokenizer and config from disk
         await asyncio.get_running_loop().run_in_executor(
-            None, check_summarizer, d.manager.create, spec.model, spec.prompt or DEFAULT_INSTRUCTION)
+            None, check_summarizer, d.manager.create, spec.model, instruction_for(spec.prompt, body.prompt))
     except (ModelError, SummaryFailed) as e:
         raise ApiError(422, f"summarize.model: {e}") from None
 

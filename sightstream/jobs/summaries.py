@@ -27,7 +27,7 @@ from sightstream.errors import ModelError
 from sightstream.frames import DeadLettered, Frame, Published, now_ms
 from sightstream.jobs.run import JobStopped, fenced
 from sightstream.jobs.store import Job, JobStore
-from sightstream.jobs.summary import DEFAULT_INSTRUCTION, Line, SummaryFailed, describe, room_of, summarize
+from sightstream.jobs.summary import Line, SummaryFailed, describe, instruction_for, room_of, summarize
 from sightstream.models.adapters.hf_text import TextBudget
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
@@ -97,7 +97,7 @@ class JobSummaries:
         self._maxlen = maxlen
         spec = job.spec.summarize
         self.model = str(spec["model"])
-        self.instruction = str(spec.get("prompt") or "") or DEFAULT_INSTRUCTION
+        self.instruction = instruction_for(str(spec.get("prompt") or ""), job.spec.prompt or "")
         self.every_s = float(spec["every_s"]) if spec.get("every_s") else None
         self._budget: TextBudget | None = None
 

@@ -27,7 +27,21 @@ DEFAULT_INSTRUCTION = (
     "Below are timestamped descriptions of frames from one video, in order (or summaries of "
     "its consecutive parts). Write a short summary of what happens in the video."
 )
-WIDEST_LABEL = "[23:59:59-23:59:59] "  # a summary's time label at its longest
+WIDEST_LABEL = "[23:59:59-23:59:59] "
+FRAME_PROMPT_CHARS = 300
+
+
+def instruction_for(summary_prompt: str, frame_prompt: str) -> str:
+    """The text model's instruction: the job's `summarize.prompt` (or the default) and, when a
+    prompted model described the frames (a question, labels to find), that prompt: without it
+    answers such as "yes" or "2" say nothing. A long one (a list of labels) is cut: the window
+    must keep room for the lines."""
+    instruction = summary_prompt.strip() or DEFAULT_INSTRUCTION
+    if shown := frame_prompt.strip():
+        if len(shown) > FRAME_PROMPT_CHARS:
+            shown = shown[:FRAME_PROMPT_CHARS].rstrip() + "…"
+        instruction += f"\nEach frame's description was made for this prompt: {shown}"
+    return instruction  # a summary's time label at its longest
 
 Generate = Callable[[list[str]], Awaitable[list[str]]]
 

@@ -30,7 +30,9 @@ def media(tmp_path_factory):
     # 128 positions: 30 results need several windows, then a summary of their summaries
     tiny_hf.causal_lm(root / "lm", context=128)
     tiny_hf.causal_lm(root / "lm_plain", context=128, chat=False)
+    tiny_hf.causal_lm(root / "lm_wide", context=512)
     tiny_hf.blip(root / "captioner", "caption")
+    tiny_hf.blip(root / "answerer", "vqa")
     return root
 
 
@@ -41,6 +43,7 @@ def summary_settings(redis_url, tmp_path, media, **lm):
     settings.models["llm"] = {
         "tiny": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8, **lm),
         "plain": entry(backend="transformers", task="generate", path=str(media / "lm_plain"), max_new_tokens=8),
+        "wide": entry(backend="transformers", task="generate", path=str(media / "lm_wide"), max_new_tokens=8),
         "short": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
                        context_tokens=48),
         "broken": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
@@ -48,7 +51,9 @@ def summary_settings(redis_url, tmp_path, media, **lm):
         "blip": entry(backend="transformers", task="generate", path=str(media / "captioner")),
     }
     settings.models["vlm"] = {"tiny": entry(backend="transformers", task="caption", path=str(media / "captioner"),
-                                            max_new_tokens=6)}
+                                            max_new_tokens=6),
+                              "vqa": entry(backend="transformers", task="vqa", path=str(media / "answerer"),
+                                           max_new_tokens=4)}
     return settings
 
 
@@ -98,6 +103,24 @@ async def test_captions_from_a_vlm_become_the_summary_s_lines(redis_url, sync_re
     # each caption, with its time into the video, in order (cut only if one were too long)
     assert [line.split("] ", 1)[0] for line in first_level] == [f"[00:0{i // 2}" for i in range(6)]
     assert all(caption.startswith(line.split("] ", 1)[1]) for line, caption in zip(first_level, captions))
+
+
+async def test_answers_are_summarised_with_the_question_they_answer(redis_url, tmp_path, media, monkeypatch):
+    asked: list[str] = []
+    real = summaries.JobSummaries._generate
+
+    async def recording(self, texts):
+        asked.append(self.instruction)
+        return await real(self, texts)
+
+    monkeypatch.setattr(summaries.JobSummaries, "_generate", recording)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source=f"file://{media}/clip.mp4", fps=1, model="vlm/vqa",
+                              prompt="Is the door open?", summarize={"model": "llm/wide", "prompt": "Say."})
+        job = await until_status(client, job_id, "completed", "failed", timeout=60)
+        assert job["status"] == "completed", job["error"]
+    assert asked and all(a == "Say.\nEach frame's description was made for this prompt: Is the door open?"
+                         for a in asked)
 
 
 async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redis, tmp_path, media, gradient):

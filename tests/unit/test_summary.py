@@ -92,3 +92,14 @@ def test_each_kind_of_result_as_a_line():
 def test_clock():
     assert clock(75.4, True) == "01:15" and clock(3725, True) == "1:02:05"
     assert clock(0, False) == "00:00:00" and clock(86400 + 3661, False) == "01:01:01"
+
+
+def test_the_instruction_carries_the_frames_prompt():
+    from sightstream.jobs.summary import DEFAULT_INSTRUCTION, FRAME_PROMPT_CHARS, instruction_for
+
+    assert instruction_for("", "") == DEFAULT_INSTRUCTION
+    assert instruction_for("  Be brief. ", "") == "Be brief."
+    asked = instruction_for("Be brief.", "Is the door open?")
+    assert asked.startswith("Be brief.\n") and asked.endswith("prompt: Is the door open?")
+    long = instruction_for("", "cat, " * 200)
+    assert long.endswith("…") and len(long) < len(DEFAULT_INSTRUCTION) + FRAME_PROMPT_CHARS + 80
