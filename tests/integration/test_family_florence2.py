@@ -46,7 +46,7 @@ def bin_px(b: int, side: int) -> float:
     return float(int((b + 0.5) * side / 1000))
 
 
-@pytest.mark.parametrize("prompt", ["", "<OCR>", "<MORE_DETAILED_CAPTION>"])
+@pytest.mark.parametrize("prompt", ["", "<OCR>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"])
 async def test_captions_through_the_pipeline(prompt, florence, redis_url, sync_redis, tmp_path, gradient, astronaut):
     settings = run_family(redis_url, sync_redis, tmp_path, entry(florence, "caption", max_new_tokens=6),
                           [encode(gradient), encode(astronaut)], prompt=prompt)
@@ -58,7 +58,8 @@ async def test_captions_through_the_pipeline(prompt, florence, redis_url, sync_r
 
 
 @pytest.mark.parametrize("prompt", ["", "<OD>", "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<OCR_WITH_REGION>",
-                                    "<OPEN_VOCABULARY_DETECTION>person", "a red car"])
+                                    "<OPEN_VOCABULARY_DETECTION>person", "a red car",
+                                    "<CAPTION_TO_PHRASE_GROUNDING>a red car"])
 async def test_detections_through_the_pipeline(prompt, florence, redis_url, sync_redis, tmp_path, gradient,
                                                astronaut):
     images = [encode(gradient), encode(astronaut), encode(np.ascontiguousarray(astronaut[:200, :100]))]
