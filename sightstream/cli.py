@@ -70,6 +70,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+# built in; a daemon without its weights says how to put them in its cache
+DEFAULT_SUMMARY_MODEL = "qwen2_5/0.5b-instruct"
 TOKEN_HELP = "default: the config's control.token; with --url, $SIGHTSTREAM_CONTROL__TOKEN"
 
 
@@ -201,7 +203,8 @@ def parser() -> argparse.ArgumentParser:
                    help="an http(s) URL (MP4, HLS), an rtsp(s) camera, a redis:// stream, or a file on "
                         "the daemon's host under its jobs.allowed_paths")
     p.add_argument("--model", required=True, help="family/variant that reads the frames, e.g. a captioner")
-    p.add_argument("--summary-model", required=True, help="family/variant of a text model (task generate)")
+    p.add_argument("--summary-model", default=DEFAULT_SUMMARY_MODEL,
+                   help=f"family/variant of a text model (task generate; default: {DEFAULT_SUMMARY_MODEL})")
     p.add_argument("--prompt", default="", help="the frame model's prompt (a question, labels)")
     p.add_argument("--summary-prompt", default="", help="the text model's instruction")
     p.add_argument("--fps", type=float, default=1.0, help="frames read per second of video")

@@ -372,6 +372,9 @@ async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redi
         assert code == 1 and "put it under its jobs.allowed_paths" in capsys.readouterr().err
         code = await asyncio.to_thread(cli.main, [*args, "--summary-model", "tiny/det", "--url", base, "-q"])
         assert code == 1 and "does not write text" in capsys.readouterr().err
+        code = await asyncio.to_thread(cli.main, [*args, "--url", base, "-q"])  # the built-in text model …
+        err = capsys.readouterr().err
+        assert code == 1 and "qwen2_5/0.5b-instruct" in err and "cache" in err, err  # … not cached here
 
 
 async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_come(redis_url, tmp_path, media,
