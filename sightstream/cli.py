@@ -138,6 +138,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _period(text: str) -> float:
+    value = _seconds(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is under 1 second")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="sightstream",
@@ -211,9 +218,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_positive, default=None, help="stop after N frames")
     p.add_argument("--max-seconds", type=_seconds, default=None,
                    help="stop after N seconds of video (a live source: of reading), then summarise")
-    p.add_argument("--every", type=_seconds, default=None, metavar="SECONDS",
-                   help="also summarise every SECONDS while it runs, each summary printed as it comes "
-                        "(a live source needs this, --max-seconds or --max-frames)")
+    p.add_argument("--every", type=_period, default=None, metavar="SECONDS",
+                   help="also summarise every SECONDS (at least 1) while it runs, each summary printed as "
+                        "it comes (an rtsp camera or a redis stream needs this, --max-seconds or "
+                        "--max-frames; live HLS without them is summarised every 300 s)")
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
     p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")

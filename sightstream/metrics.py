@@ -92,7 +92,7 @@ class Metrics:
         )
         self.frames_abandoned = Counter(
             "sightstream_frames_abandoned",
-            "Frames of stuck batches left pending for a retry (inference_timeout_s)",
+            "Frames of stuck batches left pending for a retry (past the model's timeout)",
             ["pipeline"], registry=r,
         )
         self.predict_requests = Counter(

@@ -56,7 +56,7 @@ def summarize(base: str, token: str, video: str, model: str, summary_model: str,
     if job["status"] != "completed":
         raise SightstreamError(f"job {job_id} {job['status']}: {job['error'] or 'no reason given'}")
     summary = job["summary"] or {}
-    emit(json.dumps(job, indent=2) if as_json else summary.get("text", ""))
+    emit(json.dumps(job) if as_json else summary.get("text", ""))  # JSON: one line, after any summaries
     return 0
 
 
@@ -104,6 +104,38 @@ def _clock(seconds: float | None) -> str:
     return "?" if seconds is None else clock(seconds, video=seconds < 86_400 * 365)
 
 
+class _Summaries:
+    """The summaries a job writes while it runs, each once and in order: read from its results
+    stream (the job's `summary` field holds only the latest, and two may come between polls)."""
+
+    PAGE = 1000
+
+    def __init__(self, base: str, token: str, job_id: str) -> None:
+        self.base, self.token, self.job_id = base, token, job_id
+        self.after = ""  # the last results entry read
+        self.written = 0  # the job's summaries count when last read
+
+    def new(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """Those written since the last call (not the final one: it is printed at the end).
+        Raises SightstreamError, having read nothing (the next call reads the same again)."""
+        if int(job["counts"].get("summaries", 0)) <= self.written:
+            return []
+        found: list[dict[str, Any]] = []
+        after, written = self.after, self.written
+        while True:
+            query = f"count={self.PAGE}" + (f"&after={after}" if after else "")
+            page = call(self.base, f"/jobs/{self.job_id}/results?{query}", self.token)
+            for entry in page["results"]:
+                after = entry["id"]
+                if entry["fields"].get("task") == "summary":
+                    written += 1
+                    if not entry["fields"]["result"].get("final"):
+                        found.append(entry["fields"]["result"])
+            if len(page["results"]) < self.PAGE:
+                self.after, self.written = after, written
+                return found
+
+
 def _follow(base: str, token: str, job_id: str, progress: bool,
             periodic: Callable[[dict[str, Any]], None] = lambda s: None) -> dict[str, Any]:
     """Poll the job until it ends, showing how far it got (tqdm, on stderr); each summary
@@ -113,11 +145,12 @@ def _follow(base: str, token: str, job_id: str, progress: bool,
     bar = tqdm(total=100, unit="%", desc=f"job {job_id}", file=sys.stderr, disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
     failures = 0
-    shown_at = None  # the last periodic summary shown (its created_at)
+    summaries = _Summaries(base, token, job_id)
     try:
         while True:
             try:
                 job = call(base, f"/jobs/{job_id}", token)
+                fresh = summaries.new(job)
                 failures = 0
             except SightstreamError as e:
                 failures += 1
@@ -125,9 +158,7 @@ def _follow(base: str, token: str, job_id: str, progress: bool,
                     raise SightstreamError(f"{e}; job {job_id} goes on (GET /jobs/{job_id})") from None
                 time.sleep(POLL_S * failures)
                 continue
-            summary = job.get("summary") or {}
-            if summary and not summary.get("final") and summary.get("created_at") != shown_at:
-                shown_at = summary.get("created_at")
+            for summary in fresh:
                 bar.clear()
                 periodic(summary)
             fraction = job["progress"].get("fraction")

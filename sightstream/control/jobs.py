@@ -61,8 +61,8 @@ class Summary(BaseModel):
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str = Field(min_length=1, max_length=4096, description=(
-        "https://…/live.m3u8 (HLS, live or VOD), https://…/clip.mp4, file:///… (under jobs.allowed_paths), "
-        "or redis://<stream key>"))
+        "https://…/live.m3u8 (HLS, live or VOD), https://…/clip.mp4, rtsp(s)://… (a camera), file:///… "
+        "(under jobs.allowed_paths), or redis://<stream key>"))
     model: str = Field(DEFAULT_MODEL, pattern=r"^[^/\s]+/[^/\s]+$", description="family/variant")
     fps: float = Field(1.0, gt=0, le=240, description="results per second of video (per second of capture "
                                                       "time for a stream)")

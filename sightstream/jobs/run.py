@@ -113,6 +113,9 @@ class JobRun:
         self._started = time.monotonic()
         self._started_wall = _epoch_s(job.started_at) or time.time()  # this job's, over attempts
         self._last_item = time.monotonic()
+        # False while the read loop is held back by this job's own work (frames in flight, a
+        # device busy with a long call, e.g. a text model's summary): that is no silent source
+        self._reading = True
         self._waited_s = 0.0  # blocked on the model: the head result not in yet
         self._base = dict(job.timings)  # earlier attempts' timings
         self._counts = {name: int(job.counts.get(name, 0)) for name in ("decoded", "sampled")}
@@ -151,7 +154,7 @@ class JobRun:
         publishing = asyncio.create_task(self._publish_in_order(queue), name=f"job-publish-{self.job.id}")
         try:
             async for item in self._items():
-                self._last_item = time.monotonic()
+                self._reading = False
                 if self._done or self._limit_reached(item):
                     break
                 self._seq += 1
@@ -162,6 +165,7 @@ class JobRun:
                         [item.frame], self.job.spec.model, self._prompt(), self._label,
                         (self._limits.batch_size, self._limits.batch_timeout_ms))
                 await queue.put((self._seq, item, future))
+                self._last_item, self._reading = time.monotonic(), True
             await queue.put(END)
             await publishing
         finally:
@@ -212,7 +216,7 @@ class JobRun:
                 self._stopped = e
                 self._end_reading()
                 return
-            idle = time.monotonic() - self._last_item
+            idle = time.monotonic() - self._last_item if self._reading else 0.0
             if self._source.is_stream:
                 if spec.max_seconds is not None and time.time() - self._started_wall > spec.max_seconds:
                     self._end_reading()

@@ -27,7 +27,7 @@ DEFAULT_INSTRUCTION = (
     "Below are timestamped descriptions of frames from one video, in order (or summaries of "
     "its consecutive parts). Write a short summary of what happens in the video."
 )
-WIDEST_LABEL = "[23:59:59-23:59:59] "
+WIDEST_LABEL = "[23:59:59-23:59:59] "  # a summary's time label at its longest
 FRAME_PROMPT_CHARS = 300
 
 
@@ -41,7 +41,7 @@ def instruction_for(summary_prompt: str, frame_prompt: str) -> str:
         if len(shown) > FRAME_PROMPT_CHARS:
             shown = shown[:FRAME_PROMPT_CHARS].rstrip() + "…"
         instruction += f"\nEach frame's description was made for this prompt: {shown}"
-    return instruction  # a summary's time label at its longest
+    return instruction
 
 Generate = Callable[[list[str]], Awaitable[list[str]]]
 

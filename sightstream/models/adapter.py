@@ -37,6 +37,11 @@ class FrameContext:
     generation: int = 0
 
 
+# A text model's call: a 4096-token summary window through a 0.5B model takes ~1.5 min on two
+# CPU cores, four windows to a call several minutes.
+TEXT_TIMEOUT_S = 600.0
+
+
 class Adapter(Protocol):
     task: str  # detect | segment | depth | caption | vqa | track | classify | generate
     takes_prompt: bool
@@ -49,9 +54,9 @@ class Adapter(Protocol):
     # says so with an optional `input_shape` (an InputShape, or None until it knows: see
     # input_shape() below).
     input_size: tuple[int, int] | None
-    # Optional `timeout_s`: how long one call may take, where the daemon's inference_timeout_s
-    # would be wrong for this model (a text model writing summaries on a CPU). A config entry's
-    # `timeout_s` sets it on any adapter.
+    # Optional `call_timeout_s`: the least time one call must be given, where the daemon's
+    # inference_timeout_s would be too short for this model. Text models (task generate) get
+    # TEXT_TIMEOUT_S without it; a config entry's `timeout_s` overrides both (manager.timeout_s).
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None: ...
     def load(self, device: str) -> None: ...

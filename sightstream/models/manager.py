@@ -25,7 +25,7 @@ from pathlib import Path
 from sightstream import log
 from sightstream.errors import ModelError
 from sightstream.metrics import Metrics
-from sightstream.models.adapter import Adapter, input_shape
+from sightstream.models.adapter import TEXT_TIMEOUT_S, Adapter, input_shape
 from sightstream.models.adapters import adapter_class
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
@@ -71,10 +71,19 @@ class ModelManager:
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
         entry = self.catalogue.get(model_id)
-        adapter = adapter_class(entry.adapter)(entry.resolve(), entry.options)
-        if entry.options.get("timeout_s"):  # the entry's own call timeout (any adapter, plug-ins too)
-            adapter.timeout_s = float(entry.options["timeout_s"])  # type: ignore[attr-defined]
-        return adapter
+        return adapter_class(entry.adapter)(entry.resolve(), entry.options)
+
+    def timeout_s(self, model_id: str, adapter: object, default: float) -> float:
+        """How long one call of this model may take: its entry's `timeout_s` as set; else at
+        least what its adapter asks (`call_timeout_s`; a text model, plug-ins included: 600 s,
+        a summary window takes minutes on a CPU) and at least `default` (inference_timeout_s)."""
+        entry = self.catalogue.get(model_id)
+        if entry.options.get("timeout_s"):
+            return float(entry.options["timeout_s"])
+        asked = getattr(adapter, "call_timeout_s", None)
+        if not isinstance(asked, (int, float)) or isinstance(asked, bool) or not asked > 0:
+            asked = TEXT_TIMEOUT_S if getattr(adapter, "task", "") == "generate" else 0.0
+        return max(float(asked), default)
 
     @asynccontextmanager
     async def use(self, model_id: str, device: str, executor: Executor) -> AsyncIterator[Adapter]:

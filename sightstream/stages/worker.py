@@ -54,6 +54,10 @@ OOM_MARKERS = ("out of memory", "outofmemory", "failed to allocate", "cuda_error
 STUCK_POLL_S = 1.0  # how often a call queued behind another checks that one was not abandoned
 
 
+QUEUED_BEHIND = ("{model} did not run: it was queued on a device whose call before it was abandoned past "
+                 "its timeout")
+
+
 class InferenceTimeout(Exception):
     pass
 
@@ -171,7 +175,7 @@ class Worker:
         timeout_s = self._timeout_s
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
-                timeout_s = getattr(adapter, "timeout_s", None) or self._timeout_s
+                timeout_s = self._manager.timeout_s(batch.model, adapter, self._timeout_s)
                 # Live mode: checked once the model is ready (a first load can take seconds),
                 # so a published result is at most `batches_per_device` calls late.
                 stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
@@ -181,8 +185,10 @@ class Worker:
                     return outcomes
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
-        except InferenceTimeout:
-            self._hand_back(batch, frames, timeout_s)  # the whole batch, also parts a split retry finished
+        except InferenceTimeout as e:
+            # the whole batch, also parts a split retry finished
+            self._hand_back(batch, frames, str(e) or f"{batch.model} did not answer within its timeout "
+                                                     f"({timeout_s:g} s)")
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
@@ -192,7 +198,7 @@ class Worker:
             if (current := asyncio.current_task()) is not None and current.cancelling():
                 raise  # this task is being cancelled (shutdown)
             # a load queued on a device thread that was replaced (abandoned): try again later
-            self._hand_back(batch, frames, timeout_s)
+            self._hand_back(batch, frames, QUEUED_BEHIND.format(model=batch.model))
             return outcomes
         finally:
             pass_turn(after, turn)
@@ -276,7 +282,8 @@ class Worker:
         except TimeoutError:
             _log.error("host_step_timeout", step=step.__name__, pipeline=batch.pipeline, device=self.device,
                        batch=batch.id, timeout_s=timeout_s)
-            raise InferenceTimeout from None
+            raise InferenceTimeout(f"{batch.model}'s {step.__name__} did not finish within its timeout "
+                                   f"({timeout_s:g} s)") from None
 
     async def _on_device(self, call: Callable[[], Any], batch: Batch, timeout_s: float,
                          turn: asyncio.Future | None) -> Any:
@@ -299,12 +306,12 @@ class Worker:
                     raise InferenceTimeout
             elif executor is not self.executor:  # queued behind a call that was abandoned
                 running.cancel()
-                raise InferenceTimeout
+                raise InferenceTimeout(QUEUED_BEHIND.format(model=batch.model))
             else:
                 wait = min(timeout_s, STUCK_POLL_S)
             await asyncio.wait((running,), timeout=wait)
         if running.cancelled():  # the thread was replaced before it got to this call
-            raise InferenceTimeout
+            raise InferenceTimeout(QUEUED_BEHIND.format(model=batch.model))
         outputs = running.result()
         self._timer(batch).observe(time.perf_counter() - began[0])
         return outputs
@@ -327,15 +334,14 @@ class Worker:
             self.executor = self._new_executor()
             self.replaced += 1
 
-    def _hand_back(self, batch: Batch, frames: list[Frame], timeout_s: float) -> None:
+    def _hand_back(self, batch: Batch, frames: list[Frame], why: str) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once
         idle); callers waiting on a reply (/predict, jobs) are told."""
         self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
         for frame in frames:
             if frame.reply is not None:
                 if not frame.reply.done():
-                    frame.reply.set_exception(InferenceTimeout(
-                        f"{batch.model} did not answer within its timeout ({timeout_s:g} s)"))
+                    frame.reply.set_exception(InferenceTimeout(why))
                 continue
             frame.release()  # no ack: still pending in Redis
 

@@ -33,6 +33,10 @@ def media(tmp_path_factory):
     tiny_hf.causal_lm(root / "lm_wide", context=512)
     tiny_hf.blip(root / "captioner", "caption")
     tiny_hf.blip(root / "answerer", "vqa")
+    from transformers import BertConfig  # an encoder's checkpoint (its config is all that is read)
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertForMaskedLM"]).save_pretrained(root / "bert")
     return root
 
 
@@ -49,6 +53,7 @@ def summary_settings(redis_url, tmp_path, media, **lm):
         "broken": entry(backend="transformers", task="generate", path=str(media / "lm"), max_new_tokens=8,
                         adapter="tests.fake_adapters:FailingText"),
         "blip": entry(backend="transformers", task="generate", path=str(media / "captioner")),
+        "bert": entry(backend="transformers", task="generate", path=str(media / "bert")),
     }
     settings.models["vlm"] = {"tiny": entry(backend="transformers", task="caption", path=str(media / "captioner"),
                                             max_new_tokens=6),
@@ -173,6 +178,36 @@ async def test_a_video_that_turns_out_live_is_summarised_every_period(redis_url,
             job = await (await client.get(f"/jobs/{job_id}")).json()
             assert job["status"] == "running" and job["summary"]["lines"] > 0
             assert (await client.delete(f"/jobs/{job_id}")).status == 200
+            await wait_for(lambda: job_id not in d.job_runner.running, 5, "the job to stop")
+            count = len(written())
+            await asyncio.sleep(2.5)  # two periods more: the summaries stopped with the job
+            assert len(written()) == count
+
+
+async def test_a_job_waiting_behind_a_long_summary_call_is_not_taken_for_a_silent_source(
+        redis_url, tmp_path, media, monkeypatch):
+    """On a CPU-only host the job's frames wait behind the text model's call; reading stops
+    (its frames in flight are bounded), which is no source gone quiet (give_up_s)."""
+    from sightstream.models.adapters.hf_text import HfTextGenerator
+
+    real = HfTextGenerator.infer
+
+    def slow(self, inputs):
+        time.sleep(3)  # the device thread: the frames' batches queue behind it
+        return real(self, inputs)
+
+    monkeypatch.setattr(HfTextGenerator, "infer", slow)
+    settings = summary_settings(redis_url, tmp_path, media)
+    settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(
+        update={"give_up_s": 1.5, "max_in_flight": 2})})
+    hls.make_hls_vod(tmp_path / "live", seconds=20, fps=10)
+    with hls.live_hls(tmp_path / "live" / "index.m3u8") as live:  # frames come in real time
+        async with serving(settings) as (d, client):
+            job_id = await submit(client, source=live.url, fps=5, max_seconds=6,
+                                  summarize={"model": "llm/tiny", "prompt": "Say.", "every_s": 1})
+            job = await until_status(client, job_id, "completed", "failed", timeout=90)
+            assert job["status"] == "completed", job["error"]
+            assert job["summary"]["final"] and job["counts"]["summaries"] >= 2
 
 
 async def test_a_video_that_ends_gets_only_its_final_summary(redis_url, sync_redis, tmp_path, media, monkeypatch):
@@ -221,6 +256,9 @@ async def test_summaries_are_refused_with_reasons(redis_url, tmp_path, media):
         # a captioner's folder entered as a text model: refused now, not when the video is done
         not_causal = await refused(422, summarize={"model": "llm/blip"})
         assert "not a causal language model" in not_causal and len(not_causal) < 400
+        # BERT's kind has a causal LM class, but this checkpoint is a masked LM: no head to write with
+        encoder = await refused(422, summarize={"model": "llm/bert"})
+        assert "bert (BertForMaskedLM)" in encoder and "not a causal language model" in encoder
         r = await client.post("/jobs", json={"model": "tiny/det", "source": "redis://cams:{x}", "max_seconds": 5,
                                              "summarize": {"model": "llm/tiny", "prompt": "Say."}})
         assert r.status == 201, await r.text()
@@ -322,6 +360,8 @@ def test_the_text_model_batches_in_each_precision(dtype, media, gradient):
 
 
 def test_a_text_model_s_call_may_take_minutes_unless_its_entry_says_otherwise(media):
+    from types import SimpleNamespace
+
     from sightstream.config import ModelEntry
     from sightstream.models.catalogue import Catalogue
     from sightstream.models.manager import ModelManager
@@ -330,8 +370,14 @@ def test_a_text_model_s_call_may_take_minutes_unless_its_entry_says_otherwise(me
     manager = ModelManager(Catalogue({"llm": {
         "slow": ModelEntry(backend="transformers", task="generate", path=path),
         "quick": ModelEntry(backend="transformers", task="generate", path=path, timeout_s=30)}}))
-    assert manager.create("llm/slow").timeout_s == 600  # not inference_timeout_s: a window takes minutes on a CPU
-    assert manager.create("llm/quick").timeout_s == 30
+    slow, quick = manager.create("llm/slow"), manager.create("llm/quick")
+    # not inference_timeout_s (60): a window takes minutes on a CPU; a longer daemon-wide one stands
+    assert manager.timeout_s("llm/slow", slow, 60) == 600 and manager.timeout_s("llm/slow", slow, 900) == 900
+    assert manager.timeout_s("llm/quick", quick, 900) == 30  # the entry's own, as set
+    # a plug-in text model gets the same; a plug-in's call_timeout_s that is no number is ignored
+    assert manager.timeout_s("llm/slow", SimpleNamespace(task="generate"), 60) == 600
+    assert manager.timeout_s("llm/slow", SimpleNamespace(task="detect", call_timeout_s="soon"), 60) == 60
+    assert manager.timeout_s("llm/slow", SimpleNamespace(task="detect", call_timeout_s=120), 60) == 120
 
 
 def test_the_budget_counts_the_template_and_the_instruction(media):
@@ -377,8 +423,8 @@ async def test_the_summarize_command_follows_the_job_and_prints_the_summary(redi
         assert code == 1 and "qwen2_5/0.5b-instruct" in err and "cache" in err, err  # … not cached here
 
 
-async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_come(redis_url, tmp_path, media,
-                                                                                 capsys):
+async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_come(redis_url, sync_redis, tmp_path,
+                                                                                 media, capsys):
     from sightstream import cli
 
     hls.make_hls_vod(tmp_path / "live", seconds=30, fps=10)
@@ -393,11 +439,24 @@ async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_co
             job = (await (await client.get("/jobs?limit=1")).json())["jobs"][0]
             assert job["summarize"]["every_s"] == 1 and job["max_seconds"] == 6
             assert job["status"] == "completed" and job["summary"]["final"]
-            # each periodic summary as it came, with the times it covers, then the final one's text
-            periodic = [line for line in out.splitlines() if line.startswith("[00:0")]
-            assert periodic, out
-            assert out.index(periodic[-1]) < out.rindex(job["summary"]["text"])
+            # each periodic summary once, in order, with the times it covers, then the final one's text
+            written = [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job["job_id"]))
+                       if f[b"task"] == b"summary"]
+            periodic = [s for s in written if not s["final"]]
+            printed = [line for line in out.splitlines() if line.startswith("[00:0")]
+            assert len(periodic) >= 2 and len(printed) == len(periodic), out
+            assert all(s["text"].startswith(line.split("] ", 1)[1]) for line, s in zip(printed, periodic))
+            assert out.index(printed[-1]) < out.rindex(job["summary"]["text"])
             assert ", at 00:0" in err  # a live source has no length: the bar shows its position
+
+            code = await asyncio.to_thread(cli.main, [  # --json: one object per line, the job last
+                "summarize", live.url, "--model", "tiny/det", "--summary-model", "llm/tiny", "--fps", "2",
+                "--every", "1", "--max-seconds", "4", "--summary-prompt", "Say.", "--url", base, "--json", "-q"])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            objects = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            assert len(objects) >= 2 and all("from_s" in o and not o["final"] for o in objects[:-1])
+            assert objects[-1]["status"] == "completed" and objects[-1]["summary"]["final"]
 
 
 def _interrupted_after_follow_starts(command):

@@ -25,14 +25,13 @@ from typing import Any
 
 from sightstream.errors import ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import Prompt
+from sightstream.models.adapter import TEXT_TIMEOUT_S, Prompt
 from sightstream.models.adapters import hf_common
 
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
 # transformers' placeholder for "no limit" in tokenizer_config.json (int(1e30))
 NO_LIMIT = 10**9
 WINDOW_TOKENS = 4096
-TEXT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,7 @@ class TextBudget:
 class HfTextGenerator(hf_common.HfAdapter):
     task = "generate"
     takes_prompt = True
-    # One call may take minutes on a CPU (a 4096-token window through a 0.5B model: ~2 min on
-    # two cores); the entry's `timeout_s` sets another
-    timeout_s: float | None = TEXT_TIMEOUT_S
+    call_timeout_s = TEXT_TIMEOUT_S  # the manager gives every text model this; said here for readers
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)
@@ -77,8 +74,8 @@ class HfTextGenerator(hf_common.HfAdapter):
         import transformers
 
         self._tokenizer = _tokenizer(source)
-        _causal_config(source)
         try:
+            _causal_config(source)
             model = transformers.AutoModelForCausalLM.from_pretrained(source)
         except (ValueError, KeyError) as e:
             # transformers' message lists every supported config class: the first line says it
@@ -136,17 +133,21 @@ class HfTextGenerator(hf_common.HfAdapter):
 
 
 def _causal_config(source: str) -> Any:
-    """The model's config, if AutoModelForCausalLM serves its kind; else ModelError (a
-    captioner or an encoder named as a text model)."""
+    """The model's config, if it is a causal language model; else ModelError (a captioner, or
+    an encoder such as BERT whose checkpoint has no language-model head: AutoModelForCausalLM
+    would load it with a random one). Its kind must be one AutoModelForCausalLM serves and, when
+    the checkpoint names its architectures, one of them a causal LM class."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = AutoConfig.from_pretrained(source)
     kind = getattr(config, "model_type", "")
-    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"{source} is a {kind or 'model of unknown type'} model, not a causal language "
-                         "model (AutoModelForCausalLM does not load it): a text model is one such as "
-                         "Qwen2.5, SmolLM2, Llama, Phi or Gemma")
+    named = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (named and not causal.intersection(named)):
+        what = f"{kind} ({', '.join(named)})" if named else kind or "model of unknown type"
+        raise ModelError(f"{source} is a {what} checkpoint, not a causal language model: a text "
+                         "model is one such as Qwen2.5, SmolLM2, Llama, Phi or Gemma")
     return config
 
 
