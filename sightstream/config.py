@@ -198,7 +198,7 @@ class ModelEntry(BaseModel):
     adapter: str = ""
     timeout_s: float | None = Field(
         None, gt=0, description="how long one call of this model may take (default: inference_timeout_s; "
-        "600 for text models)")
+        "text models: at least 600)")
 
 
 class Settings(BaseSettings):

@@ -105,34 +105,45 @@ def _clock(seconds: float | None) -> str:
 
 
 class _Summaries:
-    """The summaries a job writes while it runs, each once and in order: read from its results
-    stream (the job's `summary` field holds only the latest, and two may come between polls)."""
+    """The summaries a job writes while it runs, each once and in order. The job's `summary`
+    field holds the latest, written with its count in one step: one new since the last poll is
+    that one; when several came between polls (a poll failed, a slow one), they are read from
+    the job's results stream."""
 
     PAGE = 1000
 
     def __init__(self, base: str, token: str, job_id: str) -> None:
         self.base, self.token, self.job_id = base, token, job_id
+        self.count = 0  # the job's summaries count last seen
         self.after = ""  # the last results entry read
-        self.written = 0  # the job's summaries count when last read
+        self.shown: set[Any] = set()  # created_at of those returned
 
     def new(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         """Those written since the last call (not the final one: it is printed at the end).
-        Raises SightstreamError, having read nothing (the next call reads the same again)."""
-        if int(job["counts"].get("summaries", 0)) <= self.written:
+        Raises SightstreamError, having taken nothing (the next call tries again)."""
+        count = int(job["counts"].get("summaries", 0))
+        if count <= self.count:
             return []
+        latest = job.get("summary")
+        found = [latest] if count == self.count + 1 and latest else self._read()
+        self.count = count
+        fresh = [s for s in found if not s.get("final") and s.get("created_at") not in self.shown]
+        self.shown.update(s.get("created_at") for s in fresh)
+        return fresh
+
+    def _read(self) -> list[dict[str, Any]]:
+        """Every summary in the results stream after the last one read."""
         found: list[dict[str, Any]] = []
-        after, written = self.after, self.written
+        after = self.after
         while True:
             query = f"count={self.PAGE}" + (f"&after={after}" if after else "")
             page = call(self.base, f"/jobs/{self.job_id}/results?{query}", self.token)
             for entry in page["results"]:
                 after = entry["id"]
                 if entry["fields"].get("task") == "summary":
-                    written += 1
-                    if not entry["fields"]["result"].get("final"):
-                        found.append(entry["fields"]["result"])
+                    found.append(entry["fields"]["result"])
             if len(page["results"]) < self.PAGE:
-                self.after, self.written = after, written
+                self.after = after
                 return found
 
 

@@ -164,10 +164,11 @@ class JobRun:
                     (future,) = await self._adhoc.put(
                         [item.frame], self.job.spec.model, self._prompt(), self._label,
                         (self._limits.batch_size, self._limits.batch_timeout_ms))
-                await queue.put((self._seq, item, future))
+                if not await _put(queue, (self._seq, item, future), publishing):
+                    break
                 self._last_item, self._reading = time.monotonic(), True
-            await queue.put(END)
-            await publishing
+            await _put(queue, END, publishing)
+            await publishing  # raises what ended it early (Redis down: the job is paused, retried)
         finally:
             publishing.cancel()
 
@@ -381,6 +382,24 @@ class JobRun:
 
     async def _fenced_progress(self, fields: dict[str, Any]) -> None:
         fenced(await self._store.progress(self.job.id, self._token, fields))
+
+
+async def _put(queue: asyncio.Queue, entry: Any, publishing: asyncio.Task) -> bool:
+    """Queue an entry for the publisher; False if the publisher ended first (an error, e.g.
+    Redis down): a full queue would otherwise wait for it forever."""
+    if not queue.full():
+        queue.put_nowait(entry)
+        return True
+    put = asyncio.ensure_future(queue.put(entry))
+    try:
+        await asyncio.wait((put, publishing), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        put.cancel()
+        raise
+    if put.done():
+        return True
+    put.cancel()  # asyncio.Queue.put gives up cleanly
+    return False
 
 
 def _epoch_s(iso: str | None) -> float | None:

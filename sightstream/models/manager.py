@@ -82,8 +82,9 @@ class ModelManager:
             return float(entry.options["timeout_s"])
         asked = getattr(adapter, "call_timeout_s", None)
         if not isinstance(asked, (int, float)) or isinstance(asked, bool) or not asked > 0:
-            asked = TEXT_TIMEOUT_S if getattr(adapter, "task", "") == "generate" else 0.0
-        return max(float(asked), default)
+            asked = 0.0
+        text = TEXT_TIMEOUT_S if getattr(adapter, "task", "") == "generate" else 0.0
+        return max(float(asked), text, default)
 
     @asynccontextmanager
     async def use(self, model_id: str, device: str, executor: Executor) -> AsyncIterator[Adapter]:

@@ -123,3 +123,29 @@ async def test_a_stream_job_ends_at_max_seconds_even_if_a_read_never_answers(red
         job_id = await submit(client, source="redis://idle:{h}", max_seconds=1)
         job = await until_status(client, job_id, "completed", timeout=10)
         assert job["counts"]["processed"] == 0
+
+
+async def test_a_job_whose_results_cannot_be_sent_is_paused_not_stuck(redis_url, tmp_path, vod, monkeypatch):
+    """Redis drops the connection while the job's results are written, its frames in flight at
+    their cap: the reader must not wait forever for a publisher that is gone. The job is paused
+    and resumed, and completes."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from sightstream.jobs import run
+
+    real, calls = run.JobRun._publish, []
+
+    async def dropped_once(self, ready):
+        calls.append(len(ready))
+        if len(calls) == 2:
+            raise RedisConnectionError("Connection closed by server.")
+        return await real(self, ready)
+
+    monkeypatch.setattr(run.JobRun, "_publish", dropped_once)
+    settings = settings_for(redis_url, tmp_path, jobs={"allowed_paths": [str(vod)], "poll_s": 0.1,
+                                                       "max_in_flight": 2, "lease_ttl_ms": 2000})
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source=f"file://{vod}/vod/index.m3u8", fps=10)
+        job = await until_status(client, job_id, "completed", "failed", timeout=30)
+        assert job["status"] == "completed", job["error"]
+        assert job["attempt"] == 2 and job["counts"]["processed"] == 30  # resumed; each frame once

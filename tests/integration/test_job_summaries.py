@@ -376,6 +376,7 @@ def test_a_text_model_s_call_may_take_minutes_unless_its_entry_says_otherwise(me
     assert manager.timeout_s("llm/quick", quick, 900) == 30  # the entry's own, as set
     # a plug-in text model gets the same; a plug-in's call_timeout_s that is no number is ignored
     assert manager.timeout_s("llm/slow", SimpleNamespace(task="generate"), 60) == 600
+    assert manager.timeout_s("llm/slow", SimpleNamespace(task="generate", call_timeout_s=120), 60) == 600
     assert manager.timeout_s("llm/slow", SimpleNamespace(task="detect", call_timeout_s="soon"), 60) == 60
     assert manager.timeout_s("llm/slow", SimpleNamespace(task="detect", call_timeout_s=120), 60) == 120
 

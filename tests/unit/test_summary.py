@@ -103,3 +103,42 @@ def test_the_instruction_carries_the_frames_prompt():
     assert asked.startswith("Be brief.\n") and asked.endswith("prompt: Is the door open?")
     long = instruction_for("", "cat, " * 200)
     assert long.endswith("…") and len(long) < len(DEFAULT_INSTRUCTION) + FRAME_PROMPT_CHARS + 80
+
+
+def test_the_summarize_command_shows_each_periodic_summary_once_and_in_order(monkeypatch):
+    """One new summary since the last poll is the job's latest; several (a failed poll between)
+    are read from its results stream; the final one is left for the end; a failed read takes
+    nothing."""
+    from sightstream import summarize
+    from sightstream.errors import SightstreamError
+
+    def summary(n, final=False):
+        return {"text": f"s{n}", "created_at": float(n), "final": final}
+
+    stream = [summary(1), {"task": "caption"}, summary(2), summary(3)]
+    pages: list[str] = []
+    fail = []
+
+    def call(base, path, token):
+        pages.append(path)
+        if fail:
+            raise SightstreamError("the daemon went away")
+        after = int(path.split("after=")[1]) if "after=" in path else -1
+        rows = [{"id": str(i), "fields": {"task": "summary", "result": s} if "text" in s else {"task": "caption"}}
+                for i, s in enumerate(stream) if i > after]
+        return {"results": rows}
+
+    monkeypatch.setattr(summarize, "call", call)
+    seen = summarize._Summaries("http://d", "", "j")
+
+    def job(count, latest):
+        return {"counts": {"summaries": count}, "summary": latest}
+
+    assert [s["text"] for s in seen.new(job(1, summary(1)))] == ["s1"] and not pages  # the field alone
+    assert seen.new(job(1, summary(1))) == []
+    fail.append(True)
+    with pytest.raises(SightstreamError):
+        seen.new(job(3, summary(3)))
+    fail.clear()
+    assert [s["text"] for s in seen.new(job(3, summary(3)))] == ["s2", "s3"]  # s1 not again
+    assert seen.new(job(4, summary(4, final=True))) == []  # the final one is printed at the end

@@ -73,11 +73,11 @@ class HfTextGenerator(hf_common.HfAdapter):
         source = self.source()
         import transformers
 
-        self._tokenizer = _tokenizer(source)
         try:
             _causal_config(source)
+            self._tokenizer = _tokenizer(source)
             model = transformers.AutoModelForCausalLM.from_pretrained(source)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, OSError) as e:
             # transformers' message lists every supported config class: the first line says it
             raise ModelError(f"{source} cannot be loaded as a causal language model: "
                              f"{str(e).splitlines()[0][:300]}") from None
