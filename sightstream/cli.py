@@ -224,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
                         "--max-frames; live HLS without them is summarised every 300 s)")
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
     p.add_argument("--token", help=TOKEN_HELP)
-    p.add_argument("--json", action="store_true", help="print the whole job, summary included, as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="JSON lines: each summary written while it runs, then the whole job")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_summarize)
 

@@ -8,8 +8,8 @@ Each summary is written in one step fenced by the job's lease (store.SUMMARY): a
 results stream with `task = "summary"`, and the job's `summary` field. The final summary is
 written once, also when a job is resumed after it.
 
-Every call goes through the device workers, bounded by the text model's `timeout_s` (600 s by
-default, not `inference_timeout_s`: a window takes minutes on a CPU); the text model's
+Every call goes through the device workers, bounded by the text model's timeout (its entry's
+`timeout_s`, else at least 600 s: a window takes minutes on a CPU); the text model's
 `window_tokens` bounds how long one call takes.
 """
 
