@@ -116,6 +116,7 @@ class JobRun:
         # False while the read loop is held back by this job's own work (frames in flight, a
         # device busy with a long call, e.g. a text model's summary): that is no silent source
         self._reading = True
+        self._read_to_end = False
         self._waited_s = 0.0  # blocked on the model: the head result not in yet
         self._base = dict(job.timings)  # earlier attempts' timings
         self._counts = {name: int(job.counts.get(name, 0)) for name in ("decoded", "sampled")}
@@ -167,6 +168,10 @@ class JobRun:
                 if not await _put(queue, (self._seq, item, future), publishing):
                     break
                 self._last_item, self._reading = time.monotonic(), True
+                if self.job.spec.max_frames is not None and self._seq >= self.job.spec.max_frames:
+                    break  # now: a quiet stream may send no next entry to find the limit with
+            else:
+                self._read_to_end = not self._done  # the source ended: the whole video was read
             await _put(queue, END, publishing)
             await publishing  # raises what ended it early (Redis down: the job is paused, retried)
         finally:
@@ -230,7 +235,7 @@ class JobRun:
     def _limit_reached(self, item: Item) -> bool:
         spec = self.job.spec
         if spec.max_frames is not None and self._seq >= spec.max_frames:
-            return True
+            return True  # a job resumed at its limit
         if spec.max_seconds is not None and item.pts_s is not None:
             return item.pts_s > spec.max_seconds
         return False
@@ -367,9 +372,11 @@ class JobRun:
             counts = {"decoded": counts["decoded"] + stats.decoded, "sampled": counts["sampled"] + stats.kept}
         duration = stats.duration_s if stats else None
         position = self._position_s
-        progress = {"position_s": position, "duration_s": duration,
-                    "fraction": round(min(1.0, position / duration), 4) if position is not None and duration
-                    else None, "last_error": stats.last_error if stats else None}
+        fraction = round(min(1.0, position / duration), 4) if position is not None and duration else None
+        if self._read_to_end and duration:
+            fraction = 1.0  # the last frame sampled may lie before the end (fps 2: 2.5 s of 3 s)
+        progress = {"position_s": position, "duration_s": duration, "fraction": fraction,
+                    "last_error": stats.last_error if stats else None}
         base = self._base
         timings = {
             "open_s": round(base.get("open_s", 0) + (stats.open_s if stats else 0), 3),

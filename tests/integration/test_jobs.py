@@ -76,7 +76,8 @@ async def test_an_hls_vod_gives_duration_times_fps_results_in_pages(redis_url, t
             assert job["counts"]["processed"] == 8 and job["counts"]["dead_lettered"] == 0
             assert job["counts"]["decoded"] >= 8 and job["counts"]["sampled"] == 8
             assert job["progress"]["duration_s"] == pytest.approx(4, abs=0.2)
-            assert job["progress"]["fraction"] > 0.8
+            # read to its end: the last frame sampled (3.5 s at fps 2) lies before it, yet it is all done
+            assert job["progress"]["fraction"] == 1.0
             assert job["timings"]["total_s"] > 0 and job["timings"]["open_s"] > 0
             results = await all_results(client, job_id)
             assert len(results) == 8
@@ -214,6 +215,17 @@ async def test_a_redis_stream_job(redis_url, sync_redis, tmp_path, videos, gradi
         assert [r["fields"]["meta"] for r in results] == [{"i": 0}, {"i": 1}]
         (dead,) = sync_redis.xrange(keys.job_deadletter(job_id))
         assert dead[1][b"reason"] == b"unsupported_format"
+
+
+async def test_a_stream_job_ends_at_max_frames_with_no_further_entry(redis_url, sync_redis, tmp_path, videos,
+                                                                     gradient):
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        job_id = await submit(client, source="redis://cams:{q}", fps=5, max_frames=1)
+        await until_status(client, job_id, "running")
+        await asyncio.sleep(0.3)
+        sync_redis.xadd("cams:{q}", {"image": encode(gradient)})  # the only one: the stream stays quiet
+        job = await until_status(client, job_id, "completed", timeout=5)
+        assert job["counts"]["processed"] == 1 and job["progress"]["fraction"] is None
 
 
 async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
