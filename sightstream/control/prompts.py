@@ -124,13 +124,23 @@ async def history(request: web.Request) -> web.Response:
 @api.post("/pipelines/{name}/prompt/rollback", "Make an earlier version's text current (a new version)",
           body=RollbackIn,
           responses={200: Resp("The new version", PromptOut, headers=IF_MATCH), 404: NO_PIPELINE,
-                     409: CONFLICT, 422: error("No such version")})
+                     409: CONFLICT,
+                     422: error("No such version, or the pipeline's model cannot use its prompt")})
 async def rollback(request: web.Request) -> web.Response:
     p = _pipeline(request)
     body = await read_json(request, RollbackIn)
     expected = _expected(request, body.expected_version)
+    d = request.app[DAEMON]
+    # as PUT checks a new text: a version set for another model (the config changed since)
+    entry = d.catalogue.get(p.model)
+    earlier = next((v for v in await d.prompts.history(p.name) if v.version == body.version), None)
+    if earlier is not None:
+        try:
+            check_prompt(entry.adapter, entry.task, earlier.text)
+        except ModelError as e:
+            raise ApiError(422, f"{p.model} cannot use version {body.version}'s prompt: {e}") from None
     try:
-        changed = await request.app[DAEMON].prompts.rollback(
+        changed = await d.prompts.rollback(
             p.name, body.version, expected=expected, set_by=who(request))
     except VersionConflict as e:
         raise ApiError(409, str(e), "conflict") from None

@@ -84,6 +84,8 @@ async def test_bad_requests_are_4xx_naming_why(redis_url, tmp_path):
                                     json={"text": '{"boxes": [["a", 1, 2, 3]]}'})
         assert "labels to find" in await error("PUT", "/pipelines/finder/prompt", 422, json={"text": " . ;"})
         assert "takes no prompt" in await error("PUT", "/pipelines/faces/prompt", 422, json={"text": "x"})
+        # a rollback is checked as a new text is: a model that takes no prompt gets none this way
+        assert "takes no prompt" in await error("POST", "/pipelines/faces/prompt/rollback", 422, json={"version": 1})
         assert "echo" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": "  "})
         ok = await client.put("/pipelines/segs/prompt", json={"text": '{"boxes": [[1, 2, 30, 40]]}'})
         assert ok.status == 200
