@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"sightstream: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # one per bad setting
+            print(f"sightstream: {line}", file=sys.stderr)
         return 2
     except SightstreamError as e:
         print(f"sightstream: {e}", file=sys.stderr)

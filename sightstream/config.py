@@ -13,7 +13,7 @@ import re
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -368,12 +368,34 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
 
 
 def describe_validation_error(e: ValidationError) -> str:
-    """One line per problem, each naming the setting as a user writes it."""
+    """One line per problem, each naming the setting as a user writes it; a setting that does
+    not exist gets the likeliest one it was meant to be."""
     parts = []
     for err in e.errors():
         loc = ""
         for item in err["loc"]:
             loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(err["loc"][:-1]), n=1)
+            msg += f"; did you mean {close[0]}?" if close else ""
         parts.append(f"invalid setting {loc or '(root)'}: {msg}" if loc else f"invalid settings: {msg}")
-    return "; ".join(parts)
+    return "\n".join(parts)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The setting names of the settings table at `loc` (control, pipelines[0], …); [] where
+    it is no table of ours (a model entry's options are free)."""
+    model: Any = Settings
+    for item in loc:
+        if isinstance(item, int):
+            continue  # a list's element: the list's own type was taken already
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return []
+        found = [t for t in (field.annotation, *get_args(field.annotation))
+                 if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found:
+            return []
+        model = found[0]
+    return list(getattr(model, "model_fields", {}))

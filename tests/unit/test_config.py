@@ -62,7 +62,9 @@ score_threshold = 0.4
         ("[[pipelines]]\ninput = ['results:*']", "names result streams, which hold no frames"),
         ("[[pipelines]]\nname = 'up'\noutput = 'dets:{pipeline}:{source}'\n[[pipelines]]\nname = 'down'\n"
          "input = ['dets:up:*']", "pipeline down: input 'dets:up:*' would read pipeline up's result streams"),
-        ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted"),
+        ("[[pipelines]]\nfsp = 3", "pipelines[0].fsp: Extra inputs are not permitted; did you mean fps?"),
+        ("[control]\nprot = 1", "control.prot: Extra inputs are not permitted; did you mean port?"),
+        ("[jobs]\nzzz = 1", "jobs.zzz: Extra inputs are not permitted"),
         ("[[pipelines]]\nname='a'\n[[pipelines]]\nname='a'", "pipeline names must be unique"),
         ("[[pipelines]]\nname='a'\nprompt_from='a'", "pipeline a cannot take its prompts from itself"),
         ("[[pipelines]]\nname='a'\nprompt_from='b'\n[[pipelines]]\nname='b'\nprompt_from='a'",
@@ -81,6 +83,14 @@ def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
     assert "\n" not in str(e.value)
 
 
+def test_several_bad_settings_give_a_line_each(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, "[control]\nprot = 1\n[[pipelines]]\nbatch_size = 0"))
+    assert str(e.value).splitlines() == [
+        "invalid setting control.prot: Extra inputs are not permitted; did you mean port?",
+        "invalid setting pipelines[0].batch_size: Input should be greater than or equal to 1"]
+
+
 def test_bad_environment_variable_is_named(monkeypatch):
     monkeypatch.setenv("SIGHTSTREAM_CONTROL__PORT", "http")
     with pytest.raises(ConfigError, match="control.port"):
@@ -93,6 +103,7 @@ def test_bad_environment_variable_is_named(monkeypatch):
     ("SIGHTSTREAM_NOTHING_LIKE_IT", "1", "SIGHTSTREAM_NOTHING_LIKE_IT names no setting"),
     ("SIGHTSTREAM_PIPELINES__0__FPS", "5", "set SIGHTSTREAM_PIPELINES to the whole list as JSON"),
     ("SIGHTSTREAM_DEVICES", "gpu", "invalid setting devices: 'gpu' is not a device"),
+    ("SIGHTSTREAM_CONTROL__PROT", "1", "invalid setting control.prot: Extra inputs are not permitted; did you mean port?"),
 ])
 def test_an_environment_variable_that_names_no_setting_is_refused(monkeypatch, name, value, needle):
     monkeypatch.setenv(name, value)
