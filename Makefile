@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sightstream demo
+	$(BIN)/sightstream demo $(if $(KEEP),--keep)
 
 test: lint
 	$(BIN)/python -m pytest -q

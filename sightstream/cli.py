@@ -47,7 +47,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     log.configure("warning", settings.log_format)  # the demo's own lines are the output
-    return asyncio.run(run_demo(settings, seconds=args.seconds, say=lambda s: print(s, flush=True)))
+    return asyncio.run(run_demo(settings, seconds=args.seconds, say=lambda s: print(s, flush=True),
+                                keep=args.keep))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -164,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="everything on this machine: Redis, daemon, a sample video, results")
     config(p)
     p.add_argument("--seconds", type=float, default=6.0, help="length of the sample video")
+    p.add_argument("--keep", action="store_true",
+                   help="after the summary, keep the daemon up and the video going round (to look at the "
+                        "live page) until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("publish", help="publish frames of a video, URL or folder of images")

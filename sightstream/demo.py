@@ -4,7 +4,9 @@ It uses the configured Redis if one answers; with `redis_url` at its default and
 answering there, it starts an embedded one (another `redis_url` that cannot be used is an
 error: the user meant that Redis). It runs the daemon with the first pipeline's model (or
 the default one); makes a short sample video; publishes it as a camera would (real time);
-prints each result as it arrives and a summary; then stops everything it started. Its keys
+prints each result as it arrives and a summary; then stops everything it started (with
+`keep`, it goes on publishing the video again and again, so the live page has something to
+show, until Ctrl-C). Its keys
 (`frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes a
 user's streams on a shared Redis.
 """
@@ -35,7 +37,11 @@ DEMO_STREAM = "frames:{sightstream-demo}"
 DEMO_PIPELINE = "demo"
 
 
-async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str], None] = print) -> int:
+KEPT_FRAMES = 1000  # with `keep`: the demo's stream holds at most about this many frames
+
+
+async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str], None] = print,
+                   keep: bool = False) -> int:
     embedded = None
     shown = safe_url(settings.redis_url)
     if (problem := await why_unreachable(settings.redis_url)) is None:
@@ -84,8 +90,16 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
             sent = await asyncio.to_thread(publish, url, str(video), DEMO_STREAM, progress=False)
             await tailer
             elapsed = time.monotonic() - started
-        dead = sync.xlen(deadletter_key)
-        _summary(sent, rows, dead, elapsed, say)
+            dead = sync.xlen(deadletter_key)
+            _summary(sent, rows, dead, elapsed, say)
+            if keep:
+                say(f"\nStill running: open http://{settings.control.host}:{port}/ to watch the sample "
+                    "video go round again and again. Ctrl-C stops everything.")
+                while not server.done():  # the daemon stops on Ctrl-C (its signal handlers)
+                    again = asyncio.ensure_future(asyncio.to_thread(
+                        publish, url, str(video), DEMO_STREAM, progress=False, maxlen=KEPT_FRAMES))
+                    await asyncio.wait((again, server), return_when=asyncio.FIRST_COMPLETED)
+                    await again  # a round of a few seconds at most
         return 0 if rows and len(rows) + dead == sent else 1
     finally:
         stop.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,34 @@ def test_demo_publishes_a_sample_video_and_shows_its_results(redis_url, sync_red
     assert "Summary: 10 frames published, 10 results, 0 dead-lettered" in run.stdout
     assert not sync_redis.keys("*sightstream-demo*")  # its keys are gone
     assert sync_redis.xlen("frames:{cam1}") == 1 and not sync_redis.keys("results:*")  # a user's untouched
+
+
+@pytest.mark.timeout(120)
+def test_demo_keep_stays_up_for_the_live_page_until_ctrl_c(redis_url, sync_redis, tmp_path):
+    config = tmp_path / "demo.toml"
+    config.write_text(f'redis_url = "{redis_url}"\ndevices = ["cpu"]\n[control]\nport = 0\n')
+    demo = subprocess.Popen([*CLI, "demo", "--config", str(config), "--seconds", "1", "--keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines: list[str] = []
+        while not any("Still running" in line for line in lines):
+            line = demo.stdout.readline()
+            assert line, "".join(lines) + demo.stderr.read()
+            lines.append(line)
+        url = re.search(r"open (http://\S+/) to watch", lines[-1]).group(1)
+        results = "results:demo:frames:{sightstream-demo}"
+        before = sync_redis.xlen(results)
+        with urllib.request.urlopen(url, timeout=10) as page:  # the live page answers
+            assert page.status == 200 and b"<html" in page.read().lower()
+        deadline = time.monotonic() + 20
+        while sync_redis.xlen(results) <= before:  # the video goes round again
+            assert time.monotonic() < deadline, "no new result after the summary"
+            time.sleep(0.2)
+    finally:
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 0 and "Traceback" not in err, err
+    assert "Stopped the daemon." in out and not sync_redis.keys("*sightstream-demo*")
 
 
 def test_demo_with_a_set_redis_url_that_does_not_answer_says_so_and_starts_no_redis(tmp_path):
