@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sightstream import keys
 from sightstream.errors import SightstreamError
 from sightstream.redis_conn import sync_client
+from sightstream.stages.dns import unresolved
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -45,7 +46,7 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
         raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:
-        raise SourceError(f"cannot open {shown}: {_reason(e)}") from None
+        raise SourceError(f"cannot open {shown}: {unresolved(source) or _reason(e)}") from None
     with container:
         try:
             yield container

@@ -35,6 +35,7 @@ import numpy as np
 
 from sightstream import log
 from sightstream.errors import SightstreamError
+from sightstream.stages.dns import unresolved
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.video_interrupt import Guard, guards
 
@@ -177,9 +178,11 @@ class _Keyframes:
 
 
 class _OpenFailed(Exception):
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(_reason(error))
-        self.permanent = isinstance(error, _PERMANENT)
+    def __init__(self, error: BaseException, url: str) -> None:
+        # a host with no address: a typo more often than an outage, so retrying gives up soon
+        dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
+        super().__init__(dns or _reason(error))
+        self.permanent = dns is not None or isinstance(error, _PERMANENT)
 
 
 class _Reader:
@@ -264,7 +267,7 @@ class _Reader:
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
             )
         except (av.error.FFmpegError, OSError) as e:
-            raise _OpenFailed(e) from e
+            raise _OpenFailed(e, self.url) from e
         finally:
             self.stats.open_s += time.perf_counter() - started
         with container:

@@ -174,6 +174,14 @@ def test_redis_down_is_one_line_and_exit_1(command):
     assert last.startswith("sightstream: ") and "Connection refused" in last
 
 
+def test_publishing_from_a_host_that_does_not_resolve_says_so(redis_url):
+    run = subprocess.run([*CLI, "publish", "https://no-such-host.invalid/clip.mp4", "--stream", "frames:x"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "SIGHTSTREAM_REDIS_URL": redis_url})
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "the host no-such-host.invalid cannot be resolved" in run.stderr, run.stderr
+
+
 def test_demo_publishes_a_sample_video_and_shows_its_results(redis_url, sync_redis, tmp_path):
     """`sightstream demo` on a configured Redis that answers: the daemon with the built-in model,
     a sample video published, one result (or dead-letter) per frame, its own keys cleaned up.

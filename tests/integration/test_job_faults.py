@@ -58,6 +58,16 @@ async def test_a_video_that_never_answers_fails_the_job_with_the_reason(redis_ur
         assert job["error"].startswith("no frame from the source for 1.5 s") and "refused" in job["error"].lower()
 
 
+async def test_a_host_that_does_not_resolve_is_named_and_not_retried_for_long(redis_url, tmp_path):
+    """FFmpeg says only "Input/output error" for a host with no address (a typo, most often)."""
+    settings = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1, "open_timeout_s": 2})
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source="https://no-such-host.invalid/clip.mp4", fps=1)
+        job = await until_status(client, job_id, "failed", timeout=20)
+        assert "the host no-such-host.invalid cannot be resolved" in job["error"], job["error"]
+        assert "(3 attempts)" in job["error"]  # given up as a 404 is, not after 8 transient tries
+
+
 async def test_a_stream_key_of_another_type_is_refused(redis_url, sync_redis, tmp_path):
     sync_redis.set("notastream", "x")
     async with serving(settings_for(redis_url, tmp_path)) as (d, client):
