@@ -36,7 +36,9 @@ VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # validate_default: a float setting left at its default is a float too (`fps` showed as 0
+    # in one pipeline's figures and 0.0 in another's)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class ControlSettings(_Strict):
