@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sightstream demo $(if $(KEEP),--keep)
+	$(BIN)/sightstream demo $(if $(filter 1 yes true,$(KEEP)),--keep)
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -58,7 +58,10 @@ class EmbeddedRedis:
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning", *self.extra_args,
         ]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a session of its own: a Ctrl-C in the terminal is for the daemon, which drains and then
+        # stops this Redis itself; redis-server would quit at once on the SIGINT
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

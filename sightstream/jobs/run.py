@@ -153,8 +153,12 @@ class JobRun:
         they are in (the queue bounds the frames in flight)."""
         queue: asyncio.Queue = asyncio.Queue(self._s.max_in_flight)
         publishing = asyncio.create_task(self._publish_in_order(queue), name=f"job-publish-{self.job.id}")
+        limit = self.job.spec.max_frames
         try:
-            async for item in self._items():
+            # resumed at its limit (its daemon died before it was marked complete): read nothing,
+            # as a quiet stream would not send the entry that finds the limit
+            reading = limit is None or self._seq < limit
+            async for item in self._items() if reading else _nothing():
                 self._reading = False
                 if self._done or self._limit_reached(item):
                     break
@@ -168,10 +172,11 @@ class JobRun:
                 if not await _put(queue, (self._seq, item, future), publishing):
                     break
                 self._last_item, self._reading = time.monotonic(), True
-                if self.job.spec.max_frames is not None and self._seq >= self.job.spec.max_frames:
+                if limit is not None and self._seq >= limit:
                     break  # now: a quiet stream may send no next entry to find the limit with
             else:
-                self._read_to_end = not self._done  # the source ended: the whole video was read
+                self._read_to_end = reading and not self._done  # the source ended: all of it was read
+            self._reading = False  # what is left is the job's own work, not a silent source
             await _put(queue, END, publishing)
             await publishing  # raises what ended it early (Redis down: the job is paused, retried)
         finally:
@@ -234,8 +239,6 @@ class JobRun:
 
     def _limit_reached(self, item: Item) -> bool:
         spec = self.job.spec
-        if spec.max_frames is not None and self._seq >= spec.max_frames:
-            return True  # a job resumed at its limit
         if spec.max_seconds is not None and item.pts_s is not None:
             return item.pts_s > spec.max_seconds
         return False
@@ -389,6 +392,11 @@ class JobRun:
 
     async def _fenced_progress(self, fields: dict[str, Any]) -> None:
         fenced(await self._store.progress(self.job.id, self._token, fields))
+
+
+async def _nothing() -> AsyncIterator[Item]:
+    return
+    yield  # an async generator that gives nothing
 
 
 async def _put(queue: asyncio.Queue, entry: Any, publishing: asyncio.Task) -> bool:

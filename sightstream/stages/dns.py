@@ -3,8 +3,12 @@ that does not resolve is "Input/output error", which sends a user looking at the
 
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import urlsplit
+
+# the name has no address; not EAI_AGAIN (a resolver that did not answer: an outage, retried)
+NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 def unresolved(url: str) -> str | None:
@@ -14,12 +18,17 @@ def unresolved(url: str) -> str | None:
         host = urlsplit(url).hostname
     except ValueError:
         return None
-    if not host or urlsplit(url).scheme.lower() == "file":
-        return None
+    scheme = urlsplit(url).scheme.lower()
+    if not host or scheme == "file" or (scheme in ("http", "https") and _proxied(scheme)):
+        return None  # through a proxy, this host needs no address of its own
     try:
         socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return f"the host {host} cannot be resolved (DNS: no such name, or no resolver answers)"
+    except socket.gaierror as e:
+        return f"the host {host} cannot be resolved (DNS: no such name)" if e.errno in NO_SUCH_NAME else None
     except (OSError, UnicodeError):
         return None
     return None
+
+
+def _proxied(scheme: str) -> bool:
+    return any(os.environ.get(name) for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"))

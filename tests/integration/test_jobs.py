@@ -228,6 +228,21 @@ async def test_a_stream_job_ends_at_max_frames_with_no_further_entry(redis_url, 
         assert job["counts"]["processed"] == 1 and job["progress"]["fraction"] is None
 
 
+async def test_a_stream_job_resumed_at_its_frame_limit_ends_without_reading(redis_url, sync_redis, tmp_path,
+                                                                            videos):
+    """Its daemon died after the last frame's result and before the job was marked complete:
+    the daemon that resumes it must not wait for an entry a quiet stream never sends."""
+    client = make_client(redis_url)
+    try:
+        job = await JobStore(client, 60).create(JobSpec("redis://cams:{r}", "tiny/det", max_frames=1))
+        sync_redis.hset(keys.job(job.id), "last_seq", 1)  # its one frame was published
+    finally:
+        await client.aclose(close_connection_pool=True)
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        done = await until_status(client, job.id, "completed", timeout=10)
+        assert done["counts"]["processed"] == 0  # this attempt read nothing
+
+
 async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
     client = make_client(redis_url)
     store = JobStore(client, 60)
