@@ -172,7 +172,6 @@ class Worker:
         device (or needs it no more): this one waits for it; `turn`: set likewise for this one."""
         outcomes: list[Outcome] = []
         frames = batch.frames
-        timeout_s = self._timeout_s
         try:
             async with self._manager.use(batch.model, self.device, self.executor) as adapter:
                 timeout_s = self._manager.timeout_s(batch.model, adapter, self._timeout_s)
@@ -186,9 +185,7 @@ class Worker:
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
         except InferenceTimeout as e:
-            # the whole batch, also parts a split retry finished
-            self._hand_back(batch, frames, str(e) or f"{batch.model} did not answer within its timeout "
-                                                     f"({timeout_s:g} s)")
+            self._hand_back(batch, frames, str(e))  # the whole batch, also parts a split retry finished
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
@@ -303,7 +300,8 @@ class Worker:
                 wait = began[0] + timeout_s - time.perf_counter()
                 if wait <= 0:
                     self._abandon(batch, executor, timeout_s)
-                    raise InferenceTimeout
+                    raise InferenceTimeout(f"{batch.model} did not answer within its timeout "
+                                           f"({timeout_s:g} s)")
             elif executor is not self.executor:  # queued behind a call that was abandoned
                 running.cancel()
                 raise InferenceTimeout(QUEUED_BEHIND.format(model=batch.model))

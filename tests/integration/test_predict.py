@@ -205,3 +205,13 @@ async def test_a_burst_of_requests_is_batched(redis_url, tmp_path, gradient):
         text = await (await client.get("/metrics")).text()
         assert 'sightstream_predict_requests_total{model="fake/slow",status="200"} 8.0' in text
         assert 'sightstream_predict_requests_total{model="unknown",status="404"} 1.0' in text
+
+
+async def test_a_model_past_its_own_timeout_is_a_504_naming_it(redis_url, tmp_path, gradient):
+    settings = settings_for(redis_url, tmp_path, fakes={"stuck": {"hang_first_s": 3, "timeout_s": 0.5}},
+                            inference_timeout_s=60)
+    async with serving(settings) as (d, client):
+        r = await client.post("/predict/fake/stuck", data=encode(gradient))
+        assert r.status == 504, await r.text()
+        message = (await r.json())["error"]["message"]
+        assert "fake/stuck did not answer within its timeout (0.5 s)" in message

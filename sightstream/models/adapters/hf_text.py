@@ -10,8 +10,9 @@ greedily by default; only the new tokens are decoded. Result: `{"text": "..."}`.
 Options: `max_new_tokens` (256), `do_sample` (false), `temperature` (used only with
 do_sample), `context_tokens` (the model's context length; read from its config by default),
 `window_tokens` (4096: the most a summary puts in one call, answer included; a call over a
-model's whole 32k context takes many minutes on a CPU), `dtype`, and `timeout_s` (600: one
-call's time limit, in place of the daemon's `inference_timeout_s`).
+model's whole 32k context takes many minutes on a CPU), `dtype`, and `timeout_s` (one call's
+limit; by default the larger of 600 s and the daemon's `inference_timeout_s`, as the model
+manager gives every text model).
 
 `budget(instruction)` tells a caller (the summariser) how much text fits in one call without
 loading the model: the context length, the tokens left for the answer, and a token counter.
@@ -25,7 +26,7 @@ from typing import Any
 
 from sightstream.errors import ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import TEXT_TIMEOUT_S, Prompt
+from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
 DEFAULT_CONTEXT = 2048  # when neither the config nor the tokenizer says
@@ -54,7 +55,6 @@ class TextBudget:
 class HfTextGenerator(hf_common.HfAdapter):
     task = "generate"
     takes_prompt = True
-    call_timeout_s = TEXT_TIMEOUT_S  # the manager gives every text model this; said here for readers
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         super().__init__(path, options)
