@@ -15,10 +15,11 @@ def unresolved(url: str) -> str | None:
     """"the host … cannot be resolved" when the URL names a host that has no address, else
     None. Blocking (a DNS lookup): ask only after an open failed, and off the event loop."""
     try:
-        host = urlsplit(url).hostname
+        parts = urlsplit(url)
+        host = parts.hostname
     except ValueError:
         return None
-    scheme = urlsplit(url).scheme.lower()
+    scheme = parts.scheme.lower()
     if not host or scheme == "file" or (scheme in ("http", "https") and _proxied(scheme)):
         return None  # through a proxy, this host needs no address of its own
     try:

@@ -74,9 +74,9 @@ class HfTextGenerator(hf_common.HfAdapter):
         import transformers
 
         try:
-            _causal_config(source)
+            config = _causal_config(source)
             self._tokenizer = _tokenizer(source)
-            model = transformers.AutoModelForCausalLM.from_pretrained(source)
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, config=config)
         except (ValueError, KeyError, OSError) as e:
             # transformers' message lists every supported config class: the first line says it
             raise ModelError(f"{source} cannot be loaded as a causal language model: "
