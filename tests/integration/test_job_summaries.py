@@ -62,6 +62,12 @@ def summary_settings(redis_url, tmp_path, media, **lm):
     return settings
 
 
+def summaries_of(sync_redis, job_id: str) -> list[dict]:
+    """The summaries in a job's results stream, in order."""
+    return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
+            if f[b"task"] == b"summary"]
+
+
 @pytest.mark.parametrize("model", ["llm/tiny", "llm/plain"])
 async def test_a_video_job_is_summarised_in_windows_then_as_a_whole(model, redis_url, sync_redis, tmp_path,
                                                                       media):
@@ -138,18 +144,15 @@ async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redi
         for i in range(3):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 200 * i})
 
-        def written_now():
-            return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
-                    if f[b"task"] == b"summary"]
-
-        await wait_for(lambda: sum(s["lines"] for s in written_now()) == 3, 15, "periodic summaries of 3 results")
-        first = written_now()[0]
+        await wait_for(lambda: sum(s["lines"] for s in summaries_of(sync_redis, job_id)) == 3, 15,
+                       "periodic summaries of 3 results")
+        first = summaries_of(sync_redis, job_id)[0]
         assert not first["final"] and first["from_s"] == pytest.approx(ts / 1000)
         for i in range(2):
             sync_redis.xadd("cams:{s}", {"image": encode(gradient), "ts": ts + 2000 + 200 * i})
         job = await until_status(client, job_id, "completed", "failed", timeout=20)
         assert job["status"] == "completed", job["error"]
-        written = written_now()
+        written = summaries_of(sync_redis, job_id)
         periodic = [s for s in written if not s["final"]]
         # each covers what came since the one before: every result once, in time order
         assert sum(s["lines"] for s in periodic) == 5
@@ -169,19 +172,15 @@ async def test_a_video_that_turns_out_live_is_summarised_every_period(redis_url,
         async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
             job_id = await submit(client, source=live.url, fps=2, summarize={"model": "llm/tiny", "prompt": "Say."})
 
-            def written():
-                return [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job_id))
-                        if f[b"task"] == b"summary"]
-
-            await wait_for(lambda: len(written()) >= 2, 30, "two periodic summaries")
-            assert not any(s["final"] for s in written())
+            await wait_for(lambda: len(summaries_of(sync_redis, job_id)) >= 2, 30, "two periodic summaries")
+            assert not any(s["final"] for s in summaries_of(sync_redis, job_id))
             job = await (await client.get(f"/jobs/{job_id}")).json()
             assert job["status"] == "running" and job["summary"]["lines"] > 0
             assert (await client.delete(f"/jobs/{job_id}")).status == 200
             await wait_for(lambda: job_id not in d.job_runner.running, 5, "the job to stop")
-            count = len(written())
+            count = len(summaries_of(sync_redis, job_id))
             await asyncio.sleep(2.5)  # two periods more: the summaries stopped with the job
-            assert len(written()) == count
+            assert len(summaries_of(sync_redis, job_id)) == count
 
 
 async def test_a_job_waiting_behind_a_long_summary_call_is_not_taken_for_a_silent_source(
@@ -217,9 +216,7 @@ async def test_a_video_that_ends_gets_only_its_final_summary(redis_url, sync_red
                               summarize={"model": "llm/tiny", "prompt": "Say."})
         job = await until_status(client, job_id, "completed", "failed", timeout=60)
         assert job["status"] == "completed", job["error"]
-        kinds = [json.loads(f[b"result"])["final"] for _, f in sync_redis.xrange(keys.job_results(job_id))
-                 if f[b"task"] == b"summary"]
-        assert kinds == [True]
+        assert [s["final"] for s in summaries_of(sync_redis, job_id)] == [True]
 
 
 async def test_a_summary_that_cannot_be_written_fails_the_job(redis_url, tmp_path, media):
@@ -441,9 +438,7 @@ async def test_the_summarize_command_prints_a_live_source_s_summaries_as_they_co
             assert job["summarize"]["every_s"] == 1 and job["max_seconds"] == 6
             assert job["status"] == "completed" and job["summary"]["final"]
             # each periodic summary once, in order, with the times it covers, then the final one's text
-            written = [json.loads(f[b"result"]) for _, f in sync_redis.xrange(keys.job_results(job["job_id"]))
-                       if f[b"task"] == b"summary"]
-            periodic = [s for s in written if not s["final"]]
+            periodic = [s for s in summaries_of(sync_redis, job["job_id"]) if not s["final"]]
             printed = [line for line in out.splitlines() if line.startswith("[00:0")]
             assert len(periodic) >= 2 and len(printed) == len(periodic), out
             assert all(s["text"].startswith(line.split("] ", 1)[1]) for line, s in zip(printed, periodic))
