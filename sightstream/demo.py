@@ -95,20 +95,40 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
             if keep:
                 say(f"\nStill running: open http://{settings.control.host}:{port}/ to watch the sample "
                     "video go round again and again. Ctrl-C stops everything.")
-                while not server.done():  # the daemon stops on Ctrl-C (its signal handlers)
+                while not stop.is_set():  # set by the daemon's signal handlers on Ctrl-C
                     again = asyncio.ensure_future(asyncio.to_thread(
                         publish, url, str(video), DEMO_STREAM, progress=False, maxlen=KEPT_FRAMES))
                     await asyncio.wait((again, server), return_when=asyncio.FIRST_COMPLETED)
-                    await again  # a round of a few seconds at most
+                    try:
+                        await again  # a round of a few seconds at most
+                    except redis.RedisError:
+                        if not await _stopping(stop, embedded):
+                            raise
         return 0 if rows and len(rows) + dead == sent else 1
     finally:
         stop.set()
         await server
-        sync.delete(DEMO_STREAM, results_key, deadletter_key)
+        try:
+            sync.delete(DEMO_STREAM, results_key, deadletter_key)
+        except redis.RedisError:
+            if embedded is None:
+                raise  # an embedded Redis ended with the Ctrl-C, and its keys with it
         sync.close()
         if embedded:
             embedded.close()
         say("Stopped the daemon" + (" and the embedded Redis." if embedded else "."))
+
+
+async def _stopping(stop: asyncio.Event, embedded: EmbeddedRedis | None) -> bool:
+    """After a Redis error: is it the Ctrl-C? It reaches the embedded Redis (in our process
+    group) as it reaches us, and Redis quits at once while the daemon drains."""
+    if embedded is None:
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), 2)
+    except TimeoutError:
+        return False
+    return True
 
 
 def _show(line: str, rows: list[dict], say: Callable[[str], None]) -> None:

@@ -58,10 +58,9 @@ class EmbeddedRedis:
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
             "--dir", self._dir.name, "--daemonize", "no", "--loglevel", "warning", *self.extra_args,
         ]
-        # a session of its own: a Ctrl-C in the terminal is for the daemon, which drains and then
-        # stops this Redis itself; redis-server would quit at once on the SIGINT
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                      start_new_session=True)
+        # In its owner's process group: a terminal's Ctrl-C (or hang-up) ends it with its owner,
+        # also when the owner exits at once (a second Ctrl-C) without stopping it.
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

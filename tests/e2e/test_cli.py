@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -225,6 +226,36 @@ def test_demo_keep_stays_up_for_the_live_page_until_ctrl_c(redis_url, sync_redis
         out, err = demo.communicate(timeout=60)
     assert demo.returncode == 0 and "Traceback" not in err, err
     assert "Stopped the daemon." in out and not sync_redis.keys("*sightstream-demo*")
+
+
+@pytest.mark.timeout(120)
+def test_demo_keep_on_its_own_redis_ends_cleanly_on_a_terminal_s_ctrl_c(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the embedded Redis quits at once
+    while the daemon drains. The demo still ends as it should, with its Redis gone."""
+    config = tmp_path / "demo.toml"
+    config.write_text('devices = ["cpu"]\n[control]\nport = 0\n')
+    script = ("import sys\nimport sightstream.demo as demo\n"
+              "async def unreachable(url):\n    return 'nothing answers (a test)'\n"
+              "demo.why_unreachable = unreachable  # as on a machine with no Redis\n"
+              "from sightstream.cli import main\n"
+              f"sys.exit(main(['demo', '--keep', '--seconds', '1', '--config', {str(config)!r}]))\n")
+    demo = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # its own group, as a terminal's job
+    try:
+        lines: list[str] = []
+        while not any("Still running" in line for line in lines):
+            line = demo.stdout.readline()
+            assert line, "".join(lines) + demo.stderr.read()
+            lines.append(line)
+        port = int(re.search(r"embedded redis-server on port (\d+)", "".join(lines)).group(1))
+        time.sleep(1)  # a round under way
+    finally:
+        os.killpg(demo.pid, signal.SIGINT)
+        out, err = demo.communicate(timeout=60)
+    assert demo.returncode == 0 and "Traceback" not in err and "sightstream: " not in err, err
+    assert "Stopped the daemon and the embedded Redis." in out
+    with pytest.raises(OSError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 def test_demo_with_a_set_redis_url_that_does_not_answer_says_so_and_starts_no_redis(tmp_path):

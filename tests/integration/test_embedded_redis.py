@@ -56,13 +56,3 @@ async def test_reclaim_on_redis_6_2_recovers_trimmed_entries(tmp_path, gradient)
         assert client.xpending("frames:{old}", "people")["pending"] == 0
         client.close()
 
-
-def test_the_embedded_redis_is_out_of_reach_of_a_terminal_s_ctrl_c():
-    """A Ctrl-C in the terminal signals the whole foreground process group: redis-server would
-    quit at once, under a daemon that is still draining into it. It runs in a session of its own."""
-    import os
-
-    with EmbeddedRedis() as server:
-        pid = server._proc.pid
-        assert os.getsid(pid) == pid != os.getsid(0) and os.getpgid(pid) != os.getpgid(0)
-        assert redis.Redis.from_url(server.url).ping()
