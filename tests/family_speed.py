@@ -4,7 +4,7 @@ models the tests build (tests/tiny_*.py): the adapter's own prepare, device step
 Tiny models time the adapter's work around the model (processors, tokenizers, decoding), not a
 real checkpoint's speed.
 
-    .venv/bin/python -m tests.family_speed
+    .venv/bin/python -m tests.family_speed [NAME]   # NAME: only the families whose name holds it
 
 Prints one markdown table (docs/models.md has a run's).
 """
@@ -29,6 +29,7 @@ FAMILIES: list[tuple[str, Callable[[Path], Path], str, dict[str, Any], str | Non
     ("DETR", tiny_hf.detr, "hf_detection", {}, None),
     ("RT-DETR", tiny_hf.rtdetr, "hf_detection", {}, None),
     ("ViT (classify)", tiny_hf.vit_classifier, "hf_classify", {}, None),
+    ("ConvNeXt (classify)", tiny_hf.convnext_classifier, "hf_classify", {}, None),
     ("OWLv2", tiny_hf.owlv2, "hf_open_vocab", {}, "cat. dog."),
     ("Grounding DINO", tiny_hf.grounding_dino, "hf_open_vocab", {}, "cat. dog."),
     ("Depth Anything", tiny_hf.depth_anything, "hf_depth", {}, None),
@@ -55,7 +56,8 @@ def per_frame_ms(adapter: Any, frames: list[Any], prompt: Prompt | None) -> floa
     return statistics.median(runs)
 
 
-def main() -> None:
+def main(only: str = "") -> None:
+    """Every family's row, or those whose name contains `only` (the first argument)."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (360, 640, 3), dtype=np.uint8)
     text = "[00:01] a person walks a dog\n[00:02] a red car parks next to a building"
@@ -63,6 +65,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as root:
         for i, (name, build, adapter_name, options, prompt) in enumerate(FAMILIES):
+            if only not in name:
+                continue
             folder = build(Path(root) / str(i))
             adapter = adapter_class(adapter_name)(str(folder), options)
             adapter.load("cpu")
@@ -74,4 +78,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(" ".join(sys.argv[1:]))
