@@ -178,11 +178,12 @@ class _Keyframes:
 
 
 class _OpenFailed(Exception):
-    def __init__(self, error: BaseException, url: str) -> None:
-        # a host with no address: a typo more often than an outage, so retrying gives up soon
+    def __init__(self, error: BaseException, url: str, live: bool) -> None:
+        # A host with no address: a typo more often than an outage, so retrying gives up soon;
+        # but a live source (a camera whose name goes with it while it reboots) keeps trying.
         dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
         super().__init__(dns or _reason(error))
-        self.permanent = dns is not None or isinstance(error, _PERMANENT)
+        self.permanent = (dns is not None and not live) or isinstance(error, _PERMANENT)
 
 
 class _Reader:
@@ -244,10 +245,7 @@ class _Reader:
         why = f"no frame for {self.o.stall_s:g} s" if why == "stall" else why
         self.failures += 1
         self.stats.last_error = why
-        live = self.stats.is_live
-        if live is None:  # never opened: guess from the URL
-            live = self.sessions or urlsplit(self.url).path.endswith(".m3u8")
-        if not live and self.failures >= self.o.max_vod_failures:
+        if not self._live() and self.failures >= self.o.max_vod_failures:
             raise VideoSourceError(
                 f"the video source {self.name} keeps failing: {why} ({self.failures} attempts)"
             )
@@ -256,6 +254,12 @@ class _Reader:
             _log.warning("video_source_failed", source=self.name, error=why, failures=self.failures,
                          retry_in_s=round(delay, 2))
         self.stop.wait(delay)
+
+    def _live(self) -> bool:
+        """Whether the source is live: as its last open found, else guessed from the URL."""
+        if self.stats.is_live is None:
+            return self.sessions or urlsplit(self.url).path.endswith(".m3u8")
+        return bool(self.stats.is_live)
 
     def _attempt(self) -> str | None:
         """One open and read. None: the source ended (or stop); else why it must be reopened."""
@@ -267,7 +271,7 @@ class _Reader:
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
             )
         except (av.error.FFmpegError, OSError) as e:
-            raise _OpenFailed(e, self.url) from e
+            raise _OpenFailed(e, self.url, self._live()) from e
         finally:
             self.stats.open_s += time.perf_counter() - started
         with container:

@@ -36,3 +36,16 @@ def test_anything_else_is_left_to_ffmpeg_s_own_words(monkeypatch, url, errno, en
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert dns.unresolved(url) is None
+
+
+def test_a_live_source_whose_name_is_gone_keeps_being_retried(monkeypatch):
+    """A video with no address is given up on soon (a typo, most often); a camera or live
+    playlist whose name went with it for a while (a reboot) is retried as long as it is live."""
+    from sightstream.stages.video_reader import _OpenFailed
+
+    monkeypatch.setattr(socket, "getaddrinfo", failing(socket.EAI_NONAME))
+    io_error = OSError(5, "Input/output error")
+    video = _OpenFailed(io_error, "https://cams.exmaple/clip.mp4", live=False)
+    camera = _OpenFailed(io_error, "rtsp://cam-7.local/stream", live=True)
+    assert video.permanent and "cams.exmaple cannot be resolved" in str(video)
+    assert not camera.permanent and "cam-7.local cannot be resolved" in str(camera)
