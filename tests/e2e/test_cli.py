@@ -200,6 +200,16 @@ def test_demo_publishes_a_sample_video_and_shows_its_results(redis_url, sync_red
     assert sync_redis.xlen("frames:{cam1}") == 1 and not sync_redis.keys("results:*")  # a user's untouched
 
 
+def _until_kept(demo: subprocess.Popen) -> list[str]:
+    """`demo --keep`'s lines up to the one saying it keeps running (the demo itself is done)."""
+    lines: list[str] = []
+    while not any("Still running" in line for line in lines):
+        line = demo.stdout.readline()
+        assert line, "".join(lines) + demo.stderr.read()
+        lines.append(line)
+    return lines
+
+
 @pytest.mark.timeout(120)
 def test_demo_keep_stays_up_for_the_live_page_until_ctrl_c(redis_url, sync_redis, tmp_path):
     config = tmp_path / "demo.toml"
@@ -207,11 +217,7 @@ def test_demo_keep_stays_up_for_the_live_page_until_ctrl_c(redis_url, sync_redis
     demo = subprocess.Popen([*CLI, "demo", "--config", str(config), "--seconds", "1", "--keep"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines: list[str] = []
-        while not any("Still running" in line for line in lines):
-            line = demo.stdout.readline()
-            assert line, "".join(lines) + demo.stderr.read()
-            lines.append(line)
+        lines = _until_kept(demo)
         url = re.search(r"open (http://\S+/) to watch", lines[-1]).group(1)
         results = "results:demo:frames:{sightstream-demo}"
         before = sync_redis.xlen(results)
@@ -242,11 +248,7 @@ def test_demo_keep_on_its_own_redis_ends_cleanly_on_a_terminal_s_ctrl_c(tmp_path
     demo = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own group, as a terminal's job
     try:
-        lines: list[str] = []
-        while not any("Still running" in line for line in lines):
-            line = demo.stdout.readline()
-            assert line, "".join(lines) + demo.stderr.read()
-            lines.append(line)
+        lines = _until_kept(demo)
         port = int(re.search(r"embedded redis-server on port (\d+)", "".join(lines)).group(1))
         time.sleep(1)  # a round under way
     finally:
