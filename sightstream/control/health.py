@@ -33,6 +33,7 @@ class RedisHealth(BaseModel):
 
 class WorkerHealth(BaseModel):
     device: str
+    kind: str  # frames | text (text models' calls, beside the frames)
     busy: bool
     batches: int
 
@@ -76,7 +77,8 @@ async def summary(request: web.Request) -> web.Response:
         redis=RedisHealth(url=safe_url(d.settings.redis_url), ok=redis_ok),
         consumer=d.consumer,
         devices=d.devices,
-        workers=[WorkerHealth(device=w.device, busy=w.busy, batches=w.batches) for w in d.workers],
+        workers=[WorkerHealth(device=w.device, kind=w.kind, busy=w.busy, batches=w.batches)
+                 for w in d.workers + d.text_workers],
         models=[LoadedModel(**m) for m in d.manager.loaded()],
         pipelines=d.pipelines(),
     ))

@@ -137,8 +137,9 @@ async def load(request: web.Request) -> web.Response:
     if device not in d.devices:
         raise ApiError(404, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}",
                        "unknown_device")
+    model = model_id(request)
     try:
-        return reply(LoadedModel(**await d.manager.load(model_id(request), device, d.executor_for(device))))
+        return reply(LoadedModel(**await d.manager.load(model, device, d.executor_for(device, model))))
     except ModelError as e:
         raise model_error(e) from None
 

@@ -2,9 +2,10 @@
 
     RedisIngest ─┐
                  ├─► [Sampler] ─► Decoder ─► Batcher ─┐   (one chain per pipeline)
-    Reclaimer  ──┘                                    ├─► batches ─► Worker[device] ─┐
-                                                      ┘                              ├─► Publisher
-    (bad entries, skipped and stale frames go straight to the publisher) ────────────┘
+    Reclaimer  ──┘                                    ├─► batches ─► Worker[device] ───────┐
+    /predict, jobs ─► AdhocBatcher ───────────────────┘                                    ├─► Publisher
+                            └─► (text models) text batches ─► Worker[device, text] ────────┤   (or the
+    (bad entries, skipped and stale frames go straight to the publisher) ──────────────────┘    caller)
     Heartbeat: re-claims the frames in flight so a slow daemon's work is not taken over.
 
 Shutdown: the readers stop reading; once both readers of a pipeline have ended, STOP flows
@@ -114,7 +115,8 @@ class Daemon:
         self.job_runner: JobRunner | None = None
         self._jobs_task: asyncio.Task | None = None
         self.runs: dict[str, PipelineRun] = {}
-        self.workers: list[Worker] = []
+        self.workers: list[Worker] = []  # frames, one per device
+        self.text_workers: list[Worker] = []  # text models' calls, one per device
         self.publisher: Publisher | None = None
         self._worker_tasks: list[asyncio.Task] = []
         self._service_tasks: list[asyncio.Task] = []  # lease, heartbeat
@@ -193,6 +195,13 @@ class Daemon:
                    depth=self.settings.batches_per_device)
             for d in self.devices
         ]
+        # A text model's call takes minutes on a CPU: it runs beside the frames, not before them.
+        self._text_batches: asyncio.Queue = asyncio.Queue(len(self.devices))
+        self.text_workers = [
+            Worker(d, self.manager, self._text_batches, self._outcomes, self.metrics,
+                   self.settings.inference_timeout_s, cpu=self._host_pool, depth=1, kind="text")
+            for d in self.devices
+        ]
         try:
             await self.prompt_book.refresh()  # the stored prompts, before the first batch
         except (RedisError, OSError) as e:  # the notice follower retries
@@ -200,7 +209,8 @@ class Daemon:
         self.adhoc = AdhocBatcher(
             self._batches, self.metrics,
             pinned=[w.own for w in self.workers] if len(self.devices) > 1 else None,
-            stateful=lambda model: self.catalogue.get(model).task == "track")
+            stateful=lambda model: self.catalogue.get(model).task == "track",
+            text=self._text_batches, writes_text=self._writes_text)
         for p in self.settings.pipelines:
             self.runs[p.name] = self._build(p, threads)
         # Join the groups before reporting ready, so producers' first frames are already ours.
@@ -237,7 +247,8 @@ class Daemon:
                                     self.prompt_book, self.manager.create)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [
-            asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers
+            asyncio.create_task(w.run(), name=f"worker-{w.kind}-{w.device}")
+            for w in self.workers + self.text_workers
         ]
         self.ready = True
         _log.info("daemon_started", consumer=self.consumer, devices=self.devices,
@@ -317,9 +328,13 @@ class Daemon:
             return None
         return self.manager.decode_shape(model)
 
-    def executor_for(self, device: str) -> Executor:
-        """The executor of the worker that owns `device` (models load and run there)."""
-        for worker in self.workers:
+    def _writes_text(self, model: str) -> bool:
+        return self.catalogue.get(model).task == "generate"
+
+    def executor_for(self, device: str, model: str) -> Executor:
+        """The executor of the worker that runs `model` on `device` (it loads there too)."""
+        workers = self.text_workers if self._writes_text(model) else self.workers
+        for worker in workers:
             if worker.device == device:
                 return worker.executor
         raise ModelError(f"no worker owns device {device!r}; devices: {', '.join(self.devices)}")
@@ -356,7 +371,7 @@ class Daemon:
             if not task.done():
                 task.cancel("sightstream is shutting down")
         await asyncio.gather(*self._all_tasks(), return_exceptions=True)
-        for w in self.workers:
+        for w in self.workers + self.text_workers:
             w.close()
         for pool in (self._decode_pool, self._host_pool, self.page_pool):
             if pool:
@@ -384,8 +399,9 @@ class Daemon:
             await self._jobs_task
         if self.adhoc:
             await self.adhoc.close()
-        if self._worker_tasks:
+        if self._worker_tasks:  # each queue's workers pass STOP on to each other
             await self._batches.put(STOP)
+            await self._text_batches.put(STOP)
             await asyncio.gather(*self._worker_tasks)
         if self._publisher_task:
             await self._outcomes.put(STOP)

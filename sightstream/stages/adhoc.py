@@ -3,7 +3,9 @@
 Frames are batched per (model, prompt) in a lane of their own, closed at `batch_size` or
 `batch_timeout_ms` like a pipeline's batches, and put on the same shared queue the device
 workers take from, so a burst of requests is batched and requests share the devices fairly
-with the pipelines. A lane idle for `idle_s` ends; the next frame for it starts a new one.
+with the pipelines. A text model's batches (`task = "generate"`) go to the text workers' queue
+instead: their calls take minutes on a CPU, and frames must not wait behind them. A lane idle
+for `idle_s` ends; the next frame for it starts a new one.
 
 The worker answers each frame on its `reply` future (an Outcome) instead of publishing it.
 """
@@ -38,8 +40,11 @@ class Lane:
 class AdhocBatcher:
     def __init__(self, out: asyncio.Queue, metrics: Metrics, idle_s: float = 30.0,
                  lane_size: int = 256, pinned: list[asyncio.Queue] | None = None,
-                 stateful: Callable[[str], bool] = lambda model: False) -> None:
+                 stateful: Callable[[str], bool] = lambda model: False,
+                 text: asyncio.Queue | None = None,
+                 writes_text: Callable[[str], bool] = lambda model: False) -> None:
         self._out = out
+        self._text, self._writes_text = text, writes_text  # the text workers' queue, and who goes there
         # A model that keeps state per source (tracking) sees each source on one device: a
         # hash of the source picks a worker's own queue, as pipelines' batchers do.
         self._pinned = pinned
@@ -105,6 +110,9 @@ class AdhocBatcher:
                 raise
 
     async def _send(self, batch: Batch) -> None:
+        if self._text is not None and self._writes_text(batch.model):
+            await self._text.put(batch)
+            return
         if not self._pinned or not self._stateful(batch.model):
             await self._out.put(batch)
             return

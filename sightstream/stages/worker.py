@@ -1,8 +1,13 @@
-"""Worker: one per device. The device's own single-thread executor runs nothing but model
-calls, so a device runs one batch at a time, in the order the batches came, and the event loop
-never waits on a model. Idle workers pull from one shared batch queue, so the least busy worker
-takes the next batch; a worker's own queue holds the batches that must run on its device (a
-tracking model's sources, each kept on one device).
+"""Worker: one per device for frames, and one per device for text. A worker's own
+single-thread executor runs nothing but model calls, so it runs one batch at a time, in the
+order the batches came, and the event loop never waits on a model. Idle workers pull from one
+shared batch queue, so the least busy worker takes the next batch; a worker's own queue holds
+the batches that must run on its device (a tracking model's sources, each kept on one device).
+
+Text models (`task = "generate"`: jobs' summaries, `/predict` of text) have workers of their
+own (`kind = "text"`) with a queue of their own: one call of theirs takes minutes on a CPU, and
+frames, `/predict` of images and jobs' frames must not wait behind it. So a device runs at most
+one frames call and one text call at once; on a GPU the two share it, on a CPU the cores.
 
 Several batches are in flight per device (`depth`, 2 by default, bounded): while batch k runs
 on the device, k+1 is being prepared and k-1 finished in the CPU pool (a staged adapter's
@@ -70,8 +75,10 @@ class Worker:
     def __init__(
         self, device: str, manager: ModelManager, inq: asyncio.Queue, outcomes: asyncio.Queue,
         metrics: Metrics, timeout_s: float = 60.0, *, cpu: Executor | None = None, depth: int = 2,
+        kind: str = "frames",
     ) -> None:
         self.device = device
+        self.kind = kind  # "frames", or "text": the text models' calls
         self._manager = manager
         self._in, self._outcomes = inq, outcomes
         self._metrics = metrics
@@ -96,7 +103,8 @@ class Worker:
         return self.in_flight > 0
 
     def _new_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, thread_name_prefix=f"infer-{self.device}")
+        prefix = "infer" if self.kind == "frames" else self.kind
+        return ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-{self.device}")
 
     async def run(self) -> None:
         slots = asyncio.Semaphore(self.depth)
@@ -120,7 +128,8 @@ class Worker:
     def _start(self, batch: Batch) -> tuple[Batch, asyncio.Task]:
         self.in_flight += 1
         self._started += 1
-        batch.id = f"{self.device}/{self._started}"
+        batch.id = f"{self.device}/{self._started}" if self.kind == "frames" else \
+            f"{self.device}/{self.kind}/{self._started}"
         after, turn = self._last_turn, asyncio.get_running_loop().create_future()
         self._last_turn = turn
         return batch, asyncio.create_task(self.process(batch, after, turn))

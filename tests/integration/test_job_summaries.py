@@ -15,7 +15,7 @@ from sightstream.jobs import summaries
 from sightstream.jobs.store import JobSpec, JobStore
 from sightstream.leases import Lease
 from sightstream.redis_conn import make_client
-from tests import hls, tiny_hf
+from tests import fake_adapters, hls, tiny_hf
 from tests.conftest import encode
 from tests.integration.helpers import running, serving, settings_for, wait_for
 from tests.integration.test_jobs import submit, until_status
@@ -183,26 +183,17 @@ async def test_a_video_that_turns_out_live_is_summarised_every_period(redis_url,
             assert len(summaries_of(sync_redis, job_id)) == count
 
 
-async def test_a_job_waiting_behind_a_long_summary_call_is_not_taken_for_a_silent_source(
-        redis_url, tmp_path, media, monkeypatch):
-    """On a CPU-only host the job's frames wait behind the text model's call; reading stops
-    (its frames in flight are bounded), which is no source gone quiet (give_up_s)."""
-    from sightstream.models.adapters.hf_text import HfTextGenerator
-
-    real = HfTextGenerator.infer
-
-    def slow(self, inputs):
-        time.sleep(3)  # the device thread: the frames' batches queue behind it
-        return real(self, inputs)
-
-    monkeypatch.setattr(HfTextGenerator, "infer", slow)
+async def test_a_job_waiting_on_a_slow_model_is_not_taken_for_a_silent_source(redis_url, tmp_path, media):
+    """A model slower than the source (a captioner on a CPU): reading stops while the job's
+    frames in flight are at their cap, which is no source gone quiet (give_up_s)."""
     settings = summary_settings(redis_url, tmp_path, media)
+    settings.models["fake"] = {"slow": type(settings.models["tiny"]["det"])(**fake_adapters.entry(delay_s=3))}
     settings = settings.model_copy(update={"jobs": settings.jobs.model_copy(
         update={"give_up_s": 1.5, "max_in_flight": 2})})
     hls.make_hls_vod(tmp_path / "live", seconds=20, fps=10)
     with hls.live_hls(tmp_path / "live" / "index.m3u8") as live:  # frames come in real time
         async with serving(settings) as (d, client):
-            job_id = await submit(client, source=live.url, fps=5, max_seconds=6,
+            job_id = await submit(client, source=live.url, fps=5, max_seconds=6, model="fake/slow",
                                   summarize={"model": "llm/tiny", "prompt": "Say.", "every_s": 1})
             job = await until_status(client, job_id, "completed", "failed", timeout=90)
             assert job["status"] == "completed", job["error"]
@@ -273,6 +264,49 @@ async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media
         assert r.status == 400 and "UTF-8" in (await r.json())["error"]["message"]
         r = await client.post("/predict/llm/tiny", data="word " * 500, headers={"Content-Type": "text/plain"})
         assert r.status == 422 and "context of 128 tokens" in (await r.json())["error"]["message"]
+
+
+async def test_frames_go_on_while_a_text_call_runs_on_their_device(redis_url, sync_redis, tmp_path, media,
+                                                                 gradient, monkeypatch):
+    """A text model's call takes minutes on a CPU; the one device's pipeline frames and
+    /predict of images are answered meanwhile (text models have their own worker), and text
+    calls still wait for each other."""
+    import threading
+
+    from sightstream.models.adapters.hf_text import HfTextGenerator
+
+    real, began, release = HfTextGenerator.infer, threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def held(self, inputs):
+        threads.append(threading.current_thread().name)
+        began.set()
+        release.wait(60)
+        return real(self, inputs)
+
+    monkeypatch.setattr(HfTextGenerator, "infer", held)
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        text = asyncio.ensure_future(client.post("/predict/llm/tiny", data=b"a dog walks",
+                                                 headers={"Content-Type": "text/plain"}))
+        assert await asyncio.to_thread(began.wait, 30), "the text call did not start"
+        try:
+            r = await asyncio.wait_for(client.post("/predict/tiny/det", data=encode(gradient),
+                                                   headers={"Content-Type": "image/jpeg"}), 30)
+            assert r.status == 200, await r.text()
+            sync_redis.xadd("frames:{m}", {"image": encode(gradient)})
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{m}") == 1)
+            second = asyncio.ensure_future(client.post("/predict/llm/tiny", data=b"a cat sleeps",
+                                                       headers={"Content-Type": "text/plain"}))
+            await asyncio.sleep(0.5)
+            assert threads == ["text-cpu_0"] and not second.done()  # queued behind the first
+            health = await (await client.get("/health")).json()
+            assert [(w["kind"], w["busy"]) for w in health["workers"]] == [("frames", False), ("text", True)]
+        finally:
+            release.set()
+        for call in (text, second):
+            r = await call
+            assert r.status == 200 and isinstance((await r.json())["text"], str), await r.text()
+        assert threads == ["text-cpu_0", "text-cpu_0"]
 
 
 async def test_the_text_model_is_unloaded_and_evicted_like_any_model(redis_url, tmp_path, media):
