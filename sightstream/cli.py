@@ -34,11 +34,13 @@ def _redis_cluster(args: argparse.Namespace) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sightstream import log
-    from sightstream.service import serve
+    from sightstream.service import leave_running_calls, serve
 
     settings = _settings(args)
     log.configure(settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    code = asyncio.run(serve(settings))
+    leave_running_calls(code)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

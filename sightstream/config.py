@@ -216,8 +216,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(10, gt=0)
     inference_timeout_s: float = Field(60, gt=0)
     batches_per_device: int = Field(
-        2, ge=1, le=16, description="batches in flight per device: one on the device while the next "
-        "is prepared and the last finished on the CPU")
+        2, ge=1, le=16, description="frames' batches in flight per device: one on the device while the "
+        "next is prepared and the last finished on the CPU (a text model's call runs beside them)")
     prompt_poll_s: float = Field(
         5, gt=0, description="every daemon re-reads the prompts this often, in case a change notice was lost")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -48,10 +48,10 @@ def public_url(url: str) -> str:
 
 # Query parameters that carry a secret, by name: a password (cameras take ?user=…&password=…),
 # a token, a key or a signature (signed URLs: S3's X-Amz-Signature and X-Amz-Security-Token,
-# Azure's sig, CloudFront's Signature).
+# Azure's sig, CloudFront's Signature, Akamai's hdnts and hdnea), or an auth value.
 _SECRET_PARAM = re.compile(
     r"((?:^|[?&;])[^=&;?]*(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|"
-    r"(?<![a-z])key)=)[^&;#]*", re.IGNORECASE)
+    r"hdnts|hdnea|(?<![a-z])(?:key|auth))=)[^&;#]*", re.IGNORECASE)
 
 
 def mask_query_secrets(text: str) -> str:

@@ -12,6 +12,9 @@ import asyncio
 import os
 import signal
 import socket
+import sys
+import threading
+import time
 
 from aiohttp import web
 
@@ -78,6 +81,26 @@ async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), step)
         except TimeoutError:
             pass
+
+
+def leave_running_calls(code: int, wait_s: float = 1.0) -> None:
+    """After the daemon has stopped: exit with `code` now, if a model call that was given up
+    (stuck, or a text call past shutdown_timeout_s) still runs on its thread. Such a thread
+    cannot be stopped, and the interpreter waits for every executor thread at exit: the
+    process would linger for as long as the call lasts, minutes for a text model on a CPU,
+    long after it said "stopped" (systemd would kill it past TimeoutStopSec). Everything is
+    published and closed by now; threads that are merely ending get `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    running = [t.name for t in threading.enumerate()
+               if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if running:
+        _log.warning("exiting_past_running_calls", threads=running)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:

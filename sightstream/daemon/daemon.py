@@ -119,6 +119,7 @@ class Daemon:
         self.text_workers: list[Worker] = []  # text models' calls, one per device
         self.publisher: Publisher | None = None
         self._worker_tasks: list[asyncio.Task] = []
+        self._text_worker_tasks: list[asyncio.Task] = []
         self._service_tasks: list[asyncio.Task] = []  # lease, heartbeat
         self._publisher_task: asyncio.Task | None = None
         self._lease: ConsumerLease | None = None
@@ -246,10 +247,9 @@ class Daemon:
                                     self.settings, self.consumer, self.metrics, self.stop_event,
                                     self.prompt_book, self.manager.create)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
-        self._worker_tasks = [
-            asyncio.create_task(w.run(), name=f"worker-{w.kind}-{w.device}")
-            for w in self.workers + self.text_workers
-        ]
+        self._worker_tasks = [asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers]
+        self._text_worker_tasks = [asyncio.create_task(w.run(), name=f"worker-text-{w.device}")
+                                   for w in self.text_workers]
         self.ready = True
         _log.info("daemon_started", consumer=self.consumer, devices=self.devices,
                   pipelines=[p.name for p in self.settings.pipelines])
@@ -406,10 +406,15 @@ class Daemon:
         if self._publisher_task:
             await self._outcomes.put(STOP)
             await self._publisher_task
+        # Text calls publish nothing (their callers are answered), so the frames' results are
+        # out before a summary call that may take minutes is waited for: a /predict of text
+        # may yet be answered, within shutdown_timeout_s.
+        await asyncio.gather(*self._text_worker_tasks)
 
     def _all_tasks(self) -> list[asyncio.Task]:
         tasks = [t for run in self.runs.values() for t in (*run.source_tasks, *run.chain_tasks)]
-        tasks += self._worker_tasks + self._service_tasks + ([self._jobs_task] if self._jobs_task else [])
+        tasks += self._worker_tasks + self._text_worker_tasks + self._service_tasks
+        tasks += [self._jobs_task] if self._jobs_task else []
         return tasks + ([self._publisher_task] if self._publisher_task else [])
 
     def failed(self) -> BaseException | None:

@@ -3,7 +3,7 @@ or ONNX Runtime (onnxruntime-gpu) can use, else the CPU.
 
 CUDA numbers the GPUs a process may use 0, 1, … in the order CUDA_VISIBLE_DEVICES lists them
 (indexes or UUIDs), while nvidia-smi and NVML list every GPU of the host. `cuda_order` maps the
-one onto the other, so `auto` makes one worker per visible GPU and the GPU gauges of `cuda:N`
+one onto the other, so `auto` makes workers for each visible GPU and the GPU gauges of `cuda:N`
 read the GPU that CUDA calls N.
 """
 

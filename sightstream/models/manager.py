@@ -1,6 +1,6 @@
 """The model manager: one adapter instance per (model, device), loaded lazily on first use and
-once (concurrent users wait and share it), in the device's own executor so loading never
-blocks the event loop.
+once (concurrent users wait and share it), on the thread of the worker that runs it (a
+device's frames worker, or its text worker), so loading never blocks the event loop.
 
 Memory: each device may have a budget (`manager.max_memory_mb`, or a fraction of the GPU's
 free memory). Loading past it first unloads the least recently used models that are not in
@@ -61,7 +61,7 @@ class ModelManager:
         self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._device_locks: dict[str, asyncio.Lock] = {}
+        self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
         self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
@@ -113,15 +113,20 @@ class ModelManager:
             if (loaded := self._loaded.get(key)) is not None:
                 return loaded
             adapter = self.create(model_id)
-            # One load at a time per device, so two loads cannot both count on the same room.
-            async with self._device_locks.setdefault(device, asyncio.Lock()):
-                estimate = self._estimate_mb(model_id)
-                await self._wait_for_room(device, estimate, model_id)
+            estimate = self._estimate_mb(model_id)
+            # The room is promised to this load until it ends, so two loads on one device
+            # cannot both count on it. No lock is held meanwhile: a load queued on a device
+            # thread behind a long call (a text model's) keeps no other load of the device waiting.
+            await self._wait_for_room(device, estimate, model_id)
+            try:
                 started = time.monotonic()
                 await asyncio.get_running_loop().run_in_executor(executor, adapter.load, device)
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
+            finally:
+                self._reserved_mb[device] -= estimate
+                self._let_go.set()  # the room counted on may have changed: waiting loads look again
             if self._metrics is not None:
                 self._metrics.model_loads.labels(device).inc()
             _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
@@ -129,13 +134,16 @@ class ModelManager:
             return loaded
 
     async def _wait_for_room(self, device: str, needed_mb: float, model_id: str) -> None:
-        """Make room; when only models in use stand in the way (a batch in flight on the
-        device, a /predict call), wait for them to be let go rather than fail the load."""
+        """Make room and promise it to this load (the caller gives it back once loaded); when
+        only models in use stand in the way (a batch in flight on the device, a /predict call),
+        or loads under way, wait for them rather than fail the load."""
         deadline = time.monotonic() + self.room_wait_s
         while True:
             self._let_go.clear()
             try:
                 self._make_room(device, needed_mb, model_id)
+                # no await between the check and the promise: no other load can come between
+                self._reserved_mb[device] = self._reserved_mb.get(device, 0.0) + needed_mb
                 return
             except RoomInUse:
                 remaining = deadline - time.monotonic()
@@ -173,13 +181,14 @@ class ModelManager:
             (item for item in self._loaded.items() if item[1].device == device and item[1].in_use == 0),
             key=lambda item: item[1].last_used,
         )
-        while self.used_mb(device) + needed_mb > budget:
+        while (taken := self.used_mb(device) + self._reserved_mb.get(device, 0.0)) + needed_mb > budget:
             if not idle:
                 busy = [m for (m, d), entry in self._loaded.items() if d == device]
+                loading = " or being loaded" if self._reserved_mb.get(device) else ""
                 raise RoomInUse(
                     f"model {model_id} needs about {needed_mb:.0f} MB; {device} has "
-                    f"{budget - self.used_mb(device):.0f} MB free of {budget:.0f} MB and its models "
-                    f"are in use ({', '.join(busy)})"
+                    f"{budget - taken:.0f} MB free of {budget:.0f} MB and its models "
+                    f"are in use{loading} ({', '.join(busy) or 'none loaded yet'})"
                 )
             (victim, _), _ = idle.pop(0)
             self.unload(victim, device, reason="evicted")

@@ -9,8 +9,8 @@ own (`kind = "text"`) with a queue of their own: one call of theirs takes minute
 frames, `/predict` of images and jobs' frames must not wait behind it. So a device runs at most
 one frames call and one text call at once; on a GPU the two share it, on a CPU the cores.
 
-Several batches are in flight per device (`depth`, 2 by default, bounded): while batch k runs
-on the device, k+1 is being prepared and k-1 finished in the CPU pool (a staged adapter's
+Several batches are in flight per worker (`depth`: `batches_per_device`, 2 by default, for
+frames; 1 for text; bounded): while batch k runs on the device, k+1 is being prepared and k-1 finished in the CPU pool (a staged adapter's
 `prepare` and `finish`; the result entries' fields and JSON for every adapter). Outcomes leave
 in the order the batches came.
 

@@ -101,3 +101,18 @@ def test_a_second_signal_exits_at_once(daemons, redis_url, sync_redis, gradient)
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(5) != 0 and time.monotonic() - started < 5
     assert sync_redis.xpending("frames:{a}", "people")["pending"] == 1  # left for another daemon
+
+
+def test_a_call_that_outlasts_the_drain_does_not_keep_the_process(daemons, redis_url, sync_redis, gradient):
+    """A model call cannot be stopped; the interpreter would wait for its thread at exit, for
+    as long as the call lasts. The daemon exits once the drain's time is up."""
+    sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
+    d = daemons(redis_url, pipeline="model = \"fake/slow\"", fake="delay_s = 120",
+                top="shutdown_timeout_s = 1")
+    d.wait_ready()
+    wait_until(lambda: d.get("/health")[1]["workers"][0]["busy"], 30, "a batch in flight")
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0  # not after the two-minute call
+    log = d.output()
+    assert "exiting_past_running_calls" in log and "Traceback" not in log
+    assert sync_redis.xpending("frames:{a}", "people")["pending"] == 1  # left for another daemon

@@ -181,6 +181,8 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
      "https://b.s3.amazonaws.com/v.mp4?X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***&x=1"),
     ("https://a.blob.core.windows.net/c/v.mp4?sv=2024&sig=abc", "https://a.blob.core.windows.net/c/v.mp4?sv=2024&sig=***"),
     ("https://h/v.m3u8?apikey=k&api_key=k&key=k&monkey=ok", "https://h/v.m3u8?apikey=***&api_key=***&key=***&monkey=ok"),
+    ("https://h/v.m3u8?auth=a&x-auth=a&oauth=ok&hdnts=exp~acl~hmac",
+     "https://h/v.m3u8?auth=***&x-auth=***&oauth=ok&hdnts=***"),
     ("file:///srv/videos/clip.mp4", "file:///srv/videos/clip.mp4"),
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):

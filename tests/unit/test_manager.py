@@ -98,6 +98,44 @@ async def test_concurrent_loads_on_one_device_take_turns_within_the_budget(pool)
     assert used == [600, 600] and [x["model"] for x in m.loaded()] == ["fake/b"]
 
 
+async def test_a_load_queued_behind_a_long_call_keeps_no_other_load_waiting(pool):
+    """A device's text worker and frames worker each load on their own thread: a load queued
+    behind a text call that takes minutes must not hold up the frames' model's load."""
+    import threading
+
+    m = manager(2000, a=600, b=600)
+    release = threading.Event()
+    pool.submit(release.wait, 10)  # the long call on a's thread
+    queued = asyncio.ensure_future(m.load("fake/a", "cpu", pool))
+    await asyncio.sleep(0.05)
+    with ThreadPoolExecutor(1) as other:
+        await asyncio.wait_for(m.load("fake/b", "cpu", other), 5)
+    assert not queued.done() and [x["model"] for x in m.loaded()] == ["fake/b"]
+    release.set()
+    await queued
+    assert sorted(x["model"] for x in m.loaded()) == ["fake/a", "fake/b"] and m.used_mb("cpu") == 1200
+
+
+async def test_a_load_under_way_keeps_its_room(pool):
+    """Room promised to a load still on its way is not given to another: the second waits,
+    then evicts the first once it is loaded and idle; the budget is never exceeded."""
+    import threading
+
+    m = manager(1000, a=600, b=600)
+    m.room_wait_s = 5
+    release = threading.Event()
+    pool.submit(release.wait, 10)
+    first = asyncio.ensure_future(m.load("fake/a", "cpu", pool))
+    await asyncio.sleep(0.05)
+    with ThreadPoolExecutor(1) as other:
+        second = asyncio.ensure_future(m.load("fake/b", "cpu", other))
+        await asyncio.sleep(0.2)
+        assert not second.done() and m.loaded() == []  # waiting for the room a's load holds
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert [x["model"] for x in m.loaded()] == ["fake/b"] and m.used_mb("cpu") == 600
+
+
 async def test_loads_unloads_and_memory_are_counted_per_device(pool):
     from sightstream.metrics import Metrics
 
