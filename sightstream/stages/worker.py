@@ -10,9 +10,9 @@ frames, `/predict` of images and jobs' frames must not wait behind it. So a devi
 one frames call and one text call at once; on a GPU the two share it, on a CPU the cores.
 
 Several batches are in flight per worker (`depth`: `batches_per_device`, 2 by default, for
-frames; 1 for text; bounded): while batch k runs on the device, k+1 is being prepared and k-1 finished in the CPU pool (a staged adapter's
-`prepare` and `finish`; the result entries' fields and JSON for every adapter). Outcomes leave
-in the order the batches came.
+frames; 1 for text; bounded): while batch k runs on the device, k+1 is being prepared and k-1
+finished in the CPU pool (a staged adapter's `prepare` and `finish`; the result entries'
+fields and JSON for every adapter). Outcomes leave in the order the batches came.
 
 When a model call fails:
 - out of memory: the batch is halved and each half retried (down to single frames);
