@@ -233,7 +233,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="the daemon's control plane (default: the config's)")
     p.add_argument("--token", help=TOKEN_HELP)
     p.add_argument("--json", action="store_true",
-                   help="JSON lines: each summary written while it runs, then the whole job")
+                   help="JSON lines: each summary written while it runs, then the whole job "
+                        "(its summary: the final one)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_summarize)
 
@@ -277,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sightstream tail … | head`: the reader has all it wanted
+        # stdout's buffer would fail again at exit: point it at nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a Unix tool ended by SIGPIPE
     except (OSError, RedisError) as e:  # e.g. Redis refused the connection in publish/tail
         print(f"sightstream: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,14 @@ from sightstream.errors import FrameError
 from sightstream.prompts import Prompt
 
 PIX_FMTS = {"rgb24": 3, "bgr24": 3, "gray8": 1}
+# A frame's `ts` goes into results as a JSON integer, and FPS sampling and latency count on
+# it: 0 to 2**53 - 1, the integers every JSON reader (JavaScript's too) holds exactly.
+MAX_TS_MS = 2**53 - 1
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity, which are not JSON: consumers' parsers refuse them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def entry_ms(entry_id: str) -> int:
@@ -81,14 +89,17 @@ class Frame:
                 raise FrameError(
                     "bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}"
                 ) from None
+            if not 0 <= self.ts_ms <= MAX_TS_MS:
+                raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
+                                               f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
         meta = fields.get(b"meta")
         if meta is not None:
             try:
-                ok = isinstance(json.loads(meta), dict)
+                ok = isinstance(json.loads(meta, parse_constant=_not_json), dict)
             except (ValueError, UnicodeDecodeError):
                 ok = False
             if not ok:
-                raise FrameError("bad_fields", "`meta` must be a JSON object")
+                raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)")
             self.meta = meta
 
 

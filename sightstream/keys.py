@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 DEFAULT_OUTPUT = "results:{pipeline}:{source}"
 DEADLETTER = "deadletter:{pipeline}:{source}"
@@ -49,14 +49,17 @@ def public_url(url: str) -> str:
 # Query parameters that carry a secret, by name: a password (cameras take ?user=…&password=…),
 # a token, a key or a signature (signed URLs: S3's X-Amz-Signature and X-Amz-Security-Token,
 # Azure's sig, CloudFront's Signature, Akamai's hdnts and hdnea), or an auth value.
-_SECRET_PARAM = re.compile(
-    r"((?:^|[?&;])[^=&;?]*(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|"
-    r"hdnts|hdnea|(?<![a-z])(?:key|auth))=)[^&;#]*", re.IGNORECASE)
+# A name is read percent-decoded (`%74oken` is `token`).
+_SECRET_NAME = re.compile(
+    r"(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|hdnts|hdnea|"
+    r"(?<![a-z])(?:key|auth))$", re.IGNORECASE)
+_PARAM = re.compile(r"((?:^|[?&;])([^=&;?#]*)=)([^&;#]*)")
 
 
 def mask_query_secrets(text: str) -> str:
     """`text` (a query, or a whole URL) with the values of secret parameters as `***`."""
-    return _SECRET_PARAM.sub(r"\1***", text)
+    return _PARAM.sub(lambda m: m.group(1) + "***" if _SECRET_NAME.search(unquote_plus(m.group(2)))
+                      else m.group(0), text)
 
 
 def video_input_source(pipeline: str, url: str, cluster: bool) -> str:

@@ -106,10 +106,13 @@ def describe(e: ValidationError, where: str = "") -> str:
 
 
 async def read_json(request: web.Request, model: type[M]) -> M:
-    """The body, validated: 400 when it is not JSON, 422 naming each field that is wrong."""
+    """The body, validated: 400 when it is not JSON, 422 naming each field that is wrong.
+    Strictly: JSON's types as the schema says (`true` is no number, `"5"` no integer)."""
     raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "the body is empty: send a JSON object")
     try:
-        return model.model_validate_json(raw or b"null")
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             raise ApiError(400, "the body is not valid JSON") from None

@@ -6,9 +6,11 @@ input never gives a 500 (an unexpected exception is a bug: logged, and answered 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,6 +48,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except ResponseError as e:  # out of memory, read-only replica, …: Redis' state, not the request's
         _log.warning("control_redis_refused", path=request.path, error=str(e))
         return error_response(503, f"redis refused the command: {e}", "unavailable")
+    except web.RequestPayloadError as e:  # the body cannot be read as sent (gzip that is not gzip)
+        cause = e.__cause__ or (e.args[0] if e.args else e)
+        why = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+        response = error_response(400, f"the body cannot be read: {why.strip()}")
+        response.force_close()  # the rest of the body is unread: the connection cannot go on
+        return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -58,18 +66,41 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal error: see the daemon's log", "internal")
 
 
+class BadHttpInOneLine(logging.Filter):
+    """aiohttp answers a request that is not valid HTTP itself (a header line over 8 KB, a body
+    unlike its Content-Length, a Content-Encoding it cannot undo: a plain-text 400, before any
+    handler) and logs it with a traceback. It is the client's error: one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        _log.warning("bad_http_request", remote=remote, status=error.code, error=error.message or str(error))
+        return False
+
+
+def quiet_bad_http() -> None:
+    """Once: aiohttp's own log of requests that are not valid HTTP, as one line each."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadHttpInOneLine) for f in server.filters):
+        server.addFilter(BadHttpInOneLine())
+
+
 def require_token(control: ControlSettings, open_handlers: set[Handler]) -> Callable:
     """Every route needs a configured token (constant-time compare) but those declared open
     (`open_handlers`: the probes, /metrics, and the live page, which holds no data and asks
     for the token itself); a named token's name is kept on the request as `token_name`."""
-    accepted = [(name, f"Bearer {tok}".encode()) for name, tok in control.tokens.items() if tok]
+    accepted = [(name, tok.encode()) for name, tok in control.tokens.items() if tok]
     if control.token:
-        accepted.append(("", f"Bearer {control.token}".encode()))
+        accepted.append(("", control.token.encode()))
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if accepted and request.match_info.handler not in open_handlers:
-            given = request.headers.get("Authorization", "").encode()
+            scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+            # the scheme is case-insensitive (RFC 9110), the token is not
+            given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
             # Compare with every token, always: the time taken says nothing of which matched.
             matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]
             if not matches:

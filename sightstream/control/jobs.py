@@ -35,7 +35,7 @@ BINARY_FIELDS = ("mask", "depth")
 
 
 class SummarizeIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(pattern=r"^[^/\s]+/[^/\s]+$", description=(
         "a text generation model (task generate), family/variant: it writes the summary from the "
         "per-frame results"))
@@ -59,7 +59,7 @@ class Summary(BaseModel):
 
 
 class JobIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     source: str = Field(min_length=1, max_length=4096, description=(
         "https://…/live.m3u8 (HLS, live or VOD), https://…/clip.mp4, rtsp(s)://… (a camera), file:///… "
         "(under jobs.allowed_paths), or redis://<stream key>"))

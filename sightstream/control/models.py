@@ -11,7 +11,7 @@ from sightstream.control.api import Api, ApiError, Resp, read_query
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
-from sightstream.models.manager import ModelTooLarge
+from sightstream.models.manager import ModelInUse, ModelTooLarge
 
 api = Api("models")
 
@@ -91,6 +91,8 @@ def model_error(e: ModelError) -> ApiError:
         return ApiError(409, str(e), "model_not_available")
     if isinstance(e, ModelTooLarge):
         return ApiError(507, str(e), "insufficient_memory")
+    if isinstance(e, ModelInUse):
+        return ApiError(409, str(e), "model_in_use")
     return ApiError(409, str(e), "model_error")
 
 
@@ -147,7 +149,8 @@ async def load(request: web.Request) -> web.Response:
 @api.post("/models/{family}/{variant}/unload", "Unload a model (from ?device=, else everywhere)",
           query=DeviceQuery,
           responses={200: Resp("Unloaded", Unloaded),
-                     404: error("No such model, or it is not loaded (code not_loaded)")})
+                     404: error("No such model, or it is not loaded (code not_loaded)"),
+                     409: error("A call is using it now (code model_in_use): try again when idle")})
 async def unload(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     mid = model_id(request)

@@ -72,7 +72,8 @@ async def latest(request: web.Request) -> web.Response:
     if snap is None:
         raise ApiError(404, f"no result of pipeline {pipeline!r} for source {source!r} on this daemon yet")
     etag = f'"{snap.version}"'
-    if request.headers.get("If-None-Match") == etag:
+    # weak comparison (RFC 9110): W/"7" matches "7"; * matches any
+    if any(tag.value in (str(snap.version), "*") for tag in request.if_none_match or ()):
         return web.Response(status=304, headers={"ETag": etag})
     jpeg = d.snapshots.rendered(snap)
     if jpeg is None:

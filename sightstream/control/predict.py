@@ -235,15 +235,33 @@ def _untar(body: bytes, limit: int) -> list[Upload]:
     """Every regular file of a tar, in order (WebDataset: one image per member)."""
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
+            every = tar.getmembers()
+            _check_whole(body, every)
+            members = [m for m in every if m.isfile()]
             if len(members) > limit:
                 raise ApiError(413, f"the tar holds {len(members)} files; predict_max_images is {limit}")
             uploads = [Upload(m.name, tar.extractfile(m).read()) for m in members]  # type: ignore[union-attr]
     except tarfile.TarError as e:
+        if "unexpected end" in str(e):
+            raise ApiError(400, f"the tar is cut short ({len(body)} bytes): send the whole archive") from None
         raise ApiError(400, f"the body is not a readable tar: {e}") from None
     if not uploads:
         raise ApiError(400, "the tar holds no files")
     return uploads
+
+
+def _check_whole(body: bytes, members: list[tarfile.TarInfo]) -> None:
+    """tarfile stops quietly at a header cut short or damaged after the first member, as if
+    the archive ended there: what follows the last member it read must be the end-of-archive
+    zeros, else the tar was cut short (an upload that broke off) or is damaged."""
+    end = 0
+    if members:
+        last = members[-1]
+        end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if end > len(body) or body[end:].strip(b"\0"):
+        after = f" after {members[-1].name!r}" if members else ""
+        raise ApiError(400, f"the tar is cut short or damaged{after} (at byte {min(end, len(body))} of "
+                            f"{len(body)}): send the whole archive")
 
 
 async def _decode(

@@ -80,6 +80,9 @@ def _expected(request: web.Request, given: int | None) -> int | None:
         version = 0
     if not 1 <= version <= MAX_VERSION:
         raise ApiError(400, 'If-Match must be a prompt version, e.g. If-Match: "3"')
+    if given is not None and given != version:
+        raise ApiError(400, f"If-Match says version {version} and expected_version says {given}: "
+                            "send one of them")
     return version
 
 

@@ -37,6 +37,10 @@ class ModelTooLarge(ModelError):
     """The model does not fit in its device's memory budget, even with nothing else loaded."""
 
 
+class ModelInUse(ModelError):
+    """An unload of a model that a call is using now."""
+
+
 class RoomInUse(ModelTooLarge):
     """The model would fit once models now in use are let go (then they can be evicted)."""
 
@@ -202,7 +206,7 @@ class ModelManager:
         for (mid, dev), entry in list(self._loaded.items()):
             if mid == model_id and (device is None or dev == device):
                 if entry.in_use:
-                    raise ModelError(f"model {model_id} is in use on {dev}; try again when idle")
+                    raise ModelInUse(f"model {model_id} is in use on {dev}; try again when idle")
                 del self._loaded[(mid, dev)]
                 entry.adapter.unload()
                 self._give_back(dev)

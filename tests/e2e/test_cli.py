@@ -111,6 +111,21 @@ def test_publish_and_tail(daemon, redis_url, tmp_path, gradient, astronaut):
     assert sum("nothing detected" in line for line in lines) == 2
 
 
+def test_tail_into_a_reader_that_goes_away_ends_quietly(redis_url, sync_redis):
+    """`sightstream tail … | head`: exit 141 as a Unix tool ended by SIGPIPE, and no error."""
+    pipe = sync_redis.pipeline()
+    for i in range(20_000):
+        pipe.xadd("results:x", {"source": "s", "frame_id": str(i), "result": "{}"})
+    pipe.execute()
+    tail = subprocess.Popen([*CLI, "tail", "results:x", "--from", "0", "--count", "20000", "--timeout", "5",
+                             "--redis-url", redis_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert tail.stdout.readline()
+    tail.stdout.close()  # as head does once it has its lines
+    assert tail.wait(60) == 141
+    with tail.stderr:
+        assert tail.stderr.read() == b""
+
+
 def test_publish_a_video_at_a_target_fps(redis_url, sync_redis, tmp_path):
     from sightstream.publish import make_sample_video
 

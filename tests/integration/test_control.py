@@ -99,6 +99,10 @@ async def test_a_token_guards_everything_but_the_probes_metrics_and_the_page(red
         assert r.status == 401
         r = await client.get("/openapi.json", headers={"Authorization": "Bearer s3cret"})
         assert r.status == 200
+        for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive, the token is not
+            assert (await client.get("/pipelines", headers={"Authorization": f"{scheme} s3cret"})).status == 200
+        for wrong in ("Bearer S3CRET", "Basic s3cret", "s3cret", "Bearer", "Bearer  "):
+            assert (await client.get("/pipelines", headers={"Authorization": wrong})).status == 401, wrong
     finally:
         await client.close()
         await daemon.stop()
@@ -134,6 +138,10 @@ async def test_model_routes(redis_url, tmp_path):
         assert (await r.json()) == {"model": "fake/big", "unloaded_from": ["cpu"]}
 
         await client.post("/models/fake/small/load")
+        async with daemon.manager.use("fake/small", "cpu", daemon.executor_for("cpu", "fake/small")):
+            r = await client.post("/models/fake/small/unload")  # a call is using it
+            body = await r.json()
+            assert r.status == 409 and body["error"]["code"] == "model_in_use", body
         r = await client.post("/models/cleanup?inactive_seconds=0")
         assert (await r.json())["unloaded"] == [{"model": "fake/small", "device": "cpu"}]
         r = await client.post("/models/cleanup?inactive_seconds=soon")
@@ -148,3 +156,19 @@ async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
         body = await r.json()
         assert r.status == 507 and body["error"]["code"] == "insufficient_memory"
         assert "5000 MB" in body["error"]["message"]
+
+
+async def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line(redis_url, tmp_path, capfd):
+    """aiohttp answers it before any route, and would log it with a traceback."""
+    from structlog.testing import capture_logs
+
+    async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
+        with capture_logs() as logged:
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+        assert answer.split(b" ", 2)[1] == b"400"
+    assert [e["event"] for e in logged] == ["bad_http_request"] and "8190 bytes" in logged[0]["error"]
+    assert "Traceback" not in capfd.readouterr().err

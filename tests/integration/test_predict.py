@@ -176,6 +176,14 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
         assert "format" in (await error("/predict/tiny/det?format=gif", 422, data=encode(gradient)))["message"]
         assert "not a readable tar" in (await error(
             "/predict/tiny/det", 400, data=b"x" * 600, headers={"Content-Type": "application/x-tar"}))["message"]
+        tar = tar_of([("a.jpg", encode(gradient)), ("b.jpg", encode(gradient))])
+        with tarfile.open(fileobj=io.BytesIO(tar)) as whole:
+            b = whole.getmembers()[1]
+        for cut in (600, b.offset + 100, b.offset_data + 100):  # in a's data, b's header, b's data
+            assert "cut short" in (await error("/predict/tiny/det", 400, data=tar[:cut],
+                                               headers={"Content-Type": "application/x-tar"}))["message"]
+        assert "cannot be read" in (await error("/predict/tiny/det", 400, data=encode(gradient),
+                                                headers={"Content-Encoding": "gzip"}))["message"]  # not gzip
         form = FormData(default_to_multipart=True)
         form.add_field("other", "x")
         assert "no `file` field" in (await error("/predict/tiny/det", 400, data=form))["message"]

@@ -72,6 +72,12 @@ async def test_bad_requests_are_4xx_naming_why(redis_url, tmp_path):
         assert "no pipeline named" in await error("GET", "/pipelines/nope/prompt", 404)
         assert "no pipeline named" in await error("PUT", "/pipelines/nope/prompt", 404, json={"text": "x"})
         assert "not valid JSON" in await error("PUT", "/pipelines/people/prompt", 400, data=b"{text")
+        assert "body is empty" in await error("PUT", "/pipelines/people/prompt", 400, data=b"")
+        assert "cannot be read" in await error("PUT", "/pipelines/people/prompt", 400, data=b'{"text": "x"}',
+                                               headers={"Content-Encoding": "gzip"})  # not gzip
+        assert "send one of them" in await error("PUT", "/pipelines/people/prompt", 400,
+                                                 json={"text": "x", "expected_version": 3},
+                                                 headers={"If-Match": '"1"'})
         assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={})
         assert "text" in await error("PUT", "/pipelines/people/prompt", 422, json={"text": 5})
         assert "If-Match" in await error("PUT", "/pipelines/people/prompt", 400, json={"text": "x"},

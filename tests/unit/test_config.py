@@ -183,6 +183,7 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
     ("https://h/v.m3u8?apikey=k&api_key=k&key=k&monkey=ok", "https://h/v.m3u8?apikey=***&api_key=***&key=***&monkey=ok"),
     ("https://h/v.m3u8?auth=a&x-auth=a&oauth=ok&hdnts=exp~acl~hmac",
      "https://h/v.m3u8?auth=***&x-auth=***&oauth=ok&hdnts=***"),
+    ("https://h/v.m3u8?%74oken=a&Token=b&my%5Fsecret=c&q=%74oken", "https://h/v.m3u8?%74oken=***&Token=***&my%5Fsecret=***&q=%74oken"),
     ("file:///srv/videos/clip.mp4", "file:///srv/videos/clip.mp4"),
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):

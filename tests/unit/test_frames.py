@@ -32,6 +32,7 @@ def test_ts_defaults_to_the_entry_id_time():
 def test_ts_and_meta_are_taken_from_fields():
     f = parsed("p", "s", "1-0", {b"image": b"x", b"ts": b"42", b"meta": b'{"a": [1]}'})
     assert f.ts_ms == 42 and f.meta == b'{"a": [1]}'
+    assert parsed("p", "s", "1-0", {b"image": b"x", b"ts": str(2**53 - 1).encode()}).ts_ms == 2**53 - 1
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,10 @@ def test_ts_and_meta_are_taken_from_fields():
         ({b"image": b"x", b"ts": b"soon"}, "bad_fields"),
         ({b"image": b"x", b"meta": b"[1, 2]"}, "bad_fields"),
         ({b"image": b"x", b"meta": b"{not json"}, "bad_fields"),
+        ({b"image": b"x", b"meta": b'{"a": NaN}'}, "bad_fields"),  # Python reads it; JSON.parse does not
+        ({b"image": b"x", b"meta": b'{"a": -Infinity}'}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"-5"}, "bad_fields"),
+        ({b"image": b"x", b"ts": str(2**53).encode()}, "bad_fields"),  # past JSON's exact integers
     ],
 )
 def test_entries_the_contract_forbids(fields, reason):
