@@ -58,6 +58,22 @@ def _decode(fields: dict[bytes, bytes]) -> dict[str, Any]:
     return out
 
 
+JSON_FIELDS = ("result", "meta")  # JSON text in the entry: values of their own in --json
+
+
+def _parsed(data: dict[str, Any]) -> dict[str, Any]:
+    """An entry's fields for `--json`: `result` and `meta` as JSON values, not JSON in a
+    string (`jq .result.detections` works); a field that is not valid JSON stays text."""
+    out = dict(data)
+    for name in JSON_FIELDS:
+        if isinstance(out.get(name), str):
+            try:
+                out[name] = json.loads(out[name])
+            except ValueError:
+                pass
+    return out
+
+
 def tail(
     redis_url: str,
     key: str,
@@ -103,7 +119,7 @@ def tail(
                         cursors[name] = entry_id.decode()
                         data = _decode(fields)
                         if as_json:
-                            emit(json.dumps({"stream": name, "id": cursors[name], **data}))
+                            emit(json.dumps({"stream": name, "id": cursors[name], **_parsed(data)}))
                         else:
                             src = f"{name} " if is_glob else ""
                             emit(f"{src}{data.get('frame_id', cursors[name])}  {summarize(data)}")

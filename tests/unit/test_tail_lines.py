@@ -20,3 +20,16 @@ def test_each_kind_of_entry_reads_as_one_line():
     assert summarize(summary) == "summary of 30 results: 'Dogs play.'"
     dead = {"reason": "bad_image", "error": "the JPEG image cannot be decoded"}
     assert summarize(dead) == "DEAD-LETTER bad_image: the JPEG image cannot be decoded"
+
+
+def test_json_lines_carry_result_and_meta_as_values_and_binary_as_base64(redis_url, sync_redis):
+    from sightstream.tail import tail
+
+    sync_redis.xadd("results:t", {"result": '{"detections": []}', "meta": '{"cam": 1}', "mask": b"\x89PNG\xff"})
+    sync_redis.xadd("results:t", {"reason": "bad_fields", "meta": "not json"})
+    lines: list[str] = []
+    assert tail(redis_url, "results:t", start="0", count=2, as_json=True, emit=lines.append) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["result"] == {"detections": []} and first["meta"] == {"cam": 1}
+    assert first["mask"] == {"base64": "iVBOR/8="} and first["stream"] == "results:t"
+    assert second["meta"] == "not json"  # as it was, when it is not JSON
