@@ -135,7 +135,7 @@ def _show(line: str, rows: list[dict], say: Callable[[str], None]) -> None:
     entry = json.loads(line)
     entry["_seen"] = time.monotonic()
     rows.append(entry)
-    meta = json.loads(entry.get("meta", "{}"))
+    meta = entry.get("meta") or {}  # tail --json gives result and meta parsed
     say(f"  frame {meta.get('index', '?'):>3}  {summarize(entry)}")
     if len(rows) % 10 == 0:  # a running rate, over the last ten results
         window = rows[-10:]
@@ -149,7 +149,7 @@ def _summary(sent: int, rows: list[dict], dead: int, elapsed: float, say: Callab
     latencies = sorted(int(r["latency_ms"]) for r in rows)
     labels: Counter[str] = Counter()
     for r in rows:
-        labels.update(d["label"] for d in json.loads(r["result"]).get("detections", []))
+        labels.update(d["label"] for d in r["result"].get("detections", []))
     say("")
     say(f"Summary: {sent} frames published, {len(rows)} results, {dead} dead-lettered, "
         f"{len(rows) / elapsed:.1f} results/s over {elapsed:.1f} s")
@@ -157,7 +157,7 @@ def _summary(sent: int, rows: list[dict], dead: int, elapsed: float, say: Callab
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         say(f"Latency (capture to result): p50 {statistics.median(latencies):.0f} ms, p99 {p99} ms")
     found = ", ".join(f"{n} x {label}" for label, n in labels.most_common()) or "nothing"
-    with_any = sum(1 for r in rows if json.loads(r["result"]).get("detections"))
+    with_any = sum(1 for r in rows if r["result"].get("detections"))
     say(f"Detected: {found} (in {with_any} of {len(rows)} frames)")
 
 

@@ -16,13 +16,16 @@ from sightstream.redis_conn import sync_client
 
 
 def summarize(fields: dict[str, Any]) -> str:
-    """One readable line for a result or dead-letter entry."""
+    """One readable line for a result or dead-letter entry (its `result` as stored, or parsed)."""
     if "reason" in fields and "result" not in fields:
         return f"DEAD-LETTER {fields.get('reason')}: {fields.get('error')}"
+    result = fields.get("result", "{}")
     try:
-        result = json.loads(fields.get("result", "{}"))
+        result = json.loads(result) if isinstance(result, str) else result
     except ValueError:
         return f"(unreadable result) {fields.get('result', '')[:80]}"
+    if not isinstance(result, dict):
+        return f"(unreadable result) {json.dumps(result)[:80]}"
     if fields.get("task") == "summary":  # a job's summary (docs/http.md)
         final = "summary" if result.get("final") else "summary so far"
         return f"{final} of {result.get('lines', '?')} results: {result.get('text', '')!r}"
