@@ -5,6 +5,10 @@
 - On start it drains its own pending entries (ID 0: left by a previous run under this stable
   consumer name) before reading new ones (`>`).
 - It reads only as many entries as the pipeline has in-flight room for: backlog stays in Redis.
+- Streams that gave entries at their last read are read first, on their own, room // n entries
+  each; the others are looked at in turn between those reads, `room` streams at a time, without
+  blocking. So a busy camera keeps its pace however many idle ones the input glob matches. Only
+  when every stream is idle and one read covers them all does the read block (up to 1 s).
 - New streams matching an input glob are found by a periodic SCAN (every `discover_s`).
 - For a model that keeps state per source (tracking), it reads only the streams whose source
   lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
@@ -40,7 +44,6 @@ class RedisIngest(StreamReader):
         super().__init__(*args, **kw)
         self._cluster = cluster
         self._refused: set[str] = set()  # cluster: streams whose outputs are in another slot
-        self._idle_polls = 0
         self.leases = leases
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
@@ -51,6 +54,9 @@ class RedisIngest(StreamReader):
         self.found: list[str] = []
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
+        self._active: dict[str, None] = {}  # streams that gave entries at their last read, in order
+        self._probe_next = False  # the next read looks at idle streams (alternates with the active)
+        self._idle_rounds = 0  # reads of idle streams in a row that found nothing
         self._next_discovery = 0.0
         self._joined: set[str] = set()
 
@@ -123,6 +129,7 @@ class RedisIngest(StreamReader):
             if stream in self.streams:
                 self.streams.remove(stream)
             self._draining.pop(stream, None)
+            self._active.pop(stream, None)
 
     def _busy(self, stream: str) -> bool:
         return any(f.stream == stream for f in self._in_flight.frames())
@@ -144,7 +151,19 @@ class RedisIngest(StreamReader):
             start = "(" + rows[-1]["message_id"].decode()
 
     async def on_nogroup(self) -> None:
-        _log.warning("group_missing_recreating", pipeline=self._p.name, streams=len(self.streams))
+        """A group is gone: Redis lost it (restarted without persistence), or the stream was
+        deleted (a camera retired). Streams that no longer exist are dropped, not made again
+        (MKSTREAM would keep a retired camera's stream, and its reading, for ever), unless the
+        config names them; discovery finds them again once a producer writes to them."""
+        named = {s for s in self._p.streams if not GLOB_CHARS & set(s)}
+        async with self._client.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.exists(stream)
+            exists = await pipe.execute()
+        gone = [s for s, there in zip(self.streams, exists) if not there and s not in named]
+        _log.warning("group_missing_recreating", pipeline=self._p.name, streams=len(self.streams) - len(gone),
+                     deleted_streams_dropped=len(gone))
+        self._drop(gone)
         self._joined.clear()
         await self.ensure_groups(self.streams)
         self._draining.clear()  # a new group has no pending entries
@@ -167,24 +186,58 @@ class RedisIngest(StreamReader):
         # A pending entry whose content was deleted comes back with no fields: dead-lettered.
         return await self._admission.admit(stream, entries, counts)
 
-    async def _read_new(self, room: int) -> int:
-        # XREADGROUP's COUNT is per stream: read at most `room` streams, room // n entries each.
-        n = min(room, len(self.streams))
-        start = self._rotation % len(self.streams)
-        chosen = (self.streams[start:] + self.streams[:start])[:n]
+    def _choose(self, room: int) -> tuple[list[str], bool]:
+        """The streams of the next read, and whether it may block. XREADGROUP's COUNT is per
+        stream, so a read covers at most `room` streams, room // n entries each: reading idle
+        streams beside a busy one would leave it one entry per read, and a blocking read over
+        idle ones only would stall it for a second."""
+        active = [s for s in self._active if s in self.streams][:room]
+        idle_exist = len(active) < len(self.streams)
+        if active and not (self._probe_next and idle_exist):
+            self._probe_next = True
+            return active, False
+        self._probe_next = False
+        idle = [s for s in self.streams if s not in self._active] or self.streams
+        n = min(room, len(idle))
+        start = self._rotation % len(idle)
+        chosen = (idle[start:] + idle[:start])[:n]
         self._rotation += n
+        # Block only when one read looks at every stream and none has entries waiting.
+        return chosen, not active and n == len(self.streams)
+
+    async def _read_new(self, room: int) -> int:
+        chosen, block = self._choose(room)
+        count = room // len(chosen)
         if self._cluster:
-            return await self._read_new_by_slot(chosen, room // n)
-        # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
-        replies: Any = await self._reader.xreadgroup(
-            self._group, self._consumer, {s: ">" for s in chosen}, count=room // n, block=BLOCK_MS
-        )
+            replies: Any = await self._read_by_slot(chosen, count)
+        else:
+            # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
+            replies = await self._reader.xreadgroup(
+                self._group, self._consumer, {s: ">" for s in chosen}, count=count,
+                block=BLOCK_MS if block else None)
         used = 0
+        gave: set[str] = set()
         for stream, entries in replies or ():
-            used += await self._admission.admit(stream.decode(), entries)
+            name = stream.decode()
+            if entries:
+                gave.add(name)
+            used += await self._admission.admit(name, entries)
+        for stream in chosen:
+            if stream in gave:
+                self._active[stream] = None
+            else:
+                self._active.pop(stream, None)
+        if used or block:
+            self._idle_rounds = 0
+        elif not self._active:
+            # Nothing anywhere: a pause once each stream has been looked at, not a busy loop
+            # (on a cluster, every read is a poll).
+            self._idle_rounds += 1
+            if self._cluster or self._idle_rounds * room >= len(self.streams):
+                await self.sleep(min(0.05, 0.005 * self._idle_rounds))
         return used
 
-    async def _read_new_by_slot(self, streams: list[str], count: int) -> int:
+    async def _read_by_slot(self, streams: list[str], count: int) -> list:
         """Cluster: one XREADGROUP per slot, in one pipeline; polled, since one blocking read
         cannot cover several slots."""
         by_slot: dict[int, list[str]] = {}
@@ -193,19 +246,12 @@ class RedisIngest(StreamReader):
         async with self._client.pipeline(transaction=False) as pipe:
             for group in by_slot.values():
                 pipe.xreadgroup(self._group, self._consumer, {s: ">" for s in group}, count=count)
-            # Not raising at once: entries the other slots returned are already pending here,
-            # so they are admitted before an error (NOGROUP) is raised.
             replies: Any = await pipe.execute(raise_on_error=False)
-        used = 0
-        for reply in replies:
-            if not isinstance(reply, Exception):
-                for stream, entries in reply or ():
-                    used += await self._admission.admit(stream.decode(), entries)
+        entries = [pair for reply in replies if not isinstance(reply, Exception) for pair in reply or ()]
         if errors := [r for r in replies if isinstance(r, Exception)]:
+            # Entries the other slots returned are already pending here: admitted before the
+            # error (NOGROUP) is raised.
+            for stream, got in entries:
+                await self._admission.admit(stream.decode(), got)
             raise errors[0]
-        if used:
-            self._idle_polls = 0
-        else:
-            self._idle_polls += 1
-            await self.sleep(min(0.05, 0.005 * self._idle_polls))
-        return used
+        return entries

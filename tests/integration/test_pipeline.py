@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -114,6 +115,47 @@ async def test_new_streams_matching_a_glob_join_within_5_seconds(redis_url, sync
         sync_redis.xadd("frames:{late}", {"image": encode(gradient)})
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{late}") == 1, 5,
                        "the new stream's result")
+
+
+async def test_a_busy_stream_keeps_its_pace_among_many_idle_ones(redis_url, sync_redis, tmp_path, gradient):
+    """More streams than max_in_flight, all but one idle: a read over idle streams alone
+    blocked for a second and gave the busy one an entry per read (a few frames a minute)."""
+    jpeg = encode(gradient)
+    idle = [f"frames:{{idle{i}}}" for i in range(150)]
+    pipe = sync_redis.pipeline()
+    for stream in idle:
+        pipe.xadd(stream, {"image": jpeg})
+    pipe.execute()
+    async with running(settings_for(redis_url, tmp_path, [{"max_in_flight": 16}])):
+        await wait_for(lambda: sum(sync_redis.xlen(f"results:people:{s}") for s in idle) == len(idle), 20,
+                       "the idle streams' first frames")
+        pipe = sync_redis.pipeline()
+        for _ in range(200):
+            pipe.xadd("frames:{busy}", {"image": jpeg})
+        pipe.execute()
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{busy}") == 200, 20,
+                       "the busy stream's 200 frames (it read a few a minute)")
+
+
+async def test_a_deleted_stream_is_left_alone(redis_url, sync_redis, tmp_path, gradient):
+    """A camera retired by deleting its stream: not made again by the group's re-creation, so
+    it is not read for ever; a stream named in the config is (the config asks for it)."""
+    jpeg = encode(gradient)
+    settings = settings_for(redis_url, tmp_path, [{"input": ["frames:*", "frames:{named}"]}])
+    async with running(settings) as d:
+        for stream in ("frames:{old}", "frames:{kept}", "frames:{named}"):
+            sync_redis.xadd(stream, {"image": jpeg})
+        await wait_for(lambda: all(sync_redis.xlen(f"results:people:{s}") == 1
+                                   for s in ("frames:{old}", "frames:{kept}", "frames:{named}")))
+        sync_redis.delete("frames:{old}", "frames:{named}")
+        await wait_for(lambda: "frames:{old}" not in d.runs["people"].ingest.streams, 15, "the stream dropped")
+        await asyncio.sleep(1)
+        assert not sync_redis.exists("frames:{old}")  # not made again
+        assert sync_redis.exists("frames:{named}")  # the config names it: made again, read
+        sync_redis.xadd("frames:{kept}", {"image": jpeg})
+        sync_redis.xadd("frames:{named}", {"image": jpeg})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{kept}") == 2
+                       and sync_redis.xlen("results:people:frames:{named}") == 2)
 
 
 async def test_its_own_results_and_dead_letters_are_never_read_back(redis_url, sync_redis, tmp_path, gradient):
