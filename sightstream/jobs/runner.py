@@ -119,6 +119,8 @@ class JobRunner:
         if not self._registered:
             await self._register_inputs()
         ids = await self._store.active()
+        if await self._restore_lost_inputs(ids):
+            ids = await self._store.active()
         jobs = []
         for job_id, job in zip(ids, await self._store.get_many(ids)):
             if job is None or job.status not in ("pending", "running"):
@@ -145,6 +147,20 @@ class JobRunner:
             surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)
             _log.info("video_input_handed_over", job=surplus, share=share)
             self.running[surplus].cancel("handed over: more daemons share the video inputs now")
+
+    async def _restore_lost_inputs(self, active: list[str]) -> bool:
+        """Inputs whose job is gone from Redis (restarted without persistence) are registered
+        again, so a camera input does not stop for good. True: some were."""
+        idle = [job_id for job_id in self._inputs if job_id not in active]
+        if not idle:
+            return False
+        gone = [job_id for job_id, job in zip(idle, await self._store.get_many(idle)) if job is None]
+        for job_id in gone:
+            spec = self._inputs[job_id]
+            await self._store.ensure(spec)
+            _log.warning("video_input_restored", pipeline=spec.pipeline, source=spec.shown,
+                         why="its job was gone from Redis (restarted without persistence?)")
+        return bool(gone)
 
     async def _register_inputs(self) -> None:
         """This config's video inputs as jobs (a failed one is tried again: the config may

@@ -41,6 +41,20 @@ async def test_an_input_whose_results_cannot_be_written_fails_once_and_runs_when
             await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 6, what="the results")
 
 
+async def test_an_input_whose_job_redis_lost_is_registered_again(redis_url, sync_redis, tmp_path, vod):
+    """Redis restarted without persistence: the input's job is gone with everything else; the
+    input goes on (it was registered once, at start, and stopped for good)."""
+    with hls.static_server(vod) as server:
+        url = server.url("vod/index.m3u8")
+        settings = settings_for(redis_url, tmp_path, [{"input": [url], "fps": 2}], jobs={"poll_s": 0.1})
+        job_id = input_job_id("people", url)
+        async with running(settings):
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 6, what="the results")
+            await wait_for(lambda: sync_redis.hget(f"sightstream:job:{{{job_id}}}", "status") == b"completed")
+            sync_redis.flushall()
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 6, what="the results again")
+
+
 async def test_a_stream_job_ends_at_max_seconds_with_no_frame_coming(redis_url, tmp_path):
     async with serving(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.1})) as (d, client):
         job_id = await submit(client, source="redis://idle:{s}", max_seconds=1)
