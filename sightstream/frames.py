@@ -83,20 +83,22 @@ class Frame:
             raise FrameError("missing_image", "the entry has neither an `image` nor a `raw` field")
         ts = fields.get(b"ts")
         if ts is not None:
-            try:
-                self.ts_ms = int(ts)
-            except ValueError:
+            if not ts.isdigit() or not ts.isascii():  # int() would take "+5", " 5" and "1_000"
                 raise FrameError(
                     "bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}"
-                ) from None
-            if not 0 <= self.ts_ms <= MAX_TS_MS:
+                )
+            self.ts_ms = int(ts)
+            if self.ts_ms > MAX_TS_MS:
                 raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
                                                f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
         meta = fields.get(b"meta")
         if meta is not None:
             try:
-                ok = isinstance(json.loads(meta, parse_constant=_not_json), dict)
-            except (ValueError, UnicodeDecodeError):
+                ok = isinstance(json.loads(meta.decode(), parse_constant=_not_json), dict)
+            except UnicodeDecodeError:
+                raise FrameError("bad_fields", "`meta` must be UTF-8 JSON: it holds bytes that are not "
+                                               "UTF-8") from None
+            except ValueError:
                 ok = False
             if not ok:
                 raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)")

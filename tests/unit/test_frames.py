@@ -46,6 +46,11 @@ def test_ts_and_meta_are_taken_from_fields():
         ({b"image": b"x", b"meta": b'{"a": NaN}'}, "bad_fields"),  # Python reads it; JSON.parse does not
         ({b"image": b"x", b"meta": b'{"a": -Infinity}'}, "bad_fields"),
         ({b"image": b"x", b"ts": b"-5"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"+5"}, "bad_fields"),  # int() takes these three
+        ({b"image": b"x", b"ts": b" 5"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"1_000"}, "bad_fields"),
+        ({b"image": b"x", b"ts": "٣".encode()}, "bad_fields"),
+        ({b"image": b"x", b"meta": b'{"a": "\xff"}'}, "bad_fields"),
         ({b"image": b"x", b"ts": str(2**53).encode()}, "bad_fields"),  # past JSON's exact integers
     ],
 )
