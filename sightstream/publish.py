@@ -47,6 +47,8 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
         raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:
         raise SourceError(f"cannot open {shown}: {unresolved(source) or _reason(e)}") from None
+    except UnicodeDecodeError:  # PyAV reading a damaged file's metadata as text
+        raise SourceError(f"cannot open {shown}: it is not a video that can be read (damaged?)") from None
     with container:
         try:
             yield container
@@ -126,6 +128,7 @@ def publish(
     started = time.monotonic()
     try:
         while True:
+            before = sent
             frames = (
                 ((rgb, {"file": name}) for rgb, name in folder_frames(folder))
                 if is_folder
@@ -146,6 +149,10 @@ def publish(
                 bar.update(1)
                 if max_frames and sent >= max_frames:
                     return sent
+            if sent == before:  # nothing in it (and --loop would go round an empty source for ever)
+                raise SourceError(f"{source} holds no image that can be read" if is_folder else
+                                  f"{keys.public_url(source)} gave no frame: it is not a video that can "
+                                  "be decoded (damaged, or cut short?)")
             if not loop:
                 return sent
     finally:

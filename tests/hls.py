@@ -52,6 +52,25 @@ def _encode(
     return path
 
 
+def make_damaged_clip(path: Path) -> Path:
+    """An MP4 whose index says no duration and whose pictures are gone: FFmpeg opens it, finds
+    no length (as for a live stream) and decodes nothing."""
+    import struct
+
+    data = bytearray(make_clip(path, seconds=3, fps=10).read_bytes())
+    for box, offset in ((b"mvhd", 16), (b"tkhd", 20), (b"mdhd", 16)):  # version-0 boxes' durations
+        at = data.find(box)
+        while at != -1:
+            if data[at + 4] == 0:
+                data[at + 4 + offset:at + 8 + offset] = bytes(4)
+            at = data.find(box, at + 1)
+    mdat = data.find(b"mdat")
+    size = struct.unpack(">I", data[mdat - 4:mdat])[0]
+    data[mdat + 4:mdat - 4 + size] = bytes(size - 8)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int] = SIZE, gop: int | None = None) -> Path:
     """An H.264 MP4 (yuv420p), a keyframe every `gop` frames (default: every second)."""
     return _encode(path, seconds, fps, size, gop)

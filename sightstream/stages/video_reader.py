@@ -50,7 +50,11 @@ _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of thes
     av.error.HTTPNotFoundError, av.error.HTTPOtherClientError, FileNotFoundError, PermissionError,
     IsADirectoryError, av.error.InvalidDataError, av.error.ProtocolNotFoundError,
     av.error.DemuxerNotFoundError, av.error.DecoderNotFoundError,
+    UnicodeDecodeError,  # PyAV reading a damaged file's metadata as text
 )
+# Containers that cannot be live: an MP4 (or MOV) with no duration is damaged (its index, the
+# moov box, is broken), not a stream that goes on.
+NEVER_LIVE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}
 
 
 class VideoSourceError(SightstreamError):
@@ -136,6 +140,8 @@ def display(url: str) -> str:
 def _reason(e: BaseException) -> str:
     if isinstance(e, av.error.ExitError):
         return "timed out"  # PyAV's own timeouts; our guard's interrupts are told apart first
+    if isinstance(e, UnicodeDecodeError):
+        return "it is not a video that can be read (damaged?): its metadata is not text"
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
@@ -235,6 +241,14 @@ class _Reader:
                         ) from None
                 except (av.error.FFmpegError, OSError) as e:
                     why = self.guard.fired or _reason(e)
+                    # A video that is not live whose data cannot be decoded (damaged) does not
+                    # mend on a retry: it fails as one that cannot be opened does.
+                    damaged = isinstance(e, av.error.InvalidDataError) and not self._live()
+                    refused = refused + 1 if damaged and not self.progressed else 0
+                    if refused >= self.o.max_open_failures:
+                        raise VideoSourceError(
+                            f"the video source {self.name} cannot be read (damaged?): {why} "
+                            f"({refused} attempts)") from None
                 if why is None or why == "stop" or self.stop.is_set():
                     return
                 self._failed(why)
@@ -270,7 +284,7 @@ class _Reader:
                 self.url, container_options=container_options(self.url, self.o),
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
             )
-        except (av.error.FFmpegError, OSError) as e:
+        except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             raise _OpenFailed(e, self.url, self._live()) from e
         finally:
             self.stats.open_s += time.perf_counter() - started
@@ -309,12 +323,14 @@ class _Reader:
             self.t0 = start
         if not self.rate:
             self.rate = next((float(r) for r in (stream.average_rate, stream.guessed_rate) if r), 25.0)
-        live = container.duration is None or (self.sessions and not container.duration)
+        local = "://" not in self.url or self.url.startswith("file:")  # a file is never live
+        live = (container.duration is None or (self.sessions and not container.duration)) and not (
+            local or container.format.name in NEVER_LIVE_FORMATS)
         self.stats.is_live, self.stats.origin_s = live, self.t0
-        self.stats.duration_s = None if live else container.duration / 1e6
+        self.stats.duration_s = container.duration / 1e6 if container.duration and not live else None
         self.end_s = None
         self.keyframes.reopened()
-        if not live:
+        if not live and container.duration:
             end = (
                 float((stream.start_time + stream.duration) * tb)
                 if stream.duration and stream.start_time is not None

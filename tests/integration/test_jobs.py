@@ -127,6 +127,20 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         assert r.status == 404
 
 
+async def test_a_damaged_mp4_fails_its_job_and_is_not_taken_for_a_live_stream(redis_url, tmp_path, videos):
+    """No duration in its index, as a live stream has none; but an MP4 or a file is never live:
+    it fails after its tries, saying why, not after give_up_s as a live stream that stopped."""
+    damaged = hls.make_damaged_clip(videos / "damaged.mp4")
+    settings = job_settings(redis_url, tmp_path, videos, give_up_s=600)
+    with hls.static_server(videos) as server:
+        async with serving(settings) as (d, client):
+            for source in (f"file://{damaged}", server.url("damaged.mp4")):
+                job_id = await submit(client, source=source, fps=2)
+                job = await until_status(client, job_id, "completed", "failed", timeout=20)
+                assert job["status"] == "failed" and "live" not in job["error"], job["error"]
+                assert "cannot be read (damaged?)" in job["error"], job["error"]
+
+
 async def test_live_hls_with_max_seconds_then_cancel_and_listing(redis_url, tmp_path, videos):
     with hls.live_hls(videos / "live" / "index.m3u8") as live:
         async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):

@@ -12,7 +12,7 @@ import pytest
 
 from sightstream.stages.video_reader import ReaderOptions, VideoFrame, VideoSource, VideoSourceError
 from tests.conftest import wait_for
-from tests.hls import live_hls, make_clip, make_hls_vod, static_server
+from tests.hls import live_hls, make_clip, make_damaged_clip, make_hls_vod, static_server
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +172,16 @@ async def test_a_playlist_from_the_network_cannot_read_the_hosts_files(media, st
         async for frame in source.frames():
             frames.append(frame)
     assert frames == []
+
+
+def test_publish_of_a_video_that_gives_no_frame_says_so(redis_url, sync_redis, tmp_path):
+    """Exit 0 with "published 0 frames" said the damaged file was fine; --loop would spin."""
+    from sightstream.publish import SourceError, publish
+
+    damaged = make_damaged_clip(tmp_path / "damaged.mp4")
+    with pytest.raises(SourceError, match="failed: Invalid data|gave no frame"):
+        publish(redis_url, str(damaged), "frames:{d}", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no image"):
+        publish(redis_url, str(tmp_path / "empty"), "frames:{d}", loop=True, progress=False)
+    assert not sync_redis.exists("frames:{d}")
