@@ -6,15 +6,27 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 # The name of the bearer token a request came with ("" for the unnamed `token`, or no auth).
 TOKEN_NAME = web.RequestKey("token_name", str)
+
+
+def _not_a_bool(value: Any) -> Any:
+    """pydantic reads true as 1: a client's mistake (a flag sent for a count), not a number."""
+    if isinstance(value, bool):
+        raise ValueError("a number is wanted here, not true or false")
+    return value
+
+
+# Numbers in request bodies: JSON numbers (5.0 is an integer, as JSON Schema says), never a bool.
+Count = Annotated[int, BeforeValidator(_not_a_bool)]
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 def who(request: web.Request) -> str:
@@ -106,13 +118,12 @@ def describe(e: ValidationError, where: str = "") -> str:
 
 
 async def read_json(request: web.Request, model: type[M]) -> M:
-    """The body, validated: 400 when it is not JSON, 422 naming each field that is wrong.
-    Strictly: JSON's types as the schema says (`true` is no number, `"5"` no integer)."""
+    """The body, validated: 400 when it is not JSON, 422 naming each field that is wrong."""
     raw = await request.read()
     if not raw.strip():
         raise ApiError(400, "the body is empty: send a JSON object")
     try:
-        return model.model_validate_json(raw, strict=True)
+        return model.model_validate_json(raw)
     except ValidationError as e:
         if any(err["type"] == "json_invalid" for err in e.errors()):
             raise ApiError(400, "the body is not valid JSON") from None

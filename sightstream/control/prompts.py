@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from sightstream.config import PipelineSettings
-from sightstream.control.api import Api, ApiError, Resp, read_json, who
+from sightstream.control.api import Api, ApiError, Count, Resp, read_json, who
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.errors import ModelError
@@ -37,15 +37,15 @@ class PromptHistory(BaseModel):
 class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(max_length=MAX_PROMPT)
-    expected_version: int | None = Field(
+    expected_version: Count | None = Field(
         None, ge=1, le=MAX_VERSION,
         description="refuse (409) unless this is the current version (as If-Match)")
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=1, le=MAX_VERSION, description="the version whose text becomes current again")
-    expected_version: int | None = Field(None, ge=1, le=MAX_VERSION)
+    version: Count = Field(ge=1, le=MAX_VERSION, description="the version whose text becomes current again")
+    expected_version: Count | None = Field(None, ge=1, le=MAX_VERSION)
 
 
 NO_PIPELINE = error("No pipeline of that name in this daemon's config")

@@ -401,15 +401,16 @@ class Daemon:
             await self.adhoc.close()
         if self._worker_tasks:  # each queue's workers pass STOP on to each other
             await self._batches.put(STOP)
-            await self._text_batches.put(STOP)
             await asyncio.gather(*self._worker_tasks)
         if self._publisher_task:
             await self._outcomes.put(STOP)
             await self._publisher_task
         # Text calls publish nothing (their callers are answered), so the frames' results are
-        # out before a summary call that may take minutes is waited for: a /predict of text
-        # may yet be answered, within shutdown_timeout_s.
-        await asyncio.gather(*self._text_worker_tasks)
+        # out before a summary call that may take minutes is waited for (its queue may be full
+        # behind it): a /predict of text may yet be answered, within shutdown_timeout_s.
+        if self._text_worker_tasks:
+            await self._text_batches.put(STOP)
+            await asyncio.gather(*self._text_worker_tasks)
 
     def _all_tasks(self) -> list[asyncio.Task]:
         tasks = [t for run in self.runs.values() for t in (*run.source_tasks, *run.chain_tasks)]

@@ -185,6 +185,9 @@ class ModelManager:
             (item for item in self._loaded.items() if item[1].device == device and item[1].in_use == 0),
             key=lambda item: item[1].last_used,
         )
+        taken = self.used_mb(device) + self._reserved_mb.get(device, 0.0)
+        if taken - sum(entry.memory_mb for _, entry in idle) + needed_mb > budget:
+            idle = []  # evicting every idle model would not make room: evict none, wait
         while (taken := self.used_mb(device) + self._reserved_mb.get(device, 0.0)) + needed_mb > budget:
             if not idle:
                 busy = [m for (m, d), entry in self._loaded.items() if d == device]

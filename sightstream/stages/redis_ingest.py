@@ -5,10 +5,11 @@
 - On start it drains its own pending entries (ID 0: left by a previous run under this stable
   consumer name) before reading new ones (`>`).
 - It reads only as many entries as the pipeline has in-flight room for: backlog stays in Redis.
-- Streams that gave entries at their last read are read first, on their own, room // n entries
-  each; the others are looked at in turn between those reads, `room` streams at a time, without
-  blocking. So a busy camera keeps its pace however many idle ones the input glob matches. Only
-  when every stream is idle and one read covers them all does the read block (up to 1 s).
+- Streams that gave entries within the last second are read on their own, room // n entries
+  each (in turn, when more are active than there is room for), waiting up to 10 ms; the others
+  are looked at in turn between those reads, `room` streams at a time, without blocking. So a
+  busy camera keeps its pace however many idle ones the input glob matches. Only when no
+  stream is active and one read covers them all does the read block (up to 1 s).
 - New streams matching an input glob are found by a periodic SCAN (every `discover_s`).
 - For a model that keeps state per source (tracking), it reads only the streams whose source
   lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
@@ -35,6 +36,8 @@ from sightstream.stages.source_leases import SourceLeases
 
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
+ACTIVE_S = 1.0  # a stream that gave entries this recently is read with the active ones
+ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others wait their turn
 TAKEOVER_PAGE = 1000
 
 
@@ -54,7 +57,8 @@ class RedisIngest(StreamReader):
         self.found: list[str] = []
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
-        self._active: dict[str, None] = {}  # streams that gave entries at their last read, in order
+        self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
+        self._active_rotation = 0
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
         self._idle_rounds = 0  # reads of idle streams in a row that found nothing
         self._next_discovery = 0.0
@@ -164,6 +168,10 @@ class RedisIngest(StreamReader):
         _log.warning("group_missing_recreating", pipeline=self._p.name, streams=len(self.streams) - len(gone),
                      deleted_streams_dropped=len(gone))
         self._drop(gone)
+        if self.leases is not None:  # held, it would never count as new again: nobody would read it
+            for stream in gone:
+                if stream in self.leases.held:
+                    await self.leases.give_back(stream)
         self._joined.clear()
         await self.ensure_groups(self.streams)
         self._draining.clear()  # a new group has no pending entries
@@ -186,55 +194,61 @@ class RedisIngest(StreamReader):
         # A pending entry whose content was deleted comes back with no fields: dead-lettered.
         return await self._admission.admit(stream, entries, counts)
 
-    def _choose(self, room: int) -> tuple[list[str], bool]:
-        """The streams of the next read, and whether it may block. XREADGROUP's COUNT is per
-        stream, so a read covers at most `room` streams, room // n entries each: reading idle
-        streams beside a busy one would leave it one entry per read, and a blocking read over
-        idle ones only would stall it for a second."""
-        active = [s for s in self._active if s in self.streams][:room]
+    def _choose(self, room: int) -> tuple[list[str], int | None]:
+        """The streams of the next read, and how long it may block (ms; None: it does not).
+        XREADGROUP's COUNT is per stream, so a read covers at most `room` streams, room // n
+        entries each: reading idle streams beside a busy one would leave it one entry per
+        read, and a blocking read over idle ones only would stall it for a second. So active
+        streams (entries within ACTIVE_S) are read on their own, in turn when more than `room`
+        are active, and reads of the others, in turn, come between."""
+        now = time.monotonic()
+        for stream, last in list(self._active.items()):
+            if now - last > ACTIVE_S or stream not in self.streams:
+                del self._active[stream]
+        active = list(self._active)
         idle_exist = len(active) < len(self.streams)
         if active and not (self._probe_next and idle_exist):
-            self._probe_next = True
-            return active, False
+            self._probe_next = idle_exist
+            start = self._active_rotation % len(active)
+            self._active_rotation += room
+            chosen = (active[start:] + active[:start])[:room]
+            # Blocks briefly only: the other streams are looked at next.
+            return chosen, (ACTIVE_BLOCK_MS if idle_exist else BLOCK_MS)
         self._probe_next = False
         idle = [s for s in self.streams if s not in self._active] or self.streams
         n = min(room, len(idle))
         start = self._rotation % len(idle)
         chosen = (idle[start:] + idle[:start])[:n]
         self._rotation += n
-        # Block only when one read looks at every stream and none has entries waiting.
-        return chosen, not active and n == len(self.streams)
+        # Blocks only when one read looks at every stream and none is active.
+        return chosen, (BLOCK_MS if not active and n == len(self.streams) else None)
 
     async def _read_new(self, room: int) -> int:
-        chosen, block = self._choose(room)
+        chosen, block_ms = self._choose(room)
         count = room // len(chosen)
         if self._cluster:
             replies: Any = await self._read_by_slot(chosen, count)
         else:
             # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
             replies = await self._reader.xreadgroup(
-                self._group, self._consumer, {s: ">" for s in chosen}, count=count,
-                block=BLOCK_MS if block else None)
+                self._group, self._consumer, {s: ">" for s in chosen}, count=count, block=block_ms)
         used = 0
-        gave: set[str] = set()
+        now = time.monotonic()
         for stream, entries in replies or ():
             name = stream.decode()
             if entries:
-                gave.add(name)
+                self._active[name] = now
             used += await self._admission.admit(name, entries)
-        for stream in chosen:
-            if stream in gave:
-                self._active[stream] = None
-            else:
-                self._active.pop(stream, None)
-        if used or block:
+        if used or (block_ms and not self._cluster):
             self._idle_rounds = 0
         elif not self._active:
             # Nothing anywhere: a pause once each stream has been looked at, not a busy loop
-            # (on a cluster, every read is a poll).
+            # (on a cluster, where no read blocks, after every empty read).
             self._idle_rounds += 1
             if self._cluster or self._idle_rounds * room >= len(self.streams):
                 await self.sleep(min(0.05, 0.005 * self._idle_rounds))
+        elif self._cluster:
+            await self.sleep(ACTIVE_BLOCK_MS / 1000)  # active streams with nothing new: a short poll
         return used
 
     async def _read_by_slot(self, streams: list[str], count: int) -> list:

@@ -52,8 +52,9 @@ _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of thes
     av.error.DemuxerNotFoundError, av.error.DecoderNotFoundError,
     UnicodeDecodeError,  # PyAV reading a damaged file's metadata as text
 )
-# Containers that cannot be live: an MP4 (or MOV) with no duration is damaged (its index, the
-# moov box, is broken), not a stream that goes on.
+# Containers not read as live: an MP4 (or MOV) with no duration is damaged (its index, the moov
+# box, is broken) far more often than a live stream sent as one endless fragmented MP4 (live
+# sources come as HLS, RTSP or MPEG-TS).
 NEVER_LIVE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}
 
 
@@ -323,7 +324,8 @@ class _Reader:
             self.t0 = start
         if not self.rate:
             self.rate = next((float(r) for r in (stream.average_rate, stream.guessed_rate) if r), 25.0)
-        local = "://" not in self.url or self.url.startswith("file:")  # a file is never live
+        # A local file is never live, but a playlist (a packager writing live HLS to disk) may be.
+        local = ("://" not in self.url or self.url.startswith("file:")) and container.format.name != "hls"
         live = (container.duration is None or (self.sessions and not container.duration)) and not (
             local or container.format.name in NEVER_LIVE_FORMATS)
         self.stats.is_live, self.stats.origin_s = live, self.t0

@@ -137,6 +137,26 @@ async def test_a_busy_stream_keeps_its_pace_among_many_idle_ones(redis_url, sync
                        "the busy stream's 200 frames (it read a few a minute)")
 
 
+async def test_more_busy_streams_than_room_are_read_in_turn(redis_url, sync_redis, tmp_path, gradient):
+    """Busy streams past the in-flight room, beside idle ones: each busy one is read in turn,
+    none left waiting behind the others."""
+    jpeg = encode(gradient)
+    busy = [f"frames:{{busy{i}}}" for i in range(8)]
+    pipe = sync_redis.pipeline()
+    for i in range(20):
+        pipe.xadd(f"frames:{{idle{i}}}", {"image": jpeg})
+    pipe.execute()
+    async with running(settings_for(redis_url, tmp_path, [{"max_in_flight": 3}])):
+        await wait_for(lambda: sum(sync_redis.xlen(f"results:people:frames:{{idle{i}}}") for i in range(20)) == 20)
+        pipe = sync_redis.pipeline()
+        for _ in range(30):
+            for stream in busy:
+                pipe.xadd(stream, {"image": jpeg})
+        pipe.execute()
+        await wait_for(lambda: all(sync_redis.xlen(f"results:people:{s}") == 30 for s in busy), 20,
+                       "every busy stream's 30 frames")
+
+
 async def test_a_deleted_stream_is_left_alone(redis_url, sync_redis, tmp_path, gradient):
     """A camera retired by deleting its stream: not made again by the group's re-creation, so
     it is not read for ever; a stream named in the config is (the config asks for it)."""
