@@ -88,12 +88,18 @@ def test_sigterm_drains_in_flight_work_and_leaves_the_rest_pending(daemons, redi
     assert len(done) == 12 and set(done) == sent
 
 
-def test_a_second_signal_exits_at_once(daemons, redis_url, sync_redis, gradient):
+def one_slow_call(daemons, redis_url, sync_redis, gradient, call_s: int, shutdown_s: int) -> Daemon:
+    """A daemon whose model is in a `call_s` call on its one frame."""
     sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
-    d = daemons(redis_url, pipeline="model = \"fake/slow\"", fake="delay_s = 60",
-                top="shutdown_timeout_s = 60")
+    d = daemons(redis_url, pipeline="model = \"fake/slow\"", fake=f"delay_s = {call_s}",
+                top=f"shutdown_timeout_s = {shutdown_s}")
     d.wait_ready()
     wait_until(lambda: d.get("/health")[1]["workers"][0]["busy"], 30, "a batch in flight")
+    return d
+
+
+def test_a_second_signal_exits_at_once(daemons, redis_url, sync_redis, gradient):
+    d = one_slow_call(daemons, redis_url, sync_redis, gradient, call_s=60, shutdown_s=60)
     d.proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     assert d.proc.poll() is None  # draining: waiting for the minute-long batch
@@ -106,11 +112,7 @@ def test_a_second_signal_exits_at_once(daemons, redis_url, sync_redis, gradient)
 def test_a_call_that_outlasts_the_drain_does_not_keep_the_process(daemons, redis_url, sync_redis, gradient):
     """A model call cannot be stopped; the interpreter would wait for its thread at exit, for
     as long as the call lasts. The daemon exits once the drain's time is up."""
-    sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
-    d = daemons(redis_url, pipeline="model = \"fake/slow\"", fake="delay_s = 120",
-                top="shutdown_timeout_s = 1")
-    d.wait_ready()
-    wait_until(lambda: d.get("/health")[1]["workers"][0]["busy"], 30, "a batch in flight")
+    d = one_slow_call(daemons, redis_url, sync_redis, gradient, call_s=120, shutdown_s=1)
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(30) == 0  # not after the two-minute call
     log = d.output()
