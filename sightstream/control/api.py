@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ValidationError
@@ -17,16 +17,19 @@ M = TypeVar("M", bound=BaseModel)
 TOKEN_NAME = web.RequestKey("token_name", str)
 
 
-def _not_a_bool(value: Any) -> Any:
-    """pydantic reads true as 1: a client's mistake (a flag sent for a count), not a number."""
-    if isinstance(value, bool):
-        raise ValueError("a number is wanted here, not true or false")
+def _a_json_number(value: Any) -> Any:
+    """pydantic reads true as 1 and "5" as 5: a client's mistake (a flag sent for a count, a
+    form's text), not a number."""
+    if isinstance(value, (bool, str)):
+        sent = "true or false" if isinstance(value, bool) else "text"
+        raise ValueError(f"a JSON number is wanted here, not {sent}")
     return value
 
 
-# Numbers in request bodies: JSON numbers (5.0 is an integer, as JSON Schema says), never a bool.
-Count = Annotated[int, BeforeValidator(_not_a_bool)]
-Number = Annotated[float, BeforeValidator(_not_a_bool)]
+# A number in a request body: a JSON number (5.0 is an integer, as JSON Schema has it), never a
+# bool or text. Bounds go before it in the same Annotated, so the schema shows them as
+# minimum/maximum: Annotated[int, Field(ge=1), JSON_NUMBER].
+JSON_NUMBER = BeforeValidator(_a_json_number)
 
 
 def who(request: web.Request) -> str:

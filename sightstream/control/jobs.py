@@ -9,13 +9,13 @@ import base64
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sightstream.config import DEFAULT_MODEL
-from sightstream.control.api import Api, ApiError, Count, Number, Resp, read_json, read_query, who
+from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json, read_query, who
 from sightstream.control.models import model_error
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
@@ -41,7 +41,7 @@ class SummarizeIn(BaseModel):
         "per-frame results"))
     prompt: str = Field("", max_length=10_000,
                         description="the instruction (default: summarise what happens)")
-    every_s: Number | None = Field(None, ge=1, le=10**7, description=(
+    every_s: Annotated[float, Field(ge=1, le=10**7), JSON_NUMBER] | None = Field(None, description=(
         "also, every every_s while the job runs, a summary of the results since the previous one (live "
         "sources); the whole job is summarised when it has read its source to the end"))
 
@@ -64,12 +64,12 @@ class JobIn(BaseModel):
         "https://…/live.m3u8 (HLS, live or VOD), https://…/clip.mp4, rtsp(s)://… (a camera), file:///… "
         "(under jobs.allowed_paths), or redis://<stream key>"))
     model: str = Field(DEFAULT_MODEL, pattern=r"^[^/\s]+/[^/\s]+$", description="family/variant")
-    fps: Number = Field(1.0, gt=0, le=240, description="results per second of video (per second of capture "
-                                                      "time for a stream)")
+    fps: Annotated[float, Field(gt=0, le=240), JSON_NUMBER] = Field(1.0, description=(
+        "results per second of video (per second of capture time for a stream)"))
     prompt: str = Field("", max_length=100_000)
-    max_frames: Count | None = Field(None, ge=1, le=10**9,
-                                   description="stop after this many frames (results and dead-lettered)")
-    max_seconds: Number | None = Field(None, gt=0, le=10**7, description=(
+    max_frames: Annotated[int, Field(ge=1, le=10**9), JSON_NUMBER] | None = Field(
+        None, description="stop after this many frames (results and dead-lettered)")
+    max_seconds: Annotated[float, Field(gt=0, le=10**7), JSON_NUMBER] | None = Field(None, description=(
         "stop after this much video (a stream: this long after the job started)"))
     summarize: SummarizeIn | None = Field(None, description=(
         "write a summary of the whole job from its results with a text model (results stream: an "

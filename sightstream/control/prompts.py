@@ -4,11 +4,13 @@ on every daemon within a second. A change may be conditional on the version it w
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from sightstream.config import PipelineSettings
-from sightstream.control.api import Api, ApiError, Count, Resp, read_json, who
+from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json, who
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.errors import ModelError
@@ -37,15 +39,16 @@ class PromptHistory(BaseModel):
 class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(max_length=MAX_PROMPT)
-    expected_version: Count | None = Field(
-        None, ge=1, le=MAX_VERSION,
+    expected_version: Annotated[int, Field(ge=1, le=MAX_VERSION), JSON_NUMBER] | None = Field(
+        None,
         description="refuse (409) unless this is the current version (as If-Match)")
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: Count = Field(ge=1, le=MAX_VERSION, description="the version whose text becomes current again")
-    expected_version: Count | None = Field(None, ge=1, le=MAX_VERSION)
+    version: Annotated[int, Field(ge=1, le=MAX_VERSION), JSON_NUMBER] = Field(
+        description="the version whose text becomes current again")
+    expected_version: Annotated[int, Field(ge=1, le=MAX_VERSION), JSON_NUMBER] | None = None
 
 
 NO_PIPELINE = error("No pipeline of that name in this daemon's config")

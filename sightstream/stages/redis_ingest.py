@@ -60,7 +60,8 @@ class RedisIngest(StreamReader):
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
         self._active_rotation = 0
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
-        self._idle_rounds = 0  # reads of idle streams in a row that found nothing
+        self._idle_rounds = 0  # reads of idle streams in this pass that found nothing
+        self._idle_passes = 0  # passes over every stream in a row that found nothing
         self._next_discovery = 0.0
         self._joined: set[str] = set()
 
@@ -194,13 +195,13 @@ class RedisIngest(StreamReader):
         # A pending entry whose content was deleted comes back with no fields: dead-lettered.
         return await self._admission.admit(stream, entries, counts)
 
-    def _choose(self, room: int) -> tuple[list[str], int | None]:
-        """The streams of the next read, and how long it may block (ms; None: it does not).
-        XREADGROUP's COUNT is per stream, so a read covers at most `room` streams, room // n
-        entries each: reading idle streams beside a busy one would leave it one entry per
-        read, and a blocking read over idle ones only would stall it for a second. So active
-        streams (entries within ACTIVE_S) are read on their own, in turn when more than `room`
-        are active, and reads of the others, in turn, come between."""
+    def _choose(self, room: int) -> tuple[list[str], int | None, bool]:
+        """The streams of the next read, how long it may block (ms; None: it does not), and
+        whether they are the active ones. XREADGROUP's COUNT is per stream, so a read covers
+        at most `room` streams, room // n entries each: reading idle streams beside a busy one
+        would leave it one entry per read, and a blocking read over idle ones only would stall
+        it for a second. So active streams (entries within ACTIVE_S) are read on their own, in
+        turn when more than `room` are active, and reads of the others, in turn, come between."""
         now = time.monotonic()
         for stream, last in list(self._active.items()):
             if now - last > ACTIVE_S or stream not in self.streams:
@@ -212,8 +213,8 @@ class RedisIngest(StreamReader):
             start = self._active_rotation % len(active)
             self._active_rotation += room
             chosen = (active[start:] + active[:start])[:room]
-            # Blocks briefly only: the other streams are looked at next.
-            return chosen, (ACTIVE_BLOCK_MS if idle_exist else BLOCK_MS)
+            # A long wait only when the read covers every stream: else others wait their turn.
+            return chosen, (BLOCK_MS if len(chosen) == len(self.streams) else ACTIVE_BLOCK_MS), True
         self._probe_next = False
         idle = [s for s in self.streams if s not in self._active] or self.streams
         n = min(room, len(idle))
@@ -221,10 +222,10 @@ class RedisIngest(StreamReader):
         chosen = (idle[start:] + idle[:start])[:n]
         self._rotation += n
         # Blocks only when one read looks at every stream and none is active.
-        return chosen, (BLOCK_MS if not active and n == len(self.streams) else None)
+        return chosen, (BLOCK_MS if not active and n == len(self.streams) else None), False
 
     async def _read_new(self, room: int) -> int:
-        chosen, block_ms = self._choose(room)
+        chosen, block_ms, of_active = self._choose(room)
         count = room // len(chosen)
         if self._cluster:
             replies: Any = await self._read_by_slot(chosen, count)
@@ -240,14 +241,15 @@ class RedisIngest(StreamReader):
                 self._active[name] = now
             used += await self._admission.admit(name, entries)
         if used or (block_ms and not self._cluster):
-            self._idle_rounds = 0
+            self._idle_rounds = self._idle_passes = 0
         elif not self._active:
-            # Nothing anywhere: a pause once each stream has been looked at, not a busy loop
-            # (on a cluster, where no read blocks, after every empty read).
+            # Nothing anywhere: a pause once each stream has been looked at, growing from 5 to
+            # 50 ms, not a busy loop (on a cluster, where no read blocks, the same).
             self._idle_rounds += 1
-            if self._cluster or self._idle_rounds * room >= len(self.streams):
-                await self.sleep(min(0.05, 0.005 * self._idle_rounds))
-        elif self._cluster:
+            if self._idle_rounds * room >= len(self.streams):
+                self._idle_rounds, self._idle_passes = 0, self._idle_passes + 1
+                await self.sleep(min(0.05, 0.005 * self._idle_passes))
+        elif self._cluster and of_active:
             await self.sleep(ACTIVE_BLOCK_MS / 1000)  # active streams with nothing new: a short poll
         return used
 

@@ -116,6 +116,7 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         assert "fps" in await refused(422, source=f"file://{videos}/clip.mp4", fps="fast")
         assert "max_frames" in await refused(422, source=f"file://{videos}/clip.mp4", max_frames=True)
         assert "fps" in await refused(422, source=f"file://{videos}/clip.mp4", fps=False)
+        assert "fps" in await refused(422, source=f"file://{videos}/clip.mp4", fps="2")  # a JSON number
         assert await submit(client, source=f"file://{videos}/clip.mp4", max_frames=2.0)  # an integer, to JSON Schema
         r = await client.post("/jobs", data=b'{"source": "file:///x.mp4", "fps": NaN}')
         assert r.status == 422 and "finite" in (await r.json())["error"]["message"]

@@ -6,6 +6,7 @@ each answer: no server error, a documented status, a body that matches its schem
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import hypothesis
@@ -81,6 +82,10 @@ async def test_the_document_is_valid_openapi_3_1_and_covers_every_route(redis_ur
     assert doc["paths"]["/health/live"]["get"]["security"] == []
     assert "401" in doc["paths"]["/pipelines/{name}/prompt"]["put"]["responses"]
     assert "security" not in doc["paths"]["/pipelines/{name}/prompt"]["put"]
+    # Bounds are JSON Schema's own keywords (pydantic's ge/le would be ignored by clients).
+    text = json.dumps(doc)
+    assert not any(f'"{k}":' in text for k in ("ge", "gt", "le", "lt"))
+    assert '"maximum": 1000000000, "minimum": 1, "type": "integer"' in text  # a job's max_frames
 
 
 # schemathesis' pytest loader (`from_fixture`) does not run on pytest 9 (it sets a node's
