@@ -309,6 +309,37 @@ async def test_frames_go_on_while_a_text_call_runs_on_their_device(redis_url, sy
         assert threads == ["text-cpu_0", "text-cpu_0"]
 
 
+async def test_a_stop_publishes_the_frames_results_though_text_calls_wait(redis_url, sync_redis, tmp_path, media,
+                                                                         gradient, monkeypatch):
+    """One text call running and one queued (the text queue full): the stop still drains the
+    frames and ends the publisher in order, then gives the text calls what time is left."""
+    import threading
+
+    from sightstream.models.adapters.hf_text import HfTextGenerator
+
+    began, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(HfTextGenerator, "infer", lambda self, inputs: (began.set(), release.wait(30)) and [])
+    settings = summary_settings(redis_url, tmp_path, media).model_copy(update={"shutdown_timeout_s": 3})
+    try:
+        async with serving(settings) as (d, client):
+            def ask(text: str) -> asyncio.Future:
+                return asyncio.ensure_future(client.post("/predict/llm/tiny", data=text.encode(),
+                                                         headers={"Content-Type": "text/plain"}))
+
+            calls = [ask("a dog")]
+            assert await asyncio.to_thread(began.wait, 30)
+            calls.append(ask("a cat"))  # a batch of its own, queued behind the first
+            await wait_for(lambda: d._text_batches.full(), 10, "the second text call queued")
+            sync_redis.xadd("frames:{m}", {"image": encode(gradient)})
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{m}") == 1)
+            await d.stop()
+            assert d._publisher_task.done() and not d._publisher_task.cancelled()  # drained, not cut off
+            for call in calls:
+                call.cancel()
+    finally:
+        release.set()
+
+
 async def test_the_text_model_is_unloaded_and_evicted_like_any_model(redis_url, tmp_path, media):
     """A captioner and the text model on one device whose budget holds one of them at a time:
     each load evicts the other while it is idle, and a job with a summary still completes."""

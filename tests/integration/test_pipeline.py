@@ -178,6 +178,23 @@ async def test_a_deleted_stream_is_left_alone(redis_url, sync_redis, tmp_path, g
                        and sync_redis.xlen("results:people:frames:{named}") == 2)
 
 
+async def test_a_deleted_stream_of_a_tracking_pipeline_is_read_again_once_written_to(
+        redis_url, sync_redis, tmp_path, gradient):
+    """A per-source model leases each stream; a lease kept for a deleted stream would leave it
+    unread for good once a producer writes to it again."""
+    jpeg = encode(gradient)
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/track"}], fakes={"track": {"task": "track"}})
+    async with running(settings) as d:
+        sync_redis.xadd("frames:{cam}", {"image": jpeg})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{cam}") == 1)
+        sync_redis.delete("frames:{cam}")
+        ingest = d.runs["people"].ingest
+        await wait_for(lambda: "frames:{cam}" not in ingest.streams, 15, "the stream dropped")
+        assert "frames:{cam}" not in ingest.leases.held
+        sync_redis.xadd("frames:{cam}", {"image": jpeg})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{cam}") == 2, 20, "read again")
+
+
 async def test_its_own_results_and_dead_letters_are_never_read_back(redis_url, sync_redis, tmp_path, gradient):
     """An input glob that matches everything also matches the pipeline's own result and
     dead-letter streams, jobs' results and another deployment's: those are never taken for
