@@ -13,6 +13,7 @@ from sightstream.config import PipelineSettings
 from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json, who
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
+from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ModelError
 from sightstream.models.adapters import check_prompt
 from sightstream.prompts import PromptVersion, UnknownVersion, VersionConflict
@@ -73,6 +74,15 @@ def _answer(pipeline: str, p: PromptVersion) -> web.Response:
     return reply(_out(pipeline, p), headers={"ETag": f'"{p.version}"'})
 
 
+def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
+    """422 unless the pipeline's model can use this prompt text (`what` names it)."""
+    entry = d.catalogue.get(p.model)
+    try:
+        check_prompt(entry.adapter, entry.task, text)
+    except ModelError as e:
+        raise ApiError(422, f"{p.model} cannot use {what}: {e}") from None
+
+
 def _expected(request: web.Request, given: int | None) -> int | None:
     header = request.headers.get("If-Match", "").strip()
     if not header or header == "*":
@@ -106,11 +116,7 @@ async def put_prompt(request: web.Request) -> web.Response:
     body = await read_json(request, PromptIn)
     expected = _expected(request, body.expected_version)
     d = request.app[DAEMON]
-    entry = d.catalogue.get(p.model)
-    try:
-        check_prompt(entry.adapter, entry.task, body.text)
-    except ModelError as e:
-        raise ApiError(422, f"{p.model} cannot use this prompt: {e}") from None
+    _check_usable(d, p, body.text, "this prompt")
     try:
         changed = await d.prompts.set(p.name, body.text, expected=expected,
                                       set_by=who(request))
@@ -138,13 +144,9 @@ async def rollback(request: web.Request) -> web.Response:
     expected = _expected(request, body.expected_version)
     d = request.app[DAEMON]
     # as PUT checks a new text: a version set for another model (the config changed since)
-    entry = d.catalogue.get(p.model)
     earlier = next((v for v in await d.prompts.history(p.name) if v.version == body.version), None)
     if earlier is not None:
-        try:
-            check_prompt(entry.adapter, entry.task, earlier.text)
-        except ModelError as e:
-            raise ApiError(422, f"{p.model} cannot use version {body.version}'s prompt: {e}") from None
+        _check_usable(d, p, earlier.text, f"version {body.version}'s prompt")
     try:
         changed = await d.prompts.rollback(
             p.name, body.version, expected=expected, set_by=who(request))
