@@ -203,8 +203,8 @@ class RedisIngest(StreamReader):
         it for a second. So active streams (entries within ACTIVE_S) are read on their own, in
         turn when more than `room` are active, and reads of the others, in turn, come between."""
         now = time.monotonic()
-        for stream, last in list(self._active.items()):
-            if now - last > ACTIVE_S or stream not in self.streams:
+        for stream, last in list(self._active.items()):  # _drop takes dropped streams out too
+            if now - last > ACTIVE_S:
                 del self._active[stream]
         active = list(self._active)
         idle_exist = len(active) < len(self.streams)
