@@ -103,7 +103,10 @@ class RedisIngest(StreamReader):
         if self.leases is None:
             new = [s for s in found if s not in self.streams]
         else:
-            new = await self.leases.settle(found, self._busy)
+            await self.leases.settle(found, self._busy)
+            # Held and not read yet: taken now, or taken before and its take-over failed (a
+            # NOGROUP, Redis down); from settle's return it would be taken once and then never read.
+            new = [s for s in self.leases.held if s not in self.streams and s in found]
             for stream in new:
                 await self._take_over(stream)
             self._drop([s for s in self.streams if s not in self.leases.held])
@@ -135,6 +138,7 @@ class RedisIngest(StreamReader):
                 self.streams.remove(stream)
             self._draining.pop(stream, None)
             self._active.pop(stream, None)
+            self._joined.discard(stream)  # found again (a deleted stream written to): its group is made again
 
     def _busy(self, stream: str) -> bool:
         return any(f.stream == stream for f in self._in_flight.frames())
