@@ -168,7 +168,8 @@ class Catalogue:
         self._entries = {e.id: e for e in BUILTIN}
         for family, variants in (extra or {}).items():
             for variant, cfg in variants.items():
-                self._entries[f"{family}/{variant}"] = _from_config(family, variant, cfg)
+                model_id = f"{family}/{variant}"
+                self._entries[model_id] = _from_config(family, variant, cfg, self._entries.get(model_id))
 
     def get(self, model_id: str) -> Entry:
         try:
@@ -182,17 +183,33 @@ class Catalogue:
         return iter(sorted(self._entries.values(), key=lambda e: e.id))
 
 
-def _from_config(family: str, variant: str, cfg: ModelEntry) -> Entry:
-    options = {"task": cfg.task, **(cfg.model_extra or {})}
+def _from_config(family: str, variant: str, cfg: ModelEntry, builtin: Entry | None = None) -> Entry:
+    """A config entry, or a built-in entry with what the config sets changed: options such as
+    `input_size` under a built-in model's name keep its weights, backend and adapter."""
+    given = cfg.model_fields_set
+    options = {**(cfg.model_extra or {})}
     if cfg.timeout_s is not None:
         options["timeout_s"] = cfg.timeout_s
-    adapter = cfg.adapter or DEFAULT_ADAPTER.get((cfg.backend, cfg.task), "")
+    if builtin is not None:
+        backend = cfg.backend if "backend" in given else builtin.backend
+        task = cfg.task if "task" in given else builtin.task
+        adapter = cfg.adapter or (
+            builtin.adapter if (backend, task) == (builtin.backend, builtin.task)
+            else DEFAULT_ADAPTER.get((backend, task), ""))
+        path = cfg.path if "path" in given else builtin.path
+        options = {**builtin.options, "task": task, **options}
+        licence, description = builtin.licence, builtin.description
+    else:
+        backend, task, path = cfg.backend, cfg.task, cfg.path
+        adapter = cfg.adapter or DEFAULT_ADAPTER.get((backend, task), "")
+        options = {"task": task, **options}
+        licence = description = ""
     if not adapter:
         raise UnknownModel(
-            f"model {family}/{variant}: no adapter serves backend {cfg.backend!r} with task "
-            f"{cfg.task!r} yet"
+            f"model {family}/{variant}: no adapter serves backend {backend!r} with task {task!r} yet"
         )
     return Entry(
-        family, variant, cfg.backend, cfg.task, adapter, cfg.path, options,
-        licence=str(options.pop("licence", "")), description=str(options.pop("description", "")),
+        family, variant, backend, task, adapter, path, options,
+        licence=str(options.pop("licence", licence)),
+        description=str(options.pop("description", description)),
     )

@@ -159,6 +159,25 @@ def test_options_from_the_config_entry(tmp_path):
     assert [d["label"] for d in pred.result["detections"]] == ["b"]
 
 
+def test_options_under_a_builtin_models_name_change_only_those_options(astronaut, tmp_path):
+    # docs/models.md puts a built-in model's options under its own name: its weights, backend,
+    # adapter, licence and description stay (they used to be replaced by an empty ONNX entry)
+    m = manager(retinaface__mobilenet={"input_size": 320, "timeout_s": 5})
+    entry = m.catalogue.get("retinaface/mobilenet")
+    assert entry.available and entry.adapter == "retinaface" and "MIT" in entry.licence
+    assert entry.options["input_size"] == 320 and m.timeout_s("retinaface/mobilenet", None, 60) == 5
+    (pred,) = predict(load(m, "retinaface/mobilenet"), [astronaut], None)
+    assert inside(pred.result["detections"][0]["box"], FACE)
+    assert m.decode_shape("retinaface/mobilenet") == InputShape.fit(320, 320)
+    owl = manager(owlv2__base={"path": str(tmp_path), "score_threshold": 0.2}).catalogue.get("owlv2/base")
+    assert (owl.backend, owl.task, owl.adapter, owl.path) == ("transformers", "detect", "hf_open_vocab",
+                                                             str(tmp_path))
+    assert owl.options["score_threshold"] == 0.2 and owl.description
+    # a backend or task given changes the adapter to that pair's own
+    torch_face = manager(retinaface__mobilenet={"backend": "torch", "path": str(tmp_path / "f.pt")})
+    assert torch_face.catalogue.get("retinaface/mobilenet").adapter == "torch_yolo"
+
+
 def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
     m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
     with pytest.raises(UnknownModel, match="sightstream models"):
