@@ -18,7 +18,9 @@ POISON = 13  # an image whose top-left red value is this makes its batch fail
 class Scripted:
     """Options: `delay_s` (every call sleeps this long), `hang_first_s` (the first call sleeps
     this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
-    `poison` (true: a batch holding a POISON image fails)."""
+    `poison` (true: a batch holding a POISON image fails), `threshold` (a number: anything else
+    breaks the constructor, as a bad option does), `fail_load` and `fail_unload` (true: that
+    step raises, as a plug-in's bug would)."""
 
     task = "detect"
     takes_prompt = False
@@ -30,15 +32,20 @@ class Scripted:
         self.hang_first_s = float(options.get("hang_first_s", 0))
         self.oom_above = int(options.get("oom_above", 0))
         self.poison = bool(options.get("poison", False))
+        self.threshold = float(options.get("threshold", 0))
+        self.fail_load = bool(options.get("fail_load", False))
+        self.fail_unload = bool(options.get("fail_unload", False))
         self.calls = 0
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
     def load(self, device: str) -> None:
-        pass
+        if self.fail_load:
+            raise KeyError("weights/layer3 (simulated)")
 
     def unload(self) -> None:
-        pass
+        if self.fail_unload:
+            raise RuntimeError("the unload broke (simulated)")
 
     def infer(self, images: list[np.ndarray], prompt: object = None) -> list[Prediction]:
         with self._lock:

@@ -164,14 +164,15 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
         if entry.task == "track":
             raise ApiError(422, f"{mid} tracks objects across a source's frames: send it a video as a "
                                 "job (POST /jobs), or frames through a pipeline", "bad_model")
-        entry.resolve()
         takes_prompt = getattr(adapter_class(entry.adapter), "takes_prompt", False)
-        if prompt is not None or takes_prompt:
-            check_prompt(entry.adapter, entry.task, prompt or "")
+        entry.resolve()
     except ModelError as e:
-        if e.__class__ is ModelError:  # the prompt: the model cannot use it
-            raise ApiError(422, f"{mid} cannot use this prompt: {e}") from None
         raise model_error(e) from None
+    if prompt is not None or takes_prompt:
+        try:
+            check_prompt(entry.adapter, entry.task, prompt or "")
+        except ModelError as e:
+            raise ApiError(422, f"{mid} cannot use this prompt: {e}") from None
     return entry
 
 

@@ -138,7 +138,7 @@ class Daemon:
         for p in self.settings.pipelines:
             try:
                 entry = self.catalogue.get(p.model)
-                entry.resolve()
+                self.manager.create(p.model)  # its weights are here, its options make sense
                 takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None

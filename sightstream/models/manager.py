@@ -58,6 +58,16 @@ class Loaded:
     in_use: int = 0
 
 
+def _load(adapter: Adapter, device: str, model_id: str) -> None:
+    """Load on the device's thread; whatever the adapter raises is this model's error."""
+    try:
+        adapter.load(device)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"model {model_id} failed to load on {device}: {type(e).__name__}: {e}") from e
+
+
 class ModelManager:
     def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
                  room_wait_s: float = 60.0, metrics: Metrics | None = None) -> None:
@@ -75,7 +85,15 @@ class ModelManager:
     def create(self, model_id: str) -> Adapter:
         """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
         entry = self.catalogue.get(model_id)
-        return adapter_class(entry.adapter)(entry.resolve(), entry.options)
+        cls = adapter_class(entry.adapter)
+        source = entry.resolve()
+        try:
+            return cls(source, entry.options)
+        except ModelError:
+            raise
+        except Exception as e:  # a plug-in's bug or a bad option: this model's error, not the daemon's
+            raise ModelError(f"model {model_id}: its adapter {entry.adapter!r} could not be set up "
+                             f"with its options: {type(e).__name__}: {e}") from e
 
     def timeout_s(self, model_id: str, adapter: object, default: float) -> float:
         """How long one call of this model may take: its entry's `timeout_s` as set; else at
@@ -124,7 +142,7 @@ class ModelManager:
             await self._wait_for_room(device, estimate, model_id)
             try:
                 started = time.monotonic()
-                await asyncio.get_running_loop().run_in_executor(executor, adapter.load, device)
+                await asyncio.get_running_loop().run_in_executor(executor, _load, adapter, device, model_id)
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
@@ -211,7 +229,10 @@ class ModelManager:
                 if entry.in_use:
                     raise ModelInUse(f"model {model_id} is in use on {dev}; try again when idle")
                 del self._loaded[(mid, dev)]
-                entry.adapter.unload()
+                try:
+                    entry.adapter.unload()
+                except Exception as e:  # a plug-in's: the model is let go all the same
+                    _log.error("model_unload_failed", model=mid, device=dev, error=f"{type(e).__name__}: {e}")
                 self._give_back(dev)
                 done.append(dev)
                 if self._metrics is not None:

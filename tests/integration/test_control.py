@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from sightstream.control.app import make_app
@@ -146,6 +147,33 @@ async def test_model_routes(redis_url, tmp_path):
         assert (await r.json())["unloaded"] == [{"model": "fake/small", "device": "cpu"}]
         r = await client.post("/models/cleanup?inactive_seconds=soon")
         assert r.status == 422 and "inactive_seconds" in (await r.json())["error"]["message"]
+
+
+async def test_a_plug_ins_failures_are_its_models_errors_never_a_500(redis_url, tmp_path):
+    settings = settings_for(redis_url, tmp_path, fakes={
+        "badopt": {"threshold": "abc"}, "badload": {"fail_load": True}, "badunload": {"fail_unload": True},
+        "noclass": {"adapter": "Nope"}})
+    async with serving(settings) as (daemon, client):
+        for route, status in (("/models/fake/badopt/load", 409), ("/predict/fake/badopt", 422)):
+            r = await client.post(route, data=encode(np.zeros((8, 8, 3), np.uint8)))
+            body = await r.json()
+            assert r.status == status and body["error"]["code"] == "model_error", body
+            assert "could not be set up with its options: ValueError" in body["error"]["message"]
+        r = await client.post("/models/fake/badload/load")
+        body = await r.json()
+        assert r.status == 409 and "failed to load on cpu: KeyError" in body["error"]["message"], body
+        r = await client.post("/predict/fake/badload", data=encode(np.zeros((8, 8, 3), np.uint8)))
+        assert r.status == 422 and "failed to load" in (await r.json())["error"]["message"]
+        r = await client.post("/predict/fake/noclass", data=encode(np.zeros((8, 8, 3), np.uint8)))
+        body = await r.json()  # no prompt was sent: the message is about the adapter, not a prompt
+        assert r.status == 409 and body["error"]["message"].startswith("cannot import adapter"), body
+        assert (await client.post("/models/fake/badunload/load")).status == 200
+        r = await client.post("/models/fake/badunload/unload")  # unloaded all the same, and said
+        assert r.status == 200 and not daemon.manager.is_loaded("fake/badunload")
+        await client.post("/models/fake/badunload/load")
+        r = await client.post("/models/cleanup?inactive_seconds=0")
+        assert r.status == 200 and (await r.json())["unloaded"] == [{"model": "fake/badunload", "device": "cpu"}]
+        assert (await client.get("/health")).status == 200
 
 
 async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):

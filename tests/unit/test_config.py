@@ -168,6 +168,13 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
     settings = Settings(devices=["cpu"], models={"x": {"y": {"backend": "torch", "task": "depth", "path": "/tmp"}}})
     with pytest.raises(ConfigError, match="no adapter serves backend 'torch' with task 'depth'"):
         Daemon(settings)
+    # a pipeline's model whose options its adapter refuses: at start, not per frame (it used to
+    # kill the daemon at the first frame, and every daemon that took the frame over)
+    settings = Settings(devices=["cpu"], models={"x": {"y": {
+        "backend": "torch", "adapter": "tests.fake_adapters:Scripted", "threshold": "abc"}}},
+        pipelines=[{"name": "p", "model": "x/y"}])
+    with pytest.raises(ConfigError, match=r"pipelines\[p\].model: model x/y: its adapter .* ValueError"):
+        Daemon(settings)
 
 
 @pytest.mark.parametrize("url,shown", [

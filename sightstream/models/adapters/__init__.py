@@ -62,7 +62,12 @@ def check_prompt(adapter: str, task: str, text: str) -> None:
         raise ModelError("this model takes no prompt")
     check = getattr(cls, "check_prompt", None)
     if check is not None:
-        check(text, task)
+        try:
+            check(text, task)
+        except ModelError:
+            raise
+        except Exception as e:  # a plug-in's check that refuses with another error
+            raise ModelError(f"{type(e).__name__}: {e}") from e
 
 
 def adapter_class(name: str) -> Any:
