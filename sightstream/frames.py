@@ -191,7 +191,7 @@ def result_fields(
         "pipeline": frame.pipeline,
         "model": model,
         "task": task,
-        "result": json.dumps(prediction.result, separators=(",", ":")),
+        "result": result_json(prediction.result),
     }
     if prompt_version is not None:
         out["prompt_version"] = str(prompt_version)
@@ -199,6 +199,38 @@ def result_fields(
     if frame.meta is not None:
         out["meta"] = frame.meta
     return out
+
+
+def result_json(result: Any) -> str:
+    """A result as strict JSON, which every reader parses (JavaScript's JSON.parse refuses NaN):
+    numpy numbers and arrays become JSON's; a NaN or an infinity is a ValueError naming where
+    it is. Raises TypeError for anything else JSON cannot carry."""
+    try:
+        return json.dumps(result, separators=(",", ":"), allow_nan=False, default=_numpy_to_json)
+    except ValueError:
+        raise ValueError(f"it holds NaN or an infinity, which JSON cannot carry, at "
+                         f"{_non_finite_at(result) or 'an unknown place'}") from None
+
+
+def _numpy_to_json(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _non_finite_at(value: Any, path: str = "result") -> str | None:
+    """Where the first NaN or infinity is, as `result.detections[0].box[2]`."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, float):
+        return None if np.isfinite(value) else path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for sub, v in items if (found := _non_finite_at(v, sub))), None)
 
 
 def deadletter_fields(frame: Frame, reason: str, error: str) -> dict[str, str | bytes]:

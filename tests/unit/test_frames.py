@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from sightstream.errors import FrameError
@@ -13,6 +14,7 @@ from sightstream.frames import (
     deadletter_fields,
     entry_ms,
     result_fields,
+    result_json,
     scale_detections,
 )
 
@@ -103,3 +105,16 @@ def test_outlines_scale_back_with_their_boxes():
     text, cat = result["detections"]
     assert text["polygon"] == [[20, 80], [60, 80], [60, 160], [20, 160]]
     assert cat["polygons"] == [[[0, 0], [16, 0], [16, 32]], [[2, 4], [4, 8]]]
+
+
+def test_a_result_is_strict_json_and_a_nan_is_refused_where_it_is():
+    # JavaScript's JSON.parse refuses NaN and Infinity: a result holding one must never be published
+    with pytest.raises(ValueError, match=r"NaN or an infinity.*at result\.detections\[1\]\.box\[0\]"):
+        result_json({"detections": [{"box": [1.0, 2.0]}, {"box": [float("nan"), 2.0], "score": 0.5}]})
+    with pytest.raises(ValueError, match=r"at result\.score"):
+        result_json({"score": np.float32("inf")})
+    # a plug-in's numpy numbers and arrays are JSON's own
+    encoded = result_json({"n": np.int64(3), "s": np.float32(0.5), "box": np.array([1, 2]), "ok": np.bool_(True)})
+    assert json.loads(encoded) == {"n": 3, "s": 0.5, "box": [1, 2], "ok": True}
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        result_json({"bad": {1}})
