@@ -104,7 +104,7 @@ BUILTIN = (
         licence="AGPL-3.0 (Ultralytics YOLOv8n weights, as their metadata states)",
         description="18 classes of exposed/covered body parts and male/female faces (YOLOv8n, 320)",
     ),
-    Entry("ocr", "ppocr-v6", "onnx", "detect", "ocr", "package:rapidocr",
+    Entry("ocr", "ppocr-v6", "onnx", "detect", "ocr", "package:rapidocr/models",
           licence="Apache-2.0 (PP-OCRv6 models inside the rapidocr wheel)",
           description="OCR: each text line as a detection with its `text` (the `ocr` extra)"),
     # transformers models: hub ids, resolved only from the local Hugging Face cache

@@ -14,7 +14,7 @@ from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
 from sightstream.models.adapter import input_shape, predict
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
-from sightstream.models.manager import ModelManager
+from sightstream.models.manager import ModelManager, ModelTooLarge
 from tests.tiny_models import ROWS, broken_model, constant_yolov8
 
 # Where the astronaut's face is in the 512x512 photo (checked by eye once).
@@ -254,7 +254,16 @@ def test_catalogue_lists_what_is_available_offline():
 def test_builtin_entries_naming_a_file_in_a_package_find_it():
     for entry in Catalogue():
         if entry.available and entry.path.startswith("package:") and "/" in entry.path:
-            assert Path(entry.resolve()).is_file()
+            assert Path(entry.resolve()).exists()
+
+
+async def test_ocr_counts_its_models_in_the_memory_budget():
+    # its three ONNX files (~31 MB) lie inside the rapidocr wheel: they used to count as 0 MB
+    m = ModelManager(Catalogue(), budgets_mb={"cpu": 5})
+    with pytest.raises(ModelTooLarge, match=r"ocr/ppocr-v6 needs about 3\d MB"):
+        await m.load("ocr/ppocr-v6", "cpu", ThreadPoolExecutor(1))
+    ocr = load(ModelManager(Catalogue()), "ocr/ppocr-v6")
+    assert 25 < ocr.memory_mb < 40
 
 
 def test_a_hub_model_missing_from_the_local_cache_is_a_clear_error_never_a_download(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ as `text`, top to bottom."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ class RapidOcr:
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         self.score_threshold = float(options.get("score_threshold", 0.5))
+        self._models = path  # the wheel's folder of ONNX files: their size is the model's
+        self.memory_mb = 0.0
         self._engine: Any = None
 
     def load(self, device: str) -> None:
@@ -36,6 +39,8 @@ class RapidOcr:
             params["EngineConfig.onnxruntime.cuda_ep_cfg.device_id"] = int(device.split(":")[1])
         logging.getLogger("RapidOCR").setLevel(logging.WARNING)
         self._engine = RapidOCR(params=params)
+        folder = Path(self._models)
+        self.memory_mb = sum(f.stat().st_size for f in folder.glob("*.onnx")) / 2**20 if folder.is_dir() else 0.0
 
     def unload(self) -> None:
         self._engine = None
