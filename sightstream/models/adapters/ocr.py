@@ -40,7 +40,8 @@ class RapidOcr:
         logging.getLogger("RapidOCR").setLevel(logging.WARNING)
         self._engine = RapidOCR(params=params)
         folder = Path(self._models)
-        self.memory_mb = sum(f.stat().st_size for f in folder.glob("*.onnx")) / 2**20 if folder.is_dir() else 0.0
+        if folder.is_dir():
+            self.memory_mb = sum(f.stat().st_size for f in folder.glob("*.onnx")) / 2**20
 
     def unload(self) -> None:
         self._engine = None
