@@ -77,6 +77,9 @@ class ManagerSettings(_Strict):
     gpu_memory_fraction: float = Field(
         0.9, gt=0, le=1, description="budget of a GPU not in max_memory_mb: this share of its free memory"
     )
+    load_timeout_s: float = Field(
+        600, gt=0, description="a model load that takes longer (from when its device thread starts it) is "
+        "given up: its device thread is replaced, and its frames are retried later")
 
 
 def is_video_url(item: str) -> bool:

@@ -20,7 +20,7 @@ class Scripted:
     this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
     `poison` (true: a batch holding a POISON image fails), `threshold` (a number: anything else
     breaks the constructor, as a bad option does), `fail_load` and `fail_unload` (true: that
-    step raises, as a plug-in's bug would)."""
+    step raises, as a plug-in's bug would), `load_s` (the load takes this long)."""
 
     task = "detect"
     takes_prompt = False
@@ -35,11 +35,13 @@ class Scripted:
         self.threshold = float(options.get("threshold", 0))
         self.fail_load = bool(options.get("fail_load", False))
         self.fail_unload = bool(options.get("fail_unload", False))
+        self.load_s = float(options.get("load_s", 0))
         self.calls = 0
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
 
     def load(self, device: str) -> None:
+        time.sleep(self.load_s)
         if self.fail_load:
             raise KeyError("weights/layer3 (simulated)")
 

@@ -11,7 +11,7 @@ from sightstream.control.api import Api, ApiError, Resp, read_query
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
-from sightstream.models.manager import ModelInUse, ModelTooLarge
+from sightstream.models.manager import LoadTimeout, ModelInUse, ModelTooLarge
 
 api = Api("models")
 
@@ -93,6 +93,8 @@ def model_error(e: ModelError) -> ApiError:
         return ApiError(507, str(e), "insufficient_memory")
     if isinstance(e, ModelInUse):
         return ApiError(409, str(e), "model_in_use")
+    if isinstance(e, LoadTimeout):
+        return ApiError(504, str(e), "timeout")
     return ApiError(409, str(e), "model_error")
 
 
@@ -132,6 +134,7 @@ async def info(request: web.Request) -> web.Response:
 @api.post("/models/{family}/{variant}/load", "Load a model (on ?device=, else the least used)",
           query=DeviceQuery,
           responses={200: Resp("Loaded", LoadedModel), **MODEL_ERRORS,
+                     504: error("The load took longer than manager.load_timeout_s (code timeout)"),
                      404: error("No such model (not_found), or no worker owns that device (unknown_device)")})
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
@@ -141,7 +144,7 @@ async def load(request: web.Request) -> web.Response:
                        "unknown_device")
     model = model_id(request)
     try:
-        return reply(LoadedModel(**await d.manager.load(model, device, d.executor_for(device, model))))
+        return reply(LoadedModel(**await d.worker_for(device, model).load(model)))
     except ModelError as e:
         raise model_error(e) from None
 

@@ -95,7 +95,7 @@ class Daemon:
         self.devices = device_list.resolve(settings.devices)
         self.manager = ModelManager(self.catalogue, device_list.memory_budgets_mb(
             self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction),
-            metrics=self.metrics)
+            metrics=self.metrics, load_timeout_s=settings.manager.load_timeout_s)
         for device in self.devices:
             self.metrics.model_memory_mb.labels(device).set_function(partial(self.manager.used_mb, device))
         device_list.watch_gpus(self.devices, self.metrics)
@@ -331,12 +331,12 @@ class Daemon:
     def _writes_text(self, model: str) -> bool:
         return self.catalogue.get(model).task == "generate"
 
-    def executor_for(self, device: str, model: str) -> Executor:
-        """The executor of the worker that runs `model` on `device` (it loads there too)."""
+    def worker_for(self, device: str, model: str) -> Worker:
+        """The worker that runs `model` on `device` (it loads there too)."""
         workers = self.text_workers if self._writes_text(model) else self.workers
         for worker in workers:
             if worker.device == device:
-                return worker.executor
+                return worker
         raise ModelError(f"no worker owns device {device!r}; devices: {', '.join(self.devices)}")
 
     async def _wait_for_redis(self) -> bool:

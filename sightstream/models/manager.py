@@ -45,6 +45,15 @@ class RoomInUse(ModelTooLarge):
     """The model would fit once models now in use are let go (then they can be evicted)."""
 
 
+class LoadTimeout(ModelError):
+    """A load still running past `load_timeout_s` on `executor`'s thread, which it still holds:
+    whoever owns that thread replaces it (a thread stuck inside a load cannot be killed)."""
+
+    def __init__(self, message: str, executor: Executor) -> None:
+        super().__init__(message)
+        self.executor = executor
+
+
 
 
 @dataclass
@@ -70,8 +79,10 @@ def _load(adapter: Adapter, device: str, model_id: str) -> None:
 
 class ModelManager:
     def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
-                 room_wait_s: float = 60.0, metrics: Metrics | None = None) -> None:
+                 room_wait_s: float = 60.0, metrics: Metrics | None = None,
+                 load_timeout_s: float = 600.0) -> None:
         self.catalogue = catalogue
+        self.load_timeout_s = load_timeout_s
         self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -142,7 +153,7 @@ class ModelManager:
             await self._wait_for_room(device, estimate, model_id)
             try:
                 started = time.monotonic()
-                await asyncio.get_running_loop().run_in_executor(executor, _load, adapter, device, model_id)
+                await self._load_on(executor, adapter, device, model_id)
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
@@ -154,6 +165,27 @@ class ModelManager:
             _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
                       seconds=round(time.monotonic() - started, 3))
             return loaded
+
+    async def _load_on(self, executor: Executor, adapter: Adapter, device: str, model_id: str) -> None:
+        """Load on the device's thread, timed out from when the thread starts the load (not
+        while it waits behind a call); past the timeout, LoadTimeout (the thread is still in it)."""
+        began: list[float] = []
+
+        def timed() -> None:
+            began.append(time.monotonic())
+            _load(adapter, device, model_id)
+
+        loading = asyncio.get_running_loop().run_in_executor(executor, timed)
+        while not loading.done():
+            wait = began[0] + self.load_timeout_s - time.monotonic() if began else 1.0
+            if wait <= 0:
+                loading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
+                _log.error("model_load_timeout", model=model_id, device=device, timeout_s=self.load_timeout_s)
+                raise LoadTimeout(f"model {model_id} did not load on {device} within "
+                                  f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
+                                  executor)
+            await asyncio.wait((loading,), timeout=wait)
+        loading.result()
 
     async def _wait_for_room(self, device: str, needed_mb: float, model_id: str) -> None:
         """Make room and promise it to this load (the caller gives it back once loaded); when

@@ -51,7 +51,7 @@ from sightstream.frames import (
 )
 from sightstream.metrics import Metrics
 from sightstream.models.adapter import Adapter, FrameContext, is_staged
-from sightstream.models.manager import ModelManager
+from sightstream.models.manager import LoadTimeout, ModelManager
 from sightstream.stages.flow import STOP
 
 _log = log.get(__name__)
@@ -196,6 +196,10 @@ class Worker:
         except InferenceTimeout as e:
             self._hand_back(batch, frames, str(e))  # the whole batch, also parts a split retry finished
             return outcomes
+        except LoadTimeout as e:  # its frames are retried later, as a stuck call's are
+            self._replace_thread(e.executor)
+            self._hand_back(batch, frames, str(e))
+            return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
                        error=str(e))
@@ -336,10 +340,22 @@ class Worker:
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
                    device=self.device, batch=batch.id, timeout_s=timeout_s)
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
+        self._replace_thread(executor)
+
+    def _replace_thread(self, executor: Executor) -> None:
+        """A fresh device thread in place of `executor`'s stuck one (if not replaced already)."""
         if executor is self.executor:
             executor.shutdown(wait=False, cancel_futures=True)
             self.executor = self._new_executor()
             self.replaced += 1
+
+    async def load(self, model: str) -> dict:
+        """Load a model on this worker's device (the control plane's POST …/load)."""
+        try:
+            return await self._manager.load(model, self.device, self.executor)
+        except LoadTimeout as e:
+            self._replace_thread(e.executor)
+            raise
 
     def _hand_back(self, batch: Batch, frames: list[Frame], why: str) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once

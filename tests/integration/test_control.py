@@ -139,7 +139,7 @@ async def test_model_routes(redis_url, tmp_path):
         assert (await r.json()) == {"model": "fake/big", "unloaded_from": ["cpu"]}
 
         await client.post("/models/fake/small/load")
-        async with daemon.manager.use("fake/small", "cpu", daemon.executor_for("cpu", "fake/small")):
+        async with daemon.manager.use("fake/small", "cpu", daemon.worker_for("cpu", "fake/small").executor):
             r = await client.post("/models/fake/small/unload")  # a call is using it
             body = await r.json()
             assert r.status == 409 and body["error"]["code"] == "model_in_use", body
@@ -174,6 +174,29 @@ async def test_a_plug_ins_failures_are_its_models_errors_never_a_500(redis_url, 
         r = await client.post("/models/cleanup?inactive_seconds=0")
         assert r.status == 200 and (await r.json())["unloaded"] == [{"model": "fake/badunload", "device": "cpu"}]
         assert (await client.get("/health")).status == 200
+
+
+async def test_a_load_past_its_timeout_is_given_up_and_its_device_serves_other_models(redis_url, tmp_path):
+    # a load that hangs used to hold its device thread, and every model's calls on it, for ever
+    settings = settings_for(redis_url, tmp_path, fakes={"slow": {"load_s": 4}, "quick": {}},
+                            manager={"load_timeout_s": 0.5})
+    image = encode(np.zeros((8, 8, 3), np.uint8))
+    async with serving(settings) as (daemon, client):
+        assert (await client.post("/models/fake/quick/load")).status == 200
+        slow = asyncio.ensure_future(client.post("/predict/fake/slow", data=image))
+        await asyncio.sleep(0.1)
+        quick = await client.post("/predict/fake/quick", data=image)  # queued behind the load
+        assert quick.status in (200, 504)  # abandoned with the stuck thread, or run on a new one
+        r = await slow
+        body = await r.json()
+        assert r.status == 504 and "did not load on cpu within 0.5 s" in body["error"]["message"], body
+        r = await client.post("/predict/fake/quick", data=image)
+        assert r.status == 200, await r.text()  # a fresh device thread
+        r = await client.post("/models/fake/slow/load")
+        body = await r.json()
+        assert r.status == 504 and body["error"]["code"] == "timeout", body
+        assert (await client.post("/predict/fake/quick", data=image)).status == 200
+        assert not daemon.manager.is_loaded("fake/slow")
 
 
 async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
