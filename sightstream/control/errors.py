@@ -54,6 +54,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = error_response(400, f"the body cannot be read: {why.strip()}")
         response.force_close()  # the rest of the body is unread: the connection cannot go on
         return response
+    except ConnectionResetError:  # the client went away mid-upload: nobody to answer, no bug
+        _log.info("client_disconnected", path=request.path)
+        return error_response(400, "the connection was lost before the request was read")
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -73,6 +76,8 @@ class BadHttpInOneLine(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, web.RequestPayloadError):  # the rest of a body that failed a handler,
+            error = error.__cause__  # read by aiohttp after the answer (gzip that is not gzip)
         if not isinstance(error, HttpProcessingError):
             return True
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else None

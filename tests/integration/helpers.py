@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.config import Settings
@@ -41,9 +42,17 @@ def settings_for(redis_url: str, tmp_path: Path, pipelines: list[dict] | None = 
     })
 
 
+class ServedAsInProduction(TestServer):
+    """aiohttp's test server cancels a handler whose client went away; `sightstream run`'s
+    server (aiohttp's default) lets it run on and reads fail. Tests see what users' daemons do."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        return web.AppRunner(self.app, **{**kwargs, "handler_cancellation": False})
+
+
 async def client_for(daemon: Daemon) -> TestClient:
     """A client of the daemon's control plane over a real socket (the caller closes it)."""
-    client = TestClient(TestServer(make_app(daemon)))
+    client = TestClient(ServedAsInProduction(make_app(daemon)))
     await client.start_server()
     return client
 

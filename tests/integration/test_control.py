@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import pytest
@@ -223,3 +224,27 @@ async def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line(redis_
         assert answer.split(b" ", 2)[1] == b"400"
     assert [e["event"] for e in logged] == ["bad_http_request"] and "8190 bytes" in logged[0]["error"]
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_a_client_gone_mid_upload_and_a_long_body_that_is_not_gzip_log_no_traceback(
+        redis_url, tmp_path, capfd):
+    from structlog.testing import capture_logs
+
+    async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
+        with capture_logs() as logged:
+            _, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n"
+                         b"Content-Type: image/jpeg\r\n\r\n\xff\xd8" + b"x" * 100_000)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await wait_for(lambda: any(e["event"] == "client_disconnected" for e in logged), timeout=3, what=str(logged))
+            # 3 MB that is not gzip: the handler answers 400, then aiohttp reads the rest and fails
+            r = await client.post("/predict/tiny/det", data=io.BytesIO(b"x" * 3_000_000),
+                                  headers={"Content-Encoding": "gzip"})
+            assert r.status == 400 and "cannot be read" in (await r.json())["error"]["message"]
+            await asyncio.sleep(0.5)
+        assert (await client.get("/health/live")).status == 200
+    assert "control_handler_failed" not in [e["event"] for e in logged]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Unhandled exception" not in err
