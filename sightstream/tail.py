@@ -108,8 +108,8 @@ def tail(
         while True:
             if is_glob and time.monotonic() - last_scan > 2:
                 for k in client.scan_iter(match=key, count=1000, _type="stream"):
-                    name = k.decode()
-                    if name not in cursors and fnmatch.fnmatchcase(name, key):
+                    name = k.decode(errors="replace")  # a name that is not UTF-8 is not followed
+                    if name not in cursors and name.encode() == k and fnmatch.fnmatchcase(name, key):
                         cursors[name] = first_id(name, scans == 0)
                 last_scan, scans = time.monotonic(), scans + 1
             if not cursors:

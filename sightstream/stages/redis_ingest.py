@@ -47,6 +47,7 @@ class RedisIngest(StreamReader):
         super().__init__(*args, **kw)
         self._cluster = cluster
         self._refused: set[str] = set()  # cluster: streams whose outputs are in another slot
+        self._unnamed: set[bytes] = set()  # keys whose name is not UTF-8: never read, logged once
         self.leases = leases
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
@@ -87,7 +88,13 @@ class RedisIngest(StreamReader):
         for pattern in self._p.streams:
             if GLOB_CHARS & set(pattern):
                 async for key in self._client.scan_iter(match=pattern, count=1000, _type="stream"):
-                    name = key.decode()
+                    try:
+                        name = key.decode()
+                    except UnicodeDecodeError:  # its results could not be named: never read
+                        if key not in self._unnamed:
+                            self._unnamed.add(key)
+                            _log.warning("stream_name_not_utf8", pipeline=self._p.name, key=repr(key))
+                        continue
                     if not keys.is_own_output(name, self._exclude):
                         found.append(name)
             else:

@@ -178,6 +178,26 @@ async def test_a_deleted_stream_is_left_alone(redis_url, sync_redis, tmp_path, g
                        and sync_redis.xlen("results:people:frames:{named}") == 2)
 
 
+async def test_a_stream_whose_name_is_not_utf8_is_left_alone_and_said_once(redis_url, sync_redis, tmp_path,
+                                                                          gradient):
+    """Anyone who can write to Redis could otherwise stop every daemon of the group, at every
+    start: its name was decoded as UTF-8 in discovery, and the stage died."""
+    from structlog.testing import capture_logs
+
+    jpeg = encode(gradient)
+    sync_redis.xadd(b"frames:bin\xff\xfe", {"image": jpeg})
+    with capture_logs() as logged:
+        async with running(settings_for(redis_url, tmp_path)):
+            sync_redis.xadd("frames:{good}", {"image": jpeg})
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{good}") == 1)
+            await asyncio.sleep(2.5)  # another discovery: still said once
+            sync_redis.xadd("frames:{good}", {"image": jpeg})
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{good}") == 2)
+    said = [e for e in logged if e["event"] == "stream_name_not_utf8"]
+    assert len(said) == 1 and said[0]["key"] == repr(b"frames:bin\xff\xfe")
+    assert not [e for e in logged if e["event"] == "stage_failed"]
+
+
 async def test_a_deleted_stream_of_a_tracking_pipeline_is_read_again_once_written_to(
         redis_url, sync_redis, tmp_path, gradient):
     """A per-source model leases each stream; a lease kept for a deleted stream would leave it
