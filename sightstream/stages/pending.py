@@ -203,8 +203,7 @@ class StreamReader:
                 if "NOGROUP" not in str(e):
                     await self._backoff(e)
                     continue
-                self._retry.note(e)
-                nogroup = True  # re-created on the next turn, itself retried if Redis fails
+                nogroup = True  # a stream deleted, or Redis lost its data: on_nogroup (next turn) says which
             except (RedisError, OSError) as e:
                 await self._backoff(e)
 
@@ -215,13 +214,22 @@ class StreamReader:
         """The group vanished (Redis restarted without persistence). The ingest re-creates it;
         the reclaimer has nothing to do (a new group has nothing to reclaim)."""
 
-    async def ensure_groups(self, streams: list[str]) -> None:
+    async def ensure_groups(self, streams: list[str], make: set[str]) -> tuple[list[str], list[str]]:
+        """Create each stream's group where missing, and the stream itself only if in `make`
+        (named in the config): a stream found by a glob and deleted since is not made again.
+        Returns (the groups created, the streams that no longer exist)."""
+        created: list[str] = []
+        gone: list[str] = []
         for stream in streams:
             try:
-                await self._client.xgroup_create(stream, self._group, id="0", mkstream=True)
+                await self._client.xgroup_create(stream, self._group, id="0", mkstream=stream in make)
+                created.append(stream)
             except ResponseError as e:
-                if "BUSYGROUP" not in str(e):
+                if "requires the key to exist" in str(e):
+                    gone.append(stream)
+                elif "BUSYGROUP" not in str(e):
                     raise
+        return created, gone
 
     async def _backoff(self, error: Exception) -> None:
         try:

@@ -1,6 +1,7 @@
 """Redis ingest: one pipeline's consumer-group reader over every stream its input matches.
 
-- Groups are created at ID 0 with MKSTREAM (BUSYGROUP ignored) and re-created on NOGROUP
+- Groups are created at ID 0 (BUSYGROUP ignored; MKSTREAM only for streams the config names,
+  so a deleted stream found by a glob is never made again) and re-created on NOGROUP
   (a Redis restarted without persistence has lost them).
 - On start it drains its own pending entries (ID 0: left by a previous run under this stable
   consumer name) before reading new ones (`>`).
@@ -48,6 +49,7 @@ class RedisIngest(StreamReader):
         self._cluster = cluster
         self._refused: set[str] = set()  # cluster: streams whose outputs are in another slot
         self._unnamed: set[bytes] = set()  # keys whose name is not UTF-8: never read, logged once
+        self._named = {s for s in self._p.streams if not GLOB_CHARS & set(s)}  # made if missing
         self.leases = leases
         self._reader = reader  # a client for blocking reads (its socket timeout exceeds BLOCK)
         self._exclude = exclude_globs
@@ -102,11 +104,13 @@ class RedisIngest(StreamReader):
         found = list(dict.fromkeys(found))
         if self._cluster:
             found = [s for s in found if self._one_slot(s)]
-        self.found = found
         unjoined = [s for s in found if s not in self._joined]
         if unjoined:
-            await self.ensure_groups(unjoined)
-            self._joined.update(unjoined)
+            _, gone = await self.ensure_groups(unjoined, self._named)
+            if gone:  # deleted since the scan
+                found = [s for s in found if s not in gone]
+            self._joined.update(s for s in unjoined if s not in gone)
+        self.found = found
         if self.leases is None:
             new = [s for s in found if s not in self.streams]
         else:
@@ -171,21 +175,17 @@ class RedisIngest(StreamReader):
         deleted (a camera retired). Streams that no longer exist are dropped, not made again
         (MKSTREAM would keep a retired camera's stream, and its reading, for ever), unless the
         config names them; discovery finds them again once a producer writes to them."""
-        named = {s for s in self._p.streams if not GLOB_CHARS & set(s)}
-        async with self._client.pipeline(transaction=False) as pipe:
-            for stream in self.streams:
-                pipe.exists(stream)
-            exists = await pipe.execute()
-        gone = [s for s, there in zip(self.streams, exists) if not there and s not in named]
-        _log.warning("group_missing_recreating", pipeline=self._p.name, streams=len(self.streams) - len(gone),
-                     deleted_streams_dropped=len(gone))
-        self._drop(gone)
-        if self.leases is not None:  # held, it would never count as new again: nobody would read it
-            for stream in gone:
-                if stream in self.leases.held:
-                    await self.leases.give_back(stream)
         self._joined.clear()
-        await self.ensure_groups(self.streams)
+        created, gone = await self.ensure_groups(self.streams, self._named)
+        if created:  # on streams that exist: Redis lost its data
+            _log.warning("group_missing_recreated", pipeline=self._p.name, streams=len(created))
+        if gone:
+            _log.info("deleted_streams_dropped", pipeline=self._p.name, streams=len(gone))
+            self._drop(gone)
+            if self.leases is not None:  # held, it would never count as new again: nobody would read it
+                for stream in gone:
+                    if stream in self.leases.held:
+                        await self.leases.give_back(stream)
         self._draining.clear()  # a new group has no pending entries
 
     async def _drain_own(self, room: int) -> int:
