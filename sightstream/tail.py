@@ -132,9 +132,7 @@ def tail(
                             return printed
             if timeout_s and time.monotonic() - last_new > timeout_s:
                 return printed
-    except KeyboardInterrupt:
-        return printed
-    finally:
+    finally:  # Ctrl-C goes on to the CLI: exit 130, as the contract says
         client.close()
         sys.stdout.flush()
 

@@ -126,6 +126,17 @@ def test_tail_into_a_reader_that_goes_away_ends_quietly(redis_url, sync_redis):
         assert tail.stderr.read() == b""
 
 
+def test_tail_stopped_by_ctrl_c_exits_130_quietly(redis_url, sync_redis):
+    sync_redis.xadd("results:ctrl", {"source": "s", "frame_id": "1", "result": "{}"})
+    tail = subprocess.Popen([*CLI, "tail", "results:ctrl", "--from", "0", "--redis-url", redis_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert tail.stdout.readline()  # it is following the stream now
+    tail.send_signal(signal.SIGINT)
+    assert tail.wait(30) == 130  # it used to exit 0, as if it had ended by itself
+    with tail.stdout, tail.stderr:
+        assert tail.stderr.read() == b""
+
+
 def test_publish_a_video_at_a_target_fps(redis_url, sync_redis, tmp_path):
     from sightstream.publish import make_sample_video
 
