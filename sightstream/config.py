@@ -367,9 +367,19 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         loaded = _FromFile(**overrides)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
-    except ValueError as e:  # e.g. a TOML syntax error
-        raise ConfigError(f"cannot read {toml}: {e}") from None
+    except ValueError as e:  # a TOML syntax error, or a variable whose value is not JSON
+        from_env = re.search(r'field "(\w+)" from source "EnvSettingsSource"', str(e))
+        if from_env:
+            raise ConfigError(_bad_variable(from_env.group(1))) from None
+        raise ConfigError(f"cannot read {toml}: {e}" if toml else f"invalid settings: {e}") from None
     return loaded
+
+
+def _bad_variable(field: str) -> str:
+    prefix = f"{ENV_PREFIX}{field}".upper()
+    names = sorted(k for k in os.environ if k.upper() == prefix or k.upper().startswith(prefix + "__"))
+    return (f"invalid setting {field}: {' or '.join(names) or prefix} cannot be read; a list or a table "
+            f"in a variable is written as JSON, e.g. {ENV_PREFIX}JOBS__ALLOWED_PATHS='[\"/srv/videos\"]'")
 
 
 def describe_validation_error(e: ValidationError) -> str:

@@ -97,6 +97,22 @@ def test_bad_environment_variable_is_named(monkeypatch):
         load_settings()
 
 
+
+@pytest.mark.parametrize("name,value", [
+    ("SIGHTSTREAM_JOBS__ALLOWED_PATHS", "/tmp"),  # said "cannot read None: … field jobs"
+    ("SIGHTSTREAM_PIPELINES", '[{"name": "people", "fps": 5}'),  # blamed the TOML file
+])
+def test_a_variable_whose_list_is_not_json_is_named(monkeypatch, tmp_path, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"^invalid setting \w+: {name} cannot be read; a list or a table "
+                                          r"in a variable is written as JSON"):
+        load_settings()
+    toml = tmp_path / "s.toml"
+    toml.write_text("devices = ['cpu']\n")
+    with pytest.raises(ConfigError, match=rf"{name} cannot be read"):
+        load_settings(toml)
+
+
 @pytest.mark.parametrize("name,value,needle", [
     ("SIGHTSTREAM_REDIS_URLL", "redis://x:6379", "SIGHTSTREAM_REDIS_URLL names no setting; did you mean SIGHTSTREAM_REDIS_URL?"),
     ("sightstream_devicez", "cpu", "did you mean SIGHTSTREAM_DEVICES?"),  # as case-blind as the settings
