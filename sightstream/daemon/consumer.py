@@ -1,7 +1,11 @@
 """Stable consumer names: `host:slot`, where the slot is leased in Redis.
 
 A restarted daemon takes the same name again (slot 0 on a host running one daemon) and so
-drains the pending entries it left; two daemons on one host take different slots.
+drains the pending entries it left; two daemons on one host take different slots. After a
+crash (kill -9, out of memory) the dead process's lease has not expired yet: the lease names
+its process (boot, PID namespace, PID and start time, on Linux), and a daemon of the same
+host and PID namespace takes over a slot whose process is gone at once, instead of waiting
+for the lease to lapse and leaving the frames to be reclaimed `reclaim_min_idle_ms` later.
 
 The lease is renewed every 5 s. Should Redis answer that another daemon now holds our slot
 (ours lapsed: a Redis outage, a paused process), two daemons would read under one name: the
@@ -13,9 +17,11 @@ entry ID, whoever's name they were read under, and the heartbeat moves them to t
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -29,6 +35,36 @@ from sightstream.stages.flow import RedisRetry, Stopped, backoff_s, wait_or_stop
 _log = log.get(__name__)
 LEASE_MS = 15_000
 RENEW_S = 5.0
+# Take a lease over only if it still holds what was read (its dead holder's token).
+TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) and 1 or 0
+end
+return 0
+"""
+
+
+def process_identity(pid: int) -> str | None:
+    """`boot|pid namespace|pid|start time` of a process on this machine (Linux), else None:
+    a PID alone may have been reused, a start time alone may be another namespace's."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+    return f"{boot}|{namespace}|{pid}|{started}"
+
+
+def holder_is_gone(token: str) -> bool:
+    """True only when the token names a process of this boot and PID namespace that no longer
+    runs; a token of another host's, another container's or an older version's: False."""
+    identity, _, _ = token.rpartition("#")
+    parts = identity.split("|")
+    mine = process_identity(os.getpid())
+    if len(parts) != 4 or mine is None or mine.split("|")[:2] != parts[:2] or not parts[2].isdigit():
+        return False
+    return process_identity(int(parts[2])) != identity
 
 
 class ConsumerLease:
@@ -37,7 +73,7 @@ class ConsumerLease:
         self._client = client
         self._slots = slots
         self.host = host or socket.gethostname()
-        self._token = secrets.token_hex(8)
+        self._token = f"{process_identity(os.getpid()) or ''}#{secrets.token_hex(8)}"
         self._key = ""
         self._on_lost = on_lost
         self.name = ""
@@ -46,12 +82,25 @@ class ConsumerLease:
     async def acquire(self) -> str:
         for slot in range(self._slots):
             key = keys.consumer_slot(self.host, slot)
-            if await self._client.set(key, self._token, nx=True, px=LEASE_MS):
+            taken = await self._client.set(key, self._token, nx=True, px=LEASE_MS)
+            if taken or await self._take_from_gone(key):
                 self._key, self.name = key, f"{self.host}:{slot}"
                 return self.name
         raise SightstreamError(
             f"all {self._slots} consumer slots of host {self.host} are taken (raise consumer_slots)"
         )
+
+    async def _take_from_gone(self, key: str) -> bool:
+        """The slot's holder crashed (its process is gone): take its lease over now."""
+        raw = await self._client.get(key)
+        held = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        if raw is None or held is None or not holder_is_gone(held):
+            return False
+        if not await self._client.eval(TAKE_OVER, 1, key, raw, self._token, LEASE_MS):
+            return False
+        pid = held.rpartition("#")[0].split("|")[2]
+        _log.info("consumer_name_taken_from_a_gone_process", slot=key, previous_pid=pid)
+        return True
 
     async def keep(self, stop: asyncio.Event, metrics: Metrics) -> None:
         """Renew the lease until stopped. Redis errors are survived (counted and logged as

@@ -4,6 +4,7 @@ stuck models, poison frames, dead consumers' pending entries, slow live daemons.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -179,3 +180,31 @@ async def test_a_lost_consumer_lease_is_noticed_and_replaced(redis_url, sync_red
         consumers = {c["name"].decode() for c in sync_redis.xinfo_consumers("frames:{l}", "people")}
         assert "h:1" in consumers and pending(sync_redis, "frames:{l}") == 0
         assert d.metrics.leases_lost.labels("consumer")._value.get() == 1
+
+
+async def test_a_daemon_restarted_after_a_crash_takes_its_name_back_at_once(redis_url, sync_redis, tmp_path,
+                                                                           gradient):
+    """kill -9 leaves the consumer lease held for 15 s: a restart (systemd's RestartSec=2) took
+    a new name, and its pending frames waited reclaim_min_idle_ms for another daemon."""
+    import subprocess
+    import sys
+
+    from sightstream.daemon.consumer import process_identity
+
+    crashed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = process_identity(crashed.pid)
+    assert dead is not None, "this test needs Linux's /proc"
+    crashed.kill()
+    crashed.wait()
+    alive = process_identity(os.getpid())
+    sync_redis.set("sightstream:consumer:h:0", f"{dead}#0123456789abcdef", px=60_000)
+    sync_redis.set("sightstream:consumer:h:1", f"{alive}#0123456789abcdef", px=60_000)  # a live daemon's
+    stream = "frames:{crashed}"
+    publish(sync_redis, stream, 3, encode(gradient))
+    sync_redis.xgroup_create(stream, "people", id="0")
+    sync_redis.xreadgroup("people", "h:0", {stream: ">"})  # what the crashed daemon had read
+    settings = settings_for(redis_url, tmp_path, [{"batch_timeout_ms": 20}], reclaim_min_idle_ms=600_000)
+    async with running(settings, host="h") as d:
+        assert d.consumer == "h:0"  # taken from the gone process; h:1's holder lives
+        await wait_for(lambda: counts(sync_redis, stream)[0] == 3, 10, "its own pending frames drained")
+    assert sync_redis.get("sightstream:consumer:h:1").endswith(b"#0123456789abcdef")
