@@ -8,40 +8,59 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from sightstream.control_client import call
+from sightstream.control_client import ControlError, call
 
 
 def gather(base: str, token: str) -> dict[str, Any]:
+    """Every figure the page shows. With Redis down the daemon still answers with its own
+    figures (the group-wide ones null) and the jobs are unknown: `jobs_error` says why."""
+    health = call(base, "/health", token)
     pipelines = call(base, "/pipelines", token)["pipelines"]
-    pending = {}  # (pipeline, source) -> group-wide pending entries
+    cached = {(s["pipeline"], s["source"]): s for s in call(base, "/sources", token)["sources"]}
+    sources = []
     for p in pipelines:
-        for s in call(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"] or []:
-            pending[f"{p['name']} {s['stream']}"] = s["pending"]
-    sources = call(base, "/sources", token)["sources"]
-    for s in sources:
-        s["pending"] = pending.get(f"{s['pipeline']} {s['source']}")
-    return {"health": call(base, "/health", token), "pipelines": pipelines, "sources": sources,
-            "jobs": call(base, "/jobs?limit=20", token)["jobs"]}
+        # every stream of the group (the page keeps only its latest `page_sources`), cached or not
+        listed = call(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"]
+        names = [s["stream"] for s in listed] if listed is not None else []
+        pending = {s["stream"]: s["pending"] for s in listed or ()}
+        names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
+        for name in names:
+            sources.append({"pipeline": p["name"], "source": name, "pending": pending.get(name),
+                            **{k: v for k, v in cached.get((p["name"], name), {}).items()
+                               if k not in ("pipeline", "source")}})
+    figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources}
+    try:
+        figures["jobs"] = call(base, "/jobs?limit=20", token)["jobs"]
+    except ControlError as e:
+        if e.status != 503:
+            raise
+        figures["jobs"], figures["jobs_error"] = [], str(e)
+    return figures
 
 
 def report(base: str, figures: dict[str, Any]) -> str:
     h = figures["health"]
     lines = [f"sightstream at {base}: consumer {h.get('consumer', '?')}, devices "
              f"{', '.join(h.get('devices', []))}, Redis {'ok' if h.get('redis', {}).get('ok') else 'DOWN'}"]
+    unknown = next((p["redis_error"] for p in figures["pipelines"] if p.get("redis_error")), None)
+    if unknown:
+        lines.append(f"group-wide figures (PENDING, LAG) unknown: {unknown}")
     rows = [["PIPELINE", "MODEL", "PROMPT", "FPS IN", "FPS OUT", "PENDING", "LAG", "DEAD", "P50/P99 MS"]]
     for p in figures["pipelines"]:
         lat = p["latency"]
         rows.append([p["name"], p["model"], f"v{p['prompt_version']}", f"{p['fps_in']:.1f}",
-                     f"{p['fps_out']:.1f}", str(p["pending"]), "-" if p["lag"] is None else str(p["lag"]),
+                     f"{p['fps_out']:.1f}", _or_dash(p["pending"]), _or_dash(p["lag"]),
                      str(sum(p["counts"]["dead_lettered"].values())),
                      f"{_ms(lat['p50_ms'])}/{_ms(lat['p99_ms'])}"])
     lines += ["", *_table(rows)]
     rows = [["SOURCE", "PIPELINE", "RESULTS", "PENDING", "DEAD", "LATENCY", "LATEST"]]
     for s in figures["sources"]:
-        pending = "-" if s.get("pending") is None else str(s["pending"])
-        rows.append([s["source"], s["pipeline"], str(s["seq"]), pending, str(s["dead_lettered"]),
-                     f"{s['latency_ms']} ms", s["summary"]])
-    lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no results on this daemon yet"]
+        latency = "-" if s.get("latency_ms") is None else f"{s['latency_ms']} ms"
+        rows.append([s["source"], s["pipeline"], _or_dash(s.get("seq")), _or_dash(s.get("pending")),
+                     _or_dash(s.get("dead_lettered")), latency, s.get("summary", "")])
+    lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no sources yet"]
+    if figures.get("jobs_error"):
+        lines += ["", f"jobs unknown: {figures['jobs_error']}"]
     if figures["jobs"]:
         rows = [["JOB", "STATUS", "DONE", "FRAMES", "SOURCE"]]
         rows += [[j["job_id"], j["status"], _percent(j["progress"].get("fraction")),
@@ -54,6 +73,10 @@ def report(base: str, figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
 def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction * 100:.0f}%"
 
@@ -63,8 +86,13 @@ def _ms(value: float | None) -> str:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
+    rows = [[_printable(cell) for cell in r] for r in rows]  # a newline in a stream name breaks no row
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def status(base: str, token: str, as_json: bool = False, emit: Callable[[str], None] = print) -> int:

@@ -49,7 +49,8 @@ class VideoInput(BaseModel):
     results_stream: str = Field(description="where its results go (on Redis Cluster, named with the job's "
                                             "hash tag)")
     deadletter_stream: str
-    status: str = Field(description="pending | running | completed (a VOD read to its end)")
+    status: str = Field(description="pending | running | completed (a VOD read to its end) | unknown "
+                                    "(Redis cannot be asked)")
     holder: str = Field(description="the daemon reading it")
     attempt: int
     processed: int
@@ -69,9 +70,12 @@ class Pipeline(BaseModel):
     in_flight: int
     counts: Counts = Field(description="this daemon, since it started")
     latency: Latency = Field(description="capture to publication, this daemon's recent results")
-    pending: int = Field(description="group-wide, all sources")
-    lag: int | None = Field(description="group-wide, all sources (null on Redis 6.2)")
+    pending: int | None = Field(description="group-wide, all sources (null while Redis cannot be asked)")
+    lag: int | None = Field(description="group-wide, all sources (null on Redis 6.2, or while Redis "
+                                        "cannot be asked)")
     sources: list[Source] | None = None
+    redis_error: str | None = Field(None, description="why the group-wide figures are null: Redis cannot be "
+                                                      "asked now (this daemon's own figures still are)")
     videos: list[VideoInput] = Field(default_factory=list, description="the input's video URLs")
 
 
@@ -79,16 +83,15 @@ class Pipelines(BaseModel):
     pipelines: list[Pipeline]
 
 
-@api.get("/pipelines", "Every pipeline: rates, counts, lag, pending, latency",
-         responses={200: Resp("The pipelines", Pipelines), 503: error("Redis is unreachable")})
+@api.get("/pipelines", "Every pipeline: rates, counts, lag, pending, latency (Redis down: its figures null)",
+         responses={200: Resp("The pipelines", Pipelines)})
 async def list_pipelines(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     return reply(Pipelines(pipelines=[await _describe(d, p, sources=False) for p in d.settings.pipelines]))
 
 
 @api.get("/pipelines/{name}", "One pipeline, with each source's pending entries and lag",
-         responses={200: Resp("The pipeline", Pipeline), 404: error("No pipeline of that name"),
-                    503: error("Redis is unreachable")})
+         responses={200: Resp("The pipeline", Pipeline), 404: error("No pipeline of that name")})
 async def get_pipeline(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     name = request.match_info["name"]
@@ -100,7 +103,9 @@ async def get_pipeline(request: web.Request) -> web.Response:
 
 async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
     run = d.runs.get(p.name)
-    found = await _sources(d, p.name, list(run.ingest.found) if run else [])
+    found, redis_error = await _sources(d, p.name, list(run.ingest.found) if run else [])
+    if run is None and redis_error is None:
+        redis_error = "not read yet: the daemon is waiting for Redis"
     fps_in, fps_out = d.rates.fps(p.name)
     count = d.rates.count
     dead = {}
@@ -109,7 +114,9 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
             if s.name.endswith("_total") and s.labels["pipeline"] == p.name:
                 dead[s.labels["reason"]] = int(s.value)
     recent = sorted(d.publisher.recent_latency_ms.get(p.name, ())) if d.publisher else []
-    lags = [s.lag for s in found]
+    lags = [s.lag for s in found or ()]
+    known = found is not None and run is not None
+    lag = None if not known or None in lags else sum(lag for lag in lags if lag is not None)
     return Pipeline(
         name=p.name, model=p.model, task=d.catalogue.get(p.model).task, input=p.shown_input, output=p.output,
         fps=p.fps, prompt_version=d.prompt_book.current(p.name).version, fps_in=fps_in, fps_out=fps_out,
@@ -121,10 +128,11 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
             dead_lettered=dead, reclaimed=run.reclaimer.reclaimed if run else 0,
         ),
         latency=Latency(p50_ms=_quantile(recent, 0.5), p99_ms=_quantile(recent, 0.99), results=len(recent)),
-        pending=sum(s.pending for s in found),
-        lag=None if any(lag is None for lag in lags) else sum(lag for lag in lags if lag is not None),
+        pending=sum(s.pending for s in found or ()) if known else None,
+        lag=lag,
         sources=found if sources else None,
         videos=await _videos(d, p),
+        redis_error=redis_error,
     )
 
 
@@ -134,7 +142,12 @@ async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
         job_id = keys.input_job_id(p.name, url)
         spec = input_spec(p, url, d.settings.redis_cluster)
         streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
-        job = await d.jobs.get(job_id)
+        try:
+            job = await d.jobs.get(job_id)
+        except (RedisError, OSError) as e:
+            out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="unknown", holder="",
+                                  attempt=0, processed=0, last_error=f"redis is unreachable: {e}", **streams))
+            continue
         if job is None:  # not registered yet (Redis was down at start)
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="pending", holder="",
                                   attempt=0, processed=0, **streams))
@@ -156,10 +169,11 @@ def _quantile(ordered: list[int], q: float) -> float | None:
     return float(ordered[round(q * (len(ordered) - 1))]) if ordered else None
 
 
-async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> list[Source]:
+async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> tuple[list[Source] | None, str | None]:
+    """Each source's backlog, or None and why: Redis cannot be asked."""
     try:
         backlog = await group_backlog(d.client, pipeline, streams)
     except (RedisError, OSError) as e:
-        raise ApiError(503, f"redis is unreachable: {e}", "unavailable") from None
+        return None, f"redis is unreachable: {e}"
     return [Source(stream=b.stream, pending=b.pending, lag=b.lag, last_delivered_id=b.last_delivered_id)
-            for b in backlog]
+            for b in backlog], None

@@ -11,6 +11,7 @@ import redis
 from structlog.testing import capture_logs
 
 from sightstream.daemon.embedded_redis import EmbeddedRedis
+from sightstream.status import status
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, running, settings_for, wait_for
 
@@ -36,6 +37,16 @@ async def test_redis_down_and_back(tmp_path, gradient, appendonly):
                 r = await http.get("/health/ready")
                 assert r.status == 503 and "redis is unreachable" in (await r.json())["problems"]
                 assert (await http.get("/health/live")).status == 200
+                # what an operator asks during the outage: this daemon's own figures, and what is unknown
+                r = await http.get("/pipelines")
+                (people,) = (await r.json())["pipelines"]
+                assert r.status == 200 and people["counts"]["published"] >= 6
+                assert people["pending"] is None and "redis is unreachable" in people["redis_error"]
+                lines: list[str] = []
+                base = str(http.make_url("")).rstrip("/")
+                assert await asyncio.to_thread(status, base, "", False, lines.append) == 0
+                assert "group-wide figures (PENDING, LAG) unknown: redis is unreachable" in lines[0]
+                assert "jobs unknown:" in lines[0] and "frames:{o}" in lines[0]
                 cpu = time.process_time()
                 await asyncio.sleep(3)
                 assert time.process_time() - cpu < 1.0  # backing off, not spinning

@@ -31,6 +31,16 @@ async def test_status_shows_pipelines_sources_and_says_why_it_cannot(redis_url, 
         cam = next(line for line in text.splitlines() if line.startswith("frames:{cam1}"))
         assert cam.split()[1:5] == ["people", "1", "0", "0"] and cam.endswith("1 x dog")  # results, pending, dead
 
+        # every source of the group, also one the page does not keep (only dead letters: the
+        # camera that needs attention) and beyond the page's `page_sources`
+        sync_redis.xadd("frames:{broken}", {"image": b"not an image"})
+        await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{broken}") == 1)
+        await wait_for(lambda: "frames:{broken}" in d.runs["people"].ingest.found)
+        lines.clear()
+        assert await asyncio.to_thread(status, base, "s3cret", False, lines.append) == 0
+        broken = next(line for line in lines[0].splitlines() if line.startswith("frames:{broken}"))
+        assert broken.split()[1:4] == ["people", "-", "0"]
+
         code = await asyncio.to_thread(cli.main, ["status", "--url", base, "--token", "wrong"])
         assert code == 1 and "401 missing or wrong bearer token" in capsys.readouterr().err
     code = await asyncio.to_thread(cli.main, ["status", "--url", f"http://127.0.0.1:{free_port()}"])
