@@ -371,6 +371,8 @@ class Daemon:
             if not task.done():
                 task.cancel("sightstream is shutting down")
         await asyncio.gather(*self._all_tasks(), return_exceptions=True)
+        if self.adhoc:
+            self.adhoc.answer_the_rest()
         for w in self.workers + self.text_workers:
             w.close()
         for pool in (self._decode_pool, self._host_pool, self.page_pool):

@@ -54,6 +54,7 @@ class AdhocBatcher:
         self._lane_size = lane_size
         self._lanes: dict[tuple[str, str, int, str], Lane] = {}
         self._closed = False
+        self._unanswered: set[asyncio.Future] = set()  # every reply not yet given
 
     async def submit(self, frames: list[Frame], model: str, prompt: Prompt, label: str,
                      batching: tuple[int, float] = (8, 10.0)) -> list[Outcome]:
@@ -72,6 +73,8 @@ class AdhocBatcher:
         for frame in frames:
             frame.reply = loop.create_future()
             futures.append(frame.reply)
+            self._unanswered.add(frame.reply)
+            frame.reply.add_done_callback(self._unanswered.discard)
             if self._closed:
                 self._fail(frame)
                 continue
@@ -132,6 +135,14 @@ class AdhocBatcher:
         for lane in lanes:
             while not lane.queue.empty():
                 self._fail(lane.queue.get_nowait())
+
+    def answer_the_rest(self) -> None:
+        """At stop, once the workers are gone: a reply still owed (a batch abandoned in a worker's
+        queue, or on a device thread past the drain) is answered with ShuttingDown, so that its
+        caller (a /predict handler) ends and the control plane can close."""
+        for reply in list(self._unanswered):
+            if not reply.done():
+                reply.set_exception(ShuttingDown("the daemon is shutting down"))
 
     @staticmethod
     def _fail(frame: Frame) -> None:
