@@ -81,7 +81,8 @@ TOKEN_HELP = "default: the config's control.token; with --url, $SIGHTSTREAM_CONT
 def _control(args: argparse.Namespace) -> tuple[str, str]:
     """The control plane's base URL and token: --url and --token, else the config's."""
     if args.url:
-        return args.url, args.token or os.environ.get("SIGHTSTREAM_CONTROL__TOKEN", "")
+        url = args.url if "://" in args.url else f"http://{args.url}"  # host:port, as one types it
+        return url, args.token or os.environ.get("SIGHTSTREAM_CONTROL__TOKEN", "")
     control = _settings(args).control
     host = "127.0.0.1" if control.host in ("0.0.0.0", "::", "") else control.host
     return f"http://{host}:{control.port}", args.token or control.token
@@ -141,6 +142,40 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a rate (0 or more per second)")
+    return value
+
+
+def _idle(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a JPEG quality (1 to 100)")
+    return value
+
+
+def _key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a stream key cannot be empty")
+    return text
+
+
 def _period(text: str) -> float:
     value = _seconds(text)
     if value < 1:
@@ -176,14 +211,14 @@ def parser() -> argparse.ArgumentParser:
     config(p)
     p.add_argument("source", metavar="VIDEO|DIR|URL",
                    help="a video file, a video URL (http(s), HLS, rtsp), a folder of images, or one image")
-    p.add_argument("--stream", required=True, metavar="KEY", help="e.g. frames:{cam1}")
-    p.add_argument("--fps", type=float, default=None,
+    p.add_argument("--stream", required=True, type=_key, metavar="KEY", help="e.g. frames:{cam1}")
+    p.add_argument("--fps", type=_rate, default=None,
                    help="at most F frames/s, paced in real time; 0: as fast as possible "
                         "(default: the video's own rate; a folder: as fast as possible)")
     p.add_argument("--loop", action="store_true", help="start over at the end, until interrupted")
-    p.add_argument("--maxlen", type=int, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    p.add_argument("--max-frames", type=int, default=0, help="stop after N frames; 0: no limit")
+    p.add_argument("--maxlen", type=_count, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
+    p.add_argument("--quality", type=_quality, default=90, help="JPEG quality (1 to 100)")
+    p.add_argument("--max-frames", type=_count, default=0, help="stop after N frames; 0: no limit")
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="a URL that takes longer to open, or to give data, is an error (default 10)")
     p.add_argument("--redis-url", help="default: the configured redis_url")
@@ -195,8 +230,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("key", metavar="KEY", help="a result stream, or a glob such as 'results:people:*'")
     p.add_argument("--from", dest="start", default="$",
                    help="entry ID to start after; 0: from the beginning (default: new entries)")
-    p.add_argument("--count", type=int, default=0, help="exit after N entries")
-    p.add_argument("--timeout", type=float, default=0, help="exit after S seconds with no entry")
+    p.add_argument("--count", type=_count, default=0, help="exit after N entries (default 0: never)")
+    p.add_argument("--timeout", type=_idle, default=0,
+                   help="exit after S seconds with no entry (default 0: never)")
     p.add_argument("--json", action="store_true", help="one JSON object per entry")
     p.add_argument("--redis-url", help="default: the configured redis_url")
     p.set_defaults(func=cmd_tail)

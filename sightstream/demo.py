@@ -7,8 +7,9 @@ the default one); makes a short sample video; publishes it as a camera would (re
 prints each result as it arrives and a summary; then stops everything it started (with
 `keep`, it goes on publishing the video again and again, so the live page has something to
 show, until Ctrl-C). Its keys
-(`frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes a
-user's streams on a shared Redis.
+(`demo-frames:{sightstream-demo}` and what derives from it) are its own, so it never consumes
+a user's streams on a shared Redis, and a user's pipeline reading `frames:*` does not read its
+frames.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sightstream.redis_conn import safe_url, why_unreachable
 from sightstream.service import serve
 from sightstream.tail import summarize, tail
 
-DEMO_STREAM = "frames:{sightstream-demo}"
+DEMO_STREAM = "demo-frames:{sightstream-demo}"  # not matched by users' `frames:*`
 DEMO_PIPELINE = "demo"
 
 

@@ -245,7 +245,7 @@ def test_demo_keep_stays_up_for_the_live_page_until_ctrl_c(redis_url, sync_redis
     try:
         lines = _until_kept(demo)
         url = re.search(r"open (http://\S+/) to watch", lines[-1]).group(1)
-        results = "results:demo:frames:{sightstream-demo}"
+        results = "results:demo:demo-frames:{sightstream-demo}"
         before = sync_redis.xlen(results)
         with urllib.request.urlopen(url, timeout=10) as page:  # the live page answers
             assert page.status == 200 and b"<html" in page.read().lower()
