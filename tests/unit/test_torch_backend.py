@@ -47,6 +47,31 @@ def test_segmentation_picks_an_output_of_a_dict_by_name(tmp_path, exported):
         loaded(task="segment", path=str(path), **options, output_name="logits")  # told at load
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_segmenters_fixed_input_size_is_read_from_its_file(tmp_path, backend):
+    # a fixed 32x32 input (ONNX, or a torch.export program) used to be run at the default 512:
+    # "Got 512 Expected 32" / "Guard failed", unless the entry set input_size
+    from tests.tiny_models import red_segmenter as onnx_segmenter
+
+    path = (onnx_segmenter(tmp_path / "seg.onnx") if backend == "onnx"
+            else tiny_torch.red_segmenter(tmp_path / "seg.pt2", exported=True))
+    frame = np.zeros((40, 60, 3), np.uint8)
+    frame[:, :30] = (255, 0, 0)
+    frame[:, 30:] = (0, 255, 0)
+    options = {"mean": [0, 0, 0], "std": [1, 1, 1], "labels": ["background", "red"]}
+    manager = ModelManager(Catalogue({"mine": {"v1": ModelEntry(backend=backend, task="segment", path=str(path),
+                                                                **options)}}))
+    seg = manager.create("mine/v1")
+    seg.load("cpu")
+    assert seg.input_size == (32, 32)
+    (pred,) = predict(seg, [frame], None)
+    assert pred.result["masks"][0]["area"] == pytest.approx(40 * 30, rel=0.05)
+    with pytest.raises(ModelError, match=r"fixed at 32x32, but its entry's input_size is 64x64: set "
+                                         r"input_size = \[32, 32\]"):
+        loaded(task="segment", path=str(tiny_torch.red_segmenter(tmp_path / "b.pt2", exported=True)),
+               input_size=64, **options)
+
+
 @pytest.mark.parametrize("probabilities", [False, True], ids=["logits", "probabilities"])
 def test_a_classifier_gives_the_top_k_labels(tmp_path, probabilities):
     path = tiny_torch.colour_classifier(tmp_path / "colour.pt", probabilities, names=["red", "green", "blue"])

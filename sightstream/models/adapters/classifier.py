@@ -66,7 +66,7 @@ class OnnxClassifier(OnFile):
         return InputShape.edges(round(min(w, h) / self.crop_pct))
 
     def load(self, device: str) -> None:
-        self._model = self._open(device, *self.size)
+        self._model, self.size = self._open_fixed(device, self.size)
         if not self.labels and "names" in self._model.metadata:
             try:
                 self.labels = class_names(self._model.metadata["names"])

@@ -43,7 +43,8 @@ class OnnxSegmenter(OnFile):
         self._model: Runner | None = None
 
     def load(self, device: str) -> None:
-        self._model = self._open(device, *self.input_size)  # a torch file's outputs are named by its answer
+        # a torch file's outputs are named by its answer to the warm-up
+        self._model, self.input_size = self._open_fixed(device, self.input_size)
         self._check_names()
 
     def _check_names(self) -> None:

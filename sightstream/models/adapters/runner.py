@@ -91,6 +91,23 @@ class OnFile:
             warm_up(runner, width, height)
         return runner
 
+    def _open_fixed(self, device: str, size: tuple[int, int]) -> tuple[Runner, tuple[int, int]]:
+        """The runner and its input's (width, height): the file's own where its input is fixed
+        ([batch, 3, h, w] with numbers) and the options set no `input_size`, else `size`. A fixed
+        input that `input_size` contradicts is refused, saying both."""
+        runner = self._open(device)
+        dims = runner.input_dims or []
+        fixed = (dims[3], dims[2]) if len(dims) == 4 and all(isinstance(d, int) for d in dims[2:]) else None
+        if fixed is not None and fixed != size:
+            if "input_size" in self._options:
+                raise ModelError(f"the model's input is fixed at {fixed[0]}x{fixed[1]}, but its entry's "
+                                 f"input_size is {size[0]}x{size[1]}: set input_size = "
+                                 f"[{fixed[0]}, {fixed[1]}]")
+            size = fixed
+        if self.on_torch:
+            warm_up(runner, *size)
+        return runner, size
+
     @property
     def memory_mb(self) -> float:
         """What the runner tells (a torch model's parameters); 0: the manager estimates it."""
