@@ -178,6 +178,18 @@ def test_options_under_a_builtin_models_name_change_only_those_options(astronaut
     assert torch_face.catalogue.get("retinaface/mobilenet").adapter == "torch_yolo"
 
 
+def test_a_yolo_output_with_fewer_anchors_than_channels_needs_its_labels(tmp_path):
+    rows = [[32, 32, 10, 10, 0.9, 0.1]] * 4  # 4 anchors of 4 + 2 channels: [6, 4] as exported
+    path = constant_yolov8(tmp_path / "few.onnx", rows, classes=2, size=64)
+    image = [np.zeros((64, 64, 3), np.uint8)]
+    with pytest.raises(ModelError, match=r"the output \[6, 4\] has no class scores as read.*set labels"):
+        predict(load(manager(det__few={"path": str(path)}), "det/few"), image, None)  # was "argmax of an empty sequence"
+    with pytest.raises(ModelError, match=r"labels name 3 classes, but the output is \[6, 4\]"):
+        predict(load(manager(det__few={"path": str(path), "labels": ["a", "b", "c"]}), "det/few"), image, None)
+    (pred,) = predict(load(manager(det__few={"path": str(path), "labels": ["a", "b"]}), "det/few"), image, None)
+    assert [d["label"] for d in pred.result["detections"]] == ["a"]
+
+
 def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
     m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
     with pytest.raises(UnknownModel, match="sightstream models"):

@@ -136,11 +136,18 @@ class YoloDetector(OnFile):
         if self.layout == "yolov8":
             # [4 + classes, anchors] is the export's layout; real models have far more anchors
             # than channels, and known class names settle it for any shape.
+            if self.labels and 4 + len(self.labels) not in raw.shape:
+                raise ModelError(f"its entry's labels name {len(self.labels)} classes, but the output is "
+                                 f"{list(raw.shape)}: neither side is 4 + {len(self.labels)}")
             channels_first = (
                 raw.shape[0] == 4 + len(self.labels) if self.labels else raw.shape[0] < raw.shape[1]
             )
             if channels_first:
                 raw = raw.T
+        if raw.shape[1] <= (5 if self.layout == "yolov5" else 4):
+            raise ModelError(f"the output {list(raw.shape)} has no class scores as read (layout "
+                             f"{self.layout}); with fewer anchors than channels, set labels (one name "
+                             "per class) so the layout can be told")
         return raw
 
     def _label(self, class_id: int) -> str:
