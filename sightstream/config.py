@@ -193,12 +193,16 @@ class PipelineSettings(_Strict):
         return self
 
 
+Task = Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify", "generate"]
+TASKS: frozenset[str] = frozenset(get_args(Task))
+
+
 class ModelEntry(BaseModel):
     """A catalogue entry added or overridden from the config; backend-specific options allowed."""
 
     model_config = ConfigDict(extra="allow")
     backend: Literal["onnx", "transformers", "sam2", "torch"] = "onnx"
-    task: Literal["detect", "segment", "depth", "caption", "vqa", "track", "classify", "generate"] = "detect"
+    task: Task = "detect"
     path: str = ""
     adapter: str = ""
     timeout_s: float | None = Field(

@@ -20,7 +20,8 @@ class Scripted:
     this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
     `poison` (true: a batch holding a POISON image fails), `threshold` (a number: anything else
     breaks the constructor, as a bad option does), `fail_load` and `fail_unload` (true: that
-    step raises, as a plug-in's bug would), `load_s` (the load takes this long)."""
+    step raises, as a plug-in's bug would), `load_s` (the load takes this long), `claims_task`
+    (the task it says it does)."""
 
     task = "detect"
     takes_prompt = False
@@ -36,6 +37,7 @@ class Scripted:
         self.fail_load = bool(options.get("fail_load", False))
         self.fail_unload = bool(options.get("fail_unload", False))
         self.load_s = float(options.get("load_s", 0))
+        self.task = str(options.get("claims_task", self.task))  # a plug-in's own task attribute
         self.calls = 0
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()

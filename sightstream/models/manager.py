@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sightstream import log
+from sightstream.config import TASKS
 from sightstream.errors import ModelError
 from sightstream.metrics import Metrics
 from sightstream.models.adapter import TEXT_TIMEOUT_S, Adapter, input_shape
@@ -99,12 +100,16 @@ class ModelManager:
         cls = adapter_class(entry.adapter)
         source = entry.resolve()
         try:
-            return cls(source, entry.options)
+            adapter = cls(source, entry.options)
         except ModelError:
             raise
         except Exception as e:  # a plug-in's bug or a bad option: this model's error, not the daemon's
             raise ModelError(f"model {model_id}: its adapter {entry.adapter!r} could not be set up "
                              f"with its options: {type(e).__name__}: {e}") from e
+        if getattr(adapter, "task", None) not in TASKS:  # results say their task: readers rely on it
+            raise ModelError(f"model {model_id}: its adapter's task is {getattr(adapter, 'task', None)!r}; "
+                             f"it must be one of {', '.join(sorted(TASKS))}")
+        return adapter
 
     def timeout_s(self, model_id: str, adapter: object, default: float) -> float:
         """How long one call of this model may take: its entry's `timeout_s` as set; else at

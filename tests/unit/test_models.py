@@ -190,6 +190,12 @@ def test_a_yolo_output_with_fewer_anchors_than_channels_needs_its_labels(tmp_pat
     assert [d["label"] for d in pred.result["detections"]] == ["a"]
 
 
+def test_a_plug_in_must_say_a_task_results_can_carry():
+    m = manager(fake__odd={"backend": "torch", "adapter": "tests.fake_adapters:Scripted", "claims_task": "banana"})
+    with pytest.raises(ModelError, match=r"fake/odd: its adapter's task is 'banana'; it must be one of caption, "):
+        m.create("fake/odd")
+
+
 def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
     m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
     with pytest.raises(UnknownModel, match="sightstream models"):
