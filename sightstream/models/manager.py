@@ -259,7 +259,12 @@ class ModelManager:
         return sum(entry.memory_mb for (_, d), entry in self._loaded.items() if d == device)
 
     def unload(self, model_id: str, device: str | None = None, reason: str = "requested") -> list[str]:
-        """Unload a model from one device (or all); models in use are never unloaded."""
+        """Unload a model from one device (or all); models in use are never unloaded, nor
+        models being loaded (the load would end with the model loaded: say so, not 'not loaded')."""
+        for (mid, dev), lock in self._locks.items():
+            if mid == model_id and (device is None or dev == device) and lock.locked() \
+                    and (mid, dev) not in self._loaded:
+                raise ModelInUse(f"model {model_id} is being loaded on {dev}; try again once it is loaded")
         done = []
         for (mid, dev), entry in list(self._loaded.items()):
             if mid == model_id and (device is None or dev == device):
@@ -331,8 +336,11 @@ class ModelManager:
                 "in_use": entry.in_use}
 
     def unload_all(self) -> None:
-        for entry in self._loaded.values():
-            entry.adapter.unload()
+        for (mid, dev), entry in self._loaded.items():
+            try:
+                entry.adapter.unload()
+            except Exception as e:  # a plug-in's: the daemon stops all the same
+                _log.error("model_unload_failed", model=mid, device=dev, error=f"{type(e).__name__}: {e}")
         self._loaded.clear()
 
 

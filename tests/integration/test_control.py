@@ -175,6 +175,7 @@ async def test_a_plug_ins_failures_are_its_models_errors_never_a_500(redis_url, 
         r = await client.post("/models/cleanup?inactive_seconds=0")
         assert r.status == 200 and (await r.json())["unloaded"] == [{"model": "fake/badunload", "device": "cpu"}]
         assert (await client.get("/health")).status == 200
+        await client.post("/models/fake/badunload/load")  # still loaded at stop: the stop goes on
 
 
 async def test_a_load_past_its_timeout_is_given_up_and_its_device_serves_other_models(redis_url, tmp_path):
@@ -198,6 +199,18 @@ async def test_a_load_past_its_timeout_is_given_up_and_its_device_serves_other_m
         assert r.status == 504 and body["error"]["code"] == "timeout", body
         assert (await client.post("/predict/fake/quick", data=image)).status == 200
         assert not daemon.manager.is_loaded("fake/slow")
+
+
+async def test_unloading_a_model_being_loaded_says_so(redis_url, tmp_path):
+    settings = settings_for(redis_url, tmp_path, fakes={"slow": {"load_s": 1}})
+    async with serving(settings) as (daemon, client):
+        loading = asyncio.ensure_future(client.post("/models/fake/slow/load"))
+        await wait_for(lambda: any(lock.locked() for lock in daemon.manager._locks.values()), 5)
+        r = await client.post("/models/fake/slow/unload")  # was 404 not_loaded, then loaded after
+        body = await r.json()
+        assert r.status == 409 and "is being loaded on cpu" in body["error"]["message"], body
+        assert (await loading).status == 200
+        assert (await client.post("/models/fake/slow/unload")).status == 200
 
 
 async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
