@@ -255,6 +255,15 @@ class ModelManager:
             (victim, _), _ = idle.pop(0)
             self.unload(victim, device, reason="evicted")
 
+    def check_fits(self, model_id: str, devices: list[str]) -> None:
+        """ModelTooLarge if the model is bigger than the budget of every one of `devices`."""
+        needed = self._estimate_mb(model_id)
+        budgets = [self.budgets_mb.get(d) for d in devices]
+        if devices and all(b and needed > b for b in budgets):
+            raise ModelTooLarge(f"model {model_id} needs about {needed:.0f} MB; the budget of "
+                                f"{', '.join(devices)} is {max(b or 0 for b in budgets):.0f} MB at most "
+                                "(manager.max_memory_mb)")
+
     def used_mb(self, device: str) -> float:
         return sum(entry.memory_mb for (_, d), entry in self._loaded.items() if d == device)
 

@@ -221,6 +221,9 @@ async def test_a_model_larger_than_the_budget_is_507(redis_url, tmp_path):
         body = await r.json()
         assert r.status == 507 and body["error"]["code"] == "insufficient_memory"
         assert "5000 MB" in body["error"]["message"]
+        r = await client.post("/predict/fake/huge", data=encode(np.zeros((8, 8, 3), np.uint8)))
+        body = await r.json()  # was a 422 model_error
+        assert r.status == 507 and body["error"]["code"] == "insufficient_memory" and "5000 MB" in body["error"]["message"]
 
 
 async def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line(redis_url, tmp_path, capfd):
