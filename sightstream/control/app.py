@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sightstream.control import health, jobs, models, openapi, page, pipelines, predict, prompts
-from sightstream.control.errors import json_errors, quiet_bad_http, require_token
+from sightstream.control.errors import body_limits, json_errors, quiet_bad_http, require_token
 from sightstream.control.state import DAEMON, OPENAPI
 from sightstream.daemon.daemon import Daemon
 
@@ -16,10 +16,11 @@ APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.ap
 def make_app(daemon: Daemon) -> web.Application:
     control = daemon.settings.control
     quiet_bad_http()
+    max_bytes = int(control.max_upload_mb * 1024 * 1024)
     app = web.Application(
         middlewares=[json_errors, require_token(control, open_handlers={
-            op.handler for api in APIS for op in api.operations if op.open})],
-        client_max_size=int(control.max_upload_mb * 1024 * 1024),
+            op.handler for api in APIS for op in api.operations if op.open}), body_limits(max_bytes)],
+        client_max_size=max_bytes,
     )
     app[DAEMON] = daemon
     entries = list(daemon.catalogue)

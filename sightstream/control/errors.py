@@ -42,6 +42,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except ApiError as e:
         response = error_response(e.status, e.message, e.code)
         response.headers.update(e.headers)
+        if e.status == 413:
+            response.force_close()  # the body is left unread: the connection cannot go on
         return response
     except (RedisConnectionError, RedisTimeoutError) as e:
         return error_response(503, f"redis is unreachable: {e}", "unavailable")
@@ -67,6 +69,29 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except Exception:
         _log.exception("control_handler_failed", path=request.path)
         return error_response(500, "internal error: see the daemon's log", "internal")
+
+
+# What aiohttp undoes (br and zstd with their packages installed; without, it says so).
+CODINGS = {"", "identity", "gzip", "deflate", "br", "zstd"}
+
+
+def body_limits(max_bytes: int) -> Callable:
+    """A body refused from its headers, before it is read: one declared larger than
+    max_upload_mb (it used to be read up to the limit first, or waited for), and a
+    Content-Encoding nothing undoes (it used to be read as plain bytes)."""
+
+    @web.middleware
+    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        coding = request.headers.get("Content-Encoding", "").strip().lower()
+        if coding not in CODINGS:
+            raise ApiError(415, f"Content-Encoding {coding!r} is not one this server undoes: send the body "
+                                "as is, or gzip or deflate it", "unsupported_media_type")
+        if request.content_length is not None and request.content_length > max_bytes:
+            raise ApiError(413, f"the body is too large: {request.content_length} bytes declared, over "
+                                f"max_upload_mb ({max_bytes} bytes)", "payload_too_large")
+        return await handler(request)
+
+    return limits
 
 
 class BadHttpInOneLine(logging.Filter):
