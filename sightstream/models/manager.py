@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sightstream import log
@@ -47,10 +48,12 @@ class RoomInUse(ModelTooLarge):
 
 
 class LoadTimeout(ModelError):
-    """A load still running past `load_timeout_s` on `executor`'s thread, which it still holds:
-    whoever owns that thread replaces it (a thread stuck inside a load cannot be killed)."""
+    """A load that cannot be had now, to be tried again later: one still running past
+    `load_timeout_s` on `executor`'s thread, which it still holds (whoever owns that thread
+    replaces it: a thread stuck inside a load cannot be killed); or, with no executor, a load
+    of the model still running from before, or a device thread replaced since it was asked."""
 
-    def __init__(self, message: str, executor: Executor) -> None:
+    def __init__(self, message: str, executor: Executor | None = None) -> None:
         super().__init__(message)
         self.executor = executor
 
@@ -88,6 +91,7 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
+        self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
         self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
@@ -150,47 +154,89 @@ class ModelManager:
         async with self._locks.setdefault(key, asyncio.Lock()):
             if (loaded := self._loaded.get(key)) is not None:
                 return loaded
+            if key in self._overdue:  # one stuck load of it at a time, not one more per try
+                raise LoadTimeout(f"model {model_id} is still loading on {device}, past "
+                                  f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later")
             adapter = self.create(model_id)
             estimate = self._estimate_mb(model_id)
             # The room is promised to this load until it ends, so two loads on one device
             # cannot both count on it. No lock is held meanwhile: a load queued on a device
             # thread behind a long call (a text model's) keeps no other load of the device waiting.
             await self._wait_for_room(device, estimate, model_id)
+            overdue = False
             try:
                 started = time.monotonic()
-                await self._load_on(executor, adapter, device, model_id)
+                loading = self._start_load(executor, adapter, device, model_id)
+                overdue = not await self._within_timeout(loading)
+                if overdue:  # the room stays promised until the load ends (_ended_late)
+                    self._overdue.add(key)
+                    loading.add_done_callback(partial(self._ended_late, key, adapter, estimate))
+                    _log.error("model_load_timeout", model=model_id, device=device,
+                               timeout_s=self.load_timeout_s)
+                    raise LoadTimeout(f"model {model_id} did not load on {device} within "
+                                      f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
+                                      executor)
+                loading.result()
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
             finally:
-                self._reserved_mb[device] -= estimate
-                self._let_go.set()  # the room counted on may have changed: waiting loads look again
+                if not overdue:
+                    self._reserved_mb[device] -= estimate
+                    self._let_go.set()  # the room counted on may have changed: waiting loads look again
             if self._metrics is not None:
                 self._metrics.model_loads.labels(device).inc()
             _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
                       seconds=round(time.monotonic() - started, 3))
             return loaded
 
-    async def _load_on(self, executor: Executor, adapter: Adapter, device: str, model_id: str) -> None:
-        """Load on the device's thread, timed out from when the thread starts the load (not
-        while it waits behind a call); past the timeout, LoadTimeout (the thread is still in it)."""
+    def _start_load(self, executor: Executor, adapter: Adapter, device: str, model_id: str) -> asyncio.Future:
+        """The load, on the device's thread; its start time is noted (`began`), for the timeout."""
         began: list[float] = []
 
         def timed() -> None:
             began.append(time.monotonic())
             _load(adapter, device, model_id)
 
-        loading = asyncio.get_running_loop().run_in_executor(executor, timed)
+        try:
+            loading = asyncio.get_running_loop().run_in_executor(executor, timed)
+        except RuntimeError:  # shut down: the device thread was replaced (a stuck call) since asked
+            raise LoadTimeout(f"model {model_id} was not loaded: the device thread of {device} was "
+                              "replaced meanwhile; try again") from None
+        loading.began = began  # type: ignore[attr-defined]
+        return loading
+
+    async def _within_timeout(self, loading: asyncio.Future) -> bool:
+        """Wait for the load; False once it has run `load_timeout_s` (timed from when the device
+        thread started it, not while it waited behind a call)."""
+        began: list[float] = loading.began  # type: ignore[attr-defined]
         while not loading.done():
             wait = began[0] + self.load_timeout_s - time.monotonic() if began else 1.0
             if wait <= 0:
-                loading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved
-                _log.error("model_load_timeout", model=model_id, device=device, timeout_s=self.load_timeout_s)
-                raise LoadTimeout(f"model {model_id} did not load on {device} within "
-                                  f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
-                                  executor)
+                return False
             await asyncio.wait((loading,), timeout=wait)
-        loading.result()
+        if loading.cancelled():  # queued on a device thread that was replaced before it ran
+            raise LoadTimeout("the load was not run: its device thread was replaced meanwhile; try again")
+        return True
+
+    def _ended_late(self, key: tuple[str, str], adapter: Adapter, estimate: float,
+                    done: asyncio.Future) -> None:
+        """A load past its timeout has ended: its room is given back, and the model, if it
+        loaded, is taken in (a model that needs longer than load_timeout_s is loaded once)."""
+        model_id, device = key
+        self._overdue.discard(key)
+        self._reserved_mb[device] -= estimate
+        self._let_go.set()
+        error = None if done.cancelled() else done.exception()
+        if done.cancelled() or error is not None or key in self._loaded:
+            _log.warning("model_load_ended_late", model=model_id, device=device, loaded=False,
+                         error=repr(error) if error else None)
+            return
+        size = float(getattr(adapter, "memory_mb", 0) or estimate)
+        now = time.time()
+        self._loaded[key] = Loaded(adapter, device, size, now, now)
+        _log.info("model_load_ended_late", model=model_id, device=device, loaded=True,
+                  memory_mb=round(size, 1))
 
     async def _wait_for_room(self, device: str, needed_mb: float, model_id: str) -> None:
         """Make room and promise it to this load (the caller gives it back once loaded); when
@@ -271,8 +317,8 @@ class ModelManager:
         """Unload a model from one device (or all); models in use are never unloaded, nor
         models being loaded (the load would end with the model loaded: say so, not 'not loaded')."""
         for (mid, dev), lock in self._locks.items():
-            if mid == model_id and (device is None or dev == device) and lock.locked() \
-                    and (mid, dev) not in self._loaded:
+            if mid == model_id and (device is None or dev == device) and (mid, dev) not in self._loaded \
+                    and (lock.locked() or (mid, dev) in self._overdue):
                 raise ModelInUse(f"model {model_id} is being loaded on {dev}; try again once it is loaded")
         done = []
         for (mid, dev), entry in list(self._loaded.items()):

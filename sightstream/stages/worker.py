@@ -342,9 +342,9 @@ class Worker:
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()
         self._replace_thread(executor)
 
-    def _replace_thread(self, executor: Executor) -> None:
+    def _replace_thread(self, executor: Executor | None) -> None:
         """A fresh device thread in place of `executor`'s stuck one (if not replaced already)."""
-        if executor is self.executor:
+        if executor is not None and executor is self.executor:
             executor.shutdown(wait=False, cancel_futures=True)
             self.executor = self._new_executor()
             self.replaced += 1

@@ -180,25 +180,29 @@ async def test_a_plug_ins_failures_are_its_models_errors_never_a_500(redis_url, 
 
 async def test_a_load_past_its_timeout_is_given_up_and_its_device_serves_other_models(redis_url, tmp_path):
     # a load that hangs used to hold its device thread, and every model's calls on it, for ever
-    settings = settings_for(redis_url, tmp_path, fakes={"slow": {"load_s": 4}, "quick": {}},
+    settings = settings_for(redis_url, tmp_path, fakes={"slow": {"load_s": 3, "memory_mb": 300}, "quick": {}},
                             manager={"load_timeout_s": 0.5})
     image = encode(np.zeros((8, 8, 3), np.uint8))
     async with serving(settings) as (daemon, client):
         assert (await client.post("/models/fake/quick/load")).status == 200
-        slow = asyncio.ensure_future(client.post("/predict/fake/slow", data=image))
+        slow = [asyncio.ensure_future(client.post("/predict/fake/slow", data=image)),
+                asyncio.ensure_future(client.post("/models/fake/slow/load"))]  # a second load, behind it
         await asyncio.sleep(0.1)
         quick = await client.post("/predict/fake/quick", data=image)  # queued behind the load
         assert quick.status in (200, 504)  # abandoned with the stuck thread, or run on a new one
-        r = await slow
-        body = await r.json()
-        assert r.status == 504 and "did not load on cpu within 0.5 s" in body["error"]["message"], body
+        answers = [(r.status, (await r.json())["error"]["message"]) for r in await asyncio.gather(*slow)]
+        assert [status for status, _ in answers] == [504, 504], answers
+        said = sorted(m.split(" on cpu")[0].split("slow ")[1] for _, m in answers)
+        assert said == ["did not load", "is still loading"], answers  # one stuck load, not one per try
+        assert daemon.manager._reserved_mb["cpu"] == 300  # its room is still promised while it runs
         r = await client.post("/predict/fake/quick", data=image)
         assert r.status == 200, await r.text()  # a fresh device thread
-        r = await client.post("/models/fake/slow/load")
-        body = await r.json()
-        assert r.status == 504 and body["error"]["code"] == "timeout", body
-        assert (await client.post("/predict/fake/quick", data=image)).status == 200
-        assert not daemon.manager.is_loaded("fake/slow")
+        r = await client.post("/models/fake/slow/unload")
+        assert r.status == 409 and "being loaded" in (await r.json())["error"]["message"]
+        # once it ends, late, it is taken in, and its room counted as a loaded model's
+        await wait_for(lambda: daemon.manager.is_loaded("fake/slow"), 10, "the late load taken in")
+        assert daemon.manager._reserved_mb["cpu"] == 0 and daemon.manager.used_mb("cpu") == 300
+        assert (await client.post("/predict/fake/slow", data=image)).status == 200
 
 
 async def test_unloading_a_model_being_loaded_says_so(redis_url, tmp_path):
@@ -240,6 +244,23 @@ async def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line(redis_
         assert answer.split(b" ", 2)[1] == b"400"
     assert [e["event"] for e in logged] == ["bad_http_request"] and "8190 bytes" in logged[0]["error"]
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_a_body_is_refused_from_its_headers_before_it_is_read(redis_url, tmp_path):
+    async with serving(settings_for(redis_url, tmp_path, control={"max_upload_mb": 1})) as (daemon, client):
+        # a declared length over max_upload_mb: answered at once, nothing of the body sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+                     b"Content-Type: image/jpeg\r\n\r\n")
+        await writer.drain()
+        answer = b""
+        while b"bytes declared" not in answer:  # answered before any of the body is sent
+            answer += await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert answer.split(b" ", 2)[1] == b"413" and b"999999999 bytes declared" in answer
+        r = await client.post("/predict/tiny/det", data=b"\xff\xd8 plain bytes", headers={"Content-Encoding": "banana"})
+        body = await r.json()  # was read as plain bytes
+        assert r.status == 415 and "Content-Encoding 'banana'" in body["error"]["message"], body
 
 
 async def test_a_client_gone_mid_upload_and_a_long_body_that_is_not_gzip_log_no_traceback(
