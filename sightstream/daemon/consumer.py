@@ -46,8 +46,11 @@ return 0
 
 def process_identity(pid: int) -> str | None:
     """`boot|pid namespace|pid|start time` of a process on this machine (Linux), else None:
-    a PID alone may have been reused, a start time alone may be another namespace's."""
+    a PID alone may have been reused, a start time alone may be another namespace's. None too
+    where /proc is not this PID namespace's own (a sandbox that did not mount it anew)."""
     try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         namespace = os.readlink("/proc/self/ns/pid")
         started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -57,14 +60,24 @@ def process_identity(pid: int) -> str | None:
 
 
 def holder_is_gone(token: str) -> bool:
-    """True only when the token names a process of this boot and PID namespace that no longer
-    runs; a token of another host's, another container's or an older version's: False."""
+    """True only when the token names a process of this boot and PID namespace that surely no
+    longer runs: no process has its PID, or one that started at another time has it. A token of
+    another host's, another container's or an older version's, or a process whose /proc entry
+    cannot be read (another user's, under hidepid): False."""
     identity, _, _ = token.rpartition("#")
     parts = identity.split("|")
     mine = process_identity(os.getpid())
     if len(parts) != 4 or mine is None or mine.split("|")[:2] != parts[:2] or not parts[2].isdigit():
         return False
-    return process_identity(int(parts[2])) != identity
+    pid = int(parts[2])
+    try:
+        os.kill(pid, 0)  # unlike /proc, not hidden from other users
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    now = process_identity(pid)
+    return now is not None and now.split("|")[3] != parts[3]  # the PID was reused
 
 
 class ConsumerLease:
