@@ -56,8 +56,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = error_response(400, f"the body cannot be read: {why.strip()}")
         response.force_close()  # the rest of the body is unread: the connection cannot go on
         return response
-    except ConnectionResetError:  # the client went away mid-upload: nobody to answer, no bug
-        _log.info("client_disconnected", path=request.path)
+    except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            _log.exception("control_handler_failed", path=request.path)  # not the client's: a bug
+            return error_response(500, "internal error: see the daemon's log", "internal")
+        _log.info("client_disconnected", path=request.path)  # it went away mid-upload: nobody to answer
         return error_response(400, "the connection was lost before the request was read")
     except web.HTTPException as e:
         if e.status < 400:

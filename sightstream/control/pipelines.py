@@ -131,18 +131,22 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
         pending=sum(s.pending for s in found or ()) if known else None,
         lag=lag,
         sources=found if sources else None,
-        videos=await _videos(d, p),
+        videos=await _videos(d, p, asked=redis_error is None),
         redis_error=redis_error,
     )
 
 
-async def _videos(d: Daemon, p: PipelineSettings) -> list[VideoInput]:
+async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[VideoInput]:
+    """Each video input with its job; `asked` False: Redis failed already, do not wait on it
+    once per input (each try takes a connect timeout), say unknown."""
     out = []
     for url in p.videos:
         job_id = keys.input_job_id(p.name, url)
         spec = input_spec(p, url, d.settings.redis_cluster)
         streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
         try:
+            if not asked:
+                raise RedisError("not asked, as it failed a moment ago")
             job = await d.jobs.get(job_id)
         except (RedisError, OSError) as e:
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="unknown", holder="",

@@ -198,7 +198,8 @@ def _from_config(family: str, variant: str, cfg: ModelEntry, builtin: Entry | No
             else DEFAULT_ADAPTER.get((backend, task), ""))
         path = cfg.path if "path" in given else builtin.path
         options = {**builtin.options, "task": task, **options}
-        licence, description = builtin.licence, builtin.description
+        # other weights: the built-in's licence and description may not be theirs
+        licence, description = (builtin.licence, builtin.description) if path == builtin.path else ("", "")
     else:
         backend, task, path = cfg.backend, cfg.task, cfg.path
         adapter = cfg.adapter or DEFAULT_ADAPTER.get((backend, task), "")

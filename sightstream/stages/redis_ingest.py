@@ -94,6 +94,8 @@ class RedisIngest(StreamReader):
                         name = key.decode()
                     except UnicodeDecodeError:  # its results could not be named: never read
                         if key not in self._unnamed:
+                            if len(self._unnamed) > 10_000:  # logged once per key, in bounded memory
+                                self._unnamed.clear()
                             self._unnamed.add(key)
                             _log.warning("stream_name_not_utf8", pipeline=self._p.name, key=repr(key))
                         continue
@@ -180,7 +182,7 @@ class RedisIngest(StreamReader):
         if created:  # on streams that exist: Redis lost its data
             _log.warning("group_missing_recreated", pipeline=self._p.name, streams=len(created))
         if gone:
-            _log.info("deleted_streams_dropped", pipeline=self._p.name, streams=len(gone))
+            _log.info("deleted_streams_dropped", pipeline=self._p.name, count=len(gone), streams=gone[:20])
             self._drop(gone)
             if self.leases is not None:  # held, it would never count as new again: nobody would read it
                 for stream in gone:

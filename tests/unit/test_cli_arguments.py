@@ -18,6 +18,8 @@ from sightstream import cli
     (["publish", "v.mp4", "--stream", "s", "--maxlen", "-5"], "--maxlen: -5 is negative"),
     (["tail", "k", "--count", "-1"], "--count: -1 is negative"),
     (["tail", "k", "--timeout", "-1"], "--timeout: -1 is not a number of seconds"),
+    (["tail", "k", "--count", "abc"], "--count: 'abc' is not a whole number"),  # not "invalid _count value"
+    (["publish", "v.mp4", "--stream", "s", "--fps", "fast"], "--fps: 'fast' is not a number"),
 ])
 def test_a_number_the_command_cannot_use_is_refused(argv, says, capsys):
     with pytest.raises(SystemExit) as ended:

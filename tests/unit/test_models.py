@@ -172,7 +172,7 @@ def test_options_under_a_builtin_models_name_change_only_those_options(astronaut
     owl = manager(owlv2__base={"path": str(tmp_path), "score_threshold": 0.2}).catalogue.get("owlv2/base")
     assert (owl.backend, owl.task, owl.adapter, owl.path) == ("transformers", "detect", "hf_open_vocab",
                                                              str(tmp_path))
-    assert owl.options["score_threshold"] == 0.2 and owl.description
+    assert owl.options["score_threshold"] == 0.2 and owl.licence == owl.description == ""  # other weights
     # a backend or task given changes the adapter to that pair's own
     torch_face = manager(retinaface__mobilenet={"backend": "torch", "path": str(tmp_path / "f.pt")})
     assert torch_face.catalogue.get("retinaface/mobilenet").adapter == "torch_yolo"
