@@ -51,7 +51,15 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Sour
         if keys.is_own_output(key, []) or key.startswith("results:"):
             raise SourceRefused(f"{key} is one of sightstream's own output streams")
         return Source(url, "stream", key)
-    parts = urlsplit(url)
+    if any(ord(c) < 32 or c == "\x7f" for c in unquote(url)):  # a NUL or a newline: no path or host has one
+        raise SourceRefused("the source URL holds a control character (such as %00)")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # checked here: out of range, it would fail the job later, when read
+    except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535"
+        raise SourceRefused(f"the source URL cannot be read: {e}") from None
+    if port == 0:
+        raise SourceRefused("the source URL's port is 0")
     if scheme == "file":
         path = os.path.realpath(unquote(parts.path))
         roots = [os.path.realpath(p) for p in settings.allowed_paths]
