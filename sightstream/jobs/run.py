@@ -42,11 +42,12 @@ from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.video_reader import ReaderOptions, VideoSource
-from sightstream.stages.worker import InferenceTimeout
+from sightstream.stages.worker import InferenceTimeout, NotRun
 
 _log = log.get(__name__)
 WATCH_EVERY_S = 0.5
 READ_LIMIT_S = 3.0  # a stream read blocks 1 s; past this it is given up and the job's state checked
+NOT_RUN_TRIES = 3  # a frame that never reached its model (a stuck call on its device) is sent this often
 END: Any = object()  # the reader's last word to the publishing task
 
 
@@ -164,11 +165,10 @@ class JobRun:
                     break
                 self._seq += 1
                 self._metrics.frames_in.labels(self._label).inc()
-                future = None
+                future: asyncio.Future | None = None
                 if item.frame is not None:
-                    (future,) = await self._adhoc.put(
-                        [item.frame], self.job.spec.model, self._prompt(), self._label,
-                        (self._limits.batch_size, self._limits.batch_timeout_ms))
+                    (first,) = await self._submit(item.frame)  # waits while the lane is full
+                    future = asyncio.ensure_future(self._outcome(item.frame, first))
                 if not await _put(queue, (self._seq, item, future), publishing):
                     break
                 self._last_item, self._reading = time.monotonic(), True
@@ -181,6 +181,24 @@ class JobRun:
             await publishing  # raises what ended it early (Redis down: the job is paused, retried)
         finally:
             publishing.cancel()
+
+    async def _submit(self, frame: Frame) -> list[asyncio.Future[Outcome]]:
+        return await self._adhoc.put([frame], self.job.spec.model, self._prompt(), self._label,
+                                     (self._limits.batch_size, self._limits.batch_timeout_ms))
+
+    async def _outcome(self, frame: Frame, first: asyncio.Future[Outcome]) -> Outcome:
+        """The frame's outcome; a frame that never reached the model (another call was stuck on
+        its device) is sent again, up to NOT_RUN_TRIES times, not dead-lettered for another's fault."""
+        future = first
+        for attempt in range(1, NOT_RUN_TRIES + 1):
+            try:
+                return await future
+            except NotRun:
+                if attempt == NOT_RUN_TRIES:
+                    raise
+                _log.info("job_frame_sent_again", job=self.job.id, frame=frame.entry_id, attempt=attempt)
+                (future,) = await self._submit(frame)
+        raise AssertionError("unreachable")
 
     async def _publish_in_order(self, queue: asyncio.Queue) -> None:
         """Publish each outcome once it and those before it are in, several in one round when

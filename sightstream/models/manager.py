@@ -53,9 +53,10 @@ class LoadTimeout(ModelError):
     replaces it: a thread stuck inside a load cannot be killed); or, with no executor, a load
     of the model still running from before, or a device thread replaced since it was asked."""
 
-    def __init__(self, message: str, executor: Executor | None = None) -> None:
+    def __init__(self, message: str, executor: Executor | None = None, not_run: bool = False) -> None:
         super().__init__(message)
         self.executor = executor
+        self.not_run = not_run  # the load never ran (its thread was replaced): another try may well
 
 
 
@@ -202,7 +203,7 @@ class ModelManager:
             loading = asyncio.get_running_loop().run_in_executor(executor, timed)
         except RuntimeError:  # shut down: the device thread was replaced (a stuck call) since asked
             raise LoadTimeout(f"model {model_id} was not loaded: the device thread of {device} was "
-                              "replaced meanwhile; try again") from None
+                              "replaced meanwhile; try again", not_run=True) from None
         loading.began = began  # type: ignore[attr-defined]
         return loading
 
@@ -216,7 +217,8 @@ class ModelManager:
                 return False
             await asyncio.wait((loading,), timeout=wait)
         if loading.cancelled():  # queued on a device thread that was replaced before it ran
-            raise LoadTimeout("the load was not run: its device thread was replaced meanwhile; try again")
+            raise LoadTimeout("the load was not run: its device thread was replaced meanwhile; try again",
+                              not_run=True)
         return True
 
     def _ended_late(self, key: tuple[str, str], adapter: Adapter, estimate: float,

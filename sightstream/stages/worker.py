@@ -67,6 +67,12 @@ class InferenceTimeout(Exception):
     pass
 
 
+class NotRun(InferenceTimeout):
+    """The frames never reached their model: they waited on a device thread that was replaced
+    (another call was stuck) or for a load that could not be run. Tried again, they may well
+    run: jobs do so (pipelines' frames are retried anyway, being left pending)."""
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in str(error).lower() for m in OOM_MARKERS)
 
@@ -193,12 +199,12 @@ class Worker:
                     return outcomes
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
-        except InferenceTimeout as e:
-            self._hand_back(batch, frames, str(e))  # the whole batch, also parts a split retry finished
+        except InferenceTimeout as e:  # the whole batch, also parts a split retry finished
+            self._hand_back(batch, frames, str(e), not_run=isinstance(e, NotRun))
             return outcomes
         except LoadTimeout as e:  # its frames are retried later, as a stuck call's are
             self._replace_thread(e.executor)
-            self._hand_back(batch, frames, str(e))
+            self._hand_back(batch, frames, str(e), not_run=e.not_run)
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
@@ -208,7 +214,7 @@ class Worker:
             if (current := asyncio.current_task()) is not None and current.cancelling():
                 raise  # this task is being cancelled (shutdown)
             # a load queued on a device thread that was replaced (abandoned): try again later
-            self._hand_back(batch, frames, QUEUED_BEHIND.format(model=batch.model))
+            self._hand_back(batch, frames, QUEUED_BEHIND.format(model=batch.model), not_run=True)
             return outcomes
         finally:
             pass_turn(after, turn)
@@ -317,12 +323,12 @@ class Worker:
                                            f"({timeout_s:g} s)")
             elif executor is not self.executor:  # queued behind a call that was abandoned
                 running.cancel()
-                raise InferenceTimeout(QUEUED_BEHIND.format(model=batch.model))
+                raise NotRun(QUEUED_BEHIND.format(model=batch.model))
             else:
                 wait = min(timeout_s, STUCK_POLL_S)
             await asyncio.wait((running,), timeout=wait)
         if running.cancelled():  # the thread was replaced before it got to this call
-            raise InferenceTimeout(QUEUED_BEHIND.format(model=batch.model))
+            raise NotRun(QUEUED_BEHIND.format(model=batch.model))
         outputs = running.result()
         self._timer(batch).observe(time.perf_counter() - began[0])
         return outputs
@@ -357,14 +363,15 @@ class Worker:
             self._replace_thread(e.executor)
             raise
 
-    def _hand_back(self, batch: Batch, frames: list[Frame], why: str) -> None:
+    def _hand_back(self, batch: Batch, frames: list[Frame], why: str, not_run: bool = False) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once
-        idle); callers waiting on a reply (/predict, jobs) are told."""
+        idle); callers waiting on a reply (/predict, jobs) are told: NotRun when the frames
+        never reached their model."""
         self._metrics.frames_abandoned.labels(batch.pipeline).inc(len(frames))
         for frame in frames:
             if frame.reply is not None:
                 if not frame.reply.done():
-                    frame.reply.set_exception(InferenceTimeout(why))
+                    frame.reply.set_exception(NotRun(why) if not_run else InferenceTimeout(why))
                 continue
             frame.release()  # no ack: still pending in Redis
 

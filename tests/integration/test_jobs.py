@@ -10,11 +10,13 @@ import time
 import pytest
 
 from sightstream import keys
+from sightstream.config import ModelEntry
 from sightstream.jobs.store import JobSpec, JobStore
 from sightstream.leases import Lease
 from sightstream.redis_conn import make_client, run_pipelined
 from tests import hls
 from tests.conftest import encode
+from tests.fake_adapters import entry as fake_entry
 from tests.integration.helpers import serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
@@ -367,3 +369,23 @@ async def test_a_submission_retried_with_its_idempotency_key_makes_one_job(redis
         ids = {(await r.json())["job_id"] for r in both}
         assert len(ids) == 1 and sorted(r.status for r in both) == [200, 201]
         assert len((await (await client.get("/jobs")).json())["jobs"]) == 4
+
+
+async def test_a_jobs_frames_queued_behind_another_models_stuck_call_are_sent_again(redis_url, tmp_path, videos):
+    """Another user's stuck model (its call abandoned past its timeout) used to dead-letter this
+    job's frames queued behind it, model_timeout, for good: they never reached their model."""
+    from structlog.testing import capture_logs
+
+    settings = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
+    settings.models["fake"] = {"hang": ModelEntry(**fake_entry(hang_first_s=3, timeout_s=1))}
+    with capture_logs() as logged:
+        async with serving(settings) as (d, client):
+            stuck = await submit(client, source=f"file://{videos}/clip.mp4", model="fake/hang", fps=1, max_frames=1)
+            await until_status(client, stuck, "running")
+            await asyncio.sleep(0.3)  # its first call is on the device thread now, for 3 s
+            healthy = await submit(client, source=f"file://{videos}/clip.mp4", fps=5)
+            job = await until_status(client, healthy, "completed", "failed")
+            assert job["status"] == "completed" and job["counts"]["dead_lettered"] == 0, job
+            assert job["counts"]["processed"] == 15
+            assert (await until_status(client, stuck, "completed"))["counts"]["dead_lettered"] == 1  # its own
+    assert any(e["event"] == "job_frame_sent_again" and e["job"] == healthy for e in logged)
