@@ -15,7 +15,7 @@ from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ModelError
-from sightstream.models.adapters import check_prompt
+from sightstream.models.adapters import check_chained_prompt, check_prompt
 from sightstream.prompts import PromptVersion, UnknownVersion, VersionConflict
 
 api = Api("prompts")
@@ -79,6 +79,8 @@ def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
     entry = d.catalogue.get(p.model)
     try:
         check_prompt(entry.adapter, entry.task, text)
+        if p.prompt_from:
+            check_chained_prompt(text)
     except ModelError as e:
         raise ApiError(422, f"{p.model} cannot use {what}: {e}") from None
 

@@ -39,7 +39,7 @@ from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
-from sightstream.models.adapters import adapter_class
+from sightstream.models.adapters import adapter_class, check_chained_prompt
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
@@ -163,6 +163,10 @@ class Daemon:
             if not takes_detections:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: {p.model} is "
                                   "not prompted by detections (SAM2 is)")
+            try:
+                check_chained_prompt(p.prompt)
+            except ModelError as e:
+                raise ConfigError(f"invalid setting pipelines[{p.name}].prompt: {e}") from None
             up = by_name.get(p.prompt_from)
             up_task = self.catalogue.get(up.model).task if up else "detect"
             if up and up_task not in ("detect", "track"):

@@ -11,7 +11,7 @@ from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ConfigError
 from tests import tiny_hf
 from tests.conftest import encode
-from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import entries, pending, running, serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +102,16 @@ def test_a_chain_needs_a_model_prompted_by_detections_and_an_upstream_that_detec
     settings.pipelines[0].model = "user/sam2"
     with pytest.raises(ConfigError, match="pipeline faces does not detect"):
         Daemon(settings)
+    # boxes or points in a chained pipeline's prompt would be ignored: refused, in the config and over HTTP
+    with pytest.raises(ConfigError, match=r"pipelines\[masks\].prompt: a chained pipeline takes its boxes"):
+        Daemon(chained(redis_url, tmp_path, sam2_path, prompt='{"boxes": [[1, 2, 3, 4]]}'))
+
+
+async def test_a_chained_pipelines_prompt_over_http_only_keeps_labels(redis_url, tmp_path, sam2_path):
+    async with serving(chained(redis_url, tmp_path, sam2_path)) as (d, client):
+        for text in ('{"boxes": [[1, 2, 3, 4]]}', '{"points": [[5, 5]]}'):
+            r = await client.put("/pipelines/masks/prompt", json={"text": text})
+            body = await r.json()  # was 200, a new version that changed nothing
+            assert r.status == 422 and "may only keep some of their labels" in body["error"]["message"], body
+        r = await client.put("/pipelines/masks/prompt", json={"text": '{"labels": ["person"]}'})
+        assert r.status == 200

@@ -6,6 +6,7 @@ An entry's `adapter` is a built-in name, or a plugin of the user's own as "packa
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 from sightstream.errors import ModelError
@@ -68,6 +69,23 @@ def check_prompt(adapter: str, task: str, text: str) -> None:
             raise
         except Exception as e:  # a plug-in's check that refuses with another error
             raise ModelError(f"{type(e).__name__}: {e}") from e
+
+
+def check_chained_prompt(text: str) -> None:
+    """A chained pipeline's prompt (prompt_from): empty, or {"labels": [...]} keeping some of the
+    upstream detections. Boxes or points would be ignored there (they come from upstream), so
+    they are refused (ModelError), not taken silently."""
+    if not text.strip():
+        return
+    try:
+        spec = json.loads(text)
+    except ValueError:
+        spec = None
+    labels = spec.get("labels") if isinstance(spec, dict) else None
+    names = labels is None or (isinstance(labels, list) and all(isinstance(v, str) for v in labels))
+    if not isinstance(spec, dict) or set(spec) - {"labels"} or not names:
+        raise ModelError('a chained pipeline takes its boxes from the upstream pipeline\'s detections: its '
+                         'prompt may only keep some of their labels, as {"labels": ["person"]}')
 
 
 def adapter_class(name: str) -> Any:
