@@ -91,19 +91,7 @@ class Frame:
             if self.ts_ms > MAX_TS_MS:
                 raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
                                                f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
-        meta = fields.get(b"meta")
-        if meta is not None:
-            try:
-                ok = isinstance(json.loads(meta.decode(), parse_constant=_not_json), dict)
-            except UnicodeDecodeError:
-                raise FrameError("bad_fields", "`meta` must be UTF-8 JSON: it holds bytes that are not "
-                                               "UTF-8") from None
-            except ValueError:
-                ok = False
-            if not ok:
-                raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)")
-            self.meta = meta
-
+        self.meta = _checked_meta(fields.get(b"meta"))
 
     def parse_upstream_result(self) -> None:
         """A chained pipeline's entry is an upstream result: take the frame it describes and
@@ -113,22 +101,43 @@ class Frame:
             raise FrameError("empty_entry", "the entry has no fields (trimmed or deleted)")
         try:
             source, frame_id = fields[b"source"].decode(), fields[b"frame_id"].decode()
-            result = json.loads(fields[b"result"])
+            result = json.loads(fields[b"result"], parse_constant=_not_json)
             detections = result["detections"]
             self.ts_ms = int(fields[b"ts"])
         except (KeyError, ValueError, TypeError, UnicodeDecodeError):
             raise FrameError(
                 "bad_fields", "a chained pipeline reads detect results: the entry needs `source`, "
-                "`frame_id`, `ts` and a `result` with `detections`"
+                "`frame_id`, `ts` and a `result` with `detections` (strict JSON)"
             ) from None
-        if not isinstance(detections, list) or not all(
-            isinstance(d, dict) and isinstance(d.get("box"), list) and len(d["box"]) == 4
-            for d in detections
-        ):
-            raise FrameError("bad_fields", "the upstream result's `detections` need a `box` each")
+        if not isinstance(detections, list) or not all(isinstance(d, dict) and _is_box(d.get("box"))
+                                                        for d in detections):
+            raise FrameError("bad_fields", "the upstream result's `detections` need a `box` each: "
+                                           "[x1, y1, x2, y2], numbers with x1 <= x2 and y1 <= y2")
         self.origin = (source, frame_id)
         self.detections = detections
-        self.meta = fields.get(b"meta")
+        self.meta = _checked_meta(fields.get(b"meta"))  # it is copied into this pipeline's result
+
+
+def _is_box(box: Any) -> bool:
+    return (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            and box[0] <= box[2] and box[1] <= box[3])
+
+
+def _checked_meta(meta: bytes | None) -> bytes | None:
+    """`meta` as sent, if it is a JSON object (strict JSON, UTF-8); else FrameError."""
+    if meta is None:
+        return None
+    try:
+        ok = isinstance(json.loads(meta.decode(), parse_constant=_not_json), dict)
+    except UnicodeDecodeError:
+        raise FrameError("bad_fields", "`meta` must be UTF-8 JSON: it holds bytes that are not "
+                                       "UTF-8") from None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)")
+    return meta
 
 
 @dataclass(slots=True)

@@ -118,3 +118,33 @@ def test_a_result_is_strict_json_and_a_nan_is_refused_where_it_is():
     assert json.loads(encoded) == {"n": 3, "s": 0.5, "box": [1, 2], "ok": True}
     with pytest.raises(TypeError, match="set is not JSON serializable"):
         result_json({"bad": {1}})
+
+
+def upstream(detections, meta: str | None = None) -> Frame:
+    fields = {b"source": b"frames:{cam}", b"frame_id": b"1-0", b"ts": b"1",
+              b"result": json.dumps({"detections": detections}, allow_nan=True).encode()}
+    if meta is not None:
+        fields[b"meta"] = meta.encode()
+    frame = Frame("masks", "results:faces:frames:{cam}", "9-0", fields, 0)
+    frame.parse_upstream_result()
+    return frame
+
+
+@pytest.mark.parametrize("box", [
+    [float("nan"), 1, 2, 3],  # was model_error, from inside the model
+    ["a", 2, 3, 4],
+    [True, 2, 3, 4],
+    [5, 1, 2, 3],  # inverted
+    [1, 2, 3],
+])
+def test_an_upstream_box_the_model_cannot_take_is_bad_fields(box):
+    with pytest.raises(FrameError) as refused:
+        upstream([{"box": box, "label": "face"}])
+    assert refused.value.reason == "bad_fields"
+
+
+def test_an_upstream_meta_must_be_a_json_object_as_a_producers_must():
+    assert upstream([{"box": [1, 2, 3, 4]}], meta='{"n": 1}').meta == b'{"n": 1}'
+    with pytest.raises(FrameError, match="`meta` must be a JSON object") as refused:
+        upstream([{"box": [1, 2, 3, 4]}], meta="[1]")  # was copied into the chained result
+    assert refused.value.reason == "bad_fields"
