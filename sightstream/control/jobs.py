@@ -98,7 +98,8 @@ class Progress(BaseModel):
     position_s: float | None = None
     duration_s: float | None = Field(None, description="null for live sources")
     fraction: float | None = Field(None, description="of a VOD, 0 to 1")
-    last_error: str | None = Field(None, description="why the source was last reopened, if it was")
+    last_error: str | None = Field(None, description="why the source was last reopened, if it was, or what "
+                                   "of an HLS VOD was skipped (a segment that could not be fetched)")
 
 
 class Timings(BaseModel):

@@ -45,6 +45,7 @@ _log = log.get(__name__)
 av.logging.set_level(None)
 
 DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the encoder restarted
+GAP_S: Final = 0.5  # an HLS VOD jumping this far ahead: a segment was skipped (not a frame rate)
 _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
     av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
     av.error.HTTPNotFoundError, av.error.HTTPOtherClientError, FileNotFoundError, PermissionError,
@@ -106,6 +107,7 @@ class ReaderStats:
     is_live: bool | None = None  # None: not opened yet
     keyframes_only: bool = False
     origin_s: float | None = None  # the stream time pts_s counts from (to resume a live read)
+    skipped_s: float = 0.0  # video the demuxer jumped over (an HLS segment it could not fetch)
 
 
 def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
@@ -361,6 +363,10 @@ class _Reader:
     def _read(self, container: Any, stream: Any) -> bool:
         """Demux and decode to the end; True if a frame was decoded. FFmpeg errors propagate."""
         tb, self.progressed, self.clock = stream.time_base, False, time.perf_counter()
+        ended: float | None = None  # where the packets read so far end (stream time)
+        # FFmpeg's HLS reader skips a segment it cannot fetch; other containers' gaps may be a
+        # variable frame rate (a screen recording), not a loss
+        gaps = container.format.name == "hls" and self.stats.is_live is False
         # Closed before its container: a suspended demux generator still uses the container.
         with contextlib.closing(container.demux(stream)) as packets:
             for packet in packets:
@@ -369,6 +375,9 @@ class _Reader:
                 self.guard.progress()
                 if packet.pts is not None:
                     t = float(packet.pts * tb)
+                    if gaps and ended is not None and t - ended > GAP_S:
+                        self._skipped(ended, t)
+                    ended = max(ended or t, t + float((packet.duration or 0) * tb))
                     if self.t0 is not None:
                         self.read_to = max(self.read_to, t + float((packet.duration or 0) * tb) - self.t0)
                     self.keyframes.packet(t, packet.is_keyframe)
@@ -378,6 +387,15 @@ class _Reader:
                     break
         self.stats.decode_s += time.perf_counter() - self.clock
         return self.progressed
+
+    def _skipped(self, start: float, end: float) -> None:
+        """The demuxer jumped over part of an HLS VOD: FFmpeg's HLS reader skips a segment it
+        cannot fetch (a 404) and goes on. Said, not hidden: the video is not whole."""
+        at = start - (self.t0 or 0.0)
+        self.stats.skipped_s += end - start
+        self.stats.last_error = (f"the video skips from {at:.1f} s to {at + end - start:.1f} s "
+                                 "(a segment missing or unreadable?)")
+        _log.warning("video_gap", url=display(self.url), from_s=round(at, 2), skipped_s=round(end - start, 2))
 
     def _frame(self, frame: Any, tb: Any) -> bool:
         """Sample one decoded frame and hand it on if kept; False once stopped."""

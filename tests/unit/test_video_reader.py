@@ -203,3 +203,18 @@ def test_a_network_source_may_not_open_local_files():
 
     opts = container_options("https://cams.example/live.m3u8", ReaderOptions())
     assert "file" not in opts["protocol_whitelist"].split(",")
+
+
+async def test_a_vod_missing_a_segment_says_what_was_skipped(tmp_path):
+    """FFmpeg's HLS reader skips a segment it cannot fetch (a 404) and goes on: the read used to
+    end as if the video were whole."""
+    playlist = make_hls_vod(tmp_path / "vod", SECONDS, RATE)
+    (tmp_path / "vod" / "index2.ts").unlink()  # 2 s to 3 s
+    source = VideoSource(f"file://{playlist}", ReaderOptions(fps=5, keyframes_only=False))
+    frames = await read(source)
+    assert not any(2.0 <= f.pts_s < 3.0 for f in frames) and frames[-1].pts_s > 5
+    assert source.stats.skipped_s == pytest.approx(1.0, abs=0.1)
+    assert source.stats.last_error == "the video skips from 2.0 s to 3.0 s (a segment missing or unreadable?)"
+    whole = VideoSource(f"file://{make_hls_vod(tmp_path / 'whole', SECONDS, RATE)}", ReaderOptions(fps=5))
+    await read(whole)
+    assert whole.stats.skipped_s == 0 and whole.stats.last_error is None
