@@ -80,7 +80,7 @@ def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
     try:
         check_prompt(entry.adapter, entry.task, text)
         if p.prompt_from:
-            check_chained_prompt(text)
+            check_chained_prompt(entry.adapter, text)
     except ModelError as e:
         raise ApiError(422, f"{p.model} cannot use {what}: {e}") from None
 

@@ -164,7 +164,7 @@ class Daemon:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: {p.model} is "
                                   "not prompted by detections (SAM2 is)")
             try:
-                check_chained_prompt(p.prompt)
+                check_chained_prompt(entry.adapter, p.prompt)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt: {e}") from None
             up = by_name.get(p.prompt_from)

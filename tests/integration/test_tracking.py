@@ -107,3 +107,15 @@ async def test_a_source_left_by_a_dead_daemon_is_taken_over_with_its_pending_fra
     results = entries(sync_redis, f"results:tracks:{stream}")
     assert [f["frame_id"].decode() for _, f in results] == ids  # the ghost's two first, in order
     assert pending(sync_redis, stream, "tracks") == 0
+
+
+def test_a_chained_tracker_keeps_its_fixed_prompt_of_boxes(redis_url, tmp_path, tracker_path):
+    """The tracker takes a fixed prompt's boxes on a source's first frame, chained or not
+    (docs/models.md): only SAM2's segmenters, whose boxes come from upstream, keep labels only."""
+    from sightstream.daemon.daemon import Daemon
+
+    settings = tracking(redis_url, tmp_path, tracker_path)
+    settings.pipelines.insert(0, type(settings.pipelines[0])(name="people"))
+    settings.pipelines[1].prompt_from = "people"
+    settings.pipelines[1].input = ["results:people:frames:*"]
+    Daemon(settings)  # no ConfigError

@@ -131,6 +131,7 @@ class HfSam2(hf_common.HfAdapter):
     takes_prompt = True
     check_prompt = staticmethod(check_prompt)
     uses_context = True
+    chained_prompt_keeps_labels = True  # chained, its boxes come from upstream: a prompt only keeps labels
 
     def load(self, device: str) -> None:
         source = self.source()

@@ -31,6 +31,7 @@ class Sam2Package:
     task = "segment"
     takes_prompt = True
     check_prompt = staticmethod(check_prompt)
+    chained_prompt_keeps_labels = True  # chained, its boxes come from upstream: a prompt only keeps labels
     uses_context = True
     input_size: tuple[int, int] | None = None
 
