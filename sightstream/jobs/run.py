@@ -110,6 +110,7 @@ class JobRun:
         self._decode = decode
         self._metrics = metrics
         self._video: VideoSource | None = None
+        self._outcomes: set[asyncio.Task] = set()  # frames being resent after NotRun
         self._seq = job.last_seq
         self._started = time.monotonic()
         self._started_wall = _epoch_s(job.started_at) or time.time()  # this job's, over attempts
@@ -169,6 +170,8 @@ class JobRun:
                 if item.frame is not None:
                     (first,) = await self._submit(item.frame)  # waits while the lane is full
                     future = asyncio.ensure_future(self._outcome(item.frame, first))
+                    self._outcomes.add(future)
+                    future.add_done_callback(self._outcomes.discard)
                 if not await _put(queue, (self._seq, item, future), publishing):
                     break
                 self._last_item, self._reading = time.monotonic(), True
@@ -181,6 +184,8 @@ class JobRun:
             await publishing  # raises what ended it early (Redis down: the job is paused, retried)
         finally:
             publishing.cancel()
+            for outcome in list(self._outcomes):  # a job ended early: frames are not resent for it
+                outcome.cancel()
 
     async def _submit(self, frame: Frame) -> list[asyncio.Future[Outcome]]:
         return await self._adhoc.put([frame], self.job.spec.model, self._prompt(), self._label,
@@ -188,13 +193,14 @@ class JobRun:
 
     async def _outcome(self, frame: Frame, first: asyncio.Future[Outcome]) -> Outcome:
         """The frame's outcome; a frame that never reached the model (another call was stuck on
-        its device) is sent again, up to NOT_RUN_TRIES times, not dead-lettered for another's fault."""
+        its device) is sent again, up to NOT_RUN_TRIES sends in all, not dead-lettered for
+        another's fault. Not for a tracker: a frame sent again would reach it after later ones."""
         future = first
         for attempt in range(1, NOT_RUN_TRIES + 1):
             try:
                 return await future
             except NotRun:
-                if attempt == NOT_RUN_TRIES:
+                if attempt == NOT_RUN_TRIES or self._done or self._adhoc.keeps_state(self.job.spec.model):
                     raise
                 _log.info("job_frame_sent_again", job=self.job.id, frame=frame.entry_id, attempt=attempt)
                 (future,) = await self._submit(frame)

@@ -82,6 +82,14 @@ def _load(adapter: Adapter, device: str, model_id: str) -> None:
         raise ModelError(f"model {model_id} failed to load on {device}: {type(e).__name__}: {e}") from e
 
 
+def _unload(adapter: Adapter, model_id: str, device: str) -> None:
+    """The adapter's unload; what a plug-in's raises is logged, and the model let go all the same."""
+    try:
+        adapter.unload()
+    except Exception as e:
+        _log.error("model_unload_failed", model=model_id, device=device, error=f"{type(e).__name__}: {e}")
+
+
 class ModelManager:
     def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
                  room_wait_s: float = 60.0, metrics: Metrics | None = None,
@@ -93,6 +101,7 @@ class ModelManager:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
+        self._closed = False  # unload_all ran (the daemon stopped): a late load is not taken in
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
         self.room_wait_s = room_wait_s  # how long a load waits for models in use to be let go
@@ -230,7 +239,9 @@ class ModelManager:
         self._reserved_mb[device] -= estimate
         self._let_go.set()
         error = None if done.cancelled() else done.exception()
-        if done.cancelled() or error is not None or key in self._loaded:
+        if not done.cancelled() and error is None and (self._closed or key in self._loaded):
+            _unload(adapter, model_id, device)
+        if done.cancelled() or error is not None or self._closed or key in self._loaded:
             _log.warning("model_load_ended_late", model=model_id, device=device, loaded=False,
                          error=repr(error) if error else None)
             return
@@ -294,7 +305,7 @@ class ModelManager:
         while (taken := self.used_mb(device) + self._reserved_mb.get(device, 0.0)) + needed_mb > budget:
             if not idle:
                 busy = [m for (m, d), entry in self._loaded.items() if d == device]
-                loading = " or being loaded" if self._reserved_mb.get(device) else ""
+                loading = " or being loaded" if self._reserved_mb.get(device, 0.0) > 1e-6 else ""
                 raise RoomInUse(
                     f"model {model_id} needs about {needed_mb:.0f} MB; {device} has "
                     f"{budget - taken:.0f} MB free of {budget:.0f} MB and its models "
@@ -328,10 +339,7 @@ class ModelManager:
                 if entry.in_use:
                     raise ModelInUse(f"model {model_id} is in use on {dev}; try again when idle")
                 del self._loaded[(mid, dev)]
-                try:
-                    entry.adapter.unload()
-                except Exception as e:  # a plug-in's: the model is let go all the same
-                    _log.error("model_unload_failed", model=mid, device=dev, error=f"{type(e).__name__}: {e}")
+                _unload(entry.adapter, mid, dev)
                 self._give_back(dev)
                 done.append(dev)
                 if self._metrics is not None:
@@ -393,11 +401,9 @@ class ModelManager:
                 "in_use": entry.in_use}
 
     def unload_all(self) -> None:
+        self._closed = True
         for (mid, dev), entry in self._loaded.items():
-            try:
-                entry.adapter.unload()
-            except Exception as e:  # a plug-in's: the daemon stops all the same
-                _log.error("model_unload_failed", model=mid, device=dev, error=f"{type(e).__name__}: {e}")
+            _unload(entry.adapter, mid, dev)
         self._loaded.clear()
 
 

@@ -56,6 +56,10 @@ class AdhocBatcher:
         self._closed = False
         self._unanswered: set[asyncio.Future] = set()  # every reply not yet given
 
+    def keeps_state(self, model: str) -> bool:
+        """The model keeps state per source (tracking): its frames must reach it in order."""
+        return self._stateful(model)
+
     async def submit(self, frames: list[Frame], model: str, prompt: Prompt, label: str,
                      batching: tuple[int, float] = (8, 10.0)) -> list[Outcome]:
         """Each frame's outcome, in order. `label` names the frames' origin in batches and

@@ -151,3 +151,18 @@ async def test_loads_unloads_and_memory_are_counted_per_device(pool):
     assert value("sightstream_model_loads_total", device="cpu") == 2
     assert value("sightstream_model_unloads_total", device="cpu", reason="evicted") == 1
     assert value("sightstream_model_unloads_total", device="cpu", reason="requested") == 1
+
+
+async def test_a_load_that_ends_after_the_daemon_stopped_is_let_go(pool):
+    """An overdue load that ends late is taken in as loaded, unless the manager was closed
+    meanwhile (the daemon stopped): then it is unloaded, and its room given back."""
+    from sightstream.models.manager import LoadTimeout
+
+    catalogue = Catalogue({"fake": {"slow": ModelEntry(**entry(memory_mb=100, load_s=0.6))}})
+    m = ModelManager(catalogue, {"cpu": 1000}, load_timeout_s=0.2)
+    with pytest.raises(LoadTimeout, match="did not load on cpu within 0.2 s"):
+        await m.load("fake/slow", "cpu", pool)
+    assert m._reserved_mb["cpu"] == 100
+    m.unload_all()
+    await asyncio.sleep(0.8)  # the load has ended by now
+    assert not m.is_loaded("fake/slow") and m._reserved_mb["cpu"] == 0
