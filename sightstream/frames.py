@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,7 +104,10 @@ class Frame:
             source, frame_id = fields[b"source"].decode(), fields[b"frame_id"].decode()
             result = json.loads(fields[b"result"], parse_constant=_not_json)
             detections = result["detections"]
-            self.ts_ms = int(fields[b"ts"])
+            ts = fields[b"ts"]
+            if not ts.isdigit() or not ts.isascii() or int(ts) > MAX_TS_MS:  # as a producer's `ts`
+                raise ValueError("ts")
+            self.ts_ms = int(ts)
         except (KeyError, ValueError, TypeError, UnicodeDecodeError):
             raise FrameError(
                 "bad_fields", "a chained pipeline reads detect results: the entry needs `source`, "
@@ -120,7 +124,7 @@ class Frame:
 
 def _is_box(box: Any) -> bool:
     return (isinstance(box, list) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
             and box[0] <= box[2] and box[1] <= box[3])
 
 

@@ -166,7 +166,8 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
                                 "job (POST /jobs), or frames through a pipeline", "bad_model")
         takes_prompt = getattr(adapter_class(entry.adapter), "takes_prompt", False)
         entry.resolve()
-        d.manager.check_fits(mid, d.devices)  # 507 at once, as POST …/load says, not a model_error
+        if not d.manager.is_loaded(mid):  # 507 at once, as POST …/load says, not a model_error
+            d.manager.check_fits(mid, d.devices)
     except ModelError as e:
         raise model_error(e) from None
     if prompt is not None or takes_prompt:

@@ -375,9 +375,11 @@ class _Reader:
                 self.guard.progress()
                 if packet.pts is not None:
                     t = float(packet.pts * tb)
+                    end = t + float((packet.duration or 0) * tb)
                     if gaps and ended is not None and t - ended > GAP_S:
                         self._skipped(ended, t)
-                    ended = max(ended or t, t + float((packet.duration or 0) * tb))
+                    # back by more than a few frames' reordering: timestamps started again
+                    ended = end if ended is None or t < ended - GAP_S else max(ended, end)
                     if self.t0 is not None:
                         self.read_to = max(self.read_to, t + float((packet.duration or 0) * tb) - self.t0)
                     self.keyframes.packet(t, packet.is_keyframe)
@@ -394,7 +396,7 @@ class _Reader:
         at = start - (self.t0 or 0.0)
         self.stats.skipped_s += end - start
         self.stats.last_error = (f"the video skips from {at:.1f} s to {at + end - start:.1f} s "
-                                 "(a segment missing or unreadable?)")
+                                 "(a segment missing or unreadable, or a pause in the video)")
         _log.warning("video_gap", url=display(self.url), from_s=round(at, 2), skipped_s=round(end - start, 2))
 
     def _frame(self, frame: Any, tb: Any) -> bool:

@@ -148,3 +148,15 @@ def test_an_upstream_meta_must_be_a_json_object_as_a_producers_must():
     with pytest.raises(FrameError, match="`meta` must be a JSON object") as refused:
         upstream([{"box": [1, 2, 3, 4]}], meta="[1]")  # was copied into the chained result
     assert refused.value.reason == "bad_fields"
+
+
+@pytest.mark.parametrize("result,ts", [
+    ('{"detections": [{"box": [1e400, 1, 2, 3]}]}', b"1"),  # inf, though no JSON constant
+    ('{"detections": []}', b"-5"),  # ts as a producer's: 0 to 2^53 - 1
+    ('{"detections": []}', str(2**53).encode()),
+])
+def test_an_upstream_entry_is_checked_as_strictly_as_a_producers(result, ts):
+    fields = {b"source": b"frames:{cam}", b"frame_id": b"1-0", b"ts": ts, b"result": result.encode()}
+    with pytest.raises(FrameError) as refused:
+        Frame("masks", "results:faces:frames:{cam}", "9-0", fields, 0).parse_upstream_result()
+    assert refused.value.reason == "bad_fields"
