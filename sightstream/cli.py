@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -128,73 +131,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+def _number(parse: Callable[[str], Any], ok: Callable[[Any], bool], says: str) -> Callable[[str], Any]:
+    """An argument type: `parse` the text (int or float), then check it; either failing is
+    argparse's exit 2 with a sentence naming the option ("--count: -1 is negative")."""
+    kind = "a whole number" if parse is int else "a number"
+
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} {says}")
+        return value
+
+    return check
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def _positive(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
-def _count(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a rate (0 or more per second)")
-    return value
-
-
-def _idle(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
-
-
-def _quality(text: str) -> int:
-    value = _int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"{text} is not a JPEG quality (1 to 100)")
-    return value
+_positive = _number(int, lambda v: v >= 1, "is not a positive number")
+_count = _number(int, lambda v: v >= 0, "is negative")
+_quality = _number(int, lambda v: 1 <= v <= 100, "is not a JPEG quality (1 to 100)")
+_seconds = _number(float, lambda v: 0 < v < math.inf, "is not a positive number of seconds")
+_period = _number(float, lambda v: 1 <= v < math.inf, "is not a number of seconds of at least 1")
+_rate = _number(float, lambda v: 0 <= v < math.inf, "is not a rate (0 or more per second)")
+_idle = _number(float, lambda v: 0 <= v < math.inf, "is not a number of seconds (0 or more)")
 
 
 def _key(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("a stream key cannot be empty")
     return text
-
-
-def _period(text: str) -> float:
-    value = _seconds(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is under 1 second")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:

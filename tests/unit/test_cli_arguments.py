@@ -20,6 +20,9 @@ from sightstream import cli
     (["tail", "k", "--timeout", "-1"], "--timeout: -1 is not a number of seconds"),
     (["tail", "k", "--count", "abc"], "--count: 'abc' is not a whole number"),  # not "invalid _count value"
     (["publish", "v.mp4", "--stream", "s", "--fps", "fast"], "--fps: 'fast' is not a number"),
+    (["summarize", "v.mp4", "--model", "a/b", "--every", "0.5"], "--every: 0.5 is not a number of seconds of at least 1"),
+    (["summarize", "v.mp4", "--model", "a/b", "--max-seconds", "inf"], "--max-seconds: inf is not a positive number"),
+    (["summarize", "v.mp4", "--model", "a/b", "--max-frames", "0"], "--max-frames: 0 is not a positive number"),
 ])
 def test_a_number_the_command_cannot_use_is_refused(argv, says, capsys):
     with pytest.raises(SystemExit) as ended:
