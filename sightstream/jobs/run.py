@@ -18,6 +18,7 @@ or a cancel stops the job within that time even with no frame coming), ends a st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from sightstream import log
 from sightstream.config import DecodeSettings, JobSettings
@@ -139,12 +140,16 @@ class JobRun:
         watch = asyncio.create_task(self._watch(), name=f"job-watch-{self.job.id}")
         try:
             await self._consume()
+        except asyncio.CancelledError:  # cancelled (DELETE), or the daemon stopping
+            await self._last_progress()
+            raise
         finally:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
             if self._video is not None:
                 self._video.stop()
         if self._stopped is not None:
+            await self._last_progress()
             raise self._stopped
         if self._failure is not None:
             raise JobFailed(self._failure)
@@ -392,7 +397,7 @@ class JobRun:
         frame = item.frame or Frame(self._label, self._shown, item.position, {}, now_ms())
         return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra
 
-    async def _write_progress(self) -> None:
+    async def _write_progress(self, last: bool = False) -> None:
         stats = self._video.stats if self._video else None
         counts = dict(self._counts)
         if stats is not None:
@@ -412,10 +417,17 @@ class JobRun:
             "total_s": round(base.get("total_s", 0) + time.monotonic() - self._started, 3),
         }
         await self._fenced_progress({"counts": json.dumps(counts), "progress": json.dumps(progress),
-                                     "timings": json.dumps(timings)})
+                                     "timings": json.dumps(timings)}, last)
 
-    async def _fenced_progress(self, fields: dict[str, Any]) -> None:
-        fenced(await self._store.progress(self.job.id, self._token, fields))
+    async def _last_progress(self) -> None:
+        """The counts and position as the run leaves them: the periodic write may be half a
+        second old, or not made yet (a job cancelled at once showed 0 frames decoded). Best
+        effort, within a second: the lease may be gone, or Redis."""
+        with contextlib.suppress(JobStopped, RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._write_progress(last=True), 1.0)
+
+    async def _fenced_progress(self, fields: dict[str, Any], last: bool = False) -> None:
+        fenced(await self._store.progress(self.job.id, self._token, fields, last))
 
 
 async def _nothing() -> AsyncIterator[Item]:

@@ -52,11 +52,13 @@ redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
 return 1
 """
 
-# KEYS: lease, job. ARGV: token, field, value, ... 1: written; -1: lease lost; -2: not running.
+# KEYS: lease, job. ARGV: token, last ('1': the run's last write, also once it is cancelled),
+# field, value, ... 1: written; -1: lease lost; -2: not running.
 PROGRESS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-if redis.call('HGET', KEYS[2], 'status') ~= 'running' then return -2 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'running' and not (ARGV[2] == '1' and status == 'cancelled') then return -2 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
 return 1
 """
 
@@ -395,9 +397,11 @@ class JobStore:
         self.publish_script.queue(pipe, [keys.job_lease(job_id), keys.job(job_id), stream],
                                   [token, seq, position, maxlen, counter, *_flat(fields)])
 
-    async def progress(self, job_id: str, token: str, fields: dict[str, Any]) -> int:
+    async def progress(self, job_id: str, token: str, fields: dict[str, Any], last: bool = False) -> int:
+        """Write progress fields while the job runs and its lease is `token`'s; `last`: the run's
+        final counts, also written once the job was cancelled (as a cancel stops it mid-way)."""
         return int(await self._progress(keys=[keys.job_lease(job_id), keys.job(job_id)],
-                                        args=[token, *_flat(fields)]))
+                                        args=[token, "1" if last else "0", *_flat(fields)]))
 
     async def finish(self, job: Job, token: str, status: str, error: str = "") -> bool:
         """End the job. A user's job expires `ttl_s` later with its results; a pipeline's
