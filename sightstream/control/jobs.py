@@ -246,7 +246,8 @@ async def submit(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     try:
         entry = d.catalogue.get(body.model)
-        await loop.run_in_executor(None, entry.resolve)  # a hub id is looked up in the local cache
+        # its weights are here (a hub id is looked up in the local cache) and its options make sense
+        await loop.run_in_executor(None, d.manager.create, body.model)
     except ModelError as e:
         raise model_error(e) from None
     if body.prompt or getattr(adapter_class(entry.adapter), "takes_prompt", False):

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
+from sightstream.errors import ModelError
 from sightstream.frames import Prediction
 from sightstream.models.input_shape import InputShape
 from sightstream.prompts import Prompt
@@ -72,6 +73,15 @@ class Staged(Protocol):
     ) -> Any: ...
     def infer(self, prepared: Any) -> Any: ...
     def finish(self, prepared: Any, outputs: Any) -> list[Prediction]: ...
+
+
+def bounded(name: str, value: float, low: float, high: float = float("inf")) -> Any:
+    """An option's value if within [low, high], else ModelError naming the option: a threshold
+    of 1.5 or an input_size of 0 would run and quietly find nothing."""
+    if not low <= value <= high:
+        span = f"at least {low:g}" if high == float("inf") else f"from {low:g} to {high:g}"
+        raise ModelError(f"{name} must be {span}, not {value:g}")
+    return value
 
 
 def input_shape(adapter: Adapter) -> InputShape | None:

@@ -200,7 +200,8 @@ class StreamReader:
                 await self.step()
                 self._retry.succeeded()
             except ResponseError as e:
-                if "NOGROUP" not in str(e):
+                # NOGROUP; or UNBLOCKED: the stream a blocking read waited on was deleted
+                if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
                     await self._backoff(e)
                     continue
                 nogroup = True  # a stream deleted, or Redis lost its data: on_nogroup (next turn) says which

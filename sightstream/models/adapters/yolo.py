@@ -17,7 +17,7 @@ import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapter import FrameContext, Prompt, bounded
 from sightstream.models.adapters.onnx_common import batched_nms, letterbox
 from sightstream.models.adapters.runner import OnFile, Runner, class_names, warm_up
 
@@ -51,10 +51,12 @@ class YoloDetector(OnFile):
         if self.layout not in ("yolov8", "yolov5"):
             raise ModelError(f"layout must be yolov8 or yolov5, not {self.layout!r}")
         size = options.get("input_size")
+        if size is not None:
+            bounded("input_size", int(size), 32)
         self.input_size: tuple[int, int] | None = (int(size), int(size)) if size else None
-        self.score_threshold = float(options.get("score_threshold", 0.25))
-        self.iou_threshold = float(options.get("iou_threshold", 0.45))
-        self.max_detections = int(options.get("max_detections", 300))
+        self.score_threshold = bounded("score_threshold", float(options.get("score_threshold", 0.25)), 0, 1)
+        self.iou_threshold = bounded("iou_threshold", float(options.get("iou_threshold", 0.45)), 0, 1)
+        self.max_detections = bounded("max_detections", int(options.get("max_detections", 300)), 1)
         self.labels: list[str] = list(options.get("labels", []))
         self._model: Runner | None = None
 
