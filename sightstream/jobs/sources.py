@@ -72,6 +72,8 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Sour
     host = (parts.hostname or "").lower()
     if not host:
         raise SourceRefused(f"the source URL names no host ({scheme}://<host>/…)")
+    if any(c.isspace() for c in host):  # no host name has one: it would fail later, as unresolvable
+        raise SourceRefused(f"the source URL's host {host!r} holds a space")
     allowed = [h.lower() for h in settings.allowed_hosts]
     if allowed and not trusted and not any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed):
         raise SourceRefused(f"host {host} is not in jobs.allowed_hosts")

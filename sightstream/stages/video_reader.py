@@ -137,7 +137,9 @@ def display(url: str) -> str:
     p = urlsplit(url)
     if p.scheme in ("", "file"):
         return url
-    return f"{p.scheme}://{p.hostname or ''}{f':{p.port}' if p.port else ''}{p.path}"
+    host = p.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+    return f"{p.scheme}://{host}{f':{p.port}' if p.port else ''}{p.path}"
 
 
 def _reason(e: BaseException) -> str:

@@ -134,6 +134,7 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         assert "Invalid IPv6 URL" in await refused(422, source="http://[::1:8129/x.mp4")
         assert "control character" in await refused(422, source=f"file://{videos}/clip.mp4%00.txt")
         assert "Port out of range" in await refused(422, source="http://127.0.0.1:99999/x.mp4")
+        assert "holds a space" in await refused(422, source="http://exa mple.com/x.mp4")
         assert "no/such" in await refused(404, source=f"file://{videos}/clip.mp4", model="no/such")
         assert "takes no prompt" in await refused(422, source=f"file://{videos}/clip.mp4", prompt="cats")
         r = await client.get("/jobs/0123456789abcdef0123")

@@ -193,6 +193,10 @@ def test_http_options_never_reconnect_at_eof():
     assert "rw_timeout" not in container_options("/srv/clip.mp4", o)  # files: no HTTP options
 
 
+def test_display_keeps_an_ipv6_hosts_brackets():
+    assert display("http://[::1]:8129/x.mp4?token=s") == "http://[::1]:8129/x.mp4"
+
+
 def test_display_drops_credentials_and_query():
     assert display("https://user:pw@cdn.example:8443/a/live.m3u8?token=s") == "https://cdn.example:8443/a/live.m3u8"
     assert display("/srv/clip.mp4") == "/srv/clip.mp4"
