@@ -84,14 +84,7 @@ class Frame:
             raise FrameError("missing_image", "the entry has neither an `image` nor a `raw` field")
         ts = fields.get(b"ts")
         if ts is not None:
-            if not ts.isdigit() or not ts.isascii():  # int() would take "+5", " 5" and "1_000"
-                raise FrameError(
-                    "bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}"
-                )
-            self.ts_ms = int(ts)
-            if self.ts_ms > MAX_TS_MS:
-                raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
-                                               f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
+            self.ts_ms = _checked_ts(ts)
         self.meta = _checked_meta(fields.get(b"meta"))
 
     def parse_upstream_result(self) -> None:
@@ -105,9 +98,6 @@ class Frame:
             result = json.loads(fields[b"result"], parse_constant=_not_json)
             detections = result["detections"]
             ts = fields[b"ts"]
-            if not ts.isdigit() or not ts.isascii() or int(ts) > MAX_TS_MS:  # as a producer's `ts`
-                raise ValueError("ts")
-            self.ts_ms = int(ts)
         except (KeyError, ValueError, TypeError, UnicodeDecodeError):
             raise FrameError(
                 "bad_fields", "a chained pipeline reads detect results: the entry needs `source`, "
@@ -117,9 +107,20 @@ class Frame:
                                                         for d in detections):
             raise FrameError("bad_fields", "the upstream result's `detections` need a `box` each: "
                                            "[x1, y1, x2, y2], numbers with x1 <= x2 and y1 <= y2")
+        self.ts_ms = _checked_ts(ts)  # as a producer's
         self.origin = (source, frame_id)
         self.detections = detections
         self.meta = _checked_meta(fields.get(b"meta"))  # it is copied into this pipeline's result
+
+
+def _checked_ts(ts: bytes) -> int:
+    """`ts` as integer ms since the epoch, from 0 to MAX_TS_MS; else FrameError."""
+    if not ts.isdigit() or not ts.isascii():  # int() would take "+5", " 5" and "1_000"
+        raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}")
+    if int(ts) > MAX_TS_MS:
+        raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
+                                       f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
+    return int(ts)
 
 
 def _is_box(box: Any) -> bool:

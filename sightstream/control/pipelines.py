@@ -144,13 +144,16 @@ async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[Vi
         job_id = keys.input_job_id(p.name, url)
         spec = input_spec(p, url, d.settings.redis_cluster)
         streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
-        try:
-            if not asked:
-                raise RedisError("not asked, as it failed a moment ago")
-            job = await d.jobs.get(job_id)
-        except (RedisError, OSError) as e:
+        why = None if asked else "redis is unreachable: not asked, as it failed a moment ago"
+        job = None
+        if asked:
+            try:
+                job = await d.jobs.get(job_id)
+            except (RedisError, OSError) as e:
+                why = f"redis is unreachable: {e}"
+        if why is not None:
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="unknown", holder="",
-                                  attempt=0, processed=0, last_error=f"redis is unreachable: {e}", **streams))
+                                  attempt=0, processed=0, last_error=why, **streams))
             continue
         if job is None:  # not registered yet (Redis was down at start)
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="pending", holder="",

@@ -106,8 +106,10 @@ class ConsumerLease:
     async def _take_from_gone(self, key: str) -> bool:
         """The slot's holder crashed (its process is gone): take its lease over now."""
         raw = await self._client.get(key)
+        if raw is None:
+            return False
         held = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        if raw is None or held is None or not holder_is_gone(held):
+        if not holder_is_gone(held):
             return False
         if not await self._client.eval(TAKE_OVER, 1, key, raw, self._token, LEASE_MS):
             return False

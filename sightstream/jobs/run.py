@@ -200,16 +200,16 @@ class JobRun:
         """The frame's outcome; a frame that never reached the model (another call was stuck on
         its device) is sent again, up to NOT_RUN_TRIES sends in all, not dead-lettered for
         another's fault. Not for a tracker: a frame sent again would reach it after later ones."""
-        future = first
-        for attempt in range(1, NOT_RUN_TRIES + 1):
+        future, sends = first, 1
+        while True:
             try:
                 return await future
             except NotRun:
-                if attempt == NOT_RUN_TRIES or self._done or self._adhoc.keeps_state(self.job.spec.model):
+                if sends == NOT_RUN_TRIES or self._done or self._adhoc.keeps_state(self.job.spec.model):
                     raise
-                _log.info("job_frame_sent_again", job=self.job.id, frame=frame.entry_id, attempt=attempt)
+                _log.info("job_frame_sent_again", job=self.job.id, frame=frame.entry_id, attempt=sends)
                 (future,) = await self._submit(frame)
-        raise AssertionError("unreachable")
+                sends += 1
 
     async def _publish_in_order(self, queue: asyncio.Queue) -> None:
         """Publish each outcome once it and those before it are in, several in one round when

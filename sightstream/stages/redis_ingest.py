@@ -42,6 +42,16 @@ ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others
 TAKEOVER_PAGE = 1000
 
 
+def _first_time(seen: set, key: Any) -> bool:
+    """True the first time `key` is seen: a problem logged once per key, in bounded memory."""
+    if key in seen:
+        return False
+    if len(seen) > 10_000:
+        seen.clear()
+    seen.add(key)
+    return True
+
+
 class RedisIngest(StreamReader):
     def __init__(self, *args: Any, reader: Redis, exclude_globs: list[str], discover_s: float = 2.0,
                  leases: SourceLeases | None = None, cluster: bool = False, **kw: Any) -> None:
@@ -93,10 +103,7 @@ class RedisIngest(StreamReader):
                     try:
                         name = key.decode()
                     except UnicodeDecodeError:  # its results could not be named: never read
-                        if key not in self._unnamed:
-                            if len(self._unnamed) > 10_000:  # logged once per key, in bounded memory
-                                self._unnamed.clear()
-                            self._unnamed.add(key)
+                        if _first_time(self._unnamed, key):
                             _log.warning("stream_name_not_utf8", pipeline=self._p.name, key=repr(key))
                         continue
                     if not keys.is_own_output(name, self._exclude):
@@ -136,10 +143,7 @@ class RedisIngest(StreamReader):
         outputs = keys.result_stream(p.output, p.name, stream), keys.deadletter_stream(p.name, stream)
         if same_slot(stream, *outputs):
             return True
-        if stream not in self._refused:
-            if len(self._refused) > 10_000:  # logged once per stream, in bounded memory
-                self._refused.clear()
-            self._refused.add(stream)
+        if _first_time(self._refused, stream):
             _log.warning("stream_not_read_on_cluster", pipeline=p.name, stream=stream,
                          reason="its results would be in another slot: give the key a hash tag, "
                          "e.g. frames:{cam1}, and keep {source} in the output template")
