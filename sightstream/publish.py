@@ -22,7 +22,7 @@ from tqdm import tqdm
 from sightstream import keys
 from sightstream.errors import SightstreamError
 from sightstream.redis_conn import sync_client
-from sightstream.stages.dns import unresolved
+from sightstream.stages.video_failures import reason, unresolved
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -46,21 +46,16 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
         raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:
-        raise SourceError(f"cannot open {shown}: {unresolved(source) or _reason(e)}") from None
-    except UnicodeDecodeError:  # PyAV reading a damaged file's metadata as text
-        raise SourceError(f"cannot open {shown}: it is not a video that can be read (damaged?)") from None
+        raise SourceError(f"cannot open {shown}: {unresolved(source) or reason(e)}") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"cannot open {shown}: {reason(e)}") from None
     with container:
         try:
             yield container
         except av.error.ExitError:
             raise SourceError(f"{shown} stopped answering (no data for {timeout_s:g} s)") from None
         except av.error.FFmpegError as e:
-            raise SourceError(f"reading {shown} failed: {_reason(e)}") from None
-
-
-def _reason(error: BaseException) -> str:
-    """FFmpeg's words for an error, without its errno and the URL again."""
-    return str(getattr(error, "strerror", None) or error)
+            raise SourceError(f"reading {shown} failed: {reason(e)}") from None
 
 
 def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[tuple[np.ndarray, float]]:

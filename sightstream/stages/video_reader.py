@@ -35,8 +35,8 @@ import numpy as np
 
 from sightstream import log
 from sightstream.errors import SightstreamError
-from sightstream.stages.dns import unresolved
 from sightstream.stages.flow import worth_logging
+from sightstream.stages.video_failures import reason, unresolved
 from sightstream.stages.video_interrupt import Guard, guards
 
 _log = log.get(__name__)
@@ -142,14 +142,6 @@ def display(url: str) -> str:
     return f"{p.scheme}://{host}{f':{p.port}' if p.port else ''}{p.path}"
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, av.error.ExitError):
-        return "timed out"  # PyAV's own timeouts; our guard's interrupts are told apart first
-    if isinstance(e, UnicodeDecodeError):
-        return "it is not a video that can be read (damaged?): its metadata is not text"
-    return getattr(e, "strerror", None) or str(e) or type(e).__name__
-
-
 class _Keyframes:
     """Whether to decode keyframes only: when they come at least twice per sampling period,
     every period still gets a frame. Known up front from an index (MP4), else learnt from the
@@ -193,7 +185,7 @@ class _OpenFailed(Exception):
         # A host with no address: a typo more often than an outage, so retrying gives up soon;
         # but a live source (a camera whose name goes with it while it reboots) keeps trying.
         dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
-        super().__init__(dns or _reason(error))
+        super().__init__(dns or reason(error))
         self.permanent = (dns is not None and not live) or isinstance(error, _PERMANENT)
 
 
@@ -245,7 +237,7 @@ class _Reader:
                             f"the video source {self.name} cannot be opened: {why} ({refused} attempts)"
                         ) from None
                 except (av.error.FFmpegError, OSError) as e:
-                    why = self.guard.fired or _reason(e)
+                    why = self.guard.fired or reason(e)
                     # A video that is not live whose data cannot be decoded (damaged) does not
                     # mend on a retry: it fails as one that cannot be opened does.
                     damaged = isinstance(e, av.error.InvalidDataError) and not self._live()

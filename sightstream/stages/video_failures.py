@@ -1,11 +1,14 @@
-"""Why a network video could not be opened, when FFmpeg cannot say: its error for a host name
-that does not resolve is "Input/output error", which sends a user looking at the wrong thing."""
+"""Why a video could not be opened or read, in words a user can act on: FFmpeg's own, without
+its errno; and for a host name that does not resolve, that, where FFmpeg only says
+"Input/output error", which sends a user looking at the wrong thing."""
 
 from __future__ import annotations
 
 import os
 import socket
 from urllib.parse import urlsplit
+
+import av
 
 # the name has no address; not EAI_AGAIN (a resolver that did not answer: an outage, retried)
 NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
@@ -33,3 +36,12 @@ def unresolved(url: str) -> str | None:
 
 def _proxied(scheme: str) -> bool:
     return any(os.environ.get(name) for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY"))
+
+
+def reason(error: BaseException) -> str:
+    """FFmpeg's words for an error, without its errno and the URL again."""
+    if isinstance(error, av.error.ExitError):
+        return "timed out"  # PyAV's own timeouts; a caller that set its own tells them apart first
+    if isinstance(error, UnicodeDecodeError):  # PyAV reading a damaged file's metadata as text
+        return "it is not a video that can be read (damaged?): its metadata is not text"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__

@@ -1,4 +1,4 @@
-"""Naming a host with no address, where FFmpeg says only "Input/output error"."""
+"""Why a video could not be opened or read: FFmpeg's words, and a host with no address named."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from sightstream.stages import dns
+from sightstream.stages import video_failures
 
 
 def failing(errno: int):
@@ -17,9 +17,9 @@ def failing(errno: int):
 
 def test_a_name_with_no_address_is_named(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", failing(socket.EAI_NONAME))
-    assert dns.unresolved("https://cams.exmaple/live.m3u8") == \
+    assert video_failures.unresolved("https://cams.exmaple/live.m3u8") == \
         "the host cams.exmaple cannot be resolved (DNS: no such name)"
-    assert dns.unresolved("rtsp://user:pw@cam.local:554/stream") is not None
+    assert video_failures.unresolved("rtsp://user:pw@cam.local:554/stream") is not None
 
 
 @pytest.mark.parametrize("url,errno,env", [
@@ -35,7 +35,7 @@ def test_anything_else_is_left_to_ffmpeg_s_own_words(monkeypatch, url, errno, en
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert dns.unresolved(url) is None
+    assert video_failures.unresolved(url) is None
 
 
 def test_a_live_source_whose_name_is_gone_keeps_being_retried(monkeypatch):
@@ -49,3 +49,14 @@ def test_a_live_source_whose_name_is_gone_keeps_being_retried(monkeypatch):
     camera = _OpenFailed(io_error, "rtsp://cam-7.local/stream", live=True)
     assert video.permanent and "cams.exmaple cannot be resolved" in str(video)
     assert not camera.permanent and "cam-7.local cannot be resolved" in str(camera)
+
+
+def test_a_reason_is_ffmpegs_words_without_errno_or_url() -> None:
+    import av
+
+    error = av.error.HTTPNotFoundError(-875574520, "Server returned 404 Not Found", "https://cdn.example/x.mp4")
+    assert video_failures.reason(error) == "Server returned 404 Not Found"
+    assert video_failures.reason(av.error.ExitError(-1414092869, "Immediate exit requested")) == "timed out"
+    damaged = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    assert "damaged" in video_failures.reason(damaged)
+    assert video_failures.reason(ValueError()) == "ValueError"
