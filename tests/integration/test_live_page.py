@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from sightstream import keys
+from sightstream.daemon.embedded_redis import EmbeddedRedis
 from sightstream.jobs.store import JobSpec
 from tests.conftest import encode
 from tests.integration.helpers import serving, settings_for, wait_for
@@ -79,10 +81,17 @@ async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_
 
 
 @pytest.mark.timeout(90)
-async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
+def browser(tmp_path) -> list[str]:
+    """Headless chromium's command line, to which --dump-dom or --screenshot and a URL are added."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run does)")
+    return [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--window-size=1280,900", "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'profile'}"]
+
+
+async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
+    common = browser(tmp_path)
     async with serving(page_settings(redis_url, tmp_path)) as (d, client):
         for shade, source in zip((60, 180), SOURCES):
             sync_redis.xadd(source, {"image": scene(shade)})
@@ -93,8 +102,6 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
              "final": True, "model": "llm/tiny", "created_at": 0}))
         url = f"{client.make_url('/')}#token={TOKEN}"
         screenshot = Path(os.environ.get("SIGHTSTREAM_TEST_PAGE_SCREENSHOT", tmp_path / "page.png"))
-        common = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                  "--window-size=1280,900", "--virtual-time-budget=6000", f"--user-data-dir={tmp_path / 'profile'}"]
         dom = await run(*common, "--dump-dom", url)
         await run(*common, f"--screenshot={screenshot}", url)
         alone = await run(*common, "--dump-dom", f"{url}&source=people%20frames:%7Byard%7D")
@@ -110,6 +117,23 @@ async def test_the_page_in_a_real_browser(redis_url, sync_redis, tmp_path):
         "frames:{yard}"]
     shot = np.asarray(Image.open(screenshot).convert("RGB"))
     assert shot.shape[:2] == (900, 1280) and shot.std() > 10  # something was drawn
+
+
+async def test_the_page_says_when_redis_is_down_and_keeps_what_it_showed(tmp_path):
+    common = browser(tmp_path)
+    with EmbeddedRedis() as server:
+        async with serving(page_settings(server.url, tmp_path)) as (d, client):
+            with redis.Redis.from_url(server.url) as producer:
+                producer.xadd(SOURCES[0], {"image": scene(60)})
+            await wait_for(lambda: len(d.snapshots.list()) == 1, what="a source's result")
+            server.stop()
+            dom = await run(*common, "--dump-dom", f"{client.make_url('/')}#token={TOKEN}")
+    status = re.search(r'<span id="status" class="([^"]*)">([^<]*)</span>', dom)
+    assert status is not None and status[1] == "trouble"
+    assert status[2].startswith("Redis is unreachable: this daemon's own figures only · 1 sources · updated")
+    # the daemon's own figures and latest frame are still shown
+    assert 'data-pipeline="people"><td>people</td><td>tiny/det</td>' in dom
+    assert re.findall(r'<div class="tile" data-pipeline="people" data-source="([^"]+)">', dom) == [SOURCES[0]]
 
 
 async def run(*argv: str) -> str:
