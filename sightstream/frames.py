@@ -98,7 +98,7 @@ class Frame:
             result = json.loads(fields[b"result"], parse_constant=_not_json)
             detections = result["detections"]
             ts = fields[b"ts"]
-        except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
             raise FrameError(
                 "bad_fields", "a chained pipeline reads detect results: the entry needs `source`, "
                 "`frame_id`, `ts` and a `result` with `detections` (strict JSON)"
@@ -129,20 +129,41 @@ def _is_box(box: Any) -> bool:
             and box[0] <= box[2] and box[1] <= box[3])
 
 
+# Deeper than this, a `meta` is refused: Python's JSON reader and writer recurse, so a deep one
+# would fail wherever it is read again (the jobs API, `tail`), or crash the reading stage itself.
+MAX_META_DEPTH = 64
+
+
 def _checked_meta(meta: bytes | None) -> bytes | None:
-    """`meta` as sent, if it is a JSON object (strict JSON, UTF-8); else FrameError."""
+    """`meta` as sent, if it is a JSON object (strict JSON, UTF-8, at most MAX_META_DEPTH
+    levels deep); else FrameError."""
     if meta is None:
         return None
     try:
-        ok = isinstance(json.loads(meta.decode(), parse_constant=_not_json), dict)
+        value = json.loads(meta.decode(), parse_constant=_not_json)
     except UnicodeDecodeError:
         raise FrameError("bad_fields", "`meta` must be UTF-8 JSON: it holds bytes that are not "
                                        "UTF-8") from None
+    except RecursionError:
+        value = None
     except ValueError:
-        ok = False
-    if not ok:
+        raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)") from None
+    if not isinstance(value, dict):
         raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)")
+    if _depth(value) > MAX_META_DEPTH:
+        raise FrameError("bad_fields", f"`meta` is nested more than {MAX_META_DEPTH} levels deep")
     return meta
+
+
+def _depth(value: Any) -> int:
+    """How many objects and arrays deep a parsed JSON value goes (without recursing)."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            level.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ import pytest
 
 from sightstream.errors import FrameError
 from sightstream.frames import (
+    MAX_META_DEPTH,
     Frame,
     Prediction,
     deadletter_fields,
@@ -54,6 +55,10 @@ def test_ts_and_meta_are_taken_from_fields():
         ({b"image": b"x", b"ts": "٣".encode()}, "bad_fields"),
         ({b"image": b"x", b"meta": b'{"a": "\xff"}'}, "bad_fields"),
         ({b"image": b"x", b"ts": str(2**53).encode()}, "bad_fields"),  # past JSON's exact integers
+        # deep enough that Python's JSON reader gives up (a RecursionError stopped the daemon)
+        ({b"image": b"x", b"meta": b'{"a":' * 5000 + b"1" + b"}" * 5000}, "bad_fields"),
+        ({b"image": b"x", b"meta": b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}"}, "bad_fields"),
+        ({b"image": b"x", b"meta": b'{"a":' * 65 + b"1" + b"}" * 65}, "bad_fields"),  # past MAX_META_DEPTH
     ],
 )
 def test_entries_the_contract_forbids(fields, reason):
@@ -140,6 +145,25 @@ def upstream(detections, meta: str | None = None) -> Frame:
 def test_an_upstream_box_the_model_cannot_take_is_bad_fields(box):
     with pytest.raises(FrameError) as refused:
         upstream([{"box": box, "label": "face"}])
+    assert refused.value.reason == "bad_fields"
+
+
+def test_meta_may_be_nested_up_to_max_meta_depth():
+    meta = b'{"a":' * MAX_META_DEPTH + b"[]" + b"}" * MAX_META_DEPTH  # the innermost array is one more
+    with pytest.raises(FrameError, match=f"nested more than {MAX_META_DEPTH} levels"):
+        parsed("p", "s", "1-0", {b"image": b"x", b"meta": meta})
+    meta = b'{"a":' * MAX_META_DEPTH + b"[1]" + b"}" * MAX_META_DEPTH
+    with pytest.raises(FrameError):
+        parsed("p", "s", "1-0", {b"image": b"x", b"meta": meta})
+    meta = b'{"a":' * (MAX_META_DEPTH - 1) + b"[1, 2]" + b"}" * (MAX_META_DEPTH - 1)
+    assert parsed("p", "s", "1-0", {b"image": b"x", b"meta": meta}).meta == meta
+
+
+def test_an_upstream_result_nested_past_what_json_reads_is_bad_fields():
+    fields = {b"source": b"frames:{cam}", b"frame_id": b"1-0", b"ts": b"1",
+              b"result": b'{"detections": [], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"}
+    with pytest.raises(FrameError) as refused:
+        Frame("masks", "results:faces:frames:{cam}", "9-0", fields, 0).parse_upstream_result()
     assert refused.value.reason == "bad_fields"
 
 
