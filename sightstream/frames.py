@@ -59,6 +59,10 @@ class Frame:
     origin: tuple[str, str] | None = None  # chained: (source key, frame entry ID) of the frame
     detections: list[dict[str, Any]] | None = None  # chained: the upstream's detections
     generation: int = 0  # bumped each time this daemon takes the stream (source leases)
+    # False once Redis has dropped the entry from the group's pending list: it was trimmed or
+    # deleted, and XAUTOCLAIM reported its ID, once, to this daemon. Its outcome is then
+    # written once (a marker key says so), with nothing to acknowledge.
+    pending: bool = True
     # Frames from no stream (/predict, jobs): the worker answers here instead of publishing.
     reply: asyncio.Future[Outcome] | None = field(default=None, repr=False)
     snapshot: bytes | None = field(default=None, repr=False)  # the encoded image, for the live page
@@ -188,14 +192,11 @@ class DeadLettered:
     stream: str
     reason: str
     error: str
-    # False for entries Redis already dropped from the pending list (deleted entries that
-    # Redis 7's XAUTOCLAIM reports): there is nothing to acknowledge, only a record to write.
-    pending: bool = True
 
     @classmethod
-    def of(cls, frame: Frame, reason: str, error: str, pending: bool = True) -> DeadLettered:
+    def of(cls, frame: Frame, reason: str, error: str) -> DeadLettered:
         """A frame's dead-letter outcome, in its pipeline's dead-letter stream for its source."""
-        return cls(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error, pending)
+        return cls(frame, keys.deadletter_stream(frame.pipeline, frame.source), reason, error)
 
 
 @dataclass(slots=True)

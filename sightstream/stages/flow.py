@@ -74,6 +74,9 @@ class InFlight:
     def holds(self, stream: str, entry_id: str) -> bool:
         return (stream, entry_id) in self._frames
 
+    def held(self, stream: str, entry_id: str) -> Frame | None:
+        return self._frames.get((stream, entry_id))
+
     def frames(self) -> list[Frame]:
         return list(self._frames.values())
 

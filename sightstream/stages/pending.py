@@ -155,12 +155,17 @@ class Admission:
     async def dead_letter(self, frame: Frame, reason: str, error: str) -> None:
         await self._outcomes.put(DeadLettered.of(frame, reason, error))
 
-    async def dead_letter_gone(self, frame: Frame) -> None:
+    async def dead_letter_gone(self, stream: str, entry_id: str) -> None:
         """A deleted entry Redis has already dropped from the pending list (Redis 7's
-        XAUTOCLAIM reports its ID once, to one claimer): record it, nothing to acknowledge."""
+        XAUTOCLAIM reports its ID once, to one claimer). Held here (trimmed while being
+        processed), its outcome is written when ready; else its dead-letter entry now.
+        Either is written once, with nothing to acknowledge."""
+        if (held := self._in_flight.held(stream, entry_id)) is not None:
+            held.pending = False
+            return
+        frame = Frame(self._p.name, stream, entry_id, {}, entry_ms(entry_id), pending=False)
         await self._outcomes.put(DeadLettered.of(
-            frame, "empty_entry", "the entry was trimmed or deleted before it was processed", pending=False
-        ))
+            frame, "empty_entry", "the entry was trimmed or deleted before it was processed"))
 
 
 class StreamReader:

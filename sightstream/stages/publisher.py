@@ -77,7 +77,8 @@ return out
 """
 
 
-# KEYS: marker, dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
+# An outcome of an entry no longer pending (trimmed while in flight; see Frame.pending).
+# KEYS: marker, output or dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
 # The marker is set only after the write, so a refused write can be tried again.
 RECORD_ONCE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -234,13 +235,14 @@ class Publisher:
         now = now_ms()
         acks: dict[tuple[str, str], list[int]] = {}  # (stream, group) -> outcome indexes
         writes: dict[tuple[str, str, str], list[int]] = {}  # (source, output, pipeline)
-        records: list[int] = []  # dead-letter records of entries no longer pending
+        records: list[int] = []  # outcomes of entries no longer pending: written once, not acked
+        gone: list[int] = []  # nothing to write, nothing to acknowledge
         for k, o in enumerate(outcomes):
             f = o.frame
-            if isinstance(o, Acked):
+            if not f.pending:
+                (gone if isinstance(o, Acked) else records).append(k)
+            elif isinstance(o, Acked):
                 acks.setdefault((f.stream, keys.group(f.pipeline)), []).append(k)
-            elif isinstance(o, DeadLettered) and not o.pending:
-                records.append(k)
             else:
                 writes.setdefault((f.stream, o.stream, f.pipeline), []).append(k)
 
@@ -255,7 +257,7 @@ class Publisher:
                 self._script.queue(pipe, [stream, output], args)
             for k in records:
                 o = outcomes[k]
-                assert isinstance(o, DeadLettered)
+                assert not isinstance(o, Acked)
                 f = o.frame
                 marker = keys.recorded_marker(f.pipeline, f.stream, f.entry_id)
                 self._record.queue(pipe, [marker, o.stream],
@@ -274,6 +276,8 @@ class Publisher:
                 out[k] = ResponseError(one.decode()) if isinstance(one, bytes) else one
         for k in records:
             out[k] = next(replies)
+        for k in gone:
+            out[k] = 1
         return out
 
     @staticmethod

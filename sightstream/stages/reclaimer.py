@@ -3,9 +3,10 @@
 
 XAUTOCLAIM moves them to this consumer; their delivery counts (XPENDING) decide whether they
 are tried again or dead-lettered (`max_deliveries`). Entries whose content is gone are
-dead-lettered (`empty_entry`). Redis 7 reports those IDs in a third reply element (and has
-already dropped them from the pending list); Redis 6.2 returns them as nil entries that stay
-pending, so their IDs are recovered from XPENDING.
+dead-lettered (`empty_entry`). Redis 7 reports those IDs in a third reply element, once, to one
+claimer, and has already dropped them from the pending list, whatever their idle time; one this
+daemon is still processing (trimmed while in flight) keeps its result. Redis 6.2 returns them
+as nil entries that stay pending, so their IDs are recovered from XPENDING.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sightstream import log
-from sightstream.frames import Frame, entry_ms
 from sightstream.stages.pending import StreamReader, pending_entries
 
 _log = log.get(__name__)
@@ -77,7 +77,6 @@ class Reclaimer(StreamReader):
             self._metrics.frames_reclaimed.labels(self._p.name).inc(len(claimed))
             _log.info("frames_reclaimed", pipeline=self._p.name, source=stream,
                       count=len(claimed), vanished=vanished)
-        for entry_id in deleted:  # already out of the pending list: only a record to write
-            frame = Frame(self._p.name, stream, entry_id, {}, entry_ms(entry_id))
-            await self._admission.dead_letter_gone(frame)
+        for entry_id in deleted:  # already out of the pending list: written once, not acknowledged
+            await self._admission.dead_letter_gone(stream, entry_id)
         return next_cursor, used

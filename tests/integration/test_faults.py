@@ -4,6 +4,7 @@ stuck models, poison frames, dead consumers' pending entries, slow live daemons.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -130,6 +131,32 @@ async def test_a_slow_live_daemon_keeps_its_frames(redis_url, sync_redis, tmp_pa
             await wait_for(lambda: a.publisher.published == 4, 5, "a's count")
             assert b.runs["people"].reclaimer.reclaimed == 0 and b.publisher.published == 0
             assert a.metrics.heartbeats.labels("people")._value.get() > 0
+
+
+@pytest.mark.parametrize("daemons", [1, 2])
+async def test_frames_trimmed_while_processed_keep_one_outcome_each(redis_url, sync_redis, tmp_path, gradient,
+                                                                     daemons):
+    """A producer's MAXLEN trims entries the daemon is processing. Each still gets one outcome:
+    its result (the frame is in memory), or an empty_entry dead-letter written by another
+    daemon that Redis told of the trim first; never nothing (the heartbeat's XCLAIM dropped
+    them from the pending list without a word, and their results with them)."""
+    ids = publish(sync_redis, "frames:{trim}", 8, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "batch_size": 4, "batch_timeout_ms": 50}],
+                            fakes={"slow": {"delay_s": 1.5}}, reclaim_min_idle_ms=600)
+    async with running(settings, host="a") as a:
+        await wait_for(lambda: a.workers[0].busy, what="the slow batch")
+        sync_redis.xtrim("frames:{trim}", maxlen=0)
+        async with contextlib.AsyncExitStack() as others:
+            if daemons == 2:
+                await others.enter_async_context(running(settings, host="b"))
+            await wait_for(lambda: sum(counts(sync_redis, "frames:{trim}")) == 8 and not a.workers[0].busy, 20)
+            await asyncio.sleep(1.0)  # a second look: nothing more comes
+    results = [f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{trim}")]
+    dead = [f["frame_id"].decode() for _, f in entries(sync_redis, "deadletter:people:frames:{trim}")]
+    assert sorted(results + dead) == sorted(ids)
+    if daemons == 1:
+        assert dead == []  # no one else to be told of the trim: every result is written
+    assert pending(sync_redis, "frames:{trim}") == 0
 
 
 async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gradient):

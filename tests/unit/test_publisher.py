@@ -65,10 +65,28 @@ async def test_scripts_lost_by_a_restarted_redis_are_reloaded():
 async def test_a_record_for_an_entry_no_longer_pending_is_written_once():
     client, frames, pub = await setup()
     dl = "deadletter:p:frames:{a}"
-    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed", pending=False)
+    frames[0].pending = False
+    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed")
     await pub.publish([gone])
     await pub.publish([gone])  # a retried round
     assert await client.xlen(dl) == 1
+
+
+async def test_the_result_of_a_frame_trimmed_while_processed_is_written_once():
+    """Redis dropped the entry from the pending list (XAUTOCLAIM reported it to this daemon):
+    its result is still written, once, and nothing else of the group is touched."""
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    frames[0].pending = False
+    await client.xack("frames:{a}", "p", frames[0].entry_id)  # as Redis' own drop from the list
+    result = Published(frames[0], out, {"frame_id": frames[0].frame_id})
+    await pub.publish([result])
+    await pub.publish([result])  # a retried round
+    assert await client.xlen(out) == 1 and pub.published == 1
+    frames[1].pending = False
+    await pub.publish([Acked(frames[1], "sampled_out")])  # nothing to acknowledge: no error
+    pending = await client.xpending_range("frames:{a}", "p", "-", "+", 10)
+    assert [r["message_id"].decode() for r in pending] == [frames[1].frame_id, frames[2].frame_id]
 
 
 async def test_a_refused_write_leaves_the_frame_pending_and_unreleased():
@@ -89,7 +107,8 @@ async def test_a_refused_record_can_be_written_on_a_retry():
     client, frames, pub = await setup()
     dl = "deadletter:p:frames:{a}"
     await client.set(dl, "in the way")
-    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed", pending=False)
+    frames[0].pending = False
+    gone = DeadLettered(frames[0], dl, "empty_entry", "trimmed")
     await pub.publish([gone])
     await client.delete(dl)
     await pub.publish([gone])
