@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sightstream import keys
 from sightstream.errors import SightstreamError
 from sightstream.redis_conn import sync_client
+from sightstream.stages.decoder import rgb_array
 from sightstream.stages.video_failures import reason, unresolved
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -86,7 +87,7 @@ def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, str]]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             with Image.open(path) as im:
-                yield np.asarray(im.convert("RGB")), path.name
+                yield rgb_array(im), path.name
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:

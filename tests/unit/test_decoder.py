@@ -126,6 +126,26 @@ def test_grey_and_cmyk_jpegs_come_out_rgb(gradient, mode):
     assert size == (96, 64) and array.shape == (64, 96, 3) and np.array_equal(array, expected)
 
 
+def test_a_16_bit_grey_png_keeps_its_picture(gradient, tmp_path):
+    """Pillow's convert("RGB") clips 16-bit samples at 255: the frame came out almost white and
+    the model found nothing in it. The daemon and `publish` (a folder of images) both read it."""
+    import io
+
+    from PIL import Image
+
+    from sightstream.publish import folder_frames
+
+    grey = np.asarray(Image.fromarray(gradient).convert("L"))
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buffer, "PNG")  # 0..255 to 0..65535
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    array, size = decode_image(buffer.getvalue(), MAX)
+    assert size == (96, 64) and np.array_equal(array, np.repeat(grey[:, :, None], 3, axis=2))
+    (tmp_path / "grey16.png").write_bytes(buffer.getvalue())
+    ((published, name),) = folder_frames(tmp_path)
+    assert name == "grey16.png" and np.array_equal(published, array)
+
+
 def test_small_jpeg_is_not_scaled(gradient):
     array, _ = decode_image(encode(gradient, "JPEG"), MAX, target=InputShape.fit(640, 640))
     assert array.shape == (64, 96, 3)
