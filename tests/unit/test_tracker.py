@@ -59,6 +59,21 @@ def test_sources_have_their_own_sessions_and_a_gap_starts_a_new_one(tracker):
     assert taken_again.result["track_session"] != after_gap.result["track_session"]
 
 
+def test_a_new_prompt_version_starts_a_session_with_its_objects(tracker):
+    """A PUT of a tracking pipeline's prompt reached only sources that had none yet: a live
+    camera kept its first session, and its results claimed the new version while tracking
+    the old prompt's objects (or none)."""
+    a, b, c = frames(3)
+    empty = tracker.infer([a], Prompt("", 1), [FrameContext("cam1", 1000)])[0]
+    assert ids(empty) == []
+    one_box = Prompt('{"boxes": [[10, 10, 60, 60]]}', 2)
+    renewed = tracker.infer([b], one_box, [FrameContext("cam1", 1040)])[0]
+    assert renewed.result["track_session"] != empty.result["track_session"]
+    assert tracker._sources["cam1"].tracks.keys() == {1}  # the new prompt's box became track 1
+    same = tracker.infer([c], one_box, [FrameContext("cam1", 1080)])[0]
+    assert same.result["track_session"] == renewed.result["track_session"]
+
+
 def test_upstream_detections_start_tracks_unless_they_overlap_one(tracker):
     img, = frames(1)
     det = {"box": [10.0, 10.0, 60.0, 60.0], "label": "cat", "class_id": 3}

@@ -8,7 +8,8 @@ What is tracked:
   object (IoU below `iou_match`) starts a new track; one that does renews that track's label.
 
 State is kept per source (a `track_session`): SAM2's memory of the last frames of each object.
-A session ends after `max_gap_ms` without a frame, when the source comes back to this daemon
+A session ends after `max_gap_ms` without a frame, when the pipeline's prompt changes (the new
+prompt's objects are taken on the source's next frame), when the source comes back to this daemon
 after another daemon had it (FrameContext.generation), when the adapter holds more than
 `max_sources` sessions (the least recently seen goes), or when the model is unloaded; track
 ids start again at 1 in the next session, whose `track_session` differs. The daemon sends all
@@ -56,6 +57,7 @@ class SourceState:
     session: Any  # transformers' Sam2VideoInferenceSession
     name: str = field(default_factory=lambda: secrets.token_hex(4))
     generation: int = 0
+    prompt_version: int = 0  # the prompt it began with
     frame_idx: int = -1
     last_ts: int = 0
     next_id: int = 1
@@ -112,33 +114,36 @@ class HfSam2Tracker(hf_common.HfAdapter):
     def infer(self, images: list[np.ndarray], prompt: Prompt | None = None,
               contexts: list[FrameContext] | None = None) -> list[Prediction]:
         spec = parse_prompt(prompt.text if prompt else "")
+        version = prompt.version if prompt else 0
         if contexts is None:
             contexts = [FrameContext("", 0) for _ in images]
-        return [self._track(image, ctx, spec) for image, ctx in zip(images, contexts)]
+        return [self._track(image, ctx, spec, version) for image, ctx in zip(images, contexts)]
 
-    def _state(self, ctx: FrameContext) -> tuple[SourceState, bool]:
-        """The source's session, or a new one (first frame, or after a gap). True: new."""
+    def _state(self, ctx: FrameContext, prompt_version: int) -> tuple[SourceState, bool]:
+        """The source's session, or a new one (first frame, after a gap, a new prompt). True: new."""
         from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
         state = self._sources.get(ctx.source)
         if (state is not None and state.generation == ctx.generation
-                and ctx.ts_ms - state.last_ts <= self._max_gap_ms):
+                and state.prompt_version == prompt_version and ctx.ts_ms - state.last_ts <= self._max_gap_ms):
             self._sources.move_to_end(ctx.source)
             return state, False
         model = self._model
         device = model.device
         session = Sam2VideoInferenceSession(inference_device=device, inference_state_device=device,
                                             video_storage_device=device, dtype=model.dtype)
-        state = self._sources[ctx.source] = SourceState(session, generation=ctx.generation)
+        state = self._sources[ctx.source] = SourceState(session, generation=ctx.generation,
+                                                        prompt_version=prompt_version)
         while len(self._sources) > self._max_sources:
             self._sources.popitem(last=False)
         return state, True
 
-    def _track(self, image: np.ndarray, ctx: FrameContext, spec: dict[str, Any]) -> Prediction:
+    def _track(self, image: np.ndarray, ctx: FrameContext, spec: dict[str, Any],
+               prompt_version: int) -> Prediction:
         import torch
 
         h, w = image.shape[:2]
-        state, new = self._state(ctx)
+        state, new = self._state(ctx, prompt_version)
         state.last_ts = max(state.last_ts, ctx.ts_ms)
         session = state.session
         session.video_height, session.video_width = h, w
