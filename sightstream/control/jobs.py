@@ -255,6 +255,8 @@ async def submit(request: web.Request) -> web.Response:
             check_prompt(entry.adapter, entry.task, body.prompt)
         except ModelError as e:
             raise ApiError(422, f"prompt: {body.model} cannot use it: {e}") from None
+        if (why := await d.manager.prompt_problem(body.model, body.prompt)) is not None:
+            raise ApiError(422, f"prompt: {body.model} cannot use it: {why}")
     if entry.task == "generate":
         raise ApiError(422, f"model: {body.model} writes text from text; name it in summarize.model, and a "
                             "model that reads frames in model")

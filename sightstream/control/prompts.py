@@ -74,15 +74,18 @@ def _answer(pipeline: str, p: PromptVersion) -> web.Response:
     return reply(_out(pipeline, p), headers={"ETag": f'"{p.version}"'})
 
 
-def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
+async def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
     """422 unless the pipeline's model can use this prompt text (`what` names it)."""
     entry = d.catalogue.get(p.model)
     try:
-        check_prompt(entry.adapter, entry.task, text)
         if p.prompt_from:
-            check_chained_prompt(entry.adapter, text)
+            check_chained_prompt(entry.adapter, entry.task, text)
+        else:
+            check_prompt(entry.adapter, entry.task, text)
     except ModelError as e:
         raise ApiError(422, f"{p.model} cannot use {what}: {e}") from None
+    if (why := await d.manager.prompt_problem(p.model, text)) is not None:
+        raise ApiError(422, f"{p.model} cannot use {what}: {why}")
 
 
 def _expected(request: web.Request, given: int | None) -> int | None:
@@ -118,7 +121,7 @@ async def put_prompt(request: web.Request) -> web.Response:
     body = await read_json(request, PromptIn)
     expected = _expected(request, body.expected_version)
     d = request.app[DAEMON]
-    _check_usable(d, p, body.text, "this prompt")
+    await _check_usable(d, p, body.text, "this prompt")
     try:
         changed = await d.prompts.set(p.name, body.text, expected=expected,
                                       set_by=who(request))
@@ -148,7 +151,7 @@ async def rollback(request: web.Request) -> web.Response:
     # as PUT checks a new text: a version set for another model (the config changed since)
     earlier = next((v for v in await d.prompts.history(p.name) if v.version == body.version), None)
     if earlier is not None:
-        _check_usable(d, p, earlier.text, f"version {body.version}'s prompt")
+        await _check_usable(d, p, earlier.text, f"version {body.version}'s prompt")
     try:
         changed = await d.prompts.rollback(
             p.name, body.version, expected=expected, set_by=who(request))

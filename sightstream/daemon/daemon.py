@@ -39,8 +39,8 @@ from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import JobStore
 from sightstream.metrics import Metrics
-from sightstream.models.adapters import adapter_class, check_chained_prompt
-from sightstream.models.catalogue import Catalogue
+from sightstream.models.adapters import adapter_class, check_chained_prompt, check_prompt
+from sightstream.models.catalogue import Catalogue, Entry
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
@@ -159,12 +159,13 @@ class Daemon:
                         f"results must share its job's slot, and {spec.output} does not: keep {{source}} in "
                         "the output template, before any other {...}")
             if not p.prompt_from:
+                self._check_prompt(p, entry)
                 continue
             if not takes_detections:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: {p.model} is "
                                   "not prompted by detections (SAM2 is)")
             try:
-                check_chained_prompt(entry.adapter, p.prompt)
+                check_chained_prompt(entry.adapter, entry.task, p.prompt)
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt: {e}") from None
             up = by_name.get(p.prompt_from)
@@ -172,6 +173,20 @@ class Daemon:
             if up and up_task not in ("detect", "track"):
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: pipeline "
                                   f"{up.name} does not detect (its model {up.model} does {up_task})")
+
+    @staticmethod
+    def _check_prompt(p: PipelineSettings, entry: Entry) -> None:
+        """A configured prompt the model cannot use stops the start, as PUT refuses it. An empty
+        one where the model needs one is allowed (it may be set over HTTP), and said."""
+        try:
+            check_prompt(entry.adapter, entry.task, p.prompt)
+        except ModelError as e:
+            if p.prompt.strip():
+                raise ConfigError(f"invalid setting pipelines[{p.name}].prompt: {p.model} cannot use it: "
+                                  f"{e}") from None
+            if getattr(adapter_class(entry.adapter), "takes_prompt", False):
+                _log.warning("pipeline_prompt_empty", pipeline=p.name, model=p.model, why=str(e),
+                             hint=f"no results until a prompt is set: PUT /pipelines/{p.name}/prompt")
 
     async def start(self) -> None:
         if not await self._wait_for_redis():

@@ -388,6 +388,13 @@ class ModelManager:
             self._declared_shapes[model_id] = shape
         return self._declared_shapes[model_id]
 
+    async def prompt_problem(self, model_id: str, text: str) -> str | None:
+        """Why the model cannot read this prompt (longer than its text encoder takes), where it
+        is loaded; None otherwise (not loaded: its frames will say why). Tokenizes in a thread."""
+        adapter = next((loaded.adapter for (mid, _), loaded in self._loaded.items() if mid == model_id), None)
+        check = getattr(adapter, "prompt_problem", None)
+        return None if check is None else await asyncio.to_thread(check, text)
+
     def is_loaded(self, model_id: str) -> bool:
         return any(mid == model_id for mid, _ in self._loaded)
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from sightstream import keys
+from sightstream.daemon.daemon import Daemon
+from sightstream.errors import ConfigError
 from tests import tiny_hf
 from tests.conftest import encode
-from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import entries, pending, running, serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -245,7 +249,68 @@ def test_phrases_map_to_prompt_labels():
     labels = ["person", "red car"]
     assert match_label("red car", labels) == ("red car", 1)
     assert match_label("a red car [SEP]", labels) == ("red car", 1)
-    assert match_label("bicycle", labels) == ("bicycle", -1)
+    assert match_label("red", labels) == ("red car", 1)  # Grounding DINO's span of one label's words
+    # nothing the prompt asked for ("each detection's label is one of them"): the box is dropped
+    assert match_label("bicycle", labels) is None
+    assert match_label(".. [SEP]", labels) is None
+    assert match_label("", labels) is None
+
+
+LONG = "red car " * 30  # past every tiny text encoder here (OWLv2: 16 positions, BLIP: 32, GD: 32)
+
+
+@pytest.mark.parametrize("model,adapter,options,prompt,why", [
+    ("owlv2", "hf_open_vocab", {}, f"person. {LONG}", "the label 'red car red car"),
+    ("grounding_dino", "hf_open_vocab", {}, f"person. {LONG}", "the prompt is"),
+    ("caption", "hf_vlm", {"task": "caption", "max_new_tokens": 6}, LONG, "the caption's start is"),
+    ("vqa", "hf_vlm", {"task": "vqa"}, f"what is {LONG}?", "the question is"),
+])
+def test_a_prompt_longer_than_the_text_encoder_takes_is_refused_saying_so(
+        model, adapter, options, prompt, why, hf_models, gradient):
+    """It was taken, then every frame failed with torch's words ('The size of tensor a (122)
+    must match the size of tensor b (16)'), or, with a real OWL tokenizer, the label was cut."""
+    from sightstream.errors import ModelError
+    from sightstream.models.adapter import Prompt, predict
+    from sightstream.models.adapters import adapter_class
+
+    instance = adapter_class(adapter)(str(hf_models[model]), options)
+    instance.load("cpu")
+    problem = instance.prompt_problem(prompt)
+    assert problem is not None and problem.startswith(why) and "reads at most" in problem
+    with pytest.raises(ModelError, match=re.escape(problem)):
+        predict(instance, [gradient], Prompt(prompt, 1))
+    fine = "person. car." if adapter == "hf_open_vocab" else "what is it?"
+    assert instance.prompt_problem(fine) is None
+    assert len(predict(instance, [gradient], Prompt(fine, 1))) == 1
+
+
+def test_a_configured_prompt_is_checked_at_start(hf_models, redis_url, sync_redis, tmp_path):
+    from structlog.testing import capture_logs
+
+    owl = {"backend": "transformers", "task": "detect", "adapter": "hf_open_vocab", "path": str(hf_models["owlv2"])}
+    with capture_logs() as logs:
+        Daemon(run_family(redis_url, sync_redis, tmp_path, owl, [], batch_size=1))  # may be set over HTTP
+    (said,) = [e for e in logs if e["event"] == "pipeline_prompt_empty"]
+    assert said["pipeline"] == "people" and "needs labels" in said["why"] and "PUT /pipelines/people" in said["hint"]
+    plain = settings_for(redis_url, tmp_path, [{"prompt": "a dog"}])  # tiny/det takes no prompt
+    with pytest.raises(ConfigError, match=re.escape("pipelines[people].prompt: tiny/det cannot use it: this model "
+                                                    "takes no prompt")):
+        Daemon(plain)
+
+
+async def test_a_prompt_the_loaded_model_cannot_read_is_a_422(hf_models, redis_url, sync_redis, tmp_path, gradient):
+    settings = run_family(redis_url, sync_redis, tmp_path,
+                          {"backend": "transformers", "task": "detect", "adapter": "hf_open_vocab",
+                           "path": str(hf_models["owlv2"])}, [encode(gradient)], prompt="person")
+    async with serving(settings) as (d, client):
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{f}") == 1, 60, "the model loaded")
+        r = await client.put("/pipelines/people/prompt", json={"text": f"person. {LONG}"})
+        assert r.status == 422
+        assert "user/model cannot use this prompt: the label 'red car" in (await r.json())["error"]["message"]
+        r = await client.post("/jobs", json={"source": "redis://frames:{f}", "model": "user/model",
+                                             "prompt": LONG, "max_frames": 1})
+        assert r.status == 422 and "reads at most 16 per label" in (await r.json())["error"]["message"]
+        assert (await client.get("/pipelines/people/prompt")).headers["ETag"] == '"1"'  # unchanged
 
 
 @pytest.mark.parametrize("task,prompt", [("caption", ""), ("caption", "a photo of"), ("vqa", "what is in the image?")])
@@ -298,10 +363,18 @@ async def test_sam2_segments_the_prompted_objects(prompt, objects, hf_models, re
             assert decoded.shape == index.shape and m["area"] == int(decoded.sum())
 
 
-async def test_a_bad_sam2_prompt_dead_letters_with_a_reason(hf_models, redis_url, sync_redis, tmp_path, gradient):
-    settings = run_family(redis_url, sync_redis, tmp_path,
-                          {"backend": "transformers", "task": "segment", "path": str(hf_models["sam2"])},
-                          [encode(gradient)], prompt="the dog please")
+async def test_a_bad_sam2_prompt_is_refused_at_start_or_dead_letters_with_a_reason(
+        hf_models, redis_url, sync_redis, tmp_path, gradient):
+    entry = {"backend": "transformers", "task": "segment", "path": str(hf_models["sam2"])}
+    # in the config: refused at start, as PUT refuses it (it was taken, then every frame failed)
+    for prompt, why in (("the dog please", "a SAM2 prompt is JSON"),
+                        ('{"labels": ["dog"]}', "SAM2 segments what its prompt points at")):
+        bad = run_family(redis_url, sync_redis, tmp_path, entry, [], prompt=prompt, batch_size=1)
+        with pytest.raises(ConfigError, match=re.escape(f"pipelines[people].prompt: user/model cannot use it: {why}")):
+            Daemon(bad)
+    # the current version in Redis, set when the pipeline had another model: its frames say why
+    settings = run_family(redis_url, sync_redis, tmp_path, entry, [encode(gradient)])
+    sync_redis.hset(keys.prompt_current("people"), mapping={"text": "the dog please", "version": 2})
     async with running(settings):
         await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")

@@ -335,3 +335,25 @@ def test_batch_buckets_and_io_binding_give_the_same_results(astronaut):
     assert [p.result for p in predict(bucketed, images)] == expected
     assert [s[0] for s in shapes] == [4] and bucketed._model.io_binding
     assert expected[0]["detections"] and expected[2]["detections"]  # faces, not empty lists
+
+
+def test_what_each_kind_of_pipeline_may_set_as_a_sam2_prompt():
+    """Unchained, SAM2 must be told what to segment or track: an empty prompt or labels alone
+    were taken (200), then every result was empty. Chained, its boxes come from upstream: the
+    segmenter's prompt may only keep labels, the tracker's may add fixed boxes."""
+    from sightstream.errors import ModelError
+    from sightstream.models.adapters import check_chained_prompt, check_prompt
+
+    for adapter, task in (("hf_sam2", "segment"), ("hf_sam2_video", "track")):
+        check_prompt(adapter, task, '{"boxes": [[1, 2, 30, 40]]}')
+        check_prompt(adapter, task, '{"points": [[5, 5]]}')
+        for nothing in ("", '{"labels": ["dog"]}', '{"boxes": []}'):
+            with pytest.raises(ModelError, match="SAM2 segments what its prompt points at"):
+                check_prompt(adapter, task, nothing)
+        check_chained_prompt(adapter, task, "")
+    check_chained_prompt("hf_sam2", "segment", '{"labels": ["dog"]}')
+    with pytest.raises(ModelError, match="may only keep some of their labels"):
+        check_chained_prompt("hf_sam2", "segment", '{"boxes": [[1, 2, 30, 40]]}')
+    check_chained_prompt("hf_sam2_video", "track", '{"boxes": [[1, 2, 30, 40]]}')
+    with pytest.raises(ModelError, match="a SAM2 prompt is JSON"):
+        check_chained_prompt("hf_sam2_video", "track", "dogs")

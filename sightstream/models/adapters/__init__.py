@@ -71,12 +71,16 @@ def check_prompt(adapter: str, task: str, text: str) -> None:
             raise ModelError(f"{type(e).__name__}: {e}") from e
 
 
-def check_chained_prompt(adapter: str, text: str) -> None:
-    """A chained pipeline's prompt (prompt_from), for an adapter whose boxes then come from
-    upstream (SAM2's `chained_prompt_keeps_labels`): empty, or {"labels": [...]} keeping some of
-    the upstream detections. Boxes or points would be ignored, so they are refused (ModelError),
-    not taken silently. (The tracker takes a fixed prompt's boxes on a source's first frame.)"""
-    if not text.strip() or not getattr(adapter_class(adapter), "chained_prompt_keeps_labels", False):
+def check_chained_prompt(adapter: str, task: str, text: str) -> None:
+    """A chained pipeline's prompt (prompt_from); refused with ModelError. Empty: the upstream
+    detections are all there is. For an adapter whose boxes then come from upstream (SAM2's
+    `chained_prompt_keeps_labels`): {"labels": [...]} keeping some of the upstream detections;
+    boxes or points would be ignored, so they are refused, not taken silently. Otherwise (the
+    tracker takes a fixed prompt's boxes on a source's first frame) as check_prompt."""
+    if not text.strip():
+        return
+    if not getattr(adapter_class(adapter), "chained_prompt_keeps_labels", False):
+        check_prompt(adapter, task, text)
         return
     try:
         spec = json.loads(text)

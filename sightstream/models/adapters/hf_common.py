@@ -3,7 +3,9 @@ the local Hugging Face cache, never a download), device and dtype placement, mem
 
 from __future__ import annotations
 
+import copy
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +154,28 @@ def shape_of(image_processor: Any) -> InputShape | None:
     return None
 
 
+class TokenCounter:
+    """How many tokens (special ones included) a text is, counted on a private copy of a
+    tokenizer under a lock: a fast tokenizer used from two threads at once can fail ("Already
+    borrowed"), and the control plane asks while the CPU pool prepares batches."""
+
+    KNOWN = 64  # texts remembered: a pipeline asks about the same prompt for every batch
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
+        self._known: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        with self._lock:
+            if (n := self._known.get(text)) is None:
+                n = len(self._tokenizer(text)["input_ids"])
+                if len(self._known) >= self.KNOWN:
+                    self._known.clear()
+                self._known[text] = n
+            return n
+
+
 class HfAdapter:
     """What the transformers adapters share: their source and options, offline loading,
     placement on the device, how their processor sizes a frame, and unloading."""
@@ -174,6 +198,11 @@ class HfAdapter:
         takes no images), so the decoder may DCT-scale large JPEGs towards it."""
         processor = getattr(self, "_processor", None)
         return None if processor is None else shape_of(getattr(processor, "image_processor", processor))
+
+    def prompt_problem(self, text: str) -> str | None:
+        """Why the loaded model cannot read this prompt (longer than its text encoder takes),
+        or None. Safe from any thread; the control plane asks before taking a prompt."""
+        return None
 
     def source(self) -> str:
         """The local folder to load from (after switching the hub off)."""

@@ -39,20 +39,39 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
 
         self._processor = AutoProcessor.from_pretrained(source)
         self.placed(AutoModelForZeroShotObjectDetection.from_pretrained(source), device)
-        self._kind = self._model.config.model_type  # owlvit | owlv2 | grounding-dino
+        config = self._model.config
+        self._kind = config.model_type  # owlvit | owlv2 | grounding-dino
+        # Grounding DINO reads the whole prompt at once, OWL each label on its own.
+        self._text_limit = int(config.max_text_len if self._kind == "grounding-dino"
+                               else config.text_config.max_position_embeddings)
+        self._count = hf_common.TokenCounter(self._processor.tokenizer)
+
+    def prompt_problem(self, text: str) -> str | None:
+        labels, limit = prompt_labels(text), self._text_limit
+        if self._kind == "grounding-dino":
+            if (n := self._count(_grounding_text(labels))) > limit:
+                return (f"the prompt is {n} tokens long and this Grounding DINO reads at most {limit}: "
+                        "name fewer or shorter labels")
+            return None
+        for label in labels:
+            if (n := self._count(label)) > limit:
+                return (f"the label {label[:80]!r} is {n} tokens long and this {self._kind} model reads at "
+                        f"most {limit} per label: shorten it")
+        return None
 
     def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
                 contexts: Any = None) -> hf_common.Inputs:
         labels = prompt_labels(prompt.text) if prompt else []
         if not labels:  # nothing asked for: nothing to run
             return hf_common.Inputs({}, [img.shape[:2] for img in images], {"labels": labels})
+        if (why := self.prompt_problem(prompt.text if prompt else "")) is not None:
+            raise ModelError(why)
         if self._kind == "grounding-dino":
-            text = ". ".join(labels) + "."
-            inputs = self._processor(images=images, text=[text] * len(images), return_tensors="pt",
-                                     padding=True)
+            inputs = self._processor(images=images, text=[_grounding_text(labels)] * len(images),
+                                     return_tensors="pt", padding=True)
         else:
             inputs = self._processor(text=[labels] * len(images), images=images, return_tensors="pt",
-                                     padding=True, truncation=True)
+                                     padding=True)
         return self.host_inputs(inputs, images, labels=labels)
 
     def infer(self, inputs: hf_common.Inputs) -> Any:
@@ -79,15 +98,25 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
         return [_prediction(r, h, w, labels) for r, (h, w) in zip(found, sizes)]
 
 
-def match_label(phrase: str, labels: list[str]) -> tuple[str, int]:
-    """A prompt label for the phrase a model attached to a box (Grounding DINO returns the
-    matched text span): the label itself, else the first label the phrase contains."""
+def _grounding_text(labels: list[str]) -> str:
+    return ". ".join(labels) + "."
+
+
+def match_label(phrase: str, labels: list[str]) -> tuple[str, int] | None:
+    """The prompt label for the phrase a model attached to a box (Grounding DINO returns the
+    matched text span): the label itself, else the first label the phrase contains, else the
+    first label that holds the phrase's words (a span of part of a label). None: the phrase is
+    none of them (an empty span, a separator token), and the box is not reported."""
     if phrase in labels:
         return phrase, labels.index(phrase)
     for i, label in enumerate(labels):
         if label in phrase:
             return label, i
-    return phrase, -1
+    words = re.sub(r"\[[A-Z]+\]|[^\w\s]", " ", phrase).split()  # without [SEP] and stray dots
+    for i, label in enumerate(labels):
+        if words and all(w in label.split() for w in words):
+            return label, i
+    return None
 
 
 def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Prediction:
@@ -98,7 +127,9 @@ def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Pred
         x1, y1, x2, y2 = (float(v) for v in found["boxes"][i].float().tolist())
         box = [round(min(max(x1, 0), width), 1), round(min(max(y1, 0), height), 1),
                round(min(max(x2, 0), width), 1), round(min(max(y2, 0), height), 1)]
-        label, class_id = match_label(str(names[i]) if names is not None else "", labels)
+        if (matched := match_label(str(names[i]) if names is not None else "", labels)) is None:
+            continue
+        label, class_id = matched
         detections.append({"box": box, "score": round(float(found["scores"][i]), 4), "label": label,
                            "class_id": class_id})
     return Prediction({"width": width, "height": height, "detections": detections})

@@ -64,8 +64,13 @@ def _numbers(value: Any, n: int) -> bool:
 
 
 def check_prompt(text: str, task: str = "") -> None:
-    """For the control plane: a prompt SAM2 cannot use is refused when it is set."""
-    parse_prompt(text)
+    """For the control plane and the config: a prompt SAM2 cannot use is refused when it is set.
+    Unchained, it must name something to segment or track (a chained pipeline's prompt is
+    checked by check_chained_prompt: its boxes come from upstream)."""
+    spec = parse_prompt(text)
+    if not spec["boxes"] and not spec["points"]:
+        raise ModelError('SAM2 segments what its prompt points at: give {"boxes": [[x1, y1, x2, y2]]} or '
+                         '{"points": [[x, y]]} (labels alone only filter a chained pipeline\'s detections)')
 
 
 def objects_of(spec: dict[str, Any], context: FrameContext | None) -> tuple[dict[str, Any], list[dict]]:

@@ -43,12 +43,30 @@ class HfImageToText(hf_common.ImageToText):
         else:
             raise ModelError(f"no image-to-text model class loads {source}: {'; '.join(errors)}")
         self.placed(model, device)
+        text_config = getattr(model.config, "text_config", None)
+        self._text_limit = getattr(text_config, "max_position_embeddings", None)
+        self._count = hf_common.TokenCounter(self._processor.tokenizer)
+
+    def prompt_problem(self, text: str) -> str | None:
+        """A question is read by the text encoder; a caption's start is continued by the decoder,
+        so it needs room for `max_new_tokens` more."""
+        text, limit = text.strip(), self._text_limit
+        if not text or not limit:
+            return None
+        room = limit if self.task == "vqa" else limit - self.max_new_tokens
+        if (n := self._count(text)) > room:
+            said = "question" if self.task == "vqa" else "caption's start"
+            more = "" if self.task == "vqa" else f" with max_new_tokens {self.max_new_tokens}"
+            return f"the {said} is {n} tokens long and this model reads at most {room}{more}: shorten it"
+        return None
 
     def prepare(self, images: list[np.ndarray], prompt: Prompt | None = None,
                 contexts: Any = None) -> hf_common.Inputs:
         text = prompt.text.strip() if prompt else ""
         if self.task == "vqa" and not text:
             raise ModelError("a vqa model needs a question: set the pipeline's prompt")
+        if (why := self.prompt_problem(text)) is not None:
+            raise ModelError(why)
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
         if text:
             kwargs.update(text=[text] * len(images), padding=True)
