@@ -56,6 +56,11 @@ def summarize(base: str, token: str, video: str, model: str, summary_model: str,
     if job["status"] != "completed":
         raise SightstreamError(f"job {job_id} {job['status']}: {job['error'] or 'no reason given'}")
     summary = job["summary"] or {}
+    if not summary.get("lines") and not as_json:
+        counts = job.get("counts") or {}
+        print(f"sightstream: nothing to summarise: none of job {job_id}'s results says anything "
+              f"({counts.get('processed', 0)} processed, {counts.get('dead_lettered', 0)} dead-lettered)",
+              file=sys.stderr)
     emit(json.dumps(job) if as_json else summary.get("text", ""))  # JSON: one line, after any summaries
     return 0
 

@@ -27,7 +27,15 @@ from sightstream.errors import ModelError
 from sightstream.frames import DeadLettered, Frame, Published, now_ms
 from sightstream.jobs.run import JobStopped, fenced
 from sightstream.jobs.store import Job, JobStore
-from sightstream.jobs.summary import Line, SummaryFailed, describe, instruction_for, room_of, summarize
+from sightstream.jobs.summary import (
+    Line,
+    Summary,
+    SummaryFailed,
+    describe,
+    instruction_for,
+    room_of,
+    summarize,
+)
 from sightstream.models.adapters.hf_text import TextBudget
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
@@ -134,13 +142,16 @@ class JobSummaries:
         lines, upto, video = await self._lines(after)
         if not lines and not final:
             return None
-        try:
-            if self._budget is None:
-                self._budget = await asyncio.to_thread(text_budget, self._create, self.model,
-                                                       self.instruction)
-        except ModelError as e:
-            raise SummaryFailed(str(e)) from None
-        summary = await summarize(lines, self._budget, self._generate, video)
+        if lines:
+            try:
+                if self._budget is None:
+                    self._budget = await asyncio.to_thread(text_budget, self._create, self.model,
+                                                           self.instruction)
+            except ModelError as e:
+                raise SummaryFailed(str(e)) from None
+            summary = await summarize(lines, self._budget, self._generate, video)
+        else:  # a quiet camera, or every frame dead-lettered: nothing to ask the text model
+            summary = Summary("", None, None, 0, 0, 0)
         summary.final, summary.model = final, self.model
         body = summary.as_dict()
         fields = {"source": self.job.spec.shown, "job_id": self.job.id, "ts": str(now_ms()),

@@ -162,6 +162,19 @@ async def test_a_live_stream_job_is_summarised_every_period(redis_url, sync_redi
         assert job["summary"] == written[-1] and job["counts"]["summaries"] == len(written)
 
 
+async def test_a_job_whose_results_say_nothing_completes_with_an_empty_summary(redis_url, sync_redis, tmp_path,
+                                                                                 media):
+    """A quiet camera is a normal outcome: the job failed with 'none of the job's results says
+    anything to summarise', which hid why (here: no frame came) and lost the job's results."""
+    async with serving(summary_settings(redis_url, tmp_path, media)) as (d, client):
+        job_id = await submit(client, source="redis://quiet:{q}", model="vlm/tiny", max_seconds=1.5,
+                              summarize={"model": "llm/wide"})
+        job = await until_status(client, job_id, "completed", "failed", timeout=20)
+    assert job["status"] == "completed", job["error"]
+    assert job["summary"]["text"] == "" and job["summary"]["lines"] == 0 and job["summary"]["final"]
+    assert [s["lines"] for s in summaries_of(sync_redis, job_id)] == [0]
+
+
 async def test_a_video_that_turns_out_live_is_summarised_every_period(redis_url, sync_redis, tmp_path, media,
                                                                      monkeypatch):
     """A live HLS source with neither summarize.every_s nor an end would never be summarised
