@@ -2,7 +2,12 @@
 (not yet read), from XINFO GROUPS. Read on request by GET /pipelines/{name}, and every few
 seconds into the `sightstream_source_pending` / `sightstream_source_lag` gauges that alert
 rules watch (with `sightstream_jobs_active`, the jobs pending or running). Group-wide figures:
-every daemon of the group reports the same values (take the max across daemons, not the sum)."""
+every daemon of the group reports the same values (take the max across daemons, not the sum).
+
+Redis 7.0 can keep reporting a lag after a producer's MAXLEN trimmed the stream (its count of
+entries read no longer matches), even once the group has read everything. A lag above 0 is
+therefore checked against the stream itself: 0 when no entry comes after the group's last
+delivered one, and never more than the stream holds."""
 
 from __future__ import annotations
 
@@ -15,9 +20,19 @@ from redis.exceptions import RedisError, ResponseError
 
 from sightstream import keys, log
 from sightstream.metrics import Metrics
+from sightstream.redis_conn import Lua, run_pipelined
 from sightstream.stages.flow import wait_or_stop
 
 _log = log.get(__name__)
+
+
+# KEYS: the stream. ARGV: the group's last delivered ID. {1 if an entry comes after it else 0,
+# XLEN}: only the answer crosses the network, not the entry (a frame can be megabytes).
+UNREAD = """
+local after = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', 1)
+return {#after, redis.call('XLEN', KEYS[1])}
+"""
+_UNREAD = Lua(UNREAD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +62,27 @@ async def group_backlog(client: Redis, pipeline: str, streams: list[str]) -> lis
                 lag = g.get("lag")
                 out.append(Backlog(stream, int(g["pending"]), None if lag is None else int(lag),
                                    g["last-delivered-id"].decode()))
+    return await _checked_lags(client, out)
+
+
+async def _checked_lags(client: Redis, backlog: list[Backlog]) -> list[Backlog]:
+    """Each lag above 0 checked against the stream (see the module's note)."""
+    lagging = [k for k, b in enumerate(backlog) if b.lag]
+    if not lagging:
+        return backlog
+
+    def fill(pipe: Any) -> None:
+        for k in lagging:
+            _UNREAD.queue(pipe, [backlog[k].stream], [backlog[k].last_delivered_id])
+
+    replies = await run_pipelined(client, fill, _UNREAD, raise_on_error=False)
+    out = list(backlog)
+    for k, reply in zip(lagging, replies):
+        if isinstance(reply, ResponseError):  # the stream became another type meanwhile: as Redis said
+            continue
+        unread, length = int(reply[0]), int(reply[1])
+        b = backlog[k]
+        out[k] = Backlog(b.stream, b.pending, min(b.lag or 0, length) if unread else 0, b.last_delivered_id)
     return out
 
 

@@ -40,3 +40,27 @@ async def test_a_pipeline_reports_backlog_counts_rates_and_latency(redis_url, sy
         assert [p["name"] for p in listed] == ["people"] and listed[0]["sources"] is None
         r = await client.get("/pipelines/nope")
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_lag_after_a_producers_trim_is_what_is_left_to_read(redis_url, sync_redis):
+    """Redis 7.0 keeps counting entries trimmed before the group read them as lag, for ever:
+    the backlog alert then fired on a group that had read everything."""
+    import redis.asyncio
+
+    from sightstream.daemon.backlog import group_backlog
+
+    stream, group = "frames:{trimmed}", "people"
+    sync_redis.xgroup_create(stream, group, "0", mkstream=True)
+    for i in range(10):
+        sync_redis.xadd(stream, {"i": i})
+    sync_redis.xreadgroup(group, "c", {stream: ">"}, count=5)
+    sync_redis.xtrim(stream, maxlen=3, approximate=False)  # 6 and 7 go unread
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        (before,) = await group_backlog(client, group, [stream])
+        assert before.lag == 3  # Redis says 5: more than the stream holds
+        sync_redis.xreadgroup(group, "c", {stream: ">"})
+        (after,) = await group_backlog(client, group, [stream])
+        assert after.lag == 0 and after.pending == 8  # Redis says 2, and goes on saying it
+    finally:
+        await client.aclose()
