@@ -4,6 +4,7 @@ reads whose socket timeout stays above BLOCK."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,17 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, TimeoutError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from sightstream import keys
 
@@ -43,9 +54,7 @@ def make_client(
     at once rather than waiting."""
     socket_timeout = BLOCK_MS / 1000 + 5 if blocking_reads else 5
     if cluster:
-        from redis.asyncio.cluster import RedisCluster
-
-        client: Any = RedisCluster.from_url(
+        client: Any = _cluster_class().from_url(
             url, max_connections=4 * max_connections, socket_timeout=socket_timeout,
             socket_connect_timeout=2, health_check_interval=30, decode_responses=False,
             retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
@@ -63,6 +72,69 @@ def make_client(
     retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3,
                   supported_errors=(ConnectionError, TimeoutError))
     return Redis(connection_pool=pool, retry=retry)
+
+
+def _outage(error: BaseException) -> ConnectionError | None:
+    """The cluster client's ways of saying a node or the cluster cannot be reached now, as the
+    ConnectionError a plain client raises; None for anything else (a bug, a refused command).
+    - RedisClusterException "cannot be connected" / slots not covered: no node answers well;
+    - AttributeError or TypeError raised inside redis-py or asyncio's transports: a
+      connection torn down under a call (redis-py issues 4287, 3546), not a bug of ours."""
+    if isinstance(error, SlotNotCoveredError) or (
+            isinstance(error, RedisClusterException) and "cannot be connected" in str(error)
+            and "Cluster mode is not enabled" not in str(error)):  # that one is a setting's error
+        return ConnectionError(str(error))
+    if isinstance(error, (AttributeError, TypeError)):
+        tb, last = error.__traceback__, None
+        while tb is not None:
+            last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+        if last is not None and any(part in last for part in ("/redis/", "/asyncio/")):
+            return ConnectionError(f"the connection broke during the call ({error})")
+    return None
+
+
+def _unavailable(reply: Any) -> bool:
+    """A pipeline reply that says the cluster could not run the command now (a plain client
+    raises these), unlike a command Redis refused (WRONGTYPE, OOM: left in its place)."""
+    return isinstance(reply, RedisError) and (not isinstance(reply, ResponseError)
+                                              or isinstance(reply, (ClusterDownError, TryAgainError)))
+
+
+@functools.cache
+def _cluster_class() -> Any:
+    """A Redis Cluster client that fails as the plain one does, so that every loop's handling
+    of an unreachable Redis (retries, back-off) holds on a cluster too (see _outage): a
+    pipeline executed with raise_on_error=False raises a node's connection error or
+    CLUSTERDOWN, rather than leaving it among the replies, where refused commands belong."""
+    from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+
+    class Pipeline(ClusterPipeline):
+        async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+            try:
+                replies = await super().execute(raise_on_error, allow_redirections)
+            except Exception as e:
+                if (outage := _outage(e)) is not None:
+                    raise outage from e
+                raise
+            if (down := next((r for r in replies if _unavailable(r)), None)) is not None:
+                raise down
+            return replies
+
+    class Cluster(RedisCluster):
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except Exception as e:
+                if (outage := _outage(e)) is not None:
+                    raise outage from e
+                raise
+
+        def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+            if shard_hint:
+                raise RedisClusterException("shard_hint is deprecated in cluster mode")
+            return Pipeline(self, transaction)  # type: ignore[abstract]
+
+    return Cluster
 
 
 def sync_client(url: str, *, cluster: bool = False, **options: Any) -> Any:

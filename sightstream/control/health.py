@@ -59,7 +59,8 @@ async def ready(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     problems = []
     if not await d.redis_ok():
-        problems.append("redis is unreachable")
+        problems.append("the Redis Cluster is down or unreachable" if d.settings.redis_cluster
+                        else "redis is unreachable")
     if not d.ready:
         problems.append("workers are not up")
     if problems:

@@ -193,7 +193,10 @@ class Daemon:
             return  # stopped before Redis ever answered
         self._lease = ConsumerLease(self.client, self.settings.consumer_slots, self._host,
                                     on_lost=self.metrics.leases_lost.labels("consumer").inc)
-        await self._lease.acquire()
+        try:  # a cluster node can hang after the seed answered: retried as the ping is
+            await RedisRetry("start", self.metrics, self.stop_event).call(self._lease.acquire)
+        except Stopped:
+            return
         threads = self.settings.decode.threads or (os.cpu_count() or 2)
         self._decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         # prepare and finish of staged adapters: their own threads, so a device's next batch
@@ -447,7 +450,12 @@ class Daemon:
         return None
 
     async def redis_ok(self) -> bool:
+        """Redis answers; on a cluster, the node asked also sees the cluster whole (a node of a
+        failed cluster still answers PING, while no frame of the lost slots can move)."""
         try:
+            if self.settings.redis_cluster:
+                info = await asyncio.wait_for(self.client.execute_command("CLUSTER INFO"), 1.0)
+                return bool(info.get("cluster_state") == "ok")  # redis-py parses it into a dict
             return bool(await asyncio.wait_for(self.client.ping(), 1.0))
         except (TimeoutError, RedisError, OSError):
             return False

@@ -4,6 +4,7 @@ its frames reclaimed, dead-letters, and sources that cannot be served on a clust
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 from sightstream.errors import ConfigError, SightstreamError
 from tests.conftest import encode
 from tests.e2e.daemons import Daemon, wait_until
-from tests.integration.helpers import running, settings_for, wait_for
+from tests.integration.helpers import client_for, running, settings_for, wait_for
 from tests.redis_cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -198,3 +199,78 @@ async def test_a_file_job_runs_on_a_cluster(cluster, rc, tmp_path):
         job = await until_status(client, job_id, "completed")
     assert job["counts"]["processed"] == 4
     assert rc.xlen(f"results:job:{{{job_id}}}") >= 4
+
+
+async def test_a_cluster_outage_is_waited_out_and_health_says_so(tmp_path, gradient):
+    """A master lost with no replica to promote: the cluster is down. Every daemon exited
+    (a cluster pipeline leaves connection errors among its replies, where the publisher and
+    the backlog gauges took them for replies), and /health/ready said ready throughout (the
+    node asked still answers PING). Now the daemon waits, says it, and goes on afterwards."""
+    try:
+        own = LocalCluster().start()
+    except SightstreamError as e:
+        pytest.skip(f"redis-server cannot run a local cluster here: {e}")
+    client = RedisCluster.from_url(own.url)
+    jpeg = encode(gradient)
+    try:
+        settings = cluster_settings(own, tmp_path, [{"model": "fake/slow", "batch_size": 6, "batch_timeout_ms": 200}],
+                                    fakes={"slow": {"delay_s": 1.5}})
+        async with running(settings) as d:
+            http = await client_for(d)
+            try:
+                lost = own.nodes[2]
+                on_lost = {s for s in SOURCES if client.nodes_manager.get_node_from_slot(
+                    key_slot(s.encode())).port == lost.port}
+                assert on_lost and len(on_lost) < len(SOURCES)
+                # in flight while the node goes: their results are written during the outage
+                during = {(s, client.xadd(s, {"image": jpeg}).decode()) for s in SOURCES}
+                await wait_for(lambda: d.workers[0].busy, what="the batch in flight")
+                lost.stop()  # its slots are served by nobody: CLUSTERDOWN everywhere
+                await wait_for(lambda: _state(own.nodes[0].port) == "fail", 20, "the cluster to fail")
+                await asyncio.sleep(3)  # reads, reclaims, heartbeats, gauges and publishes all fail meanwhile
+                assert d.failed() is None
+                r = await http.get("/health/ready")
+                assert r.status == 503
+                assert (await r.json())["problems"] == ["the Redis Cluster is down or unreachable"]
+                lost.start()  # the same node (its nodes.conf kept): the cluster mends, its data gone
+                await wait_for(lambda: all(_state(n.port) == "ok" for n in own.nodes), 30, "the cluster to mend")
+                client.close()
+                client = RedisCluster.from_url(own.url)
+                later = {(s, client.xadd(s, {"image": jpeg}).decode()) for s in SOURCES}
+                kept = {f for f in during if f[0] not in on_lost} | later
+                await wait_for(lambda: set(outcomes(client)) >= kept, 60, "every result but the lost node's")
+                assert d.failed() is None and (await http.get("/health/ready")).status == 200
+            finally:
+                await http.close()
+        done = outcomes(client)
+        assert len(done) == len(set(done))
+    finally:
+        client.close()
+        own.close()
+
+
+def _state(port: int) -> str:
+    import redis
+
+    with redis.Redis(port=port, socket_timeout=1) as node:
+        try:
+            return str(node.cluster("info").get("cluster_state"))
+        except redis.RedisError:
+            return "unreachable"
+
+
+async def test_a_cluster_whose_seed_node_is_down_at_start_is_waited_for(tmp_path):
+    """It was taken for a plain Redis: 'invalid setting redis_cluster: … is not a Redis Cluster
+    node (… Error 111 connecting …)', exit 2, so a daemon restarted during an outage stayed down."""
+    from sightstream.daemon.daemon import Daemon as InProcess
+    from sightstream.daemon.embedded_redis import free_port
+
+    settings = settings_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path, redis_cluster=True)
+    d = InProcess(settings)
+    with capture_logs() as logs:
+        starting = asyncio.create_task(d.start())
+        await asyncio.sleep(1.5)
+        assert not starting.done()  # still retrying, not refused
+        await d.stop()
+        await asyncio.wait_for(starting, 5)
+    assert any(e["event"] == "redis_unreachable" and e.get("op") == "start" for e in logs)
