@@ -7,11 +7,12 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import MovedError, RedisClusterException, RedisError, ResponseError
 
 from sightstream import __version__
 from sightstream.errors import ConfigError, SightstreamError
@@ -126,8 +127,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from sightstream.bench import main as bench_main
+    from sightstream.daemon.devices import resolve
 
     args.models = _settings(args).models  # a --config's model entries can be benchmarked
+    resolve([args.device, *(d.strip() for d in args.devices.split(",") if d.strip())])  # GPUs there are
     return bench_main(args)
 
 
@@ -155,6 +158,41 @@ _seconds = _number(float, lambda v: 0 < v < math.inf, "is not a positive number 
 _period = _number(float, lambda v: 1 <= v < math.inf, "is not a number of seconds of at least 1")
 _rate = _number(float, lambda v: 0 <= v < math.inf, "is not a rate (0 or more per second)")
 _idle = _number(float, lambda v: 0 <= v < math.inf, "is not a number of seconds (0 or more)")
+_millis = _number(float, lambda v: 0 <= v < math.inf, "is not a number of milliseconds (0 or more)")
+
+
+def _a_redis_url(text: str) -> str:
+    from redis.connection import parse_url
+
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Redis URL (redis://host:port/db, rediss://… "
+                                         "or unix://…)")
+    try:
+        parse_url(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Redis URL: {e}") from None
+    return text
+
+
+def _entry_id(text: str) -> str:
+    if text not in ("$", "0") and not re.fullmatch(r"\d+(-\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a stream entry ID (e.g. 1700000000000-0; 0: from "
+                                         "the start; $: new entries)")
+    return text
+
+
+def _frame_size(text: str) -> str:
+    if not (m := re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())) or not (
+            1 <= int(m[1]) <= 16384 and 1 <= int(m[2]) <= 16384):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a frame size WxH (e.g. 1280x720)")
+    return text
+
+
+def _batch_sizes(text: str) -> str:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() and 1 <= int(p) <= 1024 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes, 1 to 1024 (e.g. 1,8,32)")
+    return text
 
 
 def _key(text: str) -> str:
@@ -201,20 +239,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_count, default=0, help="stop after N frames; 0: no limit")
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="a URL that takes longer to open, or to give data, is an error (default 10)")
-    p.add_argument("--redis-url", help="default: the configured redis_url")
+    p.add_argument("--redis-url", type=_a_redis_url, help="default: the configured redis_url")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("tail", help="print results (or dead-letters) as they arrive")
     config(p)
     p.add_argument("key", metavar="KEY", help="a result stream, or a glob such as 'results:people:*'")
-    p.add_argument("--from", dest="start", default="$",
+    p.add_argument("--from", dest="start", default="$", type=_entry_id,
                    help="entry ID to start after; 0: from the beginning (default: new entries)")
     p.add_argument("--count", type=_count, default=0, help="exit after N entries (default 0: never)")
     p.add_argument("--timeout", type=_idle, default=0,
                    help="exit after S seconds with no entry (default 0: never)")
     p.add_argument("--json", action="store_true", help="one JSON object per entry")
-    p.add_argument("--redis-url", help="default: the configured redis_url")
+    p.add_argument("--redis-url", type=_a_redis_url, help="default: the configured redis_url")
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("status", help="a running daemon's pipelines, sources and jobs (the live page's "
@@ -261,21 +299,33 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark the daemon against raw and naive baselines")
     config(p)
-    p.add_argument("--frames", type=int, default=300, help="frames to publish (per batch size)")
-    p.add_argument("--size", default="1280x720", help="frame size, WxH")
+    p.add_argument("--frames", type=_positive, default=300, help="frames to publish (per batch size)")
+    p.add_argument("--size", type=_frame_size, default="1280x720", help="frame size, WxH")
     p.add_argument("--model", default=None, help="family/variant (default: the default model)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda:N")
-    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated (--daemons: the last)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default="1,8,32",
+                   help="comma-separated (--daemons: the last)")
     p.add_argument("--no-draft", action="store_true", help="skip the scaled-JPEG-decoding comparison")
     p.add_argument("--null", action="store_true",
                    help="the pipeline's own ceiling: a model that does nothing, 1 KB and 1280x720 JPEGs")
-    p.add_argument("--daemons", type=int, default=0, metavar="N",
+    p.add_argument("--daemons", type=_count, default=0, metavar="N",
                    help="N daemon processes in one group vs one, with a model that sleeps")
     p.add_argument("--devices", default="", help="--daemons: devices dealt to the daemons in turn")
-    p.add_argument("--sleep-ms", type=float, default=20, help="--daemons: the model's time per batch")
+    p.add_argument("--sleep-ms", type=_millis, default=20, help="--daemons: the model's time per batch")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=cmd_bench)
     return top
+
+
+def _redis_trouble(e: BaseException) -> str:
+    """What went wrong with Redis, in words: a cluster node's redirect read as a plain error
+    said only '13649 127.0.0.1:7103'."""
+    if isinstance(e, MovedError) or (isinstance(e, ResponseError) and str(e).startswith("CROSSSLOT")):
+        return ("that Redis is a Redis Cluster node: set redis_cluster = true in the config, or "
+                "SIGHTSTREAM_REDIS_CLUSTER=true")
+    if isinstance(e, RedisClusterException) and "Cluster mode is not enabled" in str(e):
+        return "that Redis is not a Redis Cluster node: unset redis_cluster (or SIGHTSTREAM_REDIS_CLUSTER)"
+    return str(e) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         # stdout's buffer would fail again at exit: point it at nothing
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a Unix tool ended by SIGPIPE
-    except (OSError, RedisError) as e:  # e.g. Redis refused the connection in publish/tail
-        print(f"sightstream: {e}", file=sys.stderr)
+    except (OSError, RedisError, RedisClusterException) as e:  # e.g. Redis refused the connection
+        print(f"sightstream: {_redis_trouble(e)}", file=sys.stderr)
         return 1

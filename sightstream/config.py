@@ -14,6 +14,7 @@ import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -38,7 +39,8 @@ VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 class _Strict(BaseModel):
     # validate_default: a float setting left at its default is a float too (`fps` showed as 0
     # in one pipeline's figures and 0.0 in another's)
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan: `fps = inf` passed, then stopped the daemon at its first frame
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ControlSettings(_Strict):
@@ -113,7 +115,8 @@ class PipelineSettings(_Strict):
     input: list[str] = Field(default_factory=lambda: ["frames:*"], min_length=1)
     model: str = DEFAULT_MODEL
     prompt: str = ""
-    fps: float = Field(0, ge=0)
+    fps: float = Field(0, ge=0, le=1000, description="0: every frame; else at most this many results per "
+                       "second of capture time per source")
     batch_size: int = Field(8, ge=1, le=1024)
     batch_timeout_ms: float = Field(10, ge=0)
     max_age_ms: int = Field(0, ge=0)
@@ -200,7 +203,7 @@ TASKS: frozenset[str] = frozenset(get_args(Task))
 class ModelEntry(BaseModel):
     """A catalogue entry added or overridden from the config; backend-specific options allowed."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     backend: Literal["onnx", "transformers", "sam2", "torch"] = "onnx"
     task: Task = "detect"
     path: str = ""
@@ -212,7 +215,7 @@ class ModelEntry(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SIGHTSTREAM_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="SIGHTSTREAM_", env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
     )
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -265,6 +268,16 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _cluster_database(self) -> Settings:
+        """A Redis Cluster has database 0 only (redis-py's refusal was a traceback)."""
+        if self.redis_cluster:
+            path = urlsplit(self.redis_url).path.strip("/")
+            if path not in ("", "0"):
+                raise ValueError(f"redis_url: a Redis Cluster has only database 0, and the URL names "
+                                 f"database {path}")
+        return self
+
+    @model_validator(mode="after")
     def _unique_pipelines(self) -> Settings:
         names = [p.name for p in self.pipelines]
         dup = {n for n in names if names.count(n) > 1}
@@ -280,10 +293,10 @@ class Settings(BaseSettings):
         derived: set[str] = set()
 
         def derive(p: PipelineSettings, path: tuple[str, ...]) -> None:
+            if p.prompt_from == p.name:  # also with `input` given: it would read its own results
+                raise ValueError(f"pipeline {p.name} cannot take its prompts from itself")
             if not p.prompt_from or p.name in derived or "input" in p.model_fields_set:
                 return
-            if p.prompt_from == p.name:
-                raise ValueError(f"pipeline {p.name} cannot take its prompts from itself")
             if p.prompt_from in path:
                 raise ValueError(f"pipelines {', '.join(path + (p.name,))} take prompts from each other")
             up = by_name.get(p.prompt_from)
@@ -352,10 +365,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     toml: Path | None
     if path is not None:
         toml = Path(path)
-        if not toml.is_file():
+        if not toml.exists():
             raise ConfigError(f"config file {toml} does not exist")
-    else:
-        toml = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    else:  # present, it must be readable: a directory there (Docker's bind mount of a missing
+        # file makes one) or an unreadable file would otherwise run the defaults unsaid
+        toml = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    if toml is not None:
+        _check_readable(toml)
 
     class _FromFile(Settings):
         @classmethod
@@ -377,6 +393,18 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(_bad_variable(from_env.group(1))) from None
         raise ConfigError(f"cannot read {toml}: {e}" if toml else f"invalid settings: {e}") from None
     return loaded
+
+
+def _check_readable(toml: Path) -> None:
+    if toml.is_dir():
+        raise ConfigError(f"config file {toml} is a directory, not a TOML file (a container's bind mount of "
+                          "a file that did not exist makes one)")
+    try:
+        with toml.open("rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"config file {toml} cannot be read: {e.strerror or e} (this process runs as "
+                          f"uid {os.getuid()}, which must be able to read it)") from None
 
 
 def _bad_variable(field: str) -> str:

@@ -18,29 +18,42 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from sightstream.errors import ConfigError
 from sightstream.metrics import Metrics
 
 
 def resolve(devices: str | list[str]) -> list[str]:
-    if devices != "auto":
-        return list(devices)
-    return [f"cuda:{i}" for i in range(_visible_gpus())] or ["cpu"]
+    """The workers' devices. A `cuda:N` named in the config must be a GPU this process can use
+    (ConfigError): on a host without one, its worker ran on the CPU under the GPU's name."""
+    if devices == "auto":
+        return [f"cuda:{i}" for i in range(_visible_gpus()[0])] or ["cpu"]
+    wanted = [int(d.split(":", 1)[1]) for d in devices if d.startswith("cuda:")]
+    if wanted:
+        count, why = _visible_gpus()
+        if (missing := [n for n in wanted if n >= count]):
+            raise ConfigError(f"invalid setting devices: cuda:{missing[0]} is not a GPU this process can "
+                              f"use: {why}")
+    return list(devices)
 
 
-def _visible_gpus() -> int:
-    """The GPUs CUDA will number, when a CUDA build of torch or onnxruntime-gpu can use them."""
+def _visible_gpus() -> tuple[int, str]:
+    """The GPUs CUDA will number, when a CUDA build of torch or onnxruntime-gpu can use them,
+    and, in words, how many and why not more."""
     if not (_torch_has_cuda() or _onnxruntime_has_cuda()):
-        return 0
+        return 0, ("neither a CUDA build of torch nor onnxruntime-gpu is installed "
+                   "(pip install 'sightstream[gpu]' on a GPU host)")
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0
+        return 0, "nvidia-smi is not on PATH (no NVIDIA driver on this host?)"
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 0, f"nvidia-smi -L failed ({e})"
     uuids = [m.group(1) if (m := re.search(r"\(UUID: ([^)]+)\)", line)) else ""
              for line in out.splitlines() if line.startswith("GPU ")]
-    return len(cuda_order(uuids))
+    count = len(cuda_order(uuids))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return count, f"{count} visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
 
 
 def cuda_order(uuids: list[str], visible: str | None = None) -> list[int | None]:

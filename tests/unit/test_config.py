@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from sightstream.config import Settings, load_settings
@@ -74,6 +77,16 @@ score_threshold = 0.4
         ("redis_url = 'localhost:6379'", "redis_url: must start with redis://"),
         ("[control]\nport = 99999", "control.port"),
         ("redis_url = = 1", "cannot read"),
+        # infinity passed, then stopped the daemon at its first frame (fps) or at start
+        ("[[pipelines]]\nfps = inf", "pipelines[0].fps: Input should be a finite number"),
+        ("[[pipelines]]\nfps = 1e300", "pipelines[0].fps: Input should be less than or equal to 1000"),
+        ("[jobs]\nttl_s = inf", "jobs.ttl_s: Input should be a finite number"),
+        ("[control]\nmax_upload_mb = inf", "control.max_upload_mb: Input should be a finite number"),
+        ("inference_timeout_s = inf", "inference_timeout_s: Input should be a finite number"),
+        ("[models.m.v]\ntimeout_s = inf", "timeout_s: Input should be a finite number"),
+        ("redis_cluster = true\nredis_url = 'redis://127.0.0.1:7000/1'",
+         "redis_url: a Redis Cluster has only database 0, and the URL names database 1"),
+        ("[[pipelines]]\nname='a'\nprompt_from='a'\ninput=['x:*']", "pipeline a cannot take its prompts from itself"),
     ],
 )
 def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
@@ -141,6 +154,21 @@ def test_devices_from_the_environment_may_be_a_comma_separated_list(monkeypatch)
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_a_config_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory, not a TOML file"):
+        load_settings(tmp_path)
+    locked = write(tmp_path, "[control]\nport = 9000")
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads it anyway
+        monkeypatch.setattr(Path, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ConfigError, match=f"config file {locked} cannot be read: Permission denied"):
+        load_settings(locked)
+    # the default path, when something is there, is read or refused: never the defaults unsaid
+    monkeypatch.setattr("sightstream.config.DEFAULT_CONFIG", tmp_path)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings()
 
 
 def test_a_chained_pipeline_reads_its_upstreams_result_streams(tmp_path):

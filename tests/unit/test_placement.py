@@ -87,7 +87,30 @@ def test_auto_devices_count_gpus_that_torch_sees_without_onnxruntime_gpu(monkeyp
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(devices, "_torch_has_cuda", lambda: False)
     assert devices.resolve("auto") == ["cpu"]
-    assert devices.resolve(["cuda:1"]) == ["cuda:1"]
+
+
+def test_a_gpu_named_in_the_config_must_be_one_this_process_can_use(monkeypatch):
+    """devices = ["cuda:0"] on a host without one started, and its worker ran on the CPU under
+    the GPU's name (the bench's figures too)."""
+    from sightstream.daemon import devices
+    from sightstream.errors import ConfigError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(devices, "_onnxruntime_has_cuda", lambda: False)
+    monkeypatch.setattr(devices, "_torch_has_cuda", lambda: False)
+    assert devices.resolve(["cpu"]) == ["cpu"]
+    with pytest.raises(ConfigError, match=r"^invalid setting devices: cuda:0 is not a GPU this process can use: "
+                                          r"neither a CUDA build of torch nor onnxruntime-gpu is installed"):
+        devices.resolve(["cuda:0"])
+    monkeypatch.setattr(devices, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: type("R", (), {
+        "stdout": "GPU 0: NVIDIA H100 (UUID: GPU-a1)\nGPU 1: NVIDIA H100 (UUID: GPU-b2)\n"})())
+    assert devices.resolve(["cuda:1", "cuda:0"]) == ["cuda:1", "cuda:0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(ConfigError, match=r"cuda:1 is not a GPU this process can use: 1 visible "
+                                          r"\(CUDA_VISIBLE_DEVICES='1'\)"):
+        devices.resolve(["cuda:0", "cuda:1"])
 
 
 @pytest.mark.parametrize("visible,order", [
