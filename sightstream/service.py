@@ -9,6 +9,7 @@ restarted), and STOPPING=1 when it drains."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from sightstream import log
 from sightstream.config import Settings
 from sightstream.control.app import make_app
 from sightstream.daemon.daemon import Daemon
+from sightstream.errors import ConfigError
 
 _log = log.get(__name__)
 
@@ -103,6 +105,16 @@ def leave_running_calls(code: int, wait_s: float = 1.0) -> None:
         os._exit(code)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     """Run until signalled (or `stop` is set). Returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -119,15 +131,29 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             _log.warning("second_signal_exiting_now")
             os._exit(1)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP (the terminal that started it closed) drains as SIGTERM does: it ended the daemon
+    # at once, its frames left for a reclaim. There is no configuration reload to ask for.
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
 
     daemon = Daemon(settings)
     runner = web.AppRunner(make_app(daemon), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, settings.control.host, settings.control.port)
-    await site.start()
-    _log.info("control_listening", host=settings.control.host, port=settings.control.port)
+    host, port = settings.control.host, settings.control.port
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as e:  # a port in use, a host that is no address of this machine
+        await runner.cleanup()
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        raise ConfigError(f"invalid setting control.host/control.port: cannot listen on {host}:{port}: "
+                          f"{e.strerror or e}") from None
+    _log.info("control_listening", host=host, port=port)
+    if not settings.control.token and not _loopback(host):
+        _log.warning("control_open_without_token", host=host, port=port,
+                     why="anyone who reaches this address may set prompts, load models and start jobs "
+                         "that fetch URLs: set control.token, or listen on 127.0.0.1")
 
     async def watch_stop() -> None:
         await stop.wait()
@@ -155,7 +181,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             notifier.cancel()
         await daemon.stop()
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
     _log.info("stopped", exit_code=code)
     return code

@@ -65,7 +65,10 @@ def test_a_daemon_killed_mid_batch_loses_no_frame_and_doubles_none(daemons, redi
     assert survivors > 0  # the dead daemon's frames were taken over
 
 
-def test_sigterm_drains_in_flight_work_and_leaves_the_rest_pending(daemons, redis_url, sync_redis, gradient):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_stop_signal_drains_in_flight_work_and_leaves_the_rest_pending(daemons, redis_url, sync_redis, gradient,
+                                                                          signum):
+    """SIGHUP too (the terminal that started the daemon closed): it ended the daemon at once."""
     jpeg = encode(gradient)
     sent = {("frames:{a}", sync_redis.xadd("frames:{a}", {"image": jpeg}).decode()) for _ in range(12)}
     config = dict(pipeline="model = \"fake/slow\"\nbatch_size = 4\nmax_in_flight = 8",
@@ -73,10 +76,10 @@ def test_sigterm_drains_in_flight_work_and_leaves_the_rest_pending(daemons, redi
     d = daemons(redis_url, **config)
     d.wait_ready()
     wait_until(lambda: d.get("/health")[1]["workers"][0]["busy"], 30, "a batch in flight")
-    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signum)
     assert d.proc.wait(10) == 0
     log = d.output()
-    assert "Traceback" not in log
+    assert "Traceback" not in log and "stopping" in log
     first = outcomes(sync_redis)
     assert len(first) >= 4  # the batch in flight was finished and published
     # What it did not finish is still in Redis: a new daemon (same host, same consumer name) does it.

@@ -98,3 +98,33 @@ async def test_watchdog_pings_stop_while_the_loop_is_blocked(redis_url, tmp_path
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
+
+
+async def test_a_control_address_that_cannot_be_had_is_a_setting_named(redis_url, tmp_path):
+    """A port in use was '[Errno 98] error while attempting to bind on address …', exit 1."""
+    from sightstream.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^invalid setting control.host/control.port: cannot listen on "
+                                              rf"127.0.0.1:{port}: "):
+            await serve(settings_for(redis_url, tmp_path, control={"port": port}), asyncio.Event())
+
+
+async def test_listening_beyond_loopback_without_a_token_is_warned_of(redis_url, tmp_path):
+    from structlog.testing import capture_logs
+
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        running = asyncio.create_task(serve(settings_for(redis_url, tmp_path, control={"port": 0,
+                                                                                      "host": "0.0.0.0"}), stop))
+        for _ in range(100):
+            if any(e["event"] == "control_listening" for e in logs):
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        assert await asyncio.wait_for(running, 20) == 0
+    (warned,) = [e for e in logs if e["event"] == "control_open_without_token"]
+    assert warned["host"] == "0.0.0.0" and "set control.token" in warned["why"]

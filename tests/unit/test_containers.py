@@ -41,4 +41,4 @@ def test_compose_runs_redis_and_the_daemon_with_its_config_and_health():
     assert daemon["depends_on"]["redis"]["condition"] == "service_healthy"
     assert daemon["environment"]["SIGHTSTREAM_REDIS_URL"] == "redis://redis:6379/0"
     assert any(v.split(":")[1] == str(DEFAULT_CONFIG) for v in daemon["volumes"] if v.startswith("./"))
-    assert "8000:8000" in daemon["ports"]
+    assert daemon["ports"] == ["127.0.0.1:8000:8000"]  # the API is not on every interface unless a token is set

@@ -40,6 +40,8 @@ def test_the_template_reads_a_per_instance_environment_file():
     for text in (unit, single):  # the config (token, Redis password) reaches it as a credential
         assert "LoadCredential=sightstream.toml:/etc/sightstream/sightstream.toml" in text
         assert "--config ${CREDENTIALS_DIRECTORY}/sightstream.toml" in text
+        # a bad setting (exit 2) is not restarted every 2 s for ever; a crash (exit 1) is
+        assert "Restart=on-failure" in text and "RestartPreventExitStatus=2" in text
 
 
 def test_an_instance_environment_file_sets_devices_and_port(monkeypatch):
