@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import threading
@@ -411,6 +412,9 @@ def main(args: argparse.Namespace) -> int:
     from sightstream import log
 
     log.configure("warning")
+    # SIGTERM as Ctrl-C: the private Redis and the daemons' processes are stopped on the way
+    # out (a plain SIGTERM left them running)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.daemons:
         from sightstream.bench_scaling import run_scaling
 

@@ -19,6 +19,7 @@ import redis
 
 from sightstream.bench import NULL_MODEL, STREAM, batch_sizes, bench_settings, machine, make_frames
 from sightstream.daemon.embedded_redis import EmbeddedRedis
+from sightstream.errors import SightstreamError
 
 READY_TIMEOUT_S = 60
 
@@ -39,7 +40,10 @@ def _daemon_process(settings_json: str, host: str, ready: Any, stop: Any, report
         await daemon.stop()
 
     started = time.process_time()
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the whole group: the bench stops us
+        return
     report.put(time.process_time() - started)
 
 
@@ -51,7 +55,7 @@ def group_fps(url: str, count: int, devices: list[str], frames: list[bytes], n: 
     ready, report, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     client = redis.Redis.from_url(url)
     results = f"results:bench:{STREAM}"
-    client.delete(STREAM, results)
+    client.delete(STREAM, results, f"deadletter:bench:{STREAM}")
     procs = []
     for i in range(count):
         settings = bench_settings(url, "bench/null", batch, devices[i % len(devices)], models)
@@ -68,6 +72,12 @@ def group_fps(url: str, count: int, devices: list[str], frames: list[bytes], n: 
         started = time.perf_counter()  # the daemons read while the backlog is being written
         pipe.execute()
         while client.xlen(results) < n:
+            if (dead := client.xlen(f"deadletter:bench:{STREAM}")) > 0:
+                first: Any = client.xrange(f"deadletter:bench:{STREAM}", count=1)
+                raise SightstreamError(f"{dead} frames were dead-lettered: {first[0][1][b'error'].decode()}")
+            if (gone := [p for p in procs if not p.is_alive()]):
+                raise SightstreamError(f"a daemon of the bench exited (code {gone[0].exitcode}) before "
+                                       "every result was out")
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         stop.set()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,51 @@ def test_daemons_mode_runs_n_processes_and_loses_nothing(tmp_path):
     assert figures["daemons"] == 2 and figures["results_one"] == 400 and figures["results_many"] == 400
     assert figures["one_fps"] > 0 and figures["many_fps"] > 0 and figures["scaling"] > 0
     assert "scaling:" in run.stdout
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`: their command names."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(rest[1]) == pid and rest[0] != "Z":
+            out[int(stat.parent.name)] = name
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_sigterm_stops_the_bench_and_everything_it_started():
+    """A plain SIGTERM (a CI job cancelled, `timeout`) left the bench's redis-server running,
+    and its data directory behind."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sightstream", "bench", "--daemons", "2", "--frames", "200000",
+         "--batch-sizes", "8", "--sleep-ms", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            started = _children(proc.pid)
+            if "redis-server" in started.values() and len(started) >= 3:  # Redis and the daemons
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the bench did not start its Redis and daemons: {started}")
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert not [pid for pid in started if _alive(pid)], f"left running: {started}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
