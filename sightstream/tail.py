@@ -16,7 +16,15 @@ from sightstream.redis_conn import sync_client
 
 
 def summarize(fields: dict[str, Any]) -> str:
-    """One readable line for a result or dead-letter entry (its `result` as stored, or parsed)."""
+    """One readable line for a result or dead-letter entry (its `result` as stored, or parsed).
+    An entry of another shape (a glob can reach other writers' streams) is shown as it is."""
+    try:
+        return _summary(fields)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return f"(not a sightstream result) {json.dumps(fields, default=str)[:100]}"
+
+
+def _summary(fields: dict[str, Any]) -> str:
     if "reason" in fields and "result" not in fields:
         return f"DEAD-LETTER {fields.get('reason')}: {fields.get('error')}"
     result = fields.get("result", "{}")
@@ -54,10 +62,11 @@ def summarize(fields: dict[str, Any]) -> str:
 def _decode(fields: dict[bytes, bytes]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in fields.items():
+        name = k.decode(errors="backslashreplace")  # a field name that is not UTF-8: shown escaped
         try:
-            out[k.decode()] = v.decode()
+            out[name] = v.decode()
         except UnicodeDecodeError:
-            out[k.decode()] = {"base64": base64.b64encode(v).decode()}
+            out[name] = {"base64": base64.b64encode(v).decode()}
     return out
 
 

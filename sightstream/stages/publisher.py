@@ -136,17 +136,24 @@ class Publisher:
             outcomes += self._due()
             if outcomes:
                 await self.publish(outcomes)
+            self._log_drops()
+        self._log_drops(at_stop=True)
         self._give_up_retries()
 
     async def _next(self) -> Any:
-        """The next queued outcome, or None when a refused write falls due for a retry first."""
-        if not self._retries:
+        """The next queued outcome, or None when a refused write falls due for a retry (or the
+        summary of stale drops for its log line) first."""
+        due = [r.due for r in self._retries]
+        if self._dropped:  # the tail of a burst of drops is logged when due, not at the next drop
+            due.append(asyncio.get_running_loop().time() + self._dropped_logged + DROP_LOG_EVERY_S
+                       - time.monotonic())
+        if not due:
             return await self._in.get()
         try:
             return self._in.get_nowait()
         except asyncio.QueueEmpty:
             pass
-        wait = min(r.due for r in self._retries) - asyncio.get_running_loop().time()
+        wait = min(due) - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(self._in.get(), max(0.001, wait))
         except TimeoutError:
@@ -315,8 +322,13 @@ class Publisher:
     def _note_drop(self, pipeline: str) -> None:
         """Stale drops are logged as a summary at most every 10 s: under overload they are many."""
         self._dropped[pipeline] = self._dropped.get(pipeline, 0) + 1
+        self._log_drops()
+
+    def _log_drops(self, at_stop: bool = False) -> None:
+        """The drops since the last line, once 10 s have passed since it (or at stop): every
+        drop is in some line, the last of a burst too."""
         now = time.monotonic()
-        if now - self._dropped_logged >= DROP_LOG_EVERY_S:
+        if self._dropped and (at_stop or now - self._dropped_logged >= DROP_LOG_EVERY_S):
             _log.warning("stale_frames_dropped", counts=self._dropped)
             self._dropped, self._dropped_logged = {}, now
 

@@ -22,6 +22,17 @@ def test_each_kind_of_entry_reads_as_one_line():
     assert summarize(dead) == "DEAD-LETTER bad_image: the JPEG image cannot be decoded"
 
 
+def test_an_entry_of_another_shape_is_shown_not_crashed_on():
+    """A glob such as results:* can reach other writers' streams: each of these was a traceback."""
+    from sightstream.tail import _decode
+
+    odd_score = {"task": "classify", "result": json.dumps({"labels": [{"label": "cat", "score": "high"}]})}
+    assert summarize(odd_score).startswith("(not a sightstream result) ")
+    odd_labels = {"task": "classify", "result": json.dumps({"labels": [1, 2]})}
+    assert summarize(odd_labels).startswith("(not a sightstream result) ")
+    assert _decode({b"\xffname": b"v", b"ok": b"\xff"}) == {"\\xffname": "v", "ok": {"base64": "/w=="}}
+
+
 def test_json_lines_carry_result_and_meta_as_values_and_binary_as_base64(redis_url, sync_redis):
     from sightstream.tail import tail
 
