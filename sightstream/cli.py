@@ -65,7 +65,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         maxlen=args.maxlen, quality=args.quality, max_frames=args.max_frames,
         progress=not args.quiet, cluster=_redis_cluster(args), timeout_s=args.timeout,
     )
-    print(f"published {sent} frame{'' if sent == 1 else 's'} to {args.stream}", file=sys.stderr)
+    if not args.quiet:
+        print(f"published {sent} frame{'' if sent == 1 else 's'} to {args.stream}", file=sys.stderr)
     return 0
 
 
@@ -240,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="a URL that takes longer to open, or to give data, is an error (default 10)")
     p.add_argument("--redis-url", type=_a_redis_url, help="default: the configured redis_url")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no closing count")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("tail", help="print results (or dead-letters) as they arrive")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from sightstream.redis_conn import sync_client
 from sightstream.stages.decoder import rgb_array
 from sightstream.stages.video_failures import reason, unresolved
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# What a folder's images may be: each is re-encoded as JPEG, so anything Pillow reads will do
+# (a GIF's first frame). Other files in the folder are left alone.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 class SourceError(SightstreamError):
@@ -83,11 +86,18 @@ def video_rate(source: str, timeout_s: float) -> float:
         return float(rate) if rate else 25.0
 
 
-def folder_frames(folder: Path) -> Iterator[tuple[np.ndarray, str]]:
+def folder_frames(folder: Path, skipped: Callable[[str], None] = print) -> Iterator[tuple[np.ndarray, str]]:
+    """A folder's images in name order; one that cannot be read is told to `skipped` and left
+    out (a damaged file stopped the whole folder)."""
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            with Image.open(path) as im:
-                yield rgb_array(im), path.name
+            try:
+                with Image.open(path) as im:
+                    rgb = rgb_array(im)
+            except (OSError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
+                skipped(f"skipped {path.name}: it cannot be read as an image ({e})")
+                continue
+            yield rgb, path.name
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
@@ -122,11 +132,15 @@ def publish(
     sent = 0
     bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}", disable=not progress)
     started = time.monotonic()
+
+    def skipped(line: str) -> None:
+        bar.write(f"sightstream: {line}", file=sys.stderr)
+
     try:
         while True:
             before = sent
             frames = (
-                ((rgb, {"file": name}) for rgb, name in folder_frames(folder))
+                ((rgb, {"file": name}) for rgb, name in folder_frames(folder, skipped))
                 if is_folder
                 else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None, timeout_s))
             )
@@ -151,6 +165,11 @@ def publish(
                                   "be decoded (damaged, or cut short?)")
             if not loop:
                 return sent
+    except SourceError as e:  # what was sent before it stays sent: say how much
+        if sent:
+            raise SourceError(f"{e} (after {sent} frame{'' if sent == 1 else 's'} were published to "
+                              f"{stream})") from None
+        raise
     finally:
         bar.close()
         client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -172,6 +173,25 @@ async def test_a_playlist_from_the_network_cannot_read_the_hosts_files(media, st
         async for frame in source.frames():
             frames.append(frame)
     assert frames == []
+
+
+def test_publish_of_a_folder_skips_what_is_no_image_and_says_so(redis_url, sync_redis, tmp_path, gradient, capsys):
+    """A damaged file stopped the whole folder ('cannot identify image file'), and a GIF in a
+    folder was left out without a word (alone, it was published)."""
+    from PIL import Image
+
+    from sightstream.publish import publish
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    Image.fromarray(gradient).save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(gradient).save(folder / "c.gif")
+    (folder / "notes.txt").write_text("left alone")
+    assert publish(redis_url, str(folder), "frames:{shots}", progress=False) == 2
+    files = [json.loads(f[b"meta"])["file"] for _, f in sync_redis.xrange("frames:{shots}")]
+    assert files == ["a.png", "c.gif"]
+    assert "skipped b.jpg: it cannot be read as an image" in capsys.readouterr().err
 
 
 def test_publish_of_a_video_that_gives_no_frame_says_so(redis_url, sync_redis, tmp_path):
