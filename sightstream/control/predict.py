@@ -170,7 +170,7 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
             d.manager.check_fits(mid, d.devices)
     except ModelError as e:
         raise model_error(e) from None
-    if prompt is not None or takes_prompt:
+    if prompt or takes_prompt:  # an empty ?prompt= is no prompt, also for a model that takes none
         try:
             check_prompt(entry.adapter, entry.task, prompt or "")
         except ModelError as e:

@@ -203,7 +203,9 @@ def summarize(result: dict[str, Any]) -> str:
     if "detections" in result:
         counts: dict[str, int] = {}
         for det in result["detections"]:
-            counts[str(det.get("label", "?"))] = counts.get(str(det.get("label", "?")), 0) + 1
+            # a track from a prompt's box has no label: it is an object all the same
+            label = str(det.get("label") or ("tracked object" if "track_id" in det else "object"))
+            counts[label] = counts.get(label, 0) + 1
         return ", ".join(f"{n} x {label}" for label, n in sorted(counts.items())) or "nothing found"
     if "masks" in result:
         return f"{len(result['masks'])} masks"

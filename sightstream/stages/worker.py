@@ -403,7 +403,9 @@ def _outcomes_of(
     outcomes: list[Outcome] = []
     for frame, result in results:
         if isinstance(result, BaseException):
-            outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {result!r}"))
+            # our own errors are sentences; another's type tells what broke (RuntimeError('…'))
+            why = str(result) if isinstance(result, ModelError) else repr(result)
+            outcomes.append(DeadLettered.of(frame, "model_error", f"the model failed: {why}"))
             continue
         _to_original_pixels(frame, result)
         try:

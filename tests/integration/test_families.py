@@ -338,6 +338,7 @@ async def test_a_vqa_pipeline_without_a_question_dead_letters_with_a_reason(hf_m
         await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
     assert dead["reason"] == b"model_error" and b"needs a question" in dead["error"]
+    assert dead["error"].startswith(b"the model failed: a vqa model needs a question")  # a sentence, not a repr
 
 
 @pytest.mark.parametrize("prompt,objects", [

@@ -170,6 +170,7 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
         assert "too large" in (await error("/predict/tiny/det", 413, data=bomb,
                                            headers={"Content-Encoding": "gzip"}))["message"]
         assert "takes no prompt" in (await error("/predict/tiny/det?prompt=cats", 422, data=encode(gradient)))["message"]
+        assert (await client.post("/predict/tiny/det?prompt=", data=encode(gradient))).status == 200  # no prompt
         r = await client.post("/predict/user/track", data=encode(gradient))
         assert r.status == 422 and "as a job" in (await r.json())["error"]["message"]
         assert "gives no image" in (await error("/predict/tiny/det?format=png", 422, data=encode(gradient)))["message"]

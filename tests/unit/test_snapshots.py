@@ -100,3 +100,12 @@ def test_raw_frames_are_drawn_from_their_pixels():
     s = Snapshots()
     s.record(frame("r", encoded=False), fields({"width": 160, "height": 100, "detections": []}))
     assert drawn(s, "r").shape == (100, 160, 3)
+
+
+def test_the_one_line_summary_names_unlabelled_tracks():
+    from sightstream.daemon.snapshots import summarize
+
+    tracks = {"detections": [{"box": [0, 0, 1, 1], "track_id": 1}, {"box": [0, 0, 1, 1], "track_id": 2},
+                             {"box": [0, 0, 1, 1], "track_id": 3, "label": "dog"}]}
+    assert summarize(tracks) == "1 x dog, 2 x tracked object"  # was "2 x ?"
+    assert summarize({"detections": []}) == "nothing found"
