@@ -5,6 +5,7 @@ input never gives a 500 (an unexpected exception is a bug: logged, and answered 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -35,10 +36,22 @@ def error_response(status: int, message: str, code: str | None = None) -> web.Re
     )
 
 
+# A GET answers from memory and Redis: past this, Redis is taken for unreachable (a hung node
+# of a cluster made reads wait through every retry, minutes, and `status` gave up first).
+GET_LIMIT_S = 15.0
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        if request.method != "GET":
+            return await handler(request)
+        try:
+            async with asyncio.timeout(GET_LIMIT_S):
+                return await handler(request)
+        except TimeoutError:
+            return error_response(503, f"redis is unreachable: no answer within {GET_LIMIT_S:g} s",
+                                  "unavailable")
     except ApiError as e:
         response = error_response(e.status, e.message, e.code)
         response.headers.update(e.headers)

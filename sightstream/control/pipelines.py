@@ -5,6 +5,8 @@ results). With several daemons, sum their rates and counts (or scrape /metrics).
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
@@ -17,6 +19,10 @@ from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.backlog import group_backlog
 from sightstream.daemon.daemon import Daemon
 from sightstream.jobs.runner import input_spec
+
+# How long the figures wait on Redis: past it they are answered with what this daemon knows
+# and `redis_error`, as when Redis is down (a hung cluster node held the answer for minutes).
+ASK_LIMIT_S = 3.0
 
 api = Api("pipelines")
 
@@ -148,7 +154,9 @@ async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[Vi
         job = None
         if asked:
             try:
-                job = await d.jobs.get(job_id)
+                job = await asyncio.wait_for(d.jobs.get(job_id), ASK_LIMIT_S)
+            except TimeoutError:  # first: it is an OSError too
+                why = f"redis is unreachable: no answer within {ASK_LIMIT_S:g} s"
             except (RedisError, OSError) as e:
                 why = f"redis is unreachable: {e}"
         if why is not None:
@@ -178,8 +186,10 @@ def _quantile(ordered: list[int], q: float) -> float | None:
 
 async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> tuple[list[Source] | None, str | None]:
     """Each source's backlog, or None and why: Redis cannot be asked."""
-    try:
-        backlog = await group_backlog(d.client, pipeline, streams)
+    try:  # bounded: a hung node would hold the answer for a minute and more (retries)
+        backlog = await asyncio.wait_for(group_backlog(d.client, pipeline, streams), ASK_LIMIT_S)
+    except TimeoutError:  # first: it is an OSError too
+        return None, f"redis is unreachable: no answer within {ASK_LIMIT_S:g} s"
     except (RedisError, OSError) as e:
         return None, f"redis is unreachable: {e}"
     return [Source(stream=b.stream, pending=b.pending, lag=b.lag, last_delivered_id=b.last_delivered_id)

@@ -118,3 +118,29 @@ async def test_a_stop_during_an_outage_drains_without_waiting_for_redis(tmp_path
     finally:
         client.close()
         server.close()
+
+
+async def test_a_redis_that_hangs_bounds_what_the_control_plane_waits(redis_url, tmp_path, monkeypatch):
+    """A hung node (a cluster master stopped with SIGSTOP) held GET /pipelines for 114 s and
+    GET /jobs for over a minute, while each retry waited out its socket timeout: `status`
+    then said no control plane answers. The figures come with redis_error; other reads a 503."""
+    from sightstream.control import errors, pipelines
+
+    async def hang(*args, **kwargs):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(pipelines, "ASK_LIMIT_S", 0.3)
+    monkeypatch.setattr(errors, "GET_LIMIT_S", 0.5)
+    async with running(settings_for(redis_url, tmp_path)) as d:
+        http = await client_for(d)
+        try:
+            monkeypatch.setattr(pipelines, "group_backlog", hang)
+            r = await http.get("/pipelines")
+            (people,) = (await r.json())["pipelines"]
+            assert r.status == 200 and people["redis_error"] == "redis is unreachable: no answer within 0.3 s"
+            monkeypatch.setattr(d.jobs, "page", hang)
+            r = await http.get("/jobs")
+            assert r.status == 503
+            assert (await r.json())["error"]["message"] == "redis is unreachable: no answer within 0.5 s"
+        finally:
+            await http.close()
