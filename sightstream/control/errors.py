@@ -37,8 +37,8 @@ def error_response(status: int, message: str, code: str | None = None) -> web.Re
 
 
 # A GET answers from memory and Redis: past this, Redis is taken for unreachable (a hung node
-# of a cluster made reads wait through every retry, minutes, and `status` gave up first).
-GET_LIMIT_S = 15.0
+# of a cluster made reads wait through every retry, minutes). Below the 10 s the CLI waits.
+GET_LIMIT_S = 8.0
 
 
 @web.middleware

@@ -93,7 +93,9 @@ class Pipelines(BaseModel):
          responses={200: Resp("The pipelines", Pipelines)})
 async def list_pipelines(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    return reply(Pipelines(pipelines=[await _describe(d, p, sources=False) for p in d.settings.pipelines]))
+    # at once: with Redis slow, each pipeline's wait would add up
+    described = await asyncio.gather(*(_describe(d, p, sources=False) for p in d.settings.pipelines))
+    return reply(Pipelines(pipelines=list(described)))
 
 
 @api.get("/pipelines/{name}", "One pipeline, with each source's pending entries and lag",
