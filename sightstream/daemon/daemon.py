@@ -104,6 +104,7 @@ class Daemon:
         self._host = host
         self._discover_s = discover_s
         self._check_models()
+        self._warn_unread_options()
         device = settings.decode.device
         self._jpegs = nvjpeg_decoder(device) if device != "cpu" else None  # ConfigError if it cannot
         self.client = make_client(settings.redis_url, cluster=settings.redis_cluster)
@@ -173,6 +174,21 @@ class Daemon:
             if up and up_task not in ("detect", "track"):
                 raise ConfigError(f"invalid setting pipelines[{p.name}].prompt_from: pipeline "
                                   f"{up.name} does not detect (its model {up.model} does {up_task})")
+
+    def _warn_unread_options(self) -> None:
+        """Options in the config's model entries that their adapter never reads: most likely
+        misspelt, and the default then stays in force unsaid. Said, not refused: a plug-in may
+        read its own options only when it loads."""
+        for family, variants in self.settings.models.items():
+            for variant in variants:
+                model_id = f"{family}/{variant}"
+                try:
+                    unread = self.manager.unread_options(model_id)
+                except ModelError:
+                    continue  # not on this machine, or refused: said where it is used
+                for name, near in unread.items():
+                    _log.warning("model_option_unread", model=model_id, option=name,
+                                 hint=f"did you mean {near}?" if near else "its adapter reads no such option")
 
     @staticmethod
     def _check_prompt(p: PipelineSettings, entry: Entry) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import difflib
 import gc
 import sys
 import time
@@ -22,6 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sightstream import log
 from sightstream.config import TASKS
@@ -108,13 +110,14 @@ class ModelManager:
         self.memory_given_back: asyncio.Future | None = None  # the latest unload's clean-up
         self._metrics = metrics
 
-    def create(self, model_id: str) -> Adapter:
-        """A new, not yet loaded adapter for an entry (raises if unknown or unavailable)."""
+    def create(self, model_id: str, options: dict[str, Any] | None = None) -> Adapter:
+        """A new, not yet loaded adapter for an entry (raises if unknown or unavailable);
+        `options`: the entry's, as another mapping (unread_options passes one that records)."""
         entry = self.catalogue.get(model_id)
         cls = adapter_class(entry.adapter)
         source = entry.resolve()
         try:
-            adapter = cls(source, entry.options)
+            adapter = cls(source, entry.options if options is None else options)
         except ModelError:
             raise
         except Exception as e:  # a plug-in's bug or a bad option: this model's error, not the daemon's
@@ -124,6 +127,17 @@ class ModelManager:
             raise ModelError(f"model {model_id}: its adapter's task is {getattr(adapter, 'task', None)!r}; "
                              f"it must be one of {', '.join(sorted(TASKS))}")
         return adapter
+
+    def unread_options(self, model_id: str) -> dict[str, str | None]:
+        """The entry's options its adapter does not read when set up, nor later (LATE_OPTIONS):
+        most likely misspelt (`score_treshold`), so the default stays in force unsaid. Each
+        with the nearest name the adapter asked for, if one is near."""
+        entry = self.catalogue.get(model_id)
+        recording = _Recording(entry.options)
+        self.create(model_id, recording)
+        asked = sorted(recording.read | LATE_OPTIONS)
+        return {name: next(iter(difflib.get_close_matches(name, asked, n=1)), None)
+                for name in sorted(set(entry.options) - recording.read - LATE_OPTIONS)}
 
     def timeout_s(self, model_id: str, adapter: object, default: float) -> float:
         """How long one call of this model may take: its entry's `timeout_s` as set; else at
@@ -412,6 +426,33 @@ class ModelManager:
         for (mid, dev), entry in self._loaded.items():
             _unload(entry.adapter, mid, dev)
         self._loaded.clear()
+
+
+# Options read when a model loads or runs, not when its adapter is set up: the runners' (ONNX
+# Runtime and torch: dtype, CUDA options, batch buckets, I/O binding, input size), processors'
+# sizes, and the manager's own (task, timeout, memory).
+LATE_OPTIONS = frozenset({"dtype", "cuda_options", "batch_buckets", "io_binding", "input_size", "min_pixels",
+                          "max_pixels", "longest_edge", "task", "timeout_s", "memory_mb"})
+
+
+class _Recording(dict):
+    """An entry's options that note which names an adapter asks for."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        super().__init__(options)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
 
 
 def give_back_memory(device: str) -> None:

@@ -357,3 +357,24 @@ def test_what_each_kind_of_pipeline_may_set_as_a_sam2_prompt():
     check_chained_prompt("hf_sam2_video", "track", '{"boxes": [[1, 2, 30, 40]]}')
     with pytest.raises(ModelError, match="a SAM2 prompt is JSON"):
         check_chained_prompt("hf_sam2_video", "track", "dogs")
+
+
+def test_an_option_no_adapter_reads_is_found_with_the_name_it_was_meant_to_be(tmp_path):
+    """`score_treshold = 0.9` started without a word and the default threshold stayed."""
+    from structlog.testing import capture_logs
+
+    from sightstream.config import load_settings
+    from sightstream.daemon.daemon import Daemon
+    from sightstream.models.catalogue import Catalogue
+    from sightstream.models.manager import ModelManager
+
+    config = tmp_path / "s.toml"
+    config.write_text("[models.retinaface.mobilenet]\nscore_treshold = 0.9\ncolour = 1\ninput_size = 320\n"
+                      "dtype = 'float16'\n")
+    settings = load_settings(config)
+    manager = ModelManager(Catalogue(settings.models))
+    assert manager.unread_options("retinaface/mobilenet") == {"colour": None, "score_treshold": "score_threshold"}
+    with capture_logs() as logs:
+        Daemon(settings)
+    said = {e["option"]: e["hint"] for e in logs if e["event"] == "model_option_unread"}
+    assert said == {"colour": "its adapter reads no such option", "score_treshold": "did you mean score_threshold?"}
