@@ -197,10 +197,19 @@ def test_prompts_refused_with_the_reason(task, prompt, message):
         check_prompt("hf_florence2", task, prompt)
 
 
-async def test_a_prompt_of_the_wrong_kind_dead_letters_with_the_reason(florence, redis_url, sync_redis, tmp_path,
-                                                                        gradient):
-    settings = run_family(redis_url, sync_redis, tmp_path, entry(florence, "detect"), [encode(gradient)],
-                          prompt="<CAPTION>")
+async def test_a_prompt_of_the_wrong_kind_is_refused_at_start_or_dead_letters_with_the_reason(
+        florence, redis_url, sync_redis, tmp_path, gradient):
+    from sightstream import keys
+    from sightstream.daemon.daemon import Daemon
+    from sightstream.errors import ConfigError
+
+    bad = run_family(redis_url, sync_redis, tmp_path, entry(florence, "detect"), [], prompt="<CAPTION>",
+                     batch_size=1)
+    with pytest.raises(ConfigError, match="pipelines.people..prompt: user/model cannot use it: <CAPTION> gives text"):
+        Daemon(bad)  # in the config: refused at start, as PUT refuses it
+    # the current version in Redis, set when the pipeline had another model: its frames say why
+    settings = run_family(redis_url, sync_redis, tmp_path, entry(florence, "detect"), [encode(gradient)])
+    sync_redis.hset(keys.prompt_current("people"), mapping={"text": "<CAPTION>", "version": 2})
     async with running(settings):
         await wait_for(lambda: sync_redis.xlen("deadletter:people:frames:{f}") == 1, 60)
     (_, dead), = entries(sync_redis, "deadletter:people:frames:{f}")
