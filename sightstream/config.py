@@ -13,7 +13,7 @@ import re
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -73,7 +73,7 @@ class DecodeSettings(_Strict):
 
 class ManagerSettings(_Strict):
     idle_unload_s: float = Field(600, ge=0, description="unload models unused this long; 0: never")
-    max_memory_mb: dict[str, float] = Field(
+    max_memory_mb: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="memory budget per device, e.g. {\"cuda:0\" = 20000}"
     )
     gpu_memory_fraction: float = Field(
@@ -91,6 +91,14 @@ def is_video_url(item: str) -> bool:
 class JobSettings(_Strict):
     allowed_paths: list[str] = Field(
         default_factory=list, description="file:// job sources only under these folders; empty: none")
+
+    @field_validator("allowed_paths")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        """A relative folder would be the daemon's working directory's, whatever it is then."""
+        if (relative := [p for p in v if not p.startswith("/")]):
+            raise ValueError(f"{relative[0]!r} is not an absolute path")
+        return v
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="http(s) and rtsp(s) job sources only from these hosts; empty: any host")

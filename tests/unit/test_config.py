@@ -87,6 +87,8 @@ score_threshold = 0.4
         ("redis_cluster = true\nredis_url = 'redis://127.0.0.1:7000/1'",
          "redis_url: a Redis Cluster has only database 0, and the URL names database 1"),
         ("[[pipelines]]\nname='a'\nprompt_from='a'\ninput=['x:*']", "pipeline a cannot take its prompts from itself"),
+        ("[manager.max_memory_mb]\n'cuda:0' = -5", "manager.max_memory_mb.cuda:0: Input should be greater than 0"),
+        ("[jobs]\nallowed_paths = ['videos']", "jobs.allowed_paths: 'videos' is not an absolute path"),
     ],
 )
 def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
