@@ -78,8 +78,8 @@ def _outage(error: BaseException) -> ConnectionError | None:
     """The cluster client's ways of saying a node or the cluster cannot be reached now, as the
     ConnectionError a plain client raises; None for anything else (a bug, a refused command).
     - RedisClusterException "cannot be connected" / slots not covered: no node answers well;
-    - AttributeError or TypeError raised inside redis-py or asyncio's transports: a
-      connection torn down under a call (redis-py issues 4287, 3546), not a bug of ours."""
+    - AttributeError or TypeError raised inside redis-py's connection or asyncio's transports:
+      a connection torn down under a call (redis-py issues 4287, 3546), not a bug of ours."""
     if isinstance(error, SlotNotCoveredError) or (
             isinstance(error, RedisClusterException) and "cannot be connected" in str(error)
             and "Cluster mode is not enabled" not in str(error)):  # that one is a setting's error
@@ -88,9 +88,25 @@ def _outage(error: BaseException) -> ConnectionError | None:
         tb, last = error.__traceback__, None
         while tb is not None:
             last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
-        if last is not None and any(part in last for part in ("/redis/", "/asyncio/")):
+        if last is not None and last.endswith(_TRANSPORT_FILES):
             return ConnectionError(f"the connection broke during the call ({error})")
     return None
+
+
+# Where a torn-down connection's AttributeError or TypeError is raised: redis-py's connection
+# and asyncio's transports. Raised anywhere else (parsing a reply, our code), it is a bug.
+_TRANSPORT_FILES = ("/redis/asyncio/connection.py", "/asyncio/streams.py", "/asyncio/selector_events.py",
+                    "/asyncio/sslproto.py", "/asyncio/transports.py")
+
+
+class PartialOutage(ConnectionError):
+    """A cluster pipeline some of whose nodes could not run their commands: raised as the
+    ConnectionError a plain client raises, with every reply (`replies`), since what the other
+    nodes did is done (an XREADGROUP's entries are pending with this consumer now)."""
+
+    def __init__(self, error: BaseException, replies: list[Any]) -> None:
+        super().__init__(str(error))
+        self.replies = replies
 
 
 def _unavailable(reply: Any) -> bool:
@@ -117,7 +133,7 @@ def _cluster_class() -> Any:
                     raise outage from e
                 raise
             if (down := next((r for r in replies if _unavailable(r)), None)) is not None:
-                raise down
+                raise PartialOutage(down, replies)
             return replies
 
     class Cluster(RedisCluster):

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
@@ -34,7 +34,7 @@ from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.daemon.snapshots import Snapshots
-from sightstream.errors import ConfigError, ModelError
+from sightstream.errors import ConfigError, ModelError, SightstreamError
 from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import JobStore
@@ -210,7 +210,7 @@ class Daemon:
         self._lease = ConsumerLease(self.client, self.settings.consumer_slots, self._host,
                                     on_lost=self.metrics.leases_lost.labels("consumer").inc)
         try:  # a cluster node can hang after the seed answered: retried as the ping is
-            await RedisRetry("start", self.metrics, self.stop_event).call(self._lease.acquire)
+            await RedisRetry("start", self.metrics, self.stop_event).call(self._acquire_lease)
         except Stopped:
             return
         threads = self.settings.decode.threads or (os.cpu_count() or 2)
@@ -376,6 +376,14 @@ class Daemon:
             if worker.device == device:
                 return worker
         raise ModelError(f"no worker owns device {device!r}; devices: {', '.join(self.devices)}")
+
+    async def _acquire_lease(self) -> str:
+        """The consumer lease; Redis refusing it (ACLs, a read-only replica) is not retried."""
+        assert self._lease is not None
+        try:
+            return await self._lease.acquire()
+        except ResponseError as e:
+            raise SightstreamError(f"redis refused this daemon's consumer lease: {e}") from None
 
     async def _wait_for_redis(self) -> bool:
         """An unreachable Redis at start is retried with back-off, not fatal. False: stopped."""

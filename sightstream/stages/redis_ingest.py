@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from sightstream import keys, log
-from sightstream.redis_conn import BLOCK_MS, same_slot
+from sightstream.redis_conn import BLOCK_MS, PartialOutage, same_slot
 from sightstream.stages.pending import StreamReader, delivery_counts
 from sightstream.stages.source_leases import SourceLeases
 
@@ -276,15 +276,19 @@ class RedisIngest(StreamReader):
         by_slot: dict[int, list[str]] = {}
         for stream in streams:
             by_slot.setdefault(key_slot(stream.encode()), []).append(stream)
+        outage: PartialOutage | None = None
         async with self._client.pipeline(transaction=False) as pipe:
             for group in by_slot.values():
                 pipe.xreadgroup(self._group, self._consumer, {s: ">" for s in group}, count=count)
-            replies: Any = await pipe.execute(raise_on_error=False)
+            try:
+                replies: Any = await pipe.execute(raise_on_error=False)
+            except PartialOutage as e:  # a node is down: the others' entries are ours all the same
+                outage, replies = e, e.replies
         entries = [pair for reply in replies if not isinstance(reply, Exception) for pair in reply or ()]
         if errors := [r for r in replies if isinstance(r, Exception)]:
             # Entries the other slots returned are already pending here: admitted before the
-            # error (NOGROUP) is raised.
+            # error (NOGROUP, a node down) is raised.
             for stream, got in entries:
                 await self._admission.admit(stream.decode(), got)
-            raise errors[0]
+            raise outage or errors[0]
         return entries
