@@ -166,6 +166,7 @@ class Publisher:
         return due
 
     async def publish(self, outcomes: list[Outcome]) -> None:
+        was_pending = [o.frame.pending for o in outcomes]
         try:
             replies = await self._retry.call(lambda: self._round(outcomes))
         except Stopped:  # stopping while Redis is unreachable: the frames stay pending
@@ -176,9 +177,14 @@ class Publisher:
             return
         now = now_ms()
         published: dict[str, int] = {}  # per pipeline: counted once per round
-        for outcome, reply in zip(outcomes, replies):
+        for outcome, reply, pending in zip(outcomes, replies, was_pending):
             if isinstance(reply, ResponseError):
                 self._refused(outcome, reply)  # still pending: tried again, then dead-lettered
+                continue
+            if not reply and pending and not outcome.frame.pending and not isinstance(outcome, Acked):
+                # This daemon's reclaim learnt of a trim while the round was on its way: the entry
+                # left the pending list, so nothing was written. Its record is written now.
+                self._retries.append(_Retry(asyncio.get_running_loop().time(), outcome))
                 continue
             if self._tries:
                 self._tries.pop(outcome.frame, None)

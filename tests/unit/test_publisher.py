@@ -171,3 +171,25 @@ async def test_every_stale_drop_is_in_a_log_line_the_last_of_a_burst_too(monkeyp
         await pub._in.put(STOP)
         await asyncio.wait_for(running, 2)
     assert sum(e["counts"]["p"] for e in logs if e["event"] == "stale_frames_dropped") == 4  # at stop
+
+
+async def test_a_trim_learnt_while_the_round_is_on_its_way_still_gets_the_result_written():
+    """The reclaimer's XAUTOCLAIM drops the trimmed entry from the pending list between the
+    round's making (as a pending entry's write) and its reply (0: not pending): the result
+    was counted a duplicate and never written, and no dead-letter either."""
+    client, frames, pub = await setup()
+    out = "results:p:frames:{a}"
+    made = pub._round
+
+    async def raced(outcomes):
+        await client.xack("frames:{a}", "p", frames[0].entry_id)  # Redis drops it from the list
+        replies = await made(outcomes)
+        frames[0].pending = False  # what the reclaimer then learns
+        return replies
+
+    pub._round = raced
+    await pub.publish([Published(frames[0], out, {"frame_id": frames[0].frame_id})])
+    assert await client.xlen(out) == 0 and len(pub._retries) == 1  # not given up: written next
+    pub._round = made
+    await pub.publish(pub._due())
+    assert await client.xlen(out) == 1 and pub.published == 1
