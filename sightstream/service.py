@@ -23,7 +23,7 @@ from sightstream import log
 from sightstream.config import Settings
 from sightstream.control.app import make_app
 from sightstream.daemon.daemon import Daemon
-from sightstream.errors import ConfigError
+from sightstream.errors import SightstreamError
 
 _log = log.get(__name__)
 
@@ -108,6 +108,16 @@ def leave_running_calls(code: int, wait_s: float = 1.0) -> None:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _detach_from_terminal() -> None:
+    """A hang-up of the terminal the daemon writes to: writing there fails from now on (EIO),
+    which would end the stage that logs next. Its output goes nowhere while it drains."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if os.isatty(fd):
+            os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def _loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -125,8 +135,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         nonlocal signals
         signals += 1
         if signals == 1:
+            stop.set()  # first: the log line below can fail
+            if signum == signal.SIGHUP:
+                _detach_from_terminal()
             _log.info("stopping", signal=signal.Signals(signum).name)
-            stop.set()
         else:
             _log.warning("second_signal_exiting_now")
             os._exit(1)
@@ -147,10 +159,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         await runner.cleanup()
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
-        raise ConfigError(f"invalid setting control.host/control.port: cannot listen on {host}:{port}: "
-                          f"{e.strerror or e}") from None
+        # exit 1, not a bad setting's 2: a port still held by the daemon before, an address not
+        # up yet at boot pass, and systemd restarts on 1
+        raise SightstreamError(f"cannot listen on {host}:{port} (control.host, control.port): "
+                               f"{e.strerror or e}") from None
     _log.info("control_listening", host=host, port=port)
-    if not settings.control.token and not _loopback(host):
+    if not settings.control.auth and not _loopback(host):
         _log.warning("control_open_without_token", host=host, port=port,
                      why="anyone who reaches this address may set prompts, load models and start jobs "
                          "that fetch URLs: set control.token, or listen on 127.0.0.1")

@@ -161,6 +161,7 @@ async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[Vi
                 why = f"redis is unreachable: no answer within {ASK_LIMIT_S:g} s"
             except (RedisError, OSError) as e:
                 why = f"redis is unreachable: {e}"
+            asked = why is None  # failed once: the next inputs are not asked (each would wait)
         if why is not None:
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="unknown", holder="",
                                   attempt=0, processed=0, last_error=why, **streams))

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sightstream.errors import ConfigError
+from sightstream.errors import ConfigError, SightstreamError
 from sightstream.metrics import Metrics
 
 
@@ -30,10 +30,21 @@ def resolve(devices: str | list[str]) -> list[str]:
     wanted = [int(d.split(":", 1)[1]) for d in devices if d.startswith("cuda:")]
     if wanted:
         count, why = _visible_gpus()
+        if count == 0 and why.startswith("nvidia-smi") and _torch_has_cuda():
+            count, why = _torch_gpus()  # a host without nvidia-smi (Jetson): torch counts them
         if (missing := [n for n in wanted if n >= count]):
-            raise ConfigError(f"invalid setting devices: cuda:{missing[0]} is not a GPU this process can "
-                              f"use: {why}")
+            message = f"cuda:{missing[0]} is not a GPU this process can use: {why}"
+            if why.startswith("nvidia-smi -L failed"):  # the driver not ready yet: a restart may do
+                raise SightstreamError(f"devices: {message}")
+            raise ConfigError(f"invalid setting devices: {message}")
     return list(devices)
+
+
+def _torch_gpus() -> tuple[int, str]:
+    import torch  # seconds: only when the config names a GPU and nvidia-smi cannot tell
+
+    count = torch.cuda.device_count()
+    return count, f"{count} visible to torch"
 
 
 def _visible_gpus() -> tuple[int, str]:

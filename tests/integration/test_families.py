@@ -250,6 +250,9 @@ def test_phrases_map_to_prompt_labels():
     assert match_label("red car", labels) == ("red car", 1)
     assert match_label("a red car [SEP]", labels) == ("red car", 1)
     assert match_label("red", labels) == ("red car", 1)  # Grounding DINO's span of one label's words
+    # its tokenizer lower-cases and splits punctuation off: the user's label is given back
+    assert match_label("person", ["Person", "T-shirt"]) == ("Person", 0)
+    assert match_label("t - shirt", ["Person", "T-shirt"]) == ("T-shirt", 1)
     # nothing the prompt asked for ("each detection's label is one of them"): the box is dropped
     assert match_label("bicycle", labels) is None
     assert match_label(".. [SEP]", labels) is None

@@ -356,3 +356,15 @@ def test_the_daemon_refuses_a_gpu_decode_device_it_cannot_use(monkeypatch):
         Daemon(Settings(devices=["cpu"], decode={"device": "cuda:0"}))
     with pytest.raises(ValueError, match="decode.device"):
         Settings(decode={"device": "gpu"})
+
+
+def test_float_and_narrow_integer_images_keep_their_picture(gradient):
+    from PIL import Image
+
+    from sightstream.stages.decoder import rgb_array
+
+    grey = np.asarray(Image.fromarray(gradient).convert("L"))
+    as_float = Image.fromarray(grey.astype(np.float32) / 255, mode="F")  # 0..1
+    assert np.abs(rgb_array(as_float)[:, :, 0].astype(int) - grey).max() <= 1
+    narrow = Image.fromarray(grey.astype(np.int32), mode="I")  # 8-bit values in a wide image
+    assert np.array_equal(rgb_array(narrow)[:, :, 0], grey)

@@ -140,3 +140,17 @@ def test_auto_devices_do_not_import_torch():
             "print(resolve('auto'), _torch_has_cuda(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["['cpu']", "False", "False"], out.stderr  # this torch is a CPU build
+
+
+def test_without_nvidia_smi_torch_counts_the_gpus(monkeypatch):
+    """A Jetson has a CUDA torch and no nvidia-smi: its cuda:0 must not be refused."""
+    from sightstream.daemon import devices
+    from sightstream.errors import ConfigError
+
+    monkeypatch.setattr(devices, "_onnxruntime_has_cuda", lambda: False)
+    monkeypatch.setattr(devices, "_torch_has_cuda", lambda: True)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    monkeypatch.setattr(devices, "_torch_gpus", lambda: (1, "1 visible to torch"))
+    assert devices.resolve(["cuda:0"]) == ["cuda:0"]
+    with pytest.raises(ConfigError, match="cuda:1 is not a GPU this process can use: 1 visible to torch"):
+        devices.resolve(["cuda:1"])

@@ -104,19 +104,33 @@ def _grounding_text(labels: list[str]) -> str:
 
 def match_label(phrase: str, labels: list[str]) -> tuple[str, int] | None:
     """The prompt label for the phrase a model attached to a box (Grounding DINO returns the
-    matched text span): the label itself, else the first label the phrase contains, else the
-    first label that holds the phrase's words (a span of part of a label). None: the phrase is
-    none of them (an empty span, a separator token), and the box is not reported."""
+    matched text span, lower-cased by its tokenizer and with punctuation split off): the label
+    itself, else the first label the phrase contains, else the first label that holds all the
+    phrase's words (a span of part of a label), compared without case or punctuation. None: the
+    phrase is none of them (an empty span, a separator token), and the box is not reported."""
     if phrase in labels:
         return phrase, labels.index(phrase)
-    for i, label in enumerate(labels):
-        if label in phrase:
-            return label, i
-    words = re.sub(r"\[[A-Z]+\]|[^\w\s]", " ", phrase).split()  # without [SEP] and stray dots
-    for i, label in enumerate(labels):
-        if words and all(w in label.split() for w in words):
-            return label, i
+    said = _words(re.sub(r"\[[A-Z]+\]", " ", phrase))  # without [SEP] and its kin
+    if not said:
+        return None
+    named = [_words(label) for label in labels]
+    for i, words in enumerate(named):
+        if words and _within(words, said):
+            return labels[i], i
+    for i, words in enumerate(named):
+        if set(said) <= set(words):
+            return labels[i], i
     return None
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s]", " ", text.casefold()).split()
+
+
+def _within(words: list[str], said: list[str]) -> bool:
+    """`words` appear together, in order, in `said`."""
+    n = len(words)
+    return any(said[k:k + n] == words for k in range(len(said) - n + 1))
 
 
 def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Prediction:
