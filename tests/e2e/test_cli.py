@@ -100,15 +100,18 @@ def test_publish_and_tail(daemon, redis_url, tmp_path, gradient, astronaut):
         (folder / f"{i}.png").write_bytes(encode(astronaut if i % 2 else gradient, "PNG"))
     pub = subprocess.run([*CLI, "publish", str(folder), "--stream", "frames:{dir}",
                           "--redis-url", redis_url, "--quiet"], capture_output=True, text=True, timeout=60)
+    assert pub.returncode == 0 and pub.stderr == ""  # --quiet: not even the closing count
+    pub = subprocess.run([*CLI, "publish", str(folder), "--stream", "frames:{dir}", "--max-frames", "0",
+                          "--redis-url", redis_url], capture_output=True, text=True, timeout=60)
     assert pub.returncode == 0 and "published 4 frames" in pub.stderr
-    tail = subprocess.run([*CLI, "tail", "results:people:frames:{dir}", "--from", "0", "--count", "4",
+    tail = subprocess.run([*CLI, "tail", "results:people:frames:{dir}", "--from", "0", "--count", "8",
                            "--timeout", "60", "--redis-url", redis_url],
                           capture_output=True, text=True, timeout=90)
     assert tail.returncode == 0, tail.stderr
     lines = tail.stdout.strip().splitlines()
-    assert len(lines) == 4
-    assert sum("1 x face" in line for line in lines) == 2
-    assert sum("nothing detected" in line for line in lines) == 2
+    assert len(lines) == 8  # the folder, twice
+    assert sum("1 x face" in line for line in lines) == 4
+    assert sum("nothing detected" in line for line in lines) == 4
 
 
 def test_tail_into_a_reader_that_goes_away_ends_quietly(redis_url, sync_redis):
