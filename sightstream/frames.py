@@ -148,8 +148,8 @@ def _checked_meta(meta: bytes | None) -> bytes | None:
     except UnicodeDecodeError:
         raise FrameError("bad_fields", "`meta` must be UTF-8 JSON: it holds bytes that are not "
                                        "UTF-8") from None
-    except RecursionError:
-        value = None
+    except RecursionError:  # deeper than Python's reader goes: far past the limit
+        raise FrameError("bad_fields", f"`meta` is nested more than {MAX_META_DEPTH} levels deep") from None
     except ValueError:
         raise FrameError("bad_fields", "`meta` must be a JSON object (strict JSON: no NaN)") from None
     if not isinstance(value, dict):

@@ -19,8 +19,10 @@ def gather(base: str, token: str) -> dict[str, Any]:
     cached = {(s["pipeline"], s["source"]): s for s in call(base, "/sources", token)["sources"]}
     sources = []
     for p in pipelines:
-        # every stream of the group (the page keeps only its latest `page_sources`), cached or not
-        listed = call(base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"]
+        # every stream of the group (the page keeps only its latest `page_sources`), cached or
+        # not; not asked while Redis cannot be (each ask would wait on it again)
+        listed = None if p.get("redis_error") else call(
+            base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"]
         names = [s["stream"] for s in listed] if listed is not None else []
         pending = {s["stream"]: s["pending"] for s in listed or ()}
         names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
@@ -29,6 +31,10 @@ def gather(base: str, token: str) -> dict[str, Any]:
                             **{k: v for k, v in cached.get((p["name"], name), {}).items()
                                if k not in ("pipeline", "source")}})
     figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources}
+    down = next((p["redis_error"] for p in pipelines if p.get("redis_error")), None)
+    if down is not None:  # the jobs live in Redis: asking would wait out the daemon's bound
+        figures["jobs"], figures["jobs_error"] = [], down
+        return figures
     try:
         figures["jobs"] = call(base, "/jobs?limit=20", token)["jobs"]
     except ControlError as e:

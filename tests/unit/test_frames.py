@@ -148,6 +148,11 @@ def test_an_upstream_box_the_model_cannot_take_is_bad_fields(box):
     assert refused.value.reason == "bad_fields"
 
 
+def test_meta_too_deep_for_the_json_reader_says_so():
+    with pytest.raises(FrameError, match=f"nested more than {MAX_META_DEPTH} levels deep"):
+        parsed("p", "s", "1-0", {b"image": b"x", b"meta": b'{"a":' * 5000 + b"1" + b"}" * 5000})
+
+
 def test_meta_may_be_nested_up_to_max_meta_depth():
     meta = b'{"a":' * MAX_META_DEPTH + b"[]" + b"}" * MAX_META_DEPTH  # the innermost array is one more
     with pytest.raises(FrameError, match=f"nested more than {MAX_META_DEPTH} levels"):
