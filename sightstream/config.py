@@ -359,7 +359,8 @@ def check_environment(environ: Mapping[str, str]) -> None:
         setting = first.lower()
         if setting not in fields:
             close = difflib.get_close_matches(setting, fields, n=1)
-            hint = f"; did you mean {ENV_PREFIX}{close[0].upper()}?" if close else ""
+            meant = f"{ENV_PREFIX}{close[0].upper()}" + (f"__{rest}" if rest else "") if close else ""
+            hint = f"; did you mean {meant}?" if close else ""  # the whole name, nested part kept
             raise ConfigError(f"{name} names no setting{hint}")
         if setting == "pipelines" and rest:
             raise ConfigError(f"{name}: one pipeline's setting cannot be set alone; set "

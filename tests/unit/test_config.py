@@ -131,6 +131,7 @@ def test_a_variable_whose_list_is_not_json_is_named(monkeypatch, tmp_path, name,
 @pytest.mark.parametrize("name,value,needle", [
     ("SIGHTSTREAM_REDIS_URLL", "redis://x:6379", "SIGHTSTREAM_REDIS_URLL names no setting; did you mean SIGHTSTREAM_REDIS_URL?"),
     ("sightstream_devicez", "cpu", "did you mean SIGHTSTREAM_DEVICES?"),  # as case-blind as the settings
+    ("SIGHTSTREAM_CONTRL__PORT", "9000", "did you mean SIGHTSTREAM_CONTROL__PORT?"),  # not ..._CONTROL
     ("SIGHTSTREAM_NOTHING_LIKE_IT", "1", "SIGHTSTREAM_NOTHING_LIKE_IT names no setting"),
     ("SIGHTSTREAM_PIPELINES__0__FPS", "5", "set SIGHTSTREAM_PIPELINES to the whole list as JSON"),
     ("SIGHTSTREAM_DEVICES", "gpu", "invalid setting devices: 'gpu' is not a device"),
