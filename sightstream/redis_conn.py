@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -116,6 +116,16 @@ def _unavailable(reply: Any) -> bool:
                                               or isinstance(reply, (ClusterDownError, TryAgainError)))
 
 
+async def _plainly(call: Awaitable[Any]) -> Any:
+    """`await call`, an outage raised as the plain client's ConnectionError (see _outage)."""
+    try:
+        return await call
+    except Exception as e:
+        if (outage := _outage(e)) is not None:
+            raise outage from e
+        raise
+
+
 @functools.cache
 def _cluster_class() -> Any:
     """A Redis Cluster client that fails as the plain one does, so that every loop's handling
@@ -126,24 +136,14 @@ def _cluster_class() -> Any:
 
     class Pipeline(ClusterPipeline):
         async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-            try:
-                replies = await super().execute(raise_on_error, allow_redirections)
-            except Exception as e:
-                if (outage := _outage(e)) is not None:
-                    raise outage from e
-                raise
+            replies = await _plainly(super().execute(raise_on_error, allow_redirections))
             if (down := next((r for r in replies if _unavailable(r)), None)) is not None:
                 raise PartialOutage(down, replies)
             return replies
 
     class Cluster(RedisCluster):
         async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except Exception as e:
-                if (outage := _outage(e)) is not None:
-                    raise outage from e
-                raise
+            return await _plainly(super().execute_command(*args, **kwargs))
 
         def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
             if shard_hint:
