@@ -6,6 +6,8 @@ results). With several daemons, sum their rates and counts (or scrape /metrics).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, Field
@@ -19,10 +21,12 @@ from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.backlog import group_backlog
 from sightstream.daemon.daemon import Daemon
 from sightstream.jobs.runner import input_spec
+from sightstream.jobs.store import Job
 
 # How long the figures wait on Redis: past it they are answered with what this daemon knows
 # and `redis_error`, as when Redis is down (a hung cluster node held the answer for minutes).
 ASK_LIMIT_S = 3.0
+T = TypeVar("T")
 
 api = Api("pipelines")
 
@@ -152,15 +156,10 @@ async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[Vi
         job_id = keys.input_job_id(p.name, url)
         spec = input_spec(p, url, d.settings.redis_cluster)
         streams = {"results_stream": spec.output, "deadletter_stream": spec.deadletter}
-        why = None if asked else "redis is unreachable: not asked, as it failed a moment ago"
-        job = None
+        job: Job | None = None
+        why: str | None = "redis is unreachable: not asked, as it failed a moment ago"
         if asked:
-            try:
-                job = await asyncio.wait_for(d.jobs.get(job_id), ASK_LIMIT_S)
-            except TimeoutError:  # first: it is an OSError too
-                why = f"redis is unreachable: no answer within {ASK_LIMIT_S:g} s"
-            except (RedisError, OSError) as e:
-                why = f"redis is unreachable: {e}"
+            job, why = await _asked(d.jobs.get(job_id))
             asked = why is None  # failed once: the next inputs are not asked (each would wait)
         if why is not None:
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="unknown", holder="",
@@ -187,13 +186,21 @@ def _quantile(ordered: list[int], q: float) -> float | None:
     return float(ordered[round(q * (len(ordered) - 1))]) if ordered else None
 
 
-async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> tuple[list[Source] | None, str | None]:
-    """Each source's backlog, or None and why: Redis cannot be asked."""
-    try:  # bounded: a hung node would hold the answer for a minute and more (retries)
-        backlog = await asyncio.wait_for(group_backlog(d.client, pipeline, streams), ASK_LIMIT_S)
+async def _asked(call: Awaitable[T]) -> tuple[T | None, str | None]:
+    """Redis' answer, or None and why it cannot be had: unreachable, or no answer within
+    ASK_LIMIT_S (a hung node would hold the figures for a minute and more, through retries)."""
+    try:
+        return await asyncio.wait_for(call, ASK_LIMIT_S), None
     except TimeoutError:  # first: it is an OSError too
         return None, f"redis is unreachable: no answer within {ASK_LIMIT_S:g} s"
     except (RedisError, OSError) as e:
         return None, f"redis is unreachable: {e}"
+
+
+async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> tuple[list[Source] | None, str | None]:
+    """Each source's backlog, or None and why: Redis cannot be asked."""
+    backlog, why = await _asked(group_backlog(d.client, pipeline, streams))
+    if backlog is None:
+        return None, why
     return [Source(stream=b.stream, pending=b.pending, lag=b.lag, last_delivered_id=b.last_delivered_id)
             for b in backlog], None
