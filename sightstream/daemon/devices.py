@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from sightstream.errors import ConfigError, SightstreamError
 from sightstream.metrics import Metrics
@@ -26,45 +26,51 @@ def resolve(devices: str | list[str]) -> list[str]:
     """The workers' devices. A `cuda:N` named in the config must be a GPU this process can use
     (ConfigError): on a host without one, its worker ran on the CPU under the GPU's name."""
     if devices == "auto":
-        return [f"cuda:{i}" for i in range(_visible_gpus()[0])] or ["cpu"]
+        return [f"cuda:{i}" for i in range(_visible_gpus().visible)] or ["cpu"]
     wanted = [int(d.split(":", 1)[1]) for d in devices if d.startswith("cuda:")]
     if wanted:
-        count, why = _visible_gpus()
-        if count == 0 and why.startswith("nvidia-smi") and _torch_has_cuda():
-            count, why = _torch_gpus()  # a host without nvidia-smi (Jetson): torch counts them
-        if (missing := [n for n in wanted if n >= count]):
-            message = f"cuda:{missing[0]} is not a GPU this process can use: {why}"
-            if why.startswith("nvidia-smi -L failed"):  # the driver not ready yet: a restart may do
+        gpus = _visible_gpus()
+        if gpus.smi in ("missing", "failed") and _torch_has_cuda():
+            gpus = _torch_gpus()  # a host without nvidia-smi (Jetson): torch counts them
+        if (missing := [n for n in wanted if n >= gpus.visible]):
+            message = f"cuda:{missing[0]} is not a GPU this process can use: {gpus.why}"
+            if gpus.smi == "failed":  # the driver not ready yet: a restart may do
                 raise SightstreamError(f"devices: {message}")
             raise ConfigError(f"invalid setting devices: {message}")
     return list(devices)
 
 
-def _torch_gpus() -> tuple[int, str]:
+class Gpus(NamedTuple):
+    visible: int  # GPUs CUDA numbers for this process
+    why: str  # in words: how many, and why not more
+    smi: Literal["ran", "missing", "failed", "not asked"]  # what nvidia-smi -L did
+
+
+def _torch_gpus() -> Gpus:
     import torch  # seconds: only when the config names a GPU and nvidia-smi cannot tell
 
     count = torch.cuda.device_count()
-    return count, f"{count} visible to torch"
+    return Gpus(count, f"{count} visible to torch", "not asked")
 
 
-def _visible_gpus() -> tuple[int, str]:
-    """The GPUs CUDA will number, when a CUDA build of torch or onnxruntime-gpu can use them,
-    and, in words, how many and why not more."""
+def _visible_gpus() -> Gpus:
+    """The GPUs CUDA will number, when a CUDA build of torch or onnxruntime-gpu can use them."""
     if not (_torch_has_cuda() or _onnxruntime_has_cuda()):
-        return 0, ("neither a CUDA build of torch nor onnxruntime-gpu is installed "
-                   "(pip install 'sightstream[gpu]' on a GPU host)")
+        return Gpus(0, "neither a CUDA build of torch nor onnxruntime-gpu is installed "
+                       "(pip install 'sightstream[gpu]' on a GPU host)", "not asked")
     smi = shutil.which("nvidia-smi")
     if not smi:
-        return 0, "nvidia-smi is not on PATH (no NVIDIA driver on this host?)"
+        return Gpus(0, "nvidia-smi is not on PATH (no NVIDIA driver on this host?)", "missing")
     try:
         out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired) as e:
-        return 0, f"nvidia-smi -L failed ({e})"
+        return Gpus(0, f"nvidia-smi -L failed ({e})", "failed")
     uuids = [m.group(1) if (m := re.search(r"\(UUID: ([^)]+)\)", line)) else ""
              for line in out.splitlines() if line.startswith("GPU ")]
     count = len(cuda_order(uuids))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return count, f"{count} visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+    shown = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+    return Gpus(count, f"{count} visible{shown}", "ran")
 
 
 def cuda_order(uuids: list[str], visible: str | None = None) -> list[int | None]:

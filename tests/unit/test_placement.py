@@ -150,7 +150,7 @@ def test_without_nvidia_smi_torch_counts_the_gpus(monkeypatch):
     monkeypatch.setattr(devices, "_onnxruntime_has_cuda", lambda: False)
     monkeypatch.setattr(devices, "_torch_has_cuda", lambda: True)
     monkeypatch.setattr(devices.shutil, "which", lambda name: None)
-    monkeypatch.setattr(devices, "_torch_gpus", lambda: (1, "1 visible to torch"))
+    monkeypatch.setattr(devices, "_torch_gpus", lambda: devices.Gpus(1, "1 visible to torch", "not asked"))
     assert devices.resolve(["cuda:0"]) == ["cuda:0"]
     with pytest.raises(ConfigError, match="cuda:1 is not a GPU this process can use: 1 visible to torch"):
         devices.resolve(["cuda:1"])
