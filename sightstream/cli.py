@@ -165,7 +165,9 @@ _millis = _number(float, lambda v: 0 <= v < math.inf, "is not a number of millis
 def _a_redis_url(text: str) -> str:
     from redis.connection import parse_url
 
-    if not text.startswith(("redis://", "rediss://", "unix://")):
+    from sightstream.config import REDIS_SCHEMES
+
+    if not text.startswith(REDIS_SCHEMES):
         raise argparse.ArgumentTypeError(f"{text!r} is not a Redis URL (redis://host:port/db, rediss://… "
                                          "or unix://…)")
     try:

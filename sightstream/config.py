@@ -33,6 +33,7 @@ from sightstream.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/sightstream/sightstream.toml")
 DEFAULT_MODEL = "retinaface/mobilenet"
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 
 
@@ -91,14 +92,6 @@ def is_video_url(item: str) -> bool:
 class JobSettings(_Strict):
     allowed_paths: list[str] = Field(
         default_factory=list, description="file:// job sources only under these folders; empty: none")
-
-    @field_validator("allowed_paths")
-    @classmethod
-    def _absolute(cls, v: list[str]) -> list[str]:
-        """A relative folder would be the daemon's working directory's, whatever it is then."""
-        if (relative := [p for p in v if not p.startswith("/")]):
-            raise ValueError(f"{relative[0]!r} is not an absolute path")
-        return v
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="http(s) and rtsp(s) job sources only from these hosts; empty: any host")
@@ -116,6 +109,14 @@ class JobSettings(_Strict):
     give_up_s: float = Field(
         60, gt=0, description="a user's job whose video gives no frame for this long fails "
                               "(a pipeline's camera is retried until it is back)")
+
+    @field_validator("allowed_paths")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        """A relative folder would be the daemon's working directory's, whatever it is then."""
+        if (relative := [p for p in v if not p.startswith("/")]):
+            raise ValueError(f"{relative[0]!r} is not an absolute path")
+        return v
 
 
 class PipelineSettings(_Strict):
@@ -250,7 +251,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
+        if not v.startswith(REDIS_SCHEMES):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
 

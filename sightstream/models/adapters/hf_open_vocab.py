@@ -47,7 +47,10 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
         self._count = hf_common.TokenCounter(self._processor.tokenizer)
 
     def prompt_problem(self, text: str) -> str | None:
-        labels, limit = prompt_labels(text), self._text_limit
+        return self._labels_problem(prompt_labels(text))
+
+    def _labels_problem(self, labels: list[str]) -> str | None:
+        limit = self._text_limit
         if self._kind == "grounding-dino":
             if (n := self._count(_grounding_text(labels))) > limit:
                 return (f"the prompt is {n} tokens long and this Grounding DINO reads at most {limit}: "
@@ -64,7 +67,7 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
         labels = prompt_labels(prompt.text) if prompt else []
         if not labels:  # nothing asked for: nothing to run
             return hf_common.Inputs({}, [img.shape[:2] for img in images], {"labels": labels})
-        if (why := self.prompt_problem(prompt.text if prompt else "")) is not None:
+        if (why := self._labels_problem(labels)) is not None:
             raise ModelError(why)
         if self._kind == "grounding-dino":
             inputs = self._processor(images=images, text=[_grounding_text(labels)] * len(images),
