@@ -25,7 +25,7 @@ from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import STATUSES, Job, JobSpec, KeyReused
 from sightstream.jobs.summaries import check_summarizer
 from sightstream.jobs.summary import SummaryFailed, instruction_for
-from sightstream.models.adapters import adapter_class, check_prompt
+from sightstream.models.adapters import adapter_class
 
 api = Api("jobs")
 ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
@@ -251,11 +251,7 @@ async def submit(request: web.Request) -> web.Response:
     except ModelError as e:
         raise model_error(e) from None
     if body.prompt or getattr(adapter_class(entry.adapter), "takes_prompt", False):
-        try:
-            check_prompt(entry.adapter, entry.task, body.prompt)
-        except ModelError as e:
-            raise ApiError(422, f"prompt: {body.model} cannot use it: {e}") from None
-        if (why := await d.manager.prompt_problem(body.model, body.prompt)) is not None:
+        if (why := await d.manager.prompt_refusal(body.model, body.prompt)) is not None:
             raise ApiError(422, f"prompt: {body.model} cannot use it: {why}")
     if entry.task == "generate":
         raise ApiError(422, f"model: {body.model} writes text from text; name it in summarize.model, and a "

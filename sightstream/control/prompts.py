@@ -14,8 +14,6 @@ from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json,
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.daemon import Daemon
-from sightstream.errors import ModelError
-from sightstream.models.adapters import check_chained_prompt, check_prompt
 from sightstream.prompts import PromptVersion, UnknownVersion, VersionConflict
 
 api = Api("prompts")
@@ -76,15 +74,7 @@ def _answer(pipeline: str, p: PromptVersion) -> web.Response:
 
 async def _check_usable(d: Daemon, p: PipelineSettings, text: str, what: str) -> None:
     """422 unless the pipeline's model can use this prompt text (`what` names it)."""
-    entry = d.catalogue.get(p.model)
-    try:
-        if p.prompt_from:
-            check_chained_prompt(entry.adapter, entry.task, text)
-        else:
-            check_prompt(entry.adapter, entry.task, text)
-    except ModelError as e:
-        raise ApiError(422, f"{p.model} cannot use {what}: {e}") from None
-    if (why := await d.manager.prompt_problem(p.model, text)) is not None:
+    if (why := await d.manager.prompt_refusal(p.model, text, chained=bool(p.prompt_from))) is not None:
         raise ApiError(422, f"{p.model} cannot use {what}: {why}")
 
 

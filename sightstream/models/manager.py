@@ -30,7 +30,7 @@ from sightstream.config import TASKS
 from sightstream.errors import ModelError
 from sightstream.metrics import Metrics
 from sightstream.models.adapter import TEXT_TIMEOUT_S, Adapter, input_shape
-from sightstream.models.adapters import adapter_class
+from sightstream.models.adapters import adapter_class, check_chained_prompt, check_prompt
 from sightstream.models.catalogue import Catalogue
 from sightstream.models.input_shape import InputShape
 
@@ -402,9 +402,16 @@ class ModelManager:
             self._declared_shapes[model_id] = shape
         return self._declared_shapes[model_id]
 
-    async def prompt_problem(self, model_id: str, text: str) -> str | None:
-        """Why the model cannot read this prompt (longer than its text encoder takes), where it
-        is loaded; None otherwise (not loaded: its frames will say why). Tokenizes in a thread."""
+    async def prompt_refusal(self, model_id: str, text: str, chained: bool = False) -> str | None:
+        """Why the model cannot use this prompt (`chained`: a chained pipeline's), or None: what
+        its adapter refuses (check_prompt, check_chained_prompt), then, where it is loaded, a
+        prompt longer than its text encoder reads (not loaded: its frames will say why).
+        Tokenizes in a thread."""
+        entry = self.catalogue.get(model_id)
+        try:
+            (check_chained_prompt if chained else check_prompt)(entry.adapter, entry.task, text)
+        except ModelError as e:
+            return str(e)
         adapter = next((loaded.adapter for (mid, _), loaded in self._loaded.items() if mid == model_id), None)
         check = getattr(adapter, "prompt_problem", None)
         return None if check is None else await asyncio.to_thread(check, text)
