@@ -38,6 +38,7 @@ from sightstream.stages.source_leases import SourceLeases
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
 ACTIVE_S = 1.0  # a stream that gave entries this recently is read with the active ones
+FED_S = 10.0  # a stream that gave entries this recently counts as active when sources are balanced
 ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others wait their turn
 TAKEOVER_PAGE = 1000
 
@@ -71,6 +72,7 @@ class RedisIngest(StreamReader):
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
+        self._fed: dict[str, float] = {}  # the same, kept for FED_S (per-source leases balance by it)
         self._active_rotation = 0
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
         self._idle_rounds = 0  # reads of idle streams in this pass that found nothing
@@ -123,7 +125,7 @@ class RedisIngest(StreamReader):
         if self.leases is None:
             new = [s for s in found if s not in self.streams]
         else:
-            await self.leases.settle(found, self._busy)
+            await self.leases.settle(found, self._busy, self._fed_lately)
             # Held and not read yet: taken now, or taken before and its take-over failed (a
             # NOGROUP, Redis down); from settle's return it would be taken once and then never read.
             new = [s for s in self.leases.held if s not in self.streams and s in found]
@@ -155,10 +157,14 @@ class RedisIngest(StreamReader):
                 self.streams.remove(stream)
             self._draining.pop(stream, None)
             self._active.pop(stream, None)
+            self._fed.pop(stream, None)
             self._joined.discard(stream)  # found again (a deleted stream written to): its group is made again
 
     def _busy(self, stream: str) -> bool:
         return any(f.stream == stream for f in self._in_flight.frames())
+
+    def _fed_lately(self, stream: str) -> bool:
+        return time.monotonic() - self._fed.get(stream, -FED_S) < FED_S
 
     async def _take_over(self, stream: str) -> None:
         """A stream just leased: its pending entries are ours now (their reader is gone), to be
@@ -256,6 +262,8 @@ class RedisIngest(StreamReader):
             name = stream.decode()
             if entries:
                 self._active[name] = now
+                if self.leases:
+                    self._fed[name] = now
             used += await self._admission.admit(name, entries)
         if used or (block_ms and not self._cluster):
             self._idle_rounds = self._idle_passes = 0

@@ -2,10 +2,17 @@
 stream is read by one daemon at a time, so all its frames meet the same state, in order.
 
 A daemon holds a lease per stream in Redis (`SET NX PX`, renewed while it lives). Streams are
-shared fairly: a daemon takes free streams up to ceil(streams / daemons serving the pipeline),
-and gives back one surplus stream per round (one with no frame in flight) when more daemons
-join. When a daemon dies its leases expire and the others take its streams over, with the
-frames it left pending (claimed at once: the lease proves their reader gone).
+shared by count and by load:
+- By count: a daemon takes free streams up to ceil(streams / daemons serving the pipeline),
+  and gives back one surplus stream per round (one with no frame in flight, an idle one
+  first) when more daemons join.
+- By load: each daemon publishes how many of its streams are active (gave frames lately). One
+  with at least two more active streams than the least loaded hands an active stream to it:
+  it stops reading the stream, lets its frames in flight finish, then writes the other's name
+  into the lease. Without this, a daemon that joins late (or restarts) would get only idle
+  streams: a busy stream always has frames in flight, so it is never surplus to give back.
+When a daemon dies its leases expire and the others take its streams over, with the frames it
+left pending (claimed at once: the lease proves their reader gone).
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sightstream import keys, log
-from sightstream.leases import RELEASE, RENEW
+from sightstream.leases import HAND_OVER, KEEP, RELEASE, RENEW
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import RedisRetry, wait_or_stop
 
 _log = log.get(__name__)
+REST_ROUNDS = 3  # rounds after a handover before another: the receiver's published load catches up
 
 
 class SourceLeases:
@@ -33,32 +41,100 @@ class SourceLeases:
         self._pipeline = pipeline
         self._consumer = consumer  # the token: a restarted daemon (same name) keeps its streams
         self.ttl_ms = ttl_ms
-        self.held: list[str] = []
+        self.held: list[str] = []  # the streams this daemon reads
         self.lost: list[str] = []  # taken by another daemon while ours: the reader drops them
+        # A stream being handed to a less loaded daemon: still leased, no longer read; handed
+        # over once none of its frames is in flight here. (stream, the other's consumer name)
+        self.handing: tuple[str, str] | None = None
+        self._rest = 0  # rounds to wait before the next handover
+        self._handed_in: dict[str, int] = {}  # streams handed to us -> rounds they count as active
+        self._load = 0  # the active streams this daemon last published
 
-    async def settle(self, found: list[str], busy: Callable[[str], bool]) -> list[str]:
-        """One round: take free streams up to a fair share, give one surplus stream back.
-        `busy(stream)`: frames of it are in flight here (it is not given back then).
-        Returns the streams newly taken."""
-        await self._client.set(keys.source_member(self._pipeline, self._consumer), 1, px=self.ttl_ms)
-        members = 0
-        async for _ in self._client.scan_iter(match=keys.source_member(self._pipeline, "*"), count=1000):
-            members += 1
-        share = math.ceil(len(found) / max(1, members))
+    async def settle(self, found: list[str], busy: Callable[[str], bool],
+                     active: Callable[[str], bool]) -> list[str]:
+        """One round: adopt streams handed to this daemon, take free streams up to a fair
+        share, give one surplus stream back, publish this daemon's load, and hand an active
+        stream over when more loaded than another daemon. `busy(stream)`: frames of it are in
+        flight here; `active(stream)`: it gave frames lately. Returns the streams newly taken."""
+        await self._publish()
+        loads = await self._loads()
+        share = math.ceil(len(found) / max(1, len(loads)))
+        handing = self.handing[0] if self.handing else None
+        others = [s for s in found if s not in self.held and s != handing]
         taken = []
-        for stream in found:
-            if len(self.held) >= share:
-                break
-            if stream in self.held:
-                continue
-            if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
-                self.held.append(stream)
-                taken.append(stream)
+        for stream, owner in zip(others, await self._owners(others)):
+            # Handed to us (kept whatever the share: the giver is over its load), or free.
+            if owner == self._consumer or (owner is None and len(self.held) < share):
+                if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
+                    self.held.append(stream)
+                    taken.append(stream)
+                    if owner == self._consumer:  # active: counted at once, before a frame is read
+                        self._handed_in[stream] = 2 * REST_ROUNDS
         if len(self.held) > share:
             spare = [s for s in self.held if not busy(s)]
             if spare:
-                await self.give_back(spare[-1])
+                idle = [s for s in spare if not active(s)]
+                await self.give_back((idle or spare)[-1])
+        self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
+        mine = [s for s in self.held if active(s) or s in self._handed_in]
+        loads[self._consumer] = len(mine)
+        await self._publish(len(mine))
+        await self._balance(loads, mine, busy)
         return taken
+
+    async def _publish(self, load: int | None = None) -> None:
+        """Say this daemon serves the pipeline, and how many active streams it reads."""
+        if load is not None:
+            self._load = load
+        await self._client.set(keys.source_member(self._pipeline, self._consumer), self._load, px=self.ttl_ms)
+
+    async def _balance(self, loads: dict[str, int], mine: list[str], busy: Callable[[str], bool]) -> None:
+        if self.handing is not None:
+            stream, to = self.handing
+            if not busy(stream):
+                self.handing = None
+                self._rest = REST_ROUNDS
+                if await self._client.eval(HAND_OVER, 1, self._key(stream), self._consumer, to, self.ttl_ms):
+                    _log.info("source_handed_over", pipeline=self._pipeline, source=stream, to=to)
+            return
+        if self._rest:  # the others' published loads catch up with the last handover first
+            self._rest -= 1
+            return
+        others = {name: n for name, n in loads.items() if name != self._consumer}
+        if not others:
+            return
+        to, least = min(others.items(), key=lambda item: item[1])
+        if len(mine) >= least + 2:  # by one, it would only move the imbalance to the other
+            stream = mine[-1]
+            self.held.remove(stream)
+            self.handing = (stream, to)
+            _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
+                      active_here=len(mine), active_there=least)
+
+    async def _loads(self) -> dict[str, int]:
+        """The daemons serving the pipeline (this one included), each with its active streams."""
+        prefix = keys.source_member(self._pipeline, "")
+        names = [key.decode() async for key in
+                 self._client.scan_iter(match=keys.source_member(self._pipeline, "*"), count=1000)]
+        values = await self._get_each(names)
+        # A member gone between the scan and the read is left out; a value that is not a
+        # count (written by another version) counts as one active stream.
+        return {name[len(prefix):]: int(v) if v.isdigit() else 1
+                for name, v in zip(names, values) if v is not None}
+
+    async def _owners(self, streams: list[str]) -> list[str | None]:
+        return await self._get_each([self._key(s) for s in streams])
+
+    async def _get_each(self, names: list[str]) -> list[str | None]:
+        """GET of each key in one round trip (a pipeline: on a cluster, the keys are in
+        several slots, which one MGET cannot read)."""
+        if not names:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.get(name)
+            values = await pipe.execute()
+        return [v.decode() if v is not None else None for v in values]
 
     async def give_back(self, stream: str) -> None:
         self.held.remove(stream)
@@ -66,10 +142,10 @@ class SourceLeases:
         _log.info("source_released", pipeline=self._pipeline, source=stream)
 
     async def keep(self, stop: asyncio.Event, metrics: Metrics) -> None:
-        """Renew the held leases until stopped (in its own task: a slow model call must not let
-        them lapse). A lease found taken goes to `lost`. The daemon releases them once drained.
-        Redis errors are counted and logged (`source_lease`); the next round retries, and a
-        lease that lapsed meanwhile is found then."""
+        """Renew the held leases, and the one being handed over, until stopped (in its own
+        task: a slow model call must not let them lapse). A lease found taken goes to `lost`.
+        The daemon releases them once drained. Redis errors are counted and logged
+        (`source_lease`); the next round retries, and a lease that lapsed meanwhile is found then."""
         retry = RedisRetry("source_lease", metrics, stop, pipeline=self._pipeline)
         while not stop.is_set():
             if await wait_or_stop(stop, self.ttl_ms / 3000):
@@ -81,6 +157,13 @@ class SourceLeases:
                         self.lost.append(stream)
                         self._on_lost()
                         _log.warning("source_lease_lost", pipeline=self._pipeline, source=stream)
+                handing = self.handing
+                if handing and not await self._client.eval(KEEP, 1, self._key(handing[0]), self._consumer,
+                                                           self.ttl_ms):
+                    if self.handing == handing:  # not handed over meanwhile: lapsed, someone took it
+                        self.handing = None
+                        self._on_lost()
+                        _log.warning("source_lease_lost", pipeline=self._pipeline, source=handing[0])
                 retry.succeeded()
             except (RedisError, OSError) as e:
                 retry.note(e)
@@ -89,6 +172,9 @@ class SourceLeases:
         try:
             for stream in list(self.held):
                 await self.give_back(stream)
+            if self.handing:
+                await self._client.eval(RELEASE, 1, self._key(self.handing[0]), self._consumer)
+                self.handing = None
             await self._client.delete(keys.source_member(self._pipeline, self._consumer))
         except (RedisError, OSError):
             pass  # they expire

@@ -72,6 +72,19 @@ async def test_two_daemons_publish_every_result_once_across_the_nodes(cluster, r
     assert all(rc.xpending(s, "people")["pending"] == 0 for s in SOURCES)
 
 
+async def test_tracked_sources_are_shared_by_leases_across_the_nodes(cluster, rc, tmp_path, gradient):
+    """Source leases (one daemon per tracked source) read and write keys of many slots."""
+    jpeg = encode(gradient)
+    sent = {(s, rc.xadd(s, {"image": jpeg}).decode()) for _ in range(3) for s in SOURCES}
+    settings = cluster_settings(cluster, tmp_path, [{"name": "people", "model": "fake/track"}],
+                                fakes={"track": {"task": "track", "claims_task": "track"}})
+    async with running(settings, host="a") as a, running(settings, host="b") as b:
+        await wait_for(lambda: len(outcomes(rc)) == len(sent), what="every frame's result")
+        await wait_for(lambda: all(len(d.runs["people"].ingest.streams) == 3 for d in (a, b)), what="3 each")
+        assert not set(a.runs["people"].ingest.streams) & set(b.runs["people"].ingest.streams)
+    assert set(outcomes(rc)) == sent and len(outcomes(rc)) == len(sent)
+
+
 async def test_sampling_holds_across_daemons(cluster, rc, tmp_path, gradient):
     jpeg = encode(gradient)
     start = 1_700_000_000_000

@@ -4,11 +4,13 @@ source whose daemon is gone is taken over with the frames it left pending."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from sightstream import keys
+from sightstream.stages import redis_ingest
 from tests import tiny_hf
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
@@ -119,3 +121,51 @@ def test_a_chained_tracker_keeps_its_fixed_prompt_of_boxes(redis_url, tmp_path, 
     settings.pipelines[1].prompt_from = "people"
     settings.pipelines[1].input = ["results:people:frames:*"]
     Daemon(settings)  # no ConfigError
+
+
+async def test_a_daemon_that_joins_late_is_handed_a_busy_source(redis_url, sync_redis, tmp_path, gradient,
+                                                                 monkeypatch):
+    """Busy sources always have frames in flight, so they are never surplus to give back: the
+    first daemon would keep every busy one and the late one get only idle ones. Balancing by
+    load hands a busy one over, once drained, and its results stay in order, none doubled."""
+    monkeypatch.setattr(redis_ingest, "FED_S", 1.0)  # a source is idle after 1 s without frames
+    busy, idle = ["frames:{a}", "frames:{b}"], ["frames:{c}", "frames:{d}"]
+    image = encode(gradient, "PNG")
+    sent: dict[str, list[str]] = {s: [] for s in busy}
+    for s in idle:
+        sync_redis.xadd(s, {"image": image})
+    settings = settings_for(redis_url, tmp_path, [
+        {"name": "tracks", "model": "fake/track", "batch_size": 2, "batch_timeout_ms": 10}],
+        fakes={"track": {"task": "track", "claims_task": "track", "delay_s": 0.05}})
+    feeding = True
+
+    async def feed() -> None:  # 2 × 30 frames/s: more than one daemon does (2 per 50 ms), less than two
+        while feeding:
+            for s in busy:
+                sent[s].append(sync_redis.xadd(s, {"image": image}).decode())
+            await asyncio.sleep(1 / 30)
+
+    def busy_read_by(daemon) -> set[str]:
+        return set(daemon.runs["tracks"].ingest.streams) & set(busy)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        async with running(settings, host="one") as one:
+            await wait_for(lambda: len(one.runs["tracks"].ingest.streams) == 4, 20, "one reads all four")
+            await asyncio.sleep(1.5)  # the idle ones' first frames are done: they are idle now
+            async with running(settings, host="two") as two:
+                await wait_for(lambda: len(busy_read_by(one)) == len(busy_read_by(two)) == 1
+                               and len(two.runs["tracks"].ingest.streams) == 2, 30, "a busy source each")
+                await asyncio.sleep(2)  # and it stays so
+                assert len(busy_read_by(one)) == len(busy_read_by(two)) == 1
+                feeding = False
+                await feeder
+                await wait_for(lambda: all(sync_redis.xlen(f"results:tracks:{s}") == len(sent[s]) for s in busy),
+                               60, "every frame's result")
+    finally:
+        feeding = False
+        await feeder
+    for s in busy:
+        frame_ids = [f["frame_id"].decode() for _, f in entries(sync_redis, f"results:tracks:{s}")]
+        assert frame_ids == sent[s]  # each once, in order, across the handover
+        assert pending(sync_redis, s, "tracks") == 0
