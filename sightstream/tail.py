@@ -1,6 +1,8 @@
 """`sightstream tail KEY`: a consumer that prints results (or dead-letters) as they arrive.
 
-KEY may be a glob (`results:people:*`): matching streams are followed as they appear."""
+KEY may be a glob (`results:people:*`): matching streams are followed as they appear. Once
+Redis has answered, losing it (a restart, a cluster failover) is waited out, with a line on
+stderr when it goes and when it is back."""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ClusterDownError, ConnectionError, RedisClusterException, TimeoutError, TryAgainError
+
 from sightstream.redis_conn import sync_client
+
+# What a Redis going away (a restart, a failover, still loading its data) raises, as against a
+# refused command.
+OUTAGES = (ConnectionError, TimeoutError, ClusterDownError, TryAgainError, RedisClusterException)
 
 
 def summarize(fields: dict[str, Any]) -> str:
@@ -113,18 +121,23 @@ def tail(
     # dict[Any, Any]: redis-py wants its own key types
     cursors: dict[Any, Any] = {} if is_glob else {key: first_id(key, True)}
     printed, last_new, last_scan, scans = 0, time.monotonic(), 0.0, 0
+    reached, backoff_s = not is_glob, 0.0  # reached: Redis answered once (first_id asked it)
     try:
         while True:
-            if is_glob and time.monotonic() - last_scan > 2:
-                for k in client.scan_iter(match=key, count=1000, _type="stream"):
-                    name = k.decode(errors="replace")  # a name that is not UTF-8 is not followed
-                    if name not in cursors and name.encode() == k and fnmatch.fnmatchcase(name, key):
-                        cursors[name] = first_id(name, scans == 0)
-                last_scan, scans = time.monotonic(), scans + 1
-            if not cursors:
-                time.sleep(0.5)
-            else:
-                reply: Any = _read(client, cursors, cluster)
+            try:
+                if is_glob and time.monotonic() - last_scan > 2:
+                    for k in client.scan_iter(match=key, count=1000, _type="stream"):
+                        name = k.decode(errors="replace")  # a name that is not UTF-8 is not followed
+                        if name not in cursors and name.encode() == k and fnmatch.fnmatchcase(name, key):
+                            cursors[name] = first_id(name, scans == 0)
+                    last_scan, scans = time.monotonic(), scans + 1
+                reply: Any = _read(client, cursors, cluster) if cursors else None
+                reached = True
+                if backoff_s:
+                    print("sightstream: Redis is back; following again", file=sys.stderr, flush=True)
+                    backoff_s = 0.0
+                if not cursors:
+                    time.sleep(0.5)
                 for stream, entries in reply or ():
                     name = stream.decode()
                     for entry_id, fields in entries:
@@ -139,6 +152,16 @@ def tail(
                         last_new = time.monotonic()
                         if count and printed >= count:
                             return printed
+            except OUTAGES as e:
+                # A Redis restart or a cluster failover is waited out, as `tail -F` waits out a
+                # rotated file; a URL that never answered is an error (the CLI says so, exit 1).
+                if not reached:
+                    raise
+                if not backoff_s:
+                    print(f"sightstream: Redis unreachable ({e or type(e).__name__}); waiting for it",
+                          file=sys.stderr, flush=True)
+                backoff_s = min(5.0, backoff_s * 2 or 0.5)
+                time.sleep(backoff_s)
             if timeout_s and time.monotonic() - last_new > timeout_s:
                 return printed
     finally:  # Ctrl-C goes on to the CLI: exit 130, as the contract says

@@ -14,8 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
-from sightstream.daemon.embedded_redis import free_port, redis_binary
+from sightstream.daemon.embedded_redis import EmbeddedRedis, free_port, redis_binary
 from tests.conftest import encode
 from tests.e2e.daemons import wait_until
 from tests.integration.helpers import entries, pending
@@ -369,3 +370,34 @@ def test_publish_an_rtsp_camera(redis_url, sync_redis):
     assert run.returncode == 0, run.stderr
     frames = entries(sync_redis, "frames:{door}")
     assert len(frames) == 5 and all(f["image"][:3] == b"\xff\xd8\xff" for _, f in frames)
+
+
+def test_tail_waits_out_a_redis_restart_and_goes_on(tmp_path):
+    """A consumer left following results must not die with Redis: it says Redis went, waits,
+    says it is back, and prints what comes after."""
+    server = EmbeddedRedis().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.xadd("results:r", {"source": "s", "frame_id": "before", "result": "{}"})
+        tail = subprocess.Popen([*CLI, "tail", "results:r", "--from", "0", "--count", "2", "--timeout", "60",
+                                 "--redis-url", server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        with tail.stdout, tail.stderr:
+            assert tail.stdout.readline().startswith("before")
+            server.stop()
+            assert "Redis unreachable" in tail.stderr.readline()
+            server.start()
+            client = redis.Redis.from_url(server.url)
+            client.xadd("results:r", {"source": "s", "frame_id": "after", "result": "{}"})
+            assert tail.wait(60) == 0
+            assert tail.stdout.read().startswith("after")
+            assert "Redis is back" in tail.stderr.read()
+        client.close()
+    finally:
+        server.close()
+
+
+def test_tail_of_a_redis_that_never_answers_says_so_and_exits_1():
+    tail = subprocess.run([*CLI, "tail", "results:*", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
+                          capture_output=True, text=True, timeout=60)
+    assert tail.returncode == 1 and "Connection refused" in tail.stderr and "Traceback" not in tail.stderr
