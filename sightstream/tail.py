@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ClusterDownError, ConnectionError, RedisClusterException, TimeoutError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    RedisClusterException,
+    TimeoutError,
+    TryAgainError,
+)
 
 from sightstream.redis_conn import sync_client
 

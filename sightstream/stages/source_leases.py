@@ -63,7 +63,7 @@ class SourceLeases:
         others = [s for s in found if s not in self.held and s != handing]
         taken = []
         for stream, owner in zip(others, await self._owners(others)):
-            # Handed to us (kept whatever the share: the giver is over its load), or free.
+            # Handed to us, or ours from before a restart (kept whatever the share), or free.
             if owner == self._consumer or (owner is None and len(self.held) < share):
                 if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                     self.held.append(stream)
@@ -77,9 +77,9 @@ class SourceLeases:
                 await self.give_back((idle or spare)[-1])
         self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
         mine = [s for s in self.held if active(s) or s in self._handed_in]
-        loads[self._consumer] = len(mine)
         await self._publish(len(mine))
-        await self._balance(loads, mine, busy)
+        await self._balance({name: load for name, (load, fresh) in loads.items()
+                             if fresh and name != self._consumer}, mine, busy)
         return taken
 
     async def _publish(self, load: int | None = None) -> None:
@@ -88,7 +88,9 @@ class SourceLeases:
             self._load = load
         await self._client.set(keys.source_member(self._pipeline, self._consumer), self._load, px=self.ttl_ms)
 
-    async def _balance(self, loads: dict[str, int], mine: list[str], busy: Callable[[str], bool]) -> None:
+    async def _balance(self, others: dict[str, int], mine: list[str], busy: Callable[[str], bool]) -> None:
+        """Hand an active stream to the least loaded of the `others` (their active streams), or
+        finish a handover once the stream's frames here are done."""
         if self.handing is not None:
             stream, to = self.handing
             if not busy(stream):
@@ -100,39 +102,48 @@ class SourceLeases:
         if self._rest:  # the others' published loads catch up with the last handover first
             self._rest -= 1
             return
-        others = {name: n for name, n in loads.items() if name != self._consumer}
         if not others:
             return
         to, least = min(others.items(), key=lambda item: item[1])
         if len(mine) >= least + 2:  # by one, it would only move the imbalance to the other
-            stream = mine[-1]
+            # not one just handed here (its tracks would restart twice)
+            stream = ([s for s in mine if s not in self._handed_in] or mine)[-1]
             self.held.remove(stream)
             self.handing = (stream, to)
             _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
                       active_here=len(mine), active_there=least)
 
-    async def _loads(self) -> dict[str, int]:
-        """The daemons serving the pipeline (this one included), each with its active streams."""
+    async def _loads(self) -> dict[str, tuple[int, bool]]:
+        """The daemons serving the pipeline (this one included): each one's active streams, and
+        whether it spoke lately (a daemon killed a moment ago is still listed until its key
+        expires, but nothing is handed to it)."""
         prefix = keys.source_member(self._pipeline, "")
         names = [key.decode() async for key in
                  self._client.scan_iter(match=keys.source_member(self._pipeline, "*"), count=1000)]
-        values = await self._get_each(names)
-        # A member gone between the scan and the read is left out; a value that is not a
-        # count (written by another version) counts as one active stream.
-        return {name[len(prefix):]: int(v) if v.isdigit() else 1
-                for name, v in zip(names, values) if v is not None}
-
-    async def _owners(self, streams: list[str]) -> list[str | None]:
-        return await self._get_each([self._key(s) for s in streams])
-
-    async def _get_each(self, names: list[str]) -> list[str | None]:
-        """GET of each key in one round trip (a pipeline: on a cluster, the keys are in
-        several slots, which one MGET cannot read)."""
         if not names:
-            return []
+            return {}
         async with self._client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.get(name)
+                pipe.pttl(name)
+            replies = await pipe.execute()
+        loads = {}
+        for name, value, ttl_ms in zip(names, replies[::2], replies[1::2]):
+            if value is None:  # gone between the scan and the read
+                continue
+            # A value that is not a count (written by another version) counts as one active stream.
+            load = int(value) if value.isdigit() else 1
+            loads[name[len(prefix):]] = (load, ttl_ms > self.ttl_ms // 2)
+        return loads
+
+    async def _owners(self, streams: list[str]) -> list[str | None]:
+        """Who holds each stream's lease, in one round trip (a pipeline: on a cluster, the
+        keys are in several slots, which one MGET cannot read)."""
+        if not streams:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.get(self._key(stream))
             values = await pipe.execute()
         return [v.decode() if v is not None else None for v in values]
 

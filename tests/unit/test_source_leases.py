@@ -94,3 +94,17 @@ async def test_a_stream_handed_over_is_not_read_until_drained_and_then_belongs_t
     await one.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
     assert (await owners(c))[stream] == "two:0" and one.handing is None
     assert stream in await two.settle(STREAMS, busy=lambda s: False, active=lambda s: False)
+
+
+async def test_nothing_is_handed_to_a_daemon_that_stopped_speaking():
+    """A daemon killed a moment ago is still listed until its key expires: a stream handed to
+    it would go unread until its lease lapsed."""
+    server = fakeredis.FakeServer()
+    one = daemon(server, "one:0")
+    await rounds(server, [one], 2)
+    c = fakeredis.FakeAsyncRedis(server=server)
+    await c.set(keys.source_member("tracks", "gone:0"), 0, px=one.ttl_ms // 2 - 100)  # its last word, a while ago
+    for _ in range(5):
+        await one.settle(STREAMS, busy=lambda s: False, active=lambda s: s in ACTIVE)
+    assert one.handing is None and len(one.held) == 4  # its count share with two daemons, all busy ones kept
+    assert ACTIVE <= set(one.held)
