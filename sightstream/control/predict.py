@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import LineTooLong
 from pydantic import BaseModel, ConfigDict, Field
 
 from sightstream.control.api import Api, ApiError, Resp, read_query
@@ -117,13 +118,14 @@ async def predict(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON]
     query = read_query(request, PredictQuery)
     mid = model_id(request)
-    label, status = "unknown", 500  # a path's model is a metric label only once it is known
+    # A path's model is a metric label only once the catalogue knows it (the label set stays bounded).
+    label = mid if mid in d.catalogue else "unknown"
+    status = 500
     try:
         if d.adhoc is None:
             raise ApiError(503, "the daemon is starting (waiting for Redis): try again shortly",
                            "unavailable")
         entry = _model(d, mid, query.prompt)
-        label = mid
         if entry.task == "generate":
             response = await _generate(request, d, entry, query.prompt)
             status = response.status
@@ -179,8 +181,16 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
 
 
 async def _generate(request: web.Request, d: Daemon, entry: Entry, prompt: str | None) -> web.Response:
-    """A text generation model: the body is the text (UTF-8); `?prompt=` the instruction."""
-    body = await request.read()  # over client_max_size: 413
+    """A text generation model: the body, or a multipart `file` field, is the text (UTF-8);
+    `?prompt=` the instruction."""
+    if request.content_type == "multipart/form-data":
+        files = await _multipart(request, d.settings.control.predict_max_images,
+                                 int(d.settings.control.max_upload_mb * 1024 * 1024))
+        if len(files) > 1:
+            raise ApiError(400, f"{entry.id} takes one text: send one `file` field, not {len(files)}")
+        body = files[0].data
+    else:
+        body = await request.read()  # over client_max_size: 413
     try:
         text = body.decode()
     except UnicodeDecodeError:
@@ -229,6 +239,9 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
                 raise ApiError(413, f"more than predict_max_images ({limit}) images in one request")
     except ValueError as e:  # a malformed multipart body
         raise ApiError(400, f"the multipart body cannot be read: {e}") from None
+    except LineTooLong:  # aiohttp's own error (its message would quote the whole line)
+        raise ApiError(400, "the multipart body cannot be read: a line of it is over the parser's limit "
+                            "(no boundary where one was due, or a part header over 8 KB)") from None
     if not uploads:
         raise ApiError(400, "no `file` field in the multipart body")
     return uploads

@@ -179,6 +179,9 @@ class Catalogue:
                 f"unknown model {model_id!r}; `sightstream models` lists the catalogue"
             ) from None
 
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._entries
+
     def __iter__(self):
         return iter(sorted(self._entries.values(), key=lambda e: e.id))
 

@@ -107,14 +107,20 @@ class AdhocBatcher:
                     del self._lanes[key]
                     return
                 continue
-            frames, _ = await collect_batch(queue, size, timeout_ms / 1000, first=first)
-            self._metrics.batch_size.labels(label).observe(len(frames))
-            try:
-                await self._send(Batch(label, model, "", 0, frames, prompt))
-            except asyncio.CancelledError:  # shutdown while waiting for a worker: say so
-                for frame in frames:
-                    self._fail(frame)
-                raise
+            await self._batch(queue, first, size, timeout_ms, Batch(label, model, "", 0, [], prompt))
+            first = None  # its image is not kept while the lane waits
+
+    async def _batch(self, queue: asyncio.Queue, first: Frame, size: int, timeout_ms: float,
+                     batch: Batch) -> None:
+        """Gather `first` and what follows it into `batch`, and send it to the workers."""
+        batch.frames, _ = await collect_batch(queue, size, timeout_ms / 1000, first=first)
+        self._metrics.batch_size.labels(batch.pipeline).observe(len(batch.frames))
+        try:
+            await self._send(batch)
+        except asyncio.CancelledError:  # shutdown while waiting for a worker: say so
+            for frame in batch.frames:
+                self._fail(frame)
+            raise
 
     async def _send(self, batch: Batch) -> None:
         if self._text is not None and self._writes_text(batch.model):

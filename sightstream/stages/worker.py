@@ -126,6 +126,7 @@ class Worker:
             if batch is STOP:
                 break
             started.put_nowait(self._start(batch))
+            batch = None  # its images are not kept while the next one is awaited
         while not self.own.empty():  # STOP comes after the batchers ended: nothing more comes
             started.put_nowait(self._start(self.own.get_nowait()))
             await slots.acquire()
@@ -143,25 +144,31 @@ class Worker:
     async def _deliver_all(self, slots: asyncio.Semaphore, started: asyncio.Queue) -> None:
         """Hand each batch's outcomes on, in batch order."""
         while (item := await started.get()) is not STOP:
-            batch, task = item
             try:
-                try:
-                    outcomes = await task
-                except Exception as e:  # a bug: the batch's frames are dead-lettered, the worker goes on
-                    _log.exception("batch_failed", pipeline=batch.pipeline, model=batch.model,
-                                   device=self.device, batch=batch.id)
-                    outcomes = [DeadLettered.of(f, "model_error", f"the batch failed: {e!r}")
-                                for f in batch.frames]
-                for outcome in outcomes:
-                    reply = outcome.frame.reply
-                    if reply is None:
-                        await self._outcomes.put(outcome)
-                    elif not reply.done():  # a caller that gave up has cancelled it
-                        reply.set_result(outcome)
+                await self._deliver(*item)
             finally:
+                item = None  # the batch's images are not kept while the device waits for the next
                 self.in_flight -= 1
                 self.batches += 1
                 slots.release()
+
+    async def _deliver(self, batch: Batch, task: asyncio.Task) -> None:
+        try:
+            outcomes = await task
+        except Exception as e:  # a bug: the batch's frames are dead-lettered, the worker goes on
+            _log.exception("batch_failed", pipeline=batch.pipeline, model=batch.model,
+                           device=self.device, batch=batch.id)
+            outcomes = [DeadLettered.of(f, "model_error", f"the batch failed: {e!r}") for f in batch.frames]
+        for outcome in outcomes:
+            reply = outcome.frame.reply
+            if reply is None:
+                await self._outcomes.put(outcome)
+            else:
+                # The outcome points to its frame: without this, frame -> reply -> outcome ->
+                # frame is a cycle, and the decoded image waits for the garbage collector.
+                outcome.frame.reply = None
+                if not reply.done():  # a caller that gave up has cancelled it
+                    reply.set_result(outcome)
 
     async def _take(self) -> Any:
         """The next batch: this device's own first, else the shared queue's."""

@@ -482,3 +482,25 @@ def test_an_unknown_dtype_is_refused_with_the_choices(hf_models):
 
     with pytest.raises(ModelError, match="use float16, bfloat16 or float32"):
         HfDetector(str(hf_models["detr"]), {"dtype": "int8"}).load("cpu")
+
+
+@pytest.mark.parametrize("adapter,model,prompt", [
+    ("hf_detection", "detr", None), ("hf_open_vocab", "grounding_dino", "cat. dog."),
+    ("hf_classify", "classify", None), ("hf_depth", "depth", None)])
+def test_images_one_or_three_pixels_high_are_read_as_images(adapter, model, prompt, hf_models):
+    """Left to guess, transformers' processors take an array 1 or 3 pixels high for channels
+    first: they failed on the one ('mean must have 1 elements') and misread the other."""
+    from sightstream.models.adapter import Prompt, predict
+    from sightstream.models.adapters import adapter_class
+
+    instance = adapter_class(adapter)(str(hf_models[model]), {})
+    instance.load("cpu")
+    width = 12 if model == "depth" else 24  # depth keeps the aspect ratio in multiples of 14 pixels
+    for height in (1, 3):
+        image = np.full((height, width, 3), 128, np.uint8)
+        (out,) = predict(instance, [image], Prompt(prompt, 1) if prompt else None)
+        assert (out.result["width"], out.result["height"]) == (width, height)
+    pixels = instance.prepare([np.full((3, width, 3), 128, np.uint8)], Prompt(prompt, 1) if prompt else None)
+    if model != "classify":  # the others keep the aspect ratio: wide stays wide
+        height, width = pixels.tensors["pixel_values"].shape[-2:]
+        assert width > height

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+from aiohttp import FormData
 
 from sightstream import keys
 from sightstream.config import ConfigError
@@ -271,6 +272,14 @@ async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media
                               params={"prompt": "Summarise."}, headers={"Content-Type": "text/plain"})
         assert r.status == 200, await r.text()
         assert r.headers["X-Task"] == "generate" and isinstance((await r.json())["text"], str)
+        answer = await r.json()
+        form = FormData()  # as a file (curl -F file=@notes.txt): its content alone is the text
+        form.add_field("file", b"a dog walks on the street", filename="notes.txt", content_type="text/plain")
+        r = await client.post("/predict/llm/tiny", data=form, params={"prompt": "Summarise."})
+        assert r.status == 200 and await r.json() == answer
+        form.add_field("file", b"and a cat", filename="more.txt", content_type="text/plain")
+        r = await client.post("/predict/llm/tiny", data=form)
+        assert r.status == 400 and "one text" in (await r.json())["error"]["message"]
         r = await client.post("/predict/llm/tiny", data=b"  ", headers={"Content-Type": "text/plain"})
         assert r.status == 400 and "send the text" in (await r.json())["error"]["message"]
         r = await client.post("/predict/llm/tiny", data=b"\xff\xfe", headers={"Content-Type": "text/plain"})

@@ -4,6 +4,7 @@ several files), each format, each error a user can cause, and requests batched t
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import io
 import struct
@@ -15,6 +16,7 @@ from aiohttp import FormData
 from PIL import Image
 
 from sightstream.config import ModelEntry
+from sightstream.frames import Frame
 from sightstream.models.masks import rle_decode
 from tests import tiny_hf
 from tests.conftest import encode
@@ -188,6 +190,42 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
         form = FormData(default_to_multipart=True)
         form.add_field("other", "x")
         assert "no `file` field" in (await error("/predict/tiny/det", 400, data=form))["message"]
+
+
+async def test_multipart_bodies_past_the_parser_s_line_limits_are_400(redis_url, tmp_path, gradient):
+    """aiohttp's multipart reader refuses lines over its limits with its own error, not a
+    ValueError: a body of zeros with no boundary line, a part header of 9 KB."""
+    multipart = {"Content-Type": "multipart/form-data; boundary=x"}
+    header = b"--x\r\nContent-Disposition: form-data; name=file; filename=" + b"a" * 9000 + b"\r\n\r\n"
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        for body in (b"\0" * 600_000, header + encode(gradient) + b"\r\n--x--\r\n"):
+            r = await client.post("/predict/tiny/det", data=body, headers=multipart)
+            assert r.status == 400 and "cannot be read" in (await r.json())["error"]["message"]
+
+
+async def test_requests_are_counted_under_the_model_they_named(redis_url, tmp_path, gradient):
+    """A refused request names its model in the metrics, once the path names a catalogue one."""
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        assert (await client.post("/predict/tiny/det?prompt=cats", data=encode(gradient))).status == 422
+        assert (await client.post("/predict/no/such", data=encode(gradient))).status == 404
+        text = await (await client.get("/metrics")).text()
+    assert 'sightstream_predict_requests_total{model="tiny/det",status="422"} 1.0' in text
+    assert 'sightstream_predict_requests_total{model="unknown",status="404"} 1.0' in text
+
+
+async def test_a_predicted_image_is_freed_with_its_answer(redis_url, tmp_path, gradient):
+    """Nothing keeps a request's decoded image once it is answered, without waiting for the
+    garbage collector: a burst of large uploads would otherwise hold gigabytes while idle."""
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                assert (await client.post("/predict/tiny/det", data=encode(gradient))).status == 200
+            alive = [o for o in gc.get_objects() if isinstance(o, Frame) and o.pipeline == "predict"]
+        finally:
+            gc.enable()
+    assert alive == []
 
 
 async def test_before_the_daemon_has_started_predict_is_503(redis_url, tmp_path, gradient):

@@ -14,6 +14,10 @@ from typing import Any
 from sightstream.errors import ModelError, ModelNotAvailable
 from sightstream.models.input_shape import InputShape
 
+# Frames are height x width x 3. Said to processors outright: left to guess, they read an image
+# 1 or 3 pixels high as channels first, and fail on it or misread it.
+CHANNELS_LAST = "channels_last"
+
 
 def offline() -> None:
     """No hub access at run time, and no chatter from transformers' logger."""
@@ -283,7 +287,12 @@ class ImageModel(HfAdapter):
         self.placed(getattr(transformers, self.auto_class).from_pretrained(source), device)
 
     def prepare(self, images: list[Any], prompt: Any = None, contexts: Any = None) -> Inputs:
-        return self.host_inputs(self._processor(images=images, return_tensors="pt"), images)
+        try:
+            tensors = self._processor(images=images, return_tensors="pt", input_data_format=CHANNELS_LAST)
+        except ValueError as e:  # e.g. an image so thin that its resize rounds a side to 0
+            sizes = ", ".join(f"{img.shape[1]}x{img.shape[0]}" for img in images)
+            raise ModelError(f"the model's image processor cannot take this image ({sizes}): {e}") from e
+        return self.host_inputs(tensors, images)
 
     def infer(self, inputs: Inputs) -> Any:
         return self.on_device(inputs, lambda tensors: self._model(**tensors))

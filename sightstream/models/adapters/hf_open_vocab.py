@@ -71,10 +71,11 @@ class HfOpenVocabDetector(hf_common.HfAdapter):
             raise ModelError(why)
         if self._kind == "grounding-dino":
             inputs = self._processor(images=images, text=[_grounding_text(labels)] * len(images),
-                                     return_tensors="pt", padding=True)
+                                     return_tensors="pt", padding=True,
+                                     input_data_format=hf_common.CHANNELS_LAST)
         else:
             inputs = self._processor(text=[labels] * len(images), images=images, return_tensors="pt",
-                                     padding=True)
+                                     padding=True, input_data_format=hf_common.CHANNELS_LAST)
         return self.host_inputs(inputs, images, labels=labels)
 
     def infer(self, inputs: hf_common.Inputs) -> Any:
