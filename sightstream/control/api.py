@@ -51,9 +51,14 @@ class Resp:
     """One documented response: a JSON model, or another media type (an image, bytes)."""
 
     description: str
-    model: type[BaseModel] | None = None
+    model: type[BaseModel] | tuple[type[BaseModel], ...] | None = None  # several: one of them
     media: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)  # name -> description
+    binary: tuple[str, ...] = ()  # other media types it may answer with, as bytes (an image)
+
+    @property
+    def models(self) -> tuple[type[BaseModel], ...]:
+        return self.model if isinstance(self.model, tuple) else (self.model,) if self.model else ()
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,9 @@ def require_token(control: ControlSettings, open_handlers: set[Handler]) -> Call
             # Compare with every token, always: the time taken says nothing of which matched.
             matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]
             if not matches:
-                return error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+                refused = error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+                refused.headers["WWW-Authenticate"] = 'Bearer realm="sightstream"'  # RFC 9110: a 401 names it
+                return refused
             request[TOKEN_NAME] = matches[0]
         return await handler(request)
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sightstream.control.api import Api, ApiError, Resp, read_query
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
+from sightstream.daemon.daemon import Daemon
 from sightstream.errors import ModelError, ModelNotAvailable, UnknownModel
 from sightstream.models.manager import LoadTimeout, ModelInUse, ModelTooLarge
 
@@ -127,7 +128,9 @@ async def info(request: web.Request) -> web.Response:
         entry = d.catalogue.get(model_id(request))
     except ModelError as e:
         raise model_error(e) from None
-    return reply(ModelDetail(**entry.describe(), options=entry.options,
+    # `task` travels among the options to the adapter; it is shown once, as the entry's task
+    options = {k: v for k, v in entry.options.items() if k != "task"}
+    return reply(ModelDetail(**entry.describe(), options=options,
                              loaded_on=[m for m in d.manager.loaded() if m["model"] == entry.id]))
 
 
@@ -139,9 +142,7 @@ async def info(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     device = read_query(request, DeviceQuery).device or min(d.devices, key=d.manager.used_mb)
-    if device not in d.devices:
-        raise ApiError(404, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}",
-                       "unknown_device")
+    _check_device(d, device)
     model = model_id(request)
     try:
         return reply(LoadedModel(**await d.worker_for(device, model).load(model)))
@@ -152,19 +153,29 @@ async def load(request: web.Request) -> web.Response:
 @api.post("/models/{family}/{variant}/unload", "Unload a model (from ?device=, else everywhere)",
           query=DeviceQuery,
           responses={200: Resp("Unloaded", Unloaded),
-                     404: error("No such model, or it is not loaded (code not_loaded)"),
+                     404: error("No such model, it is not loaded (code not_loaded), or no worker owns "
+                                "that device (unknown_device)"),
                      409: error("A call is using it now (code model_in_use): try again when idle")})
 async def unload(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     mid = model_id(request)
+    device = read_query(request, DeviceQuery).device
+    if device is not None:
+        _check_device(d, device)
     try:
         d.catalogue.get(mid)
-        devices = d.manager.unload(mid, read_query(request, DeviceQuery).device)
+        devices = d.manager.unload(mid, device)
     except ModelError as e:
         raise model_error(e) from None
     if not devices:
         raise ApiError(404, f"model {mid} is not loaded", "not_loaded")
     return reply(Unloaded(model=mid, unloaded_from=devices))
+
+
+def _check_device(d: Daemon, device: str) -> None:
+    if device not in d.devices:
+        raise ApiError(404, f"no worker owns device {device!r}; devices: {', '.join(d.devices)}",
+                       "unknown_device")
 
 
 @api.post("/models/cleanup", "Unload models unused for ?inactive_seconds= (default 600)",

@@ -48,7 +48,7 @@ def document(
     for op in ops:
         if op.body:
             wanted.append((op.body, "validation"))
-        wanted += [(r.model, "serialization") for r in op.responses.values() if r.model]
+        wanted += [(model, "serialization") for r in op.responses.values() for model in r.models]
     refs, defs = models_json_schema(list(dict.fromkeys(wanted)), ref_template=REF)
     schemas = defs.get("$defs", {})
 
@@ -136,10 +136,15 @@ def _path_schema(values: list[str] | None) -> dict[str, Any]:
 
 def _response(r: Resp, ref: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"description": r.description}
-    if r.model is not None:
-        out["content"] = {r.media: {"schema": ref(r.model, "serialization")}}
+    schemas = [ref(model, "serialization") for model in r.models]
+    content: dict[str, Any] = {}
+    if schemas:
+        content[r.media] = {"schema": schemas[0] if len(schemas) == 1 else {"oneOf": schemas}}
     elif r.media != "application/json":
-        out["content"] = {r.media: {"schema": {"type": "string", "contentMediaType": r.media}}}
+        content[r.media] = {"schema": {"type": "string", "contentMediaType": r.media}}
+    content.update({media: {"schema": {"type": "string", "contentMediaType": media}} for media in r.binary})
+    if content:
+        out["content"] = content
     if r.headers:
         out["headers"] = {name: {"description": d, "schema": {"type": "string"}}
                           for name, d in r.headers.items()}

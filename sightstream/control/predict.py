@@ -86,7 +86,9 @@ class TaskResult(BaseModel):
 
 BINARY = {"type": "string", "contentMediaType": "application/octet-stream", "minLength": 1}
 BODIES = {
-    "multipart/form-data": {"type": "object", "properties": {"file": BINARY}, "required": ["file"]},
+    "multipart/form-data": {"type": "object", "required": ["file"], "properties": {"file": {
+        "anyOf": [BINARY, {"type": "array", "items": BINARY, "minItems": 1}],
+        "description": "the image; several `file` parts are a batch"}}},
     "image/jpeg": BINARY, "image/png": BINARY, "image/webp": BINARY, "image/bmp": BINARY,
     "application/octet-stream": BINARY, "application/x-tar": BINARY,
     "text/plain": {"type": "string", "minLength": 1, "description": "the text, for a text generation model"},
@@ -103,8 +105,14 @@ class Upload:
     "/predict/{family}/{variant}", "Run a model on one image, or a batch (tar, several files)",
     query=PredictQuery, body_media=BODIES,
     responses={
-        200: Resp("The result JSON; a batch: one entry per image (X-Batch-Size)", TaskResult,
-                  headers={"X-Batch-Size": "images in a batch"}),
+        200: Resp("The task's result JSON (TaskResult); a batch: one entry per image (BatchResult). "
+                  "?format=png: the mask or depth PNG (the default for depth); ?format=packbits: the "
+                  "masks as bits (docs/http.md)", (TaskResult, BatchResult),
+                  headers={"X-Model": "the model, family/variant", "X-Task": "its task",
+                           "X-Batch-Size": "images in a batch",
+                           "X-Depth-Min": "depth PNG: the depth its pixel value 0 stands for",
+                           "X-Depth-Max": "depth PNG: the depth its pixel value 65535 stands for"},
+                  binary=("image/png", "application/octet-stream")),
         **MODEL_ERRORS,
         400: error("No image in the request, or a malformed upload"),
         413: error("The body is over max_upload_mb, or the image over decode.max_pixels"),
@@ -117,6 +125,7 @@ class Upload:
 async def predict(request: web.Request) -> web.StreamResponse:
     d = request.app[DAEMON]
     query = read_query(request, PredictQuery)
+    prompt = query.prompt if query.prompt and query.prompt.strip() else None  # blank: no prompt
     mid = model_id(request)
     # A path's model is a metric label only once the catalogue knows it (the label set stays bounded).
     label = mid if mid in d.catalogue else "unknown"
@@ -125,9 +134,11 @@ async def predict(request: web.Request) -> web.StreamResponse:
         if d.adhoc is None:
             raise ApiError(503, "the daemon is starting (waiting for Redis): try again shortly",
                            "unavailable")
-        entry = _model(d, mid, query.prompt)
+        entry = _model(d, mid, prompt)
         if entry.task == "generate":
-            response = await _generate(request, d, entry, query.prompt)
+            if query.format not in (None, "json"):
+                raise ApiError(422, f"format={query.format}: {mid} writes text; use json", "bad_format")
+            response = await _generate(request, d, entry, prompt)
             status = response.status
             return response
         uploads, batch = await _uploads(request, d)
@@ -138,7 +149,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
         for start in range(0, len(uploads), chunk):
             frames, failed = await _decode(d, mid, uploads[start:start + chunk], start)
             errors |= failed
-            outcomes |= await _infer(d, entry, frames, query.prompt)
+            outcomes |= await _infer(d, entry, frames, prompt)
         for i, outcome in outcomes.items():
             if isinstance(outcome, DeadLettered):
                 errors[i] = ApiError(422, outcome.error, "model_error")
@@ -172,7 +183,7 @@ def _model(d: Daemon, mid: str, prompt: str | None) -> Entry:
             d.manager.check_fits(mid, d.devices)
     except ModelError as e:
         raise model_error(e) from None
-    if prompt or takes_prompt:  # an empty ?prompt= is no prompt, also for a model that takes none
+    if prompt or takes_prompt:  # a blank ?prompt= is no prompt, also for a model that takes none
         try:
             check_prompt(entry.adapter, entry.task, prompt or "")
         except ModelError as e:
@@ -248,15 +259,16 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
 
 
 def _untar(body: bytes, limit: int) -> list[Upload]:
-    """Every regular file of a tar, in order (WebDataset: one image per member)."""
+    """Every file of a tar, in order (WebDataset: one image per member); a link is read as the
+    member it points to (a dangling one as empty: its entry says it is not an image)."""
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
             every = tar.getmembers()
             _check_whole(body, every)
-            members = [m for m in every if m.isfile()]
+            members = [m for m in every if m.isfile() or m.issym() or m.islnk()]
             if len(members) > limit:
                 raise ApiError(413, f"the tar holds {len(members)} files; predict_max_images is {limit}")
-            uploads = [Upload(m.name, tar.extractfile(m).read()) for m in members]  # type: ignore[union-attr]
+            uploads = [Upload(m.name, _member(tar, m)) for m in members]
     except tarfile.TarError as e:
         if "unexpected end" in str(e):
             raise ApiError(400, f"the tar is cut short ({len(body)} bytes): send the whole archive") from None
@@ -264,6 +276,14 @@ def _untar(body: bytes, limit: int) -> list[Upload]:
     if not uploads:
         raise ApiError(400, "the tar holds no files")
     return uploads
+
+
+def _member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    try:
+        file = tar.extractfile(member)
+    except KeyError:  # a link to no member of the archive
+        return b""
+    return file.read() if file is not None else b""
 
 
 def _check_whole(body: bytes, members: list[tarfile.TarInfo]) -> None:

@@ -280,6 +280,8 @@ async def test_a_text_model_answers_predict_with_text(redis_url, tmp_path, media
         form.add_field("file", b"and a cat", filename="more.txt", content_type="text/plain")
         r = await client.post("/predict/llm/tiny", data=form)
         assert r.status == 400 and "one text" in (await r.json())["error"]["message"]
+        r = await client.post("/predict/llm/tiny?format=png", data=b"a dog", headers={"Content-Type": "text/plain"})
+        assert r.status == 422 and (await r.json())["error"]["code"] == "bad_format"
         r = await client.post("/predict/llm/tiny", data=b"  ", headers={"Content-Type": "text/plain"})
         assert r.status == 400 and "send the text" in (await r.json())["error"]["message"]
         r = await client.post("/predict/llm/tiny", data=b"\xff\xfe", headers={"Content-Type": "text/plain"})

@@ -86,6 +86,11 @@ async def test_the_document_is_valid_openapi_3_1_and_covers_every_route(redis_ur
     text = json.dumps(doc)
     assert not any(f'"{k}":' in text for k in ("ge", "gt", "le", "lt"))
     assert '"maximum": 1000000000, "minimum": 1, "type": "integer"' in text  # a job's max_frames
+    # /predict's answers: JSON (one result, or a batch), a PNG, packed bits; and their headers
+    ok = doc["paths"]["/predict/{family}/{variant}"]["post"]["responses"]["200"]
+    assert set(ok["content"]) == {"application/json", "image/png", "application/octet-stream"}
+    assert len(ok["content"]["application/json"]["schema"]["oneOf"]) == 2
+    assert {"X-Model", "X-Task", "X-Batch-Size", "X-Depth-Min", "X-Depth-Max"} <= set(ok["headers"])
 
 
 # schemathesis' pytest loader (`from_fixture`) does not run on pytest 9 (it sets a node's

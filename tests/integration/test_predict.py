@@ -101,6 +101,25 @@ async def test_a_tar_is_a_batch_answered_in_order_with_an_error_entry_per_bad_me
         assert notes["error"]["code"] == "unsupported_format" and "result" not in notes
         assert c["error"]["code"] == "bad_image"
 
+        # a link is read as the member it points to; a dangling one gets its own error entry
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            data = encode(gradient)
+            info = tarfile.TarInfo("dir")
+            info.type = tarfile.DIRTYPE
+            t.addfile(info)  # a folder is not an entry
+            info = tarfile.TarInfo("dir/a.jpg")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+            for name, target in (("same.jpg", "dir/a.jpg"), ("gone.jpg", "dir/none.jpg")):
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = tarfile.SYMTYPE, target
+                t.addfile(info)
+        r = await client.post("/predict/tiny/det", data=buf.getvalue(), headers={"Content-Type": "application/x-tar"})
+        a, same, gone = (await r.json())["results"]
+        assert r.headers["X-Batch-Size"] == "3" and same["name"] == "same.jpg" and same["result"] == a["result"]
+        assert gone["name"] == "gone.jpg" and "error" in gone
+
         form = FormData()
         for name in ("x.jpg", "y.jpg"):
             form.add_field("file", encode(gradient), filename=name, content_type="image/jpeg")
@@ -173,6 +192,7 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
                                            headers={"Content-Encoding": "gzip"}))["message"]
         assert "takes no prompt" in (await error("/predict/tiny/det?prompt=cats", 422, data=encode(gradient)))["message"]
         assert (await client.post("/predict/tiny/det?prompt=", data=encode(gradient))).status == 200  # no prompt
+        assert (await client.post("/predict/tiny/det?prompt=%20", data=encode(gradient))).status == 200  # nor blank
         r = await client.post("/predict/user/track", data=encode(gradient))
         assert r.status == 422 and "as a job" in (await r.json())["error"]["message"]
         assert "gives no image" in (await error("/predict/tiny/det?format=png", 422, data=encode(gradient)))["message"]
