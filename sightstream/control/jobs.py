@@ -122,6 +122,8 @@ class JobOut(BaseModel):
     results_stream: str
     attempt: int = Field(description="how many times a daemon started it (more: resumed after a death)")
     holder: str = Field(description="the daemon (consumer name) running it, or that ran it last")
+    waiting: str | None = Field(None, description="a pending job: why a daemon that saw it left it to "
+                                "others (its config lacks the model, or does not allow the source)")
     created_by: str
     created_at: str
     started_at: str | None
@@ -188,6 +190,7 @@ def _out(job: Job) -> JobOut:
         job_id=job.id, status=job.status, source=spec.shown, model=spec.model,  # type: ignore[arg-type]
         fps=spec.fps, prompt=spec.prompt, max_frames=spec.max_frames, max_seconds=spec.max_seconds,
         results_stream=job.results_stream, attempt=job.attempt, holder=job.holder,
+        waiting=job.waiting if job.status == "pending" and job.waiting else None,
         created_by=spec.created_by, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, error=job.error, counts=Counts(**job.counts),
         progress=Progress(**job.progress), timings=Timings(**job.timings),

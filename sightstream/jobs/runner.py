@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from sightstream import keys, log
 from sightstream.channels import follow_channel
 from sightstream.config import PipelineSettings, Settings
+from sightstream.errors import ModelError
 from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
 from sightstream.jobs.store import Job, JobSpec, JobStore
@@ -41,6 +42,7 @@ from sightstream.stages.flow import RedisRetry, backoff_s
 from sightstream.stages.video_reader import VideoSourceError
 
 _log = log.get(__name__)
+LEFT_CHECK_S = 30.0  # a job this daemon cannot run is looked at again after this long
 DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
 
 
@@ -76,6 +78,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._daemons = (0.0, 1)  # (when counted, how many)
         self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
+        self._cannot: dict[str, tuple[float, str | None]] = {}  # job -> (when looked at, why not here)
         self.running: dict[str, asyncio.Task] = {}
         self.finished = 0
 
@@ -121,6 +124,7 @@ class JobRunner:
         ids = await self._store.active()
         if await self._restore_lost_inputs(ids):
             ids = await self._store.active()
+        self._cannot = {job_id: seen for job_id, seen in self._cannot.items() if job_id in ids}
         jobs = []
         for job_id, job in zip(ids, await self._store.get_many(ids)):
             if job is None or job.status not in ("pending", "running"):
@@ -137,6 +141,8 @@ class JobRunner:
             limit = share if kind == "input" else self._s.max_concurrent
             if (job.id in self.running or held[kind] >= limit or self._stop.is_set()
                     or self._paused.get(job.id, (0.0, 0))[0] > now):
+                continue
+            if kind == "user" and await self._left_to_others(job):
                 continue
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
@@ -172,6 +178,33 @@ class JobRunner:
                 await self._store.retire(job_id, f"no longer in pipeline {job.spec.pipeline}'s input")
                 _log.info("video_input_retired", pipeline=job.spec.pipeline, source=job.spec.shown)
         self._registered = True
+
+    async def _left_to_others(self, job: Job) -> bool:
+        """Whether to leave `job` to the other daemons: this one cannot run it (its config lacks
+        the model or its weights, or does not allow the source: a rolling config change, or a
+        fleet where only some hosts have a model or a folder). Taken, it would fail here, or
+        hang. Looked at again every LEFT_CHECK_S; the job says why (`waiting`). The only
+        daemon takes it anyway: it fails, saying why, rather than waiting for nobody."""
+        seen = self._cannot.get(job.id)
+        now = time.monotonic()
+        if seen is None or now - seen[0] > LEFT_CHECK_S:
+            why = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._refusal, job.spec)
+            if why is not None and (seen is None or seen[1] != why):
+                _log.info("job_left_to_others", job=job.id, reason=why)
+                await self._store.note_waiting(job.id, f"{self._holder} cannot run it: {why}")
+            seen = self._cannot[job.id] = (now, why)
+        return seen[1] is not None and await self._daemon_count() > 1
+
+    def _refusal(self, spec: JobSpec) -> str | None:
+        """Why this daemon cannot run a job of `spec`, or None (in a thread: it looks at the disk)."""
+        try:
+            check_source(spec.source, self._s, bool(spec.pipeline))
+            self._create(spec.model)
+            if spec.summarize:
+                self._create(spec.summarize["model"])
+        except (SourceRefused, ModelError) as e:
+            return str(e)
+        return None
 
     async def _daemon_count(self) -> int:
         """Daemons sharing this Redis (each holds a consumer-name lease), counted every 10 s."""
@@ -217,6 +250,7 @@ class JobRunner:
             loop = asyncio.get_running_loop()  # the file checks touch the disk
             source = await loop.run_in_executor(self._decode_pool, check_source, job.spec.source, self._s,
                                                 bool(job.spec.pipeline))
+            await loop.run_in_executor(self._decode_pool, self._create, job.spec.model)  # it is here
             summaries = self._summaries(job, lease.token)
             run = self._job_run(job, source, lease.token)
             periodic = None
@@ -234,7 +268,7 @@ class JobRunner:
                     await asyncio.gather(periodic, return_exceptions=True)
             if summaries is not None:  # the whole job's, once it read its source to the end
                 await summaries.write(final=True)
-        except (VideoSourceError, SourceRefused, JobFailed) as e:
+        except (VideoSourceError, SourceRefused, JobFailed, ModelError) as e:
             status, error = "failed", str(e)
         except SummaryFailed as e:
             status, error = "failed", f"summary: {e}"

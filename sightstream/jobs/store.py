@@ -34,10 +34,18 @@ local status = redis.call('HGET', KEYS[2], 'status')
 if status ~= 'pending' and status ~= 'running' then return {0, status or ''} end
 redis.call('HINCRBY', KEYS[2], 'attempt', 1)
 redis.call('HSET', KEYS[2], 'status', 'running', 'holder', ARGV[2])
+redis.call('HDEL', KEYS[2], 'waiting')
 if (redis.call('HGET', KEYS[2], 'started_at') or '') == '' then
   redis.call('HSET', KEYS[2], 'started_at', ARGV[3])
 end
 return {1, 'running'}
+"""
+
+# KEYS: job. ARGV: why a daemon left it. 1: noted; 0: it is not pending (any more).
+NOTE_WAITING = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'waiting', ARGV[1])
+return 1
 """
 
 # KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
@@ -186,6 +194,7 @@ class Job:
     summary: dict[str, Any] | None = None  # the latest summary written (jobs/summaries.py)
     summary_upto: str = ""  # the results' entry ID the latest summary covers up to
     summary_final: bool = False  # the final summary is written
+    waiting: str = ""  # pending: why a daemon that saw it left it (it cannot run it there)
 
     @property
     def results_stream(self) -> str:
@@ -213,7 +222,7 @@ class Job:
             json.loads(h.get("progress") or "{}"), json.loads(h.get("timings") or "{}"),
             int(h.get("last_seq") or 0), h.get("last_position", ""), h.get("origin", ""),
             json.loads(h["summary"]) if h.get("summary") else None, h.get("summary_upto", ""),
-            h.get("summary_final") == "1",
+            h.get("summary_final") == "1", h.get("waiting", ""),
         )
 
 
@@ -249,6 +258,7 @@ class JobStore:
         self._finish = client.register_script(FINISH)
         self._cancel = client.register_script(CANCEL)
         self._summary = client.register_script(SUMMARY)
+        self._note_waiting = client.register_script(NOTE_WAITING)
 
     async def create(self, spec: JobSpec) -> Job:
         job, _ = await self._write(spec, new_id())
@@ -385,6 +395,10 @@ class JobStore:
         return before.decode() if isinstance(before, bytes) else str(before)
 
     # Fenced writes of the job's holder (the lease's token).
+
+    async def note_waiting(self, job_id: str, why: str) -> None:
+        """Say on a pending job why a daemon left it; the daemon that starts it clears it."""
+        await self._note_waiting(keys=[keys.job(job_id)], args=[why])
 
     async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:
         ok, status = await self._start(keys=[keys.job_lease(job_id), keys.job(job_id)],

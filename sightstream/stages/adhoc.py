@@ -121,6 +121,10 @@ class AdhocBatcher:
             for frame in batch.frames:
                 self._fail(frame)
             raise
+        except Exception as e:  # e.g. a model unknown here: its callers are told, the lane goes on
+            _log.warning("adhoc_batch_refused", model=batch.model, frames=len(batch.frames), error=str(e))
+            for frame in batch.frames:
+                self._fail(frame, e)
 
     async def _send(self, batch: Batch) -> None:
         if self._text is not None and self._writes_text(batch.model):
@@ -155,6 +159,6 @@ class AdhocBatcher:
                 reply.set_exception(ShuttingDown("the daemon is shutting down"))
 
     @staticmethod
-    def _fail(frame: Frame) -> None:
+    def _fail(frame: Frame, error: Exception | None = None) -> None:
         if frame.reply is not None and not frame.reply.done():
-            frame.reply.set_exception(ShuttingDown("the daemon is shutting down"))
+            frame.reply.set_exception(error or ShuttingDown("the daemon is shutting down"))

@@ -397,3 +397,34 @@ async def test_a_jobs_frames_queued_behind_another_models_stuck_call_are_sent_ag
             assert job["counts"]["processed"] == 15
             assert (await until_status(client, stuck, "completed"))["counts"]["dead_lettered"] == 1  # its own
     assert any(e["event"] == "job_frame_sent_again" and e["job"] == healthy for e in logged)
+
+
+async def test_a_daemon_that_cannot_run_a_job_leaves_it_to_one_that_can(redis_url, tmp_path, videos):
+    """A rolling config change, or a fleet where only some hosts have a model or a folder: a
+    daemon whose config lacks the job's model, or does not allow its file, took the job and
+    hung it (an unknown model) or failed it (a path not allowed). It leaves it now, saying why."""
+    full = job_settings(redis_url, tmp_path, videos, max_concurrent=1).model_copy(deep=True)
+    full.models["fake"] = {"slow": ModelEntry(**fake_entry(delay_s=0.05))}
+    bare = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})  # no fake/slow, no paths
+    async with serving(bare, host="bare") as (_, bare_client), serving(full, host="full") as (_, client):
+        jobs = [await submit(client, source=f"file://{videos}/clip.mp4", fps=5, model=model)
+                for model in ("fake/slow", "tiny/det", "fake/slow")]
+        # one runs on "full" (max_concurrent 1); "bare" has looked at the others and left them
+        waiting = await until_status(bare_client, jobs[2], "pending")
+        for _ in range(50):
+            if waiting.get("waiting"):
+                break
+            await asyncio.sleep(0.1)
+            waiting = await (await bare_client.get(f"/jobs/{jobs[2]}")).json()
+        assert waiting["status"] == "pending" and waiting["waiting"].startswith("bare:0 cannot run it: ")
+        done = [await until_status(client, job_id, "completed", "failed", timeout=60) for job_id in jobs]
+    assert [(job["status"], job["holder"]) for job in done] == [("completed", "full:0")] * 3
+    assert all(job["waiting"] is None and job["counts"]["processed"] == 15 for job in done)
+
+
+async def test_the_only_daemon_fails_a_job_it_cannot_run_saying_why(redis_url, tmp_path):
+    """With no other daemon to leave it to, a job whose model this config lacks fails at once."""
+    async with serving(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2})) as (d, client):
+        job = await d.jobs.create(JobSpec("redis://cams:{x}", "gone/model"))
+        failed = await until_status(client, job.id, "failed")
+    assert "unknown model 'gone/model'" in failed["error"]

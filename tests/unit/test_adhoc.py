@@ -75,3 +75,23 @@ async def test_frames_not_yet_batched_fail_at_shutdown():
     late = await batcher.put(frames("d"), "m/x", Prompt("", 1), "predict", (1, 0))
     with pytest.raises(ShuttingDown):
         await late[0]
+
+
+async def test_a_batch_that_cannot_be_sent_fails_its_callers_and_the_lane_goes_on():
+    """A model this daemon does not know (a job taken by a daemon with another config) used to
+    end the lane's task: its callers waited for ever."""
+    out: asyncio.Queue = asyncio.Queue()
+
+    def stateful(model: str) -> bool:
+        if model == "gone/model":
+            raise KeyError("unknown model 'gone/model'")
+        return False
+
+    batcher = AdhocBatcher(out, Metrics(), pinned=[asyncio.Queue(), asyncio.Queue()], stateful=stateful)
+    (refused,) = await batcher.put(frames("a"), "gone/model", Prompt("", 1), "jobs", (1, 1))
+    with pytest.raises(KeyError, match="gone/model"):
+        await asyncio.wait_for(refused, 2)
+    (later,) = await batcher.put(frames("b"), "gone/model", Prompt("", 1), "jobs", (1, 1))
+    with pytest.raises(KeyError):  # the same lane still answers
+        await asyncio.wait_for(later, 2)
+    await batcher.close()
