@@ -125,6 +125,7 @@ class JobRun:
         self._counts = {name: int(job.counts.get(name, 0)) for name in ("decoded", "sampled")}
         self._position_s: float | None = None
         self._done = False  # stop reading: a limit, a failure, a stop
+        self._watching = True  # the watch goes on (a flag too: a library may swallow its cancel)
         self._failure: str | None = None
         self._read_timeouts = 0  # stream reads given up (logged on the first and every 30th)
         self._stopped: JobStopped | None = None
@@ -144,6 +145,9 @@ class JobRun:
             await self._last_progress()
             raise
         finally:
+            # The flag as well as the cancel: a cancel that lands in a Redis call may be lost
+            # (seen once in 700 jobs: a finished job stayed "running", its watch writing on).
+            self._watching = False
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
             if self._video is not None:
@@ -250,6 +254,8 @@ class JobRun:
         spec = self.job.spec
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
+            if not self._watching:
+                return
             try:
                 await self._write_progress()
             except JobStopped as e:

@@ -264,6 +264,8 @@ class JobRunner:
                 await run.run()
             finally:
                 if periodic is not None:
+                    assert summaries is not None
+                    summaries.end()
                     periodic.cancel()
                     await asyncio.gather(periodic, return_exceptions=True)
             if summaries is not None:  # the whole job's, once it read its source to the end

@@ -102,6 +102,7 @@ class JobSummaries:
         self._client = client
         self._adhoc = adhoc
         self._create = create
+        self._ended = False  # the job's run ended: no periodic summary after it
         self._maxlen = maxlen
         spec = job.spec.summarize
         self.model = str(spec["model"])
@@ -116,6 +117,8 @@ class JobSummaries:
         assert self.every_s
         while True:
             await asyncio.sleep(self.every_s)
+            if self._ended:
+                return
             try:
                 await self.write(final=False)
             except JobStopped:
@@ -128,10 +131,17 @@ class JobSummaries:
         nothing for a video that ends (the task is cancelled when the job ends)."""
         while not is_live():
             await asyncio.sleep(poll_s)
+            if self._ended:
+                return
         self.every_s = LIVE_EVERY_S
         _log.info("summaries_every_default", job=self.job.id, every_s=self.every_s,
                   why="the source is live and the job set neither summarize.every_s nor an end")
         await self.periodic()
+
+    def end(self) -> None:
+        """The job's run ended: no more periodic summaries. The caller cancels the task too; this
+        ends its loop even if a cancel is lost inside a Redis or model call."""
+        self._ended = True
 
     async def write(self, final: bool) -> dict[str, Any] | None:
         """Summarise and write; the summary written, or None (nothing new, or written before).

@@ -428,3 +428,24 @@ async def test_the_only_daemon_fails_a_job_it_cannot_run_saying_why(redis_url, t
         job = await d.jobs.create(JobSpec("redis://cams:{x}", "gone/model"))
         failed = await until_status(client, job.id, "failed")
     assert "unknown model 'gone/model'" in failed["error"]
+
+
+async def test_a_job_ends_even_if_its_watch_loses_a_cancel(redis_url, tmp_path, videos, monkeypatch):
+    """A cancel that lands in a Redis call can be lost; the job's watch (progress every half
+    second) then went on for ever, and its finished job stayed `running`."""
+    write = JobStore.progress
+
+    async def losing_cancels(self, *args, **kwargs):
+        if asyncio.current_task().get_name().startswith("job-watch"):
+            try:
+                await asyncio.sleep(0.45)  # a slow round trip: the run's end cancels it here
+            except asyncio.CancelledError:
+                pass  # as a library that loses it
+        return await write(self, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "progress", losing_cancels)
+    settings = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
+    settings.models["fake"] = {"slow": ModelEntry(**fake_entry(delay_s=0.1))}  # a run of a few watches
+    async with serving(settings) as (d, client):
+        job_id = await submit(client, source=f"file://{videos}/clip.mp4", fps=10, model="fake/slow")
+        assert (await until_status(client, job_id, "completed", "failed", timeout=20))["status"] == "completed"
