@@ -24,6 +24,7 @@ from sightstream import keys
 from sightstream.errors import SightstreamError
 from sightstream.redis_conn import sync_client
 from sightstream.stages.decoder import rgb_array
+from sightstream.stages.upright import upright_rgb
 from sightstream.stages.video_failures import reason, unresolved
 
 # What a folder's images may be: each is re-encoded as JPEG, so anything Pillow reads will do
@@ -75,7 +76,7 @@ def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[t
             if fps and t + 1e-6 < next_t:
                 continue
             next_t = t + 1 / fps if fps else t
-            yield frame.to_ndarray(format="rgb24"), t
+            yield upright_rgb(frame), t
 
 
 def video_rate(source: str, timeout_s: float) -> float:

@@ -36,6 +36,7 @@ import numpy as np
 from sightstream import log
 from sightstream.errors import SightstreamError
 from sightstream.stages.flow import worth_logging
+from sightstream.stages.upright import upright_rgb
 from sightstream.stages.video_failures import reason, unresolved
 from sightstream.stages.video_interrupt import Guard, guards
 
@@ -417,7 +418,7 @@ class _Reader:
         bucket = self._bucket(pts_s)
         if (self.last_pts is not None and pts_s <= self.last_pts) or bucket <= self.last_bucket:
             return True
-        image = frame.to_ndarray(format="rgb24")
+        image = upright_rgb(frame)
         # max(): with a variable frame rate two frames may round to one index
         index = max(round(pts_s * self.rate), self.last_index + 1)
         self.last_pts, self.last_bucket, self.last_index = pts_s, bucket, index

@@ -21,7 +21,7 @@ from sightstream.stages.video_reader import (
     display,
 )
 from tests.conftest import wait_for
-from tests.hls import column, make_clip, make_hls_vod
+from tests.hls import column, make_clip, make_hls_vod, make_portrait_clip
 
 SECONDS, RATE = 6, 25
 
@@ -223,3 +223,16 @@ async def test_a_vod_missing_a_segment_says_what_was_skipped(tmp_path):
     whole = VideoSource(f"file://{make_hls_vod(tmp_path / 'whole', SECONDS, RATE)}", ReaderOptions(fps=5))
     await read(whole)
     assert whole.stats.skipped_s == 0 and whole.stats.last_error is None
+
+
+async def test_a_portrait_phone_video_is_read_the_right_way_up(tmp_path):
+    """Its pictures are landscape, with a display matrix that says to turn them: models see
+    what a player shows (the bright column at the pictures' left edge is the top row)."""
+    from sightstream.publish import video_frames
+
+    clip = make_portrait_clip(tmp_path / "portrait.mp4", 1, 10)
+    (first,) = await read(VideoSource(str(clip), ReaderOptions(fps=0)), most=1)
+    published, _ = next(video_frames(str(clip), None, 10))
+    for image in (first.image, published):
+        assert image.shape == (160, 120, 3)
+        assert image[0, :, 1].mean() > 150 and image[-1, :, 1].mean() < 50
