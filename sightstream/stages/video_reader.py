@@ -211,6 +211,7 @@ class _Reader:
         self.last_index = -1
         self.read_to = -math.inf  # how far packets reached (pts + duration), from t0
         self.end_s: float | None = None  # where a VOD ends, from t0
+        self._local = False  # a file on this machine (not a playlist): read again, it says the same
         self.failures = 0
         # Timestamps start again with each session (RTSP): a reopen goes on after the last frame.
         self.sessions = urlsplit(url).scheme in ("rtsp", "rtsps")
@@ -299,6 +300,9 @@ class _Reader:
         if self.stats.is_live:  # ended (EXT-X-ENDLIST) or failing: a reopen tells, it opens as VOD
             return "the live stream stopped"
         if progressed and self.end_s is not None and self.read_to + 0.5 + 2 / self.rate < self.end_s:
+            if self._local:  # read again, a file says the same: its end is gone (cut short, damaged)
+                raise VideoSourceError(f"the video file {self.name} ends at {self.read_to:.1f} s of the "
+                                       f"{self.end_s:.1f} s its index gives: it is cut short")
             return f"the video ended early, at {self.read_to:.1f} s of {self.end_s:.1f} s"
         return None
 
@@ -323,6 +327,7 @@ class _Reader:
             self.rate = next((float(r) for r in (stream.average_rate, stream.guessed_rate) if r), 25.0)
         # A local file is never live, but a playlist (a packager writing live HLS to disk) may be.
         local = ("://" not in self.url or self.url.startswith("file:")) and container.format.name != "hls"
+        self._local = local
         live = (container.duration is None or (self.sessions and not container.duration)) and not (
             local or container.format.name in NEVER_LIVE_FORMATS)
         self.stats.is_live, self.stats.origin_s = live, self.t0

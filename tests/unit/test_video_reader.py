@@ -21,7 +21,7 @@ from sightstream.stages.video_reader import (
     display,
 )
 from tests.conftest import wait_for
-from tests.hls import column, make_clip, make_hls_vod, make_portrait_clip
+from tests.hls import SIZE, _encode, column, make_clip, make_hls_vod, make_portrait_clip
 
 SECONDS, RATE = 6, 25
 
@@ -236,3 +236,18 @@ async def test_a_portrait_phone_video_is_read_the_right_way_up(tmp_path):
     for image in (first.image, published):
         assert image.shape == (160, 120, 3)
         assert image[0, :, 1].mean() > 150 and image[-1, :, 1].mean() < 50
+
+
+async def test_a_local_file_cut_short_fails_at_once_after_its_frames(tmp_path):
+    """Read again, a file says the same: its end is gone. Reading it eight times over, with
+    back-off, only delayed the answer by most of a minute."""
+    whole = _encode(tmp_path / "whole.mp4", 4, 10, SIZE, None, fmt="mp4", options={"movflags": "+faststart"})
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    source = VideoSource(str(cut), ReaderOptions(fps=0))
+    frames: list[VideoFrame] = []
+    with pytest.raises(VideoSourceError, match="cut short"):
+        async for frame in source.frames():
+            frames.append(frame)
+    assert 5 < len(frames) < 40 and increasing(frames)  # what it holds was read,
+    assert source.stats.decoded == len(frames)  # once
