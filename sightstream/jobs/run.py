@@ -275,7 +275,7 @@ class JobRun:
     def _limit_reached(self, item: Item) -> bool:
         spec = self.job.spec
         if spec.max_seconds is not None and item.pts_s is not None:
-            return item.pts_s > spec.max_seconds
+            return item.pts_s >= spec.max_seconds  # 2 s of video: frames at 0 to 1.9 s, at 10 fps
         return False
 
     async def _items(self) -> AsyncIterator[Item]:

@@ -100,6 +100,11 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         job_id = await submit(client, source=f"file://{videos}/clip.mp4", fps=5, max_frames=4)
         job = await until_status(client, job_id, "completed")
         assert job["counts"]["processed"] == 4
+        # a second of video at 10 fps: ten frames, 0 to 0.9 s (not the one at 1.0 s too)
+        second = await submit(client, source=f"file://{videos}/clip.mp4", fps=10, max_seconds=1)
+        assert (await until_status(client, second, "completed"))["counts"]["processed"] == 10
+        pts = [int(r["fields"]["pts_ms"]) for r in await all_results(client, second, 100)]
+        assert pts == [100 * i for i in range(10)]
         for after in ("99999999999999999999999", "1-18446744073709551616", "x"):
             r = await client.get(f"/jobs/{job_id}/results", params={"after": after})
             assert r.status == 422, after
