@@ -238,8 +238,8 @@ class LiveHLS:
         self._freeze()
         self._ended = True
 
-    def _not_found(self) -> None:
-        self._missing = True
+    def _not_found(self, missing: bool) -> None:
+        self._missing = missing
         self._released.set()
 
     def stall(self, hang: bool = True) -> None:
@@ -251,8 +251,9 @@ class LiveHLS:
     def end(self) -> None:
         self._call(self._end)
 
-    def not_found(self) -> None:
-        self._call(self._not_found)
+    def not_found(self, missing: bool = True) -> None:
+        """Answer 404 to everything (False: answer again, as a packager back from a restart)."""
+        self._call(self._not_found, missing)
 
     def _call(self, fn, *args) -> None:
         assert self._server is not None, "use `with live_hls(...)`"

@@ -182,12 +182,14 @@ class _Keyframes:
 
 
 class _OpenFailed(Exception):
-    def __init__(self, error: BaseException, url: str, live: bool) -> None:
+    def __init__(self, error: BaseException, url: str, live: bool, was_live: bool) -> None:
         # A host with no address: a typo more often than an outage, so retrying gives up soon;
         # but a live source (a camera whose name goes with it while it reboots) keeps trying.
+        # A refusal (404, 403, …) is final too, but not from a source already read live: a
+        # packager restarting answers 404 for a while.
         dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
         super().__init__(dns or reason(error))
-        self.permanent = (dns is not None and not live) or isinstance(error, _PERMANENT)
+        self.permanent = (dns is not None and not live) or (isinstance(error, _PERMANENT) and not was_live)
 
 
 class _Reader:
@@ -284,7 +286,7 @@ class _Reader:
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
             )
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise _OpenFailed(e, self.url, self._live()) from e
+            raise _OpenFailed(e, self.url, self._live(), self.stats.is_live is True) from e
         finally:
             self.stats.open_s += time.perf_counter() - started
         with container:

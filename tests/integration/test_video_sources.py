@@ -123,13 +123,19 @@ async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, li
     assert max(b - a for a, b in zip(during, during[1:])) < 1.6
 
 
-async def test_a_live_source_that_disappears_fails(live):
-    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
+async def test_a_live_source_that_answers_404_for_a_while_is_read_on_when_it_is_back(live):
+    """A packager restarting answers 404 for a while: a source already read live waits (a job
+    gives up after jobs.give_up_s), rather than failing after three quick tries."""
+    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3, max_backoff_s=0.5))
     async with Reader(source) as r:
         await wait_for(lambda: len(r.frames) >= 1, 10, "a frame")
         live.not_found()
-        with pytest.raises(VideoSourceError, match="404 Not Found"):
-            await asyncio.wait_for(r.task, 15)
+        await wait_for(lambda: source.stats.reopens >= 4, 15, "tries past the three a refusal gets")
+        assert "404 Not Found" in (source.stats.last_error or "") and not r.task.done()
+        read = len(r.frames)
+        live.not_found(False)
+        await wait_for(lambda: len(r.frames) > read, 15, "frames once it answers again")
+    assert r.ordered()
 
 
 async def test_a_stalled_source_is_reopened_by_the_watchdog(live):
