@@ -46,6 +46,7 @@ _log = log.get(__name__)
 av.logging.set_level(None)
 
 DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the encoder restarted
+LIVE_STOPPED: Final = "the live stream stopped"  # ended or failing: a reopen tells which
 GAP_S: Final = 0.5  # an HLS VOD jumping this far ahead: a segment was skipped (not a frame rate)
 _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
     av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
@@ -300,7 +301,7 @@ class _Reader:
         if time.monotonic() - self.guard.last >= 0.9 * self.o.read_timeout_s:
             return "timed out"
         if self.stats.is_live:  # ended (EXT-X-ENDLIST) or failing: a reopen tells, it opens as VOD
-            return "the live stream stopped"
+            return LIVE_STOPPED
         if progressed and self.end_s is not None and self.read_to + 0.5 + 2 / self.rate < self.end_s:
             if self._local:  # read again, a file says the same: its end is gone (cut short, damaged)
                 raise VideoSourceError(f"the video file {self.name} ends at {self.read_to:.1f} s of the "
@@ -332,8 +333,13 @@ class _Reader:
         self._local = local
         live = (container.duration is None or (self.sessions and not container.duration)) and not (
             local or container.format.name in NEVER_LIVE_FORMATS)
+        was_live = self.stats.is_live is True
+        if was_live and not live and self.stats.last_error == LIVE_STOPPED:
+            self.stats.last_error = None  # it ended (EXT-X-ENDLIST): the reopen that told is no fault
         self.stats.is_live, self.stats.origin_s = live, self.t0
-        self.stats.duration_s = container.duration / 1e6 if container.duration and not live else None
+        # An ended live stream opens as a VOD of its last window: that is not the video's length.
+        self.stats.duration_s = (container.duration / 1e6 if container.duration and not live and not was_live
+                                 else None)
         self.end_s = None
         self.keyframes.reopened()
         if not live and container.duration:

@@ -101,6 +101,8 @@ async def test_a_live_stream_keeps_coming_and_ends_with_its_playlist(live):
         live.end()
         await asyncio.wait_for(r.task, 15)  # EXT-X-ENDLIST read to the end: the read ends
     assert r.ordered() and [f.index for f in r.frames] == list(range(len(r.frames)))
+    # an end is no fault, and the last window's length is not the video's
+    assert source.stats.last_error is None and source.duration_s is None
 
 
 async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, live):
