@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -15,6 +16,8 @@ from sightstream.config import JobSettings
 from sightstream.errors import SightstreamError
 
 SCHEMES = ("http", "https", "rtsp", "rtsps", "file", "redis")
+# redis://127.0.0.1:6379/frames:{cam1}: a server and a key, where a stream key alone belongs
+SERVER_AND_KEY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|localhost|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+):\d{1,5}/")
 
 
 class SourceRefused(SightstreamError):
@@ -50,6 +53,12 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Sour
             raise SourceRefused("a redis:// source names a stream key: redis://frames:{cam1}")
         if keys.is_own_output(key, []) or key.startswith("results:"):
             raise SourceRefused(f"{key} is one of sightstream's own output streams")
+        if any(c in key for c in "*?["):  # as a literal key, it would wait for ever on nothing
+            raise SourceRefused(f"redis://{key} is a glob: a job reads one stream, named in full "
+                                "(redis://frames:{cam1}); a pipeline's input takes globs")
+        if SERVER_AND_KEY.match(key):
+            raise SourceRefused(f"redis://{key} names a Redis server: a job reads a stream of the "
+                                "daemon's own Redis, named alone (redis://frames:{cam1})")
         return Source(url, "stream", key)
     if any(ord(c) < 32 or c == "\x7f" for c in unquote(url)):  # a NUL or a newline: no path or host has one
         raise SourceRefused("the source URL holds a control character (such as %00)")

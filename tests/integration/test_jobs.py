@@ -132,6 +132,9 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         r = await client.post("/jobs", data=b" ")
         assert r.status == 400 and "body is empty" in (await r.json())["error"]["message"]
         assert "own output" in await refused(422, source="redis://results:people:frames:{a}")
+        # taken as literal keys, these waited for ever on nothing
+        assert "is a glob" in await refused(422, source="redis://frames:*")
+        assert "names a Redis server" in await refused(422, source="redis://127.0.0.1:6379/frames:{a}")
         # each was a 500 with a traceback, or a job that crashed when read
         r = await client.post("/jobs", json={"model": "fake/badopt", "source": f"file://{videos}/clip.mp4"})
         body = await r.json()  # was 201, then "completed" with its frame dead-lettered model_error
