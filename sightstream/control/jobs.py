@@ -350,6 +350,8 @@ async def cancel(request: web.Request) -> web.Response:
         raise ApiError(404, f"no job {job_id!r}")
     if before not in ("pending", "running"):
         raise ApiError(409, f"job {job_id} has already ended ({before})", "conflict")
+    # counted here, by the daemon that ended it: its runner (maybe on another daemon) only stops
+    request.app[DAEMON].metrics.jobs_finished.labels("cancelled").inc()
     return reply(Cancelled(job_id=job_id, status="cancelled"))
 
 

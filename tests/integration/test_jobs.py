@@ -181,6 +181,8 @@ async def test_live_hls_with_max_seconds_then_cancel_and_listing(redis_url, tmp_
             await asyncio.sleep(1.5)
             job = await (await client.get(f"/jobs/{endless}")).json()
             assert job["status"] == "cancelled" and job["counts"]["processed"] == count  # nothing after
+            metrics = await (await client.get("/metrics")).text()
+            assert 'sightstream_jobs_finished_total{status="cancelled"} 1.0' in metrics
             # its counts as the run left them (the periodic write may not have been made yet: 0 decoded)
             assert job["counts"]["decoded"] >= job["counts"]["sampled"] >= job["counts"]["processed"], job["counts"]
             assert (await client.delete(f"/jobs/{endless}")).status == 409
