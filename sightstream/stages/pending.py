@@ -22,7 +22,7 @@ from redis.exceptions import RedisError, ResponseError
 from sightstream import keys, log
 from sightstream.config import PipelineSettings
 from sightstream.errors import FrameError
-from sightstream.frames import DeadLettered, Frame, entry_ms
+from sightstream.frames import Acked, DeadLettered, Frame, entry_ms, is_stale
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import InFlight, RedisRetry, Stopped, wait_or_stop
 
@@ -64,6 +64,7 @@ class Admission:
         # built before a stream went to another daemon and came back is not reused
         self.generations: dict[str, int] = {}
         self._frames_in = metrics.frames_in.labels(pipeline.name)  # looked up once, used per frame
+        self.stale_read = 0  # live mode: entries found stale as they were read (the ingest's turns)
 
     async def admit(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
@@ -86,8 +87,13 @@ class Admission:
                                        f"delivered {times} times; max_deliveries is {self._p.max_deliveries}")
                 continue
             parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
-            if await self._checked(frame, parse):
-                kept.append(frame)
+            if not await self._checked(frame, parse):
+                continue
+            if is_stale(frame, self._p.max_age_ms):  # dropped as read: it takes no turn downstream
+                self.stale_read += 1
+                await self._outcomes.put(Acked(frame, "stale"))
+                continue
+            kept.append(frame)
         if used and self._on_read is not None:
             self._on_read(self._p.name, stream, used)
         if self._p.prompt_from and kept:

@@ -11,6 +11,8 @@
   are looked at in turn between those reads, `room` streams at a time, without blocking. So a
   busy camera keeps its pace however many idle ones the input glob matches. Only when no
   stream is active and one read covers them all does the read block (up to 1 s).
+- Live mode: entries already stale when read are dropped at once (stages/pending.py); a read
+  of active streams that gave only stale ones is made again before the others' turn.
 - New streams matching an input glob are found by a periodic SCAN (every `discover_s`).
 - For a model that keeps state per source (tracking), it reads only the streams whose source
   lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
@@ -258,6 +260,7 @@ class RedisIngest(StreamReader):
                 self._group, self._consumer, {s: ">" for s in chosen}, count=count, block=block_ms)
         used = 0
         now = time.monotonic()
+        stale = self._admission.stale_read
         for stream, entries in replies or ():
             name = stream.decode()
             if entries:
@@ -265,6 +268,11 @@ class RedisIngest(StreamReader):
                 if self.leases:
                     self._fed[name] = now
             used += await self._admission.admit(name, entries)
+        if of_active and used and self._admission.stale_read - stale == used:
+            # Live mode, all stale: read the same streams again before the others' turn. Else a
+            # camera left behind by a burst moves on one entry per turn, at the model's pace,
+            # while the others' fresh frames take theirs: every frame it reads is stale, for ever.
+            self._active_rotation -= room
         if used or (block_ms and not self._cluster):
             self._idle_rounds = self._idle_passes = 0
         elif not self._active:

@@ -174,6 +174,36 @@ async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gra
 
 
 
+async def test_live_mode_catches_up_with_a_camera_that_fell_behind(redis_url, sync_redis, tmp_path, gradient):
+    """A burst left one camera's read position far behind. Its stale frames took in-flight room
+    and went the way of fresh ones to the decoder, so its position crept on at about the model's
+    pace while the other camera's fresh frames took their turns: every frame it read was stale,
+    and that camera got no result for minutes. Dropped as they are read, stale frames cost nothing."""
+    jpeg = encode(gradient)
+    old = str(int(time.time() * 1000) - 60_000)
+    pipe = sync_redis.pipeline()
+    for _ in range(2000):  # the burst, long stale
+        pipe.xadd("frames:{behind}", {"image": jpeg, "ts": old})
+    for _ in range(10):  # the other camera has frames waiting from the start
+        pipe.xadd("frames:{ahead}", {"image": jpeg})
+    pipe.execute()
+    settings = settings_for(redis_url, tmp_path, [
+        {"model": "fake/slow", "max_age_ms": 3000, "batch_size": 1, "max_in_flight": 1}],
+        fakes={"slow": {"delay_s": 0.1}})  # 10 frames/s: the camera ahead (12/s) always has one waiting
+    sent: list[str] = []
+    async with running(settings) as d:
+        for tick in range(72):  # 6 s: the camera ahead at 12 frames/s, the one behind at 8
+            sync_redis.xadd("frames:{ahead}", {"image": jpeg})
+            if tick % 3:
+                sent.append(sync_redis.xadd("frames:{behind}", {"image": jpeg}).decode())
+            await asyncio.sleep(1 / 12)
+        assert counts(sync_redis, "frames:{behind}")[0] > 0  # its live frames came through
+        stale = d.metrics.frames_acked.labels("people", "stale")._value.get()
+    assert stale >= 2000
+    published = {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{behind}")}
+    assert published <= set(sent)  # its live frames, none of the burst
+
+
 async def test_a_result_that_cannot_be_written_leaves_the_frame_pending_then_dead_letters_it(
         redis_url, sync_redis, tmp_path, gradient):
     # A key collision: the result stream's key holds a string, so every XADD to it fails.
