@@ -148,6 +148,16 @@ def output_glob(template: str, pipeline: str) -> str:
     return template.replace("{pipeline}", pipeline).replace("{source}", "*")
 
 
+def source_of(template: str, pipeline: str, stream: str) -> str | None:
+    """The source whose results `stream` holds, under a pipeline's output template (the
+    inverse of result_stream); None if the template does not name it this way."""
+    if "{source}" not in template:
+        return None
+    pattern = re.escape(template).replace(re.escape("{pipeline}"), re.escape(pipeline))
+    match = re.fullmatch(pattern.replace(re.escape("{source}"), "(.+)", 1), stream)
+    return match.group(1) if match else None
+
+
 # Result streams under the default output prefix, whichever pipeline or deployment wrote them.
 RESULTS_GLOB = "results:*:*"
 

@@ -23,8 +23,9 @@ def gather(base: str, token: str) -> dict[str, Any]:
         # not; not asked while Redis cannot be (each ask would wait on it again)
         listed = None if p.get("redis_error") else call(
             base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"]
-        names = [s["stream"] for s in listed] if listed is not None else []
-        pending = {s["stream"]: s["pending"] for s in listed or ()}
+        # by source: a chained pipeline's stream is its upstream's results of the source
+        names = [s.get("source", s["stream"]) for s in listed] if listed is not None else []
+        pending = {s.get("source", s["stream"]): s["pending"] for s in listed or ()}
         names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
         for name in names:
             sources.append({"pipeline": p["name"], "source": name, "pending": pending.get(name),

@@ -33,6 +33,8 @@ api = Api("pipelines")
 
 class Source(BaseModel):
     stream: str
+    source: str = Field(description="the source its frames are of: the stream itself, or for a chained "
+                                    "pipeline the source whose upstream results it reads")
     pending: int = Field(description="read by a daemon of the group, not yet acknowledged")
     lag: int | None = Field(description="entries not yet read by the group (null on Redis 6.2)")
     last_delivered_id: str
@@ -115,7 +117,7 @@ async def get_pipeline(request: web.Request) -> web.Response:
 
 async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
     run = d.runs.get(p.name)
-    found, redis_error = await _sources(d, p.name, list(run.ingest.found) if run else [])
+    found, redis_error = await _sources(d, p, list(run.ingest.found) if run else [])
     if run is None and redis_error is None:
         redis_error = "not read yet: the daemon is waiting for Redis"
     fps_in, fps_out = d.rates.fps(p.name)
@@ -197,10 +199,17 @@ async def _asked(call: Awaitable[T]) -> tuple[T | None, str | None]:
         return None, f"redis is unreachable: {e}"
 
 
-async def _sources(d: Daemon, pipeline: str, streams: list[str]) -> tuple[list[Source] | None, str | None]:
+async def _sources(
+    d: Daemon, p: PipelineSettings, streams: list[str]
+) -> tuple[list[Source] | None, str | None]:
     """Each source's backlog, or None and why: Redis cannot be asked."""
-    backlog, why = await _asked(group_backlog(d.client, pipeline, streams))
+    backlog, why = await _asked(group_backlog(d.client, p.name, streams))
     if backlog is None:
         return None, why
-    return [Source(stream=b.stream, pending=b.pending, lag=b.lag, last_delivered_id=b.last_delivered_id)
-            for b in backlog], None
+    upstream = next((q for q in d.settings.pipelines if q.name == p.prompt_from), None)
+
+    def source(stream: str) -> str:  # a chained pipeline reads its upstream's results of a source
+        return (keys.source_of(upstream.output, upstream.name, stream) if upstream else None) or stream
+
+    return [Source(stream=b.stream, source=source(b.stream), pending=b.pending, lag=b.lag,
+                   last_delivered_id=b.last_delivered_id) for b in backlog], None

@@ -72,20 +72,14 @@ class Snapshots:
 
     def dead_lettered(self, frame: Frame) -> None:
         """A frame of this source went to the dead-letter stream."""
-        key = (frame.pipeline, frame.source)
-        if key not in self._dead and len(self._dead) >= 4 * max(1, self.max_sources):
-            self._dead.pop(next(iter(self._dead)))  # bounded: the oldest-seen source's count goes
-        self._dead[key] = self._dead.get(key, 0) + 1
+        _count(self._dead, (frame.pipeline, frame.source), 1, 4 * max(1, self.max_sources))
 
     def dead_count(self, pipeline: str, source: str) -> int:
         return self._dead.get((pipeline, source), 0)
 
     def frames_read(self, pipeline: str, source: str, frames: int) -> None:
         """Frames of this source read (the page's frames/s in)."""
-        key = (pipeline, source)
-        if key not in self._in and len(self._in) >= 4 * max(1, self.max_sources):
-            self._in.pop(next(iter(self._in)))
-        self._in[key] = self._in.get(key, 0) + frames
+        _count(self._in, (pipeline, source), frames, 4 * max(1, self.max_sources))
 
     def read_count(self, pipeline: str, source: str) -> int:
         return self._in.get((pipeline, source), 0)
@@ -133,6 +127,17 @@ class Snapshots:
         """Cache a drawing, if its snapshot is still the source's latest."""
         if self._latest.get((snap.pipeline, snap.source)) is snap:
             self._rendered[(snap.pipeline, snap.source)] = (snap.version, jpeg)
+
+
+def _count(counts: dict[tuple[str, str], int], key: tuple[str, str], n: int, most: int) -> None:
+    """Add n to a source's count, keeping at most `most` sources: the one counted longest ago
+    goes (a dict keeps insertion order: a count moves to the end when it changes), not the
+    first seen, which is likely a camera still sending; the page would take its drop for a
+    restart."""
+    count = counts.pop(key, 0) + n
+    if len(counts) >= most:
+        counts.pop(next(iter(counts)))
+    counts[key] = count
 
 
 def render(snap: Snapshot, max_side: int = 960) -> bytes:

@@ -13,6 +13,7 @@ that prompt this pipeline's model. A frame already trimmed away is dead-lettered
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,7 @@ class Admission:
     ) -> int:
         """Queue each entry as a frame (or an outcome). Uses one reserved in-flight place per
         entry it keeps; returns how many places it used."""
-        used = 0
+        read: list[Frame] = []
         kept: list[Frame] = []
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
@@ -80,7 +81,7 @@ class Admission:
                           deliveries=times, generation=self.generations.get(stream, 0))
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
-            used += 1
+            read.append(frame)
             self._frames_in.inc()
             if times > self._p.max_deliveries:
                 await self.dead_letter(frame, "max_deliveries",
@@ -94,8 +95,11 @@ class Admission:
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
             kept.append(frame)
+        used = len(read)
         if used and self._on_read is not None:
-            self._on_read(self._p.name, stream, used)
+            # by source: a chained pipeline's frames (once parsed) name the upstream's source
+            for source, n in Counter(f.source for f in read).items():
+                self._on_read(self._p.name, source, n)
         if self._p.prompt_from and kept:
             try:
                 kept = await self._with_source_frames(kept)

@@ -3,6 +3,7 @@ each pipeline its own consumer group, joined by the upstream's result streams (r
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -54,6 +55,26 @@ async def test_sam2_segments_each_upstream_detection(redis_url, sync_redis, tmp_
     assert len(faces[ids[0]]) >= 1 and faces[ids[1]] == []  # the astronaut's face; none in a gradient
     assert pending(sync_redis, "results:faces:frames:{cam}", "masks") == 0
     assert not sync_redis.exists("results:masks:results:faces:frames:{cam}")  # nothing read twice
+
+
+async def test_a_chained_pipeline_s_figures_are_by_the_source_it_reads_the_results_of(
+        redis_url, sync_redis, tmp_path, sam2_path, astronaut_jpeg):
+    """The live page and `sightstream status` join a pipeline's pending entries and its frames
+    read by source: a chained pipeline's stream is its upstream's results of a source, so its
+    tiles said 0 frames/s in, pending '?', and status listed each source twice."""
+    from sightstream.status import gather
+
+    for _ in range(2):
+        sync_redis.xadd("frames:{cam}", {"image": astronaut_jpeg})
+    async with serving(chained(redis_url, tmp_path, sam2_path)) as (d, client):
+        await wait_for(lambda: sync_redis.xlen("results:masks:frames:{cam}") == 2, 60, "2 mask results")
+        (described,) = (await (await client.get("/pipelines/masks")).json())["sources"]
+        assert described["stream"] == "results:faces:frames:{cam}" and described["source"] == "frames:{cam}"
+        tiles = {(s["pipeline"], s["source"]): s for s in (await (await client.get("/sources")).json())["sources"]}
+        assert tiles[("masks", "frames:{cam}")]["read"] == 2
+        base = str(client.make_url("")).rstrip("/")
+        listed = [(s["pipeline"], s["source"]) for s in (await asyncio.to_thread(gather, base, ""))["sources"]]
+    assert listed.count(("masks", "frames:{cam}")) == 1 and len(listed) == 2
 
 
 async def test_the_prompt_keeps_only_some_labels(redis_url, sync_redis, tmp_path, sam2_path, astronaut_jpeg):

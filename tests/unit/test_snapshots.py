@@ -42,6 +42,19 @@ def test_the_latest_result_per_source_is_kept_for_a_bounded_number_of_sources():
     assert s.get("p", "raw") is None
 
 
+def test_the_counts_kept_are_of_the_sources_counted_lately():
+    """Bounded to 4 x max_sources: the source counted longest ago goes, not the first seen (a
+    camera still sending, whose drop the page took for a restart)."""
+    s = Snapshots(max_sources=2)
+    for i in range(20):  # short-lived streams come and go; "cam" keeps sending
+        s.frames_read("p", "cam", 10)
+        s.frames_read("p", f"brief{i}", 1)
+        s.dead_lettered(frame("cam"))
+        s.dead_lettered(frame(f"brief{i}"))
+    assert s.read_count("p", "cam") == 200 and s.dead_count("p", "cam") == 20
+    assert s.read_count("p", "brief0") == 0 and s.read_count("p", "brief19") == 1
+
+
 def test_versions_never_repeat_and_the_bytes_kept_are_capped():
     s = Snapshots(max_sources=10, max_bytes=50_000)
     seen = set()
