@@ -213,7 +213,8 @@ class StreamReader:
                     await self.on_nogroup()
                     nogroup = False
                 await self.step()
-                self._retry.succeeded()
+                if not self._stop.is_set():  # a step that ended for the stop proves nothing of Redis
+                    self._retry.succeeded()
             except ResponseError as e:
                 # NOGROUP; or UNBLOCKED: the stream a blocking read waited on was deleted
                 if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):

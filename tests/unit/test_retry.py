@@ -164,3 +164,22 @@ def test_a_redis_url_is_shown_without_its_password(url, shown):
     from sightstream.redis_conn import safe_url
 
     assert safe_url(url) == shown
+
+
+async def test_a_reader_stopped_during_an_outage_does_not_say_redis_recovered():
+    """Its step returns for the stop, not because Redis answered."""
+    from sightstream.stages.pending import StreamReader
+
+    stop = asyncio.Event()
+
+    class Reader(StreamReader):
+        async def step(self) -> None:
+            if not self._retry.failures:
+                raise RedisConnectionError("Connection refused")
+            stop.set()  # the daemon stops while Redis is still away: the step gives up
+
+    metrics, p = Metrics(), PipelineSettings(name="p")
+    reader = Reader(p, fakeredis.FakeAsyncRedis(), lambda: "c", None, InFlight(1), metrics, stop)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        await asyncio.wait_for(reader.run(), 10)
+    assert not [e for e in logs if e["event"] == "redis_recovered"]
