@@ -51,7 +51,8 @@ class Metrics:
         )
         self.publish_duplicates = Counter(
             "sightstream_publish_not_acked",
-            "Outcomes not published because the entry was already acknowledged (by another daemon)",
+            "Outcomes not published: the entry was no longer pending (acknowledged by another daemon, "
+            "or its stream deleted)",
             ["pipeline"],
             registry=r,
         )
