@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -31,6 +32,28 @@ from sightstream.stages.flow import RedisRetry, wait_or_stop
 
 _log = log.get(__name__)
 REST_ROUNDS = 3  # rounds after a handover before another: the receiver's published load catches up
+MEMBER_FORMAT = "v2"  # a member key's value: v2:<active streams>:<its TTL, ms>
+
+
+@dataclass(frozen=True)
+class Member:
+    """A daemon serving the pipeline, as its member key says."""
+
+    name: str  # its consumer name: the lease token
+    load: int  # its active streams
+    takes: bool  # a stream may be handed to it: it spoke lately, and it adopts handed streams
+
+    @classmethod
+    def read(cls, name: str, value: str, left_ms: int) -> Member:
+        """A daemon of an earlier version writes "1": it counts for the share, but is handed
+        nothing (it adopts a stream leased to it only while under its share: the stream would
+        go unread until the lease lapsed). A daemon killed a moment ago is listed until its key
+        expires; one that has not renewed its key for half its TTL is handed nothing."""
+        form, _, rest = value.partition(":")
+        load, _, ttl = rest.partition(":")
+        if form != MEMBER_FORMAT or not load.isdigit() or not ttl.isdigit():
+            return cls(name, 1, False)
+        return cls(name, int(load), left_ms > int(ttl) // 2)
 
 
 class SourceLeases:
@@ -49,6 +72,7 @@ class SourceLeases:
         self._rest = 0  # rounds to wait before the next handover
         self._handed_in: dict[str, int] = {}  # streams handed to us -> rounds they count as active
         self._load = 0  # the active streams this daemon last published
+        self._rounds = 0  # rounds settled: in the first, leases naming this daemon are its own, kept
 
     async def settle(self, found: list[str], busy: Callable[[str], bool],
                      active: Callable[[str], bool]) -> list[str]:
@@ -57,8 +81,8 @@ class SourceLeases:
         stream over when more loaded than another daemon. `busy(stream)`: frames of it are in
         flight here; `active(stream)`: it gave frames lately. Returns the streams newly taken."""
         await self._publish()
-        loads = await self._loads()
-        share = math.ceil(len(found) / max(1, len(loads)))
+        members = await self._members()
+        share = math.ceil(len(found) / max(1, len(members)))
         handing = self.handing[0] if self.handing else None
         others = [s for s in found if s not in self.held and s != handing]
         taken = []
@@ -68,32 +92,40 @@ class SourceLeases:
                 if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                     self.held.append(stream)
                     taken.append(stream)
-                    if owner == self._consumer:  # active: counted at once, before a frame is read
+                    if owner == self._consumer and self._rounds:  # handed over: active, counted at once
                         self._handed_in[stream] = 2 * REST_ROUNDS
+        self._rounds += 1
         if len(self.held) > share:
-            spare = [s for s in self.held if not busy(s)]
+            # not one just handed here: the giver is under its share now, and would take it back
+            spare = [s for s in self.held if not busy(s) and s not in self._handed_in]
             if spare:
                 idle = [s for s in spare if not active(s)]
                 await self.give_back((idle or spare)[-1])
         self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
         mine = [s for s in self.held if active(s) or s in self._handed_in]
         await self._publish(len(mine))
-        await self._balance({name: load for name, (load, fresh) in loads.items()
-                             if fresh and name != self._consumer}, mine, busy)
+        await self._balance({m.name: m.load for m in members if m.takes and m.name != self._consumer},
+                            mine, busy)
         return taken
 
     async def _publish(self, load: int | None = None) -> None:
-        """Say this daemon serves the pipeline, and how many active streams it reads."""
+        """Say this daemon serves the pipeline, how many active streams it reads, and for how
+        long this word holds (its TTL: the others judge whether it spoke lately by it)."""
         if load is not None:
             self._load = load
-        await self._client.set(keys.source_member(self._pipeline, self._consumer), self._load, px=self.ttl_ms)
+        await self._client.set(keys.source_member(self._pipeline, self._consumer),
+                               f"{MEMBER_FORMAT}:{self._load}:{self.ttl_ms}", px=self.ttl_ms)
 
     async def _balance(self, others: dict[str, int], mine: list[str], busy: Callable[[str], bool]) -> None:
         """Hand an active stream to the least loaded of the `others` (their active streams), or
         finish a handover once the stream's frames here are done."""
         if self.handing is not None:
             stream, to = self.handing
-            if not busy(stream):
+            if to not in others:  # it stopped speaking meanwhile (stopped, died): read it again here
+                self.handing = None
+                self.held.append(stream)
+                _log.info("source_handover_dropped", pipeline=self._pipeline, source=stream, to=to)
+            elif not busy(stream):
                 self.handing = None
                 self._rest = REST_ROUNDS
                 if await self._client.eval(HAND_OVER, 1, self._key(stream), self._consumer, to, self.ttl_ms):
@@ -113,28 +145,23 @@ class SourceLeases:
             _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
                       active_here=len(mine), active_there=least)
 
-    async def _loads(self) -> dict[str, tuple[int, bool]]:
-        """The daemons serving the pipeline (this one included): each one's active streams, and
-        whether it spoke lately (a daemon killed a moment ago is still listed until its key
-        expires, but nothing is handed to it)."""
+    async def _members(self) -> list[Member]:
+        """The daemons serving the pipeline, this one included."""
         prefix = keys.source_member(self._pipeline, "")
         names = [key.decode() async for key in
                  self._client.scan_iter(match=keys.source_member(self._pipeline, "*"), count=1000)]
         if not names:
-            return {}
+            return []
         async with self._client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.get(name)
                 pipe.pttl(name)
             replies = await pipe.execute()
-        loads = {}
-        for name, value, ttl_ms in zip(names, replies[::2], replies[1::2]):
-            if value is None:  # gone between the scan and the read
-                continue
-            # A value that is not a count (written by another version) counts as one active stream.
-            load = int(value) if value.isdigit() else 1
-            loads[name[len(prefix):]] = (load, ttl_ms > self.ttl_ms // 2)
-        return loads
+        members = []
+        for name, value, left_ms in zip(names, replies[::2], replies[1::2]):
+            if value is not None:  # else gone between the scan and the read
+                members.append(Member.read(name[len(prefix):], value.decode(), left_ms))
+        return members
 
     async def _owners(self, streams: list[str]) -> list[str | None]:
         """Who holds each stream's lease, in one round trip (a pipeline: on a cluster, the

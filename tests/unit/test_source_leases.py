@@ -15,22 +15,36 @@ STREAMS = [f"frames:{{cam{i}}}" for i in range(8)]
 ACTIVE = set(STREAMS[:4])  # cameras that send frames; the others are quiet
 
 
-def daemon(server, name: str) -> SourceLeases:
-    return SourceLeases(fakeredis.FakeAsyncRedis(server=server), "tracks", name)
+class Daemon:
+    """A daemon's leases and what its reader would say of each stream: a stream it holds is
+    found active (it gave frames) only once it has been read for a round; it is busy (frames
+    in flight) while it is read, if `loaded`."""
+
+    def __init__(self, server, name: str, loaded: bool = True) -> None:
+        self.leases = SourceLeases(fakeredis.FakeAsyncRedis(server=server), "tracks", name)
+        self.loaded = loaded
+        self.read_for: dict[str, int] = {}  # stream -> rounds it has been read here
+
+    def active(self, stream: str) -> bool:
+        return stream in ACTIVE and self.read_for.get(stream, 0) >= 1
+
+    def busy(self, stream: str) -> bool:
+        return self.loaded and self.active(stream) and stream in self.leases.held
+
+    async def round(self, streams: list[str] = STREAMS) -> list[str]:
+        taken = await self.leases.settle(streams, self.busy, self.active)
+        self.read_for = {s: self.read_for.get(s, 0) + 1 for s in self.leases.held}
+        return taken
 
 
-async def rounds(server, daemons: list[SourceLeases], n: int, loaded: bool = True) -> list[tuple[str, str]]:
-    """n rounds of every daemon in turn; returns the lease moves seen (stream, new owner).
-    `loaded`: an active stream always has frames in flight while it is read; else never."""
+async def rounds(server, daemons: list[Daemon], n: int) -> list[tuple[str, str | None]]:
+    """n rounds of every daemon in turn; returns the lease moves seen (stream, new owner)."""
     client = fakeredis.FakeAsyncRedis(server=server)
     moves = []
     before = await owners(client)
     for _ in range(n):
         for d in daemons:
-            # A stream is busy while it is read (its frames in flight); one being handed over
-            # is no longer read, so it drains.
-            await d.settle(STREAMS, busy=lambda s, d=d: loaded and s in ACTIVE and s in d.held,
-                           active=lambda s: s in ACTIVE)
+            await d.round()
         now = await owners(client)
         moves += [(s, now[s]) for s in STREAMS if now[s] != before[s]]
         before = now
@@ -42,69 +56,108 @@ async def owners(client) -> dict[str, str | None]:
     return {s: v.decode() if v else None for s, v in zip(STREAMS, values)}
 
 
-def check_split(daemons: list[SourceLeases]) -> None:
-    held = [s for d in daemons for s in d.held]
+def check_split(daemons: list[Daemon]) -> None:
+    held = [s for d in daemons for s in d.leases.held]
     assert sorted(held) == sorted(STREAMS)  # each stream read by exactly one daemon
     share = math.ceil(len(STREAMS) / len(daemons))
-    assert all(len(d.held) <= share for d in daemons)
-    active = [len(ACTIVE & set(d.held)) for d in daemons]
+    assert all(len(d.leases.held) <= share for d in daemons)
+    active = [len(ACTIVE & set(d.leases.held)) for d in daemons]
     assert max(active) - min(active) <= 1, active
 
 
 @pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "light"])
 async def test_daemons_that_join_get_busy_streams_too_and_the_split_then_holds(loaded):
     server = fakeredis.FakeServer()
-    first = daemon(server, "one:0")
-    await rounds(server, [first], 3, loaded)
-    assert sorted(first.held) == sorted(STREAMS)
-    everyone = [first, daemon(server, "two:0"), daemon(server, "three:0")]
-    await rounds(server, everyone, 30, loaded)
+    first = Daemon(server, "one:0", loaded)
+    await rounds(server, [first], 3)
+    assert sorted(first.leases.held) == sorted(STREAMS)
+    everyone = [first, Daemon(server, "two:0", loaded), Daemon(server, "three:0", loaded)]
+    await rounds(server, everyone, 40)
     check_split(everyone)
-    assert await rounds(server, everyone, 30, loaded) == []  # stable: no stream moves back and forth
+    assert await rounds(server, everyone, 60) == []  # stable: no stream moves back and forth
     c = fakeredis.FakeAsyncRedis(server=server)
-    assert await owners(c) == {s: d._consumer for d in everyone for s in d.held}
+    assert await owners(c) == {s: d.leases._consumer for d in everyone for s in d.leases.held}
+
+
+async def test_a_stream_handed_to_a_daemon_at_its_share_is_not_given_straight_back():
+    """The receiver, over its count share once it adopts the stream, gave back the stream it
+    had just adopted (not busy, not fed yet): the giver took it back, and handed it again."""
+    server = fakeredis.FakeServer()
+    streams = STREAMS[:6]  # 4 busy, 2 quiet
+    one, two = Daemon(server, "one:0"), Daemon(server, "two:0")
+    c = fakeredis.FakeAsyncRedis(server=server)
+    for stream in streams:  # one reads the busy ones, two the quiet ones: a split by count only
+        await c.set(keys.source_lease("tracks", stream), "one:0" if stream in ACTIVE else "two:0")
+    one.leases._rounds = two.leases._rounds = 1  # both have run a while
+    one.leases.held, two.leases.held = [s for s in streams if s in ACTIVE], [s for s in streams if s not in ACTIVE]
+    moves = []
+    for _ in range(40):
+        for d in (one, two):
+            await d.round(streams)
+        moves.append(await owners(c))
+    active = [len(ACTIVE & set(d.leases.held)) for d in (one, two)]
+    assert active == [2, 2] and sorted(one.leases.held + two.leases.held) == sorted(streams)
+    assert moves[-1] == moves[-15]  # settled: nothing bounces
 
 
 async def test_a_daemon_that_leaves_gives_its_streams_to_the_others():
     server = fakeredis.FakeServer()
-    everyone = [daemon(server, "one:0"), daemon(server, "two:0")]
+    everyone = [Daemon(server, "one:0"), Daemon(server, "two:0")]
     await rounds(server, everyone, 20)
     check_split(everyone)
-    await everyone[1].release_all()
+    await everyone[1].leases.release_all()
     await rounds(server, everyone[:1], 3)
-    assert sorted(everyone[0].held) == sorted(STREAMS)
+    assert sorted(everyone[0].leases.held) == sorted(STREAMS)
 
 
 async def test_a_stream_handed_over_is_not_read_until_drained_and_then_belongs_to_the_other():
     server = fakeredis.FakeServer()
-    one, two = daemon(server, "one:0"), daemon(server, "two:0")
+    one, two = Daemon(server, "one:0"), Daemon(server, "two:0")
     await rounds(server, [one], 2)
     draining = {"yes": True}
-    await one.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)  # two not yet a member
-    await two.settle(STREAMS, busy=lambda s: False, active=lambda s: False)  # joins: everything leased
-    await one.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
-    assert one.handing is not None
-    stream, to = one.handing
-    assert to == "two:0" and stream not in one.held  # no longer read here
+    await two.round()  # joins: everything is leased
+    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+    assert one.leases.handing is not None
+    stream, to = one.leases.handing
+    assert to == "two:0" and stream not in one.leases.held  # no longer read here
     c = fakeredis.FakeAsyncRedis(server=server)
     for _ in range(2):  # its frames still in flight: still ours, not handed yet
-        await one.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+        await two.round()
+        await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
         assert (await owners(c))[stream] == "one:0"
     draining["yes"] = False
-    await one.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
-    assert (await owners(c))[stream] == "two:0" and one.handing is None
-    assert stream in await two.settle(STREAMS, busy=lambda s: False, active=lambda s: False)
+    await two.round()
+    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+    assert (await owners(c))[stream] == "two:0" and one.leases.handing is None
+    assert stream in await two.round()
 
 
-async def test_nothing_is_handed_to_a_daemon_that_stopped_speaking():
-    """A daemon killed a moment ago is still listed until its key expires: a stream handed to
-    it would go unread until its lease lapsed."""
+async def test_a_handover_to_a_daemon_that_stopped_meanwhile_is_dropped():
     server = fakeredis.FakeServer()
-    one = daemon(server, "one:0")
+    one, two = Daemon(server, "one:0"), Daemon(server, "two:0")
+    await rounds(server, [one], 2)
+    await two.round()
+    await one.leases.settle(STREAMS, busy=lambda s: True, active=lambda s: s in ACTIVE)
+    stream, _ = one.leases.handing or (None, None)
+    assert stream is not None
+    await two.leases.release_all()  # it stops before the frames here are done
+    await one.leases.settle(STREAMS, busy=lambda s: False, active=lambda s: s in ACTIVE)
+    c = fakeredis.FakeAsyncRedis(server=server)
+    assert one.leases.handing is None and stream in one.leases.held  # read here again
+    assert (await owners(c))[stream] == "one:0"
+
+
+@pytest.mark.parametrize("word", ["1", "v2:0:10000"], ids=["an earlier version", "silent a while"])
+async def test_nothing_is_handed_to_a_daemon_that_would_not_take_it(word):
+    """A daemon of an earlier version adopts a stream leased to it only while under its share;
+    one killed a moment ago is listed until its key expires. A stream handed to either would go
+    unread until its lease lapsed."""
+    server = fakeredis.FakeServer()
+    one = Daemon(server, "one:0")
     await rounds(server, [one], 2)
     c = fakeredis.FakeAsyncRedis(server=server)
-    await c.set(keys.source_member("tracks", "gone:0"), 0, px=one.ttl_ms // 2 - 100)  # its last word, a while ago
+    ttl = 10_000 if word == "1" else 4_000  # the silent one's key was renewed over half its TTL ago
     for _ in range(5):
-        await one.settle(STREAMS, busy=lambda s: False, active=lambda s: s in ACTIVE)
-    assert one.handing is None and len(one.held) == 4  # its count share with two daemons, all busy ones kept
-    assert ACTIVE <= set(one.held)
+        await c.set(keys.source_member("tracks", "other:0"), word, px=ttl)
+        await one.round()
+    assert one.leases.handing is None and ACTIVE <= set(one.leases.held)

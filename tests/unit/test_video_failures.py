@@ -45,8 +45,8 @@ def test_a_live_source_whose_name_is_gone_keeps_being_retried(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", failing(socket.EAI_NONAME))
     io_error = OSError(5, "Input/output error")
-    video = _OpenFailed(io_error, "https://cams.exmaple/clip.mp4", live=False)
-    camera = _OpenFailed(io_error, "rtsp://cam-7.local/stream", live=True)
+    video = _OpenFailed(io_error, "https://cams.exmaple/clip.mp4", live=False, was_live=False)
+    camera = _OpenFailed(io_error, "rtsp://cam-7.local/stream", live=True, was_live=False)
     assert video.permanent and "cams.exmaple cannot be resolved" in str(video)
     assert not camera.permanent and "cam-7.local cannot be resolved" in str(camera)
 
