@@ -142,10 +142,14 @@ class JobRunner:
             if (job.id in self.running or held[kind] >= limit or self._stop.is_set()
                     or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
-            if kind == "user" and await self._left_to_others(job):
-                continue
+            seen = self._cannot.get(job.id)
+            if kind == "user" and seen is not None and seen[1] is not None and now - seen[0] < LEFT_CHECK_S:
+                continue  # left to the others a moment ago
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
+                if kind == "user" and await self._left_to_others(job):
+                    await lease.release()
+                    continue
                 held[kind] += 1
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
                 self._metrics.jobs_running.set(len(self.running))
@@ -180,31 +184,45 @@ class JobRunner:
         self._registered = True
 
     async def _left_to_others(self, job: Job) -> bool:
-        """Whether to leave `job` to the other daemons: this one cannot run it (its config lacks
-        the model or its weights, or does not allow the source: a rolling config change, or a
-        fleet where only some hosts have a model or a folder). Taken, it would fail here, or
-        hang. Looked at again every LEFT_CHECK_S; the job says why (`waiting`). The only
-        daemon takes it anyway: it fails, saying why, rather than waiting for nobody."""
-        seen = self._cannot.get(job.id)
-        now = time.monotonic()
-        if seen is None or now - seen[0] > LEFT_CHECK_S:
-            why = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._refusal, job.spec)
-            if why is not None and (seen is None or seen[1] != why):
-                _log.info("job_left_to_others", job=job.id, reason=why)
-                await self._store.note_waiting(job.id, f"{self._holder} cannot run it: {why}")
-            seen = self._cannot[job.id] = (now, why)
-        return seen[1] is not None and await self._daemon_count() > 1
+        """Whether to leave `job` (whose lease this daemon just took) to the other daemons:
+        this one cannot run it (its config lacks the model or its weights, or does not allow
+        the source: a rolling config change, or a fleet where only some hosts have a model or a
+        folder). Taken, it would fail here, or hang. The job says why (`waiting`). Once every
+        daemon on the Redis has said it cannot, it is run here anyway: it fails, saying why,
+        rather than waiting for nobody."""
+        why = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._refusal, job.spec)
+        self._cannot[job.id] = (time.monotonic(), why)
+        if why is None:
+            return False
+        refused = await self._store.note_waiting(job.id, self._holder, why)
+        everyone = await self._daemons_now()
+        if everyone <= refused:
+            return False
+        _log.info("job_left_to_others", job=job.id, reason=why)
+        return True
 
     def _refusal(self, spec: JobSpec) -> str | None:
         """Why this daemon cannot run a job of `spec`, or None (in a thread: it looks at the disk)."""
         try:
-            check_source(spec.source, self._s, bool(spec.pipeline))
-            self._create(spec.model)
-            if spec.summarize:
-                self._create(spec.summarize["model"])
+            self._check_runs_here(spec)
         except (SourceRefused, ModelError) as e:
             return str(e)
         return None
+
+    def _check_runs_here(self, spec: JobSpec) -> Source:
+        """The job's source, once its models are found here too. Raises SourceRefused or
+        ModelError (in a thread: it looks at the disk)."""
+        source = check_source(spec.source, self._s, bool(spec.pipeline))
+        self._create(spec.model)
+        if spec.summarize:
+            self._create(spec.summarize["model"])
+        return source
+
+    async def _daemons_now(self) -> set[str]:
+        """The consumer names of the daemons on this Redis now (each holds a consumer-name lease)."""
+        prefix = keys.consumer_slot("", "")[:-1]
+        return {key.decode()[len(prefix):] async for key in
+                self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000)}
 
     async def _daemon_count(self) -> int:
         """Daemons sharing this Redis (each holds a consumer-name lease), counted every 10 s."""
@@ -248,9 +266,7 @@ class JobRunner:
         status, error = "completed", ""
         try:
             loop = asyncio.get_running_loop()  # the file checks touch the disk
-            source = await loop.run_in_executor(self._decode_pool, check_source, job.spec.source, self._s,
-                                                bool(job.spec.pipeline))
-            await loop.run_in_executor(self._decode_pool, self._create, job.spec.model)  # it is here
+            source = await loop.run_in_executor(self._decode_pool, self._check_runs_here, job.spec)
             summaries = self._summaries(job, lease.token)
             run = self._job_run(job, source, lease.token)
             periodic = None

@@ -35,17 +35,26 @@ if status ~= 'pending' and status ~= 'running' then return {0, status or ''} end
 redis.call('HINCRBY', KEYS[2], 'attempt', 1)
 redis.call('HSET', KEYS[2], 'status', 'running', 'holder', ARGV[2])
 redis.call('HDEL', KEYS[2], 'waiting')
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(f, 1, 8) == 'refused:' then redis.call('HDEL', KEYS[2], f) end
+end
 if (redis.call('HGET', KEYS[2], 'started_at') or '') == '' then
   redis.call('HSET', KEYS[2], 'started_at', ARGV[3])
 end
 return {1, 'running'}
 """
 
-# KEYS: job. ARGV: why a daemon left it. 1: noted; 0: it is not pending (any more).
+# KEYS: job. ARGV: the daemon that cannot run it, why (a sentence). The daemons that refused it
+# so far (refused:<consumer> fields); none if it is not pending (any more).
 NOTE_WAITING = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
-redis.call('HSET', KEYS[1], 'waiting', ARGV[1])
-return 1
+if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return {} end
+redis.call('HSET', KEYS[1], 'waiting', ARGV[1] .. ' cannot run it: ' .. ARGV[2],
+           'refused:' .. ARGV[1], ARGV[2])
+local refused = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 8) == 'refused:' then table.insert(refused, string.sub(f, 9)) end
+end
+return refused
 """
 
 # KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
@@ -396,9 +405,11 @@ class JobStore:
 
     # Fenced writes of the job's holder (the lease's token).
 
-    async def note_waiting(self, job_id: str, why: str) -> None:
-        """Say on a pending job why a daemon left it; the daemon that starts it clears it."""
-        await self._note_waiting(keys=[keys.job(job_id)], args=[why])
+    async def note_waiting(self, job_id: str, consumer: str, why: str) -> set[str]:
+        """Say on a pending job that `consumer` cannot run it, and why (the daemon that starts
+        it clears it). Returns every daemon that said so (none if it is not pending)."""
+        refused = await self._note_waiting(keys=[keys.job(job_id)], args=[consumer, why])
+        return {r.decode() if isinstance(r, bytes) else str(r) for r in refused}
 
     async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:
         ok, status = await self._start(keys=[keys.job_lease(job_id), keys.job(job_id)],

@@ -4,6 +4,7 @@ streams; paging results; cancel; sources that fail while others flow; fenced wri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -432,11 +433,17 @@ async def test_a_daemon_that_cannot_run_a_job_leaves_it_to_one_that_can(redis_ur
     assert all(job["waiting"] is None and job["counts"]["processed"] == 15 for job in done)
 
 
-async def test_the_only_daemon_fails_a_job_it_cannot_run_saying_why(redis_url, tmp_path):
-    """With no other daemon to leave it to, a job whose model this config lacks fails at once."""
-    async with serving(settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2})) as (d, client):
+@pytest.mark.parametrize("daemons", [1, 2])
+async def test_a_job_no_daemon_can_run_fails_saying_why(redis_url, tmp_path, daemons):
+    """Once every daemon on the Redis has said it cannot run a job (its model is in no config),
+    the job fails with the reason rather than waiting for nobody."""
+    settings = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2})
+    async with contextlib.AsyncExitStack() as stack:
+        d, client = await stack.enter_async_context(serving(settings, host="one"))
+        if daemons == 2:
+            await stack.enter_async_context(serving(settings, host="two"))
         job = await d.jobs.create(JobSpec("redis://cams:{x}", "gone/model"))
-        failed = await until_status(client, job.id, "failed")
+        failed = await until_status(client, job.id, "failed", timeout=20)
     assert "unknown model 'gone/model'" in failed["error"]
 
 
