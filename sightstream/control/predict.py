@@ -226,7 +226,8 @@ async def _uploads(request: web.Request, d: Daemon) -> tuple[list[Upload], bool]
     if not body:
         raise ApiError(400, "no image: send it as the body, or as a multipart `file` field")
     if request.content_type in TAR_TYPES:
-        members = await asyncio.get_running_loop().run_in_executor(d.decode_pool, _untar, body, limit)
+        members = await asyncio.get_running_loop().run_in_executor(
+            d.decode_pool, _untar, body, limit, int(d.settings.control.max_upload_mb * 1024 * 1024))
         return members, True
     return [Upload("image", body)], False
 
@@ -258,9 +259,10 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
     return uploads
 
 
-def _untar(body: bytes, limit: int) -> list[Upload]:
+def _untar(body: bytes, limit: int, max_bytes: int) -> list[Upload]:
     """Every file of a tar, in order (WebDataset: one image per member); a link is read as the
-    member it points to (a dangling one as empty: its entry says it is not an image)."""
+    member it points to (a dangling one as empty: its entry says it is not an image). What is
+    read may come to at most `max_bytes`: links to one large member would multiply it."""
     try:
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as tar:
             every = tar.getmembers()
@@ -268,7 +270,13 @@ def _untar(body: bytes, limit: int) -> list[Upload]:
             members = [m for m in every if m.isfile() or m.issym() or m.islnk()]
             if len(members) > limit:
                 raise ApiError(413, f"the tar holds {len(members)} files; predict_max_images is {limit}")
-            uploads = [Upload(m.name, _member(tar, m)) for m in members]
+            uploads, total = [], 0
+            for m in members:
+                uploads.append(Upload(m.name, _member(tar, m)))
+                total += len(uploads[-1].data)
+                if total > max_bytes:
+                    raise ApiError(413, f"the tar's files come to over max_upload_mb ({max_bytes} bytes) "
+                                        "once its links are followed")
     except tarfile.TarError as e:
         if "unexpected end" in str(e):
             raise ApiError(400, f"the tar is cut short ({len(body)} bytes): send the whole archive") from None

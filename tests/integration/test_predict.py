@@ -207,6 +207,19 @@ async def test_every_user_error_is_a_4xx_that_says_why(redis_url, tmp_path, grad
                                                headers={"Content-Type": "application/x-tar"}))["message"]
         assert "cannot be read" in (await error("/predict/tiny/det", 400, data=encode(gradient),
                                                 headers={"Content-Encoding": "gzip"}))["message"]  # not gzip
+        # links to one member multiply it: 30 KB sent, 180 KB read
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            info = tarfile.TarInfo("a.bin")
+            info.size = 30_000
+            t.addfile(info, io.BytesIO(bytes(30_000)))
+            for i in range(5):
+                link = tarfile.TarInfo(f"l{i}.bin")
+                link.type, link.linkname = tarfile.LNKTYPE, "a.bin"
+                t.addfile(link)
+        assert len(buf.getvalue()) < 50_000
+        assert "links are followed" in (await error("/predict/tiny/det", 413, data=buf.getvalue(),
+                                                    headers={"Content-Type": "application/x-tar"}))["message"]
         form = FormData(default_to_multipart=True)
         form.add_field("other", "x")
         assert "no `file` field" in (await error("/predict/tiny/det", 400, data=form))["message"]
