@@ -65,13 +65,19 @@ class Admission:
         # built before a stream went to another daemon and came back is not reused
         self.generations: dict[str, int] = {}
         self._frames_in = metrics.frames_in.labels(pipeline.name)  # looked up once, used per frame
-        self.stale_read = 0  # live mode: entries found stale as they were read (the ingest's turns)
 
     async def admit(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
     ) -> int:
         """Queue each entry as a frame (or an outcome). Uses one reserved in-flight place per
         entry it keeps; returns how many places it used."""
+        return (await self.admit_read(stream, entries, deliveries))[0]
+
+    async def admit_read(
+        self, stream: str, entries: list, deliveries: dict[str, int] | None = None
+    ) -> tuple[int, int]:
+        """As admit; returns (places used, of them frames dropped as stale: live mode)."""
+        stale = 0
         read: list[Frame] = []
         kept: list[Frame] = []
         for raw_id, fields in entries:
@@ -91,7 +97,7 @@ class Admission:
             if not await self._checked(frame, parse):
                 continue
             if is_stale(frame, self._p.max_age_ms):  # dropped as read: it takes no turn downstream
-                self.stale_read += 1
+                stale += 1
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
             kept.append(frame)
@@ -106,10 +112,10 @@ class Admission:
             except Stopped:  # stopping while Redis is unreachable: left pending
                 for frame in kept:
                     frame.release()
-                return used
+                return used, stale
         for frame in kept:
             await self._out.put(frame)
-        return used
+        return used, stale
 
     async def _with_source_frames(self, frames: list[Frame]) -> list[Frame]:
         """Fetch the frames that chained entries describe (one pipelined round, retried while

@@ -40,6 +40,9 @@ from sightstream.stages.source_leases import SourceLeases
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
 ACTIVE_S = 1.0  # a stream that gave entries this recently is read with the active ones
+# Live mode: stale-only reads of the same streams in a row, at most, before the others' turn (a
+# camera whose clock runs behind would otherwise delay them each time it sends)
+MAX_STALE_REPEATS = 100
 FED_S = 10.0  # a stream that gave entries this recently counts as active when sources are balanced
 ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others wait their turn
 TAKEOVER_PAGE = 1000
@@ -76,6 +79,7 @@ class RedisIngest(StreamReader):
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
         self._fed: dict[str, float] = {}  # the same, kept for FED_S (per-source leases balance by it)
         self._active_rotation = 0
+        self._stale_repeats = 0  # reads in a row of the same streams, for their stale entries
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
         self._idle_rounds = 0  # reads of idle streams in this pass that found nothing
         self._idle_passes = 0  # passes over every stream in a row that found nothing
@@ -258,21 +262,24 @@ class RedisIngest(StreamReader):
             # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
             replies = await self._reader.xreadgroup(
                 self._group, self._consumer, {s: ">" for s in chosen}, count=count, block=block_ms)
-        used = 0
+        used = stale = 0
         now = time.monotonic()
-        stale = self._admission.stale_read
         for stream, entries in replies or ():
             name = stream.decode()
             if entries:
                 self._active[name] = now
                 if self.leases:
                     self._fed[name] = now
-            used += await self._admission.admit(name, entries)
-        if of_active and used and self._admission.stale_read - stale == used:
+            admitted, dropped = await self._admission.admit_read(name, entries)
+            used, stale = used + admitted, stale + dropped
+        if of_active and used and stale == used and self._stale_repeats < MAX_STALE_REPEATS:
             # Live mode, all stale: read the same streams again before the others' turn. Else a
             # camera left behind by a burst moves on one entry per turn, at the model's pace,
             # while the others' fresh frames take theirs: every frame it reads is stale, for ever.
             self._active_rotation -= room
+            self._stale_repeats += 1
+        else:
+            self._stale_repeats = 0
         if used or (block_ms and not self._cluster):
             self._idle_rounds = self._idle_passes = 0
         elif not self._active:
