@@ -94,6 +94,7 @@ def test_redis_cli_frames_get_results_and_sigterm_exits_cleanly(daemon, redis_se
     assert "Traceback" not in err and "daemon_drained" in err
 
 
+@pytest.mark.timeout(90)  # a daemon's start (torch, the model) and three CLI runs: slow on a loaded machine
 def test_publish_and_tail(daemon, redis_url, tmp_path, gradient, astronaut):
     folder = tmp_path / "images"
     folder.mkdir()
