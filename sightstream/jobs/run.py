@@ -42,7 +42,7 @@ from sightstream.redis_conn import run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
 from sightstream.stages.flow import worth_logging
-from sightstream.stages.video_reader import ReaderOptions, VideoSource
+from sightstream.stages.video_reader import ReaderOptions, VideoSource, VideoSourceError
 from sightstream.stages.worker import InferenceTimeout, NotRun
 
 _log = log.get(__name__)
@@ -141,7 +141,7 @@ class JobRun:
         watch = asyncio.create_task(self._watch(), name=f"job-watch-{self.job.id}")
         try:
             await self._consume()
-        except asyncio.CancelledError:  # cancelled (DELETE), or the daemon stopping
+        except (asyncio.CancelledError, VideoSourceError):  # cancelled (DELETE), stopping; the source failed
             await self._last_progress()
             raise
         finally:
@@ -156,6 +156,7 @@ class JobRun:
             await self._last_progress()
             raise self._stopped
         if self._failure is not None:
+            await self._last_progress()  # what it read before it failed
             raise JobFailed(self._failure)
         await self._write_progress()
 

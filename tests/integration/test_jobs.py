@@ -447,6 +447,19 @@ async def test_a_job_no_daemon_can_run_fails_saying_why(redis_url, tmp_path, dae
     assert "unknown model 'gone/model'" in failed["error"]
 
 
+async def test_a_failed_job_says_what_it_read_before_it_failed(redis_url, tmp_path, videos):
+    """Its counts and position were left as the last periodic write had them (0 decoded)."""
+    whole = hls._encode(videos / "whole.mp4", 4, 10, hls.SIZE, None, fmt="mp4", options={"movflags": "+faststart"})
+    (videos / "cut.mp4").write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        job_id = await submit(client, source=f"file://{videos}/cut.mp4", fps=10)
+        job = await until_status(client, job_id, "failed")
+    assert "cut short" in job["error"]
+    counts = job["counts"]
+    assert counts["processed"] > 5 and counts["decoded"] >= counts["sampled"] >= counts["processed"]
+    assert job["progress"]["position_s"] > 0.5
+
+
 async def test_a_job_ends_even_if_its_watch_loses_a_cancel(redis_url, tmp_path, videos, monkeypatch):
     """A cancel that lands in a Redis call can be lost; the job's watch (progress every half
     second) then went on for ever, and its finished job stayed `running`."""
