@@ -147,7 +147,7 @@ class JobRunner:
                 continue  # left to the others a moment ago
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
-                if kind == "user" and await self._left_to_others(job):
+                if kind == "user" and await self._left_to_others(job, lease.token):
                     await lease.release()
                     continue
                 held[kind] += 1
@@ -183,18 +183,19 @@ class JobRunner:
                 _log.info("video_input_retired", pipeline=job.spec.pipeline, source=job.spec.shown)
         self._registered = True
 
-    async def _left_to_others(self, job: Job) -> bool:
+    async def _left_to_others(self, job: Job, token: str) -> bool:
         """Whether to leave `job` (whose lease this daemon just took) to the other daemons:
         this one cannot run it (its config lacks the model or its weights, or does not allow
         the source: a rolling config change, or a fleet where only some hosts have a model or a
-        folder). Taken, it would fail here, or hang. The job says why (`waiting`). Once every
+        folder). Taken, it would fail here, or hang. The job says why (`waiting`; a `running`
+        job whose daemon is gone is `pending` again: none runs it now). Once every
         daemon on the Redis has said it cannot, it is run here anyway: it fails, saying why,
         rather than waiting for nobody."""
         why = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._refusal, job.spec)
         self._cannot[job.id] = (time.monotonic(), why)
         if why is None:
             return False
-        refused = await self._store.note_waiting(job.id, self._holder, why)
+        refused = await self._store.note_waiting(job.id, token, self._holder, why)
         everyone = await self._daemons_now()
         if everyone <= refused:
             return False

@@ -44,14 +44,18 @@ end
 return {1, 'running'}
 """
 
-# KEYS: job. ARGV: the daemon that cannot run it, why (a sentence). The daemons that refused it
-# so far (refused:<consumer> fields); none if it is not pending (any more).
+# KEYS: lease, job. ARGV: token, the daemon that cannot run it, why (a sentence). The daemons
+# that refused it so far (refused:<consumer> fields); none if the lease is not the caller's or
+# the job has ended. A `running` job whose lease the caller could take was left by a daemon
+# gone (stopped, killed): it is `pending` again, waiting for one that can run it.
 NOTE_WAITING = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return {} end
-redis.call('HSET', KEYS[1], 'waiting', ARGV[1] .. ' cannot run it: ' .. ARGV[2],
-           'refused:' .. ARGV[1], ARGV[2])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {} end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= 'pending' and status ~= 'running' then return {} end
+redis.call('HSET', KEYS[2], 'status', 'pending', 'waiting', ARGV[2] .. ' cannot run it: ' .. ARGV[3],
+           'refused:' .. ARGV[2], ARGV[3])
 local refused = {}
-for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
   if string.sub(f, 1, 8) == 'refused:' then table.insert(refused, string.sub(f, 9)) end
 end
 return refused
@@ -405,10 +409,12 @@ class JobStore:
 
     # Fenced writes of the job's holder (the lease's token).
 
-    async def note_waiting(self, job_id: str, consumer: str, why: str) -> set[str]:
-        """Say on a pending job that `consumer` cannot run it, and why (the daemon that starts
-        it clears it). Returns every daemon that said so (none if it is not pending)."""
-        refused = await self._note_waiting(keys=[keys.job(job_id)], args=[consumer, why])
+    async def note_waiting(self, job_id: str, token: str, consumer: str, why: str) -> set[str]:
+        """Say on a job whose lease is `token`'s that `consumer` cannot run it, and why (the
+        daemon that starts it clears it); a `running` job left by a daemon gone is `pending`
+        again. Returns every daemon that said so (none if the job has ended)."""
+        refused = await self._note_waiting(keys=[keys.job_lease(job_id), keys.job(job_id)],
+                                           args=[token, consumer, why])
         return {r.decode() if isinstance(r, bytes) else str(r) for r in refused}
 
     async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:

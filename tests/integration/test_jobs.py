@@ -433,6 +433,21 @@ async def test_a_daemon_that_cannot_run_a_job_leaves_it_to_one_that_can(redis_ur
     assert all(job["waiting"] is None and job["counts"]["processed"] == 15 for job in done)
 
 
+async def test_a_running_job_whose_daemon_is_gone_is_not_left_running(redis_url, tmp_path, videos):
+    """Its daemon stopped; the one left cannot run it. It stayed `running`, holder the gone
+    daemon, for ever: the one left took its lease, saw it could not run it, and left it as it was."""
+    full = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
+    full.models["fake"] = {"slow": ModelEntry(**fake_entry(delay_s=0.05))}
+    bare = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})
+    async with serving(bare, host="bare") as (_, client):
+        async with serving(full, host="full") as (_, full_client):
+            job_id = await submit(full_client, source="redis://cams:{gone}", model="fake/slow")
+            assert (await until_status(client, job_id, "running"))["holder"] == "full:0"
+        # "full" stopped: "bare" is the only daemon, and cannot run it
+        failed = await until_status(client, job_id, "failed", timeout=20)
+    assert "unknown model 'fake/slow'" in failed["error"]
+
+
 @pytest.mark.parametrize("daemons", [1, 2])
 async def test_a_job_no_daemon_can_run_fails_saying_why(redis_url, tmp_path, daemons):
     """Once every daemon on the Redis has said it cannot run a job (its model is in no config),
