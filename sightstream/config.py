@@ -62,6 +62,10 @@ class ControlSettings(_Strict):
     def auth(self) -> bool:
         return bool(self.token or self.tokens)
 
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
 
 class DecodeSettings(_Strict):
     max_pixels: int = Field(40_000_000, gt=0, description="bigger images are dead-lettered (bombs)")

@@ -16,7 +16,7 @@ APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.ap
 def make_app(daemon: Daemon) -> web.Application:
     control = daemon.settings.control
     quiet_bad_http()
-    max_bytes = int(control.max_upload_mb * 1024 * 1024)
+    max_bytes = control.max_upload_bytes
     app = web.Application(
         middlewares=[json_errors, require_token(control, open_handlers={
             op.handler for api in APIS for op in api.operations if op.open}), body_limits(max_bytes)],

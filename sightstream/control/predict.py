@@ -196,7 +196,7 @@ async def _generate(request: web.Request, d: Daemon, entry: Entry, prompt: str |
     `?prompt=` the instruction."""
     if request.content_type == "multipart/form-data":
         files = await _multipart(request, d.settings.control.predict_max_images,
-                                 int(d.settings.control.max_upload_mb * 1024 * 1024))
+                                 d.settings.control.max_upload_bytes)
         if len(files) > 1:
             raise ApiError(400, f"{entry.id} takes one text: send one `file` field, not {len(files)}")
         body = files[0].data
@@ -220,14 +220,14 @@ async def _uploads(request: web.Request, d: Daemon) -> tuple[list[Upload], bool]
     """The images sent, and whether they are a batch (a tar, or several multipart files)."""
     limit = d.settings.control.predict_max_images
     if request.content_type == "multipart/form-data":
-        uploads = await _multipart(request, limit, int(d.settings.control.max_upload_mb * 1024 * 1024))
+        uploads = await _multipart(request, limit, d.settings.control.max_upload_bytes)
         return uploads, len(uploads) > 1
     body = await request.read()  # over client_max_size: 413
     if not body:
         raise ApiError(400, "no image: send it as the body, or as a multipart `file` field")
     if request.content_type in TAR_TYPES:
         members = await asyncio.get_running_loop().run_in_executor(
-            d.decode_pool, _untar, body, limit, int(d.settings.control.max_upload_mb * 1024 * 1024))
+            d.decode_pool, _untar, body, limit, d.settings.control.max_upload_bytes)
         return members, True
     return [Upload("image", body)], False
 

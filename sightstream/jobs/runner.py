@@ -227,12 +227,8 @@ class JobRunner:
 
     async def _daemon_count(self) -> int:
         """Daemons sharing this Redis (each holds a consumer-name lease), counted every 10 s."""
-        when, count = self._daemons
-        if time.monotonic() - when > DAEMONS_EVERY_S:
-            count = 0
-            async for _ in self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000):
-                count += 1
-            self._daemons = (time.monotonic(), max(1, count))
+        if time.monotonic() - self._daemons[0] > DAEMONS_EVERY_S:
+            self._daemons = (time.monotonic(), max(1, len(await self._daemons_now())))
         return self._daemons[1]
 
     async def _run(self, job: Job, lease: Lease) -> None:
