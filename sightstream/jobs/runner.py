@@ -143,8 +143,9 @@ class JobRunner:
                     or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
             seen = self._cannot.get(job.id)
-            if kind == "user" and seen is not None and seen[1] is not None and now - seen[0] < LEFT_CHECK_S:
-                continue  # left to the others a moment ago
+            if (kind == "user" and job.status == "pending" and seen is not None and seen[1] is not None
+                    and now - seen[0] < LEFT_CHECK_S):
+                continue  # left to the others a moment ago (one running since may be orphaned now)
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
                 if kind == "user" and await self._left_to_others(job, lease.token):

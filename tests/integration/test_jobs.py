@@ -439,10 +439,13 @@ async def test_a_running_job_whose_daemon_is_gone_is_not_left_running(redis_url,
     full = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
     full.models["fake"] = {"slow": ModelEntry(**fake_entry(delay_s=0.05))}
     bare = settings_for(redis_url, tmp_path, jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})
-    async with serving(bare, host="bare") as (_, client):
+    async with serving(bare, host="bare") as (bare_daemon, client):
         async with serving(full, host="full") as (_, full_client):
             job_id = await submit(full_client, source="redis://cams:{gone}", model="fake/slow")
             assert (await until_status(client, job_id, "running"))["holder"] == "full:0"
+            # as when "bare" took the lease first, while the job was pending, and left it: a
+            # refusal it remembers for a while must not hold it back once the job is orphaned
+            bare_daemon.job_runner._cannot[job_id] = (time.monotonic(), "unknown model 'fake/slow'")
         # "full" stopped: "bare" is the only daemon, and cannot run it
         failed = await until_status(client, job_id, "failed", timeout=20)
     assert "unknown model 'fake/slow'" in failed["error"]
