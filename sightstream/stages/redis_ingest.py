@@ -36,6 +36,7 @@ from sightstream import keys, log
 from sightstream.redis_conn import BLOCK_MS, PartialOutage, same_slot
 from sightstream.stages.pending import StreamReader, delivery_counts
 from sightstream.stages.source_leases import SourceLeases
+from sightstream.stages.stream_rates import StreamRates
 
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
@@ -43,7 +44,6 @@ ACTIVE_S = 1.0  # a stream that gave entries this recently is read with the acti
 # Live mode: stale-only reads of the same streams in a row, at most, before the others' turn (a
 # camera whose clock runs behind would otherwise delay them each time it sends)
 MAX_STALE_REPEATS = 100
-FED_S = 10.0  # a stream that gave entries this recently counts as active when sources are balanced
 ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others wait their turn
 TAKEOVER_PAGE = 1000
 
@@ -77,7 +77,7 @@ class RedisIngest(StreamReader):
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
         self._rotation = 0
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
-        self._fed: dict[str, float] = {}  # the same, kept for FED_S (per-source leases balance by it)
+        self.rates = StreamRates()  # per-source leases balance by them
         self._active_rotation = 0
         self._stale_repeats = 0  # reads in a row of the same streams, for their stale entries
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
@@ -131,7 +131,7 @@ class RedisIngest(StreamReader):
         if self.leases is None:
             new = [s for s in found if s not in self.streams]
         else:
-            await self.leases.settle(found, self._busy, self._fed_lately)
+            await self.leases.settle(found, self._busy, self._fps)
             # Held and not read yet: taken now, or taken before and its take-over failed (a
             # NOGROUP, Redis down); from settle's return it would be taken once and then never read.
             new = [s for s in self.leases.held if s not in self.streams and s in found]
@@ -163,14 +163,17 @@ class RedisIngest(StreamReader):
                 self.streams.remove(stream)
             self._draining.pop(stream, None)
             self._active.pop(stream, None)
-            self._fed.pop(stream, None)
+            self.rates.drop(stream)
             self._joined.discard(stream)  # found again (a deleted stream written to): its group is made again
 
     def _busy(self, stream: str) -> bool:
         return any(f.stream == stream for f in self._in_flight.frames())
 
-    def _fed_lately(self, stream: str) -> bool:
-        return time.monotonic() - self._fed.get(stream, -FED_S) < FED_S
+    def _fps(self, stream: str) -> float:
+        """The frames per second the stream gives the model: what it sends, or the pipeline's
+        `fps` if lower (the sampler keeps no more)."""
+        rate = self.rates.fps(stream)
+        return min(rate, self._p.fps) if self._p.fps else rate
 
     async def _take_over(self, stream: str) -> None:
         """A stream just leased: its pending entries are ours now (their reader is gone), to be
@@ -268,9 +271,9 @@ class RedisIngest(StreamReader):
             name = stream.decode()
             if entries:
                 self._active[name] = now
-                if self.leases:
-                    self._fed[name] = now
             admitted, dropped = await self._admission.admit_read(name, entries)
+            if self.leases and admitted > dropped:  # stale ones cost the model nothing
+                self.rates.add(name, admitted - dropped)
             used, stale = used + admitted, stale + dropped
         if of_active and used and stale == used and self._stale_repeats < MAX_STALE_REPEATS:
             # Live mode, all stale: read the same streams again before the others' turn. Else a

@@ -6,11 +6,13 @@ shared by count and by load:
 - By count: a daemon takes free streams up to ceil(streams / daemons serving the pipeline),
   and gives back one surplus stream per round (one with no frame in flight, an idle one
   first) when more daemons join.
-- By load: each daemon publishes how many of its streams are active (gave frames lately). One
-  with at least two more active streams than the least loaded hands an active stream to it:
-  it stops reading the stream, lets its frames in flight finish, then writes the other's name
-  into the lease. Without this, a daemon that joins late (or restarts) would get only idle
-  streams: a busy stream always has frames in flight, so it is never surplus to give back.
+- By load: each daemon publishes the frames per second its streams give it (stream_rates.py).
+  One well above the least loaded (by more than a quarter of its own load) hands that daemon
+  the stream that best halves the gap, one under 0.8 x the gap (so the gap always shrinks, and
+  nothing moves back and forth): it stops reading the stream, lets its frames in flight
+  finish, then writes the other's name into the lease. Without this, a daemon that joins late
+  (or restarts) would get only idle streams: a busy stream always has frames in flight, so it
+  is never surplus to give back.
 When a daemon dies its leases expire and the others take its streams over, with the frames it
 left pending (claimed at once: the lease proves their reader gone).
 """
@@ -32,7 +34,11 @@ from sightstream.stages.flow import RedisRetry, wait_or_stop
 
 _log = log.get(__name__)
 REST_ROUNDS = 3  # rounds after a handover before another: the receiver's published load catches up
-MEMBER_FORMAT = "v2"  # a member key's value: v2:<active streams>:<its TTL, ms>
+MEMBER_FORMAT = "v3"  # a member key's value: v3:<frames per second>:<its TTL, ms>
+# A handover restarts the stream's tracks: only for a gap over a quarter of the giver's load,
+# and over 1 frame/s (cameras sending a frame now and then are not worth a restart).
+GAP_SHARE, MIN_GAP_FPS = 0.25, 1.0
+MOVE_UNDER = 0.8  # a stream moves only if its rate is under this share of the gap: it shrinks
 
 
 @dataclass(frozen=True)
@@ -40,20 +46,26 @@ class Member:
     """A daemon serving the pipeline, as its member key says."""
 
     name: str  # its consumer name: the lease token
-    load: int  # its active streams
-    takes: bool  # a stream may be handed to it: it spoke lately, and it adopts handed streams
+    load: float  # the frames per second its streams give it
+    takes: bool  # a stream may be handed to it: it spoke lately, and it balances as we do
 
     @classmethod
     def read(cls, name: str, value: str, left_ms: int) -> Member:
-        """A daemon of an earlier version writes "1": it counts for the share, but is handed
-        nothing (it adopts a stream leased to it only while under its share: the stream would
-        go unread until the lease lapsed). A daemon killed a moment ago is listed until its key
-        expires; one that has not renewed its key for half its TTL is handed nothing."""
+        """A daemon of an earlier version writes "1" or "v2:<active streams>:<ttl>": it counts
+        for the share, but is handed nothing (a v1 daemon adopts a stream leased to it only
+        while under its share: the stream would go unread until the lease lapsed; a v2 one
+        counts streams, not frames, so the two would hand streams back and forth). A daemon
+        killed a moment ago is listed until its key expires; one that has not renewed its key
+        for half its TTL is handed nothing."""
         form, _, rest = value.partition(":")
         load, _, ttl = rest.partition(":")
-        if form != MEMBER_FORMAT or not load.isdigit() or not ttl.isdigit():
-            return cls(name, 1, False)
-        return cls(name, int(load), left_ms > int(ttl) // 2)
+        try:
+            fps = float(load)
+        except ValueError:
+            fps = -1.0
+        if form != MEMBER_FORMAT or not fps >= 0 or not ttl.isdigit():  # `not >=`: NaN too
+            return cls(name, 0.0, False)
+        return cls(name, fps, left_ms > int(ttl) // 2)
 
 
 class SourceLeases:
@@ -70,16 +82,17 @@ class SourceLeases:
         # over once none of its frames is in flight here. (stream, the other's consumer name)
         self.handing: tuple[str, str] | None = None
         self._rest = 0  # rounds to wait before the next handover
-        self._handed_in: dict[str, int] = {}  # streams handed to us -> rounds they count as active
-        self._load = 0  # the active streams this daemon last published
+        self._handed_in: dict[str, int] = {}  # streams handed to us -> rounds they stay here
+        self._load = 0.0  # the frames per second this daemon last published
         self._rounds = 0  # rounds settled: in the first, leases naming this daemon are its own, kept
 
     async def settle(self, found: list[str], busy: Callable[[str], bool],
-                     active: Callable[[str], bool]) -> list[str]:
+                     fps: Callable[[str], float]) -> list[str]:
         """One round: adopt streams handed to this daemon, take free streams up to a fair
-        share, give one surplus stream back, publish this daemon's load, and hand an active
-        stream over when more loaded than another daemon. `busy(stream)`: frames of it are in
-        flight here; `active(stream)`: it gave frames lately. Returns the streams newly taken."""
+        share, give one surplus stream back, publish this daemon's load, and hand a stream
+        over when more loaded than another daemon. `busy(stream)`: frames of it are in flight
+        here; `fps(stream)`: the frames per second it gave lately (0: idle). Returns the
+        streams newly taken."""
         await self._publish()
         members = await self._members()
         share = math.ceil(len(found) / max(1, len(members)))
@@ -92,33 +105,35 @@ class SourceLeases:
                 if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                     self.held.append(stream)
                     taken.append(stream)
-                    if owner == self._consumer and self._rounds:  # handed over: active, counted at once
+                    if owner == self._consumer and self._rounds:  # handed over: not moved on soon
                         self._handed_in[stream] = 2 * REST_ROUNDS
         self._rounds += 1
         if len(self.held) > share:
             # not one just handed here: the giver is under its share now, and would take it back
             spare = [s for s in self.held if not busy(s) and s not in self._handed_in]
             if spare:
-                idle = [s for s in spare if not active(s)]
+                idle = [s for s in spare if not fps(s)]
                 await self.give_back((idle or spare)[-1])
         self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
-        mine = [s for s in self.held if active(s) or s in self._handed_in]
-        await self._publish(len(mine))
+        rates = {s: fps(s) for s in self.held}
+        await self._publish(sum(rates.values()))
         await self._balance({m.name: m.load for m in members if m.takes and m.name != self._consumer},
-                            mine, busy)
+                            rates, busy)
         return taken
 
-    async def _publish(self, load: int | None = None) -> None:
-        """Say this daemon serves the pipeline, how many active streams it reads, and for how
-        long this word holds (its TTL: the others judge whether it spoke lately by it)."""
+    async def _publish(self, load: float | None = None) -> None:
+        """Say this daemon serves the pipeline, the frames per second its streams give it, and
+        for how long this word holds (its TTL: the others judge whether it spoke lately by it)."""
         if load is not None:
             self._load = load
         await self._client.set(keys.source_member(self._pipeline, self._consumer),
-                               f"{MEMBER_FORMAT}:{self._load}:{self.ttl_ms}", px=self.ttl_ms)
+                               f"{MEMBER_FORMAT}:{self._load:.2f}:{self.ttl_ms}", px=self.ttl_ms)
 
-    async def _balance(self, others: dict[str, int], mine: list[str], busy: Callable[[str], bool]) -> None:
-        """Hand an active stream to the least loaded of the `others` (their active streams), or
-        finish a handover once the stream's frames here are done."""
+    async def _balance(self, others: dict[str, float], rates: dict[str, float],
+                       busy: Callable[[str], bool]) -> None:
+        """Hand a stream to the least loaded of the `others` (their frames per second), or
+        finish a handover once the stream's frames here are done. `rates`: this daemon's
+        streams' frames per second."""
         if self.handing is not None:
             stream, to = self.handing
             if to not in others:  # it stopped speaking meanwhile (stopped, died): read it again here
@@ -137,13 +152,20 @@ class SourceLeases:
         if not others:
             return
         to, least = min(others.items(), key=lambda item: item[1])
-        if len(mine) >= least + 2:  # by one, it would only move the imbalance to the other
-            # not one just handed here (its tracks would restart twice)
-            stream = ([s for s in mine if s not in self._handed_in] or mine)[-1]
-            self.held.remove(stream)
-            self.handing = (stream, to)
-            _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
-                      active_here=len(mine), active_there=least)
+        load = sum(rates.values())
+        gap = load - least
+        if gap <= max(MIN_GAP_FPS, GAP_SHARE * load):
+            return
+        # Not one just handed here (its tracks would restart twice). Under 0.8 x the gap: the
+        # new gap, |gap - 2 x rate|, is then under 0.6 x this one, so a stream never bounces.
+        movable = {s: r for s, r in rates.items() if 0 < r < MOVE_UNDER * gap and s not in self._handed_in}
+        if not movable:
+            return
+        stream = min(movable, key=lambda s: abs(movable[s] - gap / 2))
+        self.held.remove(stream)
+        self.handing = (stream, to)
+        _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
+                  fps_here=round(load, 2), fps_there=round(least, 2), fps_of_source=round(rates[stream], 2))
 
     async def _members(self) -> list[Member]:
         """The daemons serving the pipeline, this one included."""

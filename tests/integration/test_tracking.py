@@ -10,7 +10,6 @@ import json
 import pytest
 
 from sightstream import keys
-from sightstream.stages import redis_ingest
 from tests import tiny_hf
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
@@ -123,12 +122,10 @@ def test_a_chained_tracker_keeps_its_fixed_prompt_of_boxes(redis_url, tmp_path, 
     Daemon(settings)  # no ConfigError
 
 
-async def test_a_daemon_that_joins_late_is_handed_a_busy_source(redis_url, sync_redis, tmp_path, gradient,
-                                                                 monkeypatch):
+async def test_a_daemon_that_joins_late_is_handed_a_busy_source(redis_url, sync_redis, tmp_path, gradient):
     """Busy sources always have frames in flight, so they are never surplus to give back: the
     first daemon would keep every busy one and the late one get only idle ones. Balancing by
     load hands a busy one over, once drained, and its results stay in order, none doubled."""
-    monkeypatch.setattr(redis_ingest, "FED_S", 1.0)  # a source is idle after 1 s without frames
     busy, idle = ["frames:{a}", "frames:{b}"], ["frames:{c}", "frames:{d}"]
     image = encode(gradient, "PNG")
     sent: dict[str, list[str]] = {s: [] for s in busy}
@@ -169,3 +166,40 @@ async def test_a_daemon_that_joins_late_is_handed_a_busy_source(redis_url, sync_
         frame_ids = [f["frame_id"].decode() for _, f in entries(sync_redis, f"results:tracks:{s}")]
         assert frame_ids == sent[s]  # each once, in order, across the handover
         assert pending(sync_redis, s, "tracks") == 0
+
+
+async def test_a_daemon_publishes_the_frames_per_second_its_sources_give_the_model(
+        redis_url, sync_redis, tmp_path, gradient):
+    """The load tracking daemons balance by: frames per second per source, at most the
+    pipeline's `fps` (the sampler keeps no more), and idle sources count nothing."""
+    settings = settings_for(redis_url, tmp_path, [
+        {"name": "tracks", "model": "fake/track", "fps": 5, "batch_size": 4, "batch_timeout_ms": 10}],
+        fakes={"track": {"task": "track", "claims_task": "track"}})
+    image = encode(gradient, "PNG")
+    sync_redis.xadd("frames:{idle}", {"image": image})
+    feeding = True
+
+    async def feed() -> None:  # 20 frames/s on one camera, 2 on the other
+        n = 0
+        while feeding:
+            sync_redis.xadd("frames:{fast}", {"image": image})
+            if n % 10 == 0:
+                sync_redis.xadd("frames:{slow}", {"image": image})
+            n += 1
+            await asyncio.sleep(1 / 20)
+
+    feeder = asyncio.create_task(feed())
+    try:
+        async with running(settings, host="one") as one:
+            ingest = one.runs["tracks"].ingest
+            await wait_for(lambda: len(ingest.streams) == 3, 20, "all three read")
+            await asyncio.sleep(4)
+            fps = {s: ingest._fps(f"frames:{{{s}}}") for s in ("fast", "slow", "idle")}
+            word = sync_redis.get(keys.source_member("tracks", one.consumer)).decode()
+    finally:
+        feeding = False
+        await feeder
+    assert fps["fast"] == 5  # capped: 20 a second are read, 5 reach the model
+    assert 1 <= fps["slow"] <= 3 and fps["idle"] < 0.5, fps
+    form, load, _ = word.split(":")
+    assert form == "v3" and float(load) == pytest.approx(sum(fps.values()), abs=2)

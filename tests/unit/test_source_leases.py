@@ -1,5 +1,6 @@
 """Per-source leases (tracking) on fakeredis (with lupa for the Lua), daemons simulated round by
-round: streams are shared by count and by load, reach a stable split, and each is held once."""
+round: streams are shared by count and by load (frames per second), reach a stable split, and
+each is held once."""
 
 from __future__ import annotations
 
@@ -9,30 +10,36 @@ import fakeredis
 import pytest
 
 from sightstream import keys
-from sightstream.stages.source_leases import SourceLeases
+from sightstream.stages.source_leases import GAP_SHARE, Member, SourceLeases
 
 STREAMS = [f"frames:{{cam{i}}}" for i in range(8)]
 ACTIVE = set(STREAMS[:4])  # cameras that send frames; the others are quiet
+RATE = 10.0  # frames per second of each active camera
+
+
+def rate_of(stream: str) -> float:
+    return RATE if stream in ACTIVE else 0.0
 
 
 class Daemon:
-    """A daemon's leases and what its reader would say of each stream: a stream it holds is
-    found active (it gave frames) only once it has been read for a round; it is busy (frames
-    in flight) while it is read, if `loaded`."""
+    """A daemon's leases and what its reader would say of each stream: a stream it holds gives
+    its frames per second (`rates`) once it has been read for a round; it is busy (frames in
+    flight) while it is read and gives a frame a second or more, if `loaded`."""
 
-    def __init__(self, server, name: str, loaded: bool = True) -> None:
+    def __init__(self, server, name: str, loaded: bool = True, rates=rate_of) -> None:
         self.leases = SourceLeases(fakeredis.FakeAsyncRedis(server=server), "tracks", name)
         self.loaded = loaded
+        self.rates = rates
         self.read_for: dict[str, int] = {}  # stream -> rounds it has been read here
 
-    def active(self, stream: str) -> bool:
-        return stream in ACTIVE and self.read_for.get(stream, 0) >= 1
+    def fps(self, stream: str) -> float:
+        return self.rates(stream) if self.read_for.get(stream, 0) >= 1 else 0.0
 
     def busy(self, stream: str) -> bool:
-        return self.loaded and self.active(stream) and stream in self.leases.held
+        return self.loaded and self.fps(stream) >= 1 and stream in self.leases.held
 
     async def round(self, streams: list[str] = STREAMS) -> list[str]:
-        taken = await self.leases.settle(streams, self.busy, self.active)
+        taken = await self.leases.settle(streams, self.busy, self.fps)
         self.read_for = {s: self.read_for.get(s, 0) + 1 for s in self.leases.held}
         return taken
 
@@ -116,18 +123,18 @@ async def test_a_stream_handed_over_is_not_read_until_drained_and_then_belongs_t
     await rounds(server, [one], 2)
     draining = {"yes": True}
     await two.round()  # joins: everything is leased
-    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], fps=rate_of)
     assert one.leases.handing is not None
     stream, to = one.leases.handing
     assert to == "two:0" and stream not in one.leases.held  # no longer read here
     c = fakeredis.FakeAsyncRedis(server=server)
     for _ in range(2):  # its frames still in flight: still ours, not handed yet
         await two.round()
-        await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+        await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], fps=rate_of)
         assert (await owners(c))[stream] == "one:0"
     draining["yes"] = False
     await two.round()
-    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], active=lambda s: s in ACTIVE)
+    await one.leases.settle(STREAMS, busy=lambda s: draining["yes"], fps=rate_of)
     assert (await owners(c))[stream] == "two:0" and one.leases.handing is None
     assert stream in await two.round()
 
@@ -137,27 +144,73 @@ async def test_a_handover_to_a_daemon_that_stopped_meanwhile_is_dropped():
     one, two = Daemon(server, "one:0"), Daemon(server, "two:0")
     await rounds(server, [one], 2)
     await two.round()
-    await one.leases.settle(STREAMS, busy=lambda s: True, active=lambda s: s in ACTIVE)
+    await one.leases.settle(STREAMS, busy=lambda s: True, fps=rate_of)
     stream, _ = one.leases.handing or (None, None)
     assert stream is not None
     await two.leases.release_all()  # it stops before the frames here are done
-    await one.leases.settle(STREAMS, busy=lambda s: False, active=lambda s: s in ACTIVE)
+    await one.leases.settle(STREAMS, busy=lambda s: False, fps=rate_of)
     c = fakeredis.FakeAsyncRedis(server=server)
     assert one.leases.handing is None and stream in one.leases.held  # read here again
     assert (await owners(c))[stream] == "one:0"
 
 
-@pytest.mark.parametrize("word", ["1", "v2:0:10000"], ids=["an earlier version", "silent a while"])
-async def test_nothing_is_handed_to_a_daemon_that_would_not_take_it(word):
-    """A daemon of an earlier version adopts a stream leased to it only while under its share;
-    one killed a moment ago is listed until its key expires. A stream handed to either would go
-    unread until its lease lapsed."""
+@pytest.mark.parametrize(("word", "ttl"), [("1", 10_000), ("v2:0:10000", 10_000), ("v3:0.00:10000", 4_000)],
+                         ids=["version 1", "version 2 (counts streams)", "silent a while"])
+async def test_nothing_is_handed_to_a_daemon_that_would_not_take_it(word, ttl):
+    """A daemon of version 1 adopts a stream leased to it only while under its share; one of
+    version 2 balances by stream counts (the two would hand streams back and forth); one killed
+    a moment ago is listed until its key expires (this one's key was renewed over half its TTL
+    ago). A stream handed to any of them would go unread, or bounce."""
     server = fakeredis.FakeServer()
     one = Daemon(server, "one:0")
     await rounds(server, [one], 2)
     c = fakeredis.FakeAsyncRedis(server=server)
-    ttl = 10_000 if word == "1" else 4_000  # the silent one's key was renewed over half its TTL ago
     for _ in range(5):
         await c.set(keys.source_member("tracks", "other:0"), word, px=ttl)
         await one.round()
     assert one.leases.handing is None and ACTIVE <= set(one.leases.held)
+
+
+@pytest.mark.parametrize(("value", "load", "takes"), [
+    ("v3:12.50:10000", 12.5, True), ("v3:nan:10000", 0.0, False), ("v3:-1:10000", 0.0, False),
+    ("v3:12.5", 0.0, False), ("v2:3:10000", 0.0, False), ("1", 0.0, False)])
+def test_a_member_s_word_is_read_as_its_load_or_as_one_handed_nothing(value, load, takes):
+    assert Member.read("other:0", value, 9_000) == Member("other:0", load, takes)
+
+
+async def test_busy_cameras_are_shared_out_not_slow_ones():
+    """By count of active streams, the joining daemon took the two cameras that send a frame
+    now and then (given back by count: nothing of theirs in flight), the first kept both busy
+    ones (30 frames/s), and two active streams each looked even. By frames per second, each
+    gets a busy camera."""
+    busy, slow = {STREAMS[0], STREAMS[1]}, {STREAMS[2], STREAMS[3]}
+    streams = STREAMS[:4]
+
+    def rates(stream: str) -> float:
+        return 15.0 if stream in busy else 0.5 if stream in slow else 0.0
+
+    server = fakeredis.FakeServer()
+    one = Daemon(server, "one:0", rates=rates)
+    for _ in range(3):
+        await one.round(streams)
+    two = Daemon(server, "two:0", rates=rates)
+    for _ in range(40):
+        for d in (one, two):
+            await d.round(streams)
+    assert sorted(one.leases.held + two.leases.held) == sorted(streams)
+    assert [len(busy & set(d.leases.held)) for d in (one, two)] == [1, 1]
+
+
+async def test_unequal_cameras_settle_near_even_and_stay_put():
+    """Three daemons, eight cameras from 1 to 30 frames/s: the loads end within the hysteresis
+    (no daemon more than a quarter of its load above the least loaded), and then nothing moves."""
+    fps = dict(zip(STREAMS, [30.0, 25.0, 12.0, 10.0, 8.0, 5.0, 2.0, 1.0]))
+    server = fakeredis.FakeServer()
+    first = Daemon(server, "one:0", rates=fps.__getitem__)
+    await rounds(server, [first], 3)
+    everyone = [first] + [Daemon(server, f"{n}:0", rates=fps.__getitem__) for n in ("two", "three")]
+    await rounds(server, everyone, 60)
+    assert sorted(s for d in everyone for s in d.leases.held) == sorted(STREAMS)
+    assert await rounds(server, everyone, 60) == []
+    loads = sorted(sum(fps[s] for s in d.leases.held) for d in everyone)
+    assert loads[-1] - loads[0] <= GAP_SHARE * loads[-1], loads
