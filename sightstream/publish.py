@@ -2,6 +2,11 @@
 of images are XADDed as JPEG `image` fields with a `ts` (capture ms, wall clock at publication,
 as a live camera would) and a `meta` naming the frame's origin.
 
+Once Redis has answered, losing it (a restart, a failover) is waited out: the source is paused
+(a file's frames are not skipped), with a line on stderr when Redis goes and when it is back.
+A frame whose XADD broke off may have been written before the break: it is sent again, so it
+can be in the stream twice.
+
 It runs as its own process, so it is plain synchronous code with a synchronous Redis client.
 """
 
@@ -22,7 +27,7 @@ from tqdm import tqdm
 
 from sightstream import keys
 from sightstream.errors import SightstreamError
-from sightstream.redis_conn import sync_client
+from sightstream.redis_conn import OUTAGES, sync_client
 from sightstream.stages.decoder import rgb_array
 from sightstream.stages.upright import upright_rgb
 from sightstream.stages.video_failures import reason, unresolved
@@ -124,7 +129,7 @@ def publish(
     """Publish frames; returns how many. `fps`: None = the video's own rate (a folder: as fast
     as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time.
     `timeout_s`: how long a URL may take to open or to give data. Raises SourceError."""
-    client = sync_client(redis_url, cluster=cluster)
+    client = sync_client(redis_url, cluster=cluster, socket_timeout=10)  # a hung Redis is an outage
     folder = Path(source)
     is_folder = folder.is_dir()
     if not is_folder and "://" not in source and not folder.is_file():
@@ -134,14 +139,35 @@ def publish(
     bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}", disable=not progress)
     started = time.monotonic()
 
-    def skipped(line: str) -> None:
+    def say(line: str) -> None:
         bar.write(f"sightstream: {line}", file=sys.stderr)
+
+    def send(fields: dict[Any, Any]) -> float:
+        """XADD, waiting out a Redis outage once Redis has answered; returns the seconds waited."""
+        down_since, backoff_s = 0.0, 0.0
+        while True:
+            fields["ts"] = str(time.time_ns() // 1_000_000)  # a live camera's capture time: when sent
+            try:
+                client.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
+            except OUTAGES as e:
+                if not sent:  # never answered: the URL is wrong or Redis is not up (exit 1)
+                    raise
+                if not down_since:
+                    down_since = time.monotonic()
+                    say(f"Redis unreachable ({e or type(e).__name__}); waiting for it, the source paused")
+                backoff_s = min(5.0, backoff_s * 2 or 0.5)
+                time.sleep(backoff_s)
+                continue
+            if not down_since:
+                return 0.0
+            say("Redis is back; publishing again")
+            return time.monotonic() - down_since
 
     try:
         while True:
             before = sent
             frames = (
-                ((rgb, {"file": name}) for rgb, name in folder_frames(folder, skipped))
+                ((rgb, {"file": name}) for rgb, name in folder_frames(folder, say))
                 if is_folder
                 else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None, timeout_s))
             )
@@ -152,10 +178,9 @@ def publish(
                         time.sleep(wait)
                 fields: dict[Any, Any] = {  # redis-py wants its own key and value types
                     "image": encode_jpeg(rgb, quality),
-                    "ts": str(time.time_ns() // 1_000_000),
                     "meta": json.dumps({"index": sent, **origin}),
                 }
-                client.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
+                started += send(fields)  # paced on from where it was, not in a burst to catch up
                 sent += 1
                 bar.update(1)
                 if max_frames and sent >= max_frames:

@@ -27,6 +27,9 @@ from redis.exceptions import (
 from sightstream import keys
 
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
+# What a Redis going away (a restart, a failover, still loading its data) raises, as against a
+# refused command: the command-line producer and consumer wait these out once Redis has answered.
+OUTAGES = (ConnectionError, TimeoutError, ClusterDownError, TryAgainError, RedisClusterException)
 
 
 def safe_url(url: str) -> str:

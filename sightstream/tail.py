@@ -14,19 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import (
-    ClusterDownError,
-    ConnectionError,
-    RedisClusterException,
-    TimeoutError,
-    TryAgainError,
-)
+from redis.exceptions import ConnectionError
 
-from sightstream.redis_conn import sync_client
-
-# What a Redis going away (a restart, a failover, still loading its data) raises, as against a
-# refused command.
-OUTAGES = (ConnectionError, TimeoutError, ClusterDownError, TryAgainError, RedisClusterException)
+from sightstream.redis_conn import OUTAGES, sync_client
 
 
 def summarize(fields: dict[str, Any]) -> str:
@@ -112,7 +102,8 @@ def tail(
     cluster: bool = False,
 ) -> int:
     """Follow KEY (or a glob of keys); returns how many entries it printed. Stops after
-    `count` entries or `timeout_s` seconds without a new one (0: never)."""
+    `count` entries or `timeout_s` seconds without a new one (0: never); if Redis is away when
+    that time runs out, raises its error instead (a quiet end would read as "no results")."""
     client = sync_client(redis_url, cluster=cluster, socket_timeout=10)
     is_glob = any(c in key for c in "*?[")
 
@@ -168,6 +159,9 @@ def tail(
                           file=sys.stderr, flush=True)
                 backoff_s = min(5.0, backoff_s * 2 or 0.5)
                 time.sleep(backoff_s)
+                if timeout_s and time.monotonic() - last_new > timeout_s:  # not a quiet end: exit 1
+                    raise ConnectionError(f"Redis still unreachable when --timeout ({timeout_s:g} s) "
+                                          f"ran out: {e}") from None
             if timeout_s and time.monotonic() - last_new > timeout_s:
                 return printed
     finally:  # Ctrl-C goes on to the CLI: exit 130, as the contract says

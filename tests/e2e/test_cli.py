@@ -398,6 +398,56 @@ def test_tail_waits_out_a_redis_restart_and_goes_on(tmp_path):
         server.close()
 
 
+def test_publish_waits_out_a_redis_restart_and_skips_no_frame(tmp_path):
+    """A producer left publishing must not die with Redis: it says Redis went, pauses its
+    source, says it is back, and goes on with the frame it was sending (appendonly: the Redis
+    comes back with what it had, so every frame can be counted)."""
+    from sightstream.publish import make_sample_video
+
+    video = make_sample_video(tmp_path / "v.mp4", seconds=3, fps=10, size=(160, 120))
+    server = EmbeddedRedis(appendonly=True).start()
+    try:
+        pub = subprocess.Popen([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "10",
+                                "--redis-url", server.url, "--quiet"], stderr=subprocess.PIPE, text=True)
+        with pub.stderr:
+            client = redis.Redis.from_url(server.url)
+            wait_until(lambda: client.xlen("frames:{v}") >= 3, 30)
+            client.close()
+            server.stop()
+            assert "Redis unreachable" in pub.stderr.readline()
+            time.sleep(2)  # a file's frames wait; the pacing does not burst to catch up after
+            server.start()
+            assert pub.wait(60) == 0
+            assert "Redis is back" in pub.stderr.read()
+        client = redis.Redis.from_url(server.url)
+        frames = [(entry_id, json.loads(f[b"meta"])["index"], int(f[b"ts"]))
+                  for entry_id, f in client.xrange("frames:{v}")]
+        client.close()
+    finally:
+        server.close()
+    indices = [i for _, i, _ in frames]
+    assert sorted(set(indices)) == list(range(30)), indices  # none skipped (one may be twice)
+    gaps = [b - a for (_, _, a), (_, _, b) in zip(frames, frames[1:])]
+    assert max(gaps) >= 2000 and sorted(gaps)[-2] < 500, gaps  # one pause, then the same pace
+
+
+def test_tail_whose_timeout_runs_out_while_redis_is_away_says_so_and_exits_1():
+    """A script waiting for results with --timeout must not read an outage as "no results"."""
+    server = EmbeddedRedis().start()
+    try:
+        tail = subprocess.Popen([*CLI, "tail", "results:r", "--timeout", "3", "--redis-url", server.url],
+                                stderr=subprocess.PIPE, text=True)
+        with tail.stderr:
+            time.sleep(1)  # it has answered: followed
+            server.stop()
+            assert tail.wait(30) == 1
+            lines = tail.stderr.read()
+    finally:
+        server.close()
+    assert "Redis unreachable" in lines and "Redis still unreachable when --timeout (3 s) ran out" in lines
+    assert "Traceback" not in lines
+
+
 def test_tail_of_a_redis_that_never_answers_says_so_and_exits_1():
     tail = subprocess.run([*CLI, "tail", "results:*", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
                           capture_output=True, text=True, timeout=60)
