@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import json
 import struct
@@ -246,7 +247,8 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
                 if total > max_bytes:
                     raise ApiError(413, f"the body is too large: over max_upload_mb ({max_bytes} bytes)")
                 chunks.append(chunk)
-            uploads.append(Upload(part.filename or f"file{len(uploads)}", b"".join(chunks)))
+            uploads.append(Upload(part.filename or f"file{len(uploads)}",
+                                  _transfer_decoded(part, b"".join(chunks))))
             if len(uploads) > limit:
                 raise ApiError(413, f"more than predict_max_images ({limit}) images in one request")
     except ValueError as e:  # a malformed multipart body
@@ -257,6 +259,23 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
     if not uploads:
         raise ApiError(400, "no `file` field in the multipart body")
     return uploads
+
+
+def _transfer_decoded(part: BodyPartReader, data: bytes) -> bytes:
+    """A part as sent with `Content-Transfer-Encoding` base64 or quoted-printable (RFC 7578
+    deprecates it, some clients still do it), decoded; both only shrink it."""
+    encoding = part.headers.get("Content-Transfer-Encoding", "binary").strip().lower()
+    try:
+        if encoding == "base64":
+            return base64.b64decode(data, validate=False)
+        if encoding == "quoted-printable":
+            return binascii.a2b_qp(data)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, f"a part sent as {encoding} cannot be decoded: {e}") from None
+    if encoding not in ("binary", "8bit", "7bit"):
+        raise ApiError(400, f"Content-Transfer-Encoding {encoding!r} is not supported: send the part as "
+                            "binary (or base64, quoted-printable)")
+    return data
 
 
 def _untar(body: bytes, limit: int, max_bytes: int) -> list[Upload]:

@@ -304,3 +304,30 @@ async def test_a_model_past_its_own_timeout_is_a_504_naming_it(redis_url, tmp_pa
         assert r.status == 504, await r.text()
         message = (await r.json())["error"]["message"]
         assert "fake/stuck did not answer within its timeout (0.5 s)" in message
+
+
+def one_part(data: bytes, encoding: str) -> tuple[bytes, dict]:
+    head = (f'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n").encode()
+    return head + data + b"\r\n--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"}
+
+
+async def test_a_part_sent_base64_or_quoted_printable_is_decoded(redis_url, tmp_path, gradient):
+    """Some clients still send form parts with a Content-Transfer-Encoding: the part is the
+    image once decoded, not an undecodable upload; an encoding it cannot undo is a 400."""
+    import base64
+    import binascii
+
+    png = encode(gradient, "PNG")
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        plain = await (await client.post("/predict/tiny/det", data=png)).json()
+        wrapped = base64.encodebytes(png)  # lines of 76, as mail-style encoders write them
+        for data, encoding in ((wrapped, "base64"), (binascii.b2a_qp(png, istext=False), "quoted-printable")):
+            body, headers = one_part(data, encoding)
+            r = await client.post("/predict/tiny/det", data=body, headers=headers)
+            assert r.status == 200 and await r.json() == plain, encoding
+        for data, encoding, says in ((b"abc", "base64", "cannot be decoded"),
+                                     (png, "x-uuencode", "not supported")):
+            body, headers = one_part(data, encoding)
+            r = await client.post("/predict/tiny/det", data=body, headers=headers)
+            assert r.status == 400 and says in (await r.json())["error"]["message"], encoding
