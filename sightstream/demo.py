@@ -88,7 +88,8 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
                 count=int(seconds * 10), emit=lambda line: _show(line, rows, say),
             ))
             started = time.monotonic()
-            sent = await asyncio.to_thread(publish, url, str(video), DEMO_STREAM, progress=False)
+            sent = await asyncio.to_thread(publish, url, str(video), DEMO_STREAM, progress=False,
+                                           stopping=stop.is_set)
             await tailer
             elapsed = time.monotonic() - started
             dead = sync.xlen(deadletter_key)
@@ -98,7 +99,8 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
                     "video go round again and again. Ctrl-C stops everything.")
                 while not stop.is_set():  # set by the daemon's signal handlers on Ctrl-C
                     again = asyncio.ensure_future(asyncio.to_thread(
-                        publish, url, str(video), DEMO_STREAM, progress=False, maxlen=KEPT_FRAMES))
+                        publish, url, str(video), DEMO_STREAM, progress=False, maxlen=KEPT_FRAMES,
+                        stopping=stop.is_set))
                     await asyncio.wait((again, server), return_when=asyncio.FIRST_COMPLETED)
                     try:
                         await again  # a round of a few seconds at most

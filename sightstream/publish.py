@@ -125,10 +125,13 @@ def publish(
     progress: bool = True,
     cluster: bool = False,
     timeout_s: float = 10.0,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> int:
     """Publish frames; returns how many. `fps`: None = the video's own rate (a folder: as fast
     as possible); 0 = as fast as possible; F = at most F frames per second, paced in real time.
-    `timeout_s`: how long a URL may take to open or to give data. Raises SourceError."""
+    `timeout_s`: how long a URL may take to open or to give data. `stopping()`: true once the
+    caller stops (run in a thread, Ctrl-C does not reach it): a Redis outage is then not waited
+    out but raised. Raises SourceError."""
     client = sync_client(redis_url, cluster=cluster, socket_timeout=10)  # a hung Redis is an outage
     folder = Path(source)
     is_folder = folder.is_dir()
@@ -150,7 +153,7 @@ def publish(
             try:
                 client.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
             except OUTAGES as e:
-                if not sent:  # never answered: the URL is wrong or Redis is not up (exit 1)
+                if not sent or stopping():  # never answered: the URL is wrong or Redis is not up
                     raise
                 if not down_since:
                     down_since = time.monotonic()
