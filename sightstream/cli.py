@@ -163,18 +163,14 @@ _millis = _number(float, lambda v: 0 <= v < math.inf, "is not a number of millis
 
 
 def _a_redis_url(text: str) -> str:
-    from redis.connection import parse_url
+    from sightstream.config import check_redis_url
+    from sightstream.redis_conn import safe_url
 
-    from sightstream.config import REDIS_SCHEMES
-
-    if not text.startswith(REDIS_SCHEMES):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Redis URL (redis://host:port/db, rediss://… "
-                                         "or unix://…)")
     try:
-        parse_url(text)
+        return check_redis_url(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a Redis URL: {e}") from None
-    return text
+        raise argparse.ArgumentTypeError(f"{safe_url(text)!r} is not a Redis URL (redis://host:port/db, "
+                                         f"rediss://… or unix://…): it {e}") from None
 
 
 def _entry_id(text: str) -> str:

@@ -34,6 +34,20 @@ DEFAULT_CONFIG = Path("/etc/sightstream/sightstream.toml")
 DEFAULT_MODEL = "retinaface/mobilenet"
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_redis_url(url: str) -> str:
+    """The URL, if redis-py can connect with it; else a ValueError that says why (a port that
+    is not a number was a traceback at start)."""
+    from redis.connection import parse_url
+
+    if not url.startswith(REDIS_SCHEMES):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    try:
+        parse_url(url)
+    except ValueError as e:  # its messages never quote the URL (nor its password)
+        raise ValueError(f"cannot be read: {e}") from None
+    return url
 VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 
 
@@ -255,9 +269,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str) -> str:
-        if not v.startswith(REDIS_SCHEMES):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return v
+        return check_redis_url(v)
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -289,6 +301,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"redis_url: a Redis Cluster has only database 0, and the URL names "
                                  f"database {path}")
         return self
+
+    @field_validator("models")
+    @classmethod
+    def _variants_with_dots(cls, v: dict[str, dict[str, ModelEntry]]) -> dict[str, dict[str, ModelEntry]]:
+        """`[models.qwen2_5.0.5b-instruct]` is, to TOML, variant "0" with a table "5b-instruct":
+        it was taken as a new model `qwen2_5/0`, without a word, and the entry meant to change
+        `qwen2_5/0.5b-instruct` changed nothing. An option that is a table holding an entry's
+        own fields (path, backend, task, adapter) is that mistake."""
+        entry_fields = set(ModelEntry.model_fields)
+        for family, variants in v.items():
+            for variant, entry in variants.items():
+                for name, value in (entry.model_extra or {}).items():
+                    if isinstance(value, dict) and entry_fields & set(value):
+                        raise ValueError(
+                            f"[models.{family}.{variant}.{name}] reads as model {family}/{variant} with a "
+                            f"table {name!r}: a variant whose name has a dot must be quoted, "
+                            f'[models.{family}."{variant}.{name}"]')
+        return v
 
     @model_validator(mode="after")
     def _unique_pipelines(self) -> Settings:

@@ -65,6 +65,13 @@ class Entry:
                 f"model {self.id}: {self.path} does not exist; point "
                 f"[models.{self.family}.{self.variant}] path at a local file (nothing is downloaded)"
             )
+        # the default backend, often not meant; a plug-in adapter may read a folder
+        if self.backend == "onnx" and ":" not in self.adapter and Path(self.path).is_dir():
+            raise ModelNotAvailable(
+                f"model {self.id}: backend onnx (the default) needs an .onnx file, and {self.path} is "
+                f"a folder; a transformers model's folder needs backend = \"transformers\" and its task "
+                f"in [models.{self.family}.{self.variant}]"
+            )
         return self.path
 
     @property

@@ -26,7 +26,9 @@ from sightstream import cli
     # these were tracebacks (exit 1), or hung for ever (--daemons -1, --sleep-ms -5)
     (["tail", "k", "--redis-url", "notaurl"], "--redis-url: 'notaurl' is not a Redis URL"),
     (["publish", "v.mp4", "--stream", "s", "--redis-url", "redis://127.0.0.1:notaport/0"],
-     "--redis-url: 'redis://127.0.0.1:notaport/0' is not a Redis URL: Port could not be cast"),
+     "--redis-url: 'redis://127.0.0.1:notaport/0' is not a Redis URL (redis://host:port/db, rediss://… "
+     "or unix://…): it cannot be read: Port could not be cast"),
+    (["tail", "k", "--redis-url", "redis://:s3cret@h:99999/0"], "'redis://:***@h:99999/0' is not a Redis URL"),
     (["tail", "k", "--from", "bogus"], "--from: 'bogus' is not a stream entry ID"),
     (["bench", "--size", "12x"], "--size: '12x' is not a frame size WxH"),
     (["bench", "--batch-sizes", "a"], "--batch-sizes: 'a' is not a list of batch sizes"),

@@ -75,6 +75,8 @@ score_threshold = 0.4
         ("[[pipelines]]\nname='a'\nprompt_from='elsewhere'", "set `input` to that pipeline's result streams"),
         ("devices = ['gpu0']", "devices"),
         ("redis_url = 'localhost:6379'", "redis_url: must start with redis://"),
+        ("redis_url = 'redis://127.0.0.1:notaport/0'",  # a traceback at start, exit 1
+         "redis_url: cannot be read: Port could not be cast to integer value as 'notaport'"),
         ("[control]\nport = 99999", "control.port"),
         ("redis_url = = 1", "cannot read"),
         # infinity passed, then stopped the daemon at its first frame (fps) or at start
@@ -89,6 +91,10 @@ score_threshold = 0.4
         ("[[pipelines]]\nname='a'\nprompt_from='a'\ninput=['x:*']", "pipeline a cannot take its prompts from itself"),
         ("[manager.max_memory_mb]\n'cuda:0' = -5", "manager.max_memory_mb.cuda:0: Input should be greater than 0"),
         ("[jobs]\nallowed_paths = ['videos']", "jobs.allowed_paths: 'videos' is not an absolute path"),
+        # TOML reads the dot as a nested table: it was a new model qwen2_5/0, without a word
+        ("[models.qwen2_5.0.5b-instruct]\npath = '/tmp'",
+         "[models.qwen2_5.0.5b-instruct] reads as model qwen2_5/0 with a table '5b-instruct': a variant "
+         "whose name has a dot must be quoted, [models.qwen2_5.\"0.5b-instruct\"]"),
     ],
 )
 def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
@@ -221,6 +227,25 @@ def test_a_model_no_adapter_serves_is_refused_at_start():
         "backend": "torch", "adapter": "tests.fake_adapters:Scripted", "threshold": "abc"}}},
         pipelines=[{"name": "p", "model": "x/y"}])
     with pytest.raises(ConfigError, match=r"pipelines\[p\].model: model x/y: its adapter .* ValueError"):
+        Daemon(settings)
+
+
+def test_a_table_option_and_a_quoted_variant_with_a_dot_are_taken(tmp_path):
+    settings = load_settings(write(tmp_path, '[models.qwen2_5."0.5b-instruct"]\npath = "/tmp/q"\n'
+                                             '[models.yolo.v8n]\ncuda_options = {arena_extend_strategy = 1}'))
+    assert settings.models["qwen2_5"]["0.5b-instruct"].path == "/tmp/q"
+    assert settings.models["yolo"]["v8n"].model_extra == {"cuda_options": {"arena_extend_strategy": 1}}
+
+
+def test_a_folder_given_to_the_default_onnx_backend_is_refused_at_start(tmp_path):
+    """A transformers model's folder with no backend set: every frame was dead-lettered
+    (INVALID_PROTOBUF) by a daemon that had started as if all was well."""
+    from sightstream.daemon.daemon import Daemon
+
+    settings = Settings(devices=["cpu"], models={"my": {"det": {"path": str(tmp_path)}}},
+                        pipelines=[{"name": "p", "model": "my/det"}])
+    with pytest.raises(ConfigError, match=r"my/det: backend onnx \(the default\) needs an .onnx file, and "
+                                          r".* is a folder; a transformers model's folder needs backend"):
         Daemon(settings)
 
 
