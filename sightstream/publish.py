@@ -214,7 +214,8 @@ def make_sample_video(
     photo = Image.open(Path(__file__).parent / "data" / "astronaut.jpg").convert("RGB")
     w, h = size
     frames = int(seconds * fps)
-    with av.open(str(path), "w") as out:
+    # faststart: the index (moov) first, so the clip also plays from a server without Range support
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(frames):

@@ -45,3 +45,21 @@ def reason(error: BaseException) -> str:
     if isinstance(error, UnicodeDecodeError):  # PyAV reading a damaged file's metadata as text
         return "it is not a video that can be read (damaged?): its metadata is not text"
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+INDEXED_SUFFIXES = (".mp4", ".m4v", ".mov")  # containers whose index (moov) may be at the end
+
+
+def index_at_end_hint(url: str) -> str:
+    """For an MP4 over HTTP that cannot be read: a likely cause that is not damage. With its
+    index at the end, FFmpeg must jump there and back; a server that does not answer Range
+    requests (python -m http.server, some CDNs' defaults) makes it fail as if damaged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    if parts.scheme.lower() not in ("http", "https") or not parts.path.lower().endswith(INDEXED_SUFFIXES):
+        return ""
+    return ("; if the file plays elsewhere, its index (moov) is likely at its end and the server does not "
+            "answer Range requests: serve it from one that does, or with the index first "
+            "(ffmpeg -i in.mp4 -c copy -movflags +faststart out.mp4)")

@@ -37,7 +37,7 @@ from sightstream import log
 from sightstream.errors import SightstreamError
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.upright import upright_rgb
-from sightstream.stages.video_failures import reason, unresolved
+from sightstream.stages.video_failures import index_at_end_hint, reason, unresolved
 from sightstream.stages.video_interrupt import Guard, guards
 
 _log = log.get(__name__)
@@ -250,7 +250,7 @@ class _Reader:
                     if refused >= self.o.max_open_failures:
                         raise VideoSourceError(
                             f"the video source {self.name} cannot be read (damaged?): {why} "
-                            f"({refused} attempts)") from None
+                            f"({refused} attempts){index_at_end_hint(self.url)}") from None
                 if why is None or why == "stop" or self.stop.is_set():
                     return
                 self._failed(why)

@@ -164,6 +164,29 @@ async def test_a_damaged_mp4_fails_its_job_and_is_not_taken_for_a_live_stream(re
                 assert "cannot be read (damaged?)" in job["error"], job["error"]
 
 
+async def test_an_mp4_indexed_at_its_end_from_a_server_without_ranges_fails_saying_why(
+        redis_url, tmp_path, videos):
+    """FFmpeg must jump to the index at the end and back; a server that ignores Range (as
+    python -m http.server does) makes the clip fail as if damaged: the error says what to do."""
+    from aiohttp import web
+
+    # not a tiny one: FFmpeg reads a few KB whole into its buffer, where seeking needs no Range
+    clip = hls.make_clip(tmp_path / "clip.mp4", seconds=10, fps=10, size=(640, 480)).read_bytes()
+    assert clip.find(b"moov") > clip.find(b"mdat")  # the muxer's default: index last
+
+    async def whole(request: web.Request) -> web.Response:  # a 200 with every byte, whatever asked
+        return web.Response(body=clip, content_type="video/mp4")
+
+    app = web.Application()
+    app.router.add_get("/clip.mp4", whole)
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        with hls.ThreadServer(app) as server:
+            job_id = await submit(client, source=server.url("clip.mp4"), fps=2)
+            job = await until_status(client, job_id, "completed", "failed", timeout=30)
+    assert job["status"] == "failed" and "does not answer Range requests" in job["error"], job
+    assert "-movflags +faststart" in job["error"]
+
+
 async def test_live_hls_with_max_seconds_then_cancel_and_listing(redis_url, tmp_path, videos):
     with hls.live_hls(videos / "live" / "index.m3u8") as live:
         async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
