@@ -27,6 +27,6 @@ VOLUME ["/models"]
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4).status != 200)"]
+  CMD ["python", "-c", "import sys, urllib.request; from sightstream.config import load_settings; port = load_settings().control.port; sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status != 200)"]
 ENTRYPOINT ["sightstream"]
 CMD ["run"]

@@ -218,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="everything on this machine: Redis, daemon, a sample video, results")
     config(p)
-    p.add_argument("--seconds", type=float, default=6.0, help="length of the sample video")
+    p.add_argument("--seconds", type=_period, default=6.0, help="length of the sample video (at least 1)")
     p.add_argument("--keep", action="store_true",
                    help="after the summary, keep the daemon up and the video going round (to look at the "
                         "live page) until Ctrl-C")
@@ -234,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
                         "(default: the video's own rate; a folder: as fast as possible)")
     p.add_argument("--loop", action="store_true", help="start over at the end, until interrupted")
     p.add_argument("--maxlen", type=_count, default=0, help="cap the stream (MAXLEN ~ N); 0: no cap")
-    p.add_argument("--quality", type=_quality, default=90, help="JPEG quality (1 to 100)")
+    p.add_argument("--quality", type=_quality, default=90, help="JPEG quality (1 to 100; default 90)")
     p.add_argument("--max-frames", type=_count, default=0, help="stop after N frames; 0: no limit")
     p.add_argument("--timeout", type=_seconds, default=10.0, metavar="S",
                    help="a URL that takes longer to open, or to give data, is an error (default 10)")
@@ -293,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model catalogue")
     config(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON array of the entries")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", help="benchmark the daemon against raw and naive baselines")

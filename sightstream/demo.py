@@ -48,7 +48,7 @@ async def run_demo(settings: Settings, seconds: float = 6.0, say: Callable[[str]
     if (problem := await why_unreachable(settings.redis_url)) is None:
         say(f"Redis: using {shown}")
     elif settings.redis_url != Settings.model_fields["redis_url"].default:
-        say(f"Redis: {shown} cannot be used ({problem}). Start it, or leave redis_url at its "
+        say(f"Redis: {shown} cannot be used ({problem.rstrip('.')}). Start it, or leave redis_url at its "
             "default for the demo to start a Redis of its own.")
         return 1
     else:

@@ -139,11 +139,12 @@ def publish(
         raise FileNotFoundError(f"{source}: no such video file or folder")
     rate = fps if fps is not None else (0.0 if is_folder else video_rate(source, timeout_s))
     sent = 0
-    bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}", disable=not progress)
+    # none when quiet: a disabled tqdm still has a __del__ that a Ctrl-C could land in (a traceback)
+    bar = tqdm(total=max_frames or None, unit="frame", desc=f"publish {stream}") if progress else None
     started = time.monotonic()
 
     def say(line: str) -> None:
-        bar.write(f"sightstream: {line}", file=sys.stderr)
+        (bar.write if bar is not None else print)(f"sightstream: {line}", file=sys.stderr)
 
     def send(fields: dict[Any, Any]) -> float:
         """XADD, waiting out a Redis outage once Redis has answered; returns the seconds waited."""
@@ -185,7 +186,8 @@ def publish(
                 }
                 started += send(fields)  # paced on from where it was, not in a burst to catch up
                 sent += 1
-                bar.update(1)
+                if bar is not None:
+                    bar.update(1)
                 if max_frames and sent >= max_frames:
                     return sent
             if sent == before:  # nothing in it (and --loop would go round an empty source for ever)
@@ -200,7 +202,8 @@ def publish(
                               f"{stream})") from None
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         client.close()
 
 

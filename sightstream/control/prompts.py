@@ -26,7 +26,8 @@ class PromptOut(BaseModel):
     text: str
     version: int
     updated_at: str | None = Field(None, description="ISO 8601 UTC; null: the configured prompt")
-    set_by: str = Field("", description="the bearer token's name; config for version 1")
+    set_by: str = Field("", description="the bearer token's name; config for version 1; empty for the "
+                        "unnamed control.token, or no token")
     rolled_back_from: int | None = None
 
 

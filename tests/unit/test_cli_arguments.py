@@ -30,6 +30,7 @@ from sightstream import cli
      "or unix://…): it cannot be read: Port could not be cast"),
     (["tail", "k", "--redis-url", "redis://:s3cret@h:99999/0"], "'redis://:***@h:99999/0' is not a Redis URL"),
     (["tail", "k", "--from", "bogus"], "--from: 'bogus' is not a stream entry ID"),
+    (["demo", "--seconds", "0"], "--seconds: 0 is not a number of seconds of at least 1"),  # a video of nothing
     (["bench", "--size", "12x"], "--size: '12x' is not a frame size WxH"),
     (["bench", "--batch-sizes", "a"], "--batch-sizes: 'a' is not a list of batch sizes"),
     (["bench", "--batch-sizes", "8,0"], "--batch-sizes: '8,0' is not a list of batch sizes"),

@@ -42,3 +42,37 @@ def test_compose_runs_redis_and_the_daemon_with_its_config_and_health():
     assert daemon["environment"]["SIGHTSTREAM_REDIS_URL"] == "redis://redis:6379/0"
     assert any(v.split(":")[1] == str(DEFAULT_CONFIG) for v in daemon["volumes"] if v.startswith("./"))
     assert daemon["ports"] == ["127.0.0.1:8000:8000"]  # the API is not on every interface unless a token is set
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+async def test_the_health_check_asks_the_port_the_config_sets(name, monkeypatch):
+    """It asked port 8000 whatever control.port said: a daemon on another port was unhealthy."""
+    import asyncio
+    import json
+    import os
+
+    from aiohttp import web
+
+    from sightstream.daemon.embedded_redis import free_port
+
+    line = next(x for x in (ROOT / name).read_text().splitlines() if x.strip().startswith("CMD [\"python\""))
+    command = json.loads(line.strip()[len("CMD "):])
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_get("/health/ready", ready)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        codes = []
+        for asked in (port, free_port()):  # the daemon's port, then one where nothing listens
+            env = {**os.environ, "SIGHTSTREAM_CONTROL__PORT": str(asked), "PYTHONPATH": str(ROOT)}
+            check = await asyncio.create_subprocess_exec(sys.executable, *command[1:], env=env, cwd="/",
+                                                         stderr=asyncio.subprocess.DEVNULL)
+            codes.append(await asyncio.wait_for(check.wait(), 30))
+    finally:
+        await runner.cleanup()
+    assert codes == [0, 1]

@@ -378,3 +378,16 @@ def test_an_option_no_adapter_reads_is_found_with_the_name_it_was_meant_to_be(tm
         Daemon(settings)
     said = {e["option"]: e["hint"] for e in logs if e["event"] == "model_option_unread"}
     assert said == {"colour": "its adapter reads no such option", "score_treshold": "did you mean score_threshold?"}
+
+
+def test_an_open_vocabulary_box_clipped_to_the_frame_is_floats_throughout():
+    """A coordinate clipped to 0 or to the width was an int ([0, 512.0, …]): typed readers
+    of the results (a schema, a struct) saw two types in one list."""
+    import torch
+
+    from sightstream.models.adapters.hf_open_vocab import _prediction
+
+    found = {"boxes": torch.tensor([[-5.0, 10.0, 600.0, 20.0]]), "scores": torch.tensor([0.9]),
+             "text_labels": ["cat"]}
+    box = _prediction(found, 100, 512, ["cat"]).result["detections"][0]["box"]
+    assert box == [0.0, 10.0, 512.0, 20.0] and all(type(v) is float for v in box)

@@ -33,6 +33,7 @@ class HfDepth(hf_common.ImageModel):
         out = []
         for m, (h, w) in zip(maps, inputs.sizes):
             png, lo, hi = depth_png(m["predicted_depth"].float().cpu().numpy())
-            out.append(Prediction({"width": w, "height": h, "min": round(lo, 6), "max": round(hi, 6)},
-                                  {"depth": png}))
+            # + 0.0: -0.0 (a rounded tiny negative) reads as 0.0
+            lo, hi = round(lo, 6) + 0.0, round(hi, 6) + 0.0
+            out.append(Prediction({"width": w, "height": h, "min": lo, "max": hi}, {"depth": png}))
         return out

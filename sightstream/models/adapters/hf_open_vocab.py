@@ -143,8 +143,9 @@ def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Pred
     detections = []
     for i in found["scores"].float().argsort(descending=True).tolist():
         x1, y1, x2, y2 = (float(v) for v in found["boxes"][i].float().tolist())
-        box = [round(min(max(x1, 0), width), 1), round(min(max(y1, 0), height), 1),
-               round(min(max(x2, 0), width), 1), round(min(max(y2, 0), height), 1)]
+        w, h = float(width), float(height)  # a clipped coordinate is a float like the others
+        box = [round(min(max(x1, 0.0), w), 1), round(min(max(y1, 0.0), h), 1),
+               round(min(max(x2, 0.0), w), 1), round(min(max(y2, 0.0), h), 1)]
         if (matched := match_label(str(names[i]) if names is not None else "", labels)) is None:
             continue
         label, class_id = matched
