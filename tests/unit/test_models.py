@@ -391,3 +391,22 @@ def test_an_open_vocabulary_box_clipped_to_the_frame_is_floats_throughout():
              "text_labels": ["cat"]}
     box = _prediction(found, 100, 512, ["cat"]).result["detections"][0]["box"]
     assert box == [0.0, 10.0, 512.0, 20.0] and all(type(v) is float for v in box)
+
+
+def test_ocr_text_comes_in_reading_order_with_a_line_s_words_together():
+    """Words of one line are rarely found at the same height: sorted by their tops, "2026"
+    (a pixel higher) came before "HELLO", and each word was a line of `text`."""
+    from types import SimpleNamespace
+
+    from sightstream.models.adapters.ocr import RapidOcr
+
+    def quad(x1, y1, x2, y2):
+        return [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+
+    ocr = RapidOcr("", {})
+    ocr._engine = lambda image: SimpleNamespace(
+        boxes=[quad(120, 9, 180, 30), quad(10, 60, 90, 80), quad(10, 10, 100, 31)],
+        txts=["2026", "second line", "HELLO"], scores=[0.9, 0.9, 0.9])
+    result = ocr.infer([np.zeros((100, 200, 3), np.uint8)])[0].result
+    assert result["text"] == "HELLO 2026\nsecond line"
+    assert [d["text"] for d in result["detections"]] == ["HELLO", "2026", "second line"]

@@ -1,7 +1,8 @@
 """OCR with RapidOCR's PP-OCRv6 models (Apache-2.0, ONNX files shipped inside the `rapidocr`
 wheel: the `ocr` extra). A detect task: each line of text found is a detection whose `text`
-is what it reads; `polygon` is the line's four corners. The result also carries all the lines
-as `text`, top to bottom."""
+is what it reads; `polygon` is the line's four corners. The result also carries all the text
+as `text`, in reading order: rows top to bottom (pieces on one row joined by a space), each
+left to right; the detections come in that order too."""
 
 from __future__ import annotations
 
@@ -66,6 +67,21 @@ class RapidOcr:
                 "score": round(float(score), 4), "label": "text", "class_id": 0, "text": text,
                 "polygon": [[round(float(x), 1), round(float(y), 1)] for x, y in pts],
             })
-        lines.sort(key=lambda d: (d["box"][1], d["box"][0]))
-        return Prediction({"width": w, "height": h, "detections": lines,
-                           "text": "\n".join(d["text"] for d in lines)})
+        rows = _rows(lines)
+        return Prediction({"width": w, "height": h, "detections": [d for row in rows for d in row],
+                           "text": "\n".join(" ".join(d["text"] for d in row) for row in rows)})
+
+
+def _rows(found: list[dict]) -> list[list[dict]]:
+    """The pieces of text in reading order: rows top to bottom, each left to right. A piece
+    whose middle is within a row's height is on that row: words of one line are rarely found
+    at the same height ("2026" a pixel above "HELLO" read as the first line)."""
+    rows: list[list[dict]] = []
+    for d in sorted(found, key=lambda d: d["box"][1]):
+        middle = (d["box"][1] + d["box"][3]) / 2
+        row = next((r for r in rows if r[0]["box"][1] <= middle <= r[0]["box"][3]), None)
+        if row is None:
+            rows.append([d])
+        else:
+            row.append(d)
+    return [sorted(row, key=lambda d: d["box"][0]) for row in rows]
