@@ -100,6 +100,8 @@ class Progress(BaseModel):
     fraction: float | None = Field(None, description="of a VOD, 0 to 1")
     last_error: str | None = Field(None, description="why the source was last reopened, if it was, or what "
                                    "of an HLS VOD was skipped (a segment that could not be fetched)")
+    last_frame_at: str | None = Field(None, description="when the source last gave a frame (ISO 8601 UTC): "
+                                      "a camera that is down has a last_error and an old last_frame_at")
 
 
 class Timings(BaseModel):

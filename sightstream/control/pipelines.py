@@ -66,7 +66,9 @@ class VideoInput(BaseModel):
     holder: str = Field(description="the daemon reading it")
     attempt: int
     processed: int
-    last_error: str | None = Field(None, description="why the source was last reopened")
+    last_error: str | None = Field(None, description="why the source was last reopened (it may be read "
+                                   "again since: see last_frame_at), or why it failed")
+    last_frame_at: str | None = Field(None, description="when the source last gave a frame (ISO 8601 UTC)")
 
 
 class Pipeline(BaseModel):
@@ -171,10 +173,13 @@ async def _videos(d: Daemon, p: PipelineSettings, asked: bool = True) -> list[Vi
             out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status="pending", holder="",
                                   attempt=0, processed=0, **streams))
             continue
-        error = job.progress.get("last_error")
+        # a failed input's own error (a file that is gone); else the reader's last reopening
+        error = job.error if job.status == "failed" and job.error else job.progress.get("last_error")
+        seen = job.progress.get("last_frame_at")
         out.append(VideoInput(url=keys.public_url(url), job_id=job_id, status=job.status, holder=job.holder,
                               attempt=job.attempt, processed=job.counts.get("processed", 0),
-                              last_error=str(error) if error else None, **streams))
+                              last_error=str(error) if error else None,
+                              last_frame_at=str(seen) if seen else None, **streams))
     return out
 
 

@@ -35,6 +35,7 @@ from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.daemon.snapshots import Snapshots
 from sightstream.errors import ConfigError, ModelError, SightstreamError
+from sightstream.jobs.run import InputViews
 from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
 from sightstream.jobs.store import JobStore
@@ -148,7 +149,7 @@ class Daemon:
                                   "text and cannot read frames (it writes jobs' summaries)")
             for url in p.videos:
                 try:
-                    check_source(url, self.settings.jobs, trusted=True)
+                    check_source(url, self.settings.jobs, trusted=True, on_disk=False)
                 except SourceRefused as e:
                     raise ConfigError(f"invalid setting pipelines[{p.name}].input: "
                                       f"{keys.public_url(url)}: {e}") from None
@@ -281,9 +282,10 @@ class Daemon:
                 self.metrics, self.stop_event), name="backlog-gauges"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
+        views = InputViews(self.snapshots.frames_read, self.publisher.seen, self.publisher.dead_lettered)
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
                                     self.settings, self.consumer, self.metrics, self.stop_event,
-                                    self.prompt_book, self.manager.create)
+                                    self.prompt_book, self.manager.create, views)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers]
         self._text_worker_tasks = [asyncio.create_task(w.run(), name=f"worker-text-{w.device}")

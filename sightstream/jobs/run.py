@@ -35,7 +35,7 @@ from sightstream.config import DecodeSettings, JobSettings
 from sightstream.errors import FrameError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, deadletter_fields, entry_ms, now_ms
 from sightstream.jobs.sources import Source
-from sightstream.jobs.store import Job, JobStore
+from sightstream.jobs.store import Job, JobStore, now_iso
 from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.redis_conn import run_pipelined
@@ -81,6 +81,16 @@ class Item:
 
 
 @dataclass(frozen=True)
+class InputViews:
+    """What a pipeline's video input tells the daemon's own views of its pipelines (the live
+    page, /sources, `sightstream status`, latency), as the stream publisher does for streams."""
+
+    read: Callable[[str, str, int], None]  # (pipeline, source, frames)
+    published: Callable[[Frame, dict[str, Any], int], None]  # (frame, fields, latency ms)
+    dead_lettered: Callable[[Frame], None]
+
+
+@dataclass(frozen=True)
 class Limits:
     """How this run batches and publishes: the jobs' settings, or a pipeline's for its inputs."""
 
@@ -93,12 +103,13 @@ class JobRun:
     def __init__(self, job: Job, source: Source, store: JobStore, token: str, client: Redis,
                  reader: Redis, adhoc: AdhocBatcher, decode_pool: Executor, settings: JobSettings,
                  decode: DecodeSettings, metrics: Metrics, prompt: Callable[[], Prompt] | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, views: InputViews | None = None) -> None:
         self.job = job
         # A user's job keeps its prompt; a pipeline's video input follows the pipeline's.
         self._prompt = prompt or (lambda: Prompt(job.spec.prompt, 1))
         self._label = job.spec.pipeline or "jobs"
         self._shown = job.spec.shown  # results name it without its password
+        self._views = views
         self._limits = limits or Limits(settings.batch_size, settings.batch_timeout_ms,
                                         settings.result_maxlen)
         self._source = source
@@ -116,6 +127,7 @@ class JobRun:
         self._started = time.monotonic()
         self._started_wall = _epoch_s(job.started_at) or time.time()  # this job's, over attempts
         self._last_item = time.monotonic()
+        self._last_frame_at: str | None = None  # when the source last gave a frame (ISO, UTC)
         # False while the read loop is held back by this job's own work (frames in flight, a
         # device busy with a long call, e.g. a text model's summary): that is no silent source
         self._reading = True
@@ -176,6 +188,8 @@ class JobRun:
                     break
                 self._seq += 1
                 self._metrics.frames_in.labels(self._label).inc()
+                if self._views is not None:
+                    self._views.read(self._label, self._shown, 1)
                 future: asyncio.Future | None = None
                 if item.frame is not None:
                     (first,) = await self._submit(item.frame)  # waits while the lane is full
@@ -185,6 +199,7 @@ class JobRun:
                 if not await _put(queue, (self._seq, item, future), publishing):
                     break
                 self._last_item, self._reading = time.monotonic(), True
+                self._last_frame_at = now_iso()
                 if limit is not None and self._seq >= limit:
                     break  # now: a quiet stream may send no next entry to find the limit with
             else:
@@ -288,7 +303,9 @@ class JobRun:
             fps=self.job.spec.fps, open_timeout_s=self._s.open_timeout_s,
             read_timeout_s=self._s.read_timeout_s, stall_s=self._s.stall_s,
             max_pixels=self._decode.max_pixels)
-        if self.job.spec.pipeline:  # a pipeline's camera that is down is retried until it is back
+        # A pipeline's camera that is down is retried until it is back; a file on this disk
+        # says the same each time: one that is not a video fails, as a job's does.
+        if self.job.spec.pipeline and not self.job.spec.source.lower().startswith("file://"):
             options = replace(options, max_open_failures=2**31, max_vod_failures=2**31)
         self._video = video = VideoSource(self._source.location, options)
         after = float(self.job.last_position) if self.job.last_position else None
@@ -363,23 +380,28 @@ class JobRun:
         entries = [(seq, item.position, *self._entry(item, future)) for seq, item, future in ready]
 
         def fill(pipe: Any) -> None:
-            for seq, position, stream, counter, fields in entries:
+            for seq, position, stream, counter, fields, _ in entries:
                 maxlen = self._limits.result_maxlen if counter == "processed" else 0
                 self._store.queue_publish(pipe, job.id, self._token, seq, position, stream, maxlen, counter,
                                           fields)
 
         replies = await run_pipelined(self._client, fill, self._store.publish_script, raise_on_error=False)
-        for (_, _, stream, counter, fields), reply in zip(entries, replies):
+        for (_, _, stream, counter, fields, frame), reply in zip(entries, replies):
             if isinstance(reply, ResponseError):  # nothing of this item (or after it) was written
                 raise JobFailed(f"results cannot be written to {stream}: {str(reply).split(' script: ')[0]}")
             if fenced(reply) == 1 and counter == "processed":
                 self._metrics.frames_published.labels(self._label).inc()
+                if self._views is not None:
+                    self._views.published(frame, fields, int(fields["latency_ms"]))
             elif reply == 1:
                 self._metrics.frames_dead_lettered.labels(self._label, fields["reason"]).inc()
+                if self._views is not None:
+                    self._views.dead_lettered(frame)
         job.last_seq, job.last_position = ready[-1][0], ready[-1][1].position
 
-    def _entry(self, item: Item, future: asyncio.Future[Outcome] | None) -> tuple[str, str, dict[str, Any]]:
-        """The stream, counter and fields of one item's outcome."""
+    def _entry(self, item: Item, future: asyncio.Future[Outcome] | None
+               ) -> tuple[str, str, dict[str, Any], Frame]:
+        """The stream, counter, fields and frame of one item's outcome."""
         job = self.job
         extra: dict[str, Any] = {} if job.spec.pipeline else {"job_id": job.id}
         if item.pts_s is not None:
@@ -398,11 +420,11 @@ class JobRun:
         if isinstance(outcome, Published):
             fields = dict(outcome.fields)
             fields["latency_ms"] = str(max(0, now_ms() - outcome.frame.ts_ms))
-            return job.results_stream, "processed", fields | extra
+            return job.results_stream, "processed", fields | extra, outcome.frame
         if isinstance(outcome, DeadLettered):
             reason, error = outcome.reason, outcome.error
         frame = item.frame or Frame(self._label, self._shown, item.position, {}, now_ms())
-        return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra
+        return job.deadletter_stream, "dead_lettered", deadletter_fields(frame, reason, error) | extra, frame
 
     async def _write_progress(self, last: bool = False) -> None:
         stats = self._video.stats if self._video else None
@@ -415,7 +437,8 @@ class JobRun:
         if self._read_to_end and duration:
             fraction = 1.0  # the last frame sampled may lie before the end (fps 2: 2.5 s of 3 s)
         progress = {"position_s": position, "duration_s": duration, "fraction": fraction,
-                    "last_error": stats.last_error if stats else None}
+                    "last_error": stats.last_error if stats else None,
+                    "last_frame_at": self._last_frame_at or self.job.progress.get("last_frame_at")}
         base = self._base
         timings = {
             "open_s": round(base.get("open_s", 0) + (stats.open_s if stats else 0), 3),

@@ -29,7 +29,7 @@ from sightstream import keys, log
 from sightstream.channels import follow_channel
 from sightstream.config import PipelineSettings, Settings
 from sightstream.errors import ModelError
-from sightstream.jobs.run import JobFailed, JobRun, JobStopped, Limits
+from sightstream.jobs.run import InputViews, JobFailed, JobRun, JobStopped, Limits
 from sightstream.jobs.sources import Source, SourceRefused, check_source
 from sightstream.jobs.store import Job, JobSpec, JobStore
 from sightstream.jobs.summaries import JobSummaries
@@ -58,7 +58,8 @@ def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
-                 stop: asyncio.Event, prompts: PromptBook | None, create: Callable[[str], Any]) -> None:
+                 stop: asyncio.Event, prompts: PromptBook | None, create: Callable[[str], Any],
+                 views: InputViews | None = None) -> None:
         self._store = store
         self._client, self._reader = client, reader
         self._adhoc = adhoc
@@ -70,6 +71,7 @@ class JobRunner:
         self._stop = stop
         self._prompts = prompts
         self._create = create  # a new, unloaded adapter for a model id (summaries' budgets)
+        self._views = views  # told of a pipeline's video inputs' frames and results
         # This config's video inputs, by job id; registered in Redis on the first round.
         self._pipelines = {p.name: p for p in settings.pipelines}
         self._inputs = {keys.input_job_id(p.name, url): input_spec(p, url, settings.redis_cluster)
@@ -306,13 +308,15 @@ class JobRunner:
 
     def _job_run(self, job: Job, source: Source, token: str) -> JobRun:
         pipeline: PipelineSettings | None = self._pipelines.get(job.spec.pipeline)
-        prompt, limits = None, None
-        if pipeline is not None:  # a video input: the pipeline's prompt and batching apply
+        prompt, limits, views = None, None, None
+        if pipeline is not None:  # a video input: the pipeline's prompt, batching and views apply
             book, name = self._prompts, pipeline.name
             prompt = (lambda: book.current(name)) if book is not None else None
             limits = Limits(pipeline.batch_size, pipeline.batch_timeout_ms, pipeline.result_maxlen)
+            views = self._views
         return JobRun(job, source, self._store, token, self._client, self._reader, self._adhoc,
-                      self._decode_pool, self._s, self._settings.decode, self._metrics, prompt, limits)
+                      self._decode_pool, self._s, self._settings.decode, self._metrics, prompt, limits,
+                      views)
 
     def _lost(self, job_id: str, why: str) -> None:
         _log.warning("job_lease_lost", job=job_id, reason=why)

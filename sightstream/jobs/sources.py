@@ -41,9 +41,11 @@ class Source:
         return self.is_stream or self.url.lower().startswith(("rtsp://", "rtsps://"))
 
 
-def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Source:
+def check_source(url: str, settings: JobSettings, trusted: bool = False, on_disk: bool = True) -> Source:
     """The source to read for `url`, or SourceRefused naming the reason. `trusted`: the
-    operator's own config lists it (a pipeline's input), so the allow-lists do not apply."""
+    operator's own config lists it (a pipeline's input), so the allow-lists do not apply.
+    `on_disk`: a file:// source must be a file here now (not so at a daemon's start: a file
+    input read once and deleted since, or on other hosts' disks, must not stop the daemon)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in SCHEMES:
         raise SourceRefused(f"source must start with {', '.join(s + '://' for s in SCHEMES)}")
@@ -75,7 +77,7 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False) -> Sour
         if not trusted and not any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
             raise SourceRefused("file:// sources must be under jobs.allowed_paths"
                                 + ("" if roots else " (none are allowed: set it in the config)"))
-        if not os.path.isfile(path):
+        if on_disk and not os.path.isfile(path):
             raise SourceRefused(f"{path} is not a file")
         return Source(url, "video", path)
     host = (parts.hostname or "").lower()

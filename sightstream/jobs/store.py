@@ -199,7 +199,7 @@ class Job:
     attempt: int = 0
     holder: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-    progress: dict[str, float | None] = field(default_factory=dict)
+    progress: dict[str, float | str | None] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     last_seq: int = 0
     last_position: str = ""  # a video's last published pts (s), or a stream's last entry ID

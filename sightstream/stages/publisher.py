@@ -192,17 +192,27 @@ class Publisher:
             if reply and isinstance(outcome, Published):
                 name = outcome.frame.pipeline
                 published[name] = published.get(name, 0) + 1
-                latency_ms = max(0, now - outcome.frame.ts_ms)
-                self._child(self._metrics.e2e_latency_seconds, name).observe(latency_ms / 1000)
-                self._recent(name).append(latency_ms)
-                if self._on_published is not None:
-                    self._on_published(outcome.frame, outcome.fields)
+                self.seen(outcome.frame, outcome.fields, max(0, now - outcome.frame.ts_ms))
             else:
                 self._account(outcome, bool(reply))
             outcome.frame.release()
         for name, count in published.items():
             self.published += count
             self._child(self._metrics.frames_published, name).inc(count)
+
+    def seen(self, frame: Frame, fields: dict[str, Any], latency_ms: int) -> None:
+        """A result was written: its latency (the metric, GET /pipelines' percentiles) and the
+        live page's snapshot. Also told of the results of a pipeline's video inputs, which
+        their job runs write."""
+        self._child(self._metrics.e2e_latency_seconds, frame.pipeline).observe(latency_ms / 1000)
+        self._recent(frame.pipeline).append(latency_ms)
+        if self._on_published is not None:
+            self._on_published(frame, fields)
+
+    def dead_lettered(self, frame: Frame) -> None:
+        """A frame of a pipeline's video input was dead-lettered by its job run: the page counts it."""
+        if self._on_dead_lettered is not None:
+            self._on_dead_lettered(frame)
 
     def _refused(self, o: Outcome, error: ResponseError) -> None:
         """Redis refused this outcome's write (nothing was written or acknowledged). Try again
@@ -320,8 +330,7 @@ class Publisher:
             m.publish_duplicates.labels(name).inc()
         elif isinstance(o, DeadLettered):
             m.frames_dead_lettered.labels(name, o.reason).inc()
-            if self._on_dead_lettered is not None:
-                self._on_dead_lettered(o.frame)
+            self.dead_lettered(o.frame)
             _log.info("frame_dead_lettered", pipeline=name, source=o.frame.source,
                       frame_id=o.frame.frame_id, reason=o.reason, error=o.error)
 

@@ -4,7 +4,9 @@ prompt applies, and its changes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from urllib.parse import quote
 
 import pytest
 
@@ -76,3 +78,61 @@ async def test_live_inputs_are_shared_taken_over_and_follow_the_prompt(redis_url
             assert len(frames) == len(set(frames)) and frames == sorted(frames)
             versions = [int(f["prompt_version"]) for _, f in results]
             assert versions == sorted(versions) and versions[0] == 1 and versions[-1] == 2
+
+
+async def test_a_file_input_missing_or_not_a_video_fails_alone_and_the_daemon_runs(
+        redis_url, sync_redis, tmp_path, gradient):
+    """A file input deleted after it was read (or on another host's disk only) stopped the
+    daemon at start, exit 2, and every pipeline with it; a file that is not a video was retried
+    for ever, `running`. Each now fails on its own, saying why, and the rest goes on."""
+    junk = tmp_path / "notes.mp4"
+    junk.write_text("not a video")
+    gone, junk_url = f"file://{tmp_path}/gone.mp4", f"file://{junk}"
+    settings = settings_for(redis_url, tmp_path, [{"input": ["frames:*", gone, junk_url], "fps": 2}],
+                            jobs={"poll_s": 0.2})
+    sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
+    async with running(settings) as d:
+        client = await client_for(d)
+        try:
+            async def statuses() -> dict:
+                videos = (await (await client.get("/pipelines/people")).json())["videos"]
+                return {v["url"]: v for v in videos}
+
+            for _ in range(200):
+                videos = await statuses()
+                if all(videos.get(u, {}).get("status") == "failed" for u in (gone, junk_url)):
+                    break
+                await asyncio.sleep(0.1)
+            await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 1, what="the stream's result")
+        finally:
+            await client.close()
+    assert videos[gone]["status"] == "failed" and "is not a file" in videos[gone]["last_error"], videos[gone]
+    assert videos[junk_url]["status"] == "failed" and "cannot be opened" in videos[junk_url]["last_error"]
+
+
+async def test_a_video_input_is_on_the_page_in_sources_and_latency_like_a_stream(
+        redis_url, sync_redis, tmp_path, videos):
+    """A camera's results were written around the stream publisher: no tile on the live page,
+    nothing in /sources or `sightstream status`, no latency (the alert could not fire)."""
+    with hls.static_server(videos) as server:
+        url = server.url("vod/index.m3u8")
+        settings = settings_for(redis_url, tmp_path, [{"name": "cams", "input": [url], "fps": 2}],
+                                jobs={"poll_s": 0.2})
+        async with running(settings) as d:
+            await wait_for(lambda: sync_redis.xlen(f"results:cams:{url}") == 8, what="the video's results")
+            client = await client_for(d)
+            try:
+                sources = (await (await client.get("/sources")).json())["sources"]
+                (video,) = (await (await client.get("/pipelines/cams")).json())["videos"]
+                latency = (await (await client.get("/pipelines/cams")).json())["latency"]
+                image = await client.get(f"/sources/cams/{quote(url, safe='')}/latest.jpg")
+                body = await image.read()
+                metrics = await (await client.get("/metrics")).text()
+            finally:
+                await client.close()
+    (tile,) = sources
+    assert (tile["pipeline"], tile["source"], tile["seq"], tile["read"]) == ("cams", url, 8, 8)
+    assert image.status == 200 and body[:3] == b"\xff\xd8\xff"
+    assert latency["results"] == 8 and latency["p50_ms"] is not None
+    assert 'sightstream_e2e_latency_seconds_count{pipeline="cams"} 8.0' in metrics
+    assert video["last_frame_at"] and video["last_frame_at"].endswith("Z")
