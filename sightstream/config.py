@@ -45,7 +45,10 @@ def check_redis_url(url: str) -> str:
         raise ValueError("must start with redis://, rediss:// or unix://")
     try:
         parse_url(url)
-    except ValueError as e:  # its messages never quote the URL (nor its password)
+    except ValueError as e:
+        if "could not be cast" in str(e):  # it quotes the "port": often the end of a password
+            raise ValueError("cannot be read: its port is not a number (a password holding # ? / or @ "
+                             "must be percent-encoded: %23 %3F %2F %40)") from None
         raise ValueError(f"cannot be read: {e}") from None
     return url
 VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")

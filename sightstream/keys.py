@@ -41,6 +41,12 @@ def public_url(url: str) -> str:
     masked: those are for opening it alone. Anything but an http(s)/rtsp(s) URL is as it is."""
     if not url.lower().startswith(("http://", "https://", "rtsp://", "rtsps://")):
         return url
+    scheme, _, rest = url.partition("://")
+    head = rest[:rest.rfind("@")] if "@" in rest else ""
+    if head and "/" not in head and ("#" in head or "?" in head):
+        # A password holding an unencoded # or ? (cameras' "Admin#2024") ends the host part
+        # early for a URL parser, which would then show it: all before the last @ goes.
+        url = f"{scheme}://{rest[len(head) + 1:]}"
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=netloc, query=mask_query_secrets(parts.query)))

@@ -33,7 +33,7 @@ import av
 import av.container.core
 import numpy as np
 
-from sightstream import log
+from sightstream import keys, log
 from sightstream.errors import SightstreamError
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.upright import upright_rgb
@@ -134,16 +134,6 @@ def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
     return opts
 
 
-def display(url: str) -> str:
-    """The URL without credentials or query (where tokens live), for messages and logs."""
-    p = urlsplit(url)
-    if p.scheme in ("", "file"):
-        return url
-    host = p.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
-    return f"{p.scheme}://{host}{f':{p.port}' if p.port else ''}{p.path}"
-
-
 class _Keyframes:
     """Whether to decode keyframes only: when they come at least twice per sampling period,
     every period still gets a frame. Known up front from an index (MP4), else learnt from the
@@ -201,7 +191,7 @@ class _Reader:
         emit: Callable[[VideoFrame], bool],
     ) -> None:
         self.url, self.o, self.stats, self.stop, self.emit = url, options, stats, stop, emit
-        self.name = display(url)
+        self.name = keys.public_url(url)
         self.guard = Guard(stop, options.stall_s)
         self.keyframes = _Keyframes(options.keyframes_only, options.fps)
         self.t0: float | None = None  # the origin, in stream time
@@ -405,7 +395,7 @@ class _Reader:
         self.stats.skipped_s += end - start
         self.stats.last_error = (f"the video skips from {at:.1f} s to {at + end - start:.1f} s "
                                  "(a segment missing or unreadable, or a pause in the video)")
-        _log.warning("video_gap", url=display(self.url), from_s=round(at, 2), skipped_s=round(end - start, 2))
+        _log.warning("video_gap", url=self.name, from_s=round(at, 2), skipped_s=round(end - start, 2))
 
     def _frame(self, frame: Any, tb: Any) -> bool:
         """Sample one decoded frame and hand it on if kept; False once stopped."""
@@ -506,7 +496,7 @@ class VideoSource:
         one's `stats.origin_s`: live positions count from where a read began. Raises
         VideoSourceError when the source cannot be read. Leaving early: stop() or aclose()."""
         if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError(f"{display(self.url)} is already being read")
+            raise RuntimeError(f"{self.name} is already being read")
         stop = threading.Event()
         handoff = _Handoff(asyncio.get_running_loop(), max(1, self.options.queue_size), stop)
         self.stats = ReaderStats()

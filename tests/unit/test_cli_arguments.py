@@ -27,7 +27,7 @@ from sightstream import cli
     (["tail", "k", "--redis-url", "notaurl"], "--redis-url: 'notaurl' is not a Redis URL"),
     (["publish", "v.mp4", "--stream", "s", "--redis-url", "redis://127.0.0.1:notaport/0"],
      "--redis-url: 'redis://127.0.0.1:notaport/0' is not a Redis URL (redis://host:port/db, rediss://… "
-     "or unix://…): it cannot be read: Port could not be cast"),
+     "or unix://…): it cannot be read: its port is not a number"),
     (["tail", "k", "--redis-url", "redis://:s3cret@h:99999/0"], "'redis://:***@h:99999/0' is not a Redis URL"),
     (["tail", "k", "--from", "bogus"], "--from: 'bogus' is not a stream entry ID"),
     (["demo", "--seconds", "0"], "--seconds: 0 is not a number of seconds of at least 1"),  # a video of nothing

@@ -76,7 +76,9 @@ score_threshold = 0.4
         ("devices = ['gpu0']", "devices"),
         ("redis_url = 'localhost:6379'", "redis_url: must start with redis://"),
         ("redis_url = 'redis://127.0.0.1:notaport/0'",  # a traceback at start, exit 1
-         "redis_url: cannot be read: Port could not be cast to integer value as 'notaport'"),
+         "redis_url: cannot be read: its port is not a number"),
+        ("redis_url = 'redis://:pa#ss@127.0.0.1:6379/0'",  # the error quoted the password's start
+         "redis_url: cannot be read: its port is not a number (a password holding # ? / or @ must be"),
         ("[control]\nport = 99999", "control.port"),
         ("redis_url = = 1", "cannot read"),
         # infinity passed, then stopped the daemon at its first frame (fps) or at start
@@ -264,6 +266,11 @@ def test_a_folder_given_to_the_default_onnx_backend_is_refused_at_start(tmp_path
      "https://h/v.m3u8?auth=***&x-auth=***&oauth=ok&hdnts=***"),
     ("https://h/v.m3u8?%74oken=a&Token=b&my%5Fsecret=c&q=%74oken", "https://h/v.m3u8?%74oken=***&Token=***&my%5Fsecret=***&q=%74oken"),
     ("file:///srv/videos/clip.mp4", "file:///srv/videos/clip.mp4"),
+    ("/srv/clip.mp4", "/srv/clip.mp4"),
+    ("http://[::1]:8129/x.mp4?token=s", "http://[::1]:8129/x.mp4?token=***"),  # an IPv6 host's brackets stay
+    # a password with an unencoded # or ? (the URL parser ends the host part there): all before the @ goes
+    ("rtsp://viewer:Adm1n#2024@10.0.0.17:554/stream1", "rtsp://10.0.0.17:554/stream1"),
+    ("rtsp://viewer:a?b@cam/h264?channel=2", "rtsp://cam/h264?channel=2"),  # an NVR's channels stay apart
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):
     from sightstream import keys
@@ -280,3 +287,19 @@ input = ["rtsp://a:1@10.0.0.17/s1", "rtsp://b:2@10.0.0.17/s1"]
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, '[[pipelines]]\ninput = ["ftp://me:s3cret@host/x.mp4"]'))
     assert "ftp://: a video input is" in str(e.value) and "s3cret" not in str(e.value)
+
+
+def test_a_password_with_a_hash_is_named_nowhere_in_a_refusal(tmp_path):
+    """`#` ends the host part for a URL parser: the password was printed whole (a camera's, in
+    the pipeline's input), or its start quoted as a port that is not a number (Redis's)."""
+    from sightstream.daemon.daemon import Daemon
+
+    with pytest.raises(ConfigError) as redis_refusal:
+        load_settings(write(tmp_path, "redis_url = 'redis://:s3cret#x@127.0.0.1:6379/0'"))
+    settings = Settings(devices=["cpu"], pipelines=[{"name": "p", "input": [
+        "rtsp://viewer:s3cret#x@10.0.0.17:554/stream1"]}])
+    with pytest.raises(ConfigError) as camera_refusal:
+        Daemon(settings)
+    for refusal in (redis_refusal, camera_refusal):
+        assert "s3cret" not in str(refusal.value) and "must be percent-encoded" in str(refusal.value)
+    assert "rtsp://10.0.0.17:554/stream1" in str(camera_refusal.value)

@@ -18,7 +18,6 @@ from sightstream.stages.video_reader import (
     VideoSourceError,
     _Keyframes,
     container_options,
-    display,
 )
 from tests.conftest import wait_for
 from tests.hls import SIZE, _encode, column, make_clip, make_hls_vod, make_portrait_clip
@@ -191,15 +190,6 @@ def test_http_options_never_reconnect_at_eof():
     assert http["headers"] == "Authorization: Bearer t\r\n" and http["live_start_index"] == "-3"
     assert "reconnect_at_eof" not in http
     assert "rw_timeout" not in container_options("/srv/clip.mp4", o)  # files: no HTTP options
-
-
-def test_display_keeps_an_ipv6_hosts_brackets():
-    assert display("http://[::1]:8129/x.mp4?token=s") == "http://[::1]:8129/x.mp4"
-
-
-def test_display_drops_credentials_and_query():
-    assert display("https://user:pw@cdn.example:8443/a/live.m3u8?token=s") == "https://cdn.example:8443/a/live.m3u8"
-    assert display("/srv/clip.mp4") == "/srv/clip.mp4"
 
 
 def test_a_network_source_may_not_open_local_files():
