@@ -496,7 +496,7 @@ class VideoSource:
         one's `stats.origin_s`: live positions count from where a read began. Raises
         VideoSourceError when the source cannot be read. Leaving early: stop() or aclose()."""
         if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError(f"{self.name} is already being read")
+            raise RuntimeError(f"{keys.public_url(self.url)} is already being read")
         stop = threading.Event()
         handoff = _Handoff(asyncio.get_running_loop(), max(1, self.options.queue_size), stop)
         self.stats = ReaderStats()
