@@ -1,12 +1,18 @@
 """Versioned prompts, shared by every daemon through Redis.
 
-A pipeline's prompt starts as the configured `prompt`, version 1. Each change (a new text, or
-a rollback to an earlier version's text) is a new version, written with its history entry by
-one Lua script, which also refuses a change based on a stale version (If-Match) and publishes
-a notice on `sightstream:prompts`. Every daemon keeps the current prompts in a `PromptBook`:
-updated from those notices within milliseconds, re-read in full after its subscription
-reconnects, and polled every few seconds in case a notice was lost. A batch takes its prompt
-(text and version) from the book when it closes, and results record that version.
+A pipeline's prompt starts as the configured `prompt`, version 1, written to Redis by the first
+daemon that starts. A daemon that starts with another configured prompt than the one last
+applied (the config was edited) makes it a new version, `set_by` "config"; while the config's
+prompt stays the same, changes made over HTTP outlive restarts. (Each daemon used its own
+config's text as version 1 until the first change: two configs, two texts under one version.)
+
+Each change (a new text, or a rollback to an earlier version's text) is a new version, written
+with its history entry by one Lua script, which also refuses a change based on a stale version
+(If-Match) and publishes a notice on `sightstream:prompts`. Every daemon keeps the current
+prompts in a `PromptBook`: updated from those notices within milliseconds, re-read in full
+after its subscription reconnects, and polled every few seconds in case a notice was lost. A
+batch takes its prompt (text and version) from the book when it closes, and results record
+that version.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not current then
   current = 1
   redis.call('RPUSH', KEYS[2], cjson.encode({version = 1, text = ARGV[6], set_by = 'config'}))
-  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[6], 'updated_at', '', 'set_by', 'config')
+  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[6], 'updated_at', '', 'set_by', 'config',
+             'configured', ARGV[6])
 end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   return {'conflict', current, ''}
@@ -58,6 +65,35 @@ redis.call('HSET', KEYS[1], 'version', version, 'text', text, 'updated_at', ARGV
            'set_by', ARGV[5], 'rolled_back_from', record.rolled_back_from or '')
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return {'ok', version, encoded}
+"""
+
+# KEYS: current hash, history list. ARGV: the configured text, updated_at, channel, pipeline.
+# `configured` in the hash: the config's text as last applied (before the field existed,
+# version 1's). Returns {seeded | same | changed, the current version}.
+APPLY_CONFIG = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if not current then
+  redis.call('RPUSH', KEYS[2], cjson.encode({version = 1, text = ARGV[1], set_by = 'config'}))
+  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[1], 'updated_at', '', 'set_by', 'config',
+             'configured', ARGV[1])
+  return {'seeded', 1}
+end
+local configured = redis.call('HGET', KEYS[1], 'configured')
+if not configured then
+  local first = redis.call('LINDEX', KEYS[2], 0)
+  configured = first and cjson.decode(first).text or ARGV[1]
+end
+if configured == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'configured', ARGV[1])
+  return {'same', current}
+end
+local version = current + 1
+redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[1], updated_at = ARGV[2],
+                                           set_by = 'config'}))
+redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[1], 'updated_at', ARGV[2], 'set_by', 'config',
+           'rolled_back_from', '', 'configured', ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {'changed', version}
 """
 
 
@@ -106,6 +142,19 @@ class PromptStore:
         self._client = client
         self.configured = configured
         self._change = client.register_script(CHANGE)
+        self._apply = client.register_script(APPLY_CONFIG)
+
+    async def apply_config(self, pipelines: list[str]) -> None:
+        """Write each pipeline's configured prompt as version 1 if it has none yet, or as a new
+        version if the config's prompt changed since it was last applied."""
+        for name in pipelines:
+            text = self.configured.get(name, "")
+            status, version = await self._apply(
+                keys=[keys.prompt_current(name), keys.prompt_history(name)],
+                args=[text, _now(), keys.PROMPT_CHANNEL, name])
+            if status == b"changed":
+                _log.info("prompt_config_applied", pipeline=name, version=int(version),
+                          why="the config's prompt differs from the one last applied")
 
     async def get(self, pipeline: str) -> PromptVersion:
         data = await self._client.hgetall(keys.prompt_current(pipeline))
@@ -165,6 +214,15 @@ class PromptBook:
         self.pipelines = pipelines
         self._current = {name: Prompt(text, 1) for name, text in store.configured.items()}
         self.refreshes = 0
+        self._applied = False  # this daemon's config prompts written (once: at its start, or
+        # when Redis first answers; not at every reconnect, where a config that lost would win)
+
+    async def catch_up(self) -> None:
+        """The config's prompts applied (the first time Redis answers), then every prompt re-read."""
+        if not self._applied:
+            await self._store.apply_config(self.pipelines)
+            self._applied = True
+        await self.refresh()
 
     def current(self, pipeline: str) -> Prompt:
         return self._current.get(pipeline) or Prompt("", 1)

@@ -243,7 +243,7 @@ class Daemon:
             for d in self.devices
         ]
         try:
-            await self.prompt_book.refresh()  # the stored prompts, before the first batch
+            await self.prompt_book.catch_up()  # the config's, then the stored prompts, before the first batch
         except (RedisError, OSError) as e:  # the notice follower retries
             _log.warning("first_prompt_read_failed", error=str(e))
         self.adhoc = AdhocBatcher(

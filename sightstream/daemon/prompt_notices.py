@@ -24,4 +24,4 @@ async def follow_prompts(client: Redis, book: PromptBook, metrics: Metrics, stop
             await book.refresh([name])
 
     await follow_channel(client, keys.PROMPT_CHANNEL, RedisRetry("prompts", metrics, stop), stop,
-                         caught_up=book.refresh, on_message=changed, tick=book.refresh, tick_s=poll_s)
+                         caught_up=book.catch_up, on_message=changed, tick=book.refresh, tick_s=poll_s)

@@ -150,3 +150,27 @@ async def test_concurrent_changes_each_answer_their_own_version(redis_url, tmp_p
         assert sorted(b["version"] for b in bodies) == list(range(2, 22))
         assert all(b["text"] == f"t{i}" for i, b in enumerate(bodies))
         assert all(r.headers["ETag"] == f'"{b["version"]}"' for r, b in zip(replies, bodies))
+
+
+async def test_the_config_s_prompt_is_one_version_for_every_daemon_and_an_edit_is_a_new_one(
+        redis_url, sync_redis, tmp_path, gradient):
+    """Two daemons whose configs said "beta" and "gamma" each used their own text as version 1:
+    results said version 1 for two prompts. The first daemon's config is version 1 for all; a
+    daemon started on an edited config makes it a new version; a change over HTTP outlives
+    restarts while the config stays the same."""
+    beta, gamma = prompt_settings(redis_url, tmp_path), prompt_settings(redis_url, tmp_path)
+    beta.pipelines[0].prompt, gamma.pipelines[0].prompt = "beta", "gamma"
+    async with running(beta, host="a") as a:
+        async with running(beta, host="b") as b:
+            assert a.prompt_book.current("people") == b.prompt_book.current("people")
+            assert (b.prompt_book.current("people").text, b.prompt_book.current("people").version) == ("beta", 1)
+        async with running(gamma, host="c") as c:  # the config edited: a new version, for all
+            assert (c.prompt_book.current("people").text, c.prompt_book.current("people").version) == ("gamma", 2)
+            await wait_for(lambda: a.prompt_book.current("people").version == 2, 2.0, "the edit on daemon a")
+            version = await c.prompts.set("people", "set over HTTP")
+            assert version.version == 3
+    async with running(gamma, host="c") as c:  # the same config: the change over HTTP stays
+        assert (c.prompt_book.current("people").text, c.prompt_book.current("people").version) == (
+            "set over HTTP", 3)
+        history = [(v.version, v.text, v.set_by) for v in await c.prompts.history("people")]
+    assert history == [(3, "set over HTTP", ""), (2, "gamma", "config"), (1, "beta", "config")]
