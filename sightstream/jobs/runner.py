@@ -44,6 +44,9 @@ from sightstream.stages.video_reader import VideoSourceError
 _log = log.get(__name__)
 LEFT_CHECK_S = 30.0  # a job this daemon cannot run is looked at again after this long
 DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
+# After taking a dead daemon's video input over its share: no hand-back for this long, while
+# the dead one still counts (its consumer lease lapses in 15 s, counted again every 10 s)
+ORPHAN_GRACE_S = 30.0
 
 
 def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
@@ -79,6 +82,7 @@ class JobRunner:
         self._registered = False
         self._wake = asyncio.Event()
         self._daemons = (0.0, 1)  # (when counted, how many)
+        self._orphans_until = 0.0  # no input handed back before this: see ORPHAN_GRACE_S
         self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
         self._cannot: dict[str, tuple[float, str | None]] = {}  # job -> (when looked at, why not here)
         self.running: dict[str, asyncio.Task] = {}
@@ -120,7 +124,9 @@ class JobRunner:
 
     async def _take_jobs(self) -> None:
         """Take free jobs: users' up to `max_concurrent` here; this config's video inputs up
-        to a fair share (ceil(inputs / daemons)), giving one back per round when over it."""
+        to a fair share (ceil(inputs / daemons)), giving one back per round when over it. A
+        running input whose lease is free (its daemon died) is taken over its share: the dead
+        daemon counts for a while yet, and every live one is at its share."""
         if not self._registered:
             await self._register_inputs()
         ids = await self._store.active()
@@ -141,8 +147,9 @@ class JobRunner:
         for job in jobs:
             kind = "input" if job.spec.pipeline else "user"
             limit = share if kind == "input" else self._s.max_concurrent
-            if (job.id in self.running or held[kind] >= limit or self._stop.is_set()
-                    or self._paused.get(job.id, (0.0, 0))[0] > now):
+            over = held[kind] >= limit
+            if (job.id in self.running or (over and not (kind == "input" and job.status == "running"))
+                    or self._stop.is_set() or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
             seen = self._cannot.get(job.id)
             if (kind == "user" and job.status == "pending" and seen is not None and seen[1] is not None
@@ -154,9 +161,13 @@ class JobRunner:
                     await lease.release()
                     continue
                 held[kind] += 1
+                if over:
+                    self._orphans_until = now + ORPHAN_GRACE_S
+                    _log.info("video_input_taken_over", job=job.id, share=share,
+                              why="its daemon is gone (its lease lapsed)")
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
                 self._metrics.jobs_running.set(len(self.running))
-        if held["input"] > share:
+        if held["input"] > share and now >= self._orphans_until:
             surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)
             _log.info("video_input_handed_over", job=surplus, share=share)
             self.running[surplus].cancel("handed over: more daemons share the video inputs now")

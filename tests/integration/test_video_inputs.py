@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
+from sightstream import keys
 from tests import hls
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, running, settings_for, wait_for
@@ -136,3 +137,24 @@ async def test_a_video_input_is_on_the_page_in_sources_and_latency_like_a_stream
     assert latency["results"] == 8 and latency["p50_ms"] is not None
     assert 'sightstream_e2e_latency_seconds_count{pipeline="cams"} 8.0' in metrics
     assert video["last_frame_at"] and video["last_frame_at"].endswith("Z")
+
+
+async def test_a_dead_daemon_s_input_is_taken_over_within_its_lease_not_once_it_is_no_longer_counted(
+        redis_url, sync_redis, tmp_path, videos):
+    """Every live daemon was at its share while the dead one still counted (its consumer lease
+    lingers 15 s, the daemons are counted every 10 s): its camera waited 15-20 s, not
+    `lease_ttl_ms`. A running input whose lease is free is taken over the share, and not
+    handed straight back."""
+    with hls.live_hls(videos / "live" / "index.m3u8") as one, hls.live_hls(videos / "live" / "index.m3u8") as two:
+        settings = settings_for(redis_url, tmp_path, [{"input": [one.url, two.url], "fps": 2}],
+                                jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})
+        sync_redis.set(keys.consumer_slot("ghost", 0), "a dead daemon's", px=60_000)  # lingers
+        async with running(settings, host="a") as a:
+            runner = a.job_runner
+            await wait_for(lambda: len(runner.running) == 1, 15, "its share: one of the two")
+            (orphan,) = [job_id for job_id in runner._inputs if job_id not in runner.running]
+            # as the ghost left it: running, its lease lapsed
+            sync_redis.hset(keys.job(orphan), mapping={"status": "running", "holder": "ghost:0"})
+            await wait_for(lambda: orphan in runner.running, 3, "the dead daemon's input taken over")
+            await asyncio.sleep(2)
+            assert orphan in runner.running and len(runner.running) == 2  # not handed back
