@@ -173,12 +173,29 @@ class PromptStore:
         fields = {k.decode(): v.decode() for k, v in data.items()}
         return PromptVersion.from_record(fields)
 
-    async def history(self, pipeline: str) -> list[PromptVersion]:
-        """Every version, newest first."""
-        records = await self._client.lrange(keys.prompt_history(pipeline), 0, -1)
-        if not records:
-            return [await self.get(pipeline)]
-        return [PromptVersion.from_record(json.loads(r)) for r in reversed(records)]
+    async def history(self, pipeline: str, limit: int | None = None,
+                      before: int | None = None) -> tuple[list[PromptVersion], int | None]:
+        """Versions newest first: at most `limit` of them, those under version `before` if
+        given; and the `before` that gives the next older page (None: no older ones)."""
+        key = keys.prompt_history(pipeline)
+        total = await self._client.llen(key)
+        if not total:
+            return [await self.get(pipeline)], None
+        end = min(total, before - 1) if before is not None else total  # version k is at index k - 1
+        start = max(0, end - limit) if limit is not None else 0
+        records = await self._client.lrange(key, start, end - 1) if end > 0 else []
+        versions = [PromptVersion.from_record(json.loads(r)) for r in reversed(records)]
+        return versions, (start + 1 if start else None)
+
+    async def version(self, pipeline: str, version: int) -> PromptVersion | None:
+        """One version, or None if there is no such version."""
+        if version < 1:
+            return None
+        record = await self._client.lindex(keys.prompt_history(pipeline), version - 1)
+        if record is None:
+            current = await self.get(pipeline)  # never changed: version 1 is not written yet
+            return current if current.version == version else None
+        return PromptVersion.from_record(json.loads(record))
 
     async def set(self, pipeline: str, text: str, *, expected: int | None = None,
                   set_by: str = "") -> PromptVersion:

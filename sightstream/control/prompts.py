@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from sightstream.config import PipelineSettings
-from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json, who
+from sightstream.control.api import JSON_NUMBER, Api, ApiError, Resp, read_json, read_query, who
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.daemon import Daemon
@@ -34,6 +34,13 @@ class PromptOut(BaseModel):
 class PromptHistory(BaseModel):
     pipeline: str
     versions: list[PromptOut] = Field(description="newest first")
+    next_before: int | None = Field(None, description="?before= for the next, older page; null: no older one")
+
+
+class HistoryQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    limit: int = Field(100, ge=1, le=1000, description="versions per page, newest first")
+    before: int | None = Field(None, ge=2, le=MAX_VERSION, description="only versions older than this one")
 
 
 class PromptIn(BaseModel):
@@ -121,12 +128,15 @@ async def put_prompt(request: web.Request) -> web.Response:
     return _answer(p.name, changed)
 
 
-@api.get("/pipelines/{name}/prompt/history", "Every version of the prompt, newest first",
+@api.get("/pipelines/{name}/prompt/history", "The prompt's versions, newest first, a page at a time",
+         query=HistoryQuery,
          responses={200: Resp("The history", PromptHistory), 404: NO_PIPELINE})
 async def history(request: web.Request) -> web.Response:
     p = _pipeline(request)
-    versions = await request.app[DAEMON].prompts.history(p.name)
-    return reply(PromptHistory(pipeline=p.name, versions=[_out(p.name, v) for v in versions]))
+    q = read_query(request, HistoryQuery)
+    versions, next_before = await request.app[DAEMON].prompts.history(p.name, q.limit, q.before)
+    return reply(PromptHistory(pipeline=p.name, versions=[_out(p.name, v) for v in versions],
+                               next_before=next_before))
 
 
 @api.post("/pipelines/{name}/prompt/rollback", "Make an earlier version's text current (a new version)",
@@ -140,7 +150,7 @@ async def rollback(request: web.Request) -> web.Response:
     expected = _expected(request, body.expected_version)
     d = request.app[DAEMON]
     # as PUT checks a new text: a version set for another model (the config changed since)
-    earlier = next((v for v in await d.prompts.history(p.name) if v.version == body.version), None)
+    earlier = await d.prompts.version(p.name, body.version)
     if earlier is not None:
         await _check_usable(d, p, earlier.text, f"version {body.version}'s prompt")
     try:

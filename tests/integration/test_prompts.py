@@ -172,5 +172,29 @@ async def test_the_config_s_prompt_is_one_version_for_every_daemon_and_an_edit_i
     async with running(gamma, host="c") as c:  # the same config: the change over HTTP stays
         assert (c.prompt_book.current("people").text, c.prompt_book.current("people").version) == (
             "set over HTTP", 3)
-        history = [(v.version, v.text, v.set_by) for v in await c.prompts.history("people")]
+        history = [(v.version, v.text, v.set_by) for v in (await c.prompts.history("people"))[0]]
     assert history == [(3, "set over HTTP", ""), (2, "gamma", "config"), (1, "beta", "config")]
+
+
+async def test_the_history_comes_a_page_at_a_time(redis_url, tmp_path):
+    """It came whole (`?limit=` was ignored): 300 changes of 100 KB answered 30 MB."""
+    async with serving(prompt_settings(redis_url, tmp_path)) as (d, client):
+        for n in range(2, 8):
+            await d.prompts.set("people", f"text {n}")
+
+        async def page(query: str) -> dict:
+            r = await client.get(f"/pipelines/people/prompt/history{query}")
+            assert r.status == 200
+            return await r.json()
+
+        first = await page("?limit=3")
+        assert [v["version"] for v in first["versions"]] == [7, 6, 5] and first["next_before"] == 5
+        second = await page(f"?limit=3&before={first['next_before']}")
+        assert [v["version"] for v in second["versions"]] == [4, 3, 2] and second["next_before"] == 2
+        last = await page("?limit=3&before=2")
+        assert [(v["version"], v["text"]) for v in last["versions"]] == [(1, "cats")] and last["next_before"] is None
+        assert [v["version"] for v in (await page(""))["versions"]] == [7, 6, 5, 4, 3, 2, 1]
+        r = await client.get("/pipelines/people/prompt/history?limit=0")
+        assert r.status == 422 and "limit" in (await r.json())["error"]["message"]
+        r = await client.post("/pipelines/people/prompt/rollback", json={"version": 3})
+        assert r.status == 200 and (await r.json())["text"] == "text 3"
