@@ -197,6 +197,7 @@ class _Reader:
         self.t0: float | None = None  # the origin, in stream time
         self.rate = 0.0  # frames per second for indices, from the first open
         self.opened_at = self.clock = 0.0
+        self.down_since: float | None = None  # since the first failure not followed by a frame
         self.progressed = False  # this open decoded a frame
         self.last_pts: float | None = None  # the resume point: no frame at or before it again
         self.seen: float | None = None  # the latest pts_s decoded, kept or not
@@ -256,9 +257,13 @@ class _Reader:
                 f"the video source {self.name} keeps failing: {why} ({self.failures} attempts)"
             )
         delay = min(self.o.max_backoff_s, 0.5 * 2 ** min(self.failures - 1, 16)) * random.uniform(0.5, 1.0)
-        if worth_logging(self.failures):
+        # Each outage's first failure is logged (also one soon after the last came back: the
+        # failure count resets only after healthy_s of frames), then every 30th.
+        if self.down_since is None or worth_logging(self.failures):
             _log.warning("video_source_failed", source=self.name, error=why, failures=self.failures,
                          retry_in_s=round(delay, 2))
+        if self.down_since is None:
+            self.down_since = time.monotonic()
         self.stop.wait(delay)
 
     def _live(self) -> bool:
@@ -277,7 +282,12 @@ class _Reader:
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
             )
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise _OpenFailed(e, self.url, self._live(), self.stats.is_live is True) from e
+            failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True)
+            if isinstance(e, av.error.InvalidDataError) and (
+                    time.perf_counter() - started >= 0.9 * self.o.open_timeout_s):
+                # FFmpeg's RTSP says "Invalid data" when the wait for an answer is cut short
+                failed.args = (f"it did not answer within {self.o.open_timeout_s:g} s",)
+            raise failed from e
         finally:
             self.stats.open_s += time.perf_counter() - started
         with container:
@@ -400,6 +410,10 @@ class _Reader:
     def _frame(self, frame: Any, tb: Any) -> bool:
         """Sample one decoded frame and hand it on if kept; False once stopped."""
         self.stats.decoded += 1
+        if self.down_since is not None:  # frames again after a failure: say so, once
+            _log.info("video_source_recovered", source=self.name, failures=self.failures,
+                      down_s=round(time.monotonic() - self.down_since, 1))
+            self.down_since = None
         if self.failures and time.monotonic() - self.opened_at >= self.o.healthy_s:
             self.failures = 0
         if frame.pts is None:

@@ -213,3 +213,41 @@ def test_publish_of_a_video_that_gives_no_frame_says_so(redis_url, sync_redis, t
     with pytest.raises(SourceError, match="holds no image"):
         publish(redis_url, str(tmp_path / "empty"), "frames:{d}", loop=True, progress=False)
     assert not sync_redis.exists("frames:{d}")
+
+
+async def test_each_outage_and_each_recovery_of_a_source_is_logged(live):
+    """A fault soon after the last one came back was not logged (the failure count resets only
+    after 30 s of frames), nor was a recovery: a camera's log said nothing of either."""
+    from structlog.testing import capture_logs
+
+    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3, max_backoff_s=0.3))
+    with capture_logs() as logged:
+        async with Reader(source) as r:
+            for _ in range(2):  # two outages, a few seconds apart
+                await wait_for(lambda: len(r.frames) >= 1, 10, "a frame")
+                reopens = source.stats.reopens
+                live.not_found()
+                await wait_for(lambda n=reopens: source.stats.reopens > n, 10, "a failure")
+                read = len(r.frames)
+                live.not_found(False)
+                await wait_for(lambda n=read: len(r.frames) > n, 15, "frames again")
+    events = [e["event"] for e in logged if e["event"].startswith("video_source_")]
+    assert events == ["video_source_failed", "video_source_recovered"] * 2, events
+    assert all(e["source"] == live.url for e in logged if e["event"].startswith("video_source_"))
+
+
+async def test_an_rtsp_server_that_never_answers_is_said_so(unused_tcp_port):
+    """FFmpeg says "Invalid data found" when its wait for the RTSP answer is cut short."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", unused_tcp_port))
+    server.listen(4)  # connections are accepted by the kernel and never answered
+    try:
+        source = VideoSource(f"rtsp://127.0.0.1:{unused_tcp_port}/stream1",
+                             ReaderOptions(open_timeout_s=1, max_backoff_s=0.2, max_open_failures=2))
+        with pytest.raises(VideoSourceError, match="it did not answer within 1 s"):
+            async with Reader(source) as r:
+                await asyncio.wait_for(r.task, 20)
+    finally:
+        server.close()
