@@ -26,6 +26,7 @@ from sightstream.jobs.store import STATUSES, Job, JobSpec, KeyReused
 from sightstream.jobs.summaries import check_summarizer
 from sightstream.jobs.summary import SummaryFailed, instruction_for
 from sightstream.models.adapters import adapter_class
+from sightstream.prompts import PromptBook
 
 api = Api("jobs")
 ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
@@ -118,7 +119,7 @@ class JobOut(BaseModel):
     source: str
     model: str
     fps: float
-    prompt: str
+    prompt: str = Field(description="a pipeline's video input: the pipeline's prompt now")
     max_frames: int | None
     max_seconds: float | None
     results_stream: str
@@ -186,11 +187,14 @@ class Cancelled(BaseModel):
 NO_JOB = error("No such job (or it expired: jobs.ttl_s after it ended)")
 
 
-def _out(job: Job) -> JobOut:
+def _out(job: Job, prompts: PromptBook | None) -> JobOut:
     spec = job.spec
+    prompt = spec.prompt
+    if spec.pipeline and prompts is not None and spec.pipeline in prompts.pipelines:
+        prompt = prompts.current(spec.pipeline).text  # a video input runs with its pipeline's
     return JobOut(
         job_id=job.id, status=job.status, source=spec.shown, model=spec.model,  # type: ignore[arg-type]
-        fps=spec.fps, prompt=spec.prompt, max_frames=spec.max_frames, max_seconds=spec.max_seconds,
+        fps=spec.fps, prompt=prompt, max_frames=spec.max_frames, max_seconds=spec.max_seconds,
         results_stream=job.results_stream, attempt=job.attempt, holder=job.holder,
         waiting=job.waiting if job.status == "pending" and job.waiting else None,
         created_by=spec.created_by, created_at=job.created_at, started_at=job.started_at,
@@ -316,13 +320,14 @@ async def _check_summarize(d: Daemon, body: JobIn, task: str, always_live: bool)
 async def list_jobs(request: web.Request) -> web.Response:
     q = read_query(request, ListQuery)
     jobs, cursor = await request.app[DAEMON].jobs.page(q.status, q.limit, q.cursor)
-    return reply(JobList(jobs=[_out(j) for j in jobs], next_cursor=cursor))
+    book = request.app[DAEMON].prompt_book
+    return reply(JobList(jobs=[_out(j, book) for j in jobs], next_cursor=cursor))
 
 
 @api.get("/jobs/{id}", "A job: status, counts, progress, timings, error",
          responses={200: Resp("The job", JobOut), 404: NO_JOB})
 async def get_job(request: web.Request) -> web.Response:
-    return reply(_out(await _job(request)))
+    return reply(_out(await _job(request), request.app[DAEMON].prompt_book))
 
 
 @api.get("/jobs/{id}/results", "A page of a job's results (?after=<entry id>, ?count=)",

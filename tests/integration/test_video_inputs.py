@@ -69,6 +69,12 @@ async def test_live_inputs_are_shared_taken_over_and_follow_the_prompt(redis_url
                 await wait_for(lambda: all(json.loads(f["result"])["prompt"]["text"] == "dogs" for u in urls
                                            for _, f in entries(sync_redis, f"results:people:{u}")[-1:]), 10,
                                "results with the new prompt")
+                client = await client_for(a)  # the input's job says the prompt it runs with ("" before)
+                try:
+                    job = await (await client.get(f"/jobs/{keys.input_job_id('people', urls[0])}")).json()
+                finally:
+                    await client.close()
+                assert job["prompt"] == "dogs"
             # b stopped: its input goes to a, which resumes it (live: from now), nothing twice.
             await wait_for(lambda: len(a.job_runner.running) == 2, 15, "the input taken over")
             counts = {u: sync_redis.xlen(f"results:people:{u}") for u in urls}
