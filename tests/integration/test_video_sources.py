@@ -116,7 +116,7 @@ async def test_a_404_source_fails_fast_while_another_keeps_delivering(static, li
         failed = time.monotonic()
         assert failed - started < 5
         assert str(e.value) == (
-            f"the video source {static.url('missing/live.m3u8')} cannot be opened: "
+            f"the video source {static.url('missing/live.m3u8')}?token=*** cannot be opened: "  # secret masked
             "Server returned 404 Not Found (3 attempts)"
         )
         await wait_for(lambda: r.arrived[-1] > failed + 1, 5, "frames after the failure")
