@@ -84,7 +84,8 @@ class JobRunner:
         self._daemons = (0.0, 1)  # (when counted, how many)
         self._orphans_until = 0.0  # no input handed back before this: see ORPHAN_GRACE_S
         self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
-        self._cannot: dict[str, tuple[float, str | None]] = {}  # job -> (when looked at, why not here)
+        # job -> (when looked at, why not here, its attempt then: one run since makes it moot)
+        self._cannot: dict[str, tuple[float, str | None, int]] = {}
         self.running: dict[str, asyncio.Task] = {}
         self.finished = 0
 
@@ -153,8 +154,8 @@ class JobRunner:
                 continue
             seen = self._cannot.get(job.id)
             if (kind == "user" and job.status == "pending" and seen is not None and seen[1] is not None
-                    and now - seen[0] < LEFT_CHECK_S):
-                continue  # left to the others a moment ago (one running since may be orphaned now)
+                    and seen[2] == job.attempt and now - seen[0] < LEFT_CHECK_S):
+                continue  # left to the others a moment ago, and not run since (its daemon may be gone now)
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
                 if kind == "user" and await self._left_to_others(job, lease.token):
@@ -206,7 +207,7 @@ class JobRunner:
         daemon on the Redis has said it cannot, it is run here anyway: it fails, saying why,
         rather than waiting for nobody."""
         why = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._refusal, job.spec)
-        self._cannot[job.id] = (time.monotonic(), why)
+        self._cannot[job.id] = (time.monotonic(), why, job.attempt)
         if why is None:
             return False
         refused = await self._store.note_waiting(job.id, token, self._holder, why)
@@ -269,7 +270,10 @@ class JobRunner:
             _log.warning("job_paused_redis_error", job=job.id, error=str(e), pauses=pauses)
         finally:
             keeping.cancel()
-            await lease.release()
+            try:  # pending again if it was running: only a dead daemon leaves a running job unleased
+                await self._store.let_go(job.id, lease.token)
+            except (RedisError, OSError) as e:  # the lease expires by itself
+                _log.warning("job_let_go_failed", job=job.id, error=str(e))
             self.running.pop(job.id, None)
             self._metrics.jobs_running.set(len(self.running))
 

@@ -61,6 +61,19 @@ end
 return refused
 """
 
+# KEYS: lease, job. ARGV: token. The holder lets the job go (it stops, or hands a video input
+# over): `pending` again if it was running, and the lease deleted. 0: the lease is not the
+# caller's (lost, or taken): nothing is changed. A `running` job whose lease is free is then
+# one whose daemon died: the others may take it over their share of video inputs.
+LET_GO = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[2], 'status') == 'running' then
+  redis.call('HSET', KEYS[2], 'status', 'pending', 'holder', '')
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
 # KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
 # 1: written; 0: at or below the checkpoint (already reported); -1: lease lost; -2: not running.
 PUBLISH = f"""
@@ -272,6 +285,7 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._summary = client.register_script(SUMMARY)
         self._note_waiting = client.register_script(NOTE_WAITING)
+        self._let_go = client.register_script(LET_GO)
 
     async def create(self, spec: JobSpec) -> Job:
         job, _ = await self._write(spec, new_id())
@@ -416,6 +430,10 @@ class JobStore:
         refused = await self._note_waiting(keys=[keys.job_lease(job_id), keys.job(job_id)],
                                            args=[token, consumer, why])
         return {r.decode() if isinstance(r, bytes) else str(r) for r in refused}
+
+    async def let_go(self, job_id: str, token: str) -> None:
+        """The holder (`token`) gives the job up: see LET_GO."""
+        await self._let_go(keys=[keys.job_lease(job_id), keys.job(job_id)], args=[token])
 
     async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:
         ok, status = await self._start(keys=[keys.job_lease(job_id), keys.job(job_id)],

@@ -468,8 +468,9 @@ async def test_a_running_job_whose_daemon_is_gone_is_not_left_running(redis_url,
             assert (await until_status(client, job_id, "running"))["holder"] == "full:0"
             # as when "bare" took the lease first, while the job was pending, and left it: a
             # refusal it remembers for a while must not hold it back once the job is orphaned
-            bare_daemon.job_runner._cannot[job_id] = (time.monotonic(), "unknown model 'fake/slow'")
-        # "full" stopped: "bare" is the only daemon, and cannot run it
+            bare_daemon.job_runner._cannot[job_id] = (time.monotonic(), "unknown model 'fake/slow'", 0)
+        # "full" stopped (the job is pending again, run once since the refusal): "bare" is the
+        # only daemon, and cannot run it
         failed = await until_status(client, job_id, "failed", timeout=20)
     assert "unknown model 'fake/slow'" in failed["error"]
 

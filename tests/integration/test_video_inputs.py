@@ -164,3 +164,21 @@ async def test_a_dead_daemon_s_input_is_taken_over_within_its_lease_not_once_it_
             await wait_for(lambda: orphan in runner.running, 3, "the dead daemon's input taken over")
             await asyncio.sleep(2)
             assert orphan in runner.running and len(runner.running) == 2  # not handed back
+
+
+@pytest.mark.timeout(60)  # the daemons are counted every 10 s: the hand-over waits for that
+async def test_an_input_handed_over_goes_to_the_daemon_under_its_share_not_back(
+        redis_url, sync_redis, tmp_path, videos):
+    """A handed-back input stayed `running` with its lease free, as a dead daemon's does: the
+    giver (polling faster) took it straight back over its share, every 30 s, and the daemon
+    that joined never got it. Let go, it is `pending`: only a daemon under its share takes it."""
+    with hls.live_hls(videos / "live" / "index.m3u8") as one, hls.live_hls(videos / "live" / "index.m3u8") as two:
+        inputs = [{"input": [one.url, two.url], "fps": 2}]
+        fast = settings_for(redis_url, tmp_path, inputs, jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})
+        slow = settings_for(redis_url, tmp_path, inputs, jobs={"poll_s": 1.5, "lease_ttl_ms": 2000})
+        async with running(fast, host="a") as a:
+            await wait_for(lambda: len(a.job_runner.running) == 2, 15, "both inputs on the first daemon")
+            async with running(slow, host="b") as b:
+                await wait_for(lambda: len(b.job_runner.running) == 1, 30, "one handed to the daemon that joined")
+                await asyncio.sleep(3)
+                assert len(a.job_runner.running) == len(b.job_runner.running) == 1
