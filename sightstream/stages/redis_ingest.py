@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from sightstream import keys, log
+from sightstream.frames import entry_ms
 from sightstream.redis_conn import BLOCK_MS, PartialOutage, same_slot
 from sightstream.stages.pending import StreamReader, delivery_counts
 from sightstream.stages.source_leases import SourceLeases
@@ -273,7 +274,8 @@ class RedisIngest(StreamReader):
                 self._active[name] = now
             admitted, dropped = await self._admission.admit_read(name, entries)
             if self.leases and admitted > dropped:  # stale ones cost the model nothing
-                self.rates.add(name, admitted - dropped)
+                sent = entry_ms(entries[0][0].decode()), entry_ms(entries[-1][0].decode())
+                self.rates.add(name, admitted - dropped, *sent)
             used, stale = used + admitted, stale + dropped
         if of_active and used and stale == used and self._stale_repeats < MAX_STALE_REPEATS:
             # Live mode, all stale: read the same streams again before the others' turn. Else a

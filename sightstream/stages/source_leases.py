@@ -4,15 +4,16 @@ stream is read by one daemon at a time, so all its frames meet the same state, i
 A daemon holds a lease per stream in Redis (`SET NX PX`, renewed while it lives). Streams are
 shared by count and by load:
 - By count: a daemon takes free streams up to ceil(streams / daemons serving the pipeline),
-  and gives back one surplus stream per round (one with no frame in flight, an idle one
-  first) when more daemons join.
+  and gives back one surplus idle stream per round when more daemons join. A stream free for
+  a whole round is taken whatever the share (a daemon that died counts until its member key
+  lapses, and every live one may be at its share).
 - By load: each daemon publishes the frames per second its streams give it (stream_rates.py).
   One well above the least loaded (by more than a quarter of its own load) hands that daemon
   the stream that best halves the gap, one under 0.8 x the gap (so the gap always shrinks, and
   nothing moves back and forth): it stops reading the stream, lets its frames in flight
-  finish, then writes the other's name into the lease. Without this, a daemon that joins late
-  (or restarts) would get only idle streams: a busy stream always has frames in flight, so it
-  is never surplus to give back.
+  finish, then writes the other's name into the lease. The giver, and the taker once the
+  stream is its own, hand nothing on for REST_ROUNDS, while the loads they publish catch up.
+  Without this, a daemon that joins late (or restarts) would get only idle streams.
 When a daemon dies its leases expire and the others take its streams over, with the frames it
 left pending (claimed at once: the lease proves their reader gone).
 """
@@ -85,6 +86,7 @@ class SourceLeases:
         self._handed_in: dict[str, int] = {}  # streams handed to us -> rounds they stay here
         self._load = 0.0  # the frames per second this daemon last published
         self._rounds = 0  # rounds settled: in the first, leases naming this daemon are its own, kept
+        self._free: set[str] = set()  # streams no daemon held at the last round
 
     async def settle(self, found: list[str], busy: Callable[[str], bool],
                      fps: Callable[[str], float]) -> list[str]:
@@ -98,22 +100,30 @@ class SourceLeases:
         share = math.ceil(len(found) / max(1, len(members)))
         handing = self.handing[0] if self.handing else None
         others = [s for s in found if s not in self.held and s != handing]
-        taken = []
+        taken, free = [], set()
         for stream, owner in zip(others, await self._owners(others)):
-            # Handed to us, or ours from before a restart (kept whatever the share), or free.
-            if owner == self._consumer or (owner is None and len(self.held) < share):
+            if owner is None:
+                free.add(stream)
+            # Handed to us, or ours from before a restart (kept whatever the share), or free:
+            # under our share, or free for a whole round (every daemon is at its share: one
+            # that died still counts until its member key lapses).
+            mine = owner == self._consumer
+            if mine or (owner is None and (len(self.held) < share or stream in self._free)):
                 if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                     self.held.append(stream)
                     taken.append(stream)
-                    if owner == self._consumer and self._rounds:  # handed over: not moved on soon
-                        self._handed_in[stream] = 2 * REST_ROUNDS
+                    if mine and self._rounds:  # handed over: not moved on soon,
+                        self._handed_in[stream] = 2 * REST_ROUNDS  # and nothing handed on until
+                        self._rest = max(self._rest, REST_ROUNDS)  # its load is known here
+        self._free = free - set(taken)
         self._rounds += 1
         if len(self.held) > share:
-            # not one just handed here: the giver is under its share now, and would take it back
-            spare = [s for s in self.held if not busy(s) and s not in self._handed_in]
-            if spare:
-                idle = [s for s in spare if not fps(s)]
-                await self.give_back((idle or spare)[-1])
+            # Only an idle stream: an active one moves by load (below), or the count would undo
+            # what the load did (a receiver over its count gave a busy stream back to the giver).
+            # Not one just handed here: the giver is under its share now, and would take it back.
+            idle = [s for s in self.held if not busy(s) and not fps(s) and s not in self._handed_in]
+            if idle:
+                await self.give_back(idle[-1])
         self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
         rates = {s: fps(s) for s in self.held}
         await self._publish(sum(rates.values()))
