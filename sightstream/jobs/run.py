@@ -78,6 +78,10 @@ class Item:
     position: str
     pts_s: float | None = None
     error: FrameError | None = None
+    thumbnail: Any = None  # a pipeline input's frame, small, for the live page (InputViews)
+
+
+THUMBNAIL_SIDE = 960  # pixels: what the live page draws a tile at, at most
 
 
 @dataclass(frozen=True)
@@ -302,7 +306,7 @@ class JobRun:
         options = ReaderOptions(
             fps=self.job.spec.fps, open_timeout_s=self._s.open_timeout_s,
             read_timeout_s=self._s.read_timeout_s, stall_s=self._s.stall_s,
-            max_pixels=self._decode.max_pixels)
+            max_pixels=self._decode.max_pixels, thumbnail_side=THUMBNAIL_SIDE if self._views else 0)
         # A pipeline's camera that is down is retried until it is back; a file on this disk
         # says the same each time: one that is not a video fails, as a job's does.
         if self.job.spec.pipeline and not self.job.spec.source.lower().startswith("file://"):
@@ -318,7 +322,7 @@ class JobRun:
             h, w = vf.image.shape[:2]
             frame = Frame(self._label, self._shown, str(vf.index), {}, now_ms(), image=vf.image,
                           orig_size=(w, h))
-            yield Item(frame, repr(vf.pts_s), vf.pts_s)
+            yield Item(frame, repr(vf.pts_s), vf.pts_s, thumbnail=vf.thumbnail)
 
     async def _stream_items(self) -> AsyncIterator[Item]:
         """A Redis stream's entries after the checkpoint (from now, on the first start),
@@ -386,12 +390,14 @@ class JobRun:
                                           fields)
 
         replies = await run_pipelined(self._client, fill, self._store.publish_script, raise_on_error=False)
-        for (_, _, stream, counter, fields, frame), reply in zip(entries, replies):
+        for (_, _, stream, counter, fields, frame), reply, (_, item, _) in zip(entries, replies, ready):
             if isinstance(reply, ResponseError):  # nothing of this item (or after it) was written
                 raise JobFailed(f"results cannot be written to {stream}: {str(reply).split(' script: ')[0]}")
             if fenced(reply) == 1 and counter == "processed":
                 self._metrics.frames_published.labels(self._label).inc()
                 if self._views is not None:
+                    if item.thumbnail is not None:  # the page keeps it, not the whole frame
+                        frame.image = item.thumbnail
                     self._views.published(frame, fields, int(fields["latency_ms"]))
             elif reply == 1:
                 self._metrics.frames_dead_lettered.labels(self._label, fields["reason"]).inc()

@@ -84,6 +84,9 @@ class ReaderOptions:
     max_open_failures: int = 3  # permanent open errors (404, no such file, not a video) in a row
     max_vod_failures: int = 8  # transient errors in a row for a VOD; a live source retries forever
     queue_size: int = 4  # frames decoded ahead of the consumer
+    # > 0: each frame also comes as a copy at most this many pixels on its longer side (a live
+    # page's tile: kept per source, where a 4K frame would be 25 MB), made in the reader's thread
+    thumbnail_side: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class VideoFrame:
     pts_s: float  # presentation time in seconds since the origin (the stream's start)
     image: np.ndarray  # RGB, HxWx3 uint8
     keyframe: bool
+    thumbnail: np.ndarray | None = None  # see ReaderOptions.thumbnail_side
 
 
 @dataclass
@@ -407,6 +411,13 @@ class _Reader:
                                  "(a segment missing or unreadable, or a pause in the video)")
         _log.warning("video_gap", url=self.name, from_s=round(at, 2), skipped_s=round(end - start, 2))
 
+    def _thumbnail(self, image: np.ndarray) -> np.ndarray | None:
+        side = self.o.thumbnail_side
+        if not side:
+            return None
+        step = math.ceil(max(image.shape[:2]) / side)  # every step-th pixel: cheap, and enough to look at
+        return image if step <= 1 else np.ascontiguousarray(image[::step, ::step])
+
     def _frame(self, frame: Any, tb: Any) -> bool:
         """Sample one decoded frame and hand it on if kept; False once stopped."""
         self.stats.decoded += 1
@@ -441,7 +452,7 @@ class _Reader:
         self.last_pts, self.last_bucket, self.last_index = pts_s, bucket, index
         self.stats.kept += 1
         self.stats.decode_s += time.perf_counter() - self.clock
-        delivered = self.emit(VideoFrame(index, pts_s, image, bool(frame.key_frame)))
+        delivered = self.emit(VideoFrame(index, pts_s, image, bool(frame.key_frame), self._thumbnail(image)))
         self.clock = time.perf_counter()
         self.guard.progress()  # time blocked on a slow consumer is no stall
         return delivered

@@ -182,3 +182,24 @@ async def test_an_input_handed_over_goes_to_the_daemon_under_its_share_not_back(
                 await wait_for(lambda: len(b.job_runner.running) == 1, 30, "one handed to the daemon that joined")
                 await asyncio.sleep(3)
                 assert len(a.job_runner.running) == len(b.job_runner.running) == 1
+
+
+async def test_a_1440p_camera_has_a_tile_kept_small(redis_url, sync_redis, tmp_path):
+    """Its decoded frame (11 MB) was over the 8 MB a tile may hold: 1440p and 4K cameras had no
+    tile, and each 1080p one kept 6 MB. The page keeps a copy at most 960 pixels wide."""
+    clip = hls.make_clip(tmp_path / "big.mp4", seconds=1, fps=5, size=(2560, 1440))
+    url = f"file://{clip}"
+    settings = settings_for(redis_url, tmp_path, [{"name": "cams", "input": [url], "fps": 2}],
+                            jobs={"poll_s": 0.2})
+    async with running(settings) as d:
+        await wait_for(lambda: sync_redis.xlen(f"results:cams:{url}") == 2, what="the video's results")
+        snap = d.snapshots.get("cams", url)
+        client = await client_for(d)
+        try:
+            image = await client.get(f"/sources/cams/{quote(url, safe='')}/latest.jpg")
+            body = await image.read()
+        finally:
+            await client.close()
+    assert snap is not None and snap.pixels is not None and max(snap.pixels.shape[:2]) <= 960
+    assert image.status == 200 and body[:3] == b"\xff\xd8\xff"
+    assert json.loads(entries(sync_redis, f"results:cams:{url}")[-1][1]["result"])["width"] == 2560
