@@ -68,8 +68,11 @@ return {'ok', version, encoded}
 """
 
 # KEYS: current hash, history list. ARGV: the configured text, updated_at, channel, pipeline.
-# `configured` in the hash: the config's text as last applied (before the field existed,
-# version 1's). Returns {seeded | same | changed, the current version}.
+# `configured` in the hash: the config's text as last applied. A hash written before the field
+# existed takes this config's as applied, changing nothing: that version ignored config edits
+# once the prompt had been changed, so its current prompt may be one set over HTTP since, newer
+# than the config's. Neither does a config whose text is the current one make a version.
+# Returns {seeded | same | changed, the current version}.
 APPLY_CONFIG = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if not current then
@@ -79,11 +82,7 @@ if not current then
   return {'seeded', 1}
 end
 local configured = redis.call('HGET', KEYS[1], 'configured')
-if not configured then
-  local first = redis.call('LINDEX', KEYS[2], 0)
-  configured = first and cjson.decode(first).text or ARGV[1]
-end
-if configured == ARGV[1] then
+if not configured or configured == ARGV[1] or redis.call('HGET', KEYS[1], 'text') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'configured', ARGV[1])
   return {'same', current}
 end

@@ -198,3 +198,19 @@ async def test_the_history_comes_a_page_at_a_time(redis_url, tmp_path):
         assert r.status == 422 and "limit" in (await r.json())["error"]["message"]
         r = await client.post("/pipelines/people/prompt/rollback", json={"version": 3})
         assert r.status == 200 and (await r.json())["text"] == "text 3"
+
+
+async def test_a_prompt_set_before_the_upgrade_is_kept_whatever_the_config_says(redis_url, sync_redis, tmp_path):
+    """The previous version kept no `configured` field, and ignored config edits once the prompt
+    had been changed: its config's text may be older than the prompt set over HTTP since."""
+    sync_redis.rpush("sightstream:prompt:{people}:history", json.dumps({"version": 1, "text": "cat", "set_by": "config"}),
+                     json.dumps({"version": 2, "text": "bird", "set_by": "alice", "updated_at": "2026-01-01T00:00:00Z"}))
+    sync_redis.hset("sightstream:prompt:{people}", mapping={"version": 2, "text": "bird", "set_by": "alice",
+                                                            "updated_at": "2026-01-01T00:00:00Z"})
+    settings = prompt_settings(redis_url, tmp_path)
+    settings.pipelines[0].prompt = "dog"  # edited under the previous version: it had no effect
+    async with running(settings) as d:
+        assert (d.prompt_book.current("people").text, d.prompt_book.current("people").version) == ("bird", 2)
+    settings.pipelines[0].prompt = "fish"  # edited after the upgrade: a version of its own
+    async with running(settings) as d:
+        assert (d.prompt_book.current("people").text, d.prompt_book.current("people").version) == ("fish", 3)
