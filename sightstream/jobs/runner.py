@@ -153,12 +153,12 @@ class JobRunner:
                     or self._stop.is_set() or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
             seen = self._cannot.get(job.id)
-            if (kind == "user" and job.status == "pending" and seen is not None and seen[1] is not None
+            if (job.status == "pending" and seen is not None and seen[1] is not None
                     and seen[2] == job.attempt and now - seen[0] < LEFT_CHECK_S):
                 continue  # left to the others a moment ago, and not run since (its daemon may be gone now)
             lease = Lease(self._client, keys.job_lease(job.id), self._s.lease_ttl_ms)
             if await lease.acquire():
-                if kind == "user" and await self._left_to_others(job, lease.token):
+                if await self._left_to_others(job, lease.token):  # e.g. a file input not on this disk
                     await lease.release()
                     continue
                 held[kind] += 1

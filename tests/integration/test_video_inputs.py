@@ -203,3 +203,33 @@ async def test_a_1440p_camera_has_a_tile_kept_small(redis_url, sync_redis, tmp_p
     assert snap is not None and snap.pixels is not None and max(snap.pixels.shape[:2]) <= 960
     assert image.status == 200 and body[:3] == b"\xff\xd8\xff"
     assert json.loads(entries(sync_redis, f"results:cams:{url}")[-1][1]["result"])["width"] == 2560
+
+
+async def test_a_file_input_on_one_host_s_disk_only_is_left_to_that_host(
+        redis_url, sync_redis, tmp_path, monkeypatch):
+    """A daemon whose disk lacks an input's file failed the input for the whole fleet; it
+    leaves it to one that has it, as it does a user's job."""
+    from sightstream.jobs.runner import JobRunner
+    from sightstream.jobs.sources import SourceRefused
+
+    clip = hls.make_clip(tmp_path / "clip.mp4", seconds=1, fps=5)
+    url = f"file://{clip}"
+    has_it = JobRunner._check_runs_here
+
+    def check(self, spec):  # as on a host whose disk lacks the file
+        if self._holder == "a:0":
+            raise SourceRefused(f"{clip} is not a file")
+        return has_it(self, spec)
+
+    monkeypatch.setattr(JobRunner, "_check_runs_here", check)
+    settings = settings_for(redis_url, tmp_path, [{"name": "cams", "input": [url], "fps": 2}],
+                            jobs={"poll_s": 0.2})
+    job_id = keys.input_job_id("cams", url)
+    sync_redis.set(keys.consumer_slot("b", 0), "b, not started yet", px=60_000)  # a knows of b
+    async with running(settings, host="a") as a:
+        await wait_for(lambda: sync_redis.hget(keys.job(job_id), "waiting"), 10, "a leaving it to others")
+        sync_redis.delete(keys.consumer_slot("b", 0))
+        async with running(settings, host="b"):
+            await wait_for(lambda: sync_redis.xlen(f"results:cams:{url}") == 2, 20, "the file read by b")
+        job = await a.jobs.get(job_id)
+    assert job is not None and job.status == "completed" and not job.error
