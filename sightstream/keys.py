@@ -42,11 +42,15 @@ def public_url(url: str) -> str:
     if not url.lower().startswith(("http://", "https://", "rtsp://", "rtsps://")):
         return url
     scheme, _, rest = url.partition("://")
-    head = rest[:rest.rfind("@")] if "@" in rest else ""
-    if head and "/" not in head and ("#" in head or "?" in head):
-        # A password holding an unencoded # or ? (cameras' "Admin#2024") ends the host part
-        # early for a URL parser, which would then show it: all before the last @ goes.
-        url = f"{scheme}://{rest[len(head) + 1:]}"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    _, colon, port = authority.rpartition(":")
+    cut_short = colon and not port.isdigit() and not authority.startswith("[")  # not host:port
+    if cut_short and "@" not in authority and "@" in rest:
+        # "user:pass" cut short by a /, ? or # in the password (cameras' "Admin#2024"): what a
+        # URL parser takes for the host part is no host:port, and it would show the rest. All
+        # up to the first @ goes. (A password of digits before the / ? or # reads as a port:
+        # such a URL is not told apart from a host's, and shows.)
+        url = f"{scheme}://{rest[rest.index('@') + 1:]}"
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=netloc, query=mask_query_secrets(parts.query)))

@@ -271,6 +271,12 @@ def test_a_folder_given_to_the_default_onnx_backend_is_refused_at_start(tmp_path
     # a password with an unencoded # or ? (the URL parser ends the host part there): all before the @ goes
     ("rtsp://viewer:Adm1n#2024@10.0.0.17:554/stream1", "rtsp://10.0.0.17:554/stream1"),
     ("rtsp://viewer:a?b@cam/h264?channel=2", "rtsp://cam/h264?channel=2"),  # an NVR's channels stay apart
+    ("rtsp://admin:p/ss@cam/live", "rtsp://cam/live"),
+    # an @ in a query is no user's: the host stays, the secret is masked
+    ("rtsp://nvr:554?user=admin&password=p@ss", "rtsp://nvr:554?user=admin&password=***"),
+    ("http://host?email=a@b.com", "http://host?email=a@b.com"),
+    ("https://medium.example/@user/post", "https://medium.example/@user/post"),
+    ("http://[::1]/a@b", "http://[::1]/a@b"),
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):
     from sightstream import keys
