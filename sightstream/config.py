@@ -311,12 +311,14 @@ class Settings(BaseSettings):
         """`[models.qwen2_5.0.5b-instruct]` is, to TOML, variant "0" with a table "5b-instruct":
         it was taken as a new model `qwen2_5/0`, without a word, and the entry meant to change
         `qwen2_5/0.5b-instruct` changed nothing. An option that is a table holding an entry's
-        own fields (path, backend, task, adapter) is that mistake."""
+        own fields (path, backend, task, adapter), or any table under a variant named by digits
+        alone, is that mistake."""
         entry_fields = set(ModelEntry.model_fields)
         for family, variants in v.items():
             for variant, entry in variants.items():
                 for name, value in (entry.model_extra or {}).items():
-                    if isinstance(value, dict) and entry_fields & set(value):
+                    # an entry's own field inside, or a variant "0" (of "0.5b-instruct")
+                    if isinstance(value, dict) and (entry_fields & set(value) or variant.isdigit()):
                         raise ValueError(
                             f"[models.{family}.{variant}.{name}] reads as model {family}/{variant} with a "
                             f"table {name!r}: a variant whose name has a dot must be quoted, "

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from redis.exceptions import ReadOnlyError
 from tqdm import tqdm
 
 from sightstream import keys
@@ -153,12 +154,14 @@ def publish(
             fields["ts"] = str(time.time_ns() // 1_000_000)  # a live camera's capture time: when sent
             try:
                 client.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
-            except OUTAGES as e:
+            except (*OUTAGES, ReadOnlyError) as e:  # READONLY: a failover demoted the node the URL names
                 if not sent or stopping():  # never answered: the URL is wrong or Redis is not up
                     raise
                 if not down_since:
                     down_since = time.monotonic()
-                    say(f"Redis unreachable ({e or type(e).__name__}); waiting for it, the source paused")
+                    what = "takes no writes (a replica now: a failover?)" if isinstance(e, ReadOnlyError) \
+                        else "unreachable"
+                    say(f"Redis {what} ({e or type(e).__name__}); waiting for it, the source paused")
                 backoff_s = min(5.0, backoff_s * 2 or 0.5)
                 time.sleep(backoff_s)
                 continue

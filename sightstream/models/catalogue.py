@@ -16,6 +16,8 @@ from sightstream.config import ModelEntry
 from sightstream.errors import ModelNotAvailable, UnknownModel
 from sightstream.models.adapters import DEFAULT_ADAPTER
 
+ONNX_FILE_ADAPTERS = {a for (backend, _), a in DEFAULT_ADAPTER.items() if backend == "onnx"}
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -65,8 +67,9 @@ class Entry:
                 f"model {self.id}: {self.path} does not exist; point "
                 f"[models.{self.family}.{self.variant}] path at a local file (nothing is downloaded)"
             )
-        # the default backend, often not meant; a plug-in adapter may read a folder
-        if self.backend == "onnx" and ":" not in self.adapter and Path(self.path).is_dir():
+        # The default backend, often not meant: its adapters read one .onnx file (others, such
+        # as OCR's or a plug-in, may read a folder).
+        if self.backend == "onnx" and self.adapter in ONNX_FILE_ADAPTERS and Path(self.path).is_dir():
             raise ModelNotAvailable(
                 f"model {self.id}: backend onnx (the default) needs an .onnx file, and {self.path} is "
                 f"a folder; a transformers model's folder needs backend = \"transformers\" and its task "

@@ -431,6 +431,31 @@ def test_publish_waits_out_a_redis_restart_and_skips_no_frame(tmp_path):
     assert max(gaps) >= 2000 and sorted(gaps)[-2] < 500, gaps  # one pause, then the same pace
 
 
+def test_publish_waits_out_a_failover_that_made_its_node_a_replica(tmp_path):
+    """After a failover the node a plain redis:// URL names is a replica: XADD says READONLY
+    (an error, not a lost connection), and publish exited although it waits out failovers."""
+    from sightstream.publish import make_sample_video
+
+    video = make_sample_video(tmp_path / "v.mp4", seconds=2, fps=10, size=(160, 120))
+    server = EmbeddedRedis().start()
+    try:
+        pub = subprocess.Popen([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "10",
+                                "--redis-url", server.url, "--quiet"], stderr=subprocess.PIPE, text=True)
+        with pub.stderr:
+            client = redis.Redis.from_url(server.url)
+            wait_until(lambda: client.xlen("frames:{v}") >= 3, 30)
+            client.replicaof("127.0.0.1", free_port())  # demoted: its master never answers
+            assert "read only replica" in pub.stderr.readline()
+            client.replicaof("NO", "ONE")  # promoted again
+            assert pub.wait(60) == 0
+            assert "Redis is back" in pub.stderr.read()
+        indices = {json.loads(f[b"meta"])["index"] for _, f in client.xrange("frames:{v}")}
+        client.close()
+    finally:
+        server.close()
+    assert indices == set(range(20))
+
+
 def test_tail_whose_timeout_runs_out_while_redis_is_away_says_so_and_exits_1():
     """A script waiting for results with --timeout must not read an outage as "no results"."""
     server = EmbeddedRedis().start()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sightstream.config import Settings, load_settings
+from sightstream.config import ModelEntry, Settings, load_settings
 from sightstream.errors import ConfigError
 
 
@@ -97,6 +97,8 @@ score_threshold = 0.4
         ("[models.qwen2_5.0.5b-instruct]\npath = '/tmp'",
          "[models.qwen2_5.0.5b-instruct] reads as model qwen2_5/0 with a table '5b-instruct': a variant "
          "whose name has a dot must be quoted, [models.qwen2_5.\"0.5b-instruct\"]"),
+        ("[models.qwen2_5.0.5b-instruct]\nmax_new_tokens = 64",  # an option alone: the same mistake
+         "[models.qwen2_5.0.5b-instruct] reads as model qwen2_5/0"),
     ],
 )
 def test_each_bad_setting_gives_one_line_naming_it(tmp_path, toml, needle):
@@ -309,3 +311,11 @@ def test_a_password_with_a_hash_is_named_nowhere_in_a_refusal(tmp_path):
     for refusal in (redis_refusal, camera_refusal):
         assert "s3cret" not in str(refusal.value) and "must be percent-encoded" in str(refusal.value)
     assert "rtsp://10.0.0.17:554/stream1" in str(camera_refusal.value)
+
+
+def test_an_ocr_entry_may_point_at_a_folder(tmp_path):
+    """Only the ONNX adapters that read one file refuse a folder (OCR reads its models' folder)."""
+    from sightstream.models.catalogue import Catalogue
+
+    catalogue = Catalogue({"my": {"ocr": ModelEntry(adapter="ocr", path=str(tmp_path))}})
+    assert catalogue.get("my/ocr").resolve() == str(tmp_path)

@@ -410,3 +410,7 @@ def test_ocr_text_comes_in_reading_order_with_a_line_s_words_together():
     result = ocr.infer([np.zeros((100, 200, 3), np.uint8)])[0].result
     assert result["text"] == "HELLO 2026\nsecond line"
     assert [d["text"] for d in result["detections"]] == ["HELLO", "2026", "second line"]
+    ocr._engine = lambda image: SimpleNamespace(  # a tall heading beside two small lines
+        boxes=[quad(10, 10, 60, 60), quad(80, 12, 190, 24), quad(80, 40, 190, 52)],
+        txts=["EXIT", "Emergency", "Only"], scores=[0.9, 0.9, 0.9])
+    assert ocr.infer([np.zeros((100, 200, 3), np.uint8)])[0].result["text"] == "EXIT\nEmergency\nOnly"

@@ -73,15 +73,20 @@ class RapidOcr:
 
 
 def _rows(found: list[dict]) -> list[list[dict]]:
-    """The pieces of text in reading order: rows top to bottom, each left to right. A piece
-    whose middle is within a row's height is on that row: words of one line are rarely found
-    at the same height ("2026" a pixel above "HELLO" read as the first line)."""
+    """The pieces of text in reading order: rows top to bottom, each left to right. A piece is
+    on a row when their middles are each within the other's height: words of one line are
+    rarely found at the same height ("2026" a pixel above "HELLO" read as the first line), and
+    a tall heading beside two small lines is a row of its own, not one with both."""
     rows: list[list[dict]] = []
     for d in sorted(found, key=lambda d: d["box"][1]):
-        middle = (d["box"][1] + d["box"][3]) / 2
-        row = next((r for r in rows if r[0]["box"][1] <= middle <= r[0]["box"][3]), None)
+        row = next((r for r in rows if _same_row(r[-1], d)), None)
         if row is None:
             rows.append([d])
         else:
             row.append(d)
     return [sorted(row, key=lambda d: d["box"][0]) for row in rows]
+
+
+def _same_row(a: dict, b: dict) -> bool:
+    (_, a1, _, a2), (_, b1, _, b2) = a["box"], b["box"]
+    return a1 <= (b1 + b2) / 2 <= a2 and b1 <= (a1 + a2) / 2 <= b2
