@@ -62,7 +62,7 @@ def public_url(url: str) -> str:
 # A name is read percent-decoded (`%74oken` is `token`).
 _SECRET_NAME = re.compile(
     r"(?:pass(?:word|wd)?|pwd|token|secret|sig(?:nature)?|credential|api_?key|hdnts|hdnea|"
-    r"(?<![a-z])(?:key|auth))$", re.IGNORECASE)
+    r"(?<![a-z])(?:key|auth|pw))$", re.IGNORECASE)
 _PARAM = re.compile(r"((?:^|[?&;])([^=&;?#]*)=)([^&;#]*)")
 
 

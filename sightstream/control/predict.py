@@ -263,7 +263,9 @@ async def _multipart(request: web.Request, limit: int, max_bytes: int) -> list[U
 
 def _transfer_decoded(part: BodyPartReader, data: bytes) -> bytes:
     """A part as sent with `Content-Transfer-Encoding` base64 or quoted-printable (RFC 7578
-    deprecates it, some clients still do it), decoded; both only shrink it."""
+    deprecates it, some clients still do it), decoded; both only shrink it. (aiohttp's
+    BodyPartReader.decode would also undo a part's Content-Encoding: a gzip bomb past the
+    upload limit.) Lax base64 (stray characters skipped) gives what the decoder then judges."""
     encoding = part.headers.get("Content-Transfer-Encoding", "binary").strip().lower()
     try:
         if encoding == "base64":

@@ -279,6 +279,7 @@ def test_a_folder_given_to_the_default_onnx_backend_is_refused_at_start(tmp_path
     ("http://host?email=a@b.com", "http://host?email=a@b.com"),
     ("https://medium.example/@user/post", "https://medium.example/@user/post"),
     ("http://[::1]/a@b", "http://[::1]/a@b"),
+    ("rtsp://cam/live?user=admin&pw=x&cpw=ok", "rtsp://cam/live?user=admin&pw=***&cpw=ok"),  # logs show the query
 ])
 def test_a_video_url_is_shown_without_its_credentials(url, shown):
     from sightstream import keys
