@@ -398,20 +398,27 @@ def test_tail_waits_out_a_redis_restart_and_goes_on(tmp_path):
         server.close()
 
 
+def publishing(tmp_path: Path, server: EmbeddedRedis, seconds: int) -> tuple[subprocess.Popen, redis.Redis]:
+    """`sightstream publish` of a sample video (10 fps) to frames:{v}, its stderr piped, once
+    its first frames are in; and a client of `server`."""
+    from sightstream.publish import make_sample_video
+
+    video = make_sample_video(tmp_path / "v.mp4", seconds=seconds, fps=10, size=(160, 120))
+    pub = subprocess.Popen([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "10",
+                            "--redis-url", server.url, "--quiet"], stderr=subprocess.PIPE, text=True)
+    client = redis.Redis.from_url(server.url)
+    wait_until(lambda: client.xlen("frames:{v}") >= 3, 30)
+    return pub, client
+
+
 def test_publish_waits_out_a_redis_restart_and_skips_no_frame(tmp_path):
     """A producer left publishing must not die with Redis: it says Redis went, pauses its
     source, says it is back, and goes on with the frame it was sending (appendonly: the Redis
     comes back with what it had, so every frame can be counted)."""
-    from sightstream.publish import make_sample_video
-
-    video = make_sample_video(tmp_path / "v.mp4", seconds=3, fps=10, size=(160, 120))
     server = EmbeddedRedis(appendonly=True).start()
     try:
-        pub = subprocess.Popen([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "10",
-                                "--redis-url", server.url, "--quiet"], stderr=subprocess.PIPE, text=True)
+        pub, client = publishing(tmp_path, server, 3)
         with pub.stderr:
-            client = redis.Redis.from_url(server.url)
-            wait_until(lambda: client.xlen("frames:{v}") >= 3, 30)
             client.close()
             server.stop()
             assert "Redis unreachable" in pub.stderr.readline()
@@ -434,16 +441,10 @@ def test_publish_waits_out_a_redis_restart_and_skips_no_frame(tmp_path):
 def test_publish_waits_out_a_failover_that_made_its_node_a_replica(tmp_path):
     """After a failover the node a plain redis:// URL names is a replica: XADD says READONLY
     (an error, not a lost connection), and publish exited although it waits out failovers."""
-    from sightstream.publish import make_sample_video
-
-    video = make_sample_video(tmp_path / "v.mp4", seconds=2, fps=10, size=(160, 120))
     server = EmbeddedRedis().start()
     try:
-        pub = subprocess.Popen([*CLI, "publish", str(video), "--stream", "frames:{v}", "--fps", "10",
-                                "--redis-url", server.url, "--quiet"], stderr=subprocess.PIPE, text=True)
+        pub, client = publishing(tmp_path, server, 2)
         with pub.stderr:
-            client = redis.Redis.from_url(server.url)
-            wait_until(lambda: client.xlen("frames:{v}") >= 3, 30)
             client.replicaof("127.0.0.1", free_port())  # demoted: its master never answers
             assert "read only replica" in pub.stderr.readline()
             client.replicaof("NO", "ONE")  # promoted again
