@@ -108,6 +108,12 @@ def source_member(pipeline: str, consumer: str) -> str:
     return f"{INTERNAL_PREFIX}member:{pipeline}:{consumer}"
 
 
+def source_incoming(pipeline: str, consumer: str) -> str:
+    """Held for a while by the one daemon handing `consumer` a stream: no other hands it one
+    meanwhile (its published load does not show the stream yet)."""
+    return f"{INTERNAL_PREFIX}handover:{pipeline}:{consumer}"
+
+
 PROMPT_CHANNEL = f"{INTERNAL_PREFIX}prompts"  # pub/sub: a pipeline's name when its prompt changed
 
 

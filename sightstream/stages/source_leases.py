@@ -9,11 +9,12 @@ shared by count and by load:
   lapses, and every live one may be at its share).
 - By load: each daemon publishes the frames per second its streams give it (stream_rates.py).
   One well above the least loaded (by more than a quarter of its own load) hands that daemon
-  the stream that best halves the gap, one under 0.8 x the gap (so the gap always shrinks, and
-  nothing moves back and forth): it stops reading the stream, lets its frames in flight
-  finish, then writes the other's name into the lease. The giver, and the taker once the
-  stream is its own, hand nothing on for REST_ROUNDS, while the loads they publish catch up.
-  Without this, a daemon that joins late (or restarts) would get only idle streams.
+  the stream that best halves the gap, one under 0.9 x the gap (so the gap always shrinks, and
+  nothing moves back and forth), unless another daemon is handing that one a stream already:
+  it stops reading the stream, lets its frames in flight finish, then writes the other's name
+  into the lease. The giver, and the taker once the stream is its own, hand nothing on for
+  REST_ROUNDS, while the loads they publish catch up. Without this, a daemon that joins late
+  (or restarts) would get only idle streams.
 When a daemon dies its leases expire and the others take its streams over, with the frames it
 left pending (claimed at once: the lease proves their reader gone).
 """
@@ -39,7 +40,8 @@ MEMBER_FORMAT = "v3"  # a member key's value: v3:<frames per second>:<its TTL, m
 # A handover restarts the stream's tracks: only for a gap over a quarter of the giver's load,
 # and over 1 frame/s (cameras sending a frame now and then are not worth a restart).
 GAP_SHARE, MIN_GAP_FPS = 0.25, 1.0
-MOVE_UNDER = 0.8  # a stream moves only if its rate is under this share of the gap: it shrinks
+MOVE_UNDER = 0.9  # a stream moves only if its rate is under this share of the gap: it shrinks
+KNOWN_ROUNDS = 2  # rounds a stream is read here before it may count as idle (unread, it gives 0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class SourceLeases:
         self._load = 0.0  # the frames per second this daemon last published
         self._rounds = 0  # rounds settled: in the first, leases naming this daemon are its own, kept
         self._free: set[str] = set()  # streams no daemon held at the last round
+        self._taken_round: dict[str, int] = {}  # held stream -> the round it was taken in
+        self._claimed: str | None = None  # the daemon this one is handing a stream to (see keys)
 
     async def settle(self, found: list[str], busy: Callable[[str], bool],
                      fps: Callable[[str], float]) -> list[str]:
@@ -112,6 +116,7 @@ class SourceLeases:
                 if await self._client.eval(RENEW, 1, self._key(stream), self._consumer, self.ttl_ms):
                     self.held.append(stream)
                     taken.append(stream)
+                    self._taken_round[stream] = self._rounds
                     if mine and self._rounds:  # handed over: not moved on soon,
                         self._handed_in[stream] = 2 * REST_ROUNDS  # and nothing handed on until
                         self._rest = max(self._rest, REST_ROUNDS)  # its load is known here
@@ -121,9 +126,13 @@ class SourceLeases:
             # Only an idle stream: an active one moves by load (below), or the count would undo
             # what the load did (a receiver over its count gave a busy stream back to the giver).
             # Not one just handed here: the giver is under its share now, and would take it back.
-            idle = [s for s in self.held if not busy(s) and not fps(s) and s not in self._handed_in]
+            # Read here a while: after a restart every stream gives 0 until read (a quick
+            # restart gave its busy camera away, by count, in its first round).
+            idle = [s for s in self.held if not busy(s) and not fps(s) and s not in self._handed_in
+                    and self._rounds - self._taken_round.get(s, -KNOWN_ROUNDS) >= KNOWN_ROUNDS]
             if idle:
                 await self.give_back(idle[-1])
+        self._taken_round = {s: n for s, n in self._taken_round.items() if s in self.held}
         self._handed_in = {s: n - 1 for s, n in self._handed_in.items() if n > 1 and s in self.held}
         rates = {s: fps(s) for s in self.held}
         await self._publish(sum(rates.values()))
@@ -149,6 +158,7 @@ class SourceLeases:
             if to not in others:  # it stopped speaking meanwhile (stopped, died): read it again here
                 self.handing = None
                 self.held.append(stream)
+                await self._unclaim()
                 _log.info("source_handover_dropped", pipeline=self._pipeline, source=stream, to=to)
             elif not busy(stream):
                 self.handing = None
@@ -158,6 +168,8 @@ class SourceLeases:
             return
         if self._rest:  # the others' published loads catch up with the last handover first
             self._rest -= 1
+            if not self._rest:  # the taker's load shows the stream now: others may hand it one
+                await self._unclaim()
             return
         if not others:
             return
@@ -166,16 +178,28 @@ class SourceLeases:
         gap = load - least
         if gap <= max(MIN_GAP_FPS, GAP_SHARE * load):
             return
-        # Not one just handed here (its tracks would restart twice). Under 0.8 x the gap: the
-        # new gap, |gap - 2 x rate|, is then under 0.6 x this one, so a stream never bounces.
+        # Not one just handed here (its tracks would restart twice). Under 0.9 x the gap: the
+        # new gap, |gap - 2 x rate|, is then under 0.8 x this one, so a stream never bounces.
         movable = {s: r for s, r in rates.items() if 0 < r < MOVE_UNDER * gap and s not in self._handed_in}
         if not movable:
             return
+        # One giver at a time per taker: two that saw it idle handed it a stream each at once,
+        # and it handed one on once its load showed.
+        if not await self._client.set(keys.source_incoming(self._pipeline, to), self._consumer,
+                                      nx=True, px=self.ttl_ms):  # lapses if this daemon dies
+            return
+        self._claimed = to
         stream = min(movable, key=lambda s: abs(movable[s] - gap / 2))
         self.held.remove(stream)
         self.handing = (stream, to)
         _log.info("source_handing_over", pipeline=self._pipeline, source=stream, to=to,
                   fps_here=round(load, 2), fps_there=round(least, 2), fps_of_source=round(rates[stream], 2))
+
+    async def _unclaim(self) -> None:
+        if self._claimed is not None:
+            await self._client.eval(RELEASE, 1, keys.source_incoming(self._pipeline, self._claimed),
+                                    self._consumer)
+            self._claimed = None
 
     async def _members(self) -> list[Member]:
         """The daemons serving the pipeline, this one included."""
@@ -245,6 +269,7 @@ class SourceLeases:
             if self.handing:
                 await self._client.eval(RELEASE, 1, self._key(self.handing[0]), self._consumer)
                 self.handing = None
+            await self._unclaim()
             await self._client.delete(keys.source_member(self._pipeline, self._consumer))
         except (RedisError, OSError):
             pass  # they expire

@@ -240,3 +240,50 @@ async def test_daemons_joining_one_after_another_settle_without_streams_bouncing
     assert await rounds(server, everyone, 60) == []
     loads = sorted(sum(fps[s] for s in d.leases.held) for d in everyone)
     assert loads[-1] - loads[0] <= max(GAP_SHARE * loads[-1], 6.0), loads  # 6: a camera too big to move
+
+
+async def test_a_daemon_that_comes_back_is_handed_one_stream_at_a_time():
+    """Two daemons saw it at 0 frames/s and handed it a stream each at once (18 against 2 and
+    4): it handed one on as soon as its load showed. One giver at a time per taker now."""
+    fps = dict(zip(STREAMS, [10.0, 2.0, 8.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    streams = STREAMS[:4]
+    server = fakeredis.FakeServer()
+    c = fakeredis.FakeAsyncRedis(server=server)
+    one, two = Daemon(server, "one:0", rates=fps.__getitem__), Daemon(server, "two:0", rates=fps.__getitem__)
+    for stream, owner in zip(streams, ["one:0", "one:0", "two:0", "two:0"]):
+        await c.set(keys.source_lease("tracks", stream), owner)
+    one.leases._rounds = two.leases._rounds = 1
+    one.leases.held, two.leases.held = streams[:2], streams[2:]
+    one.read_for = {s: 5 for s in streams[:2]}
+    two.read_for = {s: 5 for s in streams[2:]}
+    three = Daemon(server, "three:0", rates=fps.__getitem__)  # back from a restart
+    moves = []
+    for _ in range(40):
+        for d in (three, one, two):
+            before = await owners(c)
+            await d.round(streams)
+            after = await owners(c)
+            moves += [(s, after[s]) for s in streams if after[s] != before[s]]
+    assert all(sum(1 for m in moves if m[0] == s) <= 1 for s in streams), moves  # none moved twice
+
+
+async def test_a_quick_restart_keeps_its_busy_camera():
+    """Restarted under the same name, a daemon keeps its streams, over its share now, and every
+    stream gives 0 frames/s until read: it gave its busy camera away by count at once."""
+    fps = dict(zip(STREAMS, [0.0, 0.0, 15.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    streams = STREAMS[:4]
+    server = fakeredis.FakeServer()
+    c = fakeredis.FakeAsyncRedis(server=server)
+    for stream, owner in zip(streams, ["one:0", "one:0", "one:0", "two:0"]):
+        await c.set(keys.source_lease("tracks", stream), owner)
+    two = Daemon(server, "two:0", rates=fps.__getitem__)
+    two.leases._rounds, two.leases.held, two.read_for = 1, [STREAMS[3]], {STREAMS[3]: 5}
+    again = Daemon(server, "one:0", rates=fps.__getitem__)  # back at once, nothing read yet
+    await c_rounds(server, [two, again], streams, 10)
+    assert STREAMS[2] in again.leases.held and len(again.leases.held) == 2
+
+
+async def c_rounds(server, daemons: list[Daemon], streams: list[str], n: int) -> None:
+    for _ in range(n):
+        for d in daemons:
+            await d.round(streams)
