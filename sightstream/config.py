@@ -46,10 +46,7 @@ def check_redis_url(url: str) -> str:
     try:
         parse_url(url)
     except ValueError as e:
-        if "could not be cast" in str(e):  # it quotes the "port": often the end of a password
-            raise ValueError("cannot be read: its port is not a number (a password holding # ? / or @ "
-                             "must be percent-encoded: %23 %3F %2F %40)") from None
-        raise ValueError(f"cannot be read: {e}") from None
+        raise ValueError(f"cannot be read: {keys.url_error(e)}") from None
     return url
 VIDEO_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "file://")
 

@@ -56,6 +56,15 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=mask_query_secrets(parts.query)))
 
 
+def url_error(error: ValueError) -> str:
+    """urllib's or redis-py's reason a URL cannot be read, safe to show: one whose port is not a
+    number quotes the "port", often the end of a password holding an unencoded delimiter."""
+    if "could not be cast" in str(error):
+        return ("its port is not a number (a password holding # ? / or @ must be percent-encoded: "
+                "%23 %3F %2F %40)")
+    return str(error)
+
+
 # Query parameters that carry a secret, by name: a password (cameras take ?user=…&password=…),
 # a token, a key or a signature (signed URLs: S3's X-Amz-Signature and X-Amz-Security-Token,
 # Azure's sig, CloudFront's Signature, Akamai's hdnts and hdnea), or an auth value.

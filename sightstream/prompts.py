@@ -29,18 +29,27 @@ from sightstream.errors import SightstreamError
 
 _log = log.get(__name__)
 
+
+def _seed(configured: str) -> str:
+    """Lua writing version 1, the configured text (`configured`: the Lua expression for it),
+    where the pipeline has no prompt in Redis yet; `current` is its version after."""
+    return f"""
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+local seeded = not current
+if seeded then
+  current = 1
+  redis.call('RPUSH', KEYS[2], cjson.encode({{version = 1, text = {configured}, set_by = 'config'}}))
+  redis.call('HSET', KEYS[1], 'version', 1, 'text', {configured}, 'updated_at', '', 'set_by', 'config',
+             'configured', {configured})
+end
+"""
+
+
 # KEYS: current hash, history list. ARGV: mode (set | rollback), text or version, expected
 # version ('' for any), updated_at, set_by, configured text, channel, pipeline.
 # Returns {status, version, record}: ok (the new version and its JSON record), or conflict or
 # unknown (the current version).
-CHANGE = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
-if not current then
-  current = 1
-  redis.call('RPUSH', KEYS[2], cjson.encode({version = 1, text = ARGV[6], set_by = 'config'}))
-  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[6], 'updated_at', '', 'set_by', 'config',
-             'configured', ARGV[6])
-end
+CHANGE = _seed("ARGV[6]") + """
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   return {'conflict', current, ''}
 end
@@ -73,12 +82,8 @@ return {'ok', version, encoded}
 # once the prompt had been changed, so its current prompt may be one set over HTTP since, newer
 # than the config's. Neither does a config whose text is the current one make a version.
 # Returns {seeded | same | changed, the current version}.
-APPLY_CONFIG = """
-local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
-if not current then
-  redis.call('RPUSH', KEYS[2], cjson.encode({version = 1, text = ARGV[1], set_by = 'config'}))
-  redis.call('HSET', KEYS[1], 'version', 1, 'text', ARGV[1], 'updated_at', '', 'set_by', 'config',
-             'configured', ARGV[1])
+APPLY_CONFIG = _seed("ARGV[1]") + """
+if seeded then
   return {'seeded', 1}
 end
 local configured = redis.call('HGET', KEYS[1], 'configured')

@@ -68,10 +68,7 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False, on_disk
         parts = urlsplit(url)
         port = parts.port  # checked here: out of range, it would fail the job later, when read
     except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535"
-        if "could not be cast" in str(e):  # its message quotes the "port": often a password's end
-            raise SourceRefused("the source URL's port is not a number; a password holding # ? / or @ "
-                                "must be percent-encoded (%23 %3F %2F %40)") from None
-        raise SourceRefused(f"the source URL cannot be read: {e}") from None
+        raise SourceRefused(f"the source URL cannot be read: {keys.url_error(e)}") from None
     if port == 0:
         raise SourceRefused("the source URL's port is 0")
     if scheme == "file":
