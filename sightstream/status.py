@@ -26,9 +26,11 @@ def gather(base: str, token: str) -> dict[str, Any]:
         # by source: a chained pipeline's stream is its upstream's results of the source
         names = [s.get("source", s["stream"]) for s in listed] if listed is not None else []
         pending = {s.get("source", s["stream"]): s["pending"] for s in listed or ()}
+        readers = {s.get("source", s["stream"]): s.get("reader") for s in listed or ()}
         names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
         for name in names:
             sources.append({"pipeline": p["name"], "source": name, "pending": pending.get(name),
+                            "reader": readers.get(name),
                             **{k: v for k, v in cached.get((p["name"], name), {}).items()
                                if k not in ("pipeline", "source")}})
     figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources}
@@ -60,11 +62,16 @@ def report(base: str, figures: dict[str, Any]) -> str:
                      str(sum(p["counts"]["dead_lettered"].values())),
                      f"{_ms(lat['p50_ms'])}/{_ms(lat['p99_ms'])}"])
     lines += ["", *_table(rows)]
-    rows = [["SOURCE", "PIPELINE", "RESULTS", "PENDING", "DEAD", "LATENCY", "LATEST"]]
+    # READ BY only where a pipeline has one reader per source (tracking): the others' sources
+    # are read by every daemon of the group
+    read_by = any(s.get("reader") for s in figures["sources"])
+    rows = [["SOURCE", "PIPELINE", *(["READ BY"] if read_by else []), "RESULTS", "PENDING", "DEAD",
+             "LATENCY", "LATEST"]]
     for s in figures["sources"]:
         latency = "-" if s.get("latency_ms") is None else f"{s['latency_ms']} ms"
-        rows.append([s["source"], s["pipeline"], _or_dash(s.get("seq")), _or_dash(s.get("pending")),
-                     _or_dash(s.get("dead_lettered")), latency, s.get("summary", "")])
+        rows.append([s["source"], s["pipeline"], *([_or_dash(s.get("reader"))] if read_by else []),
+                     _or_dash(s.get("seq")), _or_dash(s.get("pending")), _or_dash(s.get("dead_lettered")),
+                     latency, s.get("summary", "")])
     lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no sources yet"]
     if figures.get("jobs_error"):
         lines += ["", f"jobs unknown: {figures['jobs_error']}"]

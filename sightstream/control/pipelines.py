@@ -19,7 +19,7 @@ from sightstream.control.api import Api, ApiError, Resp
 from sightstream.control.openapi import error
 from sightstream.control.state import DAEMON, reply
 from sightstream.daemon.backlog import group_backlog
-from sightstream.daemon.daemon import Daemon
+from sightstream.daemon.daemon import Daemon, PipelineRun
 from sightstream.jobs.runner import input_spec
 from sightstream.jobs.store import Job
 
@@ -38,6 +38,10 @@ class Source(BaseModel):
     pending: int = Field(description="read by a daemon of the group, not yet acknowledged")
     lag: int | None = Field(description="entries not yet read by the group (null on Redis 6.2)")
     last_delivered_id: str
+    reader: str | None = Field(None, description="a pipeline whose model keeps state per source (tracking) "
+                               "has one daemon per source: its consumer name, or null while none holds it "
+                               "(another takes it within the lease, 10 s); null for other pipelines, "
+                               "whose sources every daemon of the group reads")
 
 
 class Counts(BaseModel):
@@ -119,7 +123,7 @@ async def get_pipeline(request: web.Request) -> web.Response:
 
 async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
     run = d.runs.get(p.name)
-    found, redis_error = await _sources(d, p, list(run.ingest.found) if run else [])
+    found, redis_error = await _sources(d, p, run)
     if run is None and redis_error is None:
         redis_error = "not read yet: the daemon is waiting for Redis"
     fps_in, fps_out = d.rates.fps(p.name)
@@ -205,16 +209,26 @@ async def _asked(call: Awaitable[T]) -> tuple[T | None, str | None]:
 
 
 async def _sources(
-    d: Daemon, p: PipelineSettings, streams: list[str]
+    d: Daemon, p: PipelineSettings, run: PipelineRun | None
 ) -> tuple[list[Source] | None, str | None]:
-    """Each source's backlog, or None and why: Redis cannot be asked."""
+    """Each source's backlog (and reader, where one daemon reads it), or None and why: Redis
+    cannot be asked."""
+    streams = list(run.ingest.found) if run else []
     backlog, why = await _asked(group_backlog(d.client, p.name, streams))
     if backlog is None:
         return None, why
+    leases = run.ingest.leases if run else None
+    readers: list[str | None] = [None] * len(backlog)
+    if leases is not None:
+        owners, why = await _asked(leases.owners([b.stream for b in backlog]))
+        if owners is None:
+            return None, why
+        readers = owners
     upstream = next((q for q in d.settings.pipelines if q.name == p.prompt_from), None)
 
     def source(stream: str) -> str:  # a chained pipeline reads its upstream's results of a source
         return (keys.source_of(upstream.output, upstream.name, stream) if upstream else None) or stream
 
     return [Source(stream=b.stream, source=source(b.stream), pending=b.pending, lag=b.lag,
-                   last_delivered_id=b.last_delivered_id) for b in backlog], None
+                   last_delivered_id=b.last_delivered_id, reader=reader)
+            for b, reader in zip(backlog, readers)], None

@@ -105,7 +105,7 @@ class SourceLeases:
         handing = self.handing[0] if self.handing else None
         others = [s for s in found if s not in self.held and s != handing]
         taken, free = [], set()
-        for stream, owner in zip(others, await self._owners(others)):
+        for stream, owner in zip(others, await self.owners(others)):
             if owner is None:
                 free.add(stream)
             # Handed to us, or ours from before a restart (kept whatever the share), or free:
@@ -219,7 +219,7 @@ class SourceLeases:
                 members.append(Member.read(name[len(prefix):], value.decode(), left_ms))
         return members
 
-    async def _owners(self, streams: list[str]) -> list[str | None]:
+    async def owners(self, streams: list[str]) -> list[str | None]:
         """Who holds each stream's lease, in one round trip (a pipeline: on a cluster, the
         keys are in several slots, which one MGET cannot read)."""
         if not streams:

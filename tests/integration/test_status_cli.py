@@ -69,3 +69,28 @@ def test_status_does_not_wait_on_redis_again_once_it_is_known_down(monkeypatch):
     figures = status.gather("http://x", "")
     assert asked == ["/health", "/pipelines", "/sources"]
     assert figures["jobs_error"] == down and [s["source"] for s in figures["sources"]] == ["frames:{a}"]
+
+
+def test_status_names_the_daemon_reading_each_tracked_source():
+    """A tracking pipeline has one reader per source: status says which daemon, and adds no
+    column where no pipeline has one."""
+    from sightstream import status
+
+    pipeline = {"name": "tracks", "model": "tiny/track", "prompt_version": 1, "fps_in": 0.0, "fps_out": 0.0,
+                "pending": 0, "lag": 0, "counts": {"dead_lettered": {}},
+                "latency": {"p50_ms": None, "p99_ms": None}}
+    sources = [{"pipeline": "tracks", "source": "frames:{a}", "pending": 0, "reader": "gpu-host-2:0"},
+               {"pipeline": "tracks", "source": "frames:{b}", "pending": 0, "reader": None}]
+    figures = {"health": {"consumer": "gpu-host-1:0", "devices": ["cpu"], "redis": {"ok": True}},
+               "pipelines": [pipeline], "sources": sources, "jobs": []}
+    lines = status.report("http://x", figures).splitlines()
+    header = next(line for line in lines if line.startswith("SOURCE"))
+    assert header.split()[:4] == ["SOURCE", "PIPELINE", "READ", "BY"]
+    assert next(line for line in lines if line.startswith("frames:{a}")).split()[:3] == [
+        "frames:{a}", "tracks", "gpu-host-2:0"]
+    assert next(line for line in lines if line.startswith("frames:{b}")).split()[:3] == [
+        "frames:{b}", "tracks", "-"]
+    for s in sources:
+        s["reader"] = None
+    header = next(line for line in status.report("http://x", figures).splitlines() if line.startswith("SOURCE"))
+    assert "READ BY" not in header

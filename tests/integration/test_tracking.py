@@ -81,6 +81,9 @@ async def test_daemons_share_the_sources_and_take_over_a_stopped_ones(redis_url,
                 await client.close()
             assert sorted(src["stream"] for src in described["sources"]) == streams
             assert described["pending"] == 0
+            # and which daemon reads each source
+            assert {src["stream"]: src["reader"] for src in described["sources"]} == {
+                s: owner.decode() for s, owner in owners.items()}
         # "two" stopped and gave its source back: "one" takes it and tracks it afresh
         await wait_for(lambda: len(one.runs["tracks"].ingest.streams) == 2, 30, "one takes both")
         for s in streams:
