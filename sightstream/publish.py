@@ -69,17 +69,21 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
             raise SourceError(f"reading {shown} failed: {reason(e)}") from None
 
 
-def video_frames(source: str, fps: float | None, timeout_s: float) -> Iterator[tuple[np.ndarray, float]]:
-    """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0)."""
+def video_frames(source: str, fps: float | None, timeout_s: float,
+                 after_t: float | None = None) -> Iterator[tuple[np.ndarray, float]]:
+    """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0).
+    `after_t`: resume a video with a known length after that time (a live one, whose times
+    may start again at 0 when reopened, resumes where it is now)."""
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
             raise SourceError(f"{keys.public_url(source)} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        next_t = 0.0
+        resume = after_t is not None and container.duration is not None
+        next_t = (after_t + (1 / fps if fps else 1e-3)) if resume and after_t is not None else 0.0
         for frame in container.decode(stream):
             t = float(frame.time or 0.0)
-            if fps and t + 1e-6 < next_t:
+            if (fps or resume) and t + 1e-6 < next_t:
                 continue
             next_t = t + 1 / fps if fps else t
             yield upright_rgb(frame), t
@@ -147,8 +151,11 @@ def publish(
     def say(line: str) -> None:
         (bar.write if bar is not None else print)(f"sightstream: {line}", file=sys.stderr)
 
+    waited = False  # an outage was waited out since the video was opened
+
     def send(fields: dict[Any, Any]) -> float:
         """XADD, waiting out a Redis outage once Redis has answered; returns the seconds waited."""
+        nonlocal waited
         down_since, backoff_s = 0.0, 0.0
         while True:
             fields["ts"] = str(time.time_ns() // 1_000_000)  # a live camera's capture time: when sent
@@ -168,17 +175,33 @@ def publish(
             if not down_since:
                 return 0.0
             say("Redis is back; publishing again")
+            waited = True
             return time.monotonic() - down_since
+
+    def read(after_t: float | None) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+        """The source's frames, each with its origin; a URL that fails after an outage was
+        waited out (a camera or server that gave up on a reader paused that long) is opened
+        again, once per outage, resuming after the last frame sent."""
+        nonlocal waited
+        if is_folder:
+            yield from ((rgb, {"file": name}) for rgb, name in folder_frames(folder, say))
+            return
+        while True:
+            waited = False
+            try:
+                for rgb, t in video_frames(source, fps or None, timeout_s, after_t):
+                    after_t = t
+                    yield rgb, {"t": round(t, 3)}
+                return
+            except SourceError as e:
+                if not waited or "://" not in source:
+                    raise
+                say(f"{e} while Redis was away; opening it again")
 
     try:
         while True:
             before = sent
-            frames = (
-                ((rgb, {"file": name}) for rgb, name in folder_frames(folder, say))
-                if is_folder
-                else ((rgb, {"t": round(t, 3)}) for rgb, t in video_frames(source, fps or None, timeout_s))
-            )
-            for rgb, origin in frames:
+            for rgb, origin in read(None):
                 if rate:
                     wait = started + sent / rate - time.monotonic()
                     if wait > 0:
