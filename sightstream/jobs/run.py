@@ -34,7 +34,7 @@ from sightstream import log
 from sightstream.config import DecodeSettings, JobSettings
 from sightstream.errors import FrameError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, deadletter_fields, entry_ms, now_ms
-from sightstream.jobs.sources import Source
+from sightstream.jobs.sources import Source, allowed_roots
 from sightstream.jobs.store import Job, JobStore, now_iso
 from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
@@ -306,7 +306,11 @@ class JobRun:
         options = ReaderOptions(
             fps=self.job.spec.fps, open_timeout_s=self._s.open_timeout_s,
             read_timeout_s=self._s.read_timeout_s, stall_s=self._s.stall_s,
-            max_pixels=self._decode.max_pixels, thumbnail_side=THUMBNAIL_SIDE if self._views else 0)
+            max_pixels=self._decode.max_pixels, thumbnail_side=THUMBNAIL_SIDE if self._views else 0,
+            # an API job's file stays under allowed_paths, each time it is opened (a pipeline's
+            # own inputs are the operator's)
+            confine_to=allowed_roots(self._s) if self._source.url.lower().startswith("file://")
+            and not self.job.spec.pipeline else ())
         # A pipeline's camera that is down is retried until it is back; a file on this disk
         # says the same each time: one that is not a video fails, as a job's does.
         if self.job.spec.pipeline and not self.job.spec.source.lower().startswith("file://"):

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 from sightstream import keys
 from sightstream.config import JobSettings
 from sightstream.errors import SightstreamError
+from sightstream.stages.confined_files import within
 
 SCHEMES = ("http", "https", "rtsp", "rtsps", "file", "redis")
 # redis://127.0.0.1:6379/frames:{cam1}: a server and a key, where a stream key alone belongs
@@ -39,6 +40,11 @@ class Source:
         """It never ends by itself: a stream of frames, a camera (RTSP). A live HLS playlist
         is one too, but that is known only once it is opened."""
         return self.is_stream or self.url.lower().startswith(("rtsp://", "rtsps://"))
+
+
+def allowed_roots(settings: JobSettings) -> tuple[str, ...]:
+    """`jobs.allowed_paths`, resolved."""
+    return tuple(os.path.realpath(p) for p in settings.allowed_paths)
 
 
 def check_source(url: str, settings: JobSettings, trusted: bool = False, on_disk: bool = True) -> Source:
@@ -73,8 +79,8 @@ def check_source(url: str, settings: JobSettings, trusted: bool = False, on_disk
         raise SourceRefused("the source URL's port is 0")
     if scheme == "file":
         path = os.path.realpath(unquote(parts.path))
-        roots = [os.path.realpath(p) for p in settings.allowed_paths]
-        if not trusted and not any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        roots = allowed_roots(settings)
+        if not trusted and not within(path, roots):
             raise SourceRefused("file:// sources must be under jobs.allowed_paths"
                                 + ("" if roots else " (none are allowed: set it in the config)"))
         if on_disk and not os.path.isfile(path):

@@ -35,6 +35,7 @@ import numpy as np
 
 from sightstream import keys, log
 from sightstream.errors import SightstreamError
+from sightstream.stages.confined_files import ConfinedFiles, OutsideAllowedPaths
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.upright import upright_rgb
 from sightstream.stages.video_failures import index_at_end_hint, reason, unresolved
@@ -87,6 +88,9 @@ class ReaderOptions:
     # > 0: each frame also comes as a copy at most this many pixels on its longer side (a live
     # page's tile: kept per source, where a 4K frame would be 25 MB), made in the reader's thread
     thumbnail_side: int = 0
+    # An API job's file: every file FFmpeg opens for it must be under these folders (resolved),
+    # checked on the file opened (stages/confined_files.py). Empty: not confined.
+    confine_to: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,8 @@ class _Reader:
                         raise VideoSourceError(
                             f"the video source {self.name} cannot be read (damaged?): {why} "
                             f"({refused} attempts){index_at_end_hint(self.url)}") from None
+                except OutsideAllowedPaths as e:  # the file, or one a playlist names; no retry mends it
+                    raise VideoSourceError(f"the video source {self.name} cannot be read: {e}") from None
                 if why is None or why == "stop" or self.stop.is_set():
                     return
                 self._failed(why)
@@ -278,12 +284,21 @@ class _Reader:
 
     def _attempt(self) -> str | None:
         """One open and read. None: the source ended (or stop); else why it must be reopened."""
+        files = ConfinedFiles(self.o.confine_to) if self.o.confine_to else None
+        try:
+            return self._open_and_read(files)
+        finally:
+            if files is not None:
+                files.close()
+
+    def _open_and_read(self, files: ConfinedFiles | None) -> str | None:
         self.guard.arm(watching=False)
         started = time.perf_counter()
         try:
             container = av.open(
                 self.url, container_options=container_options(self.url, self.o),
                 timeout=(self.o.open_timeout_s, self.o.read_timeout_s),
+                io_open=files,
             )
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
             failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True)

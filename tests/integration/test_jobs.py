@@ -150,6 +150,23 @@ async def test_a_file_job_and_every_refused_source(redis_url, tmp_path, videos):
         assert r.status == 404
 
 
+async def test_a_file_job_reads_nothing_outside_allowed_paths_whatever_it_leads_to(redis_url, tmp_path, videos):
+    """Accepted under allowed_paths, a job's file is opened again by FFmpeg: a playlist there
+    may name segments anywhere on the disk (and a link swapped in before a reopen is followed).
+    The job fails saying so, and no result is of the file outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    hls.make_clip(outside / "secret.mp4", seconds=1, fps=10)
+    playlist = videos / "vod" / "escape.m3u8"
+    playlist.write_text((videos / "vod" / "index.m3u8").read_text().replace(
+        "index0.ts", str(outside / "secret.mp4")))
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        job_id = await submit(client, source=f"file://{playlist}", fps=5)
+        job = await until_status(client, job_id, "completed", "failed")
+        assert job["status"] == "failed" and "secret.mp4 leads outside jobs.allowed_paths" in job["error"], job
+        assert job["counts"]["processed"] == 0
+
+
 async def test_a_damaged_mp4_fails_its_job_and_is_not_taken_for_a_live_stream(redis_url, tmp_path, videos):
     """No duration in its index, as a live stream has none; but an MP4 or a file is never live:
     it fails after its tries, saying why, not after give_up_s as a live stream that stopped."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +243,43 @@ async def test_a_local_file_cut_short_fails_at_once_after_its_frames(tmp_path):
             frames.append(frame)
     assert 5 < len(frames) < 40 and increasing(frames)  # what it holds was read,
     assert source.stats.decoded == len(frames)  # once
+
+
+def confined_vod(tmp_path) -> tuple[Path, Path]:
+    """An allowed folder holding an HLS VOD, and a folder outside it holding a clip."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    playlist = make_hls_vod(allowed / "vod", 2, RATE)
+    outside.mkdir()
+    make_clip(outside / "secret.mp4", 1, RATE)
+    return playlist, outside
+
+
+async def test_a_confined_source_reads_what_is_under_its_folders(tmp_path):
+    playlist, _ = confined_vod(tmp_path)
+    roots = (str(tmp_path / "allowed"),)
+    frames = await read(VideoSource(str(playlist), ReaderOptions(fps=5, confine_to=roots)))
+    assert len(frames) == 10 and increasing(frames)  # the playlist and each of its segments
+    clip = make_clip(tmp_path / "allowed" / "clip.mp4", 1, RATE)
+    assert len(await read(VideoSource(str(clip), ReaderOptions(fps=5, confine_to=roots)))) == 5
+
+
+async def test_a_confined_source_never_leads_outside_its_folders(tmp_path):
+    """An API job's file is checked when the job is accepted; FFmpeg then opens it again on
+    each reopen (a link swapped in since would be followed) and opens what a playlist names
+    (anywhere on the disk). Each of those opens is checked, on the file opened."""
+    playlist, outside = confined_vod(tmp_path)
+    allowed = tmp_path / "allowed"
+    options = ReaderOptions(fps=5, confine_to=(str(allowed),))
+    link = allowed / "swapped.mp4"
+    link.symlink_to(outside / "secret.mp4")
+    with pytest.raises(VideoSourceError, match=r"swapped.mp4 leads outside jobs.allowed_paths \(to .*secret"):
+        await read(VideoSource(str(link), options))
+    escape = allowed / "vod" / "escape.m3u8"
+    escape.write_text(playlist.read_text().replace("index0.ts", "../../outside/secret.mp4"))
+    with pytest.raises(VideoSourceError, match="secret.mp4 leads outside jobs.allowed_paths"):
+        await read(VideoSource(str(escape), options))
+    assert len(await read(VideoSource(str(escape), ReaderOptions(fps=5)))) > 0  # unconfined: read
+    fifo = allowed / "fifo.mp4"
+    os.mkfifo(fifo)  # put in a file's place, it would block the open for ever
+    with pytest.raises(VideoSourceError, match="fifo.mp4 is not a file"):
+        await read(VideoSource(str(fifo), options))
