@@ -70,6 +70,9 @@ class ControlSettings(_Strict):
     predict_batch_size: int = Field(8, ge=1, le=1024, description="/predict images per model call")
     predict_batch_timeout_ms: float = Field(10, ge=0, description="/predict: wait this long to fill a batch")
     predict_max_images: int = Field(256, ge=1, description="images in one /predict request (tar, multipart)")
+    predict_max_pixels: int = Field(
+        200_000_000, gt=0, description="decoded pixels all /predict requests hold at once (3 bytes each): "
+        "an upload waits its turn past it (a 6300x6300 PNG of 115 KB is 40 million)")
     page_sources: int = Field(64, ge=0, description="sources the live page (GET /) keeps a latest frame of")
 
     @property

@@ -7,7 +7,8 @@ from aiohttp import web
 
 from sightstream.control import health, jobs, models, openapi, page, pipelines, predict, prompts
 from sightstream.control.errors import body_limits, json_errors, quiet_bad_http, require_token
-from sightstream.control.state import DAEMON, OPENAPI
+from sightstream.control.pixel_budget import PixelBudget
+from sightstream.control.state import DAEMON, OPENAPI, PIXELS
 from sightstream.daemon.daemon import Daemon
 
 APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.api, page.api, openapi.api]
@@ -23,6 +24,7 @@ def make_app(daemon: Daemon) -> web.Application:
         client_max_size=max_bytes,
     )
     app[DAEMON] = daemon
+    app[PIXELS] = PixelBudget(control.predict_max_pixels)
     entries = list(daemon.catalogue)
     app[OPENAPI] = openapi.document(APIS, token=control.auth, path_values={
         "name": [p.name for p in daemon.settings.pipelines],

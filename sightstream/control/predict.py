@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sightstream.control.api import Api, ApiError, Resp, read_query
 from sightstream.control.models import MODEL_ERRORS, model_error, model_id
 from sightstream.control.openapi import error
-from sightstream.control.state import DAEMON
+from sightstream.control.state import DAEMON, PIXELS
 from sightstream.daemon.daemon import Daemon
 from sightstream.errors import FrameError, ModelError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, now_ms
@@ -43,7 +43,7 @@ from sightstream.models.adapters import adapter_class, check_prompt
 from sightstream.models.catalogue import Entry
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import ShuttingDown
-from sightstream.stages.decoder import decode_image
+from sightstream.stages.decoder import decode_image, image_pixels
 from sightstream.stages.worker import InferenceTimeout
 
 api = Api("predict")
@@ -145,12 +145,22 @@ async def predict(request: web.Request) -> web.StreamResponse:
         uploads, batch = await _uploads(request, d)
         outcomes: dict[int, Outcome] = {}
         errors: dict[int, ApiError] = {}
-        # A chunk at a time: a batch of large images is never all decoded at once.
+        # A chunk at a time: a batch of large images is never all decoded at once, and all
+        # requests together hold at most control.predict_max_pixels (control/pixel_budget.py).
         chunk = d.settings.control.predict_batch_size
+        loop = asyncio.get_running_loop()
         for start in range(0, len(uploads), chunk):
-            frames, failed = await _decode(d, mid, uploads[start:start + chunk], start)
-            errors |= failed
-            outcomes |= await _infer(d, entry, frames, prompt)
+            part = uploads[start:start + chunk]
+            pixels = await asyncio.gather(*(loop.run_in_executor(d.decode_pool, image_pixels, u.data)
+                                            for u in part))
+            async with request.app[PIXELS].hold(sum(pixels)):
+                frames, failed = await _decode(d, mid, part, start)
+                errors |= failed
+                done = await _infer(d, entry, frames, prompt)
+                for outcome in done.values():  # the answer needs the fields only: free the pixels now
+                    outcome.frame.image = None
+                outcomes |= done
+                del frames
         for i, outcome in outcomes.items():
             if isinstance(outcome, DeadLettered):
                 errors[i] = ApiError(422, outcome.error, "model_error")

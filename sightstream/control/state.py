@@ -6,10 +6,12 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel
 
+from sightstream.control.pixel_budget import PixelBudget
 from sightstream.daemon.daemon import Daemon
 
 DAEMON = web.AppKey("daemon", Daemon)
 OPENAPI = web.AppKey("openapi", dict)
+PIXELS = web.AppKey("predict_pixels", PixelBudget)
 
 
 def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

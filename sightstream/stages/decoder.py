@@ -79,6 +79,16 @@ def decode_image(
     return array, (width, height)
 
 
+def image_pixels(data: bytes) -> int:
+    """Width x height from the image's header (no pixel decoded); 0 when it cannot be read
+    (decoding it then says why)."""
+    try:
+        width, height = Image.open(io.BytesIO(data), formats=[sniff(data)]).size
+    except Exception:  # Pillow raises many types for corrupt data
+        return 0
+    return width * height
+
+
 def rgb_array(im: Image.Image) -> np.ndarray:
     """An opened image's pixels as HxWx3 uint8 RGB. A 16-bit grey PNG (mode I;16) keeps its
     picture: Pillow's convert("RGB") clips its samples at 255, which whitens the frame."""

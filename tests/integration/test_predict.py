@@ -20,6 +20,7 @@ from sightstream.frames import Frame
 from sightstream.models.masks import rle_decode
 from tests import tiny_hf
 from tests.conftest import encode
+from tests.fake_adapters import Scripted
 from tests.integration.helpers import client_for, serving, settings_for
 from tests.tiny_models import red_segmenter
 
@@ -268,6 +269,37 @@ async def test_a_predicted_image_is_freed_with_its_answer(redis_url, tmp_path, g
         finally:
             gc.enable()
     assert alive == [], "a Frame outlived its answer"
+
+
+@pytest.mark.parametrize("budget_images", [2, 0.01])
+async def test_predict_requests_together_hold_no_more_decoded_pixels_than_their_budget(
+        redis_url, tmp_path, gradient, monkeypatch, budget_images):
+    """A small upload can decode to a lot (a 115 KB PNG to 119 MB): a request freed its
+    images only with its answer, and requests side by side added up (two tars of 40 such PNGs
+    held 9.5 GB). Each chunk's pixels are reserved before decoding and freed once answered; a
+    chunk over the whole budget (0.01 images) runs alone."""
+    held: list[int] = []
+    infer = Scripted.infer
+
+    def observed(self, images, prompt=None):
+        held.append(sum(o.image.shape[0] * o.image.shape[1] for o in gc.get_objects()
+                        if type(o) is Frame and o.image is not None and id(o) not in before))
+        return infer(self, images, prompt)
+
+    monkeypatch.setattr(Scripted, "infer", observed)
+    one = gradient.shape[0] * gradient.shape[1]
+    settings = predict_settings(redis_url, tmp_path, control={
+        "port": 0, "predict_batch_size": 2, "predict_max_pixels": int(budget_images * one),
+        "predict_batch_timeout_ms": 50})
+    images = tar_of([(f"{i}.png", encode(gradient, "PNG")) for i in range(6)])
+    async with serving(settings) as (d, client):
+        before = {id(o) for o in gc.get_objects() if type(o) is Frame}  # other tests' leftovers
+        replies = await asyncio.gather(*(client.post("/predict/fake/slow", data=images,
+                                                     headers={"Content-Type": "application/x-tar"})
+                                         for _ in range(3)))
+        assert [r.status for r in replies] == [200] * 3
+        assert [len((await r.json())["results"]) for r in replies] == [6] * 3
+    assert len(held) >= 9 and max(held) <= 2 * one, held
 
 
 async def test_before_the_daemon_has_started_predict_is_503(redis_url, tmp_path, gradient):
