@@ -9,7 +9,6 @@ restarted), and STOPPING=1 when it drains."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ from aiohttp import web
 from sightstream import log
 from sightstream.config import Settings
 from sightstream.control.app import make_app
+from sightstream.control.browser_guard import is_loopback
 from sightstream.daemon.daemon import Daemon
 from sightstream.errors import SightstreamError
 
@@ -118,13 +118,6 @@ def _detach_from_terminal() -> None:
     os.close(devnull)
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     """Run until signalled (or `stop` is set). Returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -164,7 +157,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         raise SightstreamError(f"cannot listen on {host}:{port} (control.host, control.port): "
                                f"{e.strerror or e}") from None
     _log.info("control_listening", host=host, port=port)
-    if not settings.control.auth and not _loopback(host):
+    if not settings.control.auth and not is_loopback(host):
         _log.warning("control_open_without_token", host=host, port=port,
                      why="anyone who reaches this address may set prompts, load models and start jobs "
                          "that fetch URLs: set control.token, or listen on 127.0.0.1")

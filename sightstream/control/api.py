@@ -112,7 +112,10 @@ class Api:
 
     def add_to(self, app: web.Application) -> None:
         for op in self.operations:
-            app.router.add_route(op.method, op.path, op.handler)
+            if op.method == "GET":  # with HEAD, as a load balancer's probe may ask
+                app.router.add_get(op.path, op.handler)
+            else:
+                app.router.add_route(op.method, op.path, op.handler)
 
 
 def describe(e: ValidationError, where: str = "") -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from sightstream.control import health, jobs, models, openapi, page, pipelines, predict, prompts
+from sightstream.control.browser_guard import browser_guard
 from sightstream.control.errors import body_limits, json_errors, quiet_bad_http, require_token
 from sightstream.control.pixel_budget import PixelBudget
 from sightstream.control.state import DAEMON, OPENAPI, PIXELS
@@ -19,7 +20,7 @@ def make_app(daemon: Daemon) -> web.Application:
     quiet_bad_http()
     max_bytes = control.max_upload_bytes
     app = web.Application(
-        middlewares=[json_errors, require_token(control, open_handlers={
+        middlewares=[json_errors, browser_guard(control), require_token(control, open_handlers={
             op.handler for api in APIS for op in api.operations if op.open}), body_limits(max_bytes)],
         client_max_size=max_bytes,
     )

@@ -105,9 +105,41 @@ async def test_a_token_guards_everything_but_the_probes_metrics_and_the_page(red
             assert (await client.get("/pipelines", headers={"Authorization": f"{scheme} s3cret"})).status == 200
         for wrong in ("Bearer S3CRET", "Basic s3cret", "s3cret", "Bearer", "Bearer  "):
             assert (await client.get("/pipelines", headers={"Authorization": wrong})).status == 401, wrong
+        # HEAD asks what GET does (a load balancer's probe): open where GET is (it was 401)
+        for path in ("/health/live", "/metrics", "/"):
+            assert (await client.head(path)).status == 200, path
+        assert (await client.head("/pipelines")).status == 401
+        # with a token, a page elsewhere cannot send it cross-site: no Origin or Host check
+        r = await client.post("/jobs", data=b"{}", headers={
+            "Authorization": "Bearer s3cret", "Origin": "http://tool.example", "Host": "sightstream.example"})
+        assert r.status == 422
     finally:
         await client.close()
         await daemon.stop()
+
+
+async def test_without_a_token_web_pages_can_neither_change_nor_read_the_daemon(redis_url, tmp_path):
+    """With no token, a page the operator has open could POST to 127.0.0.1 (a form, or JSON as
+    text/plain: it made a job of a URL of the page's choosing), and a page whose name is rebound
+    to 127.0.0.1 could read the answers. Programs of this host (no Origin) are served as before."""
+    async with serving(settings_for(redis_url, tmp_path)) as (d, client):
+        job = b'{"source": "http://169.254.169.254/latest/meta-data/", "model": "tiny/det"}'
+        r = await client.post("/jobs", data=job, headers={"Origin": "http://attacker.example",
+                                                          "Content-Type": "text/plain"})
+        assert r.status == 403 and "web page at http://attacker.example cannot change" in (
+            await r.json())["error"]["message"]
+        r = await client.post("/models/tiny/det/load", headers={"Origin": "null"})  # a sandboxed page
+        assert r.status == 403
+        r = await client.get("/pipelines", headers={"Host": f"attacker.example:{client.port}"})
+        assert r.status == 403 and "not a loopback name" in (await r.json())["error"]["message"]
+        assert (await client.post("/jobs", data=job, headers={"Host": "rebound.example"})).status == 403
+        # this host's programs, and the live page itself (its Origin is the host it asks)
+        for host in (f"localhost:{client.port}", f"127.0.0.1:{client.port}", f"[::1]:{client.port}"):
+            assert (await client.get("/pipelines", headers={"Host": host})).status == 200, host
+        assert (await client.post("/jobs", json={"model": "tiny/det"})).status == 422  # no Origin: to the API
+        same = f"http://127.0.0.1:{client.port}"
+        r = await client.post("/jobs", json={"model": "tiny/det"}, headers={"Origin": same})
+        assert r.status == 422
 
 
 async def test_model_routes(redis_url, tmp_path):
@@ -239,7 +271,7 @@ async def test_a_request_that_is_not_valid_http_is_a_400_and_one_log_line(redis_
     async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
         with capture_logs() as logged:
             reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
-            writer.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+            writer.write(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
             await writer.drain()
             answer = await asyncio.wait_for(reader.read(), 10)
             writer.close()
@@ -252,7 +284,7 @@ async def test_a_body_is_refused_from_its_headers_before_it_is_read(redis_url, t
     async with serving(settings_for(redis_url, tmp_path, control={"max_upload_mb": 1})) as (daemon, client):
         # a declared length over max_upload_mb: answered at once, nothing of the body sent
         reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
-        writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
+        writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n"
                      b"Content-Type: image/jpeg\r\n\r\n")
         await writer.drain()
         answer = b""
@@ -272,7 +304,7 @@ async def test_a_client_gone_mid_upload_and_a_long_body_that_is_not_gzip_log_no_
     async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
         with capture_logs() as logged:
             _, writer = await asyncio.open_connection("127.0.0.1", client.port)
-            writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n"
+            writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000000\r\n"
                          b"Content-Type: image/jpeg\r\n\r\n\xff\xd8" + b"x" * 100_000)
             await writer.drain()
             await asyncio.sleep(0.2)
