@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sightstream import log
 from sightstream.config import Settings
-from sightstream.control.app import make_app
+from sightstream.control.app import SERVER_OPTIONS, make_app
 from sightstream.control.browser_guard import is_loopback
 from sightstream.daemon.daemon import Daemon
 from sightstream.errors import SightstreamError
@@ -142,7 +142,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(sig, on_signal, sig)
 
     daemon = Daemon(settings)
-    runner = web.AppRunner(make_app(daemon), access_log=None)
+    runner = web.AppRunner(make_app(daemon), access_log=None, **SERVER_OPTIONS)
     await runner.setup()
     host, port = settings.control.host, settings.control.port
     site = web.TCPSite(runner, host, port)

@@ -3,6 +3,8 @@ own `Api`; they are added here, and `/openapi.json` is assembled from the same r
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from sightstream.control import health, jobs, models, openapi, page, pipelines, predict, prompts
@@ -13,6 +15,13 @@ from sightstream.control.state import DAEMON, OPENAPI, PIXELS
 from sightstream.daemon.daemon import Daemon
 
 APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.api, page.api, openapi.api]
+
+
+# How aiohttp serves the app. keepalive_timeout: a connection must send a whole request's
+# headers within this many seconds of opening (and of its last answer): with aiohttp's default
+# (an hour) clients that sent a header line every few seconds held sockets for ever, before any
+# token was asked for, until the daemon ran out of file descriptors.
+SERVER_OPTIONS: dict[str, Any] = {"keepalive_timeout": 30.0}
 
 
 def make_app(daemon: Daemon) -> web.Application:

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.config import Settings
-from sightstream.control.app import make_app
+from sightstream.control.app import SERVER_OPTIONS, make_app
 from sightstream.daemon.daemon import Daemon
 from tests.conftest import wait_for  # noqa: F401 - the tests import it from here too
 from tests.fake_adapters import entry as fake_entry
@@ -47,7 +47,7 @@ class ServedAsInProduction(TestServer):
     server (aiohttp's default) lets it run on and reads fail. Tests see what users' daemons do."""
 
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        return web.AppRunner(self.app, **{**kwargs, "handler_cancellation": False})
+        return web.AppRunner(self.app, **{**kwargs, **SERVER_OPTIONS, "handler_cancellation": False})
 
 
 async def client_for(daemon: Daemon) -> TestClient:

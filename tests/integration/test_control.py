@@ -319,3 +319,25 @@ async def test_a_client_gone_mid_upload_and_a_long_body_that_is_not_gzip_log_no_
     assert "control_handler_failed" not in [e["event"] for e in logged]
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Unhandled exception" not in err
+
+
+async def test_a_client_that_never_ends_its_headers_is_let_go(redis_url, tmp_path, monkeypatch):
+    """A header line every few seconds held a socket for ever (aiohttp's default: an hour),
+    before any token was asked: a thousand such clients took the daemon's file descriptors."""
+    from sightstream.control import app
+
+    monkeypatch.setitem(app.SERVER_OPTIONS, "keepalive_timeout", 1.0)
+    async with serving(settings_for(redis_url, tmp_path, control={"token": "s3cret"})) as (d, client):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(b"POST /predict/tiny/det HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed = False
+        for _ in range(20):  # 5 s of a header line every 0.25 s
+            await asyncio.sleep(0.25)
+            if reader.at_eof():
+                closed = True
+                break
+            writer.write(b"X-Slow: 1\r\n")
+            await writer.drain()
+        writer.close()
+        assert closed, "still open after 5 s of headers"
+        assert (await client.get("/health/live")).status == 200  # others are served meanwhile

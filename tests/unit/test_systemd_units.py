@@ -42,6 +42,7 @@ def test_the_template_reads_a_per_instance_environment_file():
         assert "--config ${CREDENTIALS_DIRECTORY}/sightstream.toml" in text
         # a bad setting (exit 2) is not restarted every 2 s for ever; a crash (exit 1) is
         assert "Restart=on-failure" in text and "RestartPreventExitStatus=2" in text
+        assert "LimitNOFILE=65536" in text  # many clients' sockets: 1,024 is soon spent
 
 
 def test_an_instance_environment_file_sets_devices_and_port(monkeypatch):
