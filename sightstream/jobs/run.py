@@ -310,7 +310,8 @@ class JobRun:
             # an API job's file stays under allowed_paths, each time it is opened (a pipeline's
             # own inputs are the operator's)
             confine_to=allowed_roots(self._s) if self._source.url.lower().startswith("file://")
-            and not self.job.spec.pipeline else ())
+            and not self.job.spec.pipeline else (),
+            follow_redirects=not self._s.allowed_hosts or bool(self.job.spec.pipeline))
         # A pipeline's camera that is down is retried until it is back; a file on this disk
         # says the same each time: one that is not a video fails, as a job's does.
         if self.job.spec.pipeline and not self.job.spec.source.lower().startswith("file://"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import math
 import random
@@ -91,6 +92,9 @@ class ReaderOptions:
     # An API job's file: every file FFmpeg opens for it must be under these folders (resolved),
     # checked on the file opened (stages/confined_files.py). Empty: not confined.
     confine_to: tuple[str, ...] = ()
+    # False: an HTTP redirect fails the open (FFmpeg's max_redirects=0): an API job's URL checked
+    # against jobs.allowed_hosts must not lead to a host nobody checked.
+    follow_redirects: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,8 @@ def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
             # A playlist from the network may name only network segments: never the host's files.
             "protocol_whitelist": "http,https,tcp,tls,crypto",
         }
+        if not o.follow_redirects:
+            opts["max_redirects"] = "0"
         if o.headers:
             opts["headers"] = "".join(f"{k}: {v}\r\n" for k, v in o.headers.items())
     return opts
@@ -181,14 +187,21 @@ class _Keyframes:
 
 
 class _OpenFailed(Exception):
-    def __init__(self, error: BaseException, url: str, live: bool, was_live: bool) -> None:
+    def __init__(self, error: BaseException, url: str, live: bool, was_live: bool,
+                 redirects_refused: bool = False) -> None:
         # A host with no address: a typo more often than an outage, so retrying gives up soon;
         # but a live source (a camera whose name goes with it while it reboots) keeps trying.
         # A refusal (404, 403, …) is final too, but not from a source already read live: a
         # packager restarting answers 404 for a while.
         dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
-        super().__init__(dns or reason(error))
-        self.permanent = (dns is not None and not live) or (isinstance(error, _PERMANENT) and not was_live)
+        # FFmpeg tells a redirect it may not follow only as an I/O error
+        redirected = (redirects_refused and isinstance(error, OSError) and error.errno == errno.EIO
+                      and url.lower().startswith(("http://", "https://")))
+        super().__init__(dns or reason(error) + (
+            " (a redirect? jobs.allowed_hosts is set, so redirects are not followed: where they lead "
+            "is not checked; give the URL they lead to)" if redirected else ""))
+        self.permanent = (dns is not None and not live) or redirected or (
+            isinstance(error, _PERMANENT) and not was_live)
 
 
 class _Reader:
@@ -301,7 +314,8 @@ class _Reader:
                 io_open=files,
             )
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-            failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True)
+            failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True,
+                                 redirects_refused=not self.o.follow_redirects)
             if isinstance(e, av.error.InvalidDataError) and (
                     time.perf_counter() - started >= 0.9 * self.o.open_timeout_s):
                 # FFmpeg's RTSP says "Invalid data" when the wait for an answer is cut short

@@ -167,6 +167,30 @@ async def test_a_file_job_reads_nothing_outside_allowed_paths_whatever_it_leads_
         assert job["counts"]["processed"] == 0
 
 
+async def test_with_allowed_hosts_a_redirect_is_not_followed(redis_url, tmp_path, videos):
+    """allowed_hosts checks the URL given: a redirect from an allowed host to any other (the
+    host's loopback, a cloud's metadata address) was followed. With allowed_hosts set, a job's
+    redirect fails it, saying why; without, redirects are followed as before."""
+    from aiohttp import web
+
+    with hls.static_server(videos) as files:
+        app = web.Application()
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(files.url("clip.mp4"))  # to 127.0.0.1: not an allowed host
+
+        app.router.add_get("/clip.mp4", redirect)
+        with hls.ThreadServer(app) as server:
+            source = server.url("clip.mp4").replace("127.0.0.1", "localhost")
+            async with serving(job_settings(redis_url, tmp_path, videos, allowed_hosts=["localhost"])) as (d, client):
+                job = await until_status(client, await submit(client, source=source, fps=2), "completed", "failed")
+                assert job["status"] == "failed" and "redirects are not followed" in job["error"], job
+                assert job["counts"]["processed"] == 0
+            async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+                job = await until_status(client, await submit(client, source=source, fps=2), "completed", "failed")
+                assert job["status"] == "completed" and job["counts"]["processed"] == 6, job
+
+
 async def test_a_damaged_mp4_fails_its_job_and_is_not_taken_for_a_live_stream(redis_url, tmp_path, videos):
     """No duration in its index, as a live stream has none; but an MP4 or a file is never live:
     it fails after its tries, saying why, not after give_up_s as a live stream that stopped."""
