@@ -48,7 +48,7 @@ end
 # KEYS: current hash, history list. ARGV: mode (set | rollback), text or version, expected
 # version ('' for any), updated_at, set_by, configured text, channel, pipeline.
 # Returns {status, version, record}: ok (the new version and its JSON record), or conflict or
-# unknown (the current version).
+# unknown or lost (a version whose text went with Redis's data), with the current version.
 CHANGE = _seed("ARGV[6]") + """
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   return {'conflict', current, ''}
@@ -59,6 +59,9 @@ if ARGV[1] == 'rollback' then
   local old = redis.call('LINDEX', KEYS[2], tonumber(ARGV[2]) - 1)
   if not old then
     return {'unknown', current, ''}
+  end
+  if cjson.decode(old).lost then
+    return {'lost', current, ''}
   end
   text = cjson.decode(old).text
   record.rolled_back_from = tonumber(ARGV[2])
@@ -101,6 +104,30 @@ return {'changed', version}
 """
 
 
+# KEYS: current hash, history list. ARGV: version, text, updated_at, configured text.
+# A daemon's own copy of a prompt, written back where Redis lost it (a restart without
+# persistence): the version number goes on from where it was, so a (pipeline, version) pair
+# still names one text. The versions before it are in the history as lost (no text).
+# Returns {restored | kept, the current version}: kept when the prompt is there (another
+# daemon restored it first, or its config seeded it).
+RESTORE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if current then
+  return {'kept', current}
+end
+local version = tonumber(ARGV[1])
+redis.call('DEL', KEYS[2])
+for v = 1, version - 1 do
+  redis.call('RPUSH', KEYS[2], cjson.encode({version = v, text = '', lost = true}))
+end
+redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[2], updated_at = ARGV[3],
+                                           set_by = 'restored'}))
+redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[2], 'updated_at', ARGV[3],
+           'set_by', 'restored', 'configured', ARGV[4])
+return {'restored', version}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """What a model is told, and which version of the pipeline's prompt that is."""
@@ -116,11 +143,12 @@ class PromptVersion:
     updated_at: str | None = None  # ISO 8601, UTC; None: the configured prompt, never changed
     set_by: str = ""  # the token's name, "config" for version 1, "" when no name is known
     rolled_back_from: int | None = None
+    lost: bool = False  # its text went with Redis's data (RESTORE)
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> PromptVersion:
         return cls(str(data.get("text", "")), int(data["version"]), data.get("updated_at") or None,
-                   str(data.get("set_by", "")), data.get("rolled_back_from") or None)
+                   str(data.get("set_by", "")), data.get("rolled_back_from") or None, bool(data.get("lost")))
 
 
 class VersionConflict(SightstreamError):
@@ -130,8 +158,10 @@ class VersionConflict(SightstreamError):
 
 
 class UnknownVersion(SightstreamError):
-    def __init__(self, version: int, current: int) -> None:
-        super().__init__(f"there is no version {version}; versions run from 1 to {current}")
+    def __init__(self, version: int, current: int, lost: bool = False) -> None:
+        super().__init__(f"version {version}'s text was lost with Redis's data (a restart without "
+                         "persistence)" if lost else f"there is no version {version}; versions run from 1 "
+                         f"to {current}")
         self.current = current
 
 
@@ -147,6 +177,7 @@ class PromptStore:
         self.configured = configured
         self._change = client.register_script(CHANGE)
         self._apply = client.register_script(APPLY_CONFIG)
+        self._restore = client.register_script(RESTORE)
 
     async def apply_config(self, pipelines: list[str]) -> None:
         """Write each pipeline's configured prompt as version 1 if it has none yet, or as a new
@@ -164,12 +195,24 @@ class PromptStore:
         data = await self._client.hgetall(keys.prompt_current(pipeline))
         return self._current(pipeline, data)
 
-    async def get_many(self, pipelines: list[str]) -> dict[str, PromptVersion]:
+    async def get_many(self, pipelines: list[str]) -> dict[str, PromptVersion | None]:
+        """Each pipeline's current prompt; None where Redis has none (it lost its data)."""
         async with self._client.pipeline(transaction=False) as pipe:
             for name in pipelines:
                 pipe.hgetall(keys.prompt_current(name))
             replies = await pipe.execute()
-        return {name: self._current(name, data) for name, data in zip(pipelines, replies)}
+        return {name: self._current(name, data) if data else None for name, data in zip(pipelines, replies)}
+
+    async def restore(self, pipeline: str, prompt: Prompt) -> PromptVersion:
+        """Write `prompt` back where Redis has none; the prompt Redis holds after."""
+        status, version = await self._restore(
+            keys=[keys.prompt_current(pipeline), keys.prompt_history(pipeline)],
+            args=[prompt.version, prompt.text, _now(), self.configured.get(pipeline, "")])
+        if status == b"restored":
+            _log.warning("prompt_restored", pipeline=pipeline, version=int(version),
+                         why="Redis had lost it (a restart without persistence?): written back from "
+                             "this daemon's copy, the versions before it lost")
+        return await self.get(pipeline)
 
     def _current(self, pipeline: str, data: dict[Any, Any]) -> PromptVersion:
         if not data:
@@ -220,8 +263,8 @@ class PromptStore:
         )
         if status == b"conflict":
             raise VersionConflict(int(version))
-        if status == b"unknown":
-            raise UnknownVersion(int(value), int(version))
+        if status in (b"unknown", b"lost"):
+            raise UnknownVersion(int(value), int(version), lost=status == b"lost")
         # The version this call wrote (not a re-read: another change may already follow it).
         return PromptVersion.from_record(json.loads(record))
 
@@ -251,7 +294,13 @@ class PromptBook:
     async def refresh(self, pipelines: list[str] | None = None) -> None:
         found = await self._store.get_many(pipelines or self.pipelines)
         for name, p in found.items():
-            if self._current.get(name) != (new := Prompt(p.text, p.version)):
+            if p is None:  # Redis lost it: ours goes back, so its version keeps naming one text
+                p = await self._store.restore(name, self.current(name))
+            known = self._current.get(name)
+            if known is not None and p.version < known.version:  # another daemon seeded it first
+                _log.warning("prompt_version_went_back", pipeline=name, version=p.version, was=known.version,
+                             why="Redis lost the prompt and a daemon that started since wrote its config's")
+            if known != (new := Prompt(p.text, p.version)):
                 _log.info("prompt_changed", pipeline=name, version=p.version)
                 self._current[name] = new
         self.refreshes += 1

@@ -29,6 +29,8 @@ class PromptOut(BaseModel):
     set_by: str = Field("", description="the bearer token's name; config for version 1; empty for the "
                         "unnamed control.token, or no token")
     rolled_back_from: int | None = None
+    lost: bool = Field(False, description="its text was lost with Redis's data (a restart without "
+                       "persistence): a daemon wrote the current version back, keeping its number")
 
 
 class PromptHistory(BaseModel):
@@ -73,7 +75,7 @@ def _pipeline(request: web.Request) -> PipelineSettings:
 
 def _out(pipeline: str, p: PromptVersion) -> PromptOut:
     return PromptOut(pipeline=pipeline, text=p.text, version=p.version, updated_at=p.updated_at,
-                     set_by=p.set_by, rolled_back_from=p.rolled_back_from)
+                     set_by=p.set_by, rolled_back_from=p.rolled_back_from, lost=p.lost)
 
 
 def _answer(pipeline: str, p: PromptVersion) -> web.Response:
@@ -151,7 +153,7 @@ async def rollback(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     # as PUT checks a new text: a version set for another model (the config changed since)
     earlier = await d.prompts.version(p.name, body.version)
-    if earlier is not None:
+    if earlier is not None and not earlier.lost:  # a lost one's refusal comes from the store
         await _check_usable(d, p, earlier.text, f"version {body.version}'s prompt")
     try:
         changed = await d.prompts.rollback(

@@ -214,3 +214,30 @@ async def test_a_prompt_set_before_the_upgrade_is_kept_whatever_the_config_says(
     settings.pipelines[0].prompt = "fish"  # edited after the upgrade: a version of its own
     async with running(settings) as d:
         assert (d.prompt_book.current("people").text, d.prompt_book.current("people").version) == ("fish", 3)
+
+
+async def test_a_prompt_redis_lost_is_written_back_with_its_version(redis_url, sync_redis, tmp_path, gradient):
+    """A Redis restart without persistence took the prompts: the daemon went back to the
+    config's text as version 1, and the next change was version 2 again, so a version named
+    two texts in one results stream. The daemon's own copy is written back, its number kept."""
+    async with serving(prompt_settings(redis_url, tmp_path, prompt_poll_s=0.2)) as (d, client):
+        for text in ("dogs", "birds"):
+            assert (await client.put("/pipelines/people/prompt", json={"text": text})).status == 200
+        await wait_for(lambda: d.prompt_book.current("people").version == 3)
+        sync_redis.flushdb()  # what a restart without persistence leaves
+        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"3", 5,
+                       "the prompt written back")
+        body = await (await client.get("/pipelines/people/prompt")).json()
+        assert (body["text"], body["version"], body["set_by"]) == ("birds", 3, "restored")
+        history = (await (await client.get("/pipelines/people/prompt/history")).json())["versions"]
+        assert [(v["version"], v["text"], v["lost"]) for v in history] == [
+            (3, "birds", False), (2, "", True), (1, "", True)]
+        r = await client.post("/pipelines/people/prompt/rollback", json={"version": 2})
+        assert r.status == 422 and "version 2's text was lost with Redis's data" in (
+            await r.json())["error"]["message"]
+        r = await client.put("/pipelines/people/prompt", json={"text": "fish"})
+        assert (await r.json())["version"] == 4
+        await wait_for(lambda: d.prompt_book.current("people").version == 4)
+        sync_redis.xadd("frames:{p}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 1)
+    assert entries(sync_redis, "results:people:frames:{p}")[0][1]["prompt_version"] == b"4"
