@@ -154,6 +154,10 @@ class PipelineSettings(_Strict):
     max_deliveries: int = Field(5, ge=1)
     result_maxlen: int = Field(10_000, ge=0, description="MAXLEN ~ of result streams; 0: no cap")
     max_in_flight: int = Field(64, ge=1, description="frames read but not yet acknowledged")
+    skip_history: bool = Field(
+        False, description="a consumer group made for this pipeline starts when the daemon started, not "
+        "at the stream's oldest frame: adding or renaming a pipeline over streams that hold days of "
+        "frames does not process them all (groups that exist are not moved)")
     prompt_from: str = Field(
         "", description="chain: read this pipeline's detect results and prompt the model with them"
     )

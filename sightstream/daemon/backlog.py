@@ -65,6 +65,29 @@ async def group_backlog(client: Redis, pipeline: str, streams: list[str]) -> lis
     return await _checked_lags(client, out)
 
 
+async def unowned_groups(client: Redis, streams: list[str], owned: set[str]) -> dict[str, dict[str, int]]:
+    """Groups on `streams` not in `owned` (a removed or renamed pipeline's, or another config's
+    on the same Redis), each with how many streams it is on and its pending and lag summed
+    there (lag unchecked). RedisError when Redis is unreachable."""
+    if not streams:
+        return {}
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    found: dict[str, dict[str, int]] = {}
+    for groups in replies:
+        if isinstance(groups, ResponseError):  # the stream is gone
+            continue
+        for g in groups:
+            if (name := g["name"].decode(errors="replace")) not in owned:
+                seen = found.setdefault(name, {"streams": 0, "pending": 0, "lag": 0})
+                seen["streams"] += 1
+                seen["pending"] += int(g["pending"])
+                seen["lag"] += int(g.get("lag") or 0)
+    return found
+
+
 async def _checked_lags(client: Redis, backlog: list[Backlog]) -> list[Backlog]:
     """Each lag above 0 checked against the stream (see the module's note)."""
     lagging = [k for k, b in enumerate(backlog) if b.lag]

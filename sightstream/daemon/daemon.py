@@ -29,7 +29,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon import devices as device_list
-from sightstream.daemon.backlog import keep_gauges
+from sightstream.daemon.backlog import keep_gauges, unowned_groups
 from sightstream.daemon.consumer import ConsumerLease
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
@@ -259,6 +259,7 @@ class Daemon:
                 await run.ingest.discover()
             except (RedisError, OSError) as e:  # the ingest loop retries
                 _log.warning("first_discovery_failed", error=str(e))
+        await self._say_unowned_groups()
         for run in self.runs.values():
             run.source_tasks = [asyncio.create_task(s.run(), name=type(s).__name__)
                                 for s in (run.ingest, run.reclaimer)]
@@ -293,6 +294,22 @@ class Daemon:
         self.ready = True
         _log.info("daemon_started", consumer=self.consumer, devices=self.devices,
                   pipelines=[p.name for p in self.settings.pipelines])
+
+    async def _say_unowned_groups(self) -> None:
+        """Once, at start: groups on this daemon's streams that no pipeline of its config owns.
+        A removed or renamed pipeline's group stays in Redis with its pending frames and a lag
+        that grows, and nothing else would ever mention it."""
+        streams = sorted({s for run in self.runs.values() for s in run.ingest.found})
+        owned = {keys.group(p.name) for p in self.settings.pipelines}
+        try:
+            found = await unowned_groups(self.client, streams, owned)
+        except (RedisError, OSError):
+            return  # Redis is not up yet: said by the loops that wait for it
+        if found:
+            _log.warning("groups_without_pipeline", groups=found,
+                         why="no pipeline of this config reads them (removed or renamed? or another "
+                             "config's on this Redis): they keep their frames pending; docs/operations.md "
+                             "says how to remove or move them")
 
     def _build(self, p: PipelineSettings, threads: int) -> PipelineRun:
         """One pipeline's stages, in flow order; started by the caller."""

@@ -204,6 +204,7 @@ class StreamReader:
         self._stop = stop
         self._group = keys.group(pipeline.name)
         self._retry = RedisRetry(self.op, metrics, stop, pipeline=pipeline.name)
+        self._history_from: str | None = None  # see _group_start
 
     @property
     def _consumer(self) -> str:
@@ -243,9 +244,10 @@ class StreamReader:
         Returns (the groups created, the streams that no longer exist)."""
         created: list[str] = []
         gone: list[str] = []
+        start = await self._group_start() if streams else "0"
         for stream in streams:
             try:
-                await self._client.xgroup_create(stream, self._group, id="0", mkstream=stream in make)
+                await self._client.xgroup_create(stream, self._group, id=start, mkstream=stream in make)
                 created.append(stream)
             except ResponseError as e:
                 if "requires the key to exist" in str(e):
@@ -253,6 +255,17 @@ class StreamReader:
                 elif "BUSYGROUP" not in str(e):
                     raise
         return created, gone
+
+    async def _group_start(self) -> str:
+        """Where a group made here starts: the stream's oldest entry, or with the pipeline's
+        `skip_history` the moment this reader first made or found its groups, by Redis's clock
+        (entry IDs are its milliseconds): a camera found later still gives every frame since."""
+        if not self._p.skip_history:
+            return "0"
+        if self._history_from is None:
+            seconds, micros = await self._client.time()
+            self._history_from = f"{seconds * 1000 + micros // 1000}-0"
+        return self._history_from
 
     async def _backoff(self, error: Exception) -> None:
         try:
