@@ -7,17 +7,42 @@ dead-lettered (`empty_entry`). Redis 7 reports those IDs in a third reply elemen
 claimer, and has already dropped them from the pending list, whatever their idle time; one this
 daemon is still processing (trimmed while in flight) keeps its result. Redis 6.2 returns them
 as nil entries that stay pending, so their IDs are recovered from XPENDING.
+
+Every PRUNE_EVERY_S it also removes the group's consumers that hold nothing and have not read
+for PRUNE_IDLE_MS: those of daemons gone (a container gets a new host name each time it is
+made), which Redis would otherwise keep in every group for ever. One still alive that only
+rested (a tracking source read by another daemon) is made again by its next read.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 from sightstream import log
 from sightstream.stages.pending import StreamReader, pending_entries
 
 _log = log.get(__name__)
+
+PRUNE_EVERY_S = 600.0
+PRUNE_IDLE_MS = 3_600_000
+# KEYS: the stream. ARGV: group, idle ms, this consumer. The consumers removed: none pending,
+# idle that long, not this one; checked and removed in one step, so none reads meanwhile.
+PRUNE = """
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed[#removed + 1] = f['name']
+  end
+end
+return removed
+"""
 
 
 class Reclaimer(StreamReader):
@@ -29,6 +54,7 @@ class Reclaimer(StreamReader):
         self._min_idle_ms = min_idle_ms
         self.interval_s = min(5.0, min_idle_ms / 2000)
         self.reclaimed = 0
+        self._pruned_at = time.monotonic()
 
     async def step(self) -> None:
         await self.sleep(self.interval_s)
@@ -36,6 +62,25 @@ class Reclaimer(StreamReader):
             if self._stop.is_set():
                 return
             await self.reclaim(stream)
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            for stream in list(self._streams()):
+                await self.prune_consumers(stream)
+            self._pruned_at = time.monotonic()
+
+    async def prune_consumers(self, stream: str, idle_ms: int = PRUNE_IDLE_MS) -> list[str]:
+        """Remove the group's consumers on `stream` that hold nothing and have been idle
+        `idle_ms`; their names."""
+        try:
+            removed = await self._client.eval(PRUNE, 1, stream, self._group, idle_ms, self._consumer)
+        except ResponseError as e:  # the stream or group is gone: nothing to prune
+            if "NOGROUP" in str(e) or "no such key" in str(e):
+                return []
+            raise
+        names = [n.decode() for n in removed]
+        if names:
+            _log.info("consumers_removed", pipeline=self._p.name, source=stream, consumers=names,
+                      why=f"nothing pending, idle over {idle_ms // 60000} min: gone daemons")
+        return names
 
     async def reclaim(self, stream: str) -> None:
         cursor = "0-0"

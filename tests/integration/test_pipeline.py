@@ -468,3 +468,21 @@ async def test_a_daemon_names_the_groups_no_pipeline_of_its_config_reads(redis_u
             await wait_for(lambda: sync_redis.xlen("results:people:frames:{a}") == 4)
     said = [e for e in logs if e["event"] == "groups_without_pipeline"]
     assert len(said) == 1 and said[0]["groups"] == {"removed": {"streams": 1, "pending": 1, "lag": 3}}
+
+
+async def test_consumers_of_gone_daemons_are_removed_from_the_group(redis_url, sync_redis, tmp_path, gradient):
+    """Every daemon that ever read stayed a consumer of every group it read (a container gets a
+    new host name each time): those holding nothing, idle long enough, are removed; one that
+    still holds a frame is kept, whatever its idle time."""
+    sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
+    sync_redis.xgroup_create("frames:{a}", "people", id="$")
+    sync_redis.xgroup_createconsumer("frames:{a}", "people", "gone-host:0")
+    sync_redis.xadd("frames:{a}", {"image": encode(gradient)})
+    sync_redis.xreadgroup("people", "stuck-host:0", {"frames:{a}": ">"}, count=1)  # then it hung
+    async with running(settings_for(redis_url, tmp_path, reclaim_min_idle_ms=600_000)) as d:
+        await wait_for(lambda: "frames:{a}" in d.runs["people"].ingest.found)
+        removed = await d.runs["people"].reclaimer.prune_consumers("frames:{a}", idle_ms=0)
+        assert removed == ["gone-host:0"]
+        names = {c["name"].decode() for c in sync_redis.xinfo_consumers("frames:{a}", "people")}
+        assert "stuck-host:0" in names and "gone-host:0" not in names
+        assert await d.runs["people"].reclaimer.prune_consumers("frames:{gone}", idle_ms=0) == []
