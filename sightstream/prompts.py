@@ -47,11 +47,15 @@ end
 
 # KEYS: current hash, history list. ARGV: mode (set | rollback), text or version, expected
 # version ('' for any), updated_at, set_by, configured text, channel, pipeline.
-# Returns {status, version, record}: ok (the new version and its JSON record), or conflict or
-# unknown or lost (a version whose text went with Redis's data), with the current version.
+# Returns {status, version, record}: ok (the new version and its JSON record), or same (a set
+# of the current text: no new version, as PUT is idempotent), conflict, unknown or lost (a
+# version whose text went with Redis's data), with the current version.
 CHANGE = _seed("ARGV[6]") + """
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   return {'conflict', current, ''}
+end
+if ARGV[1] == 'set' and redis.call('HGET', KEYS[1], 'text') == ARGV[2] then
+  return {'same', current, ''}
 end
 local text = ARGV[2]
 local record = {}
@@ -265,6 +269,8 @@ class PromptStore:
             raise VersionConflict(int(version))
         if status in (b"unknown", b"lost"):
             raise UnknownVersion(int(value), int(version), lost=status == b"lost")
+        if status == b"same":
+            return await self.get(pipeline)
         # The version this call wrote (not a re-read: another change may already follow it).
         return PromptVersion.from_record(json.loads(record))
 

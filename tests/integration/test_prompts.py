@@ -60,6 +60,12 @@ async def test_versions_history_rollback_and_conditional_changes(redis_url, tmp_
         r = await client.post("/pipelines/people/prompt/rollback", json={"version": 2, "expected_version": 3})
         assert r.status == 409
         assert (await (await client.get("/pipelines/people/prompt")).json())["text"] == "birds"
+        # PUT is idempotent: the current text again makes no version (each one did: a retried
+        # request, or a deploy script run twice, grew the history)
+        r = await client.put("/pipelines/people/prompt", json={"text": "birds"})
+        assert r.status == 200 and (await r.json())["version"] == 4 and r.headers["ETag"] == '"4"'
+        history = (await (await client.get("/pipelines/people/prompt/history")).json())["versions"]
+        assert [v["version"] for v in history] == [4, 3, 2, 1]
 
 
 async def test_bad_requests_are_4xx_naming_why(redis_url, tmp_path):
