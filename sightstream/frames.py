@@ -321,3 +321,5 @@ class Batch:
     # The pipeline's prompt when the batch closed (prompts.py); results record its version.
     prompt: Prompt = Prompt("", 1)
     id: str = ""  # "<device>/<n>", given by the worker that runs it: log lines name it
+    # Live mode: told how many frames the device took, when it takes them (stages/queue_wait.py)
+    taken: Callable[[int], None] | None = field(default=None, repr=False)

@@ -54,6 +54,7 @@ from sightstream.stages.gpu_jpeg import nvjpeg_decoder
 from sightstream.stages.heartbeat import Heartbeat
 from sightstream.stages.pending import Admission
 from sightstream.stages.publisher import Publisher
+from sightstream.stages.queue_wait import QueueWait
 from sightstream.stages.reclaimer import Reclaimer
 from sightstream.stages.redis_ingest import RedisIngest
 from sightstream.stages.sampler import Sampler
@@ -320,8 +321,9 @@ class Daemon:
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
+        waits = QueueWait() if p.max_age_ms else None  # live mode (stages/queue_wait.py)
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client,
-                              self.stop_event, on_read=self.snapshots.frames_read)
+                              self.stop_event, on_read=self.snapshots.frames_read, waits=waits)
         common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)
         stateful = self.catalogue.get(p.model).task == "track"
         leases = SourceLeases(self.client, p.name, self.consumer,
@@ -350,8 +352,8 @@ class Daemon:
         )
         # A stateful model's sources each stay on one device (the worker's own queue).
         pinned = [w.own for w in self.workers] if stateful and len(self.workers) > 1 else None
-        chain.append(Batcher(p, batch_q, self._batches, self.metrics, pinned,
-                             prompt=lambda: self.prompt_book.current(p.name)))
+        chain.append(Batcher(p, batch_q, self._batches, pinned,
+                             prompt=lambda: self.prompt_book.current(p.name), waits=waits))
         return PipelineRun(p, in_flight, read_q, ingest, reclaimer, chain)
 
     async def _unload_idle_models(self) -> None:

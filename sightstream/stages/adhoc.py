@@ -114,7 +114,6 @@ class AdhocBatcher:
                      batch: Batch) -> None:
         """Gather `first` and what follows it into `batch`, and send it to the workers."""
         batch.frames, _ = await collect_batch(queue, size, timeout_ms / 1000, first=first)
-        self._metrics.batch_size.labels(batch.pipeline).observe(len(batch.frames))
         try:
             await self._send(batch)
         except asyncio.CancelledError:  # shutdown while waiting for a worker: say so

@@ -15,9 +15,9 @@ from typing import Any
 
 from sightstream.config import PipelineSettings
 from sightstream.frames import Batch, Frame
-from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.stages.flow import STOP
+from sightstream.stages.queue_wait import QueueWait
 
 
 async def _get_within(queue: asyncio.Queue, seconds: float) -> Any:
@@ -64,15 +64,16 @@ async def collect_batch(
 
 class Batcher:
     def __init__(
-        self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue, metrics: Metrics,
+        self, pipeline: PipelineSettings, inq: asyncio.Queue, out: asyncio.Queue,
         pinned: list[asyncio.Queue] | None = None, prompt: Callable[[], Prompt] | None = None,
+        waits: QueueWait | None = None,
     ) -> None:
         self._p = pipeline
         # The pipeline's current prompt (a PromptBook's view); the configured one by default.
         self._prompt = prompt or (lambda: Prompt(pipeline.prompt, 1))
         self._in, self._out = inq, out
-        self._metrics = metrics
         self._pinned = pinned  # one queue per worker, for per-source placement
+        self._waits = waits  # live mode: told when the device takes each batch
 
     async def run(self) -> None:
         timeout_s = self._p.batch_timeout_ms / 1000
@@ -80,7 +81,6 @@ class Batcher:
         while not stopped:
             frames, stopped = await collect_batch(self._in, self._p.batch_size, timeout_s)
             if frames:
-                self._metrics.batch_size.labels(self._p.name).observe(len(frames))
                 if self._pinned is None:
                     await self._out.put(self._batch(frames))
                     continue
@@ -93,4 +93,5 @@ class Batcher:
 
     def _batch(self, frames: list[Frame]) -> Batch:
         p = self._p
-        return Batch(p.name, p.model, p.output, p.max_age_ms, frames, self._prompt())
+        return Batch(p.name, p.model, p.output, p.max_age_ms, frames, self._prompt(),
+                     taken=self._waits.taken if self._waits else None)

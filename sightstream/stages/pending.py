@@ -26,6 +26,7 @@ from sightstream.errors import FrameError
 from sightstream.frames import Acked, DeadLettered, Frame, entry_ms, is_stale
 from sightstream.metrics import Metrics
 from sightstream.stages.flow import InFlight, RedisRetry, Stopped, wait_or_stop
+from sightstream.stages.queue_wait import QueueWait
 
 _log = log.get(__name__)
 
@@ -52,9 +53,10 @@ class Admission:
     def __init__(
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
         outcomes: asyncio.Queue, metrics: Metrics, client: Redis, stop: asyncio.Event,
-        on_read: Callable[[str, str, int], None] | None = None,
+        on_read: Callable[[str, str, int], None] | None = None, waits: QueueWait | None = None,
     ) -> None:
         self._p = pipeline
+        self._waits = waits  # live mode: a frame that would be stale by the time it reaches the device
         self._on_read = on_read  # (pipeline, stream, frames): the live page's per-source rates
         self._in_flight = in_flight
         self._out, self._outcomes = out, outcomes
@@ -80,6 +82,11 @@ class Admission:
         stale = 0
         read: list[Frame] = []
         kept: list[Frame] = []
+        # Live mode: dropped if older than max_age_ms less the wait ahead of it in the queue
+        max_age_ms = self._p.max_age_ms
+        if max_age_ms and self._waits is not None:
+            # (at most all of it: a queue longer than max_age_ms admits nothing until it is not)
+            max_age_ms -= min(max_age_ms - 1, int(1000 * self._waits.seconds(self._in_flight.in_flight)))
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
@@ -96,7 +103,7 @@ class Admission:
             parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
             if not await self._checked(frame, parse):
                 continue
-            if is_stale(frame, self._p.max_age_ms):  # dropped as read: it takes no turn downstream
+            if is_stale(frame, max_age_ms):  # dropped as read: it takes no turn downstream
                 stale += 1
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue

@@ -11,8 +11,9 @@
   are looked at in turn between those reads, `room` streams at a time, without blocking. So a
   busy camera keeps its pace however many idle ones the input glob matches. Only when no
   stream is active and one read covers them all does the read block (up to 1 s).
-- Live mode: entries already stale when read are dropped at once (stages/pending.py); a read
-  of active streams that gave only stale ones is made again before the others' turn.
+- Live mode: entries already stale when read, or that would be by the time they reach the
+  device (stages/queue_wait.py), are dropped at once (stages/pending.py); a stream whose read
+  gave only such entries is read again, on its own, before the others' turn.
 - New streams matching an input glob are found by a periodic SCAN (every `discover_s`).
 - For a model that keeps state per source (tracking), it reads only the streams whose source
   lease it holds (stages/source_leases.py), and takes over a stream's pending entries when it
@@ -42,8 +43,8 @@ from sightstream.stages.stream_rates import StreamRates
 _log = log.get(__name__)
 GLOB_CHARS = set("*?[")
 ACTIVE_S = 1.0  # a stream that gave entries this recently is read with the active ones
-# Live mode: stale-only reads of the same streams in a row, at most, before the others' turn (a
-# camera whose clock runs behind would otherwise delay them each time it sends)
+# Live mode: reads in a row of streams behind, at most, before the others' turn (a camera whose
+# clock runs behind would otherwise delay them each time it sends)
 MAX_STALE_REPEATS = 100
 ACTIVE_BLOCK_MS = 10  # how long a read of the active streams waits, when others wait their turn
 TAKEOVER_PAGE = 1000
@@ -80,7 +81,8 @@ class RedisIngest(StreamReader):
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
         self.rates = StreamRates()  # per-source leases balance by them
         self._active_rotation = 0
-        self._stale_repeats = 0  # reads in a row of the same streams, for their stale entries
+        self._stale_repeats = 0  # reads in a row of streams behind, for their stale entries
+        self._behind: list[str] = []  # live mode: streams whose last read gave stale entries only
         self._probe_next = False  # the next read looks at idle streams (alternates with the active)
         self._idle_rounds = 0  # reads of idle streams in this pass that found nothing
         self._idle_passes = 0  # passes over every stream in a row that found nothing
@@ -239,6 +241,11 @@ class RedisIngest(StreamReader):
         for stream, last in list(self._active.items()):  # _drop takes dropped streams out too
             if now - last > ACTIVE_S:
                 del self._active[stream]
+        behind = [s for s in self._behind if s in self._active][:room]
+        if behind:
+            if self._stale_repeats < MAX_STALE_REPEATS:
+                return behind, ACTIVE_BLOCK_MS, True  # they skip to their live frames first
+            self._stale_repeats = 0  # the others' turn, then theirs again
         active = list(self._active)
         idle_exist = len(active) < len(self.streams)
         if active and not (self._probe_next and idle_exist):
@@ -266,8 +273,9 @@ class RedisIngest(StreamReader):
             # redis-py types replies loosely: at run time, a list of (stream, [(id, fields)]).
             replies = await self._reader.xreadgroup(
                 self._group, self._consumer, {s: ">" for s in chosen}, count=count, block=block_ms)
-        used = stale = 0
+        used = 0
         now = time.monotonic()
+        behind = []
         for stream, entries in replies or ():
             name = stream.decode()
             if entries:
@@ -276,15 +284,15 @@ class RedisIngest(StreamReader):
             if self.leases and admitted > dropped:  # stale ones cost the model nothing
                 sent = entry_ms(entries[0][0].decode()), entry_ms(entries[-1][0].decode())
                 self.rates.add(name, admitted - dropped, *sent)
-            used, stale = used + admitted, stale + dropped
-        if of_active and used and stale == used and self._stale_repeats < MAX_STALE_REPEATS:
-            # Live mode, all stale: read the same streams again before the others' turn. Else a
-            # camera left behind by a burst moves on one entry per turn, at the model's pace,
-            # while the others' fresh frames take theirs: every frame it reads is stale, for ever.
-            self._active_rotation -= room
-            self._stale_repeats += 1
-        else:
-            self._stale_repeats = 0
+            if admitted and admitted == dropped:
+                behind.append(name)
+            used += admitted
+        # Live mode: a stream whose read gave stale entries only is read again, on its own,
+        # before the others' turn. Else a camera left behind moves on a few entries per turn
+        # while the others' fresh frames take theirs: every frame it reads is stale, for ever
+        # (judged over the whole read, a camera beside it with fresh frames kept it behind).
+        self._stale_repeats = self._stale_repeats + 1 if behind and of_active else 0
+        self._behind = behind if of_active else []
         if used or (block_ms and not self._cluster):
             self._idle_rounds = self._idle_passes = 0
         elif not self._active:

@@ -202,8 +202,13 @@ class Worker:
                 stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
                 outcomes = [Acked(f, "stale") for f, old in zip(frames, stale) if old]
                 frames = [f for f, old in zip(frames, stale) if not old]
+                if batch.taken is not None:
+                    batch.taken(len(batch.frames))
                 if not frames:
                     return outcomes
+                # what the model gets, stale frames left out (counted when the batch closed, it
+                # said 8 where the model got 4.5)
+                self._metrics.batch_size.labels(batch.pipeline).observe(len(frames))
                 task, takes_prompt = adapter.task, adapter.takes_prompt
                 results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
         except InferenceTimeout as e:  # the whole batch, also parts a split retry finished

@@ -271,3 +271,50 @@ async def test_a_daemon_restarted_after_a_crash_takes_its_name_back_at_once(redi
         assert d.consumer == "h:0"  # taken from the gone process; h:1's holder lives
         await wait_for(lambda: counts(sync_redis, stream)[0] == 3, 10, "its own pending frames drained")
     assert sync_redis.get("sightstream:consumer:h:1").endswith(b"#0123456789abcdef")
+
+
+async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(redis_url, sync_redis, tmp_path,
+                                                                              gradient):
+    """Two cameras together faster than the model, in live mode: each gets a share of the
+    results. The faster one got 3-20 % of its frames for as long as the overload lasted (its
+    oldest unread frames, just under max_age_ms when read, went stale waiting for the device),
+    while the other got 99 %; and batches reached the model half empty."""
+    import threading
+
+    jpeg = encode(gradient)
+    settings = settings_for(redis_url, tmp_path, [
+        {"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
+        fakes={"slow": {"delay_s": 0.2}})  # 40 frames/s; the cameras send 55
+    halt = threading.Event()
+    sent = {"frames:{a}": 0, "frames:{b}": 0}
+
+    def camera(stream: str, fps: float) -> None:
+        import redis as redis_py
+
+        client = redis_py.Redis.from_url(redis_url)
+        start = time.monotonic()
+        while not halt.is_set():
+            client.xadd(stream, {"image": jpeg})
+            sent[stream] += 1
+            time.sleep(max(0.0, start + sent[stream] / fps - time.monotonic()))
+        client.close()
+
+    async with running(settings) as d:
+        cameras = [threading.Thread(target=camera, args=(s, fps)) for s, fps in (("frames:{a}", 30),
+                                                                                ("frames:{b}", 25))]
+        for c in cameras:
+            c.start()
+        try:
+            await asyncio.sleep(4)  # into the overload
+            before = {s: counts(sync_redis, s)[0] for s in sent}
+            await asyncio.sleep(6)
+            got = {s: counts(sync_redis, s)[0] - before[s] for s in sent}
+        finally:
+            halt.set()
+            for c in cameras:
+                c.join()
+        sizes = adapter(d, "fake/slow").batch_sizes
+    mean_batch = sum(sizes) / len(sizes)
+    assert min(got.values()) >= 0.6 * max(got.values()), (got, mean_batch)
+    assert sum(got.values()) >= 0.75 * 40 * 6, (got, mean_batch)  # the model kept busy with live frames
+    assert mean_batch >= 6, (got, mean_batch)  # full batches, not ones emptied by stale frames

@@ -25,7 +25,7 @@ async def test_a_source_always_goes_to_the_same_worker_queue():
     inq: asyncio.Queue = asyncio.Queue()
     pinned = [asyncio.Queue(), asyncio.Queue(), asyncio.Queue()]
     batcher = Batcher(PipelineSettings(name="p", batch_size=4, batch_timeout_ms=0), inq,
-                      asyncio.Queue(), Metrics(), pinned)
+                      asyncio.Queue(), pinned)
     sources = [f"frames:{{cam{i}}}" for i in range(6)]
     for n in range(24):
         inq.put_nowait(frame(sources[n % 6], n))
