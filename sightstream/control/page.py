@@ -47,8 +47,12 @@ class SourceList(BaseModel):
 @api.get("/", "The live page: every source's latest frame with its result drawn on it", open=True,
          responses={200: Resp("The page", media="text/html")})
 async def page(request: web.Request) -> web.Response:
+    # Never inside another site's frame (a page there could trick a click on it), nor read as
+    # anything but HTML.
     return web.Response(text=PAGE, content_type="text/html",
-                        headers={"Cache-Control": "no-cache"})
+                        headers={"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+                                 "Content-Security-Policy": "frame-ancestors 'none'",
+                                 "X-Content-Type-Options": "nosniff"})
 
 
 @api.get("/sources", "Each source's latest result on this daemon (what the page shows)",

@@ -44,6 +44,9 @@ async def test_snapshots_over_http_decode_change_and_answer_304(redis_url, sync_
             sync_redis.xadd(source, {"image": scene(40)})
         await wait_for(lambda: len(d.snapshots.list()) == 2, what="two sources' results")
         assert (await client.get("/sources")).status == 401
+        page = await client.get("/")  # open: it holds no data; never framed by another site
+        assert page.status == 200 and page.headers["X-Frame-Options"] == "DENY"
+        assert page.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
         listed = (await (await client.get("/sources", headers=AUTH)).json())["sources"]
         assert [s["source"] for s in listed] == SOURCES
         assert all(s["summary"] == "1 x dog" and s["task"] == "detect" and s["seq"] == 1 for s in listed)
