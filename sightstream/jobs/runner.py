@@ -44,6 +44,7 @@ from sightstream.stages.video_reader import VideoSourceError
 _log = log.get(__name__)
 LEFT_CHECK_S = 30.0  # a job this daemon cannot run is looked at again after this long
 DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
+PRUNE_INDEX_EVERY_S = 600.0  # how often expired jobs' ids leave the index (JobStore.prune_index)
 # After taking a dead daemon's video input over its share: no hand-back for this long, while
 # the dead one still counts (its consumer lease lapses in 15 s, counted again every 10 s)
 ORPHAN_GRACE_S = 30.0
@@ -93,10 +94,14 @@ class JobRunner:
         notices = asyncio.create_task(self._follow_notices(), name="job-notices")
         waker = asyncio.create_task(self._wake_on_stop(), name="job-waker")
         retry = RedisRetry("jobs", self._metrics, self._stop)
+        pruned_at = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
                     await self._take_jobs()
+                    if time.monotonic() - pruned_at >= PRUNE_INDEX_EVERY_S:
+                        await self._store.prune_index()
+                        pruned_at = time.monotonic()
                     retry.succeeded()
                 except (RedisError, OSError) as e:
                     retry.note(e)

@@ -375,6 +375,29 @@ class JobStore:
             rows = await pipe.execute()
         return [Job.from_hash(job_id, raw) if raw else None for job_id, raw in zip(job_ids, rows)]
 
+    async def prune_index(self, page: int = 500, most_pages: int = 20) -> int:
+        """Drop ids of expired jobs from the index, oldest first (job ids sort by time), until
+        a page holds none (listing drops them too, but only those it pages through: a daemon
+        nobody lists kept every id for ever). Returns how many it dropped."""
+        dropped, start = 0, "-"
+        for _ in range(most_pages):
+            members: Any = await self._client.zrangebylex(keys.JOBS_INDEX, start, "+", start=0, num=page)
+            ids = [i.decode() for i in members]
+            if not ids:
+                break
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.exists(keys.job(job_id))
+                alive = await pipe.execute()
+            gone = [job_id for job_id, there in zip(ids, alive) if not there]
+            if gone:
+                await self._client.zrem(keys.JOBS_INDEX, *gone)
+                dropped += len(gone)
+            if len(gone) < len(ids) or len(ids) < page:
+                break  # reached jobs that are still kept (or the end)
+            start = f"({ids[-1]}"
+        return dropped
+
     async def page(self, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         """Newest first. Returns the page and the cursor of the next one (None: no more).
         Jobs whose keys expired are dropped from the index on the way."""

@@ -354,6 +354,22 @@ async def test_a_stream_job_resumed_at_its_frame_limit_ends_without_reading(redi
         assert done["counts"]["processed"] == 0  # this attempt read nothing
 
 
+async def test_expired_jobs_leave_the_index_without_anyone_listing_them(redis_url, sync_redis):
+    """Listing dropped expired ids only from the pages it read: on a daemon nobody lists in
+    full, the index kept every job id ever made."""
+    client = make_client(redis_url)
+    store = JobStore(client, 60)
+    try:
+        jobs = [await store.create(JobSpec(f"redis://cams:{{{n}}}", "tiny/det")) for n in range(5)]
+        for job in jobs[:3]:  # the oldest three expired
+            sync_redis.delete(keys.job(job.id))
+        assert await store.prune_index(page=2) == 3
+        assert [m.decode() for m in sync_redis.zrange(keys.JOBS_INDEX, 0, -1)] == [j.id for j in jobs[3:]]
+        assert await store.prune_index(page=2) == 0
+    finally:
+        await client.aclose(close_connection_pool=True)
+
+
 async def test_writes_are_fenced_by_the_lease(redis_url, sync_redis):
     client = make_client(redis_url)
     store = JobStore(client, 60)
