@@ -68,6 +68,7 @@ class Frame:
     snapshot: bytes | None = field(default=None, repr=False)  # the encoded image, for the live page
     # A text model's input instead of an image (job summaries, /predict with text).
     text: str | None = field(default=None, repr=False)
+    at_device: bool = False  # taken by a device worker (live mode counts the frames ahead of it)
 
     @property
     def source(self) -> str:

@@ -16,7 +16,7 @@ POISON = 13  # an image whose top-left red value is this makes its batch fail
 
 
 class Scripted:
-    """Options: `delay_s` (every call sleeps this long), `hang_first_s` (the first call sleeps
+    """Options: `delay_s` (every call sleeps this long; `frame_s` more per frame), `hang_first_s` (the first call sleeps
     this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
     `poison` (true: a batch holding a POISON image fails), `threshold` (a number: anything else
     breaks the constructor, as a bad option does), `fail_load` and `fail_unload` (true: that
@@ -30,6 +30,7 @@ class Scripted:
 
     def __init__(self, path: str, options: dict[str, Any]) -> None:
         self.delay_s = float(options.get("delay_s", 0))
+        self.frame_s = float(options.get("frame_s", 0))  # more per frame of the call
         self.hang_first_s = float(options.get("hang_first_s", 0))
         self.oom_above = int(options.get("oom_above", 0))
         self.poison = bool(options.get("poison", False))
@@ -57,8 +58,8 @@ class Scripted:
             first = self.calls == 1
         if first and self.hang_first_s:
             time.sleep(self.hang_first_s)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.frame_s:
+            time.sleep(self.delay_s + self.frame_s * len(images))
         if self.oom_above and len(images) > self.oom_above:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         if self.poison and any(int(img[0, 0, 0]) == POISON for img in images):

@@ -321,7 +321,8 @@ class Daemon:
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
-        waits = QueueWait() if p.max_age_ms else None  # live mode (stages/queue_wait.py)
+        # live mode: what a read admits under overload (stages/queue_wait.py)
+        waits = QueueWait(p.batch_size, p.max_age_ms) if p.max_age_ms else None
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client,
                               self.stop_event, on_read=self.snapshots.frames_read, waits=waits)
         common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)

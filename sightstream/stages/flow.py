@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -70,6 +71,10 @@ class InFlight:
     def _release(self, key: tuple[str, str]) -> None:
         if self._frames.pop(key, None) is not None:
             self.give()
+
+    def waiting(self) -> Counter[str]:
+        """Frames held that no device has taken yet (read, sampled, decoded, batched), by stream."""
+        return Counter(stream for (stream, _), frame in self._frames.items() if not frame.at_device)
 
     def holds(self, stream: str, entry_id: str) -> bool:
         return (stream, entry_id) in self._frames

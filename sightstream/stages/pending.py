@@ -82,11 +82,10 @@ class Admission:
         stale = 0
         read: list[Frame] = []
         kept: list[Frame] = []
-        # Live mode: dropped if older than max_age_ms less the wait ahead of it in the queue
-        max_age_ms = self._p.max_age_ms
+        # Live mode under overload: a tighter age, and a share of the queue (stages/queue_wait.py)
+        max_age_ms, room = self._p.max_age_ms, None
         if max_age_ms and self._waits is not None:
-            # (at most all of it: a queue longer than max_age_ms admits nothing until it is not)
-            max_age_ms -= min(max_age_ms - 1, int(1000 * self._waits.seconds(self._in_flight.in_flight)))
+            max_age_ms, room = self._waits.limits(self._in_flight.waiting(), stream)
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
@@ -108,6 +107,11 @@ class Admission:
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
             kept.append(frame)
+        if room is not None and len(kept) > max(0, room):  # past its share: skip to its newest
+            skipped, kept = (kept[:-room], kept[-room:]) if room > 0 else (kept, [])
+            stale += len(skipped)
+            for frame in skipped:
+                await self._outcomes.put(Acked(frame, "stale"))
         used = len(read)
         if used and self._on_read is not None:
             # by source: a chained pipeline's frames (once parsed) name the upstream's source

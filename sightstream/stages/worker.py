@@ -202,6 +202,8 @@ class Worker:
                 stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
                 outcomes = [Acked(f, "stale") for f, old in zip(frames, stale) if old]
                 frames = [f for f, old in zip(frames, stale) if not old]
+                for f in batch.frames:
+                    f.at_device = True
                 if batch.taken is not None:
                     batch.taken(len(batch.frames))
                 if not frames:

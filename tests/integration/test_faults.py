@@ -275,18 +275,19 @@ async def test_a_daemon_restarted_after_a_crash_takes_its_name_back_at_once(redi
 
 async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(redis_url, sync_redis, tmp_path,
                                                                               gradient):
-    """Two cameras together faster than the model, in live mode: each gets a share of the
-    results. The faster one got 3-20 % of its frames for as long as the overload lasted (its
-    oldest unread frames, just under max_age_ms when read, went stale waiting for the device),
-    while the other got 99 %; and batches reached the model half empty."""
+    """Cameras together faster than the model, in live mode: each fast one gets a share of the
+    results, and the slow ones all their frames. The fastest got 15 % of its frames (22
+    results where the next had 151) for as long as the overload lasted: its oldest unread
+    frames, just under max_age_ms when read, went stale waiting for the device; and batches
+    reached the model half empty (4.5 frames of 8)."""
     import threading
 
     jpeg = encode(gradient)
     settings = settings_for(redis_url, tmp_path, [
         {"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
-        fakes={"slow": {"delay_s": 0.2}})  # 40 frames/s; the cameras send 55
+        fakes={"slow": {"delay_s": 0.04, "frame_s": 0.02}})  # 40 frames/s in batches of 8; the cameras send 61
     halt = threading.Event()
-    sent = {"frames:{a}": 0, "frames:{b}": 0}
+    sent = {"frames:{a}": 0, "frames:{b}": 0, "frames:{c}": 0, "frames:{d}": 0}
 
     def camera(stream: str, fps: float) -> None:
         import redis as redis_py
@@ -300,21 +301,46 @@ async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(re
         client.close()
 
     async with running(settings) as d:
-        cameras = [threading.Thread(target=camera, args=(s, fps)) for s, fps in (("frames:{a}", 30),
-                                                                                ("frames:{b}", 25))]
+        cameras = [threading.Thread(target=camera, args=(s, fps))
+                   for s, fps in (("frames:{a}", 30), ("frames:{b}", 25), ("frames:{c}", 5), ("frames:{d}", 1))]
         for c in cameras:
             c.start()
         try:
             await asyncio.sleep(4)  # into the overload
             before = {s: counts(sync_redis, s)[0] for s in sent}
+            calls = len(adapter(d, "fake/slow").batch_sizes)
             await asyncio.sleep(6)
             got = {s: counts(sync_redis, s)[0] - before[s] for s in sent}
+            sizes = adapter(d, "fake/slow").batch_sizes[calls:]
         finally:
             halt.set()
             for c in cameras:
                 c.join()
-        sizes = adapter(d, "fake/slow").batch_sizes
     mean_batch = sum(sizes) / len(sizes)
-    assert min(got.values()) >= 0.6 * max(got.values()), (got, mean_batch)
-    assert sum(got.values()) >= 0.75 * 40 * 6, (got, mean_batch)  # the model kept busy with live frames
-    assert mean_batch >= 6, (got, mean_batch)  # full batches, not ones emptied by stale frames
+    fast = (got["frames:{a}"], got["frames:{b}"])
+    assert min(fast) >= 0.6 * max(fast), (got, mean_batch)
+    assert got["frames:{c}"] >= 0.8 * 5 * 6 and got["frames:{d}"] >= 0.8 * 6, got  # the slow ones in full
+    # fuller batches of live frames, not ones emptied at the device by frames gone stale there
+    # (measured: 6.1 of 8; 4.5 before)
+    assert mean_batch >= 5.5, (got, mean_batch)
+
+
+async def test_live_mode_below_capacity_drops_no_frame_that_would_be_in_time(redis_url, sync_redis, tmp_path,
+                                                                            gradient):
+    """A model that keeps up: frames captured 300 ms before they are sent (an encoder's delay)
+    all reach it well within max_age_ms, and none may be dropped as if a queue stood ahead of
+    them (the frames being gathered into a batch are not one)."""
+    jpeg = encode(gradient)
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8,
+                                                  "batch_timeout_ms": 200}],
+                            fakes={"slow": {"delay_s": 0.05}})  # up to 160 frames/s; the camera sends 20
+    async with running(settings) as d:
+        sent = 0
+        for _ in range(100):
+            sync_redis.xadd("frames:{cam}", {"image": jpeg, "ts": str(int(time.time() * 1000) - 300)})
+            sent += 1
+            await asyncio.sleep(0.05)
+        await wait_for(lambda: sum(counts(sync_redis, "frames:{cam}")) + int(
+            d.metrics.frames_acked.labels("people", "stale")._value.get()) >= sent, 10, "every frame handled")
+        stale = int(d.metrics.frames_acked.labels("people", "stale")._value.get())
+    assert stale == 0 and counts(sync_redis, "frames:{cam}")[0] == sent, stale
