@@ -269,13 +269,15 @@ class StreamReader:
 
     async def _group_start(self) -> str:
         """Where a group made here starts: the stream's oldest entry, or with the pipeline's
-        `skip_history` the moment this reader first made or found its groups, by Redis's clock
-        (entry IDs are its milliseconds): a camera found later still gives every frame since."""
+        `skip_history` the moment this reader first looked for its streams (the ingest asks at
+        its first discovery), by Redis's clock: entry IDs are its milliseconds, and the group
+        starts after the last ID of the millisecond before, so a camera found later still gives
+        every frame since."""
         if not self._p.skip_history:
             return "0"
         if self._history_from is None:
             seconds, micros = await self._client.time()
-            self._history_from = f"{seconds * 1000 + micros // 1000}-0"
+            self._history_from = f"{seconds * 1000 + micros // 1000 - 1}-18446744073709551615"
         return self._history_from
 
     async def _backoff(self, error: Exception) -> None:

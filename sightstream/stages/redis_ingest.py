@@ -107,6 +107,7 @@ class RedisIngest(StreamReader):
 
     async def discover(self) -> None:
         """Find the streams matching the inputs and join their groups."""
+        await self._group_start()  # skip_history: from now, whenever its streams are found
         found: list[str] = []
         for pattern in self._p.streams:
             if GLOB_CHARS & set(pattern):

@@ -447,11 +447,24 @@ async def test_a_pipeline_that_skips_history_reads_only_frames_sent_since_it_sta
         for _ in range(2):
             sync_redis.xadd("frames:{new}", {"image": encode(gradient)})  # found after the start
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{old}") == 8
-                       and sync_redis.xlen("results:fresh:frames:{new}") == 2, what="the results")
-        await asyncio.sleep(0.5)
+                       and sync_redis.xlen("results:fresh:frames:{new}") == 2
+                       and sync_redis.xlen("results:fresh:frames:{old}") >= 3, what="the results")
+        await asyncio.sleep(0.5)  # and no more come
     assert sync_redis.xlen("results:fresh:frames:{old}") == 3
     sent = [entry_id for entry_id, _ in entries(sync_redis, "frames:{old}")]
     assert [f["frame_id"].decode() for _, f in entries(sync_redis, "results:fresh:frames:{old}")] == sent[5:]
+
+
+async def test_skip_history_with_no_stream_yet_keeps_every_frame_sent_after_the_start(redis_url, sync_redis,
+                                                                                      tmp_path, gradient):
+    """Its start was taken when the first stream was found: the frames a camera sent before
+    that discovery (up to discover_s) were skipped."""
+    settings = settings_for(redis_url, tmp_path, [{"name": "fresh", "input": ["cams:*"], "skip_history": True}])
+    async with running(settings) as d:
+        ids = [sync_redis.xadd("cams:{x}", {"image": encode(gradient)}).decode() for _ in range(2)]
+        await d.runs["fresh"].ingest.discover()  # found now, after its frames
+        await wait_for(lambda: sync_redis.xlen("results:fresh:cams:{x}") == 2, what="both frames")
+    assert [f["frame_id"].decode() for _, f in entries(sync_redis, "results:fresh:cams:{x}")] == ids
 
 
 async def test_a_daemon_names_the_groups_no_pipeline_of_its_config_reads(redis_url, sync_redis, tmp_path, gradient):
