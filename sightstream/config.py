@@ -66,6 +66,10 @@ class ControlSettings(_Strict):
         default_factory=dict,
         description="named bearer tokens (name = token), accepted beside `token`; the name is "
                     "recorded as who changed a prompt or submitted a job")
+    allowed_host_names: list[str] = Field(
+        default_factory=list, description="without a token, names a request's Host may give beside "
+        "addresses, loopback names and this machine's host name (a compose service's name, say): "
+        "any other is refused, as a page rebound to this address would give its own")
     max_upload_mb: float = Field(20, gt=0)
     predict_batch_size: int = Field(8, ge=1, le=1024, description="/predict images per model call")
     predict_batch_timeout_ms: float = Field(10, ge=0, description="/predict: wait this long to fill a batch")

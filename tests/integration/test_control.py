@@ -122,7 +122,8 @@ async def test_without_a_token_web_pages_can_neither_change_nor_read_the_daemon(
     """With no token, a page the operator has open could POST to 127.0.0.1 (a form, or JSON as
     text/plain: it made a job of a URL of the page's choosing), and a page whose name is rebound
     to 127.0.0.1 could read the answers. Programs of this host (no Origin) are served as before."""
-    async with serving(settings_for(redis_url, tmp_path)) as (d, client):
+    settings = settings_for(redis_url, tmp_path, control={"port": 0, "allowed_host_names": ["sightstream"]})
+    async with serving(settings) as (d, client):
         job = b'{"source": "http://169.254.169.254/latest/meta-data/", "model": "tiny/det"}'
         r = await client.post("/jobs", data=job, headers={"Origin": "http://attacker.example",
                                                           "Content-Type": "text/plain"})
@@ -131,11 +132,15 @@ async def test_without_a_token_web_pages_can_neither_change_nor_read_the_daemon(
         r = await client.post("/models/tiny/det/load", headers={"Origin": "null"})  # a sandboxed page
         assert r.status == 403
         r = await client.get("/pipelines", headers={"Host": f"attacker.example:{client.port}"})
-        assert r.status == 403 and "not a loopback name" in (await r.json())["error"]["message"]
+        assert r.status == 403 and "not a name of this daemon" in (await r.json())["error"]["message"]
         assert (await client.post("/jobs", data=job, headers={"Host": "rebound.example"})).status == 403
         # this host's programs, and the live page itself (its Origin is the host it asks)
-        for host in (f"localhost:{client.port}", f"127.0.0.1:{client.port}", f"[::1]:{client.port}"):
+        # an address (no page can be rebound to one), loopback names, the names listed
+        for host in (f"localhost:{client.port}", f"127.0.0.1:{client.port}", f"[::1]:{client.port}",
+                     f"10.1.2.3:{client.port}", f"sightstream:{client.port}", "SightStream"):
             assert (await client.get("/pipelines", headers={"Host": host})).status == 200, host
+        for bad in ({"Host": "[abc"}, {"Host": "x:port"}, {"Origin": "http://[x"}):  # a 400, not a 500
+            assert (await client.post("/jobs", json={}, headers=bad)).status == 400, bad
         assert (await client.post("/jobs", json={"model": "tiny/det"})).status == 422  # no Origin: to the API
         same = f"http://127.0.0.1:{client.port}"
         r = await client.post("/jobs", json={"model": "tiny/det"}, headers={"Origin": same})
