@@ -44,7 +44,7 @@ GET_LIMIT_S = 8.0
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        if request.method != "GET":
+        if request.method not in ("GET", "HEAD"):  # a HEAD is a GET without its body
             return await handler(request)
         bound = asyncio.timeout(GET_LIMIT_S)
         try:

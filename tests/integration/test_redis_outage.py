@@ -142,5 +142,6 @@ async def test_a_redis_that_hangs_bounds_what_the_control_plane_waits(redis_url,
             r = await http.get("/jobs")
             assert r.status == 503
             assert (await r.json())["error"]["message"] == "redis is unreachable: no answer within 0.5 s"
+            assert (await asyncio.wait_for(http.head("/jobs"), 5)).status == 503  # a HEAD is bounded too
         finally:
             await http.close()
