@@ -20,8 +20,9 @@ APIS = [health.api, models.api, predict.api, pipelines.api, prompts.api, jobs.ap
 # How aiohttp serves the app. keepalive_timeout: a connection must send a whole request's
 # headers within this many seconds of opening (and of its last answer): with aiohttp's default
 # (an hour) clients that sent a header line every few seconds held sockets for ever, before any
-# token was asked for, until the daemon ran out of file descriptors.
-SERVER_OPTIONS: dict[str, Any] = {"keepalive_timeout": 30.0}
+# token was asked for, until the daemon ran out of file descriptors. Above the idle timeouts of
+# load balancers that reuse connections (60 s for AWS's), which would see them closed under them.
+SERVER_OPTIONS: dict[str, Any] = {"keepalive_timeout": 75.0}
 
 
 def make_app(daemon: Daemon) -> web.Application:
