@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import av
@@ -31,6 +35,26 @@ def unresolved(url: str) -> str | None:
         return f"the host {host} cannot be resolved (DNS: no such name)" if e.errno in NO_SUCH_NAME else None
     except (OSError, UnicodeError):
         return None
+    return None
+
+
+def redirect_target(url: str, headers: Mapping[str, str], timeout_s: float) -> str | None:
+    """Where an HTTP(S) URL redirects to (its Location), or None: it does not, or cannot be
+    asked. FFmpeg told to follow no redirect says only "Input/output error", as for a TLS
+    handshake or a dropped connection. Blocking: ask only after an open failed, off the loop."""
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the 3xx is raised as an HTTPError, to read
+
+    opener = urllib.request.build_opener(NoRedirects)
+    try:
+        request = urllib.request.Request(url, headers=dict(headers), method="HEAD")
+        opener.open(request, timeout=timeout_s).close()
+    except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            return e.headers.get("Location") or "elsewhere"
+    except (OSError, ValueError):
+        pass
     return None
 
 

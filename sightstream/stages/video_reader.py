@@ -39,7 +39,7 @@ from sightstream.errors import SightstreamError
 from sightstream.stages.confined_files import ConfinedFiles, OutsideAllowedPaths
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.upright import upright_rgb
-from sightstream.stages.video_failures import index_at_end_hint, reason, unresolved
+from sightstream.stages.video_failures import index_at_end_hint, reason, redirect_target, unresolved
 from sightstream.stages.video_interrupt import Guard, guards
 
 _log = log.get(__name__)
@@ -188,19 +188,17 @@ class _Keyframes:
 
 class _OpenFailed(Exception):
     def __init__(self, error: BaseException, url: str, live: bool, was_live: bool,
-                 redirects_refused: bool = False) -> None:
+                 redirected_to: str | None = None) -> None:
         # A host with no address: a typo more often than an outage, so retrying gives up soon;
         # but a live source (a camera whose name goes with it while it reboots) keeps trying.
         # A refusal (404, 403, …) is final too, but not from a source already read live: a
         # packager restarting answers 404 for a while.
         dns = unresolved(url) if isinstance(error, (av.error.FFmpegError, OSError)) else None
-        # FFmpeg tells a redirect it may not follow only as an I/O error
-        redirected = (redirects_refused and isinstance(error, OSError) and error.errno == errno.EIO
-                      and url.lower().startswith(("http://", "https://")))
-        super().__init__(dns or reason(error) + (
-            " (a redirect? jobs.allowed_hosts is set, so redirects are not followed: where they lead "
-            "is not checked; give the URL they lead to)" if redirected else ""))
-        self.permanent = (dns is not None and not live) or redirected or (
+        redirected = f"it redirects to {keys.public_url(redirected_to)}, and with jobs.allowed_hosts set " \
+            "redirects are not followed (where they lead is not checked): give the URL it leads to" \
+            if redirected_to else None
+        super().__init__(dns or redirected or reason(error))
+        self.permanent = (dns is not None and not live) or redirected is not None or (
             isinstance(error, _PERMANENT) and not was_live)
 
 
@@ -314,8 +312,11 @@ class _Reader:
                 io_open=files,
             )
         except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
-            failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True,
-                                 redirects_refused=not self.o.follow_redirects)
+            # FFmpeg tells a redirect it may not follow only as an I/O error: asked to be sure
+            refused = not self.o.follow_redirects and isinstance(e, OSError) and e.errno == errno.EIO \
+                and self.url.lower().startswith(("http://", "https://"))
+            target = redirect_target(self.url, self.o.headers, self.o.open_timeout_s) if refused else None
+            failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True, target)
             if isinstance(e, av.error.InvalidDataError) and (
                     time.perf_counter() - started >= 0.9 * self.o.open_timeout_s):
                 # FFmpeg's RTSP says "Invalid data" when the wait for an answer is cut short

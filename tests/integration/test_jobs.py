@@ -184,7 +184,8 @@ async def test_with_allowed_hosts_a_redirect_is_not_followed(redis_url, tmp_path
             source = server.url("clip.mp4").replace("127.0.0.1", "localhost")
             async with serving(job_settings(redis_url, tmp_path, videos, allowed_hosts=["localhost"])) as (d, client):
                 job = await until_status(client, await submit(client, source=source, fps=2), "completed", "failed")
-                assert job["status"] == "failed" and "redirects are not followed" in job["error"], job
+                assert job["status"] == "failed" and "redirects to http://127.0.0.1" in job["error"], job
+                assert "redirects are not followed" in job["error"], job
                 assert job["counts"]["processed"] == 0
             async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
                 job = await until_status(client, await submit(client, source=source, fps=2), "completed", "failed")
