@@ -283,3 +283,24 @@ async def test_a_confined_source_never_leads_outside_its_folders(tmp_path):
     os.mkfifo(fifo)  # put in a file's place, it would block the open for ever
     with pytest.raises(VideoSourceError, match="fifo.mp4 is not a file"):
         await read(VideoSource(str(fifo), options))
+
+
+async def test_a_confined_playlist_missing_a_segment_skips_it_as_before(tmp_path, capfd):
+    """FFmpeg skips a playlist's segment it cannot open; through the confined opener a missing
+    one ended the read (its error raised on the next read) instead. And a playlist naming
+    several files outside stops at the first, without a traceback per segment on stderr."""
+    playlist, outside = confined_vod(tmp_path)
+    options = ReaderOptions(fps=5, keyframes_only=False, confine_to=(str(tmp_path / "allowed"),))
+    longer = make_hls_vod(tmp_path / "allowed" / "longer", 4, RATE)
+    (longer.parent / "index1.ts").unlink()  # 1 s to 2 s
+    source = VideoSource(str(longer), options)
+    frames = await read(source)
+    assert not any(1.0 <= f.pts_s < 2.0 for f in frames) and frames[-1].pts_s > 3
+    assert source.stats.skipped_s == pytest.approx(1.0, abs=0.1)
+    escape = playlist.parent / "escape.m3u8"
+    escape.write_text(playlist.read_text().replace("index0.ts", "../../outside/secret.mp4").replace(
+        "index1.ts", "../../outside/secret.mp4"))
+    capfd.readouterr()
+    with pytest.raises(VideoSourceError, match="leads outside jobs.allowed_paths"):
+        await read(VideoSource(str(escape), options))
+    assert "Traceback" not in capfd.readouterr().err
