@@ -74,13 +74,22 @@ def video_frames(source: str, fps: float | None, timeout_s: float,
     """(RGB frame, seconds since start) for each frame, sampled to `fps` if given (> 0).
     `after_t`: resume a video with a known length after that time (a live one, whose times
     may start again at 0 when reopened, resumes where it is now)."""
+    import av
+
     with open_video(source, timeout_s) as container:
         if not container.streams.video:
             raise SourceError(f"{keys.public_url(source)} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        resume = after_t is not None and container.duration is not None
+        # A camera's session starts its times again at 0 (RTSP may give a duration of 0): only a
+        # video of known length resumes by time, after a seek near it
+        resume = after_t is not None and bool(container.duration) and not source.lower().startswith("rtsp")
         next_t = (after_t + (1 / fps if fps else 1e-3)) if resume and after_t is not None else 0.0
+        if resume and after_t is not None and stream.time_base:
+            try:
+                container.seek(int(after_t / stream.time_base), stream=stream, backward=True)
+            except av.error.FFmpegError:
+                pass  # decoded from the start instead, the frames before skipped
         for frame in container.decode(stream):
             t = float(frame.time or 0.0)
             if (fps or resume) and t + 1e-6 < next_t:
