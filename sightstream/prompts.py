@@ -108,26 +108,41 @@ return {'changed', version}
 """
 
 
-# KEYS: current hash, history list. ARGV: version, text, updated_at, configured text.
-# A daemon's own copy of a prompt, written back where Redis lost it (a restart without
-# persistence): the version number goes on from where it was, so a (pipeline, version) pair
-# still names one text. The versions before it are in the history as lost (no text).
-# Returns {restored | kept, the current version}: kept when the prompt is there (another
-# daemon restored it first, or its config seeded it).
+# KEYS: current hash, history list. ARGV: version, text, updated_at, configured text, channel,
+# pipeline. A daemon's own copy of a prompt, written back where Redis lost it (a restart
+# without persistence): the version number goes on from where it was, so a (pipeline, version)
+# pair still names one text. The versions before it are in the history as lost (no text).
+# A prompt already there is kept, unless it is older than this copy and was itself only
+# restored, or only seeded from a config since (then this, the newer, wins: daemons that
+# missed the last change, or started after the loss, do not take the version back).
+# Returns {restored | kept, the current version}.
 RESTORE = """
+local version = tonumber(ARGV[1])
 local current = tonumber(redis.call('HGET', KEYS[1], 'version'))
 if current then
-  return {'kept', current}
+  local set_by = redis.call('HGET', KEYS[1], 'set_by')
+  local seeded = current == 1 and set_by == 'config' and redis.call('HGET', KEYS[1], 'updated_at') == ''
+  if current >= version or not (set_by == 'restored' or seeded) then
+    return {'kept', current}
+  end
 end
-local version = tonumber(ARGV[1])
 redis.call('DEL', KEYS[2])
+local lost = {}
 for v = 1, version - 1 do
-  redis.call('RPUSH', KEYS[2], cjson.encode({version = v, text = '', lost = true}))
+  lost[#lost + 1] = cjson.encode({version = v, text = '', lost = true})
+  if #lost == 1000 then  -- RPUSH many at a time: a long history is restored in a moment
+    redis.call('RPUSH', KEYS[2], unpack(lost))
+    lost = {}
+  end
+end
+if #lost > 0 then
+  redis.call('RPUSH', KEYS[2], unpack(lost))
 end
 redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[2], updated_at = ARGV[3],
                                            set_by = 'restored'}))
 redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[2], 'updated_at', ARGV[3],
-           'set_by', 'restored', 'configured', ARGV[4])
+           'set_by', 'restored', 'configured', ARGV[4], 'rolled_back_from', '')
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return {'restored', version}
 """
 
@@ -211,7 +226,8 @@ class PromptStore:
         """Write `prompt` back where Redis has none; the prompt Redis holds after."""
         status, version = await self._restore(
             keys=[keys.prompt_current(pipeline), keys.prompt_history(pipeline)],
-            args=[prompt.version, prompt.text, _now(), self.configured.get(pipeline, "")])
+            args=[prompt.version, prompt.text, _now(), self.configured.get(pipeline, ""),
+                  keys.PROMPT_CHANNEL, pipeline])
         if status == b"restored":
             _log.warning("prompt_restored", pipeline=pipeline, version=int(version),
                          why="Redis had lost it (a restart without persistence?): written back from "
@@ -300,12 +316,17 @@ class PromptBook:
     async def refresh(self, pipelines: list[str] | None = None) -> None:
         found = await self._store.get_many(pipelines or self.pipelines)
         for name, p in found.items():
-            if p is None:  # Redis lost it: ours goes back, so its version keeps naming one text
-                p = await self._store.restore(name, self.current(name))
             known = self._current.get(name)
-            if known is not None and p.version < known.version:  # another daemon seeded it first
+            seeded = p is not None and p.version == 1 and p.set_by == "config" and p.updated_at is None
+            if p is None or (known is not None and p.version < known.version and (
+                    p.set_by == "restored" or seeded)):
+                # Redis lost it (or a copy older than ours, or a config's, came back first):
+                # ours goes back, so its version keeps naming one text
+                p = await self._store.restore(name, self.current(name))
+            if known is not None and p.version < known.version:  # kept: set again since
                 _log.warning("prompt_version_went_back", pipeline=name, version=p.version, was=known.version,
-                             why="Redis lost the prompt and a daemon that started since wrote its config's")
+                             why="Redis lost the prompt and it was set again since (over HTTP, or by an "
+                                 "edited config) before this daemon could write its copy back")
             if known != (new := Prompt(p.text, p.version)):
                 _log.info("prompt_changed", pipeline=name, version=p.version)
                 self._current[name] = new

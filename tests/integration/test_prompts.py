@@ -9,6 +9,7 @@ import json
 import pytest
 
 from sightstream.config import ModelEntry
+from sightstream.prompts import Prompt
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, running, serving, settings_for, wait_for
 
@@ -244,6 +245,17 @@ async def test_a_prompt_redis_lost_is_written_back_with_its_version(redis_url, s
         r = await client.put("/pipelines/people/prompt", json={"text": "fish"})
         assert (await r.json())["version"] == 4
         await wait_for(lambda: d.prompt_book.current("people").version == 4)
+        # lost again, and a daemon started since seeds its config's as version 1 first: the
+        # running one's newer copy wins, as does one over an older restored copy
+        sync_redis.flushdb()
+        await d.prompts.apply_config(["people"])
+        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 5,
+                       "the newer copy over the config's")
+        sync_redis.flushdb()
+        await d.prompts.restore("people", Prompt("birds", 3))  # a daemon that missed version 4
+        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 5,
+                       "the newer copy over an older one")
+        assert d.prompt_book.current("people") == Prompt("fish", 4)
         sync_redis.xadd("frames:{p}", {"image": encode(gradient)})
         await wait_for(lambda: sync_redis.xlen("results:people:frames:{p}") == 1)
     assert entries(sync_redis, "results:people:frames:{p}")[0][1]["prompt_version"] == b"4"
