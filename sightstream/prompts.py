@@ -55,7 +55,10 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= current then
   return {'conflict', current, ''}
 end
 if ARGV[1] == 'set' and redis.call('HGET', KEYS[1], 'text') == ARGV[2] then
-  return {'same', current, ''}
+  local now = redis.call('HGETALL', KEYS[1])
+  local same = {}
+  for i = 1, #now, 2 do same[now[i]] = now[i + 1] end
+  return {'same', current, cjson.encode(same)}
 end
 local text = ARGV[2]
 local record = {}
@@ -285,8 +288,6 @@ class PromptStore:
             raise VersionConflict(int(version))
         if status in (b"unknown", b"lost"):
             raise UnknownVersion(int(value), int(version), lost=status == b"lost")
-        if status == b"same":
-            return await self.get(pipeline)
         # The version this call wrote (not a re-read: another change may already follow it).
         return PromptVersion.from_record(json.loads(record))
 

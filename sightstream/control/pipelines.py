@@ -123,7 +123,7 @@ async def get_pipeline(request: web.Request) -> web.Response:
 
 async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipeline:
     run = d.runs.get(p.name)
-    found, redis_error = await _sources(d, p, run)
+    found, redis_error = await _sources(d, p, run, readers=sources)
     if run is None and redis_error is None:
         redis_error = "not read yet: the daemon is waiting for Redis"
     fps_in, fps_out = d.rates.fps(p.name)
@@ -209,7 +209,7 @@ async def _asked(call: Awaitable[T]) -> tuple[T | None, str | None]:
 
 
 async def _sources(
-    d: Daemon, p: PipelineSettings, run: PipelineRun | None
+    d: Daemon, p: PipelineSettings, run: PipelineRun | None, readers: bool = True
 ) -> tuple[list[Source] | None, str | None]:
     """Each source's backlog (and reader, where one daemon reads it), or None and why: Redis
     cannot be asked."""
@@ -217,13 +217,13 @@ async def _sources(
     backlog, why = await _asked(group_backlog(d.client, p.name, streams))
     if backlog is None:
         return None, why
-    leases = run.ingest.leases if run else None
-    readers: list[str | None] = [None] * len(backlog)
+    leases = run.ingest.leases if run and readers else None  # the list shows no sources: not asked
+    held_by: list[str | None] = [None] * len(backlog)
     if leases is not None:
         owners, why = await _asked(leases.owners([b.stream for b in backlog]))
         if owners is None:
             return None, why
-        readers = owners
+        held_by = owners
     upstream = next((q for q in d.settings.pipelines if q.name == p.prompt_from), None)
 
     def source(stream: str) -> str:  # a chained pipeline reads its upstream's results of a source
@@ -231,4 +231,4 @@ async def _sources(
 
     return [Source(stream=b.stream, source=source(b.stream), pending=b.pending, lag=b.lag,
                    last_delivered_id=b.last_delivered_id, reader=reader)
-            for b, reader in zip(backlog, readers)], None
+            for b, reader in zip(backlog, held_by)], None

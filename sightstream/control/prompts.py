@@ -113,7 +113,8 @@ async def get_prompt(request: web.Request) -> web.Response:
 
 @api.put("/pipelines/{name}/prompt", "Set a new version of the prompt (If-Match: <version> optional)",
          body=PromptIn,
-         responses={200: Resp("The new version", PromptOut, headers=IF_MATCH), 404: NO_PIPELINE,
+         responses={200: Resp("The new version (the current one, if it has this text already)", PromptOut,
+                              headers=IF_MATCH), 404: NO_PIPELINE,
                     409: CONFLICT,
                     422: error("The pipeline's model cannot use this prompt: the message says why")})
 async def put_prompt(request: web.Request) -> web.Response:

@@ -248,7 +248,7 @@ class Daemon:
         except (RedisError, OSError) as e:  # the notice follower retries
             _log.warning("first_prompt_read_failed", error=str(e))
         self.adhoc = AdhocBatcher(
-            self._batches, self.metrics,
+            self._batches,
             pinned=[w.own for w in self.workers] if len(self.devices) > 1 else None,
             stateful=lambda model: self.catalogue.get(model).task == "track",
             text=self._text_batches, writes_text=self._writes_text)

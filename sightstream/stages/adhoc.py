@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from sightstream import log
 from sightstream.errors import SightstreamError
 from sightstream.frames import Batch, Frame, Outcome
-from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.stages.batcher import collect_batch
 
@@ -38,7 +37,7 @@ class Lane:
 
 
 class AdhocBatcher:
-    def __init__(self, out: asyncio.Queue, metrics: Metrics, idle_s: float = 30.0,
+    def __init__(self, out: asyncio.Queue, idle_s: float = 30.0,
                  lane_size: int = 256, pinned: list[asyncio.Queue] | None = None,
                  stateful: Callable[[str], bool] = lambda model: False,
                  text: asyncio.Queue | None = None,
@@ -49,7 +48,6 @@ class AdhocBatcher:
         # hash of the source picks a worker's own queue, as pipelines' batchers do.
         self._pinned = pinned
         self._stateful = stateful
-        self._metrics = metrics
         self._idle_s = idle_s
         self._lane_size = lane_size
         self._lanes: dict[tuple[str, str, int, str], Lane] = {}

@@ -64,6 +64,8 @@ class Reclaimer(StreamReader):
             await self.reclaim(stream)
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
             for stream in list(self._streams()):
+                if self._stop.is_set():
+                    return
                 await self.prune_consumers(stream)
             self._pruned_at = time.monotonic()
 

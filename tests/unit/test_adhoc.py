@@ -9,7 +9,6 @@ import zlib
 import pytest
 
 from sightstream.frames import Frame
-from sightstream.metrics import Metrics
 from sightstream.prompts import Prompt
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from tests.conftest import wait_for
@@ -21,7 +20,7 @@ def frames(*sources: str) -> list[Frame]:
 
 async def test_frames_of_one_model_and_prompt_share_batches():
     out: asyncio.Queue = asyncio.Queue()
-    batcher = AdhocBatcher(out, Metrics())
+    batcher = AdhocBatcher(out)
     await batcher.put(frames("a", "b", "c"), "m/x", Prompt("cats", 1), "predict", (2, 50))
     await batcher.put(frames("d"), "m/x", Prompt("dogs", 1), "predict", (2, 50))
     batches = [await asyncio.wait_for(out.get(), 1) for _ in range(3)]
@@ -32,7 +31,7 @@ async def test_frames_of_one_model_and_prompt_share_batches():
 async def test_a_tracking_models_sources_each_stay_on_one_device():
     shared: asyncio.Queue = asyncio.Queue()
     own = [asyncio.Queue(), asyncio.Queue()]
-    batcher = AdhocBatcher(shared, Metrics(), pinned=own, stateful=lambda model: model == "sam2/track")
+    batcher = AdhocBatcher(shared, pinned=own, stateful=lambda model: model == "sam2/track")
     sources = ["u1", "u2", "u3", "u4"]
     await batcher.put(frames(*sources), "sam2/track", Prompt("", 1), "jobs", (8, 20))
     seen: list[str] = []
@@ -54,7 +53,7 @@ async def test_a_tracking_models_sources_each_stay_on_one_device():
 
 async def test_an_idle_lane_ends_and_a_new_one_starts_for_the_next_frame():
     out: asyncio.Queue = asyncio.Queue()
-    batcher = AdhocBatcher(out, Metrics(), idle_s=0.05)
+    batcher = AdhocBatcher(out, idle_s=0.05)
     await batcher.put(frames("a"), "m/x", Prompt("", 1), "predict", (8, 1))
     await asyncio.wait_for(out.get(), 1)
     await wait_for(lambda: batcher._lanes == {}, 2, "the idle lane to end")
@@ -65,7 +64,7 @@ async def test_an_idle_lane_ends_and_a_new_one_starts_for_the_next_frame():
 
 async def test_frames_not_yet_batched_fail_at_shutdown():
     out: asyncio.Queue = asyncio.Queue(1)
-    batcher = AdhocBatcher(out, Metrics())
+    batcher = AdhocBatcher(out)
     futures = await batcher.put(frames("a", "b", "c"), "m/x", Prompt("", 1), "predict", (1, 0))
     await wait_for(lambda: out.full(), 1, "the first batch handed on")
     await batcher.close()
@@ -87,7 +86,7 @@ async def test_a_batch_that_cannot_be_sent_fails_its_callers_and_the_lane_goes_o
             raise KeyError("unknown model 'gone/model'")
         return False
 
-    batcher = AdhocBatcher(out, Metrics(), pinned=[asyncio.Queue(), asyncio.Queue()], stateful=stateful)
+    batcher = AdhocBatcher(out, pinned=[asyncio.Queue(), asyncio.Queue()], stateful=stateful)
     (refused,) = await batcher.put(frames("a"), "gone/model", Prompt("", 1), "jobs", (1, 1))
     with pytest.raises(KeyError, match="gone/model"):
         await asyncio.wait_for(refused, 2)
