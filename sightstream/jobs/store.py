@@ -389,14 +389,19 @@ class JobStore:
                 for job_id in ids:
                     pipe.exists(keys.job(job_id))
                 alive = await pipe.execute()
-            gone = [job_id for job_id, there in zip(ids, alive) if not there]
-            if gone:
-                await self._client.zrem(keys.JOBS_INDEX, *gone)
-                dropped += len(gone)
-            if len(gone) < len(ids) or len(ids) < page:
+            gone = await self._forget_gone(ids, alive)
+            dropped += gone
+            if gone < len(ids) or len(ids) < page:
                 break  # reached jobs that are still kept (or the end)
             start = f"({ids[-1]}"
         return dropped
+
+    async def _forget_gone(self, ids: list[str], found: list[Any]) -> int:
+        """Drop from the index the ids whose job is gone (`found` empty for it); how many."""
+        gone = [job_id for job_id, there in zip(ids, found) if not there]
+        if gone:
+            await self._client.zrem(keys.JOBS_INDEX, *gone)
+        return len(gone)
 
     async def page(self, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
         """Newest first. Returns the page and the cursor of the next one (None: no more).
@@ -413,9 +418,7 @@ class JobStore:
                 for job_id in ids:
                     pipe.hgetall(keys.job(job_id))
                 rows = await pipe.execute()
-            gone = [job_id for job_id, raw in zip(ids, rows) if not raw]
-            if gone:
-                await self._client.zrem(keys.JOBS_INDEX, *gone)
+            await self._forget_gone(ids, rows)
             for job_id, raw in zip(ids, rows):
                 if raw and (status is None or raw.get(b"status", b"").decode() == status):
                     found.append(Job.from_hash(job_id, raw))
