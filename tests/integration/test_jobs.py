@@ -361,7 +361,8 @@ async def test_expired_jobs_leave_the_index_without_anyone_listing_them(redis_ur
     client = make_client(redis_url)
     store = JobStore(client, 60)
     try:
-        jobs = [await store.create(JobSpec(f"redis://cams:{{{n}}}", "tiny/det")) for n in range(5)]
+        made = [await store.create(JobSpec(f"redis://cams:{{{n}}}", "tiny/det")) for n in range(5)]
+        jobs = sorted(made, key=lambda job: job.id)  # by time, then at random within a millisecond
         for job in jobs[:3]:  # the oldest three expired
             sync_redis.delete(keys.job(job.id))
         assert await store.prune_index(page=2) == 3
