@@ -29,9 +29,10 @@ def make_app(daemon: Daemon) -> web.Application:
     control = daemon.settings.control
     quiet_bad_http()
     max_bytes = control.max_upload_bytes
+    open_handlers = {op.handler for api in APIS for op in api.operations if op.open}
     app = web.Application(
-        middlewares=[json_errors, browser_guard(control), require_token(control, open_handlers={
-            op.handler for api in APIS for op in api.operations if op.open}), body_limits(max_bytes)],
+        middlewares=[json_errors, browser_guard(control, open_handlers),
+                     require_token(control, open_handlers), body_limits(max_bytes)],
         client_max_size=max_bytes,
     )
     app[DAEMON] = daemon

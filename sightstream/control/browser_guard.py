@@ -7,7 +7,7 @@ stops both: a page cannot know it, nor send it cross-site without a CORS preflig
 never answered):
 - `Host` must be an address (a rebound page names its own domain), a loopback name, this
   machine's host name, `control.host`, or one of `control.allowed_host_names` (a name other
-  containers or hosts use for it); else 403;
+  containers or hosts use for it); else 403 (but for the routes open with a token too);
 - a request that changes something (not GET or HEAD) carrying an `Origin` other than the
   host it was sent to is refused; curl and scripts send no Origin.
 A header that cannot be parsed is a 400."""
@@ -53,7 +53,9 @@ def _is_address(host: str) -> bool:
     return True
 
 
-def browser_guard(control: ControlSettings) -> Callable:
+def browser_guard(control: ControlSettings, open_handlers: set[Handler]) -> Callable:
+    """`open_handlers` (the probes, /metrics, the page, which holds no data) skip the Host
+    check: load balancers and Prometheus ask them by whatever name they know the daemon by."""
     names = {socket.gethostname().lower(), socket.getfqdn().lower(), control.host.lower(),
              *(n.lower().rstrip(".") for n in control.allowed_host_names)}
 
@@ -71,7 +73,7 @@ def browser_guard(control: ControlSettings) -> Callable:
             origin_netloc = urlsplit(origin).netloc.lower() if origin and origin != "null" else ""
         except ValueError:
             return error_response(400, "the Host or Origin header is not a host[:port] or an origin")
-        if host and not host_allowed(host_name):  # none: an HTTP/1.0 client
+        if host and not host_allowed(host_name) and request.match_info.handler not in open_handlers:
             return error_response(403, f"Host {host!r} is not a name of this daemon: without control.token "
                                   "it answers requests that name an address, localhost, this machine's host "
                                   "name or one of control.allowed_host_names (a web page whose name is "

@@ -63,6 +63,15 @@ _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of thes
 NEVER_LIVE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}
 
 
+# The demuxers an API job's file may be read with: video containers and streams, and HLS
+# (whose segments go through the confined opener). Not concat (an ffconcat list, whatever the
+# file's name, opens the files it lists itself, past the opener), nor DASH or IMF.
+CONFINED_FORMATS = ",".join((
+    "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "mpeg", "hls", "avi", "flv", "asf", "ogg",
+    "h264", "hevc", "m4v", "mjpeg", "mxf", "nut", "dv", "gif", "yuv4mpegpipe", "image2",
+    "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe"))
+
+
 class VideoSourceError(SightstreamError):
     """A video source cannot be read and retrying will not help (its one sentence says why)."""
 
@@ -131,6 +140,8 @@ def container_options(url: str, o: ReaderOptions) -> dict[str, str]:
     opts = {"live_start_index": str(o.live_start_index), "seg_max_retry": str(o.seg_max_retry)}
     if o.m3u8_hold_counters is not None:
         opts["m3u8_hold_counters"] = str(o.m3u8_hold_counters)
+    if o.confine_to:  # an API job's file: no demuxer that opens the files it names on its own
+        opts["format_whitelist"] = CONFINED_FORMATS
     scheme = urlsplit(url).scheme
     if scheme in ("rtsp", "rtsps"):
         return {"rtsp_transport": "tcp"}
@@ -316,6 +327,11 @@ class _Reader:
             refused = not self.o.follow_redirects and isinstance(e, OSError) and e.errno == errno.EIO \
                 and self.url.lower().startswith(("http://", "https://"))
             target = redirect_target(self.url, self.o.headers, self.o.open_timeout_s) if refused else None
+            if self.o.confine_to and isinstance(e, av.error.ArgumentError):  # format_whitelist's refusal
+                raise VideoSourceError(
+                    f"the video source {self.name} cannot be read: it is not a video format a job may "
+                    "read from a file (a concat list, or another file that names files to read, is refused)"
+                ) from e
             failed = _OpenFailed(e, self.url, self._live(), self.stats.is_live is True, target)
             if isinstance(e, av.error.InvalidDataError) and (
                     time.perf_counter() - started >= 0.9 * self.o.open_timeout_s):

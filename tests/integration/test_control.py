@@ -134,6 +134,9 @@ async def test_without_a_token_web_pages_can_neither_change_nor_read_the_daemon(
         r = await client.get("/pipelines", headers={"Host": f"attacker.example:{client.port}"})
         assert r.status == 403 and "not a name of this daemon" in (await r.json())["error"]["message"]
         assert (await client.post("/jobs", data=job, headers={"Host": "rebound.example"})).status == 403
+        # the routes open with a token too answer any name (a load balancer's, Prometheus's)
+        for path in ("/health/live", "/metrics", "/"):
+            assert (await client.get(path, headers={"Host": "gpu-7.cluster.example"})).status == 200, path
         # this host's programs, and the live page itself (its Origin is the host it asks)
         # an address (no page can be rebound to one), loopback names, the names listed
         for host in (f"localhost:{client.port}", f"127.0.0.1:{client.port}", f"[::1]:{client.port}",

@@ -304,3 +304,19 @@ async def test_a_confined_playlist_missing_a_segment_skips_it_as_before(tmp_path
     with pytest.raises(VideoSourceError, match="leads outside jobs.allowed_paths"):
         await read(VideoSource(str(escape), options))
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_a_confined_source_may_not_be_a_concat_list(tmp_path):
+    """FFmpeg's concat demuxer opens the files an ffconcat list names on its own, past the
+    confined opener: a list under an allowed folder (whatever its file's name) naming a link
+    there to a file elsewhere read that file in full. Unconfined, a list is read as before."""
+    playlist, outside = confined_vod(tmp_path)
+    allowed = tmp_path / "allowed"
+    (allowed / "link.mp4").symlink_to(outside / "secret.mp4")
+    listing = allowed / "innocent.mp4"
+    listing.write_text("ffconcat version 1.0\nfile 'link.mp4'\n")
+    with pytest.raises(VideoSourceError, match="not a video format a job may read from a file"):
+        await read(VideoSource(str(listing), ReaderOptions(fps=5, confine_to=(str(allowed),))))
+    assert len(await read(VideoSource(str(listing), ReaderOptions(fps=5)))) == 5
+    clip = make_clip(allowed / "clip.mkv", 1, RATE)  # other containers still read
+    assert len(await read(VideoSource(str(clip), ReaderOptions(fps=5, confine_to=(str(allowed),))))) == 5
