@@ -321,8 +321,8 @@ async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(re
     assert min(fast) >= 0.6 * max(fast), (got, mean_batch)
     assert got["frames:{c}"] >= 0.8 * 5 * 6 and got["frames:{d}"] >= 0.8 * 6, got  # the slow ones in full
     # fuller batches of live frames, not ones emptied at the device by frames gone stale there
-    # (measured: 6.1 of 8; 4.5 before)
-    assert mean_batch >= 5.5, (got, mean_batch)
+    # (measured: 7.7 of 8; 4.5 before)
+    assert mean_batch >= 6.5, (got, mean_batch)
 
 
 async def test_live_mode_below_capacity_drops_no_frame_that_would_be_in_time(redis_url, sync_redis, tmp_path,
@@ -344,3 +344,40 @@ async def test_live_mode_below_capacity_drops_no_frame_that_would_be_in_time(red
             d.metrics.frames_acked.labels("people", "stale")._value.get()) >= sent, 10, "every frame handled")
         stale = int(d.metrics.frames_acked.labels("people", "stale")._value.get())
     assert stale == 0 and counts(sync_redis, "frames:{cam}")[0] == sent, stale
+
+
+async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_path, gradient):
+    """Cameras at 31 frames/s in all on a model of 40 (in batches of 8): it keeps up, busy. The
+    overload rules acted all the same (small batches left more than a batch waiting) and the
+    share cap dropped 2 % of the busiest camera's frames, that would have been in time."""
+    import threading
+
+    import redis as redis_py
+
+    jpeg = encode(gradient)
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
+                            fakes={"slow": {"delay_s": 0.04, "frame_s": 0.02}})
+    halt = threading.Event()
+
+    def camera(stream: str, fps: float) -> None:
+        client, sent = redis_py.Redis.from_url(redis_url), 0
+        start = time.monotonic()
+        while not halt.is_set():
+            client.xadd(stream, {"image": jpeg})
+            sent += 1
+            time.sleep(max(0.0, start + sent / fps - time.monotonic()))
+        client.close()
+
+    async with running(settings) as d:
+        cameras = [threading.Thread(target=camera, args=(s, fps))
+                   for s, fps in (("frames:{b}", 25), ("frames:{c}", 5), ("frames:{d}", 1))]
+        for c in cameras:
+            c.start()
+        try:
+            await asyncio.sleep(8)
+        finally:
+            halt.set()
+            for c in cameras:
+                c.join()
+        stale = int(d.metrics.frames_acked.labels("people", "stale")._value.get())
+    assert stale == 0, stale
