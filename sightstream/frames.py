@@ -68,7 +68,10 @@ class Frame:
     snapshot: bytes | None = field(default=None, repr=False)  # the encoded image, for the live page
     # A text model's input instead of an image (job summaries, /predict with text).
     text: str | None = field(default=None, repr=False)
-    at_device: bool = False  # taken by a device worker (live mode counts the frames ahead of it)
+    # Live mode counts the frames ahead of one read: not those a device took, nor those with an
+    # outcome already (dropped, sampled out, dead-lettered), held until it is acknowledged.
+    at_device: bool = False
+    settled: bool = False
 
     @property
     def source(self) -> str:
@@ -194,6 +197,9 @@ class DeadLettered:
     reason: str
     error: str
 
+    def __post_init__(self) -> None:
+        self.frame.settled = True
+
     @classmethod
     def of(cls, frame: Frame, reason: str, error: str) -> DeadLettered:
         """A frame's dead-letter outcome, in its pipeline's dead-letter stream for its source."""
@@ -206,6 +212,9 @@ class Acked:
 
     frame: Frame
     reason: str
+
+    def __post_init__(self) -> None:
+        self.frame.settled = True
 
 
 Outcome = Published | DeadLettered | Acked

@@ -1,6 +1,7 @@
 """Batcher: one per pipeline. A batch closes at `batch_size` frames or `batch_timeout_ms`
-after its first frame, whichever comes first, then waits for a free worker (the shared
-batch queue is bounded, and idle workers pull from it: the least busy takes the next batch).
+after its first frame, whichever comes first, then waits in line for a place in the shared,
+bounded batch queue (idle workers pull from it: the least busy takes the next batch); while
+it waits, it takes the frames that come meanwhile, up to `batch_size`.
 
 A pipeline whose model keeps state per source (tracking) on a daemon with several devices
 sends each source to one device, always the same (a hash of the source picks the worker's
@@ -18,8 +19,6 @@ from sightstream.frames import Batch, Frame
 from sightstream.prompts import Prompt
 from sightstream.stages.flow import STOP
 from sightstream.stages.queue_wait import QueueWait
-
-FILL_POLL_S = 0.002  # how often a batch waiting for a place looks for more frames
 
 
 async def _get_within(queue: asyncio.Queue, seconds: float) -> Any:
@@ -80,12 +79,14 @@ class Batcher:
     async def run(self) -> None:
         timeout_s = self._p.batch_timeout_ms / 1000
         stopped = False
+        first: Any = None  # a frame that came as the last batch was queued: the next one's first
         while not stopped:
-            frames, stopped = await collect_batch(self._in, self._p.batch_size, timeout_s)
+            frames, stopped = await collect_batch(self._in, self._p.batch_size, timeout_s, first=first)
+            first = None
             if frames:
                 if self._pinned is None:
-                    stopped = await self._fill_while_full(frames) or stopped
-                    await self._out.put(self._batch(frames))
+                    first, stopped_filling = await self._queue_filling(self._batch(frames), stopped)
+                    stopped = stopped or stopped_filling
                     continue
                 by_worker: dict[int, list[Frame]] = {}
                 for frame in frames:
@@ -94,21 +95,29 @@ class Batcher:
                 for k, part in by_worker.items():
                     await self._pinned[k].put(self._batch(part))
 
-    async def _fill_while_full(self, frames: list[Frame]) -> bool:
-        """While the devices' queue is full the batch would wait for a place anyway: it takes
-        the frames that come meanwhile, up to batch_size. Closed at its timeout and queued,
-        batches stayed the size of what arrived during one model call (3.3 of 8, with 17
-        frames waiting, and a model that could do more saturated). True: STOP came."""
-        while len(frames) < self._p.batch_size and self._out.full():
-            try:
-                item = self._in.get_nowait()
-            except asyncio.QueueEmpty:
-                await asyncio.sleep(FILL_POLL_S)
-                continue
+    async def _queue_filling(self, batch: Batch, stopped: bool) -> tuple[Any, bool]:
+        """Queue `batch` for the devices, keeping its place in line; while it waits for one, it
+        takes the frames that come meanwhile, up to batch_size. Closed at its timeout and
+        queued, batches stayed the size of what arrived during one model call (3.3 of 8, with
+        17 frames waiting: a model able to do more saturated). Returns a frame that came just
+        as the batch was queued (the next batch's first), and whether STOP came."""
+        queued = asyncio.ensure_future(self._out.put(batch))
+        while not stopped and not queued.done() and len(batch.frames) < self._p.batch_size:
+            got = asyncio.ensure_future(self._in.get())
+            await asyncio.wait({queued, got}, return_when=asyncio.FIRST_COMPLETED)
+            if not got.done():
+                got.cancel()
+                break  # queued
+            item = got.result()
             if item is STOP:
-                return True
-            frames.append(item)
-        return False
+                stopped = True
+            elif queued.done():
+                await queued
+                return item, False  # too late for this batch
+            else:
+                batch.frames.append(item)
+        await queued
+        return None, stopped
 
     def _batch(self, frames: list[Frame]) -> Batch:
         p = self._p

@@ -73,8 +73,10 @@ class InFlight:
             self.give()
 
     def waiting(self) -> Counter[str]:
-        """Frames held that no device has taken yet (read, sampled, decoded, batched), by stream."""
-        return Counter(stream for (stream, _), frame in self._frames.items() if not frame.at_device)
+        """Frames held that no device has taken yet and that have no outcome yet (read, sampled,
+        decoded, batched), by stream."""
+        return Counter(stream for (stream, _), frame in self._frames.items()
+                       if not frame.at_device and not frame.settled)
 
     def holds(self, stream: str, entry_id: str) -> bool:
         return (stream, entry_id) in self._frames

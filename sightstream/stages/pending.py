@@ -77,8 +77,9 @@ class Admission:
 
     async def admit_read(
         self, stream: str, entries: list, deliveries: dict[str, int] | None = None
-    ) -> tuple[int, int]:
-        """As admit; returns (places used, of them frames dropped as stale: live mode)."""
+    ) -> tuple[int, int, int]:
+        """As admit; returns (places used, of them frames dropped in live mode, of those the
+        ones dropped for their age rather than past the stream's share of the queue)."""
         stale = 0
         read: list[Frame] = []
         kept: list[Frame] = []
@@ -107,6 +108,7 @@ class Admission:
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
             kept.append(frame)
+        aged = stale
         if room is not None and len(kept) > max(0, room):  # past its share: skip to its newest
             skipped, kept = (kept[:-room], kept[-room:]) if room > 0 else (kept, [])
             stale += len(skipped)
@@ -123,10 +125,10 @@ class Admission:
             except Stopped:  # stopping while Redis is unreachable: left pending
                 for frame in kept:
                     frame.release()
-                return used, stale
+                return used, stale, aged
         for frame in kept:
             await self._out.put(frame)
-        return used, stale
+        return used, stale, aged
 
     async def _with_source_frames(self, frames: list[Frame]) -> list[Frame]:
         """Fetch the frames that chained entries describe (one pipelined round, retried while

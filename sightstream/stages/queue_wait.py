@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 
 WINDOW_S = 3.0  # the device's pace over this long
-STALLED_S = 2.0  # nothing taken for this long: the pace is not known (a load, a stuck call)
+STALLED_S = 2.0  # nothing taken for this long (or twice the usual gap): pace unknown (a load, a stuck call)
 
 
 class QueueWait:
@@ -41,9 +41,12 @@ class QueueWait:
     def pace(self) -> float:
         """Frames the device took per second lately; 0 while that is not known."""
         now = time.monotonic()
-        if len(self._taken) < 2 or now - self._taken[-1][0] > STALLED_S:
+        if len(self._taken) < 2:
             return 0.0
         span = self._taken[-1][0] - self._taken[0][0]
+        # stalled: nothing taken for twice the usual gap (a slow model's calls take seconds)
+        if now - self._taken[-1][0] > max(STALLED_S, 2 * span / (len(self._taken) - 1)):
+            return 0.0
         return sum(n for _, n in list(self._taken)[1:]) / span if span >= 0.5 else 0.0
 
     def limits(self, waiting: Counter[str], stream: str) -> tuple[int, int | None]:

@@ -281,11 +281,11 @@ class RedisIngest(StreamReader):
             name = stream.decode()
             if entries:
                 self._active[name] = now
-            admitted, dropped = await self._admission.admit_read(name, entries)
+            admitted, dropped, aged = await self._admission.admit_read(name, entries)
             if self.leases and admitted > dropped:  # stale ones cost the model nothing
                 sent = entry_ms(entries[0][0].decode()), entry_ms(entries[-1][0].decode())
                 self.rates.add(name, admitted - dropped, *sent)
-            if admitted and admitted == dropped:
+            if admitted and admitted == aged:  # all too old: behind (past its share is not)
                 behind.append(name)
             used += admitted
         # Live mode: a stream whose read gave stale entries only is read again, on its own,

@@ -69,7 +69,8 @@ NEVER_LIVE_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2"}
 CONFINED_FORMATS = ",".join((
     "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "mpegts", "mpeg", "hls", "avi", "flv", "asf", "ogg",
     "h264", "hevc", "m4v", "mjpeg", "mxf", "nut", "dv", "gif", "yuv4mpegpipe", "image2",
-    "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe"))
+    "jpeg_pipe", "png_pipe", "webp_pipe", "bmp_pipe",
+    "aac", "mp3", "ac3", "eac3", "webvtt"))  # an HLS playlist's audio and subtitle renditions
 
 
 class VideoSourceError(SightstreamError):

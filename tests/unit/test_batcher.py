@@ -74,3 +74,48 @@ async def test_waits_for_a_first_frame_however_long():
     assert not task.done()
     q.put_nowait("x")
     assert await task == (["x"], False)
+
+
+def _frame(pipeline: str, n: int):
+    from sightstream.frames import Frame
+
+    return Frame(pipeline, "frames:{a}", f"{n}-0", {}, n)
+
+
+async def test_a_batch_waiting_for_a_place_takes_frames_and_keeps_its_turn():
+    """A batch closed at its timeout waits for a place in the devices' queue: it takes the
+    frames that come meanwhile (batches were the size of what came during one model call), and
+    keeps its place in line, ahead of another pipeline's batch that came after it."""
+    from sightstream.config import PipelineSettings
+    from sightstream.stages.batcher import Batcher
+
+    out: asyncio.Queue = asyncio.Queue(1)
+    out.put_nowait("a batch on its way to a device")  # full
+    light_in: asyncio.Queue = asyncio.Queue()
+    heavy_in: asyncio.Queue = asyncio.Queue()
+    light = Batcher(PipelineSettings(name="light", batch_size=4, batch_timeout_ms=0), light_in, out)
+    heavy = Batcher(PipelineSettings(name="heavy", batch_size=4, batch_timeout_ms=0), heavy_in, out)
+    light_in.put_nowait(_frame("light", 0))
+    tasks = [asyncio.create_task(light.run())]
+    await asyncio.sleep(0.01)  # light's batch of one waits for a place
+    for n in range(4):
+        heavy_in.put_nowait(_frame("heavy", n))
+    tasks.append(asyncio.create_task(heavy.run()))
+    await asyncio.sleep(0.01)  # heavy's full batch waits behind it
+    for n in range(1, 6):  # light's frames meanwhile: three fill its batch, two are the next's
+        light_in.put_nowait(_frame("light", n))
+    await asyncio.sleep(0.01)
+    assert out.get_nowait() == "a batch on its way to a device"
+    await asyncio.sleep(0.01)
+    first = out.get_nowait()
+    assert first.pipeline == "light" and [f.entry_id for f in first.frames] == ["0-0", "1-0", "2-0", "3-0"]
+    await asyncio.sleep(0.01)
+    assert out.get_nowait().pipeline == "heavy"
+    await asyncio.sleep(0.01)
+    assert [f.entry_id for f in out.get_nowait().frames] == ["4-0", "5-0"]
+    light_in.put_nowait(_frame("light", 6))  # a place is free: queued at once; then STOP ends both
+    await asyncio.sleep(0.01)
+    light_in.put_nowait(STOP)
+    heavy_in.put_nowait(STOP)
+    assert [f.entry_id for f in (await asyncio.wait_for(out.get(), 1)).frames] == ["6-0"]
+    await asyncio.wait_for(asyncio.gather(*tasks), 1)  # both ended

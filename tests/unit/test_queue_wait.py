@@ -25,3 +25,18 @@ def test_limits_apply_only_while_the_device_is_behind(monkeypatch):
     assert waits.limits(Counter({"a": 60}), "a") == (1, -20)  # over what it clears in time: none
     now[0] += 3  # nothing taken since: a long call, a load; its pace is not known
     assert waits.limits(Counter({"a": 20}), "a") == (1000, None)
+
+
+def test_frames_with_an_outcome_or_at_a_device_are_not_waiting():
+    """A frame dropped at read stays held until acknowledged: counted as waiting, it made the
+    next read (often the same stream's, at once) drop everything as if a queue stood ahead."""
+    from sightstream.frames import Acked, Frame
+    from sightstream.stages.flow import InFlight
+
+    in_flight = InFlight(8)
+    frames = [Frame("p", s, f"{n}-0", {}, n) for n, s in enumerate(["frames:{a}"] * 3 + ["frames:{b}"])]
+    for f in frames:
+        assert in_flight.hold(f)
+    Acked(frames[0], "stale")  # dropped, not yet acknowledged
+    frames[1].at_device = True
+    assert in_flight.waiting() == Counter({"frames:{a}": 1, "frames:{b}": 1})
