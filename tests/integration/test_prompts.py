@@ -249,11 +249,11 @@ async def test_a_prompt_redis_lost_is_written_back_with_its_version(redis_url, s
         # running one's newer copy wins, as does one over an older restored copy
         sync_redis.flushdb()
         await d.prompts.apply_config(["people"])
-        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 5,
+        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 15,
                        "the newer copy over the config's")
         sync_redis.flushdb()
         await d.prompts.restore("people", Prompt("birds", 3))  # a daemon that missed version 4
-        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 5,
+        await wait_for(lambda: sync_redis.hget("sightstream:prompt:{people}", "version") == b"4", 15,
                        "the newer copy over an older one")
         assert d.prompt_book.current("people") == Prompt("fish", 4)
         sync_redis.xadd("frames:{p}", {"image": encode(gradient)})
