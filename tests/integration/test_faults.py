@@ -297,7 +297,7 @@ async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(re
         while not halt.is_set():
             client.xadd(stream, {"image": jpeg})
             sent[stream] += 1
-            time.sleep(max(0.0, start + sent[stream] / fps - time.monotonic()))
+            halt.wait(max(0.0, start + sent[stream] / fps - time.monotonic()))
         client.close()
 
     async with running(settings) as d:
@@ -314,8 +314,8 @@ async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(re
             sizes = adapter(d, "fake/slow").batch_sizes[calls:]
         finally:
             halt.set()
-            for c in cameras:
-                c.join()
+            for c in cameras:  # not on the loop: a join would stall the daemon under test
+                await asyncio.to_thread(c.join)
     mean_batch = sum(sizes) / len(sizes)
     fast = (got["frames:{a}"], got["frames:{b}"])
     assert min(fast) >= 0.6 * max(fast), (got, mean_batch)
@@ -368,7 +368,7 @@ async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_
         while not halt.is_set():
             client.xadd(stream, {"image": jpeg})
             sent[stream] += 1
-            time.sleep(max(0.0, start + sent[stream] / fps - time.monotonic()))
+            halt.wait(max(0.0, start + sent[stream] / fps - time.monotonic()))
         client.close()
 
     async with running(settings) as d:
@@ -380,12 +380,11 @@ async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_
             await asyncio.sleep(8)
         finally:
             halt.set()
-            for c in cameras:
-                c.join()
+            for c in cameras:  # not on the loop: a join would stall the daemon under test
+                await asyncio.to_thread(c.join)
         await wait_for(lambda: sum(counts(sync_redis, s)[0] for s in sent) + int(
             d.metrics.frames_acked.labels("people", "stale")._value.get()) >= sum(sent.values()), 10)
         stale = int(d.metrics.frames_acked.labels("people", "stale")._value.get())
-    # A guard against gross over-dropping: a loaded machine may hold up a few frames past
-    # max_age_ms for real (the black-box run's 2 % is below what this can tell from that).
-    assert stale <= 0.02 * sum(sent.values()), (stale, sent)
-    assert all(counts(sync_redis, s)[0] >= 0.97 * n for s, n in sent.items()), sent
+    # (measured: none; a loaded machine may hold up a frame or two past max_age_ms for real)
+    assert stale <= 0.01 * sum(sent.values()), (stale, sent)
+    assert all(counts(sync_redis, s)[0] >= 0.98 * n for s, n in sent.items()), sent
