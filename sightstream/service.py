@@ -178,7 +178,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
                 if (error := daemon.failed()) is not None:
-                    _log.error("stage_failed", error=repr(error))
+                    # a bug: its stage and its traceback, to report
+                    stage = " ".join(getattr(error, "__notes__", ()))
+                    _log.error("stage_failed", error=repr(error), stage=stage, exc_info=error)
                     code = 1
                     break
     finally:

@@ -489,10 +489,14 @@ class Daemon:
         return tasks + ([self._publisher_task] if self._publisher_task else [])
 
     def failed(self) -> BaseException | None:
-        """An exception that ended a stage early (a bug): the service exits rather than idle."""
+        """An exception that ended a stage early (a bug): the service exits rather than idle.
+        Its notes name the stage (the task)."""
         for task in self._all_tasks():
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                return task.exception()
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                note = f"in the stage {task.get_name()}"
+                if note not in getattr(error, "__notes__", ()):
+                    error.add_note(note)
+                return error
         return None
 
     async def redis_ok(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import traceback
 
 import pytest
 from redis.cluster import RedisCluster
@@ -108,7 +109,7 @@ async def test_a_source_whose_results_would_be_in_another_slot_is_not_read(clust
         async with running(cluster_settings(cluster, tmp_path)) as d:
             await wait_for(lambda: rc.xlen("results:people:frames:{ok}") == 1, what="the tagged source")
             assert "frames:cam9" not in d.runs["people"].ingest.streams
-            assert d.failed() is None
+            assert (failed := d.failed()) is None, "".join(traceback.format_exception(failed))
     (refused,) = [e for e in logs if e["event"] == "stream_not_read_on_cluster"]
     assert refused["stream"] == "frames:cam9" and "hash tag" in refused["reason"]
     assert rc.xlen("frames:cam9") == 1 and not rc.exists("results:people:frames:cam9")
@@ -241,7 +242,7 @@ async def test_a_cluster_outage_is_waited_out_and_health_says_so(tmp_path, gradi
                 lost.stop()  # its slots are served by nobody: CLUSTERDOWN everywhere
                 await wait_for(lambda: _state(own.nodes[0].port) == "fail", 20, "the cluster to fail")
                 await asyncio.sleep(3)  # reads, reclaims, heartbeats, gauges and publishes all fail meanwhile
-                assert d.failed() is None
+                assert (failed := d.failed()) is None, "".join(traceback.format_exception(failed))
                 r = await http.get("/health/ready")
                 assert r.status == 503
                 assert (await r.json())["problems"] == ["the Redis Cluster is down or unreachable"]

@@ -30,6 +30,38 @@ def publish(sync_redis, stream: str, n: int, image: bytes, **fields) -> list[str
     return [sync_redis.xadd(stream, {"image": image, **fields}).decode() for _ in range(n)]
 
 
+@contextlib.asynccontextmanager
+async def cameras(redis_url: str, image: bytes, rates: dict[str, float]):
+    """A thread per stream XADDing `image` at its rate (frames/s) until the block ends;
+    yields the frames sent so far, by stream. Joined off the event loop: a join on it would
+    stall the daemon under test (its last frames went stale)."""
+    import threading
+
+    import redis as redis_py
+
+    halt = threading.Event()
+    sent = dict.fromkeys(rates, 0)
+
+    def camera(stream: str, fps: float) -> None:
+        client = redis_py.Redis.from_url(redis_url)
+        start = time.monotonic()
+        while not halt.is_set():
+            client.xadd(stream, {"image": image})
+            sent[stream] += 1
+            halt.wait(max(0.0, start + sent[stream] / fps - time.monotonic()))
+        client.close()
+
+    threads = [threading.Thread(target=camera, args=item) for item in rates.items()]
+    for t in threads:
+        t.start()
+    try:
+        yield sent
+    finally:
+        halt.set()
+        for t in threads:
+            await asyncio.to_thread(t.join)
+
+
 async def test_out_of_memory_halves_the_batch(redis_url, sync_redis, tmp_path, gradient):
     ids = publish(sync_redis, "frames:{oom}", 8, encode(gradient))
     settings = settings_for(redis_url, tmp_path, [{"model": "fake/oom", "batch_size": 8, "batch_timeout_ms": 300}],
@@ -280,42 +312,17 @@ async def test_live_mode_under_overload_shares_the_model_between_fast_cameras(re
     results where the next had 151) for as long as the overload lasted: its oldest unread
     frames, just under max_age_ms when read, went stale waiting for the device; and batches
     reached the model half empty (4.5 frames of 8)."""
-    import threading
-
-    jpeg = encode(gradient)
     settings = settings_for(redis_url, tmp_path, [
         {"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
         fakes={"slow": {"delay_s": 0.04, "frame_s": 0.02}})  # 40 frames/s in batches of 8; the cameras send 61
-    halt = threading.Event()
-    sent = {"frames:{a}": 0, "frames:{b}": 0, "frames:{c}": 0, "frames:{d}": 0}
-
-    def camera(stream: str, fps: float) -> None:
-        import redis as redis_py
-
-        client = redis_py.Redis.from_url(redis_url)
-        start = time.monotonic()
-        while not halt.is_set():
-            client.xadd(stream, {"image": jpeg})
-            sent[stream] += 1
-            halt.wait(max(0.0, start + sent[stream] / fps - time.monotonic()))
-        client.close()
-
-    async with running(settings) as d:
-        cameras = [threading.Thread(target=camera, args=(s, fps))
-                   for s, fps in (("frames:{a}", 30), ("frames:{b}", 25), ("frames:{c}", 5), ("frames:{d}", 1))]
-        for c in cameras:
-            c.start()
-        try:
-            await asyncio.sleep(4)  # into the overload
-            before = {s: counts(sync_redis, s)[0] for s in sent}
-            calls = len(adapter(d, "fake/slow").batch_sizes)
-            await asyncio.sleep(6)
-            got = {s: counts(sync_redis, s)[0] - before[s] for s in sent}
-            sizes = adapter(d, "fake/slow").batch_sizes[calls:]
-        finally:
-            halt.set()
-            for c in cameras:  # not on the loop: a join would stall the daemon under test
-                await asyncio.to_thread(c.join)
+    rates = {"frames:{a}": 30, "frames:{b}": 25, "frames:{c}": 5, "frames:{d}": 1}
+    async with running(settings) as d, cameras(redis_url, encode(gradient), rates):
+        await asyncio.sleep(4)  # into the overload
+        before = {s: counts(sync_redis, s)[0] for s in rates}
+        calls = len(adapter(d, "fake/slow").batch_sizes)
+        await asyncio.sleep(6)
+        got = {s: counts(sync_redis, s)[0] - before[s] for s in rates}
+        sizes = adapter(d, "fake/slow").batch_sizes[calls:]
     mean_batch = sum(sizes) / len(sizes)
     fast = (got["frames:{a}"], got["frames:{b}"])
     assert min(fast) >= 0.6 * max(fast), (got, mean_batch)
@@ -351,37 +358,11 @@ async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_
     overload rules acted all the same (small batches left more than a batch waiting) and the
     share cap dropped 2 % of the busiest camera's frames that would have been in time; frames
     dropped but not yet acknowledged counted as waiting could drop a whole read."""
-    import threading
-
-    import redis as redis_py
-
-    jpeg = encode(gradient)
     settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
                             fakes={"slow": {"delay_s": 0.04, "frame_s": 0.02}})
-    halt = threading.Event()
-
-    sent = {"frames:{b}": 0, "frames:{c}": 0, "frames:{d}": 0}
-
-    def camera(stream: str, fps: float) -> None:
-        client = redis_py.Redis.from_url(redis_url)
-        start = time.monotonic()
-        while not halt.is_set():
-            client.xadd(stream, {"image": jpeg})
-            sent[stream] += 1
-            halt.wait(max(0.0, start + sent[stream] / fps - time.monotonic()))
-        client.close()
-
     async with running(settings) as d:
-        cameras = [threading.Thread(target=camera, args=(s, fps))
-                   for s, fps in (("frames:{b}", 25), ("frames:{c}", 5), ("frames:{d}", 1))]
-        for c in cameras:
-            c.start()
-        try:
+        async with cameras(redis_url, encode(gradient), {"frames:{b}": 25, "frames:{c}": 5, "frames:{d}": 1}) as sent:
             await asyncio.sleep(8)
-        finally:
-            halt.set()
-            for c in cameras:  # not on the loop: a join would stall the daemon under test
-                await asyncio.to_thread(c.join)
         await wait_for(lambda: sum(counts(sync_redis, s)[0] for s in sent) + int(
             d.metrics.frames_acked.labels("people", "stale")._value.get()) >= sum(sent.values()), 10)
         stale = int(d.metrics.frames_acked.labels("people", "stale")._value.get())
