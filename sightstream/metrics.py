@@ -3,12 +3,29 @@ daemons can live in one process (tests) without clashing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Capture to result: a backlog makes latency minutes (a percentile past the last bucket reads as it)
+E2E_BUCKETS = (*LATENCY_BUCKETS, 120, 300, 600, 1800, 3600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# Every value a counter's label takes (docs/contract.md has the dead-letter reasons). Each is
+# created at 0 when the daemon starts: Prometheus' rate() and increase() count a series' first
+# sample as its start, so an event that created its series (the first dead-letter, the first
+# abandoned batch, the first lost lease) was never seen by an alert or a graph.
+DEAD_LETTER_REASONS = ("empty_entry", "missing_image", "bad_fields", "source_gone", "unsupported_format",
+                       "bad_image", "bad_raw", "too_large", "model_error", "publish_error", "model_timeout",
+                       "max_deliveries")
+ACKED_REASONS = ("sampled_out", "stale")
+RETRY_REASONS = ("oom", "model_error", "timeout")
+LEASE_KINDS = ("consumer", "source", "job")
+JOB_END_STATUSES = ("completed", "failed", "cancelled")
+UNLOAD_REASONS = ("requested", "evicted", "idle")
+JOBS_LABEL = "jobs"  # the pipeline label of jobs' frames (a pipeline's video input has its own)
 
 
 class Children:
@@ -26,7 +43,7 @@ class Children:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, pipelines: Sequence[str] = ()) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.frames_in = Counter(
             "sightstream_frames_in", "Frames read from input streams", ["pipeline"], registry=r
@@ -77,7 +94,7 @@ class Metrics:
         )
         self.e2e_latency_seconds = Histogram(
             "sightstream_e2e_latency_seconds", "From a frame's capture ts to its result's publication",
-            ["pipeline"], buckets=LATENCY_BUCKETS, registry=r,
+            ["pipeline"], buckets=E2E_BUCKETS, registry=r,
         )
         self.frames_reclaimed = Counter(
             "sightstream_frames_reclaimed", "Pending frames taken over from idle consumers",
@@ -154,3 +171,28 @@ class Metrics:
             "sightstream_gpu_memory_used_mb", "GPU memory in use by every process (NVML)", ["device"],
             registry=r,
         )
+        self._start_at_zero([*pipelines, JOBS_LABEL])
+
+    def _start_at_zero(self, pipelines: list[str]) -> None:
+        """Create every counter series whose label values are known (see DEAD_LETTER_REASONS)."""
+        for kind in LEASE_KINDS:
+            self.leases_lost.labels(kind)
+        for status in JOB_END_STATUSES:
+            self.jobs_finished.labels(status)
+        for name in pipelines:
+            for counter in (self.frames_in, self.frames_sampled, self.frames_published,
+                            self.publish_duplicates, self.publish_failures, self.frames_reclaimed,
+                            self.heartbeats, self.frames_abandoned):
+                counter.labels(name)
+            for counter, reasons in ((self.frames_acked, ACKED_REASONS),
+                                     (self.frames_dead_lettered, DEAD_LETTER_REASONS),
+                                     (self.model_retries, RETRY_REASONS)):
+                for reason in reasons:
+                    counter.labels(name, reason)
+
+    def start_devices(self, devices: Sequence[str]) -> None:
+        """The per-device counters at 0, once the devices are known."""
+        for device in devices:
+            self.model_loads.labels(device)
+            for reason in UNLOAD_REASONS:
+                self.model_unloads.labels(device, reason)

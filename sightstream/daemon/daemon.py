@@ -89,7 +89,7 @@ class PipelineRun:
 class Daemon:
     def __init__(self, settings: Settings, *, host: str | None = None, discover_s: float = 2.0) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(pipelines=[p.name for p in settings.pipelines])
         try:
             self.catalogue = Catalogue(settings.models)
         except ModelError as e:  # e.g. a backend and task no adapter serves: refused at start
@@ -98,6 +98,7 @@ class Daemon:
         self.manager = ModelManager(self.catalogue, device_list.memory_budgets_mb(
             self.devices, settings.manager.max_memory_mb, settings.manager.gpu_memory_fraction),
             metrics=self.metrics, load_timeout_s=settings.manager.load_timeout_s)
+        self.metrics.start_devices(self.devices)
         for device in self.devices:
             self.metrics.model_memory_mb.labels(device).set_function(partial(self.manager.used_mb, device))
         device_list.watch_gpus(self.devices, self.metrics)

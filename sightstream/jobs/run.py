@@ -36,7 +36,7 @@ from sightstream.errors import FrameError, SightstreamError
 from sightstream.frames import DeadLettered, Frame, Outcome, Published, deadletter_fields, entry_ms, now_ms
 from sightstream.jobs.sources import Source, allowed_roots
 from sightstream.jobs.store import Job, JobStore, now_iso
-from sightstream.metrics import Metrics
+from sightstream.metrics import JOBS_LABEL, Metrics
 from sightstream.prompts import Prompt
 from sightstream.redis_conn import run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
@@ -53,14 +53,19 @@ END: Any = object()  # the reader's last word to the publishing task
 
 
 class JobStopped(SightstreamError):
-    """The job must stop here: its lease is lost, or it is no longer running (cancelled)."""
+    """The job must stop here: its lease is lost (`lease_lost`), or it is no longer running
+    (cancelled), or the daemon stops."""
+
+    def __init__(self, message: str, *, lease_lost: bool = False) -> None:
+        super().__init__(message)
+        self.lease_lost = lease_lost
 
 
 def fenced(reply: int) -> int:
     """A fenced script's reply (jobs/store.py), passed on; -1 (the lease is lost) and -2 (the job
     is no longer running) raise JobStopped."""
     if reply == -1:
-        raise JobStopped("the job's lease was lost: another daemon holds it now")
+        raise JobStopped("the job's lease was lost: another daemon holds it now", lease_lost=True)
     if reply == -2:
         raise JobStopped("the job is no longer running (cancelled)")
     return reply
@@ -111,7 +116,7 @@ class JobRun:
         self.job = job
         # A user's job keeps its prompt; a pipeline's video input follows the pipeline's.
         self._prompt = prompt or (lambda: Prompt(job.spec.prompt, 1))
-        self._label = job.spec.pipeline or "jobs"
+        self._label = job.spec.pipeline or JOBS_LABEL
         self._shown = job.spec.shown  # results name it without its password
         self._views = views
         self._limits = limits or Limits(settings.batch_size, settings.batch_timeout_ms,

@@ -253,8 +253,20 @@ class JobRunner:
 
     async def _run(self, job: Job, lease: Lease) -> None:
         renewals = RedisRetry("job_lease", self._metrics, self._stop, job=job.id)
-        keeping = asyncio.create_task(lease.keep(lambda why: self._lost(job.id, why), self._stop,
-                                                 on_error=renewals.note))
+        lost: list[str] = []  # why, once: the renewal and a fenced write may both find it lost
+
+        def lease_lost(why: str) -> None:
+            if not lost:
+                lost.append(why)
+                _log.warning("job_lease_lost", job=job.id, reason=why)
+                self._metrics.leases_lost.labels("job").inc()
+
+        def renewal_lost(why: str) -> None:
+            lease_lost(why)
+            if (task := self.running.get(job.id)) is not None:
+                task.cancel(f"lease lost: {why}")
+
+        keeping = asyncio.create_task(lease.keep(renewal_lost, self._stop, on_error=renewals.note))
         try:
             started, status = await self._store.start(job.id, lease.token, self._holder)
             if not started:
@@ -267,7 +279,10 @@ class JobRunner:
             await self._execute(fresh, lease)
             self._paused.pop(job.id, None)
         except JobStopped as e:
-            _log.info("job_stopped", job=job.id, reason=str(e))
+            if e.lease_lost:  # a fenced write found it before the renewal did: the usual case
+                lease_lost(str(e))
+            else:
+                _log.info("job_stopped", job=job.id, reason=str(e))
         except (RedisError, OSError) as e:  # taken again once Redis is back, after a back-off
             pauses = self._paused.get(job.id, (0.0, 0))[1] + 1
             self._paused[job.id] = (time.monotonic() + backoff_s(pauses, cap=30.0), pauses)
@@ -337,12 +352,6 @@ class JobRunner:
         return JobRun(job, source, self._store, token, self._client, self._reader, self._adhoc,
                       self._decode_pool, self._s, self._settings.decode, self._metrics, prompt, limits,
                       views)
-
-    def _lost(self, job_id: str, why: str) -> None:
-        _log.warning("job_lease_lost", job=job_id, reason=why)
-        self._metrics.leases_lost.labels("job").inc()
-        if (task := self.running.get(job_id)) is not None:
-            task.cancel(f"lease lost: {why}")
 
     async def _follow_notices(self) -> None:
         async def caught_up() -> None:

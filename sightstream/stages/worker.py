@@ -70,7 +70,7 @@ class InferenceTimeout(Exception):
 class NotRun(InferenceTimeout):
     """The frames never reached their model: they waited on a device thread that was replaced
     (another call was stuck) or for a load that could not be run. Tried again, they may well
-    run: jobs do so (pipelines' frames are retried anyway, being left pending)."""
+    run: jobs do so, and a pipeline's batch is sent once more on the fresh thread."""
 
 
 def is_oom(error: BaseException) -> bool:
@@ -199,9 +199,7 @@ class Worker:
                 timeout_s = self._manager.timeout_s(batch.model, adapter, self._timeout_s)
                 # Live mode: checked once the model is ready (a first load can take seconds),
                 # so a published result is at most `batches_per_device` calls late.
-                stale = [is_stale(f, batch.max_age_ms) for f in frames]  # once: the clock moves
-                outcomes = [Acked(f, "stale") for f, old in zip(frames, stale) if old]
-                frames = [f for f, old in zip(frames, stale) if not old]
+                frames, outcomes = drop_stale(frames, batch.max_age_ms)
                 for f in batch.frames:
                     f.at_device = True
                 if batch.taken is not None:
@@ -212,7 +210,22 @@ class Worker:
                 # said 8 where the model got 4.5)
                 self._metrics.batch_size.labels(batch.pipeline).observe(len(frames))
                 task, takes_prompt = adapter.task, adapter.takes_prompt
-                results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
+                try:
+                    results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
+                except NotRun:
+                    if any(f.reply is not None for f in frames):
+                        raise  # jobs and /predict send theirs again themselves
+                    # Queued behind a call that hung (often another pipeline's model): sent once
+                    # more, to the fresh thread. Left to the reclaimer, it came reclaim_min_idle_ms
+                    # (30 s) late and counted as abandoned, as if this pipeline's model had hung.
+                    # Batches around an abandoned call may reach the device out of order.
+                    pass_turn(after, turn)
+                    _log.warning("batch_sent_again", pipeline=batch.pipeline, model=batch.model,
+                                 device=self.device, batch=batch.id, size=len(frames),
+                                 reason="queued behind a call abandoned past its timeout")
+                    frames, late = drop_stale(frames, batch.max_age_ms)
+                    outcomes += late
+                    results = await self._resilient(adapter, batch, frames, timeout_s) if frames else []
         except InferenceTimeout as e:  # the whole batch, also parts a split retry finished
             self._hand_back(batch, frames, str(e), not_run=isinstance(e, NotRun))
             return outcomes
@@ -391,6 +404,19 @@ class Worker:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def drop_stale(frames: list[Frame], max_age_ms: int) -> tuple[list[Frame], list[Outcome]]:
+    """Live mode: the frames still fresh, and an Acked("stale") outcome for each of the others
+    (judged once per frame: the clock moves)."""
+    fresh: list[Frame] = []
+    dropped: list[Outcome] = []
+    for frame in frames:
+        if is_stale(frame, max_age_ms):
+            dropped.append(Acked(frame, "stale"))
+        else:
+            fresh.append(frame)
+    return fresh, dropped
 
 
 def pass_turn(after: asyncio.Future | None, turn: asyncio.Future | None) -> None:

@@ -9,6 +9,7 @@ import json
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from sightstream import keys
 from sightstream.config import ModelEntry
@@ -329,6 +330,32 @@ async def test_a_redis_stream_job(redis_url, sync_redis, tmp_path, videos, gradi
         assert dead[1][b"reason"] == b"unsupported_format"
 
 
+async def test_a_job_lease_found_lost_by_a_write_is_logged_and_counted_once(redis_url, sync_redis, tmp_path,
+                                                                            videos, gradient):
+    """A busy job's fenced write finds a lost lease before the renewal does (here, a renewal
+    every 20 s): that loss was logged as a plain job_stopped and never counted, so the alert
+    on sightstream_leases_lost_total{kind="job"} could not fire."""
+    settings = job_settings(redis_url, tmp_path, videos, lease_ttl_ms=60_000)
+    async with serving(settings) as (d, client):
+        lost = d.metrics.leases_lost.labels("job")
+        job_id = await submit(client, source="redis://cams:{stolen}")
+        await until_status(client, job_id, "running")
+        await asyncio.sleep(0.3)
+        sync_redis.xadd("cams:{stolen}", {"image": encode(gradient)})
+        await wait_for_results(client, job_id, 1)
+        sync_redis.set(keys.job_lease(job_id), "another-daemon", px=30_000)
+        with capture_logs() as logs:
+            for _ in range(3):  # each write after the first finds the lease lost again
+                sync_redis.xadd("cams:{stolen}", {"image": encode(gradient)})
+                await asyncio.sleep(0.2)
+            await wait_for(lambda: lost._value.get() >= 1, 10, "the lost lease counted")
+            await asyncio.sleep(0.5)
+        assert lost._value.get() == 1
+        (line,) = [e for e in logs if e["event"] == "job_lease_lost"]
+        assert line["job"] == job_id and "another daemon holds it" in line["reason"]
+        assert job_id not in d.job_runner.running  # it stopped here
+
+
 async def test_a_stream_job_ends_at_max_frames_with_no_further_entry(redis_url, sync_redis, tmp_path, videos,
                                                                      gradient):
     async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
@@ -475,8 +502,6 @@ async def test_a_submission_retried_with_its_idempotency_key_makes_one_job(redis
 async def test_a_jobs_frames_queued_behind_another_models_stuck_call_are_sent_again(redis_url, tmp_path, videos):
     """Another user's stuck model (its call abandoned past its timeout) used to dead-letter this
     job's frames queued behind it, model_timeout, for good: they never reached their model."""
-    from structlog.testing import capture_logs
-
     settings = job_settings(redis_url, tmp_path, videos).model_copy(deep=True)
     settings.models["fake"] = {"hang": ModelEntry(**fake_entry(hang_first_s=3, timeout_s=1))}
     with capture_logs() as logged:

@@ -135,19 +135,29 @@ async def test_the_timeout_counts_from_when_the_device_starts_the_call(rigs):
     assert rig.worker.replaced == 0 and not rig.released
 
 
-async def test_a_batch_queued_behind_a_stuck_call_is_abandoned_with_it(rigs):
+async def test_a_batch_queued_behind_a_stuck_call_is_sent_again_to_the_fresh_thread(rigs):
+    """Batch 2 never reached the model: it was queued behind batch 1's call, which hung. Left
+    pending, it waited reclaim_min_idle_ms (30 s by default) for the reclaimer and counted as
+    abandoned, blaming its pipeline for another's hung model."""
     rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.3)
     rig.batches.put_nowait(rig.batch(1))
     rig.batches.put_nowait(rig.batch(2))
-    task = asyncio.create_task(rig.worker.run())
-    await wait_for(lambda: sorted(rig.released) == [1, 2], 5, "both frames handed back")
-    rig.batches.put_nowait(rig.batch(3))  # a fresh thread runs it
+    rig.batches.put_nowait(rig.batch(3))
     rig.batches.put_nowait(STOP)
-    await asyncio.wait_for(task, 10)
-    assert rig.outcome_tags() == [("Published", 3)]
-    assert rig.worker.replaced == 1
-    abandoned = rig.metrics.frames_abandoned.labels("p")._value.get()
-    assert abandoned == 2
+    await asyncio.wait_for(rig.worker.run(), 10)
+    assert sorted(rig.outcome_tags()) == [("Published", 2), ("Published", 3)]
+    assert rig.released == [1] and rig.worker.replaced == 1
+    assert rig.metrics.frames_abandoned.labels("p")._value.get() == 1
+
+
+async def test_a_batch_sent_again_keeps_out_frames_stale_by_then(rigs):
+    rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.3)
+    late = rig.batch(2, 3)
+    late.max_age_ms = 1000
+    late.frames[1].ts_ms = now_ms() - 850  # fresh when it reached the device, stale after the wait
+    await rig.run(rig.batch(1), late)
+    assert sorted(rig.outcome_tags()) == [("Acked", 3), ("Published", 2)]
+    assert rig.released == [1]
 
 
 async def test_a_model_s_own_timeout_replaces_the_daemon_s(rigs):
@@ -216,12 +226,12 @@ async def test_a_model_waits_for_room_that_a_batch_in_flight_still_holds():
     assert [m["model"] for m in manager.loaded()] == ["fake/b"]  # a was evicted for b
 
 
-async def test_an_abandoned_call_queued_behind_a_stuck_one_never_runs(rigs):
+async def test_an_abandoned_call_queued_behind_a_stuck_one_never_runs_on_the_stuck_thread(rigs):
     rig = rigs(hang={"1": 1.0}, depth=2, timeout_s=0.3)
     await rig.run(rig.batch(1), rig.batch(2))
-    assert sorted(rig.released) == [1, 2]
+    assert rig.released == [1]
     await asyncio.sleep(1.2)  # the stuck call has ended by now; the queued one was cancelled
-    assert ("infer", 2) not in [(step, tag) for step, tag, _ in rig.adapter.events]
+    assert [(step, tag) for step, tag, _ in rig.adapter.events].count(("infer", 2)) == 1  # on the fresh one
 
 
 async def test_a_result_that_cannot_be_encoded_is_dead_lettered_alone(rigs):
