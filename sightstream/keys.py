@@ -117,6 +117,12 @@ def source_member(pipeline: str, consumer: str) -> str:
     return f"{INTERNAL_PREFIX}member:{pipeline}:{consumer}"
 
 
+def video_member(pipeline: str, consumer: str) -> str:
+    """A daemon whose config lists `pipeline`'s video inputs: the inputs are shared among these
+    ("*": every such daemon's, to count them)."""
+    return f"{INTERNAL_PREFIX}video-member:{pipeline}:{consumer}"
+
+
 def source_incoming(pipeline: str, consumer: str) -> str:
     """Held for a while by the one daemon handing `consumer` a stream: no other hands it one
     meanwhile (its published load does not show the stream yet)."""

@@ -287,7 +287,7 @@ class Daemon:
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
         views = InputViews(self.snapshots.frames_read, self.publisher.seen, self.publisher.dead_lettered)
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
-                                    self.settings, self.consumer, self.metrics, self.stop_event,
+                                    self.settings, self._consumer_name, self.metrics, self.stop_event,
                                     self.prompt_book, self.manager.create, views)
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers]

@@ -44,10 +44,11 @@ from sightstream.stages.video_reader import VideoSourceError
 _log = log.get(__name__)
 LEFT_CHECK_S = 30.0  # a job this daemon cannot run is looked at again after this long
 DAEMONS_EVERY_S = 10.0  # how often the daemons sharing the inputs are counted
+MEMBER_TTL_MS = 25_000  # a daemon's video-member key, renewed at each count: gone 15-25 s after it dies
 PRUNE_INDEX_EVERY_S = 600.0  # how often expired jobs' ids leave the index (JobStore.prune_index)
 # After taking a dead daemon's video input over its share: no hand-back for this long, while
-# the dead one still counts (its consumer lease lapses in 15 s, counted again every 10 s)
-ORPHAN_GRACE_S = 30.0
+# the dead one still counts (its video-member key lapses in 25 s, counted again every 10 s)
+ORPHAN_GRACE_S = 40.0
 
 
 def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
@@ -61,7 +62,7 @@ def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
 
 class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
-                 decode_pool: Executor, settings: Settings, holder: str, metrics: Metrics,
+                 decode_pool: Executor, settings: Settings, holder: Callable[[], str], metrics: Metrics,
                  stop: asyncio.Event, prompts: PromptBook | None, create: Callable[[str], Any],
                  views: InputViews | None = None) -> None:
         self._store = store
@@ -70,7 +71,7 @@ class JobRunner:
         self._decode_pool = decode_pool
         self._settings = settings
         self._s = settings.jobs
-        self._holder = holder
+        self._holder_name = holder  # the consumer name: a new one if its lease was lost
         self._metrics = metrics
         self._stop = stop
         self._prompts = prompts
@@ -115,6 +116,17 @@ class JobRunner:
             notices.cancel()
             waker.cancel()
             await self.stop_all()
+            await self._leave_inputs()
+
+    async def _leave_inputs(self) -> None:
+        """At shutdown: the others share the video inputs without this daemon at their next count."""
+        members = [keys.video_member(spec.pipeline, self._holder_name())
+                   for spec in self._inputs.values() if spec.pipeline]
+        for key in sorted(set(members)):  # one key at a time: on a cluster they lie in other slots
+            try:
+                await self._client.delete(key)
+            except (RedisError, OSError):
+                return  # it lapses by itself
 
     async def _wake_on_stop(self) -> None:
         await self._stop.wait()
@@ -146,7 +158,7 @@ class JobRunner:
             elif not job.spec.pipeline or job_id in self._inputs:  # another config's inputs: not ours
                 jobs.append(job)
         inputs = sum(1 for j in jobs if j.spec.pipeline)
-        share = math.ceil(inputs / await self._daemon_count()) if inputs else 0
+        share = math.ceil(inputs / await self._input_daemons()) if inputs else 0
         held = {"user": sum(1 for j in self.running if j not in self._inputs),
                 "input": sum(1 for j in self.running if j in self._inputs)}
         now = time.monotonic()
@@ -215,7 +227,7 @@ class JobRunner:
         self._cannot[job.id] = (time.monotonic(), why, job.attempt)
         if why is None:
             return False
-        refused = await self._store.note_waiting(job.id, token, self._holder, why)
+        refused = await self._store.note_waiting(job.id, token, self._holder_name(), why)
         everyone = await self._daemons_now()
         if everyone <= refused:
             return False
@@ -245,10 +257,19 @@ class JobRunner:
         return {key.decode()[len(prefix):] async for key in
                 self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000)}
 
-    async def _daemon_count(self) -> int:
-        """Daemons sharing this Redis (each holds a consumer-name lease), counted every 10 s."""
+    async def _input_daemons(self) -> int:
+        """Daemons sharing this config's video inputs: those whose config lists inputs of the
+        same pipelines (each keeps a video-member key per such pipeline), counted every 10 s.
+        Counting every daemon on the Redis gave a share too small where some serve other
+        pipelines: inputs waited, `pending`, for daemons that would never take them."""
         if time.monotonic() - self._daemons[0] > DAEMONS_EVERY_S:
-            self._daemons = (time.monotonic(), max(1, len(await self._daemons_now())))
+            names = set()
+            for pipeline in sorted({spec.pipeline for spec in self._inputs.values() if spec.pipeline}):
+                await self._client.set(keys.video_member(pipeline, self._holder_name()), "1", px=MEMBER_TTL_MS)
+                prefix = keys.video_member(pipeline, "")
+                names |= {key.decode()[len(prefix):] async for key in
+                          self._client.scan_iter(match=keys.video_member(pipeline, "*"), count=1000)}
+            self._daemons = (time.monotonic(), max(1, len(names)))
         return self._daemons[1]
 
     async def _run(self, job: Job, lease: Lease) -> None:
@@ -268,7 +289,7 @@ class JobRunner:
 
         keeping = asyncio.create_task(lease.keep(renewal_lost, self._stop, on_error=renewals.note))
         try:
-            started, status = await self._store.start(job.id, lease.token, self._holder)
+            started, status = await self._store.start(job.id, lease.token, self._holder_name())
             if not started:
                 return  # cancelled or finished meanwhile
             fresh = await self._store.get(job.id)

@@ -147,14 +147,14 @@ async def test_a_video_input_is_on_the_page_in_sources_and_latency_like_a_stream
 
 async def test_a_dead_daemon_s_input_is_taken_over_within_its_lease_not_once_it_is_no_longer_counted(
         redis_url, sync_redis, tmp_path, videos):
-    """Every live daemon was at its share while the dead one still counted (its consumer lease
-    lingers 15 s, the daemons are counted every 10 s): its camera waited 15-20 s, not
-    `lease_ttl_ms`. A running input whose lease is free is taken over the share, and not
+    """Every live daemon was at its share while the dead one still counted (its video-member
+    key lingers up to 25 s, the daemons are counted every 10 s): its camera waited that long,
+    not `lease_ttl_ms`. A running input whose lease is free is taken over the share, and not
     handed straight back."""
     with hls.live_hls(videos / "live" / "index.m3u8") as one, hls.live_hls(videos / "live" / "index.m3u8") as two:
         settings = settings_for(redis_url, tmp_path, [{"input": [one.url, two.url], "fps": 2}],
                                 jobs={"poll_s": 0.2, "lease_ttl_ms": 2000})
-        sync_redis.set(keys.consumer_slot("ghost", 0), "a dead daemon's", px=60_000)  # lingers
+        sync_redis.set(keys.video_member("people", "ghost:0"), "a dead daemon's", px=60_000)  # lingers
         async with running(settings, host="a") as a:
             runner = a.job_runner
             await wait_for(lambda: len(runner.running) == 1, 15, "its share: one of the two")
@@ -164,6 +164,23 @@ async def test_a_dead_daemon_s_input_is_taken_over_within_its_lease_not_once_it_
             await wait_for(lambda: orphan in runner.running, 3, "the dead daemon's input taken over")
             await asyncio.sleep(2)
             assert orphan in runner.running and len(runner.running) == 2  # not handed back
+
+
+async def test_daemons_serving_other_pipelines_do_not_shrink_the_share_of_video_inputs(
+        redis_url, sync_redis, tmp_path, videos):
+    """The share was the inputs over every daemon on the Redis: beside a daemon of another
+    config (no video inputs), one of two cameras stayed `pending`, read by nobody."""
+    with hls.live_hls(videos / "live" / "index.m3u8") as one, hls.live_hls(videos / "live" / "index.m3u8") as two:
+        cams = settings_for(redis_url, tmp_path, [{"name": "cams", "input": [one.url, two.url], "fps": 2}],
+                            jobs={"poll_s": 0.2})
+        other = settings_for(redis_url, tmp_path, [{"name": "people", "input": ["frames:*"]}])
+        async with running(other, host="b"):
+            async with running(cams, host="a") as a:
+                await wait_for(lambda: len(a.job_runner.running) == 2, 15, "both cameras read")
+                await asyncio.sleep(1)
+                assert len(a.job_runner.running) == 2
+                assert sync_redis.exists(keys.video_member("cams", a.consumer))
+            assert not sync_redis.exists(keys.video_member("cams", "a:0"))  # left at stop
 
 
 @pytest.mark.timeout(60)  # the daemons are counted every 10 s: the hand-over waits for that
@@ -217,7 +234,7 @@ async def test_a_file_input_on_one_host_s_disk_only_is_left_to_that_host(
     has_it = JobRunner._check_runs_here
 
     def check(self, spec):  # as on a host whose disk lacks the file
-        if self._holder == "a:0":
+        if self._holder_name() == "a:0":
             raise SourceRefused(f"{clip} is not a file")
         return has_it(self, spec)
 
