@@ -265,7 +265,8 @@ class JobRunner:
         if time.monotonic() - self._daemons[0] > DAEMONS_EVERY_S:
             names = set()
             for pipeline in sorted({spec.pipeline for spec in self._inputs.values() if spec.pipeline}):
-                await self._client.set(keys.video_member(pipeline, self._holder_name()), "1", px=MEMBER_TTL_MS)
+                mine = keys.video_member(pipeline, self._holder_name())
+                await self._client.set(mine, "1", px=MEMBER_TTL_MS)
                 prefix = keys.video_member(pipeline, "")
                 names |= {key.decode()[len(prefix):] async for key in
                           self._client.scan_iter(match=keys.video_member(pipeline, "*"), count=1000)}
