@@ -42,13 +42,23 @@ class InFlight:
         self._free = capacity
         self._room = asyncio.Event()
         self._room.set()
+        self._waiting = 0  # readers waiting for room
         self._frames: dict[tuple[str, str], Frame] = {}
 
     async def take(self, most: int) -> int:
-        """Reserve room for up to `most` frames, waiting until there is room for one."""
+        """Reserve room for up to `most` frames, waiting until there is room for one. A reader
+        that finds another waiting lets it go first: the stream reader gives its room back
+        after each blocking read and took it again at once, so the reclaimer, waiting, never got
+        any while the streams were quiet (a dead daemon's last frames waited for the next one)."""
+        if self._waiting:
+            await asyncio.sleep(0)  # the waiter, woken by the room given back, runs first
         while self._free <= 0:
             self._room.clear()
-            await self._room.wait()
+            self._waiting += 1
+            try:
+                await self._room.wait()
+            finally:
+                self._waiting -= 1
         n = min(most, self._free)
         self._free -= n
         return n

@@ -131,6 +131,25 @@ async def test_pending_entries_of_a_dead_consumer_are_reclaimed(redis_url, sync_
     assert pending(sync_redis, "frames:{dead}") == 0
 
 
+async def test_a_dead_consumer_s_frames_are_reclaimed_while_the_stream_is_quiet(redis_url, sync_redis, tmp_path,
+                                                                               gradient):
+    """The reader gave its room back and took it again at once, around blocking reads: the
+    reclaimer, waiting for room, never got any while the stream was quiet. The last frames of
+    a daemon killed on a quiet camera waited for the camera's next frame, however long (a glob
+    input's discovery, every 2 s, let it in now and then: a named stream has none)."""
+    async with running(settings_for(redis_url, tmp_path, [{"input": ["frames:{quiet}"]}])) as d:
+        sync_redis.xadd("frames:{quiet}", {"image": encode(gradient)})
+        await wait_for(lambda: counts(sync_redis, "frames:{quiet}") == (1, 0), what="the camera read")
+        with sync_redis.pipeline(transaction=True) as pipe:  # read by a daemon before our reader sees them
+            for _ in range(4):
+                pipe.xadd("frames:{quiet}", {"image": encode(gradient)})
+            pipe.xreadgroup("people", "ghost:0", {"frames:{quiet}": ">"})
+            pipe.execute()
+        assert pending(sync_redis, "frames:{quiet}") == 4  # then that daemon died; no frame since
+        await wait_for(lambda: counts(sync_redis, "frames:{quiet}") == (5, 0), 10, "the dead daemon's frames")
+        assert d.runs["people"].reclaimer.reclaimed == 4
+
+
 async def test_a_frame_delivered_too_often_is_dead_lettered(redis_url, sync_redis, tmp_path, gradient):
     sync_redis.xgroup_create("frames:{poison}", "people", id="0", mkstream=True)
     (entry_id,) = publish(sync_redis, "frames:{poison}", 1, encode(gradient))
