@@ -49,6 +49,7 @@ PRUNE_INDEX_EVERY_S = 600.0  # how often expired jobs' ids leave the index (JobS
 # After taking a dead daemon's video input over its share: no hand-back for this long, while
 # the dead one still counts (its video-member key lapses in 25 s, counted again every 10 s)
 ORPHAN_GRACE_S = 40.0
+ORPHANS_EVERY_S = 5.0  # how often a daemon at its limit looks for running jobs whose lease lapsed
 
 
 def input_spec(pipeline: PipelineSettings, url: str, cluster: bool) -> JobSpec:
@@ -85,10 +86,13 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._daemons = (0.0, 1)  # (when counted, how many)
         self._orphans_until = 0.0  # no input handed back before this: see ORPHAN_GRACE_S
+        self._orphans_at = 0.0  # when running jobs were last looked at for a lapsed lease
         self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
         # job -> (when looked at, why not here, its attempt then: one run since makes it moot)
         self._cannot: dict[str, tuple[float, str | None, int]] = {}
         self.running: dict[str, asyncio.Task] = {}
+        # Active jobs this process has run: others `running` under its name are a previous process's
+        self._ran_here: set[str] = set()
         self.finished = 0
 
     async def run(self) -> None:
@@ -152,13 +156,25 @@ class JobRunner:
             ids = await self._store.active()
         self._cannot = {job_id: seen for job_id, seen in self._cannot.items() if job_id in ids}
         jobs = []
+        me = self._holder_name()
         for job_id, job in zip(ids, await self._store.get_many(ids)):
             if job is None or job.status not in ("pending", "running"):
                 await self._store.forget(job_id)  # expired, or finished elsewhere
             elif not job.spec.pipeline or job_id in self._inputs:  # another config's inputs: not ours
                 jobs.append(job)
+        # Jobs this daemon's name ran before a restart (kill -9, then systemd) come first, now:
+        # they waited out their lease, and newer jobs took the slots meanwhile.
+        self._ran_here &= set(ids)
+        own = [j for j in jobs if j.status == "running" and j.holder == me and j.id not in self._ran_here]
+        for job in own:
+            if await self._store.free_own(job.id, me):
+                _log.info("job_resumed_after_restart", job=job.id, attempt=job.attempt)
+        jobs = own + [j for j in jobs if j not in own]
         inputs = sum(1 for j in jobs if j.spec.pipeline)
         share = math.ceil(inputs / await self._input_daemons()) if inputs else 0
+        orphans_looked_for = time.monotonic() - self._orphans_at >= ORPHANS_EVERY_S
+        if orphans_looked_for:
+            self._orphans_at = time.monotonic()
         held = {"user": sum(1 for j in self.running if j not in self._inputs),
                 "input": sum(1 for j in self.running if j in self._inputs)}
         now = time.monotonic()
@@ -166,6 +182,9 @@ class JobRunner:
             kind = "input" if job.spec.pipeline else "user"
             limit = share if kind == "input" else self._s.max_concurrent
             over = held[kind] >= limit
+            if (over and kind == "user" and job.status == "running" and job.id not in self.running
+                    and orphans_looked_for):
+                await self._store.mark_orphaned(job.id)  # if its daemon died: it is not running
             if (job.id in self.running or (over and not (kind == "input" and job.status == "running"))
                     or self._stop.is_set() or self._paused.get(job.id, (0.0, 0))[0] > now):
                 continue
@@ -184,6 +203,7 @@ class JobRunner:
                     _log.info("video_input_taken_over", job=job.id, share=share,
                               why="its daemon is gone (its lease lapsed)")
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
+                self._ran_here.add(job.id)
                 self._metrics.jobs_running.set(len(self.running))
         if held["input"] > share and now >= self._orphans_until:
             surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)

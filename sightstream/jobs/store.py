@@ -74,6 +74,28 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS: lease, job. ARGV: the caller's consumer name. A `running` job whose holder is the
+# caller, which does not run it, was run by the process this daemon replaces (killed, then
+# restarted: a consumer name is held by one live daemon at a time): its lease is deleted, to
+# be taken now rather than once it lapses. Fenced writes stop the old process if it still runs.
+# 1: the lease is free now; 0: not such a job.
+FREE_OWN = """
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' or redis.call('HGET', KEYS[2], 'holder') ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: lease, job. A `running` job whose lease has lapsed (its daemon died) shows as `pending`
+# until a daemon takes it; it showed `running`, frozen, while every daemon was at its limit.
+# 1: it was such a job.
+ORPHANED = """
+if redis.call('HGET', KEYS[2], 'status') ~= 'running' or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], 'status', 'pending', 'holder', '')
+return 1
+"""
+
 # KEYS: lease, job, stream. ARGV: token, seq, position, maxlen, counter, field, value, ...
 # 1: written; 0: at or below the checkpoint (already reported); -1: lease lost; -2: not running.
 PUBLISH = f"""
@@ -286,6 +308,8 @@ class JobStore:
         self._summary = client.register_script(SUMMARY)
         self._note_waiting = client.register_script(NOTE_WAITING)
         self._let_go = client.register_script(LET_GO)
+        self._free_own = client.register_script(FREE_OWN)
+        self._orphaned = client.register_script(ORPHANED)
 
     async def create(self, spec: JobSpec) -> Job:
         job, _ = await self._write(spec, new_id())
@@ -460,6 +484,14 @@ class JobStore:
     async def let_go(self, job_id: str, token: str) -> None:
         """The holder (`token`) gives the job up: see LET_GO."""
         await self._let_go(keys=[keys.job_lease(job_id), keys.job(job_id)], args=[token])
+
+    async def free_own(self, job_id: str, consumer: str) -> bool:
+        """A job `consumer`'s previous process ran: its lease freed (see FREE_OWN)."""
+        return await self._free_own(keys=[keys.job_lease(job_id), keys.job(job_id)], args=[consumer]) == 1
+
+    async def mark_orphaned(self, job_id: str) -> bool:
+        """A `running` job whose lease lapsed is `pending` again (see ORPHANED)."""
+        return await self._orphaned(keys=[keys.job_lease(job_id), keys.job(job_id)]) == 1
 
     async def start(self, job_id: str, token: str, holder: str) -> tuple[bool, str]:
         ok, status = await self._start(keys=[keys.job_lease(job_id), keys.job(job_id)],

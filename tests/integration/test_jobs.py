@@ -382,6 +382,47 @@ async def test_a_stream_job_resumed_at_its_frame_limit_ends_without_reading(redi
         assert done["counts"]["processed"] == 0  # this attempt read nothing
 
 
+async def test_a_restarted_daemon_resumes_its_own_jobs_at_once_and_first(redis_url, sync_redis, tmp_path, videos):
+    """Killed (kill -9) and restarted under the same consumer name, a daemon waited out its
+    old jobs' leases while newer pending jobs took its slots: the old ones showed `running`,
+    frozen, for as long as those ran."""
+    client = make_client(redis_url)
+    try:
+        store = JobStore(client, 60)
+        old = await store.create(JobSpec("redis://cams:{old}", "tiny/det"))
+        newer = await store.create(JobSpec("redis://cams:{newer}", "tiny/det"))
+    finally:
+        await client.aclose(close_connection_pool=True)
+    # as the killed process left it: running, its lease still live for a minute
+    sync_redis.hset(keys.job(old.id), mapping={"status": "running", "holder": "a:0", "attempt": 1})
+    sync_redis.set(keys.job_lease(old.id), "the killed process's token", px=60_000)
+    settings = job_settings(redis_url, tmp_path, videos, max_concurrent=1)
+    async with serving(settings, host="a") as (d, client):
+        assert d.consumer == "a:0"
+        job = await until_status(client, old.id, "running", timeout=10)
+        await wait_for(lambda: old.id in d.job_runner.running, 5, "the old job resumed here")
+        job = await (await client.get(f"/jobs/{old.id}")).json()
+        assert job["attempt"] == 2 and job["holder"] == "a:0"
+        assert (await (await client.get(f"/jobs/{newer.id}")).json())["status"] == "pending"
+
+
+async def test_a_running_job_whose_daemon_died_shows_pending_while_every_daemon_is_busy(
+        redis_url, sync_redis, tmp_path, videos):
+    client = make_client(redis_url)
+    try:
+        store = JobStore(client, 60)
+        busy = await store.create(JobSpec("redis://cams:{busy}", "tiny/det"))  # older: taken first, runs on
+        orphan = await store.create(JobSpec("redis://cams:{orphan}", "tiny/det"))
+    finally:
+        await client.aclose(close_connection_pool=True)
+    # a dead daemon's job: running, its lease lapsed
+    sync_redis.hset(keys.job(orphan.id), mapping={"status": "running", "holder": "gone:0", "attempt": 1})
+    async with serving(job_settings(redis_url, tmp_path, videos, max_concurrent=1)) as (d, client):
+        await until_status(client, busy.id, "running")
+        job = await until_status(client, orphan.id, "pending", timeout=10)
+        assert job["holder"] == "" and orphan.id not in d.job_runner.running
+
+
 async def test_expired_jobs_leave_the_index_without_anyone_listing_them(redis_url, sync_redis):
     """Listing dropped expired ids only from the pages it read: on a daemon nobody lists in
     full, the index kept every job id ever made."""
