@@ -84,6 +84,15 @@ def bounded(name: str, value: float, low: float, high: float = float("inf")) -> 
     return value
 
 
+def label_list(options: dict[str, Any]) -> list[str]:
+    """The entry's `labels` option: a list of class names, else ModelError. A string was read
+    as its characters ("a,b": three classes, `a`, `,` and `b`)."""
+    labels = options.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ModelError(f'labels must be a list of class names, e.g. ["person", "car"], not {labels!r}')
+    return list(labels)
+
+
 def input_shape(adapter: Adapter) -> InputShape | None:
     """How the adapter sizes a frame: its `input_shape` when it has one, else (a detector) a
     letterbox to its `input_size`, else None (unknown: JPEGs are decoded at full size). A

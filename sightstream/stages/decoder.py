@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -75,8 +76,14 @@ def decode_image(
     except FrameError:
         raise
     except Exception as e:  # Pillow raises many types for corrupt or truncated data
-        raise FrameError("bad_image", f"the {fmt} image cannot be decoded: {e}") from None
+        raise FrameError("bad_image", f"the {fmt} image cannot be decoded: {_pillow_says(e)}") from None
     return array, (width, height)
+
+
+def _pillow_says(error: Exception) -> str:
+    """Pillow's message without the in-memory file it names ("cannot identify image file
+    <_io.BytesIO object at 0x7fca…>"): that means nothing to whoever sent the frame."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
 
 
 def image_pixels(data: bytes) -> int:

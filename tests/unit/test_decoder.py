@@ -368,3 +368,14 @@ def test_float_and_narrow_integer_images_keep_their_picture(gradient):
     assert np.abs(rgb_array(as_float)[:, :, 0].astype(int) - grey).max() <= 1
     narrow = Image.fromarray(grey.astype(np.int32), mode="I")  # 8-bit values in a wide image
     assert np.array_equal(rgb_array(narrow)[:, :, 0], grey)
+
+
+@pytest.mark.parametrize("data,fmt", [(b"\x89PNG\r\n\x1a\n" + b"\xff" * 40, "PNG"),
+                                      (b"RIFF\x00\x00\x00\x00WEBP" + b"\xff" * 30, "WEBP")])
+def test_a_corrupt_image_s_error_names_no_python_object(data, fmt):
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x7fca…>" reached the
+    dead-letter entry as is."""
+    with pytest.raises(FrameError) as e:
+        decode_image(data, MAX)
+    assert e.value.reason == "bad_image"
+    assert str(e.value) == f"the {fmt} image cannot be decoded: cannot identify image file"

@@ -209,6 +209,13 @@ def test_a_detectors_option_out_of_range_is_refused(model, option, value, says):
         manager(**{f"{family}__{variant}": {option: value}}).create(model)
 
 
+@pytest.mark.parametrize("labels", ["a,b", ["a", 3], {"0": "a"}])
+def test_labels_that_are_not_a_list_of_names_are_refused(labels):
+    """A string was read as its characters: "a,b" named three classes, `a`, `,` and `b`."""
+    with pytest.raises(ModelError, match=r"labels must be a list of class names"):
+        manager(nudenet__320n={"labels": labels}).create("nudenet/320n")
+
+
 def test_unknown_and_unavailable_models_say_what_to_do(tmp_path):
     m = manager(det__gone={"path": str(tmp_path / "nope.onnx")})
     with pytest.raises(UnknownModel, match="sightstream models"):

@@ -24,7 +24,7 @@ from PIL import Image
 
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapter import FrameContext, Prompt, label_list
 from sightstream.models.adapters.runner import OnFile, Runner, class_names
 from sightstream.models.input_shape import InputShape
 
@@ -53,7 +53,7 @@ class OnnxClassifier(OnFile):
             raise ModelError(f"crop_pct must be in (0, 1], not {crop}")
         self.mean = np.asarray(options.get("mean", [0.485, 0.456, 0.406]), dtype=np.float32)
         self.std = np.asarray(options.get("std", [0.229, 0.224, 0.225]), dtype=np.float32)
-        self.labels: list[str] = list(options.get("labels", []))
+        self.labels: list[str] = label_list(options)
         self.top_k = int(options.get("top_k", 5))
         self.score_threshold = float(options.get("score_threshold", 0.0))
         self._model: Runner | None = None

@@ -18,7 +18,7 @@ from PIL import Image
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
 from sightstream.models import masks
-from sightstream.models.adapter import FrameContext, Prompt
+from sightstream.models.adapter import FrameContext, Prompt, label_list
 from sightstream.models.adapters.runner import OnFile, Runner
 
 
@@ -37,7 +37,7 @@ class OnnxSegmenter(OnFile):
         self.input_name = options.get("input_name")
         self.output_name = options.get("output_name")
         self.background = options.get("background_class_id", 0)
-        self.labels: list[str] = list(options.get("labels", []))
+        self.labels: list[str] = label_list(options)
         self.with_packbits = bool(options.get("packbits", False))
         self._options = options
         self._model: Runner | None = None

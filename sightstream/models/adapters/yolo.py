@@ -17,7 +17,7 @@ import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import Prediction
-from sightstream.models.adapter import FrameContext, Prompt, bounded
+from sightstream.models.adapter import FrameContext, Prompt, bounded, label_list
 from sightstream.models.adapters.onnx_common import batched_nms, letterbox
 from sightstream.models.adapters.runner import OnFile, Runner, class_names, warm_up
 
@@ -57,7 +57,7 @@ class YoloDetector(OnFile):
         self.score_threshold = bounded("score_threshold", float(options.get("score_threshold", 0.25)), 0, 1)
         self.iou_threshold = bounded("iou_threshold", float(options.get("iou_threshold", 0.45)), 0, 1)
         self.max_detections = bounded("max_detections", int(options.get("max_detections", 300)), 1)
-        self.labels: list[str] = list(options.get("labels", []))
+        self.labels: list[str] = label_list(options)
         self._model: Runner | None = None
 
     def load(self, device: str) -> None:
