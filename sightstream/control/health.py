@@ -58,9 +58,8 @@ async def live(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
     problems = []
-    if not await d.redis_ok():
-        problems.append("the Redis Cluster is down or unreachable" if d.settings.redis_cluster
-                        else "redis is unreachable")
+    if (redis_problem := await d.redis_problem()) is not None:
+        problems.append(redis_problem)
     if not d.ready:
         problems.append("workers are not up")
     if problems:

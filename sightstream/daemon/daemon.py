@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError, ResponseError
 
 from sightstream import keys, log
 from sightstream.config import PipelineSettings, Settings
@@ -501,15 +501,23 @@ class Daemon:
         return None
 
     async def redis_ok(self) -> bool:
-        """Redis answers; on a cluster, the node asked also sees the cluster whole (a node of a
-        failed cluster still answers PING, while no frame of the lost slots can move)."""
+        return await self.redis_problem() is None
+
+    async def redis_problem(self) -> str | None:
+        """Why Redis cannot be used now, or None: it answers; on a cluster, the node asked also
+        sees the cluster whole (a node of a failed cluster still answers PING, while no frame
+        of the lost slots can move)."""
+        cluster = self.settings.redis_cluster
+        down = "the Redis Cluster is down or unreachable" if cluster else "redis is unreachable"
         try:
-            if self.settings.redis_cluster:
+            if cluster:
                 info = await asyncio.wait_for(self.client.execute_command("CLUSTER INFO"), 1.0)
-                return bool(info.get("cluster_state") == "ok")  # redis-py parses it into a dict
-            return bool(await asyncio.wait_for(self.client.ping(), 1.0))
+                return None if info.get("cluster_state") == "ok" else down  # redis-py parses it into a dict
+            return None if await asyncio.wait_for(self.client.ping(), 1.0) else down
+        except AuthenticationError as e:  # a wrong or rotated password: not a network fault
+            return f"redis refused this daemon's credentials (redis_url): {e}"
         except (TimeoutError, RedisError, OSError):
-            return False
+            return down
 
     def pipelines(self) -> list[dict[str, Any]]:
         out = []

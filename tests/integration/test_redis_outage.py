@@ -145,3 +145,28 @@ async def test_a_redis_that_hangs_bounds_what_the_control_plane_waits(redis_url,
             assert (await asyncio.wait_for(http.head("/jobs"), 5)).status == 503  # a HEAD is bounded too
         finally:
             await http.close()
+
+
+async def test_a_password_redis_now_asks_for_is_named_in_readiness_not_taken_for_an_outage(tmp_path):
+    """A rotated or wrong password read as "redis is unreachable": operators looked at the network."""
+    server = EmbeddedRedis().start()
+    try:
+        async with running(settings_for(server.url, tmp_path)) as d:
+            http = await client_for(d)
+            try:
+                assert (await http.get("/health/ready")).status == 200
+                admin = redis.Redis.from_url(server.url)
+                admin.config_set("requirepass", "rotated")
+                admin.client_kill_filter(_type="normal")  # the daemon reconnects, without it
+                admin.close()
+                for _ in range(20):  # the first call after the kill finds its connection closed
+                    r = await http.get("/health/ready")
+                    problems = (await r.json())["problems"]
+                    if problems != ["redis is unreachable"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert r.status == 503 and problems[0].startswith("redis refused this daemon's credentials (redis_url): ")
+            finally:
+                await http.close()
+    finally:
+        server.close()
