@@ -2,8 +2,10 @@
 
 A pipeline's prompt starts as the configured `prompt`, version 1, written to Redis by the first
 daemon that starts. A daemon that starts with another configured prompt than the one last
-applied (the config was edited) makes it a new version, `set_by` "config"; while the config's
-prompt stays the same, changes made over HTTP outlive restarts. (Each daemon used its own
+applied (the config was edited) makes it a new version, `set_by` "config", unless that text
+was applied from a config before (a daemon restarted on the old config during a rolling change
+would undo it); while the config's prompt stays the same, changes made over HTTP outlive
+restarts. (Each daemon used its own
 config's text as version 1 until the first change: two configs, two texts under one version.)
 
 Each change (a new text, or a rollback to an earlier version's text) is a new version, written
@@ -91,21 +93,29 @@ return {'ok', version, encoded}
 # existed takes this config's as applied, changing nothing: that version ignored config edits
 # once the prompt had been changed, so its current prompt may be one set over HTTP since, newer
 # than the config's. Neither does a config whose text is the current one make a version.
-# Returns {seeded | same | changed, the current version}.
+# A config text applied before (`config_seen:<sha1>` fields) is not applied again: during a
+# rolling change, a daemon restarted on the old config (for any reason) made the old text the
+# newest version for the whole group, undoing the change. {older, version}: such a text.
+# Returns {seeded | same | changed | older, the current version}.
 APPLY_CONFIG = _seed("ARGV[1]") + """
+local seen = 'config_seen:' .. redis.sha1hex(ARGV[1])
 if seeded then
+  redis.call('HSET', KEYS[1], seen, '1')
   return {'seeded', 1}
 end
 local configured = redis.call('HGET', KEYS[1], 'configured')
 if not configured or configured == ARGV[1] or redis.call('HGET', KEYS[1], 'text') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'configured', ARGV[1])
+  redis.call('HSET', KEYS[1], 'configured', ARGV[1], seen, '1')
   return {'same', current}
+end
+if redis.call('HEXISTS', KEYS[1], seen) == 1 then
+  return {'older', current}
 end
 local version = current + 1
 redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[1], updated_at = ARGV[2],
                                            set_by = 'config'}))
 redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[1], 'updated_at', ARGV[2], 'set_by', 'config',
-           'rolled_back_from', '', 'configured', ARGV[1])
+           'rolled_back_from', '', 'configured', ARGV[1], seen, '1')
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return {'changed', version}
 """
@@ -212,6 +222,11 @@ class PromptStore:
             if status == b"changed":
                 _log.info("prompt_config_applied", pipeline=name, version=int(version),
                           why="the config's prompt differs from the one last applied")
+            elif status == b"older":
+                _log.warning("prompt_config_not_applied", pipeline=name, version=int(version),
+                             why="this config's prompt was applied before, and another since (a daemon "
+                             "on an older config?): the current version stays",
+                             hint=f"to use it again: PUT /pipelines/{name}/prompt, or roll back to its version")
 
     async def get(self, pipeline: str) -> PromptVersion:
         data = await self._client.hgetall(keys.prompt_current(pipeline))

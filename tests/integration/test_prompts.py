@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from sightstream.config import ModelEntry
 from sightstream.prompts import Prompt
@@ -181,6 +182,28 @@ async def test_the_config_s_prompt_is_one_version_for_every_daemon_and_an_edit_i
             "set over HTTP", 3)
         history = [(v.version, v.text, v.set_by) for v in (await c.prompts.history("people"))[0]]
     assert history == [(3, "set over HTTP", ""), (2, "gamma", "config"), (1, "beta", "config")]
+
+
+async def test_a_daemon_restarted_on_the_old_config_does_not_undo_a_rolling_change(redis_url, tmp_path):
+    """Mid-rollout, a daemon still on the old config restarted (a crash, a node drained) made
+    the old text the newest version for every daemon: the change was undone, silently."""
+    old, new = prompt_settings(redis_url, tmp_path), prompt_settings(redis_url, tmp_path)
+    old.pipelines[0].prompt, new.pipelines[0].prompt = "hello", "hello2"
+    async with running(old, host="a"):
+        pass
+    async with running(new, host="b") as b:
+        assert (b.prompt_book.current("people").text, b.prompt_book.current("people").version) == ("hello2", 2)
+        with capture_logs() as logs:
+            async with running(old, host="a") as a:  # restarted before its config was rolled
+                assert (a.prompt_book.current("people").text, a.prompt_book.current("people").version) == (
+                    "hello2", 2)
+        (warned,) = [e for e in logs if e["event"] == "prompt_config_not_applied"]
+        assert warned["version"] == 2 and "PUT /pipelines/people/prompt" in warned["hint"]
+        assert b.prompt_book.current("people").version == 2
+    third = prompt_settings(redis_url, tmp_path)
+    third.pipelines[0].prompt = "hello3"
+    async with running(third, host="c") as c:  # a new edit still applies
+        assert (c.prompt_book.current("people").text, c.prompt_book.current("people").version) == ("hello3", 3)
 
 
 async def test_the_history_comes_a_page_at_a_time(redis_url, tmp_path):
