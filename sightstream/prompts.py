@@ -226,7 +226,8 @@ class PromptStore:
                 _log.warning("prompt_config_not_applied", pipeline=name, version=int(version),
                              why="this config's prompt was applied before, and another since (a daemon "
                              "on an older config?): the current version stays",
-                             hint=f"to use it again: PUT /pipelines/{name}/prompt, or roll back to its version")
+                             hint=f"to use it again: PUT /pipelines/{name}/prompt, or roll back to "
+                             "its version")
 
     async def get(self, pipeline: str) -> PromptVersion:
         data = await self._client.hgetall(keys.prompt_current(pipeline))
