@@ -17,23 +17,29 @@ def gather(base: str, token: str) -> dict[str, Any]:
     health = call(base, "/health", token)
     pipelines = call(base, "/pipelines", token)["pipelines"]
     cached = {(s["pipeline"], s["source"]): s for s in call(base, "/sources", token)["sources"]}
-    sources = []
+    sources: list[dict[str, Any]] = []
+    videos: list[dict[str, Any]] = []
     for p in pipelines:
         # every stream of the group (the page keeps only its latest `page_sources`), cached or
         # not; not asked while Redis cannot be (each ask would wait on it again)
-        listed = None if p.get("redis_error") else call(
-            base, f"/pipelines/{urllib.parse.quote(p['name'])}", token)["sources"]
+        path = f"/pipelines/{urllib.parse.quote(p['name'])}"
+        detail = None if p.get("redis_error") else call(base, path, token)
+        listed = detail["sources"] if detail is not None else None
         # by source: a chained pipeline's stream is its upstream's results of the source
         names = [s.get("source", s["stream"]) for s in listed] if listed is not None else []
         pending = {s.get("source", s["stream"]): s["pending"] for s in listed or ()}
         readers = {s.get("source", s["stream"]): s.get("reader") for s in listed or ()}
+        # a camera that sends only bad frames has no tile (no result) but has its dead count
+        dead = {s.get("source", s["stream"]): s.get("dead_lettered") for s in listed or ()}
         names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
+        if detail is not None:  # a pipeline's video inputs (cameras by URL): read or not, by whom
+            videos += [{"pipeline": p["name"], **v} for v in detail.get("videos", [])]
         for name in names:
             sources.append({"pipeline": p["name"], "source": name, "pending": pending.get(name),
-                            "reader": readers.get(name),
+                            "reader": readers.get(name), "dead_lettered": dead.get(name),
                             **{k: v for k, v in cached.get((p["name"], name), {}).items()
                                if k not in ("pipeline", "source")}})
-    figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources}
+    figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources, "videos": videos}
     down = next((p["redis_error"] for p in pipelines if p.get("redis_error")), None)
     if down is not None:  # the jobs live in Redis: asking would wait out the daemon's bound
         figures["jobs"], figures["jobs_error"] = [], down
@@ -73,6 +79,11 @@ def report(base: str, figures: dict[str, Any]) -> str:
                      _or_dash(s.get("seq")), _or_dash(s.get("pending")), _or_dash(s.get("dead_lettered")),
                      latency, s.get("summary", "")])
     lines += ["", *_table(rows)] if len(rows) > 1 else ["", "no sources yet"]
+    if figures.get("videos"):  # an input nobody reads (pending) or that keeps failing shows here
+        rows = [["VIDEO INPUT", "PIPELINE", "STATUS", "READ BY", "RESULTS", "LAST FRAME", "LAST ERROR"]]
+        rows += [[v["url"], v["pipeline"], v["status"], v.get("holder") or "-", str(v["processed"]),
+                  _or_dash(v.get("last_frame_at")), _or_dash(v.get("last_error"))] for v in figures["videos"]]
+        lines += ["", *_table(rows)]
     if figures.get("jobs_error"):
         lines += ["", f"jobs unknown: {figures['jobs_error']}"]
     if figures["jobs"]:

@@ -42,6 +42,8 @@ class Source(BaseModel):
                                "has one daemon per source: its consumer name, or null while none holds it "
                                "(another takes it within the lease, 10 s); null for other pipelines, "
                                "whose sources every daemon of the group reads")
+    dead_lettered: int = Field(0, description="this daemon's frames of the source sent to the dead-letter "
+                               "stream since it started (a camera sending only bad frames has no other figure)")
 
 
 class Counts(BaseModel):
@@ -230,5 +232,6 @@ async def _sources(
         return (keys.source_of(upstream.output, upstream.name, stream) if upstream else None) or stream
 
     return [Source(stream=b.stream, source=source(b.stream), pending=b.pending, lag=b.lag,
-                   last_delivered_id=b.last_delivered_id, reader=reader)
+                   last_delivered_id=b.last_delivered_id, reader=reader,
+                   dead_lettered=d.snapshots.dead_count(p.name, source(b.stream)))
             for b, reader in zip(backlog, held_by)], None

@@ -39,7 +39,7 @@ async def test_status_shows_pipelines_sources_and_says_why_it_cannot(redis_url, 
         lines.clear()
         assert await asyncio.to_thread(status, base, "s3cret", False, lines.append) == 0
         broken = next(line for line in lines[0].splitlines() if line.startswith("frames:{broken}"))
-        assert broken.split()[1:4] == ["people", "-", "0"]
+        assert broken.split()[1:5] == ["people", "-", "0", "1"]  # its dead-letter shows (it showed "-")
 
         code = await asyncio.to_thread(cli.main, ["status", "--url", base, "--token", "wrong"])
         assert code == 1 and "401 missing or wrong bearer token" in capsys.readouterr().err

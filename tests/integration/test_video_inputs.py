@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from sightstream import keys
+from sightstream.status import status
 from tests import hls
 from tests.conftest import encode
 from tests.integration.helpers import client_for, entries, running, settings_for, wait_for
@@ -41,6 +42,13 @@ async def test_a_vod_url_and_a_stream_in_one_pipeline(redis_url, sync_redis, tmp
                 assert video["url"] == url and video["processed"] == 8
                 r = await client.delete(f"/jobs/{video['job_id']}")
                 assert r.status == 409 and "pipeline people" in (await r.json())["error"]["message"]
+                # `sightstream status` shows it too (an input nobody reads was seen nowhere there)
+                lines: list[str] = []
+                base = str(client.make_url("")).rstrip("/")
+                assert await asyncio.to_thread(status, base, "", False, lines.append) == 0
+                table = lines[0].split("VIDEO INPUT")[1]
+                row = next(line for line in table.splitlines() if line.startswith(url))
+                assert row.split()[1:5] == ["people", "completed", d.consumer, "8"]
             finally:
                 await client.close()
         results = entries(sync_redis, f"results:people:{url}")
