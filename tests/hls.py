@@ -169,7 +169,8 @@ class LiveHLS:
     """A live HLS source made of pre-generated segments: a sliding window of `window` segments,
     no EXT-X-ENDLIST, EXT-X-MEDIA-SEQUENCE advancing one segment per segment duration of wall
     time. `stall()` stops advancing and (by default) hangs every request until `resume()`;
-    `not_found()` answers 404 to everything; `end()` appends EXT-X-ENDLIST and stops advancing.
+    `not_found()` answers 404 to everything; `end()` appends EXT-X-ENDLIST and stops advancing;
+    segments named in `lost` (set it before serving) answer 404.
     Its state lives on the server's loop: change it only through these methods."""
 
     def __init__(self, playlist: Path, window: int = 3) -> None:
@@ -182,6 +183,7 @@ class LiveHLS:
         self._frozen: int | None = None  # segments published, while not advancing
         self._ended = False
         self._missing = False
+        self.lost: set[str] = set()  # segments that answer 404 (a packager that lost them)
         self._released = asyncio.Event()  # cleared: requests hang (bound to the server's loop on first use)
         self._released.set()
         self._server: ThreadServer | None = None
@@ -215,7 +217,7 @@ class LiveHLS:
         if name == "live.m3u8":
             return web.Response(text=self.playlist(), content_type="application/vnd.apple.mpegurl")
         names = [n for _, n in self.segments[: self.published()]]
-        if name not in names:
+        if name not in names or name in self.lost:
             raise web.HTTPNotFound()
         return web.FileResponse(self.folder / name)
 

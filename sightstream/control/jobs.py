@@ -100,7 +100,10 @@ class Progress(BaseModel):
     duration_s: float | None = Field(None, description="null for live sources")
     fraction: float | None = Field(None, description="of a VOD, 0 to 1")
     last_error: str | None = Field(None, description="why the source was last reopened, if it was, or what "
-                                   "of an HLS VOD was skipped (a segment that could not be fetched)")
+                                   "of an HLS video was skipped (a segment that could not be fetched, or a "
+                                   "live stream's part that went by while it was reopened)")
+    skipped_s: float = Field(0, description="seconds of an HLS video the reader jumped over, all attempts "
+                             "together: 0 when the video was read whole")
     last_frame_at: str | None = Field(None, description="when the source last gave a frame (ISO 8601 UTC): "
                                       "a camera that is down has a last_error and an old last_frame_at")
 

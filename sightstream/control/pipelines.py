@@ -43,7 +43,8 @@ class Source(BaseModel):
                                "(another takes it within the lease, 10 s); null for other pipelines, "
                                "whose sources every daemon of the group reads")
     dead_lettered: int = Field(0, description="this daemon's frames of the source sent to the dead-letter "
-                               "stream since it started (a camera sending only bad frames has no other figure)")
+                               "stream since it started (a camera sending only bad frames has no other "
+                               "figure)")
 
 
 class Counts(BaseModel):

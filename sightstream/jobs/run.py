@@ -448,12 +448,19 @@ class JobRun:
         if stats is not None:
             counts = {"decoded": counts["decoded"] + stats.decoded, "sampled": counts["sampled"] + stats.kept}
         duration = stats.duration_s if stats else None
-        position = self._position_s
+        # a resumed attempt that read no new frame keeps the last one's position (it said null)
+        earlier = self.job.progress.get("position_s")
+        position = self._position_s if self._position_s is not None else (
+            float(earlier) if isinstance(earlier, (int, float)) else None)
         fraction = round(min(1.0, position / duration), 4) if position is not None and duration else None
         if self._read_to_end and duration:
             fraction = 1.0  # the last frame sampled may lie before the end (fps 2: 2.5 s of 3 s)
         progress = {"position_s": position, "duration_s": duration, "fraction": fraction,
                     "last_error": stats.last_error if stats else None,
+                    # what the reader jumped over, every attempt's (an HLS segment that could not be
+                    # fetched; a live stream reopened at its live edge)
+                    "skipped_s": round(float(self.job.progress.get("skipped_s") or 0)
+                                       + (stats.skipped_s if stats else 0.0), 3),
                     "last_frame_at": self._last_frame_at or self.job.progress.get("last_frame_at")}
         base = self._base
         timings = {

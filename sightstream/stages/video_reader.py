@@ -238,6 +238,9 @@ class _Reader:
         self.end_s: float | None = None  # where a VOD ends, from t0
         self._local = False  # a file on this machine (not a playlist): read again, it says the same
         self.failures = 0
+        # Where an HLS read's packets ended (stream time), kept across reopens: a live stream
+        # reopened at its live edge skipped what came meanwhile, and was not said to
+        self.hls_ended: float | None = None
         # Timestamps start again with each session (RTSP): a reopen goes on after the last frame.
         self.sessions = urlsplit(url).scheme in ("rtsp", "rtsps")
 
@@ -246,6 +249,8 @@ class _Reader:
         self.t0 = origin_s
         if after_s is not None:
             self.last_pts, self.last_bucket = after_s, self._bucket(after_s)
+            if origin_s is not None:  # resumed (another daemon, a restart): what follows the last result
+                self.hls_ended = origin_s + after_s + (1 / self.o.fps if self.o.fps > 0 else 0.0)
         refused = 0
         guards[threading.get_ident()] = self.guard
         try:
@@ -277,6 +282,8 @@ class _Reader:
                     raise VideoSourceError(f"the video source {self.name} cannot be read: {e}") from None
                 if why is None or why == "stop" or self.stop.is_set():
                     return
+                if self.progressed:  # it gave frames: a new outage, retried soon (a live stream's
+                    self.failures = 0  # end waited out the back-off its outage before had grown to)
                 self._failed(why)
         finally:
             guards.pop(threading.get_ident(), None)
@@ -307,6 +314,7 @@ class _Reader:
 
     def _attempt(self) -> str | None:
         """One open and read. None: the source ended (or stop); else why it must be reopened."""
+        self.progressed = False
         files = ConfinedFiles(self.o.confine_to) if self.o.confine_to else None
         try:
             return self._open_and_read(files)
@@ -422,10 +430,11 @@ class _Reader:
     def _read(self, container: Any, stream: Any) -> bool:
         """Demux and decode to the end; True if a frame was decoded. FFmpeg errors propagate."""
         tb, self.progressed, self.clock = stream.time_base, False, time.perf_counter()
-        ended: float | None = None  # where the packets read so far end (stream time)
-        # FFmpeg's HLS reader skips a segment it cannot fetch; other containers' gaps may be a
-        # variable frame rate (a screen recording), not a loss
-        gaps = container.format.name == "hls" and self.stats.is_live is False
+        # FFmpeg's HLS reader skips a segment it cannot fetch (VOD or live); other containers'
+        # gaps may be a variable frame rate (a screen recording), not a loss
+        gaps = container.format.name == "hls"
+        ended = self.hls_ended if gaps else None  # where the packets read so far end (stream time)
+        reopened = ended is not None  # until the first packet: a gap is what the reopen skipped
         # Closed before its container: a suspended demux generator still uses the container.
         with contextlib.closing(container.demux(stream)) as packets:
             for packet in packets:
@@ -436,9 +445,12 @@ class _Reader:
                     t = float(packet.pts * tb)
                     end = t + float((packet.duration or 0) * tb)
                     if gaps and ended is not None and t - ended > GAP_S:
-                        self._skipped(ended, t)
+                        self._skipped(ended, t, reopened)
+                    reopened = False
                     # back by more than a few frames' reordering: timestamps started again
                     ended = end if ended is None or t < ended - GAP_S else max(ended, end)
+                    if gaps:
+                        self.hls_ended = ended
                     if self.t0 is not None:
                         self.read_to = max(self.read_to, t + float((packet.duration or 0) * tb) - self.t0)
                     self.keyframes.packet(t, packet.is_keyframe)
@@ -449,13 +461,15 @@ class _Reader:
         self.stats.decode_s += time.perf_counter() - self.clock
         return self.progressed
 
-    def _skipped(self, start: float, end: float) -> None:
-        """The demuxer jumped over part of an HLS VOD: FFmpeg's HLS reader skips a segment it
-        cannot fetch (a 404) and goes on. Said, not hidden: the video is not whole."""
+    def _skipped(self, start: float, end: float, reopened: bool) -> None:
+        """The demuxer jumped over part of an HLS video: FFmpeg's HLS reader skips a segment it
+        cannot fetch (a 404) and goes on, and a live one reopened (or resumed) starts at its
+        live edge. Said, not hidden: the video is not whole."""
         at = start - (self.t0 or 0.0)
         self.stats.skipped_s += end - start
-        self.stats.last_error = (f"the video skips from {at:.1f} s to {at + end - start:.1f} s "
-                                 "(a segment missing or unreadable, or a pause in the video)")
+        why = ("not read while the source was reopened: it went on meanwhile" if reopened
+               else "a segment missing or unreadable, or a pause in the video")
+        self.stats.last_error = f"the video skips from {at:.1f} s to {at + end - start:.1f} s ({why})"
         _log.warning("video_gap", url=self.name, from_s=round(at, 2), skipped_s=round(end - start, 2))
 
     def _thumbnail(self, image: np.ndarray) -> np.ndarray | None:

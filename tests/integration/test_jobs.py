@@ -423,6 +423,36 @@ async def test_a_running_job_whose_daemon_died_shows_pending_while_every_daemon_
         assert job["holder"] == "" and orphan.id not in d.job_runner.running
 
 
+async def test_a_job_says_how_much_of_its_video_was_skipped(redis_url, tmp_path, videos):
+    playlist = hls.make_hls_vod(tmp_path / "gappy", seconds=4, fps=10)
+    (tmp_path / "gappy" / "index1.ts").unlink()  # 1 s to 2 s
+    settings = job_settings(redis_url, tmp_path, videos)
+    settings.jobs.allowed_paths.append(str(tmp_path))
+    async with serving(settings) as (d, client):
+        job = await until_status(client, await submit(client, source=f"file://{playlist}", fps=2), "completed")
+        whole = await until_status(client, await submit(client, source=f"file://{videos}/clip.mp4", fps=2),
+                                   "completed")
+    assert job["progress"]["skipped_s"] == pytest.approx(1.0, abs=0.15)
+    assert job["progress"]["last_error"].startswith("the video skips from 1.0 s to 2.0 s")
+    assert whole["progress"]["skipped_s"] == 0
+
+
+async def test_a_resumed_job_that_reads_no_new_frame_keeps_its_position(redis_url, sync_redis, tmp_path, videos):
+    """Its daemon died after the last result: the attempt that finished it said position null."""
+    client = make_client(redis_url)
+    try:
+        job = await JobStore(client, 60).create(JobSpec(f"file://{videos}/clip.mp4", "tiny/det", fps=2))
+    finally:
+        await client.aclose(close_connection_pool=True)
+    sync_redis.hset(keys.job(job.id), mapping={  # as the first attempt left it: every frame published
+        "attempt": 1, "last_seq": 6, "last_position": "2.5",
+        "progress": json.dumps({"position_s": 2.5, "duration_s": 3.0, "fraction": 0.8333})})
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        done = await until_status(client, job.id, "completed")
+    assert done["attempt"] == 2 and done["counts"]["processed"] == 0
+    assert done["progress"]["position_s"] == 2.5 and done["progress"]["fraction"] == 1.0
+
+
 async def test_expired_jobs_leave_the_index_without_anyone_listing_them(redis_url, sync_redis):
     """Listing dropped expired ids only from the pages it read: on a daemon nobody lists in
     full, the index kept every job id ever made."""

@@ -140,6 +140,40 @@ async def test_a_live_source_that_answers_404_for_a_while_is_read_on_when_it_is_
     assert r.ordered()
 
 
+async def test_a_live_stream_missing_a_segment_says_what_was_skipped(media):
+    """FFmpeg's HLS reader skips a segment it cannot fetch: said for a VOD, silent for a live
+    stream, whose job ended `completed` as if it were whole."""
+    with live_hls(media / "live" / "index.m3u8") as live:
+        live.lost.add("index5.ts")  # 5 s to 6 s, ahead of the first window
+        source = VideoSource(live.url, ReaderOptions(read_timeout_s=3, keyframes_only=False))
+        async with Reader(source) as r:
+            await wait_for(lambda: any(f.pts_s >= 6.5 for f in r.frames), 15, "frames past the lost segment")
+    assert not any(5.0 <= f.pts_s < 6.0 for f in r.frames)
+    assert source.stats.skipped_s == pytest.approx(1.0, abs=0.15)
+    assert source.stats.last_error == ("the video skips from 5.0 s to 6.0 s (a segment missing or unreadable, "
+                                       "or a pause in the video)")
+
+
+async def test_a_live_stream_reopened_at_its_edge_says_what_went_by_and_ends_without_waiting_a_back_off(live):
+    """Reopened after an outage, a live stream starts at its live edge: what came meanwhile was
+    skipped, and not said. Its back-off, grown during the outage, then delayed its end."""
+    source = VideoSource(live.url, ReaderOptions(read_timeout_s=3))
+    async with Reader(source) as r:
+        await wait_for(lambda: len(r.frames) >= 1, 10, "a frame")
+        live.not_found()
+        await wait_for(lambda: source.stats.reopens >= 5, 20, "an outage with its back-off grown")
+        read = len(r.frames)
+        live.not_found(False)
+        await wait_for(lambda: len(r.frames) > read + LIVE_RATE, 20, "frames once it answers again")
+        assert source.stats.skipped_s > 1
+        assert "(not read while the source was reopened: it went on meanwhile)" in source.stats.last_error
+        live.end()
+        ended = time.monotonic()
+        await asyncio.wait_for(r.task, 15)
+        assert time.monotonic() - ended < 3  # one quick reopen finds the end (it waited 4-8 s)
+    assert r.ordered()
+
+
 async def test_a_stalled_source_is_reopened_by_the_watchdog(live):
     options = ReaderOptions(stall_s=1.5, open_timeout_s=1, read_timeout_s=5, max_backoff_s=1)
     source = VideoSource(live.url, options)
