@@ -92,6 +92,16 @@ def _unload(adapter: Adapter, model_id: str, device: str) -> None:
         _log.error("model_unload_failed", model=model_id, device=device, error=f"{type(e).__name__}: {e}")
 
 
+LOAD_RETRY_MAX_S = 30.0  # a model whose load failed is tried again after 1, 2, 4 … s, then every 30 s
+
+
+@dataclass
+class FailedLoad:
+    until: float  # monotonic: not tried again before, its error raised instead
+    tries: int
+    error: ModelError
+
+
 class ModelManager:
     def __init__(self, catalogue: Catalogue, budgets_mb: dict[str, float] | None = None,
                  room_wait_s: float = 60.0, metrics: Metrics | None = None,
@@ -103,6 +113,7 @@ class ModelManager:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
+        self._failed_loads: dict[tuple[str, str], FailedLoad] = {}  # the last load failed: back off
         self._closed = False  # unload_all ran (the daemon stopped): a late load is not taken in
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
@@ -167,11 +178,11 @@ class ModelManager:
             self._let_go.set()
 
     async def load(self, model_id: str, device: str, executor: Executor) -> dict:
-        """Explicit load (the control plane's POST …/load)."""
-        loaded = await self._ensure(model_id, device, executor)
+        """Explicit load (the control plane's POST …/load): tried now, whatever failed before."""
+        loaded = await self._ensure(model_id, device, executor, asked=True)
         return self._describe(model_id, loaded)
 
-    async def _ensure(self, model_id: str, device: str, executor: Executor) -> Loaded:
+    async def _ensure(self, model_id: str, device: str, executor: Executor, asked: bool = False) -> Loaded:
         key = (model_id, device)
         if (loaded := self._loaded.get(key)) is not None:
             return loaded
@@ -181,6 +192,9 @@ class ModelManager:
             if key in self._overdue:  # one stuck load of it at a time, not one more per try
                 raise LoadTimeout(f"model {model_id} is still loading on {device}, past "
                                   f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later")
+            failed = self._failed_loads.get(key)
+            if failed is not None and not asked and time.monotonic() < failed.until:
+                raise ModelError(str(failed.error))  # a bad weights file was read again for every batch
             adapter = self.create(model_id)
             estimate = self._estimate_mb(model_id)
             # The room is promised to this load until it ends, so two loads on one device
@@ -200,7 +214,14 @@ class ModelManager:
                     raise LoadTimeout(f"model {model_id} did not load on {device} within "
                                       f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
                                       executor)
-                loading.result()
+                try:
+                    loading.result()
+                except ModelError as e:
+                    tries = failed.tries + 1 if failed is not None else 1
+                    self._failed_loads[key] = FailedLoad(
+                        time.monotonic() + min(LOAD_RETRY_MAX_S, 2.0 ** (tries - 1)), tries, e)
+                    raise
+                self._failed_loads.pop(key, None)
                 size = float(getattr(adapter, "memory_mb", 0) or estimate)
                 now = time.time()
                 loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)

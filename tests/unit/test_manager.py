@@ -166,3 +166,28 @@ async def test_a_load_that_ends_after_the_daemon_stopped_is_let_go(pool):
     m.unload_all()
     await asyncio.sleep(0.8)  # the load has ended by now
     assert not m.is_loaded("fake/slow") and m._reserved_mb["cpu"] == 0
+
+
+async def test_a_model_whose_load_failed_is_tried_again_after_a_back_off_not_per_batch(pool, monkeypatch):
+    """A bad weights file swapped in was read again for every batch (five loads a second of a
+    200 MB file at 5 fps); an explicit load (POST …/load) still tries at once."""
+    import sightstream.models.manager as manager_module
+
+    tries = []
+    real = manager_module._load
+    monkeypatch.setattr(manager_module, "_load", lambda *a: (tries.append(1), real(*a)))
+    catalogue = Catalogue({"fake": {"bad": ModelEntry(**entry(fail_load=True))}})
+    m = ModelManager(catalogue)
+    for _ in range(5):
+        with pytest.raises(ModelError, match=r"failed to load on cpu: KeyError"):
+            async with m.use("fake/bad", "cpu", pool):
+                pass
+    assert len(tries) == 1  # the others got its error at once, within the 1 s back-off
+    with pytest.raises(ModelError):
+        await m.load("fake/bad", "cpu", pool)
+    assert len(tries) == 2
+    m._failed_loads[("fake/bad", "cpu")].until = 0  # its back-off (now 2 s) over
+    with pytest.raises(ModelError):
+        async with m.use("fake/bad", "cpu", pool):
+            pass
+    assert len(tries) == 3 and m._failed_loads[("fake/bad", "cpu")].tries == 3
