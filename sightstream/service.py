@@ -54,13 +54,16 @@ def watchdog_interval() -> float | None:
         return None
 
 
-def status_line(daemon: Daemon) -> str:
+def status_line(daemon: Daemon, redis_problem: str | None = None) -> str:
+    """`systemctl status`'s line: the flow, and first what stops it where Redis cannot be used
+    ("0.0 frames/s in" alone said nothing of why)."""
     sources = sum(len(run.ingest.streams) for run in daemon.runs.values())
     fps_in = fps_out = 0.0
     for p in daemon.settings.pipelines:
         i, o = daemon.rates.fps(p.name)
         fps_in, fps_out = fps_in + i, fps_out + o
-    return f"{sources} sources, {fps_in:.1f} frames/s in, {fps_out:.1f} results/s out"
+    flow = f"{sources} sources, {fps_in:.1f} frames/s in, {fps_out:.1f} results/s out"
+    return flow if redis_problem is None else f"{redis_problem}; {flow}"
 
 
 async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
@@ -70,19 +73,27 @@ async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
     step = min(interval, 5.0) if interval else 5.0
     next_status = 0.0
     loop = asyncio.get_running_loop()
-    while not stop.is_set():
-        if interval and daemon.failed() is None:
-            sd_notify("WATCHDOG=1")
-        if loop.time() >= next_status:
+    probe: asyncio.Task | None = None  # Redis asked aside (up to 1 s): the pings never wait for it
+    try:
+        while not stop.is_set():
+            if interval and daemon.failed() is None:
+                sd_notify("WATCHDOG=1")
+            if loop.time() >= next_status:
+                try:
+                    problem = probe.result() if probe is not None and probe.done() else None
+                    sd_notify(f"STATUS={status_line(daemon, problem)}")
+                except Exception:  # a status line must never stop the watchdog pings
+                    _log.exception("status_line_failed")
+                if probe is None or probe.done():
+                    probe = asyncio.create_task(daemon.redis_problem(), name="status-redis-probe")
+                next_status = loop.time() + 5.0
             try:
-                sd_notify(f"STATUS={status_line(daemon)}")
-            except Exception:  # a status line must never stop the watchdog pings
-                _log.exception("status_line_failed")
-            next_status = loop.time() + 5.0
-        try:
-            await asyncio.wait_for(stop.wait(), step)
-        except TimeoutError:
-            pass
+                await asyncio.wait_for(stop.wait(), step)
+            except TimeoutError:
+                pass
+    finally:
+        if probe is not None:
+            probe.cancel()
 
 
 def leave_running_calls(code: int, wait_s: float = 1.0) -> None:

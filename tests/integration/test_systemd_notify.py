@@ -129,3 +129,37 @@ async def test_listening_beyond_loopback_without_a_token_is_warned_of(redis_url,
         assert await asyncio.wait_for(running, 20) == 0
     (warned,) = [e for e in logs if e["event"] == "control_open_without_token"]
     assert warned["host"] == "0.0.0.0" and "set control.token" in warned["why"]
+
+
+async def test_systemctl_status_says_redis_is_unreachable(tmp_path, listener):
+    """It said "0.0 frames/s in" alone while Redis was down."""
+    from sightstream.daemon.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(settings_for(server.url, tmp_path, control={"port": 0}), stop))
+    statuses: list[str] = []
+    try:
+        for _ in range(100):
+            try:
+                if listener.recv(4096) == b"READY=1":
+                    break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        server.stop()
+        for _ in range(300):  # a status every 5 s; the Redis probe is the one before's
+            try:
+                message = listener.recv(4096).decode()
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+                continue
+            if message.startswith("STATUS="):
+                statuses.append(message)
+                if message.startswith("STATUS=redis is unreachable; "):
+                    break
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        server.close()
+    assert re.fullmatch(r"STATUS=redis is unreachable; \d+ sources, [\d.]+ frames/s in, [\d.]+ results/s out",
+                        statuses[-1]), statuses
