@@ -49,6 +49,7 @@ av.logging.set_level(None)
 
 DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the encoder restarted
 LIVE_STOPPED: Final = "the live stream stopped"  # ended or failing: a reopen tells which
+RECOVERED_S: Final = 2.0  # of new live video in one attempt: its back-off starts again
 GAP_S: Final = 0.5  # an HLS VOD jumping this far ahead: a segment was skipped (not a frame rate)
 _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
     av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
@@ -258,6 +259,7 @@ class _Reader:
                 if self.stop.is_set():
                     return
                 self.stats.reopens += attempt > 0
+                seen_before = self.seen
                 try:
                     why = self._attempt()
                     refused = 0
@@ -282,11 +284,21 @@ class _Reader:
                     raise VideoSourceError(f"the video source {self.name} cannot be read: {e}") from None
                 if why is None or why == "stop" or self.stop.is_set():
                     return
-                if self.progressed:  # it gave frames: a new outage, retried soon (a live stream's
-                    self.failures = 0  # end waited out the back-off its outage before had grown to)
+                if self._recovered(seen_before):
+                    self.failures = 0
                 self._failed(why)
         finally:
             guards.pop(threading.get_ident(), None)
+
+    def _recovered(self, seen_before: float | None) -> bool:
+        """A live source that gave RECOVERED_S of new video in the attempt that just ended: its
+        next failure is a new outage, retried soon (a live stream's end waited out the back-off
+        its outage before had grown to: 18 s). Not a VOD: one that fails at the same place
+        after re-reading up to it would be retried for ever; nor a camera that gives a frame
+        and drops: it keeps its back-off."""
+        if not self._live() or self.seen is None:
+            return False
+        return seen_before is None or self.seen - seen_before >= RECOVERED_S
 
     def _failed(self, why: str) -> None:
         why = f"no frame for {self.o.stall_s:g} s" if why == "stall" else why

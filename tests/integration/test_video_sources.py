@@ -174,6 +174,29 @@ async def test_a_live_stream_reopened_at_its_edge_says_what_went_by_and_ends_wit
     assert r.ordered()
 
 
+async def test_a_vod_cut_short_over_http_fails_after_its_tries(tmp_path):
+    """Each reopen re-read (and threw away) the frames up to where it broke: taken for a source
+    that came back, its failures were reset each time, and the job retried it for ever."""
+    import av
+
+    clip = make_clip(tmp_path / "whole.mp4", 10, 10)
+    faststart = tmp_path / "served" / "cut.mp4"  # the index first, so that half of it opens
+    faststart.parent.mkdir()
+    with av.open(str(clip)) as src, av.open(str(faststart), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    faststart.write_bytes(faststart.read_bytes()[: faststart.stat().st_size // 2])
+    with static_server(faststart.parent) as server:
+        source = VideoSource(server.url("cut.mp4"), ReaderOptions(max_vod_failures=3, fps=5))
+        async with Reader(source) as r:
+            with pytest.raises(VideoSourceError, match=r"keeps failing: .* \(3 attempts\)"):
+                await asyncio.wait_for(r.task, 20)
+        assert r.frames and source.stats.reopens == 2
+
+
 async def test_a_stalled_source_is_reopened_by_the_watchdog(live):
     options = ReaderOptions(stall_s=1.5, open_timeout_s=1, read_timeout_s=5, max_backoff_s=1)
     source = VideoSource(live.url, options)
