@@ -116,6 +116,7 @@ class Staged:
         self.fail_multi = bool(options.get("fail_multi", False))
         self.unjsonable = int(options.get("unjsonable", -1))
         self.memory_mb = float(options.get("memory_mb", 0))
+        self.task = str(options.get("claims_task", self.task))  # "track": batches must keep their order
         self.events: list[tuple[str, int, str]] = []  # (step, tag, thread name) as they began
         self.began: dict[tuple[str, int], float] = {}  # (step, tag) -> perf_counter when it began
         self.overlapped: dict[int, bool] = {}  # tag -> the next prepare began during its call

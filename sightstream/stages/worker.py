@@ -213,12 +213,15 @@ class Worker:
                 try:
                     results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
                 except NotRun:
-                    if any(f.reply is not None for f in frames):
-                        raise  # jobs and /predict send theirs again themselves
+                    if task == "track" or any(f.reply is not None for f in frames):
+                        # a tracker's state needs its batches in order: left pending, as before;
+                        # jobs and /predict send theirs again themselves
+                        raise
                     # Queued behind a call that hung (often another pipeline's model): sent once
                     # more, to the fresh thread. Left to the reclaimer, it came reclaim_min_idle_ms
                     # (30 s) late and counted as abandoned, as if this pipeline's model had hung.
-                    # Batches around an abandoned call may reach the device out of order.
+                    # Batches around an abandoned call may reach the device out of order (the
+                    # next batch goes meanwhile): not a tracker's.
                     pass_turn(after, turn)
                     _log.warning("batch_sent_again", pipeline=batch.pipeline, model=batch.model,
                                  device=self.device, batch=batch.id, size=len(frames),
@@ -369,7 +372,8 @@ class Worker:
 
     def _abandon(self, batch: Batch, executor: Executor, timeout_s: float) -> None:
         """A call stuck past the timeout: its thread cannot be killed, so the worker gets a
-        fresh one; calls queued behind it are cancelled (their batches are handed back)."""
+        fresh one; calls queued behind it are cancelled (their batches are sent again, or
+        handed back: process())."""
         _log.error("inference_timeout_abandoning_batch", pipeline=batch.pipeline, model=batch.model,
                    device=self.device, batch=batch.id, timeout_s=timeout_s)
         self._metrics.model_retries.labels(batch.pipeline, "timeout").inc()

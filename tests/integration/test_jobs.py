@@ -390,6 +390,7 @@ async def test_a_restarted_daemon_resumes_its_own_jobs_at_once_and_first(redis_u
     try:
         store = JobStore(client, 60)
         old = await store.create(JobSpec("redis://cams:{old}", "tiny/det"))
+        await asyncio.sleep(0.005)  # ids sort by their millisecond, then at random
         newer = await store.create(JobSpec("redis://cams:{newer}", "tiny/det"))
     finally:
         await client.aclose(close_connection_pool=True)
@@ -412,6 +413,7 @@ async def test_a_running_job_whose_daemon_died_shows_pending_while_every_daemon_
     try:
         store = JobStore(client, 60)
         busy = await store.create(JobSpec("redis://cams:{busy}", "tiny/det"))  # older: taken first, runs on
+        await asyncio.sleep(0.005)  # ids sort by their millisecond, then at random
         orphan = await store.create(JobSpec("redis://cams:{orphan}", "tiny/det"))
     finally:
         await client.aclose(close_connection_pool=True)

@@ -150,11 +150,19 @@ async def test_a_batch_queued_behind_a_stuck_call_is_sent_again_to_the_fresh_thr
     assert rig.metrics.frames_abandoned.labels("p")._value.get() == 1
 
 
+async def test_a_tracker_s_batch_queued_behind_a_stuck_call_is_left_pending_not_sent_out_of_order(rigs):
+    """Sent again, it would reach the device after the batch behind it: a tracker's state
+    needs its frames in order."""
+    rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.3, claims_task="track")
+    await rig.run(rig.batch(1), rig.batch(2))
+    assert rig.outcome_tags() == [] and sorted(rig.released) == [1, 2]
+
+
 async def test_a_batch_sent_again_keeps_out_frames_stale_by_then(rigs):
-    rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.3)
+    rig = rigs(hang={"1": 2.0}, depth=2, timeout_s=0.6)
     late = rig.batch(2, 3)
-    late.max_age_ms = 1000
-    late.frames[1].ts_ms = now_ms() - 850  # fresh when it reached the device, stale after the wait
+    late.max_age_ms = 1500
+    late.frames[1].ts_ms = now_ms() - 1100  # fresh when it reached the device, stale after the 0.6 s wait
     await rig.run(rig.batch(1), late)
     assert sorted(rig.outcome_tags()) == [("Acked", 3), ("Published", 2)]
     assert rig.released == [1]
