@@ -91,6 +91,7 @@ class ConsumerLease:
         self._on_lost = on_lost
         self.name = ""
         self.renamed = 0
+        self.inherited = False  # the name was taken over from a process gone (crashed): its jobs are ours
 
     async def acquire(self) -> str:
         for slot in range(self._slots):
@@ -115,6 +116,7 @@ class ConsumerLease:
             return False
         pid = held.rpartition("#")[0].split("|")[2]
         _log.info("consumer_name_taken_from_a_gone_process", slot=key, previous_pid=pid)
+        self.inherited = True
         return True
 
     async def keep(self, stop: asyncio.Event, metrics: Metrics) -> None:

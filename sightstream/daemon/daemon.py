@@ -288,7 +288,8 @@ class Daemon:
         views = InputViews(self.snapshots.frames_read, self.publisher.seen, self.publisher.dead_lettered)
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
                                     self.settings, self._consumer_name, self.metrics, self.stop_event,
-                                    self.prompt_book, self.manager.create, views)
+                                    self.prompt_book, self.manager.create, views,
+                                    inherited=bool(self._lease and self._lease.inherited))
         self._jobs_task = asyncio.create_task(self.job_runner.run(), name="jobs")
         self._worker_tasks = [asyncio.create_task(w.run(), name=f"worker-{w.device}") for w in self.workers]
         self._text_worker_tasks = [asyncio.create_task(w.run(), name=f"worker-text-{w.device}")

@@ -65,7 +65,7 @@ class JobRunner:
     def __init__(self, store: JobStore, client: Redis, reader: Redis, adhoc: AdhocBatcher,
                  decode_pool: Executor, settings: Settings, holder: Callable[[], str], metrics: Metrics,
                  stop: asyncio.Event, prompts: PromptBook | None, create: Callable[[str], Any],
-                 views: InputViews | None = None) -> None:
+                 views: InputViews | None = None, inherited: bool = False) -> None:
         self._store = store
         self._client, self._reader = client, reader
         self._adhoc = adhoc
@@ -73,6 +73,9 @@ class JobRunner:
         self._settings = settings
         self._s = settings.jobs
         self._holder_name = holder  # the consumer name: a new one if its lease was lost
+        # The name was taken over from a crashed process (daemon/consumer.py): the jobs it ran
+        # are freed in the first round, not waited out (see FREE_OWN)
+        self._inherited = inherited
         self._metrics = metrics
         self._stop = stop
         self._prompts = prompts
@@ -91,8 +94,6 @@ class JobRunner:
         # job -> (when looked at, why not here, its attempt then: one run since makes it moot)
         self._cannot: dict[str, tuple[float, str | None, int]] = {}
         self.running: dict[str, asyncio.Task] = {}
-        # Active jobs this process has run: others `running` under its name are a previous process's
-        self._ran_here: set[str] = set()
         self.finished = 0
 
     async def run(self) -> None:
@@ -164,12 +165,13 @@ class JobRunner:
                 jobs.append(job)
         # Jobs this daemon's name ran before a restart (kill -9, then systemd) come first, now:
         # they waited out their lease, and newer jobs took the slots meanwhile.
-        self._ran_here &= set(ids)
-        own = [j for j in jobs if j.status == "running" and j.holder == me and j.id not in self._ran_here]
-        for job in own:
-            if await self._store.free_own(job.id, me):
-                _log.info("job_resumed_after_restart", job=job.id, attempt=job.attempt)
-        jobs = own + [j for j in jobs if j not in own]
+        if self._inherited:  # the first round only: later, a job `running` under this name
+            self._inherited = False  # may be a renamed live daemon's, or just taken by another
+            own = [j for j in jobs if j.status == "running" and j.holder == me and j.id not in self.running]
+            for job in own:
+                if await self._store.free_own(job.id, me):
+                    _log.info("job_resumed_after_restart", job=job.id, attempt=job.attempt)
+            jobs = own + [j for j in jobs if j not in own]
         inputs = sum(1 for j in jobs if j.spec.pipeline)
         share = math.ceil(inputs / await self._input_daemons()) if inputs else 0
         orphans_looked_for = time.monotonic() - self._orphans_at >= ORPHANS_EVERY_S
@@ -203,7 +205,6 @@ class JobRunner:
                     _log.info("video_input_taken_over", job=job.id, share=share,
                               why="its daemon is gone (its lease lapsed)")
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
-                self._ran_here.add(job.id)
                 self._metrics.jobs_running.set(len(self.running))
         if held["input"] > share and now >= self._orphans_until:
             surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)

@@ -74,11 +74,10 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS: lease, job. ARGV: the caller's consumer name. A `running` job whose holder is the
-# caller, which does not run it, was run by the process this daemon replaces (killed, then
-# restarted: a consumer name is held by one live daemon at a time): its lease is deleted, to
-# be taken now rather than once it lapses. Fenced writes stop the old process if it still runs.
-# 1: the lease is free now; 0: not such a job.
+# KEYS: lease, job. ARGV: the caller's consumer name. Asked by a daemon that took its name over
+# from a crashed process (its identity in the name's lease: daemon/consumer.py), in its first
+# round: a `running` job whose holder is that name was the crashed process's, and its lease is
+# deleted, to be taken now rather than once it lapses. 1: the lease is free now; 0: not such a job.
 FREE_OWN = """
 if redis.call('HGET', KEYS[2], 'status') ~= 'running' or redis.call('HGET', KEYS[2], 'holder') ~= ARGV[1] then
   return 0

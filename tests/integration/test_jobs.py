@@ -394,17 +394,52 @@ async def test_a_restarted_daemon_resumes_its_own_jobs_at_once_and_first(redis_u
         newer = await store.create(JobSpec("redis://cams:{newer}", "tiny/det"))
     finally:
         await client.aclose(close_connection_pool=True)
-    # as the killed process left it: running, its lease still live for a minute
+    # as the killed process left it: running, its lease still live for a minute, and its
+    # consumer name's lease too (naming a process that is gone)
     sync_redis.hset(keys.job(old.id), mapping={"status": "running", "holder": "a:0", "attempt": 1})
     sync_redis.set(keys.job_lease(old.id), "the killed process's token", px=60_000)
+    sync_redis.set(keys.consumer_slot("a", 0), f"{crashed_process()}#0123456789abcdef", px=60_000)
     settings = job_settings(redis_url, tmp_path, videos, max_concurrent=1)
     async with serving(settings, host="a") as (d, client):
         assert d.consumer == "a:0"
-        job = await until_status(client, old.id, "running", timeout=10)
         await wait_for(lambda: old.id in d.job_runner.running, 5, "the old job resumed here")
-        job = await (await client.get(f"/jobs/{old.id}")).json()
+        job = await until_status(client, old.id, "running", timeout=10)
         assert job["attempt"] == 2 and job["holder"] == "a:0"
         assert (await (await client.get(f"/jobs/{newer.id}")).json())["status"] == "pending"
+
+
+async def test_a_daemon_that_did_not_take_its_name_from_a_crash_leaves_jobs_of_that_name_alone(
+        redis_url, sync_redis, tmp_path, videos):
+    """A job `running` under this name may be a live daemon's that was renamed since, or one
+    another daemon just took (its lease set, START not yet run): its lease is not freed."""
+    client = make_client(redis_url)
+    try:
+        job = await JobStore(client, 60).create(JobSpec("redis://cams:{theirs}", "tiny/det"))
+    finally:
+        await client.aclose(close_connection_pool=True)
+    sync_redis.hset(keys.job(job.id), mapping={"status": "running", "holder": "a:0", "attempt": 1})
+    sync_redis.set(keys.job_lease(job.id), "a live daemon's token", px=60_000)
+    async with serving(job_settings(redis_url, tmp_path, videos), host="a") as (d, client):
+        assert d.consumer == "a:0"
+        await asyncio.sleep(1)
+        assert job.id not in d.job_runner.running
+    assert sync_redis.get(keys.job_lease(job.id)) == b"a live daemon's token"
+
+
+def crashed_process() -> str:
+    """The identity (daemon/consumer.py) of a process that ran on this machine and is gone."""
+    import subprocess
+    import sys
+
+    from sightstream.daemon.consumer import process_identity
+
+    crashed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = process_identity(crashed.pid)
+    crashed.kill()
+    crashed.wait()
+    if dead is None:
+        pytest.skip("needs Linux's /proc, of this PID namespace")
+    return dead
 
 
 async def test_a_running_job_whose_daemon_died_shows_pending_while_every_daemon_is_busy(
