@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -87,7 +88,7 @@ class JobRunner:
                         for p in settings.pipelines for url in p.videos}
         self._registered = False
         self._wake = asyncio.Event()
-        self._daemons = (0.0, 1)  # (when counted, how many)
+        self._daemons: tuple[float, dict[str, int]] = (0.0, {})  # (when counted, how many per pipeline)
         self._orphans_until = 0.0  # no input handed back before this: see ORPHAN_GRACE_S
         self._orphans_at = 0.0  # when running jobs were last looked at for a lapsed lease
         self._paused: dict[str, tuple[float, int]] = {}  # job -> (not before, pauses in a row)
@@ -147,7 +148,8 @@ class JobRunner:
 
     async def _take_jobs(self) -> None:
         """Take free jobs: users' up to `max_concurrent` here; this config's video inputs up
-        to a fair share (ceil(inputs / daemons)), giving one back per round when over it. A
+        to a fair share of each pipeline's (ceil(its inputs / the daemons listing them)),
+        giving one back per round when over it. A
         running input whose lease is free (its daemon died) is taken over its share: the dead
         daemon counts for a while yet, and every live one is at its share."""
         if not self._registered:
@@ -172,18 +174,20 @@ class JobRunner:
                 if await self._store.free_own(job.id, me):
                     _log.info("job_resumed_after_restart", job=job.id, attempt=job.attempt)
             jobs = own + [j for j in jobs if j not in own]
-        inputs = sum(1 for j in jobs if j.spec.pipeline)
-        share = math.ceil(inputs / await self._input_daemons()) if inputs else 0
+        # Video inputs: a fair share of each pipeline's, among the daemons that list them
+        inputs = Counter(j.spec.pipeline for j in jobs if j.spec.pipeline)
+        members = await self._input_daemons() if inputs else {}
+        share = {p: math.ceil(n / members.get(p, 1)) for p, n in inputs.items()}
         orphans_looked_for = time.monotonic() - self._orphans_at >= ORPHANS_EVERY_S
         if orphans_looked_for:
             self._orphans_at = time.monotonic()
-        held = {"user": sum(1 for j in self.running if j not in self._inputs),
-                "input": sum(1 for j in self.running if j in self._inputs)}
+        users = sum(1 for j in self.running if j not in self._inputs)  # users' jobs held here
+        held = Counter(self._inputs[j].pipeline for j in self.running if j in self._inputs)  # inputs
         now = time.monotonic()
         for job in jobs:
             kind = "input" if job.spec.pipeline else "user"
-            limit = share if kind == "input" else self._s.max_concurrent
-            over = held[kind] >= limit
+            limit = share[job.spec.pipeline] if kind == "input" else self._s.max_concurrent
+            over = (held[job.spec.pipeline] if kind == "input" else users) >= limit
             if (over and kind == "user" and job.status == "running" and job.id not in self.running
                     and orphans_looked_for):
                 await self._store.mark_orphaned(job.id)  # if its daemon died: it is not running
@@ -199,16 +203,21 @@ class JobRunner:
                 if await self._left_to_others(job, lease.token):  # e.g. a file input not on this disk
                     await lease.release()
                     continue
-                held[kind] += 1
+                if kind == "input":
+                    held[job.spec.pipeline] += 1
+                else:
+                    users += 1
                 if over:
                     self._orphans_until = now + ORPHAN_GRACE_S
-                    _log.info("video_input_taken_over", job=job.id, share=share,
+                    _log.info("video_input_taken_over", job=job.id, share=limit,
                               why="its daemon is gone (its lease lapsed)")
                 self.running[job.id] = asyncio.create_task(self._run(job, lease), name=f"job-{job.id}")
                 self._metrics.jobs_running.set(len(self.running))
-        if held["input"] > share and now >= self._orphans_until:
-            surplus = next(j for j in reversed(list(self.running)) if j in self._inputs)
-            _log.info("video_input_handed_over", job=surplus, share=share)
+        over_share = [p for p in share if held[p] > share[p]]
+        if over_share and now >= self._orphans_until:  # one a round
+            surplus = next(j for j in reversed(list(self.running))
+                           if j in self._inputs and self._inputs[j].pipeline == over_share[0])
+            _log.info("video_input_handed_over", job=surplus, share=share[over_share[0]])
             self.running[surplus].cancel("handed over: more daemons share the video inputs now")
 
     async def _restore_lost_inputs(self, active: list[str]) -> bool:
@@ -278,20 +287,20 @@ class JobRunner:
         return {key.decode()[len(prefix):] async for key in
                 self._client.scan_iter(match=keys.consumer_slot("*", "*"), count=1000)}
 
-    async def _input_daemons(self) -> int:
-        """Daemons sharing this config's video inputs: those whose config lists inputs of the
-        same pipelines (each keeps a video-member key per such pipeline), counted every 10 s.
-        Counting every daemon on the Redis gave a share too small where some serve other
-        pipelines: inputs waited, `pending`, for daemons that would never take them."""
+    async def _input_daemons(self) -> dict[str, int]:
+        """How many daemons share each pipeline's video inputs: those whose config lists inputs
+        of it (each keeps a video-member key per such pipeline), counted every 10 s. Counting
+        every daemon on the Redis gave a share too small where some serve other pipelines:
+        inputs waited, `pending`, for daemons that would never take them."""
         if time.monotonic() - self._daemons[0] > DAEMONS_EVERY_S:
-            names = set()
+            counts = {}
             for pipeline in sorted({spec.pipeline for spec in self._inputs.values() if spec.pipeline}):
                 mine = keys.video_member(pipeline, self._holder_name())
                 await self._client.set(mine, "1", px=MEMBER_TTL_MS)
-                prefix = keys.video_member(pipeline, "")
-                names |= {key.decode()[len(prefix):] async for key in
-                          self._client.scan_iter(match=keys.video_member(pipeline, "*"), count=1000)}
-            self._daemons = (time.monotonic(), max(1, len(names)))
+                found = [key async for key in
+                         self._client.scan_iter(match=keys.video_member(pipeline, "*"), count=1000)]
+                counts[pipeline] = max(1, len(found))
+            self._daemons = (time.monotonic(), counts)
         return self._daemons[1]
 
     async def _run(self, job: Job, lease: Lease) -> None:

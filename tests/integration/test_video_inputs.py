@@ -191,6 +191,28 @@ async def test_daemons_serving_other_pipelines_do_not_shrink_the_share_of_video_
             assert not sync_redis.exists(keys.video_member("cams", "a:0"))  # left at stop
 
 
+@pytest.mark.timeout(60)  # the daemons are counted every 10 s: a hand-over waits for that
+async def test_each_pipeline_s_inputs_are_shared_among_the_daemons_that_list_them(
+        redis_url, sync_redis, tmp_path, videos):
+    """Here: lobby (one camera) and yard (two); a daemon that joins lists the lobby only. One
+    share over all three inputs (ceil(3 / 2) = 2) handed a camera back, and a yard camera
+    handed back stayed `pending`: the other daemon never takes the yard's."""
+    playlist = videos / "live" / "index.m3u8"
+    with hls.live_hls(playlist) as lobby, hls.live_hls(playlist) as yard1, hls.live_hls(playlist) as yard2:
+        both = settings_for(redis_url, tmp_path, [{"name": "lobby", "input": [lobby.url], "fps": 2},
+                                                  {"name": "yard", "input": [yard1.url, yard2.url], "fps": 2}],
+                            jobs={"poll_s": 0.2})
+        lobby_only = settings_for(redis_url, tmp_path, [{"name": "lobby", "input": [lobby.url], "fps": 2}],
+                                  jobs={"poll_s": 0.2})
+        async with running(both, host="a") as a:
+            await wait_for(lambda: len(a.job_runner.running) == 3, 15, "all three read here")
+            async with running(lobby_only, host="b"):
+                await asyncio.sleep(12)  # both counted again (every 10 s)
+                # the yard is this daemon's alone (both kept), and one lobby camera is a fair
+                # share of one among two: nothing to hand over
+                assert set(a.job_runner._inputs) == set(a.job_runner.running)
+
+
 @pytest.mark.timeout(60)  # the daemons are counted every 10 s: the hand-over waits for that
 async def test_an_input_handed_over_goes_to_the_daemon_under_its_share_not_back(
         redis_url, sync_redis, tmp_path, videos):
