@@ -134,7 +134,7 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
     dead = {}
     for metric in d.metrics.frames_dead_lettered.collect():
         for s in metric.samples:
-            if s.name.endswith("_total") and s.labels["pipeline"] == p.name:
+            if s.name.endswith("_total") and s.labels["pipeline"] == p.name and s.value:  # reasons seen
                 dead[s.labels["reason"]] = int(s.value)
     recent = sorted(d.publisher.recent_latency_ms.get(p.name, ())) if d.publisher else []
     lags = [s.lag for s in found or ()]

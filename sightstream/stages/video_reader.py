@@ -50,6 +50,7 @@ av.logging.set_level(None)
 DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the encoder restarted
 LIVE_STOPPED: Final = "the live stream stopped"  # ended or failing: a reopen tells which
 RECOVERED_S: Final = 2.0  # of new live video in one attempt: its back-off starts again
+LIVE_GAP_MARGIN_S: Final = 10.0  # a live jump counts at most the wall time since the last packet + this
 GAP_S: Final = 0.5  # an HLS VOD jumping this far ahead: a segment was skipped (not a frame rate)
 _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
     av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
@@ -241,7 +242,8 @@ class _Reader:
         self.failures = 0
         # Where an HLS read's packets ended (stream time), kept across reopens: a live stream
         # reopened at its live edge skipped what came meanwhile, and was not said to
-        self.hls_ended: float | None = None
+        self.hls_ended: float | None = None  # the furthest any HLS packet reached
+        self.hls_packet_at: float | None = None  # when the last HLS packet came (monotonic)
         # Timestamps start again with each session (RTSP): a reopen goes on after the last frame.
         self.sessions = urlsplit(url).scheme in ("rtsp", "rtsps")
 
@@ -445,8 +447,7 @@ class _Reader:
         # FFmpeg's HLS reader skips a segment it cannot fetch (VOD or live); other containers'
         # gaps may be a variable frame rate (a screen recording), not a loss
         gaps = container.format.name == "hls"
-        ended = self.hls_ended if gaps else None  # where the packets read so far end (stream time)
-        reopened = ended is not None  # until the first packet: a gap is what the reopen skipped
+        ended: float | None = None  # where this open's packets read so far end (stream time)
         # Closed before its container: a suspended demux generator still uses the container.
         with contextlib.closing(container.demux(stream)) as packets:
             for packet in packets:
@@ -456,13 +457,10 @@ class _Reader:
                 if packet.pts is not None:
                     t = float(packet.pts * tb)
                     end = t + float((packet.duration or 0) * tb)
-                    if gaps and ended is not None and t - ended > GAP_S:
-                        self._skipped(ended, t, reopened)
-                    reopened = False
+                    if gaps:
+                        self._gap(ended, t, end)
                     # back by more than a few frames' reordering: timestamps started again
                     ended = end if ended is None or t < ended - GAP_S else max(ended, end)
-                    if gaps:
-                        self.hls_ended = ended
                     if self.t0 is not None:
                         self.read_to = max(self.read_to, t + float((packet.duration or 0) * tb) - self.t0)
                     self.keyframes.packet(t, packet.is_keyframe)
@@ -472,6 +470,24 @@ class _Reader:
                     break
         self.stats.decode_s += time.perf_counter() - self.clock
         return self.progressed
+
+    def _gap(self, ended: float | None, t: float, end: float) -> None:
+        """An HLS packet from `t` to `end`, after this open's packets ended at `ended` (None:
+        the first of an open, a reopen or a resume). What lies between it and the furthest any
+        packet reached is skipped: a reopen seeking back re-reads, and counts no gap twice. A
+        live stream's jump counts at most the wall time since its last packet, plus a margin:
+        an EXT-X-DISCONTINUITY (an encoder's new timeline) may jump by hours, losing nothing."""
+        high, now = self.hls_ended, time.monotonic()
+        if ended is not None and t < ended - GAP_S:  # timestamps started again within this open
+            high = None
+        start = high if high is not None else ended
+        if start is not None and t - start > GAP_S:
+            stop = t
+            if self.stats.is_live and self.hls_packet_at is not None:
+                stop = min(t, start + now - self.hls_packet_at + LIVE_GAP_MARGIN_S)
+            self._skipped(start, stop, ended is None)
+        self.hls_ended = end if high is None else max(high, end)
+        self.hls_packet_at = now
 
     def _skipped(self, start: float, end: float, reopened: bool) -> None:
         """The demuxer jumped over part of an HLS video: FFmpeg's HLS reader skips a segment it

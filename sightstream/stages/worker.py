@@ -98,6 +98,7 @@ class Worker:
         self._started = 0
         self.batches = 0
         self.replaced = 0
+        self.closed = False  # close(): the daemon stops, nothing is sent to the device again
         # Set once the latest batch's device call was submitted: the next one waits for it,
         # so batches reach the device in the order they came (a tracker's state needs it).
         self._last_turn: asyncio.Future | None = None
@@ -213,8 +214,9 @@ class Worker:
                 try:
                     results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
                 except NotRun:
-                    if task == "track" or any(f.reply is not None for f in frames):
-                        # a tracker's state needs its batches in order: left pending, as before;
+                    if self.closed or task == "track" or any(f.reply is not None for f in frames):
+                        # shutting down (the device thread shut, not replaced): left pending; a
+                        # tracker's state needs its batches in order: left pending, as before;
                         # jobs and /predict send theirs again themselves
                         raise
                     # Queued behind a call that hung (often another pipeline's model): sent once
@@ -407,6 +409,7 @@ class Worker:
             frame.release()  # no ack: still pending in Redis
 
     def close(self) -> None:
+        self.closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -320,3 +320,40 @@ async def test_a_confined_source_may_not_be_a_concat_list(tmp_path):
     assert len(await read(VideoSource(str(listing), ReaderOptions(fps=5)))) == 5
     clip = make_clip(allowed / "clip.mkv", 1, RATE)  # other containers still read
     assert len(await read(VideoSource(str(clip), ReaderOptions(fps=5, confine_to=(str(allowed),))))) == 5
+
+
+def gap_reader(live: bool):
+    """The reader's gap bookkeeping alone: packets handed to `_gap` as an HLS read would."""
+    import threading
+
+    from sightstream.stages.video_reader import ReaderStats, _Reader
+
+    stats = ReaderStats()
+    stats.is_live = live
+    reader = _Reader("http://cams.example/live.m3u8", ReaderOptions(), stats, threading.Event(), lambda f: True)
+    reader.t0 = 0.0
+    return reader
+
+
+def feed(reader, packets: list[float]) -> None:
+    """1/10 s packets starting at each of `packets` (s), as one open of the source."""
+    ended = None
+    for t in packets:
+        reader._gap(ended, t, t + 0.1)
+        ended = t + 0.1 if ended is None or t < ended - 0.5 else max(ended, t + 0.1)
+
+
+def test_a_vod_reopened_before_a_gap_does_not_count_it_twice():
+    reader = gap_reader(live=False)
+    feed(reader, [x / 10 for x in range(0, 20)] + [x / 10 for x in range(30, 50)])  # 2 s to 3 s missing
+    assert reader.stats.skipped_s == pytest.approx(1.0)
+    feed(reader, [x / 10 for x in range(10, 20)] + [x / 10 for x in range(30, 60)])  # a reopen seeks back
+    assert reader.stats.skipped_s == pytest.approx(1.0)
+
+
+def test_a_live_timestamp_jump_counts_no_more_than_the_time_that_went_by():
+    """An EXT-X-DISCONTINUITY (an encoder's new timeline) may jump by hours: nothing was lost."""
+    reader = gap_reader(live=True)
+    feed(reader, [x / 10 for x in range(0, 20)])
+    feed(reader, [7200.0 + x / 10 for x in range(0, 5)])  # an hour on, a moment later
+    assert 0 < reader.stats.skipped_s <= 11
