@@ -149,9 +149,9 @@ class JobRunner:
     async def _take_jobs(self) -> None:
         """Take free jobs: users' up to `max_concurrent` here; this config's video inputs up
         to a fair share of each pipeline's (ceil(its inputs / the daemons listing them)),
-        giving one back per round when over it. A
-        running input whose lease is free (its daemon died) is taken over its share: the dead
-        daemon counts for a while yet, and every live one is at its share."""
+        giving one back per round when over it. A running input whose lease is free (its
+        daemon died) is taken over its share: the dead daemon counts for a while yet, and
+        every live one is at its share."""
         if not self._registered:
             await self._register_inputs()
         ids = await self._store.active()
