@@ -87,3 +87,13 @@ def index_at_end_hint(url: str) -> str:
     return ("; if the file plays elsewhere, its index (moov) is likely at its end and the server does not "
             "answer Range requests: serve it from one that does, or with the index first "
             "(ffmpeg -i in.mp4 -c copy -movflags +faststart out.mp4)")
+
+
+def empty_file(url: str) -> bool:
+    """A local file of 0 bytes (a copy or an upload that failed): FFmpeg says only "Invalid
+    argument", an error taken for a passing one, tried eight times over half a minute."""
+    path = url[len("file://"):] if url.startswith("file://") else url if "://" not in url else None
+    try:
+        return path is not None and os.stat(path).st_size == 0
+    except (OSError, ValueError):
+        return False

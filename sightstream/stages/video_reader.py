@@ -39,7 +39,13 @@ from sightstream.errors import SightstreamError
 from sightstream.stages.confined_files import ConfinedFiles, OutsideAllowedPaths
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.upright import upright_rgb
-from sightstream.stages.video_failures import index_at_end_hint, reason, redirect_target, unresolved
+from sightstream.stages.video_failures import (
+    empty_file,
+    index_at_end_hint,
+    reason,
+    redirect_target,
+    unresolved,
+)
 from sightstream.stages.video_interrupt import Guard, guards
 
 _log = log.get(__name__)
@@ -211,8 +217,9 @@ class _OpenFailed(Exception):
         redirected = f"it redirects to {keys.public_url(redirected_to)}, and with jobs.allowed_hosts set " \
             "redirects are not followed (where they lead is not checked): give the URL it leads to" \
             if redirected_to else None
-        super().__init__(dns or redirected or reason(error))
-        self.permanent = (dns is not None and not live) or redirected is not None or (
+        empty = "the file is empty (0 bytes)" if empty_file(url) else None
+        super().__init__(dns or redirected or empty or reason(error))
+        self.permanent = (dns is not None and not live) or redirected is not None or empty is not None or (
             isinstance(error, _PERMANENT) and not was_live)
 
 

@@ -357,3 +357,12 @@ def test_a_live_timestamp_jump_counts_no_more_than_the_time_that_went_by():
     feed(reader, [x / 10 for x in range(0, 20)])
     feed(reader, [7200.0 + x / 10 for x in range(0, 5)])  # an hour on, a moment later
     assert 0 < reader.stats.skipped_s <= 11
+
+
+async def test_an_empty_file_fails_at_once_saying_so(tmp_path):
+    """FFmpeg says only "Invalid argument" of a 0-byte file: taken for a passing error, it was
+    tried eight times over half a minute, and the job's error named nothing."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoSourceError, match=r"cannot be opened: the file is empty \(0 bytes\) \(3 attempts\)"):
+        await read(VideoSource(f"file://{empty}", ReaderOptions(fps=5)))
