@@ -319,6 +319,19 @@ def is_stale(frame: Frame, max_age_ms: int) -> bool:
     return max_age_ms > 0 and now_ms() - frame.ts_ms > max_age_ms
 
 
+def drop_stale(frames: list[Frame], max_age_ms: int) -> tuple[list[Frame], list[Outcome]]:
+    """Live mode: the frames still fresh, and an Acked("stale") outcome for each of the others
+    (judged once per frame: the clock moves)."""
+    fresh: list[Frame] = []
+    dropped: list[Outcome] = []
+    for frame in frames:
+        if is_stale(frame, max_age_ms):
+            dropped.append(Acked(frame, "stale"))
+        else:
+            fresh.append(frame)
+    return fresh, dropped
+
+
 @dataclass(slots=True, eq=False)
 class Batch:
     """Frames of one pipeline, for one model call."""

@@ -24,19 +24,16 @@ def gather(base: str, token: str) -> dict[str, Any]:
         # not; not asked while Redis cannot be (each ask would wait on it again)
         path = f"/pipelines/{urllib.parse.quote(p['name'])}"
         detail = None if p.get("redis_error") else call(base, path, token)
-        listed = detail["sources"] if detail is not None else None
         # by source: a chained pipeline's stream is its upstream's results of the source
-        names = [s.get("source", s["stream"]) for s in listed] if listed is not None else []
-        pending = {s.get("source", s["stream"]): s["pending"] for s in listed or ()}
-        readers = {s.get("source", s["stream"]): s.get("reader") for s in listed or ()}
-        # a camera that sends only bad frames has no tile (no result) but has its dead count
-        dead = {s.get("source", s["stream"]): s.get("dead_lettered") for s in listed or ()}
-        names += sorted(src for pipe, src in cached if pipe == p["name"] and src not in pending)
+        listed = {s.get("source", s["stream"]): s for s in detail["sources"]} if detail is not None else {}
+        names = [*listed, *sorted(src for pipe, src in cached if pipe == p["name"] and src not in listed)]
         if detail is not None:  # a pipeline's video inputs (cameras by URL): read or not, by whom
             videos += [{"pipeline": p["name"], **v} for v in detail.get("videos", [])]
         for name in names:
-            sources.append({"pipeline": p["name"], "source": name, "pending": pending.get(name),
-                            "reader": readers.get(name), "dead_lettered": dead.get(name),
+            group = listed.get(name, {})
+            # a camera that sends only bad frames has no tile (no result) but has its dead count
+            sources.append({"pipeline": p["name"], "source": name, "pending": group.get("pending"),
+                            "reader": group.get("reader"), "dead_lettered": group.get("dead_lettered"),
                             **{k: v for k, v in cached.get((p["name"], name), {}).items()
                                if k not in ("pipeline", "source")}})
     figures: dict[str, Any] = {"health": health, "pipelines": pipelines, "sources": sources, "videos": videos}

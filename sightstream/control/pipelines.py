@@ -232,7 +232,10 @@ async def _sources(
     def source(stream: str) -> str:  # a chained pipeline reads its upstream's results of a source
         return (keys.source_of(upstream.output, upstream.name, stream) if upstream else None) or stream
 
-    return [Source(stream=b.stream, source=source(b.stream), pending=b.pending, lag=b.lag,
-                   last_delivered_id=b.last_delivered_id, reader=reader,
-                   dead_lettered=d.snapshots.dead_count(p.name, source(b.stream)))
-            for b, reader in zip(backlog, held_by)], None
+    listed = []
+    for b, reader in zip(backlog, held_by):
+        of = source(b.stream)
+        listed.append(Source(stream=b.stream, source=of, pending=b.pending, lag=b.lag,
+                             last_delivered_id=b.last_delivered_id, reader=reader,
+                             dead_lettered=d.snapshots.dead_count(p.name, of)))
+    return listed, None

@@ -29,7 +29,7 @@ import simplejpeg
 from PIL import Image
 
 from sightstream.errors import FrameError
-from sightstream.frames import PIX_FMTS, Acked, DeadLettered, is_stale
+from sightstream.frames import PIX_FMTS, DeadLettered, drop_stale
 from sightstream.metrics import Metrics
 from sightstream.models.input_shape import InputShape
 from sightstream.stages.flow import STOP, drain_nowait
@@ -304,12 +304,9 @@ class Decoder:
             if first is STOP:
                 break
             frames, stopped = drain_nowait(self._in, first, MAX_CHUNK * self._concurrency)
-            fresh = []
-            for frame in frames:
-                if is_stale(frame, self._max_age_ms):
-                    await self._outcomes.put(Acked(frame, "stale"))
-                else:
-                    fresh.append(frame)
+            fresh, stale = drop_stale(frames, self._max_age_ms)
+            for outcome in stale:
+                await self._outcomes.put(outcome)
             if not fresh:
                 continue
             timer = self._metrics.decode_seconds.labels(fresh[0].pipeline)

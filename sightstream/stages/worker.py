@@ -38,14 +38,13 @@ from typing import Any
 from sightstream import keys, log
 from sightstream.errors import BatchSizeMismatch, ModelError
 from sightstream.frames import (
-    Acked,
     Batch,
     DeadLettered,
     Frame,
     Outcome,
     Prediction,
     Published,
-    is_stale,
+    drop_stale,
     result_fields,
     scale_detections,
 )
@@ -214,16 +213,14 @@ class Worker:
                 try:
                     results = await self._resilient(adapter, batch, frames, timeout_s, after, turn)
                 except NotRun:
-                    if self.closed or task == "track" or any(f.reply is not None for f in frames):
-                        # shutting down (the device thread shut, not replaced): left pending; a
-                        # tracker's state needs its batches in order: left pending, as before;
-                        # jobs and /predict send theirs again themselves
-                        raise
                     # Queued behind a call that hung (often another pipeline's model): sent once
                     # more, to the fresh thread. Left to the reclaimer, it came reclaim_min_idle_ms
                     # (30 s) late and counted as abandoned, as if this pipeline's model had hung.
-                    # Batches around an abandoned call may reach the device out of order (the
-                    # next batch goes meanwhile): not a tracker's.
+                    # The next batch goes meanwhile, so a tracker's (order matters) is left pending
+                    # as before, as is any while the daemon stops (its device thread shut, not
+                    # replaced); jobs and /predict send theirs again themselves.
+                    if self.closed or task == "track" or any(f.reply is not None for f in frames):
+                        raise
                     pass_turn(after, turn)
                     _log.warning("batch_sent_again", pipeline=batch.pipeline, model=batch.model,
                                  device=self.device, batch=batch.id, size=len(frames),
@@ -411,19 +408,6 @@ class Worker:
     def close(self) -> None:
         self.closed = True
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def drop_stale(frames: list[Frame], max_age_ms: int) -> tuple[list[Frame], list[Outcome]]:
-    """Live mode: the frames still fresh, and an Acked("stale") outcome for each of the others
-    (judged once per frame: the clock moves)."""
-    fresh: list[Frame] = []
-    dropped: list[Outcome] = []
-    for frame in frames:
-        if is_stale(frame, max_age_ms):
-            dropped.append(Acked(frame, "stale"))
-        else:
-            fresh.append(frame)
-    return fresh, dropped
 
 
 def pass_turn(after: asyncio.Future | None, turn: asyncio.Future | None) -> None:
