@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from sightstream.config import Settings
 from sightstream.control.app import SERVER_OPTIONS, make_app
+from sightstream.daemon.consumer import process_identity
 from sightstream.daemon.daemon import Daemon
 from tests.conftest import wait_for  # noqa: F401 - the tests import it from here too
 from tests.fake_adapters import entry as fake_entry
@@ -87,3 +91,15 @@ def entries(client: redis.Redis, key: str) -> list[tuple[str, dict[str, bytes]]]
 
 def pending(client: redis.Redis, key: str, group: str = "people") -> int:
     return client.xpending(key, group)["pending"]
+
+
+def crashed_process() -> str:
+    """The identity (daemon/consumer.py) of a process that ran on this machine and is gone:
+    what a daemon killed with -9 leaves in its consumer-name lease."""
+    crashed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = process_identity(crashed.pid)
+    crashed.kill()
+    crashed.wait()
+    if dead is None:
+        pytest.skip("needs Linux's /proc, of this PID namespace")
+    return dead

@@ -12,7 +12,15 @@ import pytest
 
 from tests.conftest import encode
 from tests.fake_adapters import POISON
-from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import (
+    client_for,
+    crashed_process,
+    entries,
+    pending,
+    running,
+    settings_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -298,18 +306,9 @@ async def test_a_daemon_restarted_after_a_crash_takes_its_name_back_at_once(redi
                                                                            gradient):
     """kill -9 leaves the consumer lease held for 15 s: a restart (systemd's RestartSec=2) took
     a new name, and its pending frames waited reclaim_min_idle_ms for another daemon."""
-    import subprocess
-    import sys
-
     from sightstream.daemon.consumer import process_identity
 
-    crashed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = process_identity(crashed.pid)
-    if dead is None:
-        crashed.kill()
-        pytest.skip("needs Linux's /proc, of this PID namespace")
-    crashed.kill()
-    crashed.wait()
+    dead = crashed_process()
     alive = process_identity(os.getpid())
     sync_redis.set("sightstream:consumer:h:0", f"{dead}#0123456789abcdef", px=60_000)
     sync_redis.set("sightstream:consumer:h:1", f"{alive}#0123456789abcdef", px=60_000)  # a live daemon's

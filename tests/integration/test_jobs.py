@@ -19,7 +19,7 @@ from sightstream.redis_conn import make_client, run_pipelined
 from tests import hls
 from tests.conftest import encode
 from tests.fake_adapters import entry as fake_entry
-from tests.integration.helpers import serving, settings_for, wait_for
+from tests.integration.helpers import crashed_process, serving, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -424,22 +424,6 @@ async def test_a_daemon_that_did_not_take_its_name_from_a_crash_leaves_jobs_of_t
         await asyncio.sleep(1)
         assert job.id not in d.job_runner.running
     assert sync_redis.get(keys.job_lease(job.id)) == b"a live daemon's token"
-
-
-def crashed_process() -> str:
-    """The identity (daemon/consumer.py) of a process that ran on this machine and is gone."""
-    import subprocess
-    import sys
-
-    from sightstream.daemon.consumer import process_identity
-
-    crashed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dead = process_identity(crashed.pid)
-    crashed.kill()
-    crashed.wait()
-    if dead is None:
-        pytest.skip("needs Linux's /proc, of this PID namespace")
-    return dead
 
 
 async def test_a_running_job_whose_daemon_died_shows_pending_while_every_daemon_is_busy(
