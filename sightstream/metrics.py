@@ -140,6 +140,11 @@ class Metrics:
             "sightstream_frames_in_flight", "Frames read and not yet acknowledged", ["pipeline"],
             registry=r,
         )
+        self.pipeline_paused = Gauge(
+            "sightstream_pipeline_paused",
+            "1 while a pipeline reads nothing because its model cannot be loaded (its frames wait in Redis)",
+            ["pipeline"], registry=r,
+        )
         self.sources = Gauge(
             "sightstream_sources", "Input streams a pipeline reads", ["pipeline"], registry=r
         )

@@ -65,6 +65,7 @@ def report(base: str, figures: dict[str, Any]) -> str:
                      str(sum(p["counts"]["dead_lettered"].values())),
                      f"{_ms(lat['p50_ms'])}/{_ms(lat['p99_ms'])}"])
     lines += ["", *_table(rows)]
+    lines += [f"PAUSED {p['name']}: {p['paused']}" for p in figures["pipelines"] if p.get("paused")]
     # READ BY only where a pipeline has one reader per source (tracking): the others' sources
     # are read by every daemon of the group
     read_by = any(s.get("reader") for s in figures["sources"])

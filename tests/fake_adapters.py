@@ -3,6 +3,7 @@ exactly as a user's own adapter would be. Their options script the faults a test
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -20,8 +21,8 @@ class Scripted:
     this long: a stuck model), `oom_above` (a bigger batch raises an out-of-memory error),
     `poison` (true: a batch holding a POISON image fails), `threshold` (a number: anything else
     breaks the constructor, as a bad option does), `fail_load` and `fail_unload` (true: that
-    step raises, as a plug-in's bug would), `load_s` (the load takes this long), `claims_task`
-    (the task it says it does)."""
+    step raises, as a plug-in's bug would), `fail_load_unless` (a path: the load fails while no
+    file is there, as a missing weights file does), `load_s` (the load takes this long), `claims_task` (the task it says it does)."""
 
     task = "detect"
     takes_prompt = False
@@ -37,6 +38,7 @@ class Scripted:
         self.threshold = float(options.get("threshold", 0))
         self.fail_load = bool(options.get("fail_load", False))
         self.fail_unload = bool(options.get("fail_unload", False))
+        self.fail_load_unless = str(options.get("fail_load_unless", ""))
         self.load_s = float(options.get("load_s", 0))
         self.task = str(options.get("claims_task", self.task))  # a plug-in's own task attribute
         self.calls = 0
@@ -47,6 +49,8 @@ class Scripted:
         time.sleep(self.load_s)
         if self.fail_load:
             raise KeyError("weights/layer3 (simulated)")
+        if self.fail_load_unless and not os.path.exists(self.fail_load_unless):
+            raise FileNotFoundError(f"no weights at {self.fail_load_unless} (simulated)")
 
     def unload(self) -> None:
         if self.fail_unload:

@@ -89,6 +89,8 @@ class Pipeline(BaseModel):
     fps_in: float = Field(description="frames read per second, this daemon, last 10 s")
     fps_out: float = Field(description="results published per second, this daemon, last 10 s")
     in_flight: int
+    paused: str | None = Field(None, description="why the pipeline reads nothing now: its model cannot be "
+                               "loaded (tried again every 30 s at most); its frames wait in Redis")
     counts: Counts = Field(description="this daemon, since it started")
     latency: Latency = Field(description="capture to publication, this daemon's recent results")
     pending: int | None = Field(description="group-wide, all sources (null while Redis cannot be asked)")
@@ -144,6 +146,7 @@ async def _describe(d: Daemon, p: PipelineSettings, *, sources: bool) -> Pipelin
         name=p.name, model=p.model, task=d.catalogue.get(p.model).task, input=p.shown_input, output=p.output,
         fps=p.fps, prompt_version=d.prompt_book.current(p.name).version, fps_in=fps_in, fps_out=fps_out,
         in_flight=run.in_flight.in_flight if run else 0,
+        paused=run.in_flight.paused if run else None,
         counts=Counts(
             read=int(count("sightstream_frames_in_total", p.name)),
             published=int(count("sightstream_frames_published_total", p.name)),

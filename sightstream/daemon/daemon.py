@@ -31,6 +31,7 @@ from sightstream.config import PipelineSettings, Settings
 from sightstream.daemon import devices as device_list
 from sightstream.daemon.backlog import keep_gauges, unowned_groups
 from sightstream.daemon.consumer import ConsumerLease
+from sightstream.daemon.model_pauses import ModelPauses
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.daemon.snapshots import Snapshots
@@ -120,6 +121,7 @@ class Daemon:
         self._jobs_task: asyncio.Task | None = None
         self.runs: dict[str, PipelineRun] = {}
         self.workers: list[Worker] = []  # frames, one per device
+        self.pauses: ModelPauses | None = None  # pipelines whose model cannot be loaded
         self.text_workers: list[Worker] = []  # text models' calls, one per device
         self.publisher: Publisher | None = None
         self._worker_tasks: list[asyncio.Task] = []
@@ -231,10 +233,11 @@ class Daemon:
             stop=self.stop_event, on_published=self.snapshots.record,
             on_dead_lettered=self.snapshots.dead_lettered,
         )
+        self.pauses = ModelPauses(self.manager, self._in_flight_of, self.worker_for, self.stop_event)
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
                    self.settings.inference_timeout_s, cpu=self._host_pool,
-                   depth=self.settings.batches_per_device)
+                   depth=self.settings.batches_per_device, on_unloadable=self.pauses.pause)
             for d in self.devices
         ]
         # A text model's call takes minutes on a CPU: it runs beside the frames, not before them.
@@ -320,6 +323,7 @@ class Daemon:
         in_flight = InFlight(size)
         # Read when scraped, from the registry itself: no counter to keep in step.
         self.metrics.in_flight.labels(p.name).set_function(lambda: in_flight.in_flight)
+        self.metrics.pipeline_paused.labels(p.name).set_function(lambda: float(in_flight.paused is not None))
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)
@@ -370,6 +374,10 @@ class Daemon:
     def consumer(self) -> str:
         """This daemon's consumer name (`host:slot`); a new one if the lease was lost."""
         return self._lease.name if self._lease else ""
+
+    def _in_flight_of(self, pipeline: str) -> InFlight | None:
+        run = self.runs.get(pipeline)
+        return run.in_flight if run else None
 
     def _consumer_name(self) -> str:
         return self.consumer
@@ -487,6 +495,7 @@ class Daemon:
     def _all_tasks(self) -> list[asyncio.Task]:
         tasks = [t for run in self.runs.values() for t in (*run.source_tasks, *run.chain_tasks)]
         tasks += self._worker_tasks + self._text_worker_tasks + self._service_tasks
+        tasks += list(self.pauses.tasks.values()) if self.pauses else []
         tasks += [self._jobs_task] if self._jobs_task else []
         return tasks + ([self._publisher_task] if self._publisher_task else [])
 
@@ -528,6 +537,7 @@ class Daemon:
                 "name": p.name, "model": p.model, "fps": p.fps, "input": p.shown_input,
                 "streams": list(run.ingest.streams) if run else [],
                 "in_flight": run.in_flight.in_flight if run else 0,
+                "paused": run.in_flight.paused if run else None,
                 "reclaimed": run.reclaimer.reclaimed if run else 0,
             })
         return out

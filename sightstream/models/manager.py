@@ -437,8 +437,8 @@ class ModelManager:
         check = getattr(adapter, "prompt_problem", None)
         return None if check is None else await asyncio.to_thread(check, text)
 
-    def is_loaded(self, model_id: str) -> bool:
-        return any(mid == model_id for mid, _ in self._loaded)
+    def is_loaded(self, model_id: str, device: str | None = None) -> bool:
+        return any(mid == model_id and device in (None, d) for mid, d in self._loaded)
 
     def loaded(self) -> list[dict]:
         return [self._describe(mid, entry) for (mid, _), entry in self._loaded.items()]

@@ -44,6 +44,9 @@ class InFlight:
         self._room.set()
         self._waiting = 0  # readers waiting for room
         self._frames: dict[tuple[str, str], Frame] = {}
+        # Why the pipeline reads nothing now (its model cannot be loaded), or None. Its readers
+        # look before each read: frames wait in Redis, pending or unread, not dead-lettered.
+        self.paused: str | None = None
 
     async def take(self, most: int) -> int:
         """Reserve room for up to `most` frames, waiting until there is room for one. A reader

@@ -59,7 +59,7 @@ class Reclaimer(StreamReader):
     async def step(self) -> None:
         await self.sleep(self.interval_s)
         for stream in list(self._streams()):
-            if self._stop.is_set():
+            if self._stop.is_set() or self._in_flight.paused:
                 return
             await self.reclaim(stream)
         if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
@@ -86,7 +86,7 @@ class Reclaimer(StreamReader):
 
     async def reclaim(self, stream: str) -> None:
         cursor = "0-0"
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._in_flight.paused:
             room = await self._in_flight.take(self._p.max_in_flight)
             used = 0
             try:

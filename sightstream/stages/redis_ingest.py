@@ -95,7 +95,7 @@ class RedisIngest(StreamReader):
             self.leases.lost.clear()
         if time.monotonic() >= self._next_discovery:
             await self.discover()
-        if not self.streams:
+        if not self.streams or self._in_flight.paused:
             await self.sleep(min(self._discover_s, 0.5))
             return
         room = await self._in_flight.take(self._p.max_in_flight)

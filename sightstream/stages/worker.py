@@ -80,7 +80,7 @@ class Worker:
     def __init__(
         self, device: str, manager: ModelManager, inq: asyncio.Queue, outcomes: asyncio.Queue,
         metrics: Metrics, timeout_s: float = 60.0, *, cpu: Executor | None = None, depth: int = 2,
-        kind: str = "frames",
+        kind: str = "frames", on_unloadable: Callable[[str, str, str, ModelError], bool] | None = None,
     ) -> None:
         self.device = device
         self.kind = kind  # "frames", or "text": the text models' calls
@@ -88,6 +88,9 @@ class Worker:
         self._in, self._outcomes = inq, outcomes
         self._metrics = metrics
         self._timeout_s = timeout_s
+        # (pipeline, model, device, error): a pipeline's model cannot be loaded here; True: the
+        # daemon paused the pipeline until it can. None or False: the frames are dead-lettered.
+        self._on_unloadable = on_unloadable
         self._cpu = cpu  # prepare, finish and result encoding; None: the loop's default pool
         self.depth = depth  # batches in flight on this device
         self.own: asyncio.Queue = asyncio.Queue(2)  # batches for this device only
@@ -233,11 +236,17 @@ class Worker:
             return outcomes
         except LoadTimeout as e:  # its frames are retried later, as a stuck call's are
             self._replace_thread(e.executor)
+            if not e.not_run:
+                self._unloadable(batch, frames, e)
             self._hand_back(batch, frames, str(e), not_run=e.not_run)
             return outcomes
-        except ModelError as e:  # it cannot be loaded here (no room, bad file): say why, per frame
+        except ModelError as e:  # it cannot be loaded here (no room, bad file)
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
                        error=str(e))
+            if self._unloadable(batch, frames, e):
+                for frame in frames:
+                    frame.release()  # no ack: pending in Redis, read again once the model loads
+                return outcomes
             return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
         except asyncio.CancelledError:
             if (current := asyncio.current_task()) is not None and current.cancelling():
@@ -392,6 +401,14 @@ class Worker:
         except LoadTimeout as e:
             self._replace_thread(e.executor)
             raise
+
+    def _unloadable(self, batch: Batch, frames: list[Frame], error: ModelError) -> bool:
+        """A pipeline's model could not be loaded: its frames are none of their own fault, so
+        the daemon pauses the pipeline (True) rather than dead-letter every frame of every
+        camera until the file is mended. Callers waiting on a reply (/predict, jobs) are told."""
+        if self._on_unloadable is None or not frames or any(f.reply is not None for f in frames):
+            return False
+        return self._on_unloadable(batch.pipeline, batch.model, self.device, error)
 
     def _hand_back(self, batch: Batch, frames: list[Frame], why: str, not_run: bool = False) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from sightstream.status import status
 from tests.conftest import encode
 from tests.fake_adapters import POISON
 from tests.integration.helpers import (
@@ -387,3 +388,56 @@ async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_
     # (measured: none; a loaded machine may hold up a frame or two past max_age_ms for real)
     assert stale <= 0.01 * sum(sent.values()), (stale, sent)
     assert all(counts(sync_redis, s)[0] >= 0.98 * n for s, n in sent.items()), sent
+
+
+async def test_a_pipeline_whose_model_cannot_load_waits_for_it_and_loses_no_frame(
+        redis_url, sync_redis, tmp_path, gradient):
+    """A bad weights file rolled out: the pipeline pauses, saying why, its frames waiting in
+    Redis (every frame of every camera was dead-lettered model_error until the file was mended),
+    and goes on by itself once the file is there."""
+    weights = tmp_path / "weights.bin"
+    first = publish(sync_redis, "frames:{w}", 5, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/w", "batch_size": 2, "batch_timeout_ms": 100}],
+                            fakes={"w": {"fail_load_unless": str(weights)}}, reclaim_min_idle_ms=1000)
+    async with running(settings) as d:
+        client = await client_for(d)
+        try:
+            await wait_for(lambda: d.runs["people"].in_flight.paused is not None, what="the pause")
+            later = publish(sync_redis, "frames:{w}", 5, encode(gradient))
+            await asyncio.sleep(2.5)  # past the reclaimer's idle time: nothing is tried meanwhile
+            assert counts(sync_redis, "frames:{w}") == (0, 0)
+            body = await (await client.get("/pipelines/people")).json()
+            assert "fake/w cannot be loaded" in body["paused"] and "no weights at" in body["paused"]
+            assert 'sightstream_pipeline_paused{pipeline="people"} 1.0' in await (await client.get("/metrics")).text()
+            lines: list[str] = []
+            await asyncio.to_thread(status, str(client.make_url("")).rstrip("/"), "", False, lines.append)
+            assert "PAUSED people: its model fake/w cannot be loaded on cpu" in lines[0]
+            weights.write_bytes(b"mended")
+            await wait_for(lambda: counts(sync_redis, "frames:{w}")[0] == 10, 30, "every frame's result")
+            body = await (await client.get("/pipelines/people")).json()
+            assert body["paused"] is None
+            assert 'sightstream_pipeline_paused{pipeline="people"} 0.0' in await (await client.get("/metrics")).text()
+        finally:
+            await client.close()
+    got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{w}"))
+    assert got == sorted(first + later) and counts(sync_redis, "frames:{w}")[1] == 0
+
+
+async def test_a_daemon_stopped_while_its_pipeline_is_paused_leaves_the_frames_to_the_next(
+        redis_url, sync_redis, tmp_path, gradient):
+    """The stop does not wait for the model (nor the shutdown timeout); the frames stay pending
+    and unread, and a daemon whose model loads processes every one."""
+    weights = tmp_path / "weights.bin"
+    ids = publish(sync_redis, "frames:{s}", 4, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/w", "batch_size": 2, "batch_timeout_ms": 100}],
+                            fakes={"w": {"fail_load_unless": str(weights)}}, shutdown_timeout_s=20)
+    async with running(settings) as d:
+        await wait_for(lambda: d.runs["people"].in_flight.paused is not None, what="the pause")
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert counts(sync_redis, "frames:{s}") == (0, 0)
+    weights.write_bytes(b"mended")
+    async with running(settings):
+        await wait_for(lambda: counts(sync_redis, "frames:{s}")[0] == 4, 30, "every frame's result")
+    got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{s}"))
+    assert got == sorted(ids) and pending(sync_redis, "frames:{s}") == 0

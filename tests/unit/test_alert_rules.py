@@ -90,3 +90,11 @@ def test_redis_errors_fire_when_they_go_on_not_for_one_burst(tmp_path):
 def test_a_daemon_whose_scrape_fails_is_down(tmp_path):
     promtool(tmp_path, {'up{instance="d1",job="sightstream"}': "1 1 0 0 0 0"},
              [fires("SightstreamDown", "5m", instance="d1", job="sightstream")])
+
+
+def test_a_pipeline_paused_for_its_model_fires_once_it_stays_paused(tmp_path):
+    """Paused 1 min (a file being replaced): silent; paused on: fires."""
+    promtool(tmp_path, {
+        'sightstream_pipeline_paused{instance="d1",job="sightstream",pipeline="people"}': "0 1 0 0 1 1 1 1 1",
+    }, [silent("SightstreamPipelinePaused", "3m"), fires("SightstreamPipelinePaused", "7m", instance="d1",
+                                                        pipeline="people")])

@@ -1,0 +1,84 @@
+"""A pipeline whose model cannot be loaded (a bad weights file rolled out, a device without
+room) pauses until it can, rather than dead-letter every frame of every camera meanwhile.
+
+Its readers stop reading (the stream reader and the reclaimer look at `InFlight.paused` before
+each read), so new frames wait in the stream, unread; the frames it held are left pending in
+Redis, where its reclaimer, or another daemon's whose model loads, takes them once they have
+been idle `reclaim_min_idle_ms`. Each costs one delivery per pause, not one per batch tried.
+
+The load is tried again with no frame at stake: after 1, 2, 4 … s, then every 30 s, and at
+once when something else loaded the model meanwhile (`POST /models/…/load`, a job). The pipeline
+goes on once the model is loaded on the device where it failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sightstream import log
+from sightstream.errors import ModelError
+from sightstream.models.manager import ModelManager
+from sightstream.stages.flow import InFlight, wait_or_stop
+
+_log = log.get(__name__)
+
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+LOOK_EVERY_S = 0.5  # between tries: whether the model was loaded by another caller
+
+
+class ModelPauses:
+    def __init__(self, manager: ModelManager, in_flight: Callable[[str], InFlight | None],
+                 loader: Callable[[str, str], Any], stop: asyncio.Event) -> None:
+        self._manager = manager
+        self._in_flight = in_flight  # a pipeline's registry, by name (None: not one of ours)
+        self._loader = loader  # (device, model) -> the worker that loads it there
+        self._stop = stop
+        self.tasks: dict[str, asyncio.Task] = {}  # by pipeline: its model's tries
+
+    def pause(self, pipeline: str, model: str, device: str, error: ModelError) -> bool:
+        """Pause `pipeline` until `model` loads on `device`; False: not a pipeline of this
+        daemon's (its frames are dead-lettered as before)."""
+        flow = self._in_flight(pipeline)
+        if flow is None or self._stop.is_set():
+            return False
+        if flow.paused is None:
+            flow.paused = _why(model, device, error)
+            _log.error("pipeline_paused", pipeline=pipeline, model=model, device=device, error=str(error),
+                       why="its model cannot be loaded: its frames wait in Redis until it can")
+        task = self.tasks.get(pipeline)
+        if task is None or task.done():
+            self.tasks[pipeline] = asyncio.create_task(
+                self._until_loaded(pipeline, flow, model, device), name=f"model-pause-{pipeline}")
+        return True
+
+    async def _until_loaded(self, pipeline: str, flow: InFlight, model: str, device: str) -> None:
+        paused_at = time.monotonic()
+        delay = RETRY_FIRST_S
+        while True:
+            due = time.monotonic() + delay
+            while time.monotonic() < due and not self._manager.is_loaded(model, device):
+                if await wait_or_stop(self._stop, LOOK_EVERY_S):
+                    return
+            try:
+                await self._loader(device, model).load(model)
+                break
+            except ModelError as e:  # LoadTimeout too: still loading past load_timeout_s
+                why = e
+            delay = min(RETRY_MAX_S, delay * 2)
+            text = _why(model, device, why)
+            if text != flow.paused:
+                flow.paused = text
+                _log.error("pipeline_still_paused", pipeline=pipeline, model=model, device=device,
+                           error=str(why))
+        flow.paused = None
+        _log.info("pipeline_resumed", pipeline=pipeline, model=model, device=device,
+                  paused_s=round(time.monotonic() - paused_at, 1))
+
+
+def _why(model: str, device: str, error: BaseException) -> str:
+    return (f"its model {model} cannot be loaded on {device}: {error}. Its frames wait in Redis; the "
+            f"load is tried again every {RETRY_MAX_S:g} s at most (POST /models/{model}/load tries at once)")
