@@ -366,3 +366,28 @@ async def test_an_empty_file_fails_at_once_saying_so(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(VideoSourceError, match=r"cannot be opened: the file is empty \(0 bytes\) \(3 attempts\)"):
         await read(VideoSource(f"file://{empty}", ReaderOptions(fps=5)))
+
+
+@pytest.mark.parametrize("angle", [0, 90, 180, 270])
+@pytest.mark.parametrize("hflip", [False, True])
+@pytest.mark.parametrize("vflip", [False, True])
+def test_a_video_is_read_as_its_display_matrix_says_mirrorings_included(tmp_path, angle, hflip, vflip):
+    """Turned by the matrix's angle, then mirrored, as players show it. PyAV's rotation reads a
+    mirroring as a half turn: a mirrored front-camera video was read upside down."""
+    import av
+
+    from sightstream.stages.upright import upright_rgb
+
+    stored = np.kron(np.random.default_rng(0).integers(0, 255, (3, 4, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    with av.open(str(tmp_path / "v.mp4"), "w") as out:
+        stream = out.add_stream("libx264", rate=10, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        stream.set_display_rotation(angle, hflip=hflip, vflip=vflip)
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")), *stream.encode()]:
+            out.mux(packet)
+    with av.open(str(tmp_path / "v.mp4")) as source:
+        shown = upright_rgb(next(source.decode(video=0)))
+    expected = np.rot90(stored, angle // 90)  # PyAV's angle: counterclockwise
+    expected = expected[:, ::-1] if hflip else expected
+    expected = expected[::-1] if vflip else expected
+    assert shown.shape == expected.shape and np.abs(shown.astype(int) - expected).mean() < 3
