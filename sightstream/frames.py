@@ -294,10 +294,28 @@ def deadletter_fields(frame: Frame, reason: str, error: str) -> dict[str, str | 
     return out
 
 
+def empty_box(box: list[float]) -> bool:
+    """A box with no width or height once clipped to the frame: it lay wholly outside it (in
+    the grey a letterbox or a square pad adds) and describes no pixel of the frame."""
+    return box[2] <= box[0] or box[3] <= box[1]
+
+
+def decoded_scale(size: tuple[int, int], decoded: tuple[int, int]) -> tuple[float, float]:
+    """How many of a frame's pixels (width, height) one pixel of its decoded image spans. A JPEG
+    decoded at 1/d scale has ceil(side / d) pixels a side, each d wide but the last (cut): d,
+    not side / pixels, maps a coordinate back (577 rows at 1/8 are 73, and 577 / 73 put a box
+    at the bottom 3 px high)."""
+    (w, h), (dw, dh) = size, decoded
+    for d in (2, 4, 8):
+        if -(-w // d) == dw and -(-h // d) == dh:
+            return float(d), float(d)
+    return w / dw, h / dh
+
+
 def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, height: int) -> None:
     """Map boxes, landmarks and outlines (a polygon, or several) from decoded-image pixels back
     to the original frame's pixels (the decoder may have decoded a JPEG at 1/2, 1/4 or 1/8
-    scale), or the other way."""
+    scale: `decoded_scale`), or the other way. Boxes stay within `width` x `height`."""
     result["width"], result["height"] = width, height
 
     def points(pts: list[list[float]]) -> list[list[float]]:
@@ -305,7 +323,8 @@ def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, h
 
     for det in result.get("detections", ()):
         x1, y1, x2, y2 = det["box"]
-        det["box"] = [round(x1 * sx, 1), round(y1 * sy, 1), round(x2 * sx, 1), round(y2 * sy, 1)]
+        det["box"] = [round(min(x1 * sx, width), 1), round(min(y1 * sy, height), 1),
+                      round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
         if "landmarks" in det:
             det["landmarks"] = points(det["landmarks"])
         if "polygon" in det:

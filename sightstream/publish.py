@@ -29,6 +29,7 @@ from tqdm import tqdm
 from sightstream import keys
 from sightstream.errors import SightstreamError
 from sightstream.redis_conn import OUTAGES, sync_client
+from sightstream.stages import exif_orientation as exif
 from sightstream.stages.decoder import rgb_array
 from sightstream.stages.upright import upright_rgb
 from sightstream.stages.video_failures import reason, unresolved
@@ -112,8 +113,8 @@ def folder_frames(folder: Path, skipped: Callable[[str], None] = print) -> Itera
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
-                with Image.open(path) as im:
-                    rgb = rgb_array(im)
+                with Image.open(path) as im:  # as viewers show it (a phone photo's EXIF turn)
+                    rgb = exif.shown(rgb_array(im), exif.pillow_orientation(im))
             except (OSError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
                 skipped(f"skipped {path.name}: it cannot be read as an image ({e})")
                 continue

@@ -93,6 +93,23 @@ class Echo(Scripted):
         return predictions
 
 
+class Brightest(Scripted):
+    """A detector of a 64x64 input (so large JPEGs are decoded at reduced scale for it) that
+    finds the bright pixels of the image it gets: its box, in that image's pixels, is where
+    they are, whatever scale the decoder chose."""
+
+    input_size = (64, 64)
+
+    def infer(self, images: list[np.ndarray], prompt: object = None) -> list[Prediction]:
+        out = []
+        for img in images:
+            ys, xs = np.nonzero(img.max(axis=2) > 200)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+            out.append(Prediction({"width": img.shape[1], "height": img.shape[0], "detections": [
+                {"box": box, "score": 1.0, "label": "bright", "class_id": 0}]}))
+        return out
+
+
 def entry(adapter: str = "Scripted", **options: Any) -> dict[str, Any]:
     """A `[models.fake.<variant>]` entry for one of these adapters."""
     return {"backend": "torch", "task": "detect", "adapter": f"tests.fake_adapters:{adapter}", **options}

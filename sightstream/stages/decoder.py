@@ -32,12 +32,15 @@ from sightstream.errors import FrameError
 from sightstream.frames import PIX_FMTS, DeadLettered, drop_stale
 from sightstream.metrics import Metrics
 from sightstream.models.input_shape import InputShape
+from sightstream.stages import exif_orientation as exif
 from sightstream.stages.flow import STOP, drain_nowait
 from sightstream.stages.gpu_jpeg import JpegBatchDecoder
 
 # Our own cap (`decode.max_pixels`) is checked right after the header is read, before any
 # pixel is decoded; Pillow's global check would fire first with its own limits and warnings.
 Image.MAX_IMAGE_PIXELS = None
+
+Pixels = tuple[np.ndarray, tuple[int, int]]  # RGB, and the frame's (width, height)
 
 MAGIC = (
     (b"\xff\xd8\xff", "JPEG"),
@@ -62,22 +65,40 @@ def sniff(data: bytes) -> str:
 def decode_image(
     data: bytes, max_pixels: int, target: InputShape | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Encoded bytes to (RGB array, original (width, height)). Raises FrameError."""
+    """Encoded bytes to (RGB array, original (width, height)), as viewers show the image (its
+    EXIF orientation applied: stages/exif_orientation.py). Raises FrameError."""
     fmt = sniff(data)
-    if fmt == "JPEG" and (fast := _turbo_jpeg(data, max_pixels, target)) is not None:
-        return fast
+    orientation = exif.jpeg_orientation(data) if fmt == "JPEG" else 1
+    if fmt == "JPEG" and (fast := _turbo_jpeg(data, max_pixels, target, orientation)) is not None:
+        return _shown(fast, orientation)
     try:
         im = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = im.size
         check_pixels(width, height, max_pixels)
-        if fmt == "JPEG" and (least := draft_size(width, height, target)) is not None:
+        if fmt == "JPEG" and (least := _least_size(width, height, target, orientation)) is not None:
             im.draft("RGB", least)
         array = rgb_array(im)
+        if fmt != "JPEG":
+            orientation = exif.pillow_orientation(im)
     except FrameError:
         raise
     except Exception as e:  # Pillow raises many types for corrupt or truncated data
         raise FrameError("bad_image", f"the {fmt} image cannot be decoded: {_pillow_says(e)}") from None
-    return array, (width, height)
+    return _shown((array, (width, height)), orientation)
+
+
+def _shown(decoded: Pixels, orientation: int) -> Pixels:
+    array, (width, height) = decoded
+    return exif.shown(array, orientation), exif.shown_size(width, height, orientation)
+
+
+def _least_size(width: int, height: int, target: InputShape | None,
+                orientation: int) -> tuple[int, int] | None:
+    """draft_size for the image as shown (the model sees it turned), in its stored order."""
+    if orientation not in exif.TURNED:
+        return draft_size(width, height, target)
+    least = draft_size(height, width, target)
+    return None if least is None else (least[1], least[0])
 
 
 def _pillow_says(error: Exception) -> str:
@@ -132,8 +153,8 @@ def draft_size(width: int, height: int, target: InputShape | None) -> tuple[int,
     return max(1, math.ceil(width * scale - 1e-6)), max(1, math.ceil(height * scale - 1e-6))
 
 
-def _turbo_jpeg(data: bytes, max_pixels: int,
-                target: InputShape | None) -> tuple[np.ndarray, tuple[int, int]] | None:
+def _turbo_jpeg(data: bytes, max_pixels: int, target: InputShape | None,
+                orientation: int = 1) -> tuple[np.ndarray, tuple[int, int]] | None:
     """A YCbCr or grey JPEG through simplejpeg; None: Pillow decodes it (and names any error)."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -143,7 +164,7 @@ def _turbo_jpeg(data: bytes, max_pixels: int,
     if colorspace not in ("YCbCr", "Gray"):
         return None
     least = (0, 0)
-    if (wanted := draft_size(width, height, target)) is not None:
+    if (wanted := _least_size(width, height, target, orientation)) is not None:
         # 1/2, 1/4 or 1/8, picked as Pillow's draft picks them: libjpeg-turbo's other n/8
         # factors take a slow path (3/8 of a 1080p frame costs more than 1/2)
         fits = min(width // wanted[0], height // wanted[1])
@@ -257,7 +278,7 @@ def _decode_jpegs(fields: list[dict[bytes, bytes]], max_pixels: int, timer: Any,
         return
     each = (time.perf_counter() - started) / len(picked)
     for (k, size), array in zip(picked, arrays):
-        out[k] = (array, size)
+        out[k] = _shown((array, size), exif.jpeg_orientation(fields[k][b"image"]))
         timer.observe(each)
 
 

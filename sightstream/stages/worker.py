@@ -44,6 +44,7 @@ from sightstream.frames import (
     Outcome,
     Prediction,
     Published,
+    decoded_scale,
     drop_stale,
     result_fields,
     scale_detections,
@@ -475,7 +476,8 @@ def frame_context(frame: Frame) -> FrameContext:
         ow, oh = frame.orig_size
         if (ow, oh) != (w, h) and ow and oh:
             detections = [dict(d) for d in detections]
-            scale_detections({"detections": detections}, w / ow, h / oh, w, h)
+            sx, sy = decoded_scale((ow, oh), (w, h))
+            scale_detections({"detections": detections}, 1 / sx, 1 / sy, w, h)
     return FrameContext(frame.source, frame.ts_ms, detections, frame.generation)
 
 
@@ -489,6 +491,6 @@ def _to_original_pixels(frame: Frame, prediction: Prediction) -> None:
     if (ow, oh) == (w, h) or not (ow and oh):  # not scaled, or no size known
         return
     if "detections" in prediction.result:
-        scale_detections(prediction.result, ow / w, oh / h, ow, oh)
+        scale_detections(prediction.result, *decoded_scale((ow, oh), (w, h)), ow, oh)
     elif "width" in prediction.result:
         prediction.result["width"], prediction.result["height"] = ow, oh

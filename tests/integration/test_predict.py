@@ -20,7 +20,7 @@ from sightstream.frames import Frame
 from sightstream.models.masks import rle_decode
 from tests import tiny_hf
 from tests.conftest import encode
-from tests.fake_adapters import Scripted
+from tests.fake_adapters import Scripted, entry
 from tests.integration.helpers import client_for, serving, settings_for
 from tests.tiny_models import red_segmenter
 
@@ -363,3 +363,35 @@ async def test_a_part_sent_base64_or_quoted_printable_is_decoded(redis_url, tmp_
             body, headers = one_part(data, encoding)
             r = await client.post("/predict/tiny/det", data=body, headers=headers)
             assert r.status == 400 and says in (await r.json())["error"]["message"], encoding
+
+
+@pytest.mark.parametrize("size", [(1025, 577), (2561, 1441)])
+async def test_a_jpeg_decoded_at_reduced_scale_gives_boxes_where_the_objects_are(redis_url, tmp_path, size):
+    """A side that is no multiple of the DCT scale: 577 rows at 1/8 decode to 73, each 8 rows of
+    the frame (the last cut short), and mapping back by 577 / 73 rather than 8 put a box at the
+    bottom 3 px high (11 px at 2561x1441)."""
+    w, h = size
+    image = np.full((h, w, 3), 40, np.uint8)
+    x1, y1 = (w - 136) // 8 * 8, (h - 72) // 8 * 8  # on JPEG blocks: the 1/8 decode keeps its edges
+    image[y1:y1 + 64, x1:x1 + 128] = 255
+    settings = predict_settings(redis_url, tmp_path)
+    settings.models["fake"] = {"bright": ModelEntry(**entry("Brightest"))}
+    async with serving(settings) as (d, client):
+        body = await (await client.post("/predict/fake/bright", data=encode(image, "JPEG"))).json()
+        assert d.decode_target("fake/bright") is not None  # decoded at 1/8
+    assert (body["width"], body["height"]) == size
+    assert body["detections"][0]["box"] == [x1, y1, x1 + 128, y1 + 64]
+
+
+async def test_a_phone_photo_is_read_as_viewers_show_it(redis_url, tmp_path, astronaut):
+    """Stored sideways with EXIF orientation 6 (a phone held upright): the face is found, in
+    the pixels of the photo as shown. Read as stored, no face was found at all."""
+    from tests.unit.test_decoder import tagged
+
+    async with serving(predict_settings(redis_url, tmp_path)) as (d, client):
+        upright = await (await client.post("/predict/retinaface/mobilenet", data=encode(astronaut))).json()
+        r = await client.post("/predict/retinaface/mobilenet", data=tagged(astronaut, "JPEG", 6, quality=95))
+        body = await r.json()
+    assert r.status == 200 and (body["width"], body["height"]) == (512, 512)
+    (face,) = body["detections"]
+    assert np.allclose(face["box"], upright["detections"][0]["box"], atol=4)

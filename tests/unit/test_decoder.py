@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -379,3 +380,49 @@ def test_a_corrupt_image_s_error_names_no_python_object(data, fmt):
         decode_image(data, MAX)
     assert e.value.reason == "bad_image"
     assert str(e.value) == f"the {fmt} image cannot be decoded: cannot identify image file"
+
+
+def tagged(image: np.ndarray, fmt: str, orientation: int, **kw) -> bytes:
+    """`image` stored as a phone stores it: turned so that its EXIF `orientation` shows it."""
+    from PIL import Image
+
+    undo = {2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
+            4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
+            6: [Image.Transpose.ROTATE_90], 7: [Image.Transpose.TRANSVERSE], 8: [Image.Transpose.ROTATE_270]}
+    im = Image.fromarray(image)
+    for step in undo.get(orientation, []):
+        im = im.transpose(step)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif.tobytes(), **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt,kw", [("JPEG", {"quality": 95}), ("JPEG", {"quality": 95, "progressive": True}),
+                                    ("PNG", {}), ("WEBP", {"lossless": True})])
+def test_an_image_is_decoded_as_its_exif_orientation_shows_it(gradient, orientation, fmt, kw, tmp_path):
+    """A phone photo taken upright is stored sideways with orientation 6: read as stored, the
+    detector missed the face in it and the result named a portrait frame landscape."""
+    from PIL import Image, ImageOps
+
+    data = tagged(gradient, fmt, orientation, **kw)
+    assert np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))).shape == gradient.shape
+    pixels, size = decode_image(data, 10**7)
+    assert size == (96, 64) and pixels.shape == gradient.shape
+    assert np.abs(pixels.astype(int) - gradient).mean() < 3
+    from sightstream.publish import folder_frames  # `publish DIR` sends it so too
+
+    (tmp_path / f"photo.{fmt.lower()}").write_bytes(data)
+    ((published, _),) = folder_frames(tmp_path)
+    assert published.shape == gradient.shape and np.abs(published.astype(int) - gradient).mean() < 3
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_a_turned_jpeg_is_dct_scaled_for_the_model_as_shown(astronaut, orientation):
+    """The model sees the photo turned: the scale is chosen for that shape, and the size said is
+    the shown one."""
+    wide = np.ascontiguousarray(astronaut[:256])  # 512x256: the turn changes what fits
+    pixels, size = decode_image(tagged(wide, "JPEG", orientation, quality=95), 10**7, InputShape.fit(256, 64))
+    assert size == (512, 256) and pixels.shape == (64, 128, 3)  # 1/4, not 1/8 as the stored 256x512 allows

@@ -133,6 +133,16 @@ def test_user_yolov8_export_needs_only_a_path(tmp_path, backend):
     assert dets[0]["box"] == pytest.approx([88, 24, 168, 104], abs=0.2)
 
 
+def test_a_box_in_the_letterbox_padding_is_not_reported(tmp_path):
+    """Wholly in the grey the letterbox adds, it describes no pixel of the frame: it came back
+    clipped to a box of no height, as the top detection."""
+    rows = [[3, 3, 2, 2, 0.05, 0.95], [32, 32, 20, 20, 0.9, 0.05]]  # the first in the top padding
+    path = constant_yolov8(tmp_path / "pad.onnx", rows, classes=2, size=64, names={0: "a", 1: "b"})
+    (pred,) = predict(load(manager(det__pad={"path": str(path)}), "det/pad"),
+                      [np.zeros((128, 256, 3), np.uint8)], None)
+    assert [d["box"] for d in pred.result["detections"]] == [pytest.approx([88, 24, 168, 104], abs=0.2)]
+
+
 def test_transposed_output_and_coco_names_by_default(tmp_path):
     rows = [[32, 32, 10, 10] + [0.0] * 80 for _ in range(100)]  # more anchors than channels
     rows[0][4 + 2] = 0.95  # class 2 of COCO: car

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sightstream.frames import Prediction
+from sightstream.frames import Prediction, empty_box
 from sightstream.models.adapters import hf_common
 
 
@@ -34,6 +34,8 @@ def _prediction(found: dict, height: int, width: int, labels: dict) -> Predictio
     for i in order.tolist():
         box = [round(float(v), 1) for v in found["boxes"][i].float().clamp(min=0).tolist()]
         box = [min(box[0], width), min(box[1], height), min(box[2], width), min(box[3], height)]
+        if empty_box(box):
+            continue
         cid = int(found["labels"][i])
         detections.append({"box": box, "score": round(float(found["scores"][i]), 4),
                            "label": labels.get(cid, str(cid)), "class_id": cid})

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from sightstream.errors import ModelError
-from sightstream.frames import Prediction
+from sightstream.frames import Prediction, empty_box
 from sightstream.models.adapter import Prompt
 from sightstream.models.adapters import hf_common
 
@@ -146,6 +146,8 @@ def _prediction(found: dict, height: int, width: int, labels: list[str]) -> Pred
         w, h = float(width), float(height)  # a clipped coordinate is a float like the others
         box = [round(min(max(x1, 0.0), w), 1), round(min(max(y1, 0.0), h), 1),
                round(min(max(x2, 0.0), w), 1), round(min(max(y2, 0.0), h), 1)]
+        if empty_box(box):
+            continue
         if (matched := match_label(str(names[i]) if names is not None else "", labels)) is None:
             continue
         label, class_id = matched

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelNotAvailable
-from sightstream.frames import Prediction
+from sightstream.frames import Prediction, empty_box
 from sightstream.models.adapter import FrameContext, Prompt, bounded
 from sightstream.models.adapters.onnx_common import OnnxModel, letterbox, nms
 
@@ -155,6 +155,8 @@ class RetinaFaceDetector:
                 float(np.clip((x2 - ox) / scale, 0, width)),
                 float(np.clip((y2 - oy) / scale, 0, height)),
             ]
+            if empty_box(box):
+                continue
             pts = [[float((px - ox) / scale), float((py - oy) / scale)] for px, py in points[i]]
             detections.append(
                 {"box": [round(v, 1) for v in box], "score": round(float(scores[i]), 4),

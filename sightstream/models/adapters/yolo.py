@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sightstream.errors import BatchSizeMismatch, ModelError
-from sightstream.frames import Prediction
+from sightstream.frames import Prediction, empty_box
 from sightstream.models.adapter import FrameContext, Prompt, bounded, label_list
 from sightstream.models.adapters.onnx_common import batched_nms, letterbox
 from sightstream.models.adapters.runner import OnFile, Runner, class_names, warm_up
@@ -124,6 +124,8 @@ class YoloDetector(OnFile):
         for i in order:
             box = (boxes[i] - [ox, oy, ox, oy]) / scale
             box = np.clip(box, 0, limits)
+            if empty_box(box):
+                continue
             cid = int(class_ids[i])
             detections.append(
                 {"box": [round(float(v), 1) for v in box], "score": round(float(scores[i]), 4),
