@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sightstream.frames import Frame
+from sightstream.stages import exif_orientation as exif
 
 MAX_SNAPSHOT_BYTES = 8 * 2**20  # a frame (encoded, or raw pixels) plus its payloads, at most
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -142,8 +143,9 @@ def _count(counts: dict[tuple[str, str], int], key: tuple[str, str], n: int, mos
 
 def render(snap: Snapshot, max_side: int = 960) -> bytes:
     """The frame with its result drawn on it, as a JPEG (blocking: run it in an executor)."""
-    if snap.image is not None:
-        frame = Image.open(io.BytesIO(snap.image)).convert("RGB")
+    if snap.image is not None:  # as the result saw it: an EXIF orientation applied
+        with Image.open(io.BytesIO(snap.image)) as im:
+            frame = Image.fromarray(exif.shown(np.asarray(im.convert("RGB")), exif.pillow_orientation(im)))
     else:
         assert snap.pixels is not None
         frame = Image.fromarray(snap.pixels)

@@ -122,3 +122,17 @@ def test_the_one_line_summary_names_unlabelled_tracks():
                              {"box": [0, 0, 1, 1], "track_id": 3, "label": "dog"}]}
     assert summarize(tracks) == "1 x dog, 2 x tracked object"  # was "2 x ?"
     assert summarize({"detections": []}) == "nothing found"
+
+
+def test_a_photo_with_an_exif_orientation_is_drawn_as_its_result_saw_it():
+    """Its boxes speak of the photo as shown: drawn on it as stored, they fell beside it."""
+    from tests.unit.test_decoder import tagged
+
+    image = np.full((100, 160, 3), 128, np.uint8)
+    image[10:30, 100:150] = (255, 255, 255)  # a white block top right, as shown
+    s = Snapshots()
+    f = frame("phone", image)
+    f.snapshot = tagged(image, "PNG", 6)  # stored turned a quarter, tagged to be shown upright
+    s.record(f, fields({"width": 160, "height": 100, "detections": []}))
+    pixels = drawn(s, "phone")
+    assert pixels.shape == (100, 160, 3) and pixels[20, 125].min() > 200 and pixels[80, 30].max() < 160
