@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,15 @@ class SourceError(SightstreamError):
     """A video file or URL that cannot be opened or read: the message says which and why."""
 
 
+def ffmpeg_url(source: str) -> str:
+    """What FFmpeg opens for `source`: a `file:` URL's path percent-decoded. FFmpeg's file
+    protocol takes it literally, so `file:///srv/my%20clip.mp4` (as Path.as_uri() writes a
+    path with a space) named no file."""
+    if source.lower().startswith("file:"):
+        return f"file:{unquote(urlsplit(source).path)}"
+    return source
+
+
 @contextmanager
 def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     """The opened container. A network source that does not answer within `timeout_s` (to
@@ -54,7 +64,7 @@ def open_video(source: str, timeout_s: float) -> Iterator[Any]:
     try:
         # An RTSP camera over TCP, as the daemon reads one: UDP is lost to NAT and firewalls.
         options = {"rtsp_transport": "tcp"} if source.lower().startswith(("rtsp://", "rtsps://")) else {}
-        container = av.open(source, options=options, timeout=(timeout_s, timeout_s))
+        container = av.open(ffmpeg_url(source), options=options, timeout=(timeout_s, timeout_s))
     except av.error.ExitError:  # FFmpeg's interrupt callback: the timeout
         raise SourceError(f"{shown} did not answer within {timeout_s:g} s") from None
     except (av.error.FFmpegError, OSError) as e:

@@ -72,3 +72,9 @@ def test_a_video_of_known_length_resumes_after_the_time_given(tmp_path):
     assert [round(t, 1) for _, t in video_frames(str(video), None, 10.0, after_t=times[4])] == [
         round(t, 1) for t in times[5:]]
     assert [round(t, 1) for _, t in video_frames(str(video), 5.0, 10.0, after_t=times[4])] == [0.6, 0.8]
+
+
+def test_a_file_url_with_a_space_in_its_path_is_read(tmp_path):
+    """Path.as_uri() writes a space as %20; FFmpeg's file protocol took it literally: no such file."""
+    video = make_sample_video(tmp_path / "my clip 100%.mp4", seconds=1, fps=10, size=(64, 48))
+    assert len(list(video_frames(video.as_uri(), None, 10.0))) == 10
