@@ -71,6 +71,19 @@ def make_damaged_clip(path: Path) -> Path:
     return path
 
 
+def damage(path: Path, at: float, size: int, seed: int = 1) -> Path:
+    """Overwrite `size` bytes at `at` (a fraction of the file) with noise: a file damaged in
+    the middle (its index and the rest of its pictures whole)."""
+    import random
+
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    noise = random.Random(seed)
+    data[start:start + size] = bytes(noise.randrange(256) for _ in range(size))
+    path.write_bytes(bytes(data))
+    return path
+
+
 def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int] = SIZE, gop: int | None = None) -> Path:
     """An H.264 MP4 (yuv420p), a keyframe every `gop` frames (default: every second)."""
     return _encode(path, seconds, fps, size, gop)

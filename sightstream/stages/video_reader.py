@@ -57,6 +57,7 @@ DISCONTINUITY_S: Final = 60.0  # a live PTS this far behind the last one: the en
 LIVE_STOPPED: Final = "the live stream stopped"  # ended or failing: a reopen tells which
 RECOVERED_S: Final = 2.0  # of new live video in one attempt: its back-off starts again
 LIVE_GAP_MARGIN_S: Final = 10.0  # a live jump counts at most the wall time since the last packet + this
+MAX_REFUSED_PACKETS: Final = 250  # in a row (10 s at 25 fps): a video that cannot be decoded, not damage
 GAP_S: Final = 0.5  # an HLS VOD jumping this far ahead: a segment was skipped (not a frame rate)
 _PERMANENT = (  # retrying will not help: fail after `max_open_failures` of these in a row
     av.error.HTTPBadRequestError, av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError,
@@ -455,6 +456,9 @@ class _Reader:
         # gaps may be a variable frame rate (a screen recording), not a loss
         gaps = container.format.name == "hls"
         ended: float | None = None  # where this open's packets read so far end (stream time)
+        damaged: float | None = None  # since a packet the decoder refused (stream time), no frame
+        refusal: av.error.InvalidDataError | None = None  # the decoder's latest
+        in_a_row = 0  # packets refused since the last frame
         # Closed before its container: a suspended demux generator still uses the container.
         with contextlib.closing(container.demux(stream)) as packets:
             for packet in packets:
@@ -473,8 +477,29 @@ class _Reader:
                     self.keyframes.packet(t, packet.is_keyframe)
                     if packet.is_keyframe:
                         self._skip(stream)
-                if not all(self._frame(frame, tb) for frame in stream.decode(packet)):
+                try:
+                    frames = stream.decode(packet)
+                except av.error.InvalidDataError as e:
+                    # A damaged packet: FFmpeg's own command says so and decodes on (the next
+                    # keyframe is whole). Reopened, the read seeked back into the damage and
+                    # failed the same way, eight times, and the job with it.
+                    refusal, in_a_row = e, in_a_row + 1
+                    if in_a_row > MAX_REFUSED_PACKETS:
+                        raise  # not damage: nothing here can be decoded
+                    if damaged is None and packet.pts is not None:
+                        damaged = float(packet.pts * tb)
+                    continue
+                if frames:
+                    in_a_row = 0
+                if damaged is not None and frames and frames[0].pts is not None:
+                    self._skipped(damaged, float(frames[0].pts * tb), "damaged data that cannot be decoded")
+                    damaged = None
+                if not all(self._frame(frame, tb) for frame in frames):
                     break
+        if refusal is not None and not self.progressed:
+            raise refusal  # no frame at all: a video that cannot be decoded, failed as before
+        if damaged is not None and ended is not None and not self.stop.is_set():  # its end is damaged
+            self._skipped(damaged, ended, "damaged data that cannot be decoded")
         self.stats.decode_s += time.perf_counter() - self.clock
         return self.progressed
 
@@ -492,18 +517,17 @@ class _Reader:
             stop = t
             if self.stats.is_live and self.hls_packet_at is not None:
                 stop = min(t, start + now - self.hls_packet_at + LIVE_GAP_MARGIN_S)
-            self._skipped(start, stop, ended is None)
+            self._skipped(start, stop, "not read while the source was reopened: it went on meanwhile"
+                          if ended is None else "a segment missing or unreadable, or a pause in the video")
         self.hls_ended = end if high is None else max(high, end)
         self.hls_packet_at = now
 
-    def _skipped(self, start: float, end: float, reopened: bool) -> None:
-        """The demuxer jumped over part of an HLS video: FFmpeg's HLS reader skips a segment it
-        cannot fetch (a 404) and goes on, and a live one reopened (or resumed) starts at its
-        live edge. Said, not hidden: the video is not whole."""
+    def _skipped(self, start: float, end: float, why: str) -> None:
+        """Part of the video was not read (stream times): FFmpeg's HLS reader skips a segment it
+        cannot fetch (a 404) and goes on, a live one reopened (or resumed) starts at its live
+        edge, damaged packets cannot be decoded. Said, not hidden: the video is not whole."""
         at = start - (self.t0 or 0.0)
         self.stats.skipped_s += end - start
-        why = ("not read while the source was reopened: it went on meanwhile" if reopened
-               else "a segment missing or unreadable, or a pause in the video")
         self.stats.last_error = f"the video skips from {at:.1f} s to {at + end - start:.1f} s ({why})"
         _log.warning("video_gap", url=self.name, from_s=round(at, 2), skipped_s=round(end - start, 2))
 

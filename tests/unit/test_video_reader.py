@@ -21,6 +21,7 @@ from sightstream.stages.video_reader import (
     _Keyframes,
     container_options,
 )
+from tests import hls
 from tests.conftest import wait_for
 from tests.hls import SIZE, _encode, column, make_clip, make_hls_vod, make_portrait_clip
 
@@ -391,3 +392,23 @@ def test_a_video_is_read_as_its_display_matrix_says_mirrorings_included(tmp_path
     expected = expected[:, ::-1] if hflip else expected
     expected = expected[::-1] if vflip else expected
     assert shown.shape == expected.shape and np.abs(shown.astype(int) - expected).mean() < 3
+
+
+async def test_a_file_damaged_in_the_middle_is_read_past_the_damage(tmp_path):
+    """Damaged packets are skipped as FFmpeg's own command skips them, and said: the read
+    reopened, seeked back into the damage and failed the same way, eight times (a job failed
+    after most of a minute with half its video unread)."""
+    clip = hls.damage(make_clip(tmp_path / "clip.mp4", 6, 10, size=(320, 240)), 0.5, 3000)
+    source = VideoSource(str(clip), ReaderOptions(fps=0))
+    frames = await read(source)
+    assert 45 <= len(frames) < 60 and increasing(frames) and frames[-1].pts_s > 5.5
+    assert 0 < source.stats.skipped_s < 1.5 and "damaged data" in source.stats.last_error
+    assert source.stats.decoded == len(frames)  # read once: no reopen
+
+
+async def test_a_file_whose_pictures_are_all_damaged_still_fails(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", 3, 10, size=(320, 240))
+    mdat = clip.read_bytes().find(b"mdat")
+    hls.damage(clip, (mdat + 400) / clip.stat().st_size, clip.stat().st_size - mdat - 400)
+    with pytest.raises(VideoSourceError, match="Invalid data"):
+        await read(VideoSource(str(clip), ReaderOptions(fps=0)))
