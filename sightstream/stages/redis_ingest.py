@@ -35,7 +35,7 @@ from redis.crc import key_slot
 
 from sightstream import keys, log
 from sightstream.frames import entry_ms
-from sightstream.redis_conn import BLOCK_MS, PartialOutage, same_slot
+from sightstream.redis_conn import BLOCK_MS, PartialOutage, run_pipelined, same_slot
 from sightstream.stages.pending import StreamReader, delivery_counts
 from sightstream.stages.source_leases import SourceLeases
 from sightstream.stages.stream_rates import StreamRates
@@ -196,13 +196,28 @@ class RedisIngest(StreamReader):
             start = "(" + rows[-1]["message_id"].decode()
 
     async def on_nogroup(self) -> None:
-        """A group is gone: Redis lost it (restarted without persistence), or the stream was
-        deleted (a camera retired). Streams that no longer exist are dropped, not made again
-        (MKSTREAM would keep a retired camera's stream, and its reading, for ever), unless the
-        config names them; discovery finds them again once a producer writes to them."""
-        self._joined.clear()
-        created, gone = await self.ensure_groups(self.streams, self._named)
-        if created:  # on streams that exist: Redis lost its data
+        """A group is gone: the stream was deleted (a camera retired), or Redis lost it
+        (restarted without persistence). Streams that no longer exist are dropped, not made
+        again (MKSTREAM would keep a retired camera's stream, and its reading, for ever), unless
+        the config names them; discovery finds them again once a producer writes to them.
+
+        Which it was is asked in one round trip (EXISTS of each stream): only when none is gone
+        are the groups made again, every stream's. Each retired camera made every group of the
+        pipeline again, one call per stream, and again at the next discovery: 2,000 calls per
+        camera with 1,000 streams, and a live camera's results a second late meanwhile."""
+        streams = list(self.streams)
+
+        def fill(pipe: Any) -> None:
+            for stream in streams:
+                pipe.exists(stream)
+
+        exist = await run_pipelined(self._client, fill)
+        gone = [s for s, n in zip(streams, exist) if not n and s not in self._named]
+        created: list[str] = []
+        if not gone:  # on streams that exist (or named ones deleted): Redis lost its data
+            self._joined.clear()
+            created, gone = await self.ensure_groups(streams, self._named)
+        if created:
             _log.warning("group_missing_recreated", pipeline=self._p.name, streams=len(created))
         if gone:
             _log.info("deleted_streams_dropped", pipeline=self._p.name, count=len(gone), streams=gone[:20])
@@ -211,7 +226,8 @@ class RedisIngest(StreamReader):
                 for stream in gone:
                     if stream in self.leases.held:
                         await self.leases.give_back(stream)
-        self._draining.clear()  # a new group has no pending entries
+        for stream in created:
+            self._draining.pop(stream, None)  # a new group has no pending entries
 
     async def _drain_own(self, room: int) -> int:
         """Re-read this consumer's own pending entries, with their delivery counts."""
