@@ -233,7 +233,8 @@ class Daemon:
             stop=self.stop_event, on_published=self.snapshots.record,
             on_dead_lettered=self.snapshots.dead_lettered,
         )
-        self.pauses = ModelPauses(self.manager, self._in_flight_of, self.worker_for, self.stop_event)
+        self.pauses = ModelPauses(self.manager.is_loaded, self._in_flight_of, self.worker_for,
+                                  self._read_own_again, self.stop_event)
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
                    self.settings.inference_timeout_s, cpu=self._host_pool,
@@ -288,7 +289,8 @@ class Daemon:
                 self.metrics, self.stop_event), name="backlog-gauges"),
         ]
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="publisher")
-        views = InputViews(self.snapshots.frames_read, self.publisher.seen, self.publisher.dead_lettered)
+        views = InputViews(self.snapshots.frames_read, self.publisher.seen, self.publisher.dead_lettered,
+                           lambda name: flow.paused if (flow := self._in_flight_of(name)) else None)
         self.job_runner = JobRunner(self.jobs, self.client, self.reader, self.adhoc, self._decode_pool,
                                     self.settings, self._consumer_name, self.metrics, self.stop_event,
                                     self.prompt_book, self.manager.create, views,
@@ -378,6 +380,10 @@ class Daemon:
     def _in_flight_of(self, pipeline: str) -> InFlight | None:
         run = self.runs.get(pipeline)
         return run.in_flight if run else None
+
+    def _read_own_again(self, pipeline: str) -> None:
+        if (run := self.runs.get(pipeline)) is not None:
+            run.ingest.read_own_again()
 
     def _consumer_name(self) -> str:
         return self.consumer

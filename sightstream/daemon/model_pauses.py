@@ -3,8 +3,9 @@ room) pauses until it can, rather than dead-letter every frame of every camera m
 
 Its readers stop reading (the stream reader and the reclaimer look at `InFlight.paused` before
 each read), so new frames wait in the stream, unread; the frames it held are left pending in
-Redis, where its reclaimer, or another daemon's whose model loads, takes them once they have
-been idle `reclaim_min_idle_ms`. Each costs one delivery per pause, not one per batch tried.
+Redis, and re-read first, in order, when it goes on (or reclaimed by another daemon of the
+group whose model loads, once idle `reclaim_min_idle_ms`). Each costs one delivery per pause,
+not one per batch tried. Its video inputs (jobs) hold their frames and send them again then.
 
 The load is tried again with no frame at stake: after 1, 2, 4 … s, then every 30 s, and at
 once when something else loaded the model meanwhile (`POST /models/…/load`, a job). The pipeline
@@ -19,8 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from sightstream import log
-from sightstream.errors import ModelError
-from sightstream.models.manager import ModelManager
 from sightstream.stages.flow import InFlight, wait_or_stop
 
 _log = log.get(__name__)
@@ -31,20 +30,24 @@ LOOK_EVERY_S = 0.5  # between tries: whether the model was loaded by another cal
 
 
 class ModelPauses:
-    def __init__(self, manager: ModelManager, in_flight: Callable[[str], InFlight | None],
-                 loader: Callable[[str, str], Any], stop: asyncio.Event) -> None:
-        self._manager = manager
+    def __init__(self, is_loaded: Callable[[str, str], bool], in_flight: Callable[[str], InFlight | None],
+                 loader: Callable[[str, str], Any], resumed: Callable[[str], None],
+                 stop: asyncio.Event) -> None:
+        self._is_loaded = is_loaded  # (model, device)
         self._in_flight = in_flight  # a pipeline's registry, by name (None: not one of ours)
         self._loader = loader  # (device, model) -> the worker that loads it there
+        self._resumed = resumed  # (pipeline): it goes on; its readers re-read what it held
         self._stop = stop
         self.tasks: dict[str, asyncio.Task] = {}  # by pipeline: its model's tries
 
-    def pause(self, pipeline: str, model: str, device: str, error: ModelError) -> bool:
+    def pause(self, pipeline: str, model: str, device: str, error: Exception) -> bool:
         """Pause `pipeline` until `model` loads on `device`; False: not a pipeline of this
-        daemon's (its frames are dead-lettered as before)."""
+        daemon's (/predict, a user's job: their frames get the error)."""
         flow = self._in_flight(pipeline)
-        if flow is None or self._stop.is_set():
+        if flow is None:
             return False
+        if self._stop.is_set():
+            return True  # stopping: the frames stay pending for the next start, nothing is tried
         if flow.paused is None:
             flow.paused = _why(model, device, error)
             _log.error("pipeline_paused", pipeline=pipeline, model=model, device=device, error=str(error),
@@ -60,14 +63,17 @@ class ModelPauses:
         delay = RETRY_FIRST_S
         while True:
             due = time.monotonic() + delay
-            while time.monotonic() < due and not self._manager.is_loaded(model, device):
+            while time.monotonic() < due and not self._is_loaded(model, device):
                 if await wait_or_stop(self._stop, LOOK_EVERY_S):
                     return
             try:
                 await self._loader(device, model).load(model)
                 break
-            except ModelError as e:  # LoadTimeout too: still loading past load_timeout_s
-                why = e
+            # Any failure is tried again: a task that ended here would leave the pipeline paused
+            # until a restart (a weights file replaced under the load's size estimate raised
+            # FileNotFoundError, no model's error).
+            except Exception as e:  # noqa: BLE001
+                why: Exception = e
             delay = min(RETRY_MAX_S, delay * 2)
             text = _why(model, device, why)
             if text != flow.paused:
@@ -75,6 +81,7 @@ class ModelPauses:
                 _log.error("pipeline_still_paused", pipeline=pipeline, model=model, device=device,
                            error=str(why))
         flow.paused = None
+        self._resumed(pipeline)
         _log.info("pipeline_resumed", pipeline=pipeline, model=model, device=device,
                   paused_s=round(time.monotonic() - paused_at, 1))
 

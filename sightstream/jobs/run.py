@@ -43,11 +43,12 @@ from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
 from sightstream.stages.flow import worth_logging
 from sightstream.stages.video_reader import ReaderOptions, VideoSource, VideoSourceError
-from sightstream.stages.worker import InferenceTimeout, NotRun
+from sightstream.stages.worker import InferenceTimeout, ModelPaused, NotRun
 
 _log = log.get(__name__)
 WATCH_EVERY_S = 0.5
 READ_LIMIT_S = 3.0  # a stream read blocks 1 s; past this it is given up and the job's state checked
+PAUSE_LOOK_S = 0.5  # a paused pipeline's video input looks this often whether it goes on
 NOT_RUN_TRIES = 3  # a frame that never reached its model (a stuck call on its device) is sent this often
 END: Any = object()  # the reader's last word to the publishing task
 
@@ -97,6 +98,8 @@ class InputViews:
     read: Callable[[str, str, int], None]  # (pipeline, source, frames)
     published: Callable[[Frame, dict[str, Any], int], None]  # (frame, fields, latency ms)
     dead_lettered: Callable[[Frame], None]
+    # (pipeline): why it waits for its model (daemon/model_pauses.py), or None
+    paused: Callable[[str], str | None] = lambda _: None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,14 @@ class JobRun:
         while True:
             try:
                 return await future
+            except ModelPaused:
+                # The pipeline waits for its model: so does its video input's frame, sent again
+                # once it goes on (its camera's frames were dead-lettered model_error meanwhile)
+                while self._views is not None and self._views.paused(self._label) and not self._done:
+                    await asyncio.sleep(PAUSE_LOOK_S)
+                if self._done or self._views is None:
+                    raise
+                (future,) = await self._submit(frame)
             except NotRun:
                 if sends == NOT_RUN_TRIES or self._done or self._adhoc.keeps_state(self.job.spec.model):
                     raise

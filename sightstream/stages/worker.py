@@ -73,6 +73,11 @@ class NotRun(InferenceTimeout):
     run: jobs do so, and a pipeline's batch is sent once more on the fresh thread."""
 
 
+class ModelPaused(NotRun):
+    """A pipeline's video input's frames: the pipeline's model cannot be loaded, and the
+    pipeline waits for it (daemon/model_pauses.py). The job sends them again once it goes on."""
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or any(m in str(error).lower() for m in OOM_MARKERS)
 
@@ -81,7 +86,7 @@ class Worker:
     def __init__(
         self, device: str, manager: ModelManager, inq: asyncio.Queue, outcomes: asyncio.Queue,
         metrics: Metrics, timeout_s: float = 60.0, *, cpu: Executor | None = None, depth: int = 2,
-        kind: str = "frames", on_unloadable: Callable[[str, str, str, ModelError], bool] | None = None,
+        kind: str = "frames", on_unloadable: Callable[[str, str, str, Exception], bool] | None = None,
     ) -> None:
         self.device = device
         self.kind = kind  # "frames", or "text": the text models' calls
@@ -237,16 +242,14 @@ class Worker:
             return outcomes
         except LoadTimeout as e:  # its frames are retried later, as a stuck call's are
             self._replace_thread(e.executor)
-            if not e.not_run:
-                self._unloadable(batch, frames, e)
+            if not e.not_run and self._unloadable(batch, frames, e):
+                return outcomes
             self._hand_back(batch, frames, str(e), not_run=e.not_run)
             return outcomes
         except ModelError as e:  # it cannot be loaded here (no room, bad file)
             _log.error("model_unavailable", model=batch.model, device=self.device, batch=batch.id,
                        error=str(e))
             if self._unloadable(batch, frames, e):
-                for frame in frames:
-                    frame.release()  # no ack: pending in Redis, read again once the model loads
                 return outcomes
             return outcomes + [DeadLettered.of(f, "model_error", str(e)) for f in frames]
         except asyncio.CancelledError:
@@ -403,13 +406,21 @@ class Worker:
             self._replace_thread(e.executor)
             raise
 
-    def _unloadable(self, batch: Batch, frames: list[Frame], error: ModelError) -> bool:
+    def _unloadable(self, batch: Batch, frames: list[Frame], error: Exception) -> bool:
         """A pipeline's model could not be loaded: its frames are none of their own fault, so
         the daemon pauses the pipeline (True) rather than dead-letter every frame of every
-        camera until the file is mended. Callers waiting on a reply (/predict, jobs) are told."""
-        if self._on_unloadable is None or not frames or any(f.reply is not None for f in frames):
+        camera until the file is mended. Its frames stay pending in Redis (no ack); its video
+        inputs' are told ModelPaused. False: not a pipeline's (/predict, a user's job)."""
+        if self._on_unloadable is None or not frames:
             return False
-        return self._on_unloadable(batch.pipeline, batch.model, self.device, error)
+        if not self._on_unloadable(batch.pipeline, batch.model, self.device, error):
+            return False
+        for frame in frames:
+            if frame.reply is None:
+                frame.release()  # no ack: pending in Redis, read again once the model loads
+            elif not frame.reply.done():
+                frame.reply.set_exception(ModelPaused(str(error)))
+        return True
 
     def _hand_back(self, batch: Batch, frames: list[Frame], why: str, not_run: bool = False) -> None:
         """Leave the frames of an abandoned batch pending in Redis for a retry (reclaimed once

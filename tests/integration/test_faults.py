@@ -397,8 +397,9 @@ async def test_a_pipeline_whose_model_cannot_load_waits_for_it_and_loses_no_fram
     and goes on by itself once the file is there."""
     weights = tmp_path / "weights.bin"
     first = publish(sync_redis, "frames:{w}", 5, encode(gradient))
+    # the frames it let go are re-read when it goes on, not left to the reclaimer (idle a minute)
     settings = settings_for(redis_url, tmp_path, [{"model": "fake/w", "batch_size": 2, "batch_timeout_ms": 100}],
-                            fakes={"w": {"fail_load_unless": str(weights)}}, reclaim_min_idle_ms=1000)
+                            fakes={"w": {"fail_load_unless": str(weights)}}, reclaim_min_idle_ms=60_000)
     async with running(settings) as d:
         client = await client_for(d)
         try:

@@ -280,3 +280,22 @@ async def test_a_file_input_on_one_host_s_disk_only_is_left_to_that_host(
             await wait_for(lambda: sync_redis.xlen(f"results:cams:{url}") == 2, 20, "the file read by b")
         job = await a.jobs.get(job_id)
     assert job is not None and job.status == "completed" and not job.error
+
+
+async def test_a_video_input_waits_for_its_pipeline_s_model(redis_url, sync_redis, tmp_path, videos):
+    """The model's file is missing: the pipeline pauses and so do its video inputs' frames,
+    sent again once it loads (they were dead-lettered model_error, every one)."""
+    weights = tmp_path / "weights.bin"
+    with hls.static_server(videos) as server:
+        url = server.url("vod/index.m3u8")
+        settings = settings_for(redis_url, tmp_path, [{"input": [url], "fps": 2, "model": "fake/w"}],
+                                fakes={"w": {"fail_load_unless": str(weights)}}, jobs={"poll_s": 0.2})
+        async with running(settings) as d:
+            await wait_for(lambda: d.runs["people"].in_flight.paused is not None, what="the pause")
+            await asyncio.sleep(1.5)
+            assert sync_redis.xlen(f"results:people:{url}") == 0
+            weights.write_bytes(b"mended")
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 8, 30, "the video's results")
+        assert not sync_redis.exists(f"deadletter:people:{url}")
+        results = entries(sync_redis, f"results:people:{url}")
+        assert [f["frame_id"] for _, f in results] == [str(i * 5).encode() for i in range(8)]
