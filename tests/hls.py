@@ -34,12 +34,12 @@ def pattern(i: int, size: tuple[int, int] = SIZE) -> np.ndarray:
 
 def _encode(
     path: Path, seconds: float, fps: int, size: tuple[int, int], gop: int | None,
-    fmt: str | None = None, options: dict[str, str] | None = None,
+    fmt: str | None = None, options: dict[str, str] | None = None, preset: str = "ultrafast",
 ) -> Path:
     gop = gop or fps
     # keyint_min = gop and no scenecut: keyframes exactly every `gop` frames, so HLS segments
     # cut on time and the tests can count keyframes.
-    x264 = {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
+    x264 = {"preset": preset, "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"}
     with av.open(str(path), "w", format=fmt, options=options or {}) as out:
         stream = out.add_stream("libx264", rate=fps, options=x264)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
@@ -84,9 +84,11 @@ def damage(path: Path, at: float, size: int, seed: int = 1) -> Path:
     return path
 
 
-def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int] = SIZE, gop: int | None = None) -> Path:
-    """An H.264 MP4 (yuv420p), a keyframe every `gop` frames (default: every second)."""
-    return _encode(path, seconds, fps, size, gop)
+def make_clip(path: Path, seconds: float, fps: int, size: tuple[int, int] = SIZE, gop: int | None = None,
+              preset: str = "ultrafast") -> Path:
+    """An H.264 MP4 (yuv420p), a keyframe every `gop` frames (default: every second); x264's
+    `preset` "medium" makes B-frames (decoded out of order), "ultrafast" none."""
+    return _encode(path, seconds, fps, size, gop, preset=preset)
 
 
 def make_portrait_clip(path: Path, seconds: float, fps: int) -> Path:

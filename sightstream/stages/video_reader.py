@@ -456,9 +456,10 @@ class _Reader:
         # gaps may be a variable frame rate (a screen recording), not a loss
         gaps = container.format.name == "hls"
         ended: float | None = None  # where this open's packets read so far end (stream time)
-        damaged: float | None = None  # since a packet the decoder refused (stream time), no frame
+        newest: float | None = None  # the latest frame decoded by this open (stream time)
+        damaged: list[float] = []  # times of refused packets no frame after them has closed yet
         refusal: av.error.InvalidDataError | None = None  # the decoder's latest
-        in_a_row = 0  # packets refused since the last frame
+        in_a_row = 0  # packets refused since a frame newer than any before
         # Closed before its container: a suspended demux generator still uses the container.
         with contextlib.closing(container.demux(stream)) as packets:
             for packet in packets:
@@ -486,20 +487,30 @@ class _Reader:
                     refusal, in_a_row = e, in_a_row + 1
                     if in_a_row > MAX_REFUSED_PACKETS:
                         raise  # not damage: nothing here can be decoded
-                    if damaged is None and packet.pts is not None:
-                        damaged = float(packet.pts * tb)
+                    at = float(packet.pts * tb) if packet.pts is not None else newest
+                    if at is not None and len(damaged) < MAX_REFUSED_PACKETS:
+                        damaged.append(at)
                     continue
-                if frames:
-                    in_a_row = 0
-                if damaged is not None and frames and frames[0].pts is not None:
-                    self._skipped(damaged, float(frames[0].pts * tb), "damaged data that cannot be decoded")
-                    damaged = None
+                for frame in frames:
+                    if frame.pts is None or (newest is not None and frame.pts * tb <= newest):
+                        continue  # held back by the decoder (B-frames, threads): older than one out
+                    t = float(frame.pts * tb)
+                    # The video skips from the frame before the damaged packets to this one
+                    lost = [d for d in damaged if (newest is None or d > newest) and d < t]
+                    if lost:
+                        start = newest + 1 / self.rate if newest is not None else min(lost)
+                        if t > start:
+                            self._skipped(start, t, "damaged data that cannot be decoded")
+                        damaged = [d for d in damaged if d >= t]
+                    newest, in_a_row = t, 0
                 if not all(self._frame(frame, tb) for frame in frames):
                     break
         if refusal is not None and not self.progressed:
             raise refusal  # no frame at all: a video that cannot be decoded, failed as before
-        if damaged is not None and ended is not None and not self.stop.is_set():  # its end is damaged
-            self._skipped(damaged, ended, "damaged data that cannot be decoded")
+        if damaged and ended is not None and not self.stop.is_set():  # its end is damaged
+            start = newest + 1 / self.rate if newest is not None else min(damaged)
+            if ended > start:
+                self._skipped(start, ended, "damaged data that cannot be decoded")
         self.stats.decode_s += time.perf_counter() - self.clock
         return self.progressed
 
