@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image
@@ -48,9 +48,12 @@ def ffmpeg_url(source: str) -> str:
     """What FFmpeg opens for `source`: a `file:` URL's path percent-decoded. FFmpeg's file
     protocol takes it literally, so `file:///srv/my%20clip.mp4` (as Path.as_uri() writes a
     path with a space) named no file."""
-    if source.lower().startswith("file:"):
-        return f"file:{unquote(urlsplit(source).path)}"
-    return source
+    if not source.lower().startswith("file:"):
+        return source
+    path = source[len("file:"):]
+    if path.startswith("//"):  # file://host/path: the host is this one
+        path = path[path.find("/", 2):] if "/" in path[2:] else ""
+    return f"file:{unquote(path)}"  # a # or ? is part of the name, as FFmpeg reads it
 
 
 @contextmanager
@@ -123,8 +126,9 @@ def folder_frames(folder: Path, skipped: Callable[[str], None] = print) -> Itera
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
-                with Image.open(path) as im:  # as viewers show it (a phone photo's EXIF turn)
-                    rgb = exif.shown(rgb_array(im), exif.pillow_orientation(im))
+                data = path.read_bytes()
+                with Image.open(io.BytesIO(data)) as im:  # as viewers show it (a phone photo's EXIF turn)
+                    rgb = exif.shown(rgb_array(im), exif.orientation(data, im))
             except (OSError, ValueError) as e:  # Pillow: UnidentifiedImageError, truncated data
                 skipped(f"skipped {path.name}: it cannot be read as an image ({e})")
                 continue

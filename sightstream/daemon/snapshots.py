@@ -145,7 +145,8 @@ def render(snap: Snapshot, max_side: int = 960) -> bytes:
     """The frame with its result drawn on it, as a JPEG (blocking: run it in an executor)."""
     if snap.image is not None:  # as the result saw it: an EXIF orientation applied
         with Image.open(io.BytesIO(snap.image)) as im:
-            frame = Image.fromarray(exif.shown(np.asarray(im.convert("RGB")), exif.pillow_orientation(im)))
+            turn = exif.orientation(snap.image, im)
+            frame = Image.fromarray(exif.shown(np.asarray(im.convert("RGB")), turn))
     else:
         assert snap.pixels is not None
         frame = Image.fromarray(snap.pixels)

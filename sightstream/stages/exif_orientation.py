@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 ORIENTATION_TAG = 0x0112
-TURNED = (5, 6, 7, 8)  # orientations whose shown image swaps width and height
+TURNED = (5, 6, 7, 8)
+SHORT, LONG = 3, 4  # TIFF field types  # orientations whose shown image swaps width and height
 _SOS, _EOI, _APP1 = 0xDA, 0xD9, 0xE1
 
 
@@ -49,9 +50,20 @@ def _tiff_orientation(tiff: bytes) -> int:
         if entry + 12 > len(tiff):
             break
         if int.from_bytes(tiff[entry:entry + 2], order) == ORIENTATION_TAG:
-            value = int.from_bytes(tiff[entry + 8:entry + 10], order)  # a SHORT, first in its field
+            kind = int.from_bytes(tiff[entry + 2:entry + 4], order)
+            count = int.from_bytes(tiff[entry + 4:entry + 8], order)
+            width = {SHORT: 2, LONG: 4}.get(kind)  # as Pillow reads it: another type is no orientation
+            if width is None or count < 1:
+                return 1
+            value = int.from_bytes(tiff[entry + 8:entry + 8 + width], order)  # first in its field
             return value if 1 <= value <= 8 else 1
     return 1
+
+
+def orientation(data: bytes, im: Any) -> int:
+    """The EXIF orientation of an image (its bytes, and Pillow's opening of them): every reader
+    of a frame (the decoder, the live page, publish) reads it alike."""
+    return jpeg_orientation(data) if data[:3] == b"\xff\xd8\xff" else pillow_orientation(im)
 
 
 def pillow_orientation(im: Any) -> int:

@@ -76,5 +76,5 @@ def test_a_video_of_known_length_resumes_after_the_time_given(tmp_path):
 
 def test_a_file_url_with_a_space_in_its_path_is_read(tmp_path):
     """Path.as_uri() writes a space as %20; FFmpeg's file protocol took it literally: no such file."""
-    video = make_sample_video(tmp_path / "my clip 100%.mp4", seconds=1, fps=10, size=(64, 48))
+    video = make_sample_video(tmp_path / "my clip #1 100%.mp4", seconds=1, fps=10, size=(64, 48))
     assert len(list(video_frames(video.as_uri(), None, 10.0))) == 10
