@@ -230,7 +230,8 @@ class Daemon:
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},
             {p.name: p.max_deliveries for p in self.settings.pipelines},
-            stop=self.stop_event, on_published=self.snapshots.record,
+            stop=self.stop_event, ttl_ms={p.name: p.result_ttl_s * 1000 for p in self.settings.pipelines},
+            on_published=self.snapshots.record,
             on_dead_lettered=self.snapshots.dead_lettered,
         )
         self.pauses = ModelPauses(self.manager.is_loaded, self._in_flight_of, self.worker_for,

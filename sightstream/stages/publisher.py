@@ -44,14 +44,16 @@ _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
 RECENT = 1000  # latencies kept per pipeline
 
-# KEYS: source stream, output stream. ARGV: group, maxlen (0: no cap), then per entry: its id,
+# KEYS: source stream, output stream. ARGV: group, maxlen (0: no cap), the output's TTL in ms
+# (0: none; renewed by each write, so a retired camera's results go), then per entry: its id,
 # the count of field/value items that follow, the items. Per entry, in order: 1 when written
 # and acknowledged, 0 when no longer pending (another daemon, or an earlier try, finished it;
 # or the group is gone), or Redis' error when it refused the XADD (the entry stays pending).
 # One call per (source, output) pair of a round: both keys carry the source's hash tag.
 PUBLISH_THEN_ACK = """
 local out = {}
-local i = 3
+local wrote = false
+local i = 4
 while i <= #ARGV do
   local id, n = ARGV[i], tonumber(ARGV[i + 1])
   local pending = redis.pcall('XPENDING', KEYS[1], ARGV[1], id, id, 1)
@@ -69,22 +71,30 @@ while i <= #ARGV do
     else
       redis.call('XACK', KEYS[1], ARGV[1], id)
       out[#out + 1] = 1
+      wrote = true
     end
   end
   i = i + 2 + n
+end
+if wrote and ARGV[3] ~= '0' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 return out
 """
 
 
 # An outcome of an entry no longer pending (trimmed while in flight; see Frame.pending).
-# KEYS: marker, output or dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), field, value, ...
-# The marker is set only after the write, so a refused write can be tried again.
+# KEYS: marker, output or dead-letter stream. ARGV: marker TTL ms, maxlen (0: no cap), the
+# output's TTL ms (0: none), field, value, ... The marker is set only after the write, so a
+# refused write can be tried again.
 RECORD_ONCE = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
-{lua_xadd("KEYS[2]", "ARGV[2]", 3)}
+{lua_xadd("KEYS[2]", "ARGV[2]", 4)}
+if ARGV[3] ~= '0' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 1
 """
@@ -101,6 +111,7 @@ class Publisher:
     def __init__(
         self, client: Redis, inq: asyncio.Queue, metrics: Metrics, maxlen: dict[str, int],
         max_deliveries: dict[str, int] | None = None, round_size: int = 256, *, stop: asyncio.Event,
+        ttl_ms: dict[str, int] | None = None,
         on_published: Callable[[Frame, dict[str, Any]], None] | None = None,
         on_dead_lettered: Callable[[Frame], None] | None = None,
     ) -> None:
@@ -109,6 +120,7 @@ class Publisher:
         self._in = inq
         self._metrics = metrics
         self._maxlen = maxlen  # per pipeline
+        self._ttl_ms = ttl_ms or {}  # per pipeline: its result and dead-letter streams' (0: none)
         self._max_deliveries = max_deliveries or {}  # per pipeline: tries of a refused write
         self._round_size = round_size
         self._child = Children()
@@ -273,7 +285,8 @@ class Publisher:
             for (stream, group), ks in acks.items():
                 pipe.xack(stream, group, *(outcomes[k].frame.entry_id for k in ks))
             for (stream, output, pipeline), ks in writes.items():
-                args: list[Any] = [keys.group(pipeline), self._maxlen.get(pipeline, 0)]
+                args: list[Any] = [keys.group(pipeline), self._maxlen.get(pipeline, 0),
+                                   self._ttl_ms.get(pipeline, 0)]
                 for k in ks:
                     pairs = self._pairs(outcomes[k], now)
                     args += [outcomes[k].frame.entry_id, len(pairs), *pairs]
@@ -284,7 +297,8 @@ class Publisher:
                 f = o.frame
                 marker = keys.recorded_marker(f.pipeline, f.stream, f.entry_id)
                 self._record.queue(pipe, [marker, o.stream],
-                                   [RECORD_TTL_MS, self._maxlen.get(f.pipeline, 0), *self._pairs(o, now)])
+                                   [RECORD_TTL_MS, self._maxlen.get(f.pipeline, 0),
+                                    self._ttl_ms.get(f.pipeline, 0), *self._pairs(o, now)])
 
         replies = iter(await run_pipelined(self._client, fill, self._script, self._record,
                                            raise_on_error=False))

@@ -521,3 +521,18 @@ async def test_a_retired_camera_costs_no_group_creation_on_the_others(redis_url,
         assert creates <= 3, creates
         sync_redis.xadd(streams[-1], {"image": jpeg})  # the others read on
         await wait_for(lambda: sync_redis.xlen(f"results:people:{streams[-1]}") == 2)
+
+
+async def test_results_and_dead_letters_expire_after_result_ttl_s(redis_url, sync_redis, tmp_path, gradient):
+    """A retired camera's streams stayed for ever (per-session stream names left one per
+    session); with result_ttl_s each write sets its stream to expire that long after."""
+    settings = settings_for(redis_url, tmp_path, [{"name": "kept"}, {"name": "people", "result_ttl_s": 60}])
+    async with running(settings):
+        sync_redis.xadd("frames:{t}", {"image": encode(gradient)})
+        sync_redis.xadd("frames:{t}", {"image": b"not an image"})
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{t}") == 1
+                       and sync_redis.xlen("deadletter:people:frames:{t}") == 1
+                       and sync_redis.xlen("results:kept:frames:{t}") == 1)
+    for stream in ("results:people:frames:{t}", "deadletter:people:frames:{t}"):
+        assert 50_000 < sync_redis.pttl(stream) <= 60_000, stream
+    assert sync_redis.pttl("results:kept:frames:{t}") == -1  # 0, the default: never
