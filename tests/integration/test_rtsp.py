@@ -91,7 +91,7 @@ class _Decoded:
     """What _Reader._frame reads of a decoded frame."""
 
     def __init__(self, pts: int) -> None:
-        self.pts, self.key_frame, self.rotation = pts, True, 0
+        self.pts, self.key_frame, self.rotation, self.side_data = pts, True, 0, ()
 
     def to_ndarray(self, format: str):
         import numpy as np
