@@ -89,8 +89,9 @@ class Pipeline(BaseModel):
     fps_in: float = Field(description="frames read per second, this daemon, last 10 s")
     fps_out: float = Field(description="results published per second, this daemon, last 10 s")
     in_flight: int
-    paused: str | None = Field(None, description="why the pipeline reads nothing now: its model cannot be "
-                               "loaded (tried again every 30 s at most); its frames wait in Redis")
+    paused: str | None = Field(None, description="why the pipeline reads nothing now: its model is loading "
+                               "(at start), or cannot be loaded (tried again every 30 s at most); its "
+                               "frames wait in Redis")
     counts: Counts = Field(description="this daemon, since it started")
     latency: Latency = Field(description="capture to publication, this daemon's recent results")
     pending: int | None = Field(description="group-wide, all sources (null while Redis cannot be asked)")

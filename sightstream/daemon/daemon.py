@@ -260,6 +260,8 @@ class Daemon:
             text=self._text_batches, writes_text=self._writes_text)
         for p in self.settings.pipelines:
             self.runs[p.name] = self._build(p, threads)
+            # its model first: a broken one found by frames re-read cost each a delivery per start
+            self.pauses.loading(p.name, p.model, self.devices[0])
         # Join the groups before reporting ready, so producers' first frames are already ours.
         for run in self.runs.values():
             try:

@@ -10,6 +10,11 @@ not one per batch tried. Its video inputs (jobs) hold their frames and send them
 The load is tried again with no frame at stake: after 1, 2, 4 … s, then every 30 s, and at
 once when something else loaded the model meanwhile (`POST /models/…/load`, a job). The pipeline
 goes on once the model is loaded on the device where it failed.
+
+A pipeline also starts this way (`loading`): it reads nothing, not even the frames it left
+pending, until its model is loaded. Each start re-read them (a delivery each) before finding the
+model broken, so a daemon restarted five times with a bad file dead-lettered them
+`max_deliveries`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ class ModelPauses:
         self._stop = stop
         self.tasks: dict[str, asyncio.Task] = {}  # by pipeline: its model's tries
 
+    def loading(self, pipeline: str, model: str, device: str) -> None:
+        """At start: `pipeline` reads nothing until `model` is loaded on `device`."""
+        flow = self._in_flight(pipeline)
+        if flow is None or self._stop.is_set():
+            return
+        flow.paused = f"its model {model} is loading on {device}"
+        self.tasks[pipeline] = asyncio.create_task(
+            self._until_loaded(pipeline, flow, model, device, first_try_s=0.0), name=f"model-load-{pipeline}")
+
     def pause(self, pipeline: str, model: str, device: str, error: Exception) -> bool:
         """Pause `pipeline` until `model` loads on `device`; False: not a pipeline of this
         daemon's (/predict, a user's job: their frames get the error)."""
@@ -58,9 +72,10 @@ class ModelPauses:
                 self._until_loaded(pipeline, flow, model, device), name=f"model-pause-{pipeline}")
         return True
 
-    async def _until_loaded(self, pipeline: str, flow: InFlight, model: str, device: str) -> None:
+    async def _until_loaded(self, pipeline: str, flow: InFlight, model: str, device: str,
+                            first_try_s: float = RETRY_FIRST_S) -> None:
         paused_at = time.monotonic()
-        delay = RETRY_FIRST_S
+        delay, failed = first_try_s, first_try_s > 0  # at start: not failed until a try fails
         while True:
             due = time.monotonic() + delay
             while time.monotonic() < due and not self._is_loaded(model, device):
@@ -74,16 +89,19 @@ class ModelPauses:
             # FileNotFoundError, no model's error).
             except Exception as e:  # noqa: BLE001
                 why: Exception = e
-            delay = min(RETRY_MAX_S, delay * 2)
+            delay = min(RETRY_MAX_S, max(RETRY_FIRST_S, delay * 2))
             text = _why(model, device, why)
             if text != flow.paused:
                 flow.paused = text
-                _log.error("pipeline_still_paused", pipeline=pipeline, model=model, device=device,
-                           error=str(why))
+                _log.error("pipeline_still_paused" if failed else "pipeline_paused", pipeline=pipeline,
+                           model=model, device=device, error=str(why),
+                           why="its model cannot be loaded: its frames wait in Redis until it can")
+            failed = True
         flow.paused = None
         self._resumed(pipeline)
-        _log.info("pipeline_resumed", pipeline=pipeline, model=model, device=device,
-                  paused_s=round(time.monotonic() - paused_at, 1))
+        if failed:
+            _log.info("pipeline_resumed", pipeline=pipeline, model=model, device=device,
+                      paused_s=round(time.monotonic() - paused_at, 1))
 
 
 def _why(model: str, device: str, error: BaseException) -> str:

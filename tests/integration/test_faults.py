@@ -442,3 +442,23 @@ async def test_a_daemon_stopped_while_its_pipeline_is_paused_leaves_the_frames_t
         await wait_for(lambda: counts(sync_redis, "frames:{s}")[0] == 4, 30, "every frame's result")
     got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{s}"))
     assert got == sorted(ids) and pending(sync_redis, "frames:{s}") == 0
+
+
+async def test_a_daemon_restarted_while_its_model_is_broken_costs_its_frames_no_delivery(
+        redis_url, sync_redis, tmp_path, gradient):
+    """Each start re-read the frames it left pending (a delivery each) before it found the
+    model broken: restarted max_deliveries times (an operator's first reflex), they were
+    dead-lettered. A pipeline now reads nothing until its model has loaded."""
+    weights = tmp_path / "weights.bin"
+    ids = publish(sync_redis, "frames:{r}", 4, encode(gradient))
+    settings = settings_for(redis_url, tmp_path, [{"model": "fake/w", "batch_size": 2, "max_deliveries": 2}],
+                            fakes={"w": {"fail_load_unless": str(weights)}})
+    for _ in range(4):
+        async with running(settings):
+            await asyncio.sleep(1.5)  # the load tried and failed, each time
+    weights.write_bytes(b"mended")
+    async with running(settings):
+        await wait_for(lambda: counts(sync_redis, "frames:{r}")[0] == 4, 20, "every frame's result")
+    assert counts(sync_redis, "frames:{r}") == (4, 0)
+    got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{r}"))
+    assert got == sorted(ids)
