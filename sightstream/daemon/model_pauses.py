@@ -73,9 +73,10 @@ class ModelPauses:
         return True
 
     async def _until_loaded(self, pipeline: str, flow: InFlight, model: str, device: str,
-                            first_try_s: float = RETRY_FIRST_S) -> None:
+                            first_try_s: float | None = None) -> None:
         paused_at = time.monotonic()
-        delay, failed = first_try_s, first_try_s > 0  # at start: not failed until a try fails
+        delay = RETRY_FIRST_S if first_try_s is None else first_try_s
+        failed = delay > 0  # at start (tried at once): not failed until a try fails
         while True:
             due = time.monotonic() + delay
             while time.monotonic() < due and not self._is_loaded(model, device):

@@ -29,6 +29,7 @@ from sightstream import log
 from sightstream.config import TASKS
 from sightstream.errors import ModelError
 from sightstream.metrics import Metrics
+from sightstream.models import self_test
 from sightstream.models.adapter import TEXT_TIMEOUT_S, Adapter, input_shape
 from sightstream.models.adapters import adapter_class, check_chained_prompt, check_prompt
 from sightstream.models.catalogue import Catalogue
@@ -114,6 +115,7 @@ class ModelManager:
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
         self._failed_loads: dict[tuple[str, str], FailedLoad] = {}  # the last load failed: back off
+        self._tested: set[tuple[str, Any]] = set()  # (model, its file's version) that passed self_test
         self._closed = False  # unload_all ran (the daemon stopped): a late load is not taken in
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
@@ -242,6 +244,7 @@ class ModelManager:
         def timed() -> None:
             began.append(time.monotonic())
             _load(adapter, device, model_id)
+            self._self_test(adapter, device, model_id)
 
         try:
             loading = asyncio.get_running_loop().run_in_executor(executor, timed)
@@ -250,6 +253,21 @@ class ModelManager:
                               "replaced meanwhile; try again", not_run=True) from None
         loading.began = began  # type: ignore[attr-defined]
         return loading
+
+    def _self_test(self, adapter: Adapter, device: str, model_id: str) -> None:
+        """A built-in model's test frame, once per version of its file (models/self_test.py);
+        one that fails is let go and its load fails."""
+        if (frame := self_test.frame_for(adapter)) is None:
+            return
+        version = (model_id, self_test.file_version(self.catalogue.get(model_id).resolve()))
+        if version in self._tested:
+            return
+        try:
+            self_test.run(adapter, frame, model_id, device)
+        except ModelError:
+            _unload(adapter, model_id, device)
+            raise
+        self._tested.add(version)
 
     async def _within_timeout(self, loading: asyncio.Future) -> bool:
         """Wait for the load; False once it has run `load_timeout_s` (timed from when the device

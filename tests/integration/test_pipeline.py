@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import encode
-from tests.integration.helpers import entries, pending, running, settings_for, wait_for
+from tests.integration.helpers import client_for, entries, pending, running, settings_for, wait_for
 from tests.unit.test_decoder import _png_header_only
 
 pytestmark = pytest.mark.integration
@@ -303,7 +303,12 @@ async def test_bad_frames_are_dead_lettered_and_good_ones_still_flow(redis_url, 
     assert pending(sync_redis, "frames:{bad}") == 0
 
 
-async def test_a_failing_model_dead_letters_each_frame_and_the_daemon_goes_on(redis_url, sync_redis, tmp_path, gradient):
+async def test_a_file_that_is_not_the_model_it_says_fails_its_load_and_the_daemon_goes_on(
+        redis_url, sync_redis, tmp_path, gradient):
+    """An ONNX file that loads but takes no image (another export): its test frame fails, so
+    its load does, and its pipeline pauses saying why, its frames kept. It loaded, and every
+    frame was dead-lettered model_error while POST …/load, the check before a rollout, said 200.
+    The other pipeline on the same stream goes on."""
     from tests.tiny_models import broken_model
 
     settings = settings_for(redis_url, tmp_path, [
@@ -315,12 +320,16 @@ async def test_a_failing_model_dead_letters_each_frame_and_the_daemon_goes_on(re
     settings.models["tiny"]["broken"].__pydantic_extra__ = {"input_size": 32}
     for _ in range(3):
         sync_redis.xadd("frames:{b}", {"image": encode(gradient)})
-    async with running(settings):
-        await wait_for(lambda: sync_redis.xlen("deadletter:broken:frames:{b}") == 3
-                       and sync_redis.xlen("results:people:frames:{b}") == 3)
-    reasons = {f["reason"] for _, f in entries(sync_redis, "deadletter:broken:frames:{b}")}
-    assert reasons == {b"model_error"}
-    assert pending(sync_redis, "frames:{b}", "broken") == 0
+    async with running(settings) as d:
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{b}") == 3)
+        await wait_for(lambda: "fails on a test frame" in (d.runs["broken"].in_flight.paused or ""))
+        client = await client_for(d)
+        try:
+            r = await client.post("/models/tiny/broken/load")
+            assert r.status == 409 and "fails on a test frame" in (await r.json())["error"]["message"]
+        finally:
+            await client.close()
+    assert not sync_redis.exists("deadletter:broken:frames:{b}") and sync_redis.xlen("frames:{b}") == 3
 
 
 async def test_two_daemons_share_the_work_without_doubling(redis_url, sync_redis, tmp_path, gradient):

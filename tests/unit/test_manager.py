@@ -191,3 +191,28 @@ async def test_a_model_whose_load_failed_is_tried_again_after_a_back_off_not_per
         async with m.use("fake/bad", "cpu", pool):
             pass
     assert len(tries) == 3 and m._failed_loads[("fake/bad", "cpu")].tries == 3
+
+
+async def test_a_built_in_model_that_fails_its_test_frame_fails_its_load(pool, tmp_path, monkeypatch):
+    """Labels that do not match the export's outputs: every frame failed, and the load said
+    200. The test frame runs once per version of the file, not at every reload."""
+    from sightstream.models import self_test
+    from tests.tiny_models import ROWS, constant_yolov8
+
+    path = constant_yolov8(tmp_path / "y.onnx", ROWS, classes=2, size=64)
+    wrong = Catalogue({"yolo": {"v": ModelEntry(backend="onnx", task="detect", path=str(path), labels=["a"])}})
+    with pytest.raises(ModelError, match="fails on a test frame.*labels name 1 classes"):
+        await ModelManager(wrong).load("yolo/v", "cpu", pool)
+
+    runs = []
+    real = self_test.run
+    monkeypatch.setattr(self_test, "run", lambda *a: (runs.append(a[1].shape), real(*a))[1])
+    right = ModelManager(Catalogue({"yolo": {"v": ModelEntry(backend="onnx", task="detect", path=str(path),
+                                                             labels=["a", "b"])}}))
+    for _ in range(2):
+        await right.load("yolo/v", "cpu", pool)
+        right.unload("yolo/v")
+    assert runs == [(64, 64, 3)]  # tested once
+    constant_yolov8(path, ROWS, classes=2, size=64)  # the file replaced (a rollout): tested again
+    await right.load("yolo/v", "cpu", pool)
+    assert len(runs) == 2

@@ -268,7 +268,7 @@ def test_broken_model_fails_at_inference(tmp_path):
 
 
 async def test_manager_loads_once_under_concurrency(tmp_path, monkeypatch):
-    path = constant_yolov8(tmp_path / "c.onnx", ROWS, classes=2, size=64)
+    path = constant_yolov8(tmp_path / "c.onnx", ROWS, classes=2, size=64, names={0: "a", 1: "b"})
     m = manager(det__c={"path": str(path)})
     loads = []
     original = m.create
