@@ -35,7 +35,7 @@ from sightstream.daemon.model_pauses import ModelPauses
 from sightstream.daemon.prompt_notices import follow_prompts
 from sightstream.daemon.rates import Rates
 from sightstream.daemon.snapshots import Snapshots
-from sightstream.errors import ConfigError, ModelError, SightstreamError
+from sightstream.errors import ConfigError, ModelError, ModelNotAvailable, SightstreamError
 from sightstream.jobs.run import InputViews
 from sightstream.jobs.runner import JobRunner, input_spec
 from sightstream.jobs.sources import SourceRefused, check_source
@@ -144,8 +144,15 @@ class Daemon:
         for p in self.settings.pipelines:
             try:
                 entry = self.catalogue.get(p.model)
-                self.manager.create(p.model)  # its weights are here, its options make sense
                 takes_detections = getattr(adapter_class(entry.adapter), "uses_context", False)
+                self.manager.create(p.model)  # its weights are here, its options make sense
+            except ModelNotAvailable as e:
+                if not entry.file_missing():
+                    raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
+                # A rollout's gap (removed, then copied) must not stop the daemon for good (systemd
+                # does not restart exit 2): the pipeline waits for the file, saying so; the others run.
+                _log.error("model_file_missing", pipeline=p.name, model=p.model, error=str(e),
+                           why="the pipeline waits for it: it reads nothing until its model loads")
             except ModelError as e:
                 raise ConfigError(f"invalid setting pipelines[{p.name}].model: {e}") from None
             if entry.task == "generate":

@@ -35,6 +35,13 @@ class Entry:
     def id(self) -> str:
         return f"{self.family}/{self.variant}"
 
+    def file_missing(self) -> bool:
+        """Its weights are a path of this machine that is not there now: a file being rolled out
+        (removed, then copied), or a path mistyped. Not a hub id, a wheel's, or no path at all."""
+        if not self.path or self.path.startswith("package:") or Path(self.path).exists():
+            return False
+        return not (self.backend in HUB_BACKENDS and _looks_like_hub_id(self.path))
+
     def resolve(self) -> str:
         """The weights' local path (or package marker); raises ModelNotAvailable."""
         if self.path.startswith("package:"):

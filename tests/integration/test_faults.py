@@ -462,3 +462,23 @@ async def test_a_daemon_restarted_while_its_model_is_broken_costs_its_frames_no_
     assert counts(sync_redis, "frames:{r}") == (4, 0)
     got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{r}"))
     assert got == sorted(ids)
+
+
+async def test_a_model_file_missing_at_start_pauses_its_pipeline_not_the_daemon(
+        redis_url, sync_redis, tmp_path, gradient):
+    """A start in a rollout's gap (the file removed, then copied): the daemon stopped, exit 2,
+    every pipeline with it, and systemd does not restart exit 2. Now the pipeline waits."""
+    from tests.tiny_models import ROWS, constant_yolov8
+
+    path = tmp_path / "rolled-out.onnx"
+    settings = settings_for(redis_url, tmp_path, [{"name": "people", "input": ["frames:{m}"]},
+                                                  {"name": "new", "model": "tiny/new", "input": ["frames:{m}"]}])
+    settings.models["tiny"]["new"] = settings.models["tiny"]["det"].model_copy(update={"path": str(path)})
+    ids = publish(sync_redis, "frames:{m}", 3, encode(gradient))
+    async with running(settings) as d:
+        await wait_for(lambda: sync_redis.xlen("results:people:frames:{m}") == 3, what="the other pipeline")
+        await wait_for(lambda: "does not exist" in (d.runs["new"].in_flight.paused or ""), what="the pause")
+        constant_yolov8(path, ROWS, classes=2, size=64, names={0: "cat", 1: "dog"})
+        await wait_for(lambda: sync_redis.xlen("results:new:frames:{m}") == 3, 40, "its results once the file is there")
+    got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:new:frames:{m}"))
+    assert got == sorted(ids) and not sync_redis.exists("deadletter:new:frames:{m}")
