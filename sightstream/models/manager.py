@@ -93,6 +93,7 @@ def _unload(adapter: Adapter, model_id: str, device: str) -> None:
         _log.error("model_unload_failed", model=model_id, device=device, error=f"{type(e).__name__}: {e}")
 
 
+THRASH_WINDOW_S, THRASH_EVICTIONS = 60.0, 10  # evictions on a device within the window: said
 LOAD_RETRY_MAX_S = 30.0  # a model whose load failed is tried again after 1, 2, 4 … s, then every 30 s
 
 
@@ -115,7 +116,9 @@ class ModelManager:
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
         self._failed_loads: dict[tuple[str, str], FailedLoad] = {}  # the last load failed: back off
-        self._tested: set[tuple[str, Any]] = set()  # (model, its file's version) that passed self_test
+        self._tested: set[tuple[str, Any]] = set()
+        self._evictions: dict[str, list[float]] = {}  # device -> monotonic times of the last minute's
+        self._thrash_said: dict[str, float] = {}  # (model, its file's version) that passed self_test
         self._closed = False  # unload_all ran (the daemon stopped): a late load is not taken in
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
@@ -369,6 +372,22 @@ class ModelManager:
                 )
             (victim, _), _ = idle.pop(0)
             self.unload(victim, device, reason="evicted")
+            self._say_thrashing(device, victim, model_id)
+
+    def _say_thrashing(self, device: str, victim: str, model_id: str) -> None:
+        """Models that evict each other over and over (their budget holds one of two that are
+        both needed) re-read their files at every turn: 126 loads in 30 s, latency 50x, and
+        only info lines said so. Warned at most once a minute per device."""
+        now = time.monotonic()
+        recent = self._evictions.setdefault(device, [])
+        recent[:] = [t for t in recent if now - t < THRASH_WINDOW_S] + [now]
+        said = self._thrash_said.get(device, 0.0)
+        if len(recent) >= THRASH_EVICTIONS and now - said >= THRASH_WINDOW_S:
+            self._thrash_said[device] = now
+            _log.warning("models_thrashing", device=device, evictions=len(recent), window_s=THRASH_WINDOW_S,
+                         evicted=victim, for_model=model_id, budget_mb=self.budgets_mb.get(device),
+                         hint="the models in use do not fit manager.max_memory_mb together: raise it, or "
+                              "run their pipelines on different daemons or devices")
 
     def check_fits(self, model_id: str, devices: list[str]) -> None:
         """ModelTooLarge if the model is bigger than the budget of every one of `devices`."""

@@ -98,3 +98,12 @@ def test_a_pipeline_paused_for_its_model_fires_once_it_stays_paused(tmp_path):
         'sightstream_pipeline_paused{instance="d1",job="sightstream",pipeline="people"}': "0 1 0 0 1 1 1 1 1",
     }, [silent("SightstreamPipelinePaused", "3m"), fires("SightstreamPipelinePaused", "7m", instance="d1",
                                                         pipeline="people")])
+
+
+def test_models_evicting_each_other_fire_a_few_evictions_do_not(tmp_path):
+    promtool(tmp_path, {
+        'sightstream_model_unloads_total{instance="d1",job="sightstream",device="cpu",reason="evicted"}':
+            " ".join(str(20 * i) for i in range(15)),  # 20 a minute
+        'sightstream_model_unloads_total{instance="d2",job="sightstream",device="cpu",reason="evicted"}':
+            " ".join(str(i // 3) for i in range(15)),  # one every 3 minutes
+    }, [fires("SightstreamModelsThrashing", "12m", instance="d1", device="cpu")])

@@ -216,3 +216,16 @@ async def test_a_built_in_model_that_fails_its_test_frame_fails_its_load(pool, t
     constant_yolov8(path, ROWS, classes=2, size=64)  # the file replaced (a rollout): tested again
     await right.load("yolo/v", "cpu", pool)
     assert len(runs) == 2
+
+
+async def test_models_that_evict_each_other_over_and_over_are_said_once_a_minute(pool):
+    from structlog.testing import capture_logs
+
+    m = manager(1000, a=600, b=600)
+    with capture_logs() as logged:
+        for _ in range(12):  # two pipelines' models taking turns on a budget that holds one
+            for name in ("a", "b"):
+                async with m.use(f"fake/{name}", "cpu", pool):
+                    pass
+    said = [e for e in logged if e["event"] == "models_thrashing"]
+    assert len(said) == 1 and said[0]["device"] == "cpu" and "max_memory_mb" in said[0]["hint"]
