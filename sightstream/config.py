@@ -157,8 +157,8 @@ class PipelineSettings(_Strict):
     output: str = keys.DEFAULT_OUTPUT
     max_deliveries: int = Field(5, ge=1)
     result_maxlen: int = Field(10_000, ge=0, description="MAXLEN ~ of result streams; 0: no cap")
-    result_ttl_s: int = Field(0, ge=0, description="a result or dead-letter stream expires this long after "
-                              "its last entry (a retired camera's go); 0: never")
+    result_ttl_s: int = Field(0, ge=0, le=10 * 365 * 86400, description="a result or dead-letter stream "
+                              "expires this long after its last entry (a retired camera's go); 0: never")
     max_in_flight: int = Field(64, ge=1, description="frames read but not yet acknowledged")
     skip_history: bool = Field(
         False, description="a consumer group made for this pipeline starts when the daemon started, not "

@@ -241,8 +241,8 @@ class Daemon:
             on_published=self.snapshots.record,
             on_dead_lettered=self.snapshots.dead_lettered,
         )
-        self.pauses = ModelPauses(self.manager.is_loaded, self._in_flight_of, self.worker_for,
-                                  self._read_own_again, self.stop_event)
+        self.pauses = ModelPauses({p.name: p.model for p in self.settings.pipelines}, self.manager.is_loaded,
+                                  self._in_flight_of, self.worker_for, self._read_own_again, self.stop_event)
         self.workers = [
             Worker(d, self.manager, self._batches, self._outcomes, self.metrics,
                    self.settings.inference_timeout_s, cpu=self._host_pool,
@@ -335,7 +335,8 @@ class Daemon:
         in_flight = InFlight(size)
         # Read when scraped, from the registry itself: no counter to keep in step.
         self.metrics.in_flight.labels(p.name).set_function(lambda: in_flight.in_flight)
-        self.metrics.pipeline_paused.labels(p.name).set_function(lambda: float(in_flight.paused is not None))
+        self.metrics.pipeline_paused.labels(p.name).set_function(
+            lambda: float(in_flight.paused is not None and not in_flight.loading))
         read_q: asyncio.Queue = asyncio.Queue(size)
         decode_q: asyncio.Queue = asyncio.Queue(size) if p.fps > 0 else read_q
         batch_q: asyncio.Queue = asyncio.Queue(size)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sightstream import log
@@ -35,9 +35,10 @@ LOOK_EVERY_S = 0.5  # between tries: whether the model was loaded by another cal
 
 
 class ModelPauses:
-    def __init__(self, is_loaded: Callable[[str, str], bool], in_flight: Callable[[str], InFlight | None],
-                 loader: Callable[[str, str], Any], resumed: Callable[[str], None],
-                 stop: asyncio.Event) -> None:
+    def __init__(self, models: Mapping[str, str], is_loaded: Callable[[str, str], bool],
+                 in_flight: Callable[[str], InFlight | None], loader: Callable[[str, str], Any],
+                 resumed: Callable[[str], None], stop: asyncio.Event) -> None:
+        self._models = models  # each pipeline's model
         self._is_loaded = is_loaded  # (model, device)
         self._in_flight = in_flight  # a pipeline's registry, by name (None: not one of ours)
         self._loader = loader  # (device, model) -> the worker that loads it there
@@ -50,15 +51,16 @@ class ModelPauses:
         flow = self._in_flight(pipeline)
         if flow is None or self._stop.is_set():
             return
-        flow.paused = f"its model {model} is loading on {device}"
+        flow.paused, flow.loading = f"its model {model} is loading on {device}", True
         self.tasks[pipeline] = asyncio.create_task(
             self._until_loaded(pipeline, flow, model, device, first_try_s=0.0), name=f"model-load-{pipeline}")
 
     def pause(self, pipeline: str, model: str, device: str, error: Exception) -> bool:
         """Pause `pipeline` until `model` loads on `device`; False: not a pipeline of this
-        daemon's (/predict, a user's job: their frames get the error)."""
+        daemon's and its model (/predict, a user's job: their frames get the error; their batch
+        label, "predict" or "jobs", may be a pipeline's name too)."""
         flow = self._in_flight(pipeline)
-        if flow is None:
+        if flow is None or self._models.get(pipeline) != model:
             return False
         if self._stop.is_set():
             return True  # stopping: the frames stay pending for the next start, nothing is tried
@@ -91,14 +93,14 @@ class ModelPauses:
             except Exception as e:  # noqa: BLE001
                 why: Exception = e
             delay = min(RETRY_MAX_S, max(RETRY_FIRST_S, delay * 2))
-            text = _why(model, device, why)
+            text, flow.loading = _why(model, device, why), False
             if text != flow.paused:
                 flow.paused = text
                 _log.error("pipeline_still_paused" if failed else "pipeline_paused", pipeline=pipeline,
                            model=model, device=device, error=str(why),
                            why="its model cannot be loaded: its frames wait in Redis until it can")
             failed = True
-        flow.paused = None
+        flow.paused, flow.loading = None, False
         self._resumed(pipeline)
         if failed:
             _log.info("pipeline_resumed", pipeline=pipeline, model=model, device=device,

@@ -238,10 +238,13 @@ class JobRun:
                 return await future
             except ModelPaused:
                 # The pipeline waits for its model: so does its video input's frame, sent again
-                # once it goes on (its camera's frames were dead-lettered model_error meanwhile)
-                while self._views is not None and self._views.paused(self._label) and not self._done:
+                # once it goes on (its camera's frames were dead-lettered model_error meanwhile).
+                # Not a tracker's: frames sent again would reach it out of order.
+                if self._views is None or self._adhoc.keeps_state(self.job.spec.model):
+                    raise
+                while self._views.paused(self._label) and not self._done:
                     await asyncio.sleep(PAUSE_LOOK_S)
-                if self._done or self._views is None:
+                if self._done:
                     raise
                 (future,) = await self._submit(frame)
             except NotRun:

@@ -276,7 +276,8 @@ class JobRunner:
         """The job's source, once its models are found here too. Raises SourceRefused or
         ModelError (in a thread: it looks at the disk)."""
         source = check_source(spec.source, self._s, bool(spec.pipeline))
-        self._create(spec.model)
+        if not spec.pipeline:  # a pipeline's model was checked at start; its file may be on its way
+            self._create(spec.model)
         if spec.summarize:
             self._create(spec.summarize["model"])
         return source

@@ -116,9 +116,9 @@ class ModelManager:
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
         self._failed_loads: dict[tuple[str, str], FailedLoad] = {}  # the last load failed: back off
-        self._tested: set[tuple[str, Any]] = set()
+        self._tested: set[tuple[str, str, Any]] = set()  # (model, device, its file's version) tested
         self._evictions: dict[str, list[float]] = {}  # device -> monotonic times of the last minute's
-        self._thrash_said: dict[str, float] = {}  # (model, its file's version) that passed self_test
+        self._thrash_said: dict[str, float] = {}  # device -> when models_thrashing was last said
         self._closed = False  # unload_all ran (the daemon stopped): a late load is not taken in
         self._declared_shapes: dict[str, InputShape | None] = {}
         self._let_go = asyncio.Event()  # set whenever a model stops being in use
@@ -246,8 +246,14 @@ class ModelManager:
 
         def timed() -> None:
             began.append(time.monotonic())
+            # the file's version before the load: one replaced meanwhile is tested at its next load
+            version = (model_id, device, self_test.file_version(self.catalogue.get(model_id).path))
             _load(adapter, device, model_id)
-            self._self_test(adapter, device, model_id)
+            try:
+                self._self_test(adapter, device, model_id, version)
+            except BaseException:  # let go: a model loaded and not kept would hold its memory
+                _unload(adapter, model_id, device)
+                raise
 
         try:
             loading = asyncio.get_running_loop().run_in_executor(executor, timed)
@@ -257,19 +263,12 @@ class ModelManager:
         loading.began = began  # type: ignore[attr-defined]
         return loading
 
-    def _self_test(self, adapter: Adapter, device: str, model_id: str) -> None:
-        """A built-in model's test frame, once per version of its file (models/self_test.py);
-        one that fails is let go and its load fails."""
-        if (frame := self_test.frame_for(adapter)) is None:
+    def _self_test(self, adapter: Adapter, device: str, model_id: str, version: tuple[str, str, Any]) -> None:
+        """A built-in model's test frame, once per device and version of its file
+        (models/self_test.py): one that fails fails the load."""
+        if version in self._tested or (frame := self_test.frame_for(adapter)) is None:
             return
-        version = (model_id, self_test.file_version(self.catalogue.get(model_id).resolve()))
-        if version in self._tested:
-            return
-        try:
-            self_test.run(adapter, frame, model_id, device)
-        except ModelError:
-            _unload(adapter, model_id, device)
-            raise
+        self_test.run(adapter, frame, model_id, device)
         self._tested.add(version)
 
     async def _within_timeout(self, loading: asyncio.Future) -> bool:

@@ -49,14 +49,19 @@ def run(adapter: Any, frame: np.ndarray, model_id: str, device: str) -> None:
 
 
 def file_version(source: str) -> tuple[Any, ...]:
-    """What changes when the weights at `source` are replaced: a file's size and modification
-    time, or those of each file directly in a folder."""
+    """What changes when the weights at `source` are replaced: a file's inode, size and change
+    times (a copy that keeps the modification time, `cp -p`, changes the others), or those of
+    each file directly in a folder. A path that is no file here (a package's, a hub id's) is its
+    own version; one that cannot be read now, none that repeats: tested again."""
+    def of(stat: os.stat_result) -> tuple[int, ...]:
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
     try:
         path = Path(source)
         if path.is_dir():
-            return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
-                                for e in os.scandir(path) if e.is_file()))
-        stat = path.stat()
-        return (stat.st_size, stat.st_mtime_ns)
-    except (OSError, ValueError):  # a package marker, or the file being replaced: tested again
-        return (source,)
+            return tuple(sorted((e.name, *of(e.stat())) for e in os.scandir(path) if e.is_file()))
+        if not path.exists():
+            return (source,)
+        return of(path.stat())
+    except (OSError, ValueError):
+        return (source, object())

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 ORIENTATION_TAG = 0x0112
-TURNED = (5, 6, 7, 8)
-SHORT, LONG = 3, 4  # TIFF field types  # orientations whose shown image swaps width and height
+TURNED = (5, 6, 7, 8)  # orientations whose shown image swaps width and height
+SHORT, LONG, SSHORT, SLONG = 3, 4, 8, 9  # TIFF field types
 _SOS, _EOI, _APP1 = 0xDA, 0xD9, 0xE1
 
 
@@ -52,10 +52,11 @@ def _tiff_orientation(tiff: bytes) -> int:
         if int.from_bytes(tiff[entry:entry + 2], order) == ORIENTATION_TAG:
             kind = int.from_bytes(tiff[entry + 2:entry + 4], order)
             count = int.from_bytes(tiff[entry + 4:entry + 8], order)
-            width = {SHORT: 2, LONG: 4}.get(kind)  # as Pillow reads it: another type is no orientation
-            if width is None or count < 1:
+            width = {SHORT: 2, SSHORT: 2, LONG: 4, SLONG: 4}.get(kind)  # as Pillow reads it: another
+            if width is None or count < 1:  # type is no orientation
                 return 1
-            value = int.from_bytes(tiff[entry + 8:entry + 8 + width], order)  # first in its field
+            value = int.from_bytes(tiff[entry + 8:entry + 8 + width], order,  # first in its field
+                                   signed=kind in (SSHORT, SLONG))
             return value if 1 <= value <= 8 else 1
     return 1
 

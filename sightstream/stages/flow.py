@@ -47,6 +47,7 @@ class InFlight:
         # Why the pipeline reads nothing now (its model cannot be loaded), or None. Its readers
         # look before each read: frames wait in Redis, pending or unread, not dead-lettered.
         self.paused: str | None = None
+        self.loading = False  # paused only while its model loads at start (no failure yet)
 
     async def take(self, most: int) -> int:
         """Reserve room for up to `most` frames, waiting until there is room for one. A reader

@@ -77,6 +77,7 @@ class RedisIngest(StreamReader):
         # `streams`, but for a per-source model, whose sources are spread over the daemons.
         self.found: list[str] = []
         self._draining: dict[str, str] = {}  # stream -> next own pending ID still to re-read
+        self._leases_given_up = False  # paused: its source leases and member key let go
         self._rotation = 0
         self._active: dict[str, float] = {}  # stream -> when it last gave entries (monotonic)
         self.rates = StreamRates()  # per-source leases balance by them
@@ -134,7 +135,17 @@ class RedisIngest(StreamReader):
         self.found = found
         if self.leases is None:
             new = [s for s in found if s not in self.streams]
+        elif self._in_flight.paused:
+            # Its model cannot serve them (or is loading): its sources go to daemons whose model
+            # can, with the frames it held (the lease released proves their reader gone). Kept,
+            # they drew busy streams from peers (its published load was 0) and were read by none.
+            new = []
+            if self.leases.held or not self._leases_given_up:
+                await self.leases.release_all()
+                self._drop(list(self.streams))
+                self._leases_given_up = True
         else:
+            self._leases_given_up = False
             await self.leases.settle(found, self._busy, self._fps)
             # Held and not read yet: taken now, or taken before and its take-over failed (a
             # NOGROUP, Redis down); from settle's return it would be taken once and then never read.

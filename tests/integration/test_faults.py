@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     entries,
     pending,
     running,
+    serving,
     settings_for,
     wait_for,
 )
@@ -482,3 +483,36 @@ async def test_a_model_file_missing_at_start_pauses_its_pipeline_not_the_daemon(
         await wait_for(lambda: sync_redis.xlen("results:new:frames:{m}") == 3, 40, "its results once the file is there")
     got = sorted(f["frame_id"].decode() for _, f in entries(sync_redis, "results:new:frames:{m}"))
     assert got == sorted(ids) and not sync_redis.exists("deadletter:new:frames:{m}")
+
+
+async def test_a_tracking_daemon_whose_model_cannot_load_leaves_its_sources_to_the_others(
+        redis_url, sync_redis, tmp_path, gradient):
+    """Each source is read by one daemon: a paused one kept its leases (and drew busy streams,
+    its load read as 0), so their frames waited for a model that could not load."""
+    jpeg = encode(gradient)
+    broken = settings_for(redis_url, tmp_path, [{"model": "fake/track"}],
+                          fakes={"track": {"task": "track", "fail_load_unless": str(tmp_path / "none")}})
+    good = settings_for(redis_url, tmp_path, [{"model": "fake/track"}], fakes={"track": {"task": "track"}})
+    streams = [f"frames:{{t{i}}}" for i in range(4)]
+    async with running(broken, host="a") as a, running(good, host="b"):
+        for _ in range(3):
+            for stream in streams:
+                sync_redis.xadd(stream, {"image": jpeg})
+        await wait_for(lambda: all(sync_redis.xlen(f"results:people:{s}") == 3 for s in streams), 30,
+                       "every source's results, from the daemon whose model loads")
+        assert a.runs["people"].ingest.leases.held == []
+    assert not any(sync_redis.exists(f"deadletter:people:{s}") for s in streams)
+
+
+async def test_a_broken_model_on_predict_pauses_no_pipeline_named_like_its_label(
+        redis_url, sync_redis, tmp_path, gradient):
+    """/predict's batches are labelled "predict" (a user's job's "jobs"): a pipeline of that
+    name, on another model, was paused by the request's model that could not load, for good."""
+    settings = settings_for(redis_url, tmp_path, [{"name": "predict", "input": ["frames:{j}"]}],
+                            fakes={"w": {"fail_load_unless": str(tmp_path / "none")}})
+    async with serving(settings) as (d, client):
+        r = await client.post("/predict/fake/w", data=encode(gradient))
+        assert r.status == 422 and "no weights" in (await r.json())["error"]["message"]
+        sync_redis.xadd("frames:{j}", {"image": encode(gradient)})
+        await wait_for(lambda: sync_redis.xlen("results:predict:frames:{j}") == 1)
+        assert d.runs["predict"].in_flight.paused is None

@@ -299,3 +299,22 @@ async def test_a_video_input_waits_for_its_pipeline_s_model(redis_url, sync_redi
         assert not sync_redis.exists(f"deadletter:people:{url}")
         results = entries(sync_redis, f"results:people:{url}")
         assert [f["frame_id"] for _, f in results] == [str(i * 5).encode() for i in range(8)]
+
+
+async def test_a_video_input_waits_for_its_model_s_file_missing_at_start(redis_url, sync_redis, tmp_path, videos):
+    """A start in a rollout's gap: the pipeline waits for the file, and so do its inputs (the
+    input was failed, for good, by the check that its model is on this machine)."""
+    from tests.tiny_models import constant_yolov8
+
+    path = tmp_path / "rolled-out.onnx"
+    with hls.static_server(videos) as server:
+        url = server.url("vod/index.m3u8")
+        settings = settings_for(redis_url, tmp_path, [{"input": [url], "fps": 2, "model": "tiny/new"}],
+                                jobs={"poll_s": 0.2})
+        settings.models["tiny"]["new"] = settings.models["tiny"]["det"].model_copy(update={"path": str(path)})
+        async with running(settings) as d:
+            await wait_for(lambda: "does not exist" in (d.runs["people"].in_flight.paused or ""), what="the pause")
+            await asyncio.sleep(1)
+            constant_yolov8(path, [[32, 32, 20, 20, 0.1, 0.9]], classes=2, size=64, names={0: "cat", 1: "dog"})
+            await wait_for(lambda: sync_redis.xlen(f"results:people:{url}") == 8, 40, "the video's results")
+        assert not sync_redis.exists(f"deadletter:people:{url}")

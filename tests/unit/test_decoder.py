@@ -442,7 +442,8 @@ def test_an_exif_orientation_is_read_as_pillow_reads_it_whatever_its_field_type(
         return b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little") + entry + value.ljust(4, b"\0")
 
     for kind, count, value in [(3, 1, b"\x06\x00"), (4, 1, b"\x06\x00\x00\x00"), (2, 2, b"6\x00"),
-                               (3, 0, b"\x06\x00"), (4, 1, b"\x06\x00\x01\x00"), (7, 1, b"\x06")]:
+                               (3, 0, b"\x06\x00"), (4, 1, b"\x06\x00\x01\x00"), (7, 1, b"\x06"),
+                               (8, 1, b"\x06\x00"), (9, 1, b"\x06\x00\x00\x00"), (8, 1, b"\xfa\xff")]:
         block = tiff(kind, count, value)
         jpeg = io.BytesIO()
         Image.new("RGB", (8, 8)).save(jpeg, "JPEG", exif=b"Exif\x00\x00" + block)

@@ -30,8 +30,8 @@ async def test_any_failure_of_a_try_is_tried_again_and_the_pipeline_goes_on(monk
     monkeypatch.setattr(model_pauses, "RETRY_FIRST_S", 0.01)
     monkeypatch.setattr(model_pauses, "LOOK_EVERY_S", 0.01)
     flow, loader, resumed = InFlight(4), Loader(FileNotFoundError("weights.onnx"), ModelError("bad file")), []
-    pauses = model_pauses.ModelPauses(lambda m, d: loader.loaded, lambda name: flow, lambda d, m: loader,
-                                      resumed.append, asyncio.Event())
+    pauses = model_pauses.ModelPauses({"people": "m/v"}, lambda m, d: loader.loaded, lambda name: flow,
+                                      lambda d, m: loader, resumed.append, asyncio.Event())
     assert pauses.pause("people", "m/v", "cpu", ModelError("no weights"))
     assert "m/v cannot be loaded on cpu: no weights" in flow.paused
     await asyncio.wait_for(pauses.tasks["people"], 5)
@@ -42,7 +42,8 @@ async def test_a_pause_while_stopping_leaves_the_frames_pending_and_tries_nothin
     stop = asyncio.Event()
     stop.set()
     flow = InFlight(4)
-    pauses = model_pauses.ModelPauses(lambda m, d: False, lambda name: flow if name == "people" else None,
+    pauses = model_pauses.ModelPauses({"people": "m/v"}, lambda m, d: False,
+                                      lambda name: flow if name == "people" else None,
                                       lambda d, m: Loader(), lambda name: None, stop)
     assert pauses.pause("people", "m/v", "cpu", ModelError("no weights"))  # not dead-lettered
     assert not pauses.tasks and flow.paused is None
