@@ -4,6 +4,7 @@ one way Redis calls are retried through an outage (`RedisRetry`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -44,10 +45,30 @@ class InFlight:
         self._room.set()
         self._waiting = 0  # readers waiting for room
         self._frames: dict[tuple[str, str], Frame] = {}
-        # Why the pipeline reads nothing now (its model cannot be loaded), or None. Its readers
-        # look before each read: frames wait in Redis, pending or unread, not dead-lettered.
-        self.paused: str | None = None
+        self._paused: str | None = None
+        self._going = asyncio.Event()
+        self._going.set()
         self.loading = False  # paused only while its model loads at start (no failure yet)
+
+    @property
+    def paused(self) -> str | None:
+        """Why the pipeline reads nothing now (its model loads, or cannot be loaded), or None.
+        Its readers look before each read: frames wait in Redis, pending or unread."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, why: str | None) -> None:
+        self._paused = why
+        if why is None:
+            self._going.set()
+        else:
+            self._going.clear()
+
+    async def until_going(self, seconds: float) -> None:
+        """Wait until the pipeline goes on, at most `seconds` (a reader then looks again):
+        it reads at once when its model has loaded, not at its next look."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._going.wait(), seconds)
 
     async def take(self, most: int) -> int:
         """Reserve room for up to `most` frames, waiting until there is room for one. A reader

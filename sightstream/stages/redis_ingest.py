@@ -96,7 +96,10 @@ class RedisIngest(StreamReader):
             self.leases.lost.clear()
         if time.monotonic() >= self._next_discovery:
             await self.discover()
-        if not self.streams or self._in_flight.paused:
+        if self._in_flight.paused:
+            await self._in_flight.until_going(min(self._discover_s, 0.5))  # stopping: within that
+            return
+        if not self.streams:
             await self.sleep(min(self._discover_s, 0.5))
             return
         room = await self._in_flight.take(self._p.max_in_flight)

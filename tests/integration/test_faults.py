@@ -381,6 +381,9 @@ async def test_live_mode_near_capacity_drops_nothing(redis_url, sync_redis, tmp_
     settings = settings_for(redis_url, tmp_path, [{"model": "fake/slow", "max_age_ms": 1000, "batch_size": 8}],
                             fakes={"slow": {"delay_s": 0.04, "frame_s": 0.02}})
     async with running(settings) as d:
+        # steady state: the pipeline reads once its model has loaded (at start; frames sent
+        # meanwhile wait, a backlog the live-mode rules may rightly drop)
+        await wait_for(lambda: d.runs["people"].in_flight.paused is None, what="the model loaded")
         async with cameras(redis_url, encode(gradient), {"frames:{b}": 25, "frames:{c}": 5, "frames:{d}": 1}) as sent:
             await asyncio.sleep(8)
         await wait_for(lambda: sum(counts(sync_redis, s)[0] for s in sent) + int(
