@@ -6,7 +6,7 @@ fails: a pipeline pauses and says why (daemon/model_pauses.py), /predict and the
 
 Only adapters of this package that take a plain frame are tested (no prompt, no upstream
 boxes, no per-source state): a plug-in's `infer` may count its calls or keep state. A file is
-tested once per version of it (its size and modification time), not at every reload.
+tested once per device and version of it (`file_version`), not at every reload.
 """
 
 from __future__ import annotations
