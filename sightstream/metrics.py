@@ -24,7 +24,7 @@ ACKED_REASONS = ("sampled_out", "stale")
 RETRY_REASONS = ("oom", "model_error", "timeout")
 LEASE_KINDS = ("consumer", "source", "job")
 JOB_END_STATUSES = ("completed", "failed", "cancelled")
-UNLOAD_REASONS = ("requested", "evicted", "idle")
+UNLOAD_REASONS = ("requested", "evicted", "idle", "reloaded")
 JOBS_LABEL = "jobs"  # the pipeline label of jobs' frames (a pipeline's video input has its own)
 
 
@@ -161,7 +161,8 @@ class Metrics:
             "sightstream_model_loads", "Models loaded onto a device", ["device"], registry=r
         )
         self.model_unloads = Counter(
-            "sightstream_model_unloads", "Models unloaded from a device, by why (requested, evicted, idle)",
+            "sightstream_model_unloads",
+            "Models unloaded from a device, by why (requested, evicted, idle, reloaded)",
             ["device", "reason"], registry=r,
         )
         self.model_memory_mb = Gauge(

@@ -134,20 +134,30 @@ async def info(request: web.Request) -> web.Response:
                              loaded_on=[m for m in d.manager.loaded() if m["model"] == entry.id]))
 
 
-@api.post("/models/{family}/{variant}/load", "Load a model (on ?device=, else the least used)",
+@api.post("/models/{family}/{variant}/load",
+          "Load a model (on ?device=, else where it is loaded, else the least used device); a model "
+          "loaded already whose weights file has changed since is loaded again from it",
           query=DeviceQuery,
-          responses={200: Resp("Loaded", LoadedModel), **MODEL_ERRORS,
+          responses={200: Resp("Loaded (the first device's, where it is loaded on several)", LoadedModel),
+                     **MODEL_ERRORS,
                      504: error("The load took longer than manager.load_timeout_s (code timeout)"),
                      404: error("No such model (not_found), or no worker owns that device (unknown_device)")})
 async def load(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    device = read_query(request, DeviceQuery).device or min(d.devices, key=d.manager.used_mb)
-    _check_device(d, device)
     model = model_id(request)
+    device = read_query(request, DeviceQuery).device
+    if device is not None:
+        _check_device(d, device)
+    if device is None:  # where it is loaded (each copy is checked for a new file), else the least used
+        where = [dev for dev in d.devices if d.manager.is_loaded(model, dev)]
+        devices = where or [min(d.devices, key=d.manager.used_mb)]
+    else:
+        devices = [device]
     try:
-        return reply(LoadedModel(**await d.worker_for(device, model).load(model)))
+        answers = [await d.worker_for(dev, model).load(model) for dev in devices]
     except ModelError as e:
         raise model_error(e) from None
+    return reply(LoadedModel(**answers[0]))
 
 
 @api.post("/models/{family}/{variant}/unload", "Unload a model (from ?device=, else everywhere)",

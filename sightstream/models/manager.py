@@ -73,6 +73,7 @@ class Loaded:
     last_used: float
     uses: int = 0
     in_use: int = 0
+    file_version: Any = None  # its weights' (self_test.file_version) when it was loaded
 
 
 def _load(adapter: Adapter, device: str, model_id: str) -> None:
@@ -112,6 +113,8 @@ class ModelManager:
         self.load_timeout_s = load_timeout_s
         self.budgets_mb = dict(budgets_mb or {})  # device -> MB; a device not listed: no limit
         self._loaded: dict[tuple[str, str], Loaded] = {}
+        self._retiring: list[tuple[str, Loaded]] = []  # copies a reload replaced, let go once idle (_retire)
+        self._retirements: set[asyncio.Task] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
@@ -183,8 +186,13 @@ class ModelManager:
             self._let_go.set()
 
     async def load(self, model_id: str, device: str, executor: Executor) -> dict:
-        """Explicit load (the control plane's POST …/load): tried now, whatever failed before."""
-        loaded = await self._ensure(model_id, device, executor, asked=True)
+        """Explicit load (the control plane's POST …/load): tried now, whatever failed before.
+        A model loaded already whose weights have changed since is loaded again from them
+        (`_reload`): the rollout of a new file to a running daemon."""
+        if (loaded := self._loaded.get((model_id, device))) is not None:
+            loaded = await self._reload(model_id, device, executor, loaded)
+        else:
+            loaded = await self._ensure(model_id, device, executor, asked=True)
         return self._describe(model_id, loaded)
 
     async def _ensure(self, model_id: str, device: str, executor: Executor, asked: bool = False) -> Loaded:
@@ -194,57 +202,122 @@ class ModelManager:
         async with self._locks.setdefault(key, asyncio.Lock()):
             if (loaded := self._loaded.get(key)) is not None:
                 return loaded
-            if key in self._overdue:  # one stuck load of it at a time, not one more per try
-                raise LoadTimeout(f"model {model_id} is still loading on {device}, past "
-                                  f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later")
+            self._check_not_overdue(key)
             failed = self._failed_loads.get(key)
             if failed is not None and not asked and time.monotonic() < failed.until:
                 raise ModelError(str(failed.error))  # a bad weights file was read again for every batch
-            adapter = self.create(model_id)
-            estimate = self._estimate_mb(model_id)
-            # The room is promised to this load until it ends, so two loads on one device
-            # cannot both count on it. No lock is held meanwhile: a load queued on a device
-            # thread behind a long call (a text model's) keeps no other load of the device waiting.
-            await self._wait_for_room(device, estimate, model_id)
-            overdue = False
             try:
-                started = time.monotonic()
-                loading = self._start_load(executor, adapter, device, model_id)
-                overdue = not await self._within_timeout(loading)
-                if overdue:  # the room stays promised until the load ends (_ended_late)
-                    self._overdue.add(key)
-                    loading.add_done_callback(partial(self._ended_late, key, adapter, estimate))
-                    _log.error("model_load_timeout", model=model_id, device=device,
-                               timeout_s=self.load_timeout_s)
-                    raise LoadTimeout(f"model {model_id} did not load on {device} within "
-                                      f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
-                                      executor)
-                try:
-                    loading.result()
-                except ModelError as e:
+                loaded = self._loaded[key] = await self._load_new(model_id, device, executor)
+            except ModelError as e:
+                if not isinstance(e, (LoadTimeout, ModelTooLarge)):
                     tries = failed.tries + 1 if failed is not None else 1
                     self._failed_loads[key] = FailedLoad(
                         time.monotonic() + min(LOAD_RETRY_MAX_S, 2.0 ** (tries - 1)), tries, e)
-                    raise
-                self._failed_loads.pop(key, None)
-                size = float(getattr(adapter, "memory_mb", 0) or estimate)
-                now = time.time()
-                loaded = self._loaded[key] = Loaded(adapter, device, size, now, now)
-            finally:
-                if not overdue:
-                    self._reserved_mb[device] -= estimate
-                    self._let_go.set()  # the room counted on may have changed: waiting loads look again
-            if self._metrics is not None:
-                self._metrics.model_loads.labels(device).inc()
-            _log.info("model_loaded", model=model_id, device=device, memory_mb=round(size, 1),
-                      seconds=round(time.monotonic() - started, 3))
+                raise
+            self._failed_loads.pop(key, None)
             return loaded
+
+    async def _reload(self, model_id: str, device: str, executor: Executor, old: Loaded) -> Loaded:
+        """`old`, or, where its weights have changed since it was loaded, a copy loaded from
+        them beside it: calls go on with `old` meanwhile, then the new copy takes the next
+        batches and `old` is let go once no call holds it. A new file that fails to load (or
+        its test frame) leaves `old` in use. A path that is no file here (a package's) is
+        never seen to change."""
+        key = (model_id, device)
+        path = self.catalogue.get(model_id).path
+        version = await asyncio.get_running_loop().run_in_executor(None, self_test.file_version, path)
+        if version == old.file_version:
+            return old
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            current = self._loaded.get(key)
+            if current is None:  # unloaded meanwhile: a plain load, after this lock
+                pass
+            elif current is not old and current.file_version == version:
+                return current  # another reload took this file in meanwhile
+            else:
+                self._check_not_overdue(key)
+                try:
+                    new = await self._load_new(model_id, device, executor, keep=key, reload=True)
+                except ModelError as e:
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.loaded_at))
+                    e.args = (f"{e} (its file changed since model {model_id} was loaded on {device}: the "
+                              f"copy loaded at {since}, from the file as it was then, stays in use)",)
+                    raise
+                self._loaded[key] = new
+                self._retire(key, current)
+                return new
+        return await self._ensure(model_id, device, executor, asked=True)
+
+    def _retire(self, key: tuple[str, str], old: Loaded) -> None:
+        """Let `old` go once no call holds it (a batch in flight finishes on it); its memory
+        counts on its device until then."""
+        model_id, device = key
+        self._retiring.append((model_id, old))
+
+        async def when_idle() -> None:
+            while old.in_use:
+                await asyncio.sleep(0.05)
+            self._retiring.remove((model_id, old))
+            _unload(old.adapter, model_id, device)
+            self._give_back(device)
+            self._let_go.set()
+            if self._metrics is not None:
+                self._metrics.model_unloads.labels(device, "reloaded").inc()
+            _log.info("model_unloaded", model=model_id, device=device, reason="reloaded",
+                      memory_mb=round(old.memory_mb, 1))
+
+        task = asyncio.get_running_loop().create_task(when_idle())
+        self._retirements.add(task)
+        task.add_done_callback(self._retirements.discard)
+
+    def _check_not_overdue(self, key: tuple[str, str]) -> None:
+        if key in self._overdue:  # one stuck load of it at a time, not one more per try
+            raise LoadTimeout(f"model {key[0]} is still loading on {key[1]}, past "
+                              f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later")
+
+    async def _load_new(self, model_id: str, device: str, executor: Executor,
+                        keep: tuple[str, str] | None = None, reload: bool = False) -> Loaded:
+        """A new copy of the model loaded on the device (the caller holds its lock and keeps
+        it); `keep`: a loaded model that making room may not evict (a reload's old copy)."""
+        key = (model_id, device)
+        adapter = self.create(model_id)
+        estimate = self._estimate_mb(model_id)
+        # The room is promised to this load until it ends, so two loads on one device
+        # cannot both count on it. No lock is held meanwhile: a load queued on a device
+        # thread behind a long call (a text model's) keeps no other load of the device waiting.
+        await self._wait_for_room(device, estimate, model_id, keep)
+        overdue = False
+        try:
+            started = time.monotonic()
+            loading = self._start_load(executor, adapter, device, model_id)
+            overdue = not await self._within_timeout(loading)
+            if overdue:  # the room stays promised until the load ends (_ended_late)
+                self._overdue.add(key)
+                loading.add_done_callback(partial(self._ended_late, key, adapter, estimate))
+                _log.error("model_load_timeout", model=model_id, device=device,
+                           timeout_s=self.load_timeout_s)
+                raise LoadTimeout(f"model {model_id} did not load on {device} within "
+                                  f"{self.load_timeout_s:g} s (manager.load_timeout_s); try again later",
+                                  executor)
+            version = loading.result()
+            size = float(getattr(adapter, "memory_mb", 0) or estimate)
+            now = time.time()
+            loaded = Loaded(adapter, device, size, now, now, file_version=version)
+        finally:
+            if not overdue:
+                self._reserved_mb[device] -= estimate
+                self._let_go.set()  # the room counted on may have changed: waiting loads look again
+        if self._metrics is not None:
+            self._metrics.model_loads.labels(device).inc()
+        _log.info("model_reloaded" if reload else "model_loaded", model=model_id, device=device,
+                  memory_mb=round(size, 1), seconds=round(time.monotonic() - started, 3))
+        return loaded
 
     def _start_load(self, executor: Executor, adapter: Adapter, device: str, model_id: str) -> asyncio.Future:
         """The load, on the device's thread; its start time is noted (`began`), for the timeout."""
         began: list[float] = []
 
-        def timed() -> None:
+        def timed() -> Any:
             began.append(time.monotonic())
             # the file's version before the load: one replaced meanwhile is tested at its next load
             version = (model_id, device, self_test.file_version(self.catalogue.get(model_id).path))
@@ -254,6 +327,7 @@ class ModelManager:
             except BaseException:  # let go: a model loaded and not kept would hold its memory
                 _unload(adapter, model_id, device)
                 raise
+            return version[2]
 
         try:
             loading = asyncio.get_running_loop().run_in_executor(executor, timed)
@@ -302,11 +376,12 @@ class ModelManager:
             return
         size = float(getattr(adapter, "memory_mb", 0) or estimate)
         now = time.time()
-        self._loaded[key] = Loaded(adapter, device, size, now, now)
+        self._loaded[key] = Loaded(adapter, device, size, now, now, file_version=done.result())
         _log.info("model_load_ended_late", model=model_id, device=device, loaded=True,
                   memory_mb=round(size, 1))
 
-    async def _wait_for_room(self, device: str, needed_mb: float, model_id: str) -> None:
+    async def _wait_for_room(self, device: str, needed_mb: float, model_id: str,
+                             keep: tuple[str, str] | None = None) -> None:
         """Make room and promise it to this load (the caller gives it back once loaded); when
         only models in use stand in the way (a batch in flight on the device, a /predict call),
         or loads under way, wait for them rather than fail the load."""
@@ -314,7 +389,7 @@ class ModelManager:
         while True:
             self._let_go.clear()
             try:
-                self._make_room(device, needed_mb, model_id)
+                self._make_room(device, needed_mb, model_id, keep)
                 # no await between the check and the promise: no other load can come between
                 self._reserved_mb[device] = self._reserved_mb.get(device, 0.0) + needed_mb
                 return
@@ -344,7 +419,8 @@ class ModelManager:
             return 0.0
         return 0.0
 
-    def _make_room(self, device: str, needed_mb: float, model_id: str) -> None:
+    def _make_room(self, device: str, needed_mb: float, model_id: str,
+                   keep: tuple[str, str] | None = None) -> None:
         budget = self.budgets_mb.get(device)
         if not budget:
             return
@@ -353,8 +429,17 @@ class ModelManager:
                 f"model {model_id} needs about {needed_mb:.0f} MB; the budget of {device} is "
                 f"{budget:.0f} MB (manager.max_memory_mb)"
             )
+        old = self._loaded.get(keep) if keep is not None else None
+        if old is not None and old.memory_mb + needed_mb > budget:
+            raise ModelTooLarge(
+                f"model {model_id}: a reload holds the loaded copy (about {old.memory_mb:.0f} MB) until "
+                f"the new one (about {needed_mb:.0f} MB) is in, more than the budget of {device}, "
+                f"{budget:.0f} MB (manager.max_memory_mb); unload the model, then load it to read "
+                "the new file in its place"
+            )
         idle = sorted(
-            (item for item in self._loaded.items() if item[1].device == device and item[1].in_use == 0),
+            (item for item in self._loaded.items()
+             if item[1].device == device and item[1].in_use == 0 and item[0] != keep),
             key=lambda item: item[1].last_used,
         )
         taken = self.used_mb(device) + self._reserved_mb.get(device, 0.0)
@@ -398,7 +483,9 @@ class ModelManager:
                                 "(manager.max_memory_mb)")
 
     def used_mb(self, device: str) -> float:
-        return sum(entry.memory_mb for (_, d), entry in self._loaded.items() if d == device)
+        # a reload's old copy counts until it is let go
+        copies = [*self._loaded.values(), *(entry for _, entry in self._retiring)]
+        return sum(entry.memory_mb for entry in copies if entry.device == device)
 
     def unload(self, model_id: str, device: str | None = None, reason: str = "requested") -> list[str]:
         """Unload a model from one device (or all); models in use are never unloaded, nor
@@ -490,6 +577,11 @@ class ModelManager:
 
     def unload_all(self) -> None:
         self._closed = True
+        for task in self._retirements:
+            task.cancel()
+        for mid, entry in self._retiring:
+            _unload(entry.adapter, mid, entry.device)
+        self._retiring.clear()
         for (mid, dev), entry in self._loaded.items():
             _unload(entry.adapter, mid, dev)
         self._loaded.clear()

@@ -192,6 +192,44 @@ async def test_model_routes(redis_url, tmp_path):
         assert r.status == 422 and "inactive_seconds" in (await r.json())["error"]["message"]
 
 
+async def test_a_new_weights_file_is_rolled_out_to_a_running_pipeline_by_a_load(redis_url, sync_redis, tmp_path,
+                                                                                  gradient):
+    """The pipeline's model is loaded at start, so a load answered that copy and the new file
+    waited for a restart. Now the load reads the changed file, the pipeline's next frames get
+    it, and a new file that does not load leaves the running copy in use (409, saying so)."""
+    from tests.integration.helpers import TINY_ROWS
+    from tests.tiny_models import constant_yolov8
+
+    def labels() -> list[str]:
+        import json
+
+        return [json.loads(fields[b"result"])["detections"][0]["label"]
+                for _, fields in sync_redis.xrange("results:people:frames:{w}")]
+
+    async with serving(settings_for(redis_url, tmp_path)) as (daemon, client):
+        sync_redis.xadd("frames:{w}", {"image": encode(gradient)})
+        await wait_for(lambda: labels() == ["dog"])
+        before = (await (await client.get("/models/loaded")).json())["models"]
+        r = await client.post("/models/tiny/det/load")  # unchanged: the same copy
+        assert r.status == 200 and (await r.json())["loaded_at"] == before[0]["loaded_at"]
+
+        cat = [[32, 32, 20, 20, 0.9, 0.1]] + TINY_ROWS[1:]
+        constant_yolov8(tmp_path / "tiny.onnx", cat, classes=2, size=64, names={0: "cat", 1: "dog"})
+        r = await client.post("/models/tiny/det/load")
+        assert r.status == 200 and (await r.json())["loaded_at"] > before[0]["loaded_at"]
+        sync_redis.xadd("frames:{w}", {"image": encode(gradient)})
+        await wait_for(lambda: labels() == ["dog", "cat"])
+        assert len((await (await client.get("/models/loaded")).json())["models"]) == 1
+
+        (tmp_path / "tiny.onnx").write_bytes(b"half a copy")
+        r = await client.post("/models/tiny/det/load")
+        body = await r.json()
+        assert r.status == 409 and body["error"]["code"] == "model_error", body
+        assert "from the file as it was then, stays in use" in body["error"]["message"]
+        sync_redis.xadd("frames:{w}", {"image": encode(gradient)})
+        await wait_for(lambda: labels() == ["dog", "cat", "cat"])
+
+
 async def test_a_plug_ins_failures_are_its_models_errors_never_a_500(redis_url, tmp_path):
     settings = settings_for(redis_url, tmp_path, fakes={
         "badopt": {"threshold": "abc"}, "badload": {"fail_load": True}, "badunload": {"fail_unload": True},

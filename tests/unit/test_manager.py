@@ -229,3 +229,88 @@ async def test_models_that_evict_each_other_over_and_over_are_said_once_a_minute
                     pass
     said = [e for e in logged if e["event"] == "models_thrashing"]
     assert len(said) == 1 and said[0]["device"] == "cpu" and "max_memory_mb" in said[0]["hint"]
+
+
+def _yolo(path, rows=None, labels=("a", "b"), **options) -> ModelManager:
+    from tests.tiny_models import ROWS, constant_yolov8
+
+    constant_yolov8(path, rows or ROWS, classes=2, size=64)
+    return ModelManager(Catalogue({"yolo": {"v": ModelEntry(backend="onnx", task="detect", path=str(path),
+                                                            labels=list(labels), **options)}}))
+
+
+async def _top_label(m: ModelManager, pool) -> str:
+    import numpy as np
+
+    from sightstream.models.adapter import predict
+
+    async with m.use("yolo/v", "cpu", pool) as adapter:
+        (prediction,) = await asyncio.get_running_loop().run_in_executor(
+            pool, predict, adapter, [np.zeros((64, 64, 3), np.uint8)])
+    return prediction.result["detections"][0]["label"]
+
+
+async def test_a_load_of_a_loaded_model_whose_file_changed_loads_the_new_file(pool, tmp_path):
+    """A rollout to a running daemon: POST …/load answered the copy loaded at start and the new
+    file was read only at the next restart. Now the new file is loaded beside the old copy,
+    takes the next calls, and the old copy is let go."""
+    from tests.tiny_models import constant_yolov8
+
+    path = tmp_path / "y.onnx"
+    m = _yolo(path)
+    first = await m.load("yolo/v", "cpu", pool)
+    assert await _top_label(m, pool) == "b"
+    assert (await m.load("yolo/v", "cpu", pool))["loaded_at"] == first["loaded_at"]  # unchanged: kept
+    swapped = [[32, 32, 20, 20, 0.95, 0.10]]  # the new export finds class 0
+    constant_yolov8(path, swapped, classes=2, size=64)
+    again = await m.load("yolo/v", "cpu", pool)
+    assert again["loaded_at"] > first["loaded_at"]
+    assert await _top_label(m, pool) == "a"
+    assert len(m.loaded()) == 1
+    await asyncio.sleep(0.2)
+    assert m._retiring == []  # the old copy, idle, was let go
+
+
+async def test_a_reload_lets_a_call_in_flight_finish_on_the_old_copy(pool, tmp_path):
+    from tests.tiny_models import constant_yolov8
+
+    path = tmp_path / "y.onnx"
+    m = _yolo(path, memory_mb=100)
+    await m.load("yolo/v", "cpu", pool)
+    async with m.use("yolo/v", "cpu", pool) as old:
+        constant_yolov8(path, [[32, 32, 20, 20, 0.95, 0.10]], classes=2, size=64)
+        await m.load("yolo/v", "cpu", pool)
+        await asyncio.sleep(0.2)
+        assert [entry.adapter for _, entry in m._retiring] == [old]  # held: not let go under the call
+        assert m.used_mb("cpu") == 200  # both copies count until the old one is let go
+    await asyncio.sleep(0.2)
+    assert m._retiring == [] and await _top_label(m, pool) == "a"
+
+
+async def test_a_new_file_that_fails_leaves_the_loaded_copy_in_use(pool, tmp_path):
+    path = tmp_path / "y.onnx"
+    m = _yolo(path)
+    await m.load("yolo/v", "cpu", pool)
+    path.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelError, match=r"cannot load the model.*\(its file changed since model yolo/v was loaded on cpu: the copy loaded at .* stays in use\)"):
+        await m.load("yolo/v", "cpu", pool)
+    assert await _top_label(m, pool) == "b" and m._retiring == []
+    assert ("yolo/v", "cpu") not in m._failed_loads  # the pipeline has its model: nothing to back off
+
+
+async def test_a_reload_that_cannot_hold_both_copies_says_how_to_roll_the_file_out(pool, tmp_path):
+    from tests.tiny_models import constant_yolov8
+
+    path = tmp_path / "y.onnx"
+    constant_yolov8(path, [[32, 32, 20, 20, 0.10, 0.90]], classes=2, size=64)
+    catalogue = Catalogue({"yolo": {"v": ModelEntry(backend="onnx", task="detect", path=str(path),
+                                                    labels=["a", "b"], memory_mb=600)}})
+    m = ModelManager(catalogue, {"cpu": 1000}, room_wait_s=0.3)
+    await m.load("yolo/v", "cpu", pool)
+    constant_yolov8(path, [[32, 32, 20, 20, 0.95, 0.10]], classes=2, size=64)
+    with pytest.raises(ModelTooLarge, match="a reload holds the loaded copy.*unload the model, then load it"):
+        await m.load("yolo/v", "cpu", pool)
+    assert await _top_label(m, pool) == "b"
+    m.unload("yolo/v")
+    await m.load("yolo/v", "cpu", pool)
+    assert await _top_label(m, pool) == "a"
