@@ -4,13 +4,17 @@ daemon of the group.
 Capture time is cut into buckets of 1/fps seconds; the first frame to claim a bucket (an atomic
 SET NX in Redis, shared by all daemons) is kept, the others are acknowledged with no result.
 A redelivered winner (same frame_id) is still the winner. Each daemon remembers the buckets it
-has seen decided, so only the first frame per bucket costs a round trip.
+has seen decided, so only the first frame per bucket costs a round trip, for as long as Redis
+keeps the bucket's key: remembered longer, a camera whose clock was stepped back (NTP) lost its
+frames on a long-running daemon (its buckets decided an hour before, by this daemon's memory
+only), while a daemon started since processed them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -22,10 +26,11 @@ from sightstream.metrics import Metrics
 from sightstream.redis_conn import Lua, run_pipelined
 from sightstream.stages.flow import STOP, RedisRetry, Stopped, drain_nowait
 
-# Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner).
+# Claim a bucket for a frame; returns the frame that holds it (this one, or an earlier winner)
+# and how long, in ms, the bucket's key has left.
 CLAIM = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
-return redis.call('GET', KEYS[1])
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {ARGV[1], tonumber(ARGV[2])} end
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
 MIN_TTL_MS = 120_000
 MEMORY = 4096  # decided buckets remembered locally
@@ -48,7 +53,8 @@ class Sampler:
         self._retry = RedisRetry("sample", metrics, stop)
         # A bucket's key must outlive any redelivery of its frames.
         self._ttl_ms = max(MIN_TTL_MS, math.ceil(4000 / fps))
-        self._decided: OrderedDict[tuple[str, int], str] = OrderedDict()
+        # (source, bucket) -> (the winner's entry ID, monotonic time its key expires in Redis)
+        self._decided: OrderedDict[tuple[str, int], tuple[str, float]] = OrderedDict()
 
     async def run(self) -> None:
         stopped = False
@@ -75,18 +81,23 @@ class Sampler:
         """Keep or skip each frame; one pipelined round trip for the undecided buckets."""
         verdict: list[bool | None] = []
         ask: list[int] = []
+        now = time.monotonic()
         for i, f in enumerate(frames):
             winner = self._decided.get((f.source, bucket_of(f.ts_ms, self._fps)))
-            verdict.append(None if winner is None else winner == f.entry_id)
+            if winner is not None and winner[1] <= now:  # its key is gone: decided anew
+                winner = None
+            verdict.append(None if winner is None else winner[0] == f.entry_id)
             if winner is None:
                 ask.append(i)
         if ask:
             replies = await self._claim_all([frames[i] for i in ask])
-            for i, winner in zip(ask, replies):
+            now = time.monotonic()
+            for i, (winner, ttl_ms) in zip(ask, replies):
                 f = frames[i]
-                winner_id = winner.decode()
+                winner_id = winner.decode() if winner else ""  # no key: it expired meanwhile
                 verdict[i] = winner_id == f.entry_id
-                self._remember((f.source, bucket_of(f.ts_ms, self._fps)), winner_id)
+                if winner and ttl_ms > 0:
+                    self._remember((f.source, bucket_of(f.ts_ms, self._fps)), winner_id, now + ttl_ms / 1000)
         return [bool(v) for v in verdict]
 
     async def _claim_all(self, frames: list[Frame]) -> list:
@@ -100,7 +111,8 @@ class Sampler:
 
         return await self._retry.call(lambda: run_pipelined(self._client, fill, self._claim))
 
-    def _remember(self, bucket: tuple[str, int], frame_id: str) -> None:
-        self._decided[bucket] = frame_id
+    def _remember(self, bucket: tuple[str, int], frame_id: str, until: float) -> None:
+        self._decided[bucket] = (frame_id, until)
+        self._decided.move_to_end(bucket)
         if len(self._decided) > MEMORY:
             self._decided.popitem(last=False)

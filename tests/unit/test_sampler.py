@@ -76,3 +76,17 @@ async def test_run_sends_skipped_frames_to_be_acknowledged(server):
     acked = [s._outcomes.get_nowait() for _ in range(s._outcomes.qsize())]
     assert len(kept) == 2 and kept[-1] is STOP
     assert len(acked) == 4 and {a.reason for a in acked} == {"sampled_out"}
+
+
+async def test_a_bucket_is_remembered_only_while_redis_keeps_it(server):
+    """A camera's clock stepped back (NTP) brings capture times again whose bucket keys Redis
+    has let go: a long-running daemon, remembering them for good, sampled those frames out
+    (0 of 120 in a black-box run) while a daemon started since processed them."""
+    s, fresh = sampler(server, fps=1), sampler(server, fps=1)
+    s._ttl_ms = fresh._ttl_ms = 200  # the keys' life (2 minutes in use), shortened for the test
+    first = frames("cam1", 3, 1000)
+    assert await s.decide(first) == [True, True, True]
+    await asyncio.sleep(0.3)  # the keys have expired in Redis
+    again = [Frame("p", "cam1", f"1800000000000-{i}", {}, f.ts_ms) for i, f in enumerate(first)]
+    assert await s.decide(again) == [True, True, True]  # as a daemon started since decides them
+    assert await fresh.decide(again) == [True, True, True]  # and the same winners for the others
