@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -42,12 +43,14 @@ from sightstream.redis_conn import run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
 from sightstream.stages.flow import worth_logging
+from sightstream.stages.sampler import bucket_of
 from sightstream.stages.video_reader import ReaderOptions, VideoSource, VideoSourceError
 from sightstream.stages.worker import InferenceTimeout, ModelPaused, NotRun
 
 _log = log.get(__name__)
 WATCH_EVERY_S = 0.5
 READ_LIMIT_S = 3.0  # a stream read blocks 1 s; past this it is given up and the job's state checked
+STREAM_BUCKETS_KEPT = 256  # capture-time buckets a redis:// source remembers (fps 2: 2 min, as pipelines)
 PAUSE_LOOK_S = 0.5  # a paused pipeline's video input looks this often whether it goes on
 NOT_RUN_TRIES = 3  # a frame that never reached its model (a stuck call on its device) is sent this often
 END: Any = object()  # the reader's last word to the publishing task
@@ -354,7 +357,10 @@ class JobRun:
         key = self._source.location
         try:
             last = self.job.last_position or await self._stream_end(key)
-            bucket = -1
+            # the capture-time buckets taken lately: a frame whose ts comes out of order (two
+            # producers, a clock stepped back) is not taken again in a bucket already served
+            # (only the last one was compared: twice the fps with pairwise swapped ts)
+            taken: OrderedDict[int, None] = OrderedDict()
             loop = asyncio.get_running_loop()
             while not self._done:
                 # Bounded: a read that never answers must not hold the job past its end or a
@@ -379,10 +385,12 @@ class JobRun:
                         except FrameError as e:
                             yield Item(None, last, error=e)
                             continue
-                        b = int(frame.ts_ms / 1000 * self.job.spec.fps)
-                        if b == bucket:
+                        bucket = bucket_of(frame.ts_ms, self.job.spec.fps)
+                        if bucket in taken:
                             continue
-                        bucket = b
+                        taken[bucket] = None
+                        if len(taken) > STREAM_BUCKETS_KEPT:
+                            taken.popitem(last=False)
                         try:
                             frame.image, frame.orig_size = await loop.run_in_executor(
                                 self._decode_pool, decode_frame, frame.fields, self._decode.max_pixels, None)

@@ -330,6 +330,27 @@ async def test_a_redis_stream_job(redis_url, sync_redis, tmp_path, videos, gradi
         assert dead[1][b"reason"] == b"unsupported_format"
 
 
+async def test_a_redis_stream_job_samples_frames_whose_ts_come_out_of_order_once_per_bucket(
+        redis_url, sync_redis, tmp_path, videos, gradient):
+    """Pairwise swapped capture times (two producers on one stream): the job compared each
+    frame with the last one taken only, and took twice its fps (21 of 50 at fps 2 over 5 s)."""
+    async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
+        job_id = await submit(client, source="redis://cams:{swapped}", fps=2, max_frames=100)
+        await until_status(client, job_id, "running")
+        await asyncio.sleep(0.3)
+        ts = (int(time.time() * 1000) // 1000 + 1) * 1000  # on a second: 2 buckets per second
+        order = [ts + 100 * (i + 1 if i % 2 == 0 else i - 1) for i in range(40)]  # 4 s, swapped pairs
+        for t in order:
+            sync_redis.xadd("cams:{swapped}", {"image": encode(gradient), "ts": t})
+        for _ in range(100):  # counts are written every half second
+            if (await (await client.get(f"/jobs/{job_id}")).json())["counts"]["decoded"] == 40:
+                break
+            await asyncio.sleep(0.1)
+        await client.delete(f"/jobs/{job_id}")
+        job = await until_status(client, job_id, "cancelled")
+        assert job["counts"]["sampled"] == 8, job["counts"]
+
+
 async def test_a_job_lease_found_lost_by_a_write_is_logged_and_counted_once(redis_url, sync_redis, tmp_path,
                                                                             videos, gradient):
     """A busy job's fenced write finds a lost lease before the renewal does (here, a renewal
