@@ -19,8 +19,12 @@ from sightstream.prompts import Prompt
 
 PIX_FMTS = {"rgb24": 3, "bgr24": 3, "gray8": 1}
 # A frame's `ts` goes into results as a JSON integer, and FPS sampling and latency count on
-# it: 0 to 2**53 - 1, the integers every JSON reader (JavaScript's too) holds exactly.
-MAX_TS_MS = 2**53 - 1
+# it. Up to the year 5138: microseconds (now 1.8e15) passed for ms of the year 58,000 and
+# undid FPS sampling (every frame kept) and live mode without a word; nanoseconds too.
+MAX_TS_MS = 10**14 - 1
+# Entry IDs Redis makes are its clock's ms (over 10**12 since 2001); a producer's own smaller
+# IDs (`XADD key 1-1`) are no time: its frames' arrival is not known.
+MIN_CLOCK_ID_MS = 10**12
 
 
 def _not_json(constant: str) -> Any:
@@ -31,6 +35,12 @@ def _not_json(constant: str) -> Any:
 def entry_ms(entry_id: str) -> int:
     """The milliseconds part of a stream entry ID ("1700000000000-3")."""
     return int(entry_id.split("-", 1)[0])
+
+
+def arrival_ms(entry_id: str) -> int | None:
+    """When an entry reached Redis, by Redis's clock: its ID's ms, where the ID is a time."""
+    ms = entry_ms(entry_id)
+    return ms if ms >= MIN_CLOCK_ID_MS else None
 
 
 def now_ms() -> int:
@@ -51,6 +61,9 @@ class Frame:
     entry_id: str
     fields: dict[bytes, bytes]
     ts_ms: int
+    # When the entry reached Redis (arrival_ms): live mode ages a frame from then, whatever
+    # the producer's clock says. None: a frame from no stream (decoded here: its ts is ours).
+    arrived_ms: int | None = None
     meta: bytes | None = None
     deliveries: int = 1
     release: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -122,13 +135,16 @@ class Frame:
 
 
 def _checked_ts(ts: bytes) -> int:
-    """`ts` as integer ms since the epoch, from 0 to MAX_TS_MS; else FrameError."""
-    if not ts.isdigit() or not ts.isascii():  # int() would take "+5", " 5" and "1_000"
+    """`ts` as integer ms since the epoch, from 0 to MAX_TS_MS; else FrameError. A decimal
+    fraction is cut off (`time.time() * 1000` written as it is: every frame was lost)."""
+    whole, dot, fraction = ts.partition(b".")
+    if not whole.isdigit() or not whole.isascii() or (dot and fraction and not fraction.isdigit()):
+        # int() would take "+5", " 5" and "1_000"
         raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}")
-    if int(ts) > MAX_TS_MS:
-        raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, from 0 to "
-                                       f"{MAX_TS_MS} (JSON's exact integers), got {ts[:40]!r}")
-    return int(ts)
+    if len(whole) > 20 or int(whole) > MAX_TS_MS:
+        raise FrameError("bad_fields", f"`ts` must be ms since the epoch, from 0 to {MAX_TS_MS} (the year "
+                                       f"5138); got {ts[:40]!r}: microseconds or nanoseconds?")
+    return int(whole)
 
 
 def _is_box(box: Any) -> bool:
@@ -334,8 +350,11 @@ def scale_detections(result: dict[str, Any], sx: float, sy: float, width: int, h
 
 
 def is_stale(frame: Frame, max_age_ms: int) -> bool:
-    """Live mode: a frame older than `max_age_ms` (by capture time) is dropped, not processed."""
-    return max_age_ms > 0 and now_ms() - frame.ts_ms > max_age_ms
+    """Live mode: a frame older than `max_age_ms` is dropped, not processed. Its age counts
+    from when it reached Redis, not from its capture time: a camera whose clock was 2 s
+    behind lost every frame (each read as 2 s old), one ahead had its backlog served."""
+    since = frame.arrived_ms if frame.arrived_ms is not None else frame.ts_ms
+    return max_age_ms > 0 and now_ms() - since > max_age_ms
 
 
 def drop_stale(frames: list[Frame], max_age_ms: int) -> tuple[list[Frame], list[Outcome]]:

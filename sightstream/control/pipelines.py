@@ -45,6 +45,10 @@ class Source(BaseModel):
     dead_lettered: int = Field(0, description="this daemon's frames of the source sent to the dead-letter "
                                "stream since it started (a camera sending only bad frames has no other "
                                "figure)")
+    clock_skew_ms: int | None = Field(None, description=(
+        "the latest frame this daemon read of the stream: its ts minus when it reached Redis (its entry "
+        "ID), in ms; far from 0 (past 2 s, said in a source_clock_skew log line), the producer's clock is "
+        "off or its ts is not ms since the epoch. Null: no frame read here yet, or a chained pipeline"))
 
 
 class Counts(BaseModel):
@@ -241,5 +245,6 @@ async def _sources(
         of = source(b.stream)
         listed.append(Source(stream=b.stream, source=of, pending=b.pending, lag=b.lag,
                              last_delivered_id=b.last_delivered_id, reader=reader,
-                             dead_lettered=d.snapshots.dead_count(p.name, of)))
+                             dead_lettered=d.snapshots.dead_count(p.name, of),
+                             clock_skew_ms=d.clock_skews.of(p.name, b.stream)))
     return listed, None

@@ -49,6 +49,7 @@ from sightstream.prompts import PromptBook, PromptStore
 from sightstream.redis_conn import close_client, make_client, safe_url
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
+from sightstream.stages.clock_skew import ClockSkews
 from sightstream.stages.decoder import Decoder
 from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped, wait_or_stop
 from sightstream.stages.gpu_jpeg import nvjpeg_decoder
@@ -133,6 +134,7 @@ class Daemon:
         self._host_pool: ThreadPoolExecutor | None = None
         self.adhoc: AdhocBatcher | None = None  # /predict uploads and jobs
         self.snapshots = Snapshots(settings.control.page_sources)  # the live page's latest frames
+        self.clock_skews = ClockSkews()  # producers' clocks, as their frames' ts show them
         # the live page's drawings: one thread of their own, never the decoders'
         self.page_pool = ThreadPoolExecutor(1, thread_name_prefix="page")
         self._closed = False
@@ -343,7 +345,8 @@ class Daemon:
         # live mode: what a read admits under overload (stages/queue_wait.py)
         waits = QueueWait(p.batch_size, p.max_age_ms) if p.max_age_ms else None
         admission = Admission(p, in_flight, read_q, self._outcomes, self.metrics, self.client,
-                              self.stop_event, on_read=self.snapshots.frames_read, waits=waits)
+                              self.stop_event, on_read=self.snapshots.frames_read, waits=waits,
+                              skews=self.clock_skews)
         common = (p, self.client, self._consumer_name, admission, in_flight, self.metrics, self.stop_event)
         stateful = self.catalogue.get(p.model).task == "track"
         leases = SourceLeases(self.client, p.name, self.consumer,

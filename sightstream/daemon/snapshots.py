@@ -45,7 +45,7 @@ class Snapshot:
             f = self.fields
             self._described = {
                 "pipeline": self.pipeline, "source": self.source, "seq": self.seq, "version": self.version,
-                "ts_ms": self.ts_ms, "latency_ms": self.published_ms - self.ts_ms,
+                "ts_ms": self.ts_ms, "latency_ms": max(0, self.published_ms - self.ts_ms),  # as results do
                 "model": _text(f.get("model")), "task": _text(f.get("task")),
                 "prompt_version": int(f["prompt_version"]) if "prompt_version" in f else None,
                 "summary": summarize(json.loads(f.get("result", "{}"))),

@@ -23,8 +23,9 @@ from redis.exceptions import RedisError, ResponseError
 from sightstream import keys, log
 from sightstream.config import PipelineSettings
 from sightstream.errors import FrameError
-from sightstream.frames import Acked, DeadLettered, Frame, entry_ms, is_stale
+from sightstream.frames import Acked, DeadLettered, Frame, arrival_ms, entry_ms, is_stale
 from sightstream.metrics import Metrics
+from sightstream.stages.clock_skew import ClockSkews
 from sightstream.stages.flow import InFlight, RedisRetry, Stopped, wait_or_stop
 from sightstream.stages.queue_wait import QueueWait
 
@@ -54,8 +55,10 @@ class Admission:
         self, pipeline: PipelineSettings, in_flight: InFlight, out: asyncio.Queue,
         outcomes: asyncio.Queue, metrics: Metrics, client: Redis, stop: asyncio.Event,
         on_read: Callable[[str, str, int], None] | None = None, waits: QueueWait | None = None,
+        skews: ClockSkews | None = None,
     ) -> None:
         self._p = pipeline
+        self._skews = skews
         self._waits = waits  # live mode: a frame that would be stale by the time it reaches the device
         self._on_read = on_read  # (pipeline, stream, frames): the live page's per-source rates
         self._in_flight = in_flight
@@ -83,6 +86,7 @@ class Admission:
         stale = 0
         read: list[Frame] = []
         kept: list[Frame] = []
+        clocked: Frame | None = None  # the last frame parsed
         # Live mode under overload: a tighter age, and a share of the queue (stages/queue_wait.py)
         max_age_ms, room = self._p.max_age_ms, None
         if max_age_ms and self._waits is not None:
@@ -91,7 +95,7 @@ class Admission:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
             frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
-                          deliveries=times, generation=self.generations.get(stream, 0))
+                          arrival_ms(entry_id), deliveries=times, generation=self.generations.get(stream, 0))
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
             read.append(frame)
@@ -103,12 +107,17 @@ class Admission:
             parse = frame.parse_upstream_result if self._p.prompt_from else frame.parse_fields
             if not await self._checked(frame, parse):
                 continue
+            clocked = frame
             if is_stale(frame, max_age_ms):  # dropped as read: it takes no turn downstream
                 stale += 1
                 await self._outcomes.put(Acked(frame, "stale"))
                 continue
             kept.append(frame)
         aged = stale
+        # the producer's clock, by the last frame of the read (one stream's): once per read
+        if self._skews is not None and clocked is not None and clocked.arrived_ms is not None \
+                and not self._p.prompt_from:
+            self._skews.note(self._p.name, stream, clocked.ts_ms - clocked.arrived_ms)
         if room is not None and len(kept) > max(0, room):  # past its share: skip to its newest
             skipped, kept = (kept[:-room], kept[-room:]) if room > 0 else (kept, [])
             stale += len(skipped)

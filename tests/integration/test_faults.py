@@ -221,16 +221,23 @@ async def test_frames_trimmed_while_processed_keep_one_outcome_each(redis_url, s
 
 
 async def test_live_mode_drops_stale_frames(redis_url, sync_redis, tmp_path, gradient):
-    old = int(time.time() * 1000) - 60_000
-    stale = publish(sync_redis, "frames:{live}", 5, encode(gradient), ts=str(old))
-    fresh = publish(sync_redis, "frames:{live}", 2, encode(gradient))
+    """A frame's age counts from when it reached Redis (its entry ID), not from its `ts`: a
+    camera whose clock was 2 s behind lost every frame in live mode, one ahead had its backlog
+    served."""
+    jpeg, now = encode(gradient), int(time.time() * 1000)
+    # a backlog written a minute ago (the IDs Redis gave them then), one of its cameras' clock ahead
+    stale = [sync_redis.xadd("frames:{live}", {"image": jpeg, **({"ts": str(now + 30_000)} if i % 2 else {})},
+                             id=f"{now - 60_000}-{i}").decode() for i in range(5)]
+    fresh = publish(sync_redis, "frames:{live}", 2, jpeg)
+    behind = publish(sync_redis, "frames:{live}", 2, jpeg, ts=str(now - 60_000))  # its clock a minute behind
     settings = settings_for(redis_url, tmp_path, [{"max_age_ms": 5000}])
     async with running(settings) as d:
         dropped = d.metrics.frames_acked.labels("people", "stale")
         await wait_for(lambda: pending(sync_redis, "frames:{live}") == 0
-                       and counts(sync_redis, "frames:{live}")[0] == 2 and dropped._value.get() >= 5)
+                       and counts(sync_redis, "frames:{live}")[0] == 4 and dropped._value.get() >= 5)
     assert dropped._value.get() == 5 and stale
-    assert {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{live}")} == set(fresh)
+    published = {f["frame_id"].decode() for _, f in entries(sync_redis, "results:people:frames:{live}")}
+    assert published == set(fresh + behind)
 
 
 
@@ -241,10 +248,10 @@ async def test_live_mode_catches_up_with_a_camera_that_fell_behind(redis_url, sy
     pace while the other camera's fresh frames took their turns: every frame it read was stale,
     and that camera got no result for minutes. Dropped as they are read, stale frames cost nothing."""
     jpeg = encode(gradient)
-    old = str(int(time.time() * 1000) - 60_000)
+    old = int(time.time() * 1000) - 60_000
     pipe = sync_redis.pipeline()
-    for _ in range(2000):  # the burst, long stale
-        pipe.xadd("frames:{behind}", {"image": jpeg, "ts": old})
+    for i in range(2000):  # the burst, long stale (written a minute ago: the IDs Redis gave them then)
+        pipe.xadd("frames:{behind}", {"image": jpeg}, id=f"{old}-{i}")
     for _ in range(10):  # the other camera has frames waiting from the start
         pipe.xadd("frames:{ahead}", {"image": jpeg})
     pipe.execute()

@@ -64,3 +64,31 @@ async def test_lag_after_a_producers_trim_is_what_is_left_to_read(redis_url, syn
         assert after.lag == 0 and after.pending == 8  # Redis says 2, and goes on saying it
     finally:
         await client.aclose()
+
+
+async def test_a_camera_whose_clock_is_off_is_named_with_its_skew(redis_url, sync_redis, tmp_path, gradient):
+    """A camera a day behind read as a day late in every latency figure (and fired the latency
+    alert), one ahead as 0 ms; nothing named the camera or its clock."""
+    import time
+
+    from structlog.testing import capture_logs
+
+    image, now = encode(gradient), int(time.time() * 1000)
+    with capture_logs() as logged:
+        async with serving(settings_for(redis_url, tmp_path)) as (d, client):
+            for stream, offset in (("frames:{behind}", -86_400_000), ("frames:{ahead}", 30_000),
+                                   ("frames:{right}", 0)):
+                for _ in range(3):
+                    sync_redis.xadd(stream, {"image": image, "ts": str(now + offset)})
+            await wait_for(lambda: all(sync_redis.xlen(f"results:people:frames:{{{s}}}") == 3
+                                       for s in ("behind", "ahead", "right")))
+            sources = {s["stream"]: s for s in (await (await client.get("/pipelines/people")).json())["sources"]}
+            tiles = {s["source"]: s for s in (await (await client.get("/sources")).json())["sources"]}
+    assert -86_410_000 < sources["frames:{behind}"]["clock_skew_ms"] < -86_390_000
+    assert 20_000 < sources["frames:{ahead}"]["clock_skew_ms"] <= 30_000
+    assert abs(sources["frames:{right}"]["clock_skew_ms"]) < 2_000
+    said = {e["source"]: e for e in logged if e["event"] == "source_clock_skew"}
+    assert sorted(e["source"] for e in logged if e["event"] == "source_clock_skew") == sorted(said) \
+        == ["frames:{ahead}", "frames:{behind}"]
+    assert "1.0 days before they reached Redis" in said["frames:{behind}"]["problem"]
+    assert tiles["frames:{ahead}"]["latency_ms"] == 0  # as its results say, not -30 s

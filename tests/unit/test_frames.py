@@ -35,7 +35,10 @@ def test_ts_defaults_to_the_entry_id_time():
 def test_ts_and_meta_are_taken_from_fields():
     f = parsed("p", "s", "1-0", {b"image": b"x", b"ts": b"42", b"meta": b'{"a": [1]}'})
     assert f.ts_ms == 42 and f.meta == b'{"a": [1]}'
-    assert parsed("p", "s", "1-0", {b"image": b"x", b"ts": str(2**53 - 1).encode()}).ts_ms == 2**53 - 1
+    assert parsed("p", "s", "1-0", {b"image": b"x", b"ts": str(10**14 - 1).encode()}).ts_ms == 10**14 - 1
+    # time.time() * 1000 written as it is: the fraction is cut off (every frame was dead-lettered)
+    for written in (b"1795751715813.5", b"1795751715813.0", b"1795751715813."):
+        assert parsed("p", "s", "1-0", {b"image": b"x", b"ts": written}).ts_ms == 1795751715813
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,12 @@ def test_ts_and_meta_are_taken_from_fields():
         ({b"image": b"x", b"ts": "٣".encode()}, "bad_fields"),
         ({b"image": b"x", b"meta": b'{"a": "\xff"}'}, "bad_fields"),
         ({b"image": b"x", b"ts": str(2**53).encode()}, "bad_fields"),  # past JSON's exact integers
+        # microseconds: 100 of 100 frames kept at fps 2, never stale in live mode, latency 0
+        ({b"image": b"x", b"ts": b"1795751715813000"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"1.795e12"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b".5"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"5.5.5"}, "bad_fields"),
+        ({b"image": b"x", b"ts": b"5.-5"}, "bad_fields"),
         # deep enough that Python's JSON reader gives up (a RecursionError stopped the daemon)
         ({b"image": b"x", b"meta": b'{"a":' * 5000 + b"1" + b"}" * 5000}, "bad_fields"),
         ({b"image": b"x", b"meta": b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}"}, "bad_fields"),
