@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from sightstream import keys, log
 from sightstream.errors import SightstreamError
+from sightstream.redis_conn import Script
 
 _log = log.get(__name__)
 
@@ -207,9 +208,9 @@ class PromptStore:
     def __init__(self, client: Redis, configured: dict[str, str]) -> None:
         self._client = client
         self.configured = configured
-        self._change = client.register_script(CHANGE)
-        self._apply = client.register_script(APPLY_CONFIG)
-        self._restore = client.register_script(RESTORE)
+        self._change = Script(client, CHANGE)
+        self._apply = Script(client, APPLY_CONFIG)
+        self._restore = Script(client, RESTORE)
 
     async def apply_config(self, pipelines: list[str]) -> None:
         """Write each pipeline's configured prompt as version 1 if it has none yet, or as a new
@@ -249,8 +250,9 @@ class PromptStore:
                   keys.PROMPT_CHANNEL, pipeline])
         if status == b"restored":
             _log.warning("prompt_restored", pipeline=pipeline, version=int(version),
-                         why="Redis had lost it (a restart without persistence?): written back from "
-                             "this daemon's copy, the versions before it lost")
+                         why="Redis had lost it (a restart without persistence? a maxmemory-policy "
+                             "that evicts keys?): written back from this daemon's copy, the versions "
+                             "before it lost")
         return await self.get(pipeline)
 
     def _current(self, pipeline: str, data: dict[Any, Any]) -> PromptVersion:

@@ -15,7 +15,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
+    NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -24,7 +26,9 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from sightstream import keys
+from sightstream import keys, log
+
+_log = log.get(__name__)
 
 BLOCK_MS = 1000  # XREADGROUP BLOCK: short, so a stop or a new stream is noticed quickly
 # What a Redis going away (a restart, a failover, still loading its data) raises, as against a
@@ -184,21 +188,71 @@ def lua_xadd(stream: str, maxlen: str, first: int) -> str:
             f"else\n  redis.call('XADD', {stream}, 'MAXLEN', '~', {maxlen}, '*', unpack(ARGV, {first}))\nend")
 
 
+def refused_for_good(error: BaseException) -> bool:
+    """Redis refuses the command itself, whatever its keys: not allowed to this user (ACL:
+    NOPERM) or not there (`rename-command … ""`). Trying again changes nothing."""
+    if isinstance(error, NoPermissionError):
+        return True
+    return isinstance(error, ResponseError) and str(error).lower().startswith(("unknown command", "noperm"))
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Redis at `maxmemory` refusing a write (OOM): it passes once memory is freed. (redis-py
+    takes the OOM code off a plain reply, not off a script's or a pipeline's.)"""
+    return isinstance(error, OutOfMemoryError) or (
+        isinstance(error, ResponseError) and "used memory > 'maxmemory'" in str(error))
+
+
 class Lua:
     """A Lua script sent by its SHA in pipelines. redis-py's Script objects make every
     pipelined round ask SCRIPT EXISTS first, one more round trip each time; here the script is
-    loaded only when Redis answers NOSCRIPT (a restarted Redis), and the caller retries."""
+    loaded only when Redis answers NOSCRIPT (a restarted Redis), and the caller retries.
+
+    Where Redis refuses SCRIPT LOAD (renamed away, a common hardening, or not in the user's
+    ACL while EVAL is), the script is sent whole with each call (EVAL) from then on."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.by_source = False
 
     def queue(self, pipe: Any, keys: list[Any], args: list[Any]) -> None:
         # execute_command: a cluster pipeline refuses `evalsha()` by name, not the command
-        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        if self.by_source:
+            pipe.execute_command("EVAL", self.source, len(keys), *keys, *args)
+        else:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, client: Redis) -> None:
-        await client.script_load(self.source)  # on a cluster: on every primary
+        if self.by_source:
+            return
+        try:
+            await client.script_load(self.source)  # on a cluster: on every primary
+        except ResponseError as e:
+            if not refused_for_good(e):
+                raise
+            self.by_source = True
+            _log.warning("redis_script_load_refused", error=str(e),
+                         consequence="each call of this script sends it whole (EVAL)")
+
+
+class Script(Lua):
+    """A script called on its own, as redis-py's `register_script` makes one, falling back to
+    EVAL as Lua does."""
+
+    def __init__(self, client: Redis, source: str) -> None:
+        super().__init__(source)
+        self._client = client
+
+    async def __call__(self, keys: list[Any] | tuple = (), args: list[Any] | tuple = ()) -> Any:
+        if not self.by_source:
+            try:
+                return await self._client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self.load(self._client)
+        if self.by_source:
+            return await self._client.eval(self.source, len(keys), *keys, *args)
+        return await self._client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 async def close_client(client: Any) -> None:

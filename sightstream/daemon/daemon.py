@@ -46,7 +46,7 @@ from sightstream.models.catalogue import Catalogue, Entry
 from sightstream.models.input_shape import InputShape
 from sightstream.models.manager import ModelManager
 from sightstream.prompts import PromptBook, PromptStore
-from sightstream.redis_conn import close_client, make_client, safe_url
+from sightstream.redis_conn import close_client, make_client, out_of_memory, refused_for_good, safe_url
 from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.clock_skew import ClockSkews
@@ -435,6 +435,8 @@ class Daemon:
         try:
             return await self._lease.acquire()
         except ResponseError as e:
+            if out_of_memory(e):  # it passes once memory is freed: waited out (it was exit 1)
+                raise
             raise SightstreamError(f"redis refused this daemon's consumer lease: {e}") from None
 
     async def _wait_for_redis(self) -> bool:
@@ -443,7 +445,9 @@ class Daemon:
         retry = RedisRetry("start", self.metrics, self.stop_event, url=url)
         try:
             await retry.call(self.client.ping)
-            cluster = (await retry.call(lambda: self.client.info("cluster"))).get("cluster_enabled")
+            cluster = (await retry.call(lambda: self._info("cluster"))).get("cluster_enabled")
+            await retry.call(self._check_scripting)
+            memory = await retry.call(lambda: self._info("memory"))
         except Stopped:
             return False
         except RedisClusterException as e:  # redis_cluster = true, and the server is not one
@@ -451,7 +455,36 @@ class Daemon:
                               f"({e})") from None
         if cluster and not self.settings.redis_cluster:
             raise ConfigError(f"{url} is a Redis Cluster node: set redis_cluster = true")
+        policy = memory.get("maxmemory_policy")
+        if memory.get("maxmemory") and policy not in (None, "noeviction"):
+            _log.warning("redis_evicts_keys", maxmemory_policy=policy, maxmemory=memory.get("maxmemory"),
+                         consequence="at maxmemory Redis deletes keys: frames not yet read, consumer groups, "
+                                     "results, prompts and jobs, without a word",
+                         hint="set maxmemory-policy noeviction (docs/operations.md, 'The Redis it needs')")
         return True
+
+    async def _info(self, section: str) -> dict[str, Any]:
+        """INFO's section, or nothing where this daemon's Redis user may not ask (`-@dangerous`
+        takes INFO away: the start waited for ever, saying only "workers are not up")."""
+        try:
+            return dict(await self.client.info(section))
+        except ResponseError as e:
+            if refused_for_good(e):
+                return {}
+            raise
+
+    async def _check_scripting(self) -> None:
+        """Results are written with their acknowledgement by a Lua script: a Redis user without
+        scripting (`-@scripting`) left every frame pending, for ever, while ready said 200."""
+        try:
+            await self.client.eval("return 1", 0)
+        except ResponseError as e:
+            if refused_for_good(e):
+                raise ConfigError(
+                    f"redis refuses Lua scripts (EVAL) to this daemon's user ({e}): each result is "
+                    "written with its frame's acknowledgement by a script; allow +@scripting "
+                    "(docs/operations.md, 'The Redis it needs')") from None
+            raise
 
     async def stop(self) -> None:
         """Graceful drain, bounded by shutdown_timeout_s; then cancel what is left."""
@@ -543,11 +576,16 @@ class Daemon:
             if cluster:
                 info = await asyncio.wait_for(self.client.execute_command("CLUSTER INFO"), 1.0)
                 return None if info.get("cluster_state") == "ok" else down  # redis-py parses it into a dict
-            return None if await asyncio.wait_for(self.client.ping(), 1.0) else down
+            if not await asyncio.wait_for(self.client.ping(), 1.0):
+                return down
         except AuthenticationError as e:  # a wrong or rotated password: not a network fault
             return f"redis refused this daemon's credentials (redis_url): {e}"
-        except (TimeoutError, RedisError, OSError):
-            return down
+        except TimeoutError:
+            return f"{down}: no answer within 1 s"
+        except (RedisError, OSError) as e:  # what went wrong: a TLS certificate said only "unreachable"
+            return f"{down}: {e or type(e).__name__}"
+        # at maxmemory Redis answers but takes no result: nothing this daemon does gets done
+        return self.publisher.write_problem if self.publisher is not None else None
 
     def pipelines(self) -> list[dict[str, Any]]:
         out = []

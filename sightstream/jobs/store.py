@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from sightstream import keys
 from sightstream.errors import SightstreamError
-from sightstream.redis_conn import Lua, lua_xadd
+from sightstream.redis_conn import Lua, Script, lua_xadd
 
 FINISHED = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "running", *FINISHED)
@@ -298,17 +298,17 @@ class JobStore:
     def __init__(self, client: Redis, ttl_s: float) -> None:
         self._client = client
         self.ttl_s = max(1, round(ttl_s))  # whole seconds for EXPIRE; 0 would delete at once
-        self._create = client.register_script(CREATE)
-        self._start = client.register_script(START)
+        self._create = Script(client, CREATE)
+        self._start = Script(client, START)
         self.publish_script = Lua(PUBLISH)  # sent in pipelined rounds (run_pipelined)
-        self._progress = client.register_script(PROGRESS)
-        self._finish = client.register_script(FINISH)
-        self._cancel = client.register_script(CANCEL)
-        self._summary = client.register_script(SUMMARY)
-        self._note_waiting = client.register_script(NOTE_WAITING)
-        self._let_go = client.register_script(LET_GO)
-        self._free_own = client.register_script(FREE_OWN)
-        self._orphaned = client.register_script(ORPHANED)
+        self._progress = Script(client, PROGRESS)
+        self._finish = Script(client, FINISH)
+        self._cancel = Script(client, CANCEL)
+        self._summary = Script(client, SUMMARY)
+        self._note_waiting = Script(client, NOTE_WAITING)
+        self._let_go = Script(client, LET_GO)
+        self._free_own = Script(client, FREE_OWN)
+        self._orphaned = Script(client, ORPHANED)
 
     async def create(self, spec: JobSpec) -> Job:
         job, _ = await self._write(spec, new_id())

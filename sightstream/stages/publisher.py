@@ -37,11 +37,13 @@ from sightstream.frames import (
     now_ms,
 )
 from sightstream.metrics import Children, Metrics
-from sightstream.redis_conn import Lua, lua_xadd, run_pipelined
+from sightstream.redis_conn import Lua, lua_xadd, out_of_memory, run_pipelined
 from sightstream.stages.flow import STOP, RedisRetry, Stopped, backoff_s, drain_nowait
 
 _log = log.get(__name__)
 DROP_LOG_EVERY_S = 10.0
+OOM_RETRY_MAX_S = 5.0  # a write Redis refused for want of memory is tried again at least this often
+OOM_SAY_EVERY_S = 30.0
 RECENT = 1000  # latencies kept per pipeline
 
 # KEYS: source stream, output stream. ARGV: group, maxlen (0: no cap), the output's TTL in ms
@@ -132,6 +134,9 @@ class Publisher:
         # The latest results' latencies per pipeline, for GET /pipelines' percentiles.
         self.recent_latency_ms: dict[str, deque[int]] = {}
         self._retries: list[_Retry] = []  # refused writes, tried again when due
+        # Redis at maxmemory refused the latest write, until one goes through (readiness says it)
+        self.write_problem: str | None = None
+        self._oom_said = -OOM_SAY_EVERY_S
         self._tries: dict[Frame, int] = {}  # refused writes so far, per frame
         self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
         self._dropped_logged = 0.0
@@ -189,6 +194,8 @@ class Publisher:
             return
         now = now_ms()
         published: dict[str, int] = {}  # per pipeline: counted once per round
+        if self.write_problem is not None and any(not isinstance(r, ResponseError) for r in replies):
+            self.write_problem = None  # a write went through: Redis takes them again
         for outcome, reply, pending in zip(outcomes, replies, was_pending):
             if isinstance(reply, ResponseError):
                 self._refused(outcome, reply)  # still pending: tried again, then dead-lettered
@@ -235,6 +242,22 @@ class Publisher:
         reason = str(error).split(" script: ")[0]  # Redis appends the script's SHA and line
         self._metrics.publish_failures.labels(f.pipeline).inc()
         loop = asyncio.get_running_loop()
+        if out_of_memory(error):
+            self.write_problem = f"redis is out of memory: results cannot be written ({reason})"
+            # Redis at maxmemory: no fault of the frame, and it passes once memory is freed.
+            # The frame is held and its write tried again until then (its tries were counted
+            # as for a key collision: 12 s of it dead-lettered results computed meanwhile, at
+            # 5 tries), so its reader reads no more once max_in_flight frames wait.
+            self._tries[f] = tries
+            self._retries.append(_Retry(loop.time() + min(OOM_RETRY_MAX_S, backoff_s(tries + 2)), o))
+            now = time.monotonic()
+            if now - self._oom_said >= OOM_SAY_EVERY_S:
+                self._oom_said = now
+                _log.warning("redis_out_of_memory", pipeline=f.pipeline, source=f.source, error=reason,
+                             waiting=len(self._retries),
+                             consequence="results wait, their frames held, until Redis has room; "
+                                         "nothing is dead-lettered for it")
+            return
         if tries < self._max_deliveries.get(f.pipeline, 5):
             self._tries[f] = tries
             # 0.4 s doubling (with jitter): a Redis that is briefly out of memory gets seconds
