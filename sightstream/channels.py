@@ -49,7 +49,7 @@ async def follow_channel(
                     await _survive(tick(), channel)
                     next_tick = loop.time() + tick_s
         except (RedisError, OSError) as e:
-            if refused_for_good(e):
+            if refused_for_good(e) and any(w in str(e).lower() for w in ("channel", "subscribe")):
                 await pubsub.aclose()
                 if not await _poll_only(channel, e, retry, stop, tick, tick_s):
                     return

@@ -61,9 +61,6 @@ class Frame:
     entry_id: str
     fields: dict[bytes, bytes]
     ts_ms: int
-    # When the entry reached Redis (arrival_ms): live mode ages a frame from then, whatever
-    # the producer's clock says. None: a frame from no stream (decoded here: its ts is ours).
-    arrived_ms: int | None = None
     meta: bytes | None = None
     deliveries: int = 1
     release: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -85,6 +82,9 @@ class Frame:
     # outcome already (dropped, sampled out, dead-lettered), held until it is acknowledged.
     at_device: bool = False
     settled: bool = False
+    # When the entry reached Redis (arrival_ms): live mode ages a frame from then, whatever
+    # the producer's clock says. None: a frame from no stream (decoded here: its ts is ours).
+    arrived_ms: int | None = None
 
     @property
     def source(self) -> str:
@@ -130,6 +130,10 @@ class Frame:
                                            "[x1, y1, x2, y2], numbers with x1 <= x2 and y1 <= y2")
         self.ts_ms = _checked_ts(ts)  # as a producer's
         self.origin = (source, frame_id)
+        try:  # live mode ages it from when the frame itself reached Redis, not its upstream result
+            self.arrived_ms = arrival_ms(frame_id)
+        except ValueError:  # a job's frame (its index): its ts, taken by the daemon that read it
+            self.arrived_ms = None
         self.detections = detections
         self.meta = _checked_meta(fields.get(b"meta"))  # it is copied into this pipeline's result
 
@@ -140,7 +144,7 @@ def _checked_ts(ts: bytes) -> int:
     whole, dot, fraction = ts.partition(b".")
     if not whole.isdigit() or not whole.isascii() or (dot and fraction and not fraction.isdigit()):
         # int() would take "+5", " 5" and "1_000"
-        raise FrameError("bad_fields", f"`ts` must be integer ms since the epoch, got {ts[:40]!r}")
+        raise FrameError("bad_fields", f"`ts` must be ms since the epoch (digits), got {ts[:40]!r}")
     if len(whole) > 20 or int(whole) > MAX_TS_MS:
         raise FrameError("bad_fields", f"`ts` must be ms since the epoch, from 0 to {MAX_TS_MS} (the year "
                                        f"5138); got {ts[:40]!r}: microseconds or nanoseconds?")

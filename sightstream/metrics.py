@@ -45,6 +45,8 @@ class Children:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, pipelines: Sequence[str] = ()) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # when Redis last refused a write for want of memory (monotonic): readiness says so
+        self.redis_oom_at = float("-inf")
         self.frames_in = Counter(
             "sightstream_frames_in", "Frames read from input streams", ["pipeline"], registry=r
         )

@@ -153,10 +153,15 @@ async def load(request: web.Request) -> web.Response:
         devices = where or [min(d.devices, key=d.manager.used_mb)]
     else:
         devices = [device]
-    try:
-        answers = [await d.worker_for(dev, model).load(model) for dev in devices]
-    except ModelError as e:
-        raise model_error(e) from None
+    answers: list[dict] = []
+    for dev in devices:
+        try:
+            answers.append(await d.worker_for(dev, model).load(model))
+        except ModelError as e:
+            if answers:  # a reload done on some devices: they run the new file now
+                e.args = (f"{e}; on {', '.join(a['device'] for a in answers)} the model was loaded "
+                          "(from its new file, where it changed) before this",)
+            raise model_error(e) from None
     return reply(LoadedModel(**answers[0]))
 
 

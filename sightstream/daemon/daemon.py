@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -64,6 +65,7 @@ from sightstream.stages.source_leases import SourceLeases
 from sightstream.stages.worker import Worker
 
 _log = log.get(__name__)
+OOM_RECENT_S = 10.0  # a write refused for want of memory this recently: not ready (retried every 5 s at most)
 # Tasks whose frames may be decoded at a reduced scale: their results hold no pixel maps.
 DRAFT_TASKS = frozenset({"detect", "classify", "caption", "vqa"})
 
@@ -457,9 +459,11 @@ class Daemon:
             raise ConfigError(f"{url} is a Redis Cluster node: set redis_cluster = true")
         policy = memory.get("maxmemory_policy")
         if memory.get("maxmemory") and policy not in (None, "noeviction"):
+            lost = "keys with a TTL: consumer and job leases, sampling keys, results with result_ttl_s" \
+                if str(policy).startswith("volatile") else \
+                "frames not yet read, consumer groups, results, prompts, jobs and leases"
             _log.warning("redis_evicts_keys", maxmemory_policy=policy, maxmemory=memory.get("maxmemory"),
-                         consequence="at maxmemory Redis deletes keys: frames not yet read, consumer groups, "
-                                     "results, prompts and jobs, without a word",
+                         consequence=f"at maxmemory Redis deletes {lost}, without a word",
                          hint="set maxmemory-policy noeviction (docs/operations.md, 'The Redis it needs')")
         return True
 
@@ -575,17 +579,20 @@ class Daemon:
         try:
             if cluster:
                 info = await asyncio.wait_for(self.client.execute_command("CLUSTER INFO"), 1.0)
-                return None if info.get("cluster_state") == "ok" else down  # redis-py parses it into a dict
-            if not await asyncio.wait_for(self.client.ping(), 1.0):
+                if info.get("cluster_state") != "ok":  # redis-py parses it into a dict
+                    return down
+            elif not await asyncio.wait_for(self.client.ping(), 1.0):
                 return down
         except AuthenticationError as e:  # a wrong or rotated password: not a network fault
             return f"redis refused this daemon's credentials (redis_url): {e}"
         except TimeoutError:
             return f"{down}: no answer within 1 s"
         except (RedisError, OSError) as e:  # what went wrong: a TLS certificate said only "unreachable"
-            return f"{down}: {e or type(e).__name__}"
-        # at maxmemory Redis answers but takes no result: nothing this daemon does gets done
-        return self.publisher.write_problem if self.publisher is not None else None
+            return f"{down}: {str(e) or type(e).__name__}"
+        # at maxmemory Redis answers but takes no write: no result gets written
+        if time.monotonic() - self.metrics.redis_oom_at < OOM_RECENT_S:
+            return "redis is out of memory (maxmemory): it refuses writes, results wait"
+        return None
 
     def pipelines(self) -> list[dict[str, Any]]:
         out = []

@@ -39,7 +39,7 @@ from sightstream.jobs.sources import Source, allowed_roots
 from sightstream.jobs.store import Job, JobStore, now_iso
 from sightstream.metrics import JOBS_LABEL, Metrics
 from sightstream.prompts import Prompt
-from sightstream.redis_conn import run_pipelined
+from sightstream.redis_conn import out_of_memory, run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
 from sightstream.stages.flow import worth_logging
@@ -50,7 +50,8 @@ from sightstream.stages.worker import InferenceTimeout, ModelPaused, NotRun
 _log = log.get(__name__)
 WATCH_EVERY_S = 0.5
 READ_LIMIT_S = 3.0  # a stream read blocks 1 s; past this it is given up and the job's state checked
-STREAM_BUCKETS_KEPT = 256  # capture-time buckets a redis:// source remembers (fps 2: 2 min, as pipelines)
+STREAM_BUCKETS_S = 120.0  # how long a redis:// source's job remembers a capture-time bucket taken
+STREAM_BUCKETS_KEPT = 4096  # and how many at most
 PAUSE_LOOK_S = 0.5  # a paused pipeline's video input looks this often whether it goes on
 NOT_RUN_TRIES = 3  # a frame that never reached its model (a stuck call on its device) is sent this often
 END: Any = object()  # the reader's last word to the publishing task
@@ -357,10 +358,11 @@ class JobRun:
         key = self._source.location
         try:
             last = self.job.last_position or await self._stream_end(key)
-            # the capture-time buckets taken lately: a frame whose ts comes out of order (two
-            # producers, a clock stepped back) is not taken again in a bucket already served
-            # (only the last one was compared: twice the fps with pairwise swapped ts)
-            taken: OrderedDict[int, None] = OrderedDict()
+            # the capture-time buckets taken in the last STREAM_BUCKETS_S, as pipelines' sampling
+            # keys last: a frame whose ts comes out of order (two producers) is not taken again
+            # in a bucket already served (only the last one was compared: twice the fps with
+            # pairwise swapped ts), and a clock stepped back waits out that long at most
+            taken: OrderedDict[int, float] = OrderedDict()  # bucket -> when taken (monotonic)
             loop = asyncio.get_running_loop()
             while not self._done:
                 # Bounded: a read that never answers must not hold the job past its end or a
@@ -385,12 +387,14 @@ class JobRun:
                         except FrameError as e:
                             yield Item(None, last, error=e)
                             continue
+                        now = time.monotonic()
+                        while taken and (next(iter(taken.values())) < now - STREAM_BUCKETS_S
+                                         or len(taken) > STREAM_BUCKETS_KEPT):
+                            taken.popitem(last=False)
                         bucket = bucket_of(frame.ts_ms, self.job.spec.fps)
                         if bucket in taken:
                             continue
-                        taken[bucket] = None
-                        if len(taken) > STREAM_BUCKETS_KEPT:
-                            taken.popitem(last=False)
+                        taken[bucket] = now
                         try:
                             frame.image, frame.orig_size = await loop.run_in_executor(
                                 self._decode_pool, decode_frame, frame.fields, self._decode.max_pixels, None)
@@ -414,6 +418,26 @@ class JobRun:
     async def _publish(self, ready: list[tuple[int, Item, asyncio.Future[Outcome] | None]]) -> None:
         job = self.job
         entries = [(seq, item.position, *self._entry(item, future)) for seq, item, future in ready]
+        waits = 0
+        while True:
+            written = await self._publish_entries(entries, ready)
+            if written == len(entries):
+                break
+            # Redis at maxmemory refused the rest: it passes once memory is freed, so they wait
+            # (the job failed: a video input's results were lost for a short spell of OOM)
+            entries, ready = entries[written:], ready[written:]
+            waits += 1
+            self._metrics.redis_oom_at = time.monotonic()
+            if worth_logging(waits):
+                _log.warning("redis_out_of_memory", job=job.id, waits=waits,
+                             consequence="the job's results wait until Redis has room")
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(waits, 6)))
+        job.last_seq, job.last_position = ready[-1][0], ready[-1][1].position
+
+    async def _publish_entries(self, entries: list, ready: list) -> int:
+        """Write the entries in one round; how many were written before Redis refused one for
+        want of memory (all: none was). Raises JobFailed for any other refusal."""
+        job = self.job
 
         def fill(pipe: Any) -> None:
             for seq, position, stream, counter, fields, _ in entries:
@@ -422,8 +446,11 @@ class JobRun:
                                           fields)
 
         replies = await run_pipelined(self._client, fill, self._store.publish_script, raise_on_error=False)
-        for (_, _, stream, counter, fields, frame), reply, (_, item, _) in zip(entries, replies, ready):
+        for index, ((_, _, stream, counter, fields, frame), reply, (_, item, _)) in enumerate(
+                zip(entries, replies, ready)):
             if isinstance(reply, ResponseError):  # nothing of this item (or after it) was written
+                if out_of_memory(reply):
+                    return index
                 raise JobFailed(f"results cannot be written to {stream}: {str(reply).split(' script: ')[0]}")
             if fenced(reply) == 1 and counter == "processed":
                 self._metrics.frames_published.labels(self._label).inc()
@@ -435,7 +462,7 @@ class JobRun:
                 self._metrics.frames_dead_lettered.labels(self._label, fields["reason"]).inc()
                 if self._views is not None:
                     self._views.dead_lettered(frame)
-        job.last_seq, job.last_position = ready[-1][0], ready[-1][1].position
+        return len(entries)
 
     def _entry(self, item: Item, future: asyncio.Future[Outcome] | None
                ) -> tuple[str, str, dict[str, Any], Frame]:

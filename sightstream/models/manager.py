@@ -115,6 +115,7 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], Loaded] = {}
         self._retiring: list[tuple[str, Loaded]] = []  # copies a reload replaced, let go once idle (_retire)
         self._retirements: set[asyncio.Task] = set()
+        self._reloading: set[tuple[str, str]] = set()  # models whose new file is being loaded
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reserved_mb: dict[str, float] = {}  # device -> room promised to loads under way
         self._overdue: set[tuple[str, str]] = set()  # loads past load_timeout_s, still running
@@ -236,6 +237,7 @@ class ModelManager:
                 return current  # another reload took this file in meanwhile
             else:
                 self._check_not_overdue(key)
+                self._reloading.add(key)  # the running copy is neither unloaded nor evicted meanwhile
                 try:
                     new = await self._load_new(model_id, device, executor, keep=key, reload=True)
                 except ModelError as e:
@@ -243,6 +245,11 @@ class ModelManager:
                     e.args = (f"{e} (its file changed since model {model_id} was loaded on {device}: the "
                               f"copy loaded at {since}, from the file as it was then, stays in use)",)
                     raise
+                finally:
+                    self._reloading.discard(key)
+                if self._closed:  # the daemon stopped meanwhile: nothing is taken in
+                    _unload(new.adapter, model_id, device)
+                    return current
                 self._loaded[key] = new
                 self._retire(key, current)
                 return new
@@ -439,7 +446,8 @@ class ModelManager:
             )
         idle = sorted(
             (item for item in self._loaded.items()
-             if item[1].device == device and item[1].in_use == 0 and item[0] != keep),
+             if item[1].device == device and item[1].in_use == 0 and item[0] != keep
+             and item[0] not in self._reloading),
             key=lambda item: item[1].last_used,
         )
         taken = self.used_mb(device) + self._reserved_mb.get(device, 0.0)
@@ -494,6 +502,10 @@ class ModelManager:
             if mid == model_id and (device is None or dev == device) and (mid, dev) not in self._loaded \
                     and (lock.locked() or (mid, dev) in self._overdue):
                 raise ModelInUse(f"model {model_id} is being loaded on {dev}; try again once it is loaded")
+            if mid == model_id and (device is None or dev == device) and (mid, dev) in self._reloading:
+                # unloaded now, the reload would put the new copy back
+                raise ModelInUse(f"model {model_id} is being reloaded from its new file on {dev}; try "
+                                 "again once it is loaded")
         done = []
         for (mid, dev), entry in list(self._loaded.items()):
             if mid == model_id and (device is None or dev == device):
@@ -524,7 +536,7 @@ class ModelManager:
         cutoff = time.time() - inactive_seconds
         gone = []
         for (mid, dev), entry in list(self._loaded.items()):
-            if entry.in_use == 0 and entry.last_used <= cutoff:
+            if entry.in_use == 0 and entry.last_used <= cutoff and (mid, dev) not in self._reloading:
                 self.unload(mid, dev, reason="idle")
                 gone.append({"model": mid, "device": dev})
         return gone

@@ -56,6 +56,8 @@ def file_version(source: str) -> tuple[Any, ...]:
     def of(stat: os.stat_result) -> tuple[int, ...]:
         return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
+    if not source:  # no weights path (a plug-in's): not the working directory's files
+        return (source,)
     try:
         path = Path(source)
         if path.is_dir():

@@ -6,7 +6,8 @@ media time. FPS sampling works on any steady clock and live mode ages frames fro
 but latency (results' `latency_ms`, the latency histogram and its alert) counts from `ts`: a
 camera a day behind read as a day late, one ahead as 0 ms, and nothing named the camera. Each
 source's latest skew is shown (`GET /pipelines/{name}` → `sources[].clock_skew_ms`), and one
-past SKEW_WARN_MS is said (log `source_clock_skew`) once per source every SAY_EVERY_S.
+past SKEW_WARN_MS is said (log `source_clock_skew`) once per source every SAY_EVERY_S, whichever
+pipelines read it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ClockSkews:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._skew: OrderedDict[tuple[str, str], int] = OrderedDict()  # (pipeline, source) -> ms
-        self._said: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> when last said
+        self._said: OrderedDict[str, float] = OrderedDict()  # source -> when last said
 
     def note(self, pipeline: str, source: str, skew_ms: int) -> None:
         """A frame of `source` was read whose ts is `skew_ms` after its arrival (negative: before)."""
@@ -40,11 +41,11 @@ class ClockSkews:
         if abs(skew_ms) < SKEW_WARN_MS:
             return
         now = self._clock()
-        said = self._said.get(key)
+        said = self._said.get(source)
         if said is not None and now - said < SAY_EVERY_S:
             return
-        self._said[key] = now
-        self._said.move_to_end(key)
+        self._said[source] = now
+        self._said.move_to_end(source)
         if len(self._said) > MOST_SOURCES:
             self._said.popitem(last=False)
         way = "before" if skew_ms < 0 else "after"

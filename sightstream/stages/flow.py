@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -17,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sightstream import log
 from sightstream.frames import Frame
 from sightstream.metrics import Metrics
+from sightstream.redis_conn import out_of_memory
 
 T = TypeVar("T")
 _log = log.get(__name__)
@@ -224,6 +226,8 @@ class RedisRetry:
         """Count and log a failure (for loops with a cadence of their own, which do not back off)."""
         self.failures += 1
         self._metrics.redis_errors.labels(self.op).inc()
+        if out_of_memory(error):  # a sampling claim, a group to make, a lease: readiness says so
+            self._metrics.redis_oom_at = time.monotonic()
         if worth_logging(self.failures):
             unreachable = isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError))
             _log.warning("redis_unreachable" if unreachable else "redis_error", op=self.op,

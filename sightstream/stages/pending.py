@@ -23,7 +23,7 @@ from redis.exceptions import RedisError, ResponseError
 from sightstream import keys, log
 from sightstream.config import PipelineSettings
 from sightstream.errors import FrameError
-from sightstream.frames import Acked, DeadLettered, Frame, arrival_ms, entry_ms, is_stale
+from sightstream.frames import Acked, DeadLettered, Frame, arrival_ms, entry_ms, is_stale, now_ms
 from sightstream.metrics import Metrics
 from sightstream.stages.clock_skew import ClockSkews
 from sightstream.stages.flow import InFlight, RedisRetry, Stopped, wait_or_stop
@@ -87,6 +87,7 @@ class Admission:
         read: list[Frame] = []
         kept: list[Frame] = []
         clocked: Frame | None = None  # the last frame parsed
+        read_at = now_ms()
         # Live mode under overload: a tighter age, and a share of the queue (stages/queue_wait.py)
         max_age_ms, room = self._p.max_age_ms, None
         if max_age_ms and self._waits is not None:
@@ -94,8 +95,10 @@ class Admission:
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             times = (deliveries or {}).get(entry_id, 1)
-            frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id),
-                          arrival_ms(entry_id), deliveries=times, generation=self.generations.get(stream, 0))
+            arrived = arrival_ms(entry_id)  # an ID ahead of now (a producer's own) counts from now
+            frame = Frame(self._p.name, stream, entry_id, fields or {}, entry_ms(entry_id), deliveries=times,
+                          generation=self.generations.get(stream, 0),
+                          arrived_ms=None if arrived is None else min(arrived, read_at))
             if not self._in_flight.hold(frame):
                 continue  # already being processed here
             read.append(frame)

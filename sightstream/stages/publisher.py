@@ -134,8 +134,7 @@ class Publisher:
         # The latest results' latencies per pipeline, for GET /pipelines' percentiles.
         self.recent_latency_ms: dict[str, deque[int]] = {}
         self._retries: list[_Retry] = []  # refused writes, tried again when due
-        # Redis at maxmemory refused the latest write, until one goes through (readiness says it)
-        self.write_problem: str | None = None
+        self._oom_waits: dict[Frame, int] = {}  # writes refused for want of memory, per frame
         self._oom_said = -OOM_SAY_EVERY_S
         self._tries: dict[Frame, int] = {}  # refused writes so far, per frame
         self._dropped: dict[str, int] = {}  # stale drops since the last log line, per pipeline
@@ -194,8 +193,6 @@ class Publisher:
             return
         now = now_ms()
         published: dict[str, int] = {}  # per pipeline: counted once per round
-        if self.write_problem is not None and any(not isinstance(r, ResponseError) for r in replies):
-            self.write_problem = None  # a write went through: Redis takes them again
         for outcome, reply, pending in zip(outcomes, replies, was_pending):
             if isinstance(reply, ResponseError):
                 self._refused(outcome, reply)  # still pending: tried again, then dead-lettered
@@ -207,6 +204,8 @@ class Publisher:
                 continue
             if self._tries:
                 self._tries.pop(outcome.frame, None)
+            if self._oom_waits:
+                self._oom_waits.pop(outcome.frame, None)
             # 1: written and acknowledged by this round; 0: another daemon or an earlier try did
             if reply and isinstance(outcome, Published):
                 name = outcome.frame.pipeline
@@ -243,13 +242,14 @@ class Publisher:
         self._metrics.publish_failures.labels(f.pipeline).inc()
         loop = asyncio.get_running_loop()
         if out_of_memory(error):
-            self.write_problem = f"redis is out of memory: results cannot be written ({reason})"
             # Redis at maxmemory: no fault of the frame, and it passes once memory is freed.
             # The frame is held and its write tried again until then (its tries were counted
             # as for a key collision: 12 s of it dead-lettered results computed meanwhile, at
-            # 5 tries), so its reader reads no more once max_in_flight frames wait.
-            self._tries[f] = tries
-            self._retries.append(_Retry(loop.time() + min(OOM_RETRY_MAX_S, backoff_s(tries + 2)), o))
+            # 5 tries), so its reader reads no more once max_in_flight frames wait. Such tries
+            # count apart: a refusal of another kind after them still gets max_deliveries.
+            self._metrics.redis_oom_at = time.monotonic()  # readiness says so
+            waits = self._oom_waits[f] = self._oom_waits.get(f, 0) + 1
+            self._retries.append(_Retry(loop.time() + min(OOM_RETRY_MAX_S, backoff_s(waits + 2)), o))
             now = time.monotonic()
             if now - self._oom_said >= OOM_SAY_EVERY_S:
                 self._oom_said = now
@@ -283,6 +283,7 @@ class Publisher:
             r.outcome.frame.release()
         self._retries.clear()
         self._tries.clear()
+        self._oom_waits.clear()
 
     async def _round(self, outcomes: list[Outcome]) -> list:
         """One pipelined round for the outcomes; a reply per outcome, in order: 1 (done), 0

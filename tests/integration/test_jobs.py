@@ -333,7 +333,7 @@ async def test_a_redis_stream_job(redis_url, sync_redis, tmp_path, videos, gradi
 async def test_a_redis_stream_job_samples_frames_whose_ts_come_out_of_order_once_per_bucket(
         redis_url, sync_redis, tmp_path, videos, gradient):
     """Pairwise swapped capture times (two producers on one stream): the job compared each
-    frame with the last one taken only, and took twice its fps (21 of 50 at fps 2 over 5 s)."""
+    frame with the last one taken only, and took twice its fps (16 of 40 at fps 2 over 4 s)."""
     async with serving(job_settings(redis_url, tmp_path, videos)) as (d, client):
         job_id = await submit(client, source="redis://cams:{swapped}", fps=2, max_frames=100)
         await until_status(client, job_id, "running")

@@ -106,12 +106,11 @@ async def test_redis_at_maxmemory_holds_results_until_it_has_room(server, admin,
             await asyncio.sleep(4)  # two tries were given up after ~1 s
             r = await http.get("/health/ready")
             problems = (await r.json())["problems"]
-            assert r.status == 503 and problems[0].startswith("redis is out of memory: results cannot be "
-                                                              "written (OOM"), problems
+            assert r.status == 503 and problems == ["redis is out of memory (maxmemory): it refuses writes, "
+                                                    "results wait"], problems
             assert admin.xlen("results:people:frames:{oom}") == 1 and not admin.exists("deadletter:people:frames:{oom}")
             admin.config_set("maxmemory", 0)
             await wait_for(lambda: admin.xlen("results:people:frames:{oom}") == 6, 15)
-            assert (await http.get("/health/ready")).status == 200
         finally:
             await http.close()
     assert not admin.exists("deadletter:people:frames:{oom}") and len(sent) == 5
@@ -136,3 +135,55 @@ async def test_a_start_at_maxmemory_waits_and_an_evicting_redis_is_warned_of(ser
     (warned,) = [e for e in logged if e["event"] == "redis_evicts_keys"]
     assert warned["maxmemory_policy"] == "allkeys-lru" and "noeviction" in warned["hint"]
     assert any("maxmemory" in e.get("error", "") for e in logged if e["event"] == "redis_error")
+
+
+async def test_a_job_at_maxmemory_waits_for_room_rather_than_failing(server, admin, tmp_path, gradient):
+    """A refused job write failed the job: a pipeline's video input, which runs as a job, lost
+    its results for a short spell of OOM."""
+    jpeg = encode(gradient)
+    settings = settings_for(server.url, tmp_path, fakes={"slow": {"delay_s": 0.3}})
+    async with running(settings) as d:
+        http = await client_for(d)
+        try:
+            r = await http.post("/jobs", json={"source": "redis://cams:{oom}", "model": "fake/slow", "fps": 100})
+            job_id = (await r.json())["job_id"]
+            await wait_for(lambda: admin.hget(f"sightstream:job:{{{job_id}}}", "status") == b"running")
+            await asyncio.sleep(0.3)
+            for i in range(4):
+                admin.xadd("cams:{oom}", {"image": jpeg, "ts": str(1_800_000_000_000 + 100 * i)})
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", max(1, int(admin.info("memory")["used_memory"]) - 100_000))
+            await asyncio.sleep(3)
+            assert (await (await http.get(f"/jobs/{job_id}")).json())["status"] == "running"
+            admin.config_set("maxmemory", 0)
+            await wait_for(lambda: admin.xlen(f"results:job:{{{job_id}}}") == 4, 20)
+            job = await (await http.get(f"/jobs/{job_id}")).json()
+            assert job["status"] == "running" and job["counts"]["dead_lettered"] == 0, job
+        finally:
+            await http.close()
+
+
+async def test_the_acl_docs_give_serves_frames_prompts_and_jobs(server, admin, tmp_path, gradient):
+    """The ACL user docs/operations.md gives, as written there."""
+    import re
+    from pathlib import Path
+
+    docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    (line,) = re.findall(r"^\s*ACL SETUSER sightstream on >password (.+)$", docs, re.M)
+    url = user_url(server, admin, *line.split())
+    settings = settings_for(url, tmp_path, [{"model": "fake/echo", "prompt": "one"}],
+                            fakes={"echo": {"adapter": "Echo"}})
+    async with running(settings) as d:
+        http = await client_for(d)
+        try:
+            admin.xadd("frames:{doc}", {"image": encode(gradient)})
+            await wait_for(lambda: admin.xlen("results:people:frames:{doc}") == 1, 20)
+            r = await http.put("/pipelines/people/prompt", json={"text": "two"})
+            assert r.status == 200, await r.text()
+            r = await http.post("/jobs", json={"source": "redis://frames:{doc}", "model": "fake/echo",
+                                               "prompt": "x"})
+            assert r.status == 201, await r.text()
+            assert (await http.get("/health/ready")).status == 200
+        finally:
+            await http.close()
+    assert admin.execute_command("ACL", "LOG") == []  # nothing it needed was refused

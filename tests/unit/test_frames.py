@@ -198,3 +198,20 @@ def test_an_upstream_entry_is_checked_as_strictly_as_a_producers(result, ts):
     with pytest.raises(FrameError) as refused:
         Frame("masks", "results:faces:frames:{cam}", "9-0", fields, 0).parse_upstream_result()
     assert refused.value.reason == "bad_fields"
+
+
+def test_a_chained_frame_is_aged_from_when_the_frame_itself_reached_redis():
+    """A chained pipeline's entry is its upstream's result: its ID says when the result was
+    written, not when the frame came (the upstream's own wait no longer counted)."""
+    from sightstream.frames import is_stale, now_ms
+
+    now = now_ms()
+    result = {b"source": b"frames:{a}", b"frame_id": f"{now - 60_000}-0".encode(), b"ts": str(now).encode(),
+              b"result": b'{"detections": []}'}
+    frame = Frame("masks", "results:people:frames:{a}", f"{now}-0", result, now, arrived_ms=now)
+    frame.parse_upstream_result()
+    assert frame.arrived_ms == now - 60_000 and is_stale(frame, 5000)
+    result[b"frame_id"] = b"12"  # a job's frame, by its index: its ts
+    frame = Frame("masks", "results:people:frames:{a}", f"{now}-0", result, now)
+    frame.parse_upstream_result()
+    assert frame.arrived_ms is None and not is_stale(frame, 5000)

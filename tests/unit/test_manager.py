@@ -314,3 +314,34 @@ async def test_a_reload_that_cannot_hold_both_copies_says_how_to_roll_the_file_o
     m.unload("yolo/v")
     await m.load("yolo/v", "cpu", pool)
     assert await _top_label(m, pool) == "a"
+
+
+async def test_a_model_being_reloaded_is_neither_unloaded_nor_evicted_meanwhile(pool, tmp_path):
+    """An unload (or eviction) during a reload was undone when the new copy was put in, and
+    the old copy unloaded twice."""
+    from tests.tiny_models import constant_yolov8
+
+    path = tmp_path / "y.onnx"
+    m = _yolo(path)
+    await m.load("yolo/v", "cpu", pool)
+    constant_yolov8(path, [[32, 32, 20, 20, 0.95, 0.10]], classes=2, size=64)
+    blocker = asyncio.get_running_loop().run_in_executor(pool, __import__("time").sleep, 0.5)
+    reloading = asyncio.create_task(m.load("yolo/v", "cpu", pool))  # queued behind the device's call
+    await asyncio.sleep(0.1)
+    with pytest.raises(ModelError, match="is being reloaded from its new file"):
+        m.unload("yolo/v")
+    assert m.cleanup(0) == []
+    await blocker
+    await reloading
+    assert await _top_label(m, pool) == "a" and len(m.loaded()) == 1
+
+
+def test_a_model_with_no_weights_path_has_one_file_version(tmp_path, monkeypatch):
+    """A plug-in without a path took the working directory's files for its weights: any file
+    written there made a load re-read it."""
+    from sightstream.models.self_test import file_version
+
+    monkeypatch.chdir(tmp_path)
+    before = file_version("")
+    (tmp_path / "daemon.log").write_text("a line")
+    assert file_version("") == before
