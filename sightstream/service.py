@@ -63,7 +63,8 @@ def status_line(daemon: Daemon, redis_problem: str | None = None) -> str:
         i, o = daemon.rates.fps(p.name)
         fps_in, fps_out = fps_in + i, fps_out + o
     flow = f"{sources} sources, {fps_in:.1f} frames/s in, {fps_out:.1f} results/s out"
-    return flow if redis_problem is None else f"{redis_problem}; {flow}"
+    # what, not the whole error (readiness and the logs give that): one line stays readable
+    return flow if redis_problem is None else f"{redis_problem.split(': ', 1)[0]}; {flow}"
 
 
 async def tell_systemd(daemon: Daemon, stop: asyncio.Event) -> None:
