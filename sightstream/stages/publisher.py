@@ -6,7 +6,8 @@ The script checks that the entry is still pending in the group, XADDs, then XACK
 that Redis refuses (the output key holds another type, Redis is out of memory) aborts the
 script before the XACK: the frame stays pending. Such a frame is tried again with back-off, up
 to its pipeline's `max_deliveries`, then dead-lettered (`publish_error`); other frames of the
-round, and other sources, are not held up.
+round, and other sources, are not held up. A write refused because Redis is at maxmemory
+(OOM) is tried again, held, until Redis has room: that is no fault of the frame.
 
 Outcomes are published in rounds: whatever is queued (up to `round_size`) goes out in one
 pipelined round trip. A round that cannot reach Redis is retried (the script makes retries
@@ -260,8 +261,8 @@ class Publisher:
             return
         if tries < self._max_deliveries.get(f.pipeline, 5):
             self._tries[f] = tries
-            # 0.4 s doubling (with jitter): a Redis that is briefly out of memory gets seconds
-            # to recover before the frame is given up as publish_error.
+            # 0.4 s doubling (with jitter): a refusal that passes (a failover's READONLY) gets
+            # seconds before the frame is given up as publish_error.
             self._retries.append(_Retry(loop.time() + backoff_s(tries + 2), o))
             if tries == 1:
                 _log.warning("publish_refused_retrying", pipeline=f.pipeline, source=f.source,
