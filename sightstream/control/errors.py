@@ -146,12 +146,16 @@ def require_token(control: ControlSettings, open_handlers: set[Handler]) -> Call
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if accepted and request.match_info.handler not in open_handlers:
+        if accepted:
             scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
             # the scheme is case-insensitive (RFC 9110), the token is not
             given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
             # Compare with every token, always: the time taken says nothing of which matched.
             matches = [name for name, expected in accepted if hmac.compare_digest(given, expected)]
+            if request.match_info.handler in open_handlers:  # open: it may say less to a stranger
+                if matches:
+                    request[TOKEN_NAME] = matches[0]
+                return await handler(request)
             if not matches:
                 refused = error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
                 refused.headers["WWW-Authenticate"] = 'Bearer realm="sightstream"'  # RFC 9110: a 401 names it

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from sightstream.control.api import Api, Resp
+from sightstream.control.api import TOKEN_NAME, Api, Resp
 from sightstream.control.models import LoadedModel
 from sightstream.control.state import DAEMON, reply
 from sightstream.redis_conn import safe_url
@@ -63,6 +63,9 @@ async def ready(request: web.Request) -> web.Response:
     if not d.ready:
         problems.append("workers are not up")
     if problems:
+        if d.settings.control.auth and TOKEN_NAME not in request:
+            # open to probes: what is wrong, not Redis's error (its hosts, ports, TLS detail)
+            problems = [p.split(": ", 1)[0] for p in problems]
         return reply(Ready(status="unavailable", problems=problems), 503)
     return reply(Ready(status="ready"))
 

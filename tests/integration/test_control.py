@@ -65,6 +65,26 @@ async def test_ready_is_503_while_redis_is_unreachable(tmp_path):
         await daemon.stop()
 
 
+async def test_readiness_tells_redis_s_error_only_to_token_holders(tmp_path):
+    """Open to probes, /health/ready gave anyone who could reach it Redis's host and port (and
+    a TLS certificate's detail) once a token guarded the rest."""
+    settings = settings_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    settings = settings.model_copy(update={"control": settings.control.model_copy(update={"token": "s3cret"})})
+    daemon = Daemon(settings)
+    starting = asyncio.create_task(daemon.start())
+    client = await client_for(daemon)
+    try:
+        stranger = await (await client.get("/health/ready")).json()
+        assert stranger["problems"] == ["redis is unreachable", "workers are not up"], stranger
+        r = await client.get("/health/ready", headers={"Authorization": "Bearer s3cret"})
+        assert r.status == 503 and (await r.json())["problems"][0].startswith("redis is unreachable: Error ")
+    finally:
+        await client.close()
+        daemon.stop_event.set()
+        await starting
+        await daemon.stop()
+
+
 async def test_unknown_routes_are_json_errors(redis_url, tmp_path):
     daemon = Daemon(settings_for(redis_url, tmp_path))
     client = await client_for(daemon)
