@@ -85,7 +85,7 @@ local encoded = cjson.encode(record)
 redis.call('RPUSH', KEYS[2], encoded)
 redis.call('HSET', KEYS[1], 'version', version, 'text', text, 'updated_at', ARGV[4],
            'set_by', ARGV[5], 'rolled_back_from', record.rolled_back_from or '')
-redis.call('PUBLISH', ARGV[7], ARGV[8])
+redis.pcall('PUBLISH', ARGV[7], ARGV[8])
 return {'ok', version, encoded}
 """
 
@@ -117,7 +117,7 @@ redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[1], up
                                            set_by = 'config'}))
 redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[1], 'updated_at', ARGV[2], 'set_by', 'config',
            'rolled_back_from', '', 'configured', ARGV[1], seen, '1')
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.pcall('PUBLISH', ARGV[3], ARGV[4])
 return {'changed', version}
 """
 
@@ -156,7 +156,7 @@ redis.call('RPUSH', KEYS[2], cjson.encode({version = version, text = ARGV[2], up
                                            set_by = 'restored'}))
 redis.call('HSET', KEYS[1], 'version', version, 'text', ARGV[2], 'updated_at', ARGV[3],
            'set_by', 'restored', 'configured', ARGV[4], 'rolled_back_from', '')
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.pcall('PUBLISH', ARGV[5], ARGV[6])
 return {'restored', version}
 """
 

@@ -151,6 +151,7 @@ class JobRun:
         self._waited_s = 0.0  # blocked on the model: the head result not in yet
         self._base = dict(job.timings)  # earlier attempts' timings
         self._counts = {name: int(job.counts.get(name, 0)) for name in ("decoded", "sampled")}
+        self._progress_failures = 0  # progress writes failed in a row (Redis at maxmemory, away)
         self._position_s: float | None = None
         self._done = False  # stop reading: a limit, a failure, a stop
         self._watching = True  # the watch goes on (a flag too: a library may swallow its cancel)
@@ -301,10 +302,19 @@ class JobRun:
                 return
             try:
                 await self._write_progress()
+                self._progress_failures = 0
             except JobStopped as e:
                 self._stopped = e
                 self._end_reading()
                 return
+            except RedisError as e:  # Redis at maxmemory, or unreachable: written at the next tick
+                # (a refusal ended this task: the job's counts and timings stayed frozen for good)
+                self._progress_failures += 1
+                if out_of_memory(e):
+                    self._metrics.redis_oom_at = time.monotonic()
+                if worth_logging(self._progress_failures):
+                    _log.warning("job_progress_not_written", job=self.job.id, error=str(e),
+                                 failures=self._progress_failures)
             idle = time.monotonic() - self._last_item if self._reading else 0.0
             if self._source.is_stream:
                 if spec.max_seconds is not None and time.time() - self._started_wall > spec.max_seconds:

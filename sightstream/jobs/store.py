@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from sightstream import keys
 from sightstream.errors import SightstreamError
-from sightstream.redis_conn import Lua, Script, lua_xadd
+from sightstream.redis_conn import Lua, Script, lua_xadd, refused_for_good
 
 FINISHED = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "running", *FINISHED)
@@ -151,7 +152,7 @@ if ARGV[5] ~= '0' then
   for i = 2, 4 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[6], 'done:' .. ARGV[7])
+redis.pcall('PUBLISH', ARGV[6], 'done:' .. ARGV[7])
 return 1
 """
 
@@ -165,7 +166,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1], 'erro
 if ARGV[2] ~= '0' then
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 end
-redis.call('PUBLISH', ARGV[3], 'cancel:' .. ARGV[4])
+redis.pcall('PUBLISH', ARGV[3], 'cancel:' .. ARGV[4])
 return status
 """
 
@@ -332,7 +333,13 @@ class JobStore:
             pipe.sadd(keys.JOBS_ACTIVE, job_id)
             await pipe.execute()
         # Not in the pipeline: a cluster pipeline refuses PUBLISH (it goes to no key's node).
-        await self._client.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
+        try:
+            await self._client.publish(keys.JOBS_CHANNEL, f"new:{job_id}")
+        except ResponseError as e:
+            # a Redis user without the channel: the job is made, and daemons find it by their
+            # poll (a 503 here had clients submit it twice)
+            if not refused_for_good(e):
+                raise
         return Job(job_id, spec, "pending", created), True
 
     async def replayed(self, key: str, digest: str) -> Job | None:

@@ -357,7 +357,9 @@ class ModelManager:
         thread started it, not while it waited behind a call)."""
         began: list[float] = loading.began  # type: ignore[attr-defined]
         while not loading.done():
-            wait = began[0] + self.load_timeout_s - time.monotonic() if began else 1.0
+            # not started yet: look again soon (within the timeout: 0.3 s went unnoticed for 1 s)
+            timeout = self.load_timeout_s
+            wait = began[0] + timeout - time.monotonic() if began else min(1.0, timeout)
             if wait <= 0:
                 return False
             await asyncio.wait((loading,), timeout=wait)

@@ -80,11 +80,24 @@ async def test_a_user_without_the_notice_channels_polls_and_says_so_once(server,
     with capture_logs() as logged:
         async with running(settings) as d:
             await asyncio.sleep(3)
-            # changed by a user who may publish the notice (this one may not: docs say it needs
-            # the channels); this daemon sees it by its poll
+            # changed by a user who may publish the notice; this daemon sees it by its poll
             async with redis.asyncio.Redis.from_url(server.url) as other:
                 await PromptStore(other, {}).set("people", "two")
             await wait_for(lambda: d.prompt_book.current("people").text == "two", 5, "the poll to see it")
+            # changes made through this daemon are written and answered as such: its notice is
+            # lost (it was a 503 after the write: a retried PUT met 409, a job was made twice)
+            http = await client_for(d)
+            try:
+                r = await http.put("/pipelines/people/prompt", json={"text": "three"})
+                assert r.status == 200 and (await r.json())["version"] == 3, await r.text()
+                r = await http.post("/jobs", json={"source": "redis://cams:{nochan}", "model": "fake/echo",
+                                                   "prompt": "x"})
+                assert r.status == 201, await r.text()
+                job_id = (await r.json())["job_id"]
+                await wait_for(lambda: admin.hget(f"sightstream:job:{{{job_id}}}", "status") == b"running",
+                               10, "the job found by the poll")
+            finally:
+                await http.close()
     refused = sorted(e["channel"] for e in logged if e["event"] == "channel_refused")
     assert refused == ["sightstream:jobs", "sightstream:prompts"]
     assert len([e for e in logged if e["event"] in ("redis_error", "redis_recovered")]) <= 2
@@ -157,7 +170,14 @@ async def test_a_job_at_maxmemory_waits_for_room_rather_than_failing(server, adm
             assert (await (await http.get(f"/jobs/{job_id}")).json())["status"] == "running"
             admin.config_set("maxmemory", 0)
             await wait_for(lambda: admin.xlen(f"results:job:{{{job_id}}}") == 4, 20)
-            job = await (await http.get(f"/jobs/{job_id}")).json()
+            for i in range(4, 6):  # its progress is written again (a refused write ended its writer)
+                admin.xadd("cams:{oom}", {"image": jpeg, "ts": str(1_800_000_000_000 + 100 * i)})
+            for _ in range(100):  # written every half second
+                job = await (await http.get(f"/jobs/{job_id}")).json()
+                if job["counts"]["decoded"] == 6:
+                    break
+                await asyncio.sleep(0.1)
+            assert job["counts"]["decoded"] == 6, job
             assert job["status"] == "running" and job["counts"]["dead_lettered"] == 0, job
         finally:
             await http.close()

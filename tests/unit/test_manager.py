@@ -345,3 +345,15 @@ def test_a_model_with_no_weights_path_has_one_file_version(tmp_path, monkeypatch
     before = file_version("")
     (tmp_path / "daemon.log").write_text("a line")
     assert file_version("") == before
+
+
+async def test_a_load_timeout_under_a_second_is_kept(pool):
+    """The wait for the device thread to start the load looked again after 1 s only: a
+    0.3 s timeout let a 0.8 s load through."""
+    from sightstream.models.manager import LoadTimeout
+
+    catalogue = Catalogue({"fake": {"slow": ModelEntry(**entry(load_s=0.7))}})
+    busy = asyncio.get_running_loop().run_in_executor(pool, __import__("time").sleep, 0.2)  # a call ahead
+    with pytest.raises(LoadTimeout, match="within 0.3 s"):
+        await ModelManager(catalogue, load_timeout_s=0.3).load("fake/slow", "cpu", pool)
+    await busy
