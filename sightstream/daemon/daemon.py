@@ -52,6 +52,7 @@ from sightstream.stages.adhoc import AdhocBatcher
 from sightstream.stages.batcher import Batcher
 from sightstream.stages.clock_skew import ClockSkews
 from sightstream.stages.decoder import Decoder
+from sightstream.stages.fair_queue import FairQueue
 from sightstream.stages.flow import STOP, InFlight, RedisRetry, Stopped, wait_or_stop
 from sightstream.stages.gpu_jpeg import nvjpeg_decoder
 from sightstream.stages.heartbeat import Heartbeat
@@ -236,7 +237,8 @@ class Daemon:
         self._host_pool = ThreadPoolExecutor(2 * len(self.devices), thread_name_prefix="host")
 
         self._outcomes: asyncio.Queue = asyncio.Queue(1024)
-        self._batches: asyncio.Queue = asyncio.Queue(max(2, 2 * len(self.devices)))
+        # let in by device time, not first come: a slow model capped the other pipelines
+        self._batches: asyncio.Queue = FairQueue(max(2, 2 * len(self.devices)))
         self.publisher = Publisher(
             self.client, self._outcomes, self.metrics,
             {p.name: p.result_maxlen for p in self.settings.pipelines},

@@ -1,7 +1,8 @@
 """Batcher: one per pipeline. A batch closes at `batch_size` frames or `batch_timeout_ms`
 after its first frame, whichever comes first, then waits in line for a place in the shared,
-bounded batch queue (idle workers pull from it: the least busy takes the next batch); while
-it waits, it takes the frames that come meanwhile, up to `batch_size`.
+bounded batch queue (idle workers pull from it: the least busy takes the next batch; a place
+goes to the pipeline with the least device time lately: stages/fair_queue.py); while it
+waits, it takes the frames that come meanwhile, up to `batch_size`.
 
 A pipeline whose model keeps state per source (tracking) on a daemon with several devices
 sends each source to one device, always the same (a hash of the source picks the worker's

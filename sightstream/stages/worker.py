@@ -52,6 +52,7 @@ from sightstream.frames import (
 from sightstream.metrics import Metrics
 from sightstream.models.adapter import Adapter, FrameContext, is_staged
 from sightstream.models.manager import LoadTimeout, ModelManager
+from sightstream.stages.fair_queue import FairQueue
 from sightstream.stages.flow import STOP
 
 _log = log.get(__name__)
@@ -372,7 +373,10 @@ class Worker:
         if running.cancelled():  # the thread was replaced before it got to this call
             raise NotRun(QUEUED_BEHIND.format(model=batch.model))
         outputs = running.result()
-        self._timer(batch).observe(time.perf_counter() - began[0])
+        used = time.perf_counter() - began[0]
+        self._timer(batch).observe(used)
+        if isinstance(self._in, FairQueue):  # the shared queue lets pipelines in by device time
+            self._in.charge(batch.pipeline, used)
         return outputs
 
     def _timer(self, batch: Batch) -> Any:
