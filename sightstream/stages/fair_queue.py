@@ -5,12 +5,16 @@ asyncio.Queue, but when it is full the next place goes to the waiting batch whos
 First come, first served, each pipeline had one batch in line at a time, so a slow model took a
 turn as often as a fast one: a 20 ms detector beside a 1 s model got `batch_size` frames per
 second of device, 11.6 results/s of the 30 it was sent (p99 26 s, growing) with 2 % of the
-device. By device time, the detector's batches go first while it uses less of the device than
-the slow model, and the slow model still gets every place the detector leaves, so neither
-starves: each gets at least an equal share of the device when both have work waiting.
+device. By device time, the detector's batches are preferred while it uses less of the device
+than the slow model, and the slow model gets the places the detector leaves, so neither starves
+and both get about equal shares while both have work waiting. (Approximately: a call is charged
+when it ends, so the few batches already let in were chosen on older figures; a worker's own
+queue, a tracking pipeline's on a daemon with several devices, is served before this one.)
 
-Device time is charged by the workers (`charge`), decayed with a half-life of HALF_LIFE_S so
-that the past weighs less than the present."""
+Device time is charged by the workers (`charge`: every call's, failed or timed out too), plus
+MIN_CHARGE_S for each batch taken (one that needs no device call, all its frames stale, still
+takes a turn), decayed with a half-life of HALF_LIFE_S so that the past weighs less than the
+present. STOP (the shutdown's) is let in after every batch waiting."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 HALF_LIFE_S = 10.0
+MIN_CHARGE_S = 0.005  # a batch taken costs at least this much
 
 
 class FairQueue(asyncio.Queue):
@@ -30,11 +35,12 @@ class FairQueue(asyncio.Queue):
     asyncio.Queue wherever one is asked for."""
 
     def __init__(self, maxsize: int, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(maxsize)
+        super().__init__(maxsize)  # maxsize <= 0: no bound, as asyncio.Queue
         self._clock = clock
         self._items: deque[Any] = deque()
         self._getters: deque[asyncio.Future] = deque()
-        self._putters: list[tuple[str, int, asyncio.Future, Any]] = []  # (label, order, admitted, item)
+        # (label, order, admitted, item) of the batches waiting for a place
+        self._putters: list[tuple[str | None, int, asyncio.Future, Any]] = []
         self._order = itertools.count()
         self._used: dict[str, tuple[float, float]] = {}  # label -> (decayed device seconds, when)
 
@@ -53,7 +59,16 @@ class FairQueue(asyncio.Queue):
         return not self._items
 
     def full(self) -> bool:
-        return len(self._items) >= self.maxsize
+        return 0 < self.maxsize <= len(self._items)
+
+    def task_done(self) -> None:
+        raise NotImplementedError("FairQueue keeps no count of tasks")
+
+    async def join(self) -> None:
+        raise NotImplementedError("FairQueue keeps no count of tasks")
+
+    def __repr__(self) -> str:
+        return f"<FairQueue maxsize={self.maxsize} items={len(self._items)} waiting={len(self._putters)}>"
 
     def put_nowait(self, item: Any) -> None:
         if self.full() or self._putters:
@@ -72,6 +87,12 @@ class FairQueue(asyncio.Queue):
         except asyncio.CancelledError:
             if entry in self._putters:  # not admitted: it leaves the line, nothing queued
                 self._putters.remove(entry)
+            else:  # let in meanwhile: taken back, as asyncio.Queue queues no cancelled put's item
+                for i, queued in enumerate(self._items):
+                    if queued is item:
+                        del self._items[i]
+                        self._admit()
+                        break
             raise
 
     async def get(self) -> Any:
@@ -92,6 +113,8 @@ class FairQueue(asyncio.Queue):
         if not self._items:
             raise asyncio.QueueEmpty
         item = self._items.popleft()
+        if (label := _label(item)) is not None:
+            self.charge(label, MIN_CHARGE_S)
         self._admit()
         return item
 
@@ -99,7 +122,7 @@ class FairQueue(asyncio.Queue):
         """A place is free: the waiting batch whose label has had the least device time lately
         (of two alike, the one that waited first)."""
         while self._putters and not self.full():
-            entry = min(self._putters, key=lambda e: (self.usage(e[0]), e[1]))
+            entry = min(self._putters, key=lambda e: (math.inf if e[0] is None else self.usage(e[0]), e[1]))
             self._putters.remove(entry)
             self._append(entry[3])
             if not entry[2].done():
@@ -117,5 +140,5 @@ class FairQueue(asyncio.Queue):
                 return
 
 
-def _label(item: Any) -> str:
-    return getattr(item, "pipeline", "")  # STOP has none: it is charged nothing, let in first
+def _label(item: Any) -> str | None:
+    return getattr(item, "pipeline", None)  # STOP has none

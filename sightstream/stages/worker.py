@@ -357,6 +357,15 @@ class Worker:
         running = asyncio.get_running_loop().run_in_executor(executor, timed)
         if turn is not None and not turn.done():
             turn.set_result(None)  # submitted: the next batch may queue behind this one
+        try:
+            return await self._device_result(running, began, executor, batch, timeout_s)
+        finally:
+            if began and isinstance(self._in, FairQueue):  # the shared queue lets pipelines in by
+                # device time: every call's counts, one that failed or was abandoned too
+                self._in.charge(batch.pipeline, time.perf_counter() - began[0])
+
+    async def _device_result(self, running: asyncio.Future, began: list[float], executor: Executor,
+                             batch: Batch, timeout_s: float) -> Any:
         while not running.done():
             if began:
                 wait = began[0] + timeout_s - time.perf_counter()
@@ -373,10 +382,7 @@ class Worker:
         if running.cancelled():  # the thread was replaced before it got to this call
             raise NotRun(QUEUED_BEHIND.format(model=batch.model))
         outputs = running.result()
-        used = time.perf_counter() - began[0]
-        self._timer(batch).observe(used)
-        if isinstance(self._in, FairQueue):  # the shared queue lets pipelines in by device time
-            self._in.charge(batch.pipeline, used)
+        self._timer(batch).observe(time.perf_counter() - began[0])
         return outputs
 
     def _timer(self, batch: Batch) -> Any:

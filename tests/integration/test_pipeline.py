@@ -567,7 +567,8 @@ async def test_a_slow_model_leaves_a_fast_pipeline_on_its_device_its_pace(redis_
             if sent % 5 == 0:
                 sync_redis.xadd("slowcam:{s}", {"image": jpeg})
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
-        done = sync_redis.xlen("results:fast:cam:{f}")
-    # first come, first served: about 4 frames per 0.5 s call, 8 a second of the 20 sent
-    assert done >= 0.8 * sent, (done, sent)
+        # while both are sent to: the fast one keeps up, within 2 s of frames (first come, first
+        # served: about 4 frames per 0.5 s call, 8 a second of the 20 sent, 70 frames behind)
+        behind = sent - sync_redis.xlen("results:fast:cam:{f}")
+        assert behind <= 40, (behind, sent)
+        assert sync_redis.xlen("results:slow:slowcam:{s}") >= 0.5 * (sent // 5)  # and the slow one is served

@@ -51,3 +51,34 @@ async def test_a_cancelled_get_or_put_loses_nothing():
     with pytest.raises(asyncio.QueueFull):
         q.put_nowait(batch("d", 4))
     assert q.get_nowait().n == 3
+
+
+async def test_stop_comes_after_every_batch_waiting_and_a_cancelled_put_queues_nothing():
+    from sightstream.stages.flow import STOP
+
+    q = FairQueue(1)
+    await q.put(batch("a", 0))
+    stop = asyncio.create_task(q.put(STOP))
+    later = asyncio.create_task(q.put(batch("b", 1)))
+    await asyncio.sleep(0)
+    assert (await q.get()).n == 0
+    assert (await q.get()).n == 1 and await q.get() is STOP  # the batch first, though it came later
+    await asyncio.gather(stop, later)
+    await q.put(batch("a", 2))
+    admitted = asyncio.create_task(q.put(batch("b", 3)))
+    await asyncio.sleep(0)
+    assert q.get_nowait().n == 2  # b's batch let in …
+    admitted.cancel()  # … and its put cancelled before it knew: taken back, as asyncio.Queue does
+    await asyncio.gather(admitted, return_exceptions=True)
+    assert q.empty()
+
+
+async def test_a_pipeline_never_charged_still_pays_for_its_turns():
+    """Batches that need no device call (all frames stale) or fail at once were charged nothing,
+    so their pipeline took every free place ahead of the others."""
+    q = FairQueue(1)
+    for _ in range(10):
+        await q.put(batch("stale", 0))
+        q.get_nowait()
+    q.charge("busy", 0.02)
+    assert q.usage("stale") > q.usage("busy")  # ten turns at MIN_CHARGE_S each
