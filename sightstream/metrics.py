@@ -3,6 +3,7 @@ daemons can live in one process (tests) without clashing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +46,7 @@ class Children:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, pipelines: Sequence[str] = ()) -> None:
         r = self.registry = registry or CollectorRegistry()
-        # when Redis last refused a write for want of memory (monotonic): readiness says so
-        self.redis_oom_at = float("-inf")
+        self._redis_oom_at = float("-inf")  # when Redis last refused a write for want of memory
         self.frames_in = Counter(
             "sightstream_frames_in", "Frames read from input streams", ["pipeline"], registry=r
         )
@@ -197,6 +197,13 @@ class Metrics:
                                      (self.model_retries, RETRY_REASONS)):
                 for reason in reasons:
                     counter.labels(name, reason)
+
+    def redis_out_of_memory(self) -> None:
+        """Redis refused a write for want of memory (OOM), now: readiness says so a while."""
+        self._redis_oom_at = time.monotonic()
+
+    def redis_out_of_memory_within(self, seconds: float) -> bool:
+        return time.monotonic() - self._redis_oom_at < seconds
 
     def start_devices(self, devices: Sequence[str]) -> None:
         """The per-device counters at 0, once the devices are known."""

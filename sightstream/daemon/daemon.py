@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -592,7 +591,7 @@ class Daemon:
         except (RedisError, OSError) as e:  # what went wrong: a TLS certificate said only "unreachable"
             return f"{down}: {str(e) or type(e).__name__}"
         # at maxmemory Redis answers but takes no write: no result gets written
-        if time.monotonic() - self.metrics.redis_oom_at < OOM_RECENT_S:
+        if self.metrics.redis_out_of_memory_within(OOM_RECENT_S):
             return "redis is out of memory (maxmemory): it refuses writes, results wait"
         return None
 

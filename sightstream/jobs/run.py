@@ -42,7 +42,7 @@ from sightstream.prompts import Prompt
 from sightstream.redis_conn import out_of_memory, run_pipelined
 from sightstream.stages.adhoc import AdhocBatcher, ShuttingDown
 from sightstream.stages.decoder import decode_frame
-from sightstream.stages.flow import worth_logging
+from sightstream.stages.flow import backoff_s, worth_logging
 from sightstream.stages.sampler import bucket_of
 from sightstream.stages.video_reader import ReaderOptions, VideoSource, VideoSourceError
 from sightstream.stages.worker import InferenceTimeout, ModelPaused, NotRun
@@ -311,7 +311,7 @@ class JobRun:
                 # (a refusal ended this task: the job's counts and timings stayed frozen for good)
                 self._progress_failures += 1
                 if out_of_memory(e):
-                    self._metrics.redis_oom_at = time.monotonic()
+                    self._metrics.redis_out_of_memory()
                 if worth_logging(self._progress_failures):
                     _log.warning("job_progress_not_written", job=self.job.id, error=str(e),
                                  failures=self._progress_failures)
@@ -437,11 +437,11 @@ class JobRun:
             # (the job failed: a video input's results were lost for a short spell of OOM)
             entries, ready = entries[written:], ready[written:]
             waits += 1
-            self._metrics.redis_oom_at = time.monotonic()
+            self._metrics.redis_out_of_memory()
             if worth_logging(waits):
                 _log.warning("redis_out_of_memory", job=job.id, waits=waits,
                              consequence="the job's results wait until Redis has room")
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(waits, 6)))
+            await asyncio.sleep(backoff_s(waits))
         job.last_seq, job.last_position = ready[-1][0], ready[-1][1].position
 
     async def _publish_entries(self, entries: list, ready: list) -> int:

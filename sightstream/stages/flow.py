@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -227,7 +226,7 @@ class RedisRetry:
         self.failures += 1
         self._metrics.redis_errors.labels(self.op).inc()
         if out_of_memory(error):  # a sampling claim, a group to make, a lease: readiness says so
-            self._metrics.redis_oom_at = time.monotonic()
+            self._metrics.redis_out_of_memory()
         if worth_logging(self.failures):
             unreachable = isinstance(error, (RedisConnectionError, RedisTimeoutError, OSError))
             _log.warning("redis_unreachable" if unreachable else "redis_error", op=self.op,

@@ -248,7 +248,7 @@ class Publisher:
             # as for a key collision: 12 s of it dead-lettered results computed meanwhile, at
             # 5 tries), so its reader reads no more once max_in_flight frames wait. Such tries
             # count apart: a refusal of another kind after them still gets max_deliveries.
-            self._metrics.redis_oom_at = time.monotonic()  # readiness says so
+            self._metrics.redis_out_of_memory()
             waits = self._oom_waits[f] = self._oom_waits.get(f, 0) + 1
             self._retries.append(_Retry(loop.time() + min(OOM_RETRY_MAX_S, backoff_s(waits + 2)), o))
             now = time.monotonic()
